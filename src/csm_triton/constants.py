@@ -1,0 +1,61 @@
+"""Every number the project relies on, in one place.
+
+The codec geometry comes from Mimi (the codec CSM-1B speaks); the limits are the
+service's own and are checked in one place (`csm_triton.validation`).
+"""
+
+from __future__ import annotations
+
+import re
+
+# --- Mimi codec geometry (fixed by the model, not tunable) -----------------------
+SAMPLE_RATE = 24_000
+FRAME_RATE_HZ = 12.5
+SAMPLES_PER_FRAME = 1_920  # SAMPLE_RATE / FRAME_RATE_HZ
+NUM_CODEBOOKS = 32
+CODEBOOK_SIZE = 2_048
+# The LM's per-codebook vocabulary has 3 specials after the 2048 codes; they must
+# never be sampled (Mimi's decoder would index out of range).
+LM_AUDIO_VOCAB_SIZE = 2_051
+END_OF_SPEECH_CODE = 0  # an all-zero frame ends the utterance
+AUDIO_PAD_CODE = 2_050
+# Mimi's decoder transformer attends 250 steps at 25 Hz = 10 s = 125 frames.
+MIMI_ATTENTION_WINDOW_FRAMES = 125
+
+# --- Prompt layout ----------------------------------------------------------------
+DEFAULT_SPEAKER_ID = 0
+AUDIO_TOKEN = "<|AUDIO|>"
+AUDIO_EOS_TOKEN = "<|audio_eos|>"
+
+# --- Service limits (checked in csm_triton.validation) ---------------------------
+MAX_TEXT_CHARS = 2_000
+MAX_TEXT_TOKENS = 1_024
+MAX_REFERENCE_SECONDS = 30.0
+MIN_REFERENCE_SECONDS = 0.5
+MIN_INPUT_SAMPLE_RATE = 8_000
+MAX_INPUT_SAMPLE_RATE = 192_000
+DEFAULT_MAX_AUDIO_SECONDS = 30.0
+MAX_AUDIO_SECONDS_LIMIT = 90.0  # Sesame's own cap
+DEFAULT_TEMPERATURE = 0.9
+DEFAULT_TOP_K = 50
+VOICE_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# Longest codec request accepted by mimi_encoder / mimi_decoder directly.
+MAX_CODEC_SECONDS = 120.0
+MAX_CODEC_FRAMES = int(MAX_CODEC_SECONDS * FRAME_RATE_HZ)
+
+# --- Memory budget ------------------------------------------------------------------
+DEFAULT_GPU_MEMORY_FRACTION = 0.85
+
+# --- Export / parity thresholds ----------------------------------------------------
+ONNX_OPSET = 20
+PARITY_CLIP_SECONDS = (1.0, 5.0, 15.0)  # 15 s is past Mimi's 10 s attention window
+PARITY_BATCH_SIZES = (1, 3)
+DECODER_MAX_ABS_DIFF = 1e-3
+ENCODER_MIN_CODE_AGREEMENT = 0.999
+
+# --- Serving defaults -------------------------------------------------------------
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_GRPC_PORT = 8001
+DEFAULT_METRICS_PORT = 8002
+ADMIN_TOKEN_HEADER = "x-csm-admin-token"
+HEADER_FORWARD_PATTERN = "x-csm-.*"

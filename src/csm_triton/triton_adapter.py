@@ -1,0 +1,142 @@
+"""The one module that imports `triton_python_backend_utils`.
+
+Every `model.py` in the repository subclasses `PythonModel` and implements
+`initialize_model` and `handle` with plain numpy in, plain numpy out. This module
+turns Triton requests into those arrays and the results (or errors) back into
+responses, one request at a time, so that one bad request never fails its
+batch-mates.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from typing import Any, Mapping
+
+import numpy as np
+
+from csm_triton.errors import InvalidInput
+
+try:  # Only present inside a Triton python stub.
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # pragma: no cover - exercised in unit tests without Triton
+    pb_utils = None
+
+LOG = logging.getLogger("csm_triton")
+
+__all__ = ["InvalidInput", "PythonModel", "input_array", "input_texts", "request_parameters"]
+
+
+def _log(level: str, message: str) -> None:
+    if pb_utils is not None and hasattr(pb_utils, "Logger"):
+        getattr(pb_utils.Logger, f"log_{level}")(message)
+    else:
+        getattr(LOG, level)(message)
+
+
+def log_info(message: str) -> None:
+    _log("info", message)
+
+
+def log_error(message: str) -> None:
+    _log("error", message)
+
+
+def parse_model_config(args: Mapping[str, str]) -> dict:
+    return json.loads(args["model_config"])
+
+
+def config_parameter(model_config: Mapping[str, Any], name: str, default: str | None = None) -> str | None:
+    """A `parameters { key: ... value: { string_value: ... } }` entry of config.pbtxt."""
+    entry = model_config.get("parameters", {}).get(name)
+    if entry is None:
+        return default
+    value = entry.get("string_value", "")
+    # Triton leaves "${VAR}"-style placeholders unexpanded; treat them as unset.
+    return default if value == "" or value.startswith("${") else value
+
+
+def model_directory(args: Mapping[str, str]) -> str:
+    return f"{args['model_repository']}/{args['model_version']}"
+
+
+def input_array(request, name: str, *, required: bool = True) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        if required:
+            raise InvalidInput(f"missing required input '{name}'")
+        return None
+    return tensor.as_numpy()
+
+
+def input_texts(request, name: str, *, required: bool = True) -> list[str] | None:
+    """A BYTES input decoded as UTF-8, one string per element."""
+    array = input_array(request, name, required=required)
+    if array is None:
+        return None
+    return decode_utf8(array, name)
+
+
+def decode_utf8(array: np.ndarray, name: str) -> list[str]:
+    texts = []
+    for item in array.reshape(-1):
+        raw = item if isinstance(item, (bytes, bytearray)) else str(item).encode()
+        try:
+            texts.append(bytes(raw).decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise InvalidInput(f"input '{name}' is not valid UTF-8 (byte {error.start})") from None
+    return texts
+
+
+def request_parameters(request) -> dict[str, Any]:
+    """Request parameters, including headers forwarded by Triton's header patterns."""
+    raw = request.parameters()
+    return {str(k).lower(): v for k, v in (json.loads(raw) if raw else {}).items()}
+
+
+def build_response(outputs: Mapping[str, np.ndarray]):
+    tensors = [pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in outputs.items()]
+    return pb_utils.InferenceResponse(output_tensors=tensors)
+
+
+def error_response(error: BaseException, model_name: str):
+    if isinstance(error, InvalidInput):
+        return pb_utils.InferenceResponse(
+            error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)
+        )
+    # Anything else is our bug: log the traceback on the server, tell the client
+    # only what failed.
+    log_error(f"{model_name}: unexpected error\n{traceback.format_exc()}")
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(f"{model_name}: internal error ({type(error).__name__}: {error})")
+    )
+
+
+class PythonModel:
+    """Base of every non-decoupled python model: per-request isolation of errors."""
+
+    model_name = "model"
+
+    def initialize(self, args):
+        self.model_config = parse_model_config(args)
+        self.model_name = args.get("model_name", self.model_name)
+        self.initialize_model(args, self.model_config)
+
+    def initialize_model(self, args: Mapping[str, str], model_config: dict) -> None:
+        raise NotImplementedError
+
+    def handle(self, request) -> Mapping[str, np.ndarray]:
+        raise NotImplementedError
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(build_response(self.handle(request)))
+            except Exception as error:  # noqa: BLE001 - every failure becomes a response
+                responses.append(error_response(error, self.model_name))
+        return responses
+
+    def finalize(self):
+        pass
