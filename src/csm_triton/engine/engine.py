@@ -1,0 +1,373 @@
+"""In-flight batching generation engine for CSM.
+
+Requests join (prefill into a free KV-cache slot) and leave (end of speech, frame
+cap, cancellation) at frame boundaries. One frame step = one backbone step for
+every active slot + the depth decoder's positions 1..31 for all of them at once.
+Frames reach each request's handle (or callback) every `stream_every` frames.
+
+The engine is independent of Triton: `csm_lm`'s model.py drives it from one
+engine thread (`start`), tests and benchmarks may call `step` directly.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from csm_triton import constants as C
+from csm_triton.engine.lm import CsmLM
+from csm_triton.engine.prefix_cache import PrefixCache, PrefixEntry, prefix_key
+from csm_triton.engine.sampling import SamplerState, sample
+from csm_triton.errors import InvalidInput
+
+LOG = logging.getLogger(__name__)
+
+
+class FinishReason(str, enum.Enum):
+    END_OF_SPEECH = "end_of_speech"
+    MAX_FRAMES = "max_frames"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass
+class GenerationRequest:
+    input_ids: np.ndarray  # [tokens] with AUDIO placeholders (csm_triton.prompt)
+    audio_codes: np.ndarray  # [placeholders, 32]
+    max_frames: int
+    temperature: float = C.DEFAULT_TEMPERATURE
+    top_k: int = C.DEFAULT_TOP_K
+    seed: int | None = None
+    greedy: bool = False
+    stream_every: int = 0  # emit a chunk every N frames; 0: one chunk at the end
+    request_id: str = ""
+
+
+@dataclass
+class FrameChunk:
+    codes: np.ndarray  # [frames, 32] int64
+    finished: bool = False
+    reason: FinishReason | None = None
+    error: str | None = None
+
+
+@dataclass
+class GenerationResult:
+    codes: np.ndarray
+    reason: FinishReason
+    error: str | None = None
+
+
+class RequestHandle:
+    """The caller's side of one request: chunks in order, and cancel()."""
+
+    def __init__(self, request: GenerationRequest, callback: Callable[[FrameChunk], None] | None):
+        self.request = request
+        self._callback = callback
+        self._chunks: queue.Queue[FrameChunk] = queue.Queue()
+        self._cancelled = threading.Event()
+        self.submitted_at = time.perf_counter()
+        self.first_frame_at: float | None = None
+        self.finished_at: float | None = None
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def _deliver(self, chunk: FrameChunk) -> None:
+        if chunk.finished:
+            self.finished_at = time.perf_counter()
+        if self._callback is not None:
+            self._callback(chunk)
+        else:
+            self._chunks.put(chunk)
+
+    def chunks(self, timeout: float | None = None) -> Iterator[FrameChunk]:
+        while True:
+            chunk = self._chunks.get(timeout=timeout)
+            yield chunk
+            if chunk.finished:
+                return
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        parts, last = [], None
+        for last in self.chunks(timeout):
+            parts.append(last.codes)
+        codes = np.concatenate(parts) if parts else np.zeros((0, C.NUM_CODEBOOKS), np.int64)
+        return GenerationResult(codes, last.reason, last.error)
+
+
+@dataclass
+class _Slot:
+    index: int
+    handle: RequestHandle
+    sampler: SamplerState
+    position: int  # next backbone position to write
+    frames_done: int = 0
+    pending: list = field(default_factory=list)  # frames not yet delivered
+
+
+@dataclass
+class EngineConfig:
+    max_slots: int | None = None  # None: from memory on GPU, 8 on CPU
+    max_context: int | None = None  # None: the backbone's max positions
+    gpu_memory_fraction: float = C.DEFAULT_GPU_MEMORY_FRACTION
+    prefix_cache_bytes: int = 256 << 20
+    max_prefills_per_step: int = 4
+
+
+class GenerationEngine:
+    def __init__(self, lm: CsmLM, config: EngineConfig | None = None):
+        self.lm = lm
+        self.config = config or EngineConfig()
+        self.max_context = min(self.config.max_context or lm.max_context, lm.max_context)
+        self.max_slots = self.config.max_slots or self._slots_from_memory()
+        self.cache = lm.new_backbone_cache(self.max_slots, self.max_context)
+        self.depth_cache = lm.new_depth_cache(self.max_slots)
+        self.hidden = torch.zeros(self.max_slots, lm.backbone_hidden_size, device=lm.device, dtype=lm.dtype)
+        self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes)
+        self._slots: dict[int, _Slot] = {}
+        self._free = list(range(self.max_slots))
+        self._waiting: deque[RequestHandle] = deque()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.frames_generated = 0
+        self.steps = 0
+
+    # --- sizing -----------------------------------------------------------------------
+    def _slots_from_memory(self) -> int:
+        if self.lm.device.type != "cuda":
+            return 8
+        free, total = torch.cuda.mem_get_info(self.lm.device)
+        used_by_others = total - free
+        budget = total * self.config.gpu_memory_fraction - used_by_others
+        # Keep room for activations and the depth cache: 10 % of the budget.
+        per_slot = self.lm.backbone_bytes_per_token() * self.max_context
+        slots = int(budget * 0.9 // per_slot)
+        if slots < 1:
+            raise RuntimeError(
+                f"no KV slot fits: {budget / 2**30:.1f} GiB left within gpu_memory_fraction="
+                f"{self.config.gpu_memory_fraction}, one slot of {self.max_context} tokens needs "
+                f"{per_slot / 2**30:.2f} GiB"
+            )
+        return slots
+
+    # --- public API -------------------------------------------------------------------
+    def submit(self, request: GenerationRequest,
+               callback: Callable[[FrameChunk], None] | None = None) -> RequestHandle:
+        self._check(request)
+        handle = RequestHandle(request, callback)
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("the generation engine is shutting down")
+            self._waiting.append(handle)
+            self._lock.notify()
+        return handle
+
+    def stats(self) -> dict:
+        return {
+            "slots_total": self.max_slots,
+            "slots_in_use": len(self._slots),
+            "waiting": len(self._waiting),
+            "frames_generated": self.frames_generated,
+            "prefix_cache_hits": self.prefix_cache.hits,
+            "prefix_cache_misses": self.prefix_cache.misses,
+            "prefix_cache_bytes": self.prefix_cache.nbytes,
+        }
+
+    def has_work(self) -> bool:
+        return bool(self._slots or self._waiting)
+
+    def run_until_idle(self) -> None:
+        while self.has_work():
+            self.step()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="csm-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._finish_all(FinishReason.SHUTDOWN, "the server is shutting down")
+
+    # --- the loop ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self.has_work():
+                    self._lock.wait(timeout=1.0)
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as error:  # noqa: BLE001 - keep serving the next requests
+                LOG.exception("frame step failed")
+                self._finish_all(FinishReason.ERROR, f"generation failed: {type(error).__name__}: {error}")
+
+    @torch.inference_mode()
+    def step(self) -> int:
+        """Admit waiting requests, then generate one frame for every active slot."""
+        self._drop_cancelled()
+        self._admit()
+        if not self._slots:
+            return 0
+        slots = sorted(self._slots.values(), key=lambda s: s.index)
+        frames = self._frame_step(slots)
+        self.steps += 1
+        self._advance(slots, frames)
+        return len(self._slots)
+
+    def _check(self, request: GenerationRequest) -> None:
+        tokens = len(request.input_ids)
+        if request.max_frames < 1:
+            raise InvalidInput("max_frames must be at least 1")
+        if tokens + request.max_frames > self.max_context:
+            raise InvalidInput(
+                f"prompt of {tokens} tokens plus {request.max_frames} frames exceeds the context of "
+                f"{self.max_context} positions"
+            )
+        placeholders = int(np.count_nonzero(np.asarray(request.input_ids) == self.lm.audio_token_id))
+        if placeholders != len(request.audio_codes):
+            raise InvalidInput(f"prompt has {placeholders} audio placeholders but {len(request.audio_codes)} frames")
+
+    def _drop_cancelled(self) -> None:
+        for slot in [s for s in self._slots.values() if s.handle.cancelled]:
+            self._finish(slot, FinishReason.CANCELLED)
+        with self._lock:
+            cancelled = [h for h in self._waiting if h.cancelled]
+            for handle in cancelled:
+                self._waiting.remove(handle)
+        for handle in cancelled:
+            handle._deliver(FrameChunk(np.zeros((0, C.NUM_CODEBOOKS), np.int64), True, FinishReason.CANCELLED))
+
+    def _admit(self) -> None:
+        for _ in range(self.config.max_prefills_per_step):
+            with self._lock:
+                if not self._free or not self._waiting:
+                    return
+                handle = self._waiting.popleft()
+                index = self._free.pop(0)
+            request = handle.request
+            try:
+                position = self._prefill(index, request)
+            except Exception as error:  # noqa: BLE001 - one bad prompt fails only itself
+                LOG.exception("prefill failed")
+                self._free.append(index)
+                self._free.sort()
+                handle._deliver(FrameChunk(np.zeros((0, C.NUM_CODEBOOKS), np.int64), True, FinishReason.ERROR,
+                                           f"prefill failed: {error}"))
+                continue
+            sampler = SamplerState.create(temperature=request.temperature, top_k=request.top_k,
+                                          greedy=request.greedy, seed=request.seed, device=self.lm.device)
+            self._slots[index] = _Slot(index, handle, sampler, position)
+
+    def _prefill(self, index: int, request: GenerationRequest) -> int:
+        device = self.lm.device
+        input_ids = torch.as_tensor(np.asarray(request.input_ids), dtype=torch.long, device=device)
+        audio_codes = torch.as_tensor(np.asarray(request.audio_codes), dtype=torch.long, device=device)
+        embeds = self.lm.embed_prompt(input_ids, audio_codes.reshape(-1, self.lm.num_codebooks))
+        rows = torch.tensor([index], device=device)
+        prefix_len = self._prefix_length(input_ids)
+        if prefix_len:
+            # The reference segment is computed on its own (hit or miss alike), so a
+            # cache hit yields exactly the numbers a miss computes.
+            key = prefix_key(input_ids[:prefix_len], audio_codes)
+            entry = self.prefix_cache.get(key)
+            if entry is None:
+                positions = torch.arange(prefix_len, device=device)[None]
+                self.lm.backbone_forward(embeds[None, :prefix_len], self.cache, rows, positions)
+                entry = PrefixEntry(self.cache.k[:, index, :, :prefix_len].clone(),
+                                    self.cache.v[:, index, :, :prefix_len].clone())
+                self.prefix_cache.put(key, entry)
+            else:
+                self.cache.k[:, index, :, :prefix_len] = entry.k
+                self.cache.v[:, index, :, :prefix_len] = entry.v
+        total = len(input_ids)
+        positions = torch.arange(prefix_len, total, device=device)[None]
+        self.hidden[index] = self.lm.backbone_forward(embeds[None, prefix_len:], self.cache, rows, positions)[0]
+        return total
+
+    def _prefix_length(self, input_ids: torch.Tensor) -> int:
+        """Tokens up to and including the last <|audio_eos|>: the voice reference."""
+        ends = (input_ids == self.lm.audio_eos_token_id).nonzero()
+        return int(ends[-1]) + 1 if len(ends) else 0
+
+    def _frame_step(self, slots: list[_Slot]) -> torch.Tensor:
+        lm = self.lm
+        samplers = [slot.sampler for slot in slots]
+        rows = torch.tensor([slot.index for slot in slots], device=lm.device)
+        hidden = self.hidden[rows]
+        codebook0 = sample(lm.codebook0_logits(hidden), samplers)
+        codes = [codebook0]
+        # Depth decoder: position 0 is the backbone's hidden state, position 1 codebook 0.
+        step_input = torch.stack([hidden, lm.depth_embed(codebook0, 0)[:, 0]], dim=1)
+        for codebook in range(1, lm.num_codebooks):
+            logits = lm.depth_logits(step_input, self.depth_cache, codebook)
+            codes.append(sample(logits, samplers))
+            step_input = lm.depth_embed(codes[-1], codebook)
+        return torch.stack(codes, dim=1)  # [B, 32]
+
+    def _advance(self, slots: list[_Slot], frames: torch.Tensor) -> None:
+        frames_cpu = frames.cpu().numpy()
+        continuing = []
+        for slot, frame in zip(slots, frames_cpu):
+            if not frame.any():  # an all-zero frame: end of speech (not emitted)
+                self._finish(slot, FinishReason.END_OF_SPEECH)
+                continue
+            slot.pending.append(frame)
+            slot.frames_done += 1
+            self.frames_generated += 1
+            if slot.handle.first_frame_at is None:
+                slot.handle.first_frame_at = time.perf_counter()
+            if slot.frames_done >= slot.handle.request.max_frames:
+                self._finish(slot, FinishReason.MAX_FRAMES)
+                continue
+            every = slot.handle.request.stream_every
+            if every and len(slot.pending) >= every:
+                slot.handle._deliver(FrameChunk(np.stack(slot.pending)))
+                slot.pending = []
+            continuing.append(slot)
+        if not continuing:
+            return
+        index = torch.tensor([slots.index(slot) for slot in continuing], device=self.lm.device)
+        rows = torch.tensor([slot.index for slot in continuing], device=self.lm.device)
+        positions = torch.tensor([[slot.position] for slot in continuing], device=self.lm.device)
+        embeds = self.lm.embed_frames(frames[index])[:, None].to(self.lm.dtype)
+        self.hidden[rows] = self.lm.backbone_forward(embeds, self.cache, rows, positions)
+        for slot in continuing:
+            slot.position += 1
+
+    def _finish(self, slot: _Slot, reason: FinishReason, error: str | None = None) -> None:
+        codes = np.stack(slot.pending) if slot.pending else np.zeros((0, C.NUM_CODEBOOKS), np.int64)
+        del self._slots[slot.index]
+        with self._lock:
+            self._free.append(slot.index)
+            self._free.sort()
+        slot.handle._deliver(FrameChunk(codes.astype(np.int64), True, reason, error))
+
+    def _finish_all(self, reason: FinishReason, error: str) -> None:
+        for slot in list(self._slots.values()):
+            self._finish(slot, reason, error)
+        with self._lock:
+            waiting, self._waiting = list(self._waiting), deque()
+        for handle in waiting:
+            handle._deliver(FrameChunk(np.zeros((0, C.NUM_CODEBOOKS), np.int64), True, reason, error))
