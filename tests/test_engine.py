@@ -1,0 +1,214 @@
+"""The engine against transformers' own `generate` on the tiny checkpoint: the
+correctness anchor for every optimisation in the engine."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoProcessor, CsmForConditionalGeneration
+
+from csm_triton import constants as C
+from csm_triton.engine import CsmLM, EngineConfig, FinishReason, GenerationEngine, GenerationRequest
+from csm_triton.errors import InvalidInput
+from csm_triton.prompt import PromptBuilder
+
+SUPPRESSED = list(range(C.CODEBOOK_SIZE, C.LM_AUDIO_VOCAB_SIZE))
+TARGETS = ["Hello there.", "How are you doing today, my friend?", "Five boxing wizards.",
+           "The library opens at nine o'clock and closes at six in the evening on weekdays."]
+REFERENCE_TEXT = "She sells sea shells by the sea shore."
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_checkpoint):
+    return CsmForConditionalGeneration.from_pretrained(str(tiny_checkpoint)).eval()
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_checkpoint):
+    return AutoProcessor.from_pretrained(str(tiny_checkpoint))
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_checkpoint):
+    return CsmLM.from_checkpoint(tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def builder(tiny_checkpoint):
+    return PromptBuilder(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def reference_audio():
+    t = np.arange(int(1.0 * C.SAMPLE_RATE)) / C.SAMPLE_RATE
+    return (0.3 * np.sin(2 * np.pi * 220 * t * (1 + t)) + 0.05 * np.random.default_rng(0).standard_normal(t.size)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def reference_codes(hf_model, reference_audio):
+    with torch.no_grad():
+        codes = hf_model.codec_model.encode(torch.from_numpy(reference_audio)[None, None]).audio_codes
+    return codes[0].T.numpy()  # [frames, 32]
+
+
+def conversation(target, reference_audio=None):
+    turns = []
+    if reference_audio is not None:
+        turns.append({"role": "0", "content": [{"type": "text", "text": REFERENCE_TEXT},
+                                               {"type": "audio", "path": reference_audio}]})
+    turns.append({"role": "0", "content": [{"type": "text", "text": target}]})
+    return turns
+
+
+def hf_generate(hf_model, processor, target, frames, *, reference_audio=None, seed=None):
+    inputs = processor.apply_chat_template(conversation(target, reference_audio), tokenize=True, return_dict=True)
+    sampling = {"do_sample": seed is not None, "depth_decoder_do_sample": seed is not None}
+    if seed is not None:
+        torch.manual_seed(seed)
+    output = hf_model.generate(**inputs, max_new_tokens=frames, suppress_tokens=SUPPRESSED,
+                               depth_decoder_suppress_tokens=SUPPRESSED, **sampling)
+    return output[0].numpy()
+
+
+def request(builder, target, frames, reference_codes=None, **options):
+    prompt = builder.prepare(target, REFERENCE_TEXT if reference_codes is not None else None, reference_codes)
+    options.setdefault("greedy", "seed" not in options)
+    return GenerationRequest(prompt.input_ids, prompt.audio_codes, max_frames=frames, **options)
+
+
+def test_prompt_layout_equals_csm_processor(builder, processor, reference_audio, reference_codes):
+    inputs = processor.apply_chat_template(conversation(TARGETS[1], reference_audio), tokenize=True, return_dict=True)
+    prompt = builder.prepare(TARGETS[1], REFERENCE_TEXT, reference_codes)
+    assert prompt.input_ids.tolist() == inputs["input_ids"][0].tolist()
+    assert len(prompt.audio_codes) == len(reference_codes) == 13  # 1 s of audio
+
+
+def test_greedy_single_request_equals_generate(hf_model, processor, lm, builder, reference_audio, reference_codes):
+    expected = hf_generate(hf_model, processor, TARGETS[0], 10, reference_audio=reference_audio)
+    engine = GenerationEngine(lm, EngineConfig(max_slots=2))
+    handle = engine.submit(request(builder, TARGETS[0], 10, reference_codes))
+    engine.run_until_idle()
+    result = handle.result()
+    assert result.reason == FinishReason.MAX_FRAMES
+    np.testing.assert_array_equal(result.codes, expected)
+
+
+def test_four_requests_joining_at_different_frames_each_equal_generate(hf_model, processor, lm, builder):
+    engine = GenerationEngine(lm, EngineConfig(max_slots=3))  # the 4th waits for a free slot
+    handles = []
+    for index, target in enumerate(TARGETS):
+        handles.append(engine.submit(request(builder, target, 6 + index, stream_every=4)))
+        engine.step()
+        engine.step()
+    engine.run_until_idle()
+    for index, (target, handle) in enumerate(zip(TARGETS, handles)):
+        codes = handle.result().codes
+        assert len(codes) == 6 + index
+        np.testing.assert_array_equal(codes, hf_generate(hf_model, processor, target, len(codes)))
+
+
+def test_seeded_sampling_equals_generate_and_ignores_batch_mates(hf_model, processor, lm, builder):
+    expected = hf_generate(hf_model, processor, TARGETS[1], 6, seed=1234)
+
+    def run(batch_mates):
+        engine = GenerationEngine(lm, EngineConfig(max_slots=4))
+        handle = engine.submit(request(builder, TARGETS[1], 6, seed=1234))
+        for index in range(batch_mates):
+            engine.submit(request(builder, TARGETS[index], 6, seed=index))
+        engine.run_until_idle()
+        return handle.result().codes
+
+    alone, crowded = run(0), run(3)
+    np.testing.assert_array_equal(alone, expected)
+    np.testing.assert_array_equal(crowded, expected)
+    assert not np.array_equal(run_with_seed(lm, builder, 99), alone), "another seed draws other codes"
+
+
+def run_with_seed(lm, builder, seed):
+    engine = GenerationEngine(lm, EngineConfig(max_slots=1))
+    handle = engine.submit(request(builder, TARGETS[1], 6, seed=seed))
+    engine.run_until_idle()
+    return handle.result().codes
+
+
+def test_cancelling_frees_the_slot_and_returns_the_frames_so_far(lm, builder):
+    engine = GenerationEngine(lm, EngineConfig(max_slots=1))
+    handle = engine.submit(request(builder, TARGETS[0], 50))
+    waiting = engine.submit(request(builder, TARGETS[1], 3))
+    engine.step()
+    engine.step()
+    assert engine.stats()["slots_in_use"] == 1 and engine.stats()["waiting"] == 1
+    handle.cancel()
+    engine.step()  # the cancelled request leaves, the waiting one takes its slot
+    result = handle.result(timeout=1)
+    assert result.reason == FinishReason.CANCELLED and len(result.codes) == 2
+    engine.run_until_idle()
+    assert waiting.result(timeout=1).reason == FinishReason.MAX_FRAMES
+    assert engine.stats()["slots_in_use"] == 0
+
+
+def test_prefix_cache_hit_yields_the_same_codes_as_a_miss(lm, builder, reference_codes):
+    engine = GenerationEngine(lm, EngineConfig(max_slots=2))
+    first = engine.submit(request(builder, TARGETS[2], 8, reference_codes))
+    engine.run_until_idle()
+    second = engine.submit(request(builder, TARGETS[2], 8, reference_codes))
+    engine.run_until_idle()
+    assert engine.stats()["prefix_cache_misses"] == 1 and engine.stats()["prefix_cache_hits"] == 1
+    np.testing.assert_array_equal(first.result().codes, second.result().codes)
+
+
+def test_streaming_chunks_concatenate_to_the_whole_result(lm, builder):
+    engine = GenerationEngine(lm, EngineConfig(max_slots=1))
+    chunks = []
+    engine.submit(request(builder, TARGETS[0], 7, stream_every=3), callback=chunks.append)
+    engine.run_until_idle()
+    assert [len(c.codes) for c in chunks] == [3, 3, 1]
+    assert [c.finished for c in chunks] == [False, False, True]
+    whole = GenerationEngine(lm, EngineConfig(max_slots=1))
+    handle = whole.submit(request(builder, TARGETS[0], 7))
+    whole.run_until_idle()
+    np.testing.assert_array_equal(np.concatenate([c.codes for c in chunks]), handle.result().codes)
+
+
+def test_all_zero_frame_ends_the_utterance(tiny_checkpoint, builder):
+    model = CsmForConditionalGeneration.from_pretrained(str(tiny_checkpoint)).eval()
+    with torch.no_grad():  # zero heads: every logit ties, greedy picks code 0 = end of speech
+        model.lm_head.weight.zero_()
+        model.depth_decoder.codebooks_head.weight.zero_()
+    engine = GenerationEngine(CsmLM(model, device="cpu"), EngineConfig(max_slots=1))
+    handle = engine.submit(request(builder, TARGETS[0], 20))
+    engine.run_until_idle()
+    result = handle.result()
+    assert result.reason == FinishReason.END_OF_SPEECH and len(result.codes) == 0
+
+
+def test_background_thread_serves_concurrent_submitters_and_stops_cleanly(lm, builder):
+    engine = GenerationEngine(lm, EngineConfig(max_slots=2))
+    engine.start()
+    results = {}
+
+    def client(index):
+        results[index] = engine.submit(request(builder, TARGETS[index], 4, seed=index)).result(timeout=60)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    never_served = engine.submit(request(builder, TARGETS[0], 10_000 // 20))
+    engine.stop()
+    assert all(results[i].reason == FinishReason.MAX_FRAMES and len(results[i].codes) == 4 for i in range(4))
+    assert never_served.result(timeout=5).reason in (FinishReason.SHUTDOWN, FinishReason.MAX_FRAMES)
+    with pytest.raises(RuntimeError, match="shutting down"):
+        engine.submit(request(builder, TARGETS[0], 2))
+
+
+def test_requests_beyond_the_context_are_refused_with_a_reason(lm, builder):
+    engine = GenerationEngine(lm, EngineConfig(max_slots=1, max_context=64))
+    with pytest.raises(InvalidInput, match="exceeds the context of 64 positions"):
+        engine.submit(request(builder, TARGETS[3], 60))
+    with pytest.raises(InvalidInput, match="max_frames"):
+        engine.submit(request(builder, TARGETS[0], 0))
