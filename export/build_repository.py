@@ -183,9 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--force", action="store_true", help="rebuild even when the output is current")
     args = parser.parse_args(argv)
+    from export.mimi_onnx import ParityError
+
     try:
         build_repository(args.checkpoint, args.profile, args.out, force=args.force)
-    except CheckpointError as error:
+    except (CheckpointError, ParityError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -107,7 +107,7 @@ def error_response(error: BaseException, model_name: str):
         )
     # Anything else is our bug: log the traceback on the server, tell the client
     # only what failed.
-    log_error(f"{model_name}: unexpected error\n{traceback.format_exc()}")
+    log_error(f"{model_name}: unexpected error\n{''.join(traceback.format_exception(error))}")
     return pb_utils.InferenceResponse(
         error=pb_utils.TritonError(f"{model_name}: internal error ({type(error).__name__}: {error})")
     )

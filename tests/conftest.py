@@ -1,0 +1,26 @@
+"""Shared fixtures: the tiny random CSM checkpoint (single-file and sharded), built once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+from export.tiny_checkpoint import build_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-csm") / "checkpoint", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sharded_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint re-saved in the real model's sharded layout
+    (model.safetensors.index.json + several model-0000X-of-0000N.safetensors)."""
+    from transformers import CsmForConditionalGeneration
+
+    folder = tmp_path_factory.mktemp("tiny-csm-sharded") / "checkpoint"
+    CsmForConditionalGeneration.from_pretrained(tiny_checkpoint).save_pretrained(folder, max_shard_size="10MB")
+    for source in tiny_checkpoint.iterdir():  # tokenizer, processor, chat template
+        if not (folder / source.name).exists() and not source.name.startswith("model"):
+            (folder / source.name).symlink_to(source)
+    return folder
