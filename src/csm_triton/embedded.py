@@ -29,6 +29,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -64,6 +65,7 @@ __all__ = [
     "server_environment",
 ]
 
+_ENDPOINT_FAILURE = re.compile(r"failed to start (HTTP|GRPC|Metrics) service[^\n]*")
 PERF_ANALYZER_TRITONCLIENT = "2.51.0"  # later wheels' perf_analyzer needs glibc 2.38
 SHM_PREFIX = "triton_python_backend_shm_region_"
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
@@ -677,6 +679,12 @@ class TritonServer:
         except OSError:
             return ""
 
+    @property
+    def _last_endpoint(self) -> str:
+        """The log line of the endpoint Triton starts last (gRPC, HTTP, then metrics)."""
+        metrics_off = any(flag in ("--allow-metrics=false", "--allow-metrics=0") for flag in self.extra_args)
+        return "Started HTTPService" if metrics_off else "Started Metrics Service"
+
     def _wait_ready(self, started: float) -> None:
         deadline = started + self.startup_timeout
         base = f"http://127.0.0.1:{self.http_port}"
@@ -688,9 +696,10 @@ class TritonServer:
             log = self._new_log()
             # Endpoints start after the startup loads, metrics last. Until Triton says so,
             # a 200 could come from someone else's server on a clashing port.
-            if "failed to start" in log:
-                raise TritonStartError(f"tritonserver could not start an endpoint{self._log_excerpt()}")
-            if "Started Metrics Service" in log and _http_status(f"{base}/v2/health/ready") == 200:
+            failure = _ENDPOINT_FAILURE.search(log)
+            if failure:
+                raise TritonStartError(f"tritonserver {failure.group(0)}{self._log_excerpt()}")
+            if self._last_endpoint in log and _http_status(f"{base}/v2/health/ready") == 200:
                 pending = [m for m in pending if _http_status(f"{base}/v2/models/{m}/ready") != 200]
                 if not pending:
                     return
