@@ -28,6 +28,7 @@ from transformers.models.mimi.modeling_mimi import MimiConv1d, MimiEuclideanCode
 from transformers.utils import logging as transformers_logging
 
 from csm_triton import constants as C
+from csm_triton.checkpoint import CheckpointError
 
 ENCODER_INPUT = "input_values"
 ENCODER_OUTPUT = "audio_codes"
@@ -55,9 +56,9 @@ class ParityError(Exception):
 
 
 def load_codec(checkpoint_dir: str | Path) -> MimiModel:
-    """Mimi from a CSM checkpoint, reading only the `codec_model.*` tensors: the other
-    ~1.4 B parameters are skipped by name, never loaded (about 300 MB read for the
-    real model instead of 6 GB)."""
+    """Mimi from a CSM checkpoint, reading only the `codec_model.*` tensors (~79 M
+    parameters for the real model): the language model's ~1.4 B are skipped by name
+    and never read from disk, so this costs no more than loading Mimi alone."""
     codec_config = CsmConfig.from_pretrained(checkpoint_dir).codec_config
     # transformers reports every skipped language-model tensor as "unexpected" in a
     # long warning; missing codec tensors are checked below instead.
@@ -76,7 +77,9 @@ def load_codec(checkpoint_dir: str | Path) -> MimiModel:
         transformers_logging.set_verbosity(verbosity)
     if loading_info["missing_keys"]:
         missing = sorted(loading_info["missing_keys"])
-        raise ValueError(f"checkpoint {checkpoint_dir} lacks {len(missing)} codec tensors, e.g. {CODEC_PREFIX}{missing[0]}")
+        raise CheckpointError(
+            f"checkpoint {checkpoint_dir} lacks {len(missing)} codec tensors, e.g. {CODEC_PREFIX}{missing[0]}"
+        )
     return codec.eval()
 
 

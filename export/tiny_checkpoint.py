@@ -100,6 +100,11 @@ CHAT_TEMPLATE = """
 {%- endfor %}
 """
 
+# Widths only shrink (real: backbone 2048, depth decoder 1024, Mimi 512).
+BACKBONE_HIDDEN_SIZE = 64
+DEPTH_DECODER_HIDDEN_SIZE = 32  # narrower than the backbone, as in the real model, so its projection is exercised
+CODEC_HIDDEN_SIZE = 64
+
 # The real model's rope scaling, rewritten by the conversion script into values that
 # hold at max_position_embeddings 2048 (backbone) and 33 (depth decoder).
 BACKBONE_ROPE = {
@@ -155,7 +160,7 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast) -> CsmConfig:
     # geometry: ratios [8, 6, 5, 4], kernels 7/3/3, causal convs, 24 kHz, 32 x 2048
     # codes, 1 semantic quantizer, sliding window 250.
     codec = MimiConfig(
-        hidden_size=64,
+        hidden_size=CODEC_HIDDEN_SIZE,
         num_filters=8,
         codebook_dim=32,
         vector_quantization_hidden_dimension=32,
@@ -163,14 +168,14 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast) -> CsmConfig:
         intermediate_size=128,
         num_attention_heads=4,
         num_key_value_heads=4,
-        upsample_groups=64,  # depthwise, as in the real codec (groups == hidden size)
+        upsample_groups=CODEC_HIDDEN_SIZE,  # depthwise, as in the real codec
     )
     audio_id = tokenizer.convert_tokens_to_ids(C.AUDIO_TOKEN)
     depth_decoder = CsmDepthDecoderConfig(
         num_codebooks=C.NUM_CODEBOOKS,
         vocab_size=C.LM_AUDIO_VOCAB_SIZE,
-        backbone_hidden_size=64,
-        hidden_size=32,  # narrower than the backbone, as in the real model, so the projection is exercised
+        backbone_hidden_size=BACKBONE_HIDDEN_SIZE,
+        hidden_size=DEPTH_DECODER_HIDDEN_SIZE,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -182,7 +187,7 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast) -> CsmConfig:
         num_codebooks=C.NUM_CODEBOOKS,
         vocab_size=C.LM_AUDIO_VOCAB_SIZE,
         text_vocab_size=len(tokenizer),
-        hidden_size=64,
+        hidden_size=BACKBONE_HIDDEN_SIZE,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=8,
@@ -211,6 +216,7 @@ def randomize_codebooks(model: CsmForConditionalGeneration, generator: torch.Gen
 
 
 def quiet_decoder(model: CsmForConditionalGeneration) -> None:
+    """Scales Mimi's last convolution by DECODER_OUTPUT_GAIN (see there)."""
     final_conv = model.codec_model.decoder.decoder_seanet.layers[-1].conv
     final_conv.weight.mul_(DECODER_OUTPUT_GAIN)
     final_conv.bias.mul_(DECODER_OUTPUT_GAIN)

@@ -100,7 +100,8 @@ def test_perturbed_decoder_fails_parity(tiny_checkpoint, exported, tmp_path):
 def test_integer_padding_is_exact_and_temporary(tiny_checkpoint):
     codec = load_codec(tiny_checkpoint)
     original = MimiConv1d.forward
-    for samples in (1, C.SAMPLES_PER_FRAME - 1, C.SAMPLES_PER_FRAME, C.SAMPLES_PER_FRAME + 1, 5 * C.SAMPLES_PER_FRAME + 7):
+    frame = C.SAMPLES_PER_FRAME
+    for samples in (1, frame - 1, frame, frame + 1, 5 * frame + 7):
         audio = torch.from_numpy(pseudo_speech(samples / C.SAMPLE_RATE, 1, seed=samples))
         codes = codec.encode(audio).audio_codes
         decoded = codec.decode(codes).audio_values

@@ -37,8 +37,10 @@ HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_
 # A safetensors header is a few MB at most even for large models; a bigger length
 # means the first 8 bytes are not a safetensors header at all.
 MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024 * 1024
+# Sizes of the common dtypes; a tensor of another (e.g. sub-byte) dtype gets only the
+# file-extent check.
 SAFETENSORS_DTYPE_BYTES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
     "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
     "I32": 4, "U32": 4, "F32": 4,
     "I64": 8, "U64": 8, "F64": 8,
@@ -53,7 +55,7 @@ def _missing(path: Path) -> CheckpointError:
     return CheckpointError(f"checkpoint file missing: {path}")
 
 
-def _corrupt(path: Path, reason: str) -> CheckpointError:
+def _corrupt(path: Path, reason: object) -> CheckpointError:
     return CheckpointError(f"checkpoint file corrupt: {path} ({' '.join(str(reason).split())})")
 
 
@@ -105,11 +107,12 @@ def safetensors_tensor_names(path: Path) -> set[str]:
             continue
         try:
             begin, end = info["data_offsets"]
-            expected = math.prod(info["shape"]) * SAFETENSORS_DTYPE_BYTES[info["dtype"]]
+            elements = math.prod(info["shape"])
+            itemsize = SAFETENSORS_DTYPE_BYTES.get(info["dtype"])
         except (KeyError, TypeError, ValueError):
             raise _corrupt(path, f"malformed header entry for tensor {name}") from None
-        if end - begin != expected:
-            raise _corrupt(path, f"tensor {name} spans {end - begin} bytes, its dtype and shape need {expected}")
+        if itemsize is not None and end - begin != elements * itemsize:
+            raise _corrupt(path, f"tensor {name} spans {end - begin} bytes, its dtype and shape need {elements * itemsize}")
         data_end = max(data_end, end)
     expected_size = 8 + header_bytes + data_end
     if size != expected_size:
@@ -183,13 +186,14 @@ def _download(repo_id: str) -> Path:
         # message spans several lines, its first one says what happened.
         first_line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise CheckpointError(
-            f"could not download checkpoint {repo_id!r} from the hub (no network? pass a local folder instead): {first_line}"
+            f"could not download checkpoint {repo_id!r} from the hub "
+            f"(no network? pass a local folder instead): {first_line}"
         ) from None
 
 
 def resolve_checkpoint(spec: str) -> Path:
-    """A local folder, or a hub id such as `sesame/csm-1b` (downloaded when HF_TOKEN is
-    set), as a validated local checkpoint folder."""
+    """A local folder (which wins over a hub id of the same name), or a hub id such as
+    `sesame/csm-1b` (downloaded when HF_TOKEN is set), as a validated local folder."""
     local = Path(spec).expanduser()
     if local.is_dir():
         return validate_checkpoint(local)

@@ -292,7 +292,7 @@ def prepare(home: Path | str | None = None, *, perf_analyzer: bool = True) -> Em
     """
     home = Path(home).expanduser().resolve() if home is not None else default_home()
     home.mkdir(parents=True, exist_ok=True)
-    with open(home / ".prepare.lock", "w") as lock:
+    with open(home / ".prepare.lock", "a") as lock:  # "a": no truncation, mtime kept
         fcntl.flock(lock, fcntl.LOCK_EX)
         return _prepare_locked(home, perf_analyzer)
 
@@ -806,7 +806,9 @@ def _serve(args: argparse.Namespace) -> int:
         extra=[f"--backend-config=shm-region-prefix-name={shm_prefix}", *args.extra],
     )
     print("$ " + " ".join(command), file=sys.stderr, flush=True)
-    process = subprocess.Popen(command, env=server_environment(install), start_new_session=True)
+    process = subprocess.Popen(
+        command, env=server_environment(install), start_new_session=True, preexec_fn=_parent_death_signal
+    )
 
     def forward(signum, _frame):
         if process.poll() is None:
@@ -883,7 +885,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.home = args.home.expanduser().resolve()
     try:
         return args.run(args)
-    except PrepareError as error:
+    except (PrepareError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from csm_triton import constants as C
+from csm_triton.engine.frame_step import FrameStep, attention_bucket, batch_bucket
 from csm_triton.engine.lm import CsmLM
 from csm_triton.engine.prefix_cache import PrefixCache, PrefixEntry, prefix_key
-from csm_triton.engine.sampling import SamplerState, sample
+from csm_triton.engine.sampling import SamplerState
 from csm_triton.errors import InvalidInput
 
 LOG = logging.getLogger(__name__)
@@ -127,6 +128,7 @@ class EngineConfig:
     gpu_memory_fraction: float = C.DEFAULT_GPU_MEMORY_FRACTION
     prefix_cache_bytes: int = 256 << 20
     max_prefills_per_step: int = 4
+    cuda_graphs: bool = True  # on CUDA: capture the frame step per (batch, length) bucket
 
 
 class GenerationEngine:
@@ -135,9 +137,14 @@ class GenerationEngine:
         self.config = config or EngineConfig()
         self.max_context = min(self.config.max_context or lm.max_context, lm.max_context)
         self.max_slots = self.config.max_slots or self._slots_from_memory()
-        self.cache = lm.new_backbone_cache(self.max_slots, self.max_context)
-        self.depth_cache = lm.new_depth_cache(self.max_slots)
-        self.hidden = torch.zeros(self.max_slots, lm.backbone_hidden_size, device=lm.device, dtype=lm.dtype)
+        # One extra row: the scratch slot that padding rows of a batch bucket point at.
+        self.scratch_row = self.max_slots
+        self.cache = lm.new_backbone_cache(self.max_slots + 1, self.max_context)
+        self.depth_cache = lm.new_depth_cache(batch_bucket(self.max_slots))
+        self.hidden = torch.zeros(self.max_slots + 1, lm.backbone_hidden_size, device=lm.device, dtype=lm.dtype)
+        self.use_graphs = lm.device.type == "cuda" and self.config.cuda_graphs
+        self._frame_steps: dict[tuple[int, int], FrameStep] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes)
         self._slots: dict[int, _Slot] = {}
         self._free = list(range(self.max_slots))
@@ -311,30 +318,54 @@ class GenerationEngine:
         ends = (input_ids == self.lm.audio_eos_token_id).nonzero()
         return int(ends[-1]) + 1 if len(ends) else 0
 
-    def _frame_step(self, slots: list[_Slot]) -> torch.Tensor:
-        lm = self.lm
-        samplers = [slot.sampler for slot in slots]
-        rows = torch.tensor([slot.index for slot in slots], device=lm.device)
-        hidden = self.hidden[rows]
-        codebook0 = sample(lm.codebook0_logits(hidden), samplers)
-        codes = [codebook0]
-        # Depth decoder: position 0 is the backbone's hidden state, position 1 codebook 0.
-        step_input = torch.stack([hidden, lm.depth_embed(codebook0, 0)[:, 0]], dim=1)
-        for codebook in range(1, lm.num_codebooks):
-            logits = lm.depth_logits(step_input, self.depth_cache, codebook)
-            codes.append(sample(logits, samplers))
-            step_input = lm.depth_embed(codes[-1], codebook)
-        return torch.stack(codes, dim=1)  # [B, 32]
+    def _frame_step(self, slots: list[_Slot]) -> np.ndarray:
+        step = self._frame_step_for(slots)
+        count = len(slots)
+        device = self.lm.device
+        step.rows[:count].copy_(torch.tensor([s.index for s in slots]), non_blocking=True)
+        step.positions[:count, 0].copy_(torch.tensor([s.position for s in slots]), non_blocking=True)
+        step.temperature[:count].copy_(torch.tensor([s.sampler.temperature for s in slots]), non_blocking=True)
+        step.top_k[:count].copy_(torch.tensor([min(s.sampler.top_k, C.CODEBOOK_SIZE) for s in slots]),
+                                 non_blocking=True)
+        step.greedy[:count].copy_(torch.tensor([s.sampler.greedy for s in slots]), non_blocking=True)
+        step.rows[count:].fill_(self.scratch_row)
+        step.positions[count:].zero_()
+        step.greedy[count:].fill_(True)
+        for row, slot in enumerate(slots):
+            slot.sampler.fill_noise(step.noise[row])
+        step.run()
+        # The one host synchronisation per frame: the codes go to the clients anyway,
+        # and an all-zero frame must end its request before the next step.
+        return step.codes[:count].to("cpu", non_blocking=False).numpy() if device.type != "cpu" \
+            else step.codes[:count].numpy().copy()
 
-    def _advance(self, slots: list[_Slot], frames: torch.Tensor) -> None:
-        frames_cpu = frames.cpu().numpy()
-        continuing = []
-        for slot, frame in zip(slots, frames_cpu):
+    def _frame_step_for(self, slots: list[_Slot]) -> FrameStep:
+        needed = max(s.position for s in slots) + 1
+        if not self.use_graphs:  # eager: exact sizes, one set of buffers per batch size
+            key = (len(slots), 0)
+            step = self._frame_steps.get(key)
+            if step is None:
+                step = self._frame_steps[key] = self._new_frame_step(len(slots), needed, capture=False)
+            step.attend_len = needed
+            return step
+        key = (batch_bucket(len(slots)), attention_bucket(needed, self.max_context))
+        if key not in self._frame_steps:
+            self._frame_steps[key] = self._new_frame_step(*key, capture=True)
+        return self._frame_steps[key]
+
+    def _new_frame_step(self, batch: int, attend_len: int, *, capture: bool) -> FrameStep:
+        return FrameStep(self.lm, self.cache, self.depth_cache, self.hidden, batch=batch,
+                         scratch_row=self.scratch_row, attend_len=attend_len, capture=capture,
+                         graph_pool=self._graph_pool)
+
+    def _advance(self, slots: list[_Slot], frames: np.ndarray) -> None:
+        for slot, frame in zip(slots, frames):
             if not frame.any():  # an all-zero frame: end of speech (not emitted)
                 self._finish(slot, FinishReason.END_OF_SPEECH)
                 continue
             slot.pending.append(frame)
             slot.frames_done += 1
+            slot.position += 1  # the frame step already wrote this frame into the cache
             self.frames_generated += 1
             if slot.handle.first_frame_at is None:
                 slot.handle.first_frame_at = time.perf_counter()
@@ -345,16 +376,6 @@ class GenerationEngine:
             if every and len(slot.pending) >= every:
                 slot.handle._deliver(FrameChunk(np.stack(slot.pending)))
                 slot.pending = []
-            continuing.append(slot)
-        if not continuing:
-            return
-        index = torch.tensor([slots.index(slot) for slot in continuing], device=self.lm.device)
-        rows = torch.tensor([slot.index for slot in continuing], device=self.lm.device)
-        positions = torch.tensor([[slot.position] for slot in continuing], device=self.lm.device)
-        embeds = self.lm.embed_frames(frames[index])[:, None].to(self.lm.dtype)
-        self.hidden[rows] = self.lm.backbone_forward(embeds, self.cache, rows, positions)
-        for slot in continuing:
-            slot.position += 1
 
     def _finish(self, slot: _Slot, reason: FinishReason, error: str | None = None) -> None:
         codes = np.stack(slot.pending) if slot.pending else np.zeros((0, C.NUM_CODEBOOKS), np.int64)

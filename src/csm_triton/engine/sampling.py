@@ -1,9 +1,12 @@
-"""Per-request sampling: each request has its own temperature, top-k and random
-generator, so its codes never depend on which requests share its batch.
+"""Per-request sampling that needs no host round trip and fits in a CUDA graph.
 
-The order of operations is transformers' (temperature, then top-k, softmax,
-multinomial), so a seeded request at batch 1 draws exactly what `generate` draws
-after `torch.manual_seed(seed)`.
+Each request has its own temperature, top-k and random generator. The generator
+fills the request's row of a noise buffer with Exp(1) draws before the frame step;
+inside the step, a code is drawn as argmax(p / noise) over the temperature-scaled,
+top-k-filtered distribution p (the "exponential race": the same distribution as
+multinomial sampling, computed with fixed shapes and no synchronisation). A
+request's codes therefore depend on its seed alone, never on its batch-mates.
+Greedy rows take the argmax of the logits, exactly like transformers' greedy search.
 """
 
 from __future__ import annotations
@@ -30,22 +33,22 @@ class SamplerState:
             generator.manual_seed(seed if seed is not None else random.getrandbits(63))
         return cls(temperature, top_k, greedy, generator)
 
+    def fill_noise(self, row: torch.Tensor) -> None:
+        """The draws for one frame (all codebooks) into this request's noise row."""
+        if self.greedy:
+            row.fill_(1.0)
+        else:
+            row.exponential_(generator=self.generator)
 
-def sample(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
-    """logits [B, V] (float32, specials already at -inf) -> one token per row [B]."""
-    tokens = logits.argmax(dim=-1)
-    sampled_rows = [row for row, state in enumerate(states) if not state.greedy]
-    if not sampled_rows:
-        return tokens
-    index = torch.tensor(sampled_rows, device=logits.device)
-    temperatures = torch.tensor([states[r].temperature for r in sampled_rows], device=logits.device)
-    top_ks = [min(states[r].top_k, logits.shape[-1]) for r in sampled_rows]
-    scores = logits[index] / temperatures[:, None]
-    top_values = torch.topk(scores, max(top_ks), dim=-1).values
-    kth = top_values.gather(1, torch.tensor(top_ks, device=logits.device)[:, None] - 1)
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, greedy: torch.Tensor,
+           noise: torch.Tensor) -> torch.Tensor:
+    """logits [B, V] float32 (specials at -inf); temperature [B]; top_k [B] int64;
+    greedy [B] bool; noise [B, V] Exp(1) draws -> codes [B]."""
+    scores = logits / temperature[:, None]
+    ranked = torch.sort(scores, dim=-1, descending=True).values
+    kth = ranked.gather(1, (top_k - 1)[:, None])
     scores = scores.masked_fill(scores < kth, float("-inf"))
     probabilities = torch.softmax(scores, dim=-1)
-    for position, row in enumerate(sampled_rows):
-        draw = torch.multinomial(probabilities[position : position + 1], 1, generator=states[row].generator)
-        tokens[row] = draw[0, 0]
-    return tokens
+    drawn = (probabilities / noise).argmax(dim=-1)
+    return torch.where(greedy, logits.argmax(dim=-1), drawn)
