@@ -81,7 +81,7 @@ def _check_text(path: Path) -> None:
         raise _corrupt(path, error) from None
 
 
-def safetensors_tensor_names(path: Path) -> set[str]:
+def check_safetensors(path: Path) -> set[str]:
     """Checks a safetensors file without loading it: the header parses, every tensor's
     byte range matches its dtype and shape, and the file ends exactly where the data
     does (a truncated or padded download does not). Returns the tensor names."""
@@ -107,13 +107,14 @@ def safetensors_tensor_names(path: Path) -> set[str]:
             continue
         try:
             begin, end = info["data_offsets"]
-            elements = math.prod(info["shape"])
+            span = end - begin
             itemsize = SAFETENSORS_DTYPE_BYTES.get(info["dtype"])
+            needed = span if itemsize is None else math.prod(info["shape"]) * itemsize
+            data_end = max(data_end, end)
         except (KeyError, TypeError, ValueError):
             raise _corrupt(path, f"malformed header entry for tensor {name}") from None
-        if itemsize is not None and end - begin != elements * itemsize:
-            raise _corrupt(path, f"tensor {name} spans {end - begin} bytes, its dtype and shape need {elements * itemsize}")
-        data_end = max(data_end, end)
+        if span != needed:
+            raise _corrupt(path, f"tensor {name} spans {span} bytes, its dtype and shape need {needed}")
     expected_size = 8 + header_bytes + data_end
     if size != expected_size:
         raise _corrupt(path, f"{size} bytes but its header describes {expected_size}: truncated or partial download")
@@ -125,18 +126,18 @@ def _check_weights(folder: Path) -> None:
     index_path = folder / WEIGHTS_INDEX
     # transformers prefers the single file when both exist, so that is the one to check.
     if single.exists() or not index_path.exists():
-        safetensors_tensor_names(single)
+        check_safetensors(single)
         return
     index = _read_json(index_path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise _corrupt(index_path, "no weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise _corrupt(index_path, "no weight_map of tensor names to shard files")
     shards: dict[str, list[str]] = {}
     for tensor, shard in weight_map.items():
         shards.setdefault(shard, []).append(tensor)
     for shard, tensors in sorted(shards.items()):
         shard_path = folder / shard
-        present = safetensors_tensor_names(shard_path)
+        present = check_safetensors(shard_path)
         absent = [tensor for tensor in tensors if tensor not in present]
         if absent:
             raise _corrupt(shard_path, f"lacks {len(absent)} tensors the index assigns to it, e.g. {absent[0]}")

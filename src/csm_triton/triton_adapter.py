@@ -140,3 +140,40 @@ class PythonModel:
 
     def finalize(self):
         pass
+
+
+# --- BLS: calling other models of the same server ------------------------------------
+class ModelCallError(RuntimeError):
+    """A model called through BLS answered an error."""
+
+
+def _bls_request(model_name: str, inputs: Mapping[str, np.ndarray], output_names, parameters=None):
+    tensors = [pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in inputs.items()]
+    kwargs = {"parameters": parameters} if parameters else {}
+    return pb_utils.InferenceRequest(
+        model_name=model_name, inputs=tensors, requested_output_names=list(output_names), **kwargs
+    )
+
+
+def _outputs(response, model_name: str, output_names) -> dict[str, np.ndarray]:
+    if response.has_error():
+        raise ModelCallError(f"{model_name}: {response.error().message()}")
+    return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in output_names}
+
+
+def call_model(model_name: str, inputs: Mapping[str, np.ndarray], output_names,
+               parameters: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """One request to a non-decoupled model; raises ModelCallError on its error."""
+    response = _bls_request(model_name, inputs, output_names, parameters).exec()
+    return _outputs(response, model_name, output_names)
+
+
+def stream_model(model_name: str, inputs: Mapping[str, np.ndarray], output_names,
+                 parameters: Mapping[str, Any] | None = None):
+    """Responses of a decoupled model, one dict per non-empty response."""
+    for response in _bls_request(model_name, inputs, output_names, parameters).exec(decoupled=True):
+        if response.has_error():
+            raise ModelCallError(f"{model_name}: {response.error().message()}")
+        if not response.output_tensors():  # the empty final response
+            continue
+        yield _outputs(response, model_name, output_names)
