@@ -547,7 +547,9 @@ class TritonServer:
         stop_grace: float | None = None,
         die_with_parent: bool = True,
         extra_args: Sequence[str] = (),
+        environment: Mapping[str, str] | None = None,
     ) -> None:
+        self.environment = dict(environment or {})
         self.model_repository = Path(model_repository).resolve()
         self._install = install
         self._home = home
@@ -662,7 +664,7 @@ class TritonServer:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=server_environment(self._install),
+                env={**server_environment(self._install), **self.environment},
                 cwd=str(self._install.home),
                 start_new_session=True,  # its own process group: stubs included in a SIGKILL
                 preexec_fn=_parent_death_signal if self.die_with_parent else None,

@@ -1,46 +1,48 @@
-"""One real tritonserver for the integration tests, serving a repository built from
-the tiny checkpoint exactly as `make serve` builds it (cpu profile)."""
+"""One real tritonserver for the integration tests, serving every model of a
+repository built from the tiny checkpoint exactly as `make serve` builds it (cpu
+profile). Models added to `model_repository/` are served here without changes."""
 
 from __future__ import annotations
 
 import shutil
-import textwrap
 
 import pytest
 
 from csm_triton.embedded import TritonServer
-from export.build_repository import build_repository
 
-SERVED_MODELS = ["csm_prepare", "mimi_encoder", "mimi_decoder"]
 BROKEN_MODEL = "broken_codec"
+ADMIN_TOKEN = "integration-test-token"
 
 
 @pytest.fixture(scope="session")
 def model_repository(tiny_checkpoint, tmp_path_factory):
-    out = build_repository(str(tiny_checkpoint), "cpu", tmp_path_factory.mktemp("repo") / "model_repository")
-    # A model whose ONNX file is missing: it must fail to load, clearly, and alone.
-    broken = out.parent / "extra" / BROKEN_MODEL
-    broken.mkdir(parents=True)
-    (broken / "1").mkdir()
-    shutil.copy(out / "mimi_decoder" / "config.pbtxt", broken / "config.pbtxt")
-    text = (broken / "config.pbtxt").read_text().replace('name: "mimi_decoder"', f'name: "{BROKEN_MODEL}"')
-    (broken / "config.pbtxt").write_text(text)
-    return out
+    from export.build_repository import build_repository
+
+    return build_repository(str(tiny_checkpoint), "cpu", tmp_path_factory.mktemp("repo") / "model_repository")
 
 
 @pytest.fixture(scope="session")
-def triton_server(model_repository, tmp_path_factory):
-    # A served copy of the repository, so the broken model sits beside the real ones
-    # without touching the repository the other tests inspect.
+def served_models(model_repository):
+    return sorted(p.name for p in model_repository.iterdir() if (p / "config.pbtxt").is_file())
+
+
+@pytest.fixture(scope="session")
+def served_repository(model_repository, tmp_path_factory):
+    # A copy, so tests may add models (a broken one) without touching the built one.
     served = tmp_path_factory.mktemp("served") / "repository"
     shutil.copytree(model_repository, served)
-    shutil.copytree(model_repository.parent / "extra" / BROKEN_MODEL, served / BROKEN_MODEL)
+    return served
+
+
+@pytest.fixture(scope="session")
+def triton_server(served_repository, served_models, tmp_path_factory):
     server = TritonServer(
-        served,
-        load_models=SERVED_MODELS,
+        served_repository,
+        load_models=served_models,
         strict_readiness=False,  # a failed load on purpose must not make the server "unready"
-        ready_models=SERVED_MODELS,
+        ready_models=served_models,
         log_path=tmp_path_factory.mktemp("logs") / "tritonserver.log",
+        environment={"CSM_ADMIN_TOKEN": ADMIN_TOKEN},
     )
     with server:
         yield server
@@ -64,5 +66,12 @@ def grpc_client(triton_server):
     client.close()
 
 
-def describe(server) -> str:
-    return textwrap.indent(server.log_tail(40), "  ")
+@pytest.fixture()
+def broken_model(served_repository):
+    """A codec model whose ONNX file is missing, placed beside the served ones."""
+    target = served_repository / BROKEN_MODEL
+    (target / "1").mkdir(parents=True, exist_ok=True)
+    text = (served_repository / "mimi_decoder" / "config.pbtxt").read_text()
+    (target / "config.pbtxt").write_text(text.replace('name: "mimi_decoder"', f'name: "{BROKEN_MODEL}"'))
+    yield BROKEN_MODEL
+    shutil.rmtree(target, ignore_errors=True)

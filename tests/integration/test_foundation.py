@@ -20,8 +20,6 @@ from csm_triton import constants as C
 from export.build_repository import sha256_of
 from export.mimi_onnx import load_codec
 
-from .conftest import BROKEN_MODEL
-
 pytestmark = pytest.mark.integration
 PROTOCOLS = {"http": http, "grpc": grpc}
 
@@ -173,10 +171,10 @@ def _executions(client, model):
     return {"inference_count": stats["inference_count"], "execution_count": stats["execution_count"]}
 
 
-def test_a_broken_model_fails_to_load_clearly_and_the_others_keep_serving(http_client):
+def test_a_broken_model_fails_to_load_clearly_and_the_others_keep_serving(http_client, broken_model):
     with pytest.raises(InferenceServerException, match="model.onnx"):
-        http_client.load_model(BROKEN_MODEL)
-    assert not http_client.is_model_ready(BROKEN_MODEL)
+        http_client.load_model(broken_model)
+    assert not http_client.is_model_ready(broken_model)
     codes = np.zeros((1, C.NUM_CODEBOOKS, 2), np.int64)
     assert http_client.infer("mimi_decoder", [tensor(http, "audio_codes", codes)]).as_numpy("audio_values").size
 
