@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import importlib.metadata
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -119,6 +120,28 @@ def export_codec(checkpoint: Path, staging: Path) -> dict:
     return parity
 
 
+LM_FILES = ("config.json", "generation_config.json")
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    # A hard link costs nothing for the 1B model's 6 GB of weights when the checkpoint
+    # and the repository share a filesystem; otherwise copy.
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def copy_lm_weights(checkpoint: Path, staging: Path) -> None:
+    """csm_lm loads CSM from its own folder, so the repository is self-contained
+    (a container's volume holds everything; nothing is fetched at start)."""
+    target = staging / "csm_lm" / "1" / "checkpoint"
+    target.mkdir(parents=True, exist_ok=True)
+    weights = sorted(checkpoint.glob("*.safetensors")) + sorted(checkpoint.glob("model.safetensors.index.json"))
+    for source in [checkpoint / name for name in LM_FILES] + weights:
+        _link_or_copy(source, target / source.name)
+
+
 def copy_tokenizer(checkpoint: Path, staging: Path) -> None:
     target = staging / "csm_prepare" / "1" / "tokenizer"
     target.mkdir(parents=True, exist_ok=True)
@@ -166,6 +189,7 @@ def build_repository(source: str, profile: str, out: Path, *, force: bool = Fals
         models = copy_committed_models(staging, profile)
         parity = export_codec(checkpoint, staging)
         copy_tokenizer(checkpoint, staging)
+        copy_lm_weights(checkpoint, staging)
         write_manifest(staging, source=source, checkpoint=checkpoint, profile=profile, models=models,
                        parity=parity, fingerprint=fingerprint)
         shutil.rmtree(out, ignore_errors=True)

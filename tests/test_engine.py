@@ -173,6 +173,27 @@ def test_streaming_chunks_concatenate_to_the_whole_result(lm, builder):
     np.testing.assert_array_equal(np.concatenate([c.codes for c in chunks]), handle.result().codes)
 
 
+def test_first_chunk_is_small_then_chunks_are_larger(lm, builder):
+    engine = GenerationEngine(lm, EngineConfig(max_slots=1))
+    chunks = []
+    engine.submit(request(builder, TARGETS[0], 12, first_chunk_frames=2, stream_every=4), callback=chunks.append)
+    engine.run_until_idle()
+    assert [len(c.codes) for c in chunks] == [2, 4, 4, 2]
+
+
+def test_a_polled_client_disconnect_cancels_the_request(lm, builder):
+    engine = GenerationEngine(lm, EngineConfig(max_slots=1))
+    gone = threading.Event()
+    handle = engine.submit(request(builder, TARGETS[0], 100, is_cancelled=gone.is_set))
+    for _ in range(3):
+        engine.step()
+    gone.set()
+    engine.run_until_idle()
+    result = handle.result(timeout=1)
+    assert result.reason == FinishReason.CANCELLED and len(result.codes) < 100
+    assert engine.stats()["slots_in_use"] == 0
+
+
 def test_all_zero_frame_ends_the_utterance(tiny_checkpoint, builder):
     model = CsmForConditionalGeneration.from_pretrained(str(tiny_checkpoint)).eval()
     with torch.no_grad():  # zero heads: every logit ties, greedy picks code 0 = end of speech

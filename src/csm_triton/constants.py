@@ -37,11 +37,20 @@ MAX_INPUT_SAMPLE_RATE = 192_000
 DEFAULT_MAX_AUDIO_SECONDS = 30.0
 MAX_AUDIO_SECONDS_LIMIT = 90.0  # Sesame's own cap
 DEFAULT_TEMPERATURE = 0.9
+MAX_TEMPERATURE = 5.0
 DEFAULT_TOP_K = 50
 VOICE_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 # Longest codec request accepted by mimi_encoder / mimi_decoder directly.
 MAX_CODEC_SECONDS = 120.0
 MAX_CODEC_FRAMES = int(MAX_CODEC_SECONDS * FRAME_RATE_HZ)
+
+# --- Streaming -------------------------------------------------------------------------
+# First chunk small for time to first audio, later chunks larger for throughput.
+STREAM_FIRST_CHUNK_FRAMES = 4  # 320 ms of audio
+STREAM_CHUNK_FRAMES = 12  # 960 ms
+# Frames of already-streamed codes decoded again before each chunk so joins are
+# inaudible (Mimi's decoder is causal; see docs/performance.md for the measurement).
+STREAM_LEFT_CONTEXT_FRAMES = 25
 
 # --- Memory budget ------------------------------------------------------------------
 DEFAULT_GPU_MEMORY_FRACTION = 0.85
@@ -59,3 +68,16 @@ DEFAULT_GRPC_PORT = 8001
 DEFAULT_METRICS_PORT = 8002
 ADMIN_TOKEN_HEADER = "x-csm-admin-token"
 HEADER_FORWARD_PATTERN = "x-csm-.*"
+
+# --- Watermark (resemble-perth 1.0.1; measured in tests/test_watermark.py) ----------
+# Shorter clips cannot be judged: on espeak-ng speech, 0.1-0.3 s windows of clean audio
+# scored up to 0.95 (0.1 s) and 0.15 (0.3 s), watermarked ones as low as 0.01 and
+# 0.89; 0.5 s windows separated cleanly (clean <= 0.01, watermarked >= 0.99).
+MIN_WATERMARK_DETECT_SECONDS = 0.5
+MIN_WATERMARK_DETECT_SAMPLES = int(MIN_WATERMARK_DETECT_SECONDS * SAMPLE_RATE)
+# RMS below which a clip counts as silence (-80 dBFS, about three steps of 16-bit
+# audio): nothing to detect. Perth's detector returns NaN on digital silence and
+# scores clean audio this quiet at random (0.36 at -140 dBFS).
+WATERMARK_SILENCE_RMS = 1e-4
+# Anything the codec models can produce can be watermarked and checked.
+MAX_WATERMARK_SECONDS = MAX_CODEC_SECONDS

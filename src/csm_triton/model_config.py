@@ -52,6 +52,10 @@ PROFILES: dict[str, Profile] = {
             "mimi_encoder": ModelOverride(instance_count=1),
             "mimi_decoder": ModelOverride(instance_count=1, max_queue_delay_microseconds=5000),
             "csm_prepare": ModelOverride(instance_count=1),
+            # fp32 on CPU (tokens identical to transformers); few slots: each one is a
+            # full context of KV cache, and 2 cores cannot feed many streams anyway.
+            "csm_lm": ModelOverride(parameters={"dtype": "float32", "max_slots": "4"}),
+            "csm_generate": ModelOverride(instance_count=4),
         },
     ),
 }

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from csm_triton.errors import InvalidInput
+from csm_triton.errors import InvalidInput, PermissionDenied
 
 try:  # Only present inside a Triton python stub.
     import triton_python_backend_utils as pb_utils
@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - exercised in unit tests without Triton
 
 LOG = logging.getLogger("csm_triton")
 
-__all__ = ["InvalidInput", "PythonModel", "input_array", "input_texts", "request_parameters"]
+__all__ = ["InvalidInput", "PermissionDenied", "PythonModel", "input_array", "input_texts", "request_parameters"]
 
 
 def _log(level: str, message: str) -> None:
@@ -101,6 +101,15 @@ def build_response(outputs: Mapping[str, np.ndarray]):
 
 
 def error_response(error: BaseException, model_name: str):
+    if isinstance(error, PermissionDenied):
+        # The python backend (2.51) has no PERMISSION_DENIED code (it offers UNKNOWN,
+        # INTERNAL, NOT_FOUND, INVALID_ARG, UNAVAILABLE, UNSUPPORTED, ALREADY_EXISTS,
+        # CANCELLED). INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT) fits best: the token
+        # is part of the request; UNAVAILABLE would invite clients to retry. The
+        # message starts with "permission denied: " so the cause is unmistakable.
+        return pb_utils.InferenceResponse(
+            error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)
+        )
     if isinstance(error, InvalidInput):
         return pb_utils.InferenceResponse(
             error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)
@@ -155,9 +164,17 @@ def _bls_request(model_name: str, inputs: Mapping[str, np.ndarray], output_names
     )
 
 
+def _raise_error(response, model_name: str) -> None:
+    error = response.error()
+    # A client error of the called model stays a client error of the caller.
+    if hasattr(error, "code") and error.code() == pb_utils.TritonError.INVALID_ARG:
+        raise InvalidInput(error.message())
+    raise ModelCallError(f"{model_name}: {error.message()}")
+
+
 def _outputs(response, model_name: str, output_names) -> dict[str, np.ndarray]:
     if response.has_error():
-        raise ModelCallError(f"{model_name}: {response.error().message()}")
+        _raise_error(response, model_name)
     return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in output_names}
 
 
@@ -173,7 +190,79 @@ def stream_model(model_name: str, inputs: Mapping[str, np.ndarray], output_names
     """Responses of a decoupled model, one dict per non-empty response."""
     for response in _bls_request(model_name, inputs, output_names, parameters).exec(decoupled=True):
         if response.has_error():
-            raise ModelCallError(f"{model_name}: {response.error().message()}")
+            _raise_error(response, model_name)
         if not response.output_tensors():  # the empty final response
             continue
         yield _outputs(response, model_name, output_names)
+
+
+# --- decoupled models: responses sent as they come -----------------------------------
+class StreamSender:
+    """One request's response sender. Exactly one final response is sent, whatever
+    happens: `finish` or `fail` (later calls are ignored)."""
+
+    def __init__(self, request, model_name: str):
+        self._sender = request.get_response_sender()
+        self._model_name = model_name
+        self.closed = False
+
+    def send(self, outputs: Mapping[str, np.ndarray]) -> None:
+        if not self.closed:
+            self._sender.send(build_response(outputs))
+
+    def finish(self, outputs: Mapping[str, np.ndarray] | None = None) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        if outputs:
+            self._sender.send(build_response(outputs), flags=final)
+        else:
+            self._sender.send(flags=final)
+
+    def fail(self, error: BaseException) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._sender.send(error_response(error, self._model_name),
+                          flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def is_cancelled(self) -> bool:
+        return self._sender.is_cancelled()
+
+
+class DecoupledModel(PythonModel):
+    """Base of decoupled python models: `start(request, sender)` begins the work and
+    must end in sender.finish/fail (now or later, from any thread)."""
+
+    def start(self, request, sender: StreamSender) -> None:
+        raise NotImplementedError
+
+    def execute(self, requests):
+        for request in requests:
+            sender = StreamSender(request, self.model_name)
+            try:
+                self.start(request, sender)
+            except Exception as error:  # noqa: BLE001 - a bad request fails only itself
+                sender.fail(error)
+        return None
+
+
+# --- custom metrics (served on the metrics port beside Triton's own) -----------------
+class Metrics:
+    """Counters and gauges labelled with the model's name."""
+
+    def __init__(self, model_name: str):
+        self._labels = {"model": model_name}
+        self._families = []
+
+    def _metric(self, name: str, description: str, kind):
+        family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
+        self._families.append(family)
+        return family.Metric(labels=self._labels)
+
+    def counter(self, name: str, description: str):
+        return self._metric(name, description, pb_utils.MetricFamily.COUNTER)
+
+    def gauge(self, name: str, description: str):
+        return self._metric(name, description, pb_utils.MetricFamily.GAUGE)

@@ -5,6 +5,8 @@ names the input and the rule, which Triton returns to the client as INVALID_ARG.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from csm_triton import constants as C
@@ -47,3 +49,155 @@ def audio_codes(codes: np.ndarray, name: str, *, max_frames: int = C.MAX_CODEC_F
     if codes.size and (codes.min() < 0 or codes.max() >= C.CODEBOOK_SIZE):
         raise InvalidInput(f"input '{name}' holds codes outside [0, {C.CODEBOOK_SIZE})")
     return codes.astype(np.int64, copy=False)
+
+
+@dataclass(frozen=True)
+class SamplingParameters:
+    temperature: float = C.DEFAULT_TEMPERATURE
+    top_k: int = C.DEFAULT_TOP_K
+    seed: int | None = None
+    max_audio_seconds: float = C.DEFAULT_MAX_AUDIO_SECONDS
+
+    @property
+    def max_frames(self) -> int:
+        return max(1, int(np.ceil(self.max_audio_seconds * C.FRAME_RATE_HZ)))
+
+
+def _scalar(value: np.ndarray | None, name: str):
+    if value is None:
+        return None
+    flat = np.asarray(value).reshape(-1)
+    if flat.size != 1:
+        raise InvalidInput(f"input '{name}' must hold exactly one value, got {flat.size}")
+    return flat[0]
+
+
+def sampling_parameters(temperature=None, top_k=None, seed=None, max_audio_seconds=None) -> SamplingParameters:
+    """TEMPERATURE, TOP_K, SEED, MAX_AUDIO_SECONDS (each optional, one value)."""
+    params = {}
+    value = _scalar(temperature, "TEMPERATURE")
+    if value is not None:
+        if not np.isfinite(value) or value <= 0 or value > C.MAX_TEMPERATURE:
+            raise InvalidInput(f"input 'TEMPERATURE' must be in (0, {C.MAX_TEMPERATURE:g}], got {value}")
+        params["temperature"] = float(value)
+    value = _scalar(top_k, "TOP_K")
+    if value is not None:
+        if not 1 <= int(value) <= C.CODEBOOK_SIZE:
+            raise InvalidInput(f"input 'TOP_K' must be in [1, {C.CODEBOOK_SIZE}], got {value}")
+        params["top_k"] = int(value)
+    value = _scalar(seed, "SEED")
+    if value is not None:
+        if int(value) < 0:
+            raise InvalidInput(f"input 'SEED' must be >= 0, got {value}")
+        params["seed"] = int(value)
+    value = _scalar(max_audio_seconds, "MAX_AUDIO_SECONDS")
+    if value is not None:
+        if not np.isfinite(value) or value <= 0 or value > C.MAX_AUDIO_SECONDS_LIMIT:
+            raise InvalidInput(
+                f"input 'MAX_AUDIO_SECONDS' must be in (0, {C.MAX_AUDIO_SECONDS_LIMIT:g}], got {value}"
+            )
+        params["max_audio_seconds"] = float(value)
+    return SamplingParameters(**params)
+
+
+# --- Voice profiles: voice ids, reference audio, sample rates ----------------------------
+def voice_id(value: object, name: str = "VOICE_ID") -> str:
+    """A voice id: VOICE_ID_PATTERN as a whole (fullmatch: `$` alone would accept a
+    trailing newline). Checked before any file name is built from it."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"input '{name}' must be a string, got {type(value).__name__}")
+    if not C.VOICE_ID_PATTERN.fullmatch(value):
+        shown = value if len(value) <= 80 else value[:77] + "..."
+        raise InvalidInput(
+            f"input '{name}' is not a valid voice id: {shown!r}; use 1-64 characters of a-z, 0-9, "
+            f"'_' and '-', starting with a letter or digit (pattern {C.VOICE_ID_PATTERN.pattern})"
+        )
+    return value
+
+
+def input_sample_rate(value: object, name: str) -> int:
+    """One positive integer in [MIN_INPUT_SAMPLE_RATE, MAX_INPUT_SAMPLE_RATE] (a scalar
+    or a one-element integer tensor)."""
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "iu":
+            raise InvalidInput(f"input '{name}' must be an integer tensor, got {value.dtype}")
+        if value.size != 1:
+            raise InvalidInput(f"input '{name}' must hold exactly one value, got {value.size}")
+        value = value.reshape(-1)[0]
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise InvalidInput(f"input '{name}' must be an integer, got {type(value).__name__}")
+    rate = int(value)
+    if rate <= 0:
+        raise InvalidInput(f"input '{name}' must be a positive sample rate in Hz, got {rate}")
+    if not C.MIN_INPUT_SAMPLE_RATE <= rate <= C.MAX_INPUT_SAMPLE_RATE:
+        raise InvalidInput(
+            f"input '{name}' is {rate} Hz; accepted sample rates are "
+            f"{C.MIN_INPUT_SAMPLE_RATE}-{C.MAX_INPUT_SAMPLE_RATE} Hz"
+        )
+    return rate
+
+
+def mono_audio(samples: object, name: str) -> np.ndarray:
+    """FP32 samples shaped [samples] or [1, samples], non-empty and finite; returned 1-D."""
+    if not isinstance(samples, np.ndarray):
+        raise InvalidInput(f"input '{name}' must be an FP32 tensor, got {type(samples).__name__}")
+    if samples.dtype != np.float32:
+        raise InvalidInput(f"input '{name}' must be FP32 audio samples, got {samples.dtype}")
+    if not (samples.ndim == 1 or (samples.ndim == 2 and samples.shape[0] == 1)):
+        raise InvalidInput(
+            f"input '{name}' must be mono: shape [samples] or [1, samples], got {list(samples.shape)} "
+            "(mix the channels down before sending)"
+        )
+    samples = samples.reshape(-1)
+    if samples.size == 0:
+        raise InvalidInput(f"input '{name}' is empty")
+    if not np.isfinite(samples).all():
+        raise InvalidInput(f"input '{name}' contains NaN or infinite samples")
+    return samples
+
+
+def reference_duration(sample_count: int, sample_rate: int, name: str) -> float:
+    """Seconds of reference audio, within [MIN_REFERENCE_SECONDS, MAX_REFERENCE_SECONDS]."""
+    seconds = sample_count / sample_rate
+    if seconds < C.MIN_REFERENCE_SECONDS:
+        raise InvalidInput(
+            f"input '{name}' is {seconds:.2f} s long; a voice reference needs at least "
+            f"{C.MIN_REFERENCE_SECONDS:g} s"
+        )
+    if seconds > C.MAX_REFERENCE_SECONDS:
+        raise InvalidInput(
+            f"input '{name}' is {seconds:.2f} s long; the limit for a voice reference is "
+            f"{C.MAX_REFERENCE_SECONDS:g} s"
+        )
+    return seconds
+
+
+# --- Audio samples for the watermark models ----------------------------------------------
+def audio_samples(samples: object, name: str, *, sample_rate: int = C.SAMPLE_RATE, min_samples: int = 0,
+                  max_seconds: float = C.MAX_WATERMARK_SECONDS) -> np.ndarray:
+    """FP32 mono samples shaped [samples] or with leading dims of 1 ([1, samples],
+    [1, 1, samples] as mimi_decoder emits them); finite; at least `min_samples` and at
+    most `max_seconds` long at `sample_rate`. Returned 1-D (a view, not a copy)."""
+    if not isinstance(samples, np.ndarray):
+        raise InvalidInput(f"input '{name}' must be an FP32 tensor, got {type(samples).__name__}")
+    if samples.dtype != np.float32:
+        raise InvalidInput(f"input '{name}' must be FP32 audio samples, got {samples.dtype}")
+    if samples.ndim == 0 or any(size != 1 for size in samples.shape[:-1]):
+        raise InvalidInput(
+            f"input '{name}' must be mono audio shaped [samples] or [1, samples], got {list(samples.shape)}"
+        )
+    samples = samples.reshape(-1)
+    if samples.size < min_samples:
+        raise InvalidInput(
+            f"input '{name}' has {samples.size} samples; at least {min_samples} "
+            f"({min_samples / sample_rate:.3g} s at {sample_rate} Hz) are needed"
+        )
+    max_samples = int(max_seconds * sample_rate)
+    if samples.size > max_samples:
+        raise InvalidInput(
+            f"input '{name}' has {samples.size} samples ({samples.size / sample_rate:.1f} s at "
+            f"{sample_rate} Hz); the limit is {max_seconds:g} s"
+        )
+    if not np.isfinite(samples).all():
+        raise InvalidInput(f"input '{name}' contains NaN or infinite samples")
+    return samples

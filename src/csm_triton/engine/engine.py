@@ -51,7 +51,10 @@ class GenerationRequest:
     seed: int | None = None
     greedy: bool = False
     stream_every: int = 0  # emit a chunk every N frames; 0: one chunk at the end
+    first_chunk_frames: int = 0  # a smaller first chunk (time to first audio); 0: stream_every
     request_id: str = ""
+    # Polled every few frames (e.g. Triton's response_sender.is_cancelled): True cancels.
+    is_cancelled: Callable[[], bool] | None = None
 
 
 @dataclass
@@ -118,7 +121,14 @@ class _Slot:
     sampler: SamplerState
     position: int  # next backbone position to write
     frames_done: int = 0
+    chunks_sent: int = 0
     pending: list = field(default_factory=list)  # frames not yet delivered
+
+    def chunk_size(self) -> int:
+        request = self.handle.request
+        if self.chunks_sent == 0 and request.first_chunk_frames:
+            return request.first_chunk_frames
+        return request.stream_every
 
 
 @dataclass
@@ -256,7 +266,14 @@ class GenerationEngine:
         if placeholders != len(request.audio_codes):
             raise InvalidInput(f"prompt has {placeholders} audio placeholders but {len(request.audio_codes)} frames")
 
+    CANCEL_POLL_FRAMES = 4  # polling a client's state costs an IPC round trip in Triton
+
     def _drop_cancelled(self) -> None:
+        if self.steps % self.CANCEL_POLL_FRAMES == 0:
+            for slot in self._slots.values():
+                poll = slot.handle.request.is_cancelled
+                if poll is not None and poll():
+                    slot.handle.cancel()
         for slot in [s for s in self._slots.values() if s.handle.cancelled]:
             self._finish(slot, FinishReason.CANCELLED)
         with self._lock:
@@ -372,10 +389,11 @@ class GenerationEngine:
             if slot.frames_done >= slot.handle.request.max_frames:
                 self._finish(slot, FinishReason.MAX_FRAMES)
                 continue
-            every = slot.handle.request.stream_every
-            if every and len(slot.pending) >= every:
+            size = slot.chunk_size()
+            if size and len(slot.pending) >= size:
                 slot.handle._deliver(FrameChunk(np.stack(slot.pending)))
                 slot.pending = []
+                slot.chunks_sent += 1
 
     def _finish(self, slot: _Slot, reason: FinishReason, error: str | None = None) -> None:
         codes = np.stack(slot.pending) if slot.pending else np.zeros((0, C.NUM_CODEBOOKS), np.int64)

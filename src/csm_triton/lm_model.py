@@ -1,0 +1,138 @@
+"""csm_lm: the decoupled Triton model around the generation engine.
+
+One engine (one thread, in-flight batching over KV slots) per model instance;
+`execute` only validates and enqueues. Each request's frames come back through its
+response sender as chunks of codes; the final flag is always sent (error, cancel,
+shutdown included). A client that goes away is noticed within a few frames and its
+slot freed.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from csm_triton import constants as C
+from csm_triton import triton_adapter as triton
+from csm_triton import validation
+from csm_triton.engine import CsmLM, EngineConfig, FinishReason, FrameChunk, GenerationEngine, GenerationRequest
+from csm_triton.errors import InvalidInput
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _int_parameter(config, name: str, default: int | None) -> int | None:
+    value = triton.config_parameter(config, name)
+    return default if value is None else int(value)
+
+
+def engine_from_config(model_dir: Path, config: dict, instance_kind: str, device_id: int) -> GenerationEngine:
+    device = torch.device(f"cuda:{device_id}") if instance_kind == "GPU" else torch.device("cpu")
+    dtype_name = triton.config_parameter(config, "dtype", "auto")
+    if dtype_name != "auto" and dtype_name not in DTYPES:
+        raise ValueError(f"parameter dtype must be auto or one of {sorted(DTYPES)}, got {dtype_name!r}")
+    dtype = DTYPES.get(dtype_name)  # None: bf16 on GPU, fp32 on CPU
+    checkpoint = model_dir / triton.config_parameter(config, "checkpoint_dir", "checkpoint")
+    lm = CsmLM.from_checkpoint(checkpoint, device=device, dtype=dtype)
+    engine_config = EngineConfig(
+        max_slots=_int_parameter(config, "max_slots", None),
+        max_context=_int_parameter(config, "max_context", None),
+        gpu_memory_fraction=float(triton.config_parameter(config, "gpu_memory_fraction",
+                                                          str(C.DEFAULT_GPU_MEMORY_FRACTION))),
+        prefix_cache_bytes=_int_parameter(config, "prefix_cache_mib", 256) << 20,
+    )
+    return GenerationEngine(lm, engine_config)
+
+
+class LanguageModel(triton.DecoupledModel):
+    def initialize_model(self, args, model_config):
+        self.engine = engine_from_config(
+            Path(triton.model_directory(args)), model_config,
+            args.get("model_instance_kind", "CPU"), int(args.get("model_instance_device_id", 0)),
+        )
+        self.engine.start()
+        # The families must outlive their metrics: keep them on the model.
+        self.metrics = metrics = triton.Metrics(self.model_name)
+        self.active_streams = metrics.gauge("csm_active_streams", "Requests being generated or waiting")
+        self.slots_in_use = metrics.gauge("csm_kv_slots_in_use", "KV-cache slots holding a request")
+        self.slots_total = metrics.gauge("csm_kv_slots_total", "KV-cache slots of the engine")
+        self.audio_seconds = metrics.counter("csm_audio_seconds_total", "Seconds of audio generated")
+        self.generation_seconds = metrics.counter(
+            "csm_generation_seconds_total", "Wall time of finished requests (real-time factor = this / audio)"
+        )
+        self.last_rtf = metrics.gauge("csm_last_real_time_factor", "Generation time / audio duration, last request")
+        self.slots_total.set(self.engine.max_slots)
+        triton.log_info(f"{self.model_name}: engine on {self.engine.lm.device} ({self.engine.lm.dtype}), "
+                        f"{self.engine.max_slots} KV slots of {self.engine.max_context} positions")
+
+    def _update_gauges(self) -> None:
+        stats = self.engine.stats()
+        self.active_streams.set(stats["slots_in_use"] + stats["waiting"])
+        self.slots_in_use.set(stats["slots_in_use"])
+
+    def start(self, request, sender):
+        generation = self.parse(request, sender)
+        started = time.perf_counter()
+        frames = [0]
+
+        def deliver(chunk: FrameChunk) -> None:
+            try:
+                frames[0] += len(chunk.codes)
+                outputs = {"codes": chunk.codes} if len(chunk.codes) else None
+                if not chunk.finished:
+                    sender.send(outputs)
+                    return
+                if chunk.reason in (FinishReason.ERROR, FinishReason.SHUTDOWN):
+                    sender.fail(RuntimeError(chunk.error or chunk.reason.value))
+                else:
+                    sender.finish(outputs)
+                self._record(frames[0], time.perf_counter() - started)
+            except Exception as error:  # noqa: BLE001 - the final flag must still go out
+                sender.fail(error)
+            finally:
+                if chunk.finished:
+                    self._update_gauges()
+
+        self.engine.submit(generation, callback=deliver)
+        self._update_gauges()
+
+    def _record(self, frames: int, seconds: float) -> None:
+        audio = frames / C.FRAME_RATE_HZ
+        self.audio_seconds.increment(audio)
+        self.generation_seconds.increment(seconds)
+        if audio:
+            self.last_rtf.set(seconds / audio)
+
+    @staticmethod
+    def parse(request, sender) -> GenerationRequest:
+        input_ids = triton.input_array(request, "input_ids")
+        prompt_codes = triton.input_array(request, "prompt_codes")
+        if input_ids.ndim != 1 or not len(input_ids):
+            raise InvalidInput("input 'input_ids' must be a non-empty 1-D tensor")
+        prompt_codes = validation.audio_codes(prompt_codes, "prompt_codes")
+        sampling = validation.sampling_parameters(
+            triton.input_array(request, "TEMPERATURE", required=False),
+            triton.input_array(request, "TOP_K", required=False),
+            triton.input_array(request, "SEED", required=False),
+            triton.input_array(request, "MAX_AUDIO_SECONDS", required=False),
+        )
+        first_chunk = triton.input_array(request, "first_chunk_frames", required=False)
+        chunk = triton.input_array(request, "chunk_frames", required=False)
+        return GenerationRequest(
+            input_ids=input_ids.astype(np.int64),
+            audio_codes=prompt_codes,
+            max_frames=sampling.max_frames,
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            seed=sampling.seed,
+            stream_every=int(chunk.reshape(-1)[0]) if chunk is not None else 0,
+            first_chunk_frames=int(first_chunk.reshape(-1)[0]) if first_chunk is not None else 0,
+            request_id=request.request_id(),
+            is_cancelled=sender.is_cancelled,
+        )
+
+    def finalize(self):
+        self.engine.stop()

@@ -1,0 +1,100 @@
+"""voice_register / voice_list / voice_delete: the voice-profile models.
+
+Each `model_repository/voice_*/1/model.py` subclasses one of these. Config
+parameters (all optional):
+
+- `voice_dir`: the store's folder. A relative path is resolved against the folder
+  that holds the model repository, so the default `runtime/voices` lies next to the
+  repository: inside it Triton would take the folder for a model, and rebuilding the
+  repository (export.build_repository replaces it whole) would delete the voices.
+- `admin_token_env`: the environment variable holding the admin token (CSM_ADMIN_TOKEN).
+- `allow_anonymous_writes`: "true" lets anyone write when no token is configured;
+  local development only, never in a committed config.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from csm_triton import triton_adapter as triton
+from csm_triton import validation
+from csm_triton.admin import WritePolicy
+from csm_triton.voice_store import VoiceStore
+from csm_triton.voices import VoiceResolver
+
+__all__ = [
+    "DEFAULT_VOICE_DIR", "VoiceDeleteModel", "VoiceListModel", "VoiceRegisterModel",
+    "forward_mimi_encoder", "voice_directory",
+]
+
+DEFAULT_VOICE_DIR = "runtime/voices"
+
+
+def voice_directory(args: Mapping[str, str], model_config: dict) -> Path:
+    """The absolute store folder; `args['model_repository']` is the model's own folder."""
+    configured = Path(triton.config_parameter(model_config, "voice_dir", DEFAULT_VOICE_DIR)).expanduser()
+    if not configured.is_absolute():
+        repository = Path(args["model_repository"]).resolve().parent
+        configured = repository.parent / configured
+    return configured.resolve()
+
+
+def write_policy(model_config: dict) -> WritePolicy:
+    return WritePolicy.from_settings(
+        triton.config_parameter(model_config, "admin_token_env"),
+        triton.config_parameter(model_config, "allow_anonymous_writes"),
+    )
+
+
+def forward_mimi_encoder(audio: np.ndarray) -> np.ndarray:
+    """24 kHz float32 [samples] -> Mimi codes [frames, 32] int64, through `mimi_encoder` (BLS)."""
+    outputs = triton.call_model("mimi_encoder", {"input_values": audio[None, None]}, ["audio_codes"])
+    return outputs["audio_codes"][0].T  # [1, 32, frames] -> [frames, 32]
+
+
+def json_tensor(value) -> np.ndarray:
+    return np.array([json.dumps(value, ensure_ascii=False).encode()], dtype=np.object_)
+
+
+class _VoiceModel(triton.PythonModel):
+    def initialize_model(self, args, model_config):
+        self.store = VoiceStore(voice_directory(args, model_config))
+        self.write_policy = write_policy(model_config)
+        triton.log_info(f"{self.model_name}: voices in {self.store.directory}; {self.write_policy.describe()}")
+
+    def voice_id(self, request) -> str:
+        return validation.voice_id(validation.single_text(triton.input_texts(request, "VOICE_ID"), "VOICE_ID"))
+
+
+class VoiceRegisterModel(_VoiceModel):
+    def initialize_model(self, args, model_config):
+        super().initialize_model(args, model_config)
+        self.resolver = VoiceResolver(self.store, forward_mimi_encoder)
+
+    def handle(self, request):
+        self.write_policy.check_write(triton.request_parameters(request))
+        voice = self.resolver.register(
+            self.voice_id(request),
+            triton.input_array(request, "REFERENCE_AUDIO"),
+            triton.input_array(request, "REFERENCE_SAMPLE_RATE"),
+            validation.single_text(triton.input_texts(request, "REFERENCE_TEXT"), "REFERENCE_TEXT"),
+        )
+        triton.log_info(f"{self.model_name}: registered voice '{voice.voice_id}' ({len(voice.codes)} frames)")
+        return {"VOICE": json_tensor(voice.summary())}
+
+
+class VoiceListModel(_VoiceModel):
+    def handle(self, request):
+        return {"VOICES": json_tensor(self.store.list())}
+
+
+class VoiceDeleteModel(_VoiceModel):
+    def handle(self, request):
+        self.write_policy.check_write(triton.request_parameters(request))
+        deleted = self.store.delete(self.voice_id(request))
+        triton.log_info(f"{self.model_name}: deleted voice '{deleted['voice_id']}'")
+        return {"DELETED": json_tensor(deleted)}

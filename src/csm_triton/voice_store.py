@@ -1,0 +1,320 @@
+"""Persisted voice profiles: a reference's Mimi codes and transcript under an id.
+
+One voice is two files in the store's directory:
+
+    <voice_id>.json               metadata; its presence is what makes the voice exist
+    <voice_id>.<random>.npy       codes [frames, 32] int64, named by the metadata
+
+Every file is written to a temporary name in the same directory, flushed and
+fsync'ed, then renamed into place, so a reader never sees half a file. The codes
+go first and the metadata last (the commit); deletion removes the metadata first.
+Each registration writes its codes under a fresh name, so a reader holding an
+older metadata file never pairs it with another registration's codes.
+
+Several processes (Triton model instances) may share a directory: every `get` and
+`list` re-scans it when it may have changed (its mtime moved, or it changed within
+the last `_RACY_NS`, where a coarse file-system clock could hide a second change),
+and re-reads only metadata files whose (inode, size, mtime) changed. Within a
+process a lock makes the store thread-safe.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from csm_triton import constants as C
+from csm_triton import validation
+from csm_triton.errors import InvalidInput
+
+__all__ = ["Voice", "VoiceStore"]
+
+_FORMAT_VERSION = 1
+_METADATA_SUFFIX = ".json"
+_TEMP_PREFIX = "."  # temporaries are hidden and never end in .json / .npy
+_TEMP_SUFFIX = ".tmp"
+# A directory changed within this window may change again without its mtime moving
+# (file systems with coarse timestamps): re-scan until it is older than this.
+_RACY_NS = 2_000_000_000
+# Leftovers of a crashed writer (temporaries, codes whose metadata never landed) are
+# removed at start-up once older than this; younger ones may be another process's
+# registration in flight.
+_STALE_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class Voice:
+    voice_id: str
+    transcript: str
+    codes: np.ndarray  # [frames, NUM_CODEBOOKS] int64, read-only
+    duration_seconds: float
+    created_at: str  # ISO 8601, UTC
+
+    def summary(self) -> dict:
+        """What clients see (JSON-ready): everything but the codes."""
+        return {
+            "voice_id": self.voice_id,
+            "transcript": self.transcript,
+            "duration_seconds": self.duration_seconds,
+            "created_at": self.created_at,
+        }
+
+
+@dataclass(frozen=True)
+class _Entry:
+    signature: tuple[int, int, int]  # the metadata file's (inode, size, mtime_ns)
+    voice: Voice
+
+
+def _signature(stat: os.stat_result) -> tuple[int, int, int]:
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        handle = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:  # not supported everywhere; the rename itself is still atomic
+        pass
+    finally:
+        os.close(handle)
+
+
+class VoiceStore:
+    """Voices persisted in `directory`, cached in memory, shared between processes."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory).resolve()
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._entries: dict[str, _Entry] = {}
+        self._scanned_mtime_ns: int | None = None
+        self._scanned_at_ns = 0
+        self._remove_stale_files()
+        self._refresh(force=True)
+
+    # --- public API ---------------------------------------------------------------------
+    def register(self, voice_id: str, codes: np.ndarray, transcript: str, duration_seconds: float,
+                 *, replace: bool = False) -> Voice:
+        """Stores a voice; an existing id is refused unless `replace` (InvalidInput)."""
+        voice_id = validation.voice_id(voice_id)
+        codes = validation.audio_codes(np.asarray(codes), "codes")
+        if len(codes) == 0:
+            raise InvalidInput("a voice needs at least one frame of codes")
+        transcript = validation.single_text([transcript] if isinstance(transcript, str) else transcript,
+                                            "REFERENCE_TEXT")
+        duration = float(duration_seconds)
+        if not np.isfinite(duration) or duration <= 0:
+            raise InvalidInput(f"duration_seconds must be a positive number, got {duration_seconds!r}")
+        codes = np.array(codes, dtype=np.int64, order="C", copy=True)  # ours, made read-only below
+        codes_name = f"{voice_id}.{uuid.uuid4().hex[:12]}.npy"
+        created_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        metadata = {
+            "format_version": _FORMAT_VERSION,
+            "voice_id": voice_id,
+            "transcript": transcript,
+            "duration_seconds": round(duration, 3),
+            "created_at": created_at,
+            "frames": int(len(codes)),
+            "codes_file": codes_name,
+        }
+        with self._lock:
+            self._refresh()
+            if not replace and self._metadata_path(voice_id).exists():
+                raise InvalidInput(f"voice '{voice_id}' already exists; delete it first to register it again")
+            self._write_atomic(self.directory / codes_name, lambda handle: np.save(handle, codes, allow_pickle=False))
+            try:
+                previous = self._read_metadata_quietly(voice_id) if replace else None
+                self._write_metadata(voice_id, metadata, exclusive=not replace)
+            except BaseException:
+                (self.directory / codes_name).unlink(missing_ok=True)
+                raise
+            if previous and previous.get("codes_file") != codes_name:
+                self._unlink_codes(previous.get("codes_file"))
+            _fsync_directory(self.directory)
+            codes.setflags(write=False)
+            voice = Voice(voice_id, transcript, codes, metadata["duration_seconds"], created_at)
+            stat = self._metadata_path(voice_id).stat()
+            self._entries[voice_id] = _Entry(_signature(stat), voice)
+            return voice
+
+    def get(self, voice_id: str) -> Voice:
+        voice_id = validation.voice_id(voice_id)
+        with self._lock:
+            self._refresh()
+            entry = self._entries.get(voice_id)
+        if entry is None:
+            raise InvalidInput(f"unknown voice '{voice_id}'")
+        return entry.voice
+
+    def list(self) -> list[dict]:
+        """Summaries of every voice, sorted by id."""
+        with self._lock:
+            self._refresh()
+            return [self._entries[key].voice.summary() for key in sorted(self._entries)]
+
+    def delete(self, voice_id: str) -> dict:
+        """Removes a voice (its metadata first, then its codes); returns its summary."""
+        voice_id = validation.voice_id(voice_id)
+        with self._lock:
+            self._refresh()
+            metadata = self._read_metadata_quietly(voice_id) or {}
+            entry = self._entries.pop(voice_id, None)
+            try:
+                self._metadata_path(voice_id).unlink()
+            except FileNotFoundError:
+                raise InvalidInput(f"unknown voice '{voice_id}'") from None
+            self._unlink_codes(metadata.get("codes_file"))
+            _fsync_directory(self.directory)
+        if entry is not None:
+            return entry.voice.summary()
+        # Unreadable metadata (or written by another process a moment ago): what it says.
+        return {"voice_id": voice_id, **{key: metadata.get(key) for key in
+                                         ("transcript", "duration_seconds", "created_at")}}
+
+    def __contains__(self, voice_id: str) -> bool:
+        try:
+            self.get(voice_id)
+        except InvalidInput:
+            return False
+        return True
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._refresh()
+            return len(self._entries)
+
+    # --- files ----------------------------------------------------------------------------
+    def _metadata_path(self, voice_id: str) -> Path:
+        return self.directory / f"{voice_id}{_METADATA_SUFFIX}"
+
+    def _temporary(self, target: Path) -> tuple[int, str]:
+        return tempfile.mkstemp(dir=self.directory, prefix=f"{_TEMP_PREFIX}{target.name}.", suffix=_TEMP_SUFFIX)
+
+    def _write_atomic(self, target: Path, write) -> None:
+        handle, temporary = self._temporary(target)
+        try:
+            with os.fdopen(handle, "wb") as out:
+                write(out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    def _write_metadata(self, voice_id: str, metadata: dict, *, exclusive: bool) -> None:
+        target = self._metadata_path(voice_id)
+        data = (json.dumps(metadata, ensure_ascii=False, indent=2) + "\n").encode()
+        if not exclusive:
+            self._write_atomic(target, lambda out: out.write(data))
+            return
+        # Exclusive create that is atomic across processes: link() fails if the name
+        # exists, so two registrations of one id cannot both win.
+        handle, temporary = self._temporary(target)
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(data)
+                out.flush()
+                os.fsync(out.fileno())
+            try:
+                os.link(temporary, target)
+            except FileExistsError:
+                raise InvalidInput(f"voice '{voice_id}' already exists; delete it first to register it again") from None
+            except OSError as error:
+                if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                    raise
+                # A file system without hard links: checked above under the lock; the
+                # cross-process race that remains is accepted there.
+                os.replace(temporary, target)
+        finally:
+            Path(temporary).unlink(missing_ok=True)
+
+    def _read_metadata_quietly(self, voice_id: str) -> dict | None:
+        try:
+            return json.loads(self._metadata_path(voice_id).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _unlink_codes(self, name: object) -> None:
+        if isinstance(name, str) and name.endswith(".npy") and "/" not in name and not name.startswith("."):
+            (self.directory / name).unlink(missing_ok=True)
+
+    def _load(self, voice_id: str, path: Path) -> Voice | None:
+        """A voice from its metadata file, or None when it is incomplete (being
+        written or deleted by another process) or not ours."""
+        try:
+            metadata = json.loads(path.read_text())
+            codes_name = metadata["codes_file"]
+            if metadata.get("voice_id") != voice_id or not isinstance(codes_name, str) or "/" in codes_name:
+                return None
+            codes = np.load(self.directory / codes_name, allow_pickle=False)
+            codes = validation.audio_codes(codes, codes_name)
+            codes = np.ascontiguousarray(codes, dtype=np.int64)
+            codes.setflags(write=False)
+            return Voice(voice_id, str(metadata["transcript"]), codes, float(metadata["duration_seconds"]),
+                         str(metadata["created_at"]))
+        except (OSError, ValueError, KeyError, TypeError, InvalidInput):
+            return None
+
+    def _refresh(self, *, force: bool = False) -> None:
+        """Re-scans the directory if it may have changed since the last scan."""
+        stat = self.directory.stat()
+        now = time.time_ns()
+        if (not force and stat.st_mtime_ns == self._scanned_mtime_ns
+                and self._scanned_at_ns - stat.st_mtime_ns > _RACY_NS):
+            return
+        found: dict[str, _Entry] = {}
+        with os.scandir(self.directory) as entries:
+            for item in entries:
+                name = item.name
+                if not name.endswith(_METADATA_SUFFIX) or name.startswith(_TEMP_PREFIX):
+                    continue
+                voice_id = name[: -len(_METADATA_SUFFIX)]
+                if not C.VOICE_ID_PATTERN.fullmatch(voice_id):
+                    continue
+                try:
+                    signature = _signature(item.stat())
+                except FileNotFoundError:
+                    continue
+                cached = self._entries.get(voice_id)
+                if cached is not None and cached.signature == signature:
+                    found[voice_id] = cached
+                    continue
+                voice = self._load(voice_id, Path(item.path))
+                if voice is not None:
+                    found[voice_id] = _Entry(signature, voice)
+        self._entries = found
+        self._scanned_mtime_ns = stat.st_mtime_ns
+        self._scanned_at_ns = now
+
+    def _remove_stale_files(self) -> None:
+        """Leftovers of a writer that crashed long ago: temporaries and unreferenced codes."""
+        cutoff = time.time() - _STALE_SECONDS
+        referenced = set()
+        for path in self.directory.glob(f"*{_METADATA_SUFFIX}"):
+            try:
+                referenced.add(json.loads(path.read_text()).get("codes_file"))
+            except (OSError, ValueError, AttributeError):
+                continue
+        for path in self.directory.iterdir():
+            stale_temporary = path.name.startswith(_TEMP_PREFIX) and path.name.endswith(_TEMP_SUFFIX)
+            orphan_codes = path.suffix == ".npy" and path.name not in referenced
+            try:
+                if (stale_temporary or orphan_codes) and path.stat().st_mtime < cutoff:
+                    path.unlink()
+            except OSError:
+                continue

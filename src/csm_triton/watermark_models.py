@@ -1,0 +1,71 @@
+"""watermark / watermark_detect: the Triton side of `csm_triton.watermark`.
+
+`model_repository/watermark*/1/model.py` subclass these. `watermark` sits after
+mimi_decoder in the csm_tts ensemble; its config parameter `enabled` ("true" or
+"false", default "true") lets a deployment pass audio through unmarked, in which
+case Perth is not even loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+
+from csm_triton import constants as C
+from csm_triton import triton_adapter as triton
+from csm_triton import validation
+from csm_triton.watermark import Watermarker
+
+__all__ = ["WatermarkDetectModel", "WatermarkModel", "instance_device", "parse_enabled"]
+
+_SAMPLE_RATE_TENSOR = np.array([C.SAMPLE_RATE], dtype=np.int32)
+
+
+def instance_device(args: Mapping[str, str]) -> str:
+    """The torch device of this model instance (Triton's KIND_GPU / KIND_CPU)."""
+    if args.get("model_instance_kind", "CPU") == "GPU":
+        return f"cuda:{int(args.get('model_instance_device_id', 0) or 0)}"
+    return "cpu"
+
+
+def parse_enabled(value: str | None) -> bool:
+    text = (value or "true").strip().lower()
+    if text not in ("true", "false"):
+        raise ValueError(f"config parameter 'enabled' must be \"true\" or \"false\", got {value!r}")
+    return text == "true"
+
+
+def _load_watermarker(args: Mapping[str, str], model_name: str) -> Watermarker:
+    watermarker = Watermarker(instance_device(args))
+    watermarker.warm_up()  # so the first client does not pay ~1 s of set-up
+    triton.log_info(f"{model_name}: Perth watermark loaded on {watermarker.device}")
+    return watermarker
+
+
+class WatermarkModel(triton.PythonModel):
+    """audio_values [1, 1, samples] (mimi_decoder's output) -> AUDIO [samples], SAMPLE_RATE [1]."""
+
+    def initialize_model(self, args, model_config):
+        self.enabled = parse_enabled(triton.config_parameter(model_config, "enabled", "true"))
+        self.watermarker = _load_watermarker(args, self.model_name) if self.enabled else None
+        if not self.enabled:
+            triton.log_info(f"{self.model_name}: watermarking disabled by config; audio passes through")
+
+    def handle(self, request):
+        audio = validation.audio_samples(triton.input_array(request, "audio_values"), "audio_values")
+        if self.enabled:
+            audio = self.watermarker.apply(audio, C.SAMPLE_RATE, name="audio_values")
+        return {"AUDIO": audio, "SAMPLE_RATE": _SAMPLE_RATE_TENSOR}
+
+
+class WatermarkDetectModel(triton.PythonModel):
+    """AUDIO [samples] at SAMPLE_RATE [1] -> SCORE [1]: Perth's confidence in [0, 1]."""
+
+    def initialize_model(self, args, model_config):
+        self.watermarker = _load_watermarker(args, self.model_name)
+
+    def handle(self, request):
+        sample_rate = validation.input_sample_rate(triton.input_array(request, "SAMPLE_RATE"), "SAMPLE_RATE")
+        score = self.watermarker.detect(triton.input_array(request, "AUDIO"), sample_rate, name="AUDIO")
+        return {"SCORE": np.array([score], dtype=np.float32)}

@@ -1,0 +1,404 @@
+"""Voice profiles without a server: the store on disk, reference-audio checks and
+resampling, the voice-resolution rules and the admin-token rule."""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+import soundfile
+
+from csm_triton import audio
+from csm_triton import constants as C
+from csm_triton import triton_adapter, voice_store
+from csm_triton.admin import WritePolicy
+from csm_triton.errors import InvalidInput, PermissionDenied
+from csm_triton.voice_models import voice_directory
+from csm_triton.voice_store import VoiceStore
+from csm_triton.voices import VoiceResolver
+
+
+def codes(frames: int = 5, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, C.CODEBOOK_SIZE, (frames, C.NUM_CODEBOOKS)).astype(np.int64)
+
+
+def tone(seconds: float, rate: int = C.SAMPLE_RATE, hz: float = 440.0, amplitude: float = 0.5) -> np.ndarray:
+    t = np.arange(int(round(seconds * rate))) / rate
+    return (amplitude * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+def voice_files(directory) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+# --- the store ---------------------------------------------------------------------------
+def test_store_round_trip(tmp_path):
+    store = VoiceStore(tmp_path)
+    stored = codes(7)
+    voice = store.register("alice", stored, "Hello, I am Alice.", 2.5)
+    assert voice.voice_id == "alice" and voice.transcript == "Hello, I am Alice." and voice.duration_seconds == 2.5
+    got = store.get("alice")
+    np.testing.assert_array_equal(got.codes, stored)
+    assert got.codes.dtype == np.int64 and got.codes.shape == (7, C.NUM_CODEBOOKS)
+    assert not got.codes.flags.writeable, "cached codes are shared between requests: read-only"
+    assert stored.flags.writeable, "the caller's array is left alone"
+    listed = store.list()
+    assert listed == [{"voice_id": "alice", "transcript": "Hello, I am Alice.", "duration_seconds": 2.5,
+                       "created_at": voice.created_at}]
+    assert voice.created_at.endswith("Z")
+    assert store.delete("alice")["voice_id"] == "alice"
+    assert store.list() == [] and voice_files(tmp_path) == []
+    with pytest.raises(InvalidInput, match="unknown voice 'alice'"):
+        store.get("alice")
+    with pytest.raises(InvalidInput, match="unknown voice 'alice'"):
+        store.delete("alice")
+
+
+def test_store_writes_one_metadata_file_and_one_codes_file_and_no_temporaries(tmp_path):
+    store = VoiceStore(tmp_path)
+    store.register("bob", codes(), "Hi.", 1.0)
+    files = voice_files(tmp_path)
+    assert len(files) == 2 and "bob.json" in files
+    codes_file = next(name for name in files if name.endswith(".npy"))
+    metadata = json.loads((tmp_path / "bob.json").read_text())
+    assert metadata["codes_file"] == codes_file and metadata["frames"] == 5
+    np.testing.assert_array_equal(np.load(tmp_path / codes_file), codes())
+
+
+def test_a_failed_write_leaves_no_voice_and_no_partial_file(tmp_path, monkeypatch):
+    store = VoiceStore(tmp_path)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(voice_store.np, "save", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        store.register("carol", codes(), "Hi.", 1.0)
+    assert voice_files(tmp_path) == [] and store.list() == []
+    monkeypatch.undo()
+
+    monkeypatch.setattr(VoiceStore, "_write_metadata", lambda *a, **k: disk_full())
+    with pytest.raises(OSError, match="No space"):
+        store.register("carol", codes(), "Hi.", 1.0)
+    assert voice_files(tmp_path) == [], "codes without metadata are removed"
+    assert VoiceStore(tmp_path).list() == []
+
+
+def test_a_new_store_loads_the_voices_on_disk(tmp_path):
+    first = VoiceStore(tmp_path)
+    first.register("dave", codes(3, seed=1), "One.", 1.0)
+    first.register("erin", codes(4, seed=2), "Two.", 2.0)
+    second = VoiceStore(tmp_path)
+    assert [v["voice_id"] for v in second.list()] == ["dave", "erin"]
+    np.testing.assert_array_equal(second.get("erin").codes, codes(4, seed=2))
+    assert second.get("dave").created_at == first.get("dave").created_at
+
+
+def test_two_stores_on_one_directory_see_each_others_writes(tmp_path):
+    a, b = VoiceStore(tmp_path), VoiceStore(tmp_path)
+    assert b.list() == []
+    a.register("frank", codes(), "From a.", 1.0)
+    assert b.get("frank").transcript == "From a."
+    b.register("grace", codes(), "From b.", 1.0)
+    assert [v["voice_id"] for v in a.list()] == ["frank", "grace"]
+    b.delete("frank")
+    assert "frank" not in a and [v["voice_id"] for v in a.list()] == ["grace"]
+    with pytest.raises(InvalidInput, match="already exists"):
+        a.register("grace", codes(), "Again.", 1.0)
+
+
+def test_an_unchanged_directory_is_not_rescanned(tmp_path, monkeypatch):
+    store = VoiceStore(tmp_path)
+    store.register("hank", codes(), "Hi.", 1.0)
+    monkeypatch.setattr(voice_store, "_RACY_NS", -10**18)  # as if the last change were long ago
+    store.list()  # one scan after the change
+    scans = []
+    real_scandir = os.scandir
+    monkeypatch.setattr(voice_store.os, "scandir", lambda path: scans.append(path) or real_scandir(path))
+    for _ in range(5):
+        store.get("hank")
+        store.list()
+    assert scans == []
+    VoiceStore(tmp_path).register("ivy", codes(), "Hi.", 1.0)  # another process
+    scans.clear()
+    assert "ivy" in store and len(scans) == 1, "a changed directory is scanned once"
+    store.list()
+    assert len(scans) == 1
+
+
+def test_registering_an_existing_id_is_refused_unless_replaced(tmp_path):
+    store = VoiceStore(tmp_path)
+    store.register("jack", codes(seed=1), "First.", 1.0)
+    with pytest.raises(InvalidInput, match="voice 'jack' already exists"):
+        store.register("jack", codes(seed=2), "Second.", 1.0)
+    store.register("jack", codes(seed=2), "Second.", 1.0, replace=True)
+    assert store.get("jack").transcript == "Second." and len(voice_files(tmp_path)) == 2, "old codes removed"
+    np.testing.assert_array_equal(VoiceStore(tmp_path).get("jack").codes, codes(seed=2))
+
+
+def test_broken_files_are_skipped_not_fatal(tmp_path):
+    VoiceStore(tmp_path).register("kate", codes(), "Hi.", 1.0)
+    (tmp_path / "liam.json").write_text("{not json")
+    (tmp_path / "mona.json").write_text(json.dumps({"voice_id": "mona", "codes_file": "missing.npy"}))
+    (tmp_path / "NotAnId.json").write_text("{}")
+    assert [v["voice_id"] for v in VoiceStore(tmp_path).list()] == ["kate"]
+
+
+@pytest.mark.parametrize("bad", ["../x", "a/b", "/etc/passwd", "Alice", "a" * 65, "", "-a", "_a", "a b",
+                                 "a.json", "abc\n", "ü"])
+def test_voice_ids_are_checked_before_the_file_system(tmp_path, monkeypatch, bad):
+    store = VoiceStore(tmp_path / "voices")
+    monkeypatch.setattr(VoiceStore, "_refresh", lambda *a, **k: pytest.fail("touched the file system"))
+    for call in (lambda: store.get(bad), lambda: store.delete(bad),
+                 lambda: store.register(bad, codes(), "Hi.", 1.0)):
+        with pytest.raises(InvalidInput, match="not a valid voice id"):
+            call()
+    assert voice_files(tmp_path / "voices") == [] and voice_files(tmp_path) == ["voices"]
+
+
+@pytest.mark.parametrize("good", ["a", "0", "my_voice-2", "a" * 64])
+def test_valid_voice_ids(tmp_path, good):
+    store = VoiceStore(tmp_path)
+    store.register(good, codes(), "Hi.", 1.0)
+    assert store.get(good).voice_id == good
+
+
+@pytest.mark.parametrize(
+    "bad_codes, transcript, duration, message",
+    [
+        (np.zeros((0, C.NUM_CODEBOOKS), np.int64), "Hi.", 1.0, "at least one frame"),
+        (np.zeros((3, 31), np.int64), "Hi.", 1.0, r"shape \[frames, 32\]"),
+        (np.full((2, C.NUM_CODEBOOKS), C.CODEBOOK_SIZE), "Hi.", 1.0, "outside"),
+        (codes(), "  ", 1.0, "'REFERENCE_TEXT' is empty"),
+        (codes(), "Hi.", 0.0, "positive"),
+        (codes(), "Hi.", float("nan"), "positive"),
+    ],
+)
+def test_register_checks_what_it_stores(tmp_path, bad_codes, transcript, duration, message):
+    with pytest.raises(InvalidInput, match=message):
+        VoiceStore(tmp_path).register("nina", bad_codes, transcript, duration)
+
+
+def test_stale_leftovers_of_a_crashed_writer_are_removed_at_start(tmp_path):
+    VoiceStore(tmp_path).register("olga", codes(), "Hi.", 1.0)
+    old = 1_000_000_000
+    for name in (".olga.json.abc.tmp", "olga.deadbeef.npy"):
+        (tmp_path / name).write_bytes(b"x")
+        os.utime(tmp_path / name, (old, old))
+    (tmp_path / "fresh.0123.npy").write_bytes(b"x")  # another process's registration in flight
+    VoiceStore(tmp_path)
+    files = voice_files(tmp_path)
+    assert ".olga.json.abc.tmp" not in files and "olga.deadbeef.npy" not in files
+    assert "fresh.0123.npy" in files and "olga.json" in files
+
+
+def test_the_voice_directory_defaults_next_to_the_model_repository(tmp_path):
+    args = {"model_repository": str(tmp_path / "repository" / "voice_list"), "model_version": "1"}
+    assert voice_directory(args, {}) == tmp_path / "runtime" / "voices"
+    configured = {"parameters": {"voice_dir": {"string_value": "elsewhere"}}}
+    assert voice_directory(args, configured) == tmp_path / "elsewhere"
+    absolute = {"parameters": {"voice_dir": {"string_value": str(tmp_path / "abs")}}}
+    assert voice_directory(args, absolute) == tmp_path / "abs"
+
+
+# --- reference audio -----------------------------------------------------------------------
+def test_reference_audio_is_resampled_to_24_khz():
+    prepared = audio.prepare_reference_audio(tone(1.0, rate=16_000), 16_000)
+    assert prepared.dtype == np.float32 and prepared.shape == (24_000,)
+    spectrum = np.abs(np.fft.rfft(prepared))
+    assert abs(np.argmax(spectrum) * C.SAMPLE_RATE / prepared.size - 440.0) < 2.0, "pitch is kept"
+    assert 0.45 < np.max(np.abs(prepared[1000:-1000])) < 0.55, "level is kept"
+
+
+def test_24_khz_audio_passes_through_and_one_row_2d_is_mono():
+    clip = tone(1.0)
+    np.testing.assert_array_equal(audio.prepare_reference_audio(clip, C.SAMPLE_RATE), clip)
+    assert audio.prepare_reference_audio(clip[None, :], np.array([C.SAMPLE_RATE], np.int32)).shape == (24_000,)
+
+
+def test_only_clipping_audio_is_normalised():
+    loud = tone(1.0, amplitude=2.0)
+    assert np.isclose(np.max(np.abs(audio.prepare_reference_audio(loud, C.SAMPLE_RATE))), 1.0)
+    quiet = tone(1.0, amplitude=0.1)
+    np.testing.assert_array_equal(audio.prepare_reference_audio(quiet, C.SAMPLE_RATE), quiet)
+
+
+def _samples(seconds=1.0):
+    return tone(seconds)
+
+
+@pytest.mark.parametrize(
+    "samples, rate, message",
+    [
+        (_samples().astype(np.float64), 24_000, "must be FP32 audio samples, got float64"),
+        ((_samples() * 32767).astype(np.int16), 24_000, "must be FP32 audio samples, got int16"),
+        ([0.0] * 24_000, 24_000, "must be an FP32 tensor"),
+        (np.zeros(0, np.float32), 24_000, "'REFERENCE_AUDIO' is empty"),
+        (np.zeros((1, 0), np.float32), 24_000, "'REFERENCE_AUDIO' is empty"),
+        (np.stack([_samples(), _samples()]), 24_000, "must be mono"),
+        (np.stack([_samples(), _samples()], axis=1), 24_000, "must be mono"),
+        (_samples()[:, None], 24_000, "must be mono"),
+        (_samples()[None, None], 24_000, "must be mono"),
+        (np.where(np.arange(24_000) == 5, np.nan, _samples()).astype(np.float32), 24_000, "NaN or infinite"),
+        (np.where(np.arange(24_000) == 5, np.inf, _samples()).astype(np.float32), 24_000, "NaN or infinite"),
+        (_samples(), 0, "'REFERENCE_SAMPLE_RATE' must be a positive sample rate"),
+        (_samples(), -16_000, "must be a positive sample rate"),
+        (_samples(), C.MIN_INPUT_SAMPLE_RATE - 1, "accepted sample rates are 8000-192000 Hz"),
+        (_samples(), C.MAX_INPUT_SAMPLE_RATE + 1, "accepted sample rates are 8000-192000 Hz"),
+        (_samples(), 24_000.0, "must be an integer"),
+        (_samples(), np.array([24_000.0], np.float32), "must be an integer tensor"),
+        (_samples(), np.array([16_000, 24_000], np.int32), "exactly one value"),
+        (_samples(C.MIN_REFERENCE_SECONDS / 2), 24_000, "needs at least 0.5 s"),
+        (_samples(C.MAX_REFERENCE_SECONDS + 0.5), 24_000, "the limit for a voice reference is 30 s"),
+    ],
+)
+def test_reference_audio_is_refused_naming_the_input(samples, rate, message):
+    with pytest.raises(InvalidInput, match=message) as caught:
+        audio.prepare_reference_audio(samples, rate)
+    assert "REFERENCE_AUDIO" in str(caught.value) or "REFERENCE_SAMPLE_RATE" in str(caught.value)
+
+
+def test_the_duration_limits_themselves_are_accepted():
+    assert audio.prepare_reference_audio(tone(C.MIN_REFERENCE_SECONDS), C.SAMPLE_RATE).size == 12_000
+    assert audio.prepare_reference_audio(tone(C.MAX_REFERENCE_SECONDS, rate=8_000), 8_000).size == 720_000
+
+
+def test_read_audio_file_mixes_down_to_mono_float32(tmp_path):
+    left, right = tone(0.5, rate=16_000, amplitude=0.4), np.zeros(8_000, np.float32)
+    soundfile.write(tmp_path / "stereo.wav", np.stack([left, right], axis=1), 16_000, subtype="PCM_16")
+    samples, rate = audio.read_audio_file(tmp_path / "stereo.wav")
+    assert rate == 16_000 and samples.dtype == np.float32 and samples.shape == (8_000,)
+    np.testing.assert_allclose(samples, left / 2, atol=1e-4)
+
+
+# --- the resolver --------------------------------------------------------------------------
+class FakeEncoder:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, samples):
+        self.calls.append(samples)
+        return np.ones((int(np.ceil(samples.size / C.SAMPLES_PER_FRAME)), C.NUM_CODEBOOKS), np.int64)
+
+
+@pytest.fixture()
+def resolver(tmp_path):
+    store = VoiceStore(tmp_path)
+    store.register("stored", codes(4), "Stored transcript.", 1.5)
+    return VoiceResolver(store, FakeEncoder())
+
+
+def test_no_voice_inputs_mean_the_default_voice(resolver):
+    assert resolver.resolve() is None
+
+
+def test_a_voice_id_resolves_to_the_stored_voice(resolver):
+    transcript, stored = resolver.resolve(voice_id="stored")
+    assert transcript == "Stored transcript."
+    np.testing.assert_array_equal(stored, codes(4))
+    assert resolver.encode.calls == [], "a stored voice is never re-encoded"
+    with pytest.raises(InvalidInput, match="unknown voice 'missing'"):
+        resolver.resolve(voice_id="missing")
+
+
+def test_reference_audio_is_checked_resampled_and_encoded(resolver):
+    transcript, encoded = resolver.resolve(reference_audio=tone(1.0, rate=16_000), reference_sample_rate=16_000,
+                                           reference_text="What the clip says.")
+    assert transcript == "What the clip says."
+    (sent,) = resolver.encode.calls
+    assert sent.dtype == np.float32 and sent.shape == (24_000,)
+    assert encoded.shape == (13, C.NUM_CODEBOOKS)
+    assert resolver.store.list()[0]["voice_id"] == "stored" and len(resolver.store) == 1, "nothing stored"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"voice_id": "stored", "reference_audio": tone(1.0), "reference_sample_rate": 24_000,
+          "reference_text": "x"}, "give either VOICE_ID or REFERENCE_AUDIO, not both"),
+        ({"reference_text": "x"}, "'REFERENCE_TEXT' was given without 'REFERENCE_AUDIO'"),
+        ({"voice_id": "stored", "reference_text": "x"}, "'REFERENCE_TEXT' was given without 'REFERENCE_AUDIO'"),
+        ({"reference_sample_rate": 24_000}, "'REFERENCE_SAMPLE_RATE' was given without 'REFERENCE_AUDIO'"),
+        ({"reference_audio": tone(1.0), "reference_sample_rate": 24_000}, "needs 'REFERENCE_TEXT'"),
+        ({"reference_audio": tone(1.0), "reference_text": "x"}, "needs 'REFERENCE_SAMPLE_RATE'"),
+        ({"reference_audio": tone(1.0), "reference_sample_rate": 24_000, "reference_text": " "},
+         "'REFERENCE_TEXT' is empty"),
+        ({"reference_audio": tone(0.1), "reference_sample_rate": 24_000, "reference_text": "x"}, "at least 0.5 s"),
+    ],
+)
+def test_resolver_rules(resolver, kwargs, message):
+    with pytest.raises(InvalidInput, match=message):
+        resolver.resolve(**kwargs)
+    assert resolver.encode.calls == []
+
+
+def test_register_encodes_once_and_stores(resolver):
+    voice = resolver.register("new-voice", tone(2.0, rate=48_000), 48_000, "Two seconds.")
+    assert voice.duration_seconds == 2.0 and voice.codes.shape == (25, C.NUM_CODEBOOKS)
+    assert resolver.resolve(voice_id="new-voice")[0] == "Two seconds."
+    with pytest.raises(InvalidInput, match="not a valid voice id"):
+        resolver.register("../x", tone(1.0), 24_000, "x")
+    with pytest.raises(InvalidInput, match="already exists"):
+        resolver.register("stored", tone(1.0), 24_000, "x")
+    assert len(resolver.encode.calls) == 1, "refused ids cost no encoding"
+
+
+# --- the admin token -----------------------------------------------------------------------
+TOKEN = "s3cret-token"
+
+
+def test_the_right_token_may_write():
+    policy = WritePolicy.from_settings(None, None, {"CSM_ADMIN_TOKEN": TOKEN})
+    policy.check_write({C.ADMIN_TOKEN_HEADER: TOKEN})
+
+
+@pytest.mark.parametrize(
+    "parameters, message",
+    [
+        ({}, "needs the admin token in header 'x-csm-admin-token'"),
+        ({C.ADMIN_TOKEN_HEADER: ""}, "needs the admin token"),
+        ({C.ADMIN_TOKEN_HEADER: "wrong"}, "wrong admin token"),
+        ({C.ADMIN_TOKEN_HEADER: TOKEN + " "}, "wrong admin token"),
+        ({C.ADMIN_TOKEN_HEADER: 12345}, "wrong admin token"),
+        ({C.ADMIN_TOKEN_HEADER: "tökén"}, "wrong admin token"),
+        ({"x-csm-admin": TOKEN}, "needs the admin token"),
+    ],
+)
+def test_a_missing_or_wrong_token_is_refused(parameters, message):
+    policy = WritePolicy.from_settings(None, "true", {"CSM_ADMIN_TOKEN": TOKEN})
+    with pytest.raises(PermissionDenied, match=f"^permission denied: .*{message}"):
+        policy.check_write(parameters)
+
+
+def test_without_a_token_writes_are_refused_unless_anonymous_writes_are_allowed():
+    refused = WritePolicy.from_settings(None, None, {"CSM_ADMIN_TOKEN": ""})
+    with pytest.raises(PermissionDenied, match=r"writes are disabled.*\$CSM_ADMIN_TOKEN"):
+        refused.check_write({C.ADMIN_TOKEN_HEADER: "anything"})
+    WritePolicy.from_settings(None, "true", {}).check_write({})
+    with pytest.raises(PermissionDenied):
+        WritePolicy.from_settings(None, "false", {}).check_write({})
+    with pytest.raises(ValueError, match="allow_anonymous_writes"):
+        WritePolicy.from_settings(None, "yes please", {})
+
+
+def test_the_token_variable_is_configurable_and_never_printed():
+    policy = WritePolicy.from_settings("OTHER_TOKEN", None, {"OTHER_TOKEN": TOKEN, "CSM_ADMIN_TOKEN": "x"})
+    policy.check_write({C.ADMIN_TOKEN_HEADER: TOKEN})
+    assert TOKEN not in repr(policy) and TOKEN not in policy.describe()
+
+
+def test_permission_denied_is_answered_as_an_invalid_argument_that_says_so(monkeypatch):
+    class TritonError:
+        INVALID_ARG, INTERNAL = "INVALID_ARG", "INTERNAL"
+
+        def __init__(self, message, code="INTERNAL"):
+            self.message, self.code = message, code
+
+    fake = types.SimpleNamespace(TritonError=TritonError, InferenceResponse=lambda error: error)
+    monkeypatch.setattr(triton_adapter, "pb_utils", fake)
+    error = triton_adapter.error_response(PermissionDenied("wrong admin token"), "voice_register")
+    assert error.code == "INVALID_ARG" and error.message == "permission denied: wrong admin token"
+    assert not isinstance(PermissionDenied("x"), (InvalidInput, PermissionError))

@@ -1,0 +1,122 @@
+"""Perth watermark, without a server: marked speech is recognised, clean speech is
+not, the audio keeps its length, and degenerate clips get a defined answer."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from csm_triton import constants as C
+from csm_triton.audio import read_audio_file, resample
+from csm_triton.errors import InvalidInput
+from csm_triton.watermark import Watermarker
+from csm_triton.watermark_models import parse_enabled
+
+SENTENCE = "Generated speech carries a watermark, so that anyone can check where it came from."
+
+
+def espeak_speech(folder, text: str = SENTENCE) -> np.ndarray:
+    """About 3-5 s of real speech at 24 kHz (espeak-ng speaks at 22.05 kHz)."""
+    if shutil.which("espeak-ng") is None:
+        pytest.fail("espeak-ng is missing: apt-get install -y espeak-ng (scripts/setup.sh installs it)")
+    wav = folder / "speech.wav"
+    subprocess.run(["espeak-ng", "-w", str(wav), text], check=True, capture_output=True)
+    samples, rate = read_audio_file(wav)
+    return resample(samples, rate, C.SAMPLE_RATE)
+
+
+@pytest.fixture(scope="module")
+def watermarker():
+    return Watermarker("cpu")
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory):
+    return espeak_speech(tmp_path_factory.mktemp("speech"))
+
+
+@pytest.fixture(scope="module")
+def marked(watermarker, speech):
+    return watermarker.apply(speech, C.SAMPLE_RATE)
+
+
+def test_marked_speech_is_recognised_and_clean_speech_is_not(watermarker, speech, marked):
+    assert watermarker.detect(marked, C.SAMPLE_RATE) >= 0.9
+    assert watermarker.detect(speech, C.SAMPLE_RATE) <= 0.1
+
+
+def test_marking_keeps_length_dtype_and_audio(speech, marked):
+    assert marked.shape == speech.shape and marked.dtype == np.float32
+    assert np.isfinite(marked).all()
+    noise = marked - speech
+    snr_db = 10 * np.log10(np.sum(speech.astype(np.float64) ** 2) / np.sum(noise.astype(np.float64) ** 2))
+    assert snr_db > 10  # imperceptible-ish: ~16 dB, the residual sits below 2 kHz under the speech
+
+
+def test_mark_survives_other_sample_rates_and_16_bit(watermarker, marked):
+    for rate in (16_000, 44_100):
+        assert watermarker.detect(resample(marked, C.SAMPLE_RATE, rate), rate) >= 0.9
+    as_int16 = (np.round(marked * 32767) / 32767).astype(np.float32)
+    assert watermarker.detect(as_int16, C.SAMPLE_RATE) >= 0.9
+
+
+def test_any_length_can_be_marked(watermarker, speech):
+    for length in (0, 1, 500, 3_000):  # shorter than one STFT window too (streaming tails)
+        out = watermarker.apply(speech[:length], C.SAMPLE_RATE)
+        assert out.shape == (length,) and np.isfinite(out).all()
+
+
+def test_silence_scores_zero_instead_of_nan(watermarker):
+    assert watermarker.detect(np.zeros(C.SAMPLE_RATE, np.float32), C.SAMPLE_RATE) == 0.0
+    hiss = np.random.default_rng(0).standard_normal(C.SAMPLE_RATE).astype(np.float32) * 1e-6
+    assert watermarker.detect(hiss, C.SAMPLE_RATE) == 0.0
+    assert np.array_equal(watermarker.apply(np.zeros(4_000, np.float32)), np.zeros(4_000, np.float32))
+
+
+def test_too_short_clip_is_refused_with_the_minimum(watermarker, speech):
+    with pytest.raises(InvalidInput, match=f"at least {C.MIN_WATERMARK_DETECT_SAMPLES}"):
+        watermarker.detect(speech[:10], C.SAMPLE_RATE)
+    # the minimum scales with the sample rate (0.5 s at 16 kHz is 8000 samples)
+    with pytest.raises(InvalidInput, match="at least 8000"):
+        watermarker.detect(np.ones(7_999, np.float32), 16_000)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_samples_are_refused(watermarker, speech, bad):
+    audio = speech.copy()
+    audio[100] = bad
+    with pytest.raises(InvalidInput, match="NaN or infinite"):
+        watermarker.detect(audio, C.SAMPLE_RATE)
+    with pytest.raises(InvalidInput, match="NaN or infinite"):
+        watermarker.apply(audio, C.SAMPLE_RATE)
+
+
+def test_wrong_dtype_shape_or_rate_is_refused(watermarker, speech):
+    with pytest.raises(InvalidInput, match="FP32"):
+        watermarker.detect(speech.astype(np.float64), C.SAMPLE_RATE)
+    with pytest.raises(InvalidInput, match="mono"):
+        watermarker.detect(np.stack([speech, speech]), C.SAMPLE_RATE)
+    with pytest.raises(InvalidInput, match="sample rate"):
+        watermarker.detect(speech, 1_000)
+
+
+def test_mimi_decoder_layout_is_accepted(watermarker, speech):
+    out = watermarker.apply(speech[None, None, :4_800], C.SAMPLE_RATE)
+    assert out.shape == (4_800,)
+
+
+def test_enabled_parameter_is_strict():
+    assert parse_enabled("true") and parse_enabled(None) and parse_enabled(" TRUE ")
+    assert not parse_enabled("false")
+    with pytest.raises(ValueError, match="enabled"):
+        parse_enabled("yes")
+
+
+def test_torchaudio_stand_in_does_not_leak():
+    # The stand-in is only visible while Perth is imported (see _torchaudio_standin).
+    module = sys.modules.get("torchaudio")
+    assert module is None or not getattr(module, "__csm_standin__", False)
