@@ -99,6 +99,7 @@ def copy_committed_models(staging: Path, profile: str) -> list[str]:
         shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         text = (model_dir / "config.pbtxt").read_text()
         (target / "config.pbtxt").write_text(render_config(text, profile, model_dir.name))
+        (target / "1").mkdir(exist_ok=True)  # ensembles have an empty version folder
         models.append(model_dir.name)
     return models
 

@@ -6,15 +6,17 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 
 from csm_triton import constants as C
+from csm_triton import triton_adapter
 from csm_triton.audio import read_audio_file, resample
 from csm_triton.errors import InvalidInput
-from csm_triton.watermark import Watermarker
-from csm_triton.watermark_models import parse_enabled
+from csm_triton.watermark import Watermarker, WatermarkUnavailable, load_perth
+from csm_triton.watermark_models import WatermarkModel, parse_enabled
 
 SENTENCE = "Generated speech carries a watermark, so that anyone can check where it came from."
 
@@ -109,11 +111,61 @@ def test_mimi_decoder_layout_is_accepted(watermarker, speech):
     assert out.shape == (4_800,)
 
 
+def watermark_model(monkeypatch, enabled: str) -> WatermarkModel:
+    """The Triton model class with requests faked as {input name: array}."""
+    monkeypatch.setattr(triton_adapter, "input_array", lambda request, name, required=True: request[name])
+    model = WatermarkModel()
+    model.initialize_model({}, {"parameters": {"enabled": {"string_value": enabled}}})
+    return model
+
+
+def test_watermark_model_marks_mimi_decoder_output(monkeypatch, watermarker, speech, marked):
+    model = watermark_model(monkeypatch, "false")  # no second Perth load: borrow the fixture's
+    model.enabled, model.watermarker = True, watermarker
+    outputs = model.handle({"audio_values": speech[None, None]})
+    np.testing.assert_array_equal(outputs["AUDIO"], marked)
+    assert outputs["SAMPLE_RATE"].tolist() == [C.SAMPLE_RATE] and outputs["SAMPLE_RATE"].dtype == np.int32
+
+
+def test_disabled_watermark_model_passes_audio_through(monkeypatch, speech):
+    model = watermark_model(monkeypatch, "false")
+    assert model.watermarker is None  # Perth not even loaded
+    outputs = model.handle({"audio_values": speech[None, None]})
+    np.testing.assert_array_equal(outputs["AUDIO"], speech)
+
+
 def test_enabled_parameter_is_strict():
     assert parse_enabled("true") and parse_enabled(None) and parse_enabled(" TRUE ")
     assert not parse_enabled("false")
     with pytest.raises(ValueError, match="enabled"):
         parse_enabled("yes")
+
+
+def test_torchaudio_stand_in_transforms_behave_like_torchaudio(speech):
+    import torch
+
+    from csm_triton._torchaudio_standin import InverseSpectrogram, Spectrogram, TimeStretch
+
+    signal = torch.from_numpy(speech[: 32 * 320])
+    spectrogram = Spectrogram(n_fft=2048, win_length=2048, hop_length=320, power=None)
+    spec = spectrogram(signal)
+    assert spec.shape == (1025, 33) and spec.is_complex()
+    restored = InverseSpectrogram(n_fft=2048, win_length=2048, hop_length=320)(spec, length=signal.numel())
+    assert torch.allclose(restored, signal, atol=1e-5)
+    stretch = TimeStretch(hop_length=320, n_freq=1025)
+    assert stretch.phase_advance.shape == (1025, 1)
+    assert stretch(spec[None], 1.25).shape == (1, 1025, 27)  # ceil(33 / 1.25)
+    assert stretch(spec, 1.0) is spec
+
+
+def test_a_broken_perth_install_fails_loudly(monkeypatch):
+    # perth/__init__.py swallows the ImportError and leaves PerthImplicitWatermarker = None.
+    broken = types.ModuleType("perth")
+    broken.PerthImplicitWatermarker = None
+    monkeypatch.setitem(sys.modules, "perth", broken)
+    monkeypatch.setitem(sys.modules, "perth.perth_net.perth_net_implicit.perth_watermarker", None)
+    with pytest.raises(WatermarkUnavailable, match="resemble-perth cannot load its watermarker"):
+        load_perth("cpu")
 
 
 def test_torchaudio_stand_in_does_not_leak():

@@ -74,6 +74,13 @@ class LanguageModel(triton.DecoupledModel):
         self.slots_in_use.set(stats["slots_in_use"])
 
     def start(self, request, sender):
+        cancel = triton.input_texts(request, "cancel_request_id", required=False)
+        if cancel is not None:
+            # A control request (sent by csm_tts_stream, whose own BLS stream to this
+            # model cannot be cancelled in Triton 2.51): free that request's slot now.
+            found = self.engine.cancel(validation.single_text(cancel, "cancel_request_id"))
+            sender.finish({"cancelled": np.array([found])})
+            return
         generation = self.parse(request, sender)
         started = time.perf_counter()
         frames = [0]

@@ -156,9 +156,12 @@ class ModelCallError(RuntimeError):
     """A model called through BLS answered an error."""
 
 
-def _bls_request(model_name: str, inputs: Mapping[str, np.ndarray], output_names, parameters=None):
+def _bls_request(model_name: str, inputs: Mapping[str, np.ndarray], output_names, parameters=None,
+                 request_id: str = ""):
     tensors = [pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in inputs.items()]
     kwargs = {"parameters": parameters} if parameters else {}
+    if request_id:
+        kwargs["request_id"] = request_id
     return pb_utils.InferenceRequest(
         model_name=model_name, inputs=tensors, requested_output_names=list(output_names), **kwargs
     )
@@ -186,9 +189,10 @@ def call_model(model_name: str, inputs: Mapping[str, np.ndarray], output_names,
 
 
 def stream_model(model_name: str, inputs: Mapping[str, np.ndarray], output_names,
-                 parameters: Mapping[str, Any] | None = None):
+                 parameters: Mapping[str, Any] | None = None, request_id: str = ""):
     """Responses of a decoupled model, one dict per non-empty response."""
-    for response in _bls_request(model_name, inputs, output_names, parameters).exec(decoupled=True):
+    request = _bls_request(model_name, inputs, output_names, parameters, request_id)
+    for response in request.exec(decoupled=True):
         if response.has_error():
             _raise_error(response, model_name)
         if not response.output_tensors():  # the empty final response

@@ -95,7 +95,8 @@ class Watermarker:
             return 0.0
         at_model_rate = resample(audio, sample_rate, self.model_sample_rate)
         with torch.inference_mode():
-            score = float(self._perth.get_watermark(at_model_rate, sample_rate=self.model_sample_rate, round=False))
+            score = float(self._perth.get_watermark(at_model_rate, sample_rate=self.model_sample_rate,
+                                                    round=False))
         # Perth averages over frames with energy; should none qualify it answers NaN.
         return score if math.isfinite(score) else 0.0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import queue
+import time
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ def codec(tiny_checkpoint):
 
 
 def tensor(module, name, array):
-    datatype = "BYTES" if array.dtype == object else {np.float32: "FP32", np.int64: "INT64"}[array.dtype.type]
+    datatype = "BYTES" if array.dtype == object else {np.float32: "FP32", np.int64: "INT64", np.int32: "INT32"}[array.dtype.type]
     item = module.InferInput(name, list(array.shape), datatype)
     item.set_data_from_numpy(array)
     return item
@@ -104,7 +105,8 @@ def test_csm_prepare_matches_the_csm_processor_layout(protocol, tiny_checkpoint,
     result = client.infer("csm_prepare", [
         tensor(module, "TEXT", text("Grüße an Zoë, 42 times!")),
         tensor(module, "REFERENCE_TEXT", text("She sells sea shells.")),
-        tensor(module, "reference_codes", reference_codes.astype(np.int64)),
+        tensor(module, "REFERENCE_AUDIO", reference),
+        tensor(module, "REFERENCE_SAMPLE_RATE", np.array([C.SAMPLE_RATE], np.int32)),
     ])
     conversation = [
         {"role": "0", "content": [{"type": "text", "text": "She sells sea shells."},
@@ -113,13 +115,15 @@ def test_csm_prepare_matches_the_csm_processor_layout(protocol, tiny_checkpoint,
     ]
     expected = processor.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"][0]
     assert result.as_numpy("input_ids").tolist() == expected.tolist()
-    np.testing.assert_array_equal(result.as_numpy("audio_codes"), reference_codes)
+    prompt_codes = result.as_numpy("prompt_codes")
+    assert prompt_codes.shape == reference_codes.shape
+    assert (prompt_codes == reference_codes).mean() >= C.ENCODER_MIN_CODE_AGREEMENT
 
 
 def test_csm_prepare_without_a_voice_has_no_audio_codes(protocol):
     module, client = protocol
     result = client.infer("csm_prepare", [tensor(module, "TEXT", text("Hello there."))])
-    assert result.as_numpy("audio_codes").shape == (0, C.NUM_CODEBOOKS)
+    assert result.as_numpy("prompt_codes").shape == (0, C.NUM_CODEBOOKS)
     assert len(result.as_numpy("input_ids")) > 3
 
 
@@ -128,9 +132,10 @@ BAD_PREPARE_INPUTS = {
     "text over the limit": ([("TEXT", text("a" * (C.MAX_TEXT_CHARS + 1)))], f"limit is {C.MAX_TEXT_CHARS}"),
     "invalid UTF-8": ([("TEXT", text(b"caf\xe9"))], "not valid UTF-8"),
     "transcript without audio": ([("TEXT", text("Hi.")), ("REFERENCE_TEXT", text("Hello."))],
-                                 "without reference audio"),
-    "codes out of range": ([("TEXT", text("Hi.")), ("REFERENCE_TEXT", text("Hello.")),
-                            ("reference_codes", np.full((2, C.NUM_CODEBOOKS), 4096, np.int64))], "outside"),
+                                 "without 'REFERENCE_AUDIO'"),
+    "voice and reference audio": ([("TEXT", text("Hi.")), ("VOICE_ID", text("alice")),
+                                   ("REFERENCE_AUDIO", np.zeros(24_000, np.float32))], "not both"),
+    "unknown voice": ([("TEXT", text("Hi.")), ("VOICE_ID", text("nobody-here"))], "unknown voice"),
 }
 
 
@@ -160,7 +165,12 @@ def test_mimi_decoder_batches_concurrent_requests(http_client, grpc_client):
     waits = [start_infer(grpc, grpc_client, "mimi_decoder", [tensor(grpc, "audio_codes", codes)])
              for _ in range(requests)]
     outputs = [wait().as_numpy("audio_values") for wait in waits]
+    # Triton updates the statistics just after it answers: wait until all 16 count.
+    deadline = time.monotonic() + 10
     after = _executions(http_client, "mimi_decoder")
+    while after["inference_count"] - before["inference_count"] < requests and time.monotonic() < deadline:
+        time.sleep(0.1)
+        after = _executions(http_client, "mimi_decoder")
     assert all(np.array_equal(o, outputs[0]) for o in outputs), "batched rows decode like single ones"
     assert after["inference_count"] - before["inference_count"] == requests
     assert after["execution_count"] - before["execution_count"] < requests

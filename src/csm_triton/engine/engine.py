@@ -195,6 +195,16 @@ class GenerationEngine:
             self._lock.notify()
         return handle
 
+    def cancel(self, request_id: str) -> bool:
+        """Cancel the request submitted with this id (waiting or running); False when
+        no such request is known (already finished, or never seen)."""
+        with self._lock:
+            handles = [h for h in self._waiting if h.request.request_id == request_id]
+        handles += [s.handle for s in list(self._slots.values()) if s.handle.request.request_id == request_id]
+        for handle in handles:
+            handle.cancel()
+        return bool(handles)
+
     def stats(self) -> dict:
         return {
             "slots_total": self.max_slots,

@@ -1,0 +1,98 @@
+"""csm_tts_stream: the streaming twin of csm_tts (decoupled, BLS).
+
+Per request, a worker thread runs csm_prepare, streams codes from csm_lm, decodes
+each chunk through mimi_decoder with left context (csm_triton.streaming), watermarks
+it, and sends it as soon as it is ready: a small first chunk (time to first audio),
+then larger ones. A client that goes away stops the worker and frees its KV slot.
+"""
+
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from csm_triton import constants as C
+from csm_triton import triton_adapter as triton
+from csm_triton import validation
+from csm_triton.streaming import StreamDecoder
+
+PREPARE_INPUTS = ("TEXT", "VOICE_ID", "REFERENCE_AUDIO", "REFERENCE_SAMPLE_RATE", "REFERENCE_TEXT")
+SAMPLING_INPUTS = ("TEMPERATURE", "TOP_K", "SEED", "MAX_AUDIO_SECONDS")
+SAMPLE_RATE = np.array([C.SAMPLE_RATE], dtype=np.int32)
+
+
+def present_inputs(request, names) -> dict[str, np.ndarray]:
+    inputs = {}
+    for name in names:
+        value = triton.input_array(request, name, required=False)
+        if value is not None:
+            inputs[name] = value
+    return inputs
+
+
+def decode_with_mimi(codes: np.ndarray) -> np.ndarray:
+    audio = triton.call_model("mimi_decoder", {"audio_codes": np.ascontiguousarray(codes.T[None])},
+                              ["audio_values"])["audio_values"]
+    return audio[0, 0]
+
+
+def watermark(audio: np.ndarray) -> np.ndarray:
+    return triton.call_model("watermark", {"audio_values": audio[None, None]}, ["AUDIO"])["AUDIO"]
+
+
+class StreamingModel(triton.DecoupledModel):
+    def initialize_model(self, args, model_config):
+        def parameter(name, default):
+            return int(triton.config_parameter(model_config, name, str(default)))
+
+        self.first_chunk_frames = parameter("first_chunk_frames", C.STREAM_FIRST_CHUNK_FRAMES)
+        self.chunk_frames = parameter("chunk_frames", C.STREAM_CHUNK_FRAMES)
+        self.context_frames = parameter("left_context_frames", C.STREAM_LEFT_CONTEXT_FRAMES)
+        self.workers = ThreadPoolExecutor(parameter("max_concurrent_streams", 256), thread_name_prefix="csm-stream")
+
+    def start(self, request, sender):
+        if triton.input_array(request, "TEXT", required=False) is None:
+            raise validation.InvalidInput("missing required input 'TEXT'")
+        prepare_inputs = present_inputs(request, PREPARE_INPUTS)
+        sampling = present_inputs(request, SAMPLING_INPUTS)
+        validation.sampling_parameters(*(sampling.get(name) for name in SAMPLING_INPUTS))
+        self.workers.submit(self._stream, prepare_inputs, sampling, sender)
+
+    def _stream(self, prepare_inputs, sampling, sender) -> None:
+        stream_id = f"csm-stream-{uuid.uuid4().hex}"
+        finished = False
+        try:
+            prompt = triton.call_model("csm_prepare", prepare_inputs, ["input_ids", "prompt_codes"])
+            lm_inputs = {
+                **prompt, **sampling,
+                "first_chunk_frames": np.array([self.first_chunk_frames], np.int32),
+                "chunk_frames": np.array([self.chunk_frames], np.int32),
+            }
+            decoder = StreamDecoder(decode_with_mimi, self.context_frames)
+            for chunk in triton.stream_model("csm_lm", lm_inputs, ["codes"], request_id=stream_id):
+                if sender.is_cancelled():
+                    break
+                sender.send({"AUDIO": watermark(decoder.push(chunk["codes"])), "SAMPLE_RATE": SAMPLE_RATE})
+            else:
+                finished = True
+                sender.finish()
+        except Exception as error:  # noqa: BLE001 - every failure ends the stream with a message
+            sender.fail(error)
+        finally:
+            if not finished:
+                self._cancel_generation(stream_id)
+                sender.finish()
+
+    @staticmethod
+    def _cancel_generation(stream_id: str) -> None:
+        try:
+            for _ in triton.stream_model("csm_lm", {"cancel_request_id": np.array([stream_id.encode()], dtype=object)},
+                                         ["cancelled"]):
+                pass
+        except Exception as error:  # noqa: BLE001 - best effort; the frame cap ends it anyway
+            triton.log_error(f"csm_tts_stream: could not cancel {stream_id}: {error}")
+
+    def finalize(self):
+        self.workers.shutdown(wait=True, cancel_futures=True)

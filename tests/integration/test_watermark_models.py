@@ -1,0 +1,97 @@
+"""watermark and watermark_detect against a real tritonserver, over HTTP and gRPC:
+what `watermark` emits is recognised by `watermark_detect`, clean speech is not,
+and degenerate clips get a defined score or a clear INVALID_ARG, never NaN."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpc
+import tritonclient.http as http
+from tritonclient.utils import InferenceServerException
+
+from csm_triton import constants as C
+from csm_triton.audio import read_audio_file, resample
+
+pytestmark = pytest.mark.integration
+PROTOCOLS = {"http": http, "grpc": grpc}
+DATATYPES = {np.float32: "FP32", np.float64: "FP64", np.int32: "INT32"}
+
+
+@pytest.fixture(params=sorted(PROTOCOLS))
+def protocol(request, http_client, grpc_client):
+    return PROTOCOLS[request.param], {"http": http_client, "grpc": grpc_client}[request.param]
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> np.ndarray:
+    """~4 s of espeak-ng speech at 24 kHz."""
+    wav = tmp_path_factory.mktemp("speech") / "speech.wav"
+    subprocess.run(["espeak-ng", "-w", str(wav), "The service marks every clip it speaks, quietly."],
+                   check=True, capture_output=True)
+    samples, rate = read_audio_file(wav)
+    return resample(samples, rate, C.SAMPLE_RATE)
+
+
+def tensor(module, name, array):
+    item = module.InferInput(name, list(array.shape), DATATYPES[array.dtype.type])
+    item.set_data_from_numpy(array)
+    return item
+
+
+def detect(module, client, audio: np.ndarray, rate: int = C.SAMPLE_RATE) -> float:
+    result = client.infer("watermark_detect", [
+        tensor(module, "AUDIO", audio), tensor(module, "SAMPLE_RATE", np.array([rate], np.int32)),
+    ])
+    score = result.as_numpy("SCORE")
+    assert score.shape == (1,) and score.dtype == np.float32
+    return float(score[0])
+
+
+def test_watermarked_speech_is_recognised(protocol, speech):
+    module, client = protocol
+    result = client.infer("watermark", [tensor(module, "audio_values", speech[None, None])])
+    audio = result.as_numpy("AUDIO")
+    assert audio.shape == speech.shape and audio.dtype == np.float32 and np.isfinite(audio).all()
+    assert result.as_numpy("SAMPLE_RATE").tolist() == [C.SAMPLE_RATE]
+    assert not np.array_equal(audio, speech)
+    assert detect(module, client, audio) >= 0.9
+    assert detect(module, client, resample(audio, C.SAMPLE_RATE, 16_000), 16_000) >= 0.9
+
+
+def test_clean_speech_is_not_recognised(protocol, speech):
+    module, client = protocol
+    assert detect(module, client, speech) <= 0.1
+
+
+def test_silence_has_a_defined_score(protocol):
+    module, client = protocol
+    score = detect(module, client, np.zeros(C.SAMPLE_RATE, np.float32))
+    assert score == 0.0 and not math.isnan(score)
+
+
+def test_a_few_samples_get_a_clear_error(protocol):
+    module, client = protocol
+    with pytest.raises(InferenceServerException) as failure:
+        detect(module, client, np.full(10, 0.1, np.float32))
+    message = failure.value.message()
+    assert f"at least {C.MIN_WATERMARK_DETECT_SAMPLES}" in message and "Traceback" not in message
+
+
+def test_non_finite_audio_gets_a_clear_error(protocol, speech):
+    module, client = protocol
+    audio = speech.copy()
+    audio[5] = np.nan
+    with pytest.raises(InferenceServerException, match="NaN or infinite"):
+        detect(module, client, audio)
+
+
+def test_wrong_dtype_is_refused(protocol, speech):
+    module, client = protocol
+    with pytest.raises(InferenceServerException, match="AUDIO"):
+        detect(module, client, speech.astype(np.float64))
+    with pytest.raises(InferenceServerException, match="audio_values"):
+        client.infer("watermark", [tensor(module, "audio_values", speech[None, None].astype(np.float64))])
