@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from export.tiny_checkpoint import build_tiny_checkpoint
-
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
+    # Imported here: torch and transformers take seconds, and many tests need neither.
+    from export.tiny_checkpoint import build_tiny_checkpoint
+
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-csm") / "checkpoint", seed=0)
 
 
