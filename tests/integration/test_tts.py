@@ -119,6 +119,27 @@ def test_csm_tts_is_callable_with_plain_kserve_json(triton_server):
     assert outputs["SAMPLE_RATE"]["data"] == [C.SAMPLE_RATE]
 
 
+def test_csm_tts_output_carries_the_watermark_and_the_raw_decode_does_not(grpc_client):
+    words, seed = "Is this audio watermarked?", 21
+    audio = grpc_client.infer("csm_tts", tts_inputs(grpc, words=words, seconds=2.0, seed=seed, reference=False))
+    # The same generation without the watermark step: csm_prepare -> csm_generate -> mimi_decoder.
+    prompt = grpc_client.infer("csm_prepare", [tensor(grpc, "TEXT", text(words))])
+    codes = grpc_client.infer("csm_generate", [
+        tensor(grpc, "input_ids", prompt.as_numpy("input_ids")), tensor(grpc, "prompt_codes", prompt.as_numpy("prompt_codes")),
+        tensor(grpc, "MAX_AUDIO_SECONDS", np.array([2.0], np.float32)), tensor(grpc, "SEED", np.array([seed], np.int64)),
+    ]).as_numpy("audio_codes")
+    raw = grpc_client.infer("mimi_decoder", [tensor(grpc, "audio_codes", codes)]).as_numpy("audio_values")[0, 0]
+
+    def score(samples):
+        return float(grpc_client.infer("watermark_detect", [
+            tensor(grpc, "AUDIO", samples), tensor(grpc, "SAMPLE_RATE", np.array([C.SAMPLE_RATE], np.int32)),
+        ]).as_numpy("SCORE")[0])
+
+    assert raw.shape == audio.as_numpy("AUDIO").shape
+    assert score(audio.as_numpy("AUDIO")) >= 0.9
+    assert score(raw) <= 0.1
+
+
 def stream_chunks(client, inputs, stop_after=None):
     """(arrival time, AUDIO) per chunk over a gRPC stream; stops early (cancelling) after
     `stop_after` chunks."""
@@ -191,6 +212,15 @@ BAD_TTS_INPUTS = {
     "max seconds zero": ({"MAX_AUDIO_SECONDS": np.array([0.0], np.float32)}, "'MAX_AUDIO_SECONDS' must be in"),
     "max seconds too long": ({"MAX_AUDIO_SECONDS": np.array([1e4], np.float32)}, "'MAX_AUDIO_SECONDS' must be in"),
     "unknown voice": ({"VOICE_ID": text("no-such-voice")}, "unknown voice"),
+    "empty reference audio": (dict(REFERENCE=np.zeros(0, np.float32)), "REFERENCE_AUDIO"),
+    "NaN in reference audio": (dict(REFERENCE=np.full(24_000, np.nan, np.float32)), "REFERENCE_AUDIO"),
+    "infinite reference audio": (dict(REFERENCE=np.full(24_000, np.inf, np.float32)), "REFERENCE_AUDIO"),
+    "reference audio too long": (dict(REFERENCE=np.zeros(24_000 * 31, np.float32) + 0.1), "REFERENCE_AUDIO"),
+    "stereo-shaped reference audio": (dict(REFERENCE=np.zeros((2, 24_000), np.float32)), "REFERENCE_AUDIO"),
+    "sample rate zero": (dict(RATE=0), "REFERENCE_SAMPLE_RATE"),
+    "absurd sample rate": (dict(RATE=10**9), "REFERENCE_SAMPLE_RATE"),
+    "reference audio without transcript": (dict(TRANSCRIPT=None), "'REFERENCE_AUDIO' needs 'REFERENCE_TEXT'"),
+    "voice id and reference audio": (dict(VOICE_ID=text("someone")), "not both"),
     "path in voice id": ({"VOICE_ID": text("../x")}, "VOICE_ID"),
 }
 
@@ -202,6 +232,12 @@ def test_bad_tts_input_gets_a_clear_error_while_a_good_request_succeeds(grpc_cli
     grpc_client.async_infer("csm_tts", tts_inputs(grpc, seconds=0.5, reference=False),
                             callback=lambda result, error: answers.put((result, error)))
     inputs = {i.name(): i for i in tts_inputs(grpc, seconds=0.5, reference=False)}
+    if {"REFERENCE", "RATE", "TRANSCRIPT", "VOICE_ID"} & set(overrides):  # an inline reference, altered
+        reference = {"REFERENCE_AUDIO": overrides.get("REFERENCE", reference_clip()),
+                     "REFERENCE_SAMPLE_RATE": np.array([overrides.get("RATE", C.SAMPLE_RATE)], np.int32),
+                     "REFERENCE_TEXT": overrides.get("TRANSCRIPT", text("A reference."))}
+        inputs.update({name: tensor(grpc, name, value) for name, value in reference.items() if value is not None})
+        overrides = {k: v for k, v in overrides.items() if k == "VOICE_ID"}
     inputs.update({name: tensor(grpc, name, value) for name, value in overrides.items()})
     with pytest.raises(InferenceServerException) as failure:
         grpc_client.infer("csm_tts", list(inputs.values()))
