@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3.11}"
 VENV="${VENV:-.venv}"
-APT_PACKAGES=(${APT_PACKAGES:-espeak-ng sox})
+APT_PACKAGES=(${APT_PACKAGES:-espeak-ng sox docker-compose})
 
 if ! command -v "$PYTHON" >/dev/null; then
   echo "error: $PYTHON not found; the embedded tritonserver stub needs CPython 3.11 or 3.12" >&2

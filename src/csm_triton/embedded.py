@@ -4,6 +4,7 @@ Everything a fresh machine needs is done here, by code:
 
     python -m csm_triton.embedded prepare [--home DIR]
     python -m csm_triton.embedded serve --model-repository DIR [--http-port 8000 ...]
+    python -m csm_triton.embedded args --model-repository DIR [--gpu ...]
     python -m csm_triton.embedded perf-analyzer -- -m MODEL -u localhost:8000 ...
 
 `prepare` assembles `<home>/backends/python` (the python backend and the stub for
@@ -13,8 +14,10 @@ perf_analyzer (the last one that runs on glibc 2.36) in `<home>/bin`. The home i
 `<project root>/.triton` unless CSM_TRITON_HOME says otherwise.
 
 `server_arguments` is the one source of the server's flags; the deployment-
-independent ones come from `deploy/tritonserver.args`, which the container launch
-reads too. `TritonServer` runs a server for tests and tools and always stops it.
+independent ones come from `deploy/tritonserver.args`. `args` prints the flags
+`serve` would use, one per line, without the embedded install: the container's
+launch (docker/serve.sh) starts the NGC image's tritonserver with them.
+`TritonServer` runs a server for tests and tools and always stops it.
 """
 
 from __future__ import annotations
@@ -789,23 +792,35 @@ class TritonServer:
 
 
 # --- CLI --------------------------------------------------------------------------------
-def _serve(args: argparse.Namespace) -> int:
-    install = prepare(args.home, perf_analyzer=False)
-    shm_prefix = f"{SHM_PREFIX}csm{os.getpid()}x{uuid.uuid4().hex[:8]}_"
-    command = [str(install.tritonserver)] + server_arguments(
+def _server_flags(args: argparse.Namespace, *, backend_directory: Path | None,
+                  cache_directory: Path | None = None, extra: Sequence[str] = ()) -> list[str]:
+    """server_arguments for the options `serve` and `args` share (_add_server_options)."""
+    return server_arguments(
         args.model_repository,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         metrics_port=args.metrics_port,
-        backend_directory=install.backend_directory,
+        backend_directory=backend_directory,
         model_control=args.model_control,
         load_models=args.load_model,
         strict_readiness=args.strict_readiness,
         exit_on_error=args.exit_on_error,
-        cache_directory=install.cache_directory,
+        gpu=args.gpu,
+        cache_directory=cache_directory,
         log_verbose=args.log_verbose,
         exit_timeout=args.exit_timeout,
-        extra=[f"--backend-config=shm-region-prefix-name={shm_prefix}", *args.extra],
+        extra=[*extra, *args.extra],
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    install = prepare(args.home, perf_analyzer=False)
+    shm_prefix = f"{SHM_PREFIX}csm{os.getpid()}x{uuid.uuid4().hex[:8]}_"
+    command = [str(install.tritonserver)] + _server_flags(
+        args,
+        backend_directory=install.backend_directory,
+        cache_directory=install.cache_directory,
+        extra=[f"--backend-config=shm-region-prefix-name={shm_prefix}"],
     )
     print("$ " + " ".join(command), file=sys.stderr, flush=True)
     process = subprocess.Popen(
@@ -830,6 +845,11 @@ def _serve(args: argparse.Namespace) -> int:
         for path in glob.glob(f"/dev/shm/{shm_prefix}*"):
             Path(path).unlink(missing_ok=True)
     return code if code >= 0 else 128 - code
+
+
+def _args(args: argparse.Namespace) -> int:
+    print("\n".join(_server_flags(args, backend_directory=args.backend_directory)))
+    return 0
 
 
 def _perf_analyzer(args: argparse.Namespace) -> int:
@@ -861,29 +881,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-perf-analyzer", action="store_true", help="skip downloading tritonclient's perf_analyzer")
     p.set_defaults(run=_prepare)
 
-    s = commands.add_parser("serve", parents=[common], help="run tritonserver in the foreground")
-    s.add_argument("--model-repository", type=Path, required=True)
-    s.add_argument("--http-port", type=int, default=C.DEFAULT_HTTP_PORT)
-    s.add_argument("--grpc-port", type=int, default=C.DEFAULT_GRPC_PORT)
-    s.add_argument("--metrics-port", type=int, default=C.DEFAULT_METRICS_PORT)
-    s.add_argument("--model-control", choices=MODEL_CONTROL_MODES, default="explicit")
-    s.add_argument(
+    server = argparse.ArgumentParser(add_help=False)  # the options serve and args share
+    server.add_argument("--model-repository", type=Path, required=True)
+    server.add_argument("--http-port", type=int, default=C.DEFAULT_HTTP_PORT)
+    server.add_argument("--grpc-port", type=int, default=C.DEFAULT_GRPC_PORT)
+    server.add_argument("--metrics-port", type=int, default=C.DEFAULT_METRICS_PORT)
+    server.add_argument("--model-control", choices=MODEL_CONTROL_MODES, default="explicit")
+    server.add_argument(
         "--load-model", action="append", default=None, metavar="NAME",
         help="with --model-control explicit: load this model (repeatable; default: all)",
     )
-    s.add_argument("--strict-readiness", action=argparse.BooleanOptionalAction, default=True)
-    s.add_argument("--exit-on-error", action=argparse.BooleanOptionalAction, default=None)
-    s.add_argument("--log-verbose", type=int, default=0)
-    s.add_argument("--exit-timeout", type=int, default=30, help="seconds to drain on SIGTERM")
-    s.add_argument("extra", nargs="*", help="further tritonserver flags, after --")
+    server.add_argument("--strict-readiness", action=argparse.BooleanOptionalAction, default=True)
+    server.add_argument("--exit-on-error", action=argparse.BooleanOptionalAction, default=None)
+    server.add_argument(
+        "--gpu", action=argparse.BooleanOptionalAction, default=None,
+        help="GPU metrics and pinned memory on (default: when this machine has a GPU)",
+    )
+    server.add_argument("--log-verbose", type=int, default=0)
+    server.add_argument("--exit-timeout", type=int, default=30, help="seconds to drain on SIGTERM")
+    server.add_argument("extra", nargs="*", help="further tritonserver flags, after --")
+
+    s = commands.add_parser("serve", parents=[common, server], help="run tritonserver in the foreground")
     s.set_defaults(run=_serve)
+
+    g = commands.add_parser(
+        "args", parents=[server],
+        help="print the flags serve would pass to tritonserver, one per line (for other launchers)",
+    )
+    g.add_argument(
+        "--backend-directory", type=Path, default=None,
+        help="default: none, i.e. tritonserver's own (/opt/tritonserver/backends in NGC images)",
+    )
+    g.set_defaults(run=_args)
 
     a = commands.add_parser("perf-analyzer", parents=[common], help="run the bundled perf_analyzer 2.51: perf-analyzer -- ARGS")
     a.add_argument("args", nargs=argparse.REMAINDER)
     a.set_defaults(run=_perf_analyzer)
 
     args = parser.parse_args(argv)
-    if args.home is not None:
+    if getattr(args, "home", None) is not None:
         args.home = args.home.expanduser().resolve()
     try:
         return args.run(args)

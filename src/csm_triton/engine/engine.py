@@ -151,6 +151,8 @@ class GenerationEngine:
         self.scratch_row = self.max_slots
         self.cache = lm.new_backbone_cache(self.max_slots + 1, self.max_context)
         self.depth_cache = lm.new_depth_cache(batch_bucket(self.max_slots))
+        self.noise = torch.ones((batch_bucket(self.max_slots), lm.num_codebooks, lm.audio_vocab_size),
+                                device=lm.device)
         self.hidden = torch.zeros(self.max_slots + 1, lm.backbone_hidden_size, device=lm.device, dtype=lm.dtype)
         self.use_graphs = lm.device.type == "cuda" and self.config.cuda_graphs
         self._frame_steps: dict[tuple[int, int], FrameStep] = {}
@@ -381,7 +383,7 @@ class GenerationEngine:
         return self._frame_steps[key]
 
     def _new_frame_step(self, batch: int, attend_len: int, *, capture: bool) -> FrameStep:
-        return FrameStep(self.lm, self.cache, self.depth_cache, self.hidden, batch=batch,
+        return FrameStep(self.lm, self.cache, self.depth_cache, self.hidden, self.noise, batch=batch,
                          scratch_row=self.scratch_row, attend_len=attend_len, capture=capture,
                          graph_pool=self._graph_pool)
 

@@ -20,9 +20,9 @@ from csm_triton.engine.sampling import sample
 
 
 class FrameStep:
-    def __init__(self, lm: CsmLM, cache: KVCache, depth_cache: KVCache, hidden: torch.Tensor, *,
-                 batch: int, scratch_row: int, attend_len: int, capture: bool = False,
-                 graph_pool=None):
+    def __init__(self, lm: CsmLM, cache: KVCache, depth_cache: KVCache, hidden: torch.Tensor,
+                 noise: torch.Tensor, *, batch: int, scratch_row: int, attend_len: int,
+                 capture: bool = False, graph_pool=None):
         device = lm.device
         self.lm, self.cache, self.depth_cache, self.hidden = lm, cache, depth_cache, hidden
         self.batch = batch
@@ -33,7 +33,9 @@ class FrameStep:
         self.temperature = torch.ones(batch, device=device)
         self.top_k = torch.ones(batch, dtype=torch.long, device=device)
         self.greedy = torch.ones(batch, dtype=torch.bool, device=device)
-        self.noise = torch.ones((batch, lm.num_codebooks, lm.audio_vocab_size), device=device)
+        # Rows of the engine's one noise buffer ([rows, 32, vocab], 256 KiB a row): every
+        # bucket's graph reads the same memory, so buckets cost no extra noise buffers.
+        self.noise = noise[:batch]
         self.codes = torch.zeros((batch, lm.num_codebooks), dtype=torch.long, device=device)
         self.graph = self._capture(graph_pool) if capture else None
 

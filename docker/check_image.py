@@ -1,0 +1,103 @@
+"""Build-time checks of the GPU image (run by docker/Dockerfile; a failure fails the build).
+
+Each check is something that would otherwise surface only on a GPU host, minutes
+into a start: the python backend's stub embedding another Python than the one the
+packages went into, a CPU-only torch, Perth silently running without torchaudio, a
+numpy 2 ABI, an args file the launcher cannot read.
+
+    python3 docker/check_image.py [--no-triton]   (--no-triton: outside the image)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+TRITON_HOME = Path("/opt/tritonserver")
+SUPPORTED_PYTHONS = ((3, 11), (3, 12))  # pyproject's requires-python
+CUDA_MAJOR = "13"  # torch 2.13.0's PyPI wheels and the 25.10 image
+
+
+def check_python() -> str:
+    if sys.version_info[:2] not in SUPPORTED_PYTHONS:
+        raise SystemExit(f"Python {sys.version.split()[0]}: the project supports {SUPPORTED_PYTHONS}")
+    return f"Python {sys.version.split()[0]}"
+
+
+def check_numpy() -> str:
+    version = importlib.metadata.version("numpy")
+    if int(version.split(".")[0]) >= 2:
+        raise SystemExit(f"numpy {version}: the project pins numpy 1.x")
+    return f"numpy {version}"
+
+
+def check_torch() -> str:
+    import torch
+
+    if not (torch.version.cuda or "").startswith(CUDA_MAJOR + "."):
+        raise SystemExit(f"torch {torch.__version__} is built for CUDA {torch.version.cuda}, expected {CUDA_MAJOR}.x")
+    return f"torch {torch.__version__} (CUDA {torch.version.cuda})"
+
+
+def check_torchaudio() -> str:
+    from csm_triton._torchaudio_standin import _real_torchaudio_imports
+
+    if not _real_torchaudio_imports():
+        raise SystemExit("the real torchaudio does not import: Perth would run on the stand-in")
+    return f"torchaudio {importlib.metadata.version('torchaudio')}"
+
+
+def check_watermark() -> str:
+    from csm_triton.watermark import load_perth
+
+    load_perth("cpu")  # raises when Perth's imports fail (it hides them otherwise)
+    return f"resemble-perth {importlib.metadata.version('resemble-perth')}"
+
+
+def check_libraries() -> str:
+    import onnxruntime  # noqa: F401 - the export's parity check
+    from transformers import CsmForConditionalGeneration  # noqa: F401
+
+    return f"transformers {importlib.metadata.version('transformers')}, onnxruntime {onnxruntime.__version__}"
+
+
+def check_server_arguments() -> str:
+    from csm_triton.embedded import server_arguments
+
+    flags = server_arguments("/models/model_repository", model_control="none", gpu=True)
+    return f"{len(flags)} tritonserver flags from deploy/tritonserver.args"
+
+
+def check_triton() -> str:
+    server = TRITON_HOME / "bin" / "tritonserver"
+    for path in (server, TRITON_HOME / "backends" / "python" / "libtriton_python.so",
+                 TRITON_HOME / "backends" / "onnxruntime"):
+        if not path.exists():
+            raise SystemExit(f"{path} is missing from the base image")
+    stub = TRITON_HOME / "backends" / "python" / "triton_python_backend_stub"
+    libpython = sysconfig.get_config_var("INSTSONAME") or f"libpython{sys.version_info.major}.{sys.version_info.minor}"
+    linked = subprocess.run(["ldd", str(stub)], capture_output=True, text=True).stdout
+    if libpython.split(".so")[0] not in linked:
+        raise SystemExit(f"{stub} does not embed this Python ({libpython}); packages were installed for the wrong one")
+    return f"tritonserver in {TRITON_HOME}, stub embeds {libpython}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--no-triton", action="store_true", help="skip the checks of /opt/tritonserver")
+    args = parser.parse_args(argv)
+    checks = [check_python, check_numpy, check_torch, check_torchaudio,
+              check_watermark, check_libraries, check_server_arguments]
+    if not args.no_triton:
+        checks.append(check_triton)
+    for check in checks:
+        print(f"ok: {check()}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""Monitoring: the Prometheus config and the provisioned Grafana dashboard parse, point
+at what compose runs, and name only metrics (and labels, and models) that the server
+really exports: a scrape of the test server after a csm_tts request.
+
+GPU metrics are not exported by a server without a GPU. Those the dashboard uses must
+be names Triton documents as GPU metrics (GPU_METRICS below); where the scrape has
+GPU metrics (a GPU machine), they are checked against the scrape like the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.http as http
+import yaml
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+MONITORING = ROOT / "monitoring"
+PROMETHEUS_CONFIG = MONITORING / "prometheus" / "prometheus.yml"
+DATASOURCES = MONITORING / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+DASHBOARD_PROVIDERS = MONITORING / "grafana" / "provisioning" / "dashboards" / "csm-triton.yml"
+DASHBOARD = MONITORING / "grafana" / "dashboards" / "csm-triton.json"
+
+# Triton's GPU metric families and their label, as its metrics guide lists them
+# (docs/user_guide/metrics.md, "GPU Metrics", Triton 2.51 through 2.62 = NGC 25.10).
+GPU_METRICS = {
+    "nv_gpu_utilization", "nv_gpu_memory_total_bytes", "nv_gpu_memory_used_bytes",
+    "nv_gpu_power_usage", "nv_gpu_power_limit", "nv_energy_consumption",
+}
+GPU_LABEL = "gpu_uuid"
+# What the brief for the dashboard asks it to show, by the metrics that carry it.
+REQUIRED = {
+    "throughput": "nv_inference_request_success",
+    "queue time": "nv_inference_queue_duration_us",
+    "GPU use": "nv_gpu_utilization",
+    "active streams": "csm_active_streams",
+    "audio seconds": "csm_audio_seconds_total",
+    "real-time factor": "csm_generation_seconds_total",
+}
+METRIC_NAME = re.compile(r"\b(?:nv|csm)_[a-z0-9_]+\b")
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s")
+LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def scrape(server) -> dict[str, list[dict[str, str]]]:
+    """metric name -> the label sets of its samples."""
+    with urllib.request.urlopen(f"http://{server.metrics_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    series: dict[str, list[dict[str, str]]] = {}
+    for line in text.splitlines():
+        match = SAMPLE.match(line)
+        if match and not line.startswith("#"):
+            series.setdefault(match.group(1), []).append(dict(LABEL.findall(match.group(2) or "")))
+    return series
+
+
+@pytest.fixture(scope="module")
+def exported(triton_server, http_client):
+    # Per-model metrics exist from the model's load; a request makes sure the request
+    # and engine metrics have moved past their initial values.
+    inputs = []
+    for name, array, datatype in (("TEXT", np.array([b"Metrics, please."], dtype=object), "BYTES"),
+                                  ("MAX_AUDIO_SECONDS", np.array([0.5], np.float32), "FP32")):
+        tensor = http.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    audio = http_client.infer("csm_tts", inputs).as_numpy("AUDIO")
+    assert audio.size > 0
+    series = scrape(triton_server)
+    successes = [s for s in series.get("nv_inference_request_success", []) if s.get("model") == "csm_tts"]
+    assert successes, "nv_inference_request_success has no csm_tts series"
+    return series
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def panels(dashboard: dict) -> list[dict]:
+    found = []
+    for panel in dashboard["panels"]:
+        found += [panel] + panel.get("panels", [])  # a collapsed row holds its panels
+    return [p for p in found if p.get("type") != "row"]
+
+
+def expressions(dashboard: dict) -> list[str]:
+    return [target["expr"] for panel in panels(dashboard) for target in panel.get("targets", [])]
+
+
+def metric_names(expr: str) -> list[str]:
+    return METRIC_NAME.findall(re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr))  # not inside label values
+
+
+def labels_used(expr: str) -> set[str]:
+    """Label names in `by (...)`/`without (...)` clauses and `{label=...}` matchers."""
+    names = set()
+    for group in re.findall(r"\b(?:by|without)\s*\(([^)]*)\)", expr):
+        names |= {name.strip() for name in group.split(",") if name.strip()}
+    for matchers in re.findall(r"\{([^}]*)\}", expr):
+        names |= set(re.findall(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)", matchers))
+    return names
+
+
+def test_prometheus_config_scrapes_triton_where_compose_runs_it():
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "triton"]
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    targets = [t for group in job["static_configs"] for t in group["targets"]]
+    assert targets == ["triton:8002"]  # the compose service and Triton's metrics port
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert "triton" in compose["services"]
+    assert "./monitoring/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in \
+        compose["services"]["prometheus"]["volumes"]
+
+
+def test_grafana_provisioning_parses_and_matches_the_dashboard(dashboard):
+    (source,) = yaml.safe_load(DATASOURCES.read_text())["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    (provider,) = yaml.safe_load(DASHBOARD_PROVIDERS.read_text())["providers"]
+    assert provider["options"]["path"] == "/etc/grafana/dashboards"
+    for panel in panels(dashboard):
+        assert panel["datasource"]["uid"] == source["uid"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == source["uid"], panel["title"]
+
+
+def test_dashboard_shows_what_operators_need(dashboard):
+    named = {name for expr in expressions(dashboard) for name in metric_names(expr)}
+    missing = {what: metric for what, metric in REQUIRED.items() if metric not in named}
+    assert not missing, f"the dashboard shows nothing of {missing}"
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)) and dashboard["uid"]
+    for expr in expressions(dashboard):
+        assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), expr
+
+
+def test_every_metric_the_dashboard_names_is_exported(dashboard, exported):
+    gpu_exported = any(name.startswith("nv_gpu_") for name in exported)
+    for expr in expressions(dashboard):
+        for name in metric_names(expr):
+            if name in GPU_METRICS and not gpu_exported:
+                continue  # documented GPU metric, not exported by a server without a GPU
+            assert name in exported, f"{name} (in {expr!r}) is not exported; the server exports " \
+                                     f"{sorted(n for n in exported if n.startswith(('nv_', 'csm_')))}"
+
+
+def test_gpu_metrics_used_are_documented_triton_names(dashboard):
+    for expr in expressions(dashboard):
+        for name in metric_names(expr):
+            if name.startswith(("nv_gpu_", "nv_energy_")):
+                assert name in GPU_METRICS, f"{name} is not one of Triton's GPU metrics"
+
+
+def test_labels_and_models_the_dashboard_filters_on_exist(dashboard, exported, served_models):
+    for expr in expressions(dashboard):
+        names = metric_names(expr)
+        for label in labels_used(expr):
+            if all(name in GPU_METRICS for name in names) and label == GPU_LABEL and "nv_gpu_utilization" not in exported:
+                continue
+            carried = [name for name in names if any(label in sample for sample in exported.get(name, []))]
+            assert carried, f"no metric of {expr!r} carries the label {label!r}"
+        for alternatives in re.findall(r'model=~"([^"]+)"', expr):
+            for model in alternatives.split("|"):
+                assert model in served_models, f"{expr!r} filters on {model!r}, which is not a served model"
+
+
+def test_engine_metrics_carry_the_model_label(exported):
+    for name in ("csm_active_streams", "csm_kv_slots_in_use", "csm_kv_slots_total",
+                 "csm_audio_seconds_total", "csm_generation_seconds_total", "csm_last_real_time_factor"):
+        assert {"model": "csm_lm"} in exported.get(name, []), f"{name} has no csm_lm series"

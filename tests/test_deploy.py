@@ -1,0 +1,319 @@
+"""The container deployment, checked without a Docker engine: docker-compose.yml is
+validated by Debian's docker-compose (installed by scripts/setup.sh) and read back
+as compose resolves it; the container's tritonserver launch (docker/serve.sh) and
+the embedded launcher (`python -m csm_triton.embedded serve`) must pass the same
+server arguments; the export job's command must be one export.build_repository
+accepts. What needs Docker and a GPU (building the image, starting the stack) is
+listed in docs/deploy.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from csm_triton import constants as C
+from csm_triton import embedded
+from csm_triton.embedded import read_args_file, server_arguments
+from csm_triton.model_config import PROFILES
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE_FILE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+SERVE_SCRIPT = ROOT / "docker" / "serve.sh"
+EXPORT_SCRIPT = ROOT / "docker" / "export.sh"
+IMAGE_ROOT = "/opt/csm-triton"  # where docker/Dockerfile puts the project
+CONTAINER_REPOSITORY = "/models/model_repository"
+# Flags only the embedded server has: where its own install lives, and the /dev/shm
+# prefix that lets it remove its stubs' regions after a crash.
+EMBEDDED_ONLY = ("--backend-directory", "--cache-directory", "--backend-config=shm-region-prefix-name")
+# Compose variables a developer's shell may hold; the tests set their own.
+COMPOSE_VARIABLES = (
+    "CSM_IMAGE", "CSM_CHECKPOINT", "CSM_CHECKPOINT_DIR", "CSM_PROFILE", "CSM_ADMIN_TOKEN", "HF_TOKEN_FILE",
+    "CSM_HTTP_PORT", "CSM_GRPC_PORT", "CSM_METRICS_PORT", "LOCUST_PORT", "PROMETHEUS_PORT", "GRAFANA_PORT",
+    "GRAFANA_ADMIN_PASSWORD", "COMPOSE_PROFILES", "COMPOSE_FILE", "COMPOSE_PROJECT_NAME",
+)
+
+
+def docker_compose() -> str:
+    found = shutil.which("docker-compose")
+    if found is None:
+        pytest.fail("docker-compose is not installed: run scripts/setup.sh (it installs Debian's docker-compose)")
+    return found
+
+
+def compose(*args: str, environment: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in COMPOSE_VARIABLES}
+    env.update(environment or {})
+    return subprocess.run(
+        [docker_compose(), "--project-directory", str(ROOT), "-f", str(COMPOSE_FILE), *args],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+
+
+def resolved(*profiles: str, **environment: str) -> dict:
+    """docker-compose.yml as compose resolves it (variables substituted, defaults applied)."""
+    result = compose(*[a for p in profiles for a in ("--profile", p)], "config", environment=environment)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def services() -> dict:
+    return resolved("loadtest", "monitoring", CSM_ADMIN_TOKEN="token-from-the-environment")["services"]
+
+
+def with_python_first(extra: Path | None = None) -> dict[str, str]:
+    """An environment whose `python3` is this venv's (the image's is the system one)."""
+    path = [str(Path(sys.executable).parent), os.environ.get("PATH", "")]
+    if extra is not None:
+        path.insert(0, str(extra))
+    return {**os.environ, "PATH": os.pathsep.join(path)}
+
+
+def fake_program(folder: Path, name: str, body: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    program = folder / name
+    program.write_text("#!/bin/sh\n" + body)
+    program.chmod(0o755)
+    return program
+
+
+# --- the compose file -------------------------------------------------------------------
+def test_compose_file_is_valid_for_every_profile():
+    for profiles in ([], ["loadtest"], ["monitoring"], ["loadtest", "monitoring"]):
+        result = compose(*[a for p in profiles for a in ("--profile", p)], "config", "-q")
+        assert result.returncode == 0, f"profiles {profiles}: {result.stderr}"
+
+
+def test_a_broken_compose_file_is_refused(tmp_path):
+    # The validator really validates: a misspelt key fails.
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(COMPOSE_FILE.read_text().replace("shm_size:", "shm_sise:"))
+    result = subprocess.run([docker_compose(), "-f", str(broken), "config", "-q"], capture_output=True, text=True)
+    assert result.returncode != 0 and "shm_sise" in result.stderr
+
+
+def test_default_profile_runs_only_the_export_job_and_triton(services):
+    assert sorted(name for name, service in services.items() if not service.get("profiles")) == ["export", "triton"]
+
+
+def test_optional_services_sit_behind_their_profiles(services):
+    assert services["locust"]["profiles"] == ["loadtest"]
+    assert services["prometheus"]["profiles"] == ["monitoring"]
+    assert services["grafana"]["profiles"] == ["monitoring"]
+
+
+def test_triton_starts_after_a_successful_export_into_the_same_volume(services):
+    triton, export = services["triton"], services["export"]
+    assert triton["depends_on"] == {"export": {"condition": "service_completed_successfully"}}
+    assert "model-repository:/models:rw" in export["volumes"]
+    assert "--out" in export["command"] and CONTAINER_REPOSITORY in export["command"]
+    assert any(v.startswith("model-repository:/models") for v in triton["volumes"])
+    assert export["restart"] == "no"  # a one-shot job
+
+
+def test_triton_reserves_gpus_and_shared_memory(services):
+    triton = services["triton"]
+    devices = triton["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+    shm = re.fullmatch(r"(\d+)([kmg])b?", str(triton["shm_size"]).lower())
+    assert shm and int(shm.group(1)) * {"k": 2**10, "m": 2**20, "g": 2**30}[shm.group(2)] >= 2**30
+
+
+def test_triton_publishes_http_grpc_and_metrics_ports(services):
+    ports = {(p["published"], p["target"]) for p in services["triton"]["ports"]}
+    assert ports == {(C.DEFAULT_HTTP_PORT, 8000), (C.DEFAULT_GRPC_PORT, 8001), (C.DEFAULT_METRICS_PORT, 8002)}
+
+
+def test_triton_is_health_checked_on_readiness_and_restarted(services):
+    triton = services["triton"]
+    assert any("/v2/health/ready" in part for part in triton["healthcheck"]["test"])
+    assert triton["healthcheck"]["start_period"]  # loading CSM-1B takes minutes
+    assert triton["restart"] == "unless-stopped"
+    assert triton["init"] is True  # signals reach tritonserver; its stubs are reaped
+
+
+def test_admin_token_comes_from_the_environment_and_is_empty_without_it(services):
+    assert services["triton"]["environment"]["CSM_ADMIN_TOKEN"] == "token-from-the-environment"
+    unset = resolved()["services"]["triton"]["environment"]["CSM_ADMIN_TOKEN"]
+    assert unset == ""  # no token: voice writes are refused (csm_triton.admin)
+
+
+def test_hf_token_is_a_secret_file_never_an_environment_variable(tmp_path):
+    token_file = tmp_path / "hf_token"
+    token_file.write_text("hf_test\n")
+    config = resolved(HF_TOKEN_FILE=str(token_file))
+    assert config["secrets"]["hf_token"]["file"] == str(token_file)
+    assert {"source": "hf_token"} in config["services"]["export"]["secrets"]
+    for name, service in config["services"].items():
+        assert "HF_TOKEN" not in (service.get("environment") or {}), name
+
+
+def test_export_profile_is_selectable_and_defaults_to_a100():
+    command = resolved()["services"]["export"]["command"]
+    assert command[command.index("--profile") + 1] == "a100"
+    command = resolved(CSM_PROFILE="h100")["services"]["export"]["command"]
+    assert command[command.index("--profile") + 1] == "h100" and "h100" in PROFILES
+
+
+def test_locust_serves_the_projects_locustfile_on_8089_against_triton(services):
+    locust = services["locust"]
+    command = locust["command"]
+    locustfile = command[command.index("-f") + 1]
+    assert locustfile == f"{IMAGE_ROOT}/loadtest/locustfile.py"  # loadtest/locustfile.py in the image
+    assert command[command.index("--host") + 1] == "http://triton:8000"
+    assert command[command.index("--web-port") + 1] == "8089"
+    assert {(p["published"], p["target"]) for p in locust["ports"]} == {(8089, 8089)}
+    assert locust["depends_on"] == {"triton": {"condition": "service_healthy"}}
+
+
+def test_monitoring_mounts_files_that_exist(services):
+    for name in ("prometheus", "grafana"):
+        for volume in services[name]["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("/"):
+                assert Path(source).exists(), f"{name} mounts {source}, which is not in the project"
+                assert Path(source).resolve().is_relative_to(ROOT / "monitoring")
+
+
+def test_every_image_is_pinned(services):
+    for name, service in services.items():
+        image = service["image"]
+        if image == "csm-triton:latest":  # the project's own image, built by compose
+            continue
+        assert re.fullmatch(r"[\w./-]+:v?\d[\w.-]*", image), f"{name}: image {image} is not pinned to a release"
+    base = re.search(r"^ARG TRITON_IMAGE=(\S+)$", DOCKERFILE.read_text(), re.M).group(1)
+    release = re.fullmatch(r"nvcr\.io/nvidia/tritonserver:(\d\d)\.(\d\d)-py3", base)
+    assert release, f"the base image must be a pinned NGC <yy.mm>-py3 release, got {base}"
+    # 25.01 and later are Ubuntu 24.04 with Python 3.12; earlier ones ship 3.10, which
+    # pyproject's requires-python (>=3.11,<3.13) rules out.
+    assert (int(release.group(1)), int(release.group(2))) >= (25, 1)
+    assert "FROM ${TRITON_IMAGE}" in DOCKERFILE.read_text()
+
+
+def test_build_context_leaves_out_local_environments_and_builds():
+    ignored = {line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    assert {".venv", ".triton", "build", ".git"} <= ignored
+
+
+# --- one set of server arguments ----------------------------------------------------------
+def container_launch(command: list[str], tmp_path: Path) -> list[str]:
+    """The tritonserver argv docker/serve.sh execs for a compose command (a stand-in
+    tritonserver on PATH prints its arguments)."""
+    assert command[0] == f"{IMAGE_ROOT}/docker/serve.sh"
+    fake_program(tmp_path / "bin", "tritonserver", 'printf "%s\\n" "$@"\n')
+    result = subprocess.run([str(SERVE_SCRIPT), *command[1:]], capture_output=True, text=True,
+                            env=with_python_first(tmp_path / "bin"), timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def embedded_launch(arguments: list[str], monkeypatch) -> list[str]:
+    """The argv `python -m csm_triton.embedded serve ARGUMENTS` starts (Popen intercepted)."""
+    started = []
+
+    class Process:
+        def __init__(self, command, **_):
+            started.append(list(command))
+
+        def wait(self):
+            return 0
+
+        def poll(self):
+            return 0
+
+        def send_signal(self, _):
+            pass
+
+    monkeypatch.setattr(embedded.subprocess, "Popen", Process)
+    assert embedded.main(["serve", *arguments]) == 0
+    (command,) = started
+    return command[1:]  # without the binary
+
+
+def flag_name(flag: str) -> str:
+    return flag.split("=", 1)[0]
+
+
+def test_container_launch_passes_exactly_server_arguments(services, tmp_path):
+    argv = container_launch(services["triton"]["command"], tmp_path)
+    assert argv == server_arguments(CONTAINER_REPOSITORY, model_control="none", gpu=True)
+
+
+def test_container_and_embedded_launchers_use_the_same_server_arguments(services, tmp_path, monkeypatch):
+    command = services["triton"]["command"]
+    container = container_launch(command, tmp_path)
+    # The embedded launcher given the compose service's options ...
+    local = embedded_launch(command[1:], monkeypatch)
+    # ... passes the same flags, plus only those that locate its own install.
+    assert [f for f in local if not f.startswith(EMBEDDED_ONLY)] == container
+    # The shared flags are deploy/tritonserver.args verbatim, header forwarding included.
+    shared = read_args_file()
+    for argv in (container, local):
+        start = argv.index(shared[0])
+        assert argv[start:start + len(shared)] == shared
+    assert f"--http-header-forward-pattern={C.HEADER_FORWARD_PATTERN}" in shared
+    assert f"--grpc-header-forward-pattern={C.HEADER_FORWARD_PATTERN}" in shared
+
+
+def test_make_serve_differs_from_the_container_only_in_deployment_flags(services, tmp_path, monkeypatch):
+    # `make serve` runs serve with its defaults (explicit model control, GPU auto).
+    container = container_launch(services["triton"]["command"], tmp_path)
+    local = embedded_launch(["--model-repository", str(tmp_path / "repository")], monkeypatch)
+    differing = {flag_name(f) for f in set(container) ^ set(local)}
+    assert differing <= embedded._DEPLOYMENT_FLAGS | {"--backend-config"}, differing
+    assert set(read_args_file()) <= set(container) & set(local)
+
+
+def test_args_prints_server_arguments_one_per_line(capsys):
+    assert embedded.main(["args", "--model-repository", "/m", "--no-gpu", "--model-control", "poll",
+                          "--", "--log-verbose=1"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == server_arguments("/m", model_control="poll", gpu=False, extra=["--log-verbose=1"])
+
+
+def test_image_default_command_is_the_compose_command(services):
+    cmd = re.search(r"^CMD (\[.*\])$", DOCKERFILE.read_text(), re.M).group(1)
+    assert json.loads(cmd) == services["triton"]["command"]
+
+
+# --- the export job -------------------------------------------------------------------------
+def test_export_command_is_accepted_by_build_repository(services):
+    command = services["export"]["command"]
+    assert command[0] == f"{IMAGE_ROOT}/docker/export.sh"
+    # argparse checks each argument (the profile against its choices) before --help exits.
+    result = subprocess.run([str(EXPORT_SCRIPT), *command[1:], "--help"], capture_output=True, text=True,
+                            env=with_python_first(), cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "--checkpoint" in result.stdout
+
+
+def test_export_reads_hf_token_from_the_secret_file(tmp_path):
+    fake_program(tmp_path / "bin", "python3", 'echo "HF_TOKEN=${HF_TOKEN:-}"; echo "ARGS=$*"\n')
+    secret = tmp_path / "hf_token"
+    secret.write_text("  hf_from_secret\n")
+    env = {**with_python_first(tmp_path / "bin"), "HF_TOKEN_FILE": str(secret)}
+    env.pop("HF_TOKEN", None)
+    result = subprocess.run([str(EXPORT_SCRIPT), "--checkpoint", "sesame/csm-1b"], capture_output=True,
+                            text=True, env=env, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "HF_TOKEN=hf_from_secret", "ARGS=-m export.build_repository --checkpoint sesame/csm-1b"]
+    secret.write_text("")  # the default /dev/null secret: no token, nothing set
+    result = subprocess.run([str(EXPORT_SCRIPT)], capture_output=True, text=True, env=env, timeout=30)
+    assert result.stdout.splitlines()[0] == "HF_TOKEN="
+
+
+def test_setup_installs_docker_compose():
+    defaults = re.search(r"^APT_PACKAGES=\(\$\{APT_PACKAGES:-([^}]*)\}\)$",
+                         (ROOT / "scripts" / "setup.sh").read_text(), re.M).group(1)
+    assert "docker-compose" in defaults.split()
