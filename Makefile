@@ -40,3 +40,47 @@ test: setup
 
 clean:
 	rm -rf $(BUILD) .triton
+
+# --- the REST gateway (README "Clients") -------------------------------------------------------
+# The original system's API and page on :7860, calling a running Triton (make serve) over
+# gRPC; voice uploads carry this shell's CSM_ADMIN_TOKEN.
+GATEWAY_PORT ?= 7860
+TRITON_GRPC_URL ?= localhost:$(GRPC_PORT)
+
+.PHONY: gateway
+
+gateway: setup
+	$(PY) -m csm_clients.gateway --triton-url $(TRITON_GRPC_URL) --port $(GATEWAY_PORT)
+
+# --- load tests and benchmarks (loadtest/README.md) ----------------------------------------
+# locust / locust-ui drive a running server (make serve; give both shells the same
+# CSM_ADMIN_TOKEN so the stored voices can be registered); bench and perf start their
+# own server on free ports from $(REPOSITORY) and write their results to $(RESULTS).
+LOCUST_HOST ?= http://localhost:$(HTTP_PORT)
+USERS ?= 4
+DURATION ?= 60s
+LOCUST_CSV ?= $(BUILD)/locust/locust
+LOCUST_WEB_PORT ?= 8089
+RESULTS ?= loadtest/results
+BENCH_ARGS ?=
+PERF_ARGS ?=
+LOCUST_MODEL := $(if $(CSM_CHECKPOINT),full,tiny)
+
+.PHONY: locust locust-ui bench perf
+
+locust: setup
+	@mkdir -p $(dir $(LOCUST_CSV))
+	CSM_LOCUST_MODEL=$${CSM_LOCUST_MODEL:-$(LOCUST_MODEL)} $(VENV)/bin/locust -f loadtest/locustfile.py \
+	  --host $(LOCUST_HOST) --headless --users $(USERS) --spawn-rate $(USERS) --run-time $(DURATION) \
+	  --stop-timeout 120 --csv $(LOCUST_CSV) --only-summary
+
+locust-ui: setup
+	CSM_LOCUST_MODEL=$${CSM_LOCUST_MODEL:-$(LOCUST_MODEL)} $(VENV)/bin/locust -f loadtest/locustfile.py \
+	  --host $(LOCUST_HOST) --web-port $(LOCUST_WEB_PORT)
+
+bench: repository
+	$(PY) -m loadtest.bench --serve $(REPOSITORY) --out $(RESULTS) $(BENCH_ARGS)
+	$(PY) -m loadtest.overhead --serve $(REPOSITORY) --out $(RESULTS)
+
+perf: repository
+	$(PY) -m loadtest.perf_analyzer.sweep --serve $(REPOSITORY) --out $(RESULTS) $(PERF_ARGS)

@@ -206,13 +206,10 @@ def markdown(report: dict, stem: str) -> str:
     def triple(values: dict, keys) -> str:
         return " / ".join("-" if values[k] is None else f"{values[k]:g}" for k in keys)
 
-    lines = [f"# Streaming benchmark: {MODEL} over gRPC ({report['model']} model, {report['device_tag'].upper()})", ""]
-    lines += common.provenance_markdown(report)
-    lines += [f"- voices: {report['voice']}; texts: {report['texts']} ({report['text_count']} texts, "
-              f"MAX_AUDIO_SECONDS from the text's length, at most {report['max_audio_seconds']} s); "
-              f"{report['requests_per_client']} utterances per client per level, one gRPC stream each", ""]
-    if report["model"] == "tiny":
-        lines += [common.TINY_NOTE, ""]
+    lines = common.report_head(f"Streaming benchmark: {MODEL} over gRPC", report, [
+        f"- voices: {report['voice']}; texts: {report['texts']} ({report['text_count']} texts, MAX_AUDIO_SECONDS "
+        f"from the text's length, at most {report['max_audio_seconds']} s); {report['requests_per_client']} "
+        "utterances per client per level, one gRPC stream each"])
     lines += [
         "TTFA: request sent to first AUDIO chunk received. Latency: to the final response. Real-time factor: "
         "a request's latency / its audio duration (below 1 is faster than real time). Aggregate x real time: "
@@ -301,13 +298,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="folder for JSON, markdown and PNG results")
     args = parser.parse_args(argv)
-    load = common.load_average()
+    meter = common.Contention()
     with common.target_from_args(args) as target:
         levels = asyncio.run(run(args, target))
         report = {
             "benchmark": f"{MODEL} gRPC streaming", **common.provenance(target),
             "device_tag": common.device_tag(target.device),
-            "contention": f"1-minute load average {load:.2f} before the run" if load >= 0.5 else None,
+            "contention": meter.finish(target),
             "voice": "stored voices " + ", ".join(target.voice_ids) if args.voice == "stored" else "inline reference clips",
             "texts": str(args.texts.relative_to(workload.PROJECT_ROOT) if args.texts.is_relative_to(workload.PROJECT_ROOT)
                          else args.texts),

@@ -13,6 +13,7 @@ import os
 import secrets
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -188,11 +189,72 @@ def provenance_markdown(report: dict) -> list[str]:
     return lines
 
 
+def report_head(title: str, report: dict, details: list[str]) -> list[str]:
+    """A result's title, where it was measured, what was run, and what a tiny model means."""
+    lines = [f"# {title} ({report['model']} model, {report['device_tag'].upper()})", ""]
+    lines += provenance_markdown(report) + details + [""]
+    if report["model"] == "tiny":
+        lines += [TINY_NOTE, ""]
+    return lines
+
+
 def load_average() -> float:
     try:
         return os.getloadavg()[0]
     except OSError:
         return 0.0
+
+
+class Contention:
+    """How busy the machine was with other work: the load average before the run, and
+    the CPU time that processes outside this tool and its server used during it (from
+    /proc/stat and /proc/<pid>/stat; Linux only)."""
+
+    TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def __init__(self):
+        self.load_before = load_average()
+        self.began = time.monotonic()
+        self.busy_before = self._machine_busy()
+        self.own_before = self._own(None)
+
+    @staticmethod
+    def _machine_busy() -> float | None:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        return (sum(fields[:8]) - fields[3] - fields[4]) / Contention.TICK  # all but idle and iowait
+
+    @staticmethod
+    def _own(server_group: int | None) -> float:
+        times = os.times()
+        own = times.user + times.system + times.children_user + times.children_system
+        if server_group is None:
+            return own
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == server_group:  # pgrp
+                own += (int(fields[11]) + int(fields[12])) / Contention.TICK  # utime, stime
+        return own
+
+    def finish(self, target: "Target") -> str | None:
+        """None on a quiet machine, else a sentence for the result's `contention`."""
+        group = target.server.pid if target.server is not None and target.server.pid else None
+        busy = self._machine_busy()
+        notes = []
+        if self.load_before >= 0.5:
+            notes.append(f"1-minute load average {self.load_before:.2f} before the run")
+        if busy is not None and self.busy_before is not None and group is not None:
+            wall = max(1e-9, time.monotonic() - self.began)
+            others = (busy - self.busy_before) - (self._own(group) - self.own_before)
+            if others / wall > 0.1:  # more than a tenth of a core on average
+                notes.append(f"other processes used {others:.0f} CPU-s in {wall:.0f} s "
+                             f"({others / wall:.2f} cores on average)")
+        return "; ".join(notes) or None
 
 
 def write_report(out: Path, stem: str, report: dict, markdown: str) -> list[Path]:

@@ -58,6 +58,7 @@ class Run:
     voice_ids: list[str] = []
     created: list[str] = []
     setup_error = ""
+    load_before = 0.0  # 1-minute load average at test start: was the machine busy already?
 
 
 def request_body(text: str, audio_seconds: float, voice_id: str | None = None,
@@ -138,6 +139,7 @@ def error_message(response) -> str:
 @events.test_start.add_listener
 def register_voices(environment, **_kwargs):
     """On every node (master and workers alike): each needs the ids; registering is idempotent."""
+    Run.load_before = os.getloadavg()[0]
     token = os.environ.get(workload.ADMIN_TOKEN_ENV)
     created: list[str] = []
     try:
@@ -173,6 +175,7 @@ def summary(environment) -> dict:
         "machine": workload.machine(),
         "commit": workload.commit(),
         "command": workload.command_line(),
+        "contention": f"1-minute load average {Run.load_before:.2f} at the start" if Run.load_before >= 0.5 else None,
         "users": environment.runner.target_user_count if environment.runner else None,
         "requests": stats.total.num_requests,
         "failures": stats.total.num_failures,
@@ -200,6 +203,7 @@ def summary_markdown(report: dict) -> str:
         f"- host: {report['host']}; model: {report['model']}; machine: {report['machine']}",
         f"- commit: `{report['commit']}`",
         f"- command: `{report['command']}`",
+        *([f"- **measured under contention**: {report['contention']}"] if report["contention"] else []),
         f"- {report['users']} users, {report['wall_seconds']} s: {report['requests']} requests, "
         f"{report['failures']} failures, {report['requests_per_second']} requests/s",
         f"- audio generated: {report['audio_seconds']} s = **{report['aggregate_x_real_time']}x real time** "

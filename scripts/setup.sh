@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-python3.11}"
 VENV="${VENV:-.venv}"
-APT_PACKAGES=(${APT_PACKAGES:-espeak-ng sox docker-compose})
+# chromium: the gateway page's browser test (headless, Debian's build; never a downloaded browser).
+APT_PACKAGES=(${APT_PACKAGES:-espeak-ng sox docker-compose chromium})
 
 if ! command -v "$PYTHON" >/dev/null; then
   echo "error: $PYTHON not found; the embedded tritonserver stub needs CPython 3.11 or 3.12" >&2

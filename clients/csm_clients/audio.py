@@ -57,10 +57,10 @@ class Reference:
 
     samples: np.ndarray  # float32 mono
     sample_rate: int
-    transcript: str
+    transcript: str | None  # None: not sent (the server names what is missing)
 
     @classmethod
-    def from_file(cls, source: AudioSource, transcript: str) -> "Reference":
+    def from_file(cls, source: AudioSource, transcript: str | None) -> "Reference":
         samples, rate = read_audio(source, "the reference clip")
         return cls(samples, rate, transcript)
 

@@ -7,12 +7,13 @@ chunk shapes of a stream (what dynamic batching buys).
         --scenarios mimi_decoder_4f,mimi_decoder_37f --concurrency 1,8 --out DIR
 
 Runs the bundled perf_analyzer 2.51 (csm_triton.embedded) once per scenario and
-concurrency level with a fixed request count (`--request-count`: requests of whole
-seconds make time windows useless), on input data from make_inputs (real texts, the
-stored voices, the reference clips). For streaming it also exports every response's
-timestamp and reports time to first audio from them. Writes one CSV with perf_analyzer's
-own columns for every run, plus JSON and markdown with the dynamic-batching ratio
-(throughput at the highest concurrency / at 1) and Triton's statistics per run.
+concurrency level on input data from make_inputs (real texts, the stored voices, the
+reference clips). mimi_decoder: perf_analyzer's stabilised count windows. csm_tts*:
+requests of whole seconds make windows useless, so a fixed request count, with
+throughput, latency and (streaming) time to first audio computed from perf_analyzer's
+per-request response timestamps. Writes one CSV with perf_analyzer's own columns for
+every run, plus JSON and markdown with the dynamic-batching ratio (throughput at the
+highest concurrency / at 1) and Triton's statistics per run.
 """
 
 from __future__ import annotations
@@ -62,13 +63,12 @@ def perf_analyzer(arguments: list[str], timeout: float) -> subprocess.CompletedP
 
 
 def measure(name: str, scenario: Scenario, concurrency: int, requests: int, target: common.Target,
-            inputs: Path, work: Path, args: argparse.Namespace) -> dict:
+            inputs: Path, work: Path, args: argparse.Namespace, stable: bool = False) -> dict:
     url = target.http if scenario.protocol == "http" else target.grpc
     report, profile = work / f"{name}_c{concurrency}.csv", work / f"{name}_c{concurrency}_profile.json"
     arguments = ["-m", scenario.model, "-u", url, "-i", scenario.protocol, "--input-data", str(inputs),
                  "--concurrency-range", str(concurrency), "-f", str(report), "--verbose-csv",
                  "--profile-export-file", str(profile)]
-    stable = scenario.decoder and args.stable
     if stable:  # fast requests: perf_analyzer's own stabilised windows
         arguments += ["--measurement-mode", "count_windows", "--measurement-request-count", str(requests),
                       "--stability-percentage", str(args.stability), "--max-trials", "10"]
@@ -164,13 +164,10 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def markdown(report: dict, stem: str) -> str:
-    lines = [f"# perf_analyzer sweep ({report['model']} model, {report['device_tag'].upper()})", ""]
-    lines += common.provenance_markdown(report)
-    lines += [f"- perf_analyzer {report['perf_analyzer_version']} (tritonclient wheel); "
-              f"csm_tts inputs: {report['text_count']} texts, MAX_AUDIO_SECONDS from the text's length, at most "
-              f"{report['max_audio_seconds']} s; every run's columns: [{stem}.csv]({stem}.csv)", ""]
-    if report["model"] == "tiny":
-        lines += [common.TINY_NOTE, ""]
+    lines = common.report_head("perf_analyzer sweep", report, [
+        f"- perf_analyzer {report['perf_analyzer_version']} (tritonclient wheel); csm_tts inputs: "
+        f"{report['text_count']} texts, MAX_AUDIO_SECONDS from the text's length, at most "
+        f"{report['max_audio_seconds']} s; every run's columns: [{stem}.csv]({stem}.csv)"])
     lines += ["Throughput: requests completed per second. Latency: send to last response (for csm_tts_stream "
               "the stream's end); TTFA: send to the first audio chunk. Method `timestamps`: a fixed request count, "
               "figures computed from perf_analyzer's per-request timestamps (`--profile-export-file`; "
@@ -216,11 +213,13 @@ def main(argv=None) -> int:
     parser.add_argument("--tts-requests-per-client", type=int, default=2, help="csm_tts*: requests per client")
     parser.add_argument("--decoder-requests-per-client", type=int, default=100,
                         help="mimi_decoder: requests per client (per measurement window with --stable)")
-    parser.add_argument("--stable", action="store_true",
-                        help="mimi_decoder: perf_analyzer's stabilised count windows instead of a fixed count "
-                             "(fails on a busy machine)")
+    parser.add_argument("--stable", action=argparse.BooleanOptionalAction, default=True,
+                        help="mimi_decoder: perf_analyzer's stabilised count windows (a fixed count with "
+                             "timestamps when they do not stabilise, as on a busy machine)")
     parser.add_argument("--stability", type=int, default=25, help="with --stable: perf_analyzer's -s, in percent")
     parser.add_argument("--max-audio-seconds", type=float, default=3.0)
+    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="one unrecorded run per scenario at the highest concurrency first")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per perf_analyzer run")
     parser.add_argument("--out", type=Path, help="folder for CSV, JSON and markdown")
     args = parser.parse_args(argv)
@@ -228,7 +227,7 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenarios {unknown}; known: {', '.join(SCENARIOS)}")
-    load = common.load_average()
+    meter = common.Contention()
     rows = []
     with common.target_from_args(args) as target, tempfile.TemporaryDirectory(prefix="csm-perf-") as scratch:
         work = Path(scratch)
@@ -236,19 +235,25 @@ def main(argv=None) -> int:
         for name in names:
             scenario = SCENARIOS[name]
             per_client = args.decoder_requests_per_client if scenario.decoder else args.tts_requests_per_client
-            top = max(args.concurrency)  # warm-up, not recorded: lazy state, caches, allocator arenas
-            (work / "warmup").mkdir(exist_ok=True)
-            measure(name, scenario, top, top, target, inputs[scenario.inputs], work / "warmup", args)
+            if args.warmup:  # not recorded: lazy state, caches, allocator arenas
+                top = max(args.concurrency)
+                (work / "warmup").mkdir(exist_ok=True)
+                measure(name, scenario, top, top, target, inputs[scenario.inputs], work / "warmup", args)
             for concurrency in args.concurrency:
+                stable = scenario.decoder and args.stable
                 row = measure(name, scenario, concurrency, per_client * concurrency, target,
-                              inputs[scenario.inputs], work, args)
+                              inputs[scenario.inputs], work, args, stable)
+                if stable and "stable measurement" in row.get("error", ""):
+                    row = measure(name, scenario, concurrency, per_client * concurrency, target,
+                                  inputs[scenario.inputs], work, args)
+                    row["method"] = "timestamps (windows did not stabilise)"
                 rows.append(row)
                 print(f"{name} c={concurrency}: {row.get('throughput_per_s', 'failed')} /s, "
                       f"{row['failures']} failures {row.get('error', '')}", file=sys.stderr)
         report = {
             "benchmark": "perf_analyzer sweep", **common.provenance(target),
             "device_tag": common.device_tag(target.device),
-            "contention": f"1-minute load average {load:.2f} before the run" if load >= 0.5 else None,
+            "contention": meter.finish(target),
             "perf_analyzer_version": perf_analyzer_version(),
             "text_count": len(workload.load_texts()), "max_audio_seconds": args.max_audio_seconds,
             "runs": rows, "batching": batching_gains(rows),

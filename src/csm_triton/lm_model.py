@@ -55,7 +55,7 @@ class LanguageModel(triton.DecoupledModel):
         )
         self.engine.start()
         # The families must outlive their metrics: keep them on the model.
-        self.metrics = metrics = triton.Metrics(self.model_name)
+        self.metrics = metrics = triton.Metrics(self.model_name, device=str(self.engine.lm.device))
         self.active_streams = metrics.gauge("csm_active_streams", "Requests being generated or waiting")
         self.slots_in_use = metrics.gauge("csm_kv_slots_in_use", "KV-cache slots holding a request")
         self.slots_total = metrics.gauge("csm_kv_slots_total", "KV-cache slots of the engine")

@@ -254,10 +254,11 @@ class DecoupledModel(PythonModel):
 
 # --- custom metrics (served on the metrics port beside Triton's own) -----------------
 class Metrics:
-    """Counters and gauges labelled with the model's name."""
+    """Counters and gauges labelled with the model's name (and e.g. its device, so that
+    the engines of several GPUs keep separate series)."""
 
-    def __init__(self, model_name: str):
-        self._labels = {"model": model_name}
+    def __init__(self, model_name: str, **labels: str):
+        self._labels = {"model": model_name, **labels}
         self._families = []
 
     def _metric(self, name: str, description: str, kind):

@@ -1,0 +1,19 @@
+"""Thin clients for the CSM-1B voice-cloning service on Triton.
+
+Needs only tritonclient, numpy, soundfile and soxr (never torch):
+
+    from csm_clients import VoiceCloner
+    with VoiceCloner("localhost:8001") as tts:
+        tts.clone_voice_from_file("me.wav", "What the clip says.", "Hello in my voice.").save("hello.wav")
+
+`csm-tts` is the command line (csm_clients.cli), `python -m csm_clients.gateway` the
+REST gateway on :7860.
+"""
+
+from csm_clients.audio import MODEL_SAMPLE_RATE, Reference, Speech, read_audio
+from csm_clients.client import AsyncVoiceCloner, VoiceCloner
+from csm_clients.errors import (CsmClientError, InvalidRequest, PermissionDenied, ServerError,
+                                ServerUnavailable)
+
+__all__ = ["AsyncVoiceCloner", "CsmClientError", "InvalidRequest", "MODEL_SAMPLE_RATE", "PermissionDenied",
+           "Reference", "ServerError", "ServerUnavailable", "Speech", "VoiceCloner", "read_audio"]

@@ -1,0 +1,95 @@
+"""Each public model's request and answer, once, for every transport.
+
+A `Call` holds the model name and its inputs as numpy arrays (UPPER_SNAKE names,
+docs/api.md) and knows how to read the answer; the sync and async clients, over gRPC or
+HTTP, only move it. Optional inputs left as None are not sent: the server's defaults
+and limits apply.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from csm_clients.audio import Reference, Speech
+
+__all__ = ["ADMIN_TOKEN_HEADER", "STREAM_MODEL", "Call", "delete_voice", "detect_watermark", "list_voices", "register_voice",
+           "speech_from", "synthesize", "tts_inputs"]
+
+ADMIN_TOKEN_HEADER = "x-csm-admin-token"  # docs/api.md: voice writes need it
+TTS_MODEL = "csm_tts"
+STREAM_MODEL = "csm_tts_stream"
+
+
+@dataclass(frozen=True)
+class Call:
+    model: str
+    inputs: dict[str, np.ndarray]
+    parse: Callable[[Any], Any]  # the answer (anything with .as_numpy(name)) -> the value returned
+    admin: bool = False  # send the admin token
+
+
+def _text(value: str) -> np.ndarray:
+    return np.array([value.encode("utf-8")], dtype=np.object_)
+
+
+def _reference_inputs(reference: Reference) -> dict[str, np.ndarray]:
+    inputs = {"REFERENCE_AUDIO": np.ascontiguousarray(reference.samples, dtype=np.float32),
+              "REFERENCE_SAMPLE_RATE": np.array([reference.sample_rate], np.int32)}
+    if reference.transcript is not None:
+        inputs["REFERENCE_TEXT"] = _text(reference.transcript)
+    return inputs
+
+
+def tts_inputs(text: str, voice: str | Reference | None = None, *, temperature: float | None = None,
+               top_k: int | None = None, seed: int | None = None,
+               max_audio_seconds: float | None = None) -> dict[str, np.ndarray]:
+    """csm_tts / csm_tts_stream inputs. `voice`: a stored voice id, an inline Reference,
+    or None for the model's default voice."""
+    inputs = {"TEXT": _text(text)}
+    if isinstance(voice, Reference):
+        inputs.update(_reference_inputs(voice))
+    elif voice is not None:
+        inputs["VOICE_ID"] = _text(voice)
+    optional = {"TEMPERATURE": (temperature, np.float32), "TOP_K": (top_k, np.int32),
+                "SEED": (seed, np.int64), "MAX_AUDIO_SECONDS": (max_audio_seconds, np.float32)}
+    inputs.update({name: np.array([value], dtype) for name, (value, dtype) in optional.items() if value is not None})
+    return inputs
+
+
+def speech_from(result) -> Speech:
+    return Speech(np.asarray(result.as_numpy("AUDIO"), np.float32), int(result.as_numpy("SAMPLE_RATE")[0]))
+
+
+def _json_output(name: str) -> Callable[[Any], Any]:
+    def parse(result):
+        value = result.as_numpy(name)[0]
+        return json.loads(value.decode() if isinstance(value, bytes) else value)
+
+    return parse
+
+
+def synthesize(text: str, voice: str | Reference | None = None, **sampling) -> Call:
+    return Call(TTS_MODEL, tts_inputs(text, voice, **sampling), speech_from)
+
+
+def register_voice(voice_id: str, reference: Reference) -> Call:
+    return Call("voice_register", {"VOICE_ID": _text(voice_id), **_reference_inputs(reference)},
+                _json_output("VOICE"), admin=True)
+
+
+def list_voices() -> Call:
+    return Call("voice_list", {}, _json_output("VOICES"))
+
+
+def delete_voice(voice_id: str) -> Call:
+    return Call("voice_delete", {"VOICE_ID": _text(voice_id)}, _json_output("DELETED"), admin=True)
+
+
+def detect_watermark(audio: np.ndarray, sample_rate: int) -> Call:
+    return Call("watermark_detect",
+                {"AUDIO": np.ascontiguousarray(audio, dtype=np.float32), "SAMPLE_RATE": np.array([sample_rate], np.int32)},
+                lambda result: float(result.as_numpy("SCORE")[0]))

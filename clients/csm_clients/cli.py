@@ -1,0 +1,183 @@
+"""csm-tts: the voice-cloning service from the command line.
+
+    csm-tts say "Hello there." -o hello.wav [--voice alice]
+    csm-tts clone me.wav "What the clip says." "Hello in my voice." -o cloned.wav
+    csm-tts stream "A longer text, written as it is spoken." -o streamed.wav
+    csm-tts voices add alice me.wav "What the clip says." | voices list | voices rm alice
+    csm-tts batch lines.jsonl --out-dir out/ --concurrency 4
+    csm-tts watermark hello.wav
+
+Triton's address: --url, else $CSM_TRITON_URL, else localhost:8001 (gRPC) or :8000
+(--protocol http). Voice writes send $CSM_ADMIN_TOKEN (or --admin-token). Exit codes:
+0 done, 1 a request (or a batch item) failed, 2 bad command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import soundfile
+
+from csm_clients.audio import Reference
+from csm_clients.batch import run_batch
+from csm_clients.client import AsyncVoiceCloner, VoiceCloner
+from csm_clients.errors import CsmClientError
+
+__all__ = ["main"]
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in ("temperature", "top_k", "seed", "max_audio_seconds")}
+
+
+def _save(speech, args: argparse.Namespace) -> None:
+    path = speech.save(args.out, args.sample_rate)
+    print(f"{path}: {speech.seconds:.2f} s of audio")
+
+
+def _say(cloner: VoiceCloner, args) -> int:
+    _save(cloner.synthesize(args.text, voice=args.voice, **_sampling(args)), args)
+    return 0
+
+
+def _clone(cloner: VoiceCloner, args) -> int:
+    _save(cloner.clone_voice_from_file(args.reference, args.transcript, args.text, **_sampling(args)), args)
+    return 0
+
+
+def _stream(cloner: VoiceCloner, args) -> int:
+    if args.reference and args.voice:
+        raise SystemExit("csm-tts stream: give either --voice or --reference, not both")
+    voice = Reference.from_file(args.reference, args.transcript) if args.reference else args.voice
+    started, total = time.perf_counter(), 0.0
+    output = None
+    try:
+        for number, chunk in enumerate(cloner.stream(args.text, voice=voice, **_sampling(args)), start=1):
+            if output is None:  # opened on the first chunk: its rate is the stream's
+                output = soundfile.SoundFile(args.out, "w", samplerate=chunk.sample_rate, channels=1)
+            output.write(chunk.audio)
+            total += chunk.seconds
+            print(f"chunk {number}: {chunk.seconds:.2f} s of audio at {time.perf_counter() - started:.2f} s",
+                  file=sys.stderr)
+    finally:
+        if output is not None:
+            output.close()
+    print(f"{args.out}: {total:.2f} s of audio")
+    return 0
+
+
+def _voices(cloner: VoiceCloner, args) -> int:
+    if args.action == "add":
+        print(json.dumps(cloner.register_voice(args.voice_id, args.reference, args.transcript)))
+    elif args.action == "rm":
+        print(json.dumps(cloner.delete_voice(args.voice_id)))
+    else:
+        voices = cloner.list_voices()
+        if args.json:
+            print(json.dumps(voices, indent=2))
+        for voice in [] if args.json else voices:
+            print(f"{voice['voice_id']:<24} {voice['duration_seconds']:>6.2f} s  {voice['transcript']}")
+    return 0
+
+
+def _watermark(cloner: VoiceCloner, args) -> int:
+    score = cloner.detect_watermark(args.audio)
+    print(f"{args.audio}: watermark score {score:.3f}")
+    return 0
+
+
+def _batch(args) -> int:
+    async def run():
+        async with AsyncVoiceCloner(args.url, args.protocol, timeout=args.timeout) as cloner:
+            return await run_batch(args.input, args.out_dir, cloner, concurrency=args.concurrency)
+
+    summary = asyncio.run(run())
+    print(summary.table())
+    return 1 if summary.failures else 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="csm-tts", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("--url", default=os.environ.get("CSM_TRITON_URL"),
+                        help="Triton host:port (default $CSM_TRITON_URL, else localhost:8001 / :8000 for http)")
+    parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    parser.add_argument("--admin-token", default=os.environ.get("CSM_ADMIN_TOKEN"),
+                        help="for voices add/rm (default $CSM_ADMIN_TOKEN)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    sampling = argparse.ArgumentParser(add_help=False)
+    sampling.add_argument("--temperature", type=float)
+    sampling.add_argument("--top-k", type=int)
+    sampling.add_argument("--seed", type=int)
+    sampling.add_argument("--max-audio-seconds", type=float)
+    output = argparse.ArgumentParser(add_help=False, parents=[sampling])
+    output.add_argument("-o", "--out", type=Path, required=True, help="audio file (.wav, .flac, .ogg ...)")
+    output.add_argument("--sample-rate", type=int, help="resample the result to this rate (default: as generated)")
+
+    say = commands.add_parser("say", parents=[output], help="speak text (a stored voice or the default one)")
+    say.add_argument("text")
+    say.add_argument("--voice", help="a stored voice id")
+    say.set_defaults(run=_say)
+
+    clone = commands.add_parser("clone", parents=[output], help="speak text in the voice of a clip")
+    clone.add_argument("reference", type=Path, help="the reference clip (any soundfile format)")
+    clone.add_argument("transcript", help="what the clip says")
+    clone.add_argument("text")
+    clone.set_defaults(run=_clone)
+
+    stream = commands.add_parser("stream", parents=[sampling], help="stream speech, writing chunks as they come")
+    stream.add_argument("text")
+    stream.add_argument("-o", "--out", type=Path, required=True, help="audio file")
+    stream.add_argument("--voice", help="a stored voice id")
+    stream.add_argument("--reference", type=Path, help="a reference clip (with --transcript)")
+    stream.add_argument("--transcript", help="what the reference clip says")
+    stream.set_defaults(run=_stream)
+
+    voices = commands.add_parser("voices", help="stored voices: add, list, rm")
+    actions = voices.add_subparsers(dest="action", required=True)
+    add = actions.add_parser("add", help="store a voice (needs the admin token)")
+    add.add_argument("voice_id")
+    add.add_argument("reference", type=Path)
+    add.add_argument("transcript")
+    listing = actions.add_parser("list", help="list stored voices")
+    listing.add_argument("--json", action="store_true")
+    remove = actions.add_parser("rm", help="delete a stored voice (needs the admin token)")
+    remove.add_argument("voice_id")
+    voices.set_defaults(run=_voices)
+
+    watermark = commands.add_parser("watermark", help="watermark score of an audio file")
+    watermark.add_argument("audio", type=Path)
+    watermark.set_defaults(run=_watermark)
+
+    batch = commands.add_parser("batch", help="many items (.jsonl or .csv) to WAV files, resumable")
+    batch.add_argument("input", type=Path)
+    batch.add_argument("--out-dir", type=Path, required=True)
+    batch.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    batch.set_defaults(run=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "batch":
+            return _batch(args)
+        with VoiceCloner(args.url, args.protocol, admin_token=args.admin_token, timeout=args.timeout) as cloner:
+            return args.run(cloner, args)
+    except CsmClientError as error:
+        print(f"csm-tts: {type(error).__name__}: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

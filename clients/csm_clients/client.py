@@ -1,0 +1,290 @@
+"""VoiceCloner (blocking) and AsyncVoiceCloner (asyncio): the same calls over gRPC or HTTP.
+
+Both share one definition of every call (`_Calls`); they differ only in how a request
+travels. gRPC is the default: binary tensors and real streams. Over HTTP, streaming
+uses Triton's `generate_stream` (server-sent events).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import urllib.error
+import urllib.request
+from typing import Any, AsyncIterator, Iterator, Mapping
+
+import numpy as np
+import tritonclient.grpc as grpc
+import tritonclient.grpc.aio as grpc_aio
+import tritonclient.http as http
+import tritonclient.http.aio as http_aio
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from csm_clients import calls
+from csm_clients.audio import AudioSource, Reference, Speech, read_audio
+from csm_clients.errors import ServerError, from_stream_message, from_triton
+
+__all__ = ["AsyncVoiceCloner", "DEFAULT_URLS", "VoiceCloner"]
+
+DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
+DEFAULT_TIMEOUT_S = 300.0  # a long utterance on a busy server; per request
+
+
+def _infer_inputs(module, inputs: Mapping[str, np.ndarray]) -> list:
+    tensors = []
+    for name, value in inputs.items():
+        tensor = module.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+        tensor.set_data_from_numpy(value)
+        tensors.append(tensor)
+    return tensors
+
+
+def _generate_body(inputs: Mapping[str, np.ndarray]) -> bytes:
+    """Inputs as the JSON object Triton's generate extension takes: [1]-shaped tensors as
+    scalars, the reference clip as a list."""
+    body = {}
+    for name, value in inputs.items():
+        items = [item.decode("utf-8") if isinstance(item, bytes) else item.item() for item in value.ravel()]
+        body[name] = items[0] if value.shape == (1,) else items
+    return json.dumps(body).encode()
+
+
+def _stream_over_sse(url: str, inputs: Mapping[str, np.ndarray], timeout: float) -> Iterator[Speech]:
+    request = urllib.request.Request(f"http://{url}/v2/models/{calls.STREAM_MODEL}/generate_stream",
+                                     data=_generate_body(inputs), headers={"Content-Type": "application/json"})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as error:  # the body is one event holding the message
+        event = next(_sse_events(error.read().splitlines()), {})
+        raise from_stream_message(event.get("error", str(error))) from None
+    except OSError as error:
+        raise from_triton(error, url) from None
+    with response:
+        for event in _sse_events(response):
+            if "error" in event:
+                raise from_stream_message(event["error"])
+            if "AUDIO" in event:
+                rate = np.ravel(event["SAMPLE_RATE"])[0]
+                yield Speech(np.asarray(event["AUDIO"], np.float32), int(rate))
+
+
+def _sse_events(lines) -> Iterator[dict]:
+    return (json.loads(line[5:]) for line in lines if line.startswith(b"data:"))
+
+
+def _stream_step(result, error, url: str) -> tuple[Speech | None, bool]:
+    """One gRPC stream answer -> (its audio chunk or None, whether it was the last)."""
+    if error is not None:
+        raise from_triton(error, url)
+    response = result.get_response()
+    final = response.parameters.get("triton_final_response")
+    return (calls.speech_from(result) if response.outputs else None), bool(final is not None and final.bool_param)
+
+
+class _Calls:
+    """Every call a client offers. `_run` and `_stream` move a request; in the async
+    client they return a coroutine and an async iterator, so each method here returns
+    whatever the transport does, unchanged."""
+
+    protocol: str
+    admin_token: str | None
+    timeout: float
+    _module: Any  # tritonclient.grpc / .http (or their .aio)
+
+    def _configure(self, url: str | None, protocol: str, admin_token: str | None, timeout: float) -> None:
+        if protocol not in DEFAULT_URLS:
+            raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol!r}")
+        self.protocol, self.url = protocol, url or DEFAULT_URLS[protocol]
+        self.admin_token, self.timeout = admin_token, timeout
+
+    def synthesize(self, text: str, *, voice: str | Reference | None = None, temperature: float | None = None,
+                   top_k: int | None = None, seed: int | None = None, max_audio_seconds: float | None = None):
+        """Text -> Speech (24 kHz, watermarked). `voice`: a stored voice id, an inline
+        Reference, or None for the model's default voice; None sampling values take the
+        server's defaults."""
+        return self._run(calls.synthesize(text, voice, temperature=temperature, top_k=top_k, seed=seed,
+                                          max_audio_seconds=max_audio_seconds))
+
+    def clone_voice_from_file(self, reference_audio: AudioSource, reference_transcript: str | None, target_text: str,
+                              **sampling):
+        """Speak `target_text` in the voice of a clip (any soundfile format) and its transcript."""
+        return self.synthesize(target_text, voice=Reference.from_file(reference_audio, reference_transcript),
+                               **sampling)
+
+    def stream(self, text: str, *, voice: str | Reference | None = None, temperature: float | None = None,
+               top_k: int | None = None, seed: int | None = None, max_audio_seconds: float | None = None):
+        """Like synthesize, yielding Speech chunks as they are generated; stopping early
+        cancels the generation on the server."""
+        return self._stream(calls.tts_inputs(text, voice, temperature=temperature, top_k=top_k, seed=seed,
+                                             max_audio_seconds=max_audio_seconds))
+
+    def register_voice(self, voice_id: str, reference_audio: AudioSource, transcript: str | None):
+        """Store a voice (needs the admin token) -> the stored voice's description."""
+        return self._run(calls.register_voice(voice_id, Reference.from_file(reference_audio, transcript)))
+
+    def list_voices(self):
+        """[{voice_id, transcript, duration_seconds, created_at}, ...]"""
+        return self._run(calls.list_voices())
+
+    def delete_voice(self, voice_id: str):
+        """Remove a stored voice (needs the admin token) -> its description."""
+        return self._run(calls.delete_voice(voice_id))
+
+    def detect_watermark(self, audio: Speech | np.ndarray | AudioSource, sample_rate: int | None = None):
+        """Watermark score in [0, 1] of a Speech, samples (with `sample_rate`) or an audio file."""
+        if isinstance(audio, Speech):
+            audio, sample_rate = audio.audio, audio.sample_rate
+        elif not isinstance(audio, np.ndarray):
+            audio, sample_rate = read_audio(audio)
+        elif sample_rate is None:
+            raise ValueError("detect_watermark: give the sample_rate of the samples")
+        return self._run(calls.detect_watermark(audio, sample_rate))
+
+    def _request(self, call: calls.Call) -> dict[str, Any]:
+        """tritonclient's infer() arguments for a call."""
+        # Headers: a fresh dict per request (tritonclient.http adds its own keys to it).
+        headers = {calls.ADMIN_TOKEN_HEADER: self.admin_token} if call.admin and self.admin_token else {}
+        timeout = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
+        return dict(model_name=call.model, inputs=_infer_inputs(self._module, call.inputs), headers=headers, **timeout)
+
+    def _run(self, call: calls.Call) -> Any:
+        raise NotImplementedError
+
+    def _stream(self, inputs: dict[str, np.ndarray]) -> Any:
+        raise NotImplementedError
+
+
+class VoiceCloner(_Calls):
+    """Blocking client. gRPC calls may be made from several threads at once; an HTTP
+    client serves one call at a time (make one per thread)."""
+
+    def __init__(self, url: str | None = None, protocol: str = "grpc", *, admin_token: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT_S):
+        self._configure(url, protocol, admin_token, timeout)
+        self._module = grpc if protocol == "grpc" else http
+        self._client = (grpc.InferenceServerClient(self.url) if protocol == "grpc"
+                        else http.InferenceServerClient(self.url, connection_timeout=timeout, network_timeout=timeout))
+
+    def is_ready(self) -> bool:
+        try:
+            return bool(self._client.is_server_ready())
+        except (InferenceServerException, OSError):
+            return False
+
+    def _run(self, call: calls.Call) -> Any:
+        try:
+            result = self._client.infer(**self._request(call))
+        except (InferenceServerException, OSError) as error:
+            raise from_triton(error, self.url) from None
+        return call.parse(result)
+
+    def _stream(self, inputs: dict[str, np.ndarray]) -> Iterator[Speech]:
+        if self.protocol == "http":
+            yield from _stream_over_sse(self.url, inputs, self.timeout)
+            return
+        # One client per stream: a tritonclient gRPC client holds one stream at a time.
+        client = grpc.InferenceServerClient(self.url)
+        answers: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        finished = False
+        try:
+            try:
+                client.async_stream_infer(calls.STREAM_MODEL, _infer_inputs(grpc, inputs),
+                                          enable_empty_final_response=True)
+            except InferenceServerException as error:  # the stream broke: its cause went to the callback
+                try:
+                    error = answers.get(timeout=5)[1] or error
+                except queue.Empty:
+                    pass
+                raise from_triton(error, self.url) from None
+            while not finished:
+                try:
+                    result, error = answers.get(timeout=self.timeout)
+                except queue.Empty:
+                    raise ServerError(f"no stream response within {self.timeout:g} s") from None
+                chunk, finished = _stream_step(result, error, self.url)
+                if chunk is not None:
+                    yield chunk
+        finally:
+            client.stop_stream(cancel_requests=not finished)
+            client.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "VoiceCloner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class AsyncVoiceCloner(_Calls):
+    """asyncio client for many requests at once: `await cloner.synthesize(...)`,
+    `async for chunk in cloner.stream(...)`. Create it inside the running loop."""
+
+    def __init__(self, url: str | None = None, protocol: str = "grpc", *, admin_token: str | None = None,
+                 timeout: float = DEFAULT_TIMEOUT_S):
+        self._configure(url, protocol, admin_token, timeout)
+        self._module = grpc_aio if protocol == "grpc" else http_aio
+        self._connection = None
+
+    @property
+    def _client(self):
+        # Made on first use, inside the running loop (aiohttp and grpc.aio bind to it).
+        if self._connection is None:
+            self._connection = (grpc_aio.InferenceServerClient(self.url) if self.protocol == "grpc"
+                                else http_aio.InferenceServerClient(self.url, conn_timeout=self.timeout))
+        return self._connection
+
+    async def is_ready(self) -> bool:
+        try:
+            return bool(await self._client.is_server_ready())
+        except (InferenceServerException, OSError):
+            return False
+
+    async def _run(self, call: calls.Call) -> Any:
+        try:
+            result = await self._client.infer(**self._request(call))
+        except (InferenceServerException, OSError) as error:
+            raise from_triton(error, self.url) from None
+        return call.parse(result)
+
+    async def _stream(self, inputs: dict[str, np.ndarray]) -> AsyncIterator[Speech]:
+        if self.protocol == "http":  # the blocking SSE reader, one chunk at a time off the loop
+            chunks = _stream_over_sse(self.url, inputs, self.timeout)
+            try:
+                while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
+                    yield chunk
+            finally:
+                chunks.close()  # stopping early closes the connection: Triton cancels the generation
+            return
+
+        async def request():
+            yield {"model_name": calls.STREAM_MODEL, "inputs": _infer_inputs(grpc_aio, inputs),
+                   "enable_empty_final_response": True}
+
+        answers = self._client.stream_infer(request(), stream_timeout=self.timeout)
+        finished = False
+        try:
+            async for result, error in answers:
+                chunk, finished = _stream_step(result, error, self.url)
+                if chunk is not None:
+                    yield chunk
+                if finished:
+                    break
+        finally:
+            if not finished:
+                answers.cancel()
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+
+    async def __aenter__(self) -> "AsyncVoiceCloner":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
