@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import struct
 import sys
@@ -114,7 +115,8 @@ async def stream_one(stub, request, timeout: float) -> Outcome:
 
 # --- the workload --------------------------------------------------------------------------
 class Requests:
-    """The level's requests: texts in a fixed shuffled order, voices taken in turn."""
+    """A level's requests: texts in a fixed shuffled order, voices taken in turn. Every
+    level starts from the first text, so levels share their texts as far as they go."""
 
     def __init__(self, args, voice_ids: list[str]):
         self.texts = workload.load_texts(args.texts)
@@ -144,6 +146,8 @@ class Requests:
 
 async def run_level(stub, requests: Requests, concurrency: int, per_client: int, timeout: float):
     outcomes: list[Outcome] = []
+
+    requests.count = 0
 
     async def client():
         for _ in range(per_client):
@@ -258,7 +262,8 @@ def plot(report: dict, out: Path, stem: str) -> list[Path]:
         axis.plot(x, [level["ttfa_ms"][key] for level in levels], style, label=f"TTFA {key}")
     axis.plot(x, [level["latency_ms"]["p50"] for level in levels], "d-", color="grey", label="latency p50 (whole utterance)")
     axis.set(xscale="log", xlabel="concurrent streams", ylabel="ms", title=title)
-    axis.set_xticks(x, [str(v) for v in x])
+    axis.set_xticks(x, [str(v) for v in x], minor=False)
+    axis.minorticks_off()
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
@@ -270,7 +275,8 @@ def plot(report: dict, out: Path, stem: str) -> list[Path]:
     axis.plot(x, [level["aggregate_x_real_time"] for level in levels], "o-", label="aggregate x real time")
     axis.axhline(1.0, color="grey", linestyle=":", linewidth=1)
     axis.set(xscale="log", xlabel="concurrent streams", ylabel="audio seconds per wall second", title=title)
-    axis.set_xticks(x, [str(v) for v in x])
+    axis.set_xticks(x, [str(v) for v in x], minor=False)
+    axis.minorticks_off()
     other = axis.twinx()
     other.plot(x, [level["real_time_factor"]["p50"] for level in levels], "s--", color="tab:red",
                label="real-time factor p50 (per request)")
@@ -297,7 +303,12 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="folder for JSON, markdown and PNG results")
+    parser.add_argument("--replot", type=Path, metavar="JSON", help="only draw the plots of a result, beside it")
     args = parser.parse_args(argv)
+    if args.replot:
+        report = json.loads(args.replot.read_text())
+        print("wrote " + ", ".join(map(str, plot(report, args.replot.parent, args.replot.stem))), file=sys.stderr)
+        return 0
     meter = common.Contention()
     with common.target_from_args(args) as target:
         levels = asyncio.run(run(args, target))

@@ -168,8 +168,8 @@ async def run_batch(input_path: Path, out_dir: Path, cloner: AsyncVoiceCloner, *
         try:
             if item.error is not None:
                 raise ValueError(item.error)
-            text, kwargs = item.request(input_path.parent)
-            async with slots:
+            async with slots:  # reference clips too are read only when their turn comes
+                text, kwargs = item.request(input_path.parent)
                 speech = await cloner.synthesize(text, **kwargs)
             _write_atomically(speech, target)
         except (ValueError, CsmClientError) as error:

@@ -4,6 +4,10 @@ every route, good and bad uploads, and errors as HTTP codes with a JSON message.
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -16,6 +20,7 @@ from .client_fixtures import Gateway, gateway, long_clip, speech_clip  # noqa: F
 from .conftest import ADMIN_TOKEN
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +126,30 @@ def test_triton_down_is_503(speech_clip):
             refused(http.get("/health"), 503, "not ready")
             refused(http.get("/voices"), 503, "failed to connect")
             refused(http.post("/clone-voice", data={"text": "Hi."}), 503, "failed to connect")
+
+
+def test_make_gateway_starts_the_module_that_serves_it(triton_server, tmp_path):
+    """`make gateway` runs `python -m csm_clients.gateway`; run that command as make would
+    (with the ports swapped), check it serves, then stop it."""
+    port = free_ports(1)[0]
+    dry_run = subprocess.run(["make", "-n", "gateway", f"TRITON_GRPC_URL={triton_server.grpc_url}",
+                              f"GATEWAY_PORT={port}"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    command = next(line for line in dry_run.stdout.splitlines() if "csm_clients.gateway" in line)
+    assert command.endswith(f"-m csm_clients.gateway --triton-url {triton_server.grpc_url} --port {port}")
+    log = tmp_path / "gateway.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen(["bash", "-c", command], cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "CSM_ADMIN_TOKEN": ADMIN_TOKEN})
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+        assert health.status_code == 200 and health.json()["triton"] == triton_server.grpc_url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
