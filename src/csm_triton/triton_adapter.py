@@ -24,6 +24,8 @@ except ImportError:  # pragma: no cover - exercised in unit tests without Triton
     pb_utils = None
 
 LOG = logging.getLogger("csm_triton")
+# Every unexpected failure's message carries this (see error_response).
+INTERNAL_ERROR_MARK = ": internal error ("
 
 __all__ = ["InvalidInput", "PermissionDenied", "PythonModel", "input_array", "input_texts", "request_parameters"]
 
@@ -118,7 +120,7 @@ def error_response(error: BaseException, model_name: str):
     # only what failed.
     log_error(f"{model_name}: unexpected error\n{''.join(traceback.format_exception(error))}")
     return pb_utils.InferenceResponse(
-        error=pb_utils.TritonError(f"{model_name}: internal error ({type(error).__name__}: {error})")
+        error=pb_utils.TritonError(f"{model_name}{INTERNAL_ERROR_MARK}{type(error).__name__}: {error})")
     )
 
 
@@ -169,10 +171,13 @@ def _bls_request(model_name: str, inputs: Mapping[str, np.ndarray], output_names
 
 def _raise_error(response, model_name: str) -> None:
     error = response.error()
-    # A client error of the called model stays a client error of the caller.
-    if hasattr(error, "code") and error.code() == pb_utils.TritonError.INVALID_ARG:
-        raise InvalidInput(error.message())
-    raise ModelCallError(f"{model_name}: {error.message()}")
+    message = error.message()
+    # A client error of the called model stays a client error of the caller. Triton
+    # 2.51 hands BLS callers every error as INTERNAL (the code is lost on the way), so
+    # our own models' failures are told apart by the mark error_response puts on them.
+    if error.code() == pb_utils.TritonError.INVALID_ARG or INTERNAL_ERROR_MARK not in message:
+        raise InvalidInput(message)
+    raise ModelCallError(f"{model_name}: {message}")
 
 
 def _outputs(response, model_name: str, output_names) -> dict[str, np.ndarray]:

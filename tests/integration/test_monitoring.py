@@ -172,7 +172,9 @@ def test_labels_and_models_the_dashboard_filters_on_exist(dashboard, exported, s
                 assert model in served_models, f"{expr!r} filters on {model!r}, which is not a served model"
 
 
-def test_engine_metrics_carry_the_model_label(exported):
+def test_engine_metrics_carry_the_model_and_device_labels(exported):
+    # One series per engine: with several GPUs, the device label keeps them apart.
     for name in ("csm_active_streams", "csm_kv_slots_in_use", "csm_kv_slots_total",
                  "csm_audio_seconds_total", "csm_generation_seconds_total", "csm_last_real_time_factor"):
-        assert {"model": "csm_lm"} in exported.get(name, []), f"{name} has no csm_lm series"
+        series = exported.get(name, [])
+        assert {"model": "csm_lm", "device": "cpu"} in series, f"{name} has no csm_lm series per device: {series}"

@@ -186,6 +186,13 @@ def test_stream_over_http_generate_stream(triton_server):
     assert len(audio) >= 2 and sum(map(len, audio)) == expected_samples(1.0)
 
 
+def test_a_bad_stream_request_is_refused_as_a_client_error(grpc_client):
+    with pytest.raises(InferenceServerException) as failure:
+        stream_chunks(grpc_client, tts_inputs(grpc, voice_id="no-such-voice"))
+    assert "unknown voice 'no-such-voice'" in failure.value.message()
+    assert "internal error" not in failure.value.message()
+
+
 def _slots_in_use(triton_server) -> float:
     with urllib.request.urlopen(f"http://{triton_server.metrics_url}/metrics", timeout=10) as response:
         for line in response.read().decode().splitlines():
