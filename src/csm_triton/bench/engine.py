@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -187,6 +188,8 @@ def run(args) -> dict:
         print(json.dumps(row), file=sys.stderr)
         del engine
     return {
+        # Other work on the machine skews CPU figures: the 1-minute load average at the end.
+        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
         "device": machine_description(device),
         "torch_device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
@@ -205,7 +208,8 @@ def markdown(report: dict) -> str:
         f"# Engine vs transformers `generate` ({report['model']})",
         "",
         f"- device: {report['device']} (`{report['torch_device']}`, {report['dtype']})",
-        f"- commit: `{report['commit']}`, torch {report['torch']}",
+        f"- commit: `{report['commit']}`, torch {report['torch']}; 1-minute load average at the end "
+        f"{report['load_average_1min_at_end']} (this run's own load is about 2)",
         f"- command: `{report['command']}`",
         f"- greedy, {report['frames_per_request']} frames per request, prompts of "
         f"{report['prompt_tokens']}+ tokens; steady-state medians (prefill excluded)",
