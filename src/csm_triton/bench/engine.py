@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 
 from csm_triton import constants as C
+from csm_triton.bench.machine import cpu_model
 from csm_triton.engine import CsmLM, EngineConfig, GenerationEngine, GenerationRequest
 from csm_triton.engine.lm import default_device, default_dtype
 
@@ -119,15 +119,7 @@ def engine_run(engine: GenerationEngine, prompts: list[np.ndarray], frames: int)
 def machine_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or "cpu"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {torch.get_num_threads()} threads"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
 def git_commit() -> str:
