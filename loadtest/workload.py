@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import array
 import json
+import math
 import os
 import platform
 import shlex
+import struct
 import subprocess
 import sys
 import urllib.error
@@ -57,9 +59,11 @@ def audio_seconds_for(text: str, cap: float) -> float:
 
 
 def expected_samples(audio_seconds: float) -> int:
-    """Samples of an utterance cut at `audio_seconds` (whole frames)."""
-    frames = -(-audio_seconds * FRAME_RATE_HZ // 1)  # ceil, as the server counts frames
-    return int(frames) * int(SAMPLE_RATE / FRAME_RATE_HZ)
+    """Samples of an utterance cut at `audio_seconds`, counted as the server counts:
+    whole frames, ceil of the FP32 value it receives (1.36 s arrives as 1.3600000143,
+    which is 17.0000002 frames, so 18)."""
+    as_received = struct.unpack("<f", struct.pack("<f", audio_seconds))[0]
+    return math.ceil(as_received * FRAME_RATE_HZ) * int(SAMPLE_RATE / FRAME_RATE_HZ)
 
 
 @dataclass(frozen=True)

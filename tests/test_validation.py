@@ -41,3 +41,9 @@ def test_audio_codes_checks_shape_range_and_dtype():
         validation.audio_codes(np.zeros((1, C.NUM_CODEBOOKS), np.float32), "c")
     with pytest.raises(InvalidInput, match="limit"):
         validation.audio_codes(np.zeros((5, C.NUM_CODEBOOKS), np.int64), "c", max_frames=4)
+
+
+def test_max_frames_round_up_whole_frames_despite_fp32():
+    assert validation.sampling_parameters(max_audio_seconds=np.array([1.0], np.float32)).max_frames == 13
+    assert validation.sampling_parameters(max_audio_seconds=np.array([1.36], np.float32)).max_frames == 17
+    assert validation.SamplingParameters(max_audio_seconds=0.08).max_frames == 1

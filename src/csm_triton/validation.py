@@ -60,7 +60,8 @@ class SamplingParameters:
 
     @property
     def max_frames(self) -> int:
-        return max(1, int(np.ceil(self.max_audio_seconds * C.FRAME_RATE_HZ)))
+        # Rounded first: FP32 1.36 arrives as 1.3600000143, which must stay 17 frames.
+        return max(1, int(np.ceil(round(self.max_audio_seconds * C.FRAME_RATE_HZ, 4))))
 
 
 def _scalar(value: np.ndarray | None, name: str):
