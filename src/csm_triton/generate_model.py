@@ -12,7 +12,6 @@ import numpy as np
 from csm_triton import triton_adapter as triton
 from csm_triton import validation
 
-SAMPLING_INPUTS = ("TEMPERATURE", "TOP_K", "SEED", "MAX_AUDIO_SECONDS")
 LM_MODEL = "csm_lm"
 
 
@@ -20,11 +19,8 @@ def lm_inputs(request) -> dict[str, np.ndarray]:
     """csm_lm's inputs from this request: the prompt and whichever sampling inputs came,
     checked here first so that a bad value is the caller's error, not a failed call."""
     inputs = {name: triton.input_array(request, name) for name in ("input_ids", "prompt_codes")}
-    for name in SAMPLING_INPUTS:
-        value = triton.input_array(request, name, required=False)
-        if value is not None:
-            inputs[name] = value
-    validation.sampling_parameters(*(inputs.get(name) for name in SAMPLING_INPUTS))
+    inputs.update(triton.present_inputs(request, validation.SAMPLING_INPUTS))
+    validation.sampling_from_inputs(inputs)
     return inputs
 
 

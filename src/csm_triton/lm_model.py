@@ -120,12 +120,7 @@ class LanguageModel(triton.DecoupledModel):
         if input_ids.ndim != 1 or not len(input_ids):
             raise InvalidInput("input 'input_ids' must be a non-empty 1-D tensor")
         prompt_codes = validation.audio_codes(prompt_codes, "prompt_codes")
-        sampling = validation.sampling_parameters(
-            triton.input_array(request, "TEMPERATURE", required=False),
-            triton.input_array(request, "TOP_K", required=False),
-            triton.input_array(request, "SEED", required=False),
-            triton.input_array(request, "MAX_AUDIO_SECONDS", required=False),
-        )
+        sampling = validation.sampling_from_inputs(triton.present_inputs(request, validation.SAMPLING_INPUTS))
         first_chunk = triton.input_array(request, "first_chunk_frames", required=False)
         chunk = triton.input_array(request, "chunk_frames", required=False)
         return GenerationRequest(

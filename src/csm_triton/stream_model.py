@@ -19,17 +19,7 @@ from csm_triton import validation
 from csm_triton.streaming import StreamDecoder
 
 PREPARE_INPUTS = ("TEXT", "VOICE_ID", "REFERENCE_AUDIO", "REFERENCE_SAMPLE_RATE", "REFERENCE_TEXT")
-SAMPLING_INPUTS = ("TEMPERATURE", "TOP_K", "SEED", "MAX_AUDIO_SECONDS")
 SAMPLE_RATE = np.array([C.SAMPLE_RATE], dtype=np.int32)
-
-
-def present_inputs(request, names) -> dict[str, np.ndarray]:
-    inputs = {}
-    for name in names:
-        value = triton.input_array(request, name, required=False)
-        if value is not None:
-            inputs[name] = value
-    return inputs
 
 
 def decode_with_mimi(codes: np.ndarray) -> np.ndarray:
@@ -55,9 +45,9 @@ class StreamingModel(triton.DecoupledModel):
     def start(self, request, sender):
         if triton.input_array(request, "TEXT", required=False) is None:
             raise validation.InvalidInput("missing required input 'TEXT'")
-        prepare_inputs = present_inputs(request, PREPARE_INPUTS)
-        sampling = present_inputs(request, SAMPLING_INPUTS)
-        validation.sampling_parameters(*(sampling.get(name) for name in SAMPLING_INPUTS))
+        prepare_inputs = triton.present_inputs(request, PREPARE_INPUTS)
+        sampling = triton.present_inputs(request, validation.SAMPLING_INPUTS)
+        validation.sampling_from_inputs(sampling)
         self.workers.submit(self._stream, prepare_inputs, sampling, sender)
 
     def _stream(self, prepare_inputs, sampling, sender) -> None:

@@ -72,6 +72,16 @@ def input_array(request, name: str, *, required: bool = True) -> np.ndarray | No
     return tensor.as_numpy()
 
 
+def present_inputs(request, names) -> dict[str, np.ndarray]:
+    """The inputs among `names` that this request carries (optional ones may be absent)."""
+    inputs = {}
+    for name in names:
+        value = input_array(request, name, required=False)
+        if value is not None:
+            inputs[name] = value
+    return inputs
+
+
 def input_texts(request, name: str, *, required: bool = True) -> list[str] | None:
     """A BYTES input decoded as UTF-8, one string per element."""
     array = input_array(request, name, required=required)

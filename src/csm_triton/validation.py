@@ -73,6 +73,14 @@ def _scalar(value: np.ndarray | None, name: str):
     return flat[0]
 
 
+SAMPLING_INPUTS = ("TEMPERATURE", "TOP_K", "SEED", "MAX_AUDIO_SECONDS")
+
+
+def sampling_from_inputs(inputs) -> SamplingParameters:
+    """sampling_parameters() of whichever SAMPLING_INPUTS a mapping of inputs holds."""
+    return sampling_parameters(*(inputs.get(name) for name in SAMPLING_INPUTS))
+
+
 def sampling_parameters(temperature=None, top_k=None, seed=None, max_audio_seconds=None) -> SamplingParameters:
     """TEMPERATURE, TOP_K, SEED, MAX_AUDIO_SECONDS (each optional, one value)."""
     params = {}

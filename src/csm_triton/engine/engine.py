@@ -350,7 +350,6 @@ class GenerationEngine:
     def _frame_step(self, slots: list[_Slot]) -> np.ndarray:
         step = self._frame_step_for(slots)
         count = len(slots)
-        device = self.lm.device
         step.rows[:count].copy_(torch.tensor([s.index for s in slots]), non_blocking=True)
         step.positions[:count, 0].copy_(torch.tensor([s.position for s in slots]), non_blocking=True)
         step.temperature[:count].copy_(torch.tensor([s.sampler.temperature for s in slots]), non_blocking=True)
@@ -365,8 +364,7 @@ class GenerationEngine:
         step.run()
         # The one host synchronisation per frame: the codes go to the clients anyway,
         # and an all-zero frame must end its request before the next step.
-        return step.codes[:count].to("cpu", non_blocking=False).numpy() if device.type != "cpu" \
-            else step.codes[:count].numpy().copy()
+        return step.codes[:count].cpu().numpy().copy()  # a copy: the buffer is reused
 
     def _frame_step_for(self, slots: list[_Slot]) -> FrameStep:
         needed = max(s.position for s in slots) + 1

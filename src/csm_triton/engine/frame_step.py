@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 
-from csm_triton import constants as C
 from csm_triton.engine.layers import KVCache
 from csm_triton.engine.lm import CsmLM
 from csm_triton.engine.sampling import sample
@@ -99,4 +98,4 @@ def attention_bucket(length: int, max_context: int) -> int:
     return max_context
 
 
-__all__ = ["FrameStep", "attention_bucket", "batch_bucket", "C"]
+__all__ = ["FrameStep", "attention_bucket", "batch_bucket"]
