@@ -12,6 +12,7 @@ from transformers import AutoProcessor, CsmForConditionalGeneration
 
 from csm_triton import constants as C
 from csm_triton.engine import CsmLM, EngineConfig, FinishReason, GenerationEngine, GenerationRequest
+from csm_triton.engine.layers import Linear
 from csm_triton.errors import InvalidInput
 from csm_triton.prompt import PromptBuilder
 
@@ -233,3 +234,21 @@ def test_requests_beyond_the_context_are_refused_with_a_reason(lm, builder):
         engine.submit(request(builder, TARGETS[3], 60))
     with pytest.raises(InvalidInput, match="max_frames"):
         engine.submit(request(builder, TARGETS[0], 0))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, 40])
+def test_packed_linear_equals_f_linear_for_every_row_count(rows):
+    # The frame step picks a oneDNN packing by row count; every choice must compute
+    # the same product (fp32 rounding aside) as the unpacked weight.
+    torch.manual_seed(0)
+    weight, bias = torch.randn(96, 64), torch.randn(96)
+    x = torch.randn(rows, 64)
+    packed = Linear(weight, bias, pack_batch_sizes=C.CPU_PACKED_BATCH_SIZES)
+    assert packed.packed and [size for size, _ in packed.packings] == sorted(C.CPU_PACKED_BATCH_SIZES)
+    torch.testing.assert_close(packed(x), torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_a_one_slot_engine_keeps_one_packing_per_weight(tiny_checkpoint):
+    lm = CsmLM.from_checkpoint(tiny_checkpoint, device="cpu", max_batch=1)
+    assert [size for size, _ in lm.backbone.layers[0].gate_up.packings] == [1]
+    assert [size for size, _ in lm.depth_heads[0].packings] == [1]

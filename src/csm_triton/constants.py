@@ -54,6 +54,11 @@ STREAM_LEFT_CONTEXT_FRAMES = 25
 
 # --- Memory budget ------------------------------------------------------------------
 DEFAULT_GPU_MEMORY_FRACTION = 0.85
+# CPU fp32: the batch sizes oneDNN weights are packed for (one copy each). One row
+# reads fastest from a layout packed for one; 2..8+ rows from a layout packed for 8
+# (loadtest/results/engine_full_cpu_float32.md). An engine with one slot keeps only
+# the first copy.
+CPU_PACKED_BATCH_SIZES = (1, 8)
 
 # --- Export / parity thresholds ----------------------------------------------------
 ONNX_OPSET = 20

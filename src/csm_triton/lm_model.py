@@ -36,9 +36,10 @@ def engine_from_config(model_dir: Path, config: dict, instance_kind: str, device
         raise ValueError(f"parameter dtype must be auto or one of {sorted(DTYPES)}, got {dtype_name!r}")
     dtype = DTYPES.get(dtype_name)  # None: bf16 on GPU, fp32 on CPU
     checkpoint = model_dir / triton.config_parameter(config, "checkpoint_dir", "checkpoint")
-    lm = CsmLM.from_checkpoint(checkpoint, device=device, dtype=dtype)
+    max_slots = _int_parameter(config, "max_slots", None)
+    lm = CsmLM.from_checkpoint(checkpoint, device=device, dtype=dtype, max_batch=max_slots)
     engine_config = EngineConfig(
-        max_slots=_int_parameter(config, "max_slots", None),
+        max_slots=max_slots,
         max_context=_int_parameter(config, "max_context", None),
         gpu_memory_fraction=float(triton.config_parameter(config, "gpu_memory_fraction",
                                                           str(C.DEFAULT_GPU_MEMORY_FRACTION))),

@@ -138,10 +138,10 @@ def run(args) -> dict:
     model = model.to(device=device, dtype=dtype)
     print(f"device: {machine_description(device)} ({device}, {dtype}); model built in "
           f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
-    lm = CsmLM(model, device=device, dtype=dtype)
+    max_batch = max(args.batch_sizes)
+    lm = CsmLM(model, device=device, dtype=dtype, max_batch=max_batch)
     text_vocab = model.config.text_vocab_size
     rng = np.random.default_rng(args.seed)
-    max_batch = max(args.batch_sizes)
     prompts = [
         np.concatenate([[model.config.bos_token_id], rng.integers(3, min(text_vocab, 128_000) - 10, args.prompt_tokens + 7 * i)])
         for i in range(max_batch)

@@ -18,20 +18,36 @@ from transformers.models.csm.modeling_csm import apply_rotary_pos_emb
 class Linear:
     """`y = x @ W.T (+ b)`. On CPU in fp32 the weight is pre-packed for oneDNN once:
     the frame loop reads every weight each step, and oneDNN's packed layout reads them
-    nearly twice as fast as MKL's GEMM at small batch (docs/performance.md)."""
+    nearly twice as fast as MKL's GEMM at small batch (docs/performance.md).
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, pack: bool = False):
+    oneDNN's packed layout depends on the batch it is packed for: packed for one row
+    it is the fastest at one row but ~1.5x slower at eight, where a layout packed for
+    eight is the fastest (and at two to seven rows too). So a weight is packed once per
+    size in `pack_batch_sizes`, and a call uses the packing for the smallest size that
+    holds its rows (the largest packing beyond that).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 pack_batch_sizes: tuple[int, ...] = ()):
         weight = weight.detach().contiguous()
         self.out_features = weight.shape[0]
         self.bias = None if bias is None else bias.detach().contiguous()
-        self.packed = pack and weight.device.type == "cpu" and weight.dtype == torch.float32
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, 1) if self.packed else weight
+        self.packed = bool(pack_batch_sizes) and weight.device.type == "cpu" and weight.dtype == torch.float32
+        self.weight = weight
+        self.packings: list[tuple[int, torch.Tensor]] = []
+        if self.packed:
+            self.packings = [
+                (rows, torch.ops.mkldnn._reorder_linear_weight(weight, rows))
+                for rows in sorted(set(pack_batch_sizes))
+            ]
+            self.weight = None  # only the packed copies are kept
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.packed:
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, x.shape[-1])
-        out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
+        weight = next((packed for rows, packed in self.packings if rows >= flat.shape[0]), self.packings[-1][1])
+        out = torch.ops.mkldnn._linear_pointwise(flat, weight, self.bias, "none", [], "")
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -62,7 +78,7 @@ class TransformerStack:
     0..own position.
     """
 
-    def __init__(self, hf_model, *, pack: bool):
+    def __init__(self, hf_model, *, pack_batch_sizes: tuple[int, ...] = ()):
         config = hf_model.config
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -80,16 +96,16 @@ class TransformerStack:
                     qkv=Linear(
                         torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]),
                         _cat_bias(attention.q_proj, attention.k_proj, attention.v_proj),
-                        pack=pack,
+                        pack_batch_sizes=pack_batch_sizes,
                     ),
-                    o_proj=Linear(attention.o_proj.weight, attention.o_proj.bias, pack=pack),
+                    o_proj=Linear(attention.o_proj.weight, attention.o_proj.bias, pack_batch_sizes=pack_batch_sizes),
                     post_norm=layer.post_attention_layernorm.weight.detach(),
                     gate_up=Linear(
                         torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
                         _cat_bias(mlp.gate_proj, mlp.up_proj),
-                        pack=pack,
+                        pack_batch_sizes=pack_batch_sizes,
                     ),
-                    down=Linear(mlp.down_proj.weight, mlp.down_proj.bias, pack=pack),
+                    down=Linear(mlp.down_proj.weight, mlp.down_proj.bias, pack_batch_sizes=pack_batch_sizes),
                 )
             )
         self.final_norm = hf_model.norm.weight.detach()

@@ -28,7 +28,10 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 class CsmLM:
-    def __init__(self, hf_model, *, device: torch.device | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, hf_model, *, device: torch.device | None = None, dtype: torch.dtype | None = None,
+                 max_batch: int | None = None):
+        """max_batch: the most requests a frame step will carry (the engine's slots);
+        on CPU it decides which oneDNN packings are worth their memory."""
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         hf_model = hf_model.to(device=device, dtype=dtype).eval()
@@ -40,32 +43,35 @@ class CsmLM:
         self.audio_token_id = config.audio_token_id
         self.audio_eos_token_id = config.audio_eos_token_id
         self.codebook_eos_token_id = config.codebook_eos_token_id
-        pack = device.type == "cpu" and dtype == torch.float32
+        pack = ()
+        if device.type == "cpu" and dtype == torch.float32:
+            pack = tuple(size for size in C.CPU_PACKED_BATCH_SIZES if max_batch is None or size <= max_batch) or (1,)
         with torch.no_grad():
-            self.backbone = TransformerStack(hf_model.backbone_model, pack=pack)
+            self.backbone = TransformerStack(hf_model.backbone_model, pack_batch_sizes=pack)
             depth = hf_model.depth_decoder
-            self.depth = TransformerStack(depth.model, pack=pack)
+            self.depth = TransformerStack(depth.model, pack_batch_sizes=pack)
             self.text_embedding = hf_model.embed_text_tokens.weight.detach()
             self.audio_embedding = hf_model.backbone_model.embed_tokens.embed_audio_tokens.weight.detach()
             self.audio_offsets = torch.arange(self.num_codebooks, device=device) * config.codebook_size
-            self.backbone_head = Linear(hf_model.lm_head.weight, pack=pack)
+            self.backbone_head = Linear(hf_model.lm_head.weight, pack_batch_sizes=pack)
             self.depth_embedding = depth.model.embed_tokens.weight.detach()
             self.depth_vocab_size = depth.config.vocab_size
-            self.depth_projector = Linear(depth.model.inputs_embeds_projector.weight, pack=pack)
+            self.depth_projector = Linear(depth.model.inputs_embeds_projector.weight, pack_batch_sizes=pack)
             # One head per depth position (codebooks 1..31): logits = h @ W[p-1].
             self.depth_heads = [
-                Linear(weight.T.contiguous(), pack=pack) for weight in depth.codebooks_head.weight.detach()
+                Linear(weight.T.contiguous(), pack_batch_sizes=pack) for weight in depth.codebooks_head.weight.detach()
             ]
         self.backbone_hidden_size = config.hidden_size
         self.max_context = self.backbone.max_positions
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_dir: str | Path, *, device=None, dtype=None) -> "CsmLM":
+    def from_checkpoint(cls, checkpoint_dir: str | Path, *, device=None, dtype=None,
+                        max_batch: int | None = None) -> "CsmLM":
         from transformers import CsmForConditionalGeneration
 
         hf_model = CsmForConditionalGeneration.from_pretrained(str(checkpoint_dir), dtype=torch.float32)
         hf_model.codec_model = None  # Mimi is served by the ONNX models
-        return cls(hf_model, device=device, dtype=dtype)
+        return cls(hf_model, device=device, dtype=dtype, max_batch=max_batch)
 
     # --- embeddings -------------------------------------------------------------------
     def embed_frames(self, codes: torch.Tensor) -> torch.Tensor:
