@@ -65,6 +65,13 @@ def check_libraries() -> str:
     return f"transformers {importlib.metadata.version('transformers')}, onnxruntime {onnxruntime.__version__}"
 
 
+def check_gateway() -> str:
+    from csm_clients.gateway import create_app
+
+    routes = {route.path for route in create_app("triton:8001").routes}
+    return f"REST gateway with {len(routes)} routes"
+
+
 def check_server_arguments() -> str:
     from csm_triton.embedded import server_arguments
 
@@ -91,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-triton", action="store_true", help="skip the checks of /opt/tritonserver")
     args = parser.parse_args(argv)
     checks = [check_python, check_numpy, check_torch, check_torchaudio,
-              check_watermark, check_libraries, check_server_arguments]
+              check_watermark, check_libraries, check_gateway, check_server_arguments]
     if not args.no_triton:
         checks.append(check_triton)
     for check in checks:

@@ -101,8 +101,21 @@ def test_a_broken_compose_file_is_refused(tmp_path):
     assert result.returncode != 0 and "shm_sise" in result.stderr
 
 
-def test_default_profile_runs_only_the_export_job_and_triton(services):
-    assert sorted(name for name, service in services.items() if not service.get("profiles")) == ["export", "triton"]
+def test_default_profile_runs_the_export_job_triton_and_the_gateway(services):
+    assert sorted(name for name, service in services.items() if not service.get("profiles")) == [
+        "export", "gateway", "triton"]
+
+
+def test_gateway_serves_7860_from_tritons_grpc_port_once_triton_is_healthy(services):
+    gateway = services["gateway"]
+    command = gateway["command"]
+    assert command[:3] == ["python3", "-m", "csm_clients.gateway"]
+    assert command[command.index("--triton-url") + 1] == "triton:8001"
+    assert command[command.index("--port") + 1] == "7860"
+    assert {(p["published"], p["target"]) for p in gateway["ports"]} == {(7860, 7860)}
+    assert gateway["depends_on"] == {"triton": {"condition": "service_healthy"}}
+    assert gateway["environment"]["CSM_ADMIN_TOKEN"] == "token-from-the-environment"  # voice writes
+    assert any("localhost:7860/health" in part for part in gateway["healthcheck"]["test"])
 
 
 def test_optional_services_sit_behind_their_profiles(services):

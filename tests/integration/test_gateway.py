@@ -55,15 +55,16 @@ def test_page_health_docs(http):
     assert http.get("/health").json()["status"] == "ok"
     assert http.get("/docs").status_code == 200
     routes = http.get("/openapi.json").json()["paths"]
-    assert {"/health", "/voices", "/clone-voice", "/upload-voice"} <= set(routes)
+    assert {"/health", "/voices", "/clone-voice", "/upload-voice", "/voices/{voice_name}"} <= set(routes)
 
 
 @pytest.fixture()
 def gateway_voice(triton_server):
-    """The id the test stores through the gateway (which has no delete route), removed after."""
+    """The id the test stores through the gateway; removed after if the test did not."""
     yield "gateway-voice"
     with VoiceCloner(triton_server.grpc_url, admin_token=ADMIN_TOKEN) as cloner:
-        cloner.delete_voice("gateway-voice")
+        if "gateway-voice" in {voice["voice_id"] for voice in cloner.list_voices()}:
+            cloner.delete_voice("gateway-voice")
 
 
 def test_clone_voice_with_default_voice_upload_and_stored_voice(http, speech_clip, gateway_voice):
@@ -80,6 +81,12 @@ def test_clone_voice_with_default_voice_upload_and_stored_voice(http, speech_cli
     assert wav_seconds(http.post("/clone-voice", data={**form, "voice_name": "gateway-voice"})) == pytest.approx(0.56)
     refused(http.post("/upload-voice", data={"voice_name": "gateway-voice", "reference_text": "Again."},
                       files=clip_file(speech_clip)), 400, "gateway-voice")
+
+    deleted = http.delete("/voices/gateway-voice")
+    assert deleted.status_code == 200 and deleted.json()["voice"]["voice_id"] == "gateway-voice"
+    assert "gateway-voice" not in {voice["voice_id"] for voice in http.get("/voices").json()["voices"]}
+    refused(http.delete("/voices/gateway-voice"), 400, "gateway-voice")
+    refused(http.post("/clone-voice", data={**form, "voice_name": "gateway-voice"}), 400, "unknown voice")
 
 
 def test_bad_uploads_and_forms_are_400_with_a_message(http, speech_clip, long_clip):
@@ -110,6 +117,9 @@ def test_voice_upload_without_the_gateway_token_is_403(triton_server, speech_cli
     with Gateway(triton_server.grpc_url, admin_token=None) as anonymous:
         response = httpx.post(f"{anonymous.url}/upload-voice", data={"voice_name": "x", "reference_text": "x"},
                               files=clip_file(speech_clip), timeout=60)
+    refused(response, 403, "permission denied")
+    with Gateway(triton_server.grpc_url, admin_token=None) as anonymous:
+        response = httpx.delete(f"{anonymous.url}/voices/anyone", timeout=60)
     refused(response, 403, "permission denied")
 
 

@@ -129,4 +129,9 @@ def create_app(triton_url: str = "localhost:8001", *, admin_token: str | None = 
         clip = await read_upload(reference_audio)
         return {"voice": await state["cloner"].register_voice(voice_name, clip, reference_text)}
 
+    @app.delete("/voices/{voice_name}")
+    async def delete_voice(voice_name: str):
+        """Remove a stored voice; answers the removed voice's description."""
+        return {"voice": await state["cloner"].delete_voice(voice_name)}
+
     return app
