@@ -1,6 +1,6 @@
 """The gateway's page in headless Chromium (Debian's, driven by playwright): upload a
 reference clip, synthesize, and the audio element gets a playable source; also save the
-clip as a voice and pick it. The screenshot is kept in tests/artifacts/."""
+clip as a voice, pick it, and delete it. The screenshot is kept in tests/artifacts/."""
 
 from __future__ import annotations
 
@@ -65,11 +65,18 @@ def test_upload_a_clip_synthesize_and_play(browser, gateway, speech_clip, triton
     page.click("#speak")
     page.wait_for_function("document.querySelector('#status').textContent.includes('s of audio')", timeout=30_000)
     assert not page.locator("#status.error").count()
+
+    # Delete it again (confirming the dialog): gone from the menu and from the store.
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#delete")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('Deleted voice')", timeout=30_000)
+    assert "browser-voice" not in page.eval_on_selector_all("#voice option", "options => options.map(o => o.value)")
+    assert page.locator("#delete").is_hidden()  # the default voice is selected, which cannot be deleted
     page.close()
     from csm_clients import VoiceCloner
 
     with VoiceCloner(triton_server.grpc_url, admin_token=ADMIN_TOKEN) as cloner:
-        cloner.delete_voice("browser-voice")
+        assert "browser-voice" not in {voice["voice_id"] for voice in cloner.list_voices()}
     assert time.monotonic() - started < 30
 
 
