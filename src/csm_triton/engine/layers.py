@@ -32,18 +32,15 @@ class Linear:
         weight = weight.detach().contiguous()
         self.out_features = weight.shape[0]
         self.bias = None if bias is None else bias.detach().contiguous()
-        self.packed = bool(pack_batch_sizes) and weight.device.type == "cpu" and weight.dtype == torch.float32
-        self.weight = weight
         self.packings: list[tuple[int, torch.Tensor]] = []
-        if self.packed:
+        if weight.device.type == "cpu" and weight.dtype == torch.float32:  # oneDNN's fp32 CPU kernels only
             self.packings = [
-                (rows, torch.ops.mkldnn._reorder_linear_weight(weight, rows))
-                for rows in sorted(set(pack_batch_sizes))
+                (rows, torch.ops.mkldnn._reorder_linear_weight(weight, rows)) for rows in sorted(set(pack_batch_sizes))
             ]
-            self.weight = None  # only the packed copies are kept
+        self.weight = None if self.packings else weight  # only the packed copies are kept
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.packed:
+        if not self.packings:
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, x.shape[-1])
         weight = next((packed for rows, packed in self.packings if rows >= flat.shape[0]), self.packings[-1][1])

@@ -43,9 +43,8 @@ class CsmLM:
         self.audio_token_id = config.audio_token_id
         self.audio_eos_token_id = config.audio_eos_token_id
         self.codebook_eos_token_id = config.codebook_eos_token_id
-        pack = ()
-        if device.type == "cpu" and dtype == torch.float32:
-            pack = tuple(size for size in C.CPU_PACKED_BATCH_SIZES if max_batch is None or size <= max_batch) or (1,)
+        # Linear packs only on CPU in fp32; elsewhere these sizes are ignored.
+        pack = tuple(size for size in C.CPU_PACKED_BATCH_SIZES if not max_batch or size <= max_batch)
         with torch.no_grad():
             self.backbone = TransformerStack(hf_model.backbone_model, pack_batch_sizes=pack)
             depth = hf_model.depth_decoder
