@@ -99,6 +99,11 @@ class RequestHandle:
         else:
             self._chunks.put(chunk)
 
+    def _end(self, reason: FinishReason, error: str | None = None, frames: list | None = None) -> None:
+        """Deliver the last chunk: the frames not yet delivered (maybe none) and why it ended."""
+        codes = np.stack(frames).astype(np.int64) if frames else np.zeros((0, C.NUM_CODEBOOKS), np.int64)
+        self._deliver(FrameChunk(codes, True, reason, error))
+
     def chunks(self, timeout: float | None = None) -> Iterator[FrameChunk]:
         while True:
             chunk = self._chunks.get(timeout=timeout)
@@ -293,7 +298,7 @@ class GenerationEngine:
             for handle in cancelled:
                 self._waiting.remove(handle)
         for handle in cancelled:
-            handle._deliver(FrameChunk(np.zeros((0, C.NUM_CODEBOOKS), np.int64), True, FinishReason.CANCELLED))
+            handle._end(FinishReason.CANCELLED)
 
     def _admit(self) -> None:
         for _ in range(self.config.max_prefills_per_step):
@@ -309,8 +314,7 @@ class GenerationEngine:
                 LOG.exception("prefill failed")
                 self._free.append(index)
                 self._free.sort()
-                handle._deliver(FrameChunk(np.zeros((0, C.NUM_CODEBOOKS), np.int64), True, FinishReason.ERROR,
-                                           f"prefill failed: {error}"))
+                handle._end(FinishReason.ERROR, f"prefill failed: {error}")
                 continue
             sampler = SamplerState.create(temperature=request.temperature, top_k=request.top_k,
                                           greedy=request.greedy, seed=request.seed, device=self.lm.device)
@@ -406,12 +410,11 @@ class GenerationEngine:
                 slot.chunks_sent += 1
 
     def _finish(self, slot: _Slot, reason: FinishReason, error: str | None = None) -> None:
-        codes = np.stack(slot.pending) if slot.pending else np.zeros((0, C.NUM_CODEBOOKS), np.int64)
         del self._slots[slot.index]
         with self._lock:
             self._free.append(slot.index)
             self._free.sort()
-        slot.handle._deliver(FrameChunk(codes.astype(np.int64), True, reason, error))
+        slot.handle._end(reason, error, slot.pending)
 
     def _finish_all(self, reason: FinishReason, error: str) -> None:
         for slot in list(self._slots.values()):
@@ -419,4 +422,4 @@ class GenerationEngine:
         with self._lock:
             waiting, self._waiting = list(self._waiting), deque()
         for handle in waiting:
-            handle._deliver(FrameChunk(np.zeros((0, C.NUM_CODEBOOKS), np.int64), True, reason, error))
+            handle._end(reason, error)
