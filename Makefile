@@ -32,7 +32,7 @@ repository: setup $(if $(CSM_CHECKPOINT),,tiny-checkpoint)
 	$(PY) -m export.build_repository --checkpoint $(CHECKPOINT) --profile $(PROFILE) --out $(REPOSITORY)
 
 serve: repository
-	$(PY) -m csm_triton.embedded serve --model-repository $(REPOSITORY) \
+	$(PY) -m csm_triton.serving serve --model-repository $(REPOSITORY) \
 	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 test: setup

@@ -44,7 +44,7 @@ def check_torch() -> str:
 
 
 def check_torchaudio() -> str:
-    from csm_triton._torchaudio_standin import _real_torchaudio_imports
+    from csm_triton.core.torchaudio_standin import _real_torchaudio_imports
 
     if not _real_torchaudio_imports():
         raise SystemExit("the real torchaudio does not import: Perth would run on the stand-in")
@@ -52,7 +52,7 @@ def check_torchaudio() -> str:
 
 
 def check_watermark() -> str:
-    from csm_triton.watermark import load_perth
+    from csm_triton.core.watermark import load_perth
 
     load_perth("cpu")  # raises when Perth's imports fail (it hides them otherwise)
     return f"resemble-perth {importlib.metadata.version('resemble-perth')}"
@@ -73,10 +73,10 @@ def check_gateway() -> str:
 
 
 def check_server_arguments() -> str:
-    from csm_triton.embedded import server_arguments
+    from csm_triton.serving.flags import server_arguments
 
     flags = server_arguments("/models/model_repository", model_control="none", gpu=True)
-    return f"{len(flags)} tritonserver flags from deploy/tritonserver.args"
+    return f"{len(flags)} tritonserver flags from src/csm_triton/serving/tritonserver.args"
 
 
 def check_triton() -> str:

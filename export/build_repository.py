@@ -27,9 +27,9 @@ from pathlib import Path
 from rich.console import Console
 
 from csm_triton import constants as C
-from csm_triton.checkpoint import CheckpointError, resolve_checkpoint
-from csm_triton.model_config import PROFILES, render_config
-from csm_triton.prompt import TOKENIZER_FILES
+from export.checkpoint import CheckpointError, resolve_checkpoint
+from export.model_config import PROFILES, render_config
+from csm_triton.core.prompt import TOKENIZER_FILES
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 COMMITTED_REPOSITORY = PROJECT_ROOT / "model_repository"

@@ -28,7 +28,7 @@ from transformers.models.mimi.modeling_mimi import MimiConv1d, MimiEuclideanCode
 from transformers.utils import logging as transformers_logging
 
 from csm_triton import constants as C
-from csm_triton.checkpoint import CheckpointError
+from export.checkpoint import CheckpointError
 
 ENCODER_INPUT = "input_values"
 ENCODER_OUTPUT = "audio_codes"

@@ -32,7 +32,7 @@ class Target:
     device: str
     admin_token: str | None
     repository: Path | None = None
-    server: object | None = None  # csm_triton.embedded.TritonServer when started here
+    server: object | None = None  # csm_triton.serving.process.TritonServer when started here
     voice_ids: list[str] = field(default_factory=list)
 
     @property
@@ -86,7 +86,7 @@ def target_from_args(args: argparse.Namespace, *, register: bool = True) -> Iter
     server = None
     token = os.environ.get(workload.ADMIN_TOKEN_ENV)
     if args.serve is not None:
-        from csm_triton.embedded import TritonServer
+        from csm_triton.serving.process import TritonServer
 
         token = token or secrets.token_hex(16)
         models = sorted(p.name for p in args.serve.iterdir() if (p / "config.pbtxt").is_file())

@@ -48,8 +48,8 @@ class InProcess:
     def __init__(self, repository: Path):
         from google.protobuf.json_format import MessageToDict
 
-        from csm_triton.lm_model import engine_from_config
-        from csm_triton.model_config import read_config
+        from csm_triton.triton.models.lm import engine_from_config
+        from export.model_config import read_config
 
         config = MessageToDict(read_config(repository / "csm_lm" / "config.pbtxt"), preserving_proto_field_name=True)
         kind = config.get("instance_group", [{}])[0].get("kind", "KIND_CPU").removeprefix("KIND_")

@@ -225,18 +225,21 @@ def delete_voices(http: TritonHTTP, voice_ids: list[str], token: str | None) -> 
 
 
 # --- where a result was measured -----------------------------------------------------------
-def machine() -> str:
-    """This machine's CPU model, cores and OS, e.g. for a result's `machine` field."""
-    model = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """The CPU's model name, e.g. "AMD EPYC 9R14" (from /proc/cpuinfo where it exists)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def machine() -> str:
+    """This machine's CPU model, cores and OS, e.g. for a result's `machine` field."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{model}, {cores} cores, {platform.system()} {platform.machine()}"
+    return f"{cpu_model()}, {cores} cores, {platform.system()} {platform.machine()}"
 
 
 def commit() -> str:

@@ -42,4 +42,4 @@ if [ ! -f "$STAMP" ] || [ pyproject.toml -nt "$STAMP" ]; then
   touch "$STAMP"
 fi
 
-"$VENV/bin/python" -m csm_triton.embedded prepare
+"$VENV/bin/python" -m csm_triton.serving prepare

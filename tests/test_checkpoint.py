@@ -13,7 +13,7 @@ import torch
 from transformers import AutoProcessor, CsmForConditionalGeneration
 
 from csm_triton import constants as C
-from csm_triton.checkpoint import CheckpointError, resolve_checkpoint, validate_checkpoint
+from export.checkpoint import CheckpointError, resolve_checkpoint, validate_checkpoint
 from export.tiny_checkpoint import build_tiny_checkpoint
 
 

@@ -1,7 +1,7 @@
 """The container deployment, checked without a Docker engine: docker-compose.yml is
 validated by Debian's docker-compose (installed by scripts/setup.sh) and read back
 as compose resolves it; the container's tritonserver launch (docker/serve.sh) and
-the embedded launcher (`python -m csm_triton.embedded serve`) must pass the same
+the embedded launcher (`csm-triton-server serve`) must pass the same
 server arguments; the export job's command must be one export.build_repository
 accepts. What needs Docker and a GPU (building the image, starting the stack) is
 listed in docs/deploy.md."""
@@ -20,9 +20,9 @@ import pytest
 import yaml
 
 from csm_triton import constants as C
-from csm_triton import embedded
-from csm_triton.embedded import read_args_file, server_arguments
-from csm_triton.model_config import PROFILES
+from csm_triton.serving import cli, flags
+from csm_triton.serving.flags import read_args_file, server_arguments
+from export.model_config import PROFILES
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -157,7 +157,7 @@ def test_triton_is_health_checked_on_readiness_and_restarted(services):
 def test_admin_token_comes_from_the_environment_and_is_empty_without_it(services):
     assert services["triton"]["environment"]["CSM_ADMIN_TOKEN"] == "token-from-the-environment"
     unset = resolved()["services"]["triton"]["environment"]["CSM_ADMIN_TOKEN"]
-    assert unset == ""  # no token: voice writes are refused (csm_triton.admin)
+    assert unset == ""  # no token: voice writes are refused (csm_triton.core.write_policy)
 
 
 def test_hf_token_is_a_secret_file_never_an_environment_variable(tmp_path):
@@ -232,7 +232,7 @@ def container_launch(command: list[str], tmp_path: Path) -> list[str]:
 
 
 def embedded_launch(arguments: list[str], monkeypatch) -> list[str]:
-    """The argv `python -m csm_triton.embedded serve ARGUMENTS` starts (Popen intercepted)."""
+    """The argv `csm-triton-server serve ARGUMENTS` starts (Popen intercepted)."""
     started = []
 
     class Process:
@@ -248,8 +248,8 @@ def embedded_launch(arguments: list[str], monkeypatch) -> list[str]:
         def send_signal(self, _):
             pass
 
-    monkeypatch.setattr(embedded.subprocess, "Popen", Process)
-    assert embedded.main(["serve", *arguments]) == 0
+    monkeypatch.setattr(cli.subprocess, "Popen", Process)
+    assert cli.main(["serve", *arguments]) == 0
     (command,) = started
     return command[1:]  # without the binary
 
@@ -270,7 +270,7 @@ def test_container_and_embedded_launchers_use_the_same_server_arguments(services
     local = embedded_launch(command[1:], monkeypatch)
     # ... passes the same flags, plus only those that locate its own install.
     assert [f for f in local if not f.startswith(EMBEDDED_ONLY)] == container
-    # The shared flags are deploy/tritonserver.args verbatim, header forwarding included.
+    # The shared flags are src/csm_triton/serving/tritonserver.args verbatim, header forwarding included.
     shared = read_args_file()
     for argv in (container, local):
         start = argv.index(shared[0])
@@ -284,12 +284,12 @@ def test_make_serve_differs_from_the_container_only_in_deployment_flags(services
     container = container_launch(services["triton"]["command"], tmp_path)
     local = embedded_launch(["--model-repository", str(tmp_path / "repository")], monkeypatch)
     differing = {flag_name(f) for f in set(container) ^ set(local)}
-    assert differing <= embedded._DEPLOYMENT_FLAGS | {"--backend-config"}, differing
+    assert differing <= flags._DEPLOYMENT_FLAGS | {"--backend-config"}, differing
     assert set(read_args_file()) <= set(container) & set(local)
 
 
 def test_args_prints_server_arguments_one_per_line(capsys):
-    assert embedded.main(["args", "--model-repository", "/m", "--no-gpu", "--model-control", "poll",
+    assert cli.main(["args", "--model-repository", "/m", "--no-gpu", "--model-control", "poll",
                           "--", "--log-verbose=1"]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed == server_arguments("/m", model_control="poll", gpu=False, extra=["--log-verbose=1"])

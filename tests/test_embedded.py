@@ -19,16 +19,9 @@ import numpy as np
 import pytest
 
 from csm_triton import constants as C
-from csm_triton.embedded import (
-    DEFAULT_ARGS_FILE,
-    TritonServer,
-    TritonStartError,
-    default_home,
-    perf_analyzer_command,
-    prepare,
-    read_args_file,
-    server_arguments,
-)
+from csm_triton.serving.flags import DEFAULT_ARGS_FILE, read_args_file, server_arguments
+from csm_triton.serving.install import default_home, perf_analyzer_command, prepare
+from csm_triton.serving.process import TritonServer, TritonStartError
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from csm_triton import constants as C
 from csm_triton.engine import CsmLM, EngineConfig, FinishReason, GenerationEngine, GenerationRequest
 from csm_triton.engine.layers import Linear
 from csm_triton.errors import InvalidInput
-from csm_triton.prompt import PromptBuilder
+from csm_triton.core.prompt import PromptBuilder
 
 SUPPRESSED = list(range(C.CODEBOOK_SIZE, C.LM_AUDIO_VOCAB_SIZE))
 TARGETS = ["Hello there.", "How are you doing today, my friend?", "Five boxing wizards.",

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from csm_triton.model_config import KIND_CPU, KIND_GPU, PROFILES, parse_config, render_config
+from export.model_config import KIND_CPU, KIND_GPU, PROFILES, parse_config, render_config
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 MODELS = sorted(p.name for p in REPOSITORY.iterdir() if (p / "config.pbtxt").is_file())

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from csm_triton.errors import InvalidInput
-from csm_triton.onnx_runtime_model import OnnxSession, model_file
+from csm_triton.serving.onnxruntime.session import OnnxSession, model_file
 
 
 def _config(**changes) -> dict:

@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 
 from csm_triton import constants as C
-from csm_triton.streaming import StreamDecoder, snr_db
+from csm_triton.core.stream_decoder import StreamDecoder, snr_db
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from csm_triton import constants as C
-from csm_triton import validation
+from csm_triton.core import validation
 from csm_triton.errors import InvalidInput
 
 

@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 import soundfile
 
-from csm_triton import audio
+from csm_triton.core import audio
 from csm_triton import constants as C
-from csm_triton import triton_adapter, voice_store
-from csm_triton.admin import WritePolicy
+from csm_triton.core import voice_store
+from csm_triton.triton import adapter as triton_adapter
+from csm_triton.triton.parameters import Parameters
+from csm_triton.core.write_policy import WritePolicy
 from csm_triton.errors import InvalidInput, PermissionDenied
-from csm_triton.voice_models import voice_directory
-from csm_triton.voice_store import VoiceStore
-from csm_triton.voices import VoiceResolver
+from csm_triton.triton.models.voices import voice_directory
+from csm_triton.core.voice_store import VoiceStore
+from csm_triton.core.voices import VoiceResolver
 
 
 def codes(frames: int = 5, seed: int = 0) -> np.ndarray:
@@ -197,11 +199,11 @@ def test_stale_leftovers_of_a_crashed_writer_are_removed_at_start(tmp_path):
 
 def test_the_voice_directory_defaults_next_to_the_model_repository(tmp_path):
     args = {"model_repository": str(tmp_path / "repository" / "voice_list"), "model_version": "1"}
-    assert voice_directory(args, {}) == tmp_path / "runtime" / "voices"
+    assert voice_directory(args, Parameters({})) == tmp_path / "runtime" / "voices"
     configured = {"parameters": {"voice_dir": {"string_value": "elsewhere"}}}
-    assert voice_directory(args, configured) == tmp_path / "elsewhere"
+    assert voice_directory(args, Parameters(configured)) == tmp_path / "elsewhere"
     absolute = {"parameters": {"voice_dir": {"string_value": str(tmp_path / "abs")}}}
-    assert voice_directory(args, absolute) == tmp_path / "abs"
+    assert voice_directory(args, Parameters(absolute)) == tmp_path / "abs"
 
 
 # --- reference audio -----------------------------------------------------------------------
@@ -351,7 +353,7 @@ TOKEN = "s3cret-token"
 
 
 def test_the_right_token_may_write():
-    policy = WritePolicy.from_settings(None, None, {"CSM_ADMIN_TOKEN": TOKEN})
+    policy = WritePolicy.from_settings(None, False, {"CSM_ADMIN_TOKEN": TOKEN})
     policy.check_write({C.ADMIN_TOKEN_HEADER: TOKEN})
 
 
@@ -368,20 +370,18 @@ def test_the_right_token_may_write():
     ],
 )
 def test_a_missing_or_wrong_token_is_refused(parameters, message):
-    policy = WritePolicy.from_settings(None, "true", {"CSM_ADMIN_TOKEN": TOKEN})
+    policy = WritePolicy.from_settings(None, True, {"CSM_ADMIN_TOKEN": TOKEN})
     with pytest.raises(PermissionDenied, match=f"^permission denied: .*{message}"):
         policy.check_write(parameters)
 
 
 def test_without_a_token_writes_are_refused_unless_anonymous_writes_are_allowed():
-    refused = WritePolicy.from_settings(None, None, {"CSM_ADMIN_TOKEN": ""})
+    refused = WritePolicy.from_settings(None, False, {"CSM_ADMIN_TOKEN": ""})
     with pytest.raises(PermissionDenied, match=r"writes are disabled.*\$CSM_ADMIN_TOKEN"):
         refused.check_write({C.ADMIN_TOKEN_HEADER: "anything"})
-    WritePolicy.from_settings(None, "true", {}).check_write({})
+    WritePolicy.from_settings(None, True, {}).check_write({})
     with pytest.raises(PermissionDenied):
-        WritePolicy.from_settings(None, "false", {}).check_write({})
-    with pytest.raises(ValueError, match="allow_anonymous_writes"):
-        WritePolicy.from_settings(None, "yes please", {})
+        WritePolicy.from_settings(None, False, {}).check_write({})
 
 
 def test_the_token_variable_is_configurable_and_never_printed():

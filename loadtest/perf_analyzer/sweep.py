@@ -6,7 +6,7 @@ chunk shapes of a stream (what dynamic batching buys).
     python -m loadtest.perf_analyzer.sweep --http localhost:8000 --grpc localhost:8001 --model full \\
         --scenarios mimi_decoder_4f,mimi_decoder_37f --concurrency 1,8 --out DIR
 
-Runs the bundled perf_analyzer 2.51 (csm_triton.embedded) once per scenario and
+Runs the bundled perf_analyzer 2.51 (csm_triton.serving.install) once per scenario and
 concurrency level on input data from make_inputs (real texts, the stored voices, the
 reference clips). mimi_decoder: perf_analyzer's stabilised count windows. csm_tts*:
 requests of whole seconds make windows useless, so a fixed request count, with
@@ -55,7 +55,7 @@ SCENARIOS = {
 
 
 def perf_analyzer(arguments: list[str], timeout: float) -> subprocess.CompletedProcess:
-    from csm_triton.embedded import perf_analyzer_command, prepare
+    from csm_triton.serving.install import perf_analyzer_command, prepare
 
     prepare()  # idempotent: the binary and the libraries it needs
     binary, env = perf_analyzer_command()

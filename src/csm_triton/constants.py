@@ -1,7 +1,7 @@
 """Every number the project relies on, in one place.
 
 The codec geometry comes from Mimi (the codec CSM-1B speaks); the limits are the
-service's own and are checked in one place (`csm_triton.validation`).
+service's own and are checked in one place (`csm_triton.core.validation`).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ DEFAULT_SPEAKER_ID = 0
 AUDIO_TOKEN = "<|AUDIO|>"
 AUDIO_EOS_TOKEN = "<|audio_eos|>"
 
-# --- Service limits (checked in csm_triton.validation) ---------------------------
+# --- Service limits (checked in csm_triton.core.validation) ---------------------------
 MAX_TEXT_CHARS = 2_000
 MAX_TEXT_TOKENS = 1_024
 MAX_REFERENCE_SECONDS = 30.0

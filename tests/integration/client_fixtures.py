@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from csm_triton.embedded import free_ports
+from csm_triton.serving.process import free_ports
 
 from .conftest import ADMIN_TOKEN
 

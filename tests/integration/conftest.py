@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from csm_triton.embedded import TritonServer
+from csm_triton.serving.process import TritonServer
 
 BROKEN_MODEL = "broken_codec"
 ADMIN_TOKEN = "integration-test-token"

@@ -15,8 +15,8 @@ import tritonclient.grpc as grpc
 from csm_clients import (MODEL_SAMPLE_RATE, AsyncVoiceCloner, InvalidRequest, PermissionDenied, Reference,
                          ServerUnavailable, VoiceCloner)
 from csm_triton import constants as C
-from csm_triton.embedded import free_ports
-from csm_triton.streaming import snr_db
+from csm_triton.serving.process import free_ports
+from csm_triton.core.stream_decoder import snr_db
 
 from .client_fixtures import long_clip, speech_clip  # noqa: F401 - fixtures
 from .conftest import ADMIN_TOKEN

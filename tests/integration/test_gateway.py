@@ -14,7 +14,7 @@ import pytest
 import soundfile
 
 from csm_clients import VoiceCloner
-from csm_triton.embedded import free_ports
+from csm_triton.serving.process import free_ports
 
 from .client_fixtures import Gateway, gateway, long_clip, speech_clip  # noqa: F401 - fixtures
 from .conftest import ADMIN_TOKEN

@@ -15,7 +15,7 @@ import tritonclient.http as http
 from tritonclient.utils import InferenceServerException
 
 from csm_triton import constants as C
-from csm_triton.streaming import snr_db
+from csm_triton.core.stream_decoder import snr_db
 
 from .conftest import ADMIN_TOKEN
 

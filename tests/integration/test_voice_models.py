@@ -17,8 +17,8 @@ import tritonclient.http as http
 from tritonclient.utils import InferenceServerException
 
 from csm_triton import constants as C
-from csm_triton.audio import read_audio_file
-from csm_triton.embedded import TritonServer
+from csm_triton.core.audio import read_audio_file
+from csm_triton.serving.process import TritonServer
 
 from .conftest import ADMIN_TOKEN
 

@@ -14,7 +14,7 @@ import tritonclient.http as http
 from tritonclient.utils import InferenceServerException
 
 from csm_triton import constants as C
-from csm_triton.audio import read_audio_file, resample
+from csm_triton.core.audio import read_audio_file, resample
 
 pytestmark = pytest.mark.integration
 PROTOCOLS = {"http": http, "grpc": grpc}

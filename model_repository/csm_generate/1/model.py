@@ -1,7 +1,1 @@
-"""Thin adapter: all logic lives in csm_triton.generate_model."""
-
-from csm_triton.generate_model import GenerateModel
-
-
-class TritonPythonModel(GenerateModel):
-    pass
+from csm_triton.triton.models.generate import GenerateModel as TritonPythonModel  # noqa: F401

@@ -1,7 +1,1 @@
-"""Thin adapter: all logic lives in csm_triton.lm_model."""
-
-from csm_triton.lm_model import LanguageModel
-
-
-class TritonPythonModel(LanguageModel):
-    pass
+from csm_triton.triton.models.lm import LanguageModel as TritonPythonModel  # noqa: F401

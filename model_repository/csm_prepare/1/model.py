@@ -1,7 +1,1 @@
-"""Thin adapter: all logic lives in csm_triton.prepare_model."""
-
-from csm_triton.prepare_model import PrepareModel
-
-
-class TritonPythonModel(PrepareModel):
-    pass
+from csm_triton.triton.models.prepare import PrepareModel as TritonPythonModel  # noqa: F401

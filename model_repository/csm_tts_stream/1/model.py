@@ -1,7 +1,1 @@
-"""Thin adapter: all logic lives in csm_triton.stream_model."""
-
-from csm_triton.stream_model import StreamingModel
-
-
-class TritonPythonModel(StreamingModel):
-    pass
+from csm_triton.triton.models.stream import StreamingModel as TritonPythonModel  # noqa: F401

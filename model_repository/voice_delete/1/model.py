@@ -1,7 +1,1 @@
-"""Thin adapter: all logic lives in csm_triton.voice_models."""
-
-from csm_triton.voice_models import VoiceDeleteModel
-
-
-class TritonPythonModel(VoiceDeleteModel):
-    pass
+from csm_triton.triton.models.voices import VoiceDeleteModel as TritonPythonModel  # noqa: F401

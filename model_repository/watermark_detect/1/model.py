@@ -1,7 +1,1 @@
-"""Thin adapter: all logic lives in csm_triton.watermark_models."""
-
-from csm_triton.watermark_models import WatermarkDetectModel
-
-
-class TritonPythonModel(WatermarkDetectModel):
-    pass
+from csm_triton.triton.models.watermark import WatermarkDetectModel as TritonPythonModel  # noqa: F401

@@ -43,7 +43,7 @@ class FinishReason(str, enum.Enum):
 
 @dataclass
 class GenerationRequest:
-    input_ids: np.ndarray  # [tokens] with AUDIO placeholders (csm_triton.prompt)
+    input_ids: np.ndarray  # [tokens] with AUDIO placeholders (csm_triton.core.prompt)
     audio_codes: np.ndarray  # [placeholders, 32]
     max_frames: int
     temperature: float = C.DEFAULT_TEMPERATURE

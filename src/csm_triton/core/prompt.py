@@ -21,7 +21,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from csm_triton import constants as C
-from csm_triton import validation
+from csm_triton.core import validation
 from csm_triton.errors import InvalidInput
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")

@@ -1,6 +1,6 @@
-"""watermark / watermark_detect: the Triton side of `csm_triton.watermark`.
+"""watermark / watermark_detect: the Triton side of `csm_triton.core.watermark`.
 
-`model_repository/watermark*/1/model.py` subclass these. `watermark` sits after
+`model_repository/watermark*/1/model.py` name these. `watermark` sits after
 mimi_decoder in the csm_tts ensemble; its config parameter `enabled` ("true" or
 "false", default "true") lets a deployment pass audio through unmarked, in which
 case Perth is not even loaded.
@@ -13,27 +13,14 @@ from typing import Mapping
 import numpy as np
 
 from csm_triton import constants as C
-from csm_triton import triton_adapter as triton
-from csm_triton import validation
-from csm_triton.watermark import Watermarker
+from csm_triton.triton import adapter as triton
+from csm_triton.core import validation
+from csm_triton.core.watermark import Watermarker
+from csm_triton.triton.parameters import instance_device
 
-__all__ = ["WatermarkDetectModel", "WatermarkModel", "instance_device", "parse_enabled"]
+__all__ = ["WatermarkDetectModel", "WatermarkModel"]
 
 _SAMPLE_RATE_TENSOR = np.array([C.SAMPLE_RATE], dtype=np.int32)
-
-
-def instance_device(args: Mapping[str, str]) -> str:
-    """The torch device of this model instance (Triton's KIND_GPU / KIND_CPU)."""
-    if args.get("model_instance_kind", "CPU") == "GPU":
-        return f"cuda:{int(args.get('model_instance_device_id', 0) or 0)}"
-    return "cpu"
-
-
-def parse_enabled(value: str | None) -> bool:
-    text = (value or "true").strip().lower()
-    if text not in ("true", "false"):
-        raise ValueError(f"config parameter 'enabled' must be \"true\" or \"false\", got {value!r}")
-    return text == "true"
 
 
 def _load_watermarker(args: Mapping[str, str], model_name: str) -> Watermarker:
@@ -47,7 +34,7 @@ class WatermarkModel(triton.PythonModel):
     """audio_values [1, 1, samples] (mimi_decoder's output) -> AUDIO [samples], SAMPLE_RATE [1]."""
 
     def initialize_model(self, args, model_config):
-        self.enabled = parse_enabled(triton.config_parameter(model_config, "enabled", "true"))
+        self.enabled = self.parameters.boolean("enabled", True)
         self.watermarker = _load_watermarker(args, self.model_name) if self.enabled else None
         if not self.enabled:
             triton.log_info(f"{self.model_name}: watermarking disabled by config; audio passes through")

@@ -32,14 +32,6 @@ __all__ = ["DEFAULT_ADMIN_TOKEN_ENV", "WritePolicy"]
 DEFAULT_ADMIN_TOKEN_ENV = "CSM_ADMIN_TOKEN"
 
 
-def _flag(value: str | None, name: str) -> bool:
-    if value is None or value.strip().lower() in ("", "false", "0", "no"):
-        return False
-    if value.strip().lower() in ("true", "1", "yes"):
-        return True
-    raise ValueError(f"config parameter '{name}' must be \"true\" or \"false\", got {value!r}")
-
-
 @dataclass(frozen=True, repr=False)
 class WritePolicy:
     token: str | None  # None: no token configured
@@ -52,12 +44,12 @@ class WritePolicy:
                 f"allow_anonymous_writes={self.allow_anonymous_writes})")
 
     @classmethod
-    def from_settings(cls, admin_token_env: str | None = None, allow_anonymous_writes: str | None = None,
+    def from_settings(cls, admin_token_env: str | None = None, allow_anonymous_writes: bool = False,
                       environ: Mapping[str, str] | None = None) -> "WritePolicy":
-        """From the model config's parameters (strings or None) and the environment."""
+        """From the model config's parameters and the environment."""
         token_env = admin_token_env or DEFAULT_ADMIN_TOKEN_ENV
         token = (os.environ if environ is None else environ).get(token_env) or None
-        return cls(token, token_env, _flag(allow_anonymous_writes, "allow_anonymous_writes"))
+        return cls(token, token_env, bool(allow_anonymous_writes))
 
     def describe(self) -> str:
         if self.token:

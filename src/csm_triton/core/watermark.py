@@ -23,10 +23,10 @@ import warnings
 import numpy as np
 import torch
 
-from csm_triton import _torchaudio_standin
+from csm_triton.core import torchaudio_standin as _torchaudio_standin
 from csm_triton import constants as C
-from csm_triton import validation
-from csm_triton.audio import resample
+from csm_triton.core import validation
+from csm_triton.core.audio import resample
 
 __all__ = ["Watermarker", "WatermarkUnavailable", "load_perth"]
 
@@ -73,10 +73,14 @@ class Watermarker:
     def apply(self, audio: np.ndarray, sample_rate: int = C.SAMPLE_RATE, *, name: str = "audio") -> np.ndarray:
         """Watermarked copy of `audio`: float32, same length. Any length works (short
         streaming chunks too), though under MIN_WATERMARK_DETECT_SECONDS a chunk
-        alone cannot be verified."""
+        alone cannot be verified. Silence (RMS under WATERMARK_SILENCE_RMS) comes back
+        unchanged."""
         sample_rate = validation.input_sample_rate(sample_rate, "sample_rate")
         audio = validation.audio_samples(audio, name, sample_rate=sample_rate)
-        if audio.size == 0:
+        if audio.size == 0 or _rms(audio) < C.WATERMARK_SILENCE_RMS:
+            # Silence in, silence out: below -80 dBFS there is nothing a mark could hide
+            # in (detect scores it 0 either way), and Perth's STFT round trip would turn
+            # digital silence into ~1e-12 noise whose exact values differ by CPU.
             return audio.copy()
         at_model_rate = resample(audio, sample_rate, self.model_sample_rate)
         with torch.inference_mode():

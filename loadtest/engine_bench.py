@@ -1,7 +1,7 @@
 """Engine benchmark: ms/frame and x real time against batch size, for this engine and
 for transformers' `generate` on the same weights, in the same process.
 
-    python -m csm_triton.bench.engine [--tiny] [--frames 8] [--batch-sizes 1,8] [--out loadtest/results]
+    python -m loadtest.engine_bench [--tiny] [--frames 8] [--batch-sizes 1,8] [--out loadtest/results]
 
 Full-size CSM-1B shape with random weights by default (speed does not depend on the
 weights' values), `--tiny` for a quick run. Greedy decoding, so the tokens of both
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from csm_triton import constants as C
-from csm_triton.bench.machine import cpu_model
+from loadtest.workload import cpu_model
 from csm_triton.engine import CsmLM, EngineConfig, GenerationEngine, GenerationRequest
 from csm_triton.engine.lm import default_device, default_dtype
 
@@ -189,7 +189,7 @@ def run(args) -> dict:
         "frames_per_request": args.frames,
         "prompt_tokens": args.prompt_tokens,
         "commit": git_commit(),
-        "command": "python -m csm_triton.bench.engine " + " ".join(sys.argv[1:]),
+        "command": "python -m loadtest.engine_bench " + " ".join(sys.argv[1:]),
         "torch": torch.__version__,
         "rows": rows,
     }

@@ -14,7 +14,7 @@ import numpy as np
 import soxr
 
 from csm_triton import constants as C
-from csm_triton import validation
+from csm_triton.core import validation
 
 __all__ = ["peak_normalise", "prepare_reference_audio", "read_audio_file", "resample"]
 

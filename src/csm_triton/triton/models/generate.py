@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from csm_triton import triton_adapter as triton
-from csm_triton import validation
+from csm_triton.triton import adapter as triton
+from csm_triton.core import validation
 
 LM_MODEL = "csm_lm"
 

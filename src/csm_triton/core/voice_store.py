@@ -23,7 +23,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import tempfile
 import threading
 import time
 import uuid
@@ -34,15 +33,14 @@ from pathlib import Path
 import numpy as np
 
 from csm_triton import constants as C
-from csm_triton import validation
+from csm_triton.core import validation
+from csm_triton.core.files import TEMP_PREFIX, TEMP_SUFFIX, atomic_write, fsync_directory
 from csm_triton.errors import InvalidInput
 
 __all__ = ["Voice", "VoiceStore"]
 
 _FORMAT_VERSION = 1
 _METADATA_SUFFIX = ".json"
-_TEMP_PREFIX = "."  # temporaries are hidden and never end in .json / .npy
-_TEMP_SUFFIX = ".tmp"
 # A directory changed within this window may change again without its mtime moving
 # (file systems with coarse timestamps): re-scan until it is older than this.
 _RACY_NS = 2_000_000_000
@@ -80,17 +78,21 @@ def _signature(stat: os.stat_result) -> tuple[int, int, int]:
     return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
-def _fsync_directory(directory: Path) -> None:
-    try:
-        handle = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(handle)
-    except OSError:  # not supported everywhere; the rename itself is still atomic
-        pass
-    finally:
-        os.close(handle)
+def _link_exclusively(voice_id: str):
+    """An exclusive create that is atomic across processes: link() fails if the name
+    exists, so two registrations of one id cannot both win."""
+    def publish(temporary: str, target: Path) -> None:
+        try:
+            os.link(temporary, target)
+        except FileExistsError:
+            raise InvalidInput(f"voice '{voice_id}' already exists; delete it first to register it again") from None
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            # A file system without hard links: checked before under the lock; the
+            # cross-process race that remains is accepted there.
+            os.replace(temporary, target)
+    return publish
 
 
 class VoiceStore:
@@ -144,7 +146,7 @@ class VoiceStore:
                 raise
             if previous and previous.get("codes_file") != codes_name:
                 self._unlink_codes(previous.get("codes_file"))
-            _fsync_directory(self.directory)
+            fsync_directory(self.directory)
             codes.setflags(write=False)
             voice = Voice(voice_id, transcript, codes, metadata["duration_seconds"], created_at)
             stat = self._metadata_path(voice_id).stat()
@@ -178,7 +180,7 @@ class VoiceStore:
             except FileNotFoundError:
                 raise InvalidInput(f"unknown voice '{voice_id}'") from None
             self._unlink_codes(metadata.get("codes_file"))
-            _fsync_directory(self.directory)
+            fsync_directory(self.directory)
         if entry is not None:
             return entry.voice.summary()
         # Unreadable metadata (or written by another process a moment ago): what it says.
@@ -201,47 +203,15 @@ class VoiceStore:
     def _metadata_path(self, voice_id: str) -> Path:
         return self.directory / f"{voice_id}{_METADATA_SUFFIX}"
 
-    def _temporary(self, target: Path) -> tuple[int, str]:
-        return tempfile.mkstemp(dir=self.directory, prefix=f"{_TEMP_PREFIX}{target.name}.", suffix=_TEMP_SUFFIX)
-
     def _write_atomic(self, target: Path, write) -> None:
-        handle, temporary = self._temporary(target)
-        try:
-            with os.fdopen(handle, "wb") as out:
-                write(out)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        with atomic_write(target) as out:
+            write(out)
 
     def _write_metadata(self, voice_id: str, metadata: dict, *, exclusive: bool) -> None:
         target = self._metadata_path(voice_id)
         data = (json.dumps(metadata, ensure_ascii=False, indent=2) + "\n").encode()
-        if not exclusive:
-            self._write_atomic(target, lambda out: out.write(data))
-            return
-        # Exclusive create that is atomic across processes: link() fails if the name
-        # exists, so two registrations of one id cannot both win.
-        handle, temporary = self._temporary(target)
-        try:
-            with os.fdopen(handle, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            try:
-                os.link(temporary, target)
-            except FileExistsError:
-                raise InvalidInput(f"voice '{voice_id}' already exists; delete it first to register it again") from None
-            except OSError as error:
-                if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-                    raise
-                # A file system without hard links: checked above under the lock; the
-                # cross-process race that remains is accepted there.
-                os.replace(temporary, target)
-        finally:
-            Path(temporary).unlink(missing_ok=True)
+        with atomic_write(target, publish=_link_exclusively(voice_id) if exclusive else os.replace) as out:
+            out.write(data)
 
     def _read_metadata_quietly(self, voice_id: str) -> dict | None:
         try:
@@ -281,7 +251,7 @@ class VoiceStore:
         with os.scandir(self.directory) as entries:
             for item in entries:
                 name = item.name
-                if not name.endswith(_METADATA_SUFFIX) or name.startswith(_TEMP_PREFIX):
+                if not name.endswith(_METADATA_SUFFIX) or name.startswith(TEMP_PREFIX):
                     continue
                 voice_id = name[: -len(_METADATA_SUFFIX)]
                 if not C.VOICE_ID_PATTERN.fullmatch(voice_id):
@@ -311,7 +281,7 @@ class VoiceStore:
             except (OSError, ValueError, AttributeError):
                 continue
         for path in self.directory.iterdir():
-            stale_temporary = path.name.startswith(_TEMP_PREFIX) and path.name.endswith(_TEMP_SUFFIX)
+            stale_temporary = path.name.startswith(TEMP_PREFIX) and path.name.endswith(TEMP_SUFFIX)
             orphan_codes = path.suffix == ".npy" and path.name not in referenced
             try:
                 if (stale_temporary or orphan_codes) and path.stat().st_mtime < cutoff:

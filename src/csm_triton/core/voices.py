@@ -7,10 +7,10 @@ from typing import Callable
 import numpy as np
 
 from csm_triton import constants as C
-from csm_triton import validation
-from csm_triton.audio import prepare_reference_audio
+from csm_triton.core import validation
+from csm_triton.core.audio import prepare_reference_audio
 from csm_triton.errors import InvalidInput
-from csm_triton.voice_store import Voice, VoiceStore
+from csm_triton.core.voice_store import Voice, VoiceStore
 
 __all__ = ["Encoder", "VoiceResolver"]
 

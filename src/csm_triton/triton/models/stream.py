@@ -1,7 +1,7 @@
 """csm_tts_stream: the streaming twin of csm_tts (decoupled, BLS).
 
 Per request, a worker thread runs csm_prepare, streams codes from csm_lm, decodes
-each chunk through mimi_decoder with left context (csm_triton.streaming), watermarks
+each chunk through mimi_decoder with left context (csm_triton.core.stream_decoder), watermarks
 it, and sends it as soon as it is ready: a small first chunk (time to first audio),
 then larger ones. A client that goes away stops the worker and frees its KV slot.
 """
@@ -14,9 +14,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from csm_triton import constants as C
-from csm_triton import triton_adapter as triton
-from csm_triton import validation
-from csm_triton.streaming import StreamDecoder
+from csm_triton.triton import adapter as triton
+from csm_triton.core import validation
+from csm_triton.core.stream_decoder import StreamDecoder
 
 PREPARE_INPUTS = ("TEXT", "VOICE_ID", "REFERENCE_AUDIO", "REFERENCE_SAMPLE_RATE", "REFERENCE_TEXT")
 SAMPLE_RATE = np.array([C.SAMPLE_RATE], dtype=np.int32)
@@ -34,13 +34,12 @@ def watermark(audio: np.ndarray) -> np.ndarray:
 
 class StreamingModel(triton.DecoupledModel):
     def initialize_model(self, args, model_config):
-        def parameter(name, default):
-            return int(triton.config_parameter(model_config, name, str(default)))
-
-        self.first_chunk_frames = parameter("first_chunk_frames", C.STREAM_FIRST_CHUNK_FRAMES)
-        self.chunk_frames = parameter("chunk_frames", C.STREAM_CHUNK_FRAMES)
-        self.context_frames = parameter("left_context_frames", C.STREAM_LEFT_CONTEXT_FRAMES)
-        self.workers = ThreadPoolExecutor(parameter("max_concurrent_streams", 256), thread_name_prefix="csm-stream")
+        parameters = self.parameters
+        self.first_chunk_frames = parameters.integer("first_chunk_frames", C.STREAM_FIRST_CHUNK_FRAMES, minimum=1)
+        self.chunk_frames = parameters.integer("chunk_frames", C.STREAM_CHUNK_FRAMES, minimum=1)
+        self.context_frames = parameters.integer("left_context_frames", C.STREAM_LEFT_CONTEXT_FRAMES, minimum=0)
+        self.workers = ThreadPoolExecutor(parameters.integer("max_concurrent_streams", 256, minimum=1),
+                                          thread_name_prefix="csm-stream")
 
     def start(self, request, sender):
         if triton.input_array(request, "TEXT", required=False) is None:

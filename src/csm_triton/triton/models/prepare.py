@@ -5,19 +5,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from csm_triton import triton_adapter as triton
-from csm_triton import validation
-from csm_triton.prompt import PromptBuilder
-from csm_triton.voice_models import forward_mimi_encoder, voice_directory
-from csm_triton.voice_store import VoiceStore
-from csm_triton.voices import VoiceResolver
+from csm_triton.triton import adapter as triton
+from csm_triton.core import validation
+from csm_triton.core.prompt import PromptBuilder
+from csm_triton.triton.models.voices import forward_mimi_encoder, voice_directory
+from csm_triton.core.voice_store import VoiceStore
+from csm_triton.core.voices import VoiceResolver
 
 
 class PrepareModel(triton.PythonModel):
     def initialize_model(self, args, model_config):
-        tokenizer_dir = triton.config_parameter(model_config, "tokenizer_dir", "tokenizer")
+        tokenizer_dir = self.parameters.text("tokenizer_dir", "tokenizer")
         self.prompt_builder = PromptBuilder(Path(triton.model_directory(args)) / tokenizer_dir)
-        self.voices = VoiceResolver(VoiceStore(voice_directory(args, model_config)), forward_mimi_encoder)
+        self.voices = VoiceResolver(VoiceStore(voice_directory(args, self.parameters)), forward_mimi_encoder)
 
     def handle(self, request):
         text = validation.single_text(triton.input_texts(request, "TEXT"), "TEXT")

@@ -1,10 +1,10 @@
 """Streamed vs whole-utterance decoding of the same codes, against the amount of left
 context each chunk is decoded with.
 
-    python -m csm_triton.bench.streaming --checkpoint DIR [--seconds 10] [--out loadtest/results]
+    python -m loadtest.streaming_decode_bench --checkpoint DIR [--seconds 10] [--out loadtest/results]
 
 Exports the checkpoint's Mimi decoder to ONNX (as the repository build does), decodes
-random codes whole and in the streaming chunk schedule (csm_triton.streaming) with
+random codes whole and in the streaming chunk schedule (csm_triton.core.stream_decoder) with
 several left-context lengths, and reports the SNR of the streamed audio against the
 whole decode and the decoding cost relative to decoding once.
 """
@@ -22,8 +22,8 @@ import numpy as np
 import onnxruntime as ort
 
 from csm_triton import constants as C
-from csm_triton.bench.engine import git_commit
-from csm_triton.streaming import StreamDecoder, snr_db
+from loadtest.engine_bench import git_commit
+from csm_triton.core.stream_decoder import StreamDecoder, snr_db
 
 CONTEXTS = (0, 5, 12, 25, 50, C.MIMI_ATTENTION_WINDOW_FRAMES)
 
@@ -66,7 +66,7 @@ def run(checkpoint: Path, seconds: float, seed: int) -> dict:
         })
         print(json.dumps(rows[-1]), file=sys.stderr)
     return {"checkpoint": str(checkpoint), "audio_seconds": seconds, "commit": git_commit(),
-            "command": "python -m csm_triton.bench.streaming " + " ".join(sys.argv[1:]),
+            "command": "python -m loadtest.streaming_decode_bench " + " ".join(sys.argv[1:]),
             "chunks": f"{C.STREAM_FIRST_CHUNK_FRAMES} then {C.STREAM_CHUNK_FRAMES} frames", "rows": rows}
 
 

@@ -1,9 +1,9 @@
 """ONNX Runtime behind Triton's `platform: "onnxruntime_onnx"` where no native
 onnxruntime backend exists (the embedded tritonserver from nvidia-pytriton).
 
-`csm_triton.embedded` installs `backends/onnxruntime/model.py` (a Python-based
-backend, a two-line subclass of `OnnxRuntimeModel`), so the model configs that
-the NGC container serves with its native backend load unchanged here.
+`csm_triton.serving.install` installs `backends/onnxruntime/model.py` (a Python-based
+backend; its Triton side is `backend.py` beside this module), so the model configs
+that the NGC container serves with its native backend load unchanged here.
 
 What the native backend does and this one copies:
 - the file is `<model dir>/<version>/model.onnx`, or the config's
@@ -17,11 +17,12 @@ What the native backend does and this one copies:
   dynamic batcher hands over together, if their other dimensions agree, run as
   ONE `session.run` on the concatenation and the results are split back.
 
-No Triton import here: the Triton-facing parts come from `csm_triton.triton_adapter`.
+No Triton import here: plain numpy in and out, testable without a server.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,42 +30,16 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
+
+from csm_triton.core.validation import decode_utf8
 from csm_triton.errors import InvalidInput
-from csm_triton.triton_adapter import (
-    PythonModel,
-    build_response,
-    config_parameter,
-    decode_utf8,
-    error_response,
-    input_array,
-    log_info,
-)
+from csm_triton.triton.parameters import Parameters
 
-__all__ = [
-    "OnnxRuntimeModel",
-    "OnnxSession",
-    "TensorSpec",
-    "model_file",
-    "tensor_specs",
-]
+__all__ = ["OnnxSession", "TensorSpec", "model_file", "tensor_specs"]
 
+LOG = logging.getLogger("csm_triton.onnxruntime")
 DEFAULT_MODEL_FILENAME = "model.onnx"
-
-TRITON_TO_NUMPY: dict[str, Any] = {
-    "TYPE_BOOL": np.bool_,
-    "TYPE_UINT8": np.uint8,
-    "TYPE_UINT16": np.uint16,
-    "TYPE_UINT32": np.uint32,
-    "TYPE_UINT64": np.uint64,
-    "TYPE_INT8": np.int8,
-    "TYPE_INT16": np.int16,
-    "TYPE_INT32": np.int32,
-    "TYPE_INT64": np.int64,
-    "TYPE_FP16": np.float16,
-    "TYPE_FP32": np.float32,
-    "TYPE_FP64": np.float64,
-    "TYPE_STRING": np.object_,
-}
 
 ONNX_TO_TRITON = {
     "tensor(bool)": "TYPE_BOOL",
@@ -83,17 +58,25 @@ ONNX_TO_TRITON = {
 }
 
 
+# The config types this backend serves: those an ONNX graph can hold.
+SUPPORTED_TYPES = frozenset(ONNX_TO_TRITON.values())
+
+
 def _short(data_type: str) -> str:
     return data_type.removeprefix("TYPE_")
 
 
-def _triton_type_of(array: np.ndarray) -> str:
+def _numpy_dtype(data_type: str) -> np.dtype:
+    """A config type (TYPE_FP32, TYPE_STRING, ...) as numpy's (tritonclient's table)."""
+    name = _short(data_type)
+    return np.dtype(triton_to_np_dtype("BYTES" if name == "STRING" else name))
+
+
+def _type_name(array: np.ndarray) -> str:
+    """An array's Triton type name for messages: FP32, BYTES, ..."""
     if array.dtype.kind in "OSU":
-        return "TYPE_STRING"
-    for name, dtype in TRITON_TO_NUMPY.items():
-        if dtype is not np.object_ and array.dtype == np.dtype(dtype):
-            return name
-    return str(array.dtype)
+        return "BYTES"
+    return np_to_triton_dtype(array.dtype) or str(array.dtype)
 
 
 @dataclass(frozen=True)
@@ -107,7 +90,7 @@ class TensorSpec:
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(TRITON_TO_NUMPY[self.data_type])
+        return _numpy_dtype(self.data_type)
 
 
 def tensor_specs(model_config: Mapping[str, Any], key: str) -> list[TensorSpec]:
@@ -115,7 +98,7 @@ def tensor_specs(model_config: Mapping[str, Any], key: str) -> list[TensorSpec]:
     for entry in model_config.get(key, []):
         name = entry["name"]
         data_type = entry.get("data_type", "")
-        if data_type not in TRITON_TO_NUMPY:
+        if data_type not in SUPPORTED_TYPES:
             raise ValueError(f"{key[:-1]} '{name}': data type {data_type or '(none)'} is not supported by onnxruntime here")
         if entry.get("reshape"):
             raise ValueError(f"{key[:-1]} '{name}': 'reshape' is not supported by the embedded onnxruntime backend")
@@ -150,17 +133,6 @@ def _available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _int_parameter(model_config: Mapping[str, Any], name: str) -> int | None:
-    value = config_parameter(model_config, name)
-    if value is None:
-        return None
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError(f"parameter '{name}' must be an integer, got {value!r}") from None
-    return number if number > 0 else None
-
-
 class OnnxSession:
     """An `onnxruntime.InferenceSession` checked against a Triton model config.
 
@@ -172,8 +144,7 @@ class OnnxSession:
         path: Path | str,
         model_config: Mapping[str, Any],
         *,
-        instance_kind: str = "CPU",
-        device_id: int = 0,
+        device: str = "cpu",
     ) -> None:
         import onnxruntime as ort
 
@@ -187,8 +158,10 @@ class OnnxSession:
             raise ValueError(f"model '{self.name}': the config lists no outputs")
 
         options = ort.SessionOptions()
-        intra = _int_parameter(model_config, "intra_op_thread_count")
-        inter = _int_parameter(model_config, "inter_op_thread_count")
+        parameters = Parameters(model_config, self.name)
+        # 0 or absent: chosen here.
+        intra = parameters.integer("intra_op_thread_count", 0, minimum=0)
+        inter = parameters.integer("inter_op_thread_count", 0, minimum=0)
         # Each instance is its own process: share the cores between them instead of
         # letting every session spin a thread per core.
         options.intra_op_num_threads = intra or max(1, _available_cpus() // _instance_count(model_config))
@@ -197,11 +170,11 @@ class OnnxSession:
         options.log_severity_level = 3
 
         providers: list[Any] = ["CPUExecutionProvider"]
-        if instance_kind.upper().endswith("GPU"):
+        if device.startswith("cuda"):
             if "CUDAExecutionProvider" in ort.get_available_providers():
-                providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(device_id)}))
+                providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(device.partition(":")[2] or 0)}))
             else:
-                log_info(f"{self.name}: KIND_GPU instance but onnxruntime has no CUDA provider; running on the CPU")
+                LOG.warning(f"{self.name}: KIND_GPU instance but onnxruntime has no CUDA provider; running on the CPU")
         self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
         self.threads = (options.intra_op_num_threads, options.inter_op_num_threads)
         self._check_against_model()
@@ -252,12 +225,12 @@ class OnnxSession:
             if spec.data_type == "TYPE_STRING":
                 if array.dtype.kind not in "OSU":
                     raise InvalidInput(
-                        f"input '{spec.name}' has data type {_short(_triton_type_of(array))}, expected BYTES"
+                        f"input '{spec.name}' has data type {_type_name(array)}, expected BYTES"
                     )
                 array = np.array(decode_utf8(array, spec.name), dtype=object).reshape(array.shape)
             elif array.dtype != spec.dtype:
                 raise InvalidInput(
-                    f"input '{spec.name}' has data type {_short(_triton_type_of(array))}, "
+                    f"input '{spec.name}' has data type {_type_name(array)}, "
                     f"expected {_short(spec.data_type)}"
                 )
             shape = array.shape
@@ -357,41 +330,3 @@ class OnnxSession:
 
 def _batch_size(feed: Mapping[str, np.ndarray]) -> int:
     return int(next(iter(feed.values())).shape[0]) if feed else 1
-
-
-class OnnxRuntimeModel(PythonModel):
-    """The TritonPythonModel of the Python-based backend `onnxruntime`."""
-
-    def initialize_model(self, args: Mapping[str, str], model_config: dict) -> None:
-        path = model_file(args["model_repository"], args["model_version"], model_config)
-        self.session = OnnxSession(
-            path,
-            model_config,
-            instance_kind=args.get("model_instance_kind", "CPU"),
-            device_id=int(args.get("model_instance_device_id", 0) or 0),
-        )
-        intra, inter = self.session.threads
-        log_info(f"{self.model_name}: onnxruntime session on {path} (threads intra={intra} inter={inter})")
-
-    def read_inputs(self, request) -> dict[str, np.ndarray | None]:
-        return {
-            spec.name: input_array(request, spec.name, required=not spec.optional) for spec in self.session.inputs
-        }
-
-    def handle(self, request) -> Mapping[str, np.ndarray]:
-        return self.session.run(self.session.validate(self.read_inputs(request)))
-
-    def execute(self, requests):
-        feeds: list[Any] = []
-        for request in requests:
-            try:
-                feeds.append(self.session.validate(self.read_inputs(request)))
-            except Exception as error:  # noqa: BLE001 - that request's error only
-                feeds.append(error)
-        responses = []
-        for result in self.session.run_many(feeds):
-            if isinstance(result, BaseException):
-                responses.append(error_response(result, self.model_name))
-            else:
-                responses.append(build_response(result))
-        return responses

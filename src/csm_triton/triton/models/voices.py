@@ -1,6 +1,6 @@
 """voice_register / voice_list / voice_delete: the voice-profile models.
 
-Each `model_repository/voice_*/1/model.py` subclasses one of these. Config
+Each `model_repository/voice_*/1/model.py` names one of these. Config
 parameters (all optional):
 
 - `voice_dir`: the store's folder. A relative path is resolved against the folder
@@ -20,11 +20,12 @@ from typing import Mapping
 
 import numpy as np
 
-from csm_triton import triton_adapter as triton
-from csm_triton import validation
-from csm_triton.admin import WritePolicy
-from csm_triton.voice_store import VoiceStore
-from csm_triton.voices import VoiceResolver
+from csm_triton.triton import adapter as triton
+from csm_triton.core import validation
+from csm_triton.core.write_policy import WritePolicy
+from csm_triton.triton.parameters import Parameters
+from csm_triton.core.voice_store import VoiceStore
+from csm_triton.core.voices import VoiceResolver
 
 __all__ = [
     "DEFAULT_VOICE_DIR", "VoiceDeleteModel", "VoiceListModel", "VoiceRegisterModel",
@@ -34,20 +35,18 @@ __all__ = [
 DEFAULT_VOICE_DIR = "runtime/voices"
 
 
-def voice_directory(args: Mapping[str, str], model_config: dict) -> Path:
+def voice_directory(args: Mapping[str, str], parameters: Parameters) -> Path:
     """The absolute store folder; `args['model_repository']` is the model's own folder."""
-    configured = Path(triton.config_parameter(model_config, "voice_dir", DEFAULT_VOICE_DIR)).expanduser()
+    configured = Path(parameters.text("voice_dir", DEFAULT_VOICE_DIR)).expanduser()
     if not configured.is_absolute():
         repository = Path(args["model_repository"]).resolve().parent
         configured = repository.parent / configured
     return configured.resolve()
 
 
-def write_policy(model_config: dict) -> WritePolicy:
-    return WritePolicy.from_settings(
-        triton.config_parameter(model_config, "admin_token_env"),
-        triton.config_parameter(model_config, "allow_anonymous_writes"),
-    )
+def write_policy(parameters: Parameters) -> WritePolicy:
+    return WritePolicy.from_settings(parameters.text("admin_token_env"),
+                                     parameters.boolean("allow_anonymous_writes", False))
 
 
 def forward_mimi_encoder(audio: np.ndarray) -> np.ndarray:
@@ -62,8 +61,8 @@ def json_tensor(value) -> np.ndarray:
 
 class _VoiceModel(triton.PythonModel):
     def initialize_model(self, args, model_config):
-        self.store = VoiceStore(voice_directory(args, model_config))
-        self.write_policy = write_policy(model_config)
+        self.store = VoiceStore(voice_directory(args, self.parameters))
+        self.write_policy = write_policy(self.parameters)
         triton.log_info(f"{self.model_name}: voices in {self.store.directory}; {self.write_policy.describe()}")
 
     def voice_id(self, request) -> str:

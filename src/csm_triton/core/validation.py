@@ -210,3 +210,15 @@ def audio_samples(samples: object, name: str, *, sample_rate: int = C.SAMPLE_RAT
     if not np.isfinite(samples).all():
         raise InvalidInput(f"input '{name}' contains NaN or infinite samples")
     return samples
+
+
+def decode_utf8(array: np.ndarray, name: str) -> list[str]:
+    """A BYTES tensor as UTF-8 strings, one per element."""
+    texts = []
+    for item in array.reshape(-1):
+        raw = item if isinstance(item, (bytes, bytearray)) else str(item).encode()
+        try:
+            texts.append(bytes(raw).decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise InvalidInput(f"input '{name}' is not valid UTF-8 (byte {error.start})") from None
+    return texts

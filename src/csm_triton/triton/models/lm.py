@@ -16,44 +16,34 @@ import numpy as np
 import torch
 
 from csm_triton import constants as C
-from csm_triton import triton_adapter as triton
-from csm_triton import validation
+from csm_triton.triton import adapter as triton
+from csm_triton.core import validation
 from csm_triton.engine import CsmLM, EngineConfig, FinishReason, FrameChunk, GenerationEngine, GenerationRequest
 from csm_triton.errors import InvalidInput
+from csm_triton.triton.parameters import Parameters, instance_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _int_parameter(config, name: str, default: int | None) -> int | None:
-    value = triton.config_parameter(config, name)
-    return default if value is None else int(value)
-
-
-def engine_from_config(model_dir: Path, config: dict, instance_kind: str, device_id: int) -> GenerationEngine:
-    device = torch.device(f"cuda:{device_id}") if instance_kind == "GPU" else torch.device("cpu")
-    dtype_name = triton.config_parameter(config, "dtype", "auto")
-    if dtype_name != "auto" and dtype_name not in DTYPES:
-        raise ValueError(f"parameter dtype must be auto or one of {sorted(DTYPES)}, got {dtype_name!r}")
+def engine_from_config(model_dir: Path, parameters: Parameters, device: str) -> GenerationEngine:
+    dtype_name = parameters.choice("dtype", ("auto", *DTYPES), "auto")
     dtype = DTYPES.get(dtype_name)  # None: bf16 on GPU, fp32 on CPU
-    checkpoint = model_dir / triton.config_parameter(config, "checkpoint_dir", "checkpoint")
-    max_slots = _int_parameter(config, "max_slots", None)
-    lm = CsmLM.from_checkpoint(checkpoint, device=device, dtype=dtype, max_batch=max_slots)
+    checkpoint = model_dir / parameters.text("checkpoint_dir", "checkpoint")
+    max_slots = parameters.integer("max_slots", None, minimum=1)
+    lm = CsmLM.from_checkpoint(checkpoint, device=torch.device(device), dtype=dtype, max_batch=max_slots)
     engine_config = EngineConfig(
         max_slots=max_slots,
-        max_context=_int_parameter(config, "max_context", None),
-        gpu_memory_fraction=float(triton.config_parameter(config, "gpu_memory_fraction",
-                                                          str(C.DEFAULT_GPU_MEMORY_FRACTION))),
-        prefix_cache_bytes=_int_parameter(config, "prefix_cache_mib", 256) << 20,
+        max_context=parameters.integer("max_context", None, minimum=1),
+        gpu_memory_fraction=parameters.number("gpu_memory_fraction", C.DEFAULT_GPU_MEMORY_FRACTION,
+                                              minimum=0.01, maximum=1.0),
+        prefix_cache_bytes=parameters.integer("prefix_cache_mib", 256, minimum=0) << 20,
     )
     return GenerationEngine(lm, engine_config)
 
 
 class LanguageModel(triton.DecoupledModel):
     def initialize_model(self, args, model_config):
-        self.engine = engine_from_config(
-            Path(triton.model_directory(args)), model_config,
-            args.get("model_instance_kind", "CPU"), int(args.get("model_instance_device_id", 0)),
-        )
+        self.engine = engine_from_config(Path(triton.model_directory(args)), self.parameters, instance_device(args))
         self.engine.start()
         # The families must outlive their metrics: keep them on the model.
         self.metrics = metrics = triton.Metrics(self.model_name, device=str(self.engine.lm.device))

@@ -1,6 +1,6 @@
 """The one module that imports `triton_python_backend_utils`.
 
-Every `model.py` in the repository subclasses `PythonModel` and implements
+Every Triton model class (`csm_triton.triton.models`) subclasses `PythonModel` and implements
 `initialize_model` and `handle` with plain numpy in, plain numpy out. This module
 turns Triton requests into those arrays and the results (or errors) back into
 responses, one request at a time, so that one bad request never fails its
@@ -16,7 +16,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from csm_triton.core import validation
 from csm_triton.errors import InvalidInput, PermissionDenied
+from csm_triton.triton.parameters import Parameters, parse_model_config
 
 try:  # Only present inside a Triton python stub.
     import triton_python_backend_utils as pb_utils
@@ -43,20 +45,6 @@ def log_info(message: str) -> None:
 
 def log_error(message: str) -> None:
     _log("error", message)
-
-
-def parse_model_config(args: Mapping[str, str]) -> dict:
-    return json.loads(args["model_config"])
-
-
-def config_parameter(model_config: Mapping[str, Any], name: str, default: str | None = None) -> str | None:
-    """A `parameters { key: ... value: { string_value: ... } }` entry of config.pbtxt."""
-    entry = model_config.get("parameters", {}).get(name)
-    if entry is None:
-        return default
-    value = entry.get("string_value", "")
-    # Triton leaves "${VAR}"-style placeholders unexpanded; treat them as unset.
-    return default if value == "" or value.startswith("${") else value
 
 
 def model_directory(args: Mapping[str, str]) -> str:
@@ -87,18 +75,7 @@ def input_texts(request, name: str, *, required: bool = True) -> list[str] | Non
     array = input_array(request, name, required=required)
     if array is None:
         return None
-    return decode_utf8(array, name)
-
-
-def decode_utf8(array: np.ndarray, name: str) -> list[str]:
-    texts = []
-    for item in array.reshape(-1):
-        raw = item if isinstance(item, (bytes, bytearray)) else str(item).encode()
-        try:
-            texts.append(bytes(raw).decode("utf-8"))
-        except UnicodeDecodeError as error:
-            raise InvalidInput(f"input '{name}' is not valid UTF-8 (byte {error.start})") from None
-    return texts
+    return validation.decode_utf8(array, name)
 
 
 def request_parameters(request) -> dict[str, Any]:
@@ -142,6 +119,7 @@ class PythonModel:
     def initialize(self, args):
         self.model_config = parse_model_config(args)
         self.model_name = args.get("model_name", self.model_name)
+        self.parameters = Parameters(self.model_config, self.model_name)
         self.initialize_model(args, self.model_config)
 
     def initialize_model(self, args: Mapping[str, str], model_config: dict) -> None:

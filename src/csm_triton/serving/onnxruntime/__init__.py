@@ -1,0 +1,1 @@
+"""ONNX Runtime as a Python-based Triton backend: a pure session wrapper and its adapter."""

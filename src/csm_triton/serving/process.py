@@ -1,0 +1,366 @@
+"""A tritonserver process for tests and tools: free ports, a log file, readiness
+waited for, and always stopped (its python stubs and their /dev/shm regions too)."""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import glob
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from csm_triton.serving.flags import server_arguments
+from csm_triton.serving.install import EmbeddedInstall, prepare, server_environment
+
+__all__ = ["SHM_PREFIX", "TritonServer", "TritonStartError", "free_ports", "parent_death_signal"]
+
+_ENDPOINT_FAILURE = re.compile(r"failed to start (HTTP|GRPC|Metrics) service[^\n]*")
+SHM_PREFIX = "triton_python_backend_shm_region_"
+
+
+class TritonStartError(RuntimeError):
+    """The server did not become ready; the message ends with the tail of its log."""
+
+# --- running a server -------------------------------------------------------------------
+def free_ports(count: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+try:  # resolved here, not in the forked child (no dlopen between fork and exec)
+    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):  # pragma: no cover - not Linux
+    _PRCTL = None
+
+
+def parent_death_signal() -> None:
+    """preexec_fn: the server gets SIGTERM when the thread that started it ends
+    (a killed test run leaves no tritonserver behind)."""
+    if _PRCTL is not None:
+        _PRCTL(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+
+
+_RUNNING: set["TritonServer"] = set()
+_RUNNING_LOCK = threading.Lock()
+
+
+@atexit.register
+def _stop_all() -> None:
+    with _RUNNING_LOCK:
+        servers = list(_RUNNING)
+    for server in servers:
+        server.stop()
+
+
+def _readiness_client(http_port: int):
+    """A tritonclient HTTP client for readiness polls (short timeouts: a port that
+    does not answer yet is "not ready", not an error)."""
+    import tritonclient.http as http  # the serving layer's client; imported when a server starts
+
+    return http.InferenceServerClient(f"127.0.0.1:{http_port}", connection_timeout=1.0, network_timeout=1.0)
+
+
+def _ready(check) -> bool:
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        return bool(check())
+    except (InferenceServerException, OSError):
+        return False
+
+
+class TritonServer:
+    """A tritonserver process: free ports, log to a file, wait until ready, always stopped.
+
+        with TritonServer(repository, model_control="explicit", load_models=["m"]) as server:
+            client = tritonclient.http.InferenceServerClient(server.http_url)
+
+    Readiness is `/v2/health/ready`, and then the readiness of each model in
+    `ready_models` (with strict_readiness=False, when bad models are loaded on purpose,
+    the server is "ready" as soon as it is up, so list the models that must load).
+    `stop()` sends SIGTERM, then SIGKILL to the whole process group after `stop_grace`
+    seconds, and removes the /dev/shm regions of this server's python stubs.
+    exit_timeout is short here (5 s): close HTTP clients, Triton waits for their idle
+    keep-alive connections that long. die_with_parent: Linux delivers SIGTERM to the
+    server when the *thread* that started it ends, so start long-lived servers from the
+    main thread or pass False.
+    """
+
+    def __init__(
+        self,
+        model_repository: Path | str,
+        *,
+        install: EmbeddedInstall | None = None,
+        home: Path | str | None = None,
+        http_port: int | None = None,
+        grpc_port: int | None = None,
+        metrics_port: int | None = None,
+        model_control: str = "explicit",
+        load_models: Sequence[str] | None = None,
+        strict_readiness: bool = True,
+        ready_models: Sequence[str] | None = None,
+        exit_on_error: bool | None = None,
+        gpu: bool | None = None,
+        log_verbose: int = 0,
+        log_path: Path | str | None = None,
+        startup_timeout: float = 120.0,
+        exit_timeout: int = 5,
+        stop_grace: float | None = None,
+        die_with_parent: bool = True,
+        extra_args: Sequence[str] = (),
+        environment: Mapping[str, str] | None = None,
+    ) -> None:
+        self.environment = dict(environment or {})
+        self.model_repository = Path(model_repository).resolve()
+        self._install = install
+        self._home = home
+        self._fixed_ports = (http_port, grpc_port, metrics_port)
+        self.model_control = model_control
+        self.load_models = load_models
+        self.strict_readiness = strict_readiness
+        self.ready_models = list(ready_models or [])
+        self.exit_on_error = exit_on_error
+        self.gpu = gpu
+        self.log_verbose = log_verbose
+        self._log_path = Path(log_path) if log_path is not None else None
+        self.startup_timeout = startup_timeout
+        self.exit_timeout = exit_timeout
+        # Triton spends up to exit_timeout draining, then unloads the models.
+        self.stop_grace = stop_grace if stop_grace is not None else exit_timeout + 20.0
+        self.die_with_parent = die_with_parent
+        self.extra_args = list(extra_args)
+        self.process: subprocess.Popen | None = None
+        self._log_offset = 0
+        self.http_port = self.grpc_port = self.metrics_port = 0
+        self.shm_prefix = f"{SHM_PREFIX}csm{os.getpid()}x{uuid.uuid4().hex[:8]}_"
+        self.start_seconds: float | None = None
+        self.stop_seconds: float | None = None
+        self.returncode: int | None = None
+
+    # --- addresses ----------------------------------------------------------------------
+    @property
+    def http_url(self) -> str:
+        return f"localhost:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"localhost:{self.metrics_port}"
+
+    @property
+    def log_path(self) -> Path:
+        if self._log_path is None:
+            install = self._install or prepare(self._home, perf_analyzer=False)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            self._log_path = install.home / "logs" / f"tritonserver-{stamp}-{os.getpid()}-{uuid.uuid4().hex[:6]}.log"
+        return self._log_path
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def command(self) -> list[str]:
+        install = self._install
+        assert install is not None
+        return [str(install.tritonserver)] + server_arguments(
+            self.model_repository,
+            http_port=self.http_port,
+            grpc_port=self.grpc_port,
+            metrics_port=self.metrics_port,
+            backend_directory=install.backend_directory,
+            model_control=self.model_control,
+            load_models=self.load_models,
+            strict_readiness=self.strict_readiness,
+            exit_on_error=self.exit_on_error,
+            gpu=self.gpu,
+            cache_directory=install.cache_directory,
+            log_verbose=self.log_verbose,
+            exit_timeout=self.exit_timeout,
+            # One prefix per server: its stubs' /dev/shm regions are known exactly.
+            extra=[f"--backend-config=shm-region-prefix-name={self.shm_prefix}", *self.extra_args],
+        )
+
+    # --- lifecycle ------------------------------------------------------------------------
+    def start(self) -> "TritonServer":
+        if self.process is not None:
+            raise RuntimeError("server already started")
+        if self._install is None:
+            self._install = prepare(self._home, perf_analyzer=False)
+        started = time.monotonic()
+        picked = all(port is None for port in self._fixed_ports)
+        attempts = 3 if picked else 1  # a picked port can be taken before Triton binds it
+        try:
+            for attempt in range(attempts):
+                ports = free_ports(3)
+                self.http_port, self.grpc_port, self.metrics_port = [
+                    fixed or free for fixed, free in zip(self._fixed_ports, ports)
+                ]
+                self._spawn()
+                try:
+                    self._wait_ready(started)
+                    break
+                except TritonStartError:
+                    if attempt + 1 < attempts and "already in use" in self._new_log():
+                        self._shutdown()
+                        continue
+                    raise
+        except BaseException:
+            self.stop()
+            raise
+        self.start_seconds = time.monotonic() - started
+        return self
+
+    def _spawn(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        command = self.command()
+        with open(self.log_path, "ab") as log:
+            self._log_offset = log.tell()
+            log.write(("$ " + " ".join(command) + "\n").encode())
+            log.flush()
+            self.process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**server_environment(self._install), **self.environment},
+                cwd=str(self._install.home),
+                start_new_session=True,  # its own process group: stubs included in a SIGKILL
+                preexec_fn=parent_death_signal if self.die_with_parent else None,
+            )
+        with _RUNNING_LOCK:
+            _RUNNING.add(self)
+
+    def _new_log(self) -> str:
+        """What this start wrote to the log (the file may hold earlier runs)."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(self._log_offset)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    @property
+    def _last_endpoint(self) -> str:
+        """The log line of the endpoint Triton starts last (gRPC, HTTP, then metrics)."""
+        metrics_off = any(flag in ("--allow-metrics=false", "--allow-metrics=0") for flag in self.extra_args)
+        return "Started HTTPService" if metrics_off else "Started Metrics Service"
+
+    def _wait_ready(self, started: float) -> None:
+        deadline = started + self.startup_timeout
+        client = _readiness_client(self.http_port)
+        pending = list(self.ready_models)
+        try:
+            while True:
+                code = self.process.poll()
+                if code is not None:
+                    raise TritonStartError(f"tritonserver exited with code {code} while starting{self._log_excerpt()}")
+                log = self._new_log()
+                # Endpoints start after the startup loads, metrics last. Until Triton says so,
+                # a 200 could come from someone else's server on a clashing port.
+                failure = _ENDPOINT_FAILURE.search(log)
+                if failure:
+                    raise TritonStartError(f"tritonserver {failure.group(0)}{self._log_excerpt()}")
+                if self._last_endpoint in log and _ready(client.is_server_ready):
+                    pending = [m for m in pending if not _ready(lambda: client.is_model_ready(m))]
+                    if not pending:
+                        return
+                if time.monotonic() > deadline:
+                    waiting = f"models {pending} not ready" if pending else "/v2/health/ready not 200"
+                    raise TritonStartError(
+                        f"tritonserver not ready after {self.startup_timeout:.0f} s ({waiting}){self._log_excerpt()}"
+                    )
+                time.sleep(0.1)
+        finally:
+            client.close()
+
+    def _log_excerpt(self, lines: int = 60) -> str:
+        return f"\n--- last lines of {self.log_path} ---\n{self.log_tail(lines)}"
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> int | None:
+        """SIGTERM, SIGKILL after the grace period; idempotent. Returns the exit code."""
+        if self.process is None:
+            return self.returncode
+        began = time.monotonic()
+        self._shutdown()
+        self.stop_seconds = time.monotonic() - began
+        return self.returncode
+
+    def _shutdown(self) -> None:
+        process = self.process
+        if process is None:
+            return
+        try:
+            if process.poll() is None:
+                try:
+                    process.send_signal(signal.SIGTERM)
+                    process.wait(timeout=self.stop_grace)
+                except subprocess.TimeoutExpired:
+                    self._kill_group(process.pid)
+                    process.wait(timeout=30)
+        finally:
+            self._reap(process)
+
+    @staticmethod
+    def _kill_group(pgid: int) -> None:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _reap(self, process: subprocess.Popen) -> None:
+        """After tritonserver exited: stray stubs of its process group, its shm regions."""
+        self.returncode = process.poll()
+        deadline = time.monotonic() + 5
+        while True:  # stubs notice that their parent is gone by themselves; give them a moment
+            try:
+                os.killpg(process.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                break
+            if time.monotonic() > deadline:
+                self._kill_group(process.pid)
+                break
+            time.sleep(0.1)
+        for path in glob.glob(f"/dev/shm/{self.shm_prefix}*"):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self.process = None
+        with _RUNNING_LOCK:
+            _RUNNING.discard(self)
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"TritonServer({self.model_repository}, http={self.http_url}, pid={self.pid})"
+
