@@ -22,7 +22,6 @@ KIND_GPU = model_config_pb2.ModelInstanceGroup.KIND_GPU
 class ModelOverride:
     instance_kind: int | None = None
     instance_count: int | None = None
-    max_batch_size: int | None = None
     max_queue_delay_microseconds: int | None = None
     parameters: dict[str, str] = field(default_factory=dict)
 
@@ -86,8 +85,6 @@ def _apply(config: ModelConfig, override: ModelOverride) -> None:
                 del group.gpus[:]
         if override.instance_count is not None:
             group.count = override.instance_count
-    if override.max_batch_size is not None:
-        config.max_batch_size = override.max_batch_size
     if override.max_queue_delay_microseconds is not None and config.HasField("dynamic_batching"):
         config.dynamic_batching.max_queue_delay_microseconds = override.max_queue_delay_microseconds
     for key, value in override.parameters.items():

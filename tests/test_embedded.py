@@ -218,7 +218,7 @@ def test_args_file_refuses_deployment_flags_and_foreign_header_patterns(tmp_path
 
 # --- a real server ----------------------------------------------------------------------
 def test_onnx_and_python_models_over_http_and_grpc(server, http_client, grpc_client):
-    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)  # small integers: x * 2 and x * 3 are exact
     assert np.array_equal(http_client.infer("double", [_http_input(x)]).as_numpy("y"), x * 2)
     assert np.array_equal(grpc_client.infer("double", [_grpc_input(x)]).as_numpy("y"), x * 2)
     assert np.array_equal(grpc_client.infer("triple", [_grpc_input(x)]).as_numpy("y"), x * 3)

@@ -182,6 +182,22 @@ def test_first_chunk_is_small_then_chunks_are_larger(lm, builder):
     assert [len(c.codes) for c in chunks] == [2, 4, 4, 2]
 
 
+def test_chunks_report_the_time_to_first_frame_queueing_included(lm, builder):
+    engine = GenerationEngine(lm, EngineConfig(max_slots=1))
+    first, queued = [], []
+    engine.submit(request(builder, TARGETS[0], 4, stream_every=2), callback=first.append)
+    engine.submit(request(builder, TARGETS[1], 4, stream_every=2), callback=queued.append)
+    engine.run_until_idle()
+    for chunks in (first, queued):
+        assert len({c.time_to_first_frame for c in chunks}) == 1 and chunks[0].time_to_first_frame > 0
+    # The second request waited for the only slot: its wait counts.
+    assert queued[0].time_to_first_frame > first[-1].time_to_first_frame
+    cancelled = engine.submit(request(builder, TARGETS[0], 4))
+    cancelled.cancel()
+    engine.run_until_idle()
+    assert next(cancelled.chunks(timeout=1)).time_to_first_frame is None  # no frame, no time
+
+
 def test_a_polled_client_disconnect_cancels_the_request(lm, builder):
     engine = GenerationEngine(lm, EngineConfig(max_slots=1))
     gone = threading.Event()

@@ -30,6 +30,14 @@ def test_optional_text_may_be_absent():
     assert validation.single_text(None, "REFERENCE_TEXT", required=False) is None
 
 
+def test_single_string_leaves_the_content_to_whoever_checks_it():
+    assert validation.single_string(["  "], "REFERENCE_TEXT") == "  "
+    with pytest.raises(InvalidInput, match="exactly one string"):
+        validation.single_string(["a", "b"], "REFERENCE_TEXT")
+    with pytest.raises(InvalidInput, match="'REFERENCE_TEXT' is empty"):
+        validation.text("  ", "REFERENCE_TEXT")
+
+
 def test_audio_codes_checks_shape_range_and_dtype():
     good = np.zeros((3, C.NUM_CODEBOOKS), np.int32)
     assert validation.audio_codes(good, "c").dtype == np.int64

@@ -174,7 +174,6 @@ def test_valid_voice_ids(tmp_path, good):
         (np.zeros((0, C.NUM_CODEBOOKS), np.int64), "Hi.", 1.0, "at least one frame"),
         (np.zeros((3, 31), np.int64), "Hi.", 1.0, r"shape \[frames, 32\]"),
         (np.full((2, C.NUM_CODEBOOKS), C.CODEBOOK_SIZE), "Hi.", 1.0, "outside"),
-        (codes(), "  ", 1.0, "'REFERENCE_TEXT' is empty"),
         (codes(), "Hi.", 0.0, "positive"),
         (codes(), "Hi.", float("nan"), "positive"),
     ],
@@ -345,7 +344,10 @@ def test_register_encodes_once_and_stores(resolver):
         resolver.register("../x", tone(1.0), 24_000, "x")
     with pytest.raises(InvalidInput, match="already exists"):
         resolver.register("stored", tone(1.0), 24_000, "x")
-    assert len(resolver.encode.calls) == 1, "refused ids cost no encoding"
+    with pytest.raises(InvalidInput, match="'REFERENCE_TEXT' is empty"):
+        resolver.register("blank-transcript", tone(1.0), 24_000, "  ")
+    assert len(resolver.encode.calls) == 1, "refused ids and transcripts cost no encoding"
+    assert "blank-transcript" not in resolver.store
 
 
 # --- the admin token -----------------------------------------------------------------------

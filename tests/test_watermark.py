@@ -131,6 +131,9 @@ def test_watermark_model_marks_mimi_decoder_output(monkeypatch, watermarker, spe
     model = watermark_model(monkeypatch, "false")  # no second Perth load: borrow the fixture's
     model.enabled, model.watermarker = True, watermarker
     outputs = model.handle({"audio_values": speech[None, None]})
+    # Exact: the same samples through the same Watermarker in one process (Perth has no
+    # randomness at inference); what is checked is that the model hands mimi_decoder's
+    # [1, 1, samples] to apply unchanged.
     np.testing.assert_array_equal(outputs["AUDIO"], marked)
     assert outputs["SAMPLE_RATE"].tolist() == [C.SAMPLE_RATE] and outputs["SAMPLE_RATE"].dtype == np.int32
 
@@ -158,10 +161,9 @@ def test_torchaudio_stand_in_transforms_behave_like_torchaudio(speech):
     assert spec.shape == (1025, 33) and spec.is_complex()
     restored = InverseSpectrogram(n_fft=2048, win_length=2048, hop_length=320)(spec, length=signal.numel())
     assert torch.allclose(restored, signal, atol=1e-5)
+    # Perth never calls its TimeStretch; only the buffer its checkpoint loads must fit.
     stretch = TimeStretch(hop_length=320, n_freq=1025)
     assert stretch.phase_advance.shape == (1025, 1)
-    assert stretch(spec[None], 1.25).shape == (1, 1025, 27)  # ceil(33 / 1.25)
-    assert stretch(spec, 1.0) is spec
 
 
 def test_a_broken_perth_install_fails_loudly(monkeypatch):

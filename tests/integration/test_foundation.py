@@ -171,7 +171,14 @@ def test_mimi_decoder_batches_concurrent_requests(http_client, grpc_client):
     while after["inference_count"] - before["inference_count"] < requests and time.monotonic() < deadline:
         time.sleep(0.1)
         after = _executions(http_client, "mimi_decoder")
-    assert all(np.array_equal(o, outputs[0]) for o in outputs), "batched rows decode like single ones"
+    # Within the export's parity bound, not bit for bit: the rows were decoded in batches
+    # of different sizes, and no runtime promises a float32 reduction order independent
+    # of the batch (ONNX Runtime's CPU kernels kept it bit for bit where measured, an
+    # AVX-512 Xeon; GPU libraries pick kernels by shape). A batch split or padding error
+    # lands far above this bound (-60 dBFS).
+    for output in outputs:
+        np.testing.assert_allclose(output, outputs[0], rtol=0, atol=C.DECODER_MAX_ABS_DIFF,
+                                   err_msg="batched rows decode like single ones")
     assert after["inference_count"] - before["inference_count"] == requests
     assert after["execution_count"] - before["execution_count"] < requests
 

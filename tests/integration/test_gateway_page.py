@@ -4,7 +4,6 @@ clip as a voice, pick it, and delete it. The screenshot is kept in tests/artifac
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 

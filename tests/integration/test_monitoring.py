@@ -19,6 +19,10 @@ import pytest
 import tritonclient.http as http
 import yaml
 
+from csm_triton import constants as C
+
+from .conftest import ADMIN_TOKEN
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,34 +47,60 @@ REQUIRED = {
     "active streams": "csm_active_streams",
     "audio seconds": "csm_audio_seconds_total",
     "real-time factor": "csm_generation_seconds_total",
+    "prefix-cache hit rate": "csm_prefix_cache_hits_total",
+    "time to first frame": "csm_time_to_first_frame_seconds_bucket",
 }
 METRIC_NAME = re.compile(r"\b(?:nv|csm)_[a-z0-9_]+\b")
-SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s")
+SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
 LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def samples(server) -> list[tuple[str, dict[str, str], float]]:
+    """(metric name, labels, value) of every sample in a scrape."""
+    with urllib.request.urlopen(f"http://{server.metrics_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    found = []
+    for line in text.splitlines():
+        match = SAMPLE.match(line)
+        if match and not line.startswith("#"):
+            found.append((match.group(1), dict(LABEL.findall(match.group(2) or "")), float(match.group(3))))
+    return found
 
 
 def scrape(server) -> dict[str, list[dict[str, str]]]:
     """metric name -> the label sets of its samples."""
-    with urllib.request.urlopen(f"http://{server.metrics_url}/metrics", timeout=10) as response:
-        text = response.read().decode()
     series: dict[str, list[dict[str, str]]] = {}
-    for line in text.splitlines():
-        match = SAMPLE.match(line)
-        if match and not line.startswith("#"):
-            series.setdefault(match.group(1), []).append(dict(LABEL.findall(match.group(2) or "")))
+    for name, labels, _ in samples(server):
+        series.setdefault(name, []).append(labels)
     return series
+
+
+def engine_values(server, names) -> dict[str, float]:
+    """csm_lm's value of each metric (summed over devices)."""
+    values = dict.fromkeys(names, 0.0)
+    for name, labels, value in samples(server):
+        if name in values and labels.get("model") == "csm_lm":
+            values[name] += value
+    return values
+
+
+def infer_inputs(**arrays) -> list:
+    inputs = []
+    for name, array in arrays.items():
+        array = np.asarray(array)
+        datatype = "BYTES" if array.dtype == object else {"float32": "FP32", "int32": "INT32"}[array.dtype.name]
+        tensor = http.InferInput(name, list(array.shape), datatype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
 
 
 @pytest.fixture(scope="module")
 def exported(triton_server, http_client):
     # Per-model metrics exist from the model's load; a request makes sure the request
     # and engine metrics have moved past their initial values.
-    inputs = []
-    for name, array, datatype in (("TEXT", np.array([b"Metrics, please."], dtype=object), "BYTES"),
-                                  ("MAX_AUDIO_SECONDS", np.array([0.5], np.float32), "FP32")):
-        tensor = http.InferInput(name, list(array.shape), datatype)
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
+    inputs = infer_inputs(TEXT=np.array([b"Metrics, please."], dtype=object),
+                          MAX_AUDIO_SECONDS=np.array([0.5], np.float32))
     audio = http_client.infer("csm_tts", inputs).as_numpy("AUDIO")
     assert audio.size > 0
     series = scrape(triton_server)
@@ -175,6 +205,32 @@ def test_labels_and_models_the_dashboard_filters_on_exist(dashboard, exported, s
 def test_engine_metrics_carry_the_model_and_device_labels(exported):
     # One series per engine: with several GPUs, the device label keeps them apart.
     for name in ("csm_active_streams", "csm_kv_slots_in_use", "csm_kv_slots_total",
-                 "csm_audio_seconds_total", "csm_generation_seconds_total", "csm_last_real_time_factor"):
+                 "csm_audio_seconds_total", "csm_generation_seconds_total", "csm_last_real_time_factor",
+                 "csm_prefix_cache_hits_total", "csm_prefix_cache_misses_total",
+                 "csm_time_to_first_frame_seconds_count"):
         series = exported.get(name, [])
         assert {"model": "csm_lm", "device": "cpu"} in series, f"{name} has no csm_lm series per device: {series}"
+
+
+def test_a_stored_voice_misses_the_prefix_cache_once_then_hits_and_first_frames_are_timed(
+        triton_server, http_client):
+    t = np.arange(int(1.5 * C.SAMPLE_RATE)) / C.SAMPLE_RATE
+    reference = (0.3 * np.sin(2 * np.pi * 180 * t * (1 + 0.2 * t))).astype(np.float32)
+    http_client.infer("voice_register", infer_inputs(
+        VOICE_ID=np.array([b"monitoring-voice"], dtype=object), REFERENCE_AUDIO=reference,
+        REFERENCE_SAMPLE_RATE=np.array([C.SAMPLE_RATE], np.int32),
+        REFERENCE_TEXT=np.array([b"A voice for the metrics."], dtype=object),
+    ), headers={C.ADMIN_TOKEN_HEADER: ADMIN_TOKEN})
+    names = ("csm_prefix_cache_hits_total", "csm_prefix_cache_misses_total",
+             "csm_time_to_first_frame_seconds_count", "csm_time_to_first_frame_seconds_sum")
+    before = engine_values(triton_server, names)
+    for words in (b"First with this voice.", b"Second with the same voice."):
+        http_client.infer("csm_tts", infer_inputs(
+            TEXT=np.array([words], dtype=object), VOICE_ID=np.array([b"monitoring-voice"], dtype=object),
+            MAX_AUDIO_SECONDS=np.array([0.3], np.float32)))
+    after = engine_values(triton_server, names)
+    grown = {name: after[name] - before[name] for name in names}
+    assert grown["csm_prefix_cache_misses_total"] >= 1, grown  # the voice's first request
+    assert grown["csm_prefix_cache_hits_total"] >= 1, grown  # the same voice again
+    assert grown["csm_time_to_first_frame_seconds_count"] >= 2, grown
+    assert grown["csm_time_to_first_frame_seconds_sum"] > 0, grown

@@ -180,6 +180,7 @@ def test_stored_codes_are_mimi_encoders_codes_of_the_reference(http_client, spee
         expected = direct.as_numpy("audio_codes")[0].T
         assert stored.shape == expected.shape == (metadata["frames"], C.NUM_CODEBOOKS)
         assert stored.shape[0] == int(np.ceil(speech_24k.samples.size / C.SAMPLES_PER_FRAME))
+        # Exact: integer codes of the same samples from the same encoder, one request each.
         np.testing.assert_array_equal(stored, expected)
     finally:
         delete(p, "codes-check")

@@ -81,15 +81,16 @@ class PromptBuilder:
 
     def prepare(self, text: str, reference_text: str | None = None,
                 reference_codes: np.ndarray | None = None) -> Prompt:
-        """The prompt for one request: an optional voice reference, then the target."""
-        text = validation.single_text([text], "TEXT")
+        """The prompt for one request: an optional voice reference, then the target.
+
+        The texts are trusted (csm_prepare checks TEXT, VoiceResolver REFERENCE_TEXT);
+        the token limit is checked here, where the tokenizer is."""
         segments = []
         if reference_codes is not None or reference_text is not None:
             if reference_text is None:
                 raise InvalidInput("reference audio was given without 'REFERENCE_TEXT'")
             if reference_codes is None or not len(reference_codes):
                 raise InvalidInput("'REFERENCE_TEXT' was given without reference audio")
-            reference_text = validation.single_text([reference_text], "REFERENCE_TEXT")
             codes = validation.audio_codes(reference_codes, "reference_codes")
             segments.append(Segment(reference_text, audio_codes=codes))
         segments.append(Segment(text))

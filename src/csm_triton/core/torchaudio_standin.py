@@ -72,35 +72,16 @@ class InverseSpectrogram(nn.Module):
 
 
 class TimeStretch(nn.Module):
-    """Phase-vocoder time stretch (Perth builds it but never calls it at inference)."""
+    """Only the `phase_advance` buffer that Perth's checkpoint holds: Perth builds a
+    TimeStretch but never calls it (its one call is commented out in resemble-perth
+    1.0.1), so there is no phase vocoder here and calling it raises
+    NotImplementedError (nn.Module's missing `forward`)."""
 
-    def __init__(self, hop_length: int | None = None, n_freq: int = 201, fixed_rate: float | None = None) -> None:
+    def __init__(self, hop_length: int | None = None, n_freq: int = 201) -> None:
         super().__init__()
         n_fft = (n_freq - 1) * 2
-        self.fixed_rate = fixed_rate
         hop_length = hop_length or n_fft // 2
         self.register_buffer("phase_advance", torch.linspace(0, math.pi * hop_length, n_freq)[..., None])
-
-    def forward(self, complex_specgrams: torch.Tensor, overriding_rate: float | None = None) -> torch.Tensor:
-        rate = overriding_rate if overriding_rate is not None else self.fixed_rate
-        if rate is None:
-            raise ValueError("TimeStretch needs fixed_rate or overriding_rate")
-        if rate == 1.0:
-            return complex_specgrams
-        shape = complex_specgrams.shape
-        specs = complex_specgrams.reshape(-1, shape[-2], shape[-1])
-        steps = torch.arange(0, specs.size(-1), rate, device=specs.device, dtype=specs.real.dtype)
-        alphas = steps % 1.0
-        phase_0 = specs[..., :1].angle()
-        specs = nn.functional.pad(specs, [0, 2])
-        spec_0 = specs.index_select(-1, steps.long())
-        spec_1 = specs.index_select(-1, (steps + 1).long())
-        phase = spec_1.angle() - spec_0.angle() - self.phase_advance
-        phase = phase - 2 * math.pi * torch.round(phase / (2 * math.pi)) + self.phase_advance
-        phase = torch.cumsum(torch.cat([phase_0, phase[..., :-1]], dim=-1), -1)
-        magnitude = alphas * spec_1.abs() + (1 - alphas) * spec_0.abs()
-        stretched = torch.polar(magnitude, phase)
-        return stretched.reshape(shape[:-2] + stretched.shape[1:])
 
 
 def _real_torchaudio_imports() -> bool:

@@ -13,22 +13,33 @@ from csm_triton import constants as C
 from csm_triton.errors import InvalidInput
 
 
-def single_text(texts: list[str] | None, name: str, *, required: bool = True) -> str | None:
-    """Exactly one non-blank string of at most MAX_TEXT_CHARS characters."""
+def single_string(texts: list[str] | None, name: str, *, required: bool = True) -> str | None:
+    """The one string of a text input, its content unchecked: for a door whose input's
+    rules (`text`) are checked by the core function it hands the string to."""
     if texts is None:
         if required:
             raise InvalidInput(f"missing required input '{name}'")
         return None
     if len(texts) != 1:
         raise InvalidInput(f"input '{name}' must hold exactly one string, got {len(texts)}")
-    text = texts[0]
-    if not text.strip():
+    return texts[0]
+
+
+def text(value: str, name: str) -> str:
+    """A non-blank string of at most MAX_TEXT_CHARS characters, without NUL."""
+    if not value.strip():
         raise InvalidInput(f"input '{name}' is empty")
-    if len(text) > C.MAX_TEXT_CHARS:
-        raise InvalidInput(f"input '{name}' has {len(text)} characters; the limit is {C.MAX_TEXT_CHARS}")
-    if "\x00" in text:
+    if len(value) > C.MAX_TEXT_CHARS:
+        raise InvalidInput(f"input '{name}' has {len(value)} characters; the limit is {C.MAX_TEXT_CHARS}")
+    if "\x00" in value:
         raise InvalidInput(f"input '{name}' contains a NUL character")
-    return text
+    return value
+
+
+def single_text(texts: list[str] | None, name: str, *, required: bool = True) -> str | None:
+    """Exactly one non-blank string of at most MAX_TEXT_CHARS characters."""
+    value = single_string(texts, name, required=required)
+    return None if value is None else text(value, name)
 
 
 def token_count(count: int, name: str) -> None:

@@ -111,13 +111,15 @@ class VoiceStore:
     # --- public API ---------------------------------------------------------------------
     def register(self, voice_id: str, codes: np.ndarray, transcript: str, duration_seconds: float,
                  *, replace: bool = False) -> Voice:
-        """Stores a voice; an existing id is refused unless `replace` (InvalidInput)."""
+        """Stores a voice; an existing id is refused unless `replace` (InvalidInput).
+
+        The transcript is trusted: VoiceResolver.register checks it (validation.text)
+        before it pays for the encoding. The id is checked here too, since file names
+        are built from it."""
         voice_id = validation.voice_id(voice_id)
         codes = validation.audio_codes(np.asarray(codes), "codes")
         if len(codes) == 0:
             raise InvalidInput("a voice needs at least one frame of codes")
-        transcript = validation.single_text([transcript] if isinstance(transcript, str) else transcript,
-                                            "REFERENCE_TEXT")
         duration = float(duration_seconds)
         if not np.isfinite(duration) or duration <= 0:
             raise InvalidInput(f"duration_seconds must be a positive number, got {duration_seconds!r}")

@@ -21,7 +21,9 @@ Encoder = Callable[[np.ndarray], np.ndarray]
 class VoiceResolver:
     """Turns a request's voice inputs into the (transcript, codes) of its reference.
 
-    Rules, in the order they are checked (each failure is InvalidInput):
+    REFERENCE_TEXT's own rules (validation.text) are checked here, first, for both
+    doors (csm_prepare and voice_register hand it over unchecked). Then the rules,
+    in the order they are checked (each failure is InvalidInput):
 
     1. VOICE_ID and REFERENCE_AUDIO together are refused: give one or the other.
     2. REFERENCE_TEXT without REFERENCE_AUDIO is refused (a stored voice brings its own
@@ -42,6 +44,8 @@ class VoiceResolver:
     def resolve(self, voice_id: str | None = None, reference_audio: np.ndarray | None = None,
                 reference_sample_rate=None, reference_text: str | None = None
                 ) -> tuple[str, np.ndarray] | None:
+        if reference_text is not None:
+            reference_text = validation.text(reference_text, "REFERENCE_TEXT")
         if voice_id is not None and reference_audio is not None:
             raise InvalidInput("give either VOICE_ID or REFERENCE_AUDIO, not both")
         if reference_audio is None:
@@ -59,9 +63,8 @@ class VoiceResolver:
             raise InvalidInput("'REFERENCE_AUDIO' needs 'REFERENCE_TEXT', the transcript of what it says")
         if reference_sample_rate is None:
             raise InvalidInput("'REFERENCE_AUDIO' needs 'REFERENCE_SAMPLE_RATE', its sample rate in Hz")
-        transcript = validation.single_text([reference_text], "REFERENCE_TEXT")
         codes, _ = self.encode_reference(reference_audio, reference_sample_rate)
-        return transcript, codes
+        return reference_text, codes
 
     def encode_reference(self, reference_audio: np.ndarray, reference_sample_rate) -> tuple[np.ndarray, float]:
         """Checked, resampled and encoded reference -> (codes [frames, 32] int64, seconds at 24 kHz)."""
@@ -74,10 +77,11 @@ class VoiceResolver:
 
     def register(self, voice_id: str, reference_audio: np.ndarray, reference_sample_rate,
                  reference_text: str) -> Voice:
-        """Encodes a reference once and stores it under `voice_id` (which is checked
-        first, so a bad id costs no encoding; an existing id is refused)."""
+        """Encodes a reference once and stores it under `voice_id` (the id and the
+        transcript are checked first, so a bad one costs no encoding; an existing id is
+        refused)."""
         voice_id = validation.voice_id(voice_id)
-        transcript = validation.single_text([reference_text], "REFERENCE_TEXT")
+        transcript = validation.text(reference_text, "REFERENCE_TEXT")
         if voice_id in self.store:
             raise InvalidInput(f"voice '{voice_id}' already exists; delete it first to register it again")
         codes, seconds = self.encode_reference(reference_audio, reference_sample_rate)

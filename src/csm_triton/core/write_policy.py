@@ -60,7 +60,7 @@ class WritePolicy:
 
     def check_write(self, parameters: Mapping[str, Any]) -> None:
         """Raises PermissionDenied unless this request may write. `parameters`: the
-        request's parameters with lower-cased keys (triton_adapter.request_parameters)."""
+        request's parameters with lower-cased keys (csm_triton.triton.adapter.request_parameters)."""
         if not self.token:
             if self.allow_anonymous_writes:
                 return

@@ -11,14 +11,12 @@ engine thread (`start`), tests and benchmarks may call `step` directly.
 
 from __future__ import annotations
 
-import enum
 import logging
-import queue
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,96 +25,11 @@ from csm_triton import constants as C
 from csm_triton.engine.frame_step import FrameStep, attention_bucket, batch_bucket
 from csm_triton.engine.lm import CsmLM
 from csm_triton.engine.prefix_cache import PrefixCache, PrefixEntry, prefix_key
+from csm_triton.engine.requests import FinishReason, FrameChunk, GenerationRequest, RequestHandle
 from csm_triton.engine.sampling import SamplerState
 from csm_triton.errors import InvalidInput
 
 LOG = logging.getLogger(__name__)
-
-
-class FinishReason(str, enum.Enum):
-    END_OF_SPEECH = "end_of_speech"
-    MAX_FRAMES = "max_frames"
-    CANCELLED = "cancelled"
-    ERROR = "error"
-    SHUTDOWN = "shutdown"
-
-
-@dataclass
-class GenerationRequest:
-    input_ids: np.ndarray  # [tokens] with AUDIO placeholders (csm_triton.core.prompt)
-    audio_codes: np.ndarray  # [placeholders, 32]
-    max_frames: int
-    temperature: float = C.DEFAULT_TEMPERATURE
-    top_k: int = C.DEFAULT_TOP_K
-    seed: int | None = None
-    greedy: bool = False
-    stream_every: int = 0  # emit a chunk every N frames; 0: one chunk at the end
-    first_chunk_frames: int = 0  # a smaller first chunk (time to first audio); 0: stream_every
-    request_id: str = ""
-    # Polled every few frames (e.g. Triton's response_sender.is_cancelled): True cancels.
-    is_cancelled: Callable[[], bool] | None = None
-
-
-@dataclass
-class FrameChunk:
-    codes: np.ndarray  # [frames, 32] int64
-    finished: bool = False
-    reason: FinishReason | None = None
-    error: str | None = None
-
-
-@dataclass
-class GenerationResult:
-    codes: np.ndarray
-    reason: FinishReason
-    error: str | None = None
-
-
-class RequestHandle:
-    """The caller's side of one request: chunks in order, and cancel()."""
-
-    def __init__(self, request: GenerationRequest, callback: Callable[[FrameChunk], None] | None):
-        self.request = request
-        self._callback = callback
-        self._chunks: queue.Queue[FrameChunk] = queue.Queue()
-        self._cancelled = threading.Event()
-        self.submitted_at = time.perf_counter()
-        self.first_frame_at: float | None = None
-        self.finished_at: float | None = None
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def _deliver(self, chunk: FrameChunk) -> None:
-        if chunk.finished:
-            self.finished_at = time.perf_counter()
-        if self._callback is not None:
-            self._callback(chunk)
-        else:
-            self._chunks.put(chunk)
-
-    def _end(self, reason: FinishReason, error: str | None = None, frames: list | None = None) -> None:
-        """Deliver the last chunk: the frames not yet delivered (maybe none) and why it ended."""
-        codes = np.stack(frames).astype(np.int64) if frames else np.zeros((0, C.NUM_CODEBOOKS), np.int64)
-        self._deliver(FrameChunk(codes, True, reason, error))
-
-    def chunks(self, timeout: float | None = None) -> Iterator[FrameChunk]:
-        while True:
-            chunk = self._chunks.get(timeout=timeout)
-            yield chunk
-            if chunk.finished:
-                return
-
-    def result(self, timeout: float | None = None) -> GenerationResult:
-        parts, last = [], None
-        for last in self.chunks(timeout):
-            parts.append(last.codes)
-        codes = np.concatenate(parts) if parts else np.zeros((0, C.NUM_CODEBOOKS), np.int64)
-        return GenerationResult(codes, last.reason, last.error)
 
 
 @dataclass
@@ -398,8 +311,8 @@ class GenerationEngine:
             slot.frames_done += 1
             slot.position += 1  # the frame step already wrote this frame into the cache
             self.frames_generated += 1
-            if slot.handle.first_frame_at is None:
-                slot.handle.first_frame_at = time.perf_counter()
+            if slot.frames_done == 1:
+                slot.handle.time_to_first_frame = time.perf_counter() - slot.handle.submitted_at
             if slot.frames_done >= slot.handle.request.max_frames:
                 self._finish(slot, FinishReason.MAX_FRAMES)
                 continue

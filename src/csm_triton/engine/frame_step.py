@@ -24,7 +24,6 @@ class FrameStep:
                  capture: bool = False, graph_pool=None):
         device = lm.device
         self.lm, self.cache, self.depth_cache, self.hidden = lm, cache, depth_cache, hidden
-        self.batch = batch
         self.attend_len = attend_len
         # Unused rows point at the scratch slot, greedy, so they cost arithmetic only.
         self.rows = torch.full((batch,), scratch_row, dtype=torch.long, device=device)

@@ -153,10 +153,6 @@ class KVCache:
     k: torch.Tensor  # [layers, rows, kv_heads, max_len, head_dim]
     v: torch.Tensor
 
-    @property
-    def bytes_per_row(self) -> int:
-        return 2 * self.k[:, 0].numel() * self.k.element_size()
-
 
 def _cat_bias(*linears) -> torch.Tensor | None:
     biases = [linear.bias for linear in linears]

@@ -22,10 +22,6 @@ class PrefixEntry:
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
-    @property
-    def tokens(self) -> int:
-        return self.k.shape[2]
-
 
 def prefix_key(input_ids: torch.Tensor, audio_codes: torch.Tensor) -> str:
     digest = hashlib.sha256(input_ids.cpu().numpy().tobytes())

@@ -13,21 +13,18 @@ tritonserver with them.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Sequence
 
 from csm_triton import constants as C
 from csm_triton.serving.flags import MODEL_CONTROL_MODES, server_arguments
 from csm_triton.serving.install import PrepareError, perf_analyzer_command, prepare, server_environment
-from csm_triton.serving.process import SHM_PREFIX, parent_death_signal
+from csm_triton.serving.process import parent_death_signal, remove_shm_regions, shm_region_flag, unique_shm_prefix
 
 # --- CLI --------------------------------------------------------------------------------
 def _server_flags(args: argparse.Namespace, *, backend_directory: Path | None,
@@ -53,12 +50,12 @@ def _server_flags(args: argparse.Namespace, *, backend_directory: Path | None,
 
 def _serve(args: argparse.Namespace) -> int:
     install = prepare(args.home, perf_analyzer=False)
-    shm_prefix = f"{SHM_PREFIX}csm{os.getpid()}x{uuid.uuid4().hex[:8]}_"
+    shm_prefix = unique_shm_prefix()
     command = [str(install.tritonserver)] + _server_flags(
         args,
         backend_directory=install.backend_directory,
         cache_directory=install.cache_directory,
-        extra=[f"--backend-config=shm-region-prefix-name={shm_prefix}"],
+        extra=[shm_region_flag(shm_prefix)],
     )
     print("$ " + " ".join(command), file=sys.stderr, flush=True)
     process = subprocess.Popen(
@@ -80,8 +77,7 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        for path in glob.glob(f"/dev/shm/{shm_prefix}*"):
-            Path(path).unlink(missing_ok=True)
+        remove_shm_regions(shm_prefix)
     return code if code >= 0 else 128 - code
 
 

@@ -20,10 +20,29 @@ from typing import Mapping, Sequence
 from csm_triton.serving.flags import server_arguments
 from csm_triton.serving.install import EmbeddedInstall, prepare, server_environment
 
-__all__ = ["SHM_PREFIX", "TritonServer", "TritonStartError", "free_ports", "parent_death_signal"]
+__all__ = ["TritonServer", "TritonStartError", "free_ports", "parent_death_signal", "remove_shm_regions",
+           "shm_region_flag", "unique_shm_prefix"]
 
 _ENDPOINT_FAILURE = re.compile(r"failed to start (HTTP|GRPC|Metrics) service[^\n]*")
 SHM_PREFIX = "triton_python_backend_shm_region_"
+
+
+def unique_shm_prefix() -> str:
+    """A /dev/shm name prefix for one server's python stubs, so that exactly its regions
+    are removed when it stops (a killed stub leaves its region behind)."""
+    return f"{SHM_PREFIX}csm{os.getpid()}x{uuid.uuid4().hex[:8]}_"
+
+
+def shm_region_flag(prefix: str) -> str:
+    return f"--backend-config=shm-region-prefix-name={prefix}"
+
+
+def remove_shm_regions(prefix: str) -> None:
+    for path in glob.glob(f"/dev/shm/{prefix}*"):
+        try:
+            os.unlink(path)
+        except OSError:  # gone already, or not ours to remove: nothing to clean
+            pass
 
 
 class TritonStartError(RuntimeError):
@@ -148,7 +167,7 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self._log_offset = 0
         self.http_port = self.grpc_port = self.metrics_port = 0
-        self.shm_prefix = f"{SHM_PREFIX}csm{os.getpid()}x{uuid.uuid4().hex[:8]}_"
+        self.shm_prefix = unique_shm_prefix()
         self.start_seconds: float | None = None
         self.stop_seconds: float | None = None
         self.returncode: int | None = None
@@ -195,8 +214,7 @@ class TritonServer:
             cache_directory=install.cache_directory,
             log_verbose=self.log_verbose,
             exit_timeout=self.exit_timeout,
-            # One prefix per server: its stubs' /dev/shm regions are known exactly.
-            extra=[f"--backend-config=shm-region-prefix-name={self.shm_prefix}", *self.extra_args],
+            extra=[shm_region_flag(self.shm_prefix), *self.extra_args],
         )
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -346,11 +364,7 @@ class TritonServer:
                 self._kill_group(process.pid)
                 break
             time.sleep(0.1)
-        for path in glob.glob(f"/dev/shm/{self.shm_prefix}*"):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        remove_shm_regions(self.shm_prefix)
         self.process = None
         with _RUNNING_LOCK:
             _RUNNING.discard(self)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import traceback
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -247,20 +248,44 @@ class DecoupledModel(PythonModel):
 
 # --- custom metrics (served on the metrics port beside Triton's own) -----------------
 class Metrics:
-    """Counters and gauges labelled with the model's name (and e.g. its device, so that
-    the engines of several GPUs keep separate series)."""
+    """Counters, gauges and histograms labelled with the model's name (and e.g. its
+    device, so that the engines of several GPUs keep separate series)."""
 
     def __init__(self, model_name: str, **labels: str):
         self._labels = {"model": model_name, **labels}
         self._families = []
 
-    def _metric(self, name: str, description: str, kind):
+    def _metric(self, name: str, description: str, kind, **options):
         family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
         self._families.append(family)
-        return family.Metric(labels=self._labels)
+        return family.Metric(labels=self._labels, **options)
 
     def counter(self, name: str, description: str):
         return self._metric(name, description, pb_utils.MetricFamily.COUNTER)
 
     def gauge(self, name: str, description: str):
         return self._metric(name, description, pb_utils.MetricFamily.GAUGE)
+
+    def histogram(self, name: str, description: str, buckets: Sequence[float]):
+        """`observe(value)`; exported as name_bucket{le=...}, name_sum and name_count."""
+        return self._metric(name, description, pb_utils.MetricFamily.HISTOGRAM, buckets=list(buckets))
+
+    def running_total(self, name: str, description: str) -> "RunningTotal":
+        return RunningTotal(self.counter(name, description))
+
+
+class RunningTotal:
+    """A counter that follows a total kept elsewhere (e.g. the engine's prefix-cache
+    hits): Triton counters only increment, so each update adds what is new. Updates
+    come from Triton's threads and the engine's, hence the lock."""
+
+    def __init__(self, counter):
+        self._counter = counter
+        self._counted = 0
+        self._lock = threading.Lock()
+
+    def update(self, total: int) -> None:
+        with self._lock:
+            if total > self._counted:
+                self._counter.increment(total - self._counted)
+                self._counted = total

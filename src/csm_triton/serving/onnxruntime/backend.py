@@ -38,9 +38,9 @@ class OnnxRuntimeModel(PythonModel):
             spec.name: input_array(request, spec.name, required=not spec.optional) for spec in self.session.inputs
         }
 
-    def handle(self, request) -> Mapping[str, np.ndarray]:
-        return self.session.run(self.session.validate(self.read_inputs(request)))
-
+    # Replaces PythonModel's one-request-at-a-time execute (so there is no `handle`):
+    # the session runs compatible requests as one batch, and a request that fails
+    # validation still gets its own error without failing its batch-mates.
     def execute(self, requests):
         feeds: list[Any] = []
         for request in requests:

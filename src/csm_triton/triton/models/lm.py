@@ -23,6 +23,8 @@ from csm_triton.errors import InvalidInput
 from csm_triton.triton.parameters import Parameters, instance_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# From a warm GPU engine with a cached voice (tens of ms) to a long queue or a CPU.
+TIME_TO_FIRST_FRAME_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
 def engine_from_config(model_dir: Path, parameters: Parameters, device: str) -> GenerationEngine:
@@ -55,14 +57,23 @@ class LanguageModel(triton.DecoupledModel):
             "csm_generation_seconds_total", "Wall time of finished requests (real-time factor = this / audio)"
         )
         self.last_rtf = metrics.gauge("csm_last_real_time_factor", "Generation time / audio duration, last request")
+        self.prefix_hits = metrics.running_total(
+            "csm_prefix_cache_hits_total", "Prefills whose voice reference came from the prefix cache")
+        self.prefix_misses = metrics.running_total(
+            "csm_prefix_cache_misses_total", "Prefills that computed a voice reference not in the prefix cache")
+        self.time_to_first_frame = metrics.histogram(
+            "csm_time_to_first_frame_seconds", "From a request's arrival (queueing included) to its first frame",
+            TIME_TO_FIRST_FRAME_BUCKETS)
         self.slots_total.set(self.engine.max_slots)
         triton.log_info(f"{self.model_name}: engine on {self.engine.lm.device} ({self.engine.lm.dtype}), "
                         f"{self.engine.max_slots} KV slots of {self.engine.max_context} positions")
 
-    def _update_gauges(self) -> None:
+    def _update_engine_metrics(self) -> None:
         stats = self.engine.stats()
         self.active_streams.set(stats["slots_in_use"] + stats["waiting"])
         self.slots_in_use.set(stats["slots_in_use"])
+        self.prefix_hits.update(stats["prefix_cache_hits"])
+        self.prefix_misses.update(stats["prefix_cache_misses"])
 
     def start(self, request, sender):
         cancel = triton.input_texts(request, "cancel_request_id", required=False)
@@ -78,6 +89,9 @@ class LanguageModel(triton.DecoupledModel):
 
         def deliver(chunk: FrameChunk) -> None:
             try:
+                if not frames[0] and len(chunk.codes):  # prefilled: the prefix cache was consulted
+                    self.time_to_first_frame.observe(chunk.time_to_first_frame)
+                    self._update_engine_metrics()
                 frames[0] += len(chunk.codes)
                 outputs = {"codes": chunk.codes} if len(chunk.codes) else None
                 if not chunk.finished:
@@ -92,10 +106,10 @@ class LanguageModel(triton.DecoupledModel):
                 sender.fail(error)
             finally:
                 if chunk.finished:
-                    self._update_gauges()
+                    self._update_engine_metrics()
 
         self.engine.submit(generation, callback=deliver)
-        self._update_gauges()
+        self._update_engine_metrics()
 
     def _record(self, frames: int, seconds: float) -> None:
         audio = frames / C.FRAME_RATE_HZ

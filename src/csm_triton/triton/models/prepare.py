@@ -20,6 +20,9 @@ class PrepareModel(triton.PythonModel):
         self.voices = VoiceResolver(VoiceStore(voice_directory(args, self.parameters)), forward_mimi_encoder)
 
     def handle(self, request):
+        # TEXT is checked here, before the voice is resolved (maybe encoded through BLS),
+        # so a bad text costs nothing; PromptBuilder.prepare trusts it. REFERENCE_TEXT's
+        # content is the VoiceResolver's to check, for this model and voice_register alike.
         text = validation.single_text(triton.input_texts(request, "TEXT"), "TEXT")
         voice_id = triton.input_texts(request, "VOICE_ID", required=False)
         reference_text = triton.input_texts(request, "REFERENCE_TEXT", required=False)
@@ -27,7 +30,7 @@ class PrepareModel(triton.PythonModel):
             voice_id=validation.single_text(voice_id, "VOICE_ID", required=False),
             reference_audio=triton.input_array(request, "REFERENCE_AUDIO", required=False),
             reference_sample_rate=triton.input_array(request, "REFERENCE_SAMPLE_RATE", required=False),
-            reference_text=validation.single_text(reference_text, "REFERENCE_TEXT", required=False),
+            reference_text=validation.single_string(reference_text, "REFERENCE_TEXT", required=False),
         )
         reference_text, reference_codes = voice if voice is not None else (None, None)
         prompt = self.prompt_builder.prepare(text, reference_text, reference_codes)

@@ -80,7 +80,8 @@ class VoiceRegisterModel(_VoiceModel):
             self.voice_id(request),
             triton.input_array(request, "REFERENCE_AUDIO"),
             triton.input_array(request, "REFERENCE_SAMPLE_RATE"),
-            validation.single_text(triton.input_texts(request, "REFERENCE_TEXT"), "REFERENCE_TEXT"),
+            # Its content is checked by the resolver (validation.text), before encoding.
+            validation.single_string(triton.input_texts(request, "REFERENCE_TEXT"), "REFERENCE_TEXT"),
         )
         triton.log_info(f"{self.model_name}: registered voice '{voice.voice_id}' ({len(voice.codes)} frames)")
         return {"VOICE": json_tensor(voice.summary())}

@@ -1,0 +1,132 @@
+"""One streamed utterance, from text to watermarked audio chunks, with its stages injected.
+
+The pipeline knows the order of the work and how a stream ends; the stages know how
+to reach the models (in the server: BLS calls to csm_prepare, csm_lm, mimi_decoder and
+watermark). That split lets the ending rules be tested without a server:
+
+* exactly one final response (`finish` or `fail`) per stream, whatever fails, even
+  `send` itself or the final call's own transport;
+* a client that goes away stops the pulling of codes, and the generator is told to
+  free its KV slot (`cancel_generation`), since csm_lm cannot see that its caller left;
+* a stage's failure reaches the client as that stage's error (an `InvalidInput` of
+  csm_prepare stays a client error).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Mapping, Protocol
+
+import numpy as np
+
+from csm_triton import constants as C
+from csm_triton.core.stream_decoder import StreamDecoder
+
+Arrays = Mapping[str, np.ndarray]
+# prepare inputs (TEXT, VOICE_ID, ...) -> the prompt csm_lm takes (input_ids, prompt_codes)
+Prepare = Callable[[Arrays], Arrays]
+# (prompt + sampling + chunk schedule, stream id) -> code chunks [frames, NUM_CODEBOOKS]
+Generate = Callable[[Arrays, str], Iterable[np.ndarray]]
+Decode = Callable[[np.ndarray], np.ndarray]  # codes [frames, NUM_CODEBOOKS] -> samples
+Watermark = Callable[[np.ndarray], np.ndarray]  # samples -> samples of the same length
+CancelGeneration = Callable[[str], None]
+
+SAMPLE_RATE = np.array([C.SAMPLE_RATE], dtype=np.int32)
+LOG = logging.getLogger("csm_triton")
+
+
+class ResponseSender(Protocol):
+    """Where one stream's responses go (csm_triton.triton.adapter.StreamSender in the server)."""
+
+    def send(self, outputs: Arrays) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def fail(self, error: BaseException) -> None: ...
+
+    def is_cancelled(self) -> bool: ...
+
+
+def new_stream_id() -> str:
+    return f"csm-stream-{uuid.uuid4().hex}"
+
+
+@dataclass
+class StreamPipeline:
+    prepare: Prepare
+    generate: Generate
+    decode: Decode
+    watermark: Watermark
+    cancel_generation: CancelGeneration
+    # A small first chunk gives a short time to first audio; larger ones after it cost
+    # fewer decoder calls. csm_lm cuts the chunks; the pipeline only asks for the sizes.
+    first_chunk_frames: int = C.STREAM_FIRST_CHUNK_FRAMES
+    chunk_frames: int = C.STREAM_CHUNK_FRAMES
+    left_context_frames: int = C.STREAM_LEFT_CONTEXT_FRAMES
+    log_error: Callable[[str], None] = LOG.error
+
+    def run(self, prepare_inputs: Arrays, sampling: Arrays, sender: ResponseSender,
+            stream_id: str | None = None) -> None:
+        """Streams one utterance to `sender` and ends it with exactly one final response."""
+        stream_id = stream_id or new_stream_id()
+        try:
+            self._stream(prepare_inputs, sampling, sender, stream_id)
+        except Exception as error:  # noqa: BLE001 - every failure ends the stream with its message
+            self._end(sender, stream_id, error)
+        except BaseException as error:  # the process is going down: still one final, then let it go
+            self._end(sender, stream_id, error)
+            raise
+        else:
+            self._end(sender, stream_id, None)
+
+    def _stream(self, prepare_inputs: Arrays, sampling: Arrays, sender: ResponseSender, stream_id: str) -> None:
+        prompt = self.prepare(prepare_inputs)
+        lm_inputs = {
+            **prompt, **sampling,
+            "first_chunk_frames": np.array([self.first_chunk_frames], np.int32),
+            "chunk_frames": np.array([self.chunk_frames], np.int32),
+        }
+        decoder = StreamDecoder(self.decode, self.left_context_frames)
+        chunks = iter(self.generate(lm_inputs, stream_id))
+        exhausted = False
+        try:
+            # Checked before each pull (a pull waits for the next chunk to be generated)
+            # and after it (no decoding for a client that left meanwhile).
+            while not sender.is_cancelled():
+                codes = next(chunks, None)
+                if codes is None:
+                    exhausted = True
+                    break
+                if sender.is_cancelled():
+                    break
+                sender.send({"AUDIO": self.watermark(decoder.push(codes)), "SAMPLE_RATE": SAMPLE_RATE})
+        finally:
+            if not exhausted:
+                self._stop_generation(chunks, stream_id)
+
+    def _stop_generation(self, chunks: Iterator[np.ndarray], stream_id: str) -> None:
+        """Best effort: a failure here must not hide the stream's own outcome; the LM's
+        frame cap ends a generation that could not be cancelled."""
+        try:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+        except Exception as error:  # noqa: BLE001
+            self.log_error(f"csm_tts_stream: could not close the code stream of {stream_id}: {error}")
+        try:
+            self.cancel_generation(stream_id)
+        except Exception as error:  # noqa: BLE001
+            self.log_error(f"csm_tts_stream: could not cancel {stream_id}: {error}")
+
+    def _end(self, sender: ResponseSender, stream_id: str, error: BaseException | None) -> None:
+        # One attempt only: a final call that raised (client gone) may have reached the
+        # client or not, and a second final would break the protocol if it had.
+        try:
+            if error is None:
+                sender.finish()
+            else:
+                sender.fail(error)
+        except Exception as final_error:  # noqa: BLE001
+            self.log_error(f"csm_tts_stream: could not end {stream_id}: {final_error}")

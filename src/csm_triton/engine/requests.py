@@ -1,0 +1,107 @@
+"""One request's side of the engine: what is asked (GenerationRequest), what comes
+back (FrameChunk, GenerationResult) and the caller's handle on it (RequestHandle).
+
+The engine thread delivers chunks through the handle; the caller reads them (or
+gets them through a callback) and may cancel at any time.
+"""
+
+from __future__ import annotations
+
+import enum
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+
+from csm_triton import constants as C
+
+__all__ = ["FinishReason", "FrameChunk", "GenerationRequest", "GenerationResult", "RequestHandle"]
+
+
+class FinishReason(str, enum.Enum):
+    END_OF_SPEECH = "end_of_speech"
+    MAX_FRAMES = "max_frames"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass
+class GenerationRequest:
+    input_ids: np.ndarray  # [tokens] with AUDIO placeholders (csm_triton.core.prompt)
+    audio_codes: np.ndarray  # [placeholders, 32]
+    max_frames: int
+    temperature: float = C.DEFAULT_TEMPERATURE
+    top_k: int = C.DEFAULT_TOP_K
+    seed: int | None = None
+    greedy: bool = False
+    stream_every: int = 0  # emit a chunk every N frames; 0: one chunk at the end
+    first_chunk_frames: int = 0  # a smaller first chunk (time to first audio); 0: stream_every
+    request_id: str = ""
+    # Polled every few frames (e.g. Triton's response_sender.is_cancelled): True cancels.
+    is_cancelled: Callable[[], bool] | None = None
+
+
+@dataclass
+class FrameChunk:
+    codes: np.ndarray  # [frames, 32] int64
+    finished: bool = False
+    reason: FinishReason | None = None
+    error: str | None = None
+    # Seconds from submission (queueing included) to the request's first frame; None before it.
+    time_to_first_frame: float | None = None
+
+
+@dataclass
+class GenerationResult:
+    codes: np.ndarray
+    reason: FinishReason
+    error: str | None = None
+
+
+class RequestHandle:
+    """The caller's side of one request: chunks in order, and cancel()."""
+
+    def __init__(self, request: GenerationRequest, callback: Callable[[FrameChunk], None] | None):
+        self.request = request
+        self._callback = callback
+        self._chunks: queue.Queue[FrameChunk] = queue.Queue()
+        self._cancelled = threading.Event()
+        self.submitted_at = time.perf_counter()
+        self.time_to_first_frame: float | None = None
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def _deliver(self, chunk: FrameChunk) -> None:
+        chunk.time_to_first_frame = self.time_to_first_frame
+        if self._callback is not None:
+            self._callback(chunk)
+        else:
+            self._chunks.put(chunk)
+
+    def _end(self, reason: FinishReason, error: str | None = None, frames: list | None = None) -> None:
+        """Deliver the last chunk: the frames not yet delivered (maybe none) and why it ended."""
+        codes = np.stack(frames).astype(np.int64) if frames else np.zeros((0, C.NUM_CODEBOOKS), np.int64)
+        self._deliver(FrameChunk(codes, True, reason, error))
+
+    def chunks(self, timeout: float | None = None) -> Iterator[FrameChunk]:
+        while True:
+            chunk = self._chunks.get(timeout=timeout)
+            yield chunk
+            if chunk.finished:
+                return
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        parts, last = [], None
+        for last in self.chunks(timeout):
+            parts.append(last.codes)
+        codes = np.concatenate(parts) if parts else np.zeros((0, C.NUM_CODEBOOKS), np.int64)
+        return GenerationResult(codes, last.reason, last.error)
