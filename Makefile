@@ -3,6 +3,9 @@
 #   make test    set everything up and run every test
 # CSM_CHECKPOINT=<folder or hub id> serves real CSM-1B weights; without it a tiny
 # random CSM is generated (its audio is noise, but every code path is the real one).
+# CSM_ADMIN_TOKEN=<token> is the admin token voice writes need; without it make serve
+# creates a development token in $(ADMIN_TOKEN_FILE) (mode 0600), which make locust,
+# make gateway and csm-tts read when CSM_ADMIN_TOKEN is unset.
 
 SHELL := /bin/bash
 PYTHON ?= python3.11
@@ -19,8 +22,10 @@ METRICS_PORT ?= 8002
 PYTEST_ARGS ?=
 
 CHECKPOINT := $(if $(CSM_CHECKPOINT),$(CSM_CHECKPOINT),$(TINY_CHECKPOINT))
+# Beside the voices: the runtime folder next to the repository (voice_dir runtime/voices).
+ADMIN_TOKEN_FILE ?= $(patsubst %/,%,$(dir $(REPOSITORY)))/runtime/admin-token
 
-.PHONY: setup serve test repository tiny-checkpoint clean
+.PHONY: setup serve test repository tiny-checkpoint clean admin-token
 
 setup:
 	PYTHON=$(PYTHON) VENV=$(VENV) scripts/setup.sh
@@ -31,9 +36,25 @@ tiny-checkpoint: setup
 repository: setup $(if $(CSM_CHECKPOINT),,tiny-checkpoint)
 	$(PY) -m export.build_repository --checkpoint $(CHECKPOINT) --profile $(PROFILE) --out $(REPOSITORY)
 
-serve: repository
+serve: repository admin-token
+	CSM_ADMIN_TOKEN="$${CSM_ADMIN_TOKEN:-$$(cat $(ADMIN_TOKEN_FILE))}" \
 	$(PY) -m csm_triton.serving serve --model-repository $(REPOSITORY) \
 	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
+# A development admin token, only when CSM_ADMIN_TOKEN is unset: created once (random,
+# mode 0600, written under a temporary name then renamed), reused after. Deployments
+# (compose, the Helm chart) never run this: they pass their own token or none.
+admin-token:
+	@if [ -n "$$CSM_ADMIN_TOKEN" ]; then \
+	  echo "admin token: CSM_ADMIN_TOKEN from the environment"; \
+	elif [ -s $(ADMIN_TOKEN_FILE) ]; then \
+	  chmod 600 $(ADMIN_TOKEN_FILE) && echo "admin token (development): $(ADMIN_TOKEN_FILE)"; \
+	else \
+	  mkdir -p $(dir $(ADMIN_TOKEN_FILE)) && (umask 077 && \
+	    od -An -N24 -tx1 /dev/urandom | tr -d ' \n' > $(ADMIN_TOKEN_FILE).$$$$ && echo >> $(ADMIN_TOKEN_FILE).$$$$ && \
+	    mv -f $(ADMIN_TOKEN_FILE).$$$$ $(ADMIN_TOKEN_FILE)) && \
+	  echo "admin token (development): created $(ADMIN_TOKEN_FILE) (make locust, make gateway and csm-tts read it)"; \
+	fi
 
 test: setup
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
@@ -42,20 +63,23 @@ clean:
 	rm -rf $(BUILD) .triton
 
 # --- the REST gateway (README "Clients") -------------------------------------------------------
-# The original system's API and page on :7860, calling a running Triton (make serve) over
-# gRPC; voice uploads carry this shell's CSM_ADMIN_TOKEN.
+# The original system's API and page on :7860 (127.0.0.1 only), calling a running Triton
+# (make serve) over gRPC; voice uploads carry CSM_ADMIN_TOKEN (else make serve's
+# development token) and need one of the gateway's API keys, CSM_GATEWAY_API_KEYS=k1,k2.
 GATEWAY_PORT ?= 7860
 TRITON_GRPC_URL ?= localhost:$(GRPC_PORT)
 
 .PHONY: gateway
 
 gateway: setup
+	CSM_ADMIN_TOKEN_FILE=$${CSM_ADMIN_TOKEN_FILE:-$(ADMIN_TOKEN_FILE)} \
 	$(PY) -m csm_clients.gateway --triton-url $(TRITON_GRPC_URL) --port $(GATEWAY_PORT)
 
 # --- load tests and benchmarks (loadtest/README.md) ----------------------------------------
-# locust / locust-ui drive a running server (make serve; give both shells the same
-# CSM_ADMIN_TOKEN so the stored voices can be registered); bench and perf start their
-# own server on free ports from $(REPOSITORY) and write their results to $(RESULTS).
+# locust / locust-ui drive a running server (make serve): they register their stored
+# voices with CSM_ADMIN_TOKEN, else make serve's development token ($(ADMIN_TOKEN_FILE));
+# bench and perf start their own server on free ports from $(REPOSITORY) and write their
+# results to $(RESULTS).
 LOCUST_HOST ?= http://localhost:$(HTTP_PORT)
 USERS ?= 4
 DURATION ?= 60s
@@ -70,11 +94,13 @@ LOCUST_MODEL := $(if $(CSM_CHECKPOINT),full,tiny)
 
 locust: setup
 	@mkdir -p $(dir $(LOCUST_CSV))
+	CSM_ADMIN_TOKEN_FILE=$${CSM_ADMIN_TOKEN_FILE:-$(ADMIN_TOKEN_FILE)} \
 	CSM_LOCUST_MODEL=$${CSM_LOCUST_MODEL:-$(LOCUST_MODEL)} $(VENV)/bin/locust -f loadtest/locustfile.py \
 	  --host $(LOCUST_HOST) --headless --users $(USERS) --spawn-rate $(USERS) --run-time $(DURATION) \
 	  --stop-timeout 120 --csv $(LOCUST_CSV) --only-summary
 
 locust-ui: setup
+	CSM_ADMIN_TOKEN_FILE=$${CSM_ADMIN_TOKEN_FILE:-$(ADMIN_TOKEN_FILE)} \
 	CSM_LOCUST_MODEL=$${CSM_LOCUST_MODEL:-$(LOCUST_MODEL)} $(VENV)/bin/locust -f loadtest/locustfile.py \
 	  --host $(LOCUST_HOST) --web-port $(LOCUST_WEB_PORT)
 
@@ -84,3 +110,44 @@ bench: repository
 
 perf: repository
 	$(PY) -m loadtest.perf_analyzer.sweep --serve $(REPOSITORY) --out $(RESULTS) $(PERF_ARGS)
+
+# --- soak (not in CI) -------------------------------------------------------------------------
+# Mixed load for DURATION (make soak DURATION=10m) against a server started here; requests,
+# failures and RSS growth per 1,000 requests per process into $(RESULTS)/soak_*.md.
+.PHONY: soak
+soak: repository
+	$(PY) -m loadtest.soak --serve $(REPOSITORY) --duration $(DURATION) --out $(RESULTS)
+
+# --- watermark decision (loadtest/results/watermark_eval.md) -----------------------------
+# Builds a clean corpus (espeak-ng speech, tones, chords, chirps, noise colours, clicks,
+# music-like synthesis, hiss, hum), marks the speech, scores everything under each
+# transform (resampling, +-6 dB, noise at 20 dB SNR, MP3/Opus 64 kbit/s, trimming) with
+# watermark_detect's rule; ~5 min on 2 cores. WATERMARK_EVAL_ARGS=--quick for a smoke run.
+WATERMARK_EVAL_ARGS ?=
+
+.PHONY: watermark-eval
+
+watermark-eval: setup
+	$(PY) -m loadtest.watermark_eval --out $(RESULTS) $(WATERMARK_EVAL_ARGS)
+
+# --- the GPU proof (docs/performance.md "GPU check: one command") ---------------------------
+# make gpu-check: every step on this machine's GPU into $(OUT) (summary.md beside the
+# results). make gpu-check SMOKE=1: every step on the tiny model on the CPU, as CI runs it.
+# make gpu-bundle: what the bare GPU machine lacks, packed into $(GPU_BUNDLE) (~47 MiB) to
+# travel with the device run; GPU_CHECK_BUNDLE=$(GPU_BUNDLE) makes gpu-check install it first.
+# No .venv on the GPU machine: there the script runs with its own python3 and torch.
+OUT ?= $(BUILD)/gpu-check
+SMOKE ?=
+GPU_BUNDLE ?= $(BUILD)/gpu-bundle
+GPU_CHECK_BUNDLE ?=
+GPU_CHECK_ARGS ?=
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+
+.PHONY: gpu-check gpu-bundle
+
+gpu-check:
+	$(GPU_CHECK_PYTHON) -m loadtest.gpu_check --out $(OUT) $(if $(SMOKE),--smoke) \
+	  $(if $(GPU_CHECK_BUNDLE),--bundle $(GPU_CHECK_BUNDLE)) $(GPU_CHECK_ARGS)
+
+gpu-bundle: setup
+	$(PY) -m loadtest.gpu_bundle --out $(GPU_BUNDLE)

@@ -11,7 +11,9 @@ CSM_LOCUST_MAX_AUDIO_SECONDS, default 10). AUDIO comes back as binary (the JSON 
 tells its shape).
 
 At test start the clips in data/ are registered as stored voices with the admin token
-from CSM_ADMIN_TOKEN (voices already there are reused); those this run registered are
+from CSM_ADMIN_TOKEN, else from the file CSM_ADMIN_TOKEN_FILE names, else from make
+serve's development token (build/runtime/admin-token): `make serve` then `make locust`
+needs nothing else. Voices already there are reused; those this run registered are
 deleted when it stops.
 
 Custom metrics, as rows of their own (kept out of the Aggregated row):
@@ -21,7 +23,7 @@ Custom metrics, as rows of their own (kept out of the Aggregated row):
 At the end Locust prints the audio generated and the aggregate x real time; with --csv
 it also writes <prefix>_summary.json and <prefix>_summary.md (machine, commit, command).
 
-Environment: CSM_ADMIN_TOKEN, CSM_LOCUST_MAX_AUDIO_SECONDS, CSM_LOCUST_WAIT ("min,max"
+Environment: CSM_ADMIN_TOKEN (or CSM_ADMIN_TOKEN_FILE), CSM_LOCUST_MAX_AUDIO_SECONDS, CSM_LOCUST_WAIT ("min,max"
 seconds between a user's tasks, default "0.5,1.5"), CSM_LOCUST_MODEL (tiny or full:
 the label of the served model in the summary).
 """
@@ -140,12 +142,12 @@ def error_message(response) -> str:
 def register_voices(environment, **_kwargs):
     """On every node (master and workers alike): each needs the ids; registering is idempotent."""
     Run.load_before = os.getloadavg()[0]
-    token = os.environ.get(workload.ADMIN_TOKEN_ENV)
+    token = workload.admin_token()
     created: list[str] = []
     try:
         http = workload.TritonHTTP(environment.host or "http://localhost:8000", timeout=120)
         Run.voice_ids, created = workload.register_voices(http, REFERENCES, token)
-        Run.setup_error = "" if Run.voice_ids else f"none registered and {workload.ADMIN_TOKEN_ENV} is not set"
+        Run.setup_error = "" if Run.voice_ids else f"none registered: {workload.no_token_reason()}"
     except Exception as error:  # noqa: BLE001 - reported by every stored-voice request
         Run.voice_ids, Run.setup_error = [], f"registering the voices failed: {error}"
     Run.created = Run.created + created
@@ -159,7 +161,7 @@ def register_voices(environment, **_kwargs):
 def delete_voices(environment, **_kwargs):
     if Run.created:
         http = workload.TritonHTTP(environment.host or "http://localhost:8000", timeout=60)
-        workload.delete_voices(http, Run.created, os.environ.get(workload.ADMIN_TOKEN_ENV))
+        workload.delete_voices(http, Run.created, workload.admin_token())
         Run.created = []
 
 

@@ -33,6 +33,9 @@ SAMPLE_RATE = 24_000
 FRAME_RATE_HZ = 12.5
 ADMIN_TOKEN_HEADER = "x-csm-admin-token"
 ADMIN_TOKEN_ENV = "CSM_ADMIN_TOKEN"
+# Mirrors of csm_clients.client's token lookup (admin_token_from_environment).
+ADMIN_TOKEN_FILE_ENV = "CSM_ADMIN_TOKEN_FILE"
+DEVELOPMENT_TOKEN_FILE = Path("build/runtime/admin-token")  # make serve's, in a checkout
 
 VOICE_PREFIX = "loadtest-"
 # MAX_AUDIO_SECONDS is sized from the text at this speaking rate: a real model stops at
@@ -185,6 +188,31 @@ class TritonError(RuntimeError):
 
 
 # --- stored voices ---------------------------------------------------------------------------
+def admin_token_file(environ=None) -> Path:
+    """Where a token is looked for when $CSM_ADMIN_TOKEN is unset."""
+    environ = os.environ if environ is None else environ
+    return Path(environ[ADMIN_TOKEN_FILE_ENV]) if environ.get(ADMIN_TOKEN_FILE_ENV) else DEVELOPMENT_TOKEN_FILE
+
+
+def admin_token(environ=None) -> str | None:
+    """$CSM_ADMIN_TOKEN; else the first line of $CSM_ADMIN_TOKEN_FILE (make serve's
+    development token, build/runtime/admin-token, by default); else None. The same
+    lookup as csm_clients.client.admin_token_from_environment, without the package."""
+    environ = os.environ if environ is None else environ
+    if environ.get(ADMIN_TOKEN_ENV):
+        return environ[ADMIN_TOKEN_ENV]
+    try:
+        lines = admin_token_file(environ).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return (lines[0].strip() if lines else "") or None
+
+
+def no_token_reason(environ=None) -> str:
+    return (f"{ADMIN_TOKEN_ENV} is not set and {admin_token_file(environ)} holds no token "
+            f"(make serve writes one there when {ADMIN_TOKEN_ENV} is unset)")
+
+
 def register_voices(http: TritonHTTP, references: list[Reference], token: str | None) -> tuple[list[str], list[str]]:
     """Register each reference as a stored voice: (usable voice ids, ids this call created).
 

@@ -173,3 +173,247 @@ def test_cli_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as usage:
         main(["--protocol", "carrier-pigeon", "voices", "list"])
     assert usage.value.code == 2
+
+
+# --- the gateway's form fields: checked against the server's ranges before conversion -------
+def test_the_clients_mirror_of_the_servers_ranges_is_exact():
+    from csm_clients import limits
+    from csm_triton import constants as C
+
+    assert limits.MAX_TEMPERATURE == C.MAX_TEMPERATURE and limits.MAX_TOP_K == C.CODEBOOK_SIZE
+    assert limits.MAX_AUDIO_SECONDS == C.MAX_AUDIO_SECONDS_LIMIT and limits.MAX_SEED == np.iinfo(np.int64).max
+
+
+@pytest.fixture()
+def offline_gateway():
+    from fastapi.testclient import TestClient
+
+    from csm_clients.gateway import create_app
+
+    with TestClient(create_app("127.0.0.1:1", api_keys=["right-key"]), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("seed", str(2**63), "seed: input 'SEED' must be in [0, 9223372036854775807], got 9223372036854775808"),
+    ("seed", "-1", "seed: input 'SEED' must be in [0, "),
+    ("top_k", str(2**31), "top_k: input 'TOP_K' must be in [1, 2048], got 2147483648"),  # no INT32 wrap
+    ("top_k", str(10**20), "top_k: input 'TOP_K' must be in [1, 2048], got 100000000000000000000"),
+    ("top_k", "1e20", "top_k: Input should be a valid integer"),
+    ("top_k", "0", "top_k: input 'TOP_K' must be in [1, 2048], got 0"),
+    ("temperature", "0", "temperature: input 'TEMPERATURE' must be in (0, 5], got 0.0"),
+    ("temperature", "nan", "temperature: input 'TEMPERATURE' must be in (0, 5], got nan"),
+    ("temperature", "1e400", "temperature: input 'TEMPERATURE' must be in (0, 5], got inf"),
+    ("max_audio_seconds", "1e9", "max_audio_seconds: input 'MAX_AUDIO_SECONDS' must be in (0, 90]"),
+    ("max_audio_seconds", "-inf", "max_audio_seconds: input 'MAX_AUDIO_SECONDS' must be in (0, 90]"),
+])
+def test_out_of_range_form_fields_are_a_400_naming_the_field(offline_gateway, field, value, message):
+    response = offline_gateway.post("/clone-voice", data={"text": "Hi.", field: value})
+    assert response.status_code == 400 and response.headers["content-type"] == "application/json"
+    assert response.json()["detail"].startswith(message), response.json()
+
+
+def test_in_range_edges_pass_the_gateway(offline_gateway):
+    for form in ({"seed": str(2**63 - 1)}, {"top_k": "2048"}, {"temperature": "5"}, {"max_audio_seconds": "90"}):
+        response = offline_gateway.post("/clone-voice", data={"text": "Hi.", **form})
+        assert response.status_code == 503, response.text  # on to Triton, which is not there
+
+
+def test_a_non_audio_upload_is_named_by_its_file(offline_gateway):
+    response = offline_gateway.post("/clone-voice", data={"text": "Hi.", "reference_text": "x"},
+                                    files={"reference_audio": ("notes.txt", b"plain text", "text/plain")})
+    detail = response.json()["detail"]
+    assert response.status_code == 400 and "'notes.txt'" in detail and "BytesIO" not in detail, detail
+    upload = offline_gateway.post("/upload-voice", headers={"Authorization": "Bearer right-key"},
+                                  data={"voice_name": "x", "reference_text": "x"},
+                                  files={"reference_audio": ("song.mp3", b"ID3 not really", "audio/mpeg")})
+    assert upload.status_code == 400 and "'song.mp3'" in upload.json()["detail"], upload.text
+
+
+def test_a_gateway_bug_is_a_json_500_without_internals(offline_gateway, monkeypatch):
+    from csm_clients.client import AsyncVoiceCloner
+
+    async def broken(*args, **kwargs):
+        raise OverflowError("Python int too large to convert to C long")
+
+    monkeypatch.setattr(AsyncVoiceCloner, "synthesize", broken)
+    response = offline_gateway.post("/clone-voice", data={"text": "Hi."})
+    assert response.status_code == 500
+    assert response.json() == {"detail": "the gateway failed (OverflowError); see its log"}
+
+
+# --- the gateway's own credential for voice writes ---------------------------------------------
+def test_voice_writes_need_a_gateway_api_key(offline_gateway):
+    form = {"voice_name": "x", "reference_text": "x"}
+    for headers in ({}, {"Authorization": "Basic right-key"}, {"Authorization": "Bearer"}):
+        refused = offline_gateway.post("/upload-voice", data=form, headers=headers)
+        assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+        assert "'Authorization: Bearer <key>'" in refused.json()["detail"]
+        assert offline_gateway.delete("/voices/x", headers=headers).status_code == 401
+    wrong = offline_gateway.delete("/voices/x", headers={"Authorization": "Bearer wrong-key"})
+    assert wrong.status_code == 401
+    assert wrong.json()["detail"] == "permission denied: wrong API key in header 'Authorization'"
+    passed = offline_gateway.delete("/voices/x", headers={"Authorization": "bearer  right-key "})
+    assert passed.status_code == 503, passed.text  # past the key, on to Triton (not there)
+    assert offline_gateway.get("/voices").status_code == 503, "reads need no key"
+    scheme = offline_gateway.get("/openapi.json").json()["components"]["securitySchemes"]
+    assert list(scheme.values())[0]["scheme"] == "bearer"
+
+
+def test_without_keys_voice_writes_are_refused_saying_how_to_enable_them():
+    from fastapi.testclient import TestClient
+
+    from csm_clients.gateway import create_app
+
+    with TestClient(create_app("127.0.0.1:1", admin_token="admin")) as client:
+        refused = client.delete("/voices/x", headers={"Authorization": "Bearer anything"})
+    assert refused.status_code == 403
+    assert "CSM_GATEWAY_API_KEYS=<key>" in refused.json()["detail"] and "admin" not in refused.json()["detail"]
+
+
+def test_api_keys_from_the_environment_and_a_file(tmp_path):
+    from csm_clients.gateway.keys import ApiKeys
+
+    key_file = tmp_path / "keys"
+    key_file.write_text("# the ops team\nfile-key\n\n  other-key  \n")
+    keys = ApiKeys.from_environment({"CSM_GATEWAY_API_KEYS": "a, b,,", "CSM_GATEWAY_API_KEY_FILE": str(key_file)})
+    assert len(keys) == 4 and "4 API key" in keys.describe()
+    for key in ("a", "b", "file-key", "other-key"):
+        keys.check(f"Bearer {key}")
+    with pytest.raises(PermissionDenied, match="wrong API key"):
+        keys.check("Bearer # the ops team")
+    assert not ApiKeys.from_environment({}) and "disabled" in ApiKeys().describe()
+    with pytest.raises(OSError):
+        ApiKeys.from_settings(None, tmp_path / "missing")
+
+
+def test_the_gateway_listens_on_loopback_unless_told_otherwise(monkeypatch, tmp_path, capsys):
+    import uvicorn
+
+    from csm_clients.gateway import __main__ as gateway_main
+
+    runs = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port: runs.append((app, host, port)))
+    monkeypatch.setenv("CSM_GATEWAY_API_KEYS", "k1,k2")
+    monkeypatch.setenv("CSM_ADMIN_TOKEN", "admin")
+    assert gateway_main.main([]) == 0 and runs[-1][1:] == ("127.0.0.1", 7860)
+    assert "need one of 2 API key(s)" in capsys.readouterr().err
+    assert gateway_main.main(["--host", "0.0.0.0", "--port", "9000"]) == 0 and runs[-1][1:] == ("0.0.0.0", 9000)
+    with pytest.raises(SystemExit) as usage:
+        gateway_main.main(["--api-key-file", str(tmp_path / "missing")])
+    assert usage.value.code == 2 and "cannot read the API key file" in capsys.readouterr().err
+
+
+# --- the admin token: make serve's development token and who reads it -------------------------
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_admin_token_lookup_and_its_standard_library_mirror(tmp_path, monkeypatch):
+    import sys
+
+    from csm_clients.client import DEVELOPMENT_TOKEN_FILE, admin_token_from_environment
+
+    sys.path.insert(0, str(ROOT))
+    try:
+        from loadtest import workload
+    finally:
+        sys.path.remove(str(ROOT))
+    assert workload.DEVELOPMENT_TOKEN_FILE == DEVELOPMENT_TOKEN_FILE
+    token_file = tmp_path / "token"
+    token_file.write_text("from-the-file\n")
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        ({"CSM_ADMIN_TOKEN": "from-env", "CSM_ADMIN_TOKEN_FILE": str(token_file)}, "from-env"),
+        ({"CSM_ADMIN_TOKEN": "", "CSM_ADMIN_TOKEN_FILE": str(token_file)}, "from-the-file"),
+        ({"CSM_ADMIN_TOKEN_FILE": str(tmp_path / "missing")}, None),
+        ({}, None),  # no build/runtime/admin-token here yet
+    ]
+    for environ, expected in cases:
+        assert admin_token_from_environment(environ) == workload.admin_token(environ) == expected, environ
+    (tmp_path / "build" / "runtime").mkdir(parents=True)
+    (tmp_path / "build" / "runtime" / "admin-token").write_text("make-serve-token\n")
+    assert admin_token_from_environment({}) == workload.admin_token({}) == "make-serve-token"
+    assert "build/runtime/admin-token" in workload.no_token_reason({"CSM_ADMIN_TOKEN_FILE": ""})
+
+
+def _make(*arguments: str, **environment: str):
+    import os
+    import subprocess
+
+    env = {key: value for key, value in os.environ.items() if key not in ("CSM_ADMIN_TOKEN", "MAKEFLAGS")}
+    return subprocess.run(["make", "-s", *arguments], cwd=ROOT, env={**env, **environment}, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_make_serve_creates_a_development_token_once_and_only_without_csm_admin_token(tmp_path):
+    import stat
+
+    from csm_clients.client import admin_token_from_environment
+
+    repository = tmp_path / "build" / "model_repository"
+    token_file = tmp_path / "build" / "runtime" / "admin-token"
+    given = _make("admin-token", f"REPOSITORY={repository}", CSM_ADMIN_TOKEN="operator-token")
+    assert given.returncode == 0 and "from the environment" in given.stdout and not token_file.parent.exists()
+
+    created = _make("admin-token", f"REPOSITORY={repository}")
+    assert created.returncode == 0, created.stderr
+    assert f"created {token_file}" in created.stdout, "it says where"
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    token = token_file.read_text().strip()
+    assert re.fullmatch(r"[0-9a-f]{48}", token)
+    assert [path.name for path in token_file.parent.iterdir()] == ["admin-token"], "no temporary left"
+    again = _make("admin-token", f"REPOSITORY={repository}")
+    assert again.returncode == 0 and str(token_file) in again.stdout and token_file.read_text().strip() == token
+    assert admin_token_from_environment({"CSM_ADMIN_TOKEN_FILE": str(token_file)}) == token
+
+    # make serve runs that step first and hands the server the token; make locust and
+    # make gateway point the readers at the same file.
+    serve = _make("-n", "serve", f"REPOSITORY={repository}").stdout
+    assert serve.index("admin-token") < serve.index("csm_triton.serving serve")
+    assert f'CSM_ADMIN_TOKEN="${{CSM_ADMIN_TOKEN:-$(cat {token_file})}}"' in serve
+    for target in ("locust", "gateway"):
+        dry_run = _make("-n", target, f"REPOSITORY={repository}").stdout
+        assert f"CSM_ADMIN_TOKEN_FILE=${{CSM_ADMIN_TOKEN_FILE:-{token_file}}}" in dry_run, dry_run
+
+
+def test_csm_tts_reads_the_development_token_when_csm_admin_token_is_unset(tmp_path, monkeypatch):
+    from csm_clients import cli
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, url, protocol, *, admin_token, timeout):
+            seen.append(admin_token)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+        def delete_voice(self, voice_id):
+            return {"voice_id": voice_id}
+
+    monkeypatch.setattr(cli, "VoiceCloner", Recorder)
+    monkeypatch.delenv("CSM_ADMIN_TOKEN", raising=False)
+    monkeypatch.delenv("CSM_ADMIN_TOKEN_FILE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "build" / "runtime").mkdir(parents=True)
+    (tmp_path / "build" / "runtime" / "admin-token").write_text("dev-token\n")
+    assert cli.main(["voices", "rm", "x"]) == 0
+    monkeypatch.setenv("CSM_ADMIN_TOKEN", "env-token")
+    assert cli.main(["voices", "rm", "x"]) == 0
+    assert cli.main(["--admin-token", "flag-token", "voices", "rm", "x"]) == 0
+    assert cli.main(["--admin-token", "", "voices", "rm", "x"]) == 0  # explicitly none
+    assert seen == ["dev-token", "env-token", "flag-token", ""]
+
+
+def test_csm_tts_refuses_out_of_range_sampling_before_sending_it(capsys):
+    from csm_clients.cli import main
+
+    # No server at this address: a refusal here never left the machine.
+    assert main(["--url", "127.0.0.1:1", "say", "Hi.", "-o", "x.wav", "--top-k", str(2**31)]) == 1
+    assert capsys.readouterr().err == ("csm-tts: InvalidRequest: --top-k: input 'TOP_K' must be in [1, 2048], "
+                                       "got 2147483648\n")
+    assert main(["--url", "127.0.0.1:1", "stream", "Hi.", "-o", "x.wav", "--seed", str(2**63)]) == 1
+    assert "--seed: input 'SEED' must be in [0, 9223372036854775807]" in capsys.readouterr().err

@@ -132,3 +132,38 @@ def test_unbatched_models_run_request_by_request(tmp_path):
     )
     results = session.run_many([{"x": np.ones((3, 4), dtype=np.float32)}, {"x": np.ones((5, 4), dtype=np.float32)}])
     assert [r["y"].shape for r in results] == [(3, 4), (5, 4)]
+
+
+def test_memory_parameters_are_read_as_the_native_backend_reads_them(tmp_path):
+    path = _write_model(tmp_path / "scale" / "1" / "model.onnx")
+    default = OnnxSession(path, _config()).session.get_session_options()
+    assert default.enable_cpu_mem_arena and default.enable_mem_pattern
+    off = {"enable_mem_arena": {"string_value": "0"}, "enable_mem_pattern": {"string_value": "false"}}
+    options = OnnxSession(path, _config(parameters=off)).session.get_session_options()
+    assert not options.enable_cpu_mem_arena and not options.enable_mem_pattern
+    with pytest.raises(ValueError, match="'enable_mem_arena' must be one of"):
+        OnnxSession(path, _config(parameters={"enable_mem_arena": {"string_value": "maybe"}}))
+    shrink = OnnxSession(path, _config(parameters={"memory.enable_memory_arena_shrinkage": {"string_value": "cpu:0"}}))
+    assert shrink.run_options.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+    assert np.array_equal(shrink.run({"x": np.ones((1, 4), np.float32)})["y"], np.full((1, 4), 2, np.float32))
+
+
+def test_a_validate_parameter_applies_its_rule_and_a_bad_one_fails_the_load(tmp_path):
+    path = _write_model(tmp_path / "scale" / "1" / "model.onnx")
+    checked = OnnxSession(path, _config(parameters={"validate.x": {"string_value": "mimi_audio"}}))
+    bad = np.array([[0, np.nan, 0, 0]], np.float32)
+    with pytest.raises(InvalidInput, match="input 'x' contains NaN or infinite samples"):
+        checked.validate({"x": bad})
+    assert OnnxSession(path, _config()).validate({"x": bad})["x"] is bad  # no rule, no check
+    for key, rule in (("validate.x", "nonsense"), ("validate.nope", "mimi_audio")):
+        with pytest.raises(ValueError, match=f"config parameter '{key}' must name an input"):
+            OnnxSession(path, _config(parameters={key: {"string_value": rule}}))
+
+
+def test_the_committed_codec_configs_turn_the_arena_off_and_check_their_inputs():
+    from export.model_config import read_config
+
+    for model, name, rule in (("mimi_encoder", "input_values", "mimi_audio"), ("mimi_decoder", "audio_codes", "mimi_codes")):
+        parameters = read_config(Path(__file__).parents[1] / "model_repository" / model / "config.pbtxt").parameters
+        assert parameters["enable_mem_arena"].string_value == "0"
+        assert parameters[f"validate.{name}"].string_value == rule

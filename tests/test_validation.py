@@ -55,3 +55,31 @@ def test_max_frames_round_up_whole_frames_despite_fp32():
     assert validation.sampling_parameters(max_audio_seconds=np.array([1.0], np.float32)).max_frames == 13
     assert validation.sampling_parameters(max_audio_seconds=np.array([1.36], np.float32)).max_frames == 17
     assert validation.SamplingParameters(max_audio_seconds=0.08).max_frames == 1
+
+
+def test_a_temperature_below_the_floor_is_sampled_at_the_floor():
+    # 1e-45 is inside (0, 5]: logits / 1e-45 overflow float32 and every code drawn was 0.
+    assert validation.sampling_parameters(np.array([1e-45], np.float32)).temperature == C.MIN_TEMPERATURE
+    assert validation.sampling_parameters(np.array([0.5], np.float32)).temperature == 0.5
+    with pytest.raises(InvalidInput, match=r"input 'TEMPERATURE' must be in \(0, 5\]"):
+        validation.sampling_parameters(np.array([0.0], np.float32))
+
+
+def test_codec_rules_name_the_input_and_the_range():
+    codes = np.zeros((1, C.NUM_CODEBOOKS, 2), np.int64)
+    assert validation.mimi_codes(codes, "audio_codes") is codes
+    cases = [
+        (np.full_like(codes, C.CODEBOOK_SIZE), r"holds codes outside \[0, 2048\) \(from 2048 to 2048\)"),
+        (np.full_like(codes, -1), r"holds codes outside \[0, 2048\) \(from -1 to -1\)"),
+        (np.zeros((1, C.NUM_CODEBOOKS, 0), np.int64), "has 0 frames; at least 1 is needed"),
+        (np.zeros((1, C.NUM_CODEBOOKS, C.MAX_CODEC_FRAMES + 1), np.int64),
+         r"has 1501 frames \(120.08 s\); the limit is 1500 frames \(120 s\)"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(InvalidInput, match=f"input 'audio_codes' {message}"):
+            validation.mimi_codes(bad, "audio_codes")
+    assert validation.mimi_audio(np.zeros((2, 1, C.MAX_CODEC_SAMPLES), np.float32), "input_values").shape[-1] == C.MAX_CODEC_SAMPLES
+    with pytest.raises(InvalidInput, match=r"has 2880001 samples \(120.0 s at 24000 Hz\); the limit is 120 s"):
+        validation.mimi_audio(np.zeros((1, 1, C.MAX_CODEC_SAMPLES + 1), np.float32), "input_values")
+    with pytest.raises(InvalidInput, match="holds no samples"):
+        validation.mimi_audio(np.zeros((1, 1, 0), np.float32), "input_values")

@@ -3,8 +3,13 @@ resampling, the voice-resolution rules and the admin-token rule."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 import types
 
 import numpy as np
@@ -70,23 +75,104 @@ def test_store_writes_one_metadata_file_and_one_codes_file_and_no_temporaries(tm
     np.testing.assert_array_equal(np.load(tmp_path / codes_file), codes())
 
 
-def test_a_failed_write_leaves_no_voice_and_no_partial_file(tmp_path, monkeypatch):
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_disk_is_a_clear_refusal_that_leaves_the_store_as_it_was(tmp_path, monkeypatch, code):
     store = VoiceStore(tmp_path)
+    store.register("kept", codes(seed=3), "Already here.", 1.0)
+    before = voice_files(tmp_path)
 
     def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+        raise OSError(code, os.strerror(code), str(tmp_path / "x.tmp"))
 
     monkeypatch.setattr(voice_store.np, "save", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(InvalidInput, match=r"^voice store is full \(") as refused:
         store.register("carol", codes(), "Hi.", 1.0)
-    assert voice_files(tmp_path) == [] and store.list() == []
+    assert str(tmp_path) not in str(refused.value) and "carol" in str(refused.value)
+    assert voice_files(tmp_path) == before and [v["voice_id"] for v in store.list()] == ["kept"]
     monkeypatch.undo()
 
     monkeypatch.setattr(VoiceStore, "_write_metadata", lambda *a, **k: disk_full())
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(InvalidInput, match="voice store is full"):
         store.register("carol", codes(), "Hi.", 1.0)
-    assert voice_files(tmp_path) == [], "codes without metadata are removed"
-    assert VoiceStore(tmp_path).list() == []
+    assert voice_files(tmp_path) == before, "codes without metadata are removed"
+    monkeypatch.undo()
+    fresh = VoiceStore(tmp_path)
+    assert [v["voice_id"] for v in fresh.list()] == ["kept"]
+    np.testing.assert_array_equal(fresh.get("kept").codes, codes(seed=3))
+
+
+def test_other_file_system_errors_name_no_path(tmp_path, monkeypatch):
+    store = VoiceStore(tmp_path / "voices")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "voices" / ".x.tmp"))
+
+    monkeypatch.setattr(voice_store.np, "save", denied)
+    with pytest.raises(voice_store.VoiceStoreError) as failure:
+        store.register("dora", codes(), "Hi.", 1.0)
+    assert str(failure.value) == "the voice store could not store voice 'dora': Permission denied (errno 13)"
+    monkeypatch.undo()
+    (tmp_path / "voices").rename(tmp_path / "moved")
+    with pytest.raises(voice_store.VoiceStoreError, match="could not read the voices: No such file") as failure:
+        store.get("dora")
+    assert str(tmp_path) not in str(failure.value)
+
+
+def test_a_register_that_committed_is_reported_even_if_deleted_at_once(tmp_path, monkeypatch):
+    """Another process deletes the voice right after its metadata lands: the register
+    committed, so it answers the voice (it used to stat the metadata and fail)."""
+    store, other = VoiceStore(tmp_path), VoiceStore(tmp_path)
+    write_metadata = VoiceStore._write_metadata
+
+    def committed_then_deleted(self, voice_id, metadata, *, exclusive):
+        signature = write_metadata(self, voice_id, metadata, exclusive=exclusive)
+        other.delete(voice_id)
+        return signature
+
+    monkeypatch.setattr(VoiceStore, "_write_metadata", committed_then_deleted)
+    voice = store.register("fleeting", codes(), "Gone at once.", 1.0)
+    monkeypatch.undo()
+    assert voice.voice_id == "fleeting" and voice.transcript == "Gone at once."
+    assert "fleeting" not in store and voice_files(tmp_path) == [], "the store shows the delete"
+
+
+def test_concurrent_registers_and_deletes_answer_what_the_store_did(tmp_path):
+    """Threads of two stores (two processes' worth) register and delete the same ids:
+    every answer is a voice or a clear refusal, and the last answer per id matches disk."""
+    import random
+    import threading
+
+    stores = [VoiceStore(tmp_path), VoiceStore(tmp_path)]
+    outcomes: dict[str, list] = {f"race-{i}": [] for i in range(4)}
+    errors = []
+
+    def work(seed):
+        rng = random.Random(seed)
+        for _ in range(40):
+            voice_id = rng.choice(sorted(outcomes))
+            store = rng.choice(stores)
+            try:
+                if rng.random() < 0.5:
+                    store.register(voice_id, codes(seed=seed), "Race.", 1.0)
+                else:
+                    store.delete(voice_id)
+            except InvalidInput as error:
+                if "already exists" not in str(error) and "unknown voice" not in str(error):
+                    errors.append(error)
+            except Exception as error:  # noqa: BLE001 - any other answer is the bug
+                errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    listed = {v["voice_id"] for v in VoiceStore(tmp_path).list()}
+    files = voice_files(tmp_path)
+    assert {name[:-5] for name in files if name.endswith(".json")} == listed
+    assert len([name for name in files if name.endswith(".npy")]) == len(listed), files
+    assert not [name for name in files if name.startswith(".")], "no temporaries left"
 
 
 def test_a_new_store_loads_the_voices_on_disk(tmp_path):
@@ -194,6 +280,81 @@ def test_stale_leftovers_of_a_crashed_writer_are_removed_at_start(tmp_path):
     files = voice_files(tmp_path)
     assert ".olga.json.abc.tmp" not in files and "olga.deadbeef.npy" not in files
     assert "fresh.0123.npy" in files and "olga.json" in files
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _temporary_name(target: str, pid: int) -> str:
+    from csm_triton.core import files
+
+    return f".{target}.{files._host_tag()}~{pid}~abc123.tmp"
+
+
+def test_leftovers_are_swept_at_any_time_not_only_when_old(tmp_path, monkeypatch):
+    store = VoiceStore(tmp_path)
+    store.register("pia", codes(), "Hi.", 1.0)
+    dead, alive = _temporary_name("pia.json", _dead_pid()), _temporary_name("quin.json", os.getpid())
+    for name in (dead, alive, ".legacy.json.x1.tmp", "gone.0123456789ab.npy", "new.0123456789ab.npy"):
+        (tmp_path / name).write_bytes(b"x")
+    a_while_ago = time.time() - voice_store._ORPHAN_GRACE_S - 5
+    os.utime(tmp_path / "gone.0123456789ab.npy", (a_while_ago, a_while_ago))
+    referenced = json.loads((tmp_path / "pia.json").read_text())["codes_file"]
+    os.utime(tmp_path / referenced, (a_while_ago, a_while_ago))
+
+    store.register("quin", codes(), "Hi.", 1.0)  # every register sweeps
+    files = voice_files(tmp_path)
+    assert dead not in files, "a temporary whose writer is gone goes at once"
+    assert "gone.0123456789ab.npy" not in files, "unnamed codes go after a minute"
+    assert {alive, ".legacy.json.x1.tmp", "new.0123456789ab.npy", referenced} <= set(files), \
+        "a live writer's temporary, a young unknown one, young codes and named codes stay"
+
+    old = time.time() - 3600
+    os.utime(tmp_path / alive, (old, old))
+    os.utime(tmp_path / ".legacy.json.x1.tmp", (old, old))
+    monkeypatch.setattr(voice_store, "_SWEEP_INTERVAL_S", 0.0)
+    assert [v["voice_id"] for v in store.list()] == ["pia", "quin"]  # list sweeps too (rate-limited)
+    files = voice_files(tmp_path)
+    assert alive not in files and ".legacy.json.x1.tmp" not in files, "old temporaries go, whoever wrote them"
+    assert "new.0123456789ab.npy" in files
+
+
+def test_a_killed_writers_leftovers_are_swept_by_the_next_registration(tmp_path):
+    """A real writer killed with SIGKILL in the middle of a registration (after its
+    codes, before its metadata was published)."""
+    script = f"""
+import sys, time
+from csm_triton.core import voice_store
+from csm_triton.core.voice_store import VoiceStore
+import numpy as np
+def hang(temporary, target):
+    print("writing", flush=True)
+    time.sleep(600)
+voice_store._link_exclusively = lambda voice_id: hang
+VoiceStore({str(tmp_path)!r}).register("victim", np.ones((3, 32), np.int64), "Hi.", 1.0)
+"""
+    writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(timeout=10)
+    left = voice_files(tmp_path)
+    assert any(name.startswith(".victim.json.") for name in left) and any(name.endswith(".npy") for name in left)
+
+    store = VoiceStore(tmp_path)  # (start-up sweeps too; a registration sweeps regardless)
+    store.register("next", codes(), "Hi.", 1.0)
+    left = voice_files(tmp_path)
+    assert not [name for name in left if name.startswith(".")], "the killed writer's temporary is gone"
+    orphan = [name for name in left if name.startswith("victim.")]
+    assert len(orphan) == 1, "its codes stay for the grace period (a registration may be in flight)"
+    old = time.time() - voice_store._ORPHAN_GRACE_S - 1
+    os.utime(tmp_path / orphan[0], (old, old))
+    assert store.sweep() == orphan
+    assert [v["voice_id"] for v in store.list()] == ["next"]
 
 
 def test_the_voice_directory_defaults_next_to_the_model_repository(tmp_path):
@@ -404,3 +565,37 @@ def test_permission_denied_is_answered_as_an_invalid_argument_that_says_so(monke
     error = triton_adapter.error_response(PermissionDenied("wrong admin token"), "voice_register")
     assert error.code == "INVALID_ARG" and error.message == "permission denied: wrong admin token"
     assert not isinstance(PermissionDenied("x"), (InvalidInput, PermissionError))
+
+
+# --- a python stub exits when its server is gone ---------------------------------------------
+def process_gone(pid: int) -> bool:
+    """No such process, or a zombie waiting for whoever adopted it to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_the_parent_watchdog_ends_an_orphaned_process():
+    """A 'server' starts a 'stub' that runs the watchdog, then dies with SIGKILL: the stub,
+    re-parented, exits within a couple of its 0.1 s checks."""
+    stub = ("import time; from csm_triton.triton import adapter; "
+            "adapter.start_parent_watchdog(0.1, force=True); print('watching', flush=True); time.sleep(60)")
+    server = (f"import subprocess, sys, os, signal; stub = subprocess.Popen([sys.executable, '-c', {stub!r}], "
+              "stdout=subprocess.PIPE, text=True); assert stub.stdout.readline().strip() == 'watching'; "
+              "print(stub.pid, flush=True); os.kill(os.getpid(), signal.SIGKILL)")
+    result = subprocess.run([sys.executable, "-c", server], capture_output=True, text=True, timeout=60)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    stub_pid = int(result.stdout.split()[0])
+    # (run() returns once the stub, which shares the stderr pipe, has closed it too.)
+    assert f"stub {stub_pid} exits" in result.stderr
+    deadline = time.monotonic() + 5
+    while not process_gone(stub_pid):
+        assert time.monotonic() < deadline, f"the orphaned stub {stub_pid} is still running"
+        time.sleep(0.05)
+
+
+def test_the_parent_watchdog_starts_only_inside_a_stub():
+    assert "triton_python_backend_utils" not in sys.modules
+    assert triton_adapter.start_parent_watchdog() is None

@@ -16,8 +16,8 @@ import numpy as np
 
 from csm_clients.audio import Reference, Speech
 
-__all__ = ["ADMIN_TOKEN_HEADER", "STREAM_MODEL", "Call", "delete_voice", "detect_watermark", "list_voices", "register_voice",
-           "speech_from", "synthesize", "tts_inputs"]
+__all__ = ["ADMIN_TOKEN_HEADER", "STREAM_MODEL", "Call", "WatermarkScore", "delete_voice", "detect_watermark", "list_voices",
+           "register_voice", "speech_from", "synthesize", "tts_inputs"]
 
 ADMIN_TOKEN_HEADER = "x-csm-admin-token"  # docs/api.md: voice writes need it
 TTS_MODEL = "csm_tts"
@@ -89,7 +89,25 @@ def delete_voice(voice_id: str) -> Call:
     return Call("voice_delete", {"VOICE_ID": _text(voice_id)}, _json_output("DELETED"), admin=True)
 
 
+class WatermarkScore(float):
+    """watermark_detect's SCORE in [0, 1] (compares as a float), with its decision
+    `watermarked` (the server's WATERMARKED: SCORE >= its threshold, docs/api.md)."""
+
+    watermarked: bool
+
+    def __new__(cls, score: float, watermarked: bool) -> "WatermarkScore":
+        value = super().__new__(cls, score)
+        value.watermarked = bool(watermarked)
+        return value
+
+    def __repr__(self) -> str:
+        return f"WatermarkScore({float(self):.4f}, watermarked={self.watermarked})"
+
+    __str__ = float.__repr__  # print() shows the number, as before the decision existed
+
+
 def detect_watermark(audio: np.ndarray, sample_rate: int) -> Call:
     return Call("watermark_detect",
                 {"AUDIO": np.ascontiguousarray(audio, dtype=np.float32), "SAMPLE_RATE": np.array([sample_rate], np.int32)},
-                lambda result: float(result.as_numpy("SCORE")[0]))
+                lambda result: WatermarkScore(float(result.as_numpy("SCORE")[0]),
+                                              bool(result.as_numpy("WATERMARKED")[0])))

@@ -8,8 +8,11 @@
     csm-tts watermark hello.wav
 
 Triton's address: --url, else $CSM_TRITON_URL, else localhost:8001 (gRPC) or :8000
-(--protocol http). Voice writes send $CSM_ADMIN_TOKEN (or --admin-token). Exit codes:
-0 done, 1 a request (or a batch item) failed, 2 bad command line.
+(--protocol http). Voice writes send --admin-token, else $CSM_ADMIN_TOKEN, else the
+file $CSM_ADMIN_TOKEN_FILE names, else make serve's development token
+(build/runtime/admin-token, in a checkout). Exit codes: 0 done, 1 a request (or a
+batch item) failed or was refused (a sampling value outside the server's range is
+refused before it is sent), 2 bad command line.
 """
 
 from __future__ import annotations
@@ -27,14 +30,19 @@ import soundfile
 
 from csm_clients.audio import Reference
 from csm_clients.batch import run_batch
-from csm_clients.client import AsyncVoiceCloner, VoiceCloner
+from csm_clients.client import AsyncVoiceCloner, VoiceCloner, admin_token_from_environment
 from csm_clients.errors import CsmClientError
+from csm_clients.limits import check_sampling
 
 __all__ = ["main"]
 
 
+SAMPLING_OPTIONS = {"temperature": "--temperature", "top_k": "--top-k", "seed": "--seed",
+                    "max_audio_seconds": "--max-audio-seconds"}
+
+
 def _sampling(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in ("temperature", "top_k", "seed", "max_audio_seconds")}
+    return {name: getattr(args, name, None) for name in SAMPLING_OPTIONS}
 
 
 def _save(speech, args: argparse.Namespace) -> None:
@@ -89,7 +97,7 @@ def _voices(cloner: VoiceCloner, args) -> int:
 
 def _watermark(cloner: VoiceCloner, args) -> int:
     score = cloner.detect_watermark(args.audio)
-    print(f"{args.audio}: watermark score {score:.3f}")
+    print(f"{args.audio}: watermark score {score:.3f}, {'watermarked' if score.watermarked else 'not watermarked'}")
     return 0
 
 
@@ -110,8 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--url", default=os.environ.get("CSM_TRITON_URL"),
                         help="Triton host:port (default $CSM_TRITON_URL, else localhost:8001 / :8000 for http)")
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    parser.add_argument("--admin-token", default=os.environ.get("CSM_ADMIN_TOKEN"),
-                        help="for voices add/rm (default $CSM_ADMIN_TOKEN)")
+    parser.add_argument("--admin-token",
+                        help="for voices add/rm (default $CSM_ADMIN_TOKEN, else $CSM_ADMIN_TOKEN_FILE's content, "
+                             "else build/runtime/admin-token from make serve)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -169,10 +178,15 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # An explicit --admin-token, even empty, wins over the environment and the token file.
+    admin_token = args.admin_token if args.admin_token is not None else admin_token_from_environment()
     try:
+        # Refused like the server would, before any conversion: --top-k 2147483648 must
+        # not wrap in INT32, --seed 2**63 not overflow INT64.
+        check_sampling(**_sampling(args), field_names=SAMPLING_OPTIONS)
         if args.command == "batch":
             return _batch(args)
-        with VoiceCloner(args.url, args.protocol, admin_token=args.admin_token, timeout=args.timeout) as cloner:
+        with VoiceCloner(args.url, args.protocol, admin_token=admin_token, timeout=args.timeout) as cloner:
             return args.run(cloner, args)
     except CsmClientError as error:
         print(f"csm-tts: {type(error).__name__}: {error}", file=sys.stderr)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import queue
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Mapping
 
 import numpy as np
@@ -25,10 +27,36 @@ from csm_clients import calls
 from csm_clients.audio import AudioSource, Reference, Speech, read_audio
 from csm_clients.errors import ServerError, from_stream_message, from_triton
 
-__all__ = ["AsyncVoiceCloner", "DEFAULT_URLS", "VoiceCloner"]
+__all__ = ["ADMIN_TOKEN_ENV", "ADMIN_TOKEN_FILE_ENV", "AsyncVoiceCloner", "DEFAULT_URLS",
+           "DEVELOPMENT_TOKEN_FILE", "VoiceCloner", "admin_token_from_environment"]
 
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 DEFAULT_TIMEOUT_S = 300.0  # a long utterance on a busy server; per request
+
+ADMIN_TOKEN_ENV = "CSM_ADMIN_TOKEN"
+ADMIN_TOKEN_FILE_ENV = "CSM_ADMIN_TOKEN_FILE"
+# `make serve` without CSM_ADMIN_TOKEN writes a development token here (mode 0600, beside
+# the voices in the build's runtime folder); relative to the checkout it runs in.
+DEVELOPMENT_TOKEN_FILE = Path("build/runtime/admin-token")
+
+
+def admin_token_from_environment(environ: Mapping[str, str] | None = None) -> str | None:
+    """The admin token for voice writes: $CSM_ADMIN_TOKEN; else the first line of the
+    file $CSM_ADMIN_TOKEN_FILE names; else make serve's development token
+    (build/runtime/admin-token under the current folder) if there is one; else None.
+
+    csm-tts, `python -m csm_clients.gateway` and (through its standard-library mirror,
+    loadtest/workload.py) the load tests look the token up this way. A deployment
+    never has the development file: only `make serve` writes it."""
+    environ = os.environ if environ is None else environ
+    if environ.get(ADMIN_TOKEN_ENV):
+        return environ[ADMIN_TOKEN_ENV]
+    path = Path(environ[ADMIN_TOKEN_FILE_ENV]) if environ.get(ADMIN_TOKEN_FILE_ENV) else DEVELOPMENT_TOKEN_FILE
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return (lines[0].strip() if lines else "") or None
 
 
 def _infer_inputs(module, inputs: Mapping[str, np.ndarray]) -> list:
@@ -132,7 +160,8 @@ class _Calls:
         return self._run(calls.delete_voice(voice_id))
 
     def detect_watermark(self, audio: Speech | np.ndarray | AudioSource, sample_rate: int | None = None):
-        """Watermark score in [0, 1] of a Speech, samples (with `sample_rate`) or an audio file."""
+        """Watermark score in [0, 1] of a Speech, samples (with `sample_rate`) or an audio file:
+        a float with `.watermarked`, the server's decision (calls.WatermarkScore)."""
         if isinstance(audio, Speech):
             audio, sample_rate = audio.audio, audio.sample_rate
         elif not isinstance(audio, np.ndarray):

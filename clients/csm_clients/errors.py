@@ -19,6 +19,9 @@ PERMISSION_DENIED_PREFIX = "permission denied: "
 # errors arrive without a status code (gRPC stream responses carry only a message),
 # so for them this marker is the only way to tell a server fault from a bad input.
 _INTERNAL_ERROR_MARKER = ": internal error ("
+# ... and a model that is down for the moment (a dead stub being recovered) reads
+# "<model>: unavailable (...)": retrying later helps.
+_UNAVAILABLE_MARKER = ": unavailable ("
 
 
 class CsmClientError(Exception):
@@ -48,10 +51,10 @@ class ServerUnavailable(ServerError):
 def _classify(message: str, status: str | None) -> CsmClientError:
     if PERMISSION_DENIED_PREFIX in message:
         return PermissionDenied(message)
+    if status in _UNAVAILABLE or _UNAVAILABLE_MARKER in message:
+        return ServerUnavailable(message, status)
     if status in _INVALID_ARG or (status is None and _INTERNAL_ERROR_MARKER not in message):
         return InvalidRequest(message)
-    if status in _UNAVAILABLE:
-        return ServerUnavailable(message, status)
     return ServerError(message, status)
 
 

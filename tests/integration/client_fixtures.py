@@ -19,6 +19,7 @@ from csm_triton.serving.process import free_ports
 from .conftest import ADMIN_TOKEN
 
 TRANSCRIPT = "The quick brown fox jumps over the lazy dog."
+GATEWAY_API_KEY = "integration-gateway-key"  # what the gateway fixture's voice writes need
 
 
 @dataclass(frozen=True)
@@ -80,5 +81,5 @@ class Gateway:
 
 @pytest.fixture(scope="module")
 def gateway(triton_server):
-    with Gateway(triton_server.grpc_url, admin_token=ADMIN_TOKEN) as running:
+    with Gateway(triton_server.grpc_url, admin_token=ADMIN_TOKEN, api_keys=[GATEWAY_API_KEY]) as running:
         yield running

@@ -94,9 +94,13 @@ def test_voice_writes_without_the_token_are_permission_denied(triton_server, spe
 
 def test_watermark_detection(cloner, speech_clip):
     speech = cloner.synthesize("Marked speech.", max_audio_seconds=1.0, seed=2)
-    assert cloner.detect_watermark(speech) >= 0.9
-    assert cloner.detect_watermark(speech_clip.path) <= 0.1
-    assert cloner.detect_watermark(speech.audio, speech.sample_rate) >= 0.9
+    # The server's decision is the contract (SCORE >= its calibrated threshold, after the
+    # clip's noise floor is removed; docs/api.md), not a particular score.
+    marked = cloner.detect_watermark(speech)
+    assert marked.watermarked and marked >= C.WATERMARK_THRESHOLD
+    clean = cloner.detect_watermark(speech_clip.path)
+    assert not clean.watermarked and clean <= 0.1
+    assert cloner.detect_watermark(speech.audio, speech.sample_rate).watermarked
 
 
 def test_limits_come_from_the_server(cloner, speech_clip, long_clip):
@@ -189,4 +193,4 @@ def test_async_client_many_requests_at_once(triton_server, protocol, speech_clip
     speeches, chunks, listed, score = asyncio.run(run())
     assert [s.audio.size for s in speeches] == [frames_of(0.5)] * 4
     assert sum(chunk.audio.size for chunk in chunks) == frames_of(1.0)
-    assert f"async-{protocol}" in json.dumps(listed) and score >= 0.9
+    assert f"async-{protocol}" in json.dumps(listed) and score.watermarked

@@ -1,5 +1,6 @@
 """The REST gateway (the original system's API on :7860) against the real tritonserver:
-every route, good and bad uploads, and errors as HTTP codes with a JSON message."""
+every route, good and bad uploads, its own API keys for voice writes, form fields
+checked before conversion, and errors as HTTP codes with a JSON message."""
 
 from __future__ import annotations
 
@@ -16,11 +17,12 @@ import soundfile
 from csm_clients import VoiceCloner
 from csm_triton.serving.process import free_ports
 
-from .client_fixtures import Gateway, gateway, long_clip, speech_clip  # noqa: F401 - fixtures
+from .client_fixtures import GATEWAY_API_KEY, Gateway, gateway, long_clip, speech_clip  # noqa: F401 - fixtures
 from .conftest import ADMIN_TOKEN
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
+KEY = {"Authorization": f"Bearer {GATEWAY_API_KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -75,34 +77,36 @@ def test_clone_voice_with_default_voice_upload_and_stored_voice(http, speech_cli
     assert wav_seconds(cloned) == pytest.approx(0.56) and float(cloned.headers["x-audio-seconds"]) == 0.56
 
     stored = http.post("/upload-voice", data={"voice_name": "gateway-voice", "reference_text": speech_clip.transcript},
-                       files=clip_file(speech_clip))
+                       files=clip_file(speech_clip), headers=KEY)
     assert stored.status_code == 200 and stored.json()["voice"]["voice_id"] == "gateway-voice"
     assert "gateway-voice" in {voice["voice_id"] for voice in http.get("/voices").json()["voices"]}
     assert wav_seconds(http.post("/clone-voice", data={**form, "voice_name": "gateway-voice"})) == pytest.approx(0.56)
     refused(http.post("/upload-voice", data={"voice_name": "gateway-voice", "reference_text": "Again."},
-                      files=clip_file(speech_clip)), 400, "gateway-voice")
+                      files=clip_file(speech_clip), headers=KEY), 400, "gateway-voice")
 
-    deleted = http.delete("/voices/gateway-voice")
+    refused(http.delete("/voices/gateway-voice"), 401, "Authorization: Bearer <key>")
+    deleted = http.delete("/voices/gateway-voice", headers=KEY)
     assert deleted.status_code == 200 and deleted.json()["voice"]["voice_id"] == "gateway-voice"
     assert "gateway-voice" not in {voice["voice_id"] for voice in http.get("/voices").json()["voices"]}
-    refused(http.delete("/voices/gateway-voice"), 400, "gateway-voice")
+    refused(http.delete("/voices/gateway-voice", headers=KEY), 400, "gateway-voice")
     refused(http.post("/clone-voice", data={**form, "voice_name": "gateway-voice"}), 400, "unknown voice")
 
 
 def test_bad_uploads_and_forms_are_400_with_a_message(http, speech_clip, long_clip):
     text = {"text": "Hi.", "max_audio_seconds": "0.5"}
     not_audio = {"reference_audio": ("notes.wav", b"these are notes, not audio", "audio/wav")}
-    refused(http.post("/clone-voice", data={**text, "reference_text": "x"}, files=not_audio), 400,
-            "cannot read the reference clip as audio")
-    refused(http.post("/upload-voice", data={"voice_name": "junk", "reference_text": "x"}, files=not_audio), 400,
-            "cannot read the reference clip as audio")
+    named = refused(http.post("/clone-voice", data={**text, "reference_text": "x"}, files=not_audio), 400,
+                    "cannot read the reference clip as audio", "'notes.wav'")
+    assert "BytesIO" not in named
+    refused(http.post("/upload-voice", data={"voice_name": "junk", "reference_text": "x"}, files=not_audio,
+                      headers=KEY), 400, "cannot read the reference clip as audio", "'notes.wav'")
     too_long = {"reference_audio": ("long.flac", long_clip.read_bytes(), "audio/flac")}
     refused(http.post("/clone-voice", data={**text, "reference_text": "x"}, files=too_long), 400, "REFERENCE_AUDIO")
-    refused(http.post("/upload-voice", data={"voice_name": "long", "reference_text": "x"}, files=too_long), 400,
-            "REFERENCE_AUDIO")
+    refused(http.post("/upload-voice", data={"voice_name": "long", "reference_text": "x"}, files=too_long,
+                      headers=KEY), 400, "REFERENCE_AUDIO")
     refused(http.post("/clone-voice", data=text, files=clip_file(speech_clip)), 400, "REFERENCE_TEXT")
-    refused(http.post("/upload-voice", data={"voice_name": "no-transcript"}, files=clip_file(speech_clip)), 400,
-            "reference_text", "Field required")
+    refused(http.post("/upload-voice", data={"voice_name": "no-transcript"}, files=clip_file(speech_clip),
+                      headers=KEY), 400, "reference_text", "Field required")
     refused(http.post("/clone-voice", data={"max_audio_seconds": "0.5"}), 400, "text")
     refused(http.post("/clone-voice", data={**text, "temperature": "0"}), 400, "'TEMPERATURE' must be in")
     refused(http.post("/clone-voice", data={**text, "temperature": "warm"}), 400, "temperature")
@@ -110,17 +114,53 @@ def test_bad_uploads_and_forms_are_400_with_a_message(http, speech_clip, long_cl
     refused(http.post("/clone-voice", data={**text, "voice_name": "x", "reference_text": "x"},
                       files=clip_file(speech_clip)), 400, "not both")
     refused(http.post("/upload-voice", data={"voice_name": "../up", "reference_text": "x"},
-                      files=clip_file(speech_clip)), 400, "VOICE_ID")
+                      files=clip_file(speech_clip), headers=KEY), 400, "VOICE_ID")
 
 
-def test_voice_upload_without_the_gateway_token_is_403(triton_server, speech_clip):
-    with Gateway(triton_server.grpc_url, admin_token=None) as anonymous:
-        response = httpx.post(f"{anonymous.url}/upload-voice", data={"voice_name": "x", "reference_text": "x"},
-                              files=clip_file(speech_clip), timeout=60)
-    refused(response, 403, "permission denied")
-    with Gateway(triton_server.grpc_url, admin_token=None) as anonymous:
-        response = httpx.delete(f"{anonymous.url}/voices/anyone", timeout=60)
-    refused(response, 403, "permission denied")
+@pytest.mark.parametrize("field, value, message", [
+    ("seed", str(2**63), "seed: input 'SEED' must be in [0, 9223372036854775807]"),
+    ("top_k", str(2**31), "top_k: input 'TOP_K' must be in [1, 2048], got 2147483648"),
+    ("top_k", str(10**20), "top_k: input 'TOP_K' must be in [1, 2048]"),
+    ("top_k", "1e20", "top_k: Input should be a valid integer"),
+    ("max_audio_seconds", "1e39", "max_audio_seconds: input 'MAX_AUDIO_SECONDS' must be in (0, 90]"),
+])
+def test_numeric_fields_out_of_range_are_400_naming_the_field_never_a_plain_500(http, field, value, message):
+    response = http.post("/clone-voice", data={"text": "Hi.", "max_audio_seconds": "0.5", field: value})
+    refused(response, 400, message)
+
+
+def test_voice_writes_through_the_gateway_need_its_own_key(triton_server, gateway, speech_clip):
+    form = {"voice_name": "keyed", "reference_text": speech_clip.transcript}
+    for headers, status, message in (({}, 401, "'Authorization: Bearer <key>'"),
+                                     ({"Authorization": "Bearer not-a-key"}, 401, "wrong API key"),
+                                     ({"x-csm-admin-token": ADMIN_TOKEN}, 401, "'Authorization: Bearer <key>'")):
+        response = httpx.post(f"{gateway.url}/upload-voice", data=form, files=clip_file(speech_clip),
+                              headers=headers, timeout=60)
+        refused(response, status, message)
+        assert response.headers["www-authenticate"] == "Bearer"
+    with VoiceCloner(triton_server.grpc_url) as cloner:
+        assert "keyed" not in {voice["voice_id"] for voice in cloner.list_voices()}
+
+
+def test_without_api_keys_configured_voice_writes_are_403_saying_how_to_enable_them(triton_server, speech_clip):
+    with Gateway(triton_server.grpc_url, admin_token=ADMIN_TOKEN) as keyless:
+        upload = httpx.post(f"{keyless.url}/upload-voice", data={"voice_name": "x", "reference_text": "x"},
+                            files=clip_file(speech_clip), headers=KEY, timeout=60)
+        delete = httpx.delete(f"{keyless.url}/voices/anyone", headers=KEY, timeout=60)
+        reads = httpx.get(f"{keyless.url}/voices", timeout=60)
+    for response in (upload, delete):
+        detail = refused(response, 403, "permission denied", "CSM_GATEWAY_API_KEYS=<key>")
+        assert ADMIN_TOKEN not in detail
+    assert reads.status_code == 200
+
+
+def test_a_keyed_write_without_the_admin_token_is_refused_by_triton_with_403(triton_server, speech_clip):
+    with Gateway(triton_server.grpc_url, admin_token=None, api_keys=[GATEWAY_API_KEY]) as tokenless:
+        upload = httpx.post(f"{tokenless.url}/upload-voice", data={"voice_name": "x", "reference_text": "x"},
+                            files=clip_file(speech_clip), headers=KEY, timeout=60)
+        delete = httpx.delete(f"{tokenless.url}/voices/anyone", headers=KEY, timeout=60)
+    refused(upload, 403, "permission denied", "x-csm-admin-token")
+    refused(delete, 403, "permission denied", "x-csm-admin-token")
 
 
 def test_oversized_upload_is_413(triton_server, speech_clip):
@@ -144,12 +184,18 @@ def test_make_gateway_starts_the_module_that_serves_it(triton_server, tmp_path):
     port = free_ports(1)[0]
     dry_run = subprocess.run(["make", "-n", "gateway", f"TRITON_GRPC_URL={triton_server.grpc_url}",
                               f"GATEWAY_PORT={port}"], cwd=ROOT, capture_output=True, text=True, timeout=30)
-    command = next(line for line in dry_run.stdout.splitlines() if "csm_clients.gateway" in line)
+    script = dry_run.stdout.replace("\\\n", " ")  # one command, continued over lines
+    command = next(line for line in script.splitlines() if "csm_clients.gateway" in line)
     assert command.endswith(f"-m csm_clients.gateway --triton-url {triton_server.grpc_url} --port {port}")
+    # No admin token in its environment: it reads the token file make serve writes.
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(ADMIN_TOKEN + "\n")
+    environment = {key: value for key, value in os.environ.items() if key != "CSM_ADMIN_TOKEN"}
+    environment.update(CSM_ADMIN_TOKEN_FILE=str(token_file), CSM_GATEWAY_API_KEYS=GATEWAY_API_KEY)
     log = tmp_path / "gateway.log"
     with open(log, "w") as output:
         process = subprocess.Popen(["bash", "-c", command], cwd=ROOT, stdout=output, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "CSM_ADMIN_TOKEN": ADMIN_TOKEN})
+                                   env=environment)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -160,6 +206,14 @@ def test_make_gateway_starts_the_module_that_serves_it(triton_server, tmp_path):
                 assert process.poll() is None and time.monotonic() < deadline, log.read_text()
                 time.sleep(0.1)
         assert health.status_code == 200 and health.json()["triton"] == triton_server.grpc_url
+        # The admin token came from the file: a keyed write reaches the store (and its
+        # refusal is the store's own "unknown voice", not "permission denied").
+        refused(httpx.delete(f"http://127.0.0.1:{port}/voices/nobody-here", headers=KEY, timeout=30), 400,
+                "unknown voice 'nobody-here'")
+        listening = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True)
+        if listening.returncode == 0:
+            assert f"127.0.0.1:{port}" in listening.stdout and f"0.0.0.0:{port}" not in listening.stdout
     finally:
         process.terminate()
         process.wait(timeout=20)
+    assert "1 API key(s)" in log.read_text()

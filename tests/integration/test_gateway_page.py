@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .client_fixtures import gateway, speech_clip  # noqa: F401 - fixtures
+from .client_fixtures import GATEWAY_API_KEY, gateway, speech_clip  # noqa: F401 - fixtures
 from .conftest import ADMIN_TOKEN
 
 pytestmark = pytest.mark.integration
@@ -59,6 +59,7 @@ def test_upload_a_clip_synthesize_and_play(browser, gateway, speech_clip, triton
 
     # Save the uploaded clip as a voice; the menu then offers and selects it.
     page.fill("#new-name", "browser-voice")
+    page.fill("#api-key", GATEWAY_API_KEY)  # voice writes need a gateway API key
     page.click("#save")
     page.wait_for_function("document.querySelector('#voice').value === 'browser-voice'", timeout=30_000)
     page.click("#speak")

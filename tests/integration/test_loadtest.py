@@ -114,3 +114,16 @@ def test_streaming_benchmark(triton_server, tmp_path):
     for plot in ("latency", "throughput"):
         assert (tmp_path / f"bench_stream_tiny_cpu_{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "noise" in (tmp_path / "bench_stream_tiny_cpu.md").read_text()
+
+
+def test_soak_smoke(triton_server, tmp_path):
+    # A few seconds of the mix against the test server (a remote server to the tool: no
+    # RSS sampling here; `make soak` starts its own and samples every process).
+    run_tool([sys.executable, "-m", "loadtest.soak", *server_arguments(triton_server), "--duration", "6s",
+              "--warmup", "2s", "--clients", "2", "--max-audio-seconds", "0.5", "--out", str(tmp_path)], timeout=180)
+
+    report = json.loads((tmp_path / "soak_tiny_cpu.json").read_text())
+    assert report["failures"] == 0 and report["requests"] >= 2
+    assert sum(kind["requests"] for kind in report["per_kind"].values()) == report["requests"]
+    assert "requests, 0 failures" in (tmp_path / "soak_tiny_cpu.md").read_text()
+    assert loadtest_voices(triton_server) == []  # the soak's own voices are deleted again

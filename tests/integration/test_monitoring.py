@@ -10,12 +10,15 @@ GPU metrics (a GPU machine), they are checked against the scrape like the rest.
 from __future__ import annotations
 
 import json
+import queue
 import re
+import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tritonclient.grpc as grpc
 import tritonclient.http as http
 import yaml
 
@@ -204,7 +207,7 @@ def test_labels_and_models_the_dashboard_filters_on_exist(dashboard, exported, s
 
 def test_engine_metrics_carry_the_model_and_device_labels(exported):
     # One series per engine: with several GPUs, the device label keeps them apart.
-    for name in ("csm_active_streams", "csm_kv_slots_in_use", "csm_kv_slots_total",
+    for name in ("csm_active_streams", "csm_kv_slots_in_use", "csm_kv_slots_total", "csm_requests_waiting",
                  "csm_audio_seconds_total", "csm_generation_seconds_total", "csm_last_real_time_factor",
                  "csm_prefix_cache_hits_total", "csm_prefix_cache_misses_total",
                  "csm_time_to_first_frame_seconds_count"):
@@ -234,3 +237,60 @@ def test_a_stored_voice_misses_the_prefix_cache_once_then_hits_and_first_frames_
     assert grown["csm_prefix_cache_hits_total"] >= 1, grown  # the same voice again
     assert grown["csm_time_to_first_frame_seconds_count"] >= 2, grown
     assert grown["csm_time_to_first_frame_seconds_sum"] > 0, grown
+
+
+CAPACITY = ("csm_kv_slots_in_use", "csm_kv_slots_total", "csm_requests_waiting", "csm_active_streams")
+
+
+def poll(server, until, timeout: float) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Scrapes csm_lm's capacity gauges until `until(values)` holds or `timeout` passes:
+    (the last values, every scrape)."""
+    seen = []
+    deadline = time.monotonic() + timeout
+    while True:
+        values = engine_values(server, CAPACITY)
+        seen.append(values)
+        if until(values) or time.monotonic() > deadline:
+            return values, seen
+        time.sleep(0.2)
+
+
+def test_capacity_gauges_are_live_while_requests_run(triton_server):
+    """More long streams than the cpu profile's 4 KV slots: while they run (not only
+    when one arrives or ends) a scrape shows every slot in use and requests waiting,
+    and once they are cancelled the gauges fall back to idle."""
+    slots = int(engine_values(triton_server, ["csm_kv_slots_total"])["csm_kv_slots_total"])
+    assert slots == 4, "the cpu profile's csm_lm max_slots"
+    streams = []
+    try:
+        for number in range(slots + 3):
+            client = grpc.InferenceServerClient(triton_server.grpc_url)
+            answers: queue.Queue = queue.Queue()
+            client.start_stream(callback=lambda result, error, answers=answers: answers.put(error))
+            inputs = []
+            for name, value, datatype in (("TEXT", np.array([f"Stream {number}, long.".encode()], object), "BYTES"),
+                                          ("MAX_AUDIO_SECONDS", np.array([60.0], np.float32), "FP32")):
+                tensor = grpc.InferInput(name, list(value.shape), datatype)
+                tensor.set_data_from_numpy(value)
+                inputs.append(tensor)
+            client.async_stream_infer("csm_tts_stream", inputs)
+            streams.append((client, answers))
+        def full(v):  # (active = in use + waiting: the three are set together)
+            return (v["csm_kv_slots_in_use"] == slots and v["csm_requests_waiting"] > 0
+                    and v["csm_active_streams"] == slots + v["csm_requests_waiting"])
+
+        values, seen = poll(triton_server, full, timeout=30)
+        assert values["csm_kv_slots_in_use"] == values["csm_kv_slots_total"] == slots, seen[-5:]
+        assert values["csm_requests_waiting"] > 0 and full(values), seen[-5:]
+        # A second later, mid-generation, with nothing arriving or ending: still the truth.
+        time.sleep(1.0)
+        later = engine_values(triton_server, CAPACITY)
+        assert later["csm_kv_slots_in_use"] == slots and later["csm_requests_waiting"] > 0, later
+        errors = [answers.get_nowait() for _, answers in streams if not answers.empty()]
+        assert not [error for error in errors if error is not None], errors
+    finally:
+        for client, _ in streams:
+            client.stop_stream(cancel_requests=True)
+            client.close()
+    idle, seen = poll(triton_server, lambda v: v["csm_active_streams"] == 0, timeout=30)
+    assert idle["csm_kv_slots_in_use"] == idle["csm_requests_waiting"] == idle["csm_active_streams"] == 0, seen[-5:]

@@ -16,7 +16,7 @@ import soundfile
 
 from csm_clients import VoiceCloner
 
-from .client_fixtures import gateway, speak  # noqa: F401 - fixture
+from .client_fixtures import GATEWAY_API_KEY, gateway, speak  # noqa: F401 - fixture
 from .conftest import ADMIN_TOKEN
 
 pytestmark = pytest.mark.integration
@@ -63,7 +63,8 @@ def test_readme_example(index, folder, triton_server, gateway):
         code = code.replace(default, actual)
     before = audio_files(folder)
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "CSM_TRITON_URL": triton_server.grpc_url, "CSM_ADMIN_TOKEN": ADMIN_TOKEN}
+           "CSM_TRITON_URL": triton_server.grpc_url, "CSM_ADMIN_TOKEN": ADMIN_TOKEN,
+           "CSM_GATEWAY_API_KEY": GATEWAY_API_KEY}
     command = ["bash", "-euo", "pipefail", "-c", code] if language == "bash" else [sys.executable, "-c", code]
     result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "Traceback" not in result.stderr, f"{code}\n---\n{result.stdout}{result.stderr}"

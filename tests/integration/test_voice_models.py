@@ -1,13 +1,19 @@
 """Voice profiles against a real tritonserver, over HTTP and gRPC: register real
 speech (espeak-ng), list, delete, the admin token, bad ids and bad audio refused
-clearly, and voices surviving a server restart."""
+clearly, voices surviving a server restart, concurrent registers and deletes answered
+as the store did them, a full disk refused clearly, and python stubs that exit when
+their server is killed."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
+import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -316,3 +322,180 @@ def test_voices_survive_a_restart(http_client, served_repository, speech_24k, tm
         assert listed["survivor"] == registered
     finally:
         delete(p, "survivor")
+
+
+# --- under concurrency, a full disk, a killed server -----------------------------------------
+def test_concurrent_registers_and_deletes_are_answered_as_the_store_did_them(grpc_client, speech_24k, voice_dir,
+                                                                              served_repository):
+    """voice_register and voice_delete are separate processes: racing them on the same
+    ids, every answer is a success or a clear refusal (never INTERNAL, never a server
+    path), and per id successful registers minus successful deletes is what is stored."""
+    p = Protocol("grpc", grpc, grpc_client)  # the gRPC client may be shared by threads
+    ids = ["race-a", "race-b"]
+    answers: dict[str, list[str]] = {voice_id: [] for voice_id in ids}
+
+    def attempt(job: tuple[str, str]) -> tuple[str, str, str]:
+        action, voice_id = job
+        try:
+            if action == "register":
+                register(p, voice_id, speech_24k)
+            else:
+                delete(p, voice_id)
+            return action, voice_id, "ok"
+        except InferenceServerException as error:
+            return action, voice_id, f"{error.status()}: {error.message()}"
+
+    jobs = [(action, voice_id) for _ in range(6) for voice_id in ids for action in ("register", "delete")]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(attempt, jobs))
+    try:
+        for action, voice_id, outcome in results:
+            if outcome != "ok":
+                assert outcome.startswith(f"{INVALID_ARG[p.name]}: "), outcome
+                expected = "already exists" if action == "register" else "unknown voice"
+                assert expected in outcome, outcome
+                assert str(served_repository.parent) not in outcome and "Error" not in outcome, outcome
+            answers[voice_id].append(f"{action} {outcome == 'ok'}")
+        stored = voices(p)
+        for voice_id in ids:
+            registered = answers[voice_id].count("register True")
+            deleted = answers[voice_id].count("delete True")
+            assert registered - deleted == (1 if voice_id in stored else 0), (voice_id, answers[voice_id])
+        left = sorted(path.name for path in voice_dir.iterdir() if path.name.startswith((".race", "race")))
+        assert len(left) == 2 * len([voice_id for voice_id in ids if voice_id in stored]), left
+    finally:
+        for voice_id in ids:
+            if voice_id in voices(p):
+                delete(p, voice_id)
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie: exited
+    except FileNotFoundError:
+        return True
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+SLEEPER_CONFIG = """
+name: "sleeper"
+backend: "python"
+max_batch_size: 0
+input [ { name: "IN" data_type: TYPE_FP32 dims: [ 1 ] } ]
+output [ { name: "OUT" data_type: TYPE_FP32 dims: [ 1 ] } ]
+instance_group [ { count: 2 kind: KIND_CPU } ]
+"""
+SLEEPER_MODEL = """
+import time
+import numpy as np
+from csm_triton.triton.adapter import PythonModel
+
+class TritonPythonModel(PythonModel):
+    def initialize_model(self, args, model_config):
+        pass
+
+    def handle(self, request):
+        time.sleep(120)  # busy when the server dies: the stub's own idle-time check never runs
+        return {"OUT": np.zeros(1, np.float32)}
+"""
+
+
+def test_python_stubs_exit_when_their_tritonserver_is_killed(tmp_path):
+    """Two stubs of one model, one idle and one inside a long request, when tritonserver
+    dies of SIGKILL and its launcher has not reaped it yet: both are gone within seconds.
+
+    Triton's stub checks its parent with kill(pid, 0), which a zombie passes: with a
+    launcher that reaps late (or never), stubs lived on for minutes. Our watchdog sees
+    the re-parenting (getppid) instead, the moment the server dies."""
+    repository = tmp_path / "repository"
+    (repository / "sleeper" / "1").mkdir(parents=True)
+    (repository / "sleeper" / "config.pbtxt").write_text(SLEEPER_CONFIG)
+    (repository / "sleeper" / "1" / "model.py").write_text(SLEEPER_MODEL)
+    log = tmp_path / "killed-tritonserver.log"
+    server = TritonServer(repository, load_models=["sleeper"], ready_models=["sleeper"], log_path=log)
+    with server, ThreadPoolExecutor(max_workers=1) as pool:
+        stubs = _children(server.pid)
+        assert len(stubs) == 2, f"expected 2 python stubs under tritonserver {server.pid}, found {stubs}"
+        client = http.InferenceServerClient(server.http_url, network_timeout=60)
+        pending = pool.submit(client.infer, "sleeper", [tensor(http, "IN", np.zeros(1, np.float32))])
+        time.sleep(1.5)  # the request reached a stub
+        assert not pending.done()
+        os.kill(server.pid, signal.SIGKILL)  # the server alone, not its process group
+        killed = time.monotonic()
+        while not _process_gone(server.pid):  # dead, and left unreaped: a zombie
+            time.sleep(0.01)
+        while running := [pid for pid in stubs if not _process_gone(pid)]:
+            assert time.monotonic() - killed < 8, f"orphaned stubs still running: {running}\n{server.log_tail(20)}"
+            time.sleep(0.1)
+        server.process.wait(timeout=10)
+        with pytest.raises(Exception):
+            pending.result(timeout=30)  # the connection died with the server
+        client.close()
+    assert log.read_text().count("is gone; stub") == 2, "each stub was ended by its watchdog"
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 64 KiB tmpfs where a repository of the voice models keeps its voices."""
+    root = tmp_path / "small"
+    voices_dir = root / "runtime" / "voices"
+    voices_dir.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(voices_dir)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root and mount rights): {mounted.stderr.strip()}")
+    try:
+        yield root, voices_dir
+    finally:
+        subprocess.run(["umount", "-l", str(voices_dir)], capture_output=True)
+
+
+def test_a_full_disk_is_a_clear_refusal_and_leaves_the_store_intact(served_repository, small_disk, speech_24k,
+                                                                    tmp_path):
+    root, voices_dir = small_disk
+    repository = root / "repository"
+    repository.mkdir()
+    for model in ("voice_register", "voice_list"):
+        shutil.copytree(served_repository / model, repository / model)  # their store: root/runtime/voices
+    (repository / "mimi_encoder").symlink_to(served_repository / "mimi_encoder")
+    models = ["voice_register", "voice_list", "mimi_encoder"]
+    server = TritonServer(repository, load_models=models, ready_models=models, strict_readiness=False,
+                          log_path=tmp_path / "small-disk-tritonserver.log",
+                          environment={"CSM_ADMIN_TOKEN": ADMIN_TOKEN})
+    with server:
+        client = http.InferenceServerClient(server.http_url)
+        try:
+            p = Protocol("http", http, client)
+            kept = register(p, "kept", speech_24k)
+            filler = voices_dir / "filler.bin"
+            with open(filler, "wb", buffering=0) as out:  # fill what is left
+                try:
+                    while True:
+                        out.write(b"\0" * 4096)
+                        out.flush()
+                except OSError:
+                    pass
+            before = sorted(os.listdir(voices_dir))
+            message = refused(p, lambda: register(p, "overflow", speech_24k))
+            assert message.startswith("voice store is full (No space left on device)"), message
+            assert "overflow" in message and str(root) not in message and "Errno" not in message
+            assert sorted(os.listdir(voices_dir)) == before, "no temporary, no half-written voice left"
+            assert voices(p) == {"kept": kept}
+            filler.unlink()
+            assert register(p, "overflow", speech_24k)["voice_id"] == "overflow", "room again: it works"
+        finally:
+            client.close()

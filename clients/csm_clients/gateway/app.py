@@ -1,18 +1,26 @@
 """FastAPI app: the original system's routes, each a thin call of AsyncVoiceCloner.
 
-Errors are JSON `{"detail": message}`: 400 for a bad request (the server's own message
-when Triton refused it), 403 for a refused voice write, 413 for an oversized upload,
-502 when Triton failed, 503 when it cannot be reached.
+Voice writes (upload, delete) need one of the gateway's own API keys (`keys.ApiKeys`:
+`Authorization: Bearer <key>`); without keys configured they are refused. Numeric form
+fields are checked against the server's ranges before they become tensors.
+
+Errors are JSON `{"detail": message}`: 400 for a bad request (a field named, or the
+server's own message when Triton refused it), 401 for a missing or wrong API key, 403
+for a refused voice write (no keys configured, or Triton refused the admin token), 413
+for an oversized upload, 502 when Triton failed, 503 when it cannot be reached, and a
+JSON 500 for the gateway's own bug (never a plain-text page).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import time
 from importlib import resources
-from typing import Annotated
+from typing import Annotated, Iterable
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
@@ -20,8 +28,12 @@ from csm_clients.audio import Reference
 from csm_clients.client import AsyncVoiceCloner
 from csm_clients.errors import (CsmClientError, InvalidRequest, PermissionDenied, ServerError,
                                 ServerUnavailable)
+from csm_clients.gateway.keys import ApiKeys, MissingApiKey
+from csm_clients.limits import check_sampling
 
 __all__ = ["DEFAULT_MAX_UPLOAD_MB", "create_app"]
+
+LOG = logging.getLogger("csm_clients.gateway")
 
 DEFAULT_MAX_UPLOAD_MB = 32.0  # the gateway's own guard on memory, not a model limit
 
@@ -30,8 +42,20 @@ class UploadTooLarge(InvalidRequest):
     """An upload over the gateway's max_upload_bytes."""
 
 
-_STATUS = [(UploadTooLarge, 413), (PermissionDenied, 403), (InvalidRequest, 400), (ServerUnavailable, 503),
-           (ServerError, 502)]
+_STATUS = [(UploadTooLarge, 413), (MissingApiKey, 401), (PermissionDenied, 403), (InvalidRequest, 400),
+           (ServerUnavailable, 503), (ServerError, 502)]
+
+
+class _Upload(io.BytesIO):
+    """An upload's bytes, named in libsndfile's errors by the file's name (its message
+    would otherwise show `<_io.BytesIO object at 0x...>`)."""
+
+    def __init__(self, data: bytes, filename: str | None):
+        super().__init__(data)
+        self.filename = filename or "the upload"
+
+    def __repr__(self) -> str:
+        return repr(self.filename)
 
 
 def _status(error: CsmClientError) -> int:
@@ -47,8 +71,13 @@ def _field_errors(error: RequestValidationError) -> str:
 
 
 def create_app(triton_url: str = "localhost:8001", *, admin_token: str | None = None,
+               api_keys: ApiKeys | Iterable[str] | None = None,
                max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 2**20)) -> FastAPI:
+    """admin_token: sent to Triton with voice writes. api_keys: what the gateway's voice
+    writes need from their caller (none: those routes are refused)."""
     state: dict[str, AsyncVoiceCloner] = {}
+    keys = api_keys if isinstance(api_keys, ApiKeys) else ApiKeys(api_keys or ())
+    voice_write = Depends(keys.dependency())
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
@@ -63,17 +92,27 @@ def create_app(triton_url: str = "localhost:8001", *, admin_token: str | None = 
 
     @app.exception_handler(CsmClientError)
     async def client_error(_request: Request, error: CsmClientError):
-        return JSONResponse({"detail": str(error)}, status_code=_status(error))
+        status = _status(error)
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        return JSONResponse({"detail": str(error)}, status_code=status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def gateway_bug(_request: Request, error: Exception):
+        # The traceback goes to the gateway's log (the server re-raises it); the caller
+        # gets JSON without internals.
+        LOG.error("unexpected error in the gateway: %s: %s", type(error).__name__, error)
+        return JSONResponse({"detail": f"the gateway failed ({type(error).__name__}); see its log"},
+                            status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def form_error(_request: Request, error: RequestValidationError):
         return JSONResponse({"detail": _field_errors(error)}, status_code=400)
 
-    async def read_upload(upload: UploadFile) -> bytes:
+    async def read_upload(upload: UploadFile) -> _Upload:
         data = await upload.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise UploadTooLarge(f"'{upload.filename}' is larger than {max_upload_bytes / 2**20:g} MB")
-        return data
+        return _Upload(data, upload.filename)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
@@ -105,33 +144,34 @@ def create_app(triton_url: str = "localhost:8001", *, admin_token: str | None = 
     ):
         """Speak `text` in a stored voice, in the voice of an uploaded clip, or in the
         model's default voice; answers audio/wav."""
+        sampling = {"seed": seed, "temperature": temperature, "top_k": top_k, "max_audio_seconds": max_audio_seconds}
+        check_sampling(**sampling)  # before they become INT32/INT64/FP32 tensors
         voice: str | Reference | None = voice_name or None
         if reference_audio is not None and reference_audio.filename:
             if voice is not None:
                 raise InvalidRequest("give either voice_name or reference_audio, not both")
             voice = Reference.from_file(await read_upload(reference_audio), reference_text)
         started = time.perf_counter()
-        speech = await state["cloner"].synthesize(text, voice=voice, seed=seed, temperature=temperature,
-                                                  top_k=top_k, max_audio_seconds=max_audio_seconds)
+        speech = await state["cloner"].synthesize(text, voice=voice, **sampling)
         return Response(speech.to_wav_bytes(), media_type="audio/wav", headers={
             "Content-Disposition": 'attachment; filename="speech.wav"',
             "X-Audio-Seconds": f"{speech.seconds:.3f}",
             "X-Synthesis-Seconds": f"{time.perf_counter() - started:.3f}",
         })
 
-    @app.post("/upload-voice")
+    @app.post("/upload-voice", dependencies=[voice_write])
     async def upload_voice(
         voice_name: Annotated[str, Form(description="the id to store it under")],
         reference_audio: Annotated[UploadFile, File(description="a clip of the voice (any format)")],
         reference_text: Annotated[str, Form(description="what the clip says")],
     ):
-        """Store a voice for later use by name."""
+        """Store a voice for later use by name (needs a gateway API key)."""
         clip = await read_upload(reference_audio)
         return {"voice": await state["cloner"].register_voice(voice_name, clip, reference_text)}
 
-    @app.delete("/voices/{voice_name}")
+    @app.delete("/voices/{voice_name}", dependencies=[voice_write])
     async def delete_voice(voice_name: str):
-        """Remove a stored voice; answers the removed voice's description."""
+        """Remove a stored voice (needs a gateway API key); answers the removed voice's description."""
         return {"voice": await state["cloner"].delete_voice(voice_name)}
 
     return app

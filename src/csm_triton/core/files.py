@@ -4,21 +4,74 @@ A reader (another Triton instance, a running server mapping a binary, a crash
 recovery) must never see half a file: everything is written to a hidden temporary
 in the target's folder, flushed (and fsync'ed when it must survive a power cut),
 then published with one rename. A failure anywhere removes the temporary.
+
+A writer that is killed cannot remove its temporary, so each temporary's name says
+who wrote it: `.<target>.<host>~<pid>~<random>.tmp`. `stale_temporary` tells a
+leftover (its writer gone from this host, or too old) from a write in flight.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
-__all__ = ["TEMP_PREFIX", "TEMP_SUFFIX", "atomic_copy", "atomic_write", "fsync_directory"]
+__all__ = ["TEMP_PREFIX", "TEMP_SUFFIX", "atomic_copy", "atomic_write", "fsync_directory", "is_temporary",
+           "stale_temporary"]
 
 TEMP_PREFIX = "."  # temporaries are hidden ...
 TEMP_SUFFIX = ".tmp"  # ... and never end in the target's own suffix
+# A temporary older than this is a leftover whoever wrote it (a pid reused by another
+# process, another host's writer): a real write takes milliseconds.
+TEMP_MAX_AGE_S = 600.0
+# The writer part of a temporary's name: host (letters, digits, dashes) ~ pid ~ random.
+_WRITER = re.compile(r"\.([a-z0-9-]{1,24})~(\d+)~[a-z0-9_]+$")
+
+
+def _host_tag() -> str:
+    """This host's name as it goes into temporaries: pids are only comparable on one
+    host (and in one pid namespace, which a container's own host name stands for)."""
+    return re.sub(r"[^a-z0-9-]", "-", socket.gethostname().lower())[:24] or "host"
+
+
+def is_temporary(name: str) -> bool:
+    return name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def stale_temporary(path: str | os.PathLike, *, max_age_s: float = TEMP_MAX_AGE_S,
+                    now: float | None = None) -> bool:
+    """Whether `path` is a temporary of `atomic_write` that nobody will publish: its
+    writer's process is gone from this host, or it is older than max_age_s. False for
+    anything else (and for a file that vanished meanwhile)."""
+    path = Path(path)
+    if not is_temporary(path.name):
+        return False
+    try:
+        age = (time.time() if now is None else now) - path.stat().st_mtime
+    except OSError:
+        return False
+    if age > max_age_s:
+        return True
+    writer = _WRITER.search(path.name[: -len(TEMP_SUFFIX)])
+    if writer is None or writer.group(1) != _host_tag():
+        return False  # an older name or another host's writer: only its age tells
+    return not _process_exists(int(writer.group(2)))
 
 Publish = Callable[[str, Path], None]  # (temporary path, target)
 
@@ -47,8 +100,8 @@ def atomic_write(target: str | os.PathLike, *, durable: bool = True,
     os.replace by default, or e.g. a hard link for an exclusive create.
     """
     target = Path(target)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f"{TEMP_PREFIX}{target.name}.",
-                                         suffix=TEMP_SUFFIX)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=TEMP_SUFFIX,
+                                         prefix=f"{TEMP_PREFIX}{target.name}.{_host_tag()}~{os.getpid()}~")
     try:
         with os.fdopen(handle, "wb") as out:
             yield out

@@ -57,9 +57,54 @@ def audio_codes(codes: np.ndarray, name: str, *, max_frames: int = C.MAX_CODEC_F
         )
     if codes.shape[0] > max_frames:
         raise InvalidInput(f"input '{name}' has {codes.shape[0]} frames; the limit is {max_frames}")
-    if codes.size and (codes.min() < 0 or codes.max() >= C.CODEBOOK_SIZE):
-        raise InvalidInput(f"input '{name}' holds codes outside [0, {C.CODEBOOK_SIZE})")
+    _value_range(codes, name, 0, C.CODEBOOK_SIZE, "codes")
     return codes.astype(np.int64, copy=False)
+
+
+def _value_range(array: np.ndarray, name: str, low: int, high: int, what: str) -> None:
+    if array.size and (array.min() < low or array.max() >= high):
+        raise InvalidInput(
+            f"input '{name}' holds {what} outside [{low}, {high}) (from {array.min()} to {array.max()})"
+        )
+
+
+# --- the codec models' inputs (applied by the embedded onnxruntime backend) ----------------
+def mimi_codes(codes: np.ndarray, name: str) -> np.ndarray:
+    """mimi_decoder's codes, [batch, NUM_CODEBOOKS, frames] (shape and type already checked
+    against the config): 1..MAX_CODEC_FRAMES frames of codes in [0, CODEBOOK_SIZE)."""
+    if codes.dtype.kind not in "iu":
+        raise InvalidInput(f"input '{name}' must be an integer tensor, got {codes.dtype}")
+    frames = codes.shape[-1] if codes.ndim else 0
+    if frames < 1:
+        raise InvalidInput(f"input '{name}' has 0 frames; at least 1 is needed")
+    if frames > C.MAX_CODEC_FRAMES:
+        raise InvalidInput(
+            f"input '{name}' has {frames} frames ({frames / C.FRAME_RATE_HZ:g} s); the limit is "
+            f"{C.MAX_CODEC_FRAMES} frames ({C.MAX_CODEC_SECONDS:g} s)"
+        )
+    _value_range(codes, name, 0, C.CODEBOOK_SIZE, "codes")
+    return codes
+
+
+def mimi_audio(samples: np.ndarray, name: str) -> np.ndarray:
+    """mimi_encoder's audio, [batch, 1, samples] at SAMPLE_RATE: 1..MAX_CODEC_SAMPLES
+    finite samples."""
+    count = samples.shape[-1] if samples.ndim else 0
+    if count < 1:
+        raise InvalidInput(f"input '{name}' holds no samples")
+    if count > C.MAX_CODEC_SAMPLES:
+        raise InvalidInput(
+            f"input '{name}' has {count} samples ({count / C.SAMPLE_RATE:.1f} s at {C.SAMPLE_RATE} Hz); "
+            f"the limit is {C.MAX_CODEC_SECONDS:g} s"
+        )
+    if not np.isfinite(samples).all():
+        raise InvalidInput(f"input '{name}' contains NaN or infinite samples")
+    return samples
+
+
+# The rules a model config can name for an input: `parameters { key: "validate.<input>"
+# value: { string_value: "<rule>" } }` (csm_triton.serving.onnxruntime.session).
+INPUT_RULES = {"mimi_codes": mimi_codes, "mimi_audio": mimi_audio}
 
 
 @dataclass(frozen=True)
@@ -99,7 +144,7 @@ def sampling_parameters(temperature=None, top_k=None, seed=None, max_audio_secon
     if value is not None:
         if not np.isfinite(value) or value <= 0 or value > C.MAX_TEMPERATURE:
             raise InvalidInput(f"input 'TEMPERATURE' must be in (0, {C.MAX_TEMPERATURE:g}], got {value}")
-        params["temperature"] = float(value)
+        params["temperature"] = max(float(value), C.MIN_TEMPERATURE)  # see constants.MIN_TEMPERATURE
     value = _scalar(top_k, "TOP_K")
     if value is not None:
         if not 1 <= int(value) <= C.CODEBOOK_SIZE:

@@ -16,12 +16,23 @@ Several processes (Triton model instances) may share a directory: every `get` an
 the last `_RACY_NS`, where a coarse file-system clock could hide a second change),
 and re-reads only metadata files whose (inode, size, mtime) changed. Within a
 process a lock makes the store thread-safe.
+
+A writer killed mid-registration leaves a temporary or codes no metadata names.
+`sweep` removes them safely while others write (temporaries whose writer is gone or
+that are old, unnamed codes once older than `_ORPHAN_GRACE_S`); it runs at start-up,
+before every registration and, at most every `_SWEEP_INTERVAL_S`, on `list`.
+
+Errors never carry the store's path (clients see them): a full disk or quota is an
+InvalidInput "voice store is full" (the request is refused whole, the store left as
+it was), any other file-system failure a VoiceStoreError naming only the errno.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import logging
 import os
 import threading
 import time
@@ -34,20 +45,43 @@ import numpy as np
 
 from csm_triton import constants as C
 from csm_triton.core import validation
-from csm_triton.core.files import TEMP_PREFIX, TEMP_SUFFIX, atomic_write, fsync_directory
+from csm_triton.core.files import TEMP_PREFIX, atomic_write, fsync_directory, is_temporary, stale_temporary
 from csm_triton.errors import InvalidInput
 
-__all__ = ["Voice", "VoiceStore"]
+__all__ = ["Voice", "VoiceStore", "VoiceStoreError"]
+
+LOG = logging.getLogger(__name__)
 
 _FORMAT_VERSION = 1
 _METADATA_SUFFIX = ".json"
 # A directory changed within this window may change again without its mtime moving
 # (file systems with coarse timestamps): re-scan until it is older than this.
 _RACY_NS = 2_000_000_000
-# Leftovers of a crashed writer (temporaries, codes whose metadata never landed) are
-# removed at start-up once older than this; younger ones may be another process's
-# registration in flight.
-_STALE_SECONDS = 3600.0
+# Codes that no metadata names are removed once older than this: younger ones may be
+# a registration in flight (its codes land milliseconds before its metadata).
+_ORPHAN_GRACE_S = 60.0
+# `list` sweeps at most this often (registrations always do).
+_SWEEP_INTERVAL_S = 30.0
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+class VoiceStoreError(RuntimeError):
+    """A file-system failure of the store other than a full disk: the message names the
+    operation and the errno, never a path (the server log has the whole error)."""
+
+
+@contextlib.contextmanager
+def _file_errors(action: str):
+    """OSError -> InvalidInput (disk full) or VoiceStoreError, without the path."""
+    try:
+        yield
+    except OSError as error:
+        LOG.error("voice store: %s failed: %s", action, error)
+        reason = os.strerror(error.errno) if error.errno else type(error).__name__
+        if error.errno in _DISK_FULL:
+            raise InvalidInput(f"voice store is full ({reason}): could not {action}; nothing was stored. "
+                               "Delete voices or ask the operator to free space.") from None
+        raise VoiceStoreError(f"the voice store could not {action}: {reason} (errno {error.errno})") from error
 
 
 @dataclass(frozen=True)
@@ -105,8 +139,10 @@ class VoiceStore:
         self._entries: dict[str, _Entry] = {}
         self._scanned_mtime_ns: int | None = None
         self._scanned_at_ns = 0
-        self._remove_stale_files()
-        self._refresh(force=True)
+        self._swept_at = 0.0
+        with _file_errors("read the voices"):
+            self.sweep()
+            self._refresh(force=True)
 
     # --- public API ---------------------------------------------------------------------
     def register(self, voice_id: str, codes: np.ndarray, transcript: str, duration_seconds: float,
@@ -135,29 +171,34 @@ class VoiceStore:
             "frames": int(len(codes)),
             "codes_file": codes_name,
         }
-        with self._lock:
+        with self._lock, _file_errors(f"store voice '{voice_id}'"):
             self._refresh()
             if not replace and self._metadata_path(voice_id).exists():
                 raise InvalidInput(f"voice '{voice_id}' already exists; delete it first to register it again")
+            self.sweep()
             self._write_atomic(self.directory / codes_name, lambda handle: np.save(handle, codes, allow_pickle=False))
             try:
                 previous = self._read_metadata_quietly(voice_id) if replace else None
-                self._write_metadata(voice_id, metadata, exclusive=not replace)
+                signature = self._write_metadata(voice_id, metadata, exclusive=not replace)
             except BaseException:
                 (self.directory / codes_name).unlink(missing_ok=True)
                 raise
-            if previous and previous.get("codes_file") != codes_name:
-                self._unlink_codes(previous.get("codes_file"))
-            fsync_directory(self.directory)
+            # Committed: from here on the answer is "registered", whatever else happens
+            # (another process may delete the voice this very moment).
             codes.setflags(write=False)
             voice = Voice(voice_id, transcript, codes, metadata["duration_seconds"], created_at)
-            stat = self._metadata_path(voice_id).stat()
-            self._entries[voice_id] = _Entry(_signature(stat), voice)
+            self._entries[voice_id] = _Entry(signature, voice)
+            try:
+                if previous and previous.get("codes_file") != codes_name:
+                    self._unlink_codes(previous.get("codes_file"))
+                fsync_directory(self.directory)
+            except OSError as error:  # the old codes stay: an orphan the next sweep removes
+                LOG.warning("voice store: cleaning up after registering '%s': %s", voice_id, error)
             return voice
 
     def get(self, voice_id: str) -> Voice:
         voice_id = validation.voice_id(voice_id)
-        with self._lock:
+        with self._lock, _file_errors("read the voices"):
             self._refresh()
             entry = self._entries.get(voice_id)
         if entry is None:
@@ -166,14 +207,16 @@ class VoiceStore:
 
     def list(self) -> list[dict]:
         """Summaries of every voice, sorted by id."""
-        with self._lock:
+        with self._lock, _file_errors("list the voices"):
+            if time.monotonic() - self._swept_at >= _SWEEP_INTERVAL_S:
+                self.sweep()
             self._refresh()
             return [self._entries[key].voice.summary() for key in sorted(self._entries)]
 
     def delete(self, voice_id: str) -> dict:
         """Removes a voice (its metadata first, then its codes); returns its summary."""
         voice_id = validation.voice_id(voice_id)
-        with self._lock:
+        with self._lock, _file_errors(f"delete voice '{voice_id}'"):
             self._refresh()
             metadata = self._read_metadata_quietly(voice_id) or {}
             entry = self._entries.pop(voice_id, None)
@@ -197,9 +240,49 @@ class VoiceStore:
         return True
 
     def __len__(self) -> int:
-        with self._lock:
+        with self._lock, _file_errors("read the voices"):
             self._refresh()
             return len(self._entries)
+
+    def sweep(self) -> list[str]:
+        """Removes what killed writers left (see the module's doc); the names removed.
+
+        Safe while other processes register: a temporary goes only when its writer is
+        gone (or it is old), codes only when no metadata names them and they are older
+        than a registration takes. The metadata is read after the listing, so codes
+        whose registration committed meanwhile are seen as named."""
+        now = time.time()
+        self._swept_at = time.monotonic()
+        candidates, removed = [], []
+        with os.scandir(self.directory) as entries:
+            for item in entries:
+                if is_temporary(item.name):
+                    if stale_temporary(item.path, now=now):
+                        candidates.append(item.name)
+                elif item.name.endswith(".npy") and not item.name.startswith(TEMP_PREFIX):
+                    try:
+                        if now - item.stat().st_mtime > _ORPHAN_GRACE_S:
+                            candidates.append(item.name)
+                    except FileNotFoundError:
+                        continue
+        if not candidates:
+            return removed
+        referenced = self._referenced_codes()
+        for name in candidates:
+            if referenced is None and not is_temporary(name):
+                continue  # some metadata could not be read: its codes may be among these
+            if name in (referenced or ()):
+                continue
+            try:
+                (self.directory / name).unlink()
+                removed.append(name)
+            except FileNotFoundError:  # another process swept it first
+                continue
+            except OSError as error:  # a leftover that cannot go must not fail a request
+                LOG.warning("voice store: cannot remove the leftover %s: %s", name, error)
+        if removed:
+            LOG.info("voice store: removed leftovers of interrupted writes: %s", ", ".join(removed))
+        return removed
 
     # --- files ----------------------------------------------------------------------------
     def _metadata_path(self, voice_id: str) -> Path:
@@ -209,11 +292,16 @@ class VoiceStore:
         with atomic_write(target) as out:
             write(out)
 
-    def _write_metadata(self, voice_id: str, metadata: dict, *, exclusive: bool) -> None:
+    def _write_metadata(self, voice_id: str, metadata: dict, *, exclusive: bool) -> tuple[int, int, int]:
+        """Commits the voice; returns the signature of the file written (taken from the
+        open file: the name may be gone again by the time this returns)."""
         target = self._metadata_path(voice_id)
         data = (json.dumps(metadata, ensure_ascii=False, indent=2) + "\n").encode()
         with atomic_write(target, publish=_link_exclusively(voice_id) if exclusive else os.replace) as out:
             out.write(data)
+            out.flush()
+            signature = _signature(os.fstat(out.fileno()))
+        return signature
 
     def _read_metadata_quietly(self, voice_id: str) -> dict | None:
         try:
@@ -273,20 +361,19 @@ class VoiceStore:
         self._scanned_mtime_ns = stat.st_mtime_ns
         self._scanned_at_ns = now
 
-    def _remove_stale_files(self) -> None:
-        """Leftovers of a writer that crashed long ago: temporaries and unreferenced codes."""
-        cutoff = time.time() - _STALE_SECONDS
+    def _referenced_codes(self) -> set[str] | None:
+        """The codes files every metadata file names; None if one could not be read."""
         referenced = set()
-        for path in self.directory.glob(f"*{_METADATA_SUFFIX}"):
+        with os.scandir(self.directory) as entries:
+            names = [item.name for item in entries
+                     if item.name.endswith(_METADATA_SUFFIX) and not item.name.startswith(TEMP_PREFIX)]
+        for name in names:
             try:
-                referenced.add(json.loads(path.read_text()).get("codes_file"))
-            except (OSError, ValueError, AttributeError):
-                continue
-        for path in self.directory.iterdir():
-            stale_temporary = path.name.startswith(TEMP_PREFIX) and path.name.endswith(TEMP_SUFFIX)
-            orphan_codes = path.suffix == ".npy" and path.name not in referenced
-            try:
-                if (stale_temporary or orphan_codes) and path.stat().st_mtime < cutoff:
-                    path.unlink()
+                codes_file = json.loads((self.directory / name).read_text()).get("codes_file")
+            except (FileNotFoundError, ValueError, AttributeError):
+                continue  # deleted meanwhile, or broken (a whole file that names nothing usable)
             except OSError:
-                continue
+                return None
+            if isinstance(codes_file, str):
+                referenced.add(codes_file)
+        return referenced

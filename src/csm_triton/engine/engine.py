@@ -57,6 +57,10 @@ class EngineConfig:
     prefix_cache_bytes: int = 256 << 20
     max_prefills_per_step: int = 4
     cuda_graphs: bool = True  # on CUDA: capture the frame step per (batch, length) bucket
+    # How often the engine thread hands `on_stats` its counts while it works (and once
+    # each time it goes idle): live capacity gauges for a few calls per second,
+    # whatever the frame rate (a Triton metric update is an IPC round trip).
+    stats_interval_s: float = 0.25
 
 
 class GenerationEngine:
@@ -84,6 +88,9 @@ class GenerationEngine:
         self._stopping = False
         self.frames_generated = 0
         self.steps = 0
+        # Called with stats() from the engine thread (see EngineConfig.stats_interval_s).
+        self.on_stats: Callable[[dict], None] | None = None
+        self._stats_reported_at = 0.0
 
     # --- sizing -----------------------------------------------------------------------
     def _slots_from_memory(self) -> int:
@@ -126,6 +133,7 @@ class GenerationEngine:
         return bool(handles)
 
     def stats(self) -> dict:
+        # No lock: len() of a dict or deque is atomic, and a count a moment old is fine.
         return {
             "slots_total": self.max_slots,
             "slots_in_use": len(self._slots),
@@ -159,6 +167,7 @@ class GenerationEngine:
     # --- the loop ---------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
+            self._report_stats(force=not self.has_work())  # forced on going idle: no stale gauge
             with self._lock:
                 while not self._stopping and not self.has_work():
                     self._lock.wait(timeout=1.0)
@@ -169,6 +178,21 @@ class GenerationEngine:
             except Exception as error:  # noqa: BLE001 - keep serving the next requests
                 LOG.exception("frame step failed")
                 self._finish_all(FinishReason.ERROR, f"generation failed: {type(error).__name__}: {error}")
+
+    def _report_stats(self, *, force: bool = False) -> None:
+        """Hands on_stats the counts at most every stats_interval_s, unless forced. On the
+        engine thread, outside the lock: submit never waits on it. (The receiver skips
+        values it has already set.)"""
+        if self.on_stats is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._stats_reported_at < self.config.stats_interval_s:
+            return
+        self._stats_reported_at = now
+        try:
+            self.on_stats(self.stats())
+        except Exception:  # noqa: BLE001 - metrics must never stop generation
+            LOG.exception("reporting the engine's stats failed")
 
     @torch.inference_mode()
     def step(self) -> int:

@@ -3,28 +3,37 @@
     csm-triton-server prepare [--home DIR]
     csm-triton-server serve --model-repository DIR [--http-port 8000 ...]
     csm-triton-server args --model-repository DIR [--gpu ...]
+    csm-triton-server check [--url localhost:8000] [--stop-server-on-dead-stub]
     csm-triton-server perf-analyzer -- -m MODEL -u localhost:8000 ...
 
 `args` prints the flags `serve` would use, one per line, without the embedded
 install: the container's launch (docker/serve.sh) starts the NGC image's
-tritonserver with them.
+tritonserver with them. `serve` supervises the server it runs (see
+csm_triton.serving.supervisor): tritonserver is started again when it dies, and
+models whose python stub died are reloaded. `check` is the container's healthcheck.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
+from urllib.parse import urlsplit
 
 from csm_triton import constants as C
 from csm_triton.serving.flags import MODEL_CONTROL_MODES, server_arguments
 from csm_triton.serving.install import PrepareError, perf_analyzer_command, prepare, server_environment
-from csm_triton.serving.process import parent_death_signal, remove_shm_regions, shm_region_flag, unique_shm_prefix
+from csm_triton.serving.process import (kill_process_group, parent_death_signal, remove_shm_regions, shm_region_flag,
+                                        unique_shm_prefix)
+from csm_triton.serving.restart import RestartPolicy, ServerRunner
+from csm_triton.serving.stubs import check_server, find_tritonserver
+from csm_triton.serving.supervisor import ModelSupervisor
 
 # --- CLI --------------------------------------------------------------------------------
 def _server_flags(args: argparse.Namespace, *, backend_directory: Path | None,
@@ -48,6 +57,10 @@ def _server_flags(args: argparse.Namespace, *, backend_directory: Path | None,
     )
 
 
+def _log(message: str) -> None:
+    print(f"csm-triton-server: {message}", file=sys.stderr, flush=True)
+
+
 def _serve(args: argparse.Namespace) -> int:
     install = prepare(args.home, perf_analyzer=False)
     shm_prefix = unique_shm_prefix()
@@ -58,27 +71,57 @@ def _serve(args: argparse.Namespace) -> int:
         extra=[shm_region_flag(shm_prefix)],
     )
     print("$ " + " ".join(command), file=sys.stderr, flush=True)
-    process = subprocess.Popen(
-        command, env=server_environment(install), start_new_session=True, preexec_fn=parent_death_signal
-    )
+    environment = server_environment(install)
 
-    def forward(signum, _frame):
-        if process.poll() is None:
-            process.send_signal(signum)
+    def spawn() -> subprocess.Popen:
+        return subprocess.Popen(command, env=environment, start_new_session=True, preexec_fn=parent_death_signal)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    def cleanup(process: subprocess.Popen) -> None:
+        # Stubs of a killed server (its process group) and their /dev/shm regions:
+        # what the next server would otherwise find in its way.
+        pid = getattr(process, "pid", None)
+        if pid:
+            kill_process_group(pid)
+        remove_shm_regions(shm_prefix)
+
+    policy = RestartPolicy(args.restart_delay, args.restart_max_delay, healthy_s=60.0,
+                           max_restarts=None if args.restart else 0)
+    runner = ServerRunner(spawn, policy=policy, cleanup=cleanup, log=_log)
+    supervisor = None
+    if args.supervise_models and args.model_control == "explicit":
+        supervisor = ModelSupervisor.for_embedded(
+            install, args.http_port, lambda: runner.pid, interval_s=args.supervise_interval, log=_log).start()
+
+    def stop(signum, _frame):
+        runner.request_stop(signum)
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        while True:
-            try:
-                code = process.wait()
-                break
-            except KeyboardInterrupt:  # pragma: no cover - the handler replaces it
-                forward(signal.SIGINT, None)
+        code = runner.run()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if supervisor is not None:
+            supervisor.stop()
         remove_shm_regions(shm_prefix)
     return code if code >= 0 else 128 - code
+
+
+def _check(args: argparse.Namespace) -> int:
+    url = args.url if "//" in args.url else f"http://{args.url}"
+    address = urlsplit(url)
+    server_pid = args.server_pid or find_tritonserver(address.port)
+    ready, problems = check_server(address.netloc, server_pid, python_based=args.python_based_backend)
+    if not problems:
+        print("ready" if ready else "not ready")
+        return 0 if ready else 1
+    print("; ".join(problems))
+    if args.stop_server_on_dead_stub and server_pid is not None:
+        # Nothing can reload a model of a static repository (--model-control none):
+        # the container's restart policy brings up a server with live stubs.
+        print(f"stopping tritonserver (pid {server_pid}) so that it is restarted")
+        os.kill(server_pid, signal.SIGTERM)
+    return 1
 
 
 def _args(args: argparse.Namespace) -> int:
@@ -135,8 +178,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.add_argument("--exit-timeout", type=int, default=30, help="seconds to drain on SIGTERM")
     server.add_argument("extra", nargs="*", help="further tritonserver flags, after --")
 
-    s = commands.add_parser("serve", parents=[common, server], help="run tritonserver in the foreground")
+    s = commands.add_parser("serve", parents=[common, server], help="run tritonserver in the foreground, supervised")
+    s.add_argument("--restart", action=argparse.BooleanOptionalAction, default=True,
+                   help="start tritonserver again when it dies without being asked to stop")
+    s.add_argument("--restart-delay", type=float, default=1.0,
+                   help="seconds before the first restart, doubled after each one (reset after a healthy minute)")
+    s.add_argument("--restart-max-delay", type=float, default=30.0)
+    s.add_argument("--supervise-models", action=argparse.BooleanOptionalAction, default=True,
+                   help="with --model-control explicit: reload models whose python stub died or stopped")
+    s.add_argument("--supervise-interval", type=float, default=2.0, help="seconds between two looks at the stubs")
     s.set_defaults(run=_serve)
+
+    c = commands.add_parser(
+        "check", help="healthcheck: exit 0 when the server is ready and every loaded model's python stubs live",
+    )
+    c.add_argument("--url", default=f"localhost:{C.DEFAULT_HTTP_PORT}", help="Triton's HTTP address")
+    c.add_argument("--server-pid", type=int, default=None,
+                   help="tritonserver's pid (default: the tritonserver process of this machine serving --url)")
+    c.add_argument("--python-based-backend", action="append", default=[], metavar="NAME",
+                   help="a backend that runs as python stubs (the embedded server's onnxruntime); repeatable")
+    c.add_argument("--stop-server-on-dead-stub", action="store_true",
+                   help="send tritonserver SIGTERM when a stub is dead, for a restart policy to act on")
+    c.set_defaults(run=_check)
 
     g = commands.add_parser(
         "args", parents=[server],

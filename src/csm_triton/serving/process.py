@@ -19,9 +19,10 @@ from typing import Mapping, Sequence
 
 from csm_triton.serving.flags import server_arguments
 from csm_triton.serving.install import EmbeddedInstall, prepare, server_environment
+from csm_triton.serving.supervisor import ModelSupervisor, log_to_file
 
-__all__ = ["TritonServer", "TritonStartError", "free_ports", "parent_death_signal", "remove_shm_regions",
-           "shm_region_flag", "unique_shm_prefix"]
+__all__ = ["TritonServer", "TritonStartError", "free_ports", "kill_process_group", "parent_death_signal",
+           "remove_shm_regions", "shm_region_flag", "unique_shm_prefix"]
 
 _ENDPOINT_FAILURE = re.compile(r"failed to start (HTTP|GRPC|Metrics) service[^\n]*")
 SHM_PREFIX = "triton_python_backend_shm_region_"
@@ -43,6 +44,15 @@ def remove_shm_regions(prefix: str) -> None:
             os.unlink(path)
         except OSError:  # gone already, or not ours to remove: nothing to clean
             pass
+
+
+def kill_process_group(pgid: int) -> None:
+    """SIGKILL to a server's process group (it and its stubs: started with
+    start_new_session, the group is the server's pid); nothing if it is gone."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 class TritonStartError(RuntimeError):
@@ -118,7 +128,10 @@ class TritonServer:
     exit_timeout is short here (5 s): close HTTP clients, Triton waits for their idle
     keep-alive connections that long. die_with_parent: Linux delivers SIGTERM to the
     server when the *thread* that started it ends, so start long-lived servers from the
-    main thread or pass False.
+    main thread or pass False. supervise_models: once ready, a ModelSupervisor
+    (csm_triton.serving.supervisor) reloads models whose python stub died, every
+    `supervise_interval` seconds, as `csm-triton-server serve` does; it is
+    `self.supervisor` and writes its lines into the server's log.
     """
 
     def __init__(
@@ -144,6 +157,8 @@ class TritonServer:
         die_with_parent: bool = True,
         extra_args: Sequence[str] = (),
         environment: Mapping[str, str] | None = None,
+        supervise_models: bool = False,
+        supervise_interval: float = 2.0,
     ) -> None:
         self.environment = dict(environment or {})
         self.model_repository = Path(model_repository).resolve()
@@ -171,6 +186,9 @@ class TritonServer:
         self.start_seconds: float | None = None
         self.stop_seconds: float | None = None
         self.returncode: int | None = None
+        self.supervise_models = supervise_models
+        self.supervise_interval = supervise_interval
+        self.supervisor = None
 
     # --- addresses ----------------------------------------------------------------------
     @property
@@ -245,6 +263,10 @@ class TritonServer:
             self.stop()
             raise
         self.start_seconds = time.monotonic() - started
+        if self.supervise_models:
+            self.supervisor = ModelSupervisor.for_embedded(
+                self._install, self.http_port, lambda: self.pid, interval_s=self.supervise_interval,
+                log=log_to_file(self.log_path)).start()
         return self
 
     def _spawn(self) -> None:
@@ -322,6 +344,9 @@ class TritonServer:
 
     def stop(self) -> int | None:
         """SIGTERM, SIGKILL after the grace period; idempotent. Returns the exit code."""
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor = None
         if self.process is None:
             return self.returncode
         began = time.monotonic()
@@ -339,17 +364,10 @@ class TritonServer:
                     process.send_signal(signal.SIGTERM)
                     process.wait(timeout=self.stop_grace)
                 except subprocess.TimeoutExpired:
-                    self._kill_group(process.pid)
+                    kill_process_group(process.pid)
                     process.wait(timeout=30)
         finally:
             self._reap(process)
-
-    @staticmethod
-    def _kill_group(pgid: int) -> None:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def _reap(self, process: subprocess.Popen) -> None:
         """After tritonserver exited: stray stubs of its process group, its shm regions."""
@@ -361,7 +379,7 @@ class TritonServer:
             except (ProcessLookupError, PermissionError):
                 break
             if time.monotonic() > deadline:
-                self._kill_group(process.pid)
+                kill_process_group(process.pid)
                 break
             time.sleep(0.1)
         remove_shm_regions(self.shm_prefix)

@@ -19,6 +19,8 @@ import numpy as np
 
 from csm_triton.core import validation
 from csm_triton.errors import InvalidInput, PermissionDenied
+from csm_triton.triton import calls
+from csm_triton.triton.calls import ModelCallError, ModelUnavailable
 from csm_triton.triton.parameters import Parameters, parse_model_config
 
 try:  # Only present inside a Triton python stub.
@@ -29,6 +31,8 @@ except ImportError:  # pragma: no cover - exercised in unit tests without Triton
 LOG = logging.getLogger("csm_triton")
 # Every unexpected failure's message carries this (see error_response).
 INTERNAL_ERROR_MARK = ": internal error ("
+# ...and every "a model this one calls cannot answer now" (ModelUnavailable) this.
+UNAVAILABLE_MARK = ": unavailable ("
 
 __all__ = ["InvalidInput", "PermissionDenied", "PythonModel", "input_array", "input_texts", "request_parameters"]
 
@@ -104,6 +108,12 @@ def error_response(error: BaseException, model_name: str):
         return pb_utils.InferenceResponse(
             error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)
         )
+    if isinstance(error, ModelUnavailable):
+        # A server fault the client did not cause and may retry (HTTP 503, gRPC
+        # UNAVAILABLE); the model supervisor is reloading the model meanwhile.
+        return pb_utils.InferenceResponse(
+            error=pb_utils.TritonError(f"{model_name}{UNAVAILABLE_MARK}{error})", pb_utils.TritonError.UNAVAILABLE)
+        )
     # Anything else is our bug: log the traceback on the server, tell the client
     # only what failed.
     log_error(f"{model_name}: unexpected error\n{''.join(traceback.format_exception(error))}")
@@ -118,6 +128,7 @@ class PythonModel:
     model_name = "model"
 
     def initialize(self, args):
+        start_parent_watchdog()
         self.model_config = parse_model_config(args)
         self.model_name = args.get("model_name", self.model_name)
         self.parameters = Parameters(self.model_config, self.model_name)
@@ -143,30 +154,39 @@ class PythonModel:
 
 
 # --- BLS: calling other models of the same server ------------------------------------
-class ModelCallError(RuntimeError):
-    """A model called through BLS answered an error."""
-
-
+# Each call is awaited with a deadline and a readiness check (csm_triton.triton.calls):
+# a request to a python stub that dies is never answered in Triton 2.51.
 def _bls_request(model_name: str, inputs: Mapping[str, np.ndarray], output_names, parameters=None,
-                 request_id: str = ""):
+                 request_id: str = "", timeout_s: float = calls.BLS_TIMEOUT_S):
     tensors = [pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in inputs.items()]
     kwargs = {"parameters": parameters} if parameters else {}
     if request_id:
         kwargs["request_id"] = request_id
+    # `timeout` (microseconds) bounds only the wait in a dynamic batcher's queue whose
+    # policy allows overrides; the caller's own wait is PendingCall's.
     return pb_utils.InferenceRequest(
-        model_name=model_name, inputs=tensors, requested_output_names=list(output_names), **kwargs
+        model_name=model_name, inputs=tensors, requested_output_names=list(output_names),
+        timeout=int(timeout_s * 1e6), **kwargs,
     )
 
 
 def _raise_error(response, model_name: str) -> None:
     error = response.error()
     message = error.message()
+    code = error.code()
     # A client error of the called model stays a client error of the caller. Triton
     # 2.51 hands BLS callers every error as INTERNAL (the code is lost on the way), so
-    # our own models' failures are told apart by the mark error_response puts on them.
-    if error.code() == pb_utils.TritonError.INVALID_ARG or INTERNAL_ERROR_MARK not in message:
-        raise InvalidInput(message)
-    raise ModelCallError(f"{model_name}: {message}")
+    # our own models' failures are told apart by the marks error_response puts on them,
+    # and Triton's own "cannot take it now" errors by their words.
+    if UNAVAILABLE_MARK in message:  # already names the model that failed
+        raise ModelUnavailable(message)
+    if code == pb_utils.TritonError.UNAVAILABLE:
+        raise ModelUnavailable(f"{model_name}: {message}")
+    if INTERNAL_ERROR_MARK in message and code != pb_utils.TritonError.INVALID_ARG:
+        raise ModelCallError(f"{model_name}: {message}")
+    if code != pb_utils.TritonError.INVALID_ARG and calls.says_unavailable(message):
+        raise ModelUnavailable(f"{model_name}: {message}")
+    raise InvalidInput(message)
 
 
 def _outputs(response, model_name: str, output_names) -> dict[str, np.ndarray]:
@@ -175,23 +195,47 @@ def _outputs(response, model_name: str, output_names) -> dict[str, np.ndarray]:
     return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in output_names}
 
 
+def _model_ready(model_name: str) -> bool:
+    try:
+        return bool(pb_utils.is_model_ready(model_name))
+    except Exception:  # noqa: BLE001 - a failed question is no answer: keep waiting
+        return True
+
+
 def call_model(model_name: str, inputs: Mapping[str, np.ndarray], output_names,
-               parameters: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
-    """One request to a non-decoupled model; raises ModelCallError on its error."""
-    response = _bls_request(model_name, inputs, output_names, parameters).exec()
+               parameters: Mapping[str, Any] | None = None, *,
+               timeout_s: float = calls.BLS_TIMEOUT_S) -> dict[str, np.ndarray]:
+    """One request to a non-decoupled model. Raises InvalidInput for its client error,
+    ModelUnavailable when it cannot answer (see calls.BLS_TIMEOUT_S), else ModelCallError."""
+    request = _bls_request(model_name, inputs, output_names, parameters, timeout_s=timeout_s)
+    pending = calls.PendingCall(model_name, lambda: (request.exec(),), timeout_s, ready=_model_ready)
+    try:
+        response = pending.next()
+    except StopIteration:  # pragma: no cover - exec() always answers once
+        raise ModelCallError(f"{model_name}: no response") from None
     return _outputs(response, model_name, output_names)
 
 
 def stream_model(model_name: str, inputs: Mapping[str, np.ndarray], output_names,
-                 parameters: Mapping[str, Any] | None = None, request_id: str = ""):
-    """Responses of a decoupled model, one dict per non-empty response."""
-    request = _bls_request(model_name, inputs, output_names, parameters, request_id)
-    for response in request.exec(decoupled=True):
-        if response.has_error():
-            _raise_error(response, model_name)
-        if not response.output_tensors():  # the empty final response
-            continue
-        yield _outputs(response, model_name, output_names)
+                 parameters: Mapping[str, Any] | None = None, request_id: str = "", *,
+                 timeout_s: float = calls.BLS_TIMEOUT_S):
+    """Responses of a decoupled model, one dict per non-empty response; timeout_s
+    bounds the wait for each response, not the whole stream."""
+    request = _bls_request(model_name, inputs, output_names, parameters, request_id, timeout_s=timeout_s)
+    pending = calls.PendingCall(model_name, lambda: request.exec(decoupled=True), timeout_s, ready=_model_ready)
+    try:
+        while True:
+            try:
+                response = pending.next()
+            except StopIteration:
+                return
+            if response.has_error():
+                _raise_error(response, model_name)
+            if not response.output_tensors():  # the empty final response
+                continue
+            yield _outputs(response, model_name, output_names)
+    finally:
+        pending.close()
 
 
 # --- decoupled models: responses sent as they come -----------------------------------
@@ -289,3 +333,37 @@ class RunningTotal:
             if total > self._counted:
                 self._counter.increment(total - self._counted)
                 self._counted = total
+
+
+# --- a stub must not outlive its server ----------------------------------------------
+_watchdog: threading.Thread | None = None
+
+
+def start_parent_watchdog(interval_s: float = 1.0, *, force: bool = False) -> threading.Thread | None:
+    """Ends this python stub (os._exit) once the tritonserver that started it is gone.
+
+    Triton's stub checks its parent with kill(pid, 0), which a dead but unreaped server
+    (a zombie) passes: orphans lived for minutes, ignoring SIGTERM. An orphan is
+    re-parented, so a changed os.getppid() is the sign. (Not PR_SET_PDEATHSIG: that fires
+    when the server *thread* that forked the stub ends.) One daemon thread per process,
+    started by PythonModel.initialize, only inside a stub unless `force` (tests)."""
+    import os
+    import sys
+    import time
+
+    global _watchdog
+    if _watchdog is not None or not (force or "triton_python_backend_utils" in sys.modules):
+        return _watchdog
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        try:  # not pb_utils.Logger: that is a message to the server, which is gone
+            os.write(2, f"csm_triton: tritonserver (pid {parent}) is gone; stub {os.getpid()} exits\n".encode())
+        finally:
+            os._exit(1)
+
+    _watchdog = threading.Thread(target=watch, name="csm-parent-watchdog", daemon=True)
+    _watchdog.start()
+    return _watchdog

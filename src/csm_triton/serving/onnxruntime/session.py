@@ -11,17 +11,25 @@ What the native backend does and this one copies:
   (models with external data);
 - inputs and outputs are mapped by name; config and model must agree on names,
   data types and ranks, otherwise loading fails with the mismatch spelled out;
-- `parameters { key: "intra_op_thread_count" / "inter_op_thread_count" }` set
-  the session's threads;
+- `parameters`: `intra_op_thread_count` / `inter_op_thread_count` (threads),
+  `enable_mem_arena` / `enable_mem_pattern` ("0"/"1"), `memory.enable_memory_arena_shrinkage`
+  (e.g. "cpu:0", a run option), and for the CUDA provider `arena_extend_strategy` ("0"
+  kNextPowerOfTwo, "1" kSameAsRequested) and `gpu_mem_limit`, as the native backend reads them;
 - with `max_batch_size > 0` the first dimension is the batch: the requests the
   dynamic batcher hands over together, if their other dimensions agree, run as
   ONE `session.run` on the concatenation and the results are split back.
+
+What only this backend does: `parameters { key: "validate.<input>" value: { string_value:
+RULE } }` applies a rule of `csm_triton.core.validation.INPUT_RULES` to that input
+of every request (value ranges and lengths: INVALID_ARG naming the input instead of
+an ONNX Runtime error naming graph nodes). The native backend ignores the key.
 
 No Triton import here: plain numpy in and out, testable without a server.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 from dataclasses import dataclass
@@ -32,7 +40,7 @@ import numpy as np
 
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
-from csm_triton.core.validation import decode_utf8
+from csm_triton.core.validation import INPUT_RULES, decode_utf8
 from csm_triton.errors import InvalidInput
 from csm_triton.triton.parameters import Parameters
 
@@ -40,6 +48,9 @@ __all__ = ["OnnxSession", "TensorSpec", "model_file", "tensor_specs"]
 
 LOG = logging.getLogger("csm_triton.onnxruntime")
 DEFAULT_MODEL_FILENAME = "model.onnx"
+# After runs whose inputs and outputs held this much (~10 s of audio), free heap pages
+# are handed back (malloc_trim); smaller runs, such as stream chunks, skip the cost.
+TRIM_AFTER_BYTES = 1 << 20
 
 ONNX_TO_TRITON = {
     "tensor(bool)": "TYPE_BOOL",
@@ -139,13 +150,7 @@ class OnnxSession:
     Plain numpy in and out, so that it is testable without Triton.
     """
 
-    def __init__(
-        self,
-        path: Path | str,
-        model_config: Mapping[str, Any],
-        *,
-        device: str = "cpu",
-    ) -> None:
+    def __init__(self, path: Path | str, model_config: Mapping[str, Any], *, device: str = "cpu") -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -168,16 +173,25 @@ class OnnxSession:
         options.inter_op_num_threads = inter or 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.log_severity_level = 3
+        # Memory, as the native backend reads it. With the CPU arena on, the largest
+        # request's buffers stay reserved by the process after it ends.
+        options.enable_cpu_mem_arena = _switch(parameters, "enable_mem_arena", options.enable_cpu_mem_arena)
+        options.enable_mem_pattern = _switch(parameters, "enable_mem_pattern", options.enable_mem_pattern)
+        self.run_options = ort.RunOptions()
+        shrinkage = parameters.text("memory.enable_memory_arena_shrinkage")
+        if shrinkage:
+            self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", shrinkage)
 
         providers: list[Any] = ["CPUExecutionProvider"]
         if device.startswith("cuda"):
             if "CUDAExecutionProvider" in ort.get_available_providers():
-                providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(device.partition(":")[2] or 0)}))
+                providers.insert(0, ("CUDAExecutionProvider", _cuda_options(parameters, device)))
             else:
                 LOG.warning(f"{self.name}: KIND_GPU instance but onnxruntime has no CUDA provider; running on the CPU")
         self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
         self.threads = (options.intra_op_num_threads, options.inter_op_num_threads)
         self._check_against_model()
+        self.rules = _input_rules(self.name, self.inputs, model_config.get("parameters") or {})
 
     # --- load-time checks -----------------------------------------------------------
     def _check_against_model(self) -> None:
@@ -260,7 +274,8 @@ class OnnxSession:
                         f"input '{spec.name}' has batch size {shape[0]}, but another input has {batch}"
                     )
                 batch = shape[0]
-            feed[spec.name] = array
+            rule = self.rules.get(spec.name)
+            feed[spec.name] = rule(array, spec.name) if rule else array
         return feed
 
     def _describe(self, spec: TensorSpec) -> str:
@@ -278,7 +293,7 @@ class OnnxSession:
     # --- running --------------------------------------------------------------------
     def run(self, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [spec.name for spec in self.outputs]
-        values = self.session.run(names, dict(feed))
+        values = self.session.run(names, dict(feed), self.run_options)
         return dict(zip(names, values))
 
     def run_many(self, feeds: Sequence[Mapping[str, np.ndarray] | BaseException]) -> list[dict[str, np.ndarray] | BaseException]:
@@ -311,6 +326,8 @@ class OnnxSession:
                     results[index] = self.run(feeds[index])
                 except Exception as error:  # noqa: BLE001 - becomes that request's error
                     results[index] = error
+        if sum(_tensor_bytes(item) for item in [*feeds, *results]) >= TRIM_AFTER_BYTES:
+            _release_free_memory()
         return results  # type: ignore[return-value]
 
     def _run_concatenated(self, batch: Sequence[Mapping[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
@@ -326,6 +343,54 @@ class OnnxSession:
         cuts = np.cumsum(sizes)[:-1]
         split = {name: np.split(value, cuts, axis=0) for name, value in outputs.items()}
         return [{name: parts[i] for name, parts in split.items()} for i in range(len(batch))]
+
+
+def _input_rules(model: str, inputs: Sequence[TensorSpec], entries: Mapping[str, Any]) -> dict[str, Any]:
+    """The `validate.<input>` parameters as {input name: rule}; a bad one fails the load."""
+    names = {spec.name for spec in inputs}
+    rules = {}
+    for key, entry in entries.items():
+        if key.startswith("validate."):
+            name, rule = key.partition(".")[2], str(entry.get("string_value", "")).strip()
+            if name not in names or rule not in INPUT_RULES:
+                raise ValueError(f"model '{model}': config parameter '{key}' must name an input of the config "
+                                 f"({', '.join(sorted(names))}) and one of {', '.join(sorted(INPUT_RULES))}, "
+                                 f"got {rule!r}")
+            rules[name] = INPUT_RULES[rule]
+    return rules
+
+
+def _tensor_bytes(tensors: Mapping[str, np.ndarray] | BaseException | None) -> int:
+    return sum(array.nbytes for array in tensors.values()) if isinstance(tensors, Mapping) else 0
+
+
+try:
+    _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+except (OSError, AttributeError):  # pragma: no cover - not glibc
+    _MALLOC_TRIM = None
+
+
+def _release_free_memory() -> None:
+    """Hand the heap's free pages back to the system. Even without the arena, glibc
+    keeps what a long request freed (a 120 s decode left ~60 MB more resident)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def _switch(parameters: Parameters, name: str, default: bool) -> bool:
+    """An on/off parameter as the native backend parses it ("1"/"0", "true"/"false")."""
+    value = parameters.choice(name, ("0", "1", "true", "false"), "1" if default else "0")
+    return value in ("1", "true")
+
+
+def _cuda_options(parameters: Parameters, device: str) -> dict[str, str]:
+    options = {"device_id": device.partition(":")[2] or "0"}
+    strategy = parameters.choice("arena_extend_strategy", ("0", "1"), "0")
+    options["arena_extend_strategy"] = ("kNextPowerOfTwo", "kSameAsRequested")[int(strategy)]
+    limit = parameters.integer("gpu_mem_limit", None, minimum=1)
+    if limit is not None:
+        options["gpu_mem_limit"] = str(limit)
+    return options
 
 
 def _batch_size(feed: Mapping[str, np.ndarray]) -> int:

@@ -9,6 +9,7 @@ slot freed.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -46,11 +47,11 @@ def engine_from_config(model_dir: Path, parameters: Parameters, device: str) -> 
 class LanguageModel(triton.DecoupledModel):
     def initialize_model(self, args, model_config):
         self.engine = engine_from_config(Path(triton.model_directory(args)), self.parameters, instance_device(args))
-        self.engine.start()
         # The families must outlive their metrics: keep them on the model.
         self.metrics = metrics = triton.Metrics(self.model_name, device=str(self.engine.lm.device))
         self.active_streams = metrics.gauge("csm_active_streams", "Requests being generated or waiting")
         self.slots_in_use = metrics.gauge("csm_kv_slots_in_use", "KV-cache slots holding a request")
+        self.requests_waiting = metrics.gauge("csm_requests_waiting", "Requests waiting for a free KV-cache slot")
         self.slots_total = metrics.gauge("csm_kv_slots_total", "KV-cache slots of the engine")
         self.audio_seconds = metrics.counter("csm_audio_seconds_total", "Seconds of audio generated")
         self.generation_seconds = metrics.counter(
@@ -65,13 +66,24 @@ class LanguageModel(triton.DecoupledModel):
             "csm_time_to_first_frame_seconds", "From a request's arrival (queueing included) to its first frame",
             TIME_TO_FIRST_FRAME_BUCKETS)
         self.slots_total.set(self.engine.max_slots)
+        # Live gauges: the engine thread reports its counts while it works (a few times a
+        # second) and when it goes idle, not only when a request arrives or ends.
+        self._gauge_lock = threading.Lock()
+        self._gauges: tuple[int, int] | None = None
+        self.engine.on_stats = self._update_engine_metrics
+        self.engine.start()
         triton.log_info(f"{self.model_name}: engine on {self.engine.lm.device} ({self.engine.lm.dtype}), "
                         f"{self.engine.max_slots} KV slots of {self.engine.max_context} positions")
 
-    def _update_engine_metrics(self) -> None:
-        stats = self.engine.stats()
-        self.active_streams.set(stats["slots_in_use"] + stats["waiting"])
-        self.slots_in_use.set(stats["slots_in_use"])
+    def _update_engine_metrics(self, stats: dict | None = None) -> None:
+        stats = stats or self.engine.stats()
+        gauges = (stats["slots_in_use"], stats["waiting"])
+        with self._gauge_lock:  # called by the engine thread and by a finishing request
+            if gauges != self._gauges:  # each set is an IPC call to the server: only changes
+                self._gauges = gauges
+                self.active_streams.set(sum(gauges))
+                self.slots_in_use.set(gauges[0])
+                self.requests_waiting.set(gauges[1])
         self.prefix_hits.update(stats["prefix_cache_hits"])
         self.prefix_misses.update(stats["prefix_cache_misses"])
 
@@ -108,8 +120,7 @@ class LanguageModel(triton.DecoupledModel):
                 if chunk.finished:
                     self._update_engine_metrics()
 
-        self.engine.submit(generation, callback=deliver)
-        self._update_engine_metrics()
+        self.engine.submit(generation, callback=deliver)  # the engine thread reports the new counts
 
     def _record(self, frames: int, seconds: float) -> None:
         audio = frames / C.FRAME_RATE_HZ

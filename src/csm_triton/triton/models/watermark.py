@@ -47,12 +47,14 @@ class WatermarkModel(triton.PythonModel):
 
 
 class WatermarkDetectModel(triton.PythonModel):
-    """AUDIO [samples] at SAMPLE_RATE [1] -> SCORE [1]: Perth's confidence in [0, 1]."""
+    """AUDIO [samples] at SAMPLE_RATE [1] -> SCORE [1] in [0, 1], WATERMARKED [1]
+    (SCORE >= WATERMARK_THRESHOLD); the rule is `core.watermark.Detection`'s."""
 
     def initialize_model(self, args, model_config):
         self.watermarker = _load_watermarker(args, self.model_name)
 
     def handle(self, request):
         sample_rate = validation.input_sample_rate(triton.input_array(request, "SAMPLE_RATE"), "SAMPLE_RATE")
-        score = self.watermarker.detect(triton.input_array(request, "AUDIO"), sample_rate, name="AUDIO")
-        return {"SCORE": np.array([score], dtype=np.float32)}
+        detection = self.watermarker.detect(triton.input_array(request, "AUDIO"), sample_rate, name="AUDIO")
+        return {"SCORE": np.array([detection.score], dtype=np.float32),
+                "WATERMARKED": np.array([detection.watermarked], dtype=np.bool_)}

@@ -1,0 +1,253 @@
+"""A front for Triton's KServe v2 HTTP API that refuses, with a 4xx, what Triton 2.51
+itself mishandles, and forwards everything else to Triton's HTTP port unchanged.
+
+    python -m csm_clients.gateway.kserve_front --triton-http localhost:8000 --port 8080
+
+Triton 2.51 allocates a JSON input's buffer from its *declared* shape before reading
+the data: `"shape": [1099511627776]` in an ~80-byte body aborts the whole server
+(std::bad_alloc), `[2147483648]` holds 8 GB for seconds; wrongly typed JSON (a BYTES
+input sent as INT16 numbers, a string in `parameters.priority`) answers 500, and
+integers wider than the input's type wrap silently. Here every /infer and /generate
+body is checked against the model's config (fetched from Triton, cached) first:
+known input names, the config's datatype, rank and fixed dims, the batch size, every
+input's element count (declared shape = data given, at most `max_elements`), each
+JSON value's type and range, the binary extension's sizes, the body's size. Refusals
+are Triton's own error shape, `{"error": "..."}`. Shared memory is not offered.
+
+Routes: GET /v2, /v2/health/{live,ready}, /v2/models/{m}[/versions/{v}][/ready,
+/config, /stats]; POST .../infer, .../generate, .../generate_stream. Nothing else of
+Triton's API (repository load/unload, shared memory, trace, logging) is reachable.
+With `--triton-header NAME=KEY` and tritonserver's `--http-restricted-api=inference:NAME=KEY`
+only the front gets through to Triton's inference routes (docs/deploy.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import time
+import zlib
+from typing import Iterable, Mapping
+from urllib.parse import quote
+
+import httpx
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from csm_clients.gateway.kserve_checks import (DEFAULT_MAX_ELEMENTS, ModelSpec, Refused, check_generate,
+                                               check_infer, parse_json)
+
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "KServeFront", "create_front", "main"]
+
+# 64 MiB, the default of the --http-max-input-size that later Triton releases added:
+# 120 s of 24 kHz FP32 audio is 11.5 MB in binary, ~60 MB as JSON text.
+DEFAULT_MAX_BODY_BYTES = 64 * 2**20
+DEFAULT_CONFIG_TTL_S = 60.0
+DEFAULT_TIMEOUT_S = 300.0  # a long utterance on a busy server
+TRITON_HEADER_ENV = "CSM_FRONT_TRITON_HEADER"
+
+
+def _error(refused: Refused) -> JSONResponse:
+    return JSONResponse({"error": str(refused)}, status_code=refused.status)
+
+
+# Not passed on: hop-by-hop headers, the body's framing (the front may inflate it) and
+# Accept-Encoding (Triton answers uncompressed, so the answer is relayed byte for byte).
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length",
+               "content-encoding", "accept-encoding", "proxy-authorization", "proxy-connection"}
+_PASSED_BACK = ("content-type", "inference-header-content-length")
+
+
+class KServeFront:
+    """The routes, the cached model specs and the connection to Triton's HTTP port."""
+
+    def __init__(self, triton_http_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 max_elements: int = DEFAULT_MAX_ELEMENTS, config_ttl_s: float = DEFAULT_CONFIG_TTL_S,
+                 timeout_s: float = DEFAULT_TIMEOUT_S, triton_headers: Mapping[str, str] | None = None,
+                 models: Iterable[str] | None = None, transport: httpx.AsyncBaseTransport | None = None):
+        self.base_url = triton_http_url if "://" in triton_http_url else f"http://{triton_http_url}"
+        self.max_body_bytes, self.max_elements, self.config_ttl_s = max_body_bytes, max_elements, config_ttl_s
+        self.timeout = httpx.Timeout(timeout_s, connect=5.0)
+        # Sent with every request, over the client's: the key of tritonserver's
+        # --http-restricted-api=inference:<name>=<key>, so only the front gets through.
+        self.triton_headers = {k.lower(): v for k, v in (triton_headers or {}).items()}
+        self.models = frozenset(models) if models is not None else None  # None: every model Triton serves
+        self._transport = transport  # tests: a fake Triton
+        self._client: httpx.AsyncClient | None = None  # made in the serving event loop
+        self._specs: dict[str, tuple[float, ModelSpec]] = {}
+        self.router = APIRouter()
+        for path in ("/v2", "/v2/health/live", "/v2/health/ready"):
+            self.router.add_api_route(path, self._forward_get, methods=["GET"], include_in_schema=False)
+        for model in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+            for tail in ("", "/ready", "/config", "/stats"):
+                self.router.add_api_route(model + tail, self._forward_get, methods=["GET"], include_in_schema=False)
+            for tail in ("/infer", "/generate", "/generate_stream"):
+                self.router.add_api_route(model + tail, self._inference, methods=["POST"], include_in_schema=False)
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout, transport=self._transport,
+                                             headers={"accept-encoding": "identity"})
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def _triton_path(self, request: Request) -> str:
+        """Triton's path for a request: its route's template, filled in (quoted)."""
+        template = request.scope["route"].path
+        version, model = request.path_params.get("version"), request.path_params.get("model")
+        if version is not None and not version.isdigit():
+            raise Refused(f"a model version is a number, got '{version[:40]}'", 404)
+        if model is not None and self.models is not None and model not in self.models:
+            raise Refused(f"model '{model[:80]}' is not served by this front", 404)
+        model = quote(model or "", safe="")
+        return template[template.index("/v2"):].format(model=model, version=version)
+
+    def _headers(self, request: Request) -> dict[str, str]:
+        passed = {k.lower(): v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        return {**passed, **self.triton_headers}
+
+    async def _send(self, method: str, path: str, request: Request, body: bytes | None = None, *,
+                    stream: bool = False):
+        try:
+            sent = self.client.build_request(method, path, params=request.query_params,
+                                             headers=self._headers(request), content=body)
+            upstream = await self.client.send(sent, stream=stream)
+        except httpx.TimeoutException:
+            raise Refused(f"Triton at {self.base_url} did not answer in time", 504) from None
+        except httpx.HTTPError as error:
+            raise Refused(f"Triton at {self.base_url} is not reachable ({type(error).__name__})", 503) from None
+        headers = {k: v for k, v in upstream.headers.items() if k.lower() in _PASSED_BACK}
+        if not stream:
+            return Response(upstream.content, status_code=upstream.status_code, headers=headers)
+
+        async def relay():
+            try:
+                async for chunk in upstream.aiter_bytes():
+                    yield chunk
+            finally:
+                await upstream.aclose()  # a client gone closes Triton's stream too
+        return StreamingResponse(relay(), status_code=upstream.status_code, headers=headers)
+
+    async def _forward_get(self, request: Request):
+        try:
+            return await self._send("GET", self._triton_path(request), request)
+        except Refused as refused:
+            return _error(refused)
+
+    async def spec(self, model: str, version: str | None) -> ModelSpec:
+        key = f"{model}/{version or ''}"
+        cached = self._specs.get(key)
+        if cached and time.monotonic() - cached[0] < self.config_ttl_s:
+            return cached[1]
+        path = f"/v2/models/{quote(model, safe='')}" + (f"/versions/{version}" if version else "") + "/config"
+        try:
+            answer = await self.client.get(path, headers=self.triton_headers)
+        except httpx.HTTPError as error:
+            raise Refused(f"Triton at {self.base_url} is not reachable ({type(error).__name__})", 503) from None
+        if answer.status_code != 200:  # unknown model or version: Triton's own words and status
+            message = answer.json().get("error", answer.text) if answer.content.startswith(b"{") else answer.text
+            raise Refused(message, answer.status_code if 400 <= answer.status_code < 500 else 502)
+        spec = ModelSpec.from_config(answer.json())
+        self._specs[key] = (time.monotonic(), spec)
+        return spec
+
+    async def _body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise Refused(f"the request body is {declared} bytes; the front's limit is {self.max_body_bytes}", 413)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > self.max_body_bytes:
+                raise Refused(f"the request body is over the front's limit of {self.max_body_bytes} bytes", 413)
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding in ("", "identity"):
+            return bytes(body)
+        wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
+        if wbits is None:
+            raise Refused(f"Content-Encoding '{encoding[:40]}' is not accepted (gzip, deflate or none)")
+        try:
+            inflated = zlib.decompressobj(wbits).decompress(bytes(body), self.max_body_bytes + 1)
+        except zlib.error:
+            raise Refused(f"the request body is not valid {encoding} data") from None
+        if len(inflated) > self.max_body_bytes:
+            raise Refused(f"the request body inflates past the front's limit of {self.max_body_bytes} bytes", 413)
+        return inflated
+
+    async def _inference(self, request: Request):
+        try:
+            path = self._triton_path(request)
+            body = await self._body(request)
+            spec = await self.spec(request.path_params["model"], request.path_params.get("version"))
+            if path.endswith("/infer"):
+                header_length = request.headers.get("inference-header-content-length")
+                if header_length is not None and not (header_length.isdigit() and int(header_length) <= len(body)):
+                    raise Refused(f"Inference-Header-Content-Length must be a byte count within the body's "
+                                  f"{len(body)} bytes, got '{header_length[:40]}'")
+                split = len(body) if header_length is None else int(header_length)
+                check_infer(spec, parse_json(body[:split], "the JSON header"), len(body) - split,
+                            max_elements=self.max_elements)
+            else:
+                check_generate(spec, parse_json(body), max_elements=self.max_elements)
+            return await self._send("POST", path, request, body, stream=path.endswith("_stream"))
+        except Refused as refused:
+            return _error(refused)
+
+
+def create_front(triton_http_url: str = "localhost:8000", **options) -> FastAPI:
+    """The front as an app of its own (options: those of KServeFront)."""
+    front = KServeFront(triton_http_url, **options)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        await front.aclose()
+
+    app = FastAPI(title="KServe v2 front of Triton", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.include_router(front.router)
+    app.state.front = front
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"],
+                   include_in_schema=False)
+    async def not_served(path: str):
+        return _error(Refused(f"'/{path[:80]}' is not served by this front", 404))
+
+    return app
+
+
+def main(argv=None) -> int:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="python -m csm_clients.gateway.kserve_front", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--triton-http", default="localhost:8000", help="Triton's HTTP host:port")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: everyone)")
+    parser.add_argument("--port", type=int, default=8080)
+    parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20)
+    parser.add_argument("--max-elements", type=int, default=DEFAULT_MAX_ELEMENTS, help="per input")
+    parser.add_argument("--triton-header", action="append", default=[], metavar="NAME=VALUE",
+                        help=f"a header sent to Triton with every request (also ${TRITON_HEADER_ENV}, which keeps "
+                             "a key out of the process list)")
+    parser.add_argument("--models", help="comma-separated: the only models served (default: all of Triton's)")
+    args = parser.parse_args(argv)
+    headers = {}
+    for item in args.triton_header + ([os.environ[TRITON_HEADER_ENV]] if os.environ.get(TRITON_HEADER_ENV) else []):
+        name, equals, value = item.partition("=")
+        if not (name.strip() and equals):
+            parser.error(f"a Triton header is NAME=VALUE, got {item[:40]!r}")
+        headers[name.strip()] = value
+    app = create_front(args.triton_http, max_body_bytes=int(args.max_body_mb * 2**20), max_elements=args.max_elements,
+                       triton_headers=headers, models=args.models.split(",") if args.models else None)
+    uvicorn.run(app, host=args.host, port=args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""The server's documented ranges for the sampling inputs (docs/api.md), mirrored here.
+
+The gateway and the CLI check a value against them before converting it to its wire
+type, where it could not be represented: a seed of 2**63 does not fit INT64 (an
+OverflowError), a top_k of 2**31 wraps to a negative INT32. The server still checks
+every input; the messages say what its own say, after the name of the field given.
+Mirrors of csm_triton.constants (the clients never import the server's package);
+tests/test_client_offline.py keeps them equal.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+from csm_clients.errors import InvalidRequest
+
+__all__ = ["MAX_AUDIO_SECONDS", "MAX_SEED", "MAX_TEMPERATURE", "MAX_TOP_K", "check_sampling"]
+
+MAX_TEMPERATURE = 5.0  # TEMPERATURE in (0, 5]
+MAX_TOP_K = 2_048  # TOP_K in [1, 2048]: Mimi's codebook size
+MAX_SEED = 2**63 - 1  # SEED in [0, 2**63 - 1]: INT64
+MAX_AUDIO_SECONDS = 90.0  # MAX_AUDIO_SECONDS in (0, 90]
+
+
+def _number(value, field: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidRequest(f"{field}: must be a number, got {value!r}") from None
+
+
+def check_sampling(*, temperature=None, top_k=None, seed=None, max_audio_seconds=None,
+                   field_names: Mapping[str, str] | None = None) -> None:
+    """Raises InvalidRequest naming the field (`field_names[name]`, else the name) of the
+    first value outside the server's range; None values are not sent, so not checked."""
+    names = field_names or {}
+
+    def refuse(name: str, message: str):
+        raise InvalidRequest(f"{names.get(name, name)}: {message}")
+
+    if temperature is not None:
+        value = _number(temperature, names.get("temperature", "temperature"))
+        if not math.isfinite(value) or not 0 < value <= MAX_TEMPERATURE:
+            refuse("temperature", f"input 'TEMPERATURE' must be in (0, {MAX_TEMPERATURE:g}], got {temperature}")
+    for name, tensor, low, high in (("top_k", "TOP_K", 1, MAX_TOP_K), ("seed", "SEED", 0, MAX_SEED)):
+        value = {"top_k": top_k, "seed": seed}[name]
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                refuse(name, f"input '{tensor}' must be an integer, got {value!r}")
+        if not low <= value <= high:
+            refuse(name, f"input '{tensor}' must be in [{low}, {high}], got {value}")
+    if max_audio_seconds is not None:
+        value = _number(max_audio_seconds, names.get("max_audio_seconds", "max_audio_seconds"))
+        if not math.isfinite(value) or not 0 < value <= MAX_AUDIO_SECONDS:
+            refuse("max_audio_seconds",
+                   f"input 'MAX_AUDIO_SECONDS' must be in (0, {MAX_AUDIO_SECONDS:g}], got {max_audio_seconds}")

@@ -1,0 +1,327 @@
+"""The GPU proof in one command: the engine's GPU tests, the engine against transformers
+`generate`, and Triton end to end with KIND_GPU, into one folder with a summary that
+puts each figure beside its target (docs/performance.md).
+
+    python3 -m loadtest.gpu_check --bundle build/gpu-bundle --out "$OUT/gpu-check"   # the GPU machine
+    python -m loadtest.gpu_check --smoke --out build/gpu-check                      # any machine, tiny model on CPU
+    python -m loadtest.gpu_check --commit-from DIR                                  # copy a run's GPU results
+
+Each step is its own process with its own time budget (and log), so a step that fails
+or runs out of time still leaves the others' results; the summary says which failed and
+why, and the exit code is non-zero. The repository build (CPU work: a random full-size
+checkpoint, Mimi's ONNX export) runs in the background while the GPU tests and the
+engine benchmark run. `--smoke` runs every step on the tiny model on the CPU (few
+frames, concurrency 1 and 2): it proves the script, not the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from loadtest import gpu_bundle
+from loadtest.gpu_summary import summary_markdown
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "loadtest" / "results"
+DEFAULT_TIME_LIMIT_S = 480  # the device machine is lent for ~15 minutes, start-up and a rerun included
+KILL_GRACE_S = 20  # after SIGTERM: the triton step stops its server in its finally block
+
+
+@dataclass
+class Step:
+    name: str
+    proves: str
+    argv: list[str]
+    budget_s: float
+    background: bool = False  # CPU work that overlaps the GPU steps
+    after: str | None = None  # waits for this step (background) to finish first
+    env: dict[str, str] = field(default_factory=dict)
+    note: str = ""  # said in the summary when it passes (where its large output went)
+
+
+@dataclass
+class Result:
+    name: str
+    proves: str
+    status: str  # passed | failed | timed out | skipped | not run
+    reason: str = ""
+    seconds: float = 0.0
+    budget_s: float = 0.0
+    files: list[str] = field(default_factory=list)
+
+
+# --- the plan ----------------------------------------------------------------------------
+def plan(args, python: str) -> list[Step]:
+    out, work = args.out, args.work
+    module = [python, "-m"]
+    smoke = args.smoke
+    model, profile = ("tiny", "cpu") if smoke else ("full", args.profile)
+    repository = work / f"repository-{model}-{profile}"
+    repository_argv = module + ["loadtest.gpu_steps", "repository", "--model", model, "--profile", profile,
+                                "--work", str(work), "--out", str(repository)]
+    if args.checkpoint:
+        repository_argv += ["--checkpoint", str(args.checkpoint)]
+    engine = module + ["loadtest.engine_bench", "--out", str(out / "engine-bench")]
+    engine += (["--tiny", "--batch-sizes", "1,2", "--frames", "6", "--prompt-tokens", "20"] if smoke else
+               ["--batch-sizes", "1,8,64,128", "--frames", "16", "--dtype", "bf16"])
+    triton = module + ["loadtest.gpu_steps", "triton", "--repository", str(repository), "--work", str(work),
+                       "--out", str(out / "triton")]
+    triton += (["--model-label", "tiny", "--concurrency", "1,2", "--requests-per-client", "1",
+                "--max-audio-seconds", "1", "--startup-timeout", "180"] if smoke else
+               ["--concurrency", "1,8,32,64", "--requests-per-client", "2", "--max-audio-seconds", "6"])
+    tests_out = out / "gpu-tests"
+    cores = os.cpu_count() or 1
+    # On a big machine the export leaves half the cores to the GPU steps' host threads
+    # (generate's kernel launches are CPU-bound); on 2 cores it takes what there is.
+    background_threads = {"OMP_NUM_THREADS": str(cores // 2), "MKL_NUM_THREADS": str(cores // 2)} if cores >= 8 else {}
+    return [
+        Step("environment", "device, driver, torch and CUDA versions", module + [
+            "loadtest.gpu_steps", "environment", "--out", str(out / "environment")], 60),
+        Step("repository", f"a random {model}-size checkpoint and its model repository (profile {profile})",
+             repository_argv, 420 if not smoke else 300, background=True, env=background_threads,
+             note=f"built in {repository}"),
+        Step("gpu-tests", "pytest -m gpu: CUDA-graph replay = eager step, bf16 vs fp32 tokens, KV slot sizing",
+             module + ["pytest", "-m", "gpu", "tests/test_engine_gpu.py", "-q", "-p", "no:cacheprovider",
+                       f"--junitxml={tests_out / f'gpu_tests_{args.device_tag}_junit.xml'}"], 180,
+             env={"CSM_GPU_TEST_MODEL": "tiny" if smoke else "full",
+                  "CSM_GPU_TEST_REPORT": str(tests_out / f"gpu_tests_{args.device_tag}_report.json")}),
+        Step("engine-bench", "engine vs transformers generate on the same weights, in one process", engine, 240),
+        Step("triton", "csm_tts_stream through tritonserver: TTFA and aggregate x real time", triton, 300,
+             after="repository"),
+    ]
+
+
+def requested_device_tag() -> str:
+    """cuda or cpu, from nvidia-smi alone: the plan names files before torch is loaded."""
+    if shutil.which("nvidia-smi") and subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0:
+        return "cuda"
+    return "cpu"
+
+
+# --- running -----------------------------------------------------------------------------
+class Runner:
+    def __init__(self, out: Path, deadline: float):
+        self.out, self.deadline = out, deadline
+        self.running: dict[str, tuple[Step, subprocess.Popen, float, object]] = {}
+        self.results: dict[str, Result] = {}
+
+    def start(self, step: Step) -> None:
+        folder = self.out / step.name
+        folder.mkdir(parents=True, exist_ok=True)
+        log = open(folder / f"{step.name}.log", "w")
+        log.write("$ " + " ".join(step.argv) + "\n")
+        log.flush()
+        env = {**os.environ, **step.env, "PYTHONUNBUFFERED": "1"}
+        process = subprocess.Popen(step.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        self.running[step.name] = (step, process, time.monotonic(), log)
+
+    def wait(self, name: str) -> Result:
+        step, process, started, log = self.running.pop(name)
+        timeout = max(1.0, min(step.budget_s - (time.monotonic() - started), self.deadline - time.monotonic()))
+        timed_out = False
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _stop_group(process)
+        log.close()
+        seconds = time.monotonic() - started
+        result = judge(step, process.returncode, timed_out, seconds, self.out / step.name)
+        self.results[name] = result
+        return result
+
+    def run(self, step: Step) -> Result:
+        self.start(step)
+        return self.wait(step.name)
+
+    def skip(self, step: Step, status: str, reason: str) -> None:
+        self.results[step.name] = Result(step.name, step.proves, status, reason, budget_s=step.budget_s)
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=KILL_GRACE_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+
+
+def judge(step: Step, returncode: int | None, timed_out: bool, seconds: float, folder: Path) -> Result:
+    files = sorted(p.relative_to(folder.parent).as_posix() for p in folder.rglob("*") if p.is_file())
+    result = Result(step.name, step.proves, "passed", step.note, round(seconds, 1), step.budget_s, files)
+    if timed_out:
+        result.status, result.reason = "timed out", f"still running after {seconds:.0f} s: {last_line(folder)}"
+    elif returncode != 0:
+        result.status, result.reason = "failed", f"exit code {returncode}: {last_line(folder)}"
+    elif step.name == "gpu-tests":
+        result.status, result.reason = junit_status(folder)
+    return result
+
+
+def last_line(folder: Path) -> str:
+    """The log line that most likely says why: the last error-looking line, else the last one."""
+    logs = sorted(folder.glob("*.log"))
+    lines = [line.strip() for line in logs[0].read_text(errors="replace").splitlines() if line.strip()] if logs else []
+    for line in reversed(lines):
+        if any(word in line for word in ("Error", "error:", "FAILED", "Exception", "failed")):
+            return line[:400]
+    return lines[-1][:400] if lines else "(no output)"
+
+
+def junit_status(folder: Path) -> tuple[str, str]:
+    """passed, or skipped with pytest's reasons when no test ran (no CUDA)."""
+    import xml.etree.ElementTree as ElementTree
+
+    reports = sorted(folder.glob("*junit.xml"))
+    if not reports:
+        return "failed", "pytest wrote no junit report"
+    suite = ElementTree.parse(reports[0]).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    tests, skipped = int(suite.get("tests", 0)), int(suite.get("skipped", 0))
+    if tests and skipped == tests:
+        reasons = sorted({(s.get("message") or "").removeprefix("Skipped: ") for s in suite.iter("skipped")})
+        return "skipped", "; ".join(reasons) or "skipped"
+    return "passed", f"{tests - skipped} passed" + (f", {skipped} skipped" if skipped else "")
+
+
+def execute(steps: list[Step], runner: Runner, only: set[str] | None) -> None:
+    for step in steps:
+        if only and step.name not in only:
+            continue
+        if step.background:
+            runner.start(step)
+    for step in steps:
+        if step.background or (only and step.name not in only):
+            continue
+        if step.after and step.after in runner.running:
+            runner.wait(step.after)
+        prerequisite = runner.results.get(step.after) if step.after else None
+        if prerequisite is not None and prerequisite.status != "passed":
+            runner.skip(step, "not run", f"needs {step.after}, which {prerequisite.status}")
+        elif runner.deadline - time.monotonic() < 10:
+            runner.skip(step, "not run", "out of time (--time-limit)")
+        else:
+            runner.run(step)
+        print(f"{step.name}: {runner.results[step.name].status} {runner.results[step.name].reason}", file=sys.stderr)
+    for name in list(runner.running):
+        runner.wait(name)
+
+
+# --- the GPU machine's environment -------------------------------------------------------
+def set_up(args) -> tuple[str, Result]:
+    """The python every step runs with: the bundle's virtualenv, else this one."""
+    proves = "the bundle installed into a virtualenv over the machine's torch"
+    if not args.bundle:
+        return sys.executable, Result("setup", proves, "skipped", f"no --bundle: steps use {sys.executable}")
+    started = time.monotonic()
+    folder = args.out / "setup"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        installed = gpu_bundle.install(args.bundle, args.env)
+    except (SystemExit, OSError, subprocess.CalledProcessError) as error:
+        (folder / "setup.log").write_text(f"{error}\n")
+        return sys.executable, Result("setup", proves, "failed", str(error)[:400], round(time.monotonic() - started, 1))
+    (folder / "setup.json").write_text(json.dumps(installed, indent=2) + "\n")
+    reused = " (reused)" if installed["reused"] else ""
+    return (str(gpu_bundle.env_python(args.env)),
+            Result("setup", proves, "passed", f"{args.env}{reused}", round(time.monotonic() - started, 1),
+                   files=["setup/setup.json"]))
+
+
+# --- results -----------------------------------------------------------------------------
+def is_device_result(name: str) -> bool:
+    """A result measured on a GPU: engine_bench names them *_cuda_*, bench *_gpu.*."""
+    return "_cuda_" in name or "_gpu." in name or "_gpu_" in name
+
+
+def commit_results(source: Path, target: Path = RESULTS) -> list[Path]:
+    copied = []
+    for path in sorted(source.rglob("*")):
+        if path.is_file() and is_device_result(path.name) and not path.name.endswith(".log"):
+            shutil.copy2(path, target / path.name)
+            copied.append(target / path.name)
+    return copied
+
+
+def write_results(args, results: list[Result], started: float) -> int:
+    failed = [r for r in results if r.status in ("failed", "timed out", "not run")]
+    record = {"smoke": args.smoke, "device_tag": args.device_tag, "seconds": round(time.monotonic() - started, 1),
+              "commit": args.commit,
+              "time_limit_s": args.time_limit, "command": "python -m loadtest.gpu_check " + " ".join(sys.argv[1:]),
+              "steps": [asdict(r) for r in results], "failed": [r.name for r in failed]}
+    (args.out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    text = summary_markdown(args.out, record)
+    (args.out / "summary.md").write_text(text)
+    (args.out / f"gpu_check_{args.device_tag}_summary.md").write_text(text)
+    print(text)
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "build" / "gpu-check", help="every result goes here")
+    parser.add_argument("--work", type=Path, default=ROOT / "build" / "gpu-check-work",
+                        help="checkpoints and repositories (large: never inside --out)")
+    parser.add_argument("--smoke", action="store_true", help="every step on the tiny model on the CPU")
+    parser.add_argument("--bundle", type=Path, help="a folder made by `make gpu-bundle` (the GPU machine)")
+    parser.add_argument("--env", type=Path, default=ROOT / "build" / "gpu-env", help="the bundle's virtualenv")
+    parser.add_argument("--profile", default="h100", help="repository profile (not with --smoke)")
+    parser.add_argument("--checkpoint", type=Path, help="build the repository from this checkpoint")
+    parser.add_argument("--commit", help="the commit measured, when the checkout has no .git (the device's copy)")
+    parser.add_argument("--only", help="comma-separated steps to (re)run; the others keep their last results")
+    parser.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT_S, help="seconds for all steps")
+    parser.add_argument("--commit-results", action="store_true", help="copy this run's GPU results to loadtest/results")
+    parser.add_argument("--commit-from", type=Path, metavar="DIR", help="only copy the GPU results of a finished run")
+    args = parser.parse_args(argv)
+    if args.commit_from:
+        copied = commit_results(args.commit_from)
+        print("\n".join(f"copied {p.relative_to(ROOT)}" for p in copied) or "no *_cuda_* / *_gpu results there")
+        return 0 if copied else 1
+    started = time.monotonic()
+    args.out, args.work = args.out.resolve(), args.work.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.device_tag = "cpu" if args.smoke else requested_device_tag()
+    python, setup = set_up(args)
+    runner = Runner(args.out, deadline=started + args.time_limit)
+    only = set(args.only.split(",")) if args.only else None
+    steps = plan(args, python)
+    if setup.status == "failed":
+        for step in steps:
+            runner.skip(step, "not run", "setup failed")
+    else:
+        execute(steps, runner, only)
+    results = [setup] + [runner.results.get(s.name) or previous_result(args.out, s) for s in steps]
+    code = write_results(args, results, started)
+    if args.commit_results:
+        for path in commit_results(args.out):
+            print(f"copied {path.relative_to(ROOT)}", file=sys.stderr)
+    return code
+
+
+def previous_result(out: Path, step: Step) -> Result:
+    """A step left out by --only: its result from the run before, if any."""
+    try:
+        for entry in json.loads((out / "results.json").read_text())["steps"]:
+            if entry["name"] == step.name:
+                entry["reason"] = ("(previous run) " + entry["reason"]).strip()
+                return Result(**entry)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return Result(step.name, step.proves, "not run", "left out by --only", budget_s=step.budget_s)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

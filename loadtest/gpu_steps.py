@@ -1,0 +1,318 @@
+"""The steps of `loadtest.gpu_check` that are not another tool's command line, each run
+by gpu_check as its own process (its own time budget, its own log):
+
+    python -m loadtest.gpu_steps environment --out DIR
+    python -m loadtest.gpu_steps repository --model full|tiny --profile h100|cpu --work DIR --out REPOSITORY
+    python -m loadtest.gpu_steps triton --repository REPOSITORY --out DIR [--concurrency 1,8,32,64]
+
+`environment` records the device, driver, torch and CUDA. `repository` makes a random
+checkpoint of CSM-1B's full shape (or the tiny one) without any download and builds a
+model repository from it with `export.build_repository`. `triton` serves a copy of that
+repository with the embedded tritonserver and runs `loadtest.bench` against it twice:
+a warm-up pass (CUDA graphs captured, stored voices' prefixes cached), then the
+measured one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("torch", "numpy", "transformers", "tokenizers", "safetensors", "huggingface_hub", "onnx",
+            "onnxruntime", "onnxruntime-gpu", "onnxscript", "tritonclient", "grpcio", "protobuf", "nvidia-pytriton")
+COMPLETE = ".complete"  # written last into a generated checkpoint: a killed build is redone
+
+
+def device_tag() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --- environment --------------------------------------------------------------------------
+def _run(command: list[str]) -> str | None:
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def perth_status() -> str:
+    """"ok" when Perth (the watermark) loads in this environment, else why not."""
+    try:
+        from csm_triton.core.watermark import load_perth
+
+        load_perth("cpu")
+        return "ok"
+    except Exception as error:  # noqa: BLE001 - any reason is the answer
+        return f"{type(error).__name__}: {error}".splitlines()[0][:300]
+
+
+def environment(out: Path) -> dict:
+    import torch
+
+    from loadtest import workload
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    devices = []
+    if torch.cuda.is_available():
+        for index in range(torch.cuda.device_count()):
+            properties = torch.cuda.get_device_properties(index)
+            devices.append({"name": properties.name, "capability": f"{properties.major}.{properties.minor}",
+                            "memory_gib": round(properties.total_memory / 2**30, 1)})
+    try:
+        import onnxruntime
+
+        providers = onnxruntime.get_available_providers()
+    except ImportError:
+        providers = None
+    smi = shutil.which("nvidia-smi")
+    report = {
+        "device_tag": device_tag(),
+        "devices": devices,
+        "driver": _run([smi, "--query-gpu=driver_version", "--format=csv,noheader"]) if smi else None,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None,
+        "python": sys.version.split()[0],
+        "executable": sys.executable,
+        "platform": platform.platform(),
+        "cpu": workload.machine(),
+        "cores": os.cpu_count(),
+        "packages": versions,
+        "onnxruntime_providers": providers,
+        "perth": perth_status(),
+        "commit": workload.commit(),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    if smi:
+        (out / "nvidia-smi.txt").write_text(_run([smi]) or "")
+    (out / f"gpu_check_{report['device_tag']}_environment.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return report
+
+
+# --- a random checkpoint and its repository ------------------------------------------------
+def full_size_config(tokenizer):
+    """CSM-1B's shape (CsmConfig's defaults: backbone 2048 x 16 layers, depth decoder
+    1024 x 4, Mimi at full size) with the real model's rope scaling, and the token ids
+    of the tiny checkpoint's tokenizer (its ids fit the real text vocabulary)."""
+    from transformers import CsmConfig, CsmDepthDecoderConfig
+
+    from csm_triton import constants as C
+    from export import tiny_checkpoint as tiny
+
+    audio_id = tokenizer.convert_tokens_to_ids(C.AUDIO_TOKEN)
+    return CsmConfig(
+        rope_parameters=tiny.BACKBONE_ROPE,
+        depth_decoder_config=CsmDepthDecoderConfig(rope_parameters=tiny.DEPTH_DECODER_ROPE),
+        bos_token_id=tokenizer.bos_token_id, pad_token_id=audio_id, audio_token_id=audio_id,
+        audio_eos_token_id=tokenizer.convert_tokens_to_ids(C.AUDIO_EOS_TOKEN),
+        codebook_eos_token_id=C.END_OF_SPEECH_CODE, codebook_pad_token_id=C.AUDIO_PAD_CODE,
+    )
+
+
+def random_language_model(config, *, device="cpu", seed: int = 0):
+    """CsmForConditionalGeneration with random weights, built fast: no per-module init,
+    one normal fill per tensor (norms at 1), on `device` directly; no codec."""
+    import torch
+    from transformers import CsmForConditionalGeneration
+    from transformers.initialization import no_init_weights
+
+    torch.manual_seed(seed)
+    with no_init_weights(), torch.device(device):
+        model = CsmForConditionalGeneration(config)
+    model.codec_model = None
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.fill_(1.0) if "norm" in name else parameter.normal_(0.0, 0.02)
+    return model.eval()
+
+
+def build_full_size_checkpoint(out: Path, seed: int = 0) -> Path:
+    """A random CSM-1B-shaped checkpoint in the Hugging Face layout, like
+    export.tiny_checkpoint's: the language model in bf16 (half the bytes to write and
+    read; csm_lm loads it as float32 and runs it in bf16 on GPU anyway), Mimi in float32
+    with its own init and random codebooks, the tiny tokenizer and processor."""
+    import torch
+    from transformers import CsmProcessor, EncodecFeatureExtractor, MimiModel
+
+    from csm_triton import constants as C
+    from export import tiny_checkpoint as tiny
+
+    tokenizer = tiny.build_tokenizer()
+    config = full_size_config(tokenizer)
+    model = random_language_model(config, seed=seed)
+    with torch.no_grad():
+        model.to(torch.bfloat16)
+        torch.manual_seed(seed)
+        model.codec_model = MimiModel(config.codec_config).eval()
+        tiny.randomize_codebooks(model, torch.Generator().manual_seed(seed))
+        tiny.quiet_decoder(model)
+    tiny.configure_generation(model)
+    model.save_pretrained(out)
+    CsmProcessor(
+        feature_extractor=EncodecFeatureExtractor(feature_size=1, sampling_rate=C.SAMPLE_RATE, padding_value=0.0),
+        tokenizer=tokenizer, chat_template=tiny.CHAT_TEMPLATE,
+    ).save_pretrained(out)
+    return out
+
+
+def repository(model: str, profile: str, work: Path, out: Path, checkpoint: Path | None) -> Path:
+    from export.build_repository import build_repository
+    from export.tiny_checkpoint import build_tiny_checkpoint
+
+    if checkpoint is None:
+        checkpoint = work / f"{model}-random-csm"
+        if not (checkpoint / COMPLETE).is_file():
+            shutil.rmtree(checkpoint, ignore_errors=True)
+            started = time.monotonic()
+            (build_full_size_checkpoint if model == "full" else build_tiny_checkpoint)(checkpoint)
+            (checkpoint / COMPLETE).write_text("")
+            print(f"built a random {model} checkpoint in {time.monotonic() - started:.0f} s: {checkpoint}")
+    return build_repository(str(checkpoint), profile, out)
+
+
+# --- Triton end to end ---------------------------------------------------------------------
+def served_copy(built: Path, served: Path, watermark: bool) -> list[str]:
+    """A copy of the built repository to serve (big files hard-linked), adjusted for
+    this machine; returns the adjustments. Without Perth the watermark passes audio
+    through (its `enabled` parameter) and watermark_detect, which always loads Perth, is
+    left out."""
+    from google.protobuf import text_format
+
+    from export.model_config import read_config
+
+    shutil.rmtree(served, ignore_errors=True)
+    shutil.copytree(built, served, copy_function=_link_or_copy)
+    if watermark:
+        return []
+    config_path = served / "watermark" / "config.pbtxt"
+    config = read_config(config_path)
+    config.parameters["enabled"].string_value = "false"
+    config_path.unlink()  # a hard link: never write through it into the built repository
+    config_path.write_text(text_format.MessageToString(config))
+    shutil.rmtree(served / "watermark_detect", ignore_errors=True)
+    return ["watermark: enabled false (audio passes through unmarked)", "watermark_detect: not served"]
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _bench_without_plots():
+    """loadtest.bench, with its PNG plots skipped when matplotlib is missing (the GPU
+    bundle leaves it out); the JSON and markdown results do not need it."""
+    from loadtest import bench
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        bench.plot = lambda report, out, stem: []
+        print("matplotlib is not installed: no PNG plots", file=sys.stderr)
+    return bench
+
+
+def triton(args) -> int:
+    from csm_triton.serving.process import TritonServer
+    from loadtest import workload
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    perth = perth_status() if args.watermark == "auto" else args.watermark
+    served = args.work / f"served-{args.repository.name}"
+    adjustments = served_copy(args.repository, served, watermark=perth in ("ok", "on"))
+    token = secrets.token_hex(16)
+    os.environ[workload.ADMIN_TOKEN_ENV] = token  # the bench registers its stored voices with it
+    models = sorted(p.name for p in served.iterdir() if (p / "config.pbtxt").is_file())
+    record = {"repository": str(args.repository), "perth": perth, "adjustments": adjustments, "models": models}
+    bench = _bench_without_plots()
+    server = TritonServer(served, load_models=models, ready_models=models, startup_timeout=args.startup_timeout,
+                          environment={workload.ADMIN_TOKEN_ENV: token}, log_path=out / "tritonserver.log")
+    try:
+        server.start()
+        record["startup_seconds"] = round(server.start_seconds, 1)
+        print(f"tritonserver ready in {server.start_seconds:.0f} s ({len(models)} models)", file=sys.stderr)
+        common = ["--http", server.http_url, "--grpc", server.grpc_url, "--model", args.model_label,
+                  "--max-audio-seconds", str(args.max_audio_seconds), "--concurrency", args.concurrency]
+        # Warm-up: every level once, results discarded, so that the measured pass finds
+        # its CUDA graphs captured and both stored voices' prefixes cached.
+        started = time.monotonic()
+        record["warmup_exit_code"] = bench.main(common + ["--requests-per-client", "1", "--warmup", "2"])
+        record["warmup_seconds"] = round(time.monotonic() - started, 1)
+        started = time.monotonic()
+        record["bench_exit_code"] = bench.main(common + ["--requests-per-client", str(args.requests_per_client),
+                                                         "--warmup", "0", "--out", str(out)])
+        record["bench_seconds"] = round(time.monotonic() - started, 1)
+    finally:
+        server.stop()
+        record["engine_log"] = [line for line in _log_lines(out / "tritonserver.log")
+                                if re.search(r"KV slots|CUDA graph|captured|no CUDA provider", line)][:20]
+        (out / f"triton_{device_tag()}_run.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record["bench_exit_code"]
+
+
+def _log_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+
+
+def main(argv=None) -> int:
+    # gpu_check ends a step that runs out of time with SIGTERM: exit through the finally
+    # blocks, so that a tritonserver started here is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    env = commands.add_parser("environment")
+    env.add_argument("--out", type=Path, required=True)
+    repo = commands.add_parser("repository")
+    repo.add_argument("--model", choices=["full", "tiny"], required=True)
+    repo.add_argument("--profile", required=True)
+    repo.add_argument("--work", type=Path, required=True, help="where the random checkpoint is made (and kept)")
+    repo.add_argument("--checkpoint", type=Path, help="an existing checkpoint instead of a random one")
+    repo.add_argument("--out", type=Path, required=True)
+    serve = commands.add_parser("triton")
+    serve.add_argument("--repository", type=Path, required=True)
+    serve.add_argument("--work", type=Path, required=True, help="where the served copy is made")
+    serve.add_argument("--out", type=Path, required=True)
+    serve.add_argument("--model-label", default="full-random")
+    serve.add_argument("--concurrency", default="1,8,32,64")
+    serve.add_argument("--requests-per-client", type=int, default=2)
+    serve.add_argument("--max-audio-seconds", type=float, default=6.0)
+    serve.add_argument("--startup-timeout", type=float, default=300.0)
+    serve.add_argument("--watermark", choices=["auto", "on", "off"], default="auto",
+                       help="auto: on when Perth loads here")
+    args = parser.parse_args(argv)
+    if args.command == "environment":
+        environment(args.out)
+        return 0
+    if args.command == "repository":
+        repository(args.model, args.profile, args.work, args.out, args.checkpoint)
+        return 0
+    return triton(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""A BLS call awaited with a deadline, and what Triton's refusals mean (no Triton import).
+
+A BLS request sent to a python stub that then dies is never answered in Triton 2.51
+(nor released: the dead model stays UNLOADING), and pb_utils.InferenceRequest's
+`timeout` does not help: Triton enforces it only while a request waits in a dynamic
+batcher's queue whose policy allows overrides, never during execution. So the caller
+waits itself, in slices of BLS_POLL_S: between them it asks whether the called model
+is still ready (the model supervisor unloads a model whose stub died, see
+csm_triton.serving.supervisor) and gives up after BLS_TIMEOUT_S without a response.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Callable, Iterable
+
+__all__ = ["BLS_POLL_S", "BLS_TIMEOUT_S", "ModelCallError", "ModelUnavailable", "PendingCall", "says_unavailable"]
+
+BLS_TIMEOUT_S = 300.0  # a backstop for an unsupervised server; far above any real wait
+BLS_POLL_S = 0.5  # a question to the server per waiting call and slice
+# What Triton 2.51 answers a BLS call for a model that cannot take it (a dead or
+# stuck stub, a model unloaded or reloading, a full queue); Triton hands BLS callers
+# every error as INTERNAL, so the message is all there is to go by.
+UNAVAILABLE_MESSAGES = (
+    "is not healthy",                      # Stub process '<instance>' is not healthy.
+    "Failed to obtain the health mutex",   # a stub stopped or died holding it
+    "Request for unknown model",           # unloaded, reloading, never loaded
+    "' is not ready",                      # Model '<name>' is not ready. (exec raising)
+    "Exceeds maximum queue size",
+    "Request timeout expired",             # the dynamic batcher's queue timeout
+)
+
+
+class ModelCallError(RuntimeError):
+    """A model called through BLS answered an error."""
+
+
+class ModelUnavailable(RuntimeError):
+    """A model called through BLS cannot answer now (its stub died, it is unloaded or
+    reloading, it did not answer in time): UNAVAILABLE for the caller's client."""
+
+
+def says_unavailable(message: str) -> bool:
+    return any(words in message for words in UNAVAILABLE_MESSAGES)
+
+
+class PendingCall:
+    """The responses of one BLS call (`responses()` runs exec and iterates them), read on
+    a thread of their own so that the caller can stop waiting: an unanswered exec()
+    cannot be interrupted. After the caller stopped (close), later responses are read
+    and dropped so that Triton can release the request."""
+
+    _END = object()
+
+    def __init__(self, model_name: str, responses: Callable[[], Iterable], timeout_s: float = BLS_TIMEOUT_S, *,
+                 ready: Callable[[str], bool], poll_s: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.model_name = model_name
+        self.timeout_s = timeout_s
+        self._ready = ready
+        self._poll_s = BLS_POLL_S if poll_s is None else poll_s
+        self._clock = clock
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = threading.Event()
+        threading.Thread(target=self._pump, args=(responses,), name=f"bls-{model_name}", daemon=True).start()
+
+    def _pump(self, responses) -> None:
+        try:
+            for response in responses():
+                if not self._closed.is_set():
+                    self._queue.put(response)
+        except BaseException as error:  # noqa: BLE001 - handed to the caller
+            self._queue.put(error)
+        else:
+            self._queue.put(self._END)
+
+    def next(self):
+        """The next response, StopIteration after the last; ModelUnavailable when the
+        called model went away (not ready) or stayed silent for timeout_s."""
+        deadline = self._clock() + self.timeout_s
+        while True:
+            try:
+                item = self._queue.get(timeout=max(0.0, min(self._poll_s, deadline - self._clock())))
+            except queue.Empty:
+                if not self._ready(self.model_name):
+                    self.close()
+                    raise ModelUnavailable(f"{self.model_name} is not ready: unloaded, or reloading after a failure")
+                if self._clock() >= deadline:
+                    self.close()
+                    raise ModelUnavailable(f"{self.model_name} did not answer within {self.timeout_s:g} s")
+                continue
+            if item is self._END:
+                raise StopIteration
+            if isinstance(item, Exception) and says_unavailable(str(item)):  # exec() itself refused
+                raise ModelUnavailable(f"{self.model_name}: {item}") from item
+            if isinstance(item, BaseException):
+                raise item
+            return item
+
+    def close(self) -> None:
+        self._closed.set()
