@@ -151,3 +151,21 @@ gpu-check:
 
 gpu-bundle: setup
 	$(PY) -m loadtest.gpu_bundle --out $(GPU_BUNDLE)
+
+# --- LoRA fine-tuning (docs/fine-tuning.md) ------------------------------------------------
+# make finetune DATA=<folder | manifest.jsonl/.csv | datasets folder / parquet> OUT=<folder>
+#   [CSM_CHECKPOINT=<folder>] [STEPS=500] [FINETUNE_ARGS="--context --lr 1e-4"]
+# leaves OUT/adapter (peft), OUT/merged (a checkpoint: make repository CSM_CHECKPOINT=OUT/merged),
+# OUT/metrics.jsonl and OUT/loss.png. The tiny random CSM when no checkpoint is named.
+# OUT given on the command line wins; otherwise $(BUILD)/finetune (OUT's own default is gpu-check's).
+DATA ?=
+STEPS ?= 500
+FINETUNE_ARGS ?=
+FINETUNE_OUT := $(if $(filter command line,$(origin OUT)),$(OUT),$(BUILD)/finetune)
+
+.PHONY: finetune
+
+finetune: setup $(if $(CSM_CHECKPOINT),,tiny-checkpoint)
+	@test -n "$(DATA)" || { echo "make finetune needs DATA=<dataset> (docs/fine-tuning.md)"; exit 2; }
+	$(PY) -m finetune.train --data $(DATA) --out $(FINETUNE_OUT) --checkpoint $(CHECKPOINT) \
+	  --steps $(STEPS) --merge $(FINETUNE_ARGS)

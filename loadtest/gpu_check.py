@@ -78,6 +78,8 @@ def plan(args, python: str) -> list[Step]:
     triton += (["--model-label", "tiny", "--concurrency", "1,2", "--requests-per-client", "1",
                 "--max-audio-seconds", "1", "--startup-timeout", "180"] if smoke else
                ["--concurrency", "1,8,32,64", "--requests-per-client", "2", "--max-audio-seconds", "6"])
+    if args.triton_max_slots:
+        triton += ["--max-slots", str(args.triton_max_slots)]
     tests_out = out / "gpu-tests"
     cores = os.cpu_count() or 1
     # On a big machine the export leaves half the cores to the GPU steps' host threads
@@ -95,7 +97,7 @@ def plan(args, python: str) -> list[Step]:
              env={"CSM_GPU_TEST_MODEL": "tiny" if smoke else "full",
                   "CSM_GPU_TEST_REPORT": str(tests_out / f"gpu_tests_{args.device_tag}_report.json")}),
         Step("engine-bench", "engine vs transformers generate on the same weights, in one process", engine, 240),
-        Step("triton", "csm_tts_stream through tritonserver: TTFA and aggregate x real time", triton, 300,
+        Step("triton", "csm_tts_stream through tritonserver: TTFA and aggregate x real time", triton, 330,
              after="repository"),
     ]
 
@@ -280,6 +282,7 @@ def main(argv=None) -> int:
     parser.add_argument("--env", type=Path, default=ROOT / "build" / "gpu-env", help="the bundle's virtualenv")
     parser.add_argument("--profile", default="h100", help="repository profile (not with --smoke)")
     parser.add_argument("--checkpoint", type=Path, help="build the repository from this checkpoint")
+    parser.add_argument("--triton-max-slots", type=int, help="serve csm_lm with this max_slots (default: the profile's)")
     parser.add_argument("--commit", help="the commit measured, when the checkout has no .git (the device's copy)")
     parser.add_argument("--only", help="comma-separated steps to (re)run; the others keep their last results")
     parser.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT_S, help="seconds for all steps")
@@ -294,6 +297,10 @@ def main(argv=None) -> int:
     args.out, args.work = args.out.resolve(), args.work.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     args.device_tag = "cpu" if args.smoke else requested_device_tag()
+    if args.device_tag == "cpu" and not args.smoke:
+        print("no GPU here (nvidia-smi finds none): --smoke runs every step on the tiny model on the CPU",
+              file=sys.stderr)
+        return 2
     python, setup = set_up(args)
     runner = Runner(args.out, deadline=started + args.time_limit)
     only = set(args.only.split(",")) if args.only else None

@@ -16,6 +16,7 @@ measured one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -26,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -191,26 +193,33 @@ def repository(model: str, profile: str, work: Path, out: Path, checkpoint: Path
 
 
 # --- Triton end to end ---------------------------------------------------------------------
-def served_copy(built: Path, served: Path, watermark: bool) -> list[str]:
+def served_copy(built: Path, served: Path, watermark: bool, max_slots: int | None = None) -> list[str]:
     """A copy of the built repository to serve (big files hard-linked), adjusted for
     this machine; returns the adjustments. Without Perth the watermark passes audio
     through (its `enabled` parameter) and watermark_detect, which always loads Perth, is
-    left out."""
+    left out. max_slots overrides csm_lm's (fewer slots, fewer CUDA graphs at load)."""
+    shutil.rmtree(served, ignore_errors=True)
+    shutil.copytree(built, served, copy_function=_link_or_copy)
+    adjustments = []
+    if max_slots is not None:
+        _set_parameter(served / "csm_lm" / "config.pbtxt", "max_slots", str(max_slots))
+        adjustments.append(f"csm_lm: max_slots {max_slots}")
+    if not watermark:
+        _set_parameter(served / "watermark" / "config.pbtxt", "enabled", "false")
+        shutil.rmtree(served / "watermark_detect", ignore_errors=True)
+        adjustments += ["watermark: enabled false (audio passes through unmarked)", "watermark_detect: not served"]
+    return adjustments
+
+
+def _set_parameter(config_path: Path, key: str, value: str) -> None:
     from google.protobuf import text_format
 
     from export.model_config import read_config
 
-    shutil.rmtree(served, ignore_errors=True)
-    shutil.copytree(built, served, copy_function=_link_or_copy)
-    if watermark:
-        return []
-    config_path = served / "watermark" / "config.pbtxt"
     config = read_config(config_path)
-    config.parameters["enabled"].string_value = "false"
+    config.parameters[key].string_value = value
     config_path.unlink()  # a hard link: never write through it into the built repository
     config_path.write_text(text_format.MessageToString(config))
-    shutil.rmtree(served / "watermark_detect", ignore_errors=True)
-    return ["watermark: enabled false (audio passes through unmarked)", "watermark_detect: not served"]
 
 
 def _link_or_copy(source: str, target: str) -> None:
@@ -241,7 +250,7 @@ def triton(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     perth = perth_status() if args.watermark == "auto" else args.watermark
     served = args.work / f"served-{args.repository.name}"
-    adjustments = served_copy(args.repository, served, watermark=perth in ("ok", "on"))
+    adjustments = served_copy(args.repository, served, watermark=perth in ("ok", "on"), max_slots=args.max_slots)
     token = secrets.token_hex(16)
     os.environ[workload.ADMIN_TOKEN_ENV] = token  # the bench registers its stored voices with it
     models = sorted(p.name for p in served.iterdir() if (p / "config.pbtxt").is_file())
@@ -250,7 +259,8 @@ def triton(args) -> int:
     server = TritonServer(served, load_models=models, ready_models=models, startup_timeout=args.startup_timeout,
                           environment={workload.ADMIN_TOKEN_ENV: token}, log_path=out / "tritonserver.log")
     try:
-        server.start()
+        with fail_fast_on_load_errors(server):
+            server.start()
         record["startup_seconds"] = round(server.start_seconds, 1)
         print(f"tritonserver ready in {server.start_seconds:.0f} s ({len(models)} models)", file=sys.stderr)
         common = ["--http", server.http_url, "--grpc", server.grpc_url, "--model", args.model_label,
@@ -270,6 +280,38 @@ def triton(args) -> int:
                                 if re.search(r"KV slots|CUDA graph|captured|no CUDA provider", line)][:20]
         (out / f"triton_{device_tag()}_run.json").write_text(json.dumps(record, indent=2) + "\n")
     return record["bench_exit_code"]
+
+
+@contextlib.contextmanager
+def fail_fast_on_load_errors(server):
+    """While `server` starts: a model that fails to load leaves tritonserver running (in
+    explicit mode) and start() waiting for its readiness until the timeout, minutes of
+    the run's budget. End the server as soon as its log says so; start() then fails at
+    once with the log's tail."""
+    log = Path(server.log_path)
+    offset = log.stat().st_size if log.exists() else 0  # earlier runs' lines are not this start's
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(1.0):
+            try:
+                with open(log, "rb") as handle:
+                    handle.seek(offset)
+                    failed = b"load failed for model" in handle.read()
+            except OSError:
+                continue
+            if failed and server.process is not None:
+                print("a model failed to load: stopping tritonserver", file=sys.stderr)
+                server.process.terminate()
+                return
+
+    watcher = threading.Thread(target=watch, name="load-error-watch", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
 
 
 def _log_lines(path: Path) -> list[str]:
@@ -302,6 +344,7 @@ def main(argv=None) -> int:
     serve.add_argument("--requests-per-client", type=int, default=2)
     serve.add_argument("--max-audio-seconds", type=float, default=6.0)
     serve.add_argument("--startup-timeout", type=float, default=300.0)
+    serve.add_argument("--max-slots", type=int, help="csm_lm's max_slots instead of the profile's")
     serve.add_argument("--watermark", choices=["auto", "on", "off"], default="auto",
                        help="auto: on when Perth loads here")
     args = parser.parse_args(argv)

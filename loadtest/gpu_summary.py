@@ -127,6 +127,9 @@ def summary_markdown(out: Path, record: dict) -> str:
               "- The Triton figures come after a warm-up pass over the same concurrency levels (CUDA graphs "
               "captured, both stored voices' prefixes cached); the repository was built while the GPU tests and "
               "the engine benchmark ran."]
+    if run.get("startup_seconds") is not None:
+        lines.append(f"- tritonserver was ready in {run['startup_seconds']:.0f} s ({len(run.get('models', []))} models); "
+                     f"warm-up pass {run.get('warmup_seconds', '-')} s, measured pass {run.get('bench_seconds', '-')} s.")
     if run.get("adjustments"):
         lines.append(f"- Served with: {'; '.join(run['adjustments'])} (Perth: {run.get('perth')}).")
     if run.get("engine_log"):

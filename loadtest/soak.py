@@ -234,9 +234,11 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     parser.add_argument("--out", type=Path, help="folder for the JSON and markdown result")
     args = parser.parse_args(argv)
+    meter = common.Contention()
     with common.target_from_args(args) as target:
         report = {"benchmark": "soak", **common.provenance(target), "device_tag": common.device_tag(target.device),
                   **Soak(target, args).run()}
+        report["contention"] = meter.finish(target)
     table = markdown(report)
     print(table)
     if args.out:

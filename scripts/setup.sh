@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3.11}"
 VENV="${VENV:-.venv}"
 # chromium: the gateway page's browser test (headless, Debian's build; never a downloaded browser).
-APT_PACKAGES=(${APT_PACKAGES:-espeak-ng sox docker-compose chromium})
+# ffmpeg: the OpenAI API tests decode AAC and streamed FLAC with Debian's ffmpeg/ffprobe, a
+# decoder independent of the FFmpeg build inside PyAV that wrote them.
+APT_PACKAGES=(${APT_PACKAGES:-espeak-ng sox docker-compose chromium ffmpeg})
 
 if ! command -v "$PYTHON" >/dev/null; then
   echo "error: $PYTHON not found; the embedded tritonserver stub needs CPython 3.11 or 3.12" >&2

@@ -12,6 +12,8 @@ from transformers import AutoProcessor, CsmForConditionalGeneration
 
 from csm_triton import constants as C
 from csm_triton.engine import CsmLM, EngineConfig, FinishReason, GenerationEngine, GenerationRequest
+from csm_triton.engine.capacity import slots_from_memory
+from csm_triton.engine.frame_step import BucketPlan, StepBucket
 from csm_triton.engine.layers import Linear
 from csm_triton.errors import InvalidInput
 from csm_triton.core.prompt import PromptBuilder
@@ -109,6 +111,76 @@ def test_four_requests_joining_at_different_frames_each_equal_generate(hf_model,
         codes = handle.result().codes
         assert len(codes) == 6 + index
         np.testing.assert_array_equal(codes, hf_generate(hf_model, processor, target, len(codes)))
+
+
+def test_requests_leaving_out_of_order_leave_the_others_token_identical(hf_model, processor, lm, builder):
+    # Five requests of different lengths: they end (and one is cancelled) in the middle of
+    # the others, so the slot in the last row keeps moving into the freed rows; a sixth
+    # joins a freed row later. Every one must still equal generate frame for frame.
+    engine = GenerationEngine(lm, EngineConfig(max_slots=5, max_prefills_per_step=5))
+    targets = TARGETS + [REFERENCE_TEXT]
+    frames = [9, 3, 12, 5, 7]
+    handles = [engine.submit(request(builder, target, count)) for target, count in zip(targets, frames)]
+    for step in range(6):
+        engine.step()
+        if step == 3:
+            handles[2].cancel()  # cancelled mid-generation, in the middle of the rows
+    late = engine.submit(request(builder, TARGETS[1], 6))
+    engine.run_until_idle()
+    assert engine.slot_moves >= 2, "rows freed below the last one: the last slot moved"
+    results = [handle.result(timeout=1) for handle in handles + [late]]
+    assert results[2].reason == FinishReason.CANCELLED and 0 < len(results[2].codes) < 12
+    assert [len(r.codes) for i, r in enumerate(results) if i != 2] == [9, 3, 5, 7, 6]
+    for target, result in zip(targets + [TARGETS[1]], results):
+        np.testing.assert_array_equal(result.codes, hf_generate(hf_model, processor, target, len(result.codes)))
+
+
+def test_slots_from_memory_are_capped_by_max_slots():
+    gib, slot = 2**30, 64 << 20  # CSM-1B's slot: 2048 positions x 32 KiB in bf16
+    h200 = {"free_bytes": 137 * gib, "total_bytes": 141 * gib, "memory_fraction": 0.85, "slot_bytes": slot}
+    assert slots_from_memory(**h200) > 1000  # what the memory alone would give
+    assert slots_from_memory(**h200, max_slots=256) == 256
+    # A cap is a ceiling, not a demand: a smaller GPU gets what fits.
+    small = {**h200, "free_bytes": 14 * gib, "total_bytes": 16 * gib}
+    assert slots_from_memory(**small, max_slots=256) == slots_from_memory(**small) < 256
+    with pytest.raises(RuntimeError, match="no KV slot fits"):
+        slots_from_memory(**{**h200, "free_bytes": 20 * gib}, max_slots=256)
+
+
+def test_batch_buckets_never_exceed_the_slot_count_and_cover_every_step():
+    assert BucketPlan(256, 2048).batch_sizes == (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    assert BucketPlan(256, 2048).attention_lengths == (256, 512, 1024, 2048)
+    plan = BucketPlan(6, 600)
+    assert plan.batch_sizes == (1, 2, 4, 6) and plan.attention_lengths == (256, 512, 600)
+    assert len(plan.buckets()) == 4 * 3 * len(plan.top_k_bounds)
+    buckets = set(plan.buckets())
+    for count in range(1, 7):
+        for length in (1, 255, 256, 257, 599, 600):
+            for top_k in (1, 50, 64, 65, C.CODEBOOK_SIZE):
+                bucket = plan.bucket_for(count, length, top_k)
+                assert bucket in buckets, "a step outside the warmed-up buckets would pay a capture"
+                assert count <= bucket.batch <= 6 and length <= bucket.attend_len and top_k <= bucket.top_k_bound
+    with pytest.raises(ValueError):
+        plan.bucket_for(7, 1, 1)
+
+
+def test_warm_up_visits_exactly_the_configured_buckets(lm, builder):
+    engine = GenerationEngine(lm, EngineConfig(max_slots=3, max_context=300))
+    visited = []
+    engine._prepare = visited.append  # on CUDA: a graph capture per bucket
+    report = engine.warm_up()
+    expected = [StepBucket(batch, length, bound) for batch in (1, 2, 3) for length in (256, 300)
+                for bound in (64, C.CODEBOOK_SIZE)]
+    assert visited == report.buckets == expected
+    assert not report.captured and "12 buckets" in report.summary()
+    # start() warms up before serving; on the CPU that computes nothing.
+    served = GenerationEngine(lm, EngineConfig(max_slots=3, max_context=300))
+    served.start()
+    try:
+        assert served.warm_up_report.buckets == expected and served.steps == 0
+        assert served.submit(request(builder, TARGETS[0], 2)).result(timeout=60).reason == FinishReason.MAX_FRAMES
+    finally:
+        served.stop()
 
 
 def test_seeded_sampling_is_reproducible_and_ignores_batch_mates(lm, builder):

@@ -51,3 +51,18 @@ def test_unknown_profile_is_refused_by_name():
 
 def test_profiles_are_the_documented_three():
     assert set(PROFILES) == {"cpu", "a100", "h100"}
+
+
+@pytest.mark.parametrize("profile", ["a100", "h100"])
+def test_gpu_profiles_cap_the_kv_slots_and_so_the_graphs_captured_at_load(profile):
+    from csm_triton.engine.frame_step import BucketPlan
+
+    text = (REPOSITORY / "csm_lm" / "config.pbtxt").read_text()
+    parameters = parse_config(render_config(text, profile, "csm_lm")).parameters
+    max_slots = int(parameters["max_slots"].string_value)
+    # From the 64-concurrent-streams target to the 1,000x stretch at 256 (docs/model_config.md),
+    # not the ~1,500 slots an H200's memory would give.
+    assert 64 <= max_slots <= 256
+    plan = BucketPlan(max_slots, int(parameters["max_context"].string_value))
+    assert plan.batch_sizes[-1] == max_slots, "no batch bucket beyond the slot count"
+    assert len(plan.buckets()) <= 72, "graphs captured at load"

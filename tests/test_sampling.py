@@ -34,3 +34,19 @@ def test_same_seed_same_draws():
     logits = torch.randn(1, 50)
     assert torch.equal(draw(logits, 1.0, 50, 20, seed=3), draw(logits, 1.0, 50, 20, seed=3))
     assert not torch.equal(draw(logits, 1.0, 50, 20, seed=3), draw(logits, 1.0, 50, 20, seed=4))
+
+
+def test_a_top_k_bound_draws_exactly_what_the_whole_vocabulary_draws():
+    # The engine finds the k-th score with torch.topk over `top_k_bound` candidates
+    # instead of sorting all 2051: same codes, for every row, greedy or sampled.
+    torch.manual_seed(0)
+    rows, vocab = 32, 2051
+    logits = torch.randn(rows, vocab) * 3
+    logits[:, 2048:] = float("-inf")  # the LM's specials
+    top_k = torch.randint(1, 65, (rows,))
+    temperature = torch.rand(rows) + 0.5
+    greedy = torch.arange(rows) % 5 == 0
+    noise = torch.empty(rows, vocab).exponential_()
+    whole = sample(logits, temperature, top_k, greedy, noise)
+    assert torch.equal(sample(logits, temperature, top_k, greedy, noise, top_k_bound=64), whole)
+    assert torch.equal(sample(logits, temperature, top_k, greedy, noise, top_k_bound=2048), whole)

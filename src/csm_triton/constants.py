@@ -50,6 +50,27 @@ MAX_CODEC_SECONDS = 120.0
 MAX_CODEC_FRAMES = int(MAX_CODEC_SECONDS * FRAME_RATE_HZ)
 MAX_CODEC_SAMPLES = int(MAX_CODEC_SECONDS * SAMPLE_RATE)
 
+# --- Conversations and long texts (csm_triton.core.conversation, core.segments) ------
+# Speaker ids are the numbers in CSM's "[speaker]text" turns; the model was trained on
+# a handful of them, so anything far beyond is a client mistake, not a voice.
+MAX_SPEAKER_ID = 255
+MAX_CONTEXT_TURNS = 16
+# All context audio of one request together (CONTEXT_AUDIO + stored CONTEXT_VOICE_IDs).
+MAX_CONTEXT_AUDIO_SECONDS = 60.0
+# Every token of a prompt (text, audio placeholders of the voice, the context turns and,
+# for a long text, the previous segment): 1536 leaves 512 positions (41 s) of the
+# engine's 2048 for the generated frames (the engine refuses prompt + frames > context).
+MAX_PROMPT_TOKENS = 1_536
+# TEXT of csm_tts / csm_tts_stream: longer than MAX_TEXT_CHARS is split into segments at
+# sentence boundaries (pysbd), grouped up to SEGMENT_MAX_CHARS, one generation each.
+MAX_LONG_TEXT_CHARS = 20_000
+SEGMENT_MAX_CHARS = 300
+# Frame budget of each segment of a multi-segment text: a documented bound on how slow
+# speech can be (5 characters per second, a third of a normal rate), with a floor for
+# short sentences; MAX_AUDIO_SECONDS still caps every segment.
+SEGMENT_SECONDS_PER_CHAR = 0.2
+SEGMENT_MIN_SECONDS = 3.0
+
 # --- Streaming -------------------------------------------------------------------------
 # First chunk small for time to first audio, later chunks larger for throughput.
 STREAM_FIRST_CHUNK_FRAMES = 4  # 320 ms of audio

@@ -129,7 +129,7 @@ def test_csm_prepare_without_a_voice_has_no_audio_codes(protocol):
 
 BAD_PREPARE_INPUTS = {
     "empty text": ([("TEXT", text("   "))], "'TEXT' is empty"),
-    "text over the limit": ([("TEXT", text("a" * (C.MAX_TEXT_CHARS + 1)))], f"limit is {C.MAX_TEXT_CHARS}"),
+    "text over the limit": ([("TEXT", text("a" * (C.MAX_LONG_TEXT_CHARS + 1)))], f"limit is {C.MAX_LONG_TEXT_CHARS}"),
     "invalid UTF-8": ([("TEXT", text(b"caf\xe9"))], "not valid UTF-8"),
     "transcript without audio": ([("TEXT", text("Hi.")), ("REFERENCE_TEXT", text("Hello."))],
                                  "without 'REFERENCE_AUDIO'"),

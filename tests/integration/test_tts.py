@@ -212,7 +212,7 @@ def test_closing_a_stream_midway_frees_its_slot(grpc_client, triton_server):
 
 BAD_TTS_INPUTS = {
     "empty text": ({"TEXT": text("  ")}, "'TEXT' is empty"),
-    "text over the limit": ({"TEXT": text("a" * (C.MAX_TEXT_CHARS + 1))}, f"the limit is {C.MAX_TEXT_CHARS}"),
+    "text over the limit": ({"TEXT": text("a" * (C.MAX_LONG_TEXT_CHARS + 1))}, f"the limit is {C.MAX_LONG_TEXT_CHARS}"),
     "invalid UTF-8": ({"TEXT": np.array([b"caf\xe9"], dtype=object)}, "not valid UTF-8"),
     "temperature zero": ({"TEMPERATURE": np.array([0.0], np.float32)}, "'TEMPERATURE' must be in"),
     "temperature NaN": ({"TEMPERATURE": np.array([np.nan], np.float32)}, "'TEMPERATURE' must be in"),

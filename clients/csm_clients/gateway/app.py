@@ -29,6 +29,7 @@ from csm_clients.client import AsyncVoiceCloner
 from csm_clients.errors import (CsmClientError, InvalidRequest, PermissionDenied, ServerError,
                                 ServerUnavailable)
 from csm_clients.gateway.keys import ApiKeys, MissingApiKey
+from csm_clients.gateway.openai_api import openai_router
 from csm_clients.limits import check_sampling
 
 __all__ = ["DEFAULT_MAX_UPLOAD_MB", "create_app"]
@@ -174,4 +175,5 @@ def create_app(triton_url: str = "localhost:8001", *, admin_token: str | None = 
         """Remove a stored voice (needs a gateway API key); answers the removed voice's description."""
         return {"voice": await state["cloner"].delete_voice(voice_name)}
 
+    app.include_router(openai_router(lambda: state["cloner"], keys, max_upload_bytes=max_upload_bytes))
     return app

@@ -40,6 +40,16 @@ class Prompt:
     audio_codes: np.ndarray  # [audio placeholder count, NUM_CODEBOOKS] int64
 
 
+@dataclass(frozen=True)
+class ConversationPrompt:
+    """The first segment's prompt plus every segment's text turn (core.segments.SegmentChain
+    builds the later prompts from these ids and the codes generated before)."""
+
+    prompt: Prompt  # context turns + segment 0's text turn
+    segment_ids: list[np.ndarray]  # each segment's <bos>[speaker]text<eos>
+    segment_texts: list[str]
+
+
 def _special_token(config: dict, key: str) -> str:
     value = config[key]
     return value["content"] if isinstance(value, dict) else value
@@ -98,3 +108,21 @@ class PromptBuilder:
         text_tokens = int(np.count_nonzero(prompt.input_ids != self.audio_id))
         validation.token_count(text_tokens, "TEXT")
         return prompt
+
+    def conversation(self, texts: list[str], speaker: int = C.DEFAULT_SPEAKER_ID,
+                     context: list[Segment] | None = None) -> ConversationPrompt:
+        """Context turns (oldest first, the voice reference among them), then the
+        target's segments spoken by `speaker`: exactly CsmProcessor.apply_chat_template's
+        layout for the same turns. Each segment's text tokens are checked against
+        MAX_TEXT_TOKENS, and segment 0's whole prompt against MAX_PROMPT_TOKENS."""
+        context = list(context or [])
+        segment_ids = [np.asarray(self.text_ids(text, speaker), np.int64) for text in texts]
+        for ids in segment_ids:
+            validation.token_count(len(ids), "TEXT")
+        prompt = self.build([*context, Segment(texts[0], speaker)])
+        if len(prompt.input_ids) > C.MAX_PROMPT_TOKENS:
+            raise InvalidInput(
+                f"the prompt (voice, context turns and text) is {len(prompt.input_ids)} tokens long; the limit is "
+                f"{C.MAX_PROMPT_TOKENS} (fewer or shorter context turns, or less context audio)"
+            )
+        return ConversationPrompt(prompt, segment_ids, list(texts))

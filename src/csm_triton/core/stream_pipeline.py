@@ -9,7 +9,9 @@ watermark). That split lets the ending rules be tested without a server:
 * a client that goes away stops the pulling of codes, and the generator is told to
   free its KV slot (`cancel_generation`), since csm_lm cannot see that its caller left;
 * a stage's failure reaches the client as that stage's error (an `InvalidInput` of
-  csm_prepare stays a client error).
+  csm_prepare stays a client error);
+* a long text's segments (csm_prepare's segment outputs) are generated one after the
+  other and streamed back to back, still with one final response for the whole.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Protocol
 import numpy as np
 
 from csm_triton import constants as C
+from csm_triton.core import validation
+from csm_triton.core.segments import SegmentChain
 from csm_triton.core.stream_decoder import StreamDecoder
 
 Arrays = Mapping[str, np.ndarray]
@@ -82,14 +86,33 @@ class StreamPipeline:
             self._end(sender, stream_id, None)
 
     def _stream(self, prepare_inputs: Arrays, sampling: Arrays, sender: ResponseSender, stream_id: str) -> None:
-        prompt = self.prepare(prepare_inputs)
-        lm_inputs = {
-            **prompt, **sampling,
-            "first_chunk_frames": np.array([self.first_chunk_frames], np.int32),
-            "chunk_frames": np.array([self.chunk_frames], np.int32),
-        }
+        prepared = self.prepare(prepare_inputs)
+        # A long text comes back as segments (core.segments): generated one after the
+        # other, each with the previous one's codes as context, and streamed back to
+        # back through one decoder, so the joins between segments are chunk joins.
+        chain = SegmentChain.from_prepared(prepared)
+        request_max_frames = validation.sampling_from_inputs(sampling).max_frames
         decoder = StreamDecoder(self.decode, self.left_context_frames)
+        for index in range(len(chain)):
+            if index and sender.is_cancelled():  # left between segments: start no other
+                return
+            lm_inputs = {
+                **chain.lm_inputs(index, sampling, request_max_frames),
+                "first_chunk_frames": np.array([self.first_chunk_frames], np.int32),
+                "chunk_frames": np.array([self.chunk_frames], np.int32),
+            }
+            # Segment 0 keeps the stream's id (csm_lm's request id, named by a cancel).
+            segment_id = stream_id if index == 0 else f"{stream_id}-{index}"
+            codes = self._stream_segment(lm_inputs, segment_id, decoder, sender)
+            if codes is None:  # the client left: no further segment
+                return
+            chain.record(index, codes)
+
+    def _stream_segment(self, lm_inputs: Arrays, stream_id: str, decoder: StreamDecoder,
+                        sender: ResponseSender) -> np.ndarray | None:
+        """One generation streamed to `sender`; its codes, or None when the client left."""
         chunks = iter(self.generate(lm_inputs, stream_id))
+        generated: list[np.ndarray] = []
         exhausted = False
         try:
             # Checked before each pull (a pull waits for the next chunk to be generated)
@@ -101,10 +124,14 @@ class StreamPipeline:
                     break
                 if sender.is_cancelled():
                     break
+                generated.append(np.asarray(codes))
                 sender.send({"AUDIO": self.watermark(decoder.push(codes)), "SAMPLE_RATE": SAMPLE_RATE})
         finally:
             if not exhausted:
                 self._stop_generation(chunks, stream_id)
+        if not exhausted:
+            return None
+        return np.concatenate(generated) if generated else np.zeros((0, C.NUM_CODEBOOKS), np.int64)
 
     def _stop_generation(self, chunks: Iterator[np.ndarray], stream_id: str) -> None:
         """Best effort: a failure here must not hide the stream's own outcome; the LM's

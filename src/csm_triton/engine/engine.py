@@ -5,6 +5,10 @@ cap, cancellation) at frame boundaries. One frame step = one backbone step for
 every active slot + the depth decoder's positions 1..31 for all of them at once.
 Frames reach each request's handle (or callback) every `stream_every` frames.
 
+The active slots hold cache rows 0..n-1: a request that leaves hands its row to the
+one in the last row (its keys and values move once), so every frame step reads the
+cache through views instead of gathering each slot's context per layer (frame_step).
+
 The engine is independent of Triton: `csm_lm`'s model.py drives it from one
 engine thread (`start`), tests and benchmarks may call `step` directly.
 """
@@ -22,7 +26,8 @@ import numpy as np
 import torch
 
 from csm_triton import constants as C
-from csm_triton.engine.frame_step import FrameStep, attention_bucket, batch_bucket
+from csm_triton.engine.capacity import CPU_DEFAULT_SLOTS, WarmUpReport, slots_from_memory
+from csm_triton.engine.frame_step import BucketPlan, FrameStep, StepBucket
 from csm_triton.engine.lm import CsmLM
 from csm_triton.engine.prefix_cache import PrefixCache, PrefixEntry, prefix_key
 from csm_triton.engine.requests import FinishReason, FrameChunk, GenerationRequest, RequestHandle
@@ -34,7 +39,7 @@ LOG = logging.getLogger(__name__)
 
 @dataclass
 class _Slot:
-    index: int
+    row: int  # its row of the KV cache (and of the hidden states); changes when others leave
     handle: RequestHandle
     sampler: SamplerState
     position: int  # next backbone position to write
@@ -51,12 +56,17 @@ class _Slot:
 
 @dataclass
 class EngineConfig:
-    max_slots: int | None = None  # None: from memory on GPU, 8 on CPU
+    # On GPU: at most this many slots, fewer if fewer fit within gpu_memory_fraction
+    # (None: as many as fit). On CPU: exactly this many (None: CPU_DEFAULT_SLOTS).
+    max_slots: int | None = None
     max_context: int | None = None  # None: the backbone's max positions
     gpu_memory_fraction: float = C.DEFAULT_GPU_MEMORY_FRACTION
     prefix_cache_bytes: int = 256 << 20
     max_prefills_per_step: int = 4
-    cuda_graphs: bool = True  # on CUDA: capture the frame step per (batch, length) bucket
+    cuda_graphs: bool = True  # on CUDA: capture the frame step per bucket (frame_step.BucketPlan)
+    # start() captures every bucket's graph before serving, so no request pays a capture
+    # (seconds at load); without it a bucket is captured the first time a step needs it.
+    warm_up: bool = True
     # How often the engine thread hands `on_stats` its counts while it works (and once
     # each time it goes idle): live capacity gauges for a few calls per second,
     # whatever the frame rate (a Triton metric update is an IPC round trip).
@@ -68,47 +78,38 @@ class GenerationEngine:
         self.lm = lm
         self.config = config or EngineConfig()
         self.max_context = min(self.config.max_context or lm.max_context, lm.max_context)
-        self.max_slots = self.config.max_slots or self._slots_from_memory()
-        # One extra row: the scratch slot that padding rows of a batch bucket point at.
-        self.scratch_row = self.max_slots
-        self.cache = lm.new_backbone_cache(self.max_slots + 1, self.max_context)
-        self.depth_cache = lm.new_depth_cache(batch_bucket(self.max_slots))
-        self.noise = torch.ones((batch_bucket(self.max_slots), lm.num_codebooks, lm.audio_vocab_size),
-                                device=lm.device)
-        self.hidden = torch.zeros(self.max_slots + 1, lm.backbone_hidden_size, device=lm.device, dtype=lm.dtype)
+        self.max_slots = self._slot_count()
+        # Batch buckets never exceed max_slots, so a bucket's padding rows are free slots.
+        self.buckets = BucketPlan(self.max_slots, self.max_context)
+        self.cache = lm.new_backbone_cache(self.max_slots, self.max_context)
+        self.depth_cache = lm.new_depth_cache(self.max_slots)
+        self.noise = torch.ones((self.max_slots, lm.num_codebooks, lm.audio_vocab_size), device=lm.device)
+        self.hidden = torch.zeros(self.max_slots, lm.backbone_hidden_size, device=lm.device, dtype=lm.dtype)
         self.use_graphs = lm.device.type == "cuda" and self.config.cuda_graphs
-        self._frame_steps: dict[tuple[int, int], FrameStep] = {}
+        # Graphed: one per StepBucket. Eager (CPU): one per exact batch size.
+        self._frame_steps: dict[StepBucket | int, FrameStep] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes)
-        self._slots: dict[int, _Slot] = {}
-        self._free = list(range(self.max_slots))
+        self._active: list[_Slot] = []  # _active[r] holds cache row r
         self._waiting: deque[RequestHandle] = deque()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.frames_generated = 0
         self.steps = 0
+        self.slot_moves = 0  # slots moved to a lower row when a request before them left
+        self.warm_up_report: WarmUpReport | None = None
         # Called with stats() from the engine thread (see EngineConfig.stats_interval_s).
         self.on_stats: Callable[[dict], None] | None = None
         self._stats_reported_at = 0.0
 
     # --- sizing -----------------------------------------------------------------------
-    def _slots_from_memory(self) -> int:
+    def _slot_count(self) -> int:
         if self.lm.device.type != "cuda":
-            return 8
+            return self.config.max_slots or CPU_DEFAULT_SLOTS
         free, total = torch.cuda.mem_get_info(self.lm.device)
-        used_by_others = total - free
-        budget = total * self.config.gpu_memory_fraction - used_by_others
-        # Keep room for activations and the depth cache: 10 % of the budget.
-        per_slot = self.lm.backbone_bytes_per_token() * self.max_context
-        slots = int(budget * 0.9 // per_slot)
-        if slots < 1:
-            raise RuntimeError(
-                f"no KV slot fits: {budget / 2**30:.1f} GiB left within gpu_memory_fraction="
-                f"{self.config.gpu_memory_fraction}, one slot of {self.max_context} tokens needs "
-                f"{per_slot / 2**30:.2f} GiB"
-            )
-        return slots
+        return slots_from_memory(free, total, self.config.gpu_memory_fraction,
+                                 self.lm.backbone_bytes_per_token() * self.max_context, self.config.max_slots)
 
     # --- public API -------------------------------------------------------------------
     def submit(self, request: GenerationRequest,
@@ -127,7 +128,7 @@ class GenerationEngine:
         no such request is known (already finished, or never seen)."""
         with self._lock:
             handles = [h for h in self._waiting if h.request.request_id == request_id]
-        handles += [s.handle for s in list(self._slots.values()) if s.handle.request.request_id == request_id]
+        handles += [s.handle for s in list(self._active) if s.handle.request.request_id == request_id]
         for handle in handles:
             handle.cancel()
         return bool(handles)
@@ -136,7 +137,7 @@ class GenerationEngine:
         # No lock: len() of a dict or deque is atomic, and a count a moment old is fine.
         return {
             "slots_total": self.max_slots,
-            "slots_in_use": len(self._slots),
+            "slots_in_use": len(self._active),
             "waiting": len(self._waiting),
             "frames_generated": self.frames_generated,
             "prefix_cache_hits": self.prefix_cache.hits,
@@ -145,13 +146,34 @@ class GenerationEngine:
         }
 
     def has_work(self) -> bool:
-        return bool(self._slots or self._waiting)
+        return bool(self._active or self._waiting)
 
     def run_until_idle(self) -> None:
         while self.has_work():
             self.step()
 
+    @torch.inference_mode()  # as in step(): the buffers made here are used there
+    def warm_up(self) -> "WarmUpReport":
+        """Prepare the frame step of every bucket a request can reach (BucketPlan), so
+        that no request pays for it: on CUDA, capture its graph. The CPU runs eagerly at
+        exact batch sizes and has nothing to prepare, so its walk costs nothing."""
+        timings = []
+        for bucket in self.buckets.buckets():
+            started = time.perf_counter()
+            self._prepare(bucket)
+            timings.append((bucket, time.perf_counter() - started))
+        report = WarmUpReport(timings, captured=self.use_graphs)
+        LOG.info("warm-up: %s", report.summary())
+        return report
+
+    def _prepare(self, bucket: StepBucket) -> None:
+        if self.use_graphs and bucket not in self._frame_steps:
+            self._frame_steps[bucket] = self._new_frame_step(bucket, capture=True)
+            torch.cuda.synchronize(self.lm.device)  # so that the timing is the capture's
+
     def start(self) -> None:
+        if self.config.warm_up and self.warm_up_report is None:
+            self.warm_up_report = self.warm_up()
         self._thread = threading.Thread(target=self._loop, name="csm-engine", daemon=True)
         self._thread.start()
 
@@ -199,13 +221,13 @@ class GenerationEngine:
         """Admit waiting requests, then generate one frame for every active slot."""
         self._drop_cancelled()
         self._admit()
-        if not self._slots:
+        if not self._active:
             return 0
-        slots = sorted(self._slots.values(), key=lambda s: s.index)
+        slots = list(self._active)  # in row order: rows 0..n-1
         frames = self._frame_step(slots)
         self.steps += 1
         self._advance(slots, frames)
-        return len(self._slots)
+        return len(self._active)
 
     def _check(self, request: GenerationRequest) -> None:
         tokens = len(request.input_ids)
@@ -224,11 +246,11 @@ class GenerationEngine:
 
     def _drop_cancelled(self) -> None:
         if self.steps % self.CANCEL_POLL_FRAMES == 0:
-            for slot in self._slots.values():
+            for slot in self._active:
                 poll = slot.handle.request.is_cancelled
                 if poll is not None and poll():
                     slot.handle.cancel()
-        for slot in [s for s in self._slots.values() if s.handle.cancelled]:
+        for slot in reversed([s for s in self._active if s.handle.cancelled]):  # highest row first
             self._finish(slot, FinishReason.CANCELLED)
         with self._lock:
             cancelled = [h for h in self._waiting if h.cancelled]
@@ -240,29 +262,26 @@ class GenerationEngine:
     def _admit(self) -> None:
         for _ in range(self.config.max_prefills_per_step):
             with self._lock:
-                if not self._free or not self._waiting:
+                if len(self._active) >= self.max_slots or not self._waiting:
                     return
                 handle = self._waiting.popleft()
-                index = self._free.pop(0)
+            row = len(self._active)  # the first free row: the active slots are rows 0..n-1
             request = handle.request
             try:
-                position = self._prefill(index, request)
+                position = self._prefill(row, request)
             except Exception as error:  # noqa: BLE001 - one bad prompt fails only itself
                 LOG.exception("prefill failed")
-                self._free.append(index)
-                self._free.sort()
                 handle._end(FinishReason.ERROR, f"prefill failed: {error}")
                 continue
             sampler = SamplerState.create(temperature=request.temperature, top_k=request.top_k,
                                           greedy=request.greedy, seed=request.seed, device=self.lm.device)
-            self._slots[index] = _Slot(index, handle, sampler, position)
+            self._active.append(_Slot(row, handle, sampler, position))
 
-    def _prefill(self, index: int, request: GenerationRequest) -> int:
+    def _prefill(self, row: int, request: GenerationRequest) -> int:
         device = self.lm.device
         input_ids = torch.as_tensor(np.asarray(request.input_ids), dtype=torch.long, device=device)
         audio_codes = torch.as_tensor(np.asarray(request.audio_codes), dtype=torch.long, device=device)
         embeds = self.lm.embed_prompt(input_ids, audio_codes.reshape(-1, self.lm.num_codebooks))
-        rows = torch.tensor([index], device=device)
         prefix_len = self._prefix_length(input_ids)
         if prefix_len:
             # The reference segment is computed on its own (hit or miss alike), so a
@@ -271,16 +290,16 @@ class GenerationEngine:
             entry = self.prefix_cache.get(key)
             if entry is None:
                 positions = torch.arange(prefix_len, device=device)[None]
-                self.lm.backbone_forward(embeds[None, :prefix_len], self.cache, rows, positions)
-                entry = PrefixEntry(self.cache.k[:, index, :, :prefix_len].clone(),
-                                    self.cache.v[:, index, :, :prefix_len].clone())
+                self.lm.backbone_forward(embeds[None, :prefix_len], self.cache, row, positions)
+                entry = PrefixEntry(self.cache.k[:, row, :, :prefix_len].clone(),
+                                    self.cache.v[:, row, :, :prefix_len].clone())
                 self.prefix_cache.put(key, entry)
             else:
-                self.cache.k[:, index, :, :prefix_len] = entry.k
-                self.cache.v[:, index, :, :prefix_len] = entry.v
+                self.cache.k[:, row, :, :prefix_len] = entry.k
+                self.cache.v[:, row, :, :prefix_len] = entry.v
         total = len(input_ids)
         positions = torch.arange(prefix_len, total, device=device)[None]
-        self.hidden[index] = self.lm.backbone_forward(embeds[None, prefix_len:], self.cache, rows, positions)[0]
+        self.hidden[row] = self.lm.backbone_forward(embeds[None, prefix_len:], self.cache, row, positions)[0]
         return total
 
     def _prefix_length(self, input_ids: torch.Tensor) -> int:
@@ -291,13 +310,12 @@ class GenerationEngine:
     def _frame_step(self, slots: list[_Slot]) -> np.ndarray:
         step = self._frame_step_for(slots)
         count = len(slots)
-        step.rows[:count].copy_(torch.tensor([s.index for s in slots]), non_blocking=True)
         step.positions[:count, 0].copy_(torch.tensor([s.position for s in slots]), non_blocking=True)
         step.temperature[:count].copy_(torch.tensor([s.sampler.temperature for s in slots]), non_blocking=True)
-        step.top_k[:count].copy_(torch.tensor([min(s.sampler.top_k, C.CODEBOOK_SIZE) for s in slots]),
+        step.top_k[:count].copy_(torch.tensor([min(s.sampler.top_k, step.top_k_bound) for s in slots]),
                                  non_blocking=True)
         step.greedy[:count].copy_(torch.tensor([s.sampler.greedy for s in slots]), non_blocking=True)
-        step.rows[count:].fill_(self.scratch_row)
+        # Padding rows (free slots): position 0, greedy; their results are never read.
         step.positions[count:].zero_()
         step.greedy[count:].fill_(True)
         for row, slot in enumerate(slots):
@@ -309,27 +327,29 @@ class GenerationEngine:
 
     def _frame_step_for(self, slots: list[_Slot]) -> FrameStep:
         needed = max(s.position for s in slots) + 1
+        top_k = max((s.sampler.top_k for s in slots if not s.sampler.greedy), default=1)
+        bucket = self.buckets.bucket_for(len(slots), needed, min(top_k, C.CODEBOOK_SIZE))
         if not self.use_graphs:  # eager: exact sizes, one set of buffers per batch size
-            key = (len(slots), 0)
-            step = self._frame_steps.get(key)
+            step = self._frame_steps.get(len(slots))
             if step is None:
-                step = self._frame_steps[key] = self._new_frame_step(len(slots), needed, capture=False)
-            step.attend_len = needed
+                step = self._frame_steps[len(slots)] = self._new_frame_step(bucket._replace(batch=len(slots)),
+                                                                            capture=False)
+            step.attend_len, step.top_k_bound = needed, bucket.top_k_bound
             return step
-        key = (batch_bucket(len(slots)), attention_bucket(needed, self.max_context))
-        if key not in self._frame_steps:
-            self._frame_steps[key] = self._new_frame_step(*key, capture=True)
-        return self._frame_steps[key]
+        if bucket not in self._frame_steps:  # only without warm-up (or past it: never)
+            self._frame_steps[bucket] = self._new_frame_step(bucket, capture=True)
+        return self._frame_steps[bucket]
 
-    def _new_frame_step(self, batch: int, attend_len: int, *, capture: bool) -> FrameStep:
-        return FrameStep(self.lm, self.cache, self.depth_cache, self.hidden, self.noise, batch=batch,
-                         scratch_row=self.scratch_row, attend_len=attend_len, capture=capture,
+    def _new_frame_step(self, bucket: StepBucket, *, capture: bool) -> FrameStep:
+        return FrameStep(self.lm, self.cache, self.depth_cache, self.hidden, self.noise, batch=bucket.batch,
+                         attend_len=bucket.attend_len, top_k_bound=bucket.top_k_bound, capture=capture,
                          graph_pool=self._graph_pool)
 
     def _advance(self, slots: list[_Slot], frames: np.ndarray) -> None:
+        finished: list[tuple[_Slot, FinishReason]] = []
         for slot, frame in zip(slots, frames):
             if not frame.any():  # an all-zero frame: end of speech (not emitted)
-                self._finish(slot, FinishReason.END_OF_SPEECH)
+                finished.append((slot, FinishReason.END_OF_SPEECH))
                 continue
             slot.pending.append(frame)
             slot.frames_done += 1
@@ -338,23 +358,40 @@ class GenerationEngine:
             if slot.frames_done == 1:
                 slot.handle.time_to_first_frame = time.perf_counter() - slot.handle.submitted_at
             if slot.frames_done >= slot.handle.request.max_frames:
-                self._finish(slot, FinishReason.MAX_FRAMES)
+                finished.append((slot, FinishReason.MAX_FRAMES))
                 continue
             size = slot.chunk_size()
             if size and len(slot.pending) >= size:
                 slot.handle._deliver(FrameChunk(np.stack(slot.pending)))
                 slot.pending = []
                 slot.chunks_sent += 1
+        # Only now, with every position advanced past the frame just written, may a slot
+        # move rows; the highest rows leave first, so no leaving slot is moved.
+        for slot, reason in sorted(finished, key=lambda item: item[0].row, reverse=True):
+            self._finish(slot, reason)
 
     def _finish(self, slot: _Slot, reason: FinishReason, error: str | None = None) -> None:
-        del self._slots[slot.index]
-        with self._lock:
-            self._free.append(slot.index)
-            self._free.sort()
+        self._release(slot)
         slot.handle._end(reason, error, slot.pending)
 
+    def _release(self, slot: _Slot) -> None:
+        """Free the slot's row; the slot in the last row moves into it (keys, values and
+        hidden state: one copy of its context, once per departure instead of a gather
+        per layer per frame), so the active slots stay rows 0..n-1. Called between
+        frames, when each slot's positions 0..position-1 hold its context."""
+        last = self._active.pop()
+        if last is slot:
+            return
+        written = last.position  # positions 0..position-1 hold its context
+        self.cache.k[:, slot.row, :, :written] = self.cache.k[:, last.row, :, :written]
+        self.cache.v[:, slot.row, :, :written] = self.cache.v[:, last.row, :, :written]
+        self.hidden[slot.row] = self.hidden[last.row]
+        last.row = slot.row
+        self._active[slot.row] = last
+        self.slot_moves += 1
+
     def _finish_all(self, reason: FinishReason, error: str) -> None:
-        for slot in list(self._slots.values()):
+        for slot in reversed(list(self._active)):  # the last row first: nothing moves
             self._finish(slot, reason, error)
         with self._lock:
             waiting, self._waiting = list(self._waiting), deque()

@@ -2,17 +2,23 @@
 backbone's last hidden state, codebooks 1..31 from the depth decoder, then the
 backbone step that embeds the new frame and leaves the next hidden state.
 
-Every shape is fixed per (batch bucket, attention length), nothing reads back to the
-host, and the random draws come in as a buffer, so on CUDA the whole step is
-captured once as a CUDA graph and replayed: one launch instead of ~1,500 kernel
-launches per frame, which is where `generate`'s 290 ms/frame goes (the weights take
-~7 ms to read on an H100). On the CPU the same code runs eagerly.
+The active slots always hold cache rows 0..n-1 (the engine keeps them compacted), so
+a step over a batch of `b` rows reads the basic-slice views `k[:b, :, :attend_len]`:
+no gather copies a slot's keys and values, whatever the batch. Every shape is fixed
+per bucket (batch, attention length, top-k bound), nothing reads back to the host,
+and the random draws come in as a buffer, so on CUDA the whole step is captured once
+as a CUDA graph and replayed: one launch instead of ~1,500 kernel launches per frame,
+which is where `generate`'s 290 ms/frame goes (the weights take ~7 ms to read on an
+H100). On the CPU the same code runs eagerly, at the exact batch size.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
+from csm_triton import constants as C
 from csm_triton.engine.layers import KVCache
 from csm_triton.engine.lm import CsmLM
 from csm_triton.engine.sampling import sample
@@ -20,13 +26,16 @@ from csm_triton.engine.sampling import sample
 
 class FrameStep:
     def __init__(self, lm: CsmLM, cache: KVCache, depth_cache: KVCache, hidden: torch.Tensor,
-                 noise: torch.Tensor, *, batch: int, scratch_row: int, attend_len: int,
+                 noise: torch.Tensor, *, batch: int, attend_len: int, top_k_bound: int = C.CODEBOOK_SIZE,
                  capture: bool = False, graph_pool=None):
         device = lm.device
-        self.lm, self.cache, self.depth_cache, self.hidden = lm, cache, depth_cache, hidden
+        self.lm, self.cache, self.depth_cache = lm, cache, depth_cache
+        self.batch = batch
         self.attend_len = attend_len
-        # Unused rows point at the scratch slot, greedy, so they cost arithmetic only.
-        self.rows = torch.full((batch,), scratch_row, dtype=torch.long, device=device)
+        self.top_k_bound = top_k_bound  # every row's top_k is at most this (the engine clamps)
+        # Rows 0..batch-1 of the engine's hidden states; rows past the active ones are
+        # free slots whose results nobody reads (greedy, position 0: arithmetic only).
+        self.hidden = hidden[:batch]
         self.positions = torch.zeros((batch, 1), dtype=torch.long, device=device)
         self.temperature = torch.ones(batch, device=device)
         self.top_k = torch.ones(batch, dtype=torch.long, device=device)
@@ -39,7 +48,7 @@ class FrameStep:
 
     def _compute(self) -> None:
         lm = self.lm
-        hidden = self.hidden[self.rows]
+        hidden = self.hidden
         codes = [self._sample(lm.codebook0_logits(hidden), 0)]
         # Depth decoder: position 0 is the backbone's hidden state, position 1 codebook 0.
         step_input = torch.stack([hidden, lm.depth_embed(codes[0], 0)[:, 0]], dim=1)
@@ -51,25 +60,34 @@ class FrameStep:
         # The backbone consumes the new frame now, so the next step starts from its
         # hidden state; a slot that finishes with this frame just never reads it.
         embeds = lm.embed_frames(frame)[:, None].to(lm.dtype)
-        attended = lm.backbone.forward(embeds, self.cache, self.rows, self.positions, self.attend_len)
-        self.hidden[self.rows] = attended[:, -1]
+        attended = lm.backbone.forward(embeds, self.cache, 0, self.positions, self.attend_len)
+        self.hidden.copy_(attended[:, -1])
 
     def _sample(self, logits: torch.Tensor, codebook: int) -> torch.Tensor:
-        return sample(logits, self.temperature, self.top_k, self.greedy, self.noise[:, codebook])
+        return sample(logits, self.temperature, self.top_k, self.greedy, self.noise[:, codebook], self.top_k_bound)
 
     def _capture(self, graph_pool) -> "torch.cuda.CUDAGraph":
-        # Warm up on a side stream (cuBLAS/cuDNN pick their kernels), then capture.
-        # Buffers still point every row at the scratch slot, so this writes nothing
-        # that a request will read.
-        stream = torch.cuda.Stream(self.lm.device)
-        stream.wait_stream(torch.cuda.current_stream(self.lm.device))
+        # Warm up on a side stream (cuBLAS/cuDNN pick their kernels), then capture. The
+        # warm-up runs write position 0 of rows 0..batch-1 and their hidden states, which
+        # may belong to running requests (a bucket first reached mid-generation): saved
+        # before, restored after. Every tensor the graph allocates dies inside the step
+        # (results go to buffers made outside the capture), so graphs can share one
+        # memory pool and replay in any order.
+        device = self.lm.device
+        saved = (self.cache.k[:, :self.batch, :, 0].clone(), self.cache.v[:, :self.batch, :, 0].clone(),
+                 self.hidden.clone())
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
             for _ in range(2):
                 self._compute()
-        torch.cuda.current_stream(self.lm.device).wait_stream(stream)
+        torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=graph_pool):
             self._compute()
+        self.cache.k[:, :self.batch, :, 0].copy_(saved[0])
+        self.cache.v[:, :self.batch, :, 0].copy_(saved[1])
+        self.hidden.copy_(saved[2])
         return graph
 
     def run(self) -> None:
@@ -79,22 +97,56 @@ class FrameStep:
             self._compute()
 
 
-def batch_bucket(count: int) -> int:
-    """Padded batch sizes: powers of two, so a few graphs cover every batch."""
-    bucket = 1
-    while bucket < count:
-        bucket *= 2
-    return bucket
-
-
+# --- buckets --------------------------------------------------------------------------------
 ATTENTION_BUCKETS = (256, 512, 1024, 2048, 4096)
+# Top-k is found with torch.topk over this many candidates instead of sorting the whole
+# vocabulary: 64 covers CSM's default of 50; a request asking for more uses the full
+# codebook (its own graphs, captured at load like the others).
+TOP_K_BOUNDS = (64, C.CODEBOOK_SIZE)
 
 
-def attention_bucket(length: int, max_context: int) -> int:
-    for bucket in ATTENTION_BUCKETS:
-        if length <= bucket:
-            return min(bucket, max_context)
-    return max_context
+class StepBucket(NamedTuple):
+    batch: int
+    attend_len: int
+    top_k_bound: int
 
 
-__all__ = ["FrameStep", "attention_bucket", "batch_bucket"]
+class BucketPlan:
+    """Every (batch, attention length, top-k bound) a frame step can need, for an engine
+    of `max_slots` slots of `max_context` positions: the graphs captured at load.
+
+    Batch sizes are the powers of two below max_slots, then max_slots itself (never
+    more: padding rows are free slots, so a bucket cannot exceed the slot count);
+    attention lengths are ATTENTION_BUCKETS below max_context, then max_context.
+    """
+
+    def __init__(self, max_slots: int, max_context: int):
+        self.max_slots, self.max_context = max_slots, max_context
+        self.batch_sizes = _ladder((1 << n for n in range(max_slots.bit_length())), max_slots)
+        self.attention_lengths = _ladder(ATTENTION_BUCKETS, max_context)
+        self.top_k_bounds = TOP_K_BOUNDS
+
+    def buckets(self) -> list[StepBucket]:
+        return [StepBucket(batch, length, bound) for batch in self.batch_sizes
+                for length in self.attention_lengths for bound in self.top_k_bounds]
+
+    def bucket_for(self, count: int, attend_len: int, top_k: int) -> StepBucket:
+        """The smallest bucket that holds `count` rows attending `attend_len` positions
+        with top-k up to `top_k` (the largest top_k among the sampled rows)."""
+        return StepBucket(_smallest_at_least(self.batch_sizes, count),
+                          _smallest_at_least(self.attention_lengths, attend_len),
+                          _smallest_at_least(self.top_k_bounds, top_k))
+
+
+def _ladder(steps, top: int) -> tuple[int, ...]:
+    return tuple(step for step in steps if step < top) + (top,)
+
+
+def _smallest_at_least(ladder: tuple[int, ...], value: int) -> int:
+    for step in ladder:
+        if value <= step:
+            return step
+    raise ValueError(f"{value} is beyond the largest bucket {ladder[-1]}")
+
+
+__all__ = ["ATTENTION_BUCKETS", "BucketPlan", "FrameStep", "StepBucket", "TOP_K_BOUNDS"]

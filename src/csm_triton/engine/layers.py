@@ -71,8 +71,10 @@ class TransformerStack:
 
     Cache layout: one K and one V tensor per layer, [rows, kv_heads, max_len, head_dim].
     A call processes `x` [batch, tokens, hidden] whose batch item b lives in cache row
-    `rows[b]` at positions `positions[b]`; each token attends to its row's positions
-    0..own position.
+    `first_row + b` at positions `positions[b]`; each token attends to its row's
+    positions 0..own position. The rows of a call are contiguous so that attention reads
+    a view of the cache (`k[first_row:first_row + batch, :, :attend_len]`): gathering
+    scattered rows would copy every item's keys and values, per layer and step.
     """
 
     def __init__(self, hf_model, *, pack_batch_sizes: tuple[int, ...] = ()):
@@ -117,16 +119,18 @@ class TransformerStack:
         shape = (len(self.layers), rows, self.num_kv_heads, max_len, self.head_dim)
         return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor, cache: "KVCache", rows: torch.Tensor, positions: torch.Tensor,
+    def forward(self, x: torch.Tensor, cache: "KVCache", first_row: int, positions: torch.Tensor,
                 attend_len: int) -> torch.Tensor:
-        """x [B, T, hidden]; rows [B]; positions [B, T]; attend_len: keys 0..attend_len-1 are read."""
+        """x [B, T, hidden] for cache rows first_row..first_row+B-1; positions [B, T];
+        attend_len: keys 0..attend_len-1 are read."""
         batch, tokens, _ = x.shape
         cos, sin = self.cos[positions], self.sin[positions]  # [B, T, head_dim]
         key_positions = torch.arange(attend_len, device=x.device)
         mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, attend_len]
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
-        row_index = rows[:, None].expand(batch, tokens)
+        rows = slice(first_row, first_row + batch)
+        item = torch.arange(batch, device=x.device)[:, None].expand(batch, tokens)
         for index, layer in enumerate(self.layers):
             residual = x
             h = rms_norm(x, layer.input_norm, self.eps)
@@ -135,12 +139,13 @@ class TransformerStack:
             k = k.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
             v = v.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
             q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            # Write this step's keys/values into each item's row at its positions.
-            cache.k[index][row_index, :, positions] = k.transpose(1, 2)
-            cache.v[index][row_index, :, positions] = v.transpose(1, 2)
-            keys = cache.k[index][rows, :, :attend_len]
-            values = cache.v[index][rows, :, :attend_len]
-            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            keys, values = cache.k[index, rows], cache.v[index, rows]  # views [B, kv_heads, max_len, head_dim]
+            # Write this step's keys/values at each item's positions (B x T vectors), then
+            # attend over a view: nothing of the earlier context is copied.
+            keys[item, :, positions] = k.transpose(1, 2)
+            values[item, :, positions] = v.transpose(1, 2)
+            attended = F.scaled_dot_product_attention(q, keys[:, :, :attend_len], values[:, :, :attend_len],
+                                                      attn_mask=mask, enable_gqa=True)
             x = residual + layer.o_proj(attended.transpose(1, 2).reshape(batch, tokens, q_size))
             residual = x
             gate, up = layer.gate_up(rms_norm(x, layer.post_norm, self.eps)).split(self.intermediate_size, dim=-1)

@@ -101,11 +101,12 @@ class CsmLM:
         return 2 * len(self.backbone.layers) * self.backbone.num_kv_heads * self.backbone.head_dim * element
 
     # --- steps ------------------------------------------------------------------------
-    def backbone_forward(self, embeds: torch.Tensor, cache: KVCache, rows: torch.Tensor,
+    def backbone_forward(self, embeds: torch.Tensor, cache: KVCache, first_row: int,
                          positions: torch.Tensor) -> torch.Tensor:
-        """embeds [B, T, hidden] at positions [B, T] -> last hidden state per item [B, hidden]."""
+        """embeds [B, T, hidden] for cache rows first_row.. at positions [B, T] -> last
+        hidden state per item [B, hidden]."""
         attend_len = int(positions.max()) + 1
-        hidden = self.backbone.forward(embeds, cache, rows, positions, attend_len)
+        hidden = self.backbone.forward(embeds, cache, first_row, positions, attend_len)
         return hidden[:, -1]
 
     def codebook0_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -118,9 +119,8 @@ class CsmLM:
         logits of codebook `position` [B, vocab].
         """
         batch, tokens, _ = step_input.shape
-        rows = torch.arange(batch, device=self.device)
         positions = torch.arange(position - tokens + 1, position + 1, device=self.device).expand(batch, tokens)
-        hidden = self.depth.forward(self.depth_projector(step_input), cache, rows, positions, position + 1)
+        hidden = self.depth.forward(self.depth_projector(step_input), cache, 0, positions, position + 1)
         return self._masked(self.depth_heads[position - 1](hidden[:, -1]))
 
     def depth_embed(self, codes: torch.Tensor, codebook: int) -> torch.Tensor:

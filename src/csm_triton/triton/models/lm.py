@@ -71,9 +71,11 @@ class LanguageModel(triton.DecoupledModel):
         self._gauge_lock = threading.Lock()
         self._gauges: tuple[int, int] | None = None
         self.engine.on_stats = self._update_engine_metrics
-        self.engine.start()
+        self.engine.start()  # captures the CUDA graphs of every bucket first (warm-up)
+        warm_up = self.engine.warm_up_report
         triton.log_info(f"{self.model_name}: engine on {self.engine.lm.device} ({self.engine.lm.dtype}), "
-                        f"{self.engine.max_slots} KV slots of {self.engine.max_context} positions")
+                        f"{self.engine.max_slots} KV slots of {self.engine.max_context} positions"
+                        + (f"; warm-up: {warm_up.summary()}" if warm_up else ""))
 
     def _update_engine_metrics(self, stats: dict | None = None) -> None:
         stats = stats or self.engine.stats()

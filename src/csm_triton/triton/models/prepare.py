@@ -1,13 +1,22 @@
 """csm_prepare: text + voice (a stored VOICE_ID, or inline REFERENCE_AUDIO with its
-REFERENCE_TEXT) -> CSM prompt tensors for csm_lm."""
+REFERENCE_TEXT) + optional conversation context -> CSM prompt tensors for csm_lm.
+
+Besides the first prompt (input_ids, prompt_codes) it returns the segments of a long
+TEXT (core.segments): every segment's text turn as token ids, its frame budget, and
+the audio token ids, so csm_generate and csm_tts_stream chain the segments without a
+tokenizer of their own.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
+from csm_triton import constants as C
 from csm_triton.triton import adapter as triton
-from csm_triton.core import validation
-from csm_triton.core.prompt import PromptBuilder
+from csm_triton.core import conversation, segments, validation
+from csm_triton.core.prompt import PromptBuilder, Segment
 from csm_triton.triton.models.voices import forward_mimi_encoder, voice_directory
 from csm_triton.core.voice_store import VoiceStore
 from csm_triton.core.voices import VoiceResolver
@@ -19,19 +28,45 @@ class PrepareModel(triton.PythonModel):
         self.prompt_builder = PromptBuilder(Path(triton.model_directory(args)) / tokenizer_dir)
         self.voices = VoiceResolver(VoiceStore(voice_directory(args, self.parameters)), forward_mimi_encoder)
 
+    def _stored_voice(self, voice_id: str):
+        voice = self.voices.store.get(voice_id)
+        return voice.transcript, voice.codes
+
     def handle(self, request):
-        # TEXT is checked here, before the voice is resolved (maybe encoded through BLS),
-        # so a bad text costs nothing; PromptBuilder.prepare trusts it. REFERENCE_TEXT's
-        # content is the VoiceResolver's to check, for this model and voice_register alike.
-        text = validation.single_text(triton.input_texts(request, "TEXT"), "TEXT")
+        # The cheap checks first (TEXT, SPEAKER, the context's counts and lengths), before
+        # any voice is resolved or audio encoded through BLS; PromptBuilder trusts the texts.
+        raw_text = validation.single_string(triton.input_texts(request, "TEXT"), "TEXT")
+        text = conversation.spoken_text(raw_text, "TEXT", max_chars=C.MAX_LONG_TEXT_CHARS)
+        speaker = conversation.speaker_id(triton.input_array(request, "SPEAKER", required=False))
+        texts = segments.split_text(text)
         voice_id = triton.input_texts(request, "VOICE_ID", required=False)
         reference_text = triton.input_texts(request, "REFERENCE_TEXT", required=False)
+        context = conversation.context_turns(
+            texts=triton.input_texts(request, "CONTEXT_TEXT", required=False),
+            speakers=triton.input_array(request, "CONTEXT_SPEAKER", required=False),
+            audio=triton.input_array(request, "CONTEXT_AUDIO", required=False),
+            audio_lengths=triton.input_array(request, "CONTEXT_AUDIO_LENGTHS", required=False),
+            sample_rate=triton.input_array(request, "CONTEXT_SAMPLE_RATE", required=False),
+            voice_ids=triton.input_texts(request, "CONTEXT_VOICE_ID", required=False),
+            lookup_voice=self._stored_voice, encode=forward_mimi_encoder,
+        )
         voice = self.voices.resolve(
             voice_id=validation.single_text(voice_id, "VOICE_ID", required=False),
             reference_audio=triton.input_array(request, "REFERENCE_AUDIO", required=False),
             reference_sample_rate=triton.input_array(request, "REFERENCE_SAMPLE_RATE", required=False),
             reference_text=validation.single_string(reference_text, "REFERENCE_TEXT", required=False),
         )
-        reference_text, reference_codes = voice if voice is not None else (None, None)
-        prompt = self.prompt_builder.prepare(text, reference_text, reference_codes)
-        return {"input_ids": prompt.input_ids, "prompt_codes": prompt.audio_codes}
+        if voice is not None:  # the voice reference is the oldest turn, spoken by SPEAKER
+            reference_text, reference_codes = voice
+            context.insert(0, Segment(reference_text, speaker, validation.audio_codes(reference_codes, "voice")))
+        prepared = self.prompt_builder.conversation(texts, speaker, context)
+        builder = self.prompt_builder
+        budgets = [segments.segment_max_frames(t) if len(texts) > 1 else 0 for t in texts]
+        return {
+            "input_ids": prepared.prompt.input_ids,
+            "prompt_codes": prepared.prompt.audio_codes,
+            "segment_ids": np.concatenate(prepared.segment_ids).astype(np.int64),
+            "segment_token_counts": np.array([len(ids) for ids in prepared.segment_ids], np.int32),
+            "segment_max_frames": np.array(budgets, np.int32),
+            "audio_token_ids": np.array([builder.audio_id, builder.audio_eos_id], np.int64),
+        }

@@ -14,15 +14,19 @@ import numpy as np
 
 from csm_triton import constants as C
 from csm_triton.core import validation
+from csm_triton.core.conversation import CONTEXT_INPUTS
+from csm_triton.core.segments import SEGMENT_OUTPUTS
 from csm_triton.core.stream_pipeline import StreamPipeline
 from csm_triton.errors import InvalidInput
 from csm_triton.triton import adapter as triton
 
-PREPARE_INPUTS = ("TEXT", "VOICE_ID", "REFERENCE_AUDIO", "REFERENCE_SAMPLE_RATE", "REFERENCE_TEXT")
+PREPARE_INPUTS = ("TEXT", "VOICE_ID", "REFERENCE_AUDIO", "REFERENCE_SAMPLE_RATE", "REFERENCE_TEXT",
+                  *CONTEXT_INPUTS)
+PREPARE_OUTPUTS = ("input_ids", "prompt_codes", *SEGMENT_OUTPUTS)
 
 
 def forward_prepare(prepare_inputs):
-    return triton.call_model("csm_prepare", prepare_inputs, ["input_ids", "prompt_codes"])
+    return triton.call_model("csm_prepare", prepare_inputs, list(PREPARE_OUTPUTS))
 
 
 def forward_lm(lm_inputs, stream_id: str):

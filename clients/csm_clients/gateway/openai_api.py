@@ -1,0 +1,318 @@
+"""The OpenAI-compatible speech API under /v1: a client changes `base_url` and nothing else.
+
+    POST   /v1/audio/speech          text -> audio (whole, chunked audio, or SSE events)
+    GET    /v1/models                the accepted model names
+    GET    /v1/audio/voices          the stored voices
+    POST   /v1/audio/voices          store one (multipart: name, audio_sample, transcript)
+    DELETE /v1/audio/voices/{id}     remove one
+
+Every answer that is not audio is OpenAI's JSON; every error is OpenAI's shape
+`{"error": {"message", "type", "param", "code"}}` with its status (400 naming the field
+in `param`, 401 for a missing or wrong key, 403 for a refused voice write, 404 for an
+unknown model, 413 for an oversized upload, 502/503 when Triton failed or is down). The
+route class converts errors itself, so the original routes keep their `{"detail"}`.
+
+Keys (gateway/keys.py): voice writes always need `Authorization: Bearer <key>`; with keys
+configured every /v1 route does. Limits are the server's: the gateway checks only what
+it must before building tensors (sampling ranges, the OpenAI-only fields), and maps the
+tensor a Triton refusal names back to the body's field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import logging
+from datetime import datetime
+from typing import Any, AsyncIterator, Callable, Literal
+
+from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field
+
+from csm_clients.audio import Speech
+from csm_clients.client import AsyncVoiceCloner
+from csm_clients.encoding import FORMATS, StreamEncoder, encode
+from csm_clients.errors import CsmClientError, InvalidRequest, PermissionDenied, ServerUnavailable
+from csm_clients.gateway.keys import ApiKeys, MissingApiKey
+from csm_clients.limits import check_sampling
+
+LOG = logging.getLogger("csm_clients.gateway.openai")
+
+__all__ = ["MODELS", "OPENAI_VOICES", "OpenAIError", "SpeechRequest", "openai_router"]
+
+# Accepted `model` names: OpenAI's TTS models (so existing code runs unchanged) and ours.
+# All of them are the one CSM-1B deployment.
+MODELS = ("csm-1b", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+# OpenAI's built-in voices speak in the model's default voice (no VOICE_ID sent).
+OPENAI_VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage",
+                           "shimmer", "verse", "marin", "cedar"})
+SERVED_SPEAKER = 0  # the CSM speaker id the server gives every request's text turn
+SAMPLES_PER_FRAME = 1_920  # Mimi: 24 kHz / 12.5 Hz; SSE usage counts generated frames
+
+# A Triton refusal names the tensor; the caller wrote the body's field.
+_SPEECH_FIELDS = {"TEXT": "input", "VOICE_ID": "voice", "unknown voice": "voice", "TEMPERATURE": "temperature",
+                  "TOP_K": "top_k", "SEED": "seed", "MAX_AUDIO_SECONDS": "max_audio_seconds"}
+_VOICE_FIELDS = {"VOICE_ID": "name", "REFERENCE_TEXT": "transcript", "REFERENCE_AUDIO": "audio_sample",
+                 "REFERENCE_SAMPLE_RATE": "audio_sample", "reference clip": "audio_sample", "unknown voice": "voice_id"}
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        body = {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+def _param_of(message: str, fields: dict[str, str]) -> str | None:
+    return next((field for marker, field in fields.items() if marker in message), None)
+
+
+def _from_client_error(error: CsmClientError, fields: dict[str, str]) -> OpenAIError:
+    message = str(error)
+    if isinstance(error, MissingApiKey):
+        return OpenAIError(401, message, code="invalid_api_key")
+    if isinstance(error, PermissionDenied):
+        return OpenAIError(403, message, code="permission_denied", kind="permission_error")
+    if isinstance(error, InvalidRequest):
+        status = 413 if type(error).__name__ == "UploadTooLarge" else 400
+        return OpenAIError(status, message, param=_param_of(message, fields))
+    if isinstance(error, ServerUnavailable):
+        return OpenAIError(503, message, code="service_unavailable", kind="server_error")
+    return OpenAIError(502, message, code="upstream_error", kind="server_error")
+
+
+def _from_validation(error: RequestValidationError) -> OpenAIError:
+    problems = error.errors()
+    first = problems[0] if problems else {}
+    where = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+    param = where[0] if where and not where[0].isdigit() else None
+    message = "; ".join(f"{'.'.join(str(p) for p in item.get('loc', ()) if p != 'body')}: {item.get('msg')}"
+                        for item in problems) or "invalid request body"
+    return OpenAIError(400, message, param=param)
+
+
+class _OpenAIRoute(APIRoute):
+    """Answers every error of its route in OpenAI's shape (the app's handlers answer
+    `{"detail"}` for the original routes)."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+        fields = _VOICE_FIELDS if "voices" in self.path else _SPEECH_FIELDS
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except OpenAIError as error:
+                return error.response()
+            except RequestValidationError as error:
+                return _from_validation(error).response()
+            except CsmClientError as error:
+                return _from_client_error(error, fields).response()
+
+        return route
+
+
+class SpeechRequest(BaseModel):
+    """OpenAI's speech body, and the extra fields peers accept (documented in docs/api.md)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: str
+    voice: str | dict[str, str]
+    instructions: str | None = None  # accepted, not used: CSM takes no style prompt
+    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    stream_format: Literal["audio", "sse"] | None = None
+    # Extras (as vLLM-omni, Kokoro-FastAPI and Orpheus servers pass them, at the top level):
+    seed: int | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    max_audio_seconds: float | None = None
+    speaker: int | None = None
+
+    def voice_id(self) -> str | None:
+        """The stored voice to send as VOICE_ID; None: the model's default voice."""
+        voice = self.voice.get("id") if isinstance(self.voice, dict) else self.voice
+        if not isinstance(voice, str) or not voice.strip():
+            raise OpenAIError(400, "voice: give a stored voice id or one of OpenAI's voice names", param="voice")
+        return None if voice.lower() in OPENAI_VOICES else voice
+
+    def sampling(self) -> dict[str, Any]:
+        values = {"seed": self.seed, "temperature": self.temperature, "top_k": self.top_k,
+                  "max_audio_seconds": self.max_audio_seconds}
+        try:
+            check_sampling(**values)
+        except InvalidRequest as error:
+            raise OpenAIError(400, str(error), param=str(error).split(":", 1)[0]) from None
+        return values
+
+
+def _check(body: SpeechRequest) -> None:
+    if body.model not in MODELS:
+        raise OpenAIError(404, f"The model '{body.model}' does not exist; this server speaks with "
+                          f"{', '.join(MODELS)} (all CSM-1B)", param="model", code="model_not_found")
+    if not body.input.strip():
+        raise OpenAIError(400, "input: is empty", param="input")
+    if body.speed != 1.0:
+        raise OpenAIError(400, f"speed: only 1.0 is supported (CSM-1B speaks at its own pace; got {body.speed:g})",
+                          param="speed", code="unsupported_value")
+    if body.speaker is not None and body.speaker != SERVED_SPEAKER:
+        raise OpenAIError(400, f"speaker: only {SERVED_SPEAKER} is served (a voice is chosen with `voice`)",
+                          param="speaker", code="unsupported_value")
+
+
+def _sse(event: dict) -> bytes:
+    return f"data: {json.dumps(event)}\n\n".encode()
+
+
+def openai_router(cloner: Callable[[], AsyncVoiceCloner], keys: ApiKeys, *, max_upload_bytes: int) -> APIRouter:
+    """`cloner()`: the app's AsyncVoiceCloner (made in its lifespan); `keys`: the gateway's."""
+
+    async def require_key_if_configured(request: Request) -> None:
+        if keys:
+            keys.check(request.headers.get("authorization"), "the OpenAI-compatible API needs an API key")
+
+    async def require_key_for_writes(request: Request) -> None:
+        keys.check(request.headers.get("authorization"), "this route changes voices")
+
+    if not keys:  # said at start-up: an open speech API is a choice, not an accident
+        LOG.warning("the OpenAI-compatible API under /v1 needs no key (no API keys configured); "
+                    "its voice writes are refused")
+    router = APIRouter(prefix="/v1", route_class=_OpenAIRoute, tags=["OpenAI-compatible"],
+                       dependencies=[Depends(require_key_if_configured)])
+
+    @router.get("/models")
+    async def models():
+        """The accepted `model` names (all of them this one CSM-1B deployment)."""
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "csm-triton"}
+                                           for name in MODELS]}
+
+    @router.post("/audio/speech", response_class=Response,
+                 responses={200: {"content": {audio.media_type: {} for audio in FORMATS.values()}
+                                  | {"text/event-stream": {}}}})
+    async def speech(body: SpeechRequest):
+        """Text -> speech in `response_format`; `stream_format` "audio" streams the encoded
+        audio as it is generated, "sse" sends OpenAI's speech.audio.delta/done events."""
+        _check(body)
+        voice, sampling = body.voice_id(), body.sampling()
+        audio_format = FORMATS[body.response_format]
+        if body.stream_format is None:
+            spoken = await cloner().synthesize(body.input, voice=voice, **sampling)
+            data = await asyncio.to_thread(encode, spoken.audio, spoken.sample_rate, audio_format)
+            return Response(data, media_type=audio_format.media_type,
+                            headers={"X-Audio-Seconds": f"{spoken.seconds:.3f}"})
+        chunks = cloner().stream(body.input, voice=voice, **sampling)
+        try:  # the first chunk before answering: a refused request is a real 400, not a broken stream
+            first = await chunks.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            await chunks.aclose()
+            raise
+        audio = _encoded(chunks, first, audio_format)
+        if body.stream_format == "sse":
+            return StreamingResponse(_events(audio), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(_just_bytes(audio), media_type=audio_format.media_type)
+
+    @router.get("/audio/voices")
+    async def list_voices():
+        """The stored voices, usable as `voice` (OpenAI's names are the default voice)."""
+        stored = await cloner().list_voices()
+        return {"object": "list", "data": [_voice(item) for item in stored]}
+
+    @router.post("/audio/voices", dependencies=[Depends(require_key_for_writes)])
+    async def create_voice(
+        name: str = Form(description="the id to store the voice under (then usable as `voice`)"),
+        transcript: str = Form(description="what the clip says"),
+        audio_sample: UploadFile = File(description="a clip of the voice (any format libsndfile reads)"),
+        consent: str | None = Form(None, description="accepted (OpenAI's field), not used"),
+    ):
+        """Store a voice from a reference clip and its transcript (needs an API key)."""
+        data = await audio_sample.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise OpenAIError(413, f"audio_sample: '{audio_sample.filename}' is larger than "
+                              f"{max_upload_bytes / 2**20:g} MB", param="audio_sample")
+        reference = io.BytesIO(data)
+        stored = await cloner().register_voice(name, reference, transcript)
+        return _voice(stored)
+
+    @router.delete("/audio/voices/{voice_id}", dependencies=[Depends(require_key_for_writes)])
+    async def delete_voice(voice_id: str):
+        """Remove a stored voice (needs an API key)."""
+        removed = await cloner().delete_voice(voice_id)
+        return {"id": removed.get("voice_id", voice_id), "object": "audio.voice.deleted", "deleted": True}
+
+    return router
+
+
+def _voice(stored: dict) -> dict:
+    created = stored.get("created_at")
+    if isinstance(created, str):
+        try:
+            created = int(datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp())
+        except ValueError:
+            created = 0
+    return {"id": stored["voice_id"], "object": "audio.voice", "name": stored["voice_id"], "type": "audio_sample",
+            "created_at": int(created or 0), "transcript": stored.get("transcript"),
+            "duration_seconds": stored.get("duration_seconds")}
+
+
+async def _encoded(chunks: AsyncIterator[Speech], first: Speech | None, audio_format) -> AsyncIterator[tuple[bytes, int]]:
+    """(encoded bytes, samples so far) as each chunk is generated; the Triton stream is
+    closed whatever ends this (the end, an error, or the client gone: its KV slot freed)."""
+    encoder = None
+    samples = 0
+    try:
+        chunk = first
+        while chunk is not None:
+            if encoder is None:
+                encoder = StreamEncoder(audio_format, chunk.sample_rate)
+            samples += chunk.audio.size
+            data = encoder.feed(chunk.audio)
+            if data:
+                yield data, samples
+            chunk = await anext(chunks, None)
+        if encoder is not None:
+            yield encoder.finish(), samples
+    finally:
+        await chunks.aclose()
+        if encoder is not None:
+            encoder.close()
+
+
+async def _just_bytes(audio: AsyncIterator[tuple[bytes, int]]) -> AsyncIterator[bytes]:
+    async with contextlib.aclosing(audio):
+        async for data, _ in audio:
+            if data:
+                yield data
+
+
+async def _events(audio: AsyncIterator[tuple[bytes, int]]) -> AsyncIterator[bytes]:
+    """OpenAI's SSE: speech.audio.delta (base64 of the encoded bytes) ... speech.audio.done."""
+    samples = 0
+    async with contextlib.aclosing(audio):
+        try:
+            async for data, samples in audio:
+                if data:
+                    yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+        except CsmClientError as error:  # after the 200: the error travels as an event
+            yield _sse({"type": "error", "error": {"message": str(error), "type": "server_error",
+                                                   "param": None, "code": None}})
+            return
+    frames = -(-samples // SAMPLES_PER_FRAME)
+    # Input tokens are the server's business (its tokenizer); the gateway counts Mimi frames.
+    yield _sse({"type": "speech.audio.done", "usage": {"input_tokens": 0, "output_tokens": frames,
+                                                       "total_tokens": frames}})

@@ -1,0 +1,165 @@
+"""Long texts: split at sentence boundaries, generated segment after segment.
+
+CSM keeps a voice by conditioning on audio it has heard, so a long text is spoken as
+a chain: segment i's prompt is the request's context (voice reference, context turns),
+then segment i-1 as a turn with the codes just generated for it, then segment i's text.
+This module holds the pure parts: the split (pysbd, pinned in pyproject.toml; no
+hand-rolled regex), each segment's frame budget, and `SegmentChain`, which builds the
+next prompt from the previous segment's codes with token ids only (csm_prepare
+tokenized every segment once, so the generators need no tokenizer).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+from csm_triton import constants as C
+
+__all__ = ["split_text", "segment_max_frames", "SegmentChain", "SEGMENT_OUTPUTS"]
+
+# csm_prepare's outputs that describe the segments (beside input_ids and prompt_codes).
+SEGMENT_OUTPUTS = ("segment_ids", "segment_token_counts", "segment_max_frames", "audio_token_ids")
+
+
+@lru_cache(maxsize=1)
+def _segmenter():
+    import pysbd  # imported on first use: only long texts need it
+
+    # clean=False: the text is spoken as given; pysbd only finds the boundaries.
+    return pysbd.Segmenter(language="en", clean=False)
+
+
+def _hard_split(sentence: str, max_chars: int) -> list[str]:
+    """A sentence longer than a segment, cut at the last space before the limit (or at
+    the limit when there is none): rare, and better than a prompt that does not fit."""
+    pieces = []
+    while len(sentence) > max_chars:
+        cut = sentence.rfind(" ", 0, max_chars + 1)
+        cut = cut if cut > 0 else max_chars
+        pieces.append(sentence[:cut])
+        sentence = sentence[cut:]
+    return pieces + [sentence]
+
+
+def split_text(text: str, max_chars: int = C.SEGMENT_MAX_CHARS) -> list[str]:
+    """The text as segments of whole sentences, each at most `max_chars` characters
+    (stripped; a text that fits is one segment, unchanged)."""
+    if len(text) <= max_chars:
+        return [text]
+    sentences: list[str] = []
+    for sentence in _segmenter().segment(text):
+        sentences += _hard_split(sentence, max_chars)
+    segments: list[str] = []
+    current = ""
+    for sentence in sentences:
+        if current and len(current) + len(sentence) > max_chars:
+            segments.append(current)
+            current = ""
+        current += sentence
+    segments.append(current)
+    segments = [segment.strip() for segment in segments]
+    return [segment for segment in segments if segment]
+
+
+def segment_max_frames(text: str) -> int:
+    """The frames a segment may take: SEGMENT_SECONDS_PER_CHAR per character, at least
+    SEGMENT_MIN_SECONDS, so a segment that never emits its end frame stops at a sane
+    length (random or confused weights)."""
+    seconds = max(C.SEGMENT_MIN_SECONDS, len(text) * C.SEGMENT_SECONDS_PER_CHAR)
+    return math.ceil(seconds * C.FRAME_RATE_HZ)
+
+
+def _as_int(array, dtype=np.int64) -> np.ndarray:
+    return np.asarray(array).reshape(-1).astype(dtype, copy=False)
+
+
+@dataclass
+class SegmentChain:
+    """The prompts of one request's segments, the previous segment's audio included.
+
+    Built from csm_prepare's outputs: `input_ids` is segment 0's whole prompt (context
+    + segment 0's text turn), `prompt_codes` the context's codes, `segment_ids` the
+    text turn of every segment back to back (`segment_token_counts` each), and
+    `audio_token_ids` the ids of <|AUDIO|> and <|audio_eos|>. A request without the
+    segment outputs is one segment with the request's own frame cap.
+    """
+
+    context_ids: np.ndarray
+    context_codes: np.ndarray
+    segment_ids: list[np.ndarray]
+    max_frames: list[int | None]
+    audio_id: int = -1
+    audio_eos_id: int = -1
+    max_prompt_tokens: int = C.MAX_PROMPT_TOKENS
+    _previous: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    # segment 0's prompt as csm_prepare sent it, passed on untouched
+    first_prompt: dict | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_prepared(cls, prepared) -> "SegmentChain":
+        first = {"input_ids": prepared["input_ids"], "prompt_codes": prepared["prompt_codes"]}
+        input_ids = _as_int(prepared["input_ids"])
+        codes = np.asarray(prepared["prompt_codes"], dtype=np.int64).reshape(-1, C.NUM_CODEBOOKS)
+        if "segment_ids" not in prepared:
+            return cls(input_ids, codes, [np.zeros(0, np.int64)], [None], first_prompt=first)
+        counts = _as_int(prepared["segment_token_counts"])
+        flat = _as_int(prepared["segment_ids"])
+        if counts.sum() != len(flat) or not len(counts) or counts[0] > len(input_ids):
+            raise RuntimeError("csm_prepare's segment outputs do not add up")
+        segments = np.split(flat, np.cumsum(counts)[:-1])
+        audio_id, audio_eos_id = (int(v) for v in _as_int(prepared["audio_token_ids"]))
+        # 0: no budget from the text (a one-segment text keeps the request's own cap)
+        budgets = [int(v) or None for v in _as_int(prepared["segment_max_frames"])]
+        return cls(input_ids[:len(input_ids) - counts[0]], codes, segments, budgets, audio_id, audio_eos_id,
+                   first_prompt=first)
+
+    def __len__(self) -> int:
+        return len(self.segment_ids)
+
+    def prompt(self, index: int) -> dict[str, np.ndarray]:
+        """Segment `index`'s input_ids and prompt_codes (after `record(index - 1, ...)`)."""
+        if index == 0 and self.first_prompt is not None:
+            return dict(self.first_prompt)
+        ids = [self.context_ids]
+        codes = [self.context_codes]
+        if index and self._previous is not None:
+            previous_ids, previous_codes = self._previous
+            turn = np.concatenate([previous_ids, np.full(len(previous_codes), self.audio_id, np.int64),
+                                   [self.audio_eos_id]])
+            fits = len(self.context_ids) + len(turn) + len(self.segment_ids[index]) <= self.max_prompt_tokens
+            if fits:  # else: the context alone keeps the voice, and the prompt fits
+                ids.append(turn)
+                codes.append(previous_codes)
+        ids.append(self.segment_ids[index])
+        return {"input_ids": np.concatenate(ids).astype(np.int64),
+                "prompt_codes": np.ascontiguousarray(np.concatenate(codes).astype(np.int64))}
+
+    def frame_cap(self, index: int, request_max_frames: int) -> int:
+        budget = self.max_frames[index]
+        return request_max_frames if budget is None else min(budget, request_max_frames)
+
+    def lm_inputs(self, index: int, sampling, request_max_frames: int) -> dict[str, np.ndarray]:
+        """csm_lm's inputs for segment `index`: its prompt, the sampling inputs, and for a
+        multi-segment text the segment's frame cap and its own seed (SEED + index, so the
+        segments do not all replay one random draw)."""
+        inputs = {**sampling, **self.prompt(index)}
+        if len(self) > 1:
+            inputs["MAX_AUDIO_SECONDS"] = max_audio_seconds(self.frame_cap(index, request_max_frames))
+            if "SEED" in sampling:
+                inputs["SEED"] = np.asarray(sampling["SEED"]).reshape(-1)[:1].astype(np.int64) + index
+        return inputs
+
+    def record(self, index: int, codes: np.ndarray) -> None:
+        """The codes generated for segment `index`: the next segment's context."""
+        codes = np.asarray(codes, dtype=np.int64).reshape(-1, C.NUM_CODEBOOKS)
+        self._previous = (self.segment_ids[index], codes) if len(codes) else None
+
+
+def max_audio_seconds(frames: int) -> np.ndarray:
+    """MAX_AUDIO_SECONDS that csm_lm turns back into exactly `frames` frames."""
+    return np.array([frames / C.FRAME_RATE_HZ], np.float32)
+

@@ -1,0 +1,137 @@
+"""Conversations and long texts against the real tritonserver: the server-built prompt
+of a three-turn conversation equals CsmProcessor's (HTTP and gRPC, through csm_prepare),
+a long text streams segment after segment and comes back whole from csm_tts, and each
+bad conversation is INVALID_ARG while a good request succeeds."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpc
+import tritonclient.http as http
+from tritonclient.utils import InferenceServerException
+from transformers import AutoProcessor
+
+from csm_triton import constants as C
+from csm_triton.core import segments
+
+from .test_tts import _slots_in_use, reference_clip, stream_chunks, tensor, text, tts_inputs
+
+pytestmark = pytest.mark.integration
+PROTOCOLS = {"http": http, "grpc": grpc}
+TURNS = [("Hello, who is there?", 0, 1.0), ("It is me, your neighbour.", 1, 1.5), ("Oh, come in then!", 0, 0.8)]
+
+
+@pytest.fixture(params=sorted(PROTOCOLS))
+def protocol(request, http_client, grpc_client):
+    return PROTOCOLS[request.param], {"http": http_client, "grpc": grpc_client}[request.param]
+
+
+def texts(values) -> np.ndarray:
+    return np.array([v.encode() for v in values], dtype=object)
+
+
+def context_inputs(module, turns=TURNS):
+    clips = [reference_clip(seconds, seed=seed) for seed, (_, _, seconds) in enumerate(turns)]
+    return [tensor(module, "CONTEXT_TEXT", texts([t for t, _, _ in turns])),
+            tensor(module, "CONTEXT_SPEAKER", np.array([s for _, s, _ in turns], np.int32)),
+            tensor(module, "CONTEXT_AUDIO", np.concatenate(clips)),
+            tensor(module, "CONTEXT_AUDIO_LENGTHS", np.array([c.size for c in clips], np.int32)),
+            tensor(module, "CONTEXT_SAMPLE_RATE", np.array([C.SAMPLE_RATE], np.int32))], clips
+
+
+@pytest.mark.parametrize("speaker", [1, 2])
+def test_a_three_turn_prompt_equals_csm_processor(protocol, tiny_checkpoint, speaker):
+    module, client = protocol
+    inputs, clips = context_inputs(module)
+    target = "Sit down, please."
+    result = client.infer("csm_prepare", [tensor(module, "TEXT", text(target)),
+                                          tensor(module, "SPEAKER", np.array([speaker], np.int32)), *inputs])
+    processor = AutoProcessor.from_pretrained(str(tiny_checkpoint))
+    conversation = [{"role": str(s), "content": [{"type": "text", "text": t}, {"type": "audio", "path": clip}]}
+                    for (t, s, _), clip in zip(TURNS, clips)]
+    conversation.append({"role": str(speaker), "content": [{"type": "text", "text": target}]})
+    expected = processor.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"][0]
+    input_ids = result.as_numpy("input_ids")
+    assert input_ids.tolist() == expected.tolist()
+    audio_id = int(result.as_numpy("audio_token_ids")[0])
+    assert result.as_numpy("prompt_codes").shape == (int((input_ids == audio_id).sum()), C.NUM_CODEBOOKS)
+
+
+def test_a_conversation_is_spoken_by_csm_tts_and_csm_tts_stream(grpc_client):
+    inputs, _ = context_inputs(grpc)
+    spoken = grpc_client.infer("csm_tts", [*tts_inputs(grpc, seconds=0.5, reference=False), *inputs,
+                                           tensor(grpc, "SPEAKER", np.array([1], np.int32))]).as_numpy("AUDIO")
+    assert spoken.size == 7 * C.SAMPLES_PER_FRAME
+    chunks = stream_chunks(grpc_client, [*tts_inputs(grpc, seconds=0.5, reference=False), *inputs])
+    assert sum(len(audio) for _, audio in chunks) == 7 * C.SAMPLES_PER_FRAME
+
+
+LONG_TEXT = " ".join(f"This is sentence number {i}, and it goes on for a little while." for i in range(24))
+SEGMENT_FRAMES = 7  # MAX_AUDIO_SECONDS 0.5 caps every segment (random weights never end)
+
+
+def test_a_long_text_streams_segment_after_segment(grpc_client, triton_server):
+    count = len(segments.split_text(LONG_TEXT))
+    assert count >= 3
+    chunks = stream_chunks(grpc_client, tts_inputs(grpc, words=LONG_TEXT, seconds=0.5))
+    sizes = [len(audio) // C.SAMPLES_PER_FRAME for _, audio in chunks]
+    # Each segment: a first chunk of 4 frames, then the rest; in order, nothing lost.
+    per_segment = [C.STREAM_FIRST_CHUNK_FRAMES, SEGMENT_FRAMES - C.STREAM_FIRST_CHUNK_FRAMES]
+    assert sizes == per_segment * count
+    first_arrival, last_arrival = chunks[0][0], chunks[-1][0]
+    assert chunks[2][0] > first_arrival and last_arrival - first_arrival > 0.05, \
+        "the first chunk came before the later segments were generated"
+    deadline = time.monotonic() + 30
+    while _slots_in_use(triton_server) > 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _slots_in_use(triton_server) == 0
+
+
+def test_a_long_text_comes_back_whole_from_csm_tts(protocol):
+    module, client = protocol
+    count = len(segments.split_text(LONG_TEXT))
+    audio = client.infer("csm_tts", tts_inputs(module, words=LONG_TEXT, seconds=0.5)).as_numpy("AUDIO")
+    assert audio.shape == (count * SEGMENT_FRAMES * C.SAMPLES_PER_FRAME,)
+
+
+LONG_TURN = " ".join(["words that take tokens"] * 90)[:C.MAX_TEXT_CHARS]
+BAD_CONVERSATIONS = {
+    "lengths that do not add up": ({"CONTEXT_AUDIO_LENGTHS": np.array([100], np.int32)}, "adds up to 100"),
+    "more turns than allowed": ({"CONTEXT_TEXT": texts(["turn"] * (C.MAX_CONTEXT_TURNS + 1))},
+                                f"the limit is {C.MAX_CONTEXT_TURNS}"),
+    "negative speaker": ({"SPEAKER": np.array([-1], np.int32)}, "speaker id -1"),
+    "huge speaker": ({"SPEAKER": np.array([2**31 - 1], np.int32)}, "speaker ids are 0-"),
+    "huge context speaker": ({"CONTEXT_SPEAKER": np.array([9999], np.int32)}, "speaker id 9999"),
+    "unknown context voice": ({"CONTEXT_VOICE_ID": texts(["nobody-at-all"]), "CONTEXT_SPEAKER": np.zeros(2, np.int32)},
+                              "unknown voice 'nobody-at-all'"),
+    "only punctuation": ({"TEXT": text(" ?!… -- ")}, "only punctuation"),
+    "context over the token budget": ({"CONTEXT_TEXT": texts([LONG_TURN] * 4),
+                                       "CONTEXT_SPEAKER": np.zeros(4, np.int32),
+                                       "CONTEXT_AUDIO": np.tile(reference_clip(1.0), 4),
+                                       "CONTEXT_AUDIO_LENGTHS": np.full(4, C.SAMPLE_RATE, np.int32)},
+                                      f"the limit is {C.MAX_PROMPT_TOKENS}"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONVERSATIONS))
+def test_bad_conversation_is_invalid_arg_while_a_good_request_succeeds(grpc_client, case):
+    overrides, message = BAD_CONVERSATIONS[case]
+    answers = queue.Queue()
+    grpc_client.async_infer("csm_tts", tts_inputs(grpc, seconds=0.5, reference=False),
+                            callback=lambda result, error: answers.put((result, error)))
+    good_context = [("A turn.", 0, 1.0)]
+    inputs = {i.name(): i for i in [*tts_inputs(grpc, seconds=0.5, reference=False), *context_inputs(grpc, good_context)[0]]}
+    inputs.update({name: tensor(grpc, name, value) for name, value in overrides.items()})
+    for model in ("csm_tts", "csm_prepare"):
+        model_inputs = [i for name, i in inputs.items()
+                        if model == "csm_tts" or name not in ("MAX_AUDIO_SECONDS", "SEED")]
+        with pytest.raises(InferenceServerException) as failure:
+            grpc_client.infer(model, model_inputs)
+        assert failure.value.status() == "StatusCode.INVALID_ARGUMENT", failure.value
+        assert message in failure.value.message() and "Traceback" not in failure.value.message()
+    result, error = answers.get(timeout=120)
+    assert error is None and result.as_numpy("AUDIO").size

@@ -1,0 +1,172 @@
+"""The OpenAI-compatible API (/v1) against the real tritonserver, driven by the official
+`openai` package with only base_url and api_key changed: every format whole and
+streamed (read back by another decoder than PyAV's), SSE events, voices, keys, bad
+bodies, and a client that goes away mid-stream freeing its KV slot."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import urllib.request
+
+import httpx
+import openai
+import pytest
+
+from tests.test_encoding import TOLERANCE_S, decode
+
+from .client_fixtures import GATEWAY_API_KEY, gateway, speech_clip  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.integration
+FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
+MEDIA_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac", "flac": "audio/flac",
+               "wav": "audio/wav", "pcm": "audio/pcm"}
+# The tiny test model never says "end": it speaks noise until MAX_AUDIO_SECONDS, rounded
+# up to whole 80 ms frames.
+SHORT = {"max_audio_seconds": 1.0, "seed": 1}
+SHORT_SECONDS = 1.04
+
+
+@pytest.fixture(scope="module")
+def client(gateway):
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=GATEWAY_API_KEY, max_retries=0, timeout=120) as sdk:
+        yield sdk
+
+
+def error_of(failure) -> dict:
+    body = failure.value.body
+    return body.get("error", body) if isinstance(body, dict) else {}
+
+
+@pytest.mark.parametrize("audio_format", FORMATS)
+def test_each_format_whole(client, audio_format):
+    answer = client.audio.speech.create(model="tts-1", voice="alloy", input="Hello there.",
+                                        response_format=audio_format, extra_body=SHORT)
+    assert answer.response.headers["content-type"] == MEDIA_TYPES[audio_format]
+    seconds, rate = decode(answer.content, audio_format)
+    assert rate == 24_000 and seconds == pytest.approx(SHORT_SECONDS, abs=TOLERANCE_S[audio_format])
+
+
+@pytest.mark.parametrize("audio_format", FORMATS)
+def test_each_format_streamed_arrives_in_chunks_and_decodes(client, audio_format):
+    with client.audio.speech.with_streaming_response.create(
+            model="csm-1b", voice="alloy", input="Streaming, chunk by chunk.", response_format=audio_format,
+            stream_format="audio", extra_body={"max_audio_seconds": 2.0, "seed": 2}) as answer:
+        assert answer.headers["content-type"] == MEDIA_TYPES[audio_format]
+        assert answer.headers.get("transfer-encoding") == "chunked"
+        chunks = [chunk for chunk in answer.iter_bytes() if chunk]
+    assert len(chunks) >= 2
+    seconds, rate = decode(b"".join(chunks), audio_format)
+    assert rate == 24_000 and seconds == pytest.approx(2.0, abs=TOLERANCE_S[audio_format])
+
+
+def test_first_audio_arrives_before_the_generation_ends(client):
+    started = time.perf_counter()
+    with client.audio.speech.with_streaming_response.create(
+            model="tts-1", voice="alloy", input="A longer answer.", response_format="pcm", stream_format="audio",
+            extra_body={"max_audio_seconds": 6.0, "seed": 3}) as answer:
+        arrivals = [time.perf_counter() - started for chunk in answer.iter_bytes() if chunk]
+    first, last = arrivals[0], arrivals[-1]
+    assert len(arrivals) >= 3 and first < 0.7 * last, arrivals
+
+
+def test_sse_events_are_openais(client):
+    with client.audio.speech.with_streaming_response.create(
+            model="gpt-4o-mini-tts", voice="nova", input="Events.", response_format="pcm", stream_format="sse",
+            instructions="Speak cheerfully.", extra_body=SHORT) as answer:
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[5:]) for line in answer.iter_lines() if line.startswith("data:")]
+    deltas = [event for event in events if event["type"] == "speech.audio.delta"]
+    assert len(deltas) >= 2 and events[-1]["type"] == "speech.audio.done"
+    assert sum(event["type"] == "speech.audio.done" for event in events) == 1
+    audio = b"".join(base64.b64decode(event["audio"]) for event in deltas)
+    assert len(audio) == int(SHORT_SECONDS * 24_000) * 2
+    assert events[-1]["usage"]["output_tokens"] == 13  # 13 Mimi frames of 80 ms
+
+
+def test_models_list(client):
+    assert {"tts-1", "tts-1-hd", "gpt-4o-mini-tts", "csm-1b"} <= {model.id for model in client.models.list()}
+
+
+def test_a_voice_stored_through_v1_is_usable_and_removable(client, gateway, speech_clip):
+    headers = {"Authorization": f"Bearer {GATEWAY_API_KEY}"}
+    with httpx.Client(base_url=f"{gateway.url}/v1", timeout=120) as http:
+        created = http.post("/audio/voices", headers=headers,
+                            data={"name": "openai-voice", "transcript": speech_clip.transcript, "consent": "ok"},
+                            files={"audio_sample": ("fox.wav", speech_clip.path.read_bytes(), "audio/wav")})
+        try:
+            assert created.status_code == 200, created.text
+            assert created.json()["id"] == "openai-voice" and created.json()["object"] == "audio.voice"
+            listed = http.get("/audio/voices", headers=headers).json()
+            assert "openai-voice" in {voice["id"] for voice in listed["data"]}
+            spoken = client.audio.speech.create(model="tts-1", voice="openai-voice", input="In my voice.",
+                                                response_format="wav", extra_body=SHORT)
+            assert decode(spoken.content, "wav")[0] == pytest.approx(SHORT_SECONDS, abs=0.001)
+            unkeyed = http.post("/audio/voices", data={"name": "x", "transcript": "x"},
+                                files={"audio_sample": ("fox.wav", speech_clip.path.read_bytes(), "audio/wav")})
+            assert unkeyed.status_code == 401 and unkeyed.json()["error"]["code"] == "invalid_api_key"
+        finally:
+            deleted = client.audio.voices.delete("openai-voice")
+        assert deleted.deleted and deleted.id == "openai-voice"
+    with pytest.raises(openai.BadRequestError) as failure:
+        client.audio.speech.create(model="tts-1", voice="openai-voice", input="Gone.", extra_body=SHORT)
+    assert error_of(failure)["param"] == "voice" and "unknown voice" in error_of(failure)["message"]
+
+
+def test_a_wrong_key_is_401_in_openais_shape(gateway):
+    with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="not-a-key", max_retries=0) as wrong:
+        with pytest.raises(openai.AuthenticationError) as failure:
+            wrong.audio.speech.create(model="tts-1", voice="alloy", input="Hi.", extra_body=SHORT)
+    assert failure.value.status_code == 401
+    assert set(error_of(failure)) == {"message", "type", "param", "code"}
+    assert error_of(failure)["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize("change, param", [
+    ({"response_format": "ogg"}, "response_format"),
+    ({"speed": 9.0}, "speed"),
+    ({"speed": 1.5}, "speed"),
+    ({"input": "   "}, "input"),
+    ({"input": 42}, "input"),
+    ({"voice": "no-such-voice"}, "voice"),
+    ({"temperature": "warm"}, "temperature"),
+    ({"top_k": 0}, "top_k"),
+    ({"stream_format": "video"}, "stream_format"),
+    ({"input": "word " * 5_000}, "input"),  # over the long-form limit (20 000 characters)
+])
+def test_bad_bodies_are_400_naming_the_field(client, change, param):
+    body = {"model": "tts-1", "voice": "alloy", "input": "Hi.", **SHORT, **change}
+    with pytest.raises(openai.BadRequestError) as failure:
+        client.post("/audio/speech", body=body, cast_to=httpx.Response)
+    assert error_of(failure)["param"] == param, error_of(failure)
+    assert error_of(failure)["type"] == "invalid_request_error" and "Traceback" not in error_of(failure)["message"]
+
+
+def test_an_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as failure:
+        client.audio.speech.create(model="whisper-1", voice="alloy", input="Hi.")
+    assert error_of(failure)["code"] == "model_not_found" and error_of(failure)["param"] == "model"
+
+
+def _slots_in_use(triton_server) -> float:
+    with urllib.request.urlopen(f"http://{triton_server.metrics_url}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("csm_kv_slots_in_use"):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("csm_kv_slots_in_use is not exported")
+
+
+def test_a_client_gone_mid_stream_frees_its_kv_slot(gateway, triton_server):
+    body = {"model": "tts-1", "voice": "alloy", "input": "A very long answer.", "response_format": "mp3",
+            "stream_format": "audio", "max_audio_seconds": 90.0, "seed": 4}
+    headers = {"Authorization": f"Bearer {GATEWAY_API_KEY}"}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{gateway.url}/v1/audio/speech", json=body, headers=headers) as answer:
+            assert answer.status_code == 200
+            next(answer.iter_bytes())
+            assert _slots_in_use(triton_server) >= 1  # 90 s of audio: still generating
+    deadline = time.monotonic() + 30
+    while _slots_in_use(triton_server) > 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _slots_in_use(triton_server) == 0

@@ -1,0 +1,138 @@
+"""Long texts: sentence splitting, frame budgets, the segment chain, and the stream
+pipeline's segment loop (segments in order, each with the previous one as context,
+one final response)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from csm_triton import constants as C
+from csm_triton.core import segments
+from csm_triton.core.stream_pipeline import StreamPipeline
+
+AUDIO, AUDIO_EOS = 90, 91
+SENTENCES = ["Mr. Smith went to Washington.", "He arrived at 3 p.m. on Monday!", "Was it raining? ",
+             "Nobody knows."]
+
+
+def test_a_short_text_is_one_segment_unchanged():
+    assert segments.split_text("  Hello there. How are you? ") == ["  Hello there. How are you? "]
+
+
+def test_segments_are_whole_sentences_up_to_the_segment_size():
+    text = " ".join(SENTENCES * 20)
+    parts = segments.split_text(text, max_chars=100)
+    assert len(parts) > 1 and all(len(p) <= 100 for p in parts)
+    assert " ".join(parts).split() == text.split(), "nothing lost, nothing reordered"
+    # pysbd keeps abbreviations inside their sentence: no segment ends in "Mr." or "p.m."
+    assert not any(p.endswith(("Mr.", "p.m.")) for p in parts)
+    assert all(p.endswith((".", "!", "?")) for p in parts)
+
+
+def test_a_sentence_longer_than_a_segment_is_cut_at_spaces():
+    text = "word " * 200
+    parts = segments.split_text(text, max_chars=50)
+    assert all(len(p) <= 50 for p in parts) and " ".join(parts).split() == text.split()
+
+
+def test_the_frame_budget_follows_the_text_with_a_floor():
+    assert segments.segment_max_frames("Hi.") == int(np.ceil(C.SEGMENT_MIN_SECONDS * C.FRAME_RATE_HZ))
+    long = "a" * 200
+    assert segments.segment_max_frames(long) == int(np.ceil(200 * C.SEGMENT_SECONDS_PER_CHAR * C.FRAME_RATE_HZ))
+
+
+def prepared(context_ids=(1, 2, AUDIO, AUDIO, AUDIO_EOS), context_frames=2, segment_ids=((5, 6), (7, 8, 9), (10,)),
+             budgets=(40, 50, 38)):
+    first = np.array([*context_ids, *segment_ids[0]], np.int64)
+    return {
+        "input_ids": first,
+        "prompt_codes": np.full((context_frames, C.NUM_CODEBOOKS), 3, np.int64),
+        "segment_ids": np.concatenate([np.array(s, np.int64) for s in segment_ids]),
+        "segment_token_counts": np.array([len(s) for s in segment_ids], np.int32),
+        "segment_max_frames": np.array(budgets, np.int32),
+        "audio_token_ids": np.array([AUDIO, AUDIO_EOS], np.int64),
+    }
+
+
+def test_each_segment_prompt_holds_the_context_and_the_previous_segment():
+    chain = segments.SegmentChain.from_prepared(prepared())
+    assert len(chain) == 3
+    assert chain.prompt(0)["input_ids"].tolist() == [1, 2, AUDIO, AUDIO, AUDIO_EOS, 5, 6]
+    chain.record(0, np.full((3, C.NUM_CODEBOOKS), 7))
+    second = chain.prompt(1)
+    assert second["input_ids"].tolist() == [1, 2, AUDIO, AUDIO, AUDIO_EOS, 5, 6, AUDIO, AUDIO, AUDIO, AUDIO_EOS, 7, 8, 9]
+    assert second["prompt_codes"][:, 0].tolist() == [3, 3, 7, 7, 7]
+    # placeholders and codes always agree, as the engine requires
+    assert (second["input_ids"] == AUDIO).sum() == len(second["prompt_codes"])
+    chain.record(1, np.full((1, C.NUM_CODEBOOKS), 8))
+    assert chain.prompt(2)["input_ids"].tolist() == [1, 2, AUDIO, AUDIO, AUDIO_EOS, 7, 8, 9, AUDIO, AUDIO_EOS, 10]
+
+
+def test_frame_caps_seeds_and_the_request_cap():
+    chain = segments.SegmentChain.from_prepared(prepared())
+    sampling = {"SEED": np.array([5], np.int64), "MAX_AUDIO_SECONDS": np.array([3.5], np.float32)}
+    inputs = [chain.lm_inputs(i, sampling, request_max_frames=44) for i in range(3)]
+    assert [int(i["SEED"][0]) for i in inputs] == [5, 6, 7]
+    from csm_triton.core.validation import sampling_from_inputs
+    assert [sampling_from_inputs(i).max_frames for i in inputs] == [40, 44, 38]
+
+
+def test_a_previous_segment_that_does_not_fit_is_left_out():
+    chain = segments.SegmentChain.from_prepared(prepared())
+    chain.max_prompt_tokens = 12
+    chain.record(0, np.zeros((20, C.NUM_CODEBOOKS)))
+    assert chain.prompt(1)["input_ids"].tolist() == [1, 2, AUDIO, AUDIO, AUDIO_EOS, 7, 8, 9]
+
+
+def test_a_prompt_without_segment_outputs_is_one_segment_with_the_request_cap():
+    plain = {"input_ids": np.array([1, 2, 3]), "prompt_codes": np.zeros((0, C.NUM_CODEBOOKS), np.int64)}
+    chain = segments.SegmentChain.from_prepared(plain)
+    assert len(chain) == 1 and chain.prompt(0)["input_ids"] is plain["input_ids"]
+    assert "MAX_AUDIO_SECONDS" not in chain.lm_inputs(0, {}, 99)
+
+
+class Sender:
+    def __init__(self, cancel_after=None):
+        self.sent, self.finals, self.cancel_after = [], [], cancel_after
+
+    def send(self, outputs):
+        self.sent.append(outputs)
+
+    def finish(self):
+        self.finals.append("finish")
+
+    def fail(self, error):
+        self.finals.append(error)
+
+    def is_cancelled(self):
+        return self.cancel_after is not None and len(self.sent) >= self.cancel_after
+
+
+def segment_pipeline(calls, cancelled):
+    def generate(inputs, stream_id):
+        calls.append((stream_id, inputs["input_ids"].tolist()))
+        index = len(calls) - 1
+        for _ in range(2):  # two chunks of two frames, numbered by segment
+            yield np.full((2, C.NUM_CODEBOOKS), index + 1, np.int64)
+
+    return StreamPipeline(prepare=lambda _: prepared(), generate=generate,
+                          decode=lambda codes: np.repeat(codes[:, 0].astype(np.float32), 2),
+                          watermark=lambda audio: audio, cancel_generation=cancelled.append,
+                          left_context_frames=0)
+
+
+def test_the_stream_plays_the_segments_back_to_back_with_one_final():
+    calls, cancelled, sender = [], [], Sender()
+    segment_pipeline(calls, cancelled).run({"TEXT": "x"}, {}, sender, stream_id="s")
+    assert [stream_id for stream_id, _ in calls] == ["s", "s-1", "s-2"]
+    audio = np.concatenate([out["AUDIO"] for out in sender.sent])
+    assert audio.tolist() == [1.0] * 8 + [2.0] * 8 + [3.0] * 8, "segments in order, nothing lost"
+    assert calls[1][1].count(AUDIO) == 2 + 4, "segment 1 hears the context and segment 0's four frames"
+    assert sender.finals == ["finish"] and cancelled == []
+
+
+def test_a_client_that_leaves_mid_text_starts_no_further_segment():
+    calls, cancelled, sender = [], [], Sender(cancel_after=3)
+    segment_pipeline(calls, cancelled).run({"TEXT": "x"}, {}, sender, stream_id="s")
+    assert [stream_id for stream_id, _ in calls] == ["s", "s-1"]
+    assert cancelled == ["s-1"] and sender.finals == ["finish"]
