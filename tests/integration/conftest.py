@@ -5,6 +5,7 @@ profile). Models added to `model_repository/` are served here without changes.""
 from __future__ import annotations
 
 import shutil
+import urllib.request
 
 import pytest
 
@@ -75,3 +76,12 @@ def broken_model(served_repository):
     (target / "config.pbtxt").write_text(text.replace('name: "mimi_decoder"', f'name: "{BROKEN_MODEL}"'))
     yield BROKEN_MODEL
     shutil.rmtree(target, ignore_errors=True)
+
+
+def slots_in_use(triton_server) -> float:
+    """csm_kv_slots_in_use as the server exports it now (its metrics endpoint)."""
+    with urllib.request.urlopen(f"http://{triton_server.metrics_url}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("csm_kv_slots_in_use"):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("csm_kv_slots_in_use is not exported")

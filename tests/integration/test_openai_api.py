@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import json
 import time
-import urllib.request
 
 import httpx
 import openai
@@ -17,6 +16,7 @@ import pytest
 from tests.test_encoding import TOLERANCE_S, decode
 
 from .client_fixtures import GATEWAY_API_KEY, gateway, speech_clip  # noqa: F401 - fixtures
+from .conftest import slots_in_use
 
 pytestmark = pytest.mark.integration
 FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
@@ -149,12 +149,6 @@ def test_an_unknown_model_is_404(client):
     assert error_of(failure)["code"] == "model_not_found" and error_of(failure)["param"] == "model"
 
 
-def _slots_in_use(triton_server) -> float:
-    with urllib.request.urlopen(f"http://{triton_server.metrics_url}/metrics", timeout=10) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith("csm_kv_slots_in_use"):
-                return float(line.rsplit(" ", 1)[1])
-    raise AssertionError("csm_kv_slots_in_use is not exported")
 
 
 def test_a_client_gone_mid_stream_frees_its_kv_slot(gateway, triton_server):
@@ -165,8 +159,8 @@ def test_a_client_gone_mid_stream_frees_its_kv_slot(gateway, triton_server):
         with http.stream("POST", f"{gateway.url}/v1/audio/speech", json=body, headers=headers) as answer:
             assert answer.status_code == 200
             next(answer.iter_bytes())
-            assert _slots_in_use(triton_server) >= 1  # 90 s of audio: still generating
+            assert slots_in_use(triton_server) >= 1  # 90 s of audio: still generating
     deadline = time.monotonic() + 30
-    while _slots_in_use(triton_server) > 0 and time.monotonic() < deadline:
+    while slots_in_use(triton_server) > 0 and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _slots_in_use(triton_server) == 0
+    assert slots_in_use(triton_server) == 0

@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 from csm_triton import constants as C
 from csm_triton.core.stream_decoder import snr_db
 
-from .conftest import ADMIN_TOKEN
+from .conftest import ADMIN_TOKEN, slots_in_use
 
 pytestmark = pytest.mark.integration
 PROTOCOLS = {"http": http, "grpc": grpc}
@@ -193,21 +193,15 @@ def test_a_bad_stream_request_is_refused_as_a_client_error(grpc_client):
     assert "internal error" not in failure.value.message()
 
 
-def _slots_in_use(triton_server) -> float:
-    with urllib.request.urlopen(f"http://{triton_server.metrics_url}/metrics", timeout=10) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith("csm_kv_slots_in_use"):
-                return float(line.rsplit(" ", 1)[1])
-    raise AssertionError("csm_kv_slots_in_use is not exported")
 
 
 def test_closing_a_stream_midway_frees_its_slot(grpc_client, triton_server):
     chunks = stream_chunks(grpc_client, tts_inputs(grpc, seconds=60.0, seed=1), stop_after=1)
     assert len(chunks) == 1
     deadline = time.monotonic() + 30
-    while _slots_in_use(triton_server) > 0 and time.monotonic() < deadline:
+    while slots_in_use(triton_server) > 0 and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _slots_in_use(triton_server) == 0
+    assert slots_in_use(triton_server) == 0
 
 
 BAD_TTS_INPUTS = {

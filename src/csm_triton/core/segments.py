@@ -96,6 +96,7 @@ class SegmentChain:
     audio_eos_id: int = -1
     max_prompt_tokens: int = C.MAX_PROMPT_TOKENS
     _previous: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
+    _generated_frames: int = field(default=0, repr=False)
     # segment 0's prompt as csm_prepare sent it, passed on untouched
     first_prompt: dict | None = field(default=None, repr=False)
 
@@ -138,9 +139,20 @@ class SegmentChain:
         return {"input_ids": np.concatenate(ids).astype(np.int64),
                 "prompt_codes": np.ascontiguousarray(np.concatenate(codes).astype(np.int64))}
 
-    def frame_cap(self, index: int, request_max_frames: int) -> int:
+    def frame_cap(self, index: int, request_max_frames: int, *, whole_utterance: bool = False) -> int:
+        """Segment `index`'s frame cap: its own budget, at most the request's cap; with
+        `whole_utterance` (the client gave MAX_AUDIO_SECONDS) the request's cap bounds
+        all segments together, so what was generated already counts."""
         budget = self.max_frames[index]
-        return request_max_frames if budget is None else min(budget, request_max_frames)
+        cap = request_max_frames if budget is None else min(budget, request_max_frames)
+        if whole_utterance:
+            cap = min(cap, request_max_frames - self._generated_frames)
+        return cap
+
+    def exhausted(self, sampling, request_max_frames: int) -> bool:
+        """True once a client-given MAX_AUDIO_SECONDS is used up: start no further segment.
+        (Without it, each segment's own budget bounds the text.)"""
+        return "MAX_AUDIO_SECONDS" in sampling and self._generated_frames >= request_max_frames
 
     def lm_inputs(self, index: int, sampling, request_max_frames: int) -> dict[str, np.ndarray]:
         """csm_lm's inputs for segment `index`: its prompt, the sampling inputs, and for a
@@ -148,7 +160,8 @@ class SegmentChain:
         segments do not all replay one random draw)."""
         inputs = {**sampling, **self.prompt(index)}
         if len(self) > 1:
-            inputs["MAX_AUDIO_SECONDS"] = max_audio_seconds(self.frame_cap(index, request_max_frames))
+            cap = self.frame_cap(index, request_max_frames, whole_utterance="MAX_AUDIO_SECONDS" in sampling)
+            inputs["MAX_AUDIO_SECONDS"] = max_audio_seconds(cap)
             if "SEED" in sampling:
                 inputs["SEED"] = np.asarray(sampling["SEED"]).reshape(-1)[:1].astype(np.int64) + index
         return inputs
@@ -156,6 +169,7 @@ class SegmentChain:
     def record(self, index: int, codes: np.ndarray) -> None:
         """The codes generated for segment `index`: the next segment's context."""
         codes = np.asarray(codes, dtype=np.int64).reshape(-1, C.NUM_CODEBOOKS)
+        self._generated_frames += len(codes)
         self._previous = (self.segment_ids[index], codes) if len(codes) else None
 
 

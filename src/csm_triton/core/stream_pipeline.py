@@ -96,6 +96,8 @@ class StreamPipeline:
         for index in range(len(chain)):
             if index and sender.is_cancelled():  # left between segments: start no other
                 return
+            if index and chain.exhausted(sampling, request_max_frames):  # MAX_AUDIO_SECONDS reached
+                return
             lm_inputs = {
                 **chain.lm_inputs(index, sampling, request_max_frames),
                 "first_chunk_frames": np.array([self.first_chunk_frames], np.int32),

@@ -43,6 +43,8 @@ class GenerateModel(triton.PythonModel):
         generated = []
         total = 0
         for index in range(len(chain)):
+            if index and chain.exhausted(sampling, max_frames):  # the client's MAX_AUDIO_SECONDS reached
+                break
             lm_request = chain.lm_inputs(index, sampling, max_frames)
             chunks = [out["codes"] for out in triton.stream_model(LM_MODEL, lm_request, ["codes"])]
             codes = np.concatenate(chunks) if chunks else np.zeros((0, C.NUM_CODEBOOKS), np.int64)
