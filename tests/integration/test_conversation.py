@@ -18,7 +18,8 @@ from transformers import AutoProcessor
 from csm_triton import constants as C
 from csm_triton.core import segments
 
-from .test_tts import _slots_in_use, reference_clip, stream_chunks, tensor, text, tts_inputs
+from .conftest import slots_in_use
+from .test_tts import reference_clip, stream_chunks, tensor, text, tts_inputs
 
 pytestmark = pytest.mark.integration
 PROTOCOLS = {"http": http, "grpc": grpc}
@@ -86,9 +87,9 @@ def test_a_long_text_streams_segment_after_segment(grpc_client, triton_server):
     assert chunks[2][0] > first_arrival and last_arrival - first_arrival > 0.05, \
         "the first chunk came before the later segments were generated"
     deadline = time.monotonic() + 30
-    while _slots_in_use(triton_server) > 0 and time.monotonic() < deadline:
+    while slots_in_use(triton_server) > 0 and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _slots_in_use(triton_server) == 0
+    assert slots_in_use(triton_server) == 0
 
 
 def test_a_long_text_comes_back_whole_from_csm_tts(protocol):
