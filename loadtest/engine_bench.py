@@ -5,15 +5,20 @@ for transformers' `generate` on the same weights, in the same process.
 
 Full-size CSM-1B shape with random weights by default (speed does not depend on the
 weights' values), `--tiny` for a quick run. Greedy decoding, so the tokens of both
-implementations are compared one for one. Writes JSON and a markdown table named
-after the device.
+implementations are compared one for one. Every row has the floor of the machine it
+ran on: the weight bytes a frame step reads / the memory bandwidth measured in the
+same run. On a CPU in fp32, bf16 rows follow (speed, and greedy token agreement with
+fp32 over 64 frames). Writes JSON and a markdown table named after the device (and
+the CPU model: kernels and floors differ per CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -122,6 +127,13 @@ def machine_description(device: torch.device) -> str:
     return f"{cpu_model()}, {torch.get_num_threads()} threads"
 
 
+def machine_slug(device: torch.device) -> str:
+    """The machine's model for a results file name, e.g. "intel_xeon_processor"."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    name = re.sub(r"\((r|tm)\)|cpu @.*|processor$", "", name.lower())
+    return re.sub(r"[^a-z0-9]+", "_", name).strip("_") or device.type
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -130,24 +142,100 @@ def git_commit() -> str:
         return "unknown"
 
 
+def memory_bandwidth_gb_s(device: torch.device, gib: float = 1.0, repeats: int = 5) -> float:
+    """Read bandwidth: the sum of a tensor far larger than any cache, best of `repeats`,
+    at this process's thread count. A frame step reads its weights the same way (once,
+    start to end), so bytes of weights / this = the fastest a step can be."""
+    data = torch.ones(int(gib * 2**30) // 4, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first touches the pages
+        started = time.perf_counter()
+        data.sum()
+        _sync(device)
+        best = min(best, time.perf_counter() - started)
+    return data.numel() * 4 / best / 1e9
+
+
+def floor_fields(lm: CsmLM, bandwidth: float, ms_per_step: float) -> dict:
+    floor_ms = lm.weight_bytes_per_frame() / (bandwidth * 1e9) * 1000
+    return {"floor_ms_per_step": round(floor_ms, 2), "percent_of_floor": round(100 * floor_ms / ms_per_step, 1)}
+
+
+def request_prompts(model, args, count: int) -> list[np.ndarray]:
+    text_vocab = model.config.text_vocab_size
+    rng = np.random.default_rng(args.seed)
+    return [
+        np.concatenate([[model.config.bos_token_id], rng.integers(3, min(text_vocab, 128_000) - 10, args.prompt_tokens + 7 * i)])
+        for i in range(count)
+    ]
+
+
+def engine_rows(lm: CsmLM, args, prompts, max_context: int, bandwidth: float, generate_ms_per_frame: float,
+                generated: list[np.ndarray] | None) -> list[dict]:
+    """One row per batch size; `generated`: generate's codes to compare (None: not comparable)."""
+    rows = []
+    for batch in args.batch_sizes:
+        engine = GenerationEngine(lm, EngineConfig(max_slots=batch, max_context=max_context))
+        engine_run(engine, prompts[:1], 2)  # warm-up
+        result = engine_run(engine, prompts[:batch], args.frames)
+        frames_per_s = batch * 1000 / result["ms_per_step"]
+        row = {
+            "batch": batch,
+            "engine_ms_per_step": round(result["ms_per_step"], 2),
+            "engine_ms_per_frame_per_stream": round(result["ms_per_step"], 2),
+            **floor_fields(lm, bandwidth, result["ms_per_step"]),
+            "engine_x_real_time_aggregate": round(frames_per_s * FRAME_SECONDS, 3),
+            "generate_ms_per_frame_batch1": round(generate_ms_per_frame, 2),
+            "generate_x_real_time_one_at_a_time": round(1000 / generate_ms_per_frame * FRAME_SECONDS, 3),
+            "speedup_vs_generate": round(frames_per_s / (1000 / generate_ms_per_frame), 2),
+        }
+        if generated is not None:
+            compared = min(batch, len(generated))
+            row["tokens_identical_to_generate"] = all(
+                np.array_equal(result["codes"][i], generated[i]) for i in range(compared))
+            row["requests_compared"] = compared
+        rows.append(row)
+        print(json.dumps(row), file=sys.stderr)
+        del engine
+    return rows
+
+
+def long_run_codes(lm: CsmLM, prompts, frames: int, max_context: int) -> list[np.ndarray]:
+    engine = GenerationEngine(lm, EngineConfig(max_slots=len(prompts), max_context=max_context))
+    return engine_run(engine, prompts, frames)["codes"]
+
+
+def agreement(codes: list[np.ndarray], reference: list[np.ndarray]) -> dict:
+    """Greedy tokens (frames x 32 codebooks) equal to the reference's, and the first frame
+    that differs per request (after it the two sequences are different continuations)."""
+    equal = [np.asarray(c) == np.asarray(r) for c, r in zip(codes, reference)]
+    first = [int(np.argmin(e.all(axis=1))) if not e.all() else len(e) for e in equal]
+    # Codebooks equal in that frame before the first difference (the depth decoder
+    # feeds each code to the next, so after one difference the rest of the frame drifts).
+    leading = [int(np.argmin(e[f])) if f < len(e) else e.shape[1] for e, f in zip(equal, first)]
+    return {"identical_fraction": round(float(np.mean([e.mean() for e in equal])), 4),
+            "first_divergent_frame": first, "codebooks_equal_before_it": leading,
+            "requests": len(equal), "frames": len(equal[0])}
+
+
 def run(args) -> dict:
     device = torch.device(args.device) if args.device else default_device()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype) or default_dtype(device)
+    load_at_start = round(os.getloadavg()[0], 2)
     started = time.perf_counter()
     model = tiny_model(args.seed) if args.tiny else random_full_size_model(args.seed)
     model = model.to(device=device, dtype=dtype)
     print(f"device: {machine_description(device)} ({device}, {dtype}); model built in "
           f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+    bandwidth = memory_bandwidth_gb_s(device)
+    print(f"memory bandwidth (read, {torch.get_num_threads()} threads): {bandwidth:.1f} GB/s", file=sys.stderr)
     max_batch = max(args.batch_sizes)
-    lm = CsmLM(model, device=device, dtype=dtype, max_batch=max_batch)
-    text_vocab = model.config.text_vocab_size
-    rng = np.random.default_rng(args.seed)
-    prompts = [
-        np.concatenate([[model.config.bos_token_id], rng.integers(3, min(text_vocab, 128_000) - 10, args.prompt_tokens + 7 * i)])
-        for i in range(max_batch)
-    ]
-    max_context = args.prompt_tokens + 7 * max_batch + args.frames + 8
-    rows = []
+    started = time.perf_counter()
+    lm = CsmLM(model, device=device, dtype=dtype, max_batch=max_batch, cpu_kernels=args.cpu_kernels)
+    load_s = time.perf_counter() - started
+    print("\n".join(lm.kernel_report.lines()), file=sys.stderr)
+    prompts = request_prompts(model, args, max_batch)
+    max_context = args.prompt_tokens + 7 * max_batch + max(args.frames, args.agreement_frames) + 8
     # transformers generate, one request at a time: its per-frame speed at batch 1 is
     # also its aggregate throughput when it serves requests one after another.
     generated, generate_ms = [], []
@@ -158,30 +246,9 @@ def run(args) -> dict:
         generate_ms.append(steady_ms_per_frame(times))
         print(f"generate: {generate_ms[-1]:.1f} ms/frame", file=sys.stderr)
     generate_ms_per_frame = float(statistics.median(generate_ms))
-    for batch in args.batch_sizes:
-        engine = GenerationEngine(lm, EngineConfig(max_slots=batch, max_context=max_context))
-        engine_run(engine, prompts[:1], 2)  # warm-up
-        result = engine_run(engine, prompts[:batch], args.frames)
-        compared = min(batch, len(generated))
-        identical = all(np.array_equal(result["codes"][i], generated[i]) for i in range(compared))
-        frames_per_s = batch * 1000 / result["ms_per_step"]
-        row = {
-            "batch": batch,
-            "engine_ms_per_step": round(result["ms_per_step"], 2),
-            "engine_ms_per_frame_per_stream": round(result["ms_per_step"], 2),
-            "engine_x_real_time_aggregate": round(frames_per_s * FRAME_SECONDS, 3),
-            "generate_ms_per_frame_batch1": round(generate_ms_per_frame, 2),
-            "generate_x_real_time_one_at_a_time": round(1000 / generate_ms_per_frame * FRAME_SECONDS, 3),
-            "speedup_vs_generate": round(frames_per_s / (1000 / generate_ms_per_frame), 2),
-            "tokens_identical_to_generate": identical,
-            "requests_compared": compared,
-        }
-        rows.append(row)
-        print(json.dumps(row), file=sys.stderr)
-        del engine
-    return {
-        # Other work on the machine skews CPU figures: the 1-minute load average at the end.
-        "load_average_1min_at_end": round(os.getloadavg()[0], 2),
+    rows = engine_rows(lm, args, prompts, max_context, bandwidth, generate_ms_per_frame, generated)
+    report = {
+        "load_average_1min_at_start": load_at_start,
         "device": machine_description(device),
         "torch_device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
@@ -191,31 +258,100 @@ def run(args) -> dict:
         "commit": git_commit(),
         "command": "python -m loadtest.engine_bench " + " ".join(sys.argv[1:]),
         "torch": torch.__version__,
+        "memory_bandwidth_gb_s": round(bandwidth, 2),
+        "weight_bytes_per_frame": lm.weight_bytes_per_frame(),
+        "engine_load_s": round(load_s, 1),
+        "kernels": lm.kernel_report.lines(),
         "rows": rows,
     }
+    if (args.bf16 if args.bf16 is not None else not args.tiny) and device.type == "cpu" and dtype == torch.float32:
+        # The fp32 engine's long run is the reference (it equals generate: checked above).
+        reference = long_run_codes(lm, prompts, args.agreement_frames, max_context) if args.agreement_frames else None
+        del lm  # its weight copies go before the bf16 ones are made
+        gc.collect()
+        report["bf16"] = bf16_rows(model, args, prompts, max_context, bandwidth, generate_ms_per_frame, rows,
+                                   reference)
+    # Other work on the machine skews CPU figures: the 1-minute load average at the end.
+    report["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
+    return report
+
+
+def bf16_rows(model, args, prompts, max_context, bandwidth, generate_ms_per_frame, fp32_rows,
+              reference: list[np.ndarray] | None) -> dict:
+    """The same batches in bf16 on this CPU, and how many greedy tokens equal the fp32
+    engine's (`reference`) over `agreement_frames` frames."""
+    model = model.to(torch.bfloat16)  # in place: the fp32 weights go
+    started = time.perf_counter()
+    lm = CsmLM(model, device=torch.device("cpu"), dtype=torch.bfloat16, max_batch=max(args.batch_sizes),
+               cpu_kernels=args.cpu_kernels)
+    load_s = time.perf_counter() - started
+    print("\n".join(lm.kernel_report.lines()), file=sys.stderr)
+    rows = engine_rows(lm, args, prompts, max_context, bandwidth, generate_ms_per_frame, None)
+    for row, fp32 in zip(rows, fp32_rows):
+        row["speedup_vs_fp32_engine"] = round(fp32["engine_ms_per_step"] / row["engine_ms_per_step"], 2)
+    result = {"rows": rows, "weight_bytes_per_frame": lm.weight_bytes_per_frame(), "engine_load_s": round(load_s, 1),
+              "kernels": lm.kernel_report.lines()}
+    if reference is not None:
+        result["agreement"] = agreement(long_run_codes(lm, prompts, args.agreement_frames, max_context), reference)
+        print(json.dumps(result["agreement"]), file=sys.stderr)
+    return result
+
+
+def _table(rows: list[dict], dtype: str) -> list[str]:
+    lines = []
+    for row in rows:
+        if "tokens_identical_to_generate" in row:
+            tokens = f"{row['tokens_identical_to_generate']} ({row['requests_compared']} compared)"
+        else:
+            tokens = f"{row['speedup_vs_fp32_engine']}x the fp32 engine; tokens: agreement below"
+        lines.append(
+            f"| {dtype} | {row['batch']} | {row['engine_ms_per_step']} | {row['floor_ms_per_step']} | "
+            f"{row['percent_of_floor']} % | {row['engine_x_real_time_aggregate']} | "
+            f"{row['generate_ms_per_frame_batch1']} | {row['speedup_vs_generate']}x | {tokens} |"
+        )
+    return lines
 
 
 def markdown(report: dict) -> str:
+    gib = 2**30
     lines = [
         f"# Engine vs transformers `generate` ({report['model']})",
         "",
         f"- device: {report['device']} (`{report['torch_device']}`, {report['dtype']})",
-        f"- commit: `{report['commit']}`, torch {report['torch']}; 1-minute load average at the end "
-        f"{report['load_average_1min_at_end']} (this run's own load is about 2)",
+        f"- commit: `{report['commit']}`, torch {report['torch']}; 1-minute load average "
+        f"{report['load_average_1min_at_start']} at the start, {report['load_average_1min_at_end']} at the end "
+        f"(this run's own load is about {torch.get_num_threads()})",
         f"- command: `{report['command']}`",
         f"- greedy, {report['frames_per_request']} frames per request, prompts of "
         f"{report['prompt_tokens']}+ tokens; steady-state medians (prefill excluded)",
+        f"- floor: the weight bytes one frame step reads ({report['weight_bytes_per_frame'] / gib:.2f} GiB in "
+        f"{report['dtype']}: backbone and head once, depth decoder and projector x31, each depth head once) / "
+        f"the read bandwidth measured in this run ({report['memory_bandwidth_gb_s']} GB/s: the sum of a 1 GiB "
+        f"tensor, best of 5, same threads). % of floor = floor / measured (100 % = at the limit)",
         "",
-        "| batch | engine ms/step | engine x real time (aggregate) | generate ms/frame (b=1) | "
-        "speed-up vs generate one at a time | tokens identical |",
-        "|---|---|---|---|---|---|",
+        "| dtype | batch | engine ms/step | floor ms/step | % of floor | engine x real time (aggregate) | "
+        "generate ms/frame (b=1, fp32) | speed-up vs generate one at a time | tokens identical |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *_table(report["rows"], report["dtype"]),
     ]
-    for row in report["rows"]:
-        lines.append(
-            f"| {row['batch']} | {row['engine_ms_per_step']} | {row['engine_x_real_time_aggregate']} | "
-            f"{row['generate_ms_per_frame_batch1']} | {row['speedup_vs_generate']}x | "
-            f"{row['tokens_identical_to_generate']} ({row['requests_compared']} compared) |"
-        )
+    bf16 = report.get("bf16")
+    if bf16:
+        lines += _table(bf16["rows"], "bfloat16")
+        agreement = bf16.get("agreement")
+        if agreement:
+            lines += [
+                "",
+                f"bf16 vs fp32 greedy tokens, {agreement['requests']} requests x {agreement['frames']} frames x 32 "
+                f"codebooks (random weights, so a rough figure: a trained model's sharper distributions "
+                f"usually agree more): **{agreement['identical_fraction']:.1%} identical**; first differing frame "
+                f"per request {agreement['first_divergent_frame']}, with "
+                f"{agreement['codebooks_equal_before_it']} of its 32 codebooks equal before the first "
+                f"different code (after it the two are different continuations, so later frames differ too).",
+            ]
+    lines += ["", "Kernels chosen at load (engine/kernels.py), per weight shape [out x in]:", ""]
+    lines += [f"- {report['dtype']}: {line}" for line in report["kernels"]]
+    if bf16:
+        lines += [f"- bfloat16: {line}" for line in bf16["kernels"]]
     return "\n".join(lines) + "\n"
 
 
@@ -228,6 +364,11 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cpu-kernels", default="measure", choices=["measure", "mkl", "onednn"])
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 rows after the fp32 ones, on a CPU (default: with the full-size model)")
+    parser.add_argument("--agreement-frames", type=int, default=64,
+                        help="frames of the bf16 vs fp32 token agreement (0: skip)")
     parser.add_argument("--full-reference", action="store_true",
                         help="run generate for every request of the largest batch (compares all tokens)")
     parser.add_argument("--out", type=Path, default=None, help="folder for JSON + markdown results")
@@ -237,7 +378,10 @@ def main(argv=None) -> int:
     print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        name = f"engine_{'tiny' if args.tiny else 'full'}_{report['torch_device'].split(':')[0]}_{report['dtype']}"
+        device = torch.device(report["torch_device"])
+        name = f"engine_{'tiny' if args.tiny else 'full'}_{device.type}_{report['dtype']}"
+        if device.type == "cpu" and not args.tiny:  # one table per CPU model: kernels and floors differ
+            name += f"_{machine_slug(device)}"
         (args.out / f"{name}.json").write_text(json.dumps(report, indent=2) + "\n")
         (args.out / f"{name}.md").write_text(table)
     return 0

@@ -117,7 +117,7 @@ class ThroughTriton:
                 if error is not None:
                     raise RuntimeError(f"csm_lm: {error}")
                 response = result.get_response()
-                if response.outputs:
+                if result.as_numpy("codes") is not None:  # (the final may carry only finish_reason)
                     first = first or arrived
                     chunks.append(result.as_numpy("codes"))
                 final = response.parameters.get("triton_final_response")

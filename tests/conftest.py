@@ -25,3 +25,19 @@ def sharded_checkpoint(tiny_checkpoint, tmp_path_factory):
         if not (folder / source.name).exists() and not source.name.startswith("model"):
             (folder / source.name).symlink_to(source)
     return folder
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_checkpoint):
+    """The engine's language model over the tiny checkpoint, on the CPU (fp32)."""
+    from csm_triton.engine import CsmLM
+
+    return CsmLM.from_checkpoint(tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def builder(tiny_checkpoint):
+    """csm_prepare's prompt builder over the tiny checkpoint's tokenizer."""
+    from csm_triton.core.prompt import PromptBuilder
+
+    return PromptBuilder(tiny_checkpoint)

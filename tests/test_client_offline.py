@@ -4,6 +4,7 @@ tests/test_layers.py)."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import re
@@ -14,7 +15,7 @@ import soundfile
 from tritonclient.utils import InferenceServerException
 
 from csm_clients import (MODEL_SAMPLE_RATE, InvalidRequest, PermissionDenied, Reference, ServerError,
-                         ServerUnavailable, Speech, read_audio)
+                         ServerUnavailable, Speech, Turn, read_audio)
 from csm_clients import calls
 from csm_clients.batch import BatchItem, BatchSummary, read_items
 from csm_clients.client import _generate_body
@@ -417,3 +418,110 @@ def test_csm_tts_refuses_out_of_range_sampling_before_sending_it(capsys):
                                        "got 2147483648\n")
     assert main(["--url", "127.0.0.1:1", "stream", "Hi.", "-o", "x.wav", "--seed", str(2**63)]) == 1
     assert "--seed: input 'SEED' must be in [0, 9223372036854775807]" in capsys.readouterr().err
+
+
+# --- conversations: Turns encoded to the CONTEXT_* tensors, refused before sending --------
+def test_the_clients_mirror_of_the_conversation_limits_is_exact():
+    from csm_clients import limits
+    from csm_triton import constants as C
+
+    assert (limits.MAX_SPEAKER_ID, limits.MAX_CONTEXT_TURNS, limits.MAX_CONTEXT_AUDIO_SECONDS) == (
+        C.MAX_SPEAKER_ID, C.MAX_CONTEXT_TURNS, C.MAX_CONTEXT_AUDIO_SECONDS)
+    assert (limits.MIN_TURN_SECONDS, limits.MAX_TURN_SECONDS) == (C.MIN_REFERENCE_SECONDS, C.MAX_REFERENCE_SECONDS)
+    assert (limits.MAX_TURN_TEXT_CHARS, limits.MAX_LONG_TEXT_CHARS) == (C.MAX_TEXT_CHARS, C.MAX_LONG_TEXT_CHARS)
+
+
+def test_context_turns_become_ragged_tensors_stored_voices_first():
+    first, second = tone(1.0, 16_000), tone(0.5, 16_000)
+    inputs = calls.tts_inputs("Hi.", speaker=2, context=[Turn.stored_voice("alice", speaker=1),
+                                                         Turn("Hello.", 0, first, 16_000),
+                                                         Turn("Yes?", 3, second, 16_000)])
+    assert inputs["SPEAKER"].tolist() == [2] and inputs["CONTEXT_SPEAKER"].tolist() == [1, 0, 3]
+    assert inputs["CONTEXT_VOICE_ID"].tolist() == [b"alice"] and inputs["CONTEXT_TEXT"].tolist() == [b"Hello.", b"Yes?"]
+    assert inputs["CONTEXT_AUDIO_LENGTHS"].tolist() == [16_000, 8_000] and inputs["CONTEXT_SAMPLE_RATE"].tolist() == [16_000]
+    np.testing.assert_array_equal(inputs["CONTEXT_AUDIO"], np.concatenate([first, second]))  # as given, one rate
+    assert {inputs[name].dtype for name in ("SPEAKER", "CONTEXT_SPEAKER", "CONTEXT_AUDIO_LENGTHS")} == {np.dtype(np.int32)}
+    body = json.loads(_generate_body(inputs))  # HTTP streaming: one turn is a scalar, many a list
+    assert body["CONTEXT_VOICE_ID"] == "alice" and body["CONTEXT_TEXT"] == ["Hello.", "Yes?"]
+    assert set(calls.tts_inputs("Hi.", speaker=0)) == {"TEXT", "SPEAKER"}
+
+
+def test_clips_at_different_rates_are_sent_at_the_models_rate():
+    inputs = calls.tts_inputs("Hi.", context=[Turn("A.", 0, tone(1.0, 16_000), 16_000),
+                                              Turn("B.", 1, tone(1.0, 8_000), 8_000)])
+    assert inputs["CONTEXT_SAMPLE_RATE"].tolist() == [MODEL_SAMPLE_RATE]
+    assert inputs["CONTEXT_AUDIO_LENGTHS"].tolist() == [MODEL_SAMPLE_RATE, MODEL_SAMPLE_RATE]
+    assert inputs["CONTEXT_AUDIO"].size == 2 * MODEL_SAMPLE_RATE
+
+
+def test_a_turn_from_a_file(tmp_path):
+    soundfile.write(tmp_path / "hi.wav", tone(1.0, 48_000), 48_000)
+    turn = Turn.from_file(tmp_path / "hi.wav", "Hi there.", speaker=4)
+    assert (turn.sample_rate, turn.speaker, turn.text) == (MODEL_SAMPLE_RATE, 4, "Hi there.")
+    assert turn.seconds == pytest.approx(1.0)
+    (tmp_path / "notes.wav").write_text("not audio")
+    with pytest.raises(InvalidRequest, match="cannot read the context clip '.*notes.wav' as audio"):
+        Turn.from_file(tmp_path / "notes.wav", "x")
+
+
+def _clip(seconds=1.0, text="Said.", speaker=0):
+    return Turn(text, speaker, tone(seconds, 16_000), 16_000)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"speaker": -1}, "speaker: speaker id -1; speaker ids are 0-255"),
+    ({"speaker": 256}, "speaker: speaker id 256; speaker ids are 0-255"),
+    ({"speaker": True}, "speaker: must be an integer speaker id, got True"),
+    ({"speaker": 1.5}, "speaker: must be an integer speaker id, got 1.5"),
+    ({"context": [_clip()] * 17}, "17 context turns; the limit is 16"),
+    ({"context": [_clip(speaker=2**31)]}, "context turn 0: speaker: speaker id 2147483648"),
+    ({"context": [_clip(), "a string"]}, "context turn 1: must be a Turn, got str"),
+    ({"context": [_clip(text=None)]}, "context turn 0: has audio but no text"),
+    ({"context": [_clip(text="x" * 2_001)]}, "context turn 0: its text has 2001 characters; a turn's text is a string "
+                                             "of at most 2000 characters"),
+    ({"context": [_clip(0.25)]}, "context turn 0: its clip is 0.25 s long; a context clip must be 0.5-30 s"),
+    ({"context": [_clip(20.0)] * 4}, "the context turns hold 80.0 s of audio; the limit is 60 s"),
+    ({"context": ["no audio"]}, "context turn 0: must be a Turn"),
+    ({"context": [_clip(), Turn.stored_voice("alice")]}, "stored-voice turns must come before the turns with clips"),
+    ({"context": [Turn("What?", 0)]}, "context turn 0: has no audio; every context turn needs a clip"),
+    ({"context": [Turn("What?", 0, voice="alice")]}, "give either a stored voice or a text with its audio"),
+    ({"context": [Turn("What?", 0, tone(1.0, 16_000).reshape(2, -1), 16_000)]}, "must be mono"),
+    ({"context": [Turn("What?", 0, tone(1.0, 16_000))]}, "give the sample rate of its audio"),
+])
+def test_bad_conversations_are_refused_before_sending(options, message):
+    with pytest.raises(InvalidRequest) as refused:
+        calls.tts_inputs("Hi.", **options)
+    assert message in str(refused.value)
+
+
+def test_a_text_over_the_long_text_limit_is_refused_before_sending():
+    assert calls.tts_inputs("word " * 4_000)["TEXT"].size == 1  # 20,000 characters: the server splits it
+    with pytest.raises(InvalidRequest, match="input 'TEXT' has 20001 characters; the limit is 20000"):
+        calls.tts_inputs("x" * 20_001)
+
+
+def test_the_gateways_context_is_checked_before_triton(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from csm_clients.gateway import create_app
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, tone(1.0, 16_000), 16_000, format="WAV")
+    clip = base64.b64encode(buffer.getvalue()).decode()
+    body = {"model": "tts-1", "voice": "alloy", "input": "Hi."}
+    with TestClient(create_app("127.0.0.1:1", max_upload_bytes=50_000)) as client:
+        def param(**extra):
+            answer = client.post("/v1/audio/speech", json={**body, **extra})
+            return answer.status_code, answer.json()["error"]["param"]
+
+        good = [{"voice": "alice", "speaker": 1}, {"audio": clip, "text": "Hello.", "speaker": 255}]
+        assert param(speaker=255, context=good) == (503, None)  # on to Triton, which is not there
+        assert param(speaker=300) == (400, "speaker")
+        assert param(context=[{"audio": clip, "text": "Hello."}] * 2) == (400, "context[1].audio")  # over 50 kB
+        assert param(context=[{"audio": clip, "text": "x" * 2_001}]) == (400, "context[0].text")
+        assert param(context=[{"audio": clip, "text": "Hi."}, {"voice": "alice"}]) == (400, "context")
+        assert param(context=[{"voice": "alice", "audio": clip}]) == (400, "context[0]")
+        assert param(context={"voice": "alice"}) == (400, "context")
+        assert param(input="x" * 20_001) == (400, "input")
+        refused = client.post("/clone-voice", data={"text": "Hi.", "context": "[{\"voice\": 5}]"})
+        assert refused.status_code == 400 and refused.json() == {"detail": "context[0].voice: Input should be a valid string"}

@@ -10,7 +10,7 @@ from transformers import AutoProcessor, CsmForConditionalGeneration
 
 from csm_triton import constants as C
 from csm_triton.core import conversation
-from csm_triton.core.prompt import PromptBuilder, Segment
+from csm_triton.core.prompt import Segment
 from csm_triton.errors import InvalidInput
 
 # (text, speaker, seconds of audio); CSM's template gives every context turn audio
@@ -22,11 +22,6 @@ TARGET = ("Sit down, please.", 1)
 @pytest.fixture(scope="module")
 def processor(tiny_checkpoint):
     return AutoProcessor.from_pretrained(str(tiny_checkpoint))
-
-
-@pytest.fixture(scope="module")
-def builder(tiny_checkpoint):
-    return PromptBuilder(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")

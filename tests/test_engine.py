@@ -16,7 +16,7 @@ from csm_triton.engine.capacity import slots_from_memory
 from csm_triton.engine.frame_step import BucketPlan, StepBucket
 from csm_triton.engine.layers import Linear
 from csm_triton.errors import InvalidInput
-from csm_triton.core.prompt import PromptBuilder
+
 
 SUPPRESSED = list(range(C.CODEBOOK_SIZE, C.LM_AUDIO_VOCAB_SIZE))
 TARGETS = ["Hello there.", "How are you doing today, my friend?", "Five boxing wizards.",
@@ -32,16 +32,6 @@ def hf_model(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def processor(tiny_checkpoint):
     return AutoProcessor.from_pretrained(str(tiny_checkpoint))
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_checkpoint):
-    return CsmLM.from_checkpoint(tiny_checkpoint, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def builder(tiny_checkpoint):
-    return PromptBuilder(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")
@@ -337,6 +327,6 @@ def test_packed_linear_equals_f_linear_for_every_row_count(rows):
 
 
 def test_a_one_slot_engine_keeps_one_packing_per_weight(tiny_checkpoint):
-    lm = CsmLM.from_checkpoint(tiny_checkpoint, device="cpu", max_batch=1)
+    lm = CsmLM.from_checkpoint(tiny_checkpoint, device="cpu", max_batch=1, cpu_kernels="onednn")
     assert [size for size, _ in lm.backbone.layers[0].gate_up.packings] == [1]
     assert [size for size, _ in lm.depth_heads[0].packings] == [1]

@@ -98,8 +98,9 @@ class Sender:
     def send(self, outputs):
         self.sent.append(outputs)
 
-    def finish(self):
+    def finish(self, outputs=None):
         self.finals.append("finish")
+        self.final_outputs = outputs
 
     def fail(self, error):
         self.finals.append(error)
@@ -136,3 +137,72 @@ def test_a_client_that_leaves_mid_text_starts_no_further_segment():
     segment_pipeline(calls, cancelled).run({"TEXT": "x"}, {}, sender, stream_id="s")
     assert [stream_id for stream_id, _ in calls] == ["s", "s-1"]
     assert cancelled == ["s-1"] and sender.finals == ["finish"]
+
+
+def test_the_frame_budget_follows_the_deployment_knobs():
+    # csm_prepare's segment_seconds_per_char / segment_min_seconds (docs/model_config.md)
+    assert segments.segment_max_frames("a" * 300, seconds_per_char=0.005, min_seconds=0.5) == 19  # 1.5 s
+    assert segments.segment_max_frames("Hi.", seconds_per_char=0.005, min_seconds=0.5) == 7  # the floor, 0.5 s
+
+
+def test_finish_reasons_tell_the_segments_budget_from_the_clients_cap():
+    chain = segments.SegmentChain.from_prepared(prepared())  # budgets 40, 50, 38 frames
+    sampling = {"MAX_AUDIO_SECONDS": np.array([3.52], np.float32)}  # 44 frames for the whole text
+    chain.lm_inputs(0, sampling, request_max_frames=44)
+    chain.record(0, np.zeros((40, C.NUM_CODEBOOKS)), "max_frames")  # its own budget, 40
+    chain.lm_inputs(1, sampling, request_max_frames=44)
+    chain.record(1, np.zeros((4, C.NUM_CODEBOOKS)), "max_frames")  # the client's 4 left
+    assert chain.exhausted(sampling, 44)
+    assert chain.finish_reasons() == ["max_frames", "max_audio_seconds", "not_started"]
+    final = chain.final_outputs()
+    assert final["FINISH_REASONS"].tolist() == [b"max_frames", b"max_audio_seconds", b"not_started"]
+    assert final["SEGMENT_FRAMES"].tolist() == [40, 4, 0]
+
+
+def test_end_of_speech_is_what_csm_lm_said_or_what_the_frames_show():
+    chain = segments.SegmentChain.from_prepared(prepared())
+    for index, (frames, told) in enumerate([(12, "end_of_speech"), (50, None), (3, None)]):
+        chain.lm_inputs(index, {}, request_max_frames=375)
+        chain.record(index, np.zeros((frames, C.NUM_CODEBOOKS)), told)
+    # untold: a segment that filled its budget (50) stopped there; one that did not, ended
+    assert chain.finish_reasons() == ["end_of_speech", "max_frames", "end_of_speech"]
+
+
+def test_a_one_segment_text_ends_at_the_clients_cap_or_the_default_one():
+    plain = {"input_ids": np.array([1, 2, 3]), "prompt_codes": np.zeros((0, C.NUM_CODEBOOKS), np.int64)}
+    for sampling, expected in [({}, "max_frames"), ({"MAX_AUDIO_SECONDS": np.array([1.0], np.float32)},
+                                                    "max_audio_seconds")]:
+        chain = segments.SegmentChain.from_prepared(plain)
+        chain.lm_inputs(0, sampling, request_max_frames=13)
+        chain.record(0, np.zeros((13, C.NUM_CODEBOOKS)), "max_frames")
+        assert chain.finish_reasons() == [expected] and chain.segment_frames() == [13]
+
+
+def test_the_final_response_says_how_every_segment_ended():
+    calls, ended = [], []
+
+    def generate(inputs, stream_id):  # csm_lm's reason is the generator's return value
+        calls.append(stream_id)
+        yield np.full((2, C.NUM_CODEBOOKS), len(calls), np.int64)
+        return "end_of_speech" if len(calls) == 2 else "max_frames"
+
+    pipeline = StreamPipeline(prepare=lambda _: prepared(), generate=generate,
+                              decode=lambda codes: np.repeat(codes[:, 0].astype(np.float32), 2),
+                              watermark=lambda audio: audio, cancel_generation=lambda _: None,
+                              left_context_frames=0, segments_ended=ended.append)
+    sender = Sender()
+    pipeline.run({"TEXT": "x"}, {}, sender, stream_id="s")
+    final = sender.final_outputs
+    assert sender.finals == ["finish"] and final["AUDIO"].size == 0, "an empty AUDIO: clients read it as a chunk"
+    assert final["FINISH_REASONS"].tolist() == [b"max_frames", b"end_of_speech", b"max_frames"]
+    assert final["SEGMENT_FRAMES"].tolist() == [2, 2, 2]
+    assert ended == [["max_frames", "end_of_speech", "max_frames"]], "counted once per stream"
+
+
+def test_a_stream_cut_by_the_clients_cap_lists_the_segments_never_started():
+    calls, sender = [], Sender()
+    pipeline = segment_pipeline(calls, [])
+    pipeline.run({"TEXT": "x"}, {"MAX_AUDIO_SECONDS": np.array([0.32], np.float32)}, sender, stream_id="s")
+    assert [stream_id for stream_id, _ in calls] == ["s"], "4 frames asked, 4 generated: nothing more starts"
+    assert sender.final_outputs["FINISH_REASONS"].tolist() == [b"max_audio_seconds", b"not_started", b"not_started"]
+    assert sender.final_outputs["SEGMENT_FRAMES"].tolist() == [4, 0, 0]

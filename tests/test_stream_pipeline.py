@@ -40,8 +40,9 @@ class RecordingSender:
             raise self.send_raises
         self.sent.append(outputs)
 
-    def finish(self):
+    def finish(self, outputs=None):
         self.finals.append(("finish", None))
+        self.final_outputs = outputs
 
     def fail(self, error):
         self.finals.append(("fail", error))
@@ -228,8 +229,8 @@ def test_a_send_that_raises_ends_the_stream_with_one_final_and_frees_the_slot():
 
 def test_a_final_call_that_raises_is_not_followed_by_another():
     class FinalRaises(RecordingSender):
-        def finish(self):
-            super().finish()
+        def finish(self, outputs=None):
+            super().finish(outputs)
             raise ConnectionError("client gone")
 
     stages = Stages()

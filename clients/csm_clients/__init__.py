@@ -12,8 +12,9 @@ REST gateway on :7860.
 
 from csm_clients.audio import MODEL_SAMPLE_RATE, Reference, Speech, read_audio
 from csm_clients.client import AsyncVoiceCloner, VoiceCloner
+from csm_clients.conversation import Turn
 from csm_clients.errors import (CsmClientError, InvalidRequest, PermissionDenied, ServerError,
                                 ServerUnavailable)
 
 __all__ = ["AsyncVoiceCloner", "CsmClientError", "InvalidRequest", "MODEL_SAMPLE_RATE", "PermissionDenied",
-           "Reference", "ServerError", "ServerUnavailable", "Speech", "VoiceCloner", "read_audio"]
+           "Reference", "ServerError", "ServerUnavailable", "Speech", "Turn", "VoiceCloner", "read_audio"]

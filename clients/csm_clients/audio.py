@@ -71,6 +71,11 @@ class Speech:
 
     audio: np.ndarray
     sample_rate: int
+    # csm_tts's FINISH_REASONS and SEGMENT_FRAMES, one per segment of the text
+    # (end_of_speech, max_frames, max_audio_seconds, not_started: docs/api.md); empty
+    # for stream chunks and for servers that do not send them.
+    finish_reasons: tuple[str, ...] = ()
+    segment_frames: tuple[int, ...] = ()
 
     @property
     def seconds(self) -> float:

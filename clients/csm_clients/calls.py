@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from csm_clients.audio import Reference, Speech
+from csm_clients.conversation import Turn, check_text, context_inputs
 
 __all__ = ["ADMIN_TOKEN_HEADER", "STREAM_MODEL", "Call", "WatermarkScore", "delete_voice", "detect_watermark", "list_voices",
            "register_voice", "speech_from", "synthesize", "tts_inputs"]
@@ -45,10 +46,11 @@ def _reference_inputs(reference: Reference) -> dict[str, np.ndarray]:
 
 
 def tts_inputs(text: str, voice: str | Reference | None = None, *, temperature: float | None = None,
-               top_k: int | None = None, seed: int | None = None,
-               max_audio_seconds: float | None = None) -> dict[str, np.ndarray]:
+               top_k: int | None = None, seed: int | None = None, max_audio_seconds: float | None = None,
+               speaker: int | None = None, context: Sequence[Turn] | None = None) -> dict[str, np.ndarray]:
     """csm_tts / csm_tts_stream inputs. `voice`: a stored voice id, an inline Reference,
-    or None for the model's default voice."""
+    or None for the model's default voice; `speaker` and `context`: conversation.py."""
+    check_text(text)
     inputs = {"TEXT": _text(text)}
     if isinstance(voice, Reference):
         inputs.update(_reference_inputs(voice))
@@ -57,11 +59,22 @@ def tts_inputs(text: str, voice: str | Reference | None = None, *, temperature: 
     optional = {"TEMPERATURE": (temperature, np.float32), "TOP_K": (top_k, np.int32),
                 "SEED": (seed, np.int64), "MAX_AUDIO_SECONDS": (max_audio_seconds, np.float32)}
     inputs.update({name: np.array([value], dtype) for name, (value, dtype) in optional.items() if value is not None})
+    inputs.update(context_inputs(context, speaker))
     return inputs
 
 
 def speech_from(result) -> Speech:
-    return Speech(np.asarray(result.as_numpy("AUDIO"), np.float32), int(result.as_numpy("SAMPLE_RATE")[0]))
+    reasons, frames = _optional_output(result, "FINISH_REASONS"), _optional_output(result, "SEGMENT_FRAMES")
+    return Speech(np.asarray(result.as_numpy("AUDIO"), np.float32), int(result.as_numpy("SAMPLE_RATE")[0]),
+                  tuple(r.decode() if isinstance(r, bytes) else str(r) for r in reasons),
+                  tuple(int(f) for f in frames))
+
+
+def _optional_output(result, name: str) -> np.ndarray:
+    """An output the answer may lack (a stream chunk, an older server): empty then
+    (tritonclient's as_numpy gives None for a name the answer does not hold)."""
+    value = result.as_numpy(name)
+    return np.zeros(0) if value is None else np.ravel(value)
 
 
 def _json_output(name: str) -> Callable[[Any], Any]:

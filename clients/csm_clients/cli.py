@@ -3,6 +3,8 @@
     csm-tts say "Hello there." -o hello.wav [--voice alice]
     csm-tts clone me.wav "What the clip says." "Hello in my voice." -o cloned.wav
     csm-tts stream "A longer text, written as it is spoken." -o streamed.wav
+    csm-tts say "Fine, thanks." --speaker 1 --context-turn 0 hi.wav "Hi, how are you?" -o reply.wav
+    csm-tts read book.txt -o book.wav [--voice alice]
     csm-tts voices add alice me.wav "What the clip says." | voices list | voices rm alice
     csm-tts batch lines.jsonl --out-dir out/ --concurrency 4
     csm-tts watermark hello.wav
@@ -12,7 +14,14 @@ Triton's address: --url, else $CSM_TRITON_URL, else localhost:8001 (gRPC) or :80
 file $CSM_ADMIN_TOKEN_FILE names, else make serve's development token
 (build/runtime/admin-token, in a checkout). Exit codes: 0 done, 1 a request (or a
 batch item) failed or was refused (a sampling value outside the server's range is
-refused before it is sent), 2 bad command line.
+refused before it is sent), 2 bad command line (also a context turn, speaker id or text
+file refused before anything is sent: a missing or unreadable file, more turns than the
+server takes, a speaker outside 0-255, a text over the server's 20,000 characters).
+
+Conversations (say, stream, read): --context-turn SPEAKER AUDIO TEXT is an earlier turn
+(a clip and what it says), --context-voice SPEAKER VOICE_ID a stored voice as a turn;
+both repeat, stored voices come first then clips, each in the order given (the server's
+order). --speaker is the speaker id of the text to say (default 0).
 """
 
 from __future__ import annotations
@@ -31,8 +40,9 @@ import soundfile
 from csm_clients.audio import Reference
 from csm_clients.batch import run_batch
 from csm_clients.client import AsyncVoiceCloner, VoiceCloner, admin_token_from_environment
+from csm_clients.conversation import Turn, check_text, context_inputs
 from csm_clients.errors import CsmClientError
-from csm_clients.limits import check_sampling
+from csm_clients.limits import MAX_CONTEXT_TURNS, MAX_LONG_TEXT_CHARS, check_sampling, check_speaker
 
 __all__ = ["main"]
 
@@ -50,9 +60,81 @@ def _save(speech, args: argparse.Namespace) -> None:
     print(f"{path}: {speech.seconds:.2f} s of audio")
 
 
+class UsageError(Exception):
+    """A command line refused before anything is sent: exit code 2."""
+
+
+def _speaker(value: str, option: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"{option}: the speaker must be an integer id, got {value!r}") from None
+
+
+def _conversation(args) -> dict:
+    """synthesize()/stream()'s speaker and context from the command line, checked as the
+    server would check them (limits.py), before any request."""
+    voices, clips = args.context_voice or [], args.context_turn or []
+    if len(voices) + len(clips) > MAX_CONTEXT_TURNS:
+        raise UsageError(f"{len(voices) + len(clips)} context turns; the limit is {MAX_CONTEXT_TURNS}")
+    context = [Turn.stored_voice(voice_id, _speaker(speaker, "--context-voice")) for speaker, voice_id in voices]
+    for speaker, audio, text in clips:
+        if not Path(audio).is_file():
+            raise UsageError(f"--context-turn: no such audio file: {audio}")
+        context.append(Turn.from_file(Path(audio), text, _speaker(speaker, "--context-turn")))
+    if args.speaker is not None:
+        check_speaker(args.speaker, "--speaker")
+    request = {"speaker": args.speaker, "context": context or None}
+    context_inputs(request["context"], request["speaker"])  # raises InvalidRequest naming the rule
+    return request
+
+
+def _book(path: Path) -> str:
+    """A UTF-8 text file, spoken in one request (the server splits it into segments)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig").strip()
+    except UnicodeDecodeError as error:
+        raise UsageError(f"{path} is not UTF-8 text (byte {error.start})") from None
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror or error}") from None
+    if not text:
+        raise UsageError(f"{path} has nothing to read")
+    if len(text) > MAX_LONG_TEXT_CHARS:
+        raise UsageError(f"{path} has {len(text)} characters; the server's limit for one text is "
+                         f"{MAX_LONG_TEXT_CHARS} (MAX_LONG_TEXT_CHARS): split the file")
+    check_text(text)
+    return text
+
+
+def _request(args) -> dict:
+    """What the command line adds to a synthesize()/stream() call; {} for other commands."""
+    if not hasattr(args, "speaker"):
+        return {}
+    if args.command == "read":
+        args.text = _book(args.book)
+    return _conversation(args)
+
+
+def _voice(args):
+    if args.reference and args.voice:
+        raise SystemExit(f"csm-tts {args.command}: give either --voice or --reference, not both")
+    return Reference.from_file(args.reference, args.transcript) if args.reference else args.voice
+
+
 def _say(cloner: VoiceCloner, args) -> int:
-    _save(cloner.synthesize(args.text, voice=args.voice, **_sampling(args)), args)
+    speech = cloner.synthesize(args.text, voice=args.voice, **_sampling(args), **args.request)
+    _save(speech, args)
+    _report_cut_segments(speech)
     return 0
+
+
+def _report_cut_segments(speech) -> None:
+    """A segment that never emitted its end frame was cut at a frame cap: worth a line
+    (its audio may end mid-word), never an error."""
+    for number, (reason, frames) in enumerate(zip(speech.finish_reasons, speech.segment_frames), start=1):
+        if reason != "end_of_speech":
+            print(f"segment {number} of {len(speech.finish_reasons)}: {reason} after {frames} frames",
+                  file=sys.stderr)
 
 
 def _clone(cloner: VoiceCloner, args) -> int:
@@ -61,23 +143,26 @@ def _clone(cloner: VoiceCloner, args) -> int:
 
 
 def _stream(cloner: VoiceCloner, args) -> int:
-    if args.reference and args.voice:
-        raise SystemExit("csm-tts stream: give either --voice or --reference, not both")
-    voice = Reference.from_file(args.reference, args.transcript) if args.reference else args.voice
+    """Chunks written to the file as they come (stream, and read: a book can pass
+    csm_tts's 120 s, which a stream does not have)."""
+    voice = _voice(args)
     started, total = time.perf_counter(), 0.0
     output = None
+    chunks = cloner.stream(args.text, voice=voice, **_sampling(args), **args.request)
     try:
-        for number, chunk in enumerate(cloner.stream(args.text, voice=voice, **_sampling(args)), start=1):
+        for number, chunk in enumerate(chunks, start=1):
             if output is None:  # opened on the first chunk: its rate is the stream's
                 output = soundfile.SoundFile(args.out, "w", samplerate=chunk.sample_rate, channels=1)
             output.write(chunk.audio)
             total += chunk.seconds
-            print(f"chunk {number}: {chunk.seconds:.2f} s of audio at {time.perf_counter() - started:.2f} s",
-                  file=sys.stderr)
+            if args.command == "stream":
+                print(f"chunk {number}: {chunk.seconds:.2f} s of audio at {time.perf_counter() - started:.2f} s",
+                      file=sys.stderr)
     finally:
         if output is not None:
             output.close()
-    print(f"{args.out}: {total:.2f} s of audio")
+    read = f" ({len(args.text)} characters in {time.perf_counter() - started:.1f} s)" if args.command == "read" else ""
+    print(f"{args.out}: {total:.2f} s of audio{read}")
     return 0
 
 
@@ -129,11 +214,17 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--top-k", type=int)
     sampling.add_argument("--seed", type=int)
     sampling.add_argument("--max-audio-seconds", type=float)
+    conversation = argparse.ArgumentParser(add_help=False)
+    conversation.add_argument("--speaker", type=int, help="speaker id of the text (0-255, default 0)")
+    conversation.add_argument("--context-turn", nargs=3, action="append", metavar=("SPEAKER", "AUDIO", "TEXT"),
+                              help="an earlier turn: its speaker id, a clip of it and what the clip says (repeatable)")
+    conversation.add_argument("--context-voice", nargs=2, action="append", metavar=("SPEAKER", "VOICE_ID"),
+                              help="a stored voice as an earlier turn, before the --context-turn turns (repeatable)")
     output = argparse.ArgumentParser(add_help=False, parents=[sampling])
     output.add_argument("-o", "--out", type=Path, required=True, help="audio file (.wav, .flac, .ogg ...)")
     output.add_argument("--sample-rate", type=int, help="resample the result to this rate (default: as generated)")
 
-    say = commands.add_parser("say", parents=[output], help="speak text (a stored voice or the default one)")
+    say = commands.add_parser("say", parents=[output, conversation], help="speak text (a stored voice or the default one)")
     say.add_argument("text")
     say.add_argument("--voice", help="a stored voice id")
     say.set_defaults(run=_say)
@@ -144,13 +235,19 @@ def _parser() -> argparse.ArgumentParser:
     clone.add_argument("text")
     clone.set_defaults(run=_clone)
 
-    stream = commands.add_parser("stream", parents=[sampling], help="stream speech, writing chunks as they come")
+    streamed = argparse.ArgumentParser(add_help=False, parents=[sampling, conversation])
+    streamed.add_argument("-o", "--out", type=Path, required=True, help="audio file")
+    streamed.add_argument("--voice", help="a stored voice id")
+    streamed.add_argument("--reference", type=Path, help="a reference clip (with --transcript)")
+    streamed.add_argument("--transcript", help="what the reference clip says")
+    stream = commands.add_parser("stream", parents=[streamed], help="stream speech, writing chunks as they come")
     stream.add_argument("text")
-    stream.add_argument("-o", "--out", type=Path, required=True, help="audio file")
-    stream.add_argument("--voice", help="a stored voice id")
-    stream.add_argument("--reference", type=Path, help="a reference clip (with --transcript)")
-    stream.add_argument("--transcript", help="what the reference clip says")
     stream.set_defaults(run=_stream)
+    read = commands.add_parser("read", parents=[streamed],
+                               help=f"speak a UTF-8 text file (up to {MAX_LONG_TEXT_CHARS} characters) in one "
+                                    "streamed request, written as it comes")
+    read.add_argument("book", type=Path, help="the text file")
+    read.set_defaults(run=_stream)
 
     voices = commands.add_parser("voices", help="stored voices: add, list, rm")
     actions = voices.add_subparsers(dest="action", required=True)
@@ -184,6 +281,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Refused like the server would, before any conversion: --top-k 2147483648 must
         # not wrap in INT32, --seed 2**63 not overflow INT64.
         check_sampling(**_sampling(args), field_names=SAMPLING_OPTIONS)
+        try:
+            args.request = _request(args)
+        except (UsageError, CsmClientError) as error:
+            print(f"csm-tts {args.command}: error: {error}", file=sys.stderr)
+            return 2
         if args.command == "batch":
             return _batch(args)
         with VoiceCloner(args.url, args.protocol, admin_token=admin_token, timeout=args.timeout) as cloner:

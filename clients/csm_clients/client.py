@@ -14,7 +14,7 @@ import queue
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Mapping
+from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
 import numpy as np
 import tritonclient.grpc as grpc
@@ -25,6 +25,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from csm_clients import calls
 from csm_clients.audio import AudioSource, Reference, Speech, read_audio
+from csm_clients.conversation import Turn
 from csm_clients.errors import ServerError, from_stream_message, from_triton
 
 __all__ = ["ADMIN_TOKEN_ENV", "ADMIN_TOKEN_FILE_ENV", "AsyncVoiceCloner", "DEFAULT_URLS",
@@ -92,9 +93,9 @@ def _stream_over_sse(url: str, inputs: Mapping[str, np.ndarray], timeout: float)
         for event in _sse_events(response):
             if "error" in event:
                 raise from_stream_message(event["error"])
-            if "AUDIO" in event:
+            if np.size(event.get("AUDIO", [])):  # the final response may carry only FINISH_REASONS
                 rate = np.ravel(event["SAMPLE_RATE"])[0]
-                yield Speech(np.asarray(event["AUDIO"], np.float32), int(rate))
+                yield Speech(np.asarray(event["AUDIO"], np.float32).reshape(-1), int(rate))
 
 
 def _sse_events(lines) -> Iterator[dict]:
@@ -107,7 +108,10 @@ def _stream_step(result, error, url: str) -> tuple[Speech | None, bool]:
         raise from_triton(error, url)
     response = result.get_response()
     final = response.parameters.get("triton_final_response")
-    return (calls.speech_from(result) if response.outputs else None), bool(final is not None and final.bool_param)
+    audio = result.as_numpy("AUDIO") if response.outputs else None
+    # The final response may carry only FINISH_REASONS, with no or empty AUDIO: not a chunk.
+    chunk = calls.speech_from(result) if audio is not None and audio.size else None
+    return chunk, bool(final is not None and final.bool_param)
 
 
 class _Calls:
@@ -127,12 +131,15 @@ class _Calls:
         self.admin_token, self.timeout = admin_token, timeout
 
     def synthesize(self, text: str, *, voice: str | Reference | None = None, temperature: float | None = None,
-                   top_k: int | None = None, seed: int | None = None, max_audio_seconds: float | None = None):
-        """Text -> Speech (24 kHz, watermarked). `voice`: a stored voice id, an inline
-        Reference, or None for the model's default voice; None sampling values take the
-        server's defaults."""
+                   top_k: int | None = None, seed: int | None = None, max_audio_seconds: float | None = None,
+                   speaker: int | None = None, context: Sequence[Turn] | None = None):
+        """Text (up to 20,000 characters; the server splits a long one) -> Speech (24 kHz,
+        watermarked). `voice`: a stored voice id, an inline Reference, or None for the
+        model's default voice; None sampling values take the server's defaults.
+        `speaker`: the speaker id of the text (default 0); `context`: earlier turns
+        (`Turn`s, oldest first, stored voices before clips) the model conditions on."""
         return self._run(calls.synthesize(text, voice, temperature=temperature, top_k=top_k, seed=seed,
-                                          max_audio_seconds=max_audio_seconds))
+                                          max_audio_seconds=max_audio_seconds, speaker=speaker, context=context))
 
     def clone_voice_from_file(self, reference_audio: AudioSource, reference_transcript: str | None, target_text: str,
                               **sampling):
@@ -141,11 +148,13 @@ class _Calls:
                                **sampling)
 
     def stream(self, text: str, *, voice: str | Reference | None = None, temperature: float | None = None,
-               top_k: int | None = None, seed: int | None = None, max_audio_seconds: float | None = None):
-        """Like synthesize, yielding Speech chunks as they are generated; stopping early
-        cancels the generation on the server."""
+               top_k: int | None = None, seed: int | None = None, max_audio_seconds: float | None = None,
+               speaker: int | None = None, context: Sequence[Turn] | None = None):
+        """Like synthesize, yielding Speech chunks as they are generated (a long text's
+        segments back to back, past csm_tts's 120 s); stopping early cancels the
+        generation on the server. Bad input raises InvalidRequest here, before any chunk."""
         return self._stream(calls.tts_inputs(text, voice, temperature=temperature, top_k=top_k, seed=seed,
-                                             max_audio_seconds=max_audio_seconds))
+                                             max_audio_seconds=max_audio_seconds, speaker=speaker, context=context))
 
     def register_voice(self, voice_id: str, reference_audio: AudioSource, transcript: str | None):
         """Store a voice (needs the admin token) -> the stored voice's description."""

@@ -11,16 +11,26 @@ tests/test_client_offline.py keeps them equal.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Mapping
 
 from csm_clients.errors import InvalidRequest
 
-__all__ = ["MAX_AUDIO_SECONDS", "MAX_SEED", "MAX_TEMPERATURE", "MAX_TOP_K", "check_sampling"]
+__all__ = ["MAX_AUDIO_SECONDS", "MAX_CONTEXT_AUDIO_SECONDS", "MAX_CONTEXT_TURNS", "MAX_LONG_TEXT_CHARS", "MAX_SEED",
+           "MAX_SPEAKER_ID", "MAX_TEMPERATURE", "MAX_TOP_K", "MAX_TURN_SECONDS", "MAX_TURN_TEXT_CHARS",
+           "MIN_TURN_SECONDS", "check_sampling", "check_speaker"]
 
 MAX_TEMPERATURE = 5.0  # TEMPERATURE in (0, 5]
 MAX_TOP_K = 2_048  # TOP_K in [1, 2048]: Mimi's codebook size
 MAX_SEED = 2**63 - 1  # SEED in [0, 2**63 - 1]: INT64
 MAX_AUDIO_SECONDS = 90.0  # MAX_AUDIO_SECONDS in (0, 90]
+# Conversations and long texts (docs/api.md, csm_tts):
+MAX_SPEAKER_ID = 255  # SPEAKER / CONTEXT_SPEAKER in [0, 255]
+MAX_CONTEXT_TURNS = 16  # context turns, stored voices and clips together
+MAX_CONTEXT_AUDIO_SECONDS = 60.0  # all context audio of one request
+MIN_TURN_SECONDS, MAX_TURN_SECONDS = 0.5, 30.0  # each context clip (the reference clip's rule)
+MAX_TURN_TEXT_CHARS = 2_000  # each CONTEXT_TEXT (the one-segment TEXT limit)
+MAX_LONG_TEXT_CHARS = 20_000  # TEXT: longer than 300 characters is split by the server
 
 
 def _number(value, field: str) -> float:
@@ -59,3 +69,15 @@ def check_sampling(*, temperature=None, top_k=None, seed=None, max_audio_seconds
         if not math.isfinite(value) or not 0 < value <= MAX_AUDIO_SECONDS:
             refuse("max_audio_seconds",
                    f"input 'MAX_AUDIO_SECONDS' must be in (0, {MAX_AUDIO_SECONDS:g}], got {max_audio_seconds}")
+
+
+def check_speaker(value, field: str = "speaker") -> None:
+    """A speaker id in [0, MAX_SPEAKER_ID], refused before it becomes an INT32 (where
+    2**31 would wrap)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        else:
+            raise InvalidRequest(f"{field}: must be an integer speaker id, got {value!r}")
+    if not 0 <= value <= MAX_SPEAKER_ID:
+        raise InvalidRequest(f"{field}: speaker id {value}; speaker ids are 0-{MAX_SPEAKER_ID}")

@@ -61,8 +61,9 @@ MAX_CONTEXT_AUDIO_SECONDS = 60.0
 # for a long text, the previous segment): 1536 leaves 512 positions (41 s) of the
 # engine's 2048 for the generated frames (the engine refuses prompt + frames > context).
 MAX_PROMPT_TOKENS = 1_536
-# TEXT of csm_tts / csm_tts_stream: longer than MAX_TEXT_CHARS is split into segments at
-# sentence boundaries (pysbd), grouped up to SEGMENT_MAX_CHARS, one generation each.
+# TEXT of csm_tts / csm_tts_stream, up to MAX_LONG_TEXT_CHARS: longer than SEGMENT_MAX_CHARS
+# is split into segments at sentence boundaries (pysbd), grouped up to SEGMENT_MAX_CHARS,
+# one generation each.
 MAX_LONG_TEXT_CHARS = 20_000
 SEGMENT_MAX_CHARS = 300
 # Frame budget of each segment of a multi-segment text: a documented bound on how slow
@@ -81,11 +82,23 @@ STREAM_LEFT_CONTEXT_FRAMES = 25
 
 # --- Memory budget ------------------------------------------------------------------
 DEFAULT_GPU_MEMORY_FRACTION = 0.85
-# CPU fp32: the batch sizes oneDNN weights are packed for (one copy each). One row
-# reads fastest from a layout packed for one; 2..8+ rows from a layout packed for 8
-# (loadtest/results/engine_full_cpu_float32.md). An engine with one slot keeps only
-# the first copy.
+# CPU: the row buckets each weight gets a kernel for (engine/kernels.py times MKL and
+# oneDNN packed for the bucket's rows, per shape, at load). oneDNN's packed layout is
+# made for a row count: one row reads fastest from a layout packed for one, 2..8+
+# from one packed for 8. An engine with one slot has one bucket, so one copy.
 CPU_PACKED_BATCH_SIZES = (1, 8)
+# CPU kernel choice at load (engine/kernels.py): each shape's candidates are timed on a
+# cycle of weights holding at least this many bytes (more than the 480 MiB last-level
+# cache of the Intel Xeon measured), best of this many repeats.
+CPU_KERNEL_TIMING_BYTES = 768 << 20
+CPU_KERNEL_TIMING_MAX_WEIGHTS = 32  # weights under 24 MiB cycle less (the tiny model's all do)
+CPU_KERNEL_TIMING_REPEATS = 3
+# Per shape and bucket: small shapes repeat until the first; past the second (a busy
+# machine) the timing stops whatever the repeats, to keep load time bounded.
+CPU_KERNEL_TIMING_SECONDS = (0.1, 0.5)
+# Smaller weights are not timed ("mkl": F.linear): call overhead, not memory traffic.
+# Every CSM-1B weight is larger (the smallest, depth o_proj, is 2 MiB in bf16).
+CPU_KERNEL_MIN_TIMED_BYTES = 1 << 20
 
 # --- Export / parity thresholds ----------------------------------------------------
 ONNX_OPSET = 20

@@ -5,8 +5,11 @@ bad conversation is INVALID_ARG while a good request succeeds."""
 
 from __future__ import annotations
 
+import json
 import queue
 import time
+import urllib.error
+import urllib.request
 
 import numpy as np
 import pytest
@@ -69,6 +72,7 @@ def test_a_conversation_is_spoken_by_csm_tts_and_csm_tts_stream(grpc_client):
     assert spoken.size == 7 * C.SAMPLES_PER_FRAME
     chunks = stream_chunks(grpc_client, [*tts_inputs(grpc, seconds=0.5, reference=False), *inputs])
     assert sum(len(audio) for _, audio in chunks) == 7 * C.SAMPLES_PER_FRAME
+    assert chunks[-1][1].size == 0, "the final response: an empty AUDIO beside FINISH_REASONS"
 
 
 LONG_TEXT = " ".join(f"This is sentence number {i}, and it goes on for a little while." for i in range(24))
@@ -83,7 +87,7 @@ def test_a_clients_max_audio_seconds_caps_a_long_text_as_a_whole(grpc_client, tr
     assert len(segments.split_text(LONG_TEXT)) >= 3
     chunks = stream_chunks(grpc_client, tts_inputs(grpc, words=LONG_TEXT, seconds=0.5))
     sizes = [len(audio) // C.SAMPLES_PER_FRAME for _, audio in chunks]
-    assert sizes == [C.STREAM_FIRST_CHUNK_FRAMES, SEGMENT_FRAMES - C.STREAM_FIRST_CHUNK_FRAMES]
+    assert sizes == [C.STREAM_FIRST_CHUNK_FRAMES, SEGMENT_FRAMES - C.STREAM_FIRST_CHUNK_FRAMES, 0]
     deadline = time.monotonic() + 30
     while slots_in_use(triton_server) > 0 and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -92,8 +96,19 @@ def test_a_clients_max_audio_seconds_caps_a_long_text_as_a_whole(grpc_client, tr
 
 def test_csm_tts_caps_a_long_text_at_max_audio_seconds(protocol):
     module, client = protocol
-    audio = client.infer("csm_tts", tts_inputs(module, words=LONG_TEXT, seconds=0.5)).as_numpy("AUDIO")
-    assert audio.shape == (SEGMENT_FRAMES * C.SAMPLES_PER_FRAME,)
+    result = client.infer("csm_tts", tts_inputs(module, words=LONG_TEXT, seconds=0.5))
+    assert result.as_numpy("AUDIO").shape == (SEGMENT_FRAMES * C.SAMPLES_PER_FRAME,)
+    # The final response says so: the client's cap ended segment 0, the others never began.
+    count = len(segments.split_text(LONG_TEXT))
+    assert [r.decode() if isinstance(r, bytes) else r for r in result.as_numpy("FINISH_REASONS")] == \
+        [segments.MAX_AUDIO_SECONDS] + [segments.NOT_STARTED] * (count - 1)
+    assert result.as_numpy("SEGMENT_FRAMES").tolist() == [SEGMENT_FRAMES] + [0] * (count - 1)
+
+
+def test_a_short_text_has_one_finish_reason(grpc_client):
+    result = grpc_client.infer("csm_tts", tts_inputs(grpc, seconds=0.5, reference=False))
+    assert result.as_numpy("FINISH_REASONS").tolist() == [segments.MAX_AUDIO_SECONDS.encode()]
+    assert result.as_numpy("SEGMENT_FRAMES").tolist() == [SEGMENT_FRAMES]
 
 
 LONG_TURN = " ".join(["words that take tokens"] * 90)[:C.MAX_TEXT_CHARS]
@@ -107,6 +122,7 @@ BAD_CONVERSATIONS = {
     "unknown context voice": ({"CONTEXT_VOICE_ID": texts(["nobody-at-all"]), "CONTEXT_SPEAKER": np.zeros(2, np.int32)},
                               "unknown voice 'nobody-at-all'"),
     "only punctuation": ({"TEXT": text(" ?!… -- ")}, "only punctuation"),
+    "only whitespace": ({"TEXT": text(" \t \n ")}, "input 'TEXT' is empty"),
     "context over the token budget": ({"CONTEXT_TEXT": texts([LONG_TURN] * 4),
                                        "CONTEXT_SPEAKER": np.zeros(4, np.int32),
                                        "CONTEXT_AUDIO": np.tile(reference_clip(1.0), 4),
@@ -115,21 +131,70 @@ BAD_CONVERSATIONS = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD_CONVERSATIONS))
-def test_bad_conversation_is_invalid_arg_while_a_good_request_succeeds(grpc_client, case):
+def generate_stream_error(server, inputs) -> tuple[int, str]:
+    """csm_tts_stream over HTTP generate_stream (SSE), which carries the error's status
+    (a gRPC stream carries only its message): (HTTP status, message)."""
+    body = {name: (value.tolist() if value.dtype != object else [v.decode() for v in value.reshape(-1)])
+            for name, value in inputs.items()}
+    request = urllib.request.Request(f"http://{server.http_url}/v2/models/csm_tts_stream/generate_stream",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def bad_conversation(case) -> tuple[dict[str, np.ndarray], str]:
+    """(a good one-turn conversation's inputs with the case's changes, the message expected)."""
     overrides, message = BAD_CONVERSATIONS[case]
-    answers = queue.Queue()
+    clip = reference_clip(1.0, seed=0)
+    inputs = {"TEXT": text("Hello there, how are you?"), "MAX_AUDIO_SECONDS": np.array([0.5], np.float32),
+              "SEED": np.array([7], np.int64), "CONTEXT_TEXT": texts(["A turn."]),
+              "CONTEXT_SPEAKER": np.zeros(1, np.int32), "CONTEXT_AUDIO": clip,
+              "CONTEXT_AUDIO_LENGTHS": np.array([clip.size], np.int32),
+              "CONTEXT_SAMPLE_RATE": np.array([C.SAMPLE_RATE], np.int32)}
+    return {**inputs, **overrides}, message
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONVERSATIONS))
+def test_bad_conversation_is_invalid_arg_while_a_good_request_succeeds(grpc_client, triton_server, case):
+    inputs, message = bad_conversation(case)
+    # A good csm_tts request and a good csm_tts_stream in flight meanwhile, on the same server.
+    answers, streamed = queue.Queue(), queue.Queue()
     grpc_client.async_infer("csm_tts", tts_inputs(grpc, seconds=0.5, reference=False),
                             callback=lambda result, error: answers.put((result, error)))
-    good_context = [("A turn.", 0, 1.0)]
-    inputs = {i.name(): i for i in [*tts_inputs(grpc, seconds=0.5, reference=False), *context_inputs(grpc, good_context)[0]]}
-    inputs.update({name: tensor(grpc, name, value) for name, value in overrides.items()})
-    for model in ("csm_tts", "csm_prepare"):
-        model_inputs = [i for name, i in inputs.items()
-                        if model == "csm_tts" or name not in ("MAX_AUDIO_SECONDS", "SEED")]
+    good_stream = grpc.InferenceServerClient(triton_server.grpc_url)
+    good_stream.start_stream(callback=lambda result, error: streamed.put((result, error)))
+    try:
+        good_stream.async_stream_infer("csm_tts_stream", tts_inputs(grpc, seconds=0.5, reference=False),
+                                       enable_empty_final_response=True)
+        for model in ("csm_tts", "csm_prepare"):
+            model_inputs = [tensor(grpc, name, value) for name, value in inputs.items()
+                            if model == "csm_tts" or name not in ("MAX_AUDIO_SECONDS", "SEED")]
+            with pytest.raises(InferenceServerException) as failure:
+                grpc_client.infer(model, model_inputs)
+            assert failure.value.status() == "StatusCode.INVALID_ARGUMENT", failure.value
+            assert message in failure.value.message() and "Traceback" not in failure.value.message()
+        # csm_tts_stream: over a gRPC stream the message (the stream carries no status) ...
         with pytest.raises(InferenceServerException) as failure:
-            grpc_client.infer(model, model_inputs)
-        assert failure.value.status() == "StatusCode.INVALID_ARGUMENT", failure.value
-        assert message in failure.value.message() and "Traceback" not in failure.value.message()
+            stream_chunks(grpc_client, [tensor(grpc, name, value) for name, value in inputs.items()])
+        assert message in failure.value.message(), failure.value
+        assert "Traceback" not in failure.value.message() and "internal error" not in failure.value.message()
+        # ... and over HTTP generate_stream the status too: 400, a client error
+        status, body = generate_stream_error(triton_server, inputs)
+        assert status == 400 and message in body and "Traceback" not in body, (status, body)
+        audio = []
+        while True:
+            result, error = streamed.get(timeout=120)
+            assert error is None, error
+            audio.append(result.as_numpy("AUDIO"))
+            flag = result.get_response().parameters.get("triton_final_response")
+            if flag is not None and flag.bool_param:
+                break
+        assert sum(a.size for a in audio if a is not None) == SEGMENT_FRAMES * C.SAMPLES_PER_FRAME
+    finally:
+        good_stream.stop_stream()
+        good_stream.close()
     result, error = answers.get(timeout=120)
     assert error is None and result.as_numpy("AUDIO").size

@@ -30,6 +30,7 @@ from csm_clients.errors import (CsmClientError, InvalidRequest, PermissionDenied
                                 ServerUnavailable)
 from csm_clients.gateway.keys import ApiKeys, MissingApiKey
 from csm_clients.gateway.openai_api import openai_router
+from csm_clients.gateway.speech_context import context_from_json, conversation
 from csm_clients.limits import check_sampling
 
 __all__ = ["DEFAULT_MAX_UPLOAD_MB", "create_app"]
@@ -142,11 +143,16 @@ def create_app(triton_url: str = "localhost:8001", *, admin_token: str | None = 
         temperature: Annotated[float | None, Form()] = None,
         top_k: Annotated[int | None, Form()] = None,
         max_audio_seconds: Annotated[float | None, Form()] = None,
+        speaker: Annotated[int | None, Form(description="speaker id of `text`, 0-255 (default 0)")] = None,
+        context: Annotated[str | None, Form(description="earlier turns: a JSON list as /v1/audio/speech's "
+                                                        "`context` (docs/api.md)")] = None,
     ):
         """Speak `text` in a stored voice, in the voice of an uploaded clip, or in the
-        model's default voice; answers audio/wav."""
+        model's default voice, optionally after earlier turns of a conversation;
+        answers audio/wav."""
         sampling = {"seed": seed, "temperature": temperature, "top_k": top_k, "max_audio_seconds": max_audio_seconds}
         check_sampling(**sampling)  # before they become INT32/INT64/FP32 tensors
+        sampling.update(conversation(text, speaker, context_from_json(context), max_upload_bytes))
         voice: str | Reference | None = voice_name or None
         if reference_audio is not None and reference_audio.filename:
             if voice is not None:

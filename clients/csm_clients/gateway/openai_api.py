@@ -40,6 +40,7 @@ from csm_clients.client import AsyncVoiceCloner
 from csm_clients.encoding import FORMATS, StreamEncoder, encode
 from csm_clients.errors import CsmClientError, InvalidRequest, PermissionDenied, ServerUnavailable
 from csm_clients.gateway.keys import ApiKeys, MissingApiKey
+from csm_clients.gateway.speech_context import ContextTurn, FieldError, conversation, refused_field
 from csm_clients.limits import check_sampling
 
 LOG = logging.getLogger("csm_clients.gateway.openai")
@@ -52,11 +53,11 @@ MODELS = ("csm-1b", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 # OpenAI's built-in voices speak in the model's default voice (no VOICE_ID sent).
 OPENAI_VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage",
                            "shimmer", "verse", "marin", "cedar"})
-SERVED_SPEAKER = 0  # the CSM speaker id the server gives every request's text turn
 SAMPLES_PER_FRAME = 1_920  # Mimi: 24 kHz / 12.5 Hz; SSE usage counts generated frames
 
-# A Triton refusal names the tensor; the caller wrote the body's field.
-_SPEECH_FIELDS = {"TEXT": "input", "VOICE_ID": "voice", "unknown voice": "voice", "TEMPERATURE": "temperature",
+# A Triton refusal names the tensor; the caller wrote the body's field (first match wins:
+# CONTEXT_TEXT before TEXT, CONTEXT_SPEAKER before SPEAKER).
+_SPEECH_FIELDS = {"CONTEXT_": "context", "context turns": "context", "SPEAKER": "speaker", "TEXT": "input", "VOICE_ID": "voice", "unknown voice": "voice", "TEMPERATURE": "temperature",
                   "TOP_K": "top_k", "SEED": "seed", "MAX_AUDIO_SECONDS": "max_audio_seconds"}
 _VOICE_FIELDS = {"VOICE_ID": "name", "REFERENCE_TEXT": "transcript", "REFERENCE_AUDIO": "audio_sample",
                  "REFERENCE_SAMPLE_RATE": "audio_sample", "reference clip": "audio_sample", "unknown voice": "voice_id"}
@@ -84,6 +85,8 @@ def _from_client_error(error: CsmClientError, fields: dict[str, str]) -> OpenAIE
         return OpenAIError(401, message, code="invalid_api_key")
     if isinstance(error, PermissionDenied):
         return OpenAIError(403, message, code="permission_denied", kind="permission_error")
+    if isinstance(error, FieldError):
+        return OpenAIError(400, message, param=error.param)
     if isinstance(error, InvalidRequest):
         status = 413 if type(error).__name__ == "UploadTooLarge" else 400
         return OpenAIError(status, message, param=_param_of(message, fields))
@@ -97,6 +100,9 @@ def _from_validation(error: RequestValidationError) -> OpenAIError:
     first = problems[0] if problems else {}
     where = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
     param = where[0] if where and not where[0].isdigit() else None
+    if param == "context" and len(where) > 1 and where[1].isdigit():  # OpenAI's style: context[1].speaker
+        field = next((part for part in where[2:] if not part.isdigit()), None)
+        param = f"context[{where[1]}]" + (f".{field}" if field else "")
     message = "; ".join(f"{'.'.join(str(p) for p in item.get('loc', ()) if p != 'body')}: {item.get('msg')}"
                         for item in problems) or "invalid request body"
     return OpenAIError(400, message, param=param)
@@ -140,7 +146,8 @@ class SpeechRequest(BaseModel):
     temperature: float | None = None
     top_k: int | None = None
     max_audio_seconds: float | None = None
-    speaker: int | None = None
+    speaker: int | None = None  # 0-255, the speaker id of `input`
+    context: list[ContextTurn] | None = None  # earlier turns (gateway/speech_context.py)
 
     def voice_id(self) -> str | None:
         """The stored voice to send as VOICE_ID; None: the model's default voice."""
@@ -168,9 +175,6 @@ def _check(body: SpeechRequest) -> None:
     if body.speed != 1.0:
         raise OpenAIError(400, f"speed: only 1.0 is supported (CSM-1B speaks at its own pace; got {body.speed:g})",
                           param="speed", code="unsupported_value")
-    if body.speaker is not None and body.speaker != SERVED_SPEAKER:
-        raise OpenAIError(400, f"speaker: only {SERVED_SPEAKER} is served (a voice is chosen with `voice`)",
-                          param="speaker", code="unsupported_value")
 
 
 def _sse(event: dict) -> bytes:
@@ -207,6 +211,18 @@ def openai_router(cloner: Callable[[], AsyncVoiceCloner], keys: ApiKeys, *, max_
         audio as it is generated, "sse" sends OpenAI's speech.audio.delta/done events."""
         _check(body)
         voice, sampling = body.voice_id(), body.sampling()
+        sampling.update(conversation(body.input, body.speaker, body.context, max_upload_bytes))
+        try:
+            return await _speak(body, voice, sampling)
+        except FieldError:
+            raise
+        except InvalidRequest as error:  # an unknown context voice reads like an unknown `voice`
+            param = refused_field(str(error), voice, body.context)
+            if param is None:
+                raise
+            raise OpenAIError(400, str(error), param=param) from None
+
+    async def _speak(body: SpeechRequest, voice: str | None, sampling: dict) -> Response:
         audio_format = FORMATS[body.response_format]
         if body.stream_format is None:
             spoken = await cloner().synthesize(body.input, voice=voice, **sampling)

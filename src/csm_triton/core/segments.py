@@ -19,10 +19,23 @@ import numpy as np
 
 from csm_triton import constants as C
 
-__all__ = ["split_text", "segment_max_frames", "SegmentChain", "SEGMENT_OUTPUTS"]
+__all__ = ["split_text", "segment_max_frames", "SegmentChain", "SEGMENT_OUTPUTS", "FINISH_REASONS"]
 
 # csm_prepare's outputs that describe the segments (beside input_ids and prompt_codes).
 SEGMENT_OUTPUTS = ("segment_ids", "segment_token_counts", "segment_max_frames", "audio_token_ids")
+# How each segment of a text ended, as the final response of csm_tts / csm_tts_stream
+# says (FINISH_REASONS, docs/api.md): the model's end frame; the segment's own frame
+# budget (or, for a one-segment text without MAX_AUDIO_SECONDS, the default cap); the
+# client's MAX_AUDIO_SECONDS, which bounds the whole text; or never started because
+# that was used up by the segments before.
+END_OF_SPEECH, MAX_FRAMES, MAX_AUDIO_SECONDS, NOT_STARTED = (
+    "end_of_speech", "max_frames", "max_audio_seconds", "not_started")
+FINISH_REASONS = (END_OF_SPEECH, MAX_FRAMES, MAX_AUDIO_SECONDS, NOT_STARTED)
+# The counter csm_generate and csm_tts_stream keep of those endings, one series a reason.
+SEGMENTS_METRIC = ("csm_segments_total",
+                   f"Segments of texts (a text of up to {C.SEGMENT_MAX_CHARS} characters is one), by how each "
+                   "ended: end_of_speech, "
+                   "max_frames (its own frame budget), max_audio_seconds (the client's cap), not_started")
 
 
 @lru_cache(maxsize=1)
@@ -65,12 +78,14 @@ def split_text(text: str, max_chars: int = C.SEGMENT_MAX_CHARS) -> list[str]:
     return [segment for segment in segments if segment]
 
 
-def segment_max_frames(text: str) -> int:
-    """The frames a segment may take: SEGMENT_SECONDS_PER_CHAR per character, at least
-    SEGMENT_MIN_SECONDS, so a segment that never emits its end frame stops at a sane
-    length (random or confused weights)."""
-    seconds = max(C.SEGMENT_MIN_SECONDS, len(text) * C.SEGMENT_SECONDS_PER_CHAR)
-    return math.ceil(seconds * C.FRAME_RATE_HZ)
+def segment_max_frames(text: str, seconds_per_char: float = C.SEGMENT_SECONDS_PER_CHAR,
+                       min_seconds: float = C.SEGMENT_MIN_SECONDS) -> int:
+    """The frames a segment may take: `seconds_per_char` per character, at least
+    `min_seconds` (csm_prepare's config parameters, defaulting to the constants), so a
+    segment that never emits its end frame stops at a sane length (random or confused
+    weights)."""
+    seconds = max(min_seconds, len(text) * seconds_per_char)
+    return max(1, math.ceil(round(seconds * C.FRAME_RATE_HZ, 4)))
 
 
 def _as_int(array, dtype=np.int64) -> np.ndarray:
@@ -97,6 +112,11 @@ class SegmentChain:
     max_prompt_tokens: int = C.MAX_PROMPT_TOKENS
     _previous: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
     _generated_frames: int = field(default=0, repr=False)
+    # per segment once generated: its frames, and how it ended (FINISH_REASONS)
+    _frames: dict[int, int] = field(default_factory=dict, repr=False)
+    _reasons: dict[int, str] = field(default_factory=dict, repr=False)
+    # per segment once asked for: (its frame cap, whether the client's MAX_AUDIO_SECONDS set it)
+    _caps: dict[int, tuple[int, bool]] = field(default_factory=dict, repr=False)
     # segment 0's prompt as csm_prepare sent it, passed on untouched
     first_prompt: dict | None = field(default=None, repr=False)
 
@@ -143,11 +163,18 @@ class SegmentChain:
         """Segment `index`'s frame cap: its own budget, at most the request's cap; with
         `whole_utterance` (the client gave MAX_AUDIO_SECONDS) the request's cap bounds
         all segments together, so what was generated already counts."""
+        return self._cap(index, request_max_frames, whole_utterance)[0]
+
+    def _cap(self, index: int, request_max_frames: int, client_cap: bool) -> tuple[int, bool]:
+        """(the cap, whether it is the client's MAX_AUDIO_SECONDS rather than the segment's
+        own budget that sets it)."""
         budget = self.max_frames[index]
-        cap = request_max_frames if budget is None else min(budget, request_max_frames)
-        if whole_utterance:
+        if budget is None:  # a one-segment text: the request's cap, the client's if it gave one
+            return request_max_frames, client_cap
+        cap = min(budget, request_max_frames)
+        if client_cap:
             cap = min(cap, request_max_frames - self._generated_frames)
-        return cap
+        return cap, client_cap and cap < budget
 
     def exhausted(self, sampling, request_max_frames: int) -> bool:
         """True once a client-given MAX_AUDIO_SECONDS is used up: start no further segment.
@@ -159,18 +186,43 @@ class SegmentChain:
         multi-segment text the segment's frame cap and its own seed (SEED + index, so the
         segments do not all replay one random draw)."""
         inputs = {**sampling, **self.prompt(index)}
+        cap = self._caps[index] = self._cap(index, request_max_frames, "MAX_AUDIO_SECONDS" in sampling)
         if len(self) > 1:
-            cap = self.frame_cap(index, request_max_frames, whole_utterance="MAX_AUDIO_SECONDS" in sampling)
-            inputs["MAX_AUDIO_SECONDS"] = max_audio_seconds(cap)
+            inputs["MAX_AUDIO_SECONDS"] = max_audio_seconds(cap[0])
             if "SEED" in sampling:
                 inputs["SEED"] = np.asarray(sampling["SEED"]).reshape(-1)[:1].astype(np.int64) + index
+        if index:  # the prefix cache keeps the request's own turns, not the generated segment
+            turns = np.count_nonzero(self.context_ids == self.audio_eos_id)
+            inputs["prefix_cache_turns"] = np.array([turns], np.int32)
         return inputs
 
-    def record(self, index: int, codes: np.ndarray) -> None:
-        """The codes generated for segment `index`: the next segment's context."""
+    def record(self, index: int, codes: np.ndarray, lm_reason: str | None = None) -> None:
+        """The codes generated for segment `index` (the next segment's context), and how
+        csm_lm said the generation ended (its FinishReason value, None when not told)."""
         codes = np.asarray(codes, dtype=np.int64).reshape(-1, C.NUM_CODEBOOKS)
         self._generated_frames += len(codes)
         self._previous = (self.segment_ids[index], codes) if len(codes) else None
+        self._frames[index] = len(codes)
+        cap, client_cap = self._caps.get(index, (None, False))
+        if lm_reason is None:  # not told: a generation that filled its cap stopped there
+            lm_reason = MAX_FRAMES if cap is not None and len(codes) >= cap else END_OF_SPEECH
+        if lm_reason == MAX_FRAMES:
+            self._reasons[index] = MAX_AUDIO_SECONDS if client_cap else MAX_FRAMES
+        else:
+            self._reasons[index] = lm_reason
+
+    def finish_reasons(self) -> list[str]:
+        """How every segment ended, in order (NOT_STARTED: never generated)."""
+        return [self._reasons.get(index, NOT_STARTED) for index in range(len(self))]
+
+    def segment_frames(self) -> list[int]:
+        """The frames generated for every segment, in order (0: never generated)."""
+        return [self._frames.get(index, 0) for index in range(len(self))]
+
+    def final_outputs(self) -> dict[str, np.ndarray]:
+        """FINISH_REASONS and SEGMENT_FRAMES of the final response, one value per segment."""
+        return {"FINISH_REASONS": np.array([r.encode() for r in self.finish_reasons()], dtype=object),
+                "SEGMENT_FRAMES": np.array(self.segment_frames(), np.int32)}
 
 
 def max_audio_seconds(frames: int) -> np.ndarray:

@@ -11,7 +11,10 @@ watermark). That split lets the ending rules be tested without a server:
 * a stage's failure reaches the client as that stage's error (an `InvalidInput` of
   csm_prepare stays a client error);
 * a long text's segments (csm_prepare's segment outputs) are generated one after the
-  other and streamed back to back, still with one final response for the whole.
+  other and streamed back to back, still with one final response for the whole, which
+  says how each segment ended (FINISH_REASONS) and how many frames it took
+  (SEGMENT_FRAMES), beside an empty AUDIO so that clients reading every response's
+  AUDIO as a chunk keep working.
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ from csm_triton.core.stream_decoder import StreamDecoder
 Arrays = Mapping[str, np.ndarray]
 # prepare inputs (TEXT, VOICE_ID, ...) -> the prompt csm_lm takes (input_ids, prompt_codes)
 Prepare = Callable[[Arrays], Arrays]
-# (prompt + sampling + chunk schedule, stream id) -> code chunks [frames, NUM_CODEBOOKS]
+# (prompt + sampling + chunk schedule, stream id) -> code chunks [frames, NUM_CODEBOOKS];
+# a generator may return csm_lm's finish reason (its StopIteration value), else the
+# chain infers it from the frame cap.
 Generate = Callable[[Arrays, str], Iterable[np.ndarray]]
 Decode = Callable[[np.ndarray], np.ndarray]  # codes [frames, NUM_CODEBOOKS] -> samples
 Watermark = Callable[[np.ndarray], np.ndarray]  # samples -> samples of the same length
 CancelGeneration = Callable[[str], None]
+SegmentsEnded = Callable[[list[str]], None]  # every segment's finish reason, once per stream
 
 SAMPLE_RATE = np.array([C.SAMPLE_RATE], dtype=np.int32)
 LOG = logging.getLogger("csm_triton")
@@ -46,7 +52,7 @@ class ResponseSender(Protocol):
 
     def send(self, outputs: Arrays) -> None: ...
 
-    def finish(self) -> None: ...
+    def finish(self, outputs: Arrays | None = None) -> None: ...
 
     def fail(self, error: BaseException) -> None: ...
 
@@ -70,22 +76,25 @@ class StreamPipeline:
     chunk_frames: int = C.STREAM_CHUNK_FRAMES
     left_context_frames: int = C.STREAM_LEFT_CONTEXT_FRAMES
     log_error: Callable[[str], None] = LOG.error
+    segments_ended: SegmentsEnded = lambda reasons: None  # noqa: E731 - metrics in the server
 
     def run(self, prepare_inputs: Arrays, sampling: Arrays, sender: ResponseSender,
             stream_id: str | None = None) -> None:
         """Streams one utterance to `sender` and ends it with exactly one final response."""
         stream_id = stream_id or new_stream_id()
         try:
-            self._stream(prepare_inputs, sampling, sender, stream_id)
+            final = self._stream(prepare_inputs, sampling, sender, stream_id)
         except Exception as error:  # noqa: BLE001 - every failure ends the stream with its message
             self._end(sender, stream_id, error)
         except BaseException as error:  # the process is going down: still one final, then let it go
             self._end(sender, stream_id, error)
             raise
         else:
-            self._end(sender, stream_id, None)
+            self._end(sender, stream_id, None, final)
 
-    def _stream(self, prepare_inputs: Arrays, sampling: Arrays, sender: ResponseSender, stream_id: str) -> None:
+    def _stream(self, prepare_inputs: Arrays, sampling: Arrays, sender: ResponseSender,
+                stream_id: str) -> Arrays | None:
+        """Streams every segment; the final response's outputs, or None when the client left."""
         prepared = self.prepare(prepare_inputs)
         # A long text comes back as segments (core.segments): generated one after the
         # other, each with the previous one's codes as context, and streamed back to
@@ -95,9 +104,9 @@ class StreamPipeline:
         decoder = StreamDecoder(self.decode, self.left_context_frames)
         for index in range(len(chain)):
             if index and sender.is_cancelled():  # left between segments: start no other
-                return
+                return None
             if index and chain.exhausted(sampling, request_max_frames):  # MAX_AUDIO_SECONDS reached
-                return
+                break
             lm_inputs = {
                 **chain.lm_inputs(index, sampling, request_max_frames),
                 "first_chunk_frames": np.array([self.first_chunk_frames], np.int32),
@@ -105,24 +114,32 @@ class StreamPipeline:
             }
             # Segment 0 keeps the stream's id (csm_lm's request id, named by a cancel).
             segment_id = stream_id if index == 0 else f"{stream_id}-{index}"
-            codes = self._stream_segment(lm_inputs, segment_id, decoder, sender)
-            if codes is None:  # the client left: no further segment
-                return
-            chain.record(index, codes)
+            ended = self._stream_segment(lm_inputs, segment_id, decoder, sender)
+            if ended is None:  # the client left: no further segment
+                return None
+            chain.record(index, *ended)
+        try:  # counted in the metrics; a failure there is no reason to fail the stream
+            self.segments_ended(chain.finish_reasons())
+        except Exception as error:  # noqa: BLE001
+            self.log_error(f"csm_tts_stream: could not count the segments of {stream_id}: {error}")
+        return {"AUDIO": np.zeros(0, np.float32), "SAMPLE_RATE": SAMPLE_RATE, **chain.final_outputs()}
 
     def _stream_segment(self, lm_inputs: Arrays, stream_id: str, decoder: StreamDecoder,
-                        sender: ResponseSender) -> np.ndarray | None:
-        """One generation streamed to `sender`; its codes, or None when the client left."""
+                        sender: ResponseSender) -> tuple[np.ndarray, str | None] | None:
+        """One generation streamed to `sender`: its codes and finish reason, or None when
+        the client left."""
         chunks = iter(self.generate(lm_inputs, stream_id))
         generated: list[np.ndarray] = []
         exhausted = False
+        reason = None
         try:
             # Checked before each pull (a pull waits for the next chunk to be generated)
             # and after it (no decoding for a client that left meanwhile).
             while not sender.is_cancelled():
-                codes = next(chunks, None)
-                if codes is None:
-                    exhausted = True
+                try:
+                    codes = next(chunks)
+                except StopIteration as stop:  # the generator's return value: csm_lm's reason
+                    exhausted, reason = True, stop.value
                     break
                 if sender.is_cancelled():
                     break
@@ -133,7 +150,8 @@ class StreamPipeline:
                 self._stop_generation(chunks, stream_id)
         if not exhausted:
             return None
-        return np.concatenate(generated) if generated else np.zeros((0, C.NUM_CODEBOOKS), np.int64)
+        codes = np.concatenate(generated) if generated else np.zeros((0, C.NUM_CODEBOOKS), np.int64)
+        return codes, reason
 
     def _stop_generation(self, chunks: Iterator[np.ndarray], stream_id: str) -> None:
         """Best effort: a failure here must not hide the stream's own outcome; the LM's
@@ -149,12 +167,16 @@ class StreamPipeline:
         except Exception as error:  # noqa: BLE001
             self.log_error(f"csm_tts_stream: could not cancel {stream_id}: {error}")
 
-    def _end(self, sender: ResponseSender, stream_id: str, error: BaseException | None) -> None:
+    def _end(self, sender: ResponseSender, stream_id: str, error: BaseException | None,
+             final: Arrays | None = None) -> None:
         # One attempt only: a final call that raised (client gone) may have reached the
         # client or not, and a second final would break the protocol if it had.
         try:
             if error is None:
-                sender.finish()
+                if final is None:
+                    sender.finish()
+                else:
+                    sender.finish(final)
             else:
                 sender.fail(error)
         except Exception as final_error:  # noqa: BLE001

@@ -29,7 +29,7 @@ from csm_triton import constants as C
 from csm_triton.engine.capacity import CPU_DEFAULT_SLOTS, WarmUpReport, slots_from_memory
 from csm_triton.engine.frame_step import BucketPlan, FrameStep, StepBucket
 from csm_triton.engine.lm import CsmLM
-from csm_triton.engine.prefix_cache import PrefixCache, PrefixEntry, prefix_key
+from csm_triton.engine.prefix_cache import PrefillPlan, PrefixCache, PrefixEntry
 from csm_triton.engine.requests import FinishReason, FrameChunk, GenerationRequest, RequestHandle
 from csm_triton.engine.sampling import SamplerState
 from csm_triton.errors import InvalidInput
@@ -142,6 +142,7 @@ class GenerationEngine:
             "frames_generated": self.frames_generated,
             "prefix_cache_hits": self.prefix_cache.hits,
             "prefix_cache_misses": self.prefix_cache.misses,
+            "prefix_cache_tokens_reused": self.prefix_cache.tokens_reused,
             "prefix_cache_bytes": self.prefix_cache.nbytes,
         }
 
@@ -268,44 +269,43 @@ class GenerationEngine:
             row = len(self._active)  # the first free row: the active slots are rows 0..n-1
             request = handle.request
             try:
-                position = self._prefill(row, request)
+                position = self._prefill(row, handle)
             except Exception as error:  # noqa: BLE001 - one bad prompt fails only itself
                 LOG.exception("prefill failed")
                 handle._end(FinishReason.ERROR, f"prefill failed: {error}")
+                continue
+            if position is None:
+                handle._end(FinishReason.CANCELLED)
                 continue
             sampler = SamplerState.create(temperature=request.temperature, top_k=request.top_k,
                                           greedy=request.greedy, seed=request.seed, device=self.lm.device)
             self._active.append(_Slot(row, handle, sampler, position))
 
-    def _prefill(self, row: int, request: GenerationRequest) -> int:
-        device = self.lm.device
-        input_ids = torch.as_tensor(np.asarray(request.input_ids), dtype=torch.long, device=device)
-        audio_codes = torch.as_tensor(np.asarray(request.audio_codes), dtype=torch.long, device=device)
-        embeds = self.lm.embed_prompt(input_ids, audio_codes.reshape(-1, self.lm.num_codebooks))
-        prefix_len = self._prefix_length(input_ids)
-        if prefix_len:
-            # The reference segment is computed on its own (hit or miss alike), so a
-            # cache hit yields exactly the numbers a miss computes.
-            key = prefix_key(input_ids[:prefix_len], audio_codes)
-            entry = self.prefix_cache.get(key)
-            if entry is None:
-                positions = torch.arange(prefix_len, device=device)[None]
-                self.lm.backbone_forward(embeds[None, :prefix_len], self.cache, row, positions)
-                entry = PrefixEntry(self.cache.k[:, row, :, :prefix_len].clone(),
-                                    self.cache.v[:, row, :, :prefix_len].clone())
-                self.prefix_cache.put(key, entry)
-            else:
-                self.cache.k[:, row, :, :prefix_len] = entry.k
-                self.cache.v[:, row, :, :prefix_len] = entry.v
-        total = len(input_ids)
-        positions = torch.arange(prefix_len, total, device=device)[None]
-        self.hidden[row] = self.lm.backbone_forward(embeds[None, prefix_len:], self.cache, row, positions)[0]
-        return total
-
-    def _prefix_length(self, input_ids: torch.Tensor) -> int:
-        """Tokens up to and including the last <|audio_eos|>: the voice reference."""
-        ends = (input_ids == self.lm.audio_eos_token_id).nonzero()
-        return int(ends[-1]) + 1 if len(ends) else 0
+    def _prefill(self, row: int, handle: RequestHandle) -> int | None:
+        """The prompt into `row`, chunk by chunk (prefix_cache.PrefillPlan): copied while the
+        cache holds them, then computed. None: cancelled between chunks (nothing stored)."""
+        request, device = handle.request, self.lm.device
+        ids = torch.as_tensor(np.asarray(request.input_ids), dtype=torch.long, device=device)
+        codes = torch.as_tensor(np.asarray(request.audio_codes), dtype=torch.long, device=device)
+        embeds = self.lm.embed_prompt(ids, codes.reshape(-1, self.lm.num_codebooks))
+        plan = PrefillPlan.of(request, self.lm.audio_token_id, self.lm.audio_eos_token_id)
+        reused = self.prefix_cache.lookup(plan.keys)
+        new, start = [], 0
+        for index, end in enumerate(plan.ends):
+            if index < len(reused):
+                self.cache.k[:, row, :, start:end] = reused[index].k
+                self.cache.v[:, row, :, start:end] = reused[index].v
+            elif handle.cancelled:
+                return None
+            else:  # the same chunk shapes hit or miss: a hit yields exactly a miss's numbers
+                positions = torch.arange(start, end, device=device)[None]
+                hidden = self.lm.backbone_forward(embeds[None, start:end], self.cache, row, positions)
+                if index < plan.storable:
+                    new.append((plan.keys[index], PrefixEntry.copy_of(self.cache, row, start, end)))
+            start = end
+        self.hidden[row] = hidden[0]  # the last chunk (the text to speak) is never cached
+        self.prefix_cache.commit(plan.keys, reused, new)  # stored only now: the prefill is whole
+        return plan.ends[-1]
 
     def _frame_step(self, slots: list[_Slot]) -> np.ndarray:
         step = self._frame_step_for(slots)

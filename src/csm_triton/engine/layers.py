@@ -14,38 +14,56 @@ import torch
 import torch.nn.functional as F
 from transformers.models.csm.modeling_csm import apply_rotary_pos_emb
 
+from csm_triton.engine import kernels
+
 
 class Linear:
-    """`y = x @ W.T (+ b)`. On CPU in fp32 the weight is pre-packed for oneDNN once:
-    the frame loop reads every weight each step, and oneDNN's packed layout reads them
-    nearly twice as fast as MKL's GEMM at small batch (docs/performance.md).
+    """`y = x @ W.T (+ b)` with, on CPU, a kernel per row bucket (engine/kernels.py).
 
-    oneDNN's packed layout depends on the batch it is packed for: packed for one row
-    it is the fastest at one row but ~1.5x slower at eight, where a layout packed for
-    eight is the fastest (and at two to seven rows too). So a weight is packed once per
-    size in `pack_batch_sizes`, and a call uses the packing for the smallest size that
-    holds its rows (the largest packing beyond that).
+    Built with the plain weight and `F.linear`; `use({rows: kernel})` then prepares the
+    copy each bucket's kernel reads (oneDNN's packed layout depends on the rows it is
+    packed for) and drops the plain weight unless a bucket reads it. A call with r rows
+    uses the smallest bucket >= r (the largest beyond that). `pack_batch_sizes` packs
+    for oneDNN at once (fp32 CPU only), as `use` with "onednn" for those sizes.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                  pack_batch_sizes: tuple[int, ...] = ()):
-        weight = weight.detach().contiguous()
-        self.out_features = weight.shape[0]
+        self.weight = weight.detach().contiguous()
+        self.out_features, self.in_features = self.weight.shape
+        self.dtype = self.weight.dtype
         self.bias = None if bias is None else bias.detach().contiguous()
-        self.packings: list[tuple[int, torch.Tensor]] = []
-        if weight.device.type == "cpu" and weight.dtype == torch.float32:  # oneDNN's fp32 CPU kernels only
-            self.packings = [
-                (rows, torch.ops.mkldnn._reorder_linear_weight(weight, rows)) for rows in sorted(set(pack_batch_sizes))
-            ]
-        self.weight = None if self.packings else weight  # only the packed copies are kept
+        self.buckets: list[tuple[int, str, torch.Tensor]] = []  # (rows, kernel, the copy it reads)
+        if pack_batch_sizes and self.weight.device.type == "cpu" and self.weight.dtype == torch.float32:
+            self.use({rows: "onednn" for rows in pack_batch_sizes})
+
+    def use(self, choice: dict[int, str]) -> None:
+        plain = self.weight
+        if plain is None:
+            raise RuntimeError("Linear.use: the kernels were already chosen (the plain weight is gone)")
+        self.buckets = [(rows, kernel, kernels.prepare(kernel, plain, rows)) for rows, kernel in sorted(choice.items())]
+        # Only the copies some bucket reads stay: a second copy of CSM-1B is ~4.4 GB.
+        self.weight = plain if any(kernel == "mkl" for _, kernel, _ in self.buckets) else None
+
+    @property
+    def packings(self) -> list[tuple[int, torch.Tensor]]:
+        """The oneDNN-packed copies, by the rows they are packed for."""
+        return [(rows, copy) for rows, kernel, copy in self.buckets if kernel == "onednn"]
+
+    def copies(self) -> list[torch.Tensor]:
+        """Every weight copy this Linear keeps (the plain weight counted once)."""
+        kept = {id(copy): copy for _, _, copy in self.buckets}
+        if self.weight is not None:
+            kept[id(self.weight)] = self.weight
+        return list(kept.values())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.packings:
+        if not self.buckets:
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, x.shape[-1])
-        weight = next((packed for rows, packed in self.packings if rows >= flat.shape[0]), self.packings[-1][1])
-        out = torch.ops.mkldnn._linear_pointwise(flat, weight, self.bias, "none", [], "")
-        return out.reshape(*x.shape[:-1], self.out_features)
+        rows = flat.shape[0]
+        _, kernel, weight = next((bucket for bucket in self.buckets if bucket[0] >= rows), self.buckets[-1])
+        return kernels.apply(kernel, flat, weight, self.bias).reshape(*x.shape[:-1], self.out_features)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -77,7 +95,7 @@ class TransformerStack:
     scattered rows would copy every item's keys and values, per layer and step.
     """
 
-    def __init__(self, hf_model, *, pack_batch_sizes: tuple[int, ...] = ()):
+    def __init__(self, hf_model):
         config = hf_model.config
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -95,16 +113,14 @@ class TransformerStack:
                     qkv=Linear(
                         torch.cat([attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight]),
                         _cat_bias(attention.q_proj, attention.k_proj, attention.v_proj),
-                        pack_batch_sizes=pack_batch_sizes,
                     ),
-                    o_proj=Linear(attention.o_proj.weight, attention.o_proj.bias, pack_batch_sizes=pack_batch_sizes),
+                    o_proj=Linear(attention.o_proj.weight, attention.o_proj.bias),
                     post_norm=layer.post_attention_layernorm.weight.detach(),
                     gate_up=Linear(
                         torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
                         _cat_bias(mlp.gate_proj, mlp.up_proj),
-                        pack_batch_sizes=pack_batch_sizes,
                     ),
-                    down=Linear(mlp.down_proj.weight, mlp.down_proj.bias, pack_batch_sizes=pack_batch_sizes),
+                    down=Linear(mlp.down_proj.weight, mlp.down_proj.bias),
                 )
             )
         self.final_norm = hf_model.norm.weight.detach()
@@ -114,6 +130,10 @@ class TransformerStack:
         positions = torch.arange(self.max_positions, device=device)[None]
         cos, sin = hf_model.rotary_emb(self.final_norm[None, None], positions)
         self.cos, self.sin = cos[0], sin[0]  # [max_positions, head_dim]
+
+    def named_linears(self, prefix: str) -> list[tuple[str, Linear]]:
+        return [(f"{prefix} {name}", getattr(layer, name)) for layer in self.layers
+                for name in ("qkv", "o_proj", "gate_up", "down")]
 
     def new_cache(self, rows: int, max_len: int, device, dtype) -> "KVCache":
         shape = (len(self.layers), rows, self.num_kv_heads, max_len, self.head_dim)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from csm_triton import constants as C
+from csm_triton.engine import kernels
 from csm_triton.engine.layers import KVCache, Linear, TransformerStack
 
 NEG_INF = float("-inf")
@@ -23,15 +24,18 @@ def default_device() -> torch.device:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     # bf16 halves the weight traffic that bounds a frame step on GPU; CPU stays fp32
-    # so that tokens match transformers exactly.
+    # so that tokens match transformers exactly (bf16 on CPU is a documented choice:
+    # `dtype: bfloat16`, docs/performance.md for its speed and token agreement).
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 class CsmLM:
     def __init__(self, hf_model, *, device: torch.device | None = None, dtype: torch.dtype | None = None,
-                 max_batch: int | None = None):
+                 max_batch: int | None = None, cpu_kernels: str = "measure"):
         """max_batch: the most requests a frame step will carry (the engine's slots);
-        on CPU it decides which oneDNN packings are worth their memory."""
+        on CPU it decides the row buckets each weight is prepared for (kernels.row_buckets).
+        cpu_kernels: "measure" times the kernels per weight shape at load and keeps the
+        fastest; "mkl" or "onednn" forces one (engine/kernels.py)."""
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
         hf_model = hf_model.to(device=device, dtype=dtype).eval()
@@ -43,34 +47,50 @@ class CsmLM:
         self.audio_token_id = config.audio_token_id
         self.audio_eos_token_id = config.audio_eos_token_id
         self.codebook_eos_token_id = config.codebook_eos_token_id
-        # Linear packs only on CPU in fp32; elsewhere these sizes are ignored.
-        pack = tuple(size for size in C.CPU_PACKED_BATCH_SIZES if not max_batch or size <= max_batch)
         with torch.no_grad():
-            self.backbone = TransformerStack(hf_model.backbone_model, pack_batch_sizes=pack)
+            self.backbone = TransformerStack(hf_model.backbone_model)
             depth = hf_model.depth_decoder
-            self.depth = TransformerStack(depth.model, pack_batch_sizes=pack)
+            self.depth = TransformerStack(depth.model)
             self.text_embedding = hf_model.embed_text_tokens.weight.detach()
             self.audio_embedding = hf_model.backbone_model.embed_tokens.embed_audio_tokens.weight.detach()
             self.audio_offsets = torch.arange(self.num_codebooks, device=device) * config.codebook_size
-            self.backbone_head = Linear(hf_model.lm_head.weight, pack_batch_sizes=pack)
+            self.backbone_head = Linear(hf_model.lm_head.weight)
             self.depth_embedding = depth.model.embed_tokens.weight.detach()
             self.depth_vocab_size = depth.config.vocab_size
-            self.depth_projector = Linear(depth.model.inputs_embeds_projector.weight, pack_batch_sizes=pack)
+            self.depth_projector = Linear(depth.model.inputs_embeds_projector.weight)
             # One head per depth position (codebooks 1..31): logits = h @ W[p-1].
-            self.depth_heads = [
-                Linear(weight.T.contiguous(), pack_batch_sizes=pack) for weight in depth.codebooks_head.weight.detach()
-            ]
+            self.depth_heads = [Linear(weight.T.contiguous()) for weight in depth.codebooks_head.weight.detach()]
+            self.kernel_report = kernels.choose_kernels(
+                self.named_linears(), buckets=kernels.row_buckets(max_batch), mode=cpu_kernels,
+                device=device, dtype=dtype)
         self.backbone_hidden_size = config.hidden_size
         self.max_context = self.backbone.max_positions
 
+    def named_linears(self) -> list[tuple[str, Linear]]:
+        return [*self.backbone.named_linears("backbone"), ("backbone head", self.backbone_head),
+                *self.depth.named_linears("depth"), ("depth projector", self.depth_projector),
+                *(("depth head", head) for head in self.depth_heads)]
+
+    def weight_bytes_per_frame(self) -> int:
+        """Weight bytes one frame step reads (one copy of each, at any batch): the
+        backbone and its head once, the depth decoder and its projector once per
+        codebook 1..31, each depth head once. The memory-bandwidth floor's numerator."""
+        def size(linears) -> int:
+            return sum(linear.out_features * linear.in_features for linear in linears)
+
+        element = torch.empty((), dtype=self.dtype).element_size()
+        backbone = size(linear for _, linear in self.backbone.named_linears("")) + size([self.backbone_head])
+        depth = size(linear for _, linear in self.depth.named_linears("")) + size([self.depth_projector])
+        return element * (backbone + (self.num_codebooks - 1) * depth + size(self.depth_heads))
+
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, *, device=None, dtype=None,
-                        max_batch: int | None = None) -> "CsmLM":
+                        max_batch: int | None = None, cpu_kernels: str = "measure") -> "CsmLM":
         from transformers import CsmForConditionalGeneration
 
         hf_model = CsmForConditionalGeneration.from_pretrained(str(checkpoint_dir), dtype=torch.float32)
         hf_model.codec_model = None  # Mimi is served by the ONNX models
-        return cls(hf_model, device=device, dtype=dtype, max_batch=max_batch)
+        return cls(hf_model, device=device, dtype=dtype, max_batch=max_batch, cpu_kernels=cpu_kernels)
 
     # --- embeddings -------------------------------------------------------------------
     def embed_frames(self, codes: torch.Tensor) -> torch.Tensor:

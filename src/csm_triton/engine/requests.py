@@ -41,6 +41,10 @@ class GenerationRequest:
     stream_every: int = 0  # emit a chunk every N frames; 0: one chunk at the end
     first_chunk_frames: int = 0  # a smaller first chunk (time to first audio); 0: stream_every
     request_id: str = ""
+    # Store at most this many leading context turns in the prefix cache (None: all): a
+    # long text's later segments pass the previous generated segment as a turn, which no
+    # later request will repeat, so it would only push reusable turns out.
+    prefix_cache_turns: int | None = None
     # Polled every few frames (e.g. Triton's response_sender.is_cancelled): True cancels.
     is_cancelled: Callable[[], bool] | None = None
 

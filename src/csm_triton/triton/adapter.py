@@ -192,7 +192,10 @@ def _raise_error(response, model_name: str) -> None:
 def _outputs(response, model_name: str, output_names) -> dict[str, np.ndarray]:
     if response.has_error():
         _raise_error(response, model_name)
-    return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in output_names}
+    # An output the response does not carry is left out (e.g. csm_lm's finish_reason,
+    # on its final response only); callers index what they require.
+    tensors = {name: pb_utils.get_output_tensor_by_name(response, name) for name in output_names}
+    return {name: tensor.as_numpy() for name, tensor in tensors.items() if tensor is not None}
 
 
 def _model_ready(model_name: str) -> bool:
@@ -313,6 +316,13 @@ class Metrics:
     def histogram(self, name: str, description: str, buckets: Sequence[float]):
         """`observe(value)`; exported as name_bucket{le=...}, name_sum and name_count."""
         return self._metric(name, description, pb_utils.MetricFamily.HISTOGRAM, buckets=list(buckets))
+
+    def labelled_counters(self, name: str, description: str, label: str, values) -> dict:
+        """One family, a counter per value of `label` (e.g. reason), each exported from
+        the start (at 0), so dashboards and alerts find every series."""
+        family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
+        self._families.append(family)
+        return {value: family.Metric(labels={**self._labels, label: value}) for value in values}
 
     def running_total(self, name: str, description: str) -> "RunningTotal":
         return RunningTotal(self.counter(name, description))

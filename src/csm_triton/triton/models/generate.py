@@ -6,7 +6,10 @@ returns the whole utterance's codes in one response, shaped for mimi_decoder.
 
 A long TEXT arrives from csm_prepare as segments (core.segments.SegmentChain): each is
 generated in turn with the previous segment's codes as context, and the codes are
-joined, so the ensemble's one mimi_decoder call decodes the whole without seams.
+joined, so the ensemble's one mimi_decoder call decodes the whole without seams. How
+each segment ended (csm_lm's finish reason, told apart from the client's cap) and its
+frame count leave as `finish_reasons` / `segment_frames`, csm_tts's FINISH_REASONS and
+SEGMENT_FRAMES.
 """
 
 from __future__ import annotations
@@ -31,9 +34,25 @@ def lm_inputs(request) -> dict[str, np.ndarray]:
     return inputs
 
 
+def generate_segment(lm_request) -> tuple[np.ndarray, str | None]:
+    """One csm_lm generation, whole: its codes and its finish reason."""
+    chunks, reason = [], None
+    for out in triton.stream_model(LM_MODEL, lm_request, ["codes", "finish_reason"]):
+        if "codes" in out:
+            chunks.append(out["codes"])
+        if "finish_reason" in out:  # on csm_lm's final response
+            reason = validation.decode_utf8(out["finish_reason"], "finish_reason")[0]
+    codes = np.concatenate(chunks) if chunks else np.zeros((0, C.NUM_CODEBOOKS), np.int64)
+    return codes, reason
+
+
 class GenerateModel(triton.PythonModel):
     def initialize_model(self, args, model_config):
-        pass
+        # The family must outlive its metrics: kept on the model. Every instance adds to
+        # the same series (Triton counts the references).
+        self.metrics = triton.Metrics(self.model_name)
+        self.segments_total = self.metrics.labelled_counters(
+            *segments.SEGMENTS_METRIC, "reason", segments.FINISH_REASONS)
 
     def handle(self, request):
         inputs = lm_inputs(request)
@@ -45,10 +64,8 @@ class GenerateModel(triton.PythonModel):
         for index in range(len(chain)):
             if index and chain.exhausted(sampling, max_frames):  # the client's MAX_AUDIO_SECONDS reached
                 break
-            lm_request = chain.lm_inputs(index, sampling, max_frames)
-            chunks = [out["codes"] for out in triton.stream_model(LM_MODEL, lm_request, ["codes"])]
-            codes = np.concatenate(chunks) if chunks else np.zeros((0, C.NUM_CODEBOOKS), np.int64)
-            chain.record(index, codes)
+            codes, reason = generate_segment(chain.lm_inputs(index, sampling, max_frames))
+            chain.record(index, codes, reason)
             generated.append(codes)
             total += len(codes)
             if total > C.MAX_CODEC_FRAMES:  # mimi_decoder's limit: one response cannot hold more
@@ -59,4 +76,10 @@ class GenerateModel(triton.PythonModel):
         codes = np.concatenate(generated)
         if not len(codes):
             raise RuntimeError("the model ended the utterance before producing any audio")
-        return {"audio_codes": np.ascontiguousarray(codes.T[None])}  # [1, 32, frames]
+        reasons = chain.finish_reasons()
+        for reason in reasons:
+            if reason in self.segments_total:
+                self.segments_total[reason].increment(1)
+        final = chain.final_outputs()
+        return {"audio_codes": np.ascontiguousarray(codes.T[None]),  # [1, 32, frames]
+                "finish_reasons": final["FINISH_REASONS"], "segment_frames": final["SEGMENT_FRAMES"]}

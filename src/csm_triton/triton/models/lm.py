@@ -20,6 +20,7 @@ from csm_triton import constants as C
 from csm_triton.triton import adapter as triton
 from csm_triton.core import validation
 from csm_triton.engine import CsmLM, EngineConfig, FinishReason, FrameChunk, GenerationEngine, GenerationRequest
+from csm_triton.engine.kernels import MODES as CPU_KERNEL_MODES
 from csm_triton.errors import InvalidInput
 from csm_triton.triton.parameters import Parameters, instance_device
 
@@ -33,7 +34,9 @@ def engine_from_config(model_dir: Path, parameters: Parameters, device: str) -> 
     dtype = DTYPES.get(dtype_name)  # None: bf16 on GPU, fp32 on CPU
     checkpoint = model_dir / parameters.text("checkpoint_dir", "checkpoint")
     max_slots = parameters.integer("max_slots", None, minimum=1)
-    lm = CsmLM.from_checkpoint(checkpoint, device=torch.device(device), dtype=dtype, max_batch=max_slots)
+    cpu_kernels = parameters.choice("cpu_kernels", CPU_KERNEL_MODES, "measure")  # engine/kernels.py
+    lm = CsmLM.from_checkpoint(checkpoint, device=torch.device(device), dtype=dtype, max_batch=max_slots,
+                               cpu_kernels=cpu_kernels)
     engine_config = EngineConfig(
         max_slots=max_slots,
         max_context=parameters.integer("max_context", None, minimum=1),
@@ -59,9 +62,11 @@ class LanguageModel(triton.DecoupledModel):
         )
         self.last_rtf = metrics.gauge("csm_last_real_time_factor", "Generation time / audio duration, last request")
         self.prefix_hits = metrics.running_total(
-            "csm_prefix_cache_hits_total", "Prefills whose voice reference came from the prefix cache")
+            "csm_prefix_cache_hits_total", "Prefills whose leading context turn(s) came from the prefix cache")
         self.prefix_misses = metrics.running_total(
-            "csm_prefix_cache_misses_total", "Prefills that computed a voice reference not in the prefix cache")
+            "csm_prefix_cache_misses_total", "Prefills with context turns, none of them in the prefix cache")
+        self.prefix_reused = metrics.running_total(
+            "csm_prefix_cache_reused_tokens_total", "Prompt tokens copied from the prefix cache, not prefilled")
         self.time_to_first_frame = metrics.histogram(
             "csm_time_to_first_frame_seconds", "From a request's arrival (queueing included) to its first frame",
             TIME_TO_FIRST_FRAME_BUCKETS)
@@ -76,6 +81,8 @@ class LanguageModel(triton.DecoupledModel):
         triton.log_info(f"{self.model_name}: engine on {self.engine.lm.device} ({self.engine.lm.dtype}), "
                         f"{self.engine.max_slots} KV slots of {self.engine.max_context} positions"
                         + (f"; warm-up: {warm_up.summary()}" if warm_up else ""))
+        for line in self.engine.lm.kernel_report.lines():  # which kernel each weight shape runs, and why
+            triton.log_info(f"{self.model_name}: kernels: {line}")
 
     def _update_engine_metrics(self, stats: dict | None = None) -> None:
         stats = stats or self.engine.stats()
@@ -88,6 +95,7 @@ class LanguageModel(triton.DecoupledModel):
                 self.requests_waiting.set(gauges[1])
         self.prefix_hits.update(stats["prefix_cache_hits"])
         self.prefix_misses.update(stats["prefix_cache_misses"])
+        self.prefix_reused.update(stats["prefix_cache_tokens_reused"])
 
     def start(self, request, sender):
         cancel = triton.input_texts(request, "cancel_request_id", required=False)
@@ -113,8 +121,9 @@ class LanguageModel(triton.DecoupledModel):
                     return
                 if chunk.reason in (FinishReason.ERROR, FinishReason.SHUTDOWN):
                     sender.fail(RuntimeError(chunk.error or chunk.reason.value))
-                else:
-                    sender.finish(outputs)
+                else:  # how it ended rides on the final response (a BLS caller asks for it by name)
+                    reason = np.array([chunk.reason.value.encode()], dtype=object)
+                    sender.finish({**(outputs or {}), "finish_reason": reason})
                 self._record(frames[0], time.perf_counter() - started)
             except Exception as error:  # noqa: BLE001 - the final flag must still go out
                 sender.fail(error)
@@ -141,6 +150,9 @@ class LanguageModel(triton.DecoupledModel):
         sampling = validation.sampling_from_inputs(triton.present_inputs(request, validation.SAMPLING_INPUTS))
         first_chunk = triton.input_array(request, "first_chunk_frames", required=False)
         chunk = triton.input_array(request, "chunk_frames", required=False)
+        cache_turns = triton.input_array(request, "prefix_cache_turns", required=False)
+        if cache_turns is not None and (cache_turns.size != 1 or int(cache_turns.reshape(-1)[0]) < 0):
+            raise InvalidInput("input 'prefix_cache_turns' must be one integer of at least 0")
         return GenerationRequest(
             input_ids=input_ids.astype(np.int64),
             audio_codes=prompt_codes,
@@ -150,6 +162,7 @@ class LanguageModel(triton.DecoupledModel):
             seed=sampling.seed,
             stream_every=int(chunk.reshape(-1)[0]) if chunk is not None else 0,
             first_chunk_frames=int(first_chunk.reshape(-1)[0]) if first_chunk is not None else 0,
+            prefix_cache_turns=int(cache_turns.reshape(-1)[0]) if cache_turns is not None else None,
             request_id=request.request_id(),
             is_cancelled=sender.is_cancelled,
         )

@@ -27,6 +27,13 @@ class PrepareModel(triton.PythonModel):
         tokenizer_dir = self.parameters.text("tokenizer_dir", "tokenizer")
         self.prompt_builder = PromptBuilder(Path(triton.model_directory(args)) / tokenizer_dir)
         self.voices = VoiceResolver(VoiceStore(voice_directory(args, self.parameters)), forward_mimi_encoder)
+        # Each segment's frame budget (docs/model_config.md): a deployment may bound slow
+        # speech tighter or looser than the constants; the tests set it low to keep a
+        # 5,000-character text cheap to decode on a CPU.
+        self.seconds_per_char = self.parameters.number(
+            "segment_seconds_per_char", C.SEGMENT_SECONDS_PER_CHAR, minimum=0.001, maximum=1.0)
+        self.min_seconds = self.parameters.number(
+            "segment_min_seconds", C.SEGMENT_MIN_SECONDS, minimum=1 / C.FRAME_RATE_HZ, maximum=C.MAX_AUDIO_SECONDS_LIMIT)
 
     def _stored_voice(self, voice_id: str):
         voice = self.voices.store.get(voice_id)
@@ -61,7 +68,8 @@ class PrepareModel(triton.PythonModel):
             context.insert(0, Segment(reference_text, speaker, validation.audio_codes(reference_codes, "voice")))
         prepared = self.prompt_builder.conversation(texts, speaker, context)
         builder = self.prompt_builder
-        budgets = [segments.segment_max_frames(t) if len(texts) > 1 else 0 for t in texts]
+        budgets = [segments.segment_max_frames(t, self.seconds_per_char, self.min_seconds) if len(texts) > 1 else 0
+                   for t in texts]
         return {
             "input_ids": prepared.prompt.input_ids,
             "prompt_codes": prepared.prompt.audio_codes,

@@ -15,7 +15,7 @@ import numpy as np
 from csm_triton import constants as C
 from csm_triton.core import validation
 from csm_triton.core.conversation import CONTEXT_INPUTS
-from csm_triton.core.segments import SEGMENT_OUTPUTS
+from csm_triton.core.segments import FINISH_REASONS, SEGMENT_OUTPUTS, SEGMENTS_METRIC
 from csm_triton.core.stream_pipeline import StreamPipeline
 from csm_triton.errors import InvalidInput
 from csm_triton.triton import adapter as triton
@@ -30,9 +30,15 @@ def forward_prepare(prepare_inputs):
 
 
 def forward_lm(lm_inputs, stream_id: str):
+    """csm_lm's code chunks; returns (StopIteration's value) its finish reason."""
+    reason = None
     # The stream id is csm_lm's request id, so that a cancel request can name it.
-    for chunk in triton.stream_model("csm_lm", lm_inputs, ["codes"], request_id=stream_id):
-        yield chunk["codes"]
+    for chunk in triton.stream_model("csm_lm", lm_inputs, ["codes", "finish_reason"], request_id=stream_id):
+        if "codes" in chunk:
+            yield chunk["codes"]
+        if "finish_reason" in chunk:  # on csm_lm's final response
+            reason = validation.decode_utf8(chunk["finish_reason"], "finish_reason")[0]
+    return reason
 
 
 def forward_mimi_decoder(codes: np.ndarray) -> np.ndarray:
@@ -66,7 +72,12 @@ class StreamingModel(triton.DecoupledModel):
             chunk_frames=parameters.integer("chunk_frames", C.STREAM_CHUNK_FRAMES, minimum=1),
             left_context_frames=parameters.integer("left_context_frames", C.STREAM_LEFT_CONTEXT_FRAMES, minimum=0),
             log_error=triton.log_error,
+            segments_ended=self._count_segments,
         )
+        # The family must outlive its metrics: kept on the model.
+        self.metrics = triton.Metrics(self.model_name)
+        self.segments_total = self.metrics.labelled_counters(
+            *SEGMENTS_METRIC, "reason", FINISH_REASONS)
         self.workers = ThreadPoolExecutor(parameters.integer("max_concurrent_streams", 256, minimum=1),
                                           thread_name_prefix="csm-stream")
 
@@ -81,6 +92,11 @@ class StreamingModel(triton.DecoupledModel):
         sampling = triton.present_inputs(request, validation.SAMPLING_INPUTS)
         validation.sampling_from_inputs(sampling)
         self.workers.submit(self.pipeline.run, prepare_inputs, sampling, sender)
+
+    def _count_segments(self, reasons) -> None:
+        for reason in reasons:
+            if reason in self.segments_total:
+                self.segments_total[reason].increment(1)
 
     def finalize(self):
         self.workers.shutdown(wait=True, cancel_futures=True)

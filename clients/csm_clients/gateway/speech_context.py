@@ -1,0 +1,156 @@
+"""The conversation fields of the gateway's speech routes: `speaker` and `context`.
+
+`context` is a list of earlier turns, oldest first, each one of
+    {"voice": "<stored voice id>", "speaker": 1}
+    {"audio": "<base64 of an audio file>", "text": "what it says", "speaker": 0}
+(stored voices before clips: the server's order, conversation.py). Everything is checked
+here, before a tensor is built, and a refusal names the body's field the way OpenAI
+names one (`context[2].audio`). Decoded clips together are bounded by the gateway's
+upload limit, so a JSON body cannot make the gateway hold more than an upload could.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+
+from csm_clients.audio import read_audio
+from csm_clients.conversation import Turn, check_text, context_inputs
+from csm_clients.errors import InvalidRequest
+from csm_clients.limits import MAX_CONTEXT_TURNS, check_speaker
+
+__all__ = ["ContextTurn", "FieldError", "context_from_json", "conversation", "refused_field"]
+
+
+class FieldError(InvalidRequest):
+    """A refusal of one field of the body; `param` is its name in OpenAI's style."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+class ContextTurn(BaseModel):
+    """One earlier turn: a stored `voice`, or an `audio` clip (base64 of any file
+    libsndfile reads) with its `text`; `speaker` 0-255 (default 0)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelt "transcript" is named, not ignored
+
+    text: str | None = None
+    speaker: int = 0
+    voice: str | None = None
+    audio: str | None = None
+
+
+_TURNS = TypeAdapter(list[ContextTurn])
+
+
+def context_from_json(value: str | None) -> list[ContextTurn] | None:
+    """/clone-voice's `context` form field: the JSON of /v1/audio/speech's `context`."""
+    if value is None or not value.strip():
+        return None
+    try:
+        return _TURNS.validate_json(value)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"])
+        raise FieldError(f"context{where}: {first['msg']}", f"context{where}") from None
+
+
+# "context turn 3: speaker: ..." (conversation.py) -> context[3].speaker
+_TURN_MESSAGE = re.compile(r"^context turn (\d+): (speaker|its text|its clip|the audio|has audio but no text)?")
+_TURN_PREFIX = re.compile(r"^context turn (\d+):")
+_TURN_FIELDS = {"speaker": "speaker", "its text": "text", "has audio but no text": "text", "its clip": "audio",
+                "the audio": "audio"}
+
+
+def _param(message: str) -> str:
+    found = _TURN_MESSAGE.match(message)
+    if found:
+        field = _TURN_FIELDS.get(found.group(2) or "")
+        return f"context[{found.group(1)}]" + (f".{field}" if field else "")
+    return "speaker" if message.startswith("speaker:") else "context"
+
+
+class _Named(io.BytesIO):
+    """Clip bytes that libsndfile's errors name by the field (not `<_io.BytesIO ...>`)."""
+
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.label = name
+
+    def __repr__(self) -> str:
+        return self.label
+
+
+def _clip(turn: ContextTurn, index: int, budget: int) -> tuple[Turn, int]:
+    where = f"context[{index}].audio"
+    encoded = re.sub(r"\s+", "", turn.audio or "")
+    if len(encoded) * 3 // 4 > budget:
+        raise FieldError(f"{where}: the context clips are larger than the gateway's {budget / 2**20:g} MB "
+                         "left for them", where)
+    try:
+        data = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError):
+        raise FieldError(f"{where}: is not base64 (give the bytes of an audio file, base64-encoded)", where) from None
+    try:
+        samples, rate = read_audio(_Named(data, where), where)
+    except InvalidRequest as error:
+        raise FieldError(str(error), where) from None
+    return Turn(turn.text, turn.speaker, samples, rate), len(data)
+
+
+def conversation(input_text: str, speaker: int | None, context: list[ContextTurn] | None,
+                 max_clip_bytes: int) -> dict:
+    """synthesize()'s `speaker` and `context` from the body, checked; FieldError names the field."""
+    try:
+        check_text(input_text, "TEXT")
+    except InvalidRequest as error:
+        raise FieldError(f"input: {error}", "input") from None
+    if speaker is not None:
+        try:
+            check_speaker(speaker, "speaker")
+        except InvalidRequest as error:
+            raise FieldError(str(error), "speaker") from None
+    if not context:
+        return {"speaker": speaker}
+    if len(context) > MAX_CONTEXT_TURNS:  # before decoding any clip
+        raise FieldError(f"context: {len(context)} context turns; the limit is {MAX_CONTEXT_TURNS}", "context")
+    turns, budget = [], max_clip_bytes
+    for index, turn in enumerate(context):
+        if turn.voice is not None and (turn.audio is not None or turn.text is not None):
+            raise FieldError(f"context[{index}]: give either `voice` (a stored voice, its own transcript and "
+                             "audio) or `audio` with `text`, not both", f"context[{index}]")
+        if turn.voice is not None:
+            turns.append(Turn.stored_voice(turn.voice, turn.speaker))
+        elif turn.audio is None:
+            raise FieldError(f"context[{index}]: has no `audio` (base64) nor `voice`; every context turn needs "
+                             "the audio of what was said", f"context[{index}].audio")
+        else:
+            clip, size = _clip(turn, index, budget)
+            budget -= size
+            turns.append(clip)
+    try:
+        context_inputs(turns, speaker)
+    except InvalidRequest as error:
+        message = _TURN_PREFIX.sub(r"context[\1]:", str(error))  # the body's name for the turn
+        raise FieldError(message, _param(str(error))) from None
+    return {"speaker": speaker, "context": turns}
+
+
+def refused_field(message: str, voice: str | None, context: list[ContextTurn] | None) -> str | None:
+    """The field a Triton refusal is about, when its tensor does not say: an unknown
+    voice is `context` when it names a context voice and not the request's `voice`; a
+    prompt over its token budget without context turns is the `input`'s (or voice's)."""
+    if not context:
+        return "input" if message.startswith("the prompt (") or " the prompt (" in message else None
+    if "unknown voice" not in message:
+        return None
+    if voice is not None and f"'{voice}'" in message:
+        return "voice"
+    named = [index for index, turn in enumerate(context) if turn.voice and f"'{turn.voice}'" in message]
+    return f"context[{named[0]}].voice" if named else None
