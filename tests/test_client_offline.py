@@ -429,6 +429,7 @@ def test_the_clients_mirror_of_the_conversation_limits_is_exact():
         C.MAX_SPEAKER_ID, C.MAX_CONTEXT_TURNS, C.MAX_CONTEXT_AUDIO_SECONDS)
     assert (limits.MIN_TURN_SECONDS, limits.MAX_TURN_SECONDS) == (C.MIN_REFERENCE_SECONDS, C.MAX_REFERENCE_SECONDS)
     assert (limits.MAX_TURN_TEXT_CHARS, limits.MAX_LONG_TEXT_CHARS) == (C.MAX_TEXT_CHARS, C.MAX_LONG_TEXT_CHARS)
+    assert limits.SEGMENT_MAX_CHARS == C.SEGMENT_MAX_CHARS
 
 
 def test_context_turns_become_ragged_tensors_stored_voices_first():

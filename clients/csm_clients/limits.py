@@ -18,7 +18,7 @@ from csm_clients.errors import InvalidRequest
 
 __all__ = ["MAX_AUDIO_SECONDS", "MAX_CONTEXT_AUDIO_SECONDS", "MAX_CONTEXT_TURNS", "MAX_LONG_TEXT_CHARS", "MAX_SEED",
            "MAX_SPEAKER_ID", "MAX_TEMPERATURE", "MAX_TOP_K", "MAX_TURN_SECONDS", "MAX_TURN_TEXT_CHARS",
-           "MIN_TURN_SECONDS", "check_sampling", "check_speaker"]
+           "MIN_TURN_SECONDS", "SEGMENT_MAX_CHARS", "check_sampling", "check_speaker"]
 
 MAX_TEMPERATURE = 5.0  # TEMPERATURE in (0, 5]
 MAX_TOP_K = 2_048  # TOP_K in [1, 2048]: Mimi's codebook size
@@ -30,7 +30,8 @@ MAX_CONTEXT_TURNS = 16  # context turns, stored voices and clips together
 MAX_CONTEXT_AUDIO_SECONDS = 60.0  # all context audio of one request
 MIN_TURN_SECONDS, MAX_TURN_SECONDS = 0.5, 30.0  # each context clip (the reference clip's rule)
 MAX_TURN_TEXT_CHARS = 2_000  # each CONTEXT_TEXT (the one-segment TEXT limit)
-MAX_LONG_TEXT_CHARS = 20_000  # TEXT: longer than 300 characters is split by the server
+MAX_LONG_TEXT_CHARS = 20_000  # TEXT: longer than SEGMENT_MAX_CHARS is split by the server
+SEGMENT_MAX_CHARS = 300  # the server's segment size: a longer TEXT is several generations
 
 
 def _number(value, field: str) -> float:

@@ -48,6 +48,17 @@ def test_each_format_whole(client, audio_format):
     assert rate == 24_000 and seconds == pytest.approx(SHORT_SECONDS, abs=TOLERANCE_S[audio_format])
 
 
+def test_a_long_text_without_streaming_is_one_whole_file(client):
+    # Over 300 characters the server speaks segments; the gateway collects them from
+    # csm_tts_stream (csm_tts stops at 120 s), so the answer is still one file.
+    long_text = " ".join(["A sentence of a long text that the server splits into segments."] * 10)
+    answer = client.audio.speech.with_raw_response.create(model="tts-1", voice="alloy", input=long_text,
+                                                          response_format="wav", extra_body=SHORT)
+    seconds, rate = decode(answer.content, "wav")
+    assert rate == 24_000 and seconds == pytest.approx(SHORT_SECONDS, abs=TOLERANCE_S["wav"])
+    assert float(answer.headers["x-audio-seconds"]) == pytest.approx(SHORT_SECONDS)
+
+
 @pytest.mark.parametrize("audio_format", FORMATS)
 def test_each_format_streamed_arrives_in_chunks_and_decodes(client, audio_format):
     with client.audio.speech.with_streaming_response.create(
