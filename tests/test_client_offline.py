@@ -132,9 +132,24 @@ def test_batch_items_from_jsonl_and_csv(tmp_path):
         rows[1].request(tmp_path)
 
 
+def test_a_batch_line_carries_a_conversation(tmp_path):
+    soundfile.write(str(tmp_path / "question.wav"), np.zeros(24_000, np.float32), 24_000)
+    item = BatchItem(1, "x", {"text": "Fine.", "speaker": 1, "context": [
+        {"voice": "alice", "speaker": 1}, {"audio": "question.wav", "text": "How are you?"}]})
+    text, kwargs = item.request(tmp_path)
+    assert text == "Fine." and kwargs["speaker"] == 1
+    voice, clip = kwargs["context"]
+    assert (voice.voice, voice.speaker) == ("alice", 1)
+    assert (clip.text, clip.speaker, clip.sample_rate, clip.audio.size) == ("How are you?", 0, 24_000, 24_000)
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"text": "Hi.", "speed": 2}, "unknown field(s) speed"),
     ({"text": "Hi.", "voice": "a", "reference_audio": "me.wav"}, "not both"),
+    ({"text": "Hi.", "context": "alice"}, "field 'context' must be a list of turns"),
+    ({"text": "Hi.", "context": [{"text": "No audio."}]}, "context turn 0: needs 'voice' or 'audio'"),
+    ({"text": "Hi.", "context": [{"voice": "a", "text": "t"}]}, "context turn 0: give either 'voice' or 'audio'"),
+    ({"text": "Hi.", "context": [{"voice": "a", "pitch": 2}]}, "context turn 0: expected an object with"),
     ({"text": "Hi.", "seed": "many"}, "field 'seed' must be a number, got 'many'"),
 ])
 def test_bad_batch_fields_are_reported(tmp_path, fields, message):
@@ -413,10 +428,10 @@ def test_csm_tts_refuses_out_of_range_sampling_before_sending_it(capsys):
     from csm_clients.cli import main
 
     # No server at this address: a refusal here never left the machine.
-    assert main(["--url", "127.0.0.1:1", "say", "Hi.", "-o", "x.wav", "--top-k", str(2**31)]) == 1
-    assert capsys.readouterr().err == ("csm-tts: InvalidRequest: --top-k: input 'TOP_K' must be in [1, 2048], "
+    assert main(["--url", "127.0.0.1:1", "say", "Hi.", "-o", "x.wav", "--top-k", str(2**31)]) == 2
+    assert capsys.readouterr().err == ("csm-tts say: error: --top-k: input 'TOP_K' must be in [1, 2048], "
                                        "got 2147483648\n")
-    assert main(["--url", "127.0.0.1:1", "stream", "Hi.", "-o", "x.wav", "--seed", str(2**63)]) == 1
+    assert main(["--url", "127.0.0.1:1", "stream", "Hi.", "-o", "x.wav", "--seed", str(2**63)]) == 2
     assert "--seed: input 'SEED' must be in [0, 9223372036854775807]" in capsys.readouterr().err
 
 

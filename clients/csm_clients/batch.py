@@ -7,8 +7,13 @@ Input: JSON lines (.jsonl) or CSV with a header (.csv); one item per line or row
 
 `text` is required; `id` names the output file (default: the line number, `line-0003`);
 `voice` is a stored voice; `reference_audio` (relative to the input file) with
-`reference_text` an inline one; `temperature`, `top_k`, `seed`, `max_audio_seconds` are
-passed on. Resumable: an item whose `<id>.wav` exists is skipped, and files appear
+`reference_text` an inline one; `temperature`, `top_k`, `seed`, `max_audio_seconds` and
+`speaker` are passed on. A JSON line may carry a conversation's earlier turns, oldest
+first (conversation.Turn; stored voices before clips):
+
+    {"text": "Fine, thanks.", "speaker": 1, "context": [{"voice": "alice", "speaker": 1},
+     {"audio": "question.wav", "text": "How are you?", "speaker": 0}]}
+ Resumable: an item whose `<id>.wav` exists is skipped, and files appear
 only when complete. A bad item (unreadable line, refused request) is reported and the
 others go on.
 """
@@ -28,12 +33,14 @@ from typing import Any, TextIO
 
 from csm_clients.audio import Reference
 from csm_clients.client import AsyncVoiceCloner
+from csm_clients.conversation import Turn
 from csm_clients.errors import CsmClientError
 
 __all__ = ["BatchItem", "BatchSummary", "read_items", "run_batch"]
 
-_SAMPLING = {"temperature": float, "top_k": int, "seed": int, "max_audio_seconds": float}
-_FIELDS = {"id", "text", "voice", "reference_audio", "reference_text", *_SAMPLING}
+_SAMPLING = {"temperature": float, "top_k": int, "seed": int, "max_audio_seconds": float, "speaker": int}
+_FIELDS = {"id", "text", "voice", "reference_audio", "reference_text", "context", *_SAMPLING}
+_TURN_FIELDS = {"text", "speaker", "audio", "voice"}
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # a file name on any system
 
 
@@ -59,7 +66,31 @@ class BatchItem:
             kwargs["voice"] = Reference.from_file(base / values["reference_audio"], values.get("reference_text"))
         elif "voice" in values:
             kwargs["voice"] = values["voice"]
+        if "context" in values:
+            kwargs["context"] = _context(values["context"], base)
         return values["text"], kwargs
+
+
+def _context(turns: Any, base: Path) -> list[Turn]:
+    """A line's `context`: a list of {"voice", "speaker"} or {"audio", "text", "speaker"}
+    (the audio relative to the input file); what the turns hold is checked by the client
+    (conversation.py) and the server."""
+    if not isinstance(turns, list):
+        raise ValueError("field 'context' must be a list of turns")
+    parsed = []
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, dict) or set(turn) - _TURN_FIELDS:
+            raise ValueError(f"context turn {index}: expected an object with {', '.join(sorted(_TURN_FIELDS))}")
+        speaker = _number(f"context[{index}].speaker", turn.get("speaker", 0), int)
+        if "voice" in turn and ("audio" in turn or "text" in turn):
+            raise ValueError(f"context turn {index}: give either 'voice' or 'audio' with its 'text', not both")
+        if "voice" in turn:
+            parsed.append(Turn.stored_voice(turn["voice"], speaker))
+        elif "audio" in turn:
+            parsed.append(Turn.from_file(base / turn["audio"], turn.get("text"), speaker))
+        else:
+            raise ValueError(f"context turn {index}: needs 'voice' or 'audio' (every turn has audio)")
+    return parsed
 
 
 def _number(name: str, value: Any, cast: type) -> int | float:

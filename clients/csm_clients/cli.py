@@ -13,10 +13,10 @@ Triton's address: --url, else $CSM_TRITON_URL, else localhost:8001 (gRPC) or :80
 (--protocol http). Voice writes send --admin-token, else $CSM_ADMIN_TOKEN, else the
 file $CSM_ADMIN_TOKEN_FILE names, else make serve's development token
 (build/runtime/admin-token, in a checkout). Exit codes: 0 done, 1 a request (or a
-batch item) failed or was refused (a sampling value outside the server's range is
-refused before it is sent), 2 bad command line (also a context turn, speaker id or text
-file refused before anything is sent: a missing or unreadable file, more turns than the
-server takes, a speaker outside 0-255, a text over the server's 20,000 characters).
+batch item) failed or the server refused it, 2 bad command line: anything refused
+before it is sent (a sampling value outside the server's range, a missing or
+unreadable file, more context turns than the server takes, a speaker outside 0-255, a
+text over the server's 20,000 characters).
 
 Conversations (say, stream, read): --context-turn SPEAKER AUDIO TEXT is an earlier turn
 (a clip and what it says), --context-voice SPEAKER VOICE_ID a stored voice as a turn;
@@ -278,10 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # An explicit --admin-token, even empty, wins over the environment and the token file.
     admin_token = args.admin_token if args.admin_token is not None else admin_token_from_environment()
     try:
-        # Refused like the server would, before any conversion: --top-k 2147483648 must
-        # not wrap in INT32, --seed 2**63 not overflow INT64.
-        check_sampling(**_sampling(args), field_names=SAMPLING_OPTIONS)
-        try:
+        try:  # every refusal before sending: one line, exit 2 (the server's own: exit 1)
+            # Refused like the server would, before any conversion: --top-k 2147483648
+            # must not wrap in INT32, --seed 2**63 not overflow INT64.
+            check_sampling(**_sampling(args), field_names=SAMPLING_OPTIONS)
             args.request = _request(args)
         except (UsageError, CsmClientError) as error:
             print(f"csm-tts {args.command}: error: {error}", file=sys.stderr)

@@ -59,12 +59,13 @@ def test_voices_add_list_rm(cli, speech_clip, capsys):
     assert "cli-voice" not in {v["voice_id"] for v in json.loads(capsys.readouterr().out)}
 
 
-def test_errors_are_one_line_and_exit_1(cli, capsys):
-    assert cli(["--admin-token", "", "voices", "rm", "anyone"]) == 1
+def test_errors_are_one_line_exit_1_from_the_server_2_before_sending(cli, capsys):
+    assert cli(["--admin-token", "", "voices", "rm", "anyone"]) == 1  # the server refused
     assert capsys.readouterr().err.startswith("csm-tts: PermissionDenied: permission denied:")
-    assert cli(["say", "Hi.", "--temperature", "0", "-o", "x.wav"]) == 1
+    assert cli(["say", "Hi.", "--temperature", "0", "-o", "x.wav"]) == 2  # refused before sending
     error = capsys.readouterr().err
-    assert "InvalidRequest" in error and "'TEMPERATURE' must be in" in error and "Traceback" not in error
+    assert error.startswith("csm-tts say: error: --temperature: input 'TEMPERATURE' must be in")
+    assert error.count("\n") == 1 and "Traceback" not in error
     assert not Path("x.wav").exists()
 
 
@@ -75,7 +76,8 @@ def test_batch_of_five_with_a_bad_line_writes_four_reports_one_and_resumes(cli, 
         {"id": "first", "text": "The first line.", "seed": 1},
         {"text": "Cloned inline.", "reference_audio": "clips/fox.wav", "reference_text": speech_clip.transcript},
         {"id": "bad", "text": "Too hot.", "temperature": 0},
-        {"id": "fourth", "text": "The fourth line.", "top_k": 10},
+        {"id": "fourth", "text": "The fourth line.", "top_k": 10, "speaker": 1,  # a conversation's reply
+         "context": [{"audio": "clips/fox.wav", "text": speech_clip.transcript, "speaker": 0}]},
         {"id": "fifth", "text": "The fifth line."},
     ]
     batch = tmp_path / "lines.jsonl"
