@@ -128,13 +128,14 @@ def _say(cloner: VoiceCloner, args) -> int:
     return 0
 
 
-def _report_cut_segments(speech) -> None:
-    """A segment that never emitted its end frame was cut at a frame cap: worth a line
-    (its audio may end mid-word), never an error."""
-    for number, (reason, frames) in enumerate(zip(speech.finish_reasons, speech.segment_frames), start=1):
-        if reason != "end_of_speech":
-            print(f"segment {number} of {len(speech.finish_reasons)}: {reason} after {frames} frames",
-                  file=sys.stderr)
+def _report_cut_segments(spoken) -> None:
+    """Segments that never emitted their end frame were cut at a frame cap: worth one
+    line (their audio may end mid-word), never an error. `spoken`: a Speech or a stream."""
+    cut = [f"{number} ({reason}, {frames} frames)" for number, (reason, frames)
+           in enumerate(zip(spoken.finish_reasons, spoken.segment_frames), start=1) if reason != "end_of_speech"]
+    if cut:
+        print(f"{len(cut)} of {len(spoken.finish_reasons)} segment(s) did not end by themselves: {', '.join(cut)}",
+              file=sys.stderr)
 
 
 def _clone(cloner: VoiceCloner, args) -> int:
@@ -161,6 +162,7 @@ def _stream(cloner: VoiceCloner, args) -> int:
     finally:
         if output is not None:
             output.close()
+    _report_cut_segments(chunks)
     read = f" ({len(args.text)} characters in {time.perf_counter() - started:.1f} s)" if args.command == "read" else ""
     print(f"{args.out}: {total:.2f} s of audio{read}")
     return 0

@@ -24,12 +24,12 @@ import tritonclient.http.aio as http_aio
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from csm_clients import calls
-from csm_clients.audio import AudioSource, Reference, Speech, read_audio
+from csm_clients.audio import MODEL_SAMPLE_RATE, AudioSource, Reference, Speech, read_audio
 from csm_clients.conversation import Turn
 from csm_clients.errors import ServerError, from_stream_message, from_triton
 
-__all__ = ["ADMIN_TOKEN_ENV", "ADMIN_TOKEN_FILE_ENV", "AsyncVoiceCloner", "DEFAULT_URLS",
-           "DEVELOPMENT_TOKEN_FILE", "VoiceCloner", "admin_token_from_environment"]
+__all__ = ["ADMIN_TOKEN_ENV", "ADMIN_TOKEN_FILE_ENV", "AsyncSpeechStream", "AsyncVoiceCloner", "DEFAULT_URLS",
+           "DEVELOPMENT_TOKEN_FILE", "SpeechStream", "VoiceCloner", "admin_token_from_environment"]
 
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 DEFAULT_TIMEOUT_S = 300.0  # a long utterance on a busy server; per request
@@ -93,9 +93,11 @@ def _stream_over_sse(url: str, inputs: Mapping[str, np.ndarray], timeout: float)
         for event in _sse_events(response):
             if "error" in event:
                 raise from_stream_message(event["error"])
-            if np.size(event.get("AUDIO", [])):  # the final response may carry only FINISH_REASONS
-                rate = np.ravel(event["SAMPLE_RATE"])[0]
-                yield Speech(np.asarray(event["AUDIO"], np.float32).reshape(-1), int(rate))
+            if "AUDIO" in event or "FINISH_REASONS" in event:  # the final one: empty AUDIO, FINISH_REASONS
+                yield Speech(np.asarray(event.get("AUDIO", []), np.float32).reshape(-1),
+                             int(np.ravel(event.get("SAMPLE_RATE", [MODEL_SAMPLE_RATE]))[0]),
+                             tuple(str(r) for r in np.ravel(event.get("FINISH_REASONS", []))),
+                             tuple(int(f) for f in np.ravel(event.get("SEGMENT_FRAMES", []))))
 
 
 def _sse_events(lines) -> Iterator[dict]:
@@ -108,10 +110,55 @@ def _stream_step(result, error, url: str) -> tuple[Speech | None, bool]:
         raise from_triton(error, url)
     response = result.get_response()
     final = response.parameters.get("triton_final_response")
-    audio = result.as_numpy("AUDIO") if response.outputs else None
-    # The final response may carry only FINISH_REASONS, with no or empty AUDIO: not a chunk.
-    chunk = calls.speech_from(result) if audio is not None and audio.size else None
+    # The final response carries an empty AUDIO and FINISH_REASONS (SpeechStream keeps those).
+    chunk = calls.speech_from(result) if response.outputs and result.as_numpy("AUDIO") is not None else None
     return chunk, bool(final is not None and final.bool_param)
+
+
+class SpeechStream:
+    """What `VoiceCloner.stream` returns: Speech chunks as they are generated (iterate it;
+    `close()` or leaving the loop early cancels the generation). Once it has ended,
+    `finish_reasons` and `segment_frames` say how each segment of the text ended, as
+    csm_tts's outputs do (empty when the stream was left early)."""
+
+    def __init__(self, chunks: Iterator[Speech]):
+        self._chunks = chunks
+        self.finish_reasons: tuple[str, ...] = ()
+        self.segment_frames: tuple[int, ...] = ()
+
+    def _audio(self, chunk: Speech) -> bool:
+        """True for a chunk of audio; a response without (the final one) is kept."""
+        if chunk.audio.size:
+            return True
+        if chunk.finish_reasons:
+            self.finish_reasons, self.segment_frames = chunk.finish_reasons, chunk.segment_frames
+        return False
+
+    def __iter__(self) -> "SpeechStream":
+        return self
+
+    def __next__(self) -> Speech:
+        while not self._audio(chunk := next(self._chunks)):
+            pass
+        return chunk
+
+    def close(self) -> None:
+        self._chunks.close()
+
+
+class AsyncSpeechStream(SpeechStream):
+    """`AsyncVoiceCloner.stream`'s: `async for chunk in ...`, `aclose()`; the same attributes."""
+
+    def __aiter__(self) -> "AsyncSpeechStream":
+        return self
+
+    async def __anext__(self) -> Speech:
+        while not self._audio(chunk := await self._chunks.__anext__()):
+            pass
+        return chunk
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
 
 
 class _Calls:
@@ -153,8 +200,9 @@ class _Calls:
         """Like synthesize, yielding Speech chunks as they are generated (a long text's
         segments back to back, past csm_tts's 120 s); stopping early cancels the
         generation on the server. Bad input raises InvalidRequest here, before any chunk."""
-        return self._stream(calls.tts_inputs(text, voice, temperature=temperature, top_k=top_k, seed=seed,
-                                             max_audio_seconds=max_audio_seconds, speaker=speaker, context=context))
+        return self._stream_type(self._stream(calls.tts_inputs(
+            text, voice, temperature=temperature, top_k=top_k, seed=seed, max_audio_seconds=max_audio_seconds,
+            speaker=speaker, context=context)))
 
     def register_voice(self, voice_id: str, reference_audio: AudioSource, transcript: str | None):
         """Store a voice (needs the admin token) -> the stored voice's description."""
@@ -196,6 +244,8 @@ class _Calls:
 class VoiceCloner(_Calls):
     """Blocking client. gRPC calls may be made from several threads at once; an HTTP
     client serves one call at a time (make one per thread)."""
+
+    _stream_type = SpeechStream
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", *, admin_token: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT_S):
@@ -261,6 +311,8 @@ class VoiceCloner(_Calls):
 class AsyncVoiceCloner(_Calls):
     """asyncio client for many requests at once: `await cloner.synthesize(...)`,
     `async for chunk in cloner.stream(...)`. Create it inside the running loop."""
+
+    _stream_type = AsyncSpeechStream
 
     def __init__(self, url: str | None = None, protocol: str = "grpc", *, admin_token: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT_S):

@@ -64,12 +64,15 @@ def test_the_client_speaks_after_context_turns(protocol, context):
         alone = cloner.synthesize("And what did you say?", **SHORT)
         after = cloner.synthesize("And what did you say?", speaker=1, context=context, **SHORT)
         other_speaker = cloner.synthesize("And what did you say?", speaker=2, context=context, **SHORT)
-        streamed = list(cloner.stream("And what did you say?", speaker=1, context=context, **SHORT))
+        stream = cloner.stream("And what did you say?", speaker=1, context=context, **SHORT)
+        streamed = list(stream)
     assert after.audio.shape == (SHORT_SAMPLES,) and after.sample_rate == C.SAMPLE_RATE
     assert not np.array_equal(after.audio, alone.audio) and not np.array_equal(after.audio, other_speaker.audio)
     assert sum(chunk.audio.size for chunk in streamed) == SHORT_SAMPLES
     # How the one segment ended: cut by the client's 0.5 s (the tiny model never says "end").
     assert after.finish_reasons == ("max_audio_seconds",) and after.segment_frames == (7,)
+    assert all(chunk.audio.size for chunk in streamed)  # the final response is no chunk: its reasons stay
+    assert (stream.finish_reasons, stream.segment_frames) == (("max_audio_seconds",), (7,))
 
 
 def test_the_async_client_speaks_after_context_turns(protocol, context):
@@ -78,18 +81,25 @@ def test_the_async_client_speaks_after_context_turns(protocol, context):
     async def run():
         async with AsyncVoiceCloner(url, name, timeout=120) as cloner:
             spoken = await cloner.synthesize("Go on.", speaker=1, context=context, **SHORT)
-            chunks = [chunk async for chunk in cloner.stream("Go on.", speaker=1, context=context, **SHORT)]
-            return spoken, chunks
+            stream = cloner.stream("Go on.", speaker=1, context=context, **SHORT)
+            chunks = [chunk async for chunk in stream]
+            return spoken, chunks, stream
 
-    spoken, chunks = asyncio.run(run())
+    spoken, chunks, stream = asyncio.run(run())
     assert spoken.audio.size == SHORT_SAMPLES == sum(chunk.audio.size for chunk in chunks)
+    assert stream.finish_reasons == ("max_audio_seconds",) and stream.segment_frames == (7,)
 
 
 def test_a_long_text_streams_as_one_request(triton_server):
     with VoiceCloner(triton_server.grpc_url) as cloner:
-        chunks = list(cloner.stream(BOOK, max_audio_seconds=1.0, seed=1))
+        stream = cloner.stream(BOOK, max_audio_seconds=1.0, seed=1)
+        chunks = list(stream)
     # MAX_AUDIO_SECONDS caps the whole text (docs/api.md): 1 s, 13 frames, in chunks.
     assert len(chunks) >= 2 and sum(chunk.audio.size for chunk in chunks) == 13 * C.SAMPLES_PER_FRAME
+    # The cap cut the first segment; the others never started.
+    segments = len(stream.finish_reasons)
+    assert segments >= 3 and stream.finish_reasons == ("max_audio_seconds",) + ("not_started",) * (segments - 1)
+    assert stream.segment_frames == (13,) + (0,) * (segments - 1)
 
 
 def test_bad_context_is_an_invalid_request_from_the_client_or_the_server(triton_server, speech_clip):
@@ -121,7 +131,9 @@ def test_say_and_stream_with_context_turns(cli, speech_clip, stored_voice, capsy
     assert seconds("reply.wav") == pytest.approx(0.56) and seconds("streamed.flac") == pytest.approx(1.04)
     printed = capsys.readouterr()
     assert "streamed.flac: 1.04 s of audio" in printed.out
-    assert "segment 1 of 1: max_audio_seconds after 7 frames" in printed.err  # say tells a cut segment
+    # say and stream tell a cut segment (the tiny model never says "end"): 0.5 s, then 1 s
+    assert "1 of 1 segment(s) did not end by themselves: 1 (max_audio_seconds, 7 frames)" in printed.err
+    assert "1 (max_audio_seconds, 13 frames)" in printed.err
 
 
 def test_read_a_book_through_the_console_script(triton_server, speech_clip, tmp_path):
