@@ -11,8 +11,9 @@ REST gateway on :7860.
 """
 
 from csm_clients.audio import MODEL_SAMPLE_RATE, Reference, Speech, read_audio
-from csm_clients.client import AsyncSpeechStream, AsyncVoiceCloner, SpeechStream, VoiceCloner
+from csm_clients.client import AsyncVoiceCloner, VoiceCloner
 from csm_clients.conversation import Turn
+from csm_clients.streams import AsyncSpeechStream, SpeechStream
 from csm_clients.errors import (CsmClientError, InvalidRequest, PermissionDenied, ServerError,
                                 ServerUnavailable)
 

@@ -27,9 +27,11 @@ from csm_clients import calls
 from csm_clients.audio import MODEL_SAMPLE_RATE, AudioSource, Reference, Speech, read_audio
 from csm_clients.conversation import Turn
 from csm_clients.errors import ServerError, from_stream_message, from_triton
+from csm_clients.limits import SEGMENT_MAX_CHARS
+from csm_clients.streams import AsyncSpeechStream, SpeechStream, joined
 
-__all__ = ["ADMIN_TOKEN_ENV", "ADMIN_TOKEN_FILE_ENV", "AsyncSpeechStream", "AsyncVoiceCloner", "DEFAULT_URLS",
-           "DEVELOPMENT_TOKEN_FILE", "SpeechStream", "VoiceCloner", "admin_token_from_environment"]
+__all__ = ["ADMIN_TOKEN_ENV", "ADMIN_TOKEN_FILE_ENV", "AsyncVoiceCloner", "DEFAULT_URLS",
+           "DEVELOPMENT_TOKEN_FILE", "VoiceCloner", "admin_token_from_environment"]
 
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 DEFAULT_TIMEOUT_S = 300.0  # a long utterance on a busy server; per request
@@ -115,52 +117,6 @@ def _stream_step(result, error, url: str) -> tuple[Speech | None, bool]:
     return chunk, bool(final is not None and final.bool_param)
 
 
-class SpeechStream:
-    """What `VoiceCloner.stream` returns: Speech chunks as they are generated (iterate it;
-    `close()` or leaving the loop early cancels the generation). Once it has ended,
-    `finish_reasons` and `segment_frames` say how each segment of the text ended, as
-    csm_tts's outputs do (empty when the stream was left early)."""
-
-    def __init__(self, chunks: Iterator[Speech]):
-        self._chunks = chunks
-        self.finish_reasons: tuple[str, ...] = ()
-        self.segment_frames: tuple[int, ...] = ()
-
-    def _audio(self, chunk: Speech) -> bool:
-        """True for a chunk of audio; a response without (the final one) is kept."""
-        if chunk.audio.size:
-            return True
-        if chunk.finish_reasons:
-            self.finish_reasons, self.segment_frames = chunk.finish_reasons, chunk.segment_frames
-        return False
-
-    def __iter__(self) -> "SpeechStream":
-        return self
-
-    def __next__(self) -> Speech:
-        while not self._audio(chunk := next(self._chunks)):
-            pass
-        return chunk
-
-    def close(self) -> None:
-        self._chunks.close()
-
-
-class AsyncSpeechStream(SpeechStream):
-    """`AsyncVoiceCloner.stream`'s: `async for chunk in ...`, `aclose()`; the same attributes."""
-
-    def __aiter__(self) -> "AsyncSpeechStream":
-        return self
-
-    async def __anext__(self) -> Speech:
-        while not self._audio(chunk := await self._chunks.__anext__()):
-            pass
-        return chunk
-
-    async def aclose(self) -> None:
-        await self._chunks.aclose()
-
-
 class _Calls:
     """Every call a client offers. `_run` and `_stream` move a request; in the async
     client they return a coroutine and an async iterator, so each method here returns
@@ -184,9 +140,16 @@ class _Calls:
         watermarked). `voice`: a stored voice id, an inline Reference, or None for the
         model's default voice; None sampling values take the server's defaults.
         `speaker`: the speaker id of the text (default 0); `context`: earlier turns
-        (`Turn`s, oldest first, stored voices before clips) the model conditions on."""
-        return self._run(calls.synthesize(text, voice, temperature=temperature, top_k=top_k, seed=seed,
-                                          max_audio_seconds=max_audio_seconds, speaker=speaker, context=context))
+        (`Turn`s, oldest first, stored voices before clips) the model conditions on.
+
+        A text the server splits into segments (over SEGMENT_MAX_CHARS) may pass
+        csm_tts's 120 s in one response, so it is collected from csm_tts_stream instead:
+        the same Speech, with the stream's finish reasons."""
+        options = dict(voice=voice, temperature=temperature, top_k=top_k, seed=seed,
+                       max_audio_seconds=max_audio_seconds, speaker=speaker, context=context)
+        if isinstance(text, str) and len(text) > SEGMENT_MAX_CHARS:
+            return self._collect(self.stream(text, **options))
+        return self._run(calls.synthesize(text, **options))
 
     def clone_voice_from_file(self, reference_audio: AudioSource, reference_transcript: str | None, target_text: str,
                               **sampling):
@@ -238,6 +201,9 @@ class _Calls:
         raise NotImplementedError
 
     def _stream(self, inputs: dict[str, np.ndarray]) -> Any:
+        raise NotImplementedError
+
+    def _collect(self, stream: SpeechStream) -> Any:
         raise NotImplementedError
 
 
@@ -297,6 +263,9 @@ class VoiceCloner(_Calls):
         finally:
             client.stop_stream(cancel_requests=not finished)
             client.close()
+
+    def _collect(self, stream: SpeechStream) -> Speech:
+        return joined(list(stream), stream)
 
     def close(self) -> None:
         self._client.close()
@@ -367,6 +336,9 @@ class AsyncVoiceCloner(_Calls):
         finally:
             if not finished:
                 answers.cancel()
+
+    async def _collect(self, stream: AsyncSpeechStream) -> Speech:
+        return joined([chunk async for chunk in stream], stream)
 
     async def close(self) -> None:
         if self._connection is not None:

@@ -100,6 +100,12 @@ def test_a_long_text_streams_as_one_request(triton_server):
     segments = len(stream.finish_reasons)
     assert segments >= 3 and stream.finish_reasons == ("max_audio_seconds",) + ("not_started",) * (segments - 1)
     assert stream.segment_frames == (13,) + (0,) * (segments - 1)
+    # synthesize() collects a text of several segments from the same stream (csm_tts
+    # stops at 120 s): one Speech, the same reasons.
+    with VoiceCloner(triton_server.grpc_url) as cloner:
+        whole = cloner.synthesize(BOOK, max_audio_seconds=1.0, seed=1)
+    assert whole.audio.size == 13 * C.SAMPLES_PER_FRAME
+    assert (whole.finish_reasons, whole.segment_frames) == (stream.finish_reasons, stream.segment_frames)
 
 
 def test_bad_context_is_an_invalid_request_from_the_client_or_the_server(triton_server, speech_clip):

@@ -29,7 +29,6 @@ import logging
 from datetime import datetime
 from typing import Any, AsyncIterator, Callable, Literal
 
-import numpy as np
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -39,10 +38,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from csm_clients.audio import Speech
 from csm_clients.client import AsyncVoiceCloner
 from csm_clients.encoding import FORMATS, StreamEncoder, encode
-from csm_clients.errors import CsmClientError, InvalidRequest, PermissionDenied, ServerError, ServerUnavailable
+from csm_clients.errors import CsmClientError, InvalidRequest, PermissionDenied, ServerUnavailable
 from csm_clients.gateway.keys import ApiKeys, MissingApiKey
 from csm_clients.gateway.speech_context import ContextTurn, FieldError, conversation, refused_field
-from csm_clients.limits import SEGMENT_MAX_CHARS, check_sampling
+from csm_clients.limits import check_sampling
 
 LOG = logging.getLogger("csm_clients.gateway.openai")
 
@@ -226,7 +225,7 @@ def openai_router(cloner: Callable[[], AsyncVoiceCloner], keys: ApiKeys, *, max_
     async def _speak(body: SpeechRequest, voice: str | None, sampling: dict) -> Response:
         audio_format = FORMATS[body.response_format]
         if body.stream_format is None:
-            spoken = await _whole(body.input, voice, sampling)
+            spoken = await cloner().synthesize(body.input, voice=voice, **sampling)  # long texts too (client.py)
             data = await asyncio.to_thread(encode, spoken.audio, spoken.sample_rate, audio_format)
             return Response(data, media_type=audio_format.media_type,
                             headers={"X-Audio-Seconds": f"{spoken.seconds:.3f}"})
@@ -243,17 +242,6 @@ def openai_router(cloner: Callable[[], AsyncVoiceCloner], keys: ApiKeys, *, max_
             return StreamingResponse(_events(audio), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         return StreamingResponse(_just_bytes(audio), media_type=audio_format.media_type)
-
-    async def _whole(text: str, voice: str | None, sampling: dict) -> Speech:
-        """The whole utterance in one answer. A text the server splits into segments may
-        pass csm_tts's 120 s (one response), so it is collected from csm_tts_stream
-        instead: OpenAI clients ask for a long text without streaming too."""
-        if len(text) <= SEGMENT_MAX_CHARS:
-            return await cloner().synthesize(text, voice=voice, **sampling)
-        chunks = [chunk async for chunk in cloner().stream(text, voice=voice, **sampling)]
-        if not chunks:
-            raise ServerError("the server ended the stream before any audio")
-        return Speech(np.concatenate([chunk.audio for chunk in chunks]), chunks[0].sample_rate)
 
     @router.get("/audio/voices")
     async def list_voices():
