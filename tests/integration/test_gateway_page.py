@@ -66,6 +66,23 @@ def test_upload_a_clip_synthesize_and_play(browser, gateway, speech_clip, triton
     page.wait_for_function("document.querySelector('#status').textContent.includes('s of audio')", timeout=30_000)
     assert not page.locator("#status.error").count()
 
+    # A conversation: the stored voice's clip as the earlier turn (speaker 0), the text
+    # answered by speaker 1; a speaker out of range is the server's clear refusal.
+    page.select_option("#voice", "")
+    page.select_option("#context-voice", "browser-voice")
+    page.fill("#speaker", "1")
+    page.evaluate("document.querySelector('#status').textContent = ''")
+    page.click("#speak")
+    page.wait_for_function("document.querySelector('#status').textContent.includes('s of audio')", timeout=30_000)
+    assert not page.locator("#status.error").count()
+    page.fill("#speaker", "300")
+    page.click("#speak")
+    page.wait_for_selector("#status.error", timeout=30_000)
+    assert "speaker" in page.inner_text("#status") and "255" in page.inner_text("#status")
+    page.fill("#speaker", "0")
+    page.select_option("#context-voice", "")
+    page.select_option("#voice", "browser-voice")
+
     # Delete it again (confirming the dialog): gone from the menu and from the store.
     page.once("dialog", lambda dialog: dialog.accept())
     page.click("#delete")
