@@ -209,9 +209,7 @@ def main(argv=None) -> int:
     table = markdown(report)
     print(table)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "segment_joins.json").write_text(json.dumps(report, indent=2) + "\n")
-        (args.out / "segment_joins.md").write_text(table)
+        common.write_report(args.out, "segment_joins", report, table)
     return 0
 
 

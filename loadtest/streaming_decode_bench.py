@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 
 from csm_triton import constants as C
+from loadtest import common
 from loadtest.engine_bench import git_commit
 from csm_triton.core.stream_decoder import StreamDecoder, snr_db
 
@@ -98,9 +99,7 @@ def main(argv=None) -> int:
     table = markdown(report)
     print(table)
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "streaming_decode.json").write_text(json.dumps(report, indent=2) + "\n")
-        (args.out / "streaming_decode.md").write_text(table)
+        common.write_report(args.out, "streaming_decode", report, table)
     return 0
 
 
