@@ -57,6 +57,9 @@ def test_a_long_text_without_streaming_is_one_whole_file(client):
     seconds, rate = decode(answer.content, "wav")
     assert rate == 24_000 and seconds == pytest.approx(SHORT_SECONDS, abs=TOLERANCE_S["wav"])
     assert float(answer.headers["x-audio-seconds"]) == pytest.approx(SHORT_SECONDS)
+    # How each segment ended: the client's 1 s cut the first, the others never started.
+    reasons = answer.headers["x-finish-reasons"].split(",")
+    assert len(reasons) >= 3 and reasons == ["max_audio_seconds"] + ["not_started"] * (len(reasons) - 1)
 
 
 @pytest.mark.parametrize("audio_format", FORMATS)

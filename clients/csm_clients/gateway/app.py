@@ -164,6 +164,7 @@ def create_app(triton_url: str = "localhost:8001", *, admin_token: str | None = 
             "Content-Disposition": 'attachment; filename="speech.wav"',
             "X-Audio-Seconds": f"{speech.seconds:.3f}",
             "X-Synthesis-Seconds": f"{time.perf_counter() - started:.3f}",
+            "X-Finish-Reasons": ",".join(speech.finish_reasons),  # one per segment (docs/api.md)
         })
 
     @app.post("/upload-voice", dependencies=[voice_write])

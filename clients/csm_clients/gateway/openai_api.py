@@ -228,7 +228,8 @@ def openai_router(cloner: Callable[[], AsyncVoiceCloner], keys: ApiKeys, *, max_
             spoken = await cloner().synthesize(body.input, voice=voice, **sampling)  # long texts too (client.py)
             data = await asyncio.to_thread(encode, spoken.audio, spoken.sample_rate, audio_format)
             return Response(data, media_type=audio_format.media_type,
-                            headers={"X-Audio-Seconds": f"{spoken.seconds:.3f}"})
+                            headers={"X-Audio-Seconds": f"{spoken.seconds:.3f}",
+                                     "X-Finish-Reasons": ",".join(spoken.finish_reasons)})
         chunks = cloner().stream(body.input, voice=voice, **sampling)
         try:  # the first chunk before answering: a refused request is a real 400, not a broken stream
             first = await chunks.__anext__()
