@@ -23,19 +23,15 @@ class Linear:
     Built with the plain weight and `F.linear`; `use({rows: kernel})` then prepares the
     copy each bucket's kernel reads (oneDNN's packed layout depends on the rows it is
     packed for) and drops the plain weight unless a bucket reads it. A call with r rows
-    uses the smallest bucket >= r (the largest beyond that). `pack_batch_sizes` packs
-    for oneDNN at once (fp32 CPU only), as `use` with "onednn" for those sizes.
+    uses the smallest bucket >= r (the largest beyond that).
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                 pack_batch_sizes: tuple[int, ...] = ()):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight = weight.detach().contiguous()
         self.out_features, self.in_features = self.weight.shape
         self.dtype = self.weight.dtype
         self.bias = None if bias is None else bias.detach().contiguous()
         self.buckets: list[tuple[int, str, torch.Tensor]] = []  # (rows, kernel, the copy it reads)
-        if pack_batch_sizes and self.weight.device.type == "cpu" and self.weight.dtype == torch.float32:
-            self.use({rows: "onednn" for rows in pack_batch_sizes})
 
     def use(self, choice: dict[int, str]) -> None:
         plain = self.weight
