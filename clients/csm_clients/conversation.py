@@ -29,7 +29,7 @@ from csm_clients.errors import InvalidRequest
 from csm_clients.limits import (MAX_CONTEXT_AUDIO_SECONDS, MAX_CONTEXT_TURNS, MAX_LONG_TEXT_CHARS, MAX_TURN_SECONDS,
                                 MAX_TURN_TEXT_CHARS, MIN_TURN_SECONDS, check_speaker)
 
-__all__ = ["Turn", "check_text", "context_inputs"]
+__all__ = ["Turn", "check_context", "check_text", "context_inputs"]
 
 
 @dataclass(frozen=True)
@@ -104,14 +104,13 @@ def _checked(turn: Turn, index: int) -> Turn:
     return turn
 
 
-def context_inputs(context: Sequence[Turn] | None = None, speaker: int | None = None) -> dict[str, np.ndarray]:
-    """SPEAKER and the CONTEXT_* tensors of csm_tts / csm_tts_stream; nothing for None."""
-    inputs: dict[str, np.ndarray] = {}
+def check_context(context: Sequence[Turn] | None = None, speaker: int | None = None) -> tuple[list[Turn], list[Turn]]:
+    """Every client-side rule of a speaker and its context turns (InvalidRequest naming
+    the first broken one), without building a tensor: (stored-voice turns, clip turns)."""
     if speaker is not None:
         check_speaker(speaker, "speaker")
-        inputs["SPEAKER"] = np.array([speaker], np.int32)
     if not context:
-        return inputs
+        return [], []
     if isinstance(context, Turn):
         raise InvalidRequest("context: give a list of turns, not one Turn")
     if len(context) > MAX_CONTEXT_TURNS:
@@ -128,6 +127,17 @@ def context_inputs(context: Sequence[Turn] | None = None, speaker: int | None = 
     if seconds > MAX_CONTEXT_AUDIO_SECONDS:
         raise InvalidRequest(f"the context turns hold {seconds:.1f} s of audio; "
                              f"the limit is {MAX_CONTEXT_AUDIO_SECONDS:g} s")
+    return stored, clips
+
+
+def context_inputs(context: Sequence[Turn] | None = None, speaker: int | None = None) -> dict[str, np.ndarray]:
+    """SPEAKER and the CONTEXT_* tensors of csm_tts / csm_tts_stream; nothing for None."""
+    stored, clips = check_context(context, speaker)
+    inputs: dict[str, np.ndarray] = {}
+    if speaker is not None:
+        inputs["SPEAKER"] = np.array([speaker], np.int32)
+    if not stored and not clips:
+        return inputs
     inputs["CONTEXT_SPEAKER"] = np.array([turn.speaker for turn in stored + clips], np.int32)
     if stored:
         inputs["CONTEXT_VOICE_ID"] = np.array([turn.voice.encode("utf-8") for turn in stored], dtype=np.object_)

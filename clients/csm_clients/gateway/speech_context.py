@@ -19,7 +19,7 @@ import re
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from csm_clients.audio import read_audio
-from csm_clients.conversation import Turn, check_text, context_inputs
+from csm_clients.conversation import Turn, check_context, check_text
 from csm_clients.errors import InvalidRequest
 from csm_clients.limits import MAX_CONTEXT_TURNS, check_speaker
 
@@ -135,7 +135,7 @@ def conversation(input_text: str, speaker: int | None, context: list[ContextTurn
             budget -= size
             turns.append(clip)
     try:
-        context_inputs(turns, speaker)
+        check_context(turns, speaker)  # the tensors are built once, when the request is sent
     except InvalidRequest as error:
         message = _TURN_PREFIX.sub(r"context[\1]:", str(error))  # the body's name for the turn
         raise FieldError(message, _param(str(error))) from None
