@@ -317,15 +317,28 @@ class Metrics:
         """`observe(value)`; exported as name_bucket{le=...}, name_sum and name_count."""
         return self._metric(name, description, pb_utils.MetricFamily.HISTOGRAM, buckets=list(buckets))
 
-    def labelled_counters(self, name: str, description: str, label: str, values) -> dict:
+    def labelled_counters(self, name: str, description: str, label: str, values) -> "LabelledCounters":
         """One family, a counter per value of `label` (e.g. reason), each exported from
         the start (at 0), so dashboards and alerts find every series."""
         family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
         self._families.append(family)
-        return {value: family.Metric(labels={**self._labels, label: value}) for value in values}
+        return LabelledCounters({value: family.Metric(labels={**self._labels, label: value}) for value in values})
 
     def running_total(self, name: str, description: str) -> "RunningTotal":
         return RunningTotal(self.counter(name, description))
+
+
+class LabelledCounters:
+    """Metrics.labelled_counters' counters, by label value."""
+
+    def __init__(self, counters: dict):
+        self._counters = counters
+
+    def count(self, values) -> None:
+        """One more for each value (a value without a series is not counted)."""
+        for value in values:
+            if value in self._counters:
+                self._counters[value].increment(1)
 
 
 class RunningTotal:

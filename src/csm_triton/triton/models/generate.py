@@ -76,10 +76,7 @@ class GenerateModel(triton.PythonModel):
         codes = np.concatenate(generated)
         if not len(codes):
             raise RuntimeError("the model ended the utterance before producing any audio")
-        reasons = chain.finish_reasons()
-        for reason in reasons:
-            if reason in self.segments_total:
-                self.segments_total[reason].increment(1)
+        self.segments_total.count(chain.finish_reasons())
         final = chain.final_outputs()
         return {"audio_codes": np.ascontiguousarray(codes.T[None]),  # [1, 32, frames]
                 "finish_reasons": final["FINISH_REASONS"], "segment_frames": final["SEGMENT_FRAMES"]}

@@ -62,6 +62,9 @@ def cancel_lm_request(stream_id: str) -> None:
 class StreamingModel(triton.DecoupledModel):
     def initialize_model(self, args, model_config):
         parameters = self.parameters
+        # The family must outlive its metrics: kept on the model.
+        self.metrics = triton.Metrics(self.model_name)
+        self.segments_total = self.metrics.labelled_counters(*SEGMENTS_METRIC, "reason", FINISH_REASONS)
         self.pipeline = StreamPipeline(
             prepare=forward_prepare,
             generate=forward_lm,
@@ -72,12 +75,8 @@ class StreamingModel(triton.DecoupledModel):
             chunk_frames=parameters.integer("chunk_frames", C.STREAM_CHUNK_FRAMES, minimum=1),
             left_context_frames=parameters.integer("left_context_frames", C.STREAM_LEFT_CONTEXT_FRAMES, minimum=0),
             log_error=triton.log_error,
-            segments_ended=self._count_segments,
+            segments_ended=self.segments_total.count,
         )
-        # The family must outlive its metrics: kept on the model.
-        self.metrics = triton.Metrics(self.model_name)
-        self.segments_total = self.metrics.labelled_counters(
-            *SEGMENTS_METRIC, "reason", FINISH_REASONS)
         self.workers = ThreadPoolExecutor(parameters.integer("max_concurrent_streams", 256, minimum=1),
                                           thread_name_prefix="csm-stream")
 
@@ -92,11 +91,6 @@ class StreamingModel(triton.DecoupledModel):
         sampling = triton.present_inputs(request, validation.SAMPLING_INPUTS)
         validation.sampling_from_inputs(sampling)
         self.workers.submit(self.pipeline.run, prepare_inputs, sampling, sender)
-
-    def _count_segments(self, reasons) -> None:
-        for reason in reasons:
-            if reason in self.segments_total:
-                self.segments_total[reason].increment(1)
 
     def finalize(self):
         self.workers.shutdown(wait=True, cancel_futures=True)
