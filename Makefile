@@ -36,10 +36,16 @@ tiny-checkpoint: setup
 repository: setup $(if $(CSM_CHECKPOINT),,tiny-checkpoint)
 	$(PY) -m export.build_repository --checkpoint $(CHECKPOINT) --profile $(PROFILE) --out $(REPOSITORY)
 
+# On 127.0.0.1 only: LISTEN_ADDRESS=0.0.0.0 (or CSM_TRITON_LISTEN_ADDRESS) opens the ports.
+# Loading/unloading models needs CSM_MODEL_CONTROL_KEY (header csm-model-control-key);
+# unset, a random key per start keeps model control to the server's own supervisor.
+LISTEN_ADDRESS ?=
+
 serve: repository admin-token
 	CSM_ADMIN_TOKEN="$${CSM_ADMIN_TOKEN:-$$(cat $(ADMIN_TOKEN_FILE))}" \
 	$(PY) -m csm_triton.serving serve --model-repository $(REPOSITORY) \
-	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
+	  $(if $(LISTEN_ADDRESS),--listen-address $(LISTEN_ADDRESS))
 
 # A development admin token, only when CSM_ADMIN_TOKEN is unset: created once (random,
 # mode 0600, written under a temporary name then renamed), reused after. Deployments
@@ -77,7 +83,9 @@ gateway: setup
 
 # --- load tests and benchmarks (loadtest/README.md) ----------------------------------------
 # locust / locust-ui drive a running server (make serve): they register their stored
-# voices with CSM_ADMIN_TOKEN, else make serve's development token ($(ADMIN_TOKEN_FILE));
+# voices with CSM_ADMIN_TOKEN, else make serve's development token ($(ADMIN_TOKEN_FILE)),
+# and only on $(LOCUST_HOST). The UI has no login and starts load from its form: it listens
+# on this machine only (an SSH tunnel reaches it from elsewhere).
 # bench and perf start their own server on free ports from $(REPOSITORY) and write their
 # results to $(RESULTS).
 LOCUST_HOST ?= http://localhost:$(HTTP_PORT)
@@ -102,7 +110,7 @@ locust: setup
 locust-ui: setup
 	CSM_ADMIN_TOKEN_FILE=$${CSM_ADMIN_TOKEN_FILE:-$(ADMIN_TOKEN_FILE)} \
 	CSM_LOCUST_MODEL=$${CSM_LOCUST_MODEL:-$(LOCUST_MODEL)} $(VENV)/bin/locust -f loadtest/locustfile.py \
-	  --host $(LOCUST_HOST) --web-port $(LOCUST_WEB_PORT)
+	  --host $(LOCUST_HOST) --web-host 127.0.0.1 --web-port $(LOCUST_WEB_PORT)
 
 bench: repository
 	$(PY) -m loadtest.bench --serve $(REPOSITORY) --out $(RESULTS) $(BENCH_ARGS)

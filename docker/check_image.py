@@ -3,7 +3,8 @@
 Each check is something that would otherwise surface only on a GPU host, minutes
 into a start: the python backend's stub embedding another Python than the one the
 packages went into, a CPU-only torch, Perth silently running without torchaudio, a
-numpy 2 ABI, an args file the launcher cannot read.
+numpy 2 ABI, an args file the launcher cannot read; and a base image older than
+Triton's 2026 fixes or without the unprivileged user the image runs as.
 
     python3 docker/check_image.py [--no-triton]   (--no-triton: outside the image)
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
+import pwd
 import subprocess
 import sys
 import sysconfig
@@ -19,7 +22,11 @@ from pathlib import Path
 
 TRITON_HOME = Path("/opt/tritonserver")
 SUPPORTED_PYTHONS = ((3, 11), (3, 12))  # pyproject's requires-python
-CUDA_MAJOR = "13"  # torch 2.13.0's PyPI wheels and the 25.10 image
+CUDA_MAJOR = "13"  # torch 2.13.0's PyPI wheels and the 26.07 image
+# Triton 2.71 = NGC 26.07: the huge-shape abort fixed (2.59), the iterative JSON parser
+# (2.69), the denial-of-service CVEs of 26.06-26.07 (docker/Dockerfile, docs/deploy.md).
+MIN_TRITON_VERSION = (2, 71)
+RUN_AS_USER, RUN_AS_UID = "triton-server", 1000  # docker/Dockerfile's USER, the chart's runAsUser
 
 
 def check_python() -> str:
@@ -93,6 +100,36 @@ def check_triton() -> str:
     return f"tritonserver in {TRITON_HOME}, stub embeds {libpython}"
 
 
+def triton_version() -> tuple[int, ...]:
+    """The base image's Triton release: NGC images set TRITON_SERVER_VERSION and write
+    /opt/tritonserver/TRITON_VERSION."""
+    text = os.environ.get("TRITON_SERVER_VERSION") or ""
+    if not text and (TRITON_HOME / "TRITON_VERSION").exists():
+        text = (TRITON_HOME / "TRITON_VERSION").read_text()
+    try:
+        return tuple(int(part) for part in text.strip().split(".")[:3])
+    except ValueError:
+        raise SystemExit(f"cannot read the base image's Triton version from {text.strip()[:40]!r}") from None
+
+
+def check_triton_release() -> str:
+    version = triton_version()
+    if version[:2] < MIN_TRITON_VERSION:
+        raise SystemExit(f"Triton {'.'.join(map(str, version)) or '(unknown)'} predates the 2026 fixes: "
+                         f"the image needs {'.'.join(map(str, MIN_TRITON_VERSION))} (NGC 26.07) or later")
+    return f"Triton {'.'.join(map(str, version))}"
+
+
+def check_user() -> str:
+    try:
+        user = pwd.getpwnam(RUN_AS_USER)
+    except KeyError:
+        raise SystemExit(f"the base image has no user {RUN_AS_USER!r} to run as") from None
+    if user.pw_uid != RUN_AS_UID:
+        raise SystemExit(f"{RUN_AS_USER} is uid {user.pw_uid}; the chart and KServe manifests run as {RUN_AS_UID}")
+    return f"runs as {RUN_AS_USER} (uid {RUN_AS_UID})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-triton", action="store_true", help="skip the checks of /opt/tritonserver")
@@ -100,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = [check_python, check_numpy, check_torch, check_torchaudio,
               check_watermark, check_libraries, check_gateway, check_server_arguments]
     if not args.no_triton:
-        checks.append(check_triton)
+        checks += [check_triton, check_triton_release, check_user]
     for check in checks:
         print(f"ok: {check()}", flush=True)
     return 0

@@ -1,7 +1,7 @@
 """Locust load test of csm_tts through Triton's HTTP endpoint (KServe v2 JSON).
 
     make locust USERS=4 DURATION=60s      # headless, CSV under build/locust/ (LOCUST_CSV=...)
-    make locust-ui                        # web UI on http://localhost:8089
+    make locust-ui                        # web UI on http://127.0.0.1:8089, this machine only
     locust -f loadtest/locustfile.py --host http://localhost:8000 --headless -u 4 -r 4 -t 60s --csv out/run
 
 Each user picks, by weight: csm_tts with a stored voice (6), csm_tts with inline
@@ -14,7 +14,10 @@ At test start the clips in data/ are registered as stored voices with the admin 
 from CSM_ADMIN_TOKEN, else from the file CSM_ADMIN_TOKEN_FILE names, else from make
 serve's development token (build/runtime/admin-token): `make serve` then `make locust`
 needs nothing else. Voices already there are reused; those this run registered are
-deleted when it stops.
+deleted when it stops. The token goes only to the host Locust was started with (--host
+or LOCUST_HOST; without one, a loopback host): a host typed into the web UI's form gets
+the load but not the token, and the stored-voice requests fail with the reason
+(token_host.py).
 
 Custom metrics, as rows of their own (kept out of the Aggregated row):
 - AUDIO "<task> audio ms": the audio each answer carried, in milliseconds;
@@ -42,6 +45,7 @@ from locust import FastHttpUser, between, events, task
 from locust.runners import WorkerRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # workload.py, however locust was started
+import token_host  # noqa: E402
 import workload  # noqa: E402
 
 LOG = logging.getLogger("csm-locust")
@@ -59,6 +63,8 @@ class Run:
 
     voice_ids: list[str] = []
     created: list[str] = []
+    started_host: str | None = None  # --host / LOCUST_HOST when Locust started: the token's only destination
+    token_host: str | None = None  # where `created` were registered, so where they are deleted
     setup_error = ""
     load_before = 0.0  # 1-minute load average at test start: was the machine busy already?
 
@@ -138,19 +144,31 @@ def error_message(response) -> str:
         return f"HTTP {response.status_code}: {str(response.error or response.text)[:200]}"
 
 
+@events.init.add_listener
+def remember_host(environment, **_kwargs):
+    """The host given at start, before the web UI's form can change environment.host."""
+    Run.started_host = environment.host
+
+
 @events.test_start.add_listener
 def register_voices(environment, **_kwargs):
     """On every node (master and workers alike): each needs the ids; registering is idempotent."""
     Run.load_before = os.getloadavg()[0]
+    host = environment.host or "http://localhost:8000"
+    refusal = token_host.token_refusal(host, Run.started_host)
+    if refusal:
+        Run.voice_ids, Run.setup_error = [], f"not registering voices (the admin token stays here): {refusal}"
+        LOG.error("stored voices: %s", Run.setup_error)
+        return
     token = workload.admin_token()
     created: list[str] = []
     try:
-        http = workload.TritonHTTP(environment.host or "http://localhost:8000", timeout=120)
+        http = workload.TritonHTTP(host, timeout=120)
         Run.voice_ids, created = workload.register_voices(http, REFERENCES, token)
         Run.setup_error = "" if Run.voice_ids else f"none registered: {workload.no_token_reason()}"
     except Exception as error:  # noqa: BLE001 - reported by every stored-voice request
         Run.voice_ids, Run.setup_error = [], f"registering the voices failed: {error}"
-    Run.created = Run.created + created
+    Run.created, Run.token_host = Run.created + created, host
     if Run.setup_error:
         LOG.error("stored voices: %s", Run.setup_error)
     else:
@@ -159,8 +177,8 @@ def register_voices(environment, **_kwargs):
 
 @events.test_stop.add_listener
 def delete_voices(environment, **_kwargs):
-    if Run.created:
-        http = workload.TritonHTTP(environment.host or "http://localhost:8000", timeout=60)
+    if Run.created and Run.token_host:
+        http = workload.TritonHTTP(Run.token_host, timeout=60)
         workload.delete_voices(http, Run.created, workload.admin_token())
         Run.created = []
 

@@ -200,6 +200,9 @@ def test_the_clients_mirror_of_the_servers_ranges_is_exact():
     assert limits.MAX_AUDIO_SECONDS == C.MAX_AUDIO_SECONDS_LIMIT and limits.MAX_SEED == np.iinfo(np.int64).max
 
 
+RIGHT_KEY = {"Authorization": "Bearer right-key"}  # offline_gateway's key: /clone-voice needs it too
+
+
 @pytest.fixture()
 def offline_gateway():
     from fastapi.testclient import TestClient
@@ -224,19 +227,19 @@ def offline_gateway():
     ("max_audio_seconds", "-inf", "max_audio_seconds: input 'MAX_AUDIO_SECONDS' must be in (0, 90]"),
 ])
 def test_out_of_range_form_fields_are_a_400_naming_the_field(offline_gateway, field, value, message):
-    response = offline_gateway.post("/clone-voice", data={"text": "Hi.", field: value})
+    response = offline_gateway.post("/clone-voice", data={"text": "Hi.", field: value}, headers=RIGHT_KEY)
     assert response.status_code == 400 and response.headers["content-type"] == "application/json"
     assert response.json()["detail"].startswith(message), response.json()
 
 
 def test_in_range_edges_pass_the_gateway(offline_gateway):
     for form in ({"seed": str(2**63 - 1)}, {"top_k": "2048"}, {"temperature": "5"}, {"max_audio_seconds": "90"}):
-        response = offline_gateway.post("/clone-voice", data={"text": "Hi.", **form})
+        response = offline_gateway.post("/clone-voice", data={"text": "Hi.", **form}, headers=RIGHT_KEY)
         assert response.status_code == 503, response.text  # on to Triton, which is not there
 
 
 def test_a_non_audio_upload_is_named_by_its_file(offline_gateway):
-    response = offline_gateway.post("/clone-voice", data={"text": "Hi.", "reference_text": "x"},
+    response = offline_gateway.post("/clone-voice", data={"text": "Hi.", "reference_text": "x"}, headers=RIGHT_KEY,
                                     files={"reference_audio": ("notes.txt", b"plain text", "text/plain")})
     detail = response.json()["detail"]
     assert response.status_code == 400 and "'notes.txt'" in detail and "BytesIO" not in detail, detail
@@ -253,7 +256,7 @@ def test_a_gateway_bug_is_a_json_500_without_internals(offline_gateway, monkeypa
         raise OverflowError("Python int too large to convert to C long")
 
     monkeypatch.setattr(AsyncVoiceCloner, "synthesize", broken)
-    response = offline_gateway.post("/clone-voice", data={"text": "Hi."})
+    response = offline_gateway.post("/clone-voice", data={"text": "Hi."}, headers=RIGHT_KEY)
     assert response.status_code == 500
     assert response.json() == {"detail": "the gateway failed (OverflowError); see its log"}
 
@@ -309,15 +312,35 @@ def test_the_gateway_listens_on_loopback_unless_told_otherwise(monkeypatch, tmp_
     from csm_clients.gateway import __main__ as gateway_main
 
     runs = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, host, port: runs.append((app, host, port)))
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **server: runs.append((app, host, port, server)))
     monkeypatch.setenv("CSM_GATEWAY_API_KEYS", "k1,k2")
     monkeypatch.setenv("CSM_ADMIN_TOKEN", "admin")
-    assert gateway_main.main([]) == 0 and runs[-1][1:] == ("127.0.0.1", 7860)
+    assert gateway_main.main([]) == 0 and runs[-1][1:3] == ("127.0.0.1", 7860)
     assert "need one of 2 API key(s)" in capsys.readouterr().err
-    assert gateway_main.main(["--host", "0.0.0.0", "--port", "9000"]) == 0 and runs[-1][1:] == ("0.0.0.0", 9000)
+    assert gateway_main.main(["--host", "0.0.0.0", "--port", "9000"]) == 0 and runs[-1][1:3] == ("0.0.0.0", 9000)
     with pytest.raises(SystemExit) as usage:
         gateway_main.main(["--api-key-file", str(tmp_path / "missing")])
     assert usage.value.code == 2 and "cannot read the API key file" in capsys.readouterr().err
+
+
+def test_the_gateway_serves_with_uvicorn_limits_from_flags_and_environment(monkeypatch):
+    import uvicorn
+
+    from csm_clients.gateway import __main__ as gateway_main
+    from csm_clients.gateway.guard import GatewayGuard
+
+    runs = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **server: runs.append((app, server)))
+    monkeypatch.setenv("CSM_GATEWAY_MAX_CONCURRENCY_PER_KEY", "3")
+    monkeypatch.setenv("CSM_GATEWAY_HEADER_TIMEOUT_S", "7")
+    assert gateway_main.main(["--limit-concurrency", "12", "--max-queue-per-key", "1", "--max-upload-mb", "2"]) == 0
+    app, server = runs[-1]
+    assert server["limit_concurrency"] == 12 and server["timeout_keep_alive"] == gateway_main.TIMEOUT_KEEP_ALIVE_S
+    assert server["h11_max_incomplete_event_size"] == gateway_main.MAX_HEADER_BYTES
+    assert issubclass(server["http"], gateway_main.HeaderDeadlineProtocol) and server["http"].header_timeout_s == 7
+    guard = next(item for item in app.user_middleware if item.cls is GatewayGuard)
+    limits = guard.kwargs["limits"]
+    assert (limits.max_concurrency_per_key, limits.max_queue_per_key, limits.max_upload_bytes) == (3, 1, 2 * 2**20)
 
 
 # --- the admin token: make serve's development token and who reads it -------------------------
@@ -445,6 +468,9 @@ def test_the_clients_mirror_of_the_conversation_limits_is_exact():
     assert (limits.MIN_TURN_SECONDS, limits.MAX_TURN_SECONDS) == (C.MIN_REFERENCE_SECONDS, C.MAX_REFERENCE_SECONDS)
     assert (limits.MAX_TURN_TEXT_CHARS, limits.MAX_LONG_TEXT_CHARS) == (C.MAX_TEXT_CHARS, C.MAX_LONG_TEXT_CHARS)
     assert limits.SEGMENT_MAX_CHARS == C.SEGMENT_MAX_CHARS
+    assert limits.MAX_REFERENCE_SECONDS == C.MAX_REFERENCE_SECONDS
+    assert (limits.MIN_INPUT_SAMPLE_RATE, limits.MAX_INPUT_SAMPLE_RATE) == (C.MIN_INPUT_SAMPLE_RATE,
+                                                                            C.MAX_INPUT_SAMPLE_RATE)
 
 
 def test_context_turns_become_ragged_tensors_stored_voices_first():

@@ -34,11 +34,14 @@ CONTAINER_REPOSITORY = "/models/model_repository"
 # Flags only the embedded server has: where its own install lives, and the /dev/shm
 # prefix that lets it remove its stubs' regions after a crash.
 EMBEDDED_ONLY = ("--backend-directory", "--cache-directory", "--backend-config=shm-region-prefix-name")
+# The model-control key the launches are given (else each start makes a random one).
+TEST_KEY = "test-model-control-key-0123456789"
 # Compose variables a developer's shell may hold; the tests set their own.
 COMPOSE_VARIABLES = (
     "CSM_IMAGE", "CSM_CHECKPOINT", "CSM_CHECKPOINT_DIR", "CSM_PROFILE", "CSM_ADMIN_TOKEN", "HF_TOKEN_FILE",
     "CSM_HTTP_PORT", "CSM_GRPC_PORT", "CSM_METRICS_PORT", "LOCUST_PORT", "PROMETHEUS_PORT", "GRAFANA_PORT",
     "GRAFANA_ADMIN_PASSWORD", "COMPOSE_PROFILES", "COMPOSE_FILE", "COMPOSE_PROJECT_NAME",
+    "CSM_PUBLISH_ADDRESS", "CSM_GATEWAY_PORT", "CSM_FRONT_PORT", "CSM_MODEL_CONTROL_KEY", "CSM_GATEWAY_API_KEYS",
 )
 
 
@@ -68,6 +71,21 @@ def resolved(*profiles: str, **environment: str) -> dict:
 @pytest.fixture(scope="module")
 def services() -> dict:
     return resolved("loadtest", "monitoring", CSM_ADMIN_TOKEN="token-from-the-environment")["services"]
+
+
+def published_ports(service: dict) -> set[tuple[str, int | None, int]]:
+    """(host address, host port, container port) of each port a resolved service
+    publishes: compose writes `ADDRESS:PUBLISHED:TARGET/tcp` or the long form. An empty
+    address is every interface; a None host port is a random one (every interface too)."""
+    ports = set()
+    for port in service.get("ports") or []:
+        if isinstance(port, dict):
+            ports.add((port.get("host_ip", ""), port.get("published"), int(port["target"])))
+            continue
+        parts = str(port).split("/")[0].rsplit(":", 2)
+        address, published = (["", ""] + parts[:-1])[-2:]
+        ports.add((address, int(published) if published else None, int(parts[-1])))
+    return ports
 
 
 def with_python_first(extra: Path | None = None) -> dict[str, str]:
@@ -101,9 +119,9 @@ def test_a_broken_compose_file_is_refused(tmp_path):
     assert result.returncode != 0 and "shm_sise" in result.stderr
 
 
-def test_default_profile_runs_the_export_job_triton_and_the_gateway(services):
+def test_default_profile_runs_the_export_job_triton_the_gateway_and_the_front(services):
     assert sorted(name for name, service in services.items() if not service.get("profiles")) == [
-        "export", "gateway", "triton"]
+        "export", "front", "gateway", "triton"]
 
 
 def test_gateway_serves_7860_from_tritons_grpc_port_once_triton_is_healthy(services):
@@ -112,10 +130,21 @@ def test_gateway_serves_7860_from_tritons_grpc_port_once_triton_is_healthy(servi
     assert command[:3] == ["python3", "-m", "csm_clients.gateway"]
     assert command[command.index("--triton-url") + 1] == "triton:8001"
     assert command[command.index("--port") + 1] == "7860"
-    assert {(p["published"], p["target"]) for p in gateway["ports"]} == {(7860, 7860)}
+    assert published_ports(gateway) == {("127.0.0.1", 7860, 7860)}
     assert gateway["depends_on"] == {"triton": {"condition": "service_healthy"}}
     assert gateway["environment"]["CSM_ADMIN_TOKEN"] == "token-from-the-environment"  # voice writes
     assert any("localhost:7860/health" in part for part in gateway["healthcheck"]["test"])
+
+
+def test_front_serves_8080_from_tritons_http_port_once_triton_is_healthy(services):
+    front = services["front"]
+    command = front["command"]
+    assert command[:3] == ["python3", "-m", "csm_clients.gateway.kserve_front"]
+    assert command[command.index("--triton-http") + 1] == "triton:8000"
+    assert command[command.index("--port") + 1] == "8080"
+    assert published_ports(front) == {("127.0.0.1", 8080, 8080)}
+    assert front["depends_on"] == {"triton": {"condition": "service_healthy"}}
+    assert any("localhost:8080/v2/health/live" in part for part in front["healthcheck"]["test"])
 
 
 def test_optional_services_sit_behind_their_profiles(services):
@@ -141,9 +170,12 @@ def test_triton_reserves_gpus_and_shared_memory(services):
     assert shm and int(shm.group(1)) * {"k": 2**10, "m": 2**20, "g": 2**30}[shm.group(2)] >= 2**30
 
 
-def test_triton_publishes_http_grpc_and_metrics_ports(services):
-    ports = {(p["published"], p["target"]) for p in services["triton"]["ports"]}
-    assert ports == {(C.DEFAULT_HTTP_PORT, 8000), (C.DEFAULT_GRPC_PORT, 8001), (C.DEFAULT_METRICS_PORT, 8002)}
+def test_triton_publishes_nothing_and_is_reached_on_the_internal_network(services):
+    # tests/security/test_deployments.py checks the exposure in depth.
+    assert not services["triton"].get("ports")
+    assert set(services["triton"]["networks"]) == {"backend"}
+    assert {name for name, service in services.items() if "backend" in (service.get("networks") or {})} == {
+        "triton", "gateway", "front", "prometheus"}
 
 
 def test_triton_is_health_checked_on_readiness_and_restarted(services):
@@ -177,15 +209,15 @@ def test_export_profile_is_selectable_and_defaults_to_a100():
     assert command[command.index("--profile") + 1] == "h100" and "h100" in PROFILES
 
 
-def test_locust_serves_the_projects_locustfile_on_8089_against_triton(services):
+def test_locust_serves_the_projects_locustfile_on_8089_against_the_front(services):
     locust = services["locust"]
     command = locust["command"]
     locustfile = command[command.index("-f") + 1]
     assert locustfile == f"{IMAGE_ROOT}/loadtest/locustfile.py"  # loadtest/locustfile.py in the image
-    assert command[command.index("--host") + 1] == "http://triton:8000"
+    assert command[command.index("--host") + 1] == "http://front:8080"  # as users come: public models only
     assert command[command.index("--web-port") + 1] == "8089"
-    assert {(p["published"], p["target"]) for p in locust["ports"]} == {(8089, 8089)}
-    assert locust["depends_on"] == {"triton": {"condition": "service_healthy"}}
+    assert published_ports(locust) == {("127.0.0.1", 8089, 8089)}
+    assert locust["depends_on"] == {"front": {"condition": "service_healthy"}}
 
 
 def test_monitoring_mounts_files_that_exist(services):
@@ -216,17 +248,22 @@ def test_every_image_is_pinned(services):
 def test_build_context_leaves_out_local_environments_and_builds():
     ignored = {line.strip().rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
-    assert {".venv", ".triton", "build", ".git"} <= ignored
+    assert {".venv", ".triton", "build", ".git", ".env"} <= ignored
 
 
 # --- one set of server arguments ----------------------------------------------------------
-def container_launch(command: list[str], tmp_path: Path) -> list[str]:
+def container_launch(command: list[str], tmp_path: Path, environment: dict | None = None) -> list[str]:
     """The tritonserver argv docker/serve.sh execs for a compose command (a stand-in
-    tritonserver on PATH prints its arguments)."""
+    tritonserver on PATH prints its arguments), with the container's environment and
+    TEST_KEY as the model-control key."""
     assert command[0] == f"{IMAGE_ROOT}/docker/serve.sh"
     fake_program(tmp_path / "bin", "tritonserver", 'printf "%s\\n" "$@"\n')
+    env = {k: v for k, v in with_python_first(tmp_path / "bin").items()
+           if k not in (C.MODEL_CONTROL_KEY_ENV, C.LISTEN_ADDRESS_ENV)}
+    env.update({C.MODEL_CONTROL_KEY_ENV: TEST_KEY, **{k: str(v) for k, v in (environment or {}).items()
+                                                      if k == C.LISTEN_ADDRESS_ENV}})
     result = subprocess.run([str(SERVE_SCRIPT), *command[1:]], capture_output=True, text=True,
-                            env=with_python_first(tmp_path / "bin"), timeout=60)
+                            env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
 
@@ -249,6 +286,7 @@ def embedded_launch(arguments: list[str], monkeypatch) -> list[str]:
             pass
 
     monkeypatch.setattr(cli.subprocess, "Popen", Process)
+    monkeypatch.setenv(C.MODEL_CONTROL_KEY_ENV, TEST_KEY)
     assert cli.main(["serve", *arguments]) == 0
     (command,) = started
     return command[1:]  # without the binary
@@ -258,16 +296,23 @@ def flag_name(flag: str) -> str:
     return flag.split("=", 1)[0]
 
 
+def triton_environment(service: dict) -> dict:
+    return {k: str(v) for k, v in (service.get("environment") or {}).items()}
+
+
 def test_container_launch_passes_exactly_server_arguments(services, tmp_path):
-    argv = container_launch(services["triton"]["command"], tmp_path)
-    assert argv == server_arguments(CONTAINER_REPOSITORY, model_control="none", gpu=True)
+    triton = services["triton"]
+    argv = container_launch(triton["command"], tmp_path, triton_environment(triton))
+    # On the container's address (the internal network reaches it), the admin APIs keyed.
+    assert argv == server_arguments(CONTAINER_REPOSITORY, model_control="none", gpu=True, exit_timeout=30,
+                                    listen_address="0.0.0.0", model_control_key=TEST_KEY)
 
 
 def test_container_and_embedded_launchers_use_the_same_server_arguments(services, tmp_path, monkeypatch):
-    command = services["triton"]["command"]
-    container = container_launch(command, tmp_path)
-    # The embedded launcher given the compose service's options ...
-    local = embedded_launch(command[1:], monkeypatch)
+    command, environment = services["triton"]["command"], triton_environment(services["triton"])
+    container = container_launch(command, tmp_path, environment)
+    # The embedded launcher given the compose service's options (its environment's listen address) ...
+    local = embedded_launch([*command[1:], "--listen-address", environment[C.LISTEN_ADDRESS_ENV]], monkeypatch)
     # ... passes the same flags, plus only those that locate its own install.
     assert [f for f in local if not f.startswith(EMBEDDED_ONLY)] == container
     # The shared flags are src/csm_triton/serving/tritonserver.args verbatim, header forwarding included.
@@ -288,11 +333,13 @@ def test_make_serve_differs_from_the_container_only_in_deployment_flags(services
     assert set(read_args_file()) <= set(container) & set(local)
 
 
-def test_args_prints_server_arguments_one_per_line(capsys):
+def test_args_prints_server_arguments_one_per_line(capsys, monkeypatch):
+    monkeypatch.setenv(C.MODEL_CONTROL_KEY_ENV, TEST_KEY)
     assert cli.main(["args", "--model-repository", "/m", "--no-gpu", "--model-control", "poll",
                           "--", "--log-verbose=1"]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert printed == server_arguments("/m", model_control="poll", gpu=False, extra=["--log-verbose=1"])
+    assert printed == server_arguments("/m", model_control="poll", gpu=False, extra=["--log-verbose=1"],
+                                       model_control_key=TEST_KEY)
 
 
 def test_image_default_command_is_the_compose_command(services):

@@ -303,10 +303,11 @@ def test_missing_model_onnx_fails_alone_and_names_the_file(install, tmp_path):
         client = httpclient.InferenceServerClient(server.http_url)
         try:
             assert client.is_model_ready("double") and not client.is_model_ready("broken")
-            index = {entry["name"]: entry for entry in client.get_model_repository_index()}
+            index = {entry["name"]: entry for entry in client.get_model_repository_index(
+                headers=server.model_control_headers)}
             assert index["broken"]["state"] == "UNAVAILABLE" and str(missing) in index["broken"]["reason"]
             with pytest.raises(InferenceServerException, match="model.onnx"):
-                client.load_model("broken")
+                client.load_model("broken", headers=server.model_control_headers)
             x = np.ones((1, 4), dtype=np.float32)
             assert np.array_equal(client.infer("double", [_http_input(x)]).as_numpy("y"), x * 2)
         finally:

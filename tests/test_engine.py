@@ -13,6 +13,7 @@ from transformers import AutoProcessor, CsmForConditionalGeneration
 from csm_triton import constants as C
 from csm_triton.engine import CsmLM, EngineConfig, FinishReason, GenerationEngine, GenerationRequest
 from csm_triton.engine.capacity import slots_from_memory
+from csm_triton.engine.faults import DeviceFailure, is_fatal_device_error
 from csm_triton.engine.frame_step import BucketPlan, StepBucket
 from csm_triton.engine.layers import Linear
 from csm_triton.errors import InvalidInput
@@ -331,3 +332,118 @@ def test_a_one_slot_engine_keeps_one_packing_per_weight(tiny_checkpoint):
     lm = CsmLM.from_checkpoint(tiny_checkpoint, device="cpu", max_batch=1, cpu_kernels="onednn")
     assert [size for size, _ in lm.backbone.layers[0].gate_up.packings] == [1]
     assert [size for size, _ in lm.depth_heads[0].packings] == [1]
+
+
+# --- bad ids and a broken device (security review: findings B and C) -------------------
+def test_ids_and_codes_outside_their_ranges_are_refused_before_any_work(lm, builder):
+    engine = GenerationEngine(lm, EngineConfig(max_slots=1))
+    good = request(builder, TARGETS[0], 2)
+    for bad_id, position in ((4_000_000_000, 3), (-1, 0), (lm.text_vocab_size, 5)):
+        ids = np.array(good.input_ids, np.int64)
+        ids[position] = bad_id
+        expected = rf"input 'input_ids' must lie in \[0, {lm.text_vocab_size}\), got {bad_id} at position {position}"
+        with pytest.raises(InvalidInput, match=expected):
+            engine.submit(GenerationRequest(ids, good.audio_codes, max_frames=2))
+    placeholders = int(np.count_nonzero(np.asarray(good.input_ids) == lm.audio_token_id))
+    voiced = request(builder, TARGETS[0], 2, np.zeros((3, C.NUM_CODEBOOKS), np.int64))
+    codes = np.array(voiced.audio_codes)
+    codes[1, 7] = C.CODEBOOK_SIZE
+    with pytest.raises(InvalidInput, match=r"prompt_codes' holds codes outside \[0, 2048\)"):
+        engine.submit(GenerationRequest(voiced.input_ids, codes, max_frames=2))
+    assert placeholders == 0 and not engine.has_work(), "nothing refused was queued"
+    handle = engine.submit(good)  # and the engine serves on
+    engine.run_until_idle()
+    assert handle.result(timeout=1).reason == FinishReason.MAX_FRAMES
+
+
+CUDA_ERRORS = {
+    "device-side assert": lambda: RuntimeError("CUDA error: device-side assert triggered\nCUDA kernel errors "
+                                               "might be asynchronously reported at some other API call"),
+    "AcceleratorError": lambda: torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+    "raised from one": lambda: _chained(ValueError("copy failed"), RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")),
+}
+
+
+def _chained(outer: Exception, cause: Exception) -> Exception:
+    outer.__cause__ = cause
+    return outer
+
+
+def failing_after(method, calls: int, make_error):
+    """`method`, raising make_error() from its call number `calls` on."""
+    count = [0]
+
+    def wrapped(*args, **kwargs):
+        count[0] += 1
+        if count[0] >= calls:
+            raise make_error()
+        return method(*args, **kwargs)
+    return wrapped
+
+
+@pytest.mark.parametrize("error", CUDA_ERRORS, ids=list(CUDA_ERRORS))
+def test_a_cuda_error_in_a_frame_step_answers_everyone_then_calls_the_exit_hook(lm, builder, error):
+    engine = GenerationEngine(lm, EngineConfig(max_slots=2, warm_up=False))
+    engine._frame_step = failing_after(engine._frame_step, 3, CUDA_ERRORS[error])
+    finals, exited = {}, []
+    engine.on_fatal = lambda failure: exited.append(dict(finals))
+    for i in range(3):  # 2 running, 1 waiting
+        engine.submit(request(builder, TARGETS[i], 40), callback=lambda chunk, i=i: finals.setdefault(i, chunk))
+    engine.start()
+    engine._thread.join(60)
+    assert not engine._thread.is_alive(), "the engine thread ends: no later step may touch the device"
+    assert len(exited) == 1 and len(exited[0]) == 3, "the exit hook runs once, after every request was answered"
+    assert [finals[i].reason for i in range(3)] == [FinishReason.DEVICE_FAILURE] * 3
+    assert all("device failed" in chunk.error and "retry" in chunk.error for chunk in finals.values())
+    assert len(finals[0].codes) == 2, "the frames made before the failure still reach the client"
+    with pytest.raises(DeviceFailure, match="device failed"):
+        engine.submit(request(builder, TARGETS[0], 2))
+    engine.stop()
+
+
+def test_a_cuda_error_in_a_prefill_is_fatal_too(lm, builder):
+    engine = GenerationEngine(lm, EngineConfig(max_slots=2, warm_up=False))
+    engine._prefill = failing_after(engine._prefill, 2, CUDA_ERRORS["device-side assert"])
+    exited = []
+    engine.on_fatal = exited.append
+    handles = [engine.submit(request(builder, TARGETS[i], 40)) for i in range(2)]
+    engine.start()
+    assert [h.result(timeout=60).reason for h in handles] == [FinishReason.DEVICE_FAILURE] * 2, \
+        "the request whose prefill failed is answered too, not lost"
+    assert len(exited) == 1
+    engine.stop()
+
+
+def test_an_ordinary_error_fails_only_its_batch_and_the_engine_serves_on(lm, builder):
+    engine = GenerationEngine(lm, EngineConfig(max_slots=2, warm_up=False))
+    step = engine._frame_step
+    calls = [0]
+
+    def once_broken(slots):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise IndexError("index 7 is out of bounds for dimension 0 with size 2")
+        return step(slots)
+    engine._frame_step = once_broken
+    exited = []
+    engine.on_fatal = exited.append
+    engine.start()
+    failed = engine.submit(request(builder, TARGETS[0], 5)).result(timeout=60)
+    served = engine.submit(request(builder, TARGETS[1], 3)).result(timeout=60)
+    engine.stop()
+    assert failed.reason == FinishReason.ERROR and "IndexError" in failed.error
+    assert served.reason == FinishReason.MAX_FRAMES and len(served.codes) == 3
+    assert exited == [] and engine.device_failure is None
+
+
+@pytest.mark.parametrize("error, fatal", [
+    (RuntimeError("CUDA error: device-side assert triggered"), True),
+    (RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"), True),
+    (torch.AcceleratorError("CUDA error: unspecified launch failure"), True),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),
+    (RuntimeError("The size of tensor a (3) must match the size of tensor b (4)"), False),
+    (IndexError("index 4000000000 is out of bounds for dimension 0 with size 10"), False),
+    (ValueError("CUDA error: but not a RuntimeError, so not the runtime's"), False),
+])
+def test_which_errors_end_the_process(error, fatal):
+    assert is_fatal_device_error(error) is fatal

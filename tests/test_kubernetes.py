@@ -28,7 +28,7 @@ from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
 
 from csm_triton.serving.flags import server_arguments
 from export.model_config import PROFILES
-from tests.test_deploy import COMPOSE_FILE, container_launch
+from tests.test_deploy import COMPOSE_FILE, TEST_KEY, container_launch, resolved, triton_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "deploy" / "kubernetes" / "csm-triton"
@@ -39,11 +39,12 @@ FULLNAME = f"{RELEASE}-csm-triton"
 # The oldest Kubernetes the chart declares (Chart.yaml kubeVersion: preStop sleep) and the newest schemas.
 KUBERNETES_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 CONTAINER_REPOSITORY = "/models/model_repository"
-# Every option on: secrets, ingress, ServiceMonitor, autoscaling with both metrics.
+# Every option on: secrets, ingress (gateway and front), ServiceMonitor, autoscaling with both metrics.
 EVERYTHING = {
     "secrets": {"adminToken": {"existingSecret": "csm-admin"}, "hfToken": {"existingSecret": "hf"},
-                "gatewayApiKeys": {"existingSecret": "gateway-keys"}},
-    "ingress": {"enabled": True, "tlsSecret": "tts-tls"},
+                "gatewayApiKeys": {"existingSecret": "gateway-keys"},
+                "modelControlKey": {"existingSecret": "csm-model-control"}},
+    "ingress": {"enabled": True, "tlsSecret": "tts-tls", "frontHost": "kserve.tts.example.com"},
     "serviceMonitor": {"enabled": True},
     "autoscaling": {"enabled": True, "queueTime": {"enabled": True}},
     "export": {"checkpointClaim": "csm-checkpoint", "checkpoint": "/checkpoint"},
@@ -88,6 +89,11 @@ def kserve(name: str) -> dict:
     return yaml.safe_load((KSERVE / name).read_text())
 
 
+def kserve_container(name: str) -> dict:
+    """A container of the ServingRuntime: kserve-container (Triton) or transformer-container (the front)."""
+    return next(c for c in kserve("servingruntime.yaml")["spec"]["containers"] if c["name"] == name)
+
+
 @pytest.fixture(scope="module", params=sorted(PROFILE_FILES))
 def profile(request) -> str:
     return request.param
@@ -128,7 +134,8 @@ def test_helm_lint_is_clean():
 
 def test_every_rendered_object_is_valid_kubernetes(rendered):
     kinds = {o["kind"] for o in rendered}
-    assert {"Deployment", "Service", "Job", "PersistentVolumeClaim", "PodDisruptionBudget", "ConfigMap"} <= kinds
+    assert {"Deployment", "Service", "Job", "PersistentVolumeClaim", "PodDisruptionBudget", "ConfigMap",
+            "NetworkPolicy"} <= kinds
     for obj in rendered:
         validate(obj)
 
@@ -164,6 +171,10 @@ def test_a_mutable_image_tag_is_refused():
     ({"profile": {"export": "a100-80gb"}}, "export"),          # a GPU profile where an export profile goes
     ({"autoscaling": {"minReplicas": 0}}, "minReplicas"),      # minutes of loading: never to zero
     ({"triton": {"extraServerFlags": ["log-verbose=1"]}}, "extraServerFlags"),
+    ({"triton": {"service": {"type": "LoadBalancer"}}}, "type"),  # Triton is never published
+    ({"service": {"type": "NodePort"}}, "service"),                # removed: one type for gateway and Triton
+    ({"ingress": {"grpcHost": "grpc.example.com"}}, "grpcHost"),  # removed: Triton's gRPC on the Ingress
+    ({"triton": {"podSecurityContext": {"runAsNonRoot": False}}}, "runAsNonRoot"),
 ])
 def test_values_schema_refuses_mistakes(values, field):
     with pytest.raises(helm.HelmError, match=field):
@@ -217,40 +228,52 @@ def test_profiles_size_memory_and_shm(profile, rendered):
 
 
 # --- one source of server flags ---------------------------------------------------------
+def container_environment(container: dict) -> dict:
+    return {v["name"]: v["value"] for v in container.get("env", []) if "value" in v}
+
+
 def test_triton_flags_are_every_other_deployments(rendered, tmp_path):
     (container,) = by_kind(rendered, "Deployment")[f"{FULLNAME}-triton"]["spec"]["template"]["spec"]["containers"]
-    chart = container_launch(container["args"], tmp_path)
-    assert chart == server_arguments(CONTAINER_REPOSITORY, model_control="none", gpu=True)
+    chart = container_launch(container["args"], tmp_path, container_environment(container))
+    # On the pod's address (the NetworkPolicy decides who reaches it), the admin APIs keyed.
+    assert chart == server_arguments(CONTAINER_REPOSITORY, model_control="none", gpu=True, exit_timeout=30,
+                                     listen_address="0.0.0.0", model_control_key=TEST_KEY)
     # ... the very flags compose's triton service gets.
-    compose_command = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["triton"]["command"]
-    assert chart == container_launch(compose_command, tmp_path)
+    compose_triton = resolved()["services"]["triton"]
+    assert chart == container_launch(compose_triton["command"], tmp_path, triton_environment(compose_triton))
 
 
 def test_extra_server_flags_pass_through_server_arguments(tmp_path):
     objects = render({"triton": {"extraServerFlags": ["--log-verbose=1"], "gpu": False, "exitTimeoutSeconds": 45}})
     (container,) = by_kind(objects, "Deployment")[f"{FULLNAME}-triton"]["spec"]["template"]["spec"]["containers"]
-    assert container_launch(container["args"], tmp_path) == server_arguments(
-        CONTAINER_REPOSITORY, model_control="none", gpu=False, exit_timeout=45, extra=["--log-verbose=1"])
+    assert container_launch(container["args"], tmp_path, container_environment(container)) == server_arguments(
+        CONTAINER_REPOSITORY, model_control="none", gpu=False, exit_timeout=45, extra=["--log-verbose=1"],
+        listen_address="0.0.0.0", model_control_key=TEST_KEY)
 
 
 def test_kserve_runtime_flags_come_from_server_arguments(tmp_path):
-    (container,) = kserve("servingruntime.yaml")["spec"]["containers"]
-    assert container_launch(container["args"], tmp_path) == server_arguments(
-        "/mnt/models", http_port=8080, grpc_port=9000, metrics_port=8002, model_control="none", gpu=True)
+    container = kserve_container("kserve-container")
+    # HTTP and gRPC on the pod's loopback (only the front, in the same pod, reaches them).
+    assert container_launch(container["args"], tmp_path, container_environment(container)) == server_arguments(
+        "/mnt/models", http_port=8085, grpc_port=9000, metrics_port=8002, model_control="none", gpu=True,
+        exit_timeout=30, listen_address="127.0.0.1", model_control_key=TEST_KEY, extra=["--metrics-address=0.0.0.0"])
 
 
 @pytest.mark.parametrize("token", ["s3cret", None])
-def test_the_admin_token_file_becomes_the_servers_environment(triton, tmp_path, token):
-    (container,) = triton["containers"]
-    token_file = tmp_path / "admin-token"
+@pytest.mark.parametrize("command", ["chart", "kserve"])
+def test_the_secret_files_become_the_servers_environment(triton, tmp_path, token, command):
+    container = triton["containers"][0] if command == "chart" else kserve_container("kserve-container")
+    files = {"CSM_ADMIN_TOKEN": tmp_path / "admin-token", "CSM_MODEL_CONTROL_KEY": tmp_path / "model-control-key"}
     if token:
-        token_file.write_text(token + "\n")
+        for name, path in files.items():
+            path.write_text(f"{token}-{name}\n")
     shell, flag, script, name = container["command"]
     result = subprocess.run([shell, flag, script, name, "env"], capture_output=True, text=True, timeout=30,
-                            env={"PATH": "/usr/bin:/bin", "CSM_ADMIN_TOKEN_FILE": str(token_file)})
+                            env={"PATH": "/usr/bin:/bin", **{f"{k}_FILE": str(v) for k, v in files.items()}})
     assert result.returncode == 0, result.stderr
     environment = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
-    assert environment.get("CSM_ADMIN_TOKEN") == token
+    for variable in files:
+        assert environment.get(variable) == (f"{token}-{variable}" if token else None)
 
 
 # --- pods: GPU, shm, probes, shutdown, hardening, secrets -----------------------------------
@@ -295,7 +318,10 @@ def test_secrets_are_files_never_environment_variables(everything):
                 assert "TOKEN" not in variable["name"] or variable["name"].endswith("_FILE"), (name, variable)
     mounted = {v["secret"]["secretName"] for pod in pod_specs(everything).values()
                for v in pod["volumes"] if "secret" in v}
-    assert mounted == {"csm-admin", "hf", "gateway-keys"}
+    assert mounted == {"csm-admin", "hf", "gateway-keys", "csm-model-control"}
+    (triton,) = pod_specs(everything)[f"Deployment/{FULLNAME}-triton"]["containers"]
+    env = {v["name"]: v["value"] for v in triton["env"]}
+    assert env["CSM_MODEL_CONTROL_KEY_FILE"].startswith("/run/secrets/model-control/")  # serve.sh's key
     export = pod_specs(everything)[f"Job/{FULLNAME}-export"]["containers"][0]
     env = {v["name"]: v["value"] for v in export["env"]}
     assert env["HF_TOKEN_FILE"].startswith("/run/secrets/hf/")  # docker/export.sh reads it
@@ -342,13 +368,39 @@ def test_gateway_is_its_own_deployment_on_tritons_grpc_service(everything):
     assert services[f"{FULLNAME}-gateway"]["spec"]["ports"][0]["port"] == 7860
 
 
-def test_grpc_ingress_speaks_http2_with_stream_timeouts(everything):
+def test_front_is_its_own_deployment_on_tritons_http_service(everything):
+    front = by_kind(everything, "Deployment")[f"{FULLNAME}-front"]["spec"]["template"]["spec"]
+    (container,) = front["containers"]
+    assert container["command"] == ["python3", "-m", "csm_clients.gateway.kserve_front"]
+    args = container["args"]
+    assert args[args.index("--triton-http") + 1] == f"{FULLNAME}-triton:8000"
+    assert args[args.index("--port") + 1] == "8080"
+    service = by_kind(everything, "Service")[f"{FULLNAME}-front"]
+    assert service["spec"]["ports"][0]["port"] == 8080
+    assert service["spec"]["selector"].items() <= by_kind(everything, "Deployment")[f"{FULLNAME}-front"][
+        "spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_gateway_and_front_service_types_are_their_own():
+    objects = render({"gateway": {"service": {"type": "LoadBalancer"}}, "front": {"service": {"type": "NodePort"}}})
+    services = by_kind(objects, "Service")
+    assert services[f"{FULLNAME}-gateway"]["spec"]["type"] == "LoadBalancer"
+    assert services[f"{FULLNAME}-front"]["spec"]["type"] == "NodePort"
+    assert services[f"{FULLNAME}-triton"]["spec"]["type"] == "ClusterIP"
+
+
+def test_ingresses_route_the_gateway_and_front_with_stream_timeouts(everything):
     ingresses = by_kind(everything, "Ingress")
-    grpc = ingresses[f"{FULLNAME}-grpc"]
-    assert grpc["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "GRPC"
-    assert grpc["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"] == {"name": f"{FULLNAME}-triton", "port": {"name": "grpc"}}
-    assert int(grpc["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 600
-    assert ingresses[f"{FULLNAME}-gateway"]["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert set(ingresses) == {f"{FULLNAME}-gateway", f"{FULLNAME}-front"}
+    for component, ingress in ((name.rsplit("-", 1)[1], i) for name, i in ingresses.items()):
+        annotations = ingress["metadata"]["annotations"]
+        assert annotations["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+        assert int(annotations["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 600
+        (rule,) = ingress["spec"]["rules"]
+        assert rule["http"]["paths"][0]["backend"]["service"] == {"name": f"{FULLNAME}-{component}", "port": {"name": "http"}}
+    # Without a frontHost the front stays inside the cluster.
+    default = render({"ingress": {"enabled": True}})
+    assert set(by_kind(default, "Ingress")) == {f"{FULLNAME}-gateway"}
 
 
 def test_disruption_budgets_cover_triton_and_the_gateway(everything):
@@ -407,7 +459,7 @@ def test_autoscaling_without_adapter_rules_is_refused():
 
 # --- KServe ---------------------------------------------------------------------------------
 def test_kserve_manifests_parse_and_the_core_ones_validate():
-    for name in ("service.yaml", "hpa.yaml"):
+    for name in ("service.yaml", "hpa.yaml", "networkpolicy.yaml"):
         validate(kserve(name))
 
 
@@ -418,13 +470,19 @@ def test_kserve_runtime_pod_parts_are_valid_kubernetes():
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "runtime"},
            "spec": {key: spec[key] for key in ("containers", "volumes", "tolerations")}}
     validate(pod)
-    (container,) = spec["containers"]
-    assert container["name"] == "kserve-container"  # the name KServe merges the predictor into
-    assert container["ports"][0]["containerPort"] == 8080  # the port KServe routes (v2 REST)
-    assert {"v2", "grpc-v2"} <= set(spec["protocolVersions"])
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # KServe merges the predictor (model, GPU) into kserve-container, Triton, and routes the
+    # collocated transformer-container's port: the front's.
+    assert [c["name"] for c in spec["containers"]] == ["kserve-container", "transformer-container"]
+    triton, front = kserve_container("kserve-container"), kserve_container("transformer-container")
+    assert front["ports"][0]["containerPort"] == 8080  # the port KServe routes (v2 REST)
+    assert front["command"][:3] == ["python3", "-m", "csm_clients.gateway.kserve_front"]
+    assert front["command"][front["command"].index("--triton-http") + 1] == "127.0.0.1:8085"
+    assert spec["protocolVersions"] == ["v2"]
+    assert triton["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert next(v for v in spec["volumes"] if v["name"] == "dshm")["emptyDir"]["medium"] == "Memory"
-    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    for container in (triton, front):
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        assert container["securityContext"]["runAsNonRoot"] is True
 
 
 def test_inference_service_uses_the_runtime_and_never_scales_to_zero():
@@ -440,7 +498,7 @@ def test_inference_service_uses_the_runtime_and_never_scales_to_zero():
     assert re.match(r"^(pvc|s3|gs|https?)://", model["storageUri"])
     assert service["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
     assert service["metadata"]["annotations"]["serving.kserve.io/autoscalerClass"] == "external"
-    assert service["metadata"]["labels"]["networking.kserve.io/visibility"] == "cluster-local"  # Triton's HTTP port
+    assert service["metadata"]["labels"]["networking.kserve.io/visibility"] == "cluster-local"
     # ... so kserve/hpa.yaml is its autoscaler, on the chart's adapter metric.
     hpa = kserve("hpa.yaml")
     assert hpa["spec"]["scaleTargetRef"]["name"] == f"{service['metadata']['name']}-predictor"

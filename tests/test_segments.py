@@ -4,11 +4,16 @@ one final response)."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from csm_triton import constants as C
 from csm_triton.core import segments
 from csm_triton.core.stream_pipeline import StreamPipeline
+from csm_triton.errors import InvalidInput
 
 AUDIO, AUDIO_EOS = 90, 91
 SENTENCES = ["Mr. Smith went to Washington.", "He arrived at 3 p.m. on Monday!", "Was it raining? ",
@@ -24,9 +29,46 @@ def test_segments_are_whole_sentences_up_to_the_segment_size():
     parts = segments.split_text(text, max_chars=100)
     assert len(parts) > 1 and all(len(p) <= 100 for p in parts)
     assert " ".join(parts).split() == text.split(), "nothing lost, nothing reordered"
-    # pysbd keeps abbreviations inside their sentence: no segment ends in "Mr." or "p.m."
+    # the splitter keeps abbreviations inside their sentence: no segment ends in "Mr." or "p.m."
     assert not any(p.endswith(("Mr.", "p.m.")) for p in parts)
     assert all(p.endswith((".", "!", "?")) for p in parts)
+
+
+LOADTEST_TEXTS = Path(__file__).resolve().parents[1] / "loadtest" / "data" / "texts.txt"
+
+
+def test_ordinary_prose_splits_at_the_sentences_pysbd_found():
+    # The load tests' texts as one long text: 49 sentences, as pysbd 0.3.4 (the splitter
+    # before sentencex) cut them, every line starting one, abbreviations ("Dr.", "a.m.",
+    # "$1,249.99", "3.14159") kept inside.
+    lines = [line.strip() for line in LOADTEST_TEXTS.read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    text = " ".join(lines)
+    sentences = segments._sentences(text)
+    assert "".join(sentences) == text and len(sentences) == 49
+    starts = set(np.cumsum([0] + [len(s) for s in sentences[:-1]]).tolist())
+    line_starts = np.cumsum([0] + [len(line) + 1 for line in lines[:-1]]).tolist()
+    assert set(line_starts) <= starts
+    assert "Good morning, Dr. Nguyễn; your appointment with Ms. Øyelaran is confirmed. " in sentences, \
+        "a title before a name is no sentence end (sentencex alone cuts after 'Ms.' here)"
+
+
+def test_the_windows_change_nothing_on_prose():
+    # sentencex sees 2,000 characters at a time: a window's last sentence is looked at
+    # again in the next, so a 20,000-character text splits as it would whole.
+    text = " ".join(SENTENCES * 400)[:C.MAX_LONG_TEXT_CHARS]
+    assert segments._sentences(text) == segments._sentences(text, window_chars=len(text))
+
+
+def test_paragraph_breaks_stay_in_the_text():
+    text = "First paragraph ends here.\n\nSecond one starts. And ends!\n\n\nThird."
+    sentences = segments._sentences(text)
+    assert "".join(sentences) == text and len(sentences) == 4
+
+
+def test_the_fallback_scan_cuts_after_terminators_and_closing_quotes():
+    text = 'He said "Stop!" Then left... (Quietly.) Done?No. End'
+    assert segments._scan_sentences(text) == ['He said "Stop!" ', "Then left... ", "(Quietly.) ", "Done?No. ", "End"]
 
 
 def test_a_sentence_longer_than_a_segment_is_cut_at_spaces():
@@ -206,3 +248,18 @@ def test_a_stream_cut_by_the_clients_cap_lists_the_segments_never_started():
     assert [stream_id for stream_id, _ in calls] == ["s"], "4 frames asked, 4 generated: nothing more starts"
     assert sender.final_outputs["FINISH_REASONS"].tolist() == [b"max_audio_seconds", b"not_started", b"not_started"]
     assert sender.final_outputs["SEGMENT_FRAMES"].tolist() == [4, 0, 0]
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"segment_ids": np.array([5, 6, 7, -8, 9, 10], np.int64)}, "'segment_ids' must be at least 0, got -8 at position 3"),
+    ({"segment_token_counts": np.array([2, 5, -1], np.int32)}, "'segment_token_counts' must be at least 0"),
+    ({"segment_max_frames": np.array([40, -50, 38], np.int32)}, "'segment_max_frames' must be at least 0"),
+    ({"audio_token_ids": np.array([AUDIO], np.int64)}, "the segment inputs do not add up"),
+    ({"segment_token_counts": np.array([2, 3, 2], np.int32)}, "the segment inputs do not add up"),
+    ({"segment_max_frames": np.array([40, 50], np.int32)}, "the segment inputs do not add up"),
+])
+def test_segment_inputs_are_checked_whole_before_any_segment_is_generated(change, message):
+    # csm_generate is an internal model, but reachable: a bad later segment must be a
+    # client error before segment 0 costs a generation, never an internal one after it.
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        segments.SegmentChain.from_prepared({**prepared(), **change})

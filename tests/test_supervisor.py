@@ -504,3 +504,170 @@ def test_an_exec_that_raises_not_ready_is_unavailable(pb):
     pb.exec = refuse
     with pytest.raises(adapter.ModelUnavailable):
         list(adapter.stream_model("csm_lm", {"x": np.zeros(1)}, ["codes"]))
+
+
+# --- stopping: the deadline, the unload watch, what outlives a server ---------------------------
+def test_a_server_that_ignores_the_stop_is_killed_at_the_deadline_with_a_log_line():
+    import subprocess
+    import sys
+
+    from csm_triton.serving.process import kill_process_group
+
+    program = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+               "print('up', flush=True); time.sleep(60)")
+    lines, started = [], []
+
+    def spawn():
+        process = subprocess.Popen([sys.executable, "-c", program], stdout=subprocess.PIPE, start_new_session=True)
+        started.append(process)
+        process.stdout.readline()  # SIGTERM is ignored from here on
+        threading.Timer(0.1, runner.request_stop).start()
+        return process
+
+    runner = restart.ServerRunner(spawn, log=lines.append, stop_timeout_s=0.5,
+                                  kill=lambda process: kill_process_group(process.pid))
+    began = time.monotonic()
+    assert runner.run() == -signal.SIGKILL
+    assert time.monotonic() - began < 5 and runner.killed_after_stop
+    assert lines == [f"tritonserver (pid {started[0].pid}) still running 0.5 s after SIGTERM: "
+                     "killing it and its python stubs (SIGKILL)"]
+    started[0].stdout.close()
+
+
+def test_a_server_that_stops_in_time_is_not_killed():
+    clock, lines, killed = FakeClock(), [], []
+    holder = {}
+
+    def spawn():
+        holder["runner"].request_stop(signal.SIGTERM)
+        return FakeProcess(clock, 1, 0)
+
+    runner = holder["runner"] = restart.ServerRunner(spawn, clock=clock, sleep=lambda s: False, log=lines.append,
+                                                     stop_timeout_s=0.2, kill=killed.append)
+    runner.run()
+    time.sleep(0.4)
+    assert killed == [] and lines == [] and not runner.killed_after_stop
+
+
+def test_the_unload_watch_fires_once_when_a_ready_model_turns_unready():
+    answers = iter([False, False, True, True, False, False, True])
+    fired = []
+    thread = adapter.watch_unload("m", lambda: fired.append(time.monotonic()), interval_s=0.01,
+                                  ready=lambda: next(answers))
+    thread.join(5)
+    assert not thread.is_alive() and len(fired) == 1  # the loading phase's False did not count
+
+
+def test_the_unload_watch_takes_one_failed_question_for_a_hiccup_and_two_for_a_server_going_away():
+    def answers():
+        yield True
+        yield "error"
+        yield True
+        yield "error"
+        yield "error"
+
+    sequence, fired = answers(), []
+
+    def ready():
+        answer = next(sequence)
+        if answer == "error":
+            raise RuntimeError("Failed to obtain the health mutex.")
+        return answer
+
+    thread = adapter.watch_unload("m", lambda: fired.append(True), interval_s=0.01, ready=ready)
+    thread.join(5)
+    assert fired == [True] and next(sequence, "exhausted") == "exhausted"
+
+
+class FakeResponseSender:
+    def __init__(self):
+        self.sent = []
+
+    def send(self, response=None, flags=0):
+        self.sent.append((response, flags))
+
+    def is_cancelled(self):
+        return False
+
+
+class FakeStreamRequest:
+    def __init__(self):
+        self.sender = FakeResponseSender()
+
+    def get_response_sender(self):
+        return self.sender
+
+
+def test_an_unloading_decoupled_model_ends_its_open_streams_as_unavailable(pb, monkeypatch):
+    monkeypatch.setattr(pb_fake := adapter.pb_utils, "TRITONSERVER_RESPONSE_COMPLETE_FINAL", 1, raising=False)
+    monkeypatch.setattr(pb_fake, "InferenceResponse", lambda error=None, output_tensors=None: error, raising=False)
+
+    class Streaming(adapter.DecoupledModel):
+        model_name = "csm_tts_stream"
+
+        def start(self, request, sender):
+            if request is finished:
+                sender.finish()  # ends by itself: nothing left to end
+
+    model = Streaming()
+    open_one, finished = FakeStreamRequest(), FakeStreamRequest()
+    model.execute([open_one, finished])
+    assert finished.sender.sent == [(None, 1)] and open_one.sender.sent == []
+    model.on_unload()
+    ((error, flags),) = open_one.sender.sent
+    assert flags == 1 and error.code() == "UNAVAILABLE" and "being unloaded" in error.message()
+    assert finished.sender.sent == [(None, 1)]  # one final response each, never two
+    model.on_unload()
+    assert len(open_one.sender.sent) == 1
+
+
+def test_the_supervisor_leaves_no_idle_connection_between_rounds():
+    class Client:
+        closes = 0
+
+        def states(self):
+            return {}
+
+        def close(self):
+            Client.closes += 1
+
+    supervisor = models.ModelSupervisor("unused", lambda: 4242, client=Client(), interval_s=30, log=lambda line: None,
+                                        proc=types.SimpleNamespace(iterdir=lambda: iter(())))
+    supervisor.start(first_look_s=5)
+    try:
+        deadline = time.monotonic() + 5
+        while Client.closes == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert Client.closes >= 1  # closed before the 30 s wait: a SIGTERM now finds no open connection
+    finally:
+        supervisor.request_stop()
+        supervisor.stop()
+
+
+def test_a_process_group_is_listed_with_its_stubs_named(tmp_path):
+    stub = ["/b/triton_python_backend_stub", "/m/model.py", "shm", "1", "2", "100", "/lib", "ipc", "csm_lm_0_0"]
+    fake_process(tmp_path, 100, 1, ["/bin/tritonserver"])
+    fake_process(tmp_path, 101, 1, stub)
+    fake_process(tmp_path, 102, 1, ["/bin/other"])
+    for pid, pgrp in ((100, 100), (101, 100), (102, 7)):
+        stat = tmp_path / str(pid) / "stat"
+        fields = stat.read_text().split(" ")
+        fields[4] = str(pgrp)  # pid (comm) state ppid pgrp ...
+        stat.write_text(" ".join(fields))
+    assert stubs.process_group(100, tmp_path) == {100: "tritonserver", 101: "stub csm_lm_0_0"}
+
+
+def test_what_outlives_a_server_in_its_process_group_is_killed_with_a_log_line():
+    import subprocess
+    import sys
+
+    from csm_triton.serving.process import end_process_group
+
+    survivor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    lines = []
+    killed = end_process_group(survivor.pid, grace_s=0.3, log=lines.append)
+    assert survivor.wait(5) == -signal.SIGKILL
+    assert list(killed) == [survivor.pid]
+    assert lines and lines[0].startswith("killed 1 processes of tritonserver's process group that outlived it")
+    assert f"(pid {survivor.pid})" in lines[0]
+    assert end_process_group(survivor.pid, grace_s=0.1, log=lines.append) == {} and len(lines) == 1

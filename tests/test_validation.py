@@ -83,3 +83,41 @@ def test_codec_rules_name_the_input_and_the_range():
         validation.mimi_audio(np.zeros((1, 1, C.MAX_CODEC_SAMPLES + 1), np.float32), "input_values")
     with pytest.raises(InvalidInput, match="holds no samples"):
         validation.mimi_audio(np.zeros((1, 1, 0), np.float32), "input_values")
+
+
+# --- token ids and counts of the internal models (security review: finding B) -------------
+@pytest.mark.parametrize("ids, message", [
+    (np.array([1, 2, 3, 4_000_000_000]), r"must lie in \[0, 128256\), got 4000000000 at position 3"),
+    (np.array([5, -1, 7]), r"must lie in \[0, 128256\), got -1 at position 1"),
+    (np.array([128_256]), r"must lie in \[0, 128256\), got 128256 at position 0"),
+    (np.array([2**64 - 1], np.uint64), r"got 18446744073709551615 at position 0"),
+    (np.array([1.0, 2.0]), "must be an integer tensor"),
+    (np.zeros(0, np.int64), "must be a non-empty 1-D tensor"),
+    (np.zeros((2, 2), np.int64), "must be a non-empty 1-D tensor"),
+])
+def test_token_ids_outside_the_vocabulary_are_refused_naming_the_range(ids, message):
+    with pytest.raises(InvalidInput, match=message):
+        validation.token_ids(ids, "input_ids", 128_256)
+
+
+def test_token_ids_inside_the_vocabulary_pass_as_int64():
+    ids = validation.token_ids(np.array([0, 128_255], np.int32), "input_ids", 128_256)
+    assert ids.dtype == np.int64 and ids.tolist() == [0, 128_255]
+
+
+def test_a_value_outside_a_2d_range_is_named_by_its_index():
+    codes = np.zeros((4, C.NUM_CODEBOOKS), np.int64)
+    codes[2, 5] = -3
+    with pytest.raises(InvalidInput, match=r"must lie in \[0, 2048\), got -3 at position \[2, 5\]"):
+        validation.integers_in_range(codes, "prompt_codes", 0, C.CODEBOOK_SIZE)
+
+
+@pytest.mark.parametrize("value, expected", [(None, None), (np.array([0], np.int32), 0), (np.array([12]), 12)])
+def test_counts_are_one_integer_of_at_least_zero(value, expected):
+    assert validation.count(value, "chunk_frames") == expected
+
+
+@pytest.mark.parametrize("value", [np.array([-1], np.int32), np.array([1, 2], np.int32), np.array([1.5])])
+def test_other_counts_are_refused(value):
+    with pytest.raises(InvalidInput, match="input 'chunk_frames' must be one integer of at least 0"):
+        validation.count(value, "chunk_frames")

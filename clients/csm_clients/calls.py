@@ -17,10 +17,13 @@ import numpy as np
 from csm_clients.audio import Reference, Speech
 from csm_clients.conversation import Turn, check_text, context_inputs
 
-__all__ = ["ADMIN_TOKEN_HEADER", "STREAM_MODEL", "Call", "WatermarkScore", "delete_voice", "detect_watermark", "list_voices",
+__all__ = ["ADMIN_TOKEN_HEADER", "STREAM_MODEL", "VOICE_OWNER_HEADER", "Call", "WatermarkScore", "delete_voice", "detect_watermark", "list_voices",
            "register_voice", "speech_from", "synthesize", "tts_inputs"]
 
 ADMIN_TOKEN_HEADER = "x-csm-admin-token"  # docs/api.md: voice writes need it
+# Who a write is for (a gateway's key id): the voice is stored as theirs, and a deletion
+# with it removes only their voices. Without it an admin-token write is the admin's.
+VOICE_OWNER_HEADER = "x-csm-voice-owner"
 TTS_MODEL = "csm_tts"
 STREAM_MODEL = "csm_tts_stream"
 
@@ -31,6 +34,7 @@ class Call:
     inputs: dict[str, np.ndarray]
     parse: Callable[[Any], Any]  # the answer (anything with .as_numpy(name)) -> the value returned
     admin: bool = False  # send the admin token
+    owner: str | None = None  # sent as VOICE_OWNER_HEADER
 
 
 def _text(value: str) -> np.ndarray:
@@ -89,17 +93,17 @@ def synthesize(text: str, voice: str | Reference | None = None, **sampling) -> C
     return Call(TTS_MODEL, tts_inputs(text, voice, **sampling), speech_from)
 
 
-def register_voice(voice_id: str, reference: Reference) -> Call:
+def register_voice(voice_id: str, reference: Reference, owner: str | None = None) -> Call:
     return Call("voice_register", {"VOICE_ID": _text(voice_id), **_reference_inputs(reference)},
-                _json_output("VOICE"), admin=True)
+                _json_output("VOICE"), admin=True, owner=owner)
 
 
 def list_voices() -> Call:
     return Call("voice_list", {}, _json_output("VOICES"))
 
 
-def delete_voice(voice_id: str) -> Call:
-    return Call("voice_delete", {"VOICE_ID": _text(voice_id)}, _json_output("DELETED"), admin=True)
+def delete_voice(voice_id: str, owner: str | None = None) -> Call:
+    return Call("voice_delete", {"VOICE_ID": _text(voice_id)}, _json_output("DELETED"), admin=True, owner=owner)
 
 
 class WatermarkScore(float):

@@ -167,17 +167,25 @@ class _Calls:
             text, voice, temperature=temperature, top_k=top_k, seed=seed, max_audio_seconds=max_audio_seconds,
             speaker=speaker, context=context)))
 
-    def register_voice(self, voice_id: str, reference_audio: AudioSource, transcript: str | None):
-        """Store a voice (needs the admin token) -> the stored voice's description."""
-        return self._run(calls.register_voice(voice_id, Reference.from_file(reference_audio, transcript)))
+    def register_voice(self, voice_id: str, reference_audio: AudioSource | Reference, transcript: str | None,
+                       *, owner: str | None = None):
+        """Store a voice (needs the admin token) -> the stored voice's description.
+        `reference_audio`: a file, or a Reference already read (its transcript is
+        replaced by `transcript`); `owner`: whose voice it is (a gateway's key id)."""
+        if isinstance(reference_audio, Reference):
+            reference = Reference(reference_audio.samples, reference_audio.sample_rate, transcript)
+        else:
+            reference = Reference.from_file(reference_audio, transcript)
+        return self._run(calls.register_voice(voice_id, reference, owner))
 
     def list_voices(self):
         """[{voice_id, transcript, duration_seconds, created_at}, ...]"""
         return self._run(calls.list_voices())
 
-    def delete_voice(self, voice_id: str):
-        """Remove a stored voice (needs the admin token) -> its description."""
-        return self._run(calls.delete_voice(voice_id))
+    def delete_voice(self, voice_id: str, *, owner: str | None = None):
+        """Remove a stored voice (needs the admin token) -> its description. With
+        `owner`, only a voice of that owner is removed."""
+        return self._run(calls.delete_voice(voice_id, owner))
 
     def detect_watermark(self, audio: Speech | np.ndarray | AudioSource, sample_rate: int | None = None):
         """Watermark score in [0, 1] of a Speech, samples (with `sample_rate`) or an audio file:
@@ -194,6 +202,8 @@ class _Calls:
         """tritonclient's infer() arguments for a call."""
         # Headers: a fresh dict per request (tritonclient.http adds its own keys to it).
         headers = {calls.ADMIN_TOKEN_HEADER: self.admin_token} if call.admin and self.admin_token else {}
+        if call.owner:
+            headers[calls.VOICE_OWNER_HEADER] = call.owner
         timeout = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
         return dict(model_name=call.model, inputs=_infer_inputs(self._module, call.inputs), headers=headers, **timeout)
 

@@ -16,7 +16,8 @@ from typing import Mapping
 
 from csm_clients.errors import InvalidRequest
 
-__all__ = ["MAX_AUDIO_SECONDS", "MAX_CONTEXT_AUDIO_SECONDS", "MAX_CONTEXT_TURNS", "MAX_LONG_TEXT_CHARS", "MAX_SEED",
+__all__ = ["MAX_AUDIO_SECONDS", "MAX_CONTEXT_AUDIO_SECONDS", "MAX_INPUT_SAMPLE_RATE", "MAX_REFERENCE_SECONDS",
+           "MIN_INPUT_SAMPLE_RATE", "MAX_CONTEXT_TURNS", "MAX_LONG_TEXT_CHARS", "MAX_SEED",
            "MAX_SPEAKER_ID", "MAX_TEMPERATURE", "MAX_TOP_K", "MAX_TURN_SECONDS", "MAX_TURN_TEXT_CHARS",
            "MIN_TURN_SECONDS", "SEGMENT_MAX_CHARS", "check_sampling", "check_speaker"]
 
@@ -32,6 +33,10 @@ MIN_TURN_SECONDS, MAX_TURN_SECONDS = 0.5, 30.0  # each context clip (the referen
 MAX_TURN_TEXT_CHARS = 2_000  # each CONTEXT_TEXT (the one-segment TEXT limit)
 MAX_LONG_TEXT_CHARS = 20_000  # TEXT: longer than SEGMENT_MAX_CHARS is split by the server
 SEGMENT_MAX_CHARS = 300  # the server's segment size: a longer TEXT is several generations
+# Reference clips (REFERENCE_AUDIO / REFERENCE_SAMPLE_RATE): the gateway refuses a longer
+# or oddly sampled upload from its header, before decoding it (audio.read_audio).
+MAX_REFERENCE_SECONDS = 30.0
+MIN_INPUT_SAMPLE_RATE, MAX_INPUT_SAMPLE_RATE = 8_000, 192_000
 
 
 def _number(value, field: str) -> float:

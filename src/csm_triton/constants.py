@@ -62,10 +62,16 @@ MAX_CONTEXT_AUDIO_SECONDS = 60.0
 # engine's 2048 for the generated frames (the engine refuses prompt + frames > context).
 MAX_PROMPT_TOKENS = 1_536
 # TEXT of csm_tts / csm_tts_stream, up to MAX_LONG_TEXT_CHARS: longer than SEGMENT_MAX_CHARS
-# is split into segments at sentence boundaries (pysbd), grouped up to SEGMENT_MAX_CHARS,
+# is split into segments at sentence boundaries (sentencex), grouped up to SEGMENT_MAX_CHARS,
 # one generation each.
 MAX_LONG_TEXT_CHARS = 20_000
 SEGMENT_MAX_CHARS = 300
+# The sentence splitter sees the text in windows of this size, and falls back to a plain
+# linear scan once it has spent the budget: a splitter that is slow on some input then
+# costs at most the budget plus one window, never minutes (a backtracking splitter once
+# froze csm_prepare on a 400-character text).
+SENTENCE_WINDOW_CHARS = 2_000
+SENTENCE_SPLIT_BUDGET_SECONDS = 0.25
 # Frame budget of each segment of a multi-segment text: a documented bound on how slow
 # speech can be (5 characters per second, a third of a normal rate), with a floor for
 # short sentences; MAX_AUDIO_SECONDS still caps every segment.
@@ -113,6 +119,23 @@ DEFAULT_GRPC_PORT = 8001
 DEFAULT_METRICS_PORT = 8002
 ADMIN_TOKEN_HEADER = "x-csm-admin-token"
 HEADER_FORWARD_PATTERN = "x-csm-.*"
+# HTTP, gRPC and metrics listen here unless opened deliberately (--listen-address, or this
+# environment variable): Triton's own default is every interface.
+DEFAULT_LISTEN_ADDRESS = "127.0.0.1"
+LISTEN_ADDRESS_ENV = "CSM_TRITON_LISTEN_ADDRESS"
+# Triton's administrative APIs answer only callers that send this header with the key:
+# loading a model runs the model.py a request may carry; shared memory reaches into the
+# stubs' regions; logging and trace settings write files anywhere the server may. Not
+# x-csm-*: the key must never be forwarded into a model's request parameters.
+MODEL_CONTROL_KEY_HEADER = "csm-model-control-key"
+MODEL_CONTROL_KEY_ENV = "CSM_MODEL_CONTROL_KEY"  # unset: a random key per start
+RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
+# On SIGTERM Triton spends at most this long on open HTTP connections (idle keep-alive
+# ones included), in-flight requests and unloading the models, in that order: one budget.
+DEFAULT_EXIT_TIMEOUT_S = 10
+# After the exit timeout, how long `csm-triton-server serve` waits before it kills the
+# server's process group (stubs included); compose's and the chart's grace periods are longer.
+STOP_KILL_MARGIN_S = 5
 
 # --- Watermark (resemble-perth 1.0.1; measured in tests/test_watermark.py) ----------
 # Shorter clips cannot be judged: on espeak-ng speech, 0.1-0.3 s windows of clean audio
@@ -155,3 +178,20 @@ WATERMARK_SPEECH_MIN_ENVELOPE_DB = 6.0
 WATERMARK_SPEECH_MIN_FLATNESS_SPREAD = 0.04
 WATERMARK_SPEECH_MAX_RHYTHM = 0.7
 WATERMARK_NOISE_MIN_FLATNESS = 0.3
+
+# --- The KServe v2 front (csm_clients.gateway.kserve_front) --------------------------
+# The models a client may call through it unless its operator lists others. The rest are
+# stages of these (csm_prepare, csm_generate, csm_lm, mimi_encoder, mimi_decoder,
+# watermark): chained by hand they give cloned speech without csm_tts's watermark.
+PUBLIC_MODELS = ("csm_tts", "csm_tts_stream", "voice_register", "voice_list", "voice_delete", "watermark_detect")
+
+# --- voice ownership and the store's size --------------------------------------------------
+# Who a voice write is for: a gateway forwards its caller's key id (never the key) in this
+# header, with the admin token. The voice is stored as that owner's, and a deletion that
+# names an owner removes only that owner's voices. No header: the admin's own write.
+VOICE_OWNER_HEADER = "x-csm-voice-owner"  # forwarded by HEADER_FORWARD_PATTERN
+VOICE_OWNER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+# Every process that serves voices caches every voice's codes (up to MAX_REFERENCE_SECONDS
+# x FRAME_RATE_HZ x NUM_CODEBOOKS int64, 96 KiB): 256 voices are at most 24 MiB each.
+# voice_register's config parameter `max_stored_voices` may lower or raise it.
+MAX_STORED_VOICES = 256

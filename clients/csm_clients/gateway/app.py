@@ -1,43 +1,52 @@
 """FastAPI app: the original system's routes, each a thin call of AsyncVoiceCloner.
 
 Voice writes (upload, delete) need one of the gateway's own API keys (`keys.ApiKeys`:
-`Authorization: Bearer <key>`); without keys configured they are refused. Numeric form
-fields are checked against the server's ranges before they become tensors.
+`Authorization: Bearer <key>`); without keys configured they are refused. /clone-voice
+follows /v1's rule: with keys configured it needs one, without any it is open (the
+gateway listens on 127.0.0.1 unless told otherwise). A stored voice belongs to the key
+that wrote it: only that key (or an admin talking to Triton directly) deletes it. The
+key, body-size and concurrency checks run before a route reads its body (guard.py);
+audio is judged from its header, then decoded in a thread, a bounded number at once.
+Numeric form fields are checked against the server's ranges before they become tensors.
 
 Errors are JSON `{"detail": message}`: 400 for a bad request (a field named, or the
 server's own message when Triton refused it), 401 for a missing or wrong API key, 403
-for a refused voice write (no keys configured, or Triton refused the admin token), 413
-for an oversized upload, 502 when Triton failed, 503 when it cannot be reached, and a
+for a refused voice write (no keys configured, Triton refused the admin token, or the
+voice is another key's), 413 for an oversized upload or body, 429 (with Retry-After)
+when the caller's key has too many requests at work and waiting, 502 when Triton failed, 503 when it cannot be reached, and a
 JSON 500 for the gateway's own bug (never a plain-text page).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import time
 from importlib import resources
-from typing import Annotated, Iterable
+from typing import Annotated, Callable, Iterable, TypeVar
 
+import anyio
+import anyio.to_thread
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from csm_clients.audio import Reference
+from csm_clients.audio import Reference, read_audio
 from csm_clients.client import AsyncVoiceCloner
 from csm_clients.errors import (CsmClientError, InvalidRequest, PermissionDenied, ServerError,
                                 ServerUnavailable)
+from csm_clients.gateway.guard import DEFAULT_MAX_UPLOAD_MB, GatewayGuard, GatewayLimits
 from csm_clients.gateway.keys import ApiKeys, MissingApiKey
 from csm_clients.gateway.openai_api import openai_router
 from csm_clients.gateway.speech_context import context_from_json, conversation
-from csm_clients.limits import check_sampling
+from csm_clients.limits import MAX_REFERENCE_SECONDS, check_sampling
 
-__all__ = ["DEFAULT_MAX_UPLOAD_MB", "create_app"]
+__all__ = ["DEFAULT_MAX_UPLOAD_MB", "GatewayLimits", "create_app"]
 
 LOG = logging.getLogger("csm_clients.gateway")
-
-DEFAULT_MAX_UPLOAD_MB = 32.0  # the gateway's own guard on memory, not a model limit
+_T = TypeVar("_T")
 
 
 class UploadTooLarge(InvalidRequest):
@@ -72,25 +81,46 @@ def _field_errors(error: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
+def reference_from_upload(upload: io.BytesIO, transcript: str | None) -> Reference:
+    """An uploaded reference clip, judged by its header before it is decoded (a clip over
+    the server's reference limit is refused without decoding it)."""
+    samples, rate = read_audio(upload, "the reference clip", max_seconds=MAX_REFERENCE_SECONDS,
+                               limit_name="REFERENCE_AUDIO's, MAX_REFERENCE_SECONDS")
+    return Reference(samples, rate, transcript)
+
+
 def create_app(triton_url: str = "localhost:8001", *, admin_token: str | None = None,
-               api_keys: ApiKeys | Iterable[str] | None = None,
-               max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 2**20)) -> FastAPI:
+               api_keys: ApiKeys | Iterable[str] | None = None, max_upload_bytes: int | None = None,
+               limits: GatewayLimits | None = None) -> FastAPI:
     """admin_token: sent to Triton with voice writes. api_keys: what the gateway's voice
-    writes need from their caller (none: those routes are refused)."""
-    state: dict[str, AsyncVoiceCloner] = {}
+    writes (and, when there are any, its speech routes) need from their caller.
+    limits: the gateway's bounds (guard.GatewayLimits; default: its defaults);
+    max_upload_bytes, when given, replaces theirs."""
+    state: dict = {}
     keys = api_keys if isinstance(api_keys, ApiKeys) else ApiKeys(api_keys or ())
+    limits = limits or GatewayLimits()
+    if max_upload_bytes is not None:
+        limits = limits.with_upload_bytes(max_upload_bytes)
+    max_upload_bytes = limits.max_upload_bytes
     voice_write = Depends(keys.dependency())
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):
         state["cloner"] = AsyncVoiceCloner(triton_url, "grpc", admin_token=admin_token)
+        state["decodes"] = anyio.CapacityLimiter(limits.max_concurrent_decodes)
         try:
             yield
         finally:
             await state.pop("cloner").close()
 
+    async def decoded(work: Callable[..., _T], *args) -> _T:
+        """`work(*args)` (decoding audio: CPU for a while) in a thread, a bounded number
+        at once; a cancelled request waits for its thread, so the bound holds."""
+        return await anyio.to_thread.run_sync(functools.partial(work, *args), limiter=state["decodes"])
+
     app = FastAPI(title="CSM-1B voice cloning", lifespan=lifespan,
                   description=f"The original REST API, served by Triton at {triton_url} (gRPC).")
+    app.add_middleware(GatewayGuard, keys=keys, limits=limits)
 
     @app.exception_handler(CsmClientError)
     async def client_error(_request: Request, error: CsmClientError):
@@ -152,12 +182,12 @@ def create_app(triton_url: str = "localhost:8001", *, admin_token: str | None = 
         answers audio/wav."""
         sampling = {"seed": seed, "temperature": temperature, "top_k": top_k, "max_audio_seconds": max_audio_seconds}
         check_sampling(**sampling)  # before they become INT32/INT64/FP32 tensors
-        sampling.update(conversation(text, speaker, context_from_json(context), max_upload_bytes))
+        sampling.update(await decoded(conversation, text, speaker, context_from_json(context), max_upload_bytes))
         voice: str | Reference | None = voice_name or None
         if reference_audio is not None and reference_audio.filename:
             if voice is not None:
                 raise InvalidRequest("give either voice_name or reference_audio, not both")
-            voice = Reference.from_file(await read_upload(reference_audio), reference_text)
+            voice = await decoded(reference_from_upload, await read_upload(reference_audio), reference_text)
         started = time.perf_counter()
         speech = await state["cloner"].synthesize(text, voice=voice, **sampling)
         return Response(speech.to_wav_bytes(), media_type="audio/wav", headers={
@@ -169,18 +199,22 @@ def create_app(triton_url: str = "localhost:8001", *, admin_token: str | None = 
 
     @app.post("/upload-voice", dependencies=[voice_write])
     async def upload_voice(
+        request: Request,
         voice_name: Annotated[str, Form(description="the id to store it under")],
         reference_audio: Annotated[UploadFile, File(description="a clip of the voice (any format)")],
         reference_text: Annotated[str, Form(description="what the clip says")],
     ):
-        """Store a voice for later use by name (needs a gateway API key)."""
-        clip = await read_upload(reference_audio)
-        return {"voice": await state["cloner"].register_voice(voice_name, clip, reference_text)}
+        """Store a voice for later use by name (needs a gateway API key; the voice is that key's)."""
+        reference = await decoded(reference_from_upload, await read_upload(reference_audio), reference_text)
+        return {"voice": await state["cloner"].register_voice(voice_name, reference, reference_text,
+                                                               owner=request.state.api_key_id)}
 
     @app.delete("/voices/{voice_name}", dependencies=[voice_write])
-    async def delete_voice(voice_name: str):
-        """Remove a stored voice (needs a gateway API key); answers the removed voice's description."""
-        return {"voice": await state["cloner"].delete_voice(voice_name)}
+    async def delete_voice(request: Request, voice_name: str):
+        """Remove a stored voice of the caller's key (needs a gateway API key); answers
+        the removed voice's description."""
+        return {"voice": await state["cloner"].delete_voice(voice_name, owner=request.state.api_key_id)}
 
-    app.include_router(openai_router(lambda: state["cloner"], keys, max_upload_bytes=max_upload_bytes))
+    app.include_router(openai_router(lambda: state["cloner"], keys, max_upload_bytes=max_upload_bytes,
+                                     decoded=decoded))
     return app

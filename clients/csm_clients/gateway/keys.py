@@ -4,7 +4,9 @@ The gateway carries the deployment's admin token to Triton, so a voice upload or
 deletion through it must prove itself to the gateway first: `Authorization: Bearer
 <key>`, one of the keys in $CSM_GATEWAY_API_KEYS (comma-separated) or in a key file
 (one per line, `#` comments). No key configured: those routes are refused (403) with a
-message saying how to enable them. Reads need no key.
+message saying how to enable them. Speech (/clone-voice, /v1) needs a key when any is
+configured (guard.route_policy); GET /voices, /health and the page need none. A key's
+id (`key_id`, a hash prefix) owns the voices it stores and names its request bucket.
 
 `ApiKeys.check` is plain Python and `ApiKeys.dependency()` the FastAPI dependency, so
 any later route (an OpenAI-compatible API's keys, for one) guards itself the same way.
@@ -12,6 +14,7 @@ any later route (an OpenAI-compatible API's keys, for one) guards itself the sam
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 from pathlib import Path
@@ -22,11 +25,18 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from csm_clients.errors import PermissionDenied
 
-__all__ = ["API_KEYS_ENV", "API_KEY_FILE_ENV", "ApiKeys", "MissingApiKey"]
+__all__ = ["API_KEYS_ENV", "API_KEY_FILE_ENV", "ApiKeys", "MissingApiKey", "key_id"]
 
 API_KEYS_ENV = "CSM_GATEWAY_API_KEYS"
 API_KEY_FILE_ENV = "CSM_GATEWAY_API_KEY_FILE"
 _PREFIX = "permission denied: "
+
+
+def key_id(key: str | bytes) -> str:
+    """A key's public name: what owns its voices on the server and buckets its requests.
+    A hash prefix, so neither Triton's store nor a voice listing ever holds the key."""
+    data = key.encode() if isinstance(key, str) else key
+    return hashlib.sha256(b"csm-gateway-key:" + data).hexdigest()[:16]
 
 
 class MissingApiKey(PermissionDenied):
@@ -38,6 +48,7 @@ class ApiKeys:
 
     def __init__(self, keys: Iterable[str] = ()):
         self._keys = tuple(key.strip().encode() for key in keys if key and key.strip())
+        self._ids = tuple(key_id(key) for key in self._keys)
 
     @classmethod
     def from_settings(cls, keys: str | None = None, key_file: str | os.PathLike | None = None) -> "ApiKeys":
@@ -65,11 +76,12 @@ class ApiKeys:
         """For the start-up log: how many keys, never which."""
         if not self._keys:
             return f"voice writes through the gateway are disabled (no {API_KEYS_ENV})"
-        return f"voice writes through the gateway need one of {len(self._keys)} API key(s)"
+        return f"voice writes and speech (/clone-voice, /v1) need one of {len(self._keys)} API key(s)"
 
-    def check(self, authorization: str | None, what: str = "this route changes voices") -> None:
-        """Passes if `authorization` (the header's value) is `Bearer <one of the keys>`;
-        else raises PermissionDenied (none configured) or MissingApiKey."""
+    def check(self, authorization: str | None, what: str = "this route changes voices") -> str:
+        """Passes if `authorization` (the header's value) is `Bearer <one of the keys>`
+        and returns that key's id (key_id); else raises PermissionDenied (none
+        configured) or MissingApiKey."""
         if not self._keys:
             raise PermissionDenied(
                 f"{_PREFIX}{what}, and the gateway accepts no API key: start it with "
@@ -81,8 +93,10 @@ class ApiKeys:
                                 f"with one of the gateway's API keys ({API_KEYS_ENV})")
         sent_bytes = sent.strip().encode()
         # Every key compared, in constant time: neither timing nor order tells which matched.
-        if not sum(hmac.compare_digest(sent_bytes, key) for key in self._keys):
+        matches = [hmac.compare_digest(sent_bytes, key) for key in self._keys]
+        if not sum(matches):
             raise MissingApiKey(f"{_PREFIX}wrong API key in header 'Authorization'")
+        return self._ids[matches.index(True)]
 
     def dependency(self, what: str = "this route changes voices"):
         """A FastAPI dependency that checks the request's Authorization header (and shows

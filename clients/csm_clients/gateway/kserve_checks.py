@@ -9,15 +9,23 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-__all__ = ["DEFAULT_MAX_ELEMENTS", "InputSpec", "ModelSpec", "Refused", "check_generate", "check_infer",
-           "parse_json"]
+import numpy as np
+
+__all__ = ["DEFAULT_MAX_ELEMENTS", "MAX_JSON_DEPTH", "InputSpec", "ModelSpec", "Refused", "check_generate",
+           "check_infer", "json_depth", "parse_json"]
 
 # Per input. The largest the service accepts is a 30 s voice reference at 192 kHz
 # (5.76 M samples); tests/test_kserve_front.py keeps the two in step.
 DEFAULT_MAX_ELEMENTS = 2**24
+# Arrays and objects inside one another. The deepest request the models take is 6
+# (body > inputs > input > data of a rank-3 tensor); Triton's recursive readers
+# overflow their stack on ~100k, Python's parser stops at its recursion limit, which
+# depends on the caller's stack: a bound of our own makes the answer the same everywhere.
+MAX_JSON_DEPTH = 32
 _FLOAT_MAX = {"FP16": 65504.0, "BF16": 3.3895313892515355e38, "FP32": 3.4028234663852886e38,
               "FP64": 1.7976931348623157e308}
 # datatype -> bytes per element (BYTES: its 4-byte length prefix at least)
@@ -251,22 +259,52 @@ def _reject_constant(name: str):
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
     # RapidJSON takes a repeated key's FIRST value, Python its last: a body could show
-    # this front "shape": [1] and Triton "shape": [1099511627776].
+    # this front "shape": [1] and Triton "shape": [1099511627776]. One set per object
+    # (the dict itself) keeps this linear in the body whatever the key count.
     value = dict(pairs)
     if len(value) != len(pairs):
-        seen = [key for key, _ in pairs]
-        raise Refused(f"the JSON repeats the key '{next(k for k in seen if seen.count(k) > 1)[:80]}'")
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise Refused(f"the JSON repeats the key '{key[:80]}'")
+            seen.add(key)
     return value
 
 
-def parse_json(raw: bytes, what: str = "the request body") -> Any:
-    """Strict JSON: UTF-8, no NaN/Infinity, no repeated keys, nesting as deep as Python's
-    recursion limit (Triton's recursive readers overflow their stack on ~100k levels)."""
+# A JSON string, or what is left of one that never closes: every quote starts a match
+# that cannot fail, so the scan never restarts inside a string (restarting at each
+# quote of '"\\"\\"...' would be quadratic). Possessive: no backtracking either.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_BRACKET_STEP = np.zeros(256, np.int8)
+_BRACKET_STEP[list(b"[{")], _BRACKET_STEP[list(b"]}")] = 1, -1
+_DEPTH_CHUNK = 1 << 20  # brackets per cumulative sum: a few MB of memory at most
+
+
+def json_depth(raw: bytes) -> int:
+    """How deeply arrays and objects nest in `raw` (valid JSON or not), in time linear
+    in its length and without recursion: strings dropped, then a running bracket count."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    deepest = level = 0
+    for start in range(0, len(brackets), _DEPTH_CHUNK):
+        chunk = np.frombuffer(brackets, np.uint8, min(_DEPTH_CHUNK, len(brackets) - start), start)
+        levels = np.cumsum(_BRACKET_STEP[chunk], dtype=np.int64) + level
+        deepest, level = max(deepest, int(levels.max())), int(levels[-1])
+    return deepest
+
+
+def parse_json(raw: bytes, what: str = "the request body", *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Strict JSON: UTF-8, no NaN/Infinity, no repeated keys, arrays and objects at most
+    `max_depth` deep. Every step is linear in the body's length."""
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         raise Refused(f"{what} is not UTF-8 (byte {error.start})") from None
-    except RecursionError:
+    if json_depth(raw) > max_depth:
+        raise Refused(f"{what} nests arrays or objects too deeply (the front's limit is {max_depth} levels)")
+    try:
+        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+    except RecursionError:  # not reached under the depth bound; kept as a guard
         raise Refused(f"{what} nests arrays or objects too deeply") from None
-    except ValueError as error:  # JSONDecodeError
-        raise Refused(f"{what} is not valid JSON: {error}") from None
+    except ValueError as error:  # JSONDecodeError, and integers past Python's digit limit
+        raise Refused(f"{what} is not valid JSON: {str(error)[:200]}") from None

@@ -1,5 +1,6 @@
 """A front for Triton's KServe v2 HTTP API that refuses, with a 4xx, what Triton 2.51
-itself mishandles, and forwards everything else to Triton's HTTP port unchanged.
+itself mishandles, and forwards the rest to Triton's HTTP port: the body byte for byte,
+of the headers only those on an allow-list.
 
     python -m csm_clients.gateway.kserve_front --triton-http localhost:8000 --port 8080
 
@@ -11,12 +12,26 @@ integers wider than the input's type wrap silently. Here every /infer and /gener
 body is checked against the model's config (fetched from Triton, cached) first:
 known input names, the config's datatype, rank and fixed dims, the batch size, every
 input's element count (declared shape = data given, at most `max_elements`), each
-JSON value's type and range, the binary extension's sizes, the body's size. Refusals
-are Triton's own error shape, `{"error": "..."}`. Shared memory is not offered.
+JSON value's type and range, the binary extension's sizes, the body's size. The JSON
+is read strictly (UTF-8, no repeated keys, at most MAX_JSON_DEPTH levels), every step
+linear in the body's length. Refusals are Triton's own error shape, `{"error": "..."}`.
+Shared memory is not offered.
 
 Routes: GET /v2, /v2/health/{live,ready}, /v2/models/{m}[/versions/{v}][/ready,
-/config, /stats]; POST .../infer, .../generate, .../generate_stream. Nothing else of
-Triton's API (repository load/unload, shared memory, trace, logging) is reachable.
+/config]; POST .../infer, .../generate, .../generate_stream. Nothing else of Triton's
+API is reachable: not repository load/unload/index, shared memory, trace, logging or
+statistics (404). Query strings are not passed on (the KServe v2 routes take none).
+
+Models: only the public ones by default (DEFAULT_MODELS: csm_tts, csm_tts_stream,
+voice_register, voice_list, voice_delete, watermark_detect). The others are stages of
+these; chained by hand (csm_prepare -> csm_generate -> mimi_decoder) they give cloned
+speech without the watermark. `--models a,b` or $CSM_FRONT_MODELS lists others, `*`
+opens every model Triton serves: a deliberate choice, for a trusted network only.
+
+Headers: each one the front reads or passes on is given at most once and in visible
+ASCII, and the body's framing is unambiguous (no Content-Length with
+Transfer-Encoding), else a 400; only FORWARDED_HEADERS and the x-csm-* headers the
+models read (the admin token) reach Triton, never e.g. a restricted-API key.
 With `--triton-header NAME=KEY` and tritonserver's `--http-restricted-api=inference:NAME=KEY`
 only the front gets through to Triton's inference routes (docs/deploy.md).
 """
@@ -26,19 +41,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import time
 import zlib
+from collections import OrderedDict
 from typing import Iterable, Mapping
 from urllib.parse import quote
 
 import httpx
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from csm_clients.gateway.kserve_checks import (DEFAULT_MAX_ELEMENTS, ModelSpec, Refused, check_generate,
                                                check_infer, parse_json)
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "KServeFront", "create_front", "main"]
+__all__ = ["ALL_MODELS", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MODELS", "DEFAULT_SPEC_CACHE_SIZE", "FORWARDED_HEADERS",
+           "KServeFront", "create_front", "forwarded_headers", "main", "models_option", "request_headers"]
 
 # 64 MiB, the default of the --http-max-input-size that later Triton releases added:
 # 120 s of 24 kHz FP32 audio is 11.5 MB in binary, ~60 MB as JSON text.
@@ -46,16 +65,74 @@ DEFAULT_MAX_BODY_BYTES = 64 * 2**20
 DEFAULT_CONFIG_TTL_S = 60.0
 DEFAULT_TIMEOUT_S = 300.0  # a long utterance on a busy server
 TRITON_HEADER_ENV = "CSM_FRONT_TRITON_HEADER"
+MODELS_ENV = "CSM_FRONT_MODELS"
+# Mirror of csm_triton.constants.PUBLIC_MODELS (the clients never import the server's
+# package; tests/security/test_kserve_front_unit.py keeps the two equal).
+DEFAULT_MODELS = ("csm_tts", "csm_tts_stream", "voice_register", "voice_list", "voice_delete", "watermark_detect")
+ALL_MODELS = "*"  # --models '*': every model Triton serves, internal stages included
+# Configs kept (model, version); least recently used first out. Only allowed models get
+# here, but with ALL_MODELS or many versions the names are the caller's to choose.
+DEFAULT_SPEC_CACHE_SIZE = 64
+# What reaches Triton of the client's headers: the body's type and its binary split and
+# what the client accepts, plus those Triton hands the models as request parameters
+# (mirror of csm_triton.constants.HEADER_FORWARD_PATTERN: the voice models' admin token).
+# Not a restricted-API key, cookies or any other header. Content-Length is set anew for
+# the body sent, which is the body checked (inflated if it came compressed).
+FORWARDED_HEADERS = ("content-type", "accept", "inference-header-content-length")
+_MODEL_HEADER = re.compile(r"x-csm-.*")
+# Read by the front or passed on: each at most once, so the value checked is the value
+# Triton reads (with two Inference-Header-Content-Length, Triton may split at the other).
+_READ_HEADERS = frozenset({"content-length", "transfer-encoding", "content-encoding", *FORWARDED_HEADERS})
+_VISIBLE_ASCII = re.compile(rb"[\t\x20-\x7e]*")
+_BYTE_COUNT = re.compile(r"[0-9]{1,19}")  # ASCII digits: '²'.isdigit() is True, int('²') fails
+_VERSION = re.compile(r"[0-9]{1,19}")
 
 
 def _error(refused: Refused) -> JSONResponse:
     return JSONResponse({"error": str(refused)}, status_code=refused.status)
 
 
-# Not passed on: hop-by-hop headers, the body's framing (the front may inflate it) and
-# Accept-Encoding (Triton answers uncompressed, so the answer is relayed byte for byte).
-_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length",
-               "content-encoding", "accept-encoding", "proxy-authorization", "proxy-connection"}
+def request_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The headers the front reads or passes on (lower-case names), from a request's raw
+    ASGI headers; Refused (400) for one given twice, one holding anything but visible
+    ASCII (httpx cannot send it: an unhandled 500 before), or ambiguous framing."""
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in raw:
+        name = raw_name.decode("latin-1").lower()
+        if name not in _READ_HEADERS and not _MODEL_HEADER.fullmatch(name):
+            continue
+        shown = name[:60]
+        if name in headers:
+            raise Refused(f"the header '{shown}' is given more than once; the front accepts it once")
+        if not _VISIBLE_ASCII.fullmatch(raw_value):
+            raise Refused(f"the header '{shown}' holds bytes other than visible ASCII")
+        headers[name] = raw_value.decode("ascii").strip()
+    if "transfer-encoding" in headers:
+        if "content-length" in headers:
+            raise Refused("a request with both Content-Length and Transfer-Encoding is ambiguous")
+        if headers["transfer-encoding"].lower() != "chunked":
+            raise Refused(f"Transfer-Encoding '{headers['transfer-encoding'][:40]}' is not accepted (chunked only)")
+    for name in ("content-length", "inference-header-content-length"):
+        if name in headers and not _BYTE_COUNT.fullmatch(headers[name]):
+            raise Refused(f"{name.title()} must be a byte count, got '{headers[name][:40]}'")
+    return headers
+
+
+def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """Of request_headers' answer, those sent on to Triton."""
+    return {name: value for name, value in headers.items()
+            if name in FORWARDED_HEADERS or _MODEL_HEADER.fullmatch(name)}
+
+
+def models_option(value: str | None) -> frozenset[str] | None:
+    """--models / $CSM_FRONT_MODELS: comma-separated names, ALL_MODELS for every model
+    (None), empty or absent for DEFAULT_MODELS."""
+    if value is None or not value.strip():
+        return frozenset(DEFAULT_MODELS)
+    names = frozenset(name.strip() for name in value.split(",") if name.strip())
+    return None if ALL_MODELS in names else names
+
+
 _PASSED_BACK = ("content-type", "inference-header-content-length")
 
 
@@ -65,22 +142,27 @@ class KServeFront:
     def __init__(self, triton_http_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  max_elements: int = DEFAULT_MAX_ELEMENTS, config_ttl_s: float = DEFAULT_CONFIG_TTL_S,
                  timeout_s: float = DEFAULT_TIMEOUT_S, triton_headers: Mapping[str, str] | None = None,
-                 models: Iterable[str] | None = None, transport: httpx.AsyncBaseTransport | None = None):
+                 models: Iterable[str] | str | None = None, spec_cache_size: int = DEFAULT_SPEC_CACHE_SIZE,
+                 transport: httpx.AsyncBaseTransport | None = None):
         self.base_url = triton_http_url if "://" in triton_http_url else f"http://{triton_http_url}"
         self.max_body_bytes, self.max_elements, self.config_ttl_s = max_body_bytes, max_elements, config_ttl_s
         self.timeout = httpx.Timeout(timeout_s, connect=5.0)
         # Sent with every request, over the client's: the key of tritonserver's
         # --http-restricted-api=inference:<name>=<key>, so only the front gets through.
         self.triton_headers = {k.lower(): v for k, v in (triton_headers or {}).items()}
-        self.models = frozenset(models) if models is not None else None  # None: every model Triton serves
+        # None: every model Triton serves, only when ALL_MODELS is asked for by name.
+        self.models = models_option(models if isinstance(models, str) or models is None else ",".join(models))
         self._transport = transport  # tests: a fake Triton
         self._client: httpx.AsyncClient | None = None  # made in the serving event loop
-        self._specs: dict[str, tuple[float, ModelSpec]] = {}
+        self.spec_cache_size = spec_cache_size
+        self._specs: OrderedDict[str, tuple[float, ModelSpec]] = OrderedDict()
         self.router = APIRouter()
         for path in ("/v2", "/v2/health/live", "/v2/health/ready"):
             self.router.add_api_route(path, self._forward_get, methods=["GET"], include_in_schema=False)
+        # Statistics are left out: per-model counts and timings are the operator's
+        # (Triton's metrics port), not the callers'.
         for model in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
-            for tail in ("", "/ready", "/config", "/stats"):
+            for tail in ("", "/ready", "/config"):
                 self.router.add_api_route(model + tail, self._forward_get, methods=["GET"], include_in_schema=False)
             for tail in ("/infer", "/generate", "/generate_stream"):
                 self.router.add_api_route(model + tail, self._inference, methods=["POST"], include_in_schema=False)
@@ -101,22 +183,22 @@ class KServeFront:
         """Triton's path for a request: its route's template, filled in (quoted)."""
         template = request.scope["route"].path
         version, model = request.path_params.get("version"), request.path_params.get("model")
-        if version is not None and not version.isdigit():
+        if version is not None and not _VERSION.fullmatch(version):
             raise Refused(f"a model version is a number, got '{version[:40]}'", 404)
-        if model is not None and self.models is not None and model not in self.models:
-            raise Refused(f"model '{model[:80]}' is not served by this front", 404)
+        if model is not None:
+            if self.models is not None and model not in self.models:
+                served = ", ".join(sorted(self.models)) or "none"
+                raise Refused(f"model '{model[:80]}' is not served by this front (it serves: {served})", 404)
+            if model == "stats":  # Triton's GET /v2/models/stats: every model's statistics
+                raise Refused("'/v2/models/stats' is not served by this front", 404)
         model = quote(model or "", safe="")
         return template[template.index("/v2"):].format(model=model, version=version)
 
-    def _headers(self, request: Request) -> dict[str, str]:
-        passed = {k.lower(): v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
-        return {**passed, **self.triton_headers}
-
-    async def _send(self, method: str, path: str, request: Request, body: bytes | None = None, *,
+    async def _send(self, method: str, path: str, headers: Mapping[str, str], body: bytes | None = None, *,
                     stream: bool = False):
         try:
-            sent = self.client.build_request(method, path, params=request.query_params,
-                                             headers=self._headers(request), content=body)
+            sent = self.client.build_request(method, path, headers={**forwarded_headers(headers),
+                                                                    **self.triton_headers}, content=body)
             upstream = await self.client.send(sent, stream=stream)
         except httpx.TimeoutException:
             raise Refused(f"Triton at {self.base_url} did not answer in time", 504) from None
@@ -136,7 +218,8 @@ class KServeFront:
 
     async def _forward_get(self, request: Request):
         try:
-            return await self._send("GET", self._triton_path(request), request)
+            path = self._triton_path(request)
+            return await self._send("GET", path, request_headers(request.scope["headers"]))
         except Refused as refused:
             return _error(refused)
 
@@ -144,6 +227,7 @@ class KServeFront:
         key = f"{model}/{version or ''}"
         cached = self._specs.get(key)
         if cached and time.monotonic() - cached[0] < self.config_ttl_s:
+            self._specs.move_to_end(key)
             return cached[1]
         path = f"/v2/models/{quote(model, safe='')}" + (f"/versions/{version}" if version else "") + "/config"
         try:
@@ -155,18 +239,21 @@ class KServeFront:
             raise Refused(message, answer.status_code if 400 <= answer.status_code < 500 else 502)
         spec = ModelSpec.from_config(answer.json())
         self._specs[key] = (time.monotonic(), spec)
+        self._specs.move_to_end(key)
+        while len(self._specs) > self.spec_cache_size:
+            self._specs.popitem(last=False)
         return spec
 
-    async def _body(self, request: Request) -> bytes:
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
+    async def _body(self, request: Request, headers: Mapping[str, str]) -> bytes:
+        declared = headers.get("content-length", "")
+        if declared and int(declared) > self.max_body_bytes:
             raise Refused(f"the request body is {declared} bytes; the front's limit is {self.max_body_bytes}", 413)
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > self.max_body_bytes:
                 raise Refused(f"the request body is over the front's limit of {self.max_body_bytes} bytes", 413)
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        encoding = headers.get("content-encoding", "identity").lower()
         if encoding in ("", "identity"):
             return bytes(body)
         wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
@@ -180,22 +267,29 @@ class KServeFront:
             raise Refused(f"the request body inflates past the front's limit of {self.max_body_bytes} bytes", 413)
         return inflated
 
+    def _check(self, spec: ModelSpec, path: str, body: bytes, header_length: str | None) -> None:
+        if path.endswith("/infer"):
+            if header_length is not None and int(header_length) > len(body):
+                raise Refused(f"Inference-Header-Content-Length must be a byte count within the body's "
+                              f"{len(body)} bytes, got '{header_length[:40]}'")
+            split = len(body) if header_length is None else int(header_length)
+            check_infer(spec, parse_json(body[:split], "the JSON header"), len(body) - split,
+                        max_elements=self.max_elements)
+        else:
+            check_generate(spec, parse_json(body), max_elements=self.max_elements)
+
     async def _inference(self, request: Request):
         try:
             path = self._triton_path(request)
-            body = await self._body(request)
+            headers = request_headers(request.scope["headers"])
+            if not path.endswith("/infer"):  # /generate has no binary part to split
+                headers.pop("inference-header-content-length", None)
+            body = await self._body(request, headers)
             spec = await self.spec(request.path_params["model"], request.path_params.get("version"))
-            if path.endswith("/infer"):
-                header_length = request.headers.get("inference-header-content-length")
-                if header_length is not None and not (header_length.isdigit() and int(header_length) <= len(body)):
-                    raise Refused(f"Inference-Header-Content-Length must be a byte count within the body's "
-                                  f"{len(body)} bytes, got '{header_length[:40]}'")
-                split = len(body) if header_length is None else int(header_length)
-                check_infer(spec, parse_json(body[:split], "the JSON header"), len(body) - split,
-                            max_elements=self.max_elements)
-            else:
-                check_generate(spec, parse_json(body), max_elements=self.max_elements)
-            return await self._send("POST", path, request, body, stream=path.endswith("_stream"))
+            # Linear in the body, but a 64 MiB body is still seconds of parsing: off the
+            # event loop, so other requests (health checks, streams) keep moving.
+            await run_in_threadpool(self._check, spec, path, body, headers.get("inference-header-content-length"))
+            return await self._send("POST", path, headers, body, stream=path.endswith("_stream"))
         except Refused as refused:
             return _error(refused)
 
@@ -235,7 +329,10 @@ def main(argv=None) -> int:
     parser.add_argument("--triton-header", action="append", default=[], metavar="NAME=VALUE",
                         help=f"a header sent to Triton with every request (also ${TRITON_HEADER_ENV}, which keeps "
                              "a key out of the process list)")
-    parser.add_argument("--models", help="comma-separated: the only models served (default: all of Triton's)")
+    parser.add_argument("--models", default=os.environ.get(MODELS_ENV),
+                        help=f"comma-separated: the only models served (also ${MODELS_ENV}; default: the public "
+                             f"ones, {','.join(DEFAULT_MODELS)}; '{ALL_MODELS}': every model Triton serves, "
+                             "including the internal stages that skip the watermark)")
     args = parser.parse_args(argv)
     headers = {}
     for item in args.triton_header + ([os.environ[TRITON_HEADER_ENV]] if os.environ.get(TRITON_HEADER_ENV) else []):
@@ -244,7 +341,7 @@ def main(argv=None) -> int:
             parser.error(f"a Triton header is NAME=VALUE, got {item[:40]!r}")
         headers[name.strip()] = value
     app = create_front(args.triton_http, max_body_bytes=int(args.max_body_mb * 2**20), max_elements=args.max_elements,
-                       triton_headers=headers, models=args.models.split(",") if args.models else None)
+                       triton_headers=headers, models=args.models)
     uvicorn.run(app, host=args.host, port=args.port)
     return 0
 

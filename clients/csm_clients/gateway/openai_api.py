@@ -13,7 +13,9 @@ unknown model, 413 for an oversized upload, 502/503 when Triton failed or is dow
 route class converts errors itself, so the original routes keep their `{"detail"}`.
 
 Keys (gateway/keys.py): voice writes always need `Authorization: Bearer <key>`; with keys
-configured every /v1 route does. Limits are the server's: the gateway checks only what
+configured every /v1 route does (checked by guard.py before the body is read, and again
+here). A voice belongs to the key that stored it: only that key deletes it (403 for
+another's). 413 for an oversized body, 429 with Retry-After when the key is busy. Limits are the server's: the gateway checks only what
 it must before building tensors (sampling ranges, the OpenAI-only fields), and maps the
 tensor a Triton refusal names back to the body's field.
 """
@@ -23,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import io
 import json
 import logging
 from datetime import datetime
@@ -35,13 +36,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
-from csm_clients.audio import Speech
+from csm_clients.audio import Reference, Speech, read_audio
 from csm_clients.client import AsyncVoiceCloner
 from csm_clients.encoding import FORMATS, StreamEncoder, encode
 from csm_clients.errors import CsmClientError, InvalidRequest, PermissionDenied, ServerUnavailable
 from csm_clients.gateway.keys import ApiKeys, MissingApiKey
 from csm_clients.gateway.speech_context import ContextTurn, FieldError, conversation, refused_field
-from csm_clients.limits import check_sampling
+from csm_clients.limits import MAX_REFERENCE_SECONDS, check_sampling
 
 LOG = logging.getLogger("csm_clients.gateway.openai")
 
@@ -181,8 +182,19 @@ def _sse(event: dict) -> bytes:
     return f"data: {json.dumps(event)}\n\n".encode()
 
 
-def openai_router(cloner: Callable[[], AsyncVoiceCloner], keys: ApiKeys, *, max_upload_bytes: int) -> APIRouter:
-    """`cloner()`: the app's AsyncVoiceCloner (made in its lifespan); `keys`: the gateway's."""
+def _read_reference(data: bytes) -> tuple:
+    return read_audio(data, "audio_sample", max_seconds=MAX_REFERENCE_SECONDS, limit_name="REFERENCE_AUDIO's, MAX_REFERENCE_SECONDS")
+
+
+async def _in_thread(work: Callable, *args):
+    return await asyncio.to_thread(work, *args)
+
+
+def openai_router(cloner: Callable[[], AsyncVoiceCloner], keys: ApiKeys, *, max_upload_bytes: int,
+                  decoded: Callable = _in_thread) -> APIRouter:
+    """`cloner()`: the app's AsyncVoiceCloner (made in its lifespan); `keys`: the gateway's;
+    `decoded(work, *args)`: runs an audio decode off the event loop (the app bounds how
+    many at once)."""
 
     async def require_key_if_configured(request: Request) -> None:
         if keys:
@@ -211,7 +223,7 @@ def openai_router(cloner: Callable[[], AsyncVoiceCloner], keys: ApiKeys, *, max_
         audio as it is generated, "sse" sends OpenAI's speech.audio.delta/done events."""
         _check(body)
         voice, sampling = body.voice_id(), body.sampling()
-        sampling.update(conversation(body.input, body.speaker, body.context, max_upload_bytes))
+        sampling.update(await decoded(conversation, body.input, body.speaker, body.context, max_upload_bytes))
         try:
             return await _speak(body, voice, sampling)
         except FieldError:
@@ -252,24 +264,30 @@ def openai_router(cloner: Callable[[], AsyncVoiceCloner], keys: ApiKeys, *, max_
 
     @router.post("/audio/voices", dependencies=[Depends(require_key_for_writes)])
     async def create_voice(
+        request: Request,
         name: str = Form(description="the id to store the voice under (then usable as `voice`)"),
         transcript: str = Form(description="what the clip says"),
         audio_sample: UploadFile = File(description="a clip of the voice (any format libsndfile reads)"),
         consent: str | None = Form(None, description="accepted (OpenAI's field), not used"),
     ):
-        """Store a voice from a reference clip and its transcript (needs an API key)."""
+        """Store a voice from a reference clip and its transcript (needs an API key; the
+        voice is that key's)."""
         data = await audio_sample.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise OpenAIError(413, f"audio_sample: '{audio_sample.filename}' is larger than "
                               f"{max_upload_bytes / 2**20:g} MB", param="audio_sample")
-        reference = io.BytesIO(data)
-        stored = await cloner().register_voice(name, reference, transcript)
+        try:
+            samples, rate = await decoded(_read_reference, data)
+        except InvalidRequest as error:
+            raise OpenAIError(400, str(error), param="audio_sample") from None
+        stored = await cloner().register_voice(name, Reference(samples, rate, transcript), transcript,
+                                               owner=request.state.api_key_id)
         return _voice(stored)
 
     @router.delete("/audio/voices/{voice_id}", dependencies=[Depends(require_key_for_writes)])
-    async def delete_voice(voice_id: str):
-        """Remove a stored voice (needs an API key)."""
-        removed = await cloner().delete_voice(voice_id)
+    async def delete_voice(request: Request, voice_id: str):
+        """Remove a stored voice of the caller's key (needs an API key)."""
+        removed = await cloner().delete_voice(voice_id, owner=request.state.api_key_id)
         return {"id": removed.get("voice_id", voice_id), "object": "audio.voice.deleted", "deleted": True}
 
     return router

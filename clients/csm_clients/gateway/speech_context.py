@@ -6,7 +6,9 @@
 (stored voices before clips: the server's order, conversation.py). Everything is checked
 here, before a tensor is built, and a refusal names the body's field the way OpenAI
 names one (`context[2].audio`). Decoded clips together are bounded by the gateway's
-upload limit, so a JSON body cannot make the gateway hold more than an upload could.
+upload limit, so a JSON body cannot make the gateway hold more than an upload could, and
+each clip is judged by its header before it is decoded (audio.read_audio). The gateway
+runs `conversation` in a thread: it decodes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 from csm_clients.audio import read_audio
 from csm_clients.conversation import Turn, check_context, check_text
 from csm_clients.errors import InvalidRequest
-from csm_clients.limits import MAX_CONTEXT_TURNS, check_speaker
+from csm_clients.limits import MAX_CONTEXT_TURNS, MAX_TURN_SECONDS, check_speaker
 
 __all__ = ["ContextTurn", "FieldError", "context_from_json", "conversation", "refused_field"]
 
@@ -98,7 +100,9 @@ def _clip(turn: ContextTurn, index: int, budget: int) -> tuple[Turn, int]:
     except (binascii.Error, ValueError):
         raise FieldError(f"{where}: is not base64 (give the bytes of an audio file, base64-encoded)", where) from None
     try:
-        samples, rate = read_audio(_Named(data, where), where)
+        # Bounded by one clip's limit, from the header: an hour of silence is a few
+        # hundred KB of FLAC, well inside the byte budget.
+        samples, rate = read_audio(_Named(data, where), where, max_seconds=MAX_TURN_SECONDS)
     except InvalidRequest as error:
         raise FieldError(str(error), where) from None
     return Turn(turn.text, turn.speaker, samples, rate), len(data)

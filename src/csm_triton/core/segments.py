@@ -3,21 +3,24 @@
 CSM keeps a voice by conditioning on audio it has heard, so a long text is spoken as
 a chain: segment i's prompt is the request's context (voice reference, context turns),
 then segment i-1 as a turn with the codes just generated for it, then segment i's text.
-This module holds the pure parts: the split (pysbd, pinned in pyproject.toml; no
-hand-rolled regex), each segment's frame budget, and `SegmentChain`, which builds the
-next prompt from the previous segment's codes with token ids only (csm_prepare
-tokenized every segment once, so the generators need no tokenizer).
+This module holds the pure parts: the split (sentencex, pinned in pyproject.toml, behind
+a time budget with a linear fallback scan), each segment's frame budget, and
+`SegmentChain`, which builds the next prompt from the previous segment's codes with
+token ids only (csm_prepare tokenized every segment once, so the generators need no
+tokenizer).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import numpy as np
 
 from csm_triton import constants as C
+from csm_triton.core import validation
+from csm_triton.errors import InvalidInput
 
 __all__ = ["split_text", "segment_max_frames", "SegmentChain", "SEGMENT_OUTPUTS", "FINISH_REASONS"]
 
@@ -38,12 +41,85 @@ SEGMENTS_METRIC = ("csm_segments_total",
                    "max_frames (its own frame budget), max_audio_seconds (the client's cap), not_started")
 
 
-@lru_cache(maxsize=1)
-def _segmenter():
-    import pysbd  # imported on first use: only long texts need it
+# Titles that never end a sentence: sentencex sometimes cuts after them ("... with Ms. |
+# Øyelaran is confirmed."), which pysbd, the splitter before it, never did.
+_TITLES = frozenset({"mr.", "mrs.", "ms.", "dr.", "prof.", "rev.", "hon.", "capt.", "sgt.", "lt.", "gen."})
+_TERMINATORS = frozenset(".!?…")
+_CLOSERS = frozenset("\"')]}»”’")
 
-    # clean=False: the text is spoken as given; pysbd only finds the boundaries.
-    return pysbd.Segmenter(language="en", clean=False)
+
+def _window_starts(window: str) -> list[int]:
+    """Where sentences start in `window` (the first at 0), cut from the original text so
+    that nothing (a paragraph break, say) is lost between them."""
+    import sentencex  # imported on first use: only long texts need it
+
+    starts = [0] + [b["start_index"] for b in sentencex.get_sentence_boundaries("en", window)[1:]]
+    # a library that ever answered out of order or out of range gets no say
+    if any(not a < b for a, b in zip(starts, starts[1:])) or starts[-1] >= len(window):
+        return [0]
+    return starts
+
+
+def _scan_sentences(text: str) -> list[str]:
+    """The fallback: a cut after every run of terminators (and closing quotes or brackets)
+    that whitespace follows. Each character is looked at once or twice: linear on any text."""
+    sentences, start, i, n = [], 0, 0, len(text)
+    while i < n:
+        if text[i] not in _TERMINATORS:
+            i += 1
+            continue
+        while i < n and (text[i] in _TERMINATORS or text[i] in _CLOSERS):
+            i += 1
+        if i < n and text[i].isspace():
+            while i < n and text[i].isspace():
+                i += 1
+            sentences.append(text[start:i])
+            start = i
+    if start < n:
+        sentences.append(text[start:])
+    return sentences
+
+
+def _sentences(text: str, window_chars: int = C.SENTENCE_WINDOW_CHARS,
+               budget_seconds: float = C.SENTENCE_SPLIT_BUDGET_SECONDS) -> list[str]:
+    """`text` cut into sentences that join back into exactly `text`.
+
+    sentencex runs on one window at a time; a window's last sentence may be cut short by
+    the window's end, so it is looked at again at the start of the next window. Past the
+    budget (checked between windows) the rest of the text goes to the linear scan: a
+    slow input costs at most the budget plus one window."""
+    deadline = time.perf_counter() + budget_seconds
+    sentences: list[str] = []
+    position = 0
+    while position < len(text):
+        if time.perf_counter() > deadline:
+            sentences += _scan_sentences(text[position:])
+            break
+        window = text[position:position + window_chars]
+        starts = _window_starts(window)
+        if position + len(window) == len(text):
+            ends = starts[1:] + [len(window)]
+        elif len(starts) > 1:
+            ends = starts[1:]
+        else:  # no boundary in a whole window: cut at its last space, never inside a word
+            space = max(window.rfind(" "), window.rfind("\n"))
+            ends = [space + 1 if space > 0 else len(window)]
+        sentences += [window[a:b] for a, b in zip(starts, ends)]
+        position += ends[-1]
+    return _glue(sentences)
+
+
+def _glue(sentences: list[str]) -> list[str]:
+    """A piece after a title joins it, and so does a blank one (sentencex returns a
+    paragraph break as a piece of its own)."""
+    groups: list[list[str]] = []
+    for sentence in sentences:
+        last_words = groups[-1][-1][-16:].split() if groups else []  # a tail: linear however many
+        if groups and (not sentence.strip() or (last_words and last_words[-1].lower() in _TITLES)):
+            groups[-1].append(sentence)
+        else:
+            groups.append([sentence])
+    return ["".join(group) for group in groups]
 
 
 def _hard_split(sentence: str, max_chars: int) -> list[str]:
@@ -64,7 +140,7 @@ def split_text(text: str, max_chars: int = C.SEGMENT_MAX_CHARS) -> list[str]:
     if len(text) <= max_chars:
         return [text]
     sentences: list[str] = []
-    for sentence in _segmenter().segment(text):
+    for sentence in _sentences(text):
         sentences += _hard_split(sentence, max_chars)
     segments: list[str] = []
     current = ""
@@ -129,12 +205,22 @@ class SegmentChain:
             return cls(input_ids, codes, [np.zeros(0, np.int64)], [None], first_prompt=first)
         counts = _as_int(prepared["segment_token_counts"])
         flat = _as_int(prepared["segment_ids"])
-        if counts.sum() != len(flat) or not len(counts) or counts[0] > len(input_ids):
-            raise RuntimeError("csm_prepare's segment outputs do not add up")
+        audio_ids = _as_int(prepared["audio_token_ids"])
+        frames = _as_int(prepared["segment_max_frames"])
+        # Checked whole before the first segment is generated: a bad later segment must
+        # not cost the earlier ones' work. (Each prompt's ids, segment 0's input_ids
+        # first, are checked against the vocabulary by csm_lm's engine, which alone knows it.)
+        for name, values in (("segment_ids", flat), ("audio_token_ids", audio_ids),
+                             ("segment_token_counts", counts), ("segment_max_frames", frames)):
+            validation.integers_in_range(values, name, 0, None)
+        if (counts.sum() != len(flat) or not len(counts) or counts[0] > len(input_ids) or len(audio_ids) != 2
+                or len(frames) != len(counts)):
+            raise InvalidInput("the segment inputs do not add up (segment_ids, segment_token_counts, "
+                               "segment_max_frames, audio_token_ids, input_ids)")
         segments = np.split(flat, np.cumsum(counts)[:-1])
-        audio_id, audio_eos_id = (int(v) for v in _as_int(prepared["audio_token_ids"]))
+        audio_id, audio_eos_id = (int(v) for v in audio_ids)
         # 0: no budget from the text (a one-segment text keeps the request's own cap)
-        budgets = [int(v) or None for v in _as_int(prepared["segment_max_frames"])]
+        budgets = [int(v) or None for v in frames]
         return cls(input_ids[:len(input_ids) - counts[0]], codes, segments, budgets, audio_id, audio_eos_id,
                    first_prompt=first)
 

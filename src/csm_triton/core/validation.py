@@ -61,6 +61,42 @@ def audio_codes(codes: np.ndarray, name: str, *, max_frames: int = C.MAX_CODEC_F
     return codes.astype(np.int64, copy=False)
 
 
+def token_ids(ids: object, name: str, vocab_size: int) -> np.ndarray:
+    """A prompt's token ids: a non-empty 1-D integer tensor, each id a row of the model's
+    text embedding. Checked before any work: an id outside it is an index error on the
+    CPU, and on CUDA a device-side assert that poisons the whole process; a negative id
+    would silently read a row from the end."""
+    array = np.asarray(ids)
+    if array.dtype.kind not in "iu":
+        raise InvalidInput(f"input '{name}' must be an integer tensor, got {array.dtype}")
+    if array.ndim != 1 or not array.size:
+        raise InvalidInput(f"input '{name}' must be a non-empty 1-D tensor, got shape {list(array.shape)}")
+    integers_in_range(array, name, 0, vocab_size)
+    return array.astype(np.int64, copy=False)
+
+
+def count(value: np.ndarray | None, name: str) -> int | None:
+    """An optional count (frames, turns): one integer of at least 0; None when absent."""
+    if value is None:
+        return None
+    array = np.asarray(value).reshape(-1)
+    if array.size != 1 or array.dtype.kind not in "iu" or int(array[0]) < 0:
+        raise InvalidInput(f"input '{name}' must be one integer of at least 0, got {array.tolist()}")
+    return int(array[0])
+
+
+def integers_in_range(array: np.ndarray, name: str, low: int, high: int | None) -> None:
+    """Every value in [low, high) (high None: at least low); the message names the
+    range, the first value outside it and where it is."""
+    array = np.asarray(array)
+    outside = array < low if high is None else (array < low) | (array >= high)
+    if outside.any():
+        where = np.unravel_index(int(np.argmax(outside)), array.shape)
+        position = str(where[0]) if len(where) == 1 else str(list(map(int, where)))
+        rule = f"be at least {low}" if high is None else f"lie in [{low}, {high})"
+        raise InvalidInput(f"input '{name}' must {rule}, got {array[where]} at position {position}")
+
+
 def _value_range(array: np.ndarray, name: str, low: int, high: int, what: str) -> None:
     if array.size and (array.min() < low or array.max() >= high):
         raise InvalidInput(

@@ -25,6 +25,16 @@ before every registration and, at most every `_SWEEP_INTERVAL_S`, on `list`.
 Errors never carry the store's path (clients see them): a full disk or quota is an
 InvalidInput "voice store is full" (the request is refused whole, the store left as
 it was), any other file-system failure a VoiceStoreError naming only the errno.
+
+Owners and a count. A voice may carry an owner (a gateway's key id, never a key),
+written in its metadata, so it is committed with the voice in the same rename. A
+deletion that names an owner removes only that owner's voices (PermissionDenied
+otherwise, saying so); one without is the admin's and removes any. A store holds at
+most `max_voices` (C.MAX_STORED_VOICES): every process caches every voice, so the count
+is the memory. Both are checked under the process's lock; between processes (several
+model instances) the count may overshoot by one per concurrent registration, and a
+deletion compares the metadata's inode just before unlinking, so a voice replaced
+meanwhile is not removed in its owner's name.
 """
 
 from __future__ import annotations
@@ -46,9 +56,9 @@ import numpy as np
 from csm_triton import constants as C
 from csm_triton.core import validation
 from csm_triton.core.files import TEMP_PREFIX, atomic_write, fsync_directory, is_temporary, stale_temporary
-from csm_triton.errors import InvalidInput
+from csm_triton.errors import InvalidInput, PermissionDenied
 
-__all__ = ["Voice", "VoiceStore", "VoiceStoreError"]
+__all__ = ["Voice", "VoiceStore", "VoiceStoreError", "check_owner"]
 
 LOG = logging.getLogger(__name__)
 
@@ -91,6 +101,7 @@ class Voice:
     codes: np.ndarray  # [frames, NUM_CODEBOOKS] int64, read-only
     duration_seconds: float
     created_at: str  # ISO 8601, UTC
+    owner: str | None = None  # a key id (C.VOICE_OWNER_PATTERN); None: the admin's
 
     def summary(self) -> dict:
         """What clients see (JSON-ready): everything but the codes."""
@@ -99,6 +110,7 @@ class Voice:
             "transcript": self.transcript,
             "duration_seconds": self.duration_seconds,
             "created_at": self.created_at,
+            "owner": self.owner,
         }
 
 
@@ -106,6 +118,23 @@ class Voice:
 class _Entry:
     signature: tuple[int, int, int]  # the metadata file's (inode, size, mtime_ns)
     voice: Voice
+
+
+def check_owner(owner: str | None) -> str | None:
+    """An owner id as sent (None or empty: none); InvalidInput unless it matches
+    C.VOICE_OWNER_PATTERN (it is written into the metadata and shown by voice_list)."""
+    if owner is None or owner == "":
+        return None
+    if not isinstance(owner, str) or not C.VOICE_OWNER_PATTERN.fullmatch(owner):
+        raise InvalidInput(f"'{C.VOICE_OWNER_HEADER}' must match {C.VOICE_OWNER_PATTERN.pattern}")
+    return owner
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
 
 
 def _signature(stat: os.stat_result) -> tuple[int, int, int]:
@@ -132,7 +161,10 @@ def _link_exclusively(voice_id: str):
 class VoiceStore:
     """Voices persisted in `directory`, cached in memory, shared between processes."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, max_voices: int = C.MAX_STORED_VOICES):
+        if int(max_voices) < 1:
+            raise ValueError(f"max_voices must be at least 1, got {max_voices}")
+        self.max_voices = int(max_voices)
         self.directory = Path(directory).resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
@@ -146,13 +178,15 @@ class VoiceStore:
 
     # --- public API ---------------------------------------------------------------------
     def register(self, voice_id: str, codes: np.ndarray, transcript: str, duration_seconds: float,
-                 *, replace: bool = False) -> Voice:
-        """Stores a voice; an existing id is refused unless `replace` (InvalidInput).
+                 *, replace: bool = False, owner: str | None = None) -> Voice:
+        """Stores a voice as `owner`'s (None: the admin's); an existing id is refused
+        unless `replace`, and a new one when the store is full (InvalidInput).
 
         The transcript is trusted: VoiceResolver.register checks it (validation.text)
         before it pays for the encoding. The id is checked here too, since file names
         are built from it."""
         voice_id = validation.voice_id(voice_id)
+        owner = check_owner(owner)
         codes = validation.audio_codes(np.asarray(codes), "codes")
         if len(codes) == 0:
             raise InvalidInput("a voice needs at least one frame of codes")
@@ -170,11 +204,14 @@ class VoiceStore:
             "created_at": created_at,
             "frames": int(len(codes)),
             "codes_file": codes_name,
+            "owner": owner,
         }
         with self._lock, _file_errors(f"store voice '{voice_id}'"):
             self._refresh()
             if not replace and self._metadata_path(voice_id).exists():
                 raise InvalidInput(f"voice '{voice_id}' already exists; delete it first to register it again")
+            if voice_id not in self._entries:
+                self._check_room()
             self.sweep()
             self._write_atomic(self.directory / codes_name, lambda handle: np.save(handle, codes, allow_pickle=False))
             try:
@@ -186,7 +223,7 @@ class VoiceStore:
             # Committed: from here on the answer is "registered", whatever else happens
             # (another process may delete the voice this very moment).
             codes.setflags(write=False)
-            voice = Voice(voice_id, transcript, codes, metadata["duration_seconds"], created_at)
+            voice = Voice(voice_id, transcript, codes, metadata["duration_seconds"], created_at, owner)
             self._entries[voice_id] = _Entry(signature, voice)
             try:
                 if previous and previous.get("codes_file") != codes_name:
@@ -195,6 +232,19 @@ class VoiceStore:
             except OSError as error:  # the old codes stay: an orphan the next sweep removes
                 LOG.warning("voice store: cleaning up after registering '%s': %s", voice_id, error)
             return voice
+
+    def check_room(self) -> None:
+        """Raises InvalidInput when the store holds max_voices (so a registration can be
+        refused before it pays for encoding)."""
+        with self._lock, _file_errors("read the voices"):
+            self._refresh()
+            self._check_room()
+
+    def _check_room(self) -> None:
+        if len(self._entries) >= self.max_voices:
+            raise InvalidInput(f"voice store is full: it holds {len(self._entries)} voices, the most it keeps "
+                               f"(max_stored_voices = {self.max_voices}); nothing was stored. "
+                               "Delete a voice first.")
 
     def get(self, voice_id: str) -> Voice:
         voice_id = validation.voice_id(voice_id)
@@ -213,15 +263,33 @@ class VoiceStore:
             self._refresh()
             return [self._entries[key].voice.summary() for key in sorted(self._entries)]
 
-    def delete(self, voice_id: str) -> dict:
-        """Removes a voice (its metadata first, then its codes); returns its summary."""
+    def delete(self, voice_id: str, *, owner: str | None = None) -> dict:
+        """Removes a voice (its metadata first, then its codes); returns its summary.
+        With `owner`, only a voice of that owner (PermissionDenied for another's, the
+        admin's included); without, any (the admin)."""
         voice_id = validation.voice_id(voice_id)
+        owner = check_owner(owner)
         with self._lock, _file_errors(f"delete voice '{voice_id}'"):
             self._refresh()
-            metadata = self._read_metadata_quietly(voice_id) or {}
+            path = self._metadata_path(voice_id)
+            metadata, inode = self._read_metadata_with_inode(voice_id)
+            if owner is not None and metadata is not None:
+                stored = metadata.get("owner")
+                if stored != owner:
+                    whose = "the admin (stored without a key)" if stored is None else "another key"
+                    raise PermissionDenied(f"voice '{voice_id}' belongs to {whose}; only its owner or the admin "
+                                           "may delete it")
+                if inode is not None and _inode(path) != inode:  # replaced since it was read: judge again
+                    raise InvalidInput(f"voice '{voice_id}' changed while it was being deleted; try again")
+            elif owner is not None:  # unreadable metadata: no owner can be proven
+                if path.exists():
+                    raise PermissionDenied(f"voice '{voice_id}' cannot be read, so its owner cannot be checked; "
+                                           "only the admin may delete it")
+                raise InvalidInput(f"unknown voice '{voice_id}'")
+            metadata = metadata or {}
             entry = self._entries.pop(voice_id, None)
             try:
-                self._metadata_path(voice_id).unlink()
+                path.unlink()
             except FileNotFoundError:
                 raise InvalidInput(f"unknown voice '{voice_id}'") from None
             self._unlink_codes(metadata.get("codes_file"))
@@ -230,7 +298,7 @@ class VoiceStore:
             return entry.voice.summary()
         # Unreadable metadata (or written by another process a moment ago): what it says.
         return {"voice_id": voice_id, **{key: metadata.get(key) for key in
-                                         ("transcript", "duration_seconds", "created_at")}}
+                                         ("transcript", "duration_seconds", "created_at", "owner")}}
 
     def __contains__(self, voice_id: str) -> bool:
         try:
@@ -303,6 +371,16 @@ class VoiceStore:
             signature = _signature(os.fstat(out.fileno()))
         return signature
 
+    def _read_metadata_with_inode(self, voice_id: str) -> tuple[dict | None, int | None]:
+        """The metadata and the inode of the very file it was read from."""
+        try:
+            with open(self._metadata_path(voice_id), "rb") as handle:
+                inode = os.fstat(handle.fileno()).st_ino
+                metadata = json.loads(handle.read())
+        except (OSError, ValueError):
+            return None, None
+        return (metadata, inode) if isinstance(metadata, dict) else (None, None)
+
     def _read_metadata_quietly(self, voice_id: str) -> dict | None:
         try:
             return json.loads(self._metadata_path(voice_id).read_text())
@@ -325,8 +403,9 @@ class VoiceStore:
             codes = validation.audio_codes(codes, codes_name)
             codes = np.ascontiguousarray(codes, dtype=np.int64)
             codes.setflags(write=False)
+            owner = metadata.get("owner")
             return Voice(voice_id, str(metadata["transcript"]), codes, float(metadata["duration_seconds"]),
-                         str(metadata["created_at"]))
+                         str(metadata["created_at"]), owner if isinstance(owner, str) else None)
         except (OSError, ValueError, KeyError, TypeError, InvalidInput):
             return None
 

@@ -10,7 +10,7 @@ from csm_triton import constants as C
 from csm_triton.core import validation
 from csm_triton.core.audio import prepare_reference_audio
 from csm_triton.errors import InvalidInput
-from csm_triton.core.voice_store import Voice, VoiceStore
+from csm_triton.core.voice_store import Voice, VoiceStore, check_owner
 
 __all__ = ["Encoder", "VoiceResolver"]
 
@@ -76,13 +76,15 @@ class VoiceResolver:
         return codes, audio.size / C.SAMPLE_RATE
 
     def register(self, voice_id: str, reference_audio: np.ndarray, reference_sample_rate,
-                 reference_text: str) -> Voice:
-        """Encodes a reference once and stores it under `voice_id` (the id and the
-        transcript are checked first, so a bad one costs no encoding; an existing id is
-        refused)."""
+                 reference_text: str, owner: str | None = None) -> Voice:
+        """Encodes a reference once and stores it under `voice_id` as `owner`'s (the id,
+        the owner, the transcript and the store's room are checked first, so a refused
+        request costs no encoding; an existing id is refused)."""
         voice_id = validation.voice_id(voice_id)
+        owner = check_owner(owner)
         transcript = validation.text(reference_text, "REFERENCE_TEXT")
         if voice_id in self.store:
             raise InvalidInput(f"voice '{voice_id}' already exists; delete it first to register it again")
+        self.store.check_room()
         codes, seconds = self.encode_reference(reference_audio, reference_sample_rate)
-        return self.store.register(voice_id, codes, transcript, seconds)
+        return self.store.register(voice_id, codes, transcript, seconds, owner=owner)

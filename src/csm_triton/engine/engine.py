@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from csm_triton import constants as C
+from csm_triton.core import validation
 from csm_triton.engine.capacity import CPU_DEFAULT_SLOTS, WarmUpReport, slots_from_memory
+from csm_triton.engine.faults import DeviceFailure, is_fatal_device_error
 from csm_triton.engine.frame_step import BucketPlan, FrameStep, StepBucket
 from csm_triton.engine.lm import CsmLM
 from csm_triton.engine.prefix_cache import PrefillPlan, PrefixCache, PrefixEntry
@@ -102,6 +104,11 @@ class GenerationEngine:
         # Called with stats() from the engine thread (see EngineConfig.stats_interval_s).
         self.on_stats: Callable[[dict], None] | None = None
         self._stats_reported_at = 0.0
+        # Set once the device failed (engine.faults): every request since is refused.
+        self.device_failure: BaseException | None = None
+        # Called on the engine thread after the in-flight requests were answered; csm_lm
+        # ends its stub there, so the supervisor reloads the model on a fresh context.
+        self.on_fatal: Callable[[BaseException], None] | None = None
 
     # --- sizing -----------------------------------------------------------------------
     def _slot_count(self) -> int:
@@ -117,6 +124,8 @@ class GenerationEngine:
         self._check(request)
         handle = RequestHandle(request, callback)
         with self._lock:
+            if self.device_failure is not None:
+                raise DeviceFailure(self._device_failure_message())
             if self._stopping:
                 raise RuntimeError("the generation engine is shutting down")
             self._waiting.append(handle)
@@ -199,8 +208,26 @@ class GenerationEngine:
             try:
                 self.step()
             except Exception as error:  # noqa: BLE001 - keep serving the next requests
+                if is_fatal_device_error(error):
+                    self._fail_device(error)
+                    return
                 LOG.exception("frame step failed")
                 self._finish_all(FinishReason.ERROR, f"generation failed: {type(error).__name__}: {error}")
+
+    def _device_failure_message(self) -> str:
+        error = self.device_failure
+        return (f"the generation device failed ({type(error).__name__}: {error}); "
+                "the model is being reloaded, retry shortly")
+
+    def _fail_device(self, error: BaseException) -> None:
+        """A device error no later step survives: answer every request in flight (and
+        refuse new ones) as DEVICE_FAILURE, then hand over to on_fatal."""
+        LOG.critical("device failure, the engine stops: %s", error, exc_info=error)
+        with self._lock:
+            self.device_failure = error
+        self._finish_all(FinishReason.DEVICE_FAILURE, self._device_failure_message())
+        if self.on_fatal is not None:
+            self.on_fatal(error)
 
     def _report_stats(self, *, force: bool = False) -> None:
         """Hands on_stats the counts at most every stats_interval_s, unless forced. On the
@@ -231,6 +258,12 @@ class GenerationEngine:
         return len(self._active)
 
     def _check(self, request: GenerationRequest) -> None:
+        # Every integer the engine indexes with, before any work (core.validation): on CUDA
+        # an out-of-range index is a device-side assert that breaks the whole process.
+        validation.token_ids(request.input_ids, "input_ids", self.lm.text_vocab_size)
+        codes = np.asarray(request.audio_codes)
+        if codes.size:  # no codes at all may come in any dtype (np.zeros((0, 32)) is float)
+            validation.audio_codes(codes, "prompt_codes", max_frames=self.max_context)
         tokens = len(request.input_ids)
         if request.max_frames < 1:
             raise InvalidInput("max_frames must be at least 1")
@@ -271,6 +304,10 @@ class GenerationEngine:
             try:
                 position = self._prefill(row, handle)
             except Exception as error:  # noqa: BLE001 - one bad prompt fails only itself
+                if is_fatal_device_error(error):  # not this prompt's fault: the loop fails them all
+                    with self._lock:
+                        self._waiting.appendleft(handle)
+                    raise
                 LOG.exception("prefill failed")
                 handle._end(FinishReason.ERROR, f"prefill failed: {error}")
                 continue

@@ -52,6 +52,9 @@ class CsmLM:
             depth = hf_model.depth_decoder
             self.depth = TransformerStack(depth.model)
             self.text_embedding = hf_model.embed_text_tokens.weight.detach()
+            # The bound every prompt id is checked against (GenerationEngine._check): the
+            # rows the embedding really has, whatever the config says.
+            self.text_vocab_size = self.text_embedding.shape[0]
             self.audio_embedding = hf_model.backbone_model.embed_tokens.embed_audio_tokens.weight.detach()
             self.audio_offsets = torch.arange(self.num_codebooks, device=device) * config.codebook_size
             self.backbone_head = Linear(hf_model.lm_head.weight)

@@ -27,6 +27,8 @@ class FinishReason(str, enum.Enum):
     CANCELLED = "cancelled"
     ERROR = "error"
     SHUTDOWN = "shutdown"
+    # The device failed for the whole process (engine.faults): retry, the model reloads.
+    DEVICE_FAILURE = "device_failure"
 
 
 @dataclass

@@ -11,6 +11,15 @@ install: the container's launch (docker/serve.sh) starts the NGC image's
 tritonserver with them. `serve` supervises the server it runs (see
 csm_triton.serving.supervisor): tritonserver is started again when it dies, and
 models whose python stub died are reloaded. `check` is the container's healthcheck.
+
+Both `serve` and `args` listen on 127.0.0.1 unless --listen-address (or
+$CSM_TRITON_LISTEN_ADDRESS) opens them, and restrict Triton's model control (load,
+unload, repository index; also shared memory, logging and trace settings) to callers
+sending $CSM_MODEL_CONTROL_KEY in the `csm-model-control-key` header; without that
+variable each start makes a random key that only it knows, so only the model
+supervisor can load and unload. On SIGTERM/SIGINT `serve` stops the supervisor,
+forwards the signal, and kills tritonserver's process group (stubs included) when it
+is still running --stop-timeout seconds later.
 """
 
 from __future__ import annotations
@@ -27,16 +36,17 @@ from typing import Sequence
 from urllib.parse import urlsplit
 
 from csm_triton import constants as C
-from csm_triton.serving.flags import MODEL_CONTROL_MODES, server_arguments
+from csm_triton.serving.flags import (MODEL_CONTROL_MODES, client_host, listen_warning, model_control_key, redact,
+                                     server_arguments)
 from csm_triton.serving.install import PrepareError, perf_analyzer_command, prepare, server_environment
-from csm_triton.serving.process import (kill_process_group, parent_death_signal, remove_shm_regions, shm_region_flag,
-                                        unique_shm_prefix)
+from csm_triton.serving.process import (end_process_group, kill_process_group, parent_death_signal,
+                                        remove_shm_regions, shm_region_flag, unique_shm_prefix)
 from csm_triton.serving.restart import RestartPolicy, ServerRunner
 from csm_triton.serving.stubs import check_server, find_tritonserver
 from csm_triton.serving.supervisor import ModelSupervisor
 
 # --- CLI --------------------------------------------------------------------------------
-def _server_flags(args: argparse.Namespace, *, backend_directory: Path | None,
+def _server_flags(args: argparse.Namespace, *, backend_directory: Path | None, key: str,
                   cache_directory: Path | None = None, extra: Sequence[str] = ()) -> list[str]:
     """server_arguments for the options `serve` and `args` share (_add_server_options)."""
     return server_arguments(
@@ -53,6 +63,8 @@ def _server_flags(args: argparse.Namespace, *, backend_directory: Path | None,
         cache_directory=cache_directory,
         log_verbose=args.log_verbose,
         exit_timeout=args.exit_timeout,
+        listen_address=args.listen_address,
+        model_control_key=key,
         extra=[*extra, *args.extra],
     )
 
@@ -61,16 +73,25 @@ def _log(message: str) -> None:
     print(f"csm-triton-server: {message}", file=sys.stderr, flush=True)
 
 
+def _warn_if_open(args: argparse.Namespace) -> None:
+    warning = listen_warning(args.listen_address)
+    if warning:
+        _log(warning)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    key = model_control_key()
     install = prepare(args.home, perf_analyzer=False)
     shm_prefix = unique_shm_prefix()
     command = [str(install.tritonserver)] + _server_flags(
         args,
         backend_directory=install.backend_directory,
+        key=key,
         cache_directory=install.cache_directory,
         extra=[shm_region_flag(shm_prefix)],
     )
-    print("$ " + " ".join(command), file=sys.stderr, flush=True)
+    print("$ " + " ".join(redact(command)), file=sys.stderr, flush=True)
+    _warn_if_open(args)
     environment = server_environment(install)
 
     def spawn() -> subprocess.Popen:
@@ -81,18 +102,25 @@ def _serve(args: argparse.Namespace) -> int:
         # what the next server would otherwise find in its way.
         pid = getattr(process, "pid", None)
         if pid:
-            kill_process_group(pid)
+            end_process_group(pid, log=_log)
         remove_shm_regions(shm_prefix)
+
+    def kill(process: subprocess.Popen) -> None:
+        kill_process_group(process.pid)
 
     policy = RestartPolicy(args.restart_delay, args.restart_max_delay, healthy_s=60.0,
                            max_restarts=None if args.restart else 0)
-    runner = ServerRunner(spawn, policy=policy, cleanup=cleanup, log=_log)
+    stop_timeout = args.stop_timeout if args.stop_timeout is not None else args.exit_timeout + C.STOP_KILL_MARGIN_S
+    runner = ServerRunner(spawn, policy=policy, cleanup=cleanup, log=_log, stop_timeout_s=stop_timeout, kill=kill)
     supervisor = None
     if args.supervise_models and args.model_control == "explicit":
         supervisor = ModelSupervisor.for_embedded(
-            install, args.http_port, lambda: runner.pid, interval_s=args.supervise_interval, log=_log).start()
+            install, args.http_port, lambda: runner.pid, interval_s=args.supervise_interval, log=_log,
+            host=client_host(args.listen_address), model_control_key=key).start()
 
     def stop(signum, _frame):
+        if supervisor is not None:  # no reload may start while the models unload
+            supervisor.request_stop()
         runner.request_stop(signum)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
@@ -104,6 +132,8 @@ def _serve(args: argparse.Namespace) -> int:
         if supervisor is not None:
             supervisor.stop()
         remove_shm_regions(shm_prefix)
+    if runner.killed_after_stop:
+        return 1
     return code if code >= 0 else 128 - code
 
 
@@ -125,7 +155,10 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _args(args: argparse.Namespace) -> int:
-    print("\n".join(_server_flags(args, backend_directory=args.backend_directory)))
+    # Printed for a launcher to exec, key included: it must never log this output
+    # (docker/serve.sh prints it redacted).
+    print("\n".join(_server_flags(args, backend_directory=args.backend_directory, key=model_control_key())))
+    _warn_if_open(args)
     return 0
 
 
@@ -175,7 +208,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="GPU metrics and pinned memory on (default: when this machine has a GPU)",
     )
     server.add_argument("--log-verbose", type=int, default=0)
-    server.add_argument("--exit-timeout", type=int, default=30, help="seconds to drain on SIGTERM")
+    server.add_argument("--exit-timeout", type=int, default=C.DEFAULT_EXIT_TIMEOUT_S,
+                        help="on SIGTERM, Triton's seconds for open HTTP connections, in-flight requests and "
+                             "unloading, together")
+    server.add_argument(
+        "--listen-address", default=os.environ.get(C.LISTEN_ADDRESS_ENV) or C.DEFAULT_LISTEN_ADDRESS,
+        help=f"where HTTP, gRPC and metrics listen (default: ${C.LISTEN_ADDRESS_ENV}, else "
+             f"{C.DEFAULT_LISTEN_ADDRESS}; 0.0.0.0 opens them to the network)")
     server.add_argument("extra", nargs="*", help="further tritonserver flags, after --")
 
     s = commands.add_parser("serve", parents=[common, server], help="run tritonserver in the foreground, supervised")
@@ -187,6 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--supervise-models", action=argparse.BooleanOptionalAction, default=True,
                    help="with --model-control explicit: reload models whose python stub died or stopped")
     s.add_argument("--supervise-interval", type=float, default=2.0, help="seconds between two looks at the stubs")
+    s.add_argument("--stop-timeout", type=float, default=None,
+                   help="seconds after SIGTERM/SIGINT before tritonserver and its stubs are killed "
+                        f"(default: --exit-timeout + {C.STOP_KILL_MARGIN_S})")
     s.set_defaults(run=_serve)
 
     c = commands.add_parser(

@@ -4,17 +4,30 @@ The deployment-independent flags come from `tritonserver.args` beside this modul
 (package data, so an installed wheel has them too); `server_arguments` adds the
 deployment's own. The embedded launcher and the container's launch
 (docker/serve.sh, through `csm-triton-server args`) both use it.
+
+Closed by default: HTTP, gRPC and metrics listen on 127.0.0.1 unless a listen address
+is given, and Triton's administrative APIs (C.RESTRICTED_APIS: loading a model whose
+model.py arrives in the request, among others) answer only callers that send the
+model-control key in the C.MODEL_CONTROL_KEY_HEADER header (over gRPC:
+`triton-grpc-protocol-<header>`, see `model_control_headers`). The key is on
+tritonserver's command line (2.51 reads it nowhere else): print argv with `redact`.
 """
 
 from __future__ import annotations
 
 import glob
+import ipaddress
+import os
+import re
+import secrets
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from csm_triton import constants as C
 
-__all__ = ["DEFAULT_ARGS_FILE", "MODEL_CONTROL_MODES", "gpu_available", "read_args_file", "server_arguments"]
+__all__ = ["DEFAULT_ARGS_FILE", "MODEL_CONTROL_MODES", "client_host", "gpu_available", "is_loopback", "listen_warning",
+           "model_control_headers", "model_control_key", "new_model_control_key", "read_args_file", "redact",
+           "restriction_flags", "server_arguments"]
 
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 DEFAULT_ARGS_FILE = Path(__file__).resolve().parent / "tritonserver.args"
@@ -25,7 +38,12 @@ _DEPLOYMENT_FLAGS = {
     "--backend-directory", "--model-control-mode", "--load-model", "--strict-readiness",
     "--exit-on-error", "--allow-gpu-metrics", "--pinned-memory-pool-byte-size", "--cache-directory",
     "--log-verbose", "--log-file", "--repository-poll-secs", "--exit-timeout-secs",
+    "--http-address", "--grpc-address", "--metrics-address", "--http-restricted-api", "--grpc-restricted-protocol",
 }
+_RESTRICTION_FLAGS = ("--http-restricted-api", "--grpc-restricted-protocol")
+# What a user-chosen key may hold: Triton splits the flag at ':' and '=', and the
+# value travels in an HTTP header and gRPC metadata.
+_KEY_FORM = re.compile(r"[A-Za-z0-9._~+/-]{16,256}")
 
 
 # --- flags and environment --------------------------------------------------------------
@@ -46,6 +64,69 @@ def read_args_file(path: Path | str = DEFAULT_ARGS_FILE) -> list[str]:
         if values != [C.HEADER_FORWARD_PATTERN]:
             raise ValueError(f"{path}: {flag} must be given once as {C.HEADER_FORWARD_PATTERN!r} (constants), got {values}")
     return flags
+
+
+# --- who may reach the server, and its administrative APIs ----------------------------------
+def new_model_control_key() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def model_control_key(environ: Mapping[str, str] | None = None) -> str:
+    """This start's key: $CSM_MODEL_CONTROL_KEY when set (for operators and tools that
+    load and unload models), else a new random one that only this process knows."""
+    given = (os.environ if environ is None else environ).get(C.MODEL_CONTROL_KEY_ENV, "")
+    if not given:
+        return new_model_control_key()
+    if not _KEY_FORM.fullmatch(given):  # the message never repeats the key
+        raise ValueError(f"${C.MODEL_CONTROL_KEY_ENV} must be 16 to 256 characters of A-Z a-z 0-9 . _ ~ + / - "
+                         "(e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
+    return given
+
+
+def restriction_flags(key: str) -> list[str]:
+    apis = ",".join(C.RESTRICTED_APIS)
+    # The colon form: 2.51 rejects the comma form its --help shows.
+    return [f"{flag}={apis}:{C.MODEL_CONTROL_KEY_HEADER}={key}" for flag in _RESTRICTION_FLAGS]
+
+
+def model_control_headers(key: str, protocol: str = "http") -> dict[str, str]:
+    """The headers of a load/unload/index call: tritonclient's `headers=` argument."""
+    if protocol not in ("http", "grpc"):
+        raise ValueError(f"protocol must be 'http' or 'grpc', got {protocol!r}")
+    prefix = "triton-grpc-protocol-" if protocol == "grpc" else ""
+    return {f"{prefix}{C.MODEL_CONTROL_KEY_HEADER}": key}
+
+
+def redact(argv: Iterable[str]) -> list[str]:
+    """argv fit for a log: the values of restricted-API flags (keys) hidden."""
+    return [re.sub(r"^(--(?:http-restricted-api|grpc-restricted-protocol)=[^=]*=).*", r"\1<hidden>", arg)
+            for arg in argv]
+
+
+def is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def client_host(listen_address: str) -> str:
+    """Where a client on this machine reaches a server listening on listen_address."""
+    if listen_address in ("", "0.0.0.0", "localhost") or listen_address == C.DEFAULT_LISTEN_ADDRESS:
+        return "localhost"
+    if listen_address in ("::", "::1"):
+        return "[::1]"
+    return f"[{listen_address}]" if ":" in listen_address else listen_address
+
+
+def listen_warning(address: str) -> str | None:
+    """The one line to print when the server is opened beyond this machine."""
+    if is_loopback(address):
+        return None
+    return (f"warning: HTTP, gRPC and metrics listen on {address}: inference, health and metrics are open "
+            f"to anyone who reaches these ports (model control still needs the key)")
 
 
 def gpu_available() -> bool:
@@ -70,7 +151,9 @@ def server_arguments(
     gpu: bool | None = None,
     cache_directory: Path | str | None = None,
     log_verbose: int = 0,
-    exit_timeout: int = 30,
+    exit_timeout: int = C.DEFAULT_EXIT_TIMEOUT_S,
+    listen_address: str = C.DEFAULT_LISTEN_ADDRESS,
+    model_control_key: str | None = None,
     args_file: Path | str = DEFAULT_ARGS_FILE,
     extra: Iterable[str] = (),
 ) -> list[str]:
@@ -83,7 +166,10 @@ def server_arguments(
     down. gpu=None asks the machine; without one the GPU metrics and the pinned memory
     pool are switched off. exit_timeout: on SIGTERM, how long Triton waits for in-flight
     requests AND open HTTP connections (a client's idle keep-alive connection holds the
-    shutdown for the whole timeout).
+    shutdown for the whole timeout). listen_address: HTTP, gRPC and metrics bind there.
+    model_control_key: restricts C.RESTRICTED_APIS to callers sending it (None: open to
+    all, for a server nobody else can reach); `csm-triton-server serve` and `args`
+    always pass one.
     """
     if model_control not in MODEL_CONTROL_MODES:
         raise ValueError(f"model_control must be one of {MODEL_CONTROL_MODES}, got {model_control!r}")
@@ -98,6 +184,9 @@ def server_arguments(
         f"--http-port={int(http_port)}",
         f"--grpc-port={int(grpc_port)}",
         f"--metrics-port={int(metrics_port)}",
+        f"--http-address={listen_address}",
+        f"--grpc-address={listen_address}",
+        f"--metrics-address={listen_address}",
         f"--model-control-mode={model_control}",
     ]
     if model_control == "explicit":
@@ -108,6 +197,8 @@ def server_arguments(
         f"--log-verbose={int(log_verbose)}",
         f"--exit-timeout-secs={int(exit_timeout)}",
     ]
+    if model_control_key is not None:
+        flags += restriction_flags(model_control_key)
     if backend_directory is not None:
         flags.append(f"--backend-directory={Path(backend_directory).resolve()}")
     if cache_directory is not None:

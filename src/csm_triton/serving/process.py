@@ -1,5 +1,6 @@
 """A tritonserver process for tests and tools: free ports, a log file, readiness
-waited for, and always stopped (its python stubs and their /dev/shm regions too)."""
+waited for, and always stopped (its python stubs and their /dev/shm regions too).
+Closed as `csm-triton-server serve` is: loopback only, model control behind a key."""
 
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
-from csm_triton.serving.flags import server_arguments
+from csm_triton import constants as C
+from csm_triton.serving.flags import client_host, model_control_headers, new_model_control_key, redact, server_arguments
 from csm_triton.serving.install import EmbeddedInstall, prepare, server_environment
+from csm_triton.serving.stubs import process_group
 from csm_triton.serving.supervisor import ModelSupervisor, log_to_file
 
-__all__ = ["TritonServer", "TritonStartError", "free_ports", "kill_process_group", "parent_death_signal",
+__all__ = ["TritonServer", "TritonStartError", "end_process_group", "free_ports", "kill_process_group",
+           "parent_death_signal",
            "remove_shm_regions", "shm_region_flag", "unique_shm_prefix"]
 
 _ENDPOINT_FAILURE = re.compile(r"failed to start (HTTP|GRPC|Metrics) service[^\n]*")
@@ -53,6 +57,25 @@ def kill_process_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def end_process_group(pgid: int, grace_s: float = 2.0, log: Callable[[str], None] | None = None) -> dict[int, str]:
+    """After tritonserver exited or was killed: its process group's survivors (stubs
+    notice a gone server within about a second; a stub stuck in execute never does)
+    get `grace_s`, then SIGKILL and one log line naming them. Returns those killed."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        left = process_group(pgid)
+        if not left:
+            return {}
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    kill_process_group(pgid)
+    if log is not None:
+        log(f"killed {len(left)} processes of tritonserver's process group that outlived it by {grace_s:g} s: "
+            + ", ".join(f"{name} (pid {pid})" for pid, name in sorted(left.items())))
+    return left
 
 
 class TritonStartError(RuntimeError):
@@ -97,12 +120,12 @@ def _stop_all() -> None:
         server.stop()
 
 
-def _readiness_client(http_port: int):
+def _readiness_client(http_url: str):
     """A tritonclient HTTP client for readiness polls (short timeouts: a port that
     does not answer yet is "not ready", not an error)."""
     import tritonclient.http as http  # the serving layer's client; imported when a server starts
 
-    return http.InferenceServerClient(f"127.0.0.1:{http_port}", connection_timeout=1.0, network_timeout=1.0)
+    return http.InferenceServerClient(http_url, connection_timeout=1.0, network_timeout=1.0)
 
 
 def _ready(check) -> bool:
@@ -131,7 +154,10 @@ class TritonServer:
     main thread or pass False. supervise_models: once ready, a ModelSupervisor
     (csm_triton.serving.supervisor) reloads models whose python stub died, every
     `supervise_interval` seconds, as `csm-triton-server serve` does; it is
-    `self.supervisor` and writes its lines into the server's log.
+    `self.supervisor` and writes its lines into the server's log. Like `serve`, it
+    listens on `listen_address` (loopback) and refuses model control (load, unload,
+    index) without `model_control_key` (a random one unless given; None: unrestricted):
+    send `model_control_headers` (HTTP) or `grpc_model_control_headers`.
     """
 
     def __init__(
@@ -159,6 +185,8 @@ class TritonServer:
         environment: Mapping[str, str] | None = None,
         supervise_models: bool = False,
         supervise_interval: float = 2.0,
+        listen_address: str = C.DEFAULT_LISTEN_ADDRESS,
+        model_control_key: str | None = "",
     ) -> None:
         self.environment = dict(environment or {})
         self.model_repository = Path(model_repository).resolve()
@@ -189,19 +217,33 @@ class TritonServer:
         self.supervise_models = supervise_models
         self.supervise_interval = supervise_interval
         self.supervisor = None
+        self.listen_address = listen_address
+        # "": a new random key; None: no restriction at all.
+        self.model_control_key = new_model_control_key() if model_control_key == "" else model_control_key
 
     # --- addresses ----------------------------------------------------------------------
     @property
     def http_url(self) -> str:
-        return f"localhost:{self.http_port}"
+        return f"{client_host(self.listen_address)}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"localhost:{self.grpc_port}"
+        return f"{client_host(self.listen_address)}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"localhost:{self.metrics_port}"
+        return f"{client_host(self.listen_address)}:{self.metrics_port}"
+
+    @property
+    def model_control_headers(self) -> dict[str, str] | None:
+        """`headers=` of an HTTP load_model / unload_model / get_model_repository_index."""
+        key = self.model_control_key
+        return None if key is None else model_control_headers(key, "http")
+
+    @property
+    def grpc_model_control_headers(self) -> dict[str, str] | None:
+        key = self.model_control_key
+        return None if key is None else model_control_headers(key, "grpc")
 
     @property
     def log_path(self) -> Path:
@@ -232,6 +274,8 @@ class TritonServer:
             cache_directory=install.cache_directory,
             log_verbose=self.log_verbose,
             exit_timeout=self.exit_timeout,
+            listen_address=self.listen_address,
+            model_control_key=self.model_control_key,
             extra=[shm_region_flag(self.shm_prefix), *self.extra_args],
         )
 
@@ -266,6 +310,7 @@ class TritonServer:
         if self.supervise_models:
             self.supervisor = ModelSupervisor.for_embedded(
                 self._install, self.http_port, lambda: self.pid, interval_s=self.supervise_interval,
+                host=client_host(self.listen_address), model_control_key=self.model_control_key,
                 log=log_to_file(self.log_path)).start()
         return self
 
@@ -274,7 +319,7 @@ class TritonServer:
         command = self.command()
         with open(self.log_path, "ab") as log:
             self._log_offset = log.tell()
-            log.write(("$ " + " ".join(command) + "\n").encode())
+            log.write(("$ " + " ".join(redact(command)) + "\n").encode())
             log.flush()
             self.process = subprocess.Popen(
                 command,
@@ -306,7 +351,7 @@ class TritonServer:
 
     def _wait_ready(self, started: float) -> None:
         deadline = started + self.startup_timeout
-        client = _readiness_client(self.http_port)
+        client = _readiness_client(self.http_url)
         pending = list(self.ready_models)
         try:
             while True:
@@ -364,6 +409,9 @@ class TritonServer:
                     process.send_signal(signal.SIGTERM)
                     process.wait(timeout=self.stop_grace)
                 except subprocess.TimeoutExpired:
+                    log_to_file(self.log_path, "csm-triton-server")(
+                        f"tritonserver (pid {process.pid}) still running {self.stop_grace:g} s after SIGTERM: "
+                        "killing it and its python stubs (SIGKILL)")
                     kill_process_group(process.pid)
                     process.wait(timeout=30)
         finally:
@@ -372,16 +420,7 @@ class TritonServer:
     def _reap(self, process: subprocess.Popen) -> None:
         """After tritonserver exited: stray stubs of its process group, its shm regions."""
         self.returncode = process.poll()
-        deadline = time.monotonic() + 5
-        while True:  # stubs notice that their parent is gone by themselves; give them a moment
-            try:
-                os.killpg(process.pid, 0)
-            except (ProcessLookupError, PermissionError):
-                break
-            if time.monotonic() > deadline:
-                kill_process_group(process.pid)
-                break
-            time.sleep(0.1)
+        end_process_group(process.pid, grace_s=5.0, log=log_to_file(self.log_path, "csm-triton-server"))
         remove_shm_regions(self.shm_prefix)
         self.process = None
         with _RUNNING_LOCK:

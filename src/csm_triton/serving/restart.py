@@ -3,8 +3,9 @@
 An exit nobody asked for (killed by a signal, or an error exit code) is followed by a
 restart after an exponential backoff, with a restart counter and one log line naming
 the exit cause; a stop that serve was asked for (SIGTERM, SIGINT, SIGHUP) is forwarded
-and ends the loop. The model repository and the voice store are files the loop never
-touches: a restarted server finds them as they were.
+and ends the loop. A server still running `stop_timeout_s` after that is killed, with a
+log line. The model repository and the voice store are files the loop never touches: a
+restarted server finds them as they were.
 """
 
 from __future__ import annotations
@@ -74,10 +75,13 @@ class ServerRunner:
     """Runs `spawn()`'s process until asked to stop, starting it again after it died:
     killed by a signal or exited with an error, without `request_stop`. Exit code 0 is
     a clean shutdown someone asked tritonserver itself for (a SIGTERM sent to it, not
-    to serve) and ends the loop too. `run()` returns the last exit code."""
+    to serve) and ends the loop too. `run()` returns the last exit code. With
+    `stop_timeout_s`, a server still running that long after the stop was forwarded is
+    ended by `kill` (default SIGKILL to it), and `killed_after_stop` says so."""
 
     def __init__(self, spawn: Callable[[], Process], *, policy: RestartPolicy | None = None,
                  cleanup: Callable[[Process], None] = lambda process: None,
+                 stop_timeout_s: float | None = None, kill: Callable[[Process], None] | None = None,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], bool] | None = None,
                  log: LogFn = _stderr):
         self._spawn = spawn
@@ -90,6 +94,10 @@ class ServerRunner:
         self._lock = threading.Lock()
         self._stop_signal = signal.SIGTERM
         self.process: Process | None = None
+        self.stop_timeout_s = stop_timeout_s
+        self._kill = kill or (lambda process: process.send_signal(signal.SIGKILL))
+        self._stop_deadline: threading.Timer | None = None
+        self.killed_after_stop = False
 
     @property
     def restarts(self) -> int:
@@ -108,8 +116,32 @@ class ServerRunner:
             process = self.process
         if process is not None and process.poll() is None:
             process.send_signal(signum)
+            self._arm_stop_deadline(process, signum)
+
+    def _arm_stop_deadline(self, process: Process, signum: int) -> None:
+        with self._lock:
+            if self.stop_timeout_s is None or self._stop_deadline is not None:
+                return
+            self._stop_deadline = threading.Timer(self.stop_timeout_s, self._kill_if_running, (process, signum))
+            self._stop_deadline.daemon = True
+            self._stop_deadline.start()
+
+    def _kill_if_running(self, process: Process, signum: int) -> None:
+        if process.poll() is not None:
+            return
+        self.killed_after_stop = True
+        self._log(f"tritonserver (pid {process.pid}) still running {self.stop_timeout_s:g} s after "
+                  f"{signal.Signals(signum).name}: killing it and its python stubs (SIGKILL)")
+        self._kill(process)
 
     def run(self) -> int:
+        try:
+            return self._run()
+        finally:
+            if self._stop_deadline is not None:
+                self._stop_deadline.cancel()
+
+    def _run(self) -> int:
         code = 0
         while True:
             if self._stopping.is_set():
@@ -120,6 +152,7 @@ class ServerRunner:
                 stop_now = self._stopping.is_set()
             if stop_now:
                 process.send_signal(self._stop_signal)
+                self._arm_stop_deadline(process, self._stop_signal)
             started = self._clock()
             pid = getattr(process, "pid", None)  # for the log lines
             code = self._wait(process)

@@ -17,8 +17,8 @@ from typing import Iterable, Mapping, Sequence
 
 from csm_triton.serving.restart import describe_exit
 
-__all__ = ["ProcState", "check_server", "expected_instances", "find_tritonserver", "python_based_backends",
-           "read_state", "server_stubs", "stub_backed", "stub_problem"]
+__all__ = ["ProcState", "check_server", "expected_instances", "find_tritonserver", "process_group",
+           "python_based_backends", "read_state", "server_stubs", "stub_backed", "stub_problem"]
 
 STUB_PROGRAM = "triton_python_backend_stub"
 _STUB_INSTANCE_ARG = 8  # argv: stub, model path, shm region, sizes x2, parent pid, lib dir, ipc handle, instance
@@ -29,6 +29,7 @@ class ProcState:
     state: str  # /proc/<pid>/stat's letter: R, S, D, Z (zombie), T (stopped), ...
     ppid: int
     exit_status: int  # waitpid-style status; meaningful for a zombie
+    pgrp: int = 0
 
     @property
     def dead(self) -> bool:
@@ -53,7 +54,7 @@ def read_state(pid: int, proc: Path = Path("/proc")) -> ProcState | None:
         return None
     fields = stat.rsplit(")", 1)[1].split()  # the name may hold spaces and parentheses
     exit_status = int(fields[49]) if len(fields) > 49 else 0  # field 52, Linux >= 3.5
-    return ProcState(fields[0], int(fields[1]), exit_status)
+    return ProcState(fields[0], int(fields[1]), exit_status, int(fields[2]))
 
 
 def _argv(pid: int | str, proc: Path) -> list[str]:
@@ -78,6 +79,24 @@ def server_stubs(server_pid: int, proc: Path = Path("/proc")) -> dict[int, str]:
         if len(argv) > _STUB_INSTANCE_ARG and Path(argv[0]).name == STUB_PROGRAM:
             stubs[int(entry.name)] = argv[_STUB_INSTANCE_ARG]
     return stubs
+
+
+def process_group(pgid: int, proc: Path = Path("/proc")) -> dict[int, str]:
+    """pid -> what it is ("stub csm_lm_0_0", "tritonserver") of every live process of a
+    process group: a server's, whose stubs outlive it when it exits or is killed."""
+    members = {}
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        state = read_state(int(entry.name), proc)
+        if state is None or state.pgrp != pgid or state.dead:
+            continue
+        argv = _argv(entry.name, proc)
+        if len(argv) > _STUB_INSTANCE_ARG and Path(argv[0]).name == STUB_PROGRAM:
+            members[int(entry.name)] = f"stub {argv[_STUB_INSTANCE_ARG]}"
+        else:
+            members[int(entry.name)] = Path(argv[0]).name if argv else "?"
+    return members
 
 
 def find_tritonserver(http_port: int | None = None, proc: Path = Path("/proc")) -> int | None:
@@ -161,17 +180,20 @@ def check_server(http_url: str, server_pid: int | None, *, python_based: Sequenc
             return ready, []
         stubs = server_stubs(server_pid, proc)
         problems = []
-        for model in client.get_model_repository_index():
-            if model.get("state") != "READY":
+        # The loaded models from the statistics API: the repository index needs the
+        # model-control key (flags.RESTRICTED_APIS), which a healthcheck has no need to hold.
+        loaded = sorted({entry["name"] for entry in client.get_inference_statistics().get("model_stats", [])})
+        for model in loaded:
+            if not client.is_model_ready(model):
                 continue
-            config = client.get_model_config(model["name"])
+            config = client.get_model_config(model)
             if not stub_backed(config, python_based):
                 continue
             expected = expected_instances(config)
-            mine = {pid: name for pid, name in stubs.items() if name in expected}
+            mine = {pid: instance for pid, instance in stubs.items() if instance in expected}
             problem = stub_problem(mine, expected, proc)
             if problem:
-                problems.append(f"model {model['name']}: {problem}")
+                problems.append(f"model {model}: {problem}")
         return ready, problems
     finally:
         client.close()

@@ -21,6 +21,11 @@ waits for its BLS worker threads): their stubs that still live `reap_after_s` la
 killed to give their memory back. A stub stuck while still running (a deadlock) is not
 detected: no cheap probe tells it from one busy with long work; the BLS callers'
 deadline (adapter.BLS_TIMEOUT_S) bounds what waits on it.
+
+Its repository calls carry the model-control key (csm_triton.serving.flags): the
+server refuses them to anyone else. Its HTTP connection is closed after every round:
+Triton 2.51 waits on SIGTERM for every open HTTP connection, an idle keep-alive one
+included, for the whole exit timeout, and then has no time left to unload the models.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
+from csm_triton.serving.flags import model_control_headers
 from csm_triton.serving.stubs import (expected_instances, python_based_backends, read_state, server_stubs, stub_backed,
                                       stub_problem)
 
@@ -48,11 +54,11 @@ def _stderr(message: str) -> None:
     print(f"csm-triton-server: {message}", file=sys.stderr, flush=True)
 
 
-def log_to_file(path: Path | str) -> LogFn:
+def log_to_file(path: Path | str, source: str = "csm-model-supervisor") -> LogFn:
     """Lines appended to a server's log (one write each: they interleave whole)."""
     def log(message: str) -> None:
         with open(path, "a") as file:
-            file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} csm-model-supervisor: {message}\n")
+            file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {source}: {message}\n")
     return log
 
 
@@ -110,6 +116,7 @@ class _Client:
 
     url: str
     load_timeout_s: float
+    headers: dict[str, str] | None = None  # the model-control key's
     _client: object = field(default=None, init=False)
 
     def _http(self):
@@ -121,16 +128,16 @@ class _Client:
         return self._client
 
     def states(self) -> dict[str, str]:
-        return {m["name"]: m.get("state", "") for m in self._http().get_model_repository_index()}
+        return {m["name"]: m.get("state", "") for m in self._http().get_model_repository_index(headers=self.headers)}
 
     def config(self, model: str) -> dict:
         return self._http().get_model_config(model)
 
     def unload(self, model: str) -> None:
-        self._http().unload_model(model)
+        self._http().unload_model(model, headers=self.headers)
 
     def load(self, model: str) -> None:
-        self._http().load_model(model)
+        self._http().load_model(model, headers=self.headers)
 
     def close(self) -> None:
         if self._client is not None:
@@ -147,7 +154,7 @@ class ModelSupervisor:
 
     def __init__(self, http_url: str, server_pid: Callable[[], int | None], *, interval_s: float = 2.0,
                  drain_s: float = 3.0, reap_after_s: float = 30.0, load_timeout_s: float = 900.0,
-                 python_based: Sequence[str] = (),
+                 python_based: Sequence[str] = (), model_control_key: str | None = None,
                  callers: Mapping[str, Sequence[str]] = BLS_CALLERS, log: LogFn = _stderr,
                  client=None, proc: Path = Path("/proc"), clock: Callable[[], float] = time.monotonic):
         self._server_pid = server_pid
@@ -157,7 +164,8 @@ class ModelSupervisor:
         self._python_based = tuple(python_based)
         self._callers = callers
         self._log = log
-        self._client = client or _Client(http_url, load_timeout_s)
+        headers = model_control_headers(model_control_key) if model_control_key is not None else None
+        self._client = client or _Client(http_url, load_timeout_s, headers)
         self._proc = proc
         self._clock = clock
         self._stop = threading.Event()
@@ -172,10 +180,10 @@ class ModelSupervisor:
         self.recoveries: list[Recovery] = []
 
     @classmethod
-    def for_embedded(cls, install, http_port: int, server_pid: Callable[[], int | None],
-                     **options) -> "ModelSupervisor":
+    def for_embedded(cls, install, http_port: int, server_pid: Callable[[], int | None], *,
+                     host: str = "127.0.0.1", **options) -> "ModelSupervisor":
         """For a server of this embedded install (its onnxruntime models run as stubs too)."""
-        return cls(f"127.0.0.1:{http_port}", server_pid,
+        return cls(f"{host}:{http_port}", server_pid,
                    python_based=python_based_backends(install.backend_directory), **options)
 
     # --- the thread -------------------------------------------------------------------
@@ -187,6 +195,12 @@ class ModelSupervisor:
         self._thread.start()
         self._first_round.wait(first_look_s)
         return self
+
+    def request_stop(self) -> None:
+        """No further round (the one under way ends first); returns at once, so a
+        signal handler can call it before the server is asked to stop: a recovery must
+        not start while models unload."""
+        self._stop.set()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stop.set()
@@ -202,6 +216,7 @@ class ModelSupervisor:
                     if not self._stop.is_set() and self._server_pid() is not None:
                         self._log(f"model supervisor: {type(error).__name__}: {error}")
                 self._first_round.set()
+                self._client.close()  # no idle connection for a shutdown to wait on
                 if self._stop.wait(self.interval_s):
                     return
         finally:

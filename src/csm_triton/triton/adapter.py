@@ -246,31 +246,47 @@ class StreamSender:
     """One request's response sender. Exactly one final response is sent, whatever
     happens: `finish` or `fail` (later calls are ignored)."""
 
-    def __init__(self, request, model_name: str):
+    def __init__(self, request, model_name: str, on_close=None):
         self._sender = request.get_response_sender()
         self._model_name = model_name
+        self._on_close = on_close
+        # The model's thread and an unload (DecoupledModel.on_unload) may end it at once.
+        self._lock = threading.Lock()
         self.closed = False
 
     def send(self, outputs: Mapping[str, np.ndarray]) -> None:
-        if not self.closed:
-            self._sender.send(build_response(outputs))
+        with self._lock:
+            if not self.closed:
+                self._sender.send(build_response(outputs))
 
     def finish(self, outputs: Mapping[str, np.ndarray] | None = None) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        if outputs:
-            self._sender.send(build_response(outputs), flags=final)
-        else:
-            self._sender.send(flags=final)
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+            try:
+                if outputs:
+                    self._sender.send(build_response(outputs), flags=final)
+                else:
+                    self._sender.send(flags=final)
+            finally:
+                self._closed()
 
     def fail(self, error: BaseException) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self._sender.send(error_response(error, self._model_name),
-                          flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            try:
+                self._sender.send(error_response(error, self._model_name),
+                                  flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            finally:
+                self._closed()
+
+    def _closed(self) -> None:
+        if self._on_close is not None:
+            self._on_close(self)
 
     def is_cancelled(self) -> bool:
         return self._sender.is_cancelled()
@@ -280,12 +296,38 @@ class DecoupledModel(PythonModel):
     """Base of decoupled python models: `start(request, sender)` begins the work and
     must end in sender.finish/fail (now or later, from any thread)."""
 
+    def __init__(self) -> None:
+        self._open_streams: set[StreamSender] = set()  # started, not ended: what on_unload ends
+        self._open_streams_lock = threading.Lock()
+
+    def initialize(self, args):
+        super().initialize(args)
+        watch_unload(self.model_name, self.on_unload)
+
     def start(self, request, sender: StreamSender) -> None:
         raise NotImplementedError
 
+    def on_unload(self) -> None:
+        """Called once (on a thread of its own) when this model stops being ready: the
+        server shuts down or someone unloads it. A decoupled request keeps its model
+        loaded until its final response went out, and `finalize` only runs after that:
+        a stream left open would hold Triton's shutdown until it gives up ("Exit timeout
+        expired") and finalizes nothing. Every open stream ends here with UNAVAILABLE
+        (the client may retry elsewhere); a subclass stops its own work first."""
+        with self._open_streams_lock:
+            streams = list(self._open_streams)
+        for sender in streams:
+            sender.fail(ModelUnavailable("the model is being unloaded (server shutdown or reload)"))
+
+    def _stream_closed(self, sender: StreamSender) -> None:
+        with self._open_streams_lock:
+            self._open_streams.discard(sender)
+
     def execute(self, requests):
         for request in requests:
-            sender = StreamSender(request, self.model_name)
+            sender = StreamSender(request, self.model_name, on_close=self._stream_closed)
+            with self._open_streams_lock:
+                self._open_streams.add(sender)
             try:
                 self.start(request, sender)
             except Exception as error:  # noqa: BLE001 - a bad request fails only itself
@@ -356,6 +398,45 @@ class RunningTotal:
             if total > self._counted:
                 self._counter.increment(total - self._counted)
                 self._counted = total
+
+
+# --- an unloading model must not wait for its own streams ---------------------------
+UNLOAD_POLL_S = 0.5  # one readiness question to the server per poll: cheap
+
+
+def watch_unload(model_name: str, on_unload, *, interval_s: float = UNLOAD_POLL_S,
+                 ready=None) -> threading.Thread:
+    """Calls `on_unload()` once, from a daemon thread, when `model_name` is no longer
+    ready after it was (while it loads it is not ready yet: that does not count). Triton
+    2.51 tells a python model nothing before `finalize`, and a decoupled model's
+    `finalize` waits for its in-flight streams; its readiness turns false at once."""
+    import time
+
+    if ready is None:
+        def ready() -> bool:
+            return bool(pb_utils.is_model_ready(model_name))
+
+    def watch() -> None:
+        was_ready, failed_questions = False, 0
+        while True:
+            time.sleep(interval_s)
+            try:
+                now_ready, failed_questions = ready(), 0
+            except Exception:  # noqa: BLE001 - a server going away answers with errors; one may be a hiccup
+                failed_questions += 1
+                now_ready = failed_questions < 2
+            if now_ready:
+                was_ready = True
+            elif was_ready:
+                break
+        try:
+            on_unload()
+        except Exception as error:  # noqa: BLE001 - finalize still runs; say why this did not
+            log_error(f"{model_name}: ending in-flight work on unload failed: {type(error).__name__}: {error}")
+
+    thread = threading.Thread(target=watch, name=f"csm-unload-watch-{model_name}", daemon=True)
+    thread.start()
+    return thread
 
 
 # --- a stub must not outlive its server ----------------------------------------------

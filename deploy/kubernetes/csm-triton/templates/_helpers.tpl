@@ -74,3 +74,26 @@ readOnlyRootFilesystem: true
 capabilities:
   drop: [ALL]
 {{- end -}}
+
+{{/*
+The Triton container's command: the Secret files' first lines become the environment
+serve.sh and the server read ($CSM_ADMIN_TOKEN, $CSM_MODEL_CONTROL_KEY), then the args run.
+*/}}
+{{- define "csm-triton.secretsToEnvironment" -}}
+- /bin/sh
+- -c
+- >-
+  if [ -s "${CSM_ADMIN_TOKEN_FILE:-}" ]; then
+  CSM_ADMIN_TOKEN="$(head -n 1 "$CSM_ADMIN_TOKEN_FILE")"; export CSM_ADMIN_TOKEN;
+  fi;
+  if [ -s "${CSM_MODEL_CONTROL_KEY_FILE:-}" ]; then
+  CSM_MODEL_CONTROL_KEY="$(head -n 1 "$CSM_MODEL_CONTROL_KEY_FILE")"; export CSM_MODEL_CONTROL_KEY;
+  fi; exec "$@"
+- csm-serve
+{{- end -}}
+
+{{/* Pod labels of a component (triton, gateway, front, export). */}}
+{{- define "csm-triton.componentSelector" -}}
+{{ include "csm-triton.selector" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}

@@ -9,6 +9,7 @@ slot freed.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -20,13 +21,19 @@ from csm_triton import constants as C
 from csm_triton.triton import adapter as triton
 from csm_triton.core import validation
 from csm_triton.engine import CsmLM, EngineConfig, FinishReason, FrameChunk, GenerationEngine, GenerationRequest
+from csm_triton.engine.faults import DeviceFailure
 from csm_triton.engine.kernels import MODES as CPU_KERNEL_MODES
-from csm_triton.errors import InvalidInput
+from csm_triton.triton.calls import ModelUnavailable
 from csm_triton.triton.parameters import Parameters, instance_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # From a warm GPU engine with a cached voice (tens of ms) to a long queue or a CPU.
 TIME_TO_FIRST_FRAME_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
+# After a device failure the stub exits (engine.faults); the in-flight requests were
+# answered already, this is for the log line to reach the server before the process goes.
+DEVICE_FAILURE_EXIT_DELAY_S = 1.0
+DEVICE_FAILURE_EXIT_CODE = 70  # EX_SOFTWARE: tells this exit from a kill in the server's log
+_ENGINE_STOP = threading.Lock()  # on_unload and finalize both stop the engine, on two threads
 
 
 def engine_from_config(model_dir: Path, parameters: Parameters, device: str) -> GenerationEngine:
@@ -76,6 +83,7 @@ class LanguageModel(triton.DecoupledModel):
         self._gauge_lock = threading.Lock()
         self._gauges: tuple[int, int] | None = None
         self.engine.on_stats = self._update_engine_metrics
+        self.engine.on_fatal = self._end_stub
         self.engine.start()  # captures the CUDA graphs of every bucket first (warm-up)
         warm_up = self.engine.warm_up_report
         triton.log_info(f"{self.model_name}: engine on {self.engine.lm.device} ({self.engine.lm.dtype}), "
@@ -83,6 +91,15 @@ class LanguageModel(triton.DecoupledModel):
                         + (f"; warm-up: {warm_up.summary()}" if warm_up else ""))
         for line in self.engine.lm.kernel_report.lines():  # which kernel each weight shape runs, and why
             triton.log_info(f"{self.model_name}: kernels: {line}")
+
+    def _end_stub(self, error: BaseException) -> None:
+        """The device is broken for this process (a CUDA error is sticky): a model that
+        stayed ready would fail every request. Ending the stub lets the model supervisor
+        (csm_triton.serving.supervisor) reload the model with a fresh CUDA context."""
+        triton.log_error(f"{self.model_name}: device failure, stub {os.getpid()} exits so that the model is "
+                         f"reloaded: {type(error).__name__}: {error}")
+        time.sleep(DEVICE_FAILURE_EXIT_DELAY_S)
+        os._exit(DEVICE_FAILURE_EXIT_CODE)
 
     def _update_engine_metrics(self, stats: dict | None = None) -> None:
         stats = stats or self.engine.stats()
@@ -119,7 +136,9 @@ class LanguageModel(triton.DecoupledModel):
                 if not chunk.finished:
                     sender.send(outputs)
                     return
-                if chunk.reason in (FinishReason.ERROR, FinishReason.SHUTDOWN):
+                if chunk.reason in (FinishReason.DEVICE_FAILURE, FinishReason.SHUTDOWN):  # UNAVAILABLE: may retry
+                    sender.fail(ModelUnavailable(chunk.error or chunk.reason.value))
+                elif chunk.reason == FinishReason.ERROR:
                     sender.fail(RuntimeError(chunk.error or chunk.reason.value))
                 else:  # how it ended rides on the final response (a BLS caller asks for it by name)
                     reason = np.array([chunk.reason.value.encode()], dtype=object)
@@ -131,7 +150,10 @@ class LanguageModel(triton.DecoupledModel):
                 if chunk.finished:
                     self._update_engine_metrics()
 
-        self.engine.submit(generation, callback=deliver)  # the engine thread reports the new counts
+        try:
+            self.engine.submit(generation, callback=deliver)  # the engine thread reports the new counts
+        except DeviceFailure as error:  # between the failure and the stub's exit
+            raise ModelUnavailable(str(error)) from error
 
     def _record(self, frames: int, seconds: float) -> None:
         audio = frames / C.FRAME_RATE_HZ
@@ -144,28 +166,31 @@ class LanguageModel(triton.DecoupledModel):
     def parse(request, sender) -> GenerationRequest:
         input_ids = triton.input_array(request, "input_ids")
         prompt_codes = triton.input_array(request, "prompt_codes")
-        if input_ids.ndim != 1 or not len(input_ids):
-            raise InvalidInput("input 'input_ids' must be a non-empty 1-D tensor")
         prompt_codes = validation.audio_codes(prompt_codes, "prompt_codes")
         sampling = validation.sampling_from_inputs(triton.present_inputs(request, validation.SAMPLING_INPUTS))
-        first_chunk = triton.input_array(request, "first_chunk_frames", required=False)
-        chunk = triton.input_array(request, "chunk_frames", required=False)
-        cache_turns = triton.input_array(request, "prefix_cache_turns", required=False)
-        if cache_turns is not None and (cache_turns.size != 1 or int(cache_turns.reshape(-1)[0]) < 0):
-            raise InvalidInput("input 'prefix_cache_turns' must be one integer of at least 0")
+        counts = {name: validation.count(triton.input_array(request, name, required=False), name)
+                  for name in ("first_chunk_frames", "chunk_frames", "prefix_cache_turns")}
         return GenerationRequest(
-            input_ids=input_ids.astype(np.int64),
+            input_ids=input_ids,  # its ids are checked against the vocabulary by the engine
             audio_codes=prompt_codes,
             max_frames=sampling.max_frames,
             temperature=sampling.temperature,
             top_k=sampling.top_k,
             seed=sampling.seed,
-            stream_every=int(chunk.reshape(-1)[0]) if chunk is not None else 0,
-            first_chunk_frames=int(first_chunk.reshape(-1)[0]) if first_chunk is not None else 0,
-            prefix_cache_turns=int(cache_turns.reshape(-1)[0]) if cache_turns is not None else None,
+            stream_every=counts["chunk_frames"] or 0,
+            first_chunk_frames=counts["first_chunk_frames"] or 0,
+            prefix_cache_turns=counts["prefix_cache_turns"],
             request_id=request.request_id(),
             is_cancelled=sender.is_cancelled,
         )
 
+    def on_unload(self):
+        # Streams still generating end now with a "shutting down" error as their final
+        # response; until then Triton could neither unload this model nor call finalize.
+        with _ENGINE_STOP:
+            self.engine.stop()
+        super().on_unload()
+
     def finalize(self):
-        self.engine.stop()
+        with _ENGINE_STOP:  # the last final response sent by on_unload can start finalize
+            self.engine.stop()

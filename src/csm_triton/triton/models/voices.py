@@ -10,6 +10,15 @@ parameters (all optional):
 - `admin_token_env`: the environment variable holding the admin token (CSM_ADMIN_TOKEN).
 - `allow_anonymous_writes`: "true" lets anyone write when no token is configured;
   local development only, never in a committed config.
+- `max_stored_voices` (voice_register): the most voices the store keeps
+  (C.MAX_STORED_VOICES); a registration past it is refused, saying so.
+
+Owners: a write that carries the header `x-csm-voice-owner` (C.VOICE_OWNER_HEADER,
+forwarded like the admin token) is made for that owner, a gateway's key id: a voice is
+registered as theirs, and a deletion removes only a voice of theirs. The admin token
+without the header is the admin, who registers voices of no owner and deletes any. The
+header is believed only because the write also proved the admin token: only a
+deployment's own gateway can claim an owner.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from typing import Mapping
 
 import numpy as np
 
+from csm_triton import constants as C
 from csm_triton.triton import adapter as triton
 from csm_triton.core import validation
 from csm_triton.core.write_policy import WritePolicy
@@ -68,20 +78,29 @@ class _VoiceModel(triton.PythonModel):
     def voice_id(self, request) -> str:
         return validation.voice_id(validation.single_text(triton.input_texts(request, "VOICE_ID"), "VOICE_ID"))
 
+    def authorized_owner(self, request) -> str | None:
+        """The write's owner (None: the admin), once the admin token is proven."""
+        parameters = triton.request_parameters(request)
+        self.write_policy.check_write(parameters)
+        owner = parameters.get(C.VOICE_OWNER_HEADER)
+        return owner if owner is None else str(owner)
+
 
 class VoiceRegisterModel(_VoiceModel):
     def initialize_model(self, args, model_config):
         super().initialize_model(args, model_config)
+        self.store.max_voices = self.parameters.integer("max_stored_voices", C.MAX_STORED_VOICES, minimum=1)
         self.resolver = VoiceResolver(self.store, forward_mimi_encoder)
 
     def handle(self, request):
-        self.write_policy.check_write(triton.request_parameters(request))
+        owner = self.authorized_owner(request)
         voice = self.resolver.register(
             self.voice_id(request),
             triton.input_array(request, "REFERENCE_AUDIO"),
             triton.input_array(request, "REFERENCE_SAMPLE_RATE"),
             # Its content is checked by the resolver (validation.text), before encoding.
             validation.single_string(triton.input_texts(request, "REFERENCE_TEXT"), "REFERENCE_TEXT"),
+            owner=owner,
         )
         triton.log_info(f"{self.model_name}: registered voice '{voice.voice_id}' ({len(voice.codes)} frames)")
         return {"VOICE": json_tensor(voice.summary())}
@@ -94,7 +113,7 @@ class VoiceListModel(_VoiceModel):
 
 class VoiceDeleteModel(_VoiceModel):
     def handle(self, request):
-        self.write_policy.check_write(triton.request_parameters(request))
-        deleted = self.store.delete(self.voice_id(request))
+        owner = self.authorized_owner(request)
+        deleted = self.store.delete(self.voice_id(request), owner=owner)
         triton.log_info(f"{self.model_name}: deleted voice '{deleted['voice_id']}'")
         return {"DELETED": json_tensor(deleted)}

@@ -1,0 +1,324 @@
+"""What a request may cost the gateway, decided before any route reads its body.
+
+A pure ASGI middleware, outermost in the app, so it runs before FastAPI parses a form
+(FastAPI reads and spools a multipart body before any dependency runs):
+
+1. The API key. A route that needs one (`route_policy`) is refused here, 401/403, with
+   nothing read; the key's id (keys.key_id) goes into `request.state.api_key_id`.
+2. The body. Each route has a byte limit (`GatewayLimits.body_limit`): a declared
+   Content-Length over it is refused at once, and a chunked body is counted as it
+   streams and refused the moment it passes the limit (413), so neither memory nor
+   the multipart spool in the temp folder holds more than the limit.
+3. Concurrency. The routes that make Triton work (POST, DELETE) take a slot of their
+   key's bucket (callers without a key share one bucket); past the bucket's slots a
+   request waits in its small queue, past the queue (or after waiting too long) it is
+   answered 429 with Retry-After. The slot is held until the answer is sent, a
+   stream's last byte included.
+
+Errors have the shape of the route: OpenAI's `{"error": {...}}` under /v1, the
+original `{"detail"}` elsewhere. Every limit has an environment variable
+(`GatewayLimits.from_environment`) and `python -m csm_clients.gateway` flags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+from dataclasses import dataclass, fields, replace
+from typing import Any, AsyncIterator, Mapping
+
+from csm_clients.errors import PermissionDenied
+from csm_clients.gateway.keys import ApiKeys, MissingApiKey
+
+__all__ = ["DEFAULT_MAX_UPLOAD_MB", "GatewayGuard", "GatewayLimits", "RoutePolicy", "route_policy"]
+
+DEFAULT_MAX_UPLOAD_MB = 32.0  # the gateway's own guard on memory, not a model limit
+# Text fields, multipart boundaries, a JSON body's own bytes: 20,000 characters of text
+# and 16 context turns of 2,000 are well under this.
+_FORM_SLACK_BYTES = 1 << 20
+# Routes that take no upload (GET, DELETE, unknown paths) take no more than this.
+_SMALL_BODY_BYTES = 64 << 10
+_OPEN_BUCKET = "open"  # the bucket of every caller without a key
+
+
+def _base64_bytes(size: int) -> int:
+    return 4 * -(-size // 3)
+
+
+@dataclass(frozen=True)
+class GatewayLimits:
+    """Every bound the gateway puts on one process; the environment variable of each is
+    `ENVIRONMENT[field]`."""
+
+    max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 2**20)  # one audio file (or all context clips)
+    max_concurrency_per_key: int = 4  # requests of one key at work at once
+    max_queue_per_key: int = 8  # and waiting for a slot
+    max_concurrency_open: int = 4  # every caller without a key together (open mode)
+    max_queue_open: int = 8
+    queue_timeout_s: float = 30.0  # a queued request waits at most this, then 429
+    retry_after_s: int = 2  # what a 429 tells the caller
+    max_concurrent_decodes: int = 2  # audio decodes in threads at once (the CPU's work)
+    body_idle_timeout_s: float = 30.0  # a body that sends nothing for this long is dropped (408)
+
+    ENVIRONMENT = {
+        "max_upload_bytes": "CSM_GATEWAY_MAX_UPLOAD_MB",  # in MB
+        "max_concurrency_per_key": "CSM_GATEWAY_MAX_CONCURRENCY_PER_KEY",
+        "max_queue_per_key": "CSM_GATEWAY_MAX_QUEUE_PER_KEY",
+        "max_concurrency_open": "CSM_GATEWAY_MAX_CONCURRENCY_OPEN",
+        "max_queue_open": "CSM_GATEWAY_MAX_QUEUE_OPEN",
+        "queue_timeout_s": "CSM_GATEWAY_QUEUE_TIMEOUT_S",
+        "retry_after_s": "CSM_GATEWAY_RETRY_AFTER_S",
+        "max_concurrent_decodes": "CSM_GATEWAY_MAX_CONCURRENT_DECODES",
+        "body_idle_timeout_s": "CSM_GATEWAY_BODY_IDLE_TIMEOUT_S",
+    }
+
+    def __post_init__(self):
+        for item in fields(self):
+            value = getattr(self, item.name)
+            least = 0 if item.name.startswith("max_queue") else 1
+            if value < least:
+                raise ValueError(f"{item.name} must be at least {least}, got {value}")
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None, **overrides) -> "GatewayLimits":
+        """The defaults, then the environment, then `overrides` (flags; None: not given)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, variable in cls.ENVIRONMENT.items():
+            text = environ.get(variable, "").strip()
+            if not text:
+                continue
+            try:
+                number = float(text)
+            except ValueError:
+                raise ValueError(f"${variable} must be a number, got {text!r}") from None
+            values[name] = int(number * 2**20) if name == "max_upload_bytes" else number
+        values.update({name: value for name, value in overrides.items() if value is not None})
+        kinds = {item.name: item.type for item in fields(cls)}
+        return cls(**{name: (float(value) if kinds[name] in ("float", float) else int(value))
+                      for name, value in values.items()})
+
+    def with_upload_bytes(self, max_upload_bytes: int) -> "GatewayLimits":
+        return replace(self, max_upload_bytes=int(max_upload_bytes))
+
+    def body_limit(self, method: str, path: str) -> int:
+        """The most bytes the route's body may have."""
+        upload = self.max_upload_bytes
+        if method == "POST":
+            if path == "/clone-voice":  # a reference upload and base64 context clips
+                return upload + _base64_bytes(upload) + _FORM_SLACK_BYTES
+            if path in ("/upload-voice", "/v1/audio/voices"):
+                return upload + _FORM_SLACK_BYTES
+            if path == "/v1/audio/speech":  # JSON: context clips in base64
+                return _base64_bytes(upload) + _FORM_SLACK_BYTES
+        return _SMALL_BODY_BYTES
+
+
+@dataclass(frozen=True)
+class RoutePolicy:
+    key: str  # "always" (a write), "if_configured" (speech: open when no key is configured), "never"
+    bounded: bool  # takes a concurrency slot
+    openai: bool  # errors in OpenAI's shape
+    what: str = ""  # the refusal's words
+
+
+def route_policy(method: str, path: str) -> RoutePolicy:
+    """The key rule of each route. Writes (voice upload and deletion) always need a key;
+    speech (/clone-voice and all of /v1) needs one when keys are configured and is open
+    otherwise; the page, /health, /docs and GET /voices need none."""
+    work = method in ("POST", "DELETE", "PUT", "PATCH")
+    if path == "/v1" or path.startswith("/v1/"):
+        if work and (path == "/v1/audio/voices" or path.startswith("/v1/audio/voices/")):
+            return RoutePolicy("always", True, True, "this route changes voices")
+        return RoutePolicy("if_configured", work, True, "the OpenAI-compatible API needs an API key")
+    if path == "/clone-voice":
+        return RoutePolicy("if_configured", work, False, "/clone-voice needs an API key")
+    if work and (path == "/upload-voice" or path.startswith("/voices/")):
+        return RoutePolicy("always", True, False, "this route changes voices")
+    return RoutePolicy("never", work, False)
+
+
+class Busy(Exception):
+    """No slot and no room in the queue (or waited too long)."""
+
+
+class _Bucket:
+    def __init__(self, slots: int):
+        self.free = asyncio.Semaphore(slots)
+        self.waiting = 0
+        self.users = 0
+
+
+class KeyedLimiter:
+    """Slots per bucket, a bounded queue in front of them; idle buckets are dropped."""
+
+    def __init__(self, limits: GatewayLimits):
+        self.limits = limits
+        self._buckets: dict[str, _Bucket] = {}
+
+    def _bounds(self, bucket: str) -> tuple[int, int]:
+        if bucket == _OPEN_BUCKET:
+            return self.limits.max_concurrency_open, self.limits.max_queue_open
+        return self.limits.max_concurrency_per_key, self.limits.max_queue_per_key
+
+    @contextlib.asynccontextmanager
+    async def slot(self, name: str) -> AsyncIterator[None]:
+        slots, queue = self._bounds(name)
+        bucket = self._buckets.setdefault(name, _Bucket(slots))
+        if bucket.free.locked() and bucket.waiting >= queue:
+            raise Busy(f"{slots} requests of this {'caller' if name == _OPEN_BUCKET else 'key'} are at work "
+                       f"and {bucket.waiting} wait; try again later")
+        bucket.users += 1
+        try:
+            bucket.waiting += 1
+            try:
+                await asyncio.wait_for(bucket.free.acquire(), self.limits.queue_timeout_s)
+            except asyncio.TimeoutError:
+                raise Busy(f"waited {self.limits.queue_timeout_s:g} s for one of {slots} slots; "
+                           "try again later") from None
+            finally:
+                bucket.waiting -= 1
+            try:
+                yield
+            finally:
+                bucket.free.release()
+        finally:
+            bucket.users -= 1
+            if bucket.users == 0:
+                self._buckets.pop(name, None)
+
+
+def _json_response(status: int, body: dict, headers: dict[str, str] | None = None) -> tuple[dict, dict]:
+    data = json.dumps(body).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    raw += [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
+    if status in (408, 413):  # the body is left unread: the connection cannot carry another request
+        raw.append((b"connection", b"close"))
+    return ({"type": "http.response.start", "status": status, "headers": raw},
+            {"type": "http.response.body", "body": data})
+
+
+_OPENAI_KINDS = {401: ("invalid_request_error", "invalid_api_key"), 403: ("permission_error", "permission_denied"),
+                 413: ("invalid_request_error", "request_too_large"), 429: ("rate_limit_error", "rate_limit_exceeded"),
+                 400: ("invalid_request_error", None), 408: ("invalid_request_error", "request_timeout")}
+
+
+def _error(policy: RoutePolicy, status: int, message: str, headers: dict[str, str] | None = None):
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
+    if policy.openai:
+        kind, code = _OPENAI_KINDS[status]
+        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    else:
+        body = {"detail": message}
+    return _json_response(status, body, headers)
+
+
+class GatewayGuard:
+    """The middleware (module doc). `keys`: the gateway's; `limits`: its bounds."""
+
+    def __init__(self, app, keys: ApiKeys, limits: GatewayLimits):
+        self.app, self.keys, self.limits = app, keys, limits
+        self.limiter = KeyedLimiter(limits)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        method, path = scope["method"], scope["path"]
+        policy = route_policy(method, path)
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+
+        async def answer(status: int, message: str, extra: dict[str, str] | None = None) -> None:
+            start, body = _error(policy, status, message, extra)
+            await send(start)
+            await send(body)
+
+        key = None
+        if policy.key == "always" or (policy.key == "if_configured" and self.keys):
+            try:
+                key = self.keys.check(headers.get("authorization"), policy.what)
+            except MissingApiKey as error:
+                return await answer(401, str(error))
+            except PermissionDenied as error:
+                return await answer(403, str(error))
+        scope.setdefault("state", {})["api_key_id"] = key
+
+        limit = self.limits.body_limit(method, path)
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                return await answer(400, f"Content-Length is not a number: {declared[:40]!r}")
+            if int(declared) > limit:
+                return await answer(413, _too_large(int(declared), limit, "declares"))
+
+        sent = _Sent(send)
+        if not policy.bounded:
+            return await self.app(scope, self._counted(receive, limit, sent, policy), sent)
+        try:
+            async with self.limiter.slot(key or _OPEN_BUCKET):
+                await self.app(scope, self._counted(receive, limit, sent, policy), sent)
+        except Busy as error:
+            await answer(429, f"too many requests: {error}", {"Retry-After": str(self.limits.retry_after_s)})
+
+
+
+    def _counted(self, receive, limit: int, sent: _Sent, policy: RoutePolicy):
+        """`receive` that counts body bytes; past `limit` the guard answers 413 (when it
+        can: the app has not begun its answer) and the app is told the client is gone,
+        so it stops reading (Starlette raises ClientDisconnect) and spools nothing
+        more. A body that stalls for body_idle_timeout_s is answered 408 the same way
+        (a slow sender must not hold a slot); once the body is whole, `receive` is only
+        the disconnect signal a streaming answer listens for, and is not timed."""
+        seen, refused, whole = 0, False, False
+        timeout = self.limits.body_idle_timeout_s
+
+        async def counted():
+            nonlocal seen, refused, whole
+            if refused:  # never read on
+                return {"type": "http.disconnect"}
+            if whole:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout)
+            except asyncio.TimeoutError:
+                refused = True
+                await sent.replace(*_error(policy, 408, f"the request body sent nothing for {timeout:g} s"))
+                return {"type": "http.disconnect"}
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                whole = not message.get("more_body", False)
+                if seen > limit:
+                    refused = True
+                    await sent.replace(*_error(policy, 413, _too_large(seen, limit, "passed")))
+                    return {"type": "http.disconnect"}
+            return message
+
+        return counted
+
+
+def _too_large(size: int, limit: int, how: str) -> str:
+    return (f"the request body {how} {size:,} bytes; this route accepts at most {limit:,} bytes "
+            f"(the gateway's upload limit is set by --max-upload-mb / CSM_GATEWAY_MAX_UPLOAD_MB)")
+
+
+class _Sent:
+    """`send` that knows whether the answer has begun, and drops the app's messages
+    once the guard has answered in its place."""
+
+    def __init__(self, send):
+        self._send, self.started, self.replaced = send, False, False
+
+    async def __call__(self, message) -> None:
+        if self.replaced:
+            return
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self._send(message)
+
+    async def replace(self, start: dict, body: dict) -> None:
+        if not self.started:
+            await self._send(start)
+            await self._send(body)
+        self.replaced = True

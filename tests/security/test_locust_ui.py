@@ -1,0 +1,105 @@
+"""Locust's web UI: no login and a form that names the host to load, so it listens on
+this machine only (make locust-ui), and the admin token goes only to the host Locust
+was started with, never to one typed into the form."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.security
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # loadtest lives beside src/, not in the venv
+from loadtest import token_host  # noqa: E402
+
+STARTED = "http://localhost:8000"
+
+
+@pytest.mark.parametrize("host, configured", [
+    ("http://localhost:8000", STARTED),
+    ("HTTP://LocalHost:8000/", STARTED),  # the same origin, spelt otherwise
+    ("localhost:8000", STARTED),  # no scheme: http, as workload.TritonHTTP reads it
+    ("https://triton.internal", "https://triton.internal:443"),
+    ("http://127.0.0.1:8000", None),  # started without a host: loopback only
+    ("http://[::1]:8000", None),
+    ("http://localhost:9000", None),
+])
+def test_the_token_goes_to_the_started_host_or_without_one_to_loopback(host, configured):
+    assert token_host.token_refusal(host, configured) is None
+
+
+@pytest.mark.parametrize("host, configured, expected", [
+    ("http://attacker.example:8000", STARTED, "not the one Locust was started with ('http://localhost:8000')"),
+    ("http://localhost:8001", STARTED, "not the one Locust was started with"),  # another port
+    ("https://localhost:8000", STARTED, "not the one Locust was started with"),  # another scheme
+    ("http://127.0.0.1:8000", STARTED, "not the one Locust was started with"),  # another name: not guessed at
+    ("http://localhost:8000@attacker.example", STARTED, "not an http(s) URL"),  # user info, not a host
+    ("http://attacker.example", None, "only to a loopback host"),
+    ("http://10.0.0.5:8000", None, "only to a loopback host"),
+    ("http://localhost.attacker.example", None, "only to a loopback host"),
+    ("ftp://localhost", None, "not an http(s) URL"),
+    ("http://user:pw@localhost:8000", None, "not an http(s) URL"),
+    ("", STARTED, "not an http(s) URL"),
+])
+def test_any_other_host_is_refused_with_the_reason(host, configured, expected):
+    refusal = token_host.token_refusal(host, configured)
+    assert refusal is not None and expected in refusal
+
+
+def make_recipe(target: str) -> str:
+    """The recipe of a Makefile target, continuation lines joined."""
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    match = re.search(rf"^{re.escape(target)}:[^\n]*\n((?:\t[^\n]*\n?)+)", text, re.MULTILINE)
+    assert match, f"no target {target}"
+    return " ".join(match.group(1).split())
+
+
+def test_make_locust_ui_listens_on_this_machine_only():
+    recipe = make_recipe("locust-ui")
+    assert "--web-host 127.0.0.1" in recipe and "--host $(LOCUST_HOST)" in recipe
+
+
+def test_locust_has_the_web_host_flag():
+    help_text = subprocess.run([str(Path(sys.executable).parent / "locust"), "--help"], capture_output=True,
+                               text=True, timeout=60).stdout
+    assert "--web-host" in help_text
+
+
+def test_the_locustfile_registers_no_voice_on_a_host_the_ui_names(tmp_path):
+    """The locustfile's own listeners with a stand-in for Locust's environment, in a
+    process of its own (Locust patches the standard library with gevent)."""
+    script = textwrap.dedent(f"""
+        import logging, sys, types
+        sys.path.insert(0, {str(ROOT / "loadtest")!r})
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(message)s")
+        import locustfile, workload
+        calls = []
+        workload.register_voices = lambda http, refs, token: calls.append(("register", http.base)) or (["v"], ["v"])
+        workload.delete_voices = lambda http, ids, token: calls.append(("delete", http.base))
+        environment = types.SimpleNamespace(host={STARTED!r})
+        locustfile.remember_host(environment)
+        environment.host = "http://attacker.example:8000"  # what the web UI's form sets
+        locustfile.register_voices(environment)
+        locustfile.delete_voices(environment)
+        print("CALLS", calls)
+        environment.host = {STARTED!r}
+        locustfile.register_voices(environment)
+        environment.host = "http://attacker.example:8000"
+        locustfile.delete_voices(environment)
+        print("CALLS", calls)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120, env={"CSM_ADMIN_TOKEN": "secret", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    refused = [line for line in lines if line.startswith("ERROR stored voices: not registering voices")]
+    assert refused and "'http://attacker.example:8000' is not the one Locust was started with" in refused[0]
+    calls = [line for line in lines if line.startswith("CALLS")]
+    assert calls[0] == "CALLS []"  # nothing sent to the form's host, not even a deletion
+    # On the started host it registers, and deletes there whatever the form says later.
+    assert calls[1] == f"CALLS [('register', '{STARTED}'), ('delete', '{STARTED}')]"
