@@ -71,7 +71,9 @@ clean:
 # --- the REST gateway (README "Clients") -------------------------------------------------------
 # The original system's API and page on :7860 (127.0.0.1 only), calling a running Triton
 # (make serve) over gRPC; voice uploads carry CSM_ADMIN_TOKEN (else make serve's
-# development token) and need one of the gateway's API keys, CSM_GATEWAY_API_KEYS=k1,k2.
+# development token) and need one of the gateway's API keys, CSM_GATEWAY_API_KEYS=k1,k2
+# (with keys set, speech needs one too). Its limits come from CSM_GATEWAY_* variables
+# (python -m csm_clients.gateway --help lists them), e.g. CSM_GATEWAY_MAX_CONCURRENCY_PER_KEY=2.
 GATEWAY_PORT ?= 7860
 TRITON_GRPC_URL ?= localhost:$(GRPC_PORT)
 

@@ -151,8 +151,23 @@ def audio_samples_in(body: bytes, header_length: str | None) -> int:
     raise ValueError("the answer has no AUDIO output")
 
 
+class _RedirectRefused(urllib.request.HTTPRedirectHandler):
+    """urllib follows 301/302/303 (and 307/308 for GET) and carries every header the
+    request had, the admin token too, to whatever host the Location names. A KServe v2
+    server has no reason to redirect: a redirect is an error naming where it pointed."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        fp.close()
+        raise TritonError(code, f"{req.full_url} redirects to {newurl!r}; not followed (the request's "
+                                "headers, the admin token among them, go only to the host given)")
+
+
+_OPENER = urllib.request.build_opener(_RedirectRefused)
+
+
 class TritonHTTP:
-    """A few KServe v2 calls with urllib: infer with JSON, GET a JSON document."""
+    """A few KServe v2 calls with urllib: infer with JSON, GET a JSON document. Redirects
+    are not followed (TritonError naming the Location)."""
 
     def __init__(self, url: str, timeout: float = TIMEOUT_SECONDS):
         self.base = url if url.startswith("http") else f"http://{url}"
@@ -170,7 +185,7 @@ class TritonHTTP:
 
     def _json(self, request: urllib.request.Request) -> dict:
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with _OPENER.open(request, timeout=self.timeout) as response:
                 return json.load(response)
         except urllib.error.HTTPError as error:
             try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 
 import httpx
 import pytest
@@ -282,6 +283,12 @@ def test_a_compressed_body_is_checked_inflated_and_a_bomb_is_refused(front, trit
     assert answer.status_code == 413 and "inflates past" in answer.json()["error"]
     answer = front.post("/v2/models/watermark_detect/infer", content=b"{}", headers={"content-encoding": "br"})
     assert answer.status_code == 400 and len(triton.received) == 1
+    # Inflated as it arrives: a stream cut short is refused, not forwarded in part.
+    answer = front.post("/v2/models/watermark_detect/infer", content=good[:-12], headers={"content-encoding": "gzip"})
+    assert answer.status_code == 400 and "ends early" in answer.json()["error"] and len(triton.received) == 1
+    deflated = zlib.compress(json.dumps(_body(shape=(2,))).encode())
+    answer = front.post("/v2/models/watermark_detect/infer", content=deflated, headers={"content-encoding": "deflate"})
+    assert answer.status_code == 200 and triton.received[-1].content == zlib.decompress(deflated)
 
 
 def test_an_oversized_body_is_refused_with_413(front, triton):

@@ -599,8 +599,7 @@ class FakeStreamRequest:
 
 
 def test_an_unloading_decoupled_model_ends_its_open_streams_as_unavailable(pb, monkeypatch):
-    monkeypatch.setattr(pb_fake := adapter.pb_utils, "TRITONSERVER_RESPONSE_COMPLETE_FINAL", 1, raising=False)
-    monkeypatch.setattr(pb_fake, "InferenceResponse", lambda error=None, output_tensors=None: error, raising=False)
+    monkeypatch.setattr(adapter.pb_utils, "TRITONSERVER_RESPONSE_COMPLETE_FINAL", 1, raising=False)
 
     class Streaming(adapter.DecoupledModel):
         model_name = "csm_tts_stream"

@@ -43,6 +43,7 @@ def test_upload_a_clip_synthesize_and_play(browser, gateway, speech_clip, triton
     page.fill("#text", "Hello from a browser, in a cloned voice.")
     page.fill("#seed", "4")
     page.fill("#max-seconds", "1")
+    page.fill("#api-key", GATEWAY_API_KEY)  # speech and voice writes need a gateway API key once keys are set
     page.click("#speak")
     page.wait_for_function("document.querySelector('#player').src.startsWith('blob:')", timeout=30_000)
     # Playable: the browser decoded the WAV's header and knows its length.
@@ -59,7 +60,6 @@ def test_upload_a_clip_synthesize_and_play(browser, gateway, speech_clip, triton
 
     # Save the uploaded clip as a voice; the menu then offers and selects it.
     page.fill("#new-name", "browser-voice")
-    page.fill("#api-key", GATEWAY_API_KEY)  # voice writes need a gateway API key
     page.click("#save")
     page.wait_for_function("document.querySelector('#voice').value === 'browser-voice'", timeout=30_000)
     page.click("#speak")

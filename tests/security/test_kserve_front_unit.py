@@ -1,13 +1,17 @@
 """The KServe v2 front's own defences, without a server: parsing linear in the body
 (a repeated key at the end of 1 MB once took 23 s), one reading of every header it
 checks or passes on, a header allow-list towards Triton, the public models only by
-default, a bounded config cache. The same ways in against a real tritonserver:
+default, a bounded config cache, bounded load (checks a few at a time, bodies in flight
+within a byte budget, sizes enforced while reading). The same ways in against a real tritonserver:
 test_kserve_front_server.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import time
+import zlib
 
 import httpx
 import pytest
@@ -225,3 +229,158 @@ def test_the_config_cache_is_bounded_and_holds_only_allowed_models(triton):
         for index in range(100):
             assert front.post(f"/v2/models/any_{index}/versions/{index}/infer", content=VALID).status_code == 200
         assert len(everything.state.front._specs) == 8
+
+
+# --- load: checks a few at a time, in-flight bodies within a byte budget, sizes while reading ----
+def run_against(app, scenario):
+    """`scenario(client)` against the front's app in one event loop (httpx's ASGITransport
+    pulls a request's body only as the front reads it)."""
+    async def main():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://front") as client:
+            try:
+                return await scenario(client)
+            finally:
+                await app.state.front.aclose()
+    return asyncio.run(main())
+
+
+class GatedTriton(FakeTriton):
+    """Holds every /infer until `gate` is set: the bodies stay in flight meanwhile."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate: asyncio.Event | None = None
+
+    async def handle(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/infer"):
+            await self.gate.wait()
+        return self(request)
+
+
+async def chunks(payload: bytes, size: int = 100):
+    for start in range(0, len(payload), size):
+        yield payload[start:start + size]
+
+
+def test_bodies_past_the_in_flight_budget_are_a_503_with_retry_after_and_the_budget_comes_back():
+    triton = GatedTriton()
+    app = create_front("triton:8000", max_body_bytes=1000, max_inflight_bytes=1000,
+                       transport=httpx.MockTransport(triton.handle))
+    front = app.state.front
+    padded = VALID + b" " * (600 - len(VALID))
+    url = "/v2/models/watermark_detect/infer"
+
+    async def scenario(client: httpx.AsyncClient):
+        triton.gate = asyncio.Event()
+        first = asyncio.create_task(client.post(url, content=padded))
+        while front._inflight_bytes < 600:  # read, checked, waiting for Triton
+            await asyncio.sleep(0.01)
+        declared = await client.post(url, content=padded)  # Content-Length 600: refused unread
+        streamed = await client.post(url, content=chunks(padded))  # chunked: refused once past the budget
+        small = asyncio.create_task(client.post(url, content=VALID))  # fits beside the first
+        while front._inflight_bytes < 600 + len(VALID):
+            await asyncio.sleep(0.01)
+        triton.gate.set()
+        done = [await first, await small]
+        after = front._inflight_bytes
+        again = await client.post(url, content=padded)
+        return declared, streamed, done, after, again
+
+    declared, streamed, done, after, again = run_against(app, scenario)
+    for busy in (declared, streamed):
+        assert busy.status_code == 503 and busy.headers["retry-after"] == str(kserve_front.RETRY_AFTER_S)
+        assert "as many request bodies as it may at once (1000 bytes)" in busy.json()["error"]
+    assert [answer.status_code for answer in done] == [200, 200] and after == 0
+    assert again.status_code == 200 and front._inflight_bytes == 0
+    assert [request.content for request in triton.received if request.url.path.endswith("/infer")] == \
+        [padded, VALID, padded]
+
+
+def test_checks_run_a_few_at_a_time_and_the_others_wait_their_turn(monkeypatch):
+    app = create_front("triton:8000", max_checks=2, transport=httpx.MockTransport(FakeTriton()))
+    front, lock = app.state.front, threading.Lock()
+    running, most = [0], [0]
+    check = front._check
+
+    def slow_check(*args):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return check(*args)
+
+    monkeypatch.setattr(front, "_check", slow_check)
+
+    async def scenario(client: httpx.AsyncClient):
+        return await asyncio.gather(*(client.post("/v2/models/watermark_detect/infer", content=VALID)
+                                      for _ in range(8)))
+
+    answers = run_against(app, scenario)
+    assert [answer.status_code for answer in answers] == [200] * 8 and most[0] == 2
+
+
+def test_an_endless_body_is_a_413_after_the_limit_not_after_reading_it():
+    triton = FakeTriton()
+    app = create_front("triton:8000", max_body_bytes=1 << 20, transport=httpx.MockTransport(triton))
+    sent = [0]
+
+    async def endless(piece: bytes = b" " * 65536):
+        while True:
+            sent[0] += len(piece)
+            yield piece
+
+    async def scenario(client: httpx.AsyncClient):
+        plain = await client.post("/v2/models/watermark_detect/infer", content=endless())
+        plain_sent, sent[0] = sent[0], 0
+        declared = await client.post("/v2/models/watermark_detect/infer", content=endless(),
+                                     headers={"content-length": str(1 << 30)})
+        declared_sent, sent[0] = sent[0], 0
+        # Compressed: 1 MiB of input inflates to far more; refused once past the limit.
+        bomb = zlib.compress(b" " * (64 << 20), 9)
+        inflated = await client.post("/v2/models/watermark_detect/infer", content=chunks(bomb, 4096),
+                                     headers={"content-encoding": "deflate"})
+        return plain, plain_sent, declared, declared_sent, inflated
+
+    plain, plain_sent, declared, declared_sent, inflated = run_against(app, scenario)
+    assert plain.status_code == 413 and "over the front's limit" in plain.json()["error"]
+    assert plain_sent <= (1 << 20) + 65536  # read up to the limit and one piece, then refused
+    assert declared.status_code == 413 and declared_sent == 0  # refused on its Content-Length, unread
+    assert inflated.status_code == 413 and "inflates past" in inflated.json()["error"]
+    assert triton.received == [] and app.state.front._inflight_bytes == 0
+
+
+def test_a_body_that_stalls_is_a_408_and_gives_its_bytes_back():
+    app = create_front("triton:8000", body_timeout_s=0.2, transport=httpx.MockTransport(FakeTriton()))
+
+    async def stalls():
+        yield VALID[:10]
+        await asyncio.sleep(30)
+        yield VALID[10:]
+
+    async def scenario(client: httpx.AsyncClient):
+        answer = await client.post("/v2/models/watermark_detect/infer", content=stalls())
+        return answer, app.state.front._inflight_bytes
+
+    answer, held = run_against(app, scenario)
+    assert answer.status_code == 408 and "within 0.2 s" in answer.json()["error"] and held == 0
+
+
+def test_the_load_bounds_are_options_and_environment(monkeypatch):
+    chosen = {}
+    monkeypatch.setattr(kserve_front, "create_front", lambda url, **options: chosen.update(options))
+    monkeypatch.setattr("uvicorn.run", lambda *args, **kwargs: None)
+    for name in (kserve_front.MAX_CHECKS_ENV, kserve_front.MAX_INFLIGHT_ENV):
+        monkeypatch.delenv(name, raising=False)
+    kserve_front.main([])
+    assert (chosen["max_checks"], chosen["max_inflight_bytes"], chosen["body_timeout_s"]) == (
+        kserve_front.DEFAULT_MAX_CHECKS, kserve_front.DEFAULT_MAX_INFLIGHT_BYTES, kserve_front.DEFAULT_BODY_TIMEOUT_S)
+    monkeypatch.setenv(kserve_front.MAX_CHECKS_ENV, "3")
+    monkeypatch.setenv(kserve_front.MAX_INFLIGHT_ENV, "512")
+    kserve_front.main(["--body-timeout-s", "30"])
+    assert (chosen["max_checks"], chosen["max_inflight_bytes"], chosen["body_timeout_s"]) == (3, 512 << 20, 30.0)
+    with pytest.raises(SystemExit):
+        kserve_front.main(["--max-inflight-mb", "32"])  # below the 64 MiB body limit: nothing large would pass
+    with pytest.raises(ValueError):
+        kserve_front.KServeFront("triton:8000", max_body_bytes=100, max_inflight_bytes=99)

@@ -103,3 +103,57 @@ def test_the_locustfile_registers_no_voice_on_a_host_the_ui_names(tmp_path):
     assert calls[0] == "CALLS []"  # nothing sent to the form's host, not even a deletion
     # On the started host it registers, and deletes there whatever the form says later.
     assert calls[1] == f"CALLS [('register', '{STARTED}'), ('delete', '{STARTED}')]"
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_the_workload_client_follows_no_redirect_so_the_token_stays_with_the_host_given(code):
+    """urllib followed 301/302/303 for a POST (307/308 for a GET) and carried every
+    header, the admin token too, to the host the Location named."""
+    import http.server
+    import threading
+
+    from loadtest import workload
+
+    seen: list[dict[str, str]] = []
+
+    class Elsewhere(http.server.BaseHTTPRequestHandler):
+        def answer(self):
+            seen.append({name.lower(): value for name, value in self.headers.items()})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"outputs": []}')
+
+        do_GET = do_POST = answer
+
+        def log_message(self, *args):
+            pass
+
+    servers = [http.server.ThreadingHTTPServer(("127.0.0.1", 0), Elsewhere)]
+    location = f"http://127.0.0.1:{servers[0].server_address[1]}/v2/models/voice_register/infer"
+
+    class Redirecting(Elsewhere):
+        def answer(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(code)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = answer
+
+    servers.append(http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirecting))
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        http = workload.TritonHTTP(f"127.0.0.1:{servers[1].server_address[1]}", timeout=10)
+        with pytest.raises(workload.TritonError) as caught:
+            http.infer("voice_register", [], headers={workload.ADMIN_TOKEN_HEADER: "secret"})
+        assert caught.value.status == code and location in caught.value.message
+        with pytest.raises(workload.TritonError, match="not followed"):
+            http.get("/v2/models/voice_register")
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    assert seen == []  # the other host saw no request at all, so no token

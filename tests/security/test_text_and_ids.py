@@ -15,7 +15,6 @@ import random
 import re
 import string
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -190,16 +189,16 @@ def test_a_bad_id_in_a_later_segment_is_refused_before_the_first_is_generated(ht
 
 
 def test_a_bad_request_beside_good_concurrent_ones_fails_only_itself(http_client, prompt):
-    def infer(inputs):
+    def result(pending):
         try:
-            return http_client.infer("csm_generate", inputs)
+            return pending.get_result()
         except InferenceServerException as error:
             return error
 
     requests = [generate_inputs(http, prompt, frames=4) for _ in range(3)]
     requests.insert(1, generate_inputs(http, with_bad_id(prompt, BAD_IDS["huge"]), frames=4))
-    with ThreadPoolExecutor(len(requests)) as pool:
-        results = list(pool.map(infer, requests))
+    # async_infer: the http client's own pool sends them at once (it is not thread-safe)
+    results = [result(pending) for pending in [http_client.async_infer("csm_generate", r) for r in requests]]
     bad = results.pop(1)
     assert isinstance(bad, InferenceServerException) and bad.status() == "400" and RANGE.search(bad.message())
     assert all(not isinstance(r, InferenceServerException) for r in results), results

@@ -12,9 +12,10 @@ Numeric form fields are checked against the server's ranges before they become t
 Errors are JSON `{"detail": message}`: 400 for a bad request (a field named, or the
 server's own message when Triton refused it), 401 for a missing or wrong API key, 403
 for a refused voice write (no keys configured, Triton refused the admin token, or the
-voice is another key's), 413 for an oversized upload or body, 429 (with Retry-After)
-when the caller's key has too many requests at work and waiting, 502 when Triton failed, 503 when it cannot be reached, and a
-JSON 500 for the gateway's own bug (never a plain-text page).
+voice is another key's), 408 for a stalled body, 413 for an oversized upload or body,
+429 (with Retry-After) when the caller's key has too many requests at work and waiting,
+502 when Triton failed, 503 when it cannot be reached, and a JSON 500 for the gateway's
+own bug (never a plain-text page).
 """
 
 from __future__ import annotations

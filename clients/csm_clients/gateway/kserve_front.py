@@ -12,10 +12,16 @@ integers wider than the input's type wrap silently. Here every /infer and /gener
 body is checked against the model's config (fetched from Triton, cached) first:
 known input names, the config's datatype, rank and fixed dims, the batch size, every
 input's element count (declared shape = data given, at most `max_elements`), each
-JSON value's type and range, the binary extension's sizes, the body's size. The JSON
+JSON value's type and range, the binary extension's sizes, the body's size (while it is read, never after reading
+it whole; gzip/deflate inflated as it arrives). The JSON
 is read strictly (UTF-8, no repeated keys, at most MAX_JSON_DEPTH levels), every step
 linear in the body's length. Refusals are Triton's own error shape, `{"error": "..."}`.
 Shared memory is not offered.
+
+Load: at most `max_checks` bodies are checked at once (the rest wait their turn), and
+request bodies held at once add up to at most `max_inflight_bytes`; past that a request
+is answered 503 with Retry-After instead of being read. A body must arrive whole within
+`body_timeout_s` (else 408), so a slow sender cannot sit on the budget.
 
 Routes: GET /v2, /v2/health/{live,ready}, /v2/models/{m}[/versions/{v}][/ready,
 /config]; POST .../infer, .../generate, .../generate_stream. Nothing else of Triton's
@@ -39,6 +45,7 @@ only the front gets through to Triton's inference routes (docs/deploy.md).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import re
@@ -56,14 +63,34 @@ from starlette.concurrency import run_in_threadpool
 from csm_clients.gateway.kserve_checks import (DEFAULT_MAX_ELEMENTS, ModelSpec, Refused, check_generate,
                                                check_infer, parse_json)
 
-__all__ = ["ALL_MODELS", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MODELS", "DEFAULT_SPEC_CACHE_SIZE", "FORWARDED_HEADERS",
-           "KServeFront", "create_front", "forwarded_headers", "main", "models_option", "request_headers"]
+__all__ = ["ALL_MODELS", "DEFAULT_BODY_TIMEOUT_S", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_CHECKS",
+           "DEFAULT_MAX_INFLIGHT_BYTES", "DEFAULT_MODELS", "DEFAULT_SPEC_CACHE_SIZE", "FORWARDED_HEADERS",
+           "RETRY_AFTER_S", "Busy", "KServeFront", "create_front", "forwarded_headers", "main", "models_option",
+           "request_headers"]
 
 # 64 MiB, the default of the --http-max-input-size that later Triton releases added:
 # 120 s of 24 kHz FP32 audio is 11.5 MB in binary, ~60 MB as JSON text.
 DEFAULT_MAX_BODY_BYTES = 64 * 2**20
 DEFAULT_CONFIG_TTL_S = 60.0
 DEFAULT_TIMEOUT_S = 300.0  # a long utterance on a busy server
+# Bodies checked at once, each in a worker thread (the pool has ~40). Parsing turns the
+# JSON text into Python objects several times its size (a float: 24 bytes plus an 8-byte
+# slot, for ~5 bytes of text), so one 64 MiB body can take ~1 GB while it is checked;
+# more checks at once would not finish sooner either, they share the GIL. The others
+# wait their turn, their bodies counted in the byte budget below.
+DEFAULT_MAX_CHECKS = 2
+# Request bodies held at once, all requests together, from the first byte read until
+# Triton has answered (for a stream: until its headers). Without it, memory grows with
+# every parallel 64 MiB body; past it a request is a 503 with Retry-After, never a wait
+# in memory. Four bodies of the largest size; a TTS request's body is a few hundred bytes.
+DEFAULT_MAX_INFLIGHT_BYTES = 4 * DEFAULT_MAX_BODY_BYTES
+RETRY_AFTER_S = 2  # a large body takes about that long to check and hand on
+# The whole body must arrive within this (else 408): the byte budget counts what is
+# received, and a client that sends 60 MB and then stalls would hold its share for good.
+# 64 MiB in 120 s is ~4.5 Mbit/s.
+DEFAULT_BODY_TIMEOUT_S = 120.0
+MAX_CHECKS_ENV = "CSM_FRONT_MAX_CHECKS"
+MAX_INFLIGHT_ENV = "CSM_FRONT_MAX_INFLIGHT_MB"
 TRITON_HEADER_ENV = "CSM_FRONT_TRITON_HEADER"
 MODELS_ENV = "CSM_FRONT_MODELS"
 # Mirror of csm_triton.constants.PUBLIC_MODELS (the clients never import the server's
@@ -88,8 +115,34 @@ _BYTE_COUNT = re.compile(r"[0-9]{1,19}")  # ASCII digits: '²'.isdigit() is True
 _VERSION = re.compile(r"[0-9]{1,19}")
 
 
+class Busy(Refused):
+    """The front holds as many request bodies as it may: a 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: int = RETRY_AFTER_S):
+        super().__init__(message, 503)
+        self.retry_after_s = retry_after_s
+
+
 def _error(refused: Refused) -> JSONResponse:
-    return JSONResponse({"error": str(refused)}, status_code=refused.status)
+    headers = {"retry-after": str(refused.retry_after_s)} if isinstance(refused, Busy) else None
+    return JSONResponse({"error": str(refused)}, status_code=refused.status, headers=headers)
+
+
+class _Held:
+    """The bytes of the front's in-flight budget that one request holds."""
+
+    def __init__(self, front: "KServeFront"):
+        self.front, self.bytes = front, 0
+
+    def grow_to(self, size: int) -> None:
+        more = size - self.bytes
+        if more > 0:
+            self.front._reserve(more)
+            self.bytes = size
+
+    def release(self) -> None:
+        self.front._inflight_bytes -= self.bytes
+        self.bytes = 0
 
 
 def request_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
@@ -143,9 +196,18 @@ class KServeFront:
                  max_elements: int = DEFAULT_MAX_ELEMENTS, config_ttl_s: float = DEFAULT_CONFIG_TTL_S,
                  timeout_s: float = DEFAULT_TIMEOUT_S, triton_headers: Mapping[str, str] | None = None,
                  models: Iterable[str] | str | None = None, spec_cache_size: int = DEFAULT_SPEC_CACHE_SIZE,
-                 transport: httpx.AsyncBaseTransport | None = None):
+                 max_checks: int = DEFAULT_MAX_CHECKS, max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+                 body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, transport: httpx.AsyncBaseTransport | None = None):
         self.base_url = triton_http_url if "://" in triton_http_url else f"http://{triton_http_url}"
         self.max_body_bytes, self.max_elements, self.config_ttl_s = max_body_bytes, max_elements, config_ttl_s
+        if max_checks < 1:
+            raise ValueError(f"max_checks must be at least 1, got {max_checks}")
+        if max_inflight_bytes < max_body_bytes:  # else the largest body would be a 503 forever
+            raise ValueError(f"max_inflight_bytes ({max_inflight_bytes}) must be at least max_body_bytes "
+                             f"({max_body_bytes})")
+        self.max_checks, self.max_inflight_bytes, self.body_timeout_s = max_checks, max_inflight_bytes, body_timeout_s
+        self._inflight_bytes = 0  # touched in the event loop only
+        self._check_slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
         self.timeout = httpx.Timeout(timeout_s, connect=5.0)
         # Sent with every request, over the client's: the key of tritonserver's
         # --http-restricted-api=inference:<name>=<key>, so only the front gets through.
@@ -244,28 +306,59 @@ class KServeFront:
             self._specs.popitem(last=False)
         return spec
 
-    async def _body(self, request: Request, headers: Mapping[str, str]) -> bytes:
-        declared = headers.get("content-length", "")
-        if declared and int(declared) > self.max_body_bytes:
-            raise Refused(f"the request body is {declared} bytes; the front's limit is {self.max_body_bytes}", 413)
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > self.max_body_bytes:
-                raise Refused(f"the request body is over the front's limit of {self.max_body_bytes} bytes", 413)
+    def _reserve(self, size: int) -> None:
+        """Count `size` more bytes in flight, or Busy when the budget has no room."""
+        if self._inflight_bytes + size > self.max_inflight_bytes:
+            raise self._busy()
+        self._inflight_bytes += size
+
+    def _busy(self) -> Busy:
+        return Busy(f"the front holds as many request bodies as it may at once ({self.max_inflight_bytes} bytes); "
+                    f"retry in {RETRY_AFTER_S} s")
+
+    def _slots(self) -> asyncio.Semaphore:
+        """The check slots, made in the loop that serves (a TestClient starts a loop of its own)."""
+        loop = asyncio.get_running_loop()
+        if self._check_slots is None or self._check_slots[0] is not loop:
+            self._check_slots = (loop, asyncio.Semaphore(self.max_checks))
+        return self._check_slots[1]
+
+    async def _body(self, request: Request, headers: Mapping[str, str], held: _Held) -> bytes:
+        """The body, inflated, read chunk by chunk: refused (413) as soon as it passes the
+        size limit, (503) as soon as it no longer fits the in-flight budget, (408) when
+        it has not arrived within body_timeout_s."""
+        limit = self.max_body_bytes
+        declared = int(headers.get("content-length") or 0)
+        if declared > limit:
+            raise Refused(f"the request body is {declared} bytes; the front's limit is {limit}", 413)
+        if self._inflight_bytes + declared > self.max_inflight_bytes:
+            raise self._busy()  # at once, unread; bytes are counted as they arrive, not as declared
         encoding = headers.get("content-encoding", "identity").lower()
-        if encoding in ("", "identity"):
-            return bytes(body)
-        wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
-        if wbits is None:
+        wbits = {"": None, "identity": None, "gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding, 0)
+        if wbits == 0:
             raise Refused(f"Content-Encoding '{encoding[:40]}' is not accepted (gzip, deflate or none)")
+        inflate = zlib.decompressobj(wbits) if wbits else None
+        body, received = bytearray(), 0
         try:
-            inflated = zlib.decompressobj(wbits).decompress(bytes(body), self.max_body_bytes + 1)
-        except zlib.error:
-            raise Refused(f"the request body is not valid {encoding} data") from None
-        if len(inflated) > self.max_body_bytes:
-            raise Refused(f"the request body inflates past the front's limit of {self.max_body_bytes} bytes", 413)
-        return inflated
+            async with asyncio.timeout(self.body_timeout_s):
+                async for chunk in request.stream():
+                    received += len(chunk)
+                    if received > limit:
+                        raise Refused(f"the request body is over the front's limit of {limit} bytes", 413)
+                    if inflate is not None:
+                        try:  # at most one byte past the limit comes out, whatever the ratio
+                            chunk = inflate.decompress(chunk, limit + 1 - len(body))
+                        except zlib.error:
+                            raise Refused(f"the request body is not valid {encoding} data") from None
+                        if len(body) + len(chunk) > limit:
+                            raise Refused(f"the request body inflates past the front's limit of {limit} bytes", 413)
+                    held.grow_to(len(body) + len(chunk))
+                    body += chunk
+        except TimeoutError:
+            raise Refused(f"the request body did not arrive whole within {self.body_timeout_s:g} s", 408) from None
+        if inflate is not None and not inflate.eof:
+            raise Refused(f"the request body is not valid {encoding} data (it ends early)")
+        return bytes(body)
 
     def _check(self, spec: ModelSpec, path: str, body: bytes, header_length: str | None) -> None:
         if path.endswith("/infer"):
@@ -284,12 +377,19 @@ class KServeFront:
             headers = request_headers(request.scope["headers"])
             if not path.endswith("/infer"):  # /generate has no binary part to split
                 headers.pop("inference-header-content-length", None)
-            body = await self._body(request, headers)
-            spec = await self.spec(request.path_params["model"], request.path_params.get("version"))
-            # Linear in the body, but a 64 MiB body is still seconds of parsing: off the
-            # event loop, so other requests (health checks, streams) keep moving.
-            await run_in_threadpool(self._check, spec, path, body, headers.get("inference-header-content-length"))
-            return await self._send("POST", path, headers, body, stream=path.endswith("_stream"))
+            held = _Held(self)
+            try:
+                body = await self._body(request, headers, held)
+                spec = await self.spec(request.path_params["model"], request.path_params.get("version"))
+                # Linear in the body, but a 64 MiB body is still seconds of parsing: off the
+                # event loop, so other requests (health checks, streams) keep moving; a few
+                # at a time (DEFAULT_MAX_CHECKS), each holding many times its body in objects.
+                async with self._slots():
+                    await run_in_threadpool(self._check, spec, path, body,
+                                            headers.get("inference-header-content-length"))
+                return await self._send("POST", path, headers, body, stream=path.endswith("_stream"))
+            finally:
+                held.release()
         except Refused as refused:
             return _error(refused)
 
@@ -326,6 +426,14 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20)
     parser.add_argument("--max-elements", type=int, default=DEFAULT_MAX_ELEMENTS, help="per input")
+    parser.add_argument("--max-checks", type=int, default=os.environ.get(MAX_CHECKS_ENV, DEFAULT_MAX_CHECKS),
+                        help=f"bodies checked at once, the others wait (also ${MAX_CHECKS_ENV})")
+    parser.add_argument("--max-inflight-mb", type=float,
+                        default=os.environ.get(MAX_INFLIGHT_ENV, DEFAULT_MAX_INFLIGHT_BYTES / 2**20),
+                        help=f"request bodies held at once, all requests together; past it a 503 with Retry-After "
+                             f"(also ${MAX_INFLIGHT_ENV}; at least --max-body-mb)")
+    parser.add_argument("--body-timeout-s", type=float, default=DEFAULT_BODY_TIMEOUT_S,
+                        help="a body must arrive whole within this, else 408")
     parser.add_argument("--triton-header", action="append", default=[], metavar="NAME=VALUE",
                         help=f"a header sent to Triton with every request (also ${TRITON_HEADER_ENV}, which keeps "
                              "a key out of the process list)")
@@ -340,8 +448,11 @@ def main(argv=None) -> int:
         if not (name.strip() and equals):
             parser.error(f"a Triton header is NAME=VALUE, got {item[:40]!r}")
         headers[name.strip()] = value
+    if args.max_inflight_mb < args.max_body_mb or args.max_checks < 1:
+        parser.error("--max-inflight-mb must be at least --max-body-mb, and --max-checks at least 1")
     app = create_front(args.triton_http, max_body_bytes=int(args.max_body_mb * 2**20), max_elements=args.max_elements,
-                       triton_headers=headers, models=args.models)
+                       triton_headers=headers, models=args.models, max_checks=args.max_checks,
+                       max_inflight_bytes=int(args.max_inflight_mb * 2**20), body_timeout_s=args.body_timeout_s)
     uvicorn.run(app, host=args.host, port=args.port)
     return 0
 

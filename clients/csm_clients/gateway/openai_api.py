@@ -15,9 +15,10 @@ route class converts errors itself, so the original routes keep their `{"detail"
 Keys (gateway/keys.py): voice writes always need `Authorization: Bearer <key>`; with keys
 configured every /v1 route does (checked by guard.py before the body is read, and again
 here). A voice belongs to the key that stored it: only that key deletes it (403 for
-another's). 413 for an oversized body, 429 with Retry-After when the key is busy. Limits are the server's: the gateway checks only what
-it must before building tensors (sampling ranges, the OpenAI-only fields), and maps the
-tensor a Triton refusal names back to the body's field.
+another's). 413 for an oversized body, 429 with Retry-After when the key is busy.
+Limits are the server's: the gateway checks only what it must before building tensors
+(sampling ranges, the OpenAI-only fields), and maps the tensor a Triton refusal names
+back to the body's field.
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ def _sse(event: dict) -> bytes:
 
 
 def _read_reference(data: bytes) -> tuple:
-    return read_audio(data, "audio_sample", max_seconds=MAX_REFERENCE_SECONDS, limit_name="REFERENCE_AUDIO's, MAX_REFERENCE_SECONDS")
+    return read_audio(data, "audio_sample", max_seconds=MAX_REFERENCE_SECONDS,
+                      limit_name="REFERENCE_AUDIO's, MAX_REFERENCE_SECONDS")
 
 
 async def _in_thread(work: Callable, *args):

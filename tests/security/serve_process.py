@@ -1,0 +1,84 @@
+"""`python -m csm_triton.serving serve` (what `make serve` runs) as a test starts it: free
+ports, a log file, readiness of named models, and a stop that never hangs the test."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from csm_triton import constants as C
+from csm_triton.serving.process import free_ports
+from csm_triton.serving.stubs import find_tritonserver
+
+
+def clean_environment(**extra: str) -> dict[str, str]:
+    """This process's environment without a model-control key or listen address of the
+    developer's shell, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in (C.MODEL_CONTROL_KEY_ENV, C.LISTEN_ADDRESS_ENV)}
+    return {**env, **extra}
+
+
+class Serve:
+    def __init__(self, repository: Path, log_path: Path, options: Sequence[str] = (), env: dict | None = None):
+        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
+        self.http_url, self.grpc_url = f"localhost:{self.http_port}", f"localhost:{self.grpc_port}"
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "csm_triton.serving", "serve", "--model-repository", str(repository),
+             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
+             "--metrics-port", str(self.metrics_port), "--no-gpu", *options],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env or clean_environment())
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def triton_pid(self) -> int | None:
+        return find_tritonserver(self.http_port)
+
+    def wait_ready(self, models: Sequence[str], timeout: float) -> int:
+        """tritonserver's pid, once every model of `models` is ready."""
+        client = httpclient.InferenceServerClient(self.http_url, connection_timeout=1.0, network_timeout=2.0)
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                assert self.process.poll() is None, f"serve exited\n{self.log()[-3000:]}"
+                try:
+                    pid = self.triton_pid()
+                    if pid and all(client.is_model_ready(m) for m in models):
+                        return pid
+                except (InferenceServerException, OSError, ConnectionError):
+                    pass
+                time.sleep(0.2)
+        finally:
+            client.close()  # an idle keep-alive connection would hold Triton's shutdown
+        raise AssertionError(f"not ready after {timeout:.0f} s\n{self.log()[-3000:]}")
+
+    def terminate(self, timeout: float) -> tuple[int | None, float]:
+        """SIGTERM; (exit code, seconds it took), or (None, timeout) when it still runs."""
+        began = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None, timeout
+        return code, time.monotonic() - began
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.triton_pid() or self.process.pid, signal.SIGKILL)
+                self.process.kill()
+                self.process.wait(10)
+        self._log.close()

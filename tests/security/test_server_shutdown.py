@@ -1,0 +1,195 @@
+"""SIGTERM to `csm-triton-server serve` (what Ctrl-C, compose and Kubernetes send) stops
+everything promptly. Before: the model supervisor's idle keep-alive connection held
+Triton's shutdown for the whole exit timeout (30 s), which then had no time left to
+unload ("Exit timeout expired", 11 models live); csm_lm's in-flight streams kept it
+loaded; and a stuck stub left the server up with nothing logged until SIGKILL. Against
+real servers on free ports; the bounds are generous for a 2-core machine (measured:
+~6 s for the whole tiny repository with a stream in flight)."""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+from csm_triton.serving.stubs import process_group
+from tests.security.serve_process import Serve
+
+pytestmark = pytest.mark.security
+
+START_TIMEOUT_S = 240
+STOPPED_WITHIN_S = 15     # the whole repository, a stream in flight; exit 0
+STREAM_ENDED_WITHIN_S = 10
+STUCK_STOPPED_WITHIN_S = 20
+
+STUCK_CONFIG = """name: "stuck"
+backend: "python"
+max_batch_size: 0
+input [ { name: "x", data_type: TYPE_FP32, dims: [ -1 ] } ]
+output [ { name: "y", data_type: TYPE_FP32, dims: [ -1 ] } ]
+instance_group [ { kind: KIND_CPU, count: 1 } ]
+"""
+# Stuck in native code that holds the GIL, as a hung C extension or device call would be:
+# the stub cannot even notice that its server is gone.
+STUCK_MODEL = """class TritonPythonModel:
+    def execute(self, requests):
+        while True:
+            sum(range(10**12))
+"""
+
+
+def after_the_signal(log: str) -> str:
+    assert "Signal (15) received" in log, log[-3000:]
+    return log.rsplit("Signal (15) received", 1)[1]
+
+
+class Stream:
+    """One csm_tts_stream request over gRPC, read on a thread: `outcome` is ('done', chunks)
+    or ('error', message); `ended_at` when it ended."""
+
+    def __init__(self, url: str, seconds: float):
+        self.first_chunk, self.ended = threading.Event(), threading.Event()
+        self.outcome, self.ended_at = None, None
+        threading.Thread(target=self._run, args=(url, seconds), daemon=True).start()
+
+    def _run(self, url: str, seconds: float) -> None:
+        client = grpcclient.InferenceServerClient(url)
+        arrivals: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: arrivals.put((result, error)))
+        try:
+            inputs = []
+            for name, value in (("TEXT", np.array([b"Stopping must not hang a stream."], dtype=object)),
+                                ("MAX_AUDIO_SECONDS", np.array([seconds], np.float32)),
+                                ("SEED", np.array([3], np.int64))):
+                item = grpcclient.InferInput(name, list(value.shape), {object: "BYTES"}.get(value.dtype.type, None)
+                                             or {np.float32: "FP32", np.int64: "INT64"}[value.dtype.type])
+                item.set_data_from_numpy(value)
+                inputs.append(item)
+            client.async_stream_infer("csm_tts_stream", inputs, enable_empty_final_response=True)
+            chunks = 0
+            while True:
+                result, error = arrivals.get(timeout=120)
+                if error is not None:
+                    self.outcome = ("error", str(error))
+                    return
+                if result.as_numpy("AUDIO") is not None:
+                    chunks += 1
+                    self.first_chunk.set()
+                if result.get_response().parameters["triton_final_response"].bool_param:
+                    self.outcome = ("done", chunks)
+                    return
+        except queue.Empty:
+            self.outcome = ("hang", None)
+        finally:
+            self.ended_at = time.monotonic()
+            self.ended.set()
+            client.stop_stream()
+            client.close()
+
+
+def test_sigterm_stops_every_model_promptly_and_a_stream_in_flight_gets_an_end(model_repository, tmp_path):
+    repository = tmp_path / "model_repository"
+    shutil.copytree(model_repository, repository)
+    models = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
+    serve = Serve(repository, tmp_path / "serve.log")  # the defaults: model supervisor on, as `make serve`
+    try:
+        pid = serve.wait_ready(models, START_TIMEOUT_S)
+        stream = Stream(serve.grpc_url, seconds=60.0)
+        assert stream.first_chunk.wait(120), "the stream did not start"
+        signalled = time.monotonic()
+        code, seconds = serve.terminate(STOPPED_WITHIN_S + 10)
+        print(f"\n[shutdown] SIGTERM -> serve exited ({code}) in {seconds:.1f} s", flush=True)
+        assert stream.ended.wait(STREAM_ENDED_WITHIN_S), "the stream still hangs after the server stopped"
+        kind = stream.outcome[0]
+        assert kind in ("done", "error"), stream.outcome
+        if kind == "error":  # a clear one: the server went away, retry elsewhere
+            assert "unavailable" in stream.outcome[1].lower() or "not ready" in stream.outcome[1].lower(), stream.outcome
+        assert stream.ended_at - signalled < STREAM_ENDED_WITHIN_S
+        assert code == 0 and seconds < STOPPED_WITHIN_S, (code, seconds, serve.log()[-4000:])
+        tail = after_the_signal(serve.log())
+        assert "Exit timeout expired" not in tail and "HTTP service connections" not in tail, tail[-3000:]
+        still_live = [m for m in models if f"successfully unloaded '{m}'" not in tail]
+        assert not still_live, f"never unloaded: {still_live}"
+        assert process_group(pid) == {}, "processes of the server are left"
+        assert "killed" not in tail and "restart" not in tail
+    finally:
+        serve.close()
+
+
+# --- a stub that never ends -----------------------------------------------------------------------
+@pytest.fixture()
+def stuck_repository(model_repository, tmp_path) -> Path:
+    """A copy of the repository with one more model, whose execute never returns."""
+    repository = tmp_path / "model_repository"
+    shutil.copytree(model_repository, repository)
+    (repository / "stuck" / "1").mkdir(parents=True)
+    (repository / "stuck" / "config.pbtxt").write_text(STUCK_CONFIG)
+    (repository / "stuck" / "1" / "model.py").write_text(STUCK_MODEL)
+    return repository
+
+
+def call_stuck(url: str) -> dict:
+    """A request to the stuck model on a thread: `ended` is set when it ended, somehow."""
+    state = {"ended": threading.Event(), "error": None}
+
+    def run():
+        client = httpclient.InferenceServerClient(url, network_timeout=120)
+        x = httpclient.InferInput("x", [2], "FP32")
+        x.set_data_from_numpy(np.ones(2, np.float32))
+        try:
+            client.infer("stuck", [x])
+        except Exception as error:  # noqa: BLE001 - whatever ended it is the outcome
+            state["error"] = error
+        finally:
+            client.close()
+            state["ended"].set()
+
+    threading.Thread(target=run, daemon=True).start()
+    return state
+
+
+def start_with_a_stuck_request(repository: Path, log: Path, options: list[str]) -> tuple[Serve, int, dict]:
+    models = ["stuck", "voice_list"]
+    serve = Serve(repository, log, [*options, *(f"--load-model={m}" for m in models)])
+    pid = serve.wait_ready(models, START_TIMEOUT_S)
+    request = call_stuck(serve.http_url)
+    time.sleep(1.0)  # inside execute by now
+    return serve, pid, request
+
+
+def test_a_stuck_stub_is_killed_with_a_log_line_and_the_stop_stays_bounded(stuck_repository, tmp_path):
+    # Triton gives up after its exit timeout and exits; the stub outlives it and is killed.
+    serve, pid, request = start_with_a_stuck_request(stuck_repository, tmp_path / "serve.log", ["--exit-timeout", "3"])
+    try:
+        code, seconds = serve.terminate(STUCK_STOPPED_WITHIN_S + 10)
+        print(f"\n[shutdown] SIGTERM with a stuck stub -> serve exited ({code}) in {seconds:.1f} s", flush=True)
+        assert code is not None and seconds < STUCK_STOPPED_WITHIN_S, serve.log()[-3000:]
+        tail = after_the_signal(serve.log())
+        assert "killed 1 processes of tritonserver's process group" in tail and "stub stuck_0_0" in tail, tail
+        assert process_group(pid) == {}
+        assert request["ended"].wait(10), "the request to the stuck model still hangs"
+    finally:
+        serve.close()
+
+
+def test_a_server_that_outlasts_the_stop_timeout_is_killed_with_its_stubs(stuck_repository, tmp_path):
+    # A long exit timeout, and the stuck request's connection holds Triton for all of it:
+    # serve's own deadline ends it.
+    serve, pid, request = start_with_a_stuck_request(stuck_repository, tmp_path / "serve.log",
+                                                     ["--exit-timeout", "60", "--stop-timeout", "3"])
+    try:
+        code, seconds = serve.terminate(STUCK_STOPPED_WITHIN_S + 10)
+        assert code == 1 and seconds < 3 + 7, (code, seconds, serve.log()[-3000:])
+        tail = after_the_signal(serve.log())
+        assert f"tritonserver (pid {pid}) still running 3 s after SIGTERM: killing it and its python stubs" in tail
+        assert process_group(pid) == {}
+        assert request["ended"].wait(10)
+    finally:
+        serve.close()
