@@ -73,7 +73,7 @@ def model(lm, monkeypatch):
     exits = []
     monkeypatch.setattr(lm_model.os, "_exit", exits.append)
     monkeypatch.setattr(lm_model.time, "sleep", lambda seconds: None)
-    model = lm_model.LanguageModel.__new__(lm_model.LanguageModel)
+    model = lm_model.LanguageModel()  # initialize() (the engine from a model directory) left out
     model.model_name = "csm_lm"
     for metric in ("time_to_first_frame", "audio_seconds", "generation_seconds", "last_rtf"):
         setattr(model, metric, mock.Mock())

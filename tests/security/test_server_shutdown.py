@@ -65,11 +65,10 @@ class Stream:
         client.start_stream(callback=lambda result, error: arrivals.put((result, error)))
         try:
             inputs = []
-            for name, value in (("TEXT", np.array([b"Stopping must not hang a stream."], dtype=object)),
-                                ("MAX_AUDIO_SECONDS", np.array([seconds], np.float32)),
-                                ("SEED", np.array([3], np.int64))):
-                item = grpcclient.InferInput(name, list(value.shape), {object: "BYTES"}.get(value.dtype.type, None)
-                                             or {np.float32: "FP32", np.int64: "INT64"}[value.dtype.type])
+            for name, value, datatype in (("TEXT", np.array([b"Stopping must not hang a stream."], dtype=object), "BYTES"),
+                                          ("MAX_AUDIO_SECONDS", np.array([seconds], np.float32), "FP32"),
+                                          ("SEED", np.array([3], np.int64), "INT64")):
+                item = grpcclient.InferInput(name, list(value.shape), datatype)
                 item.set_data_from_numpy(value)
                 inputs.append(item)
             client.async_stream_infer("csm_tts_stream", inputs, enable_empty_final_response=True)

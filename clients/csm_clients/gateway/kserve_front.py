@@ -59,6 +59,7 @@ import httpx
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from csm_clients.gateway.kserve_checks import (DEFAULT_MAX_ELEMENTS, ModelSpec, Refused, check_generate,
                                                check_infer, parse_json)
@@ -75,7 +76,7 @@ DEFAULT_CONFIG_TTL_S = 60.0
 DEFAULT_TIMEOUT_S = 300.0  # a long utterance on a busy server
 # Bodies checked at once, each in a worker thread (the pool has ~40). Parsing turns the
 # JSON text into Python objects several times its size (a float: 24 bytes plus an 8-byte
-# slot, for ~5 bytes of text), so one 64 MiB body can take ~1 GB while it is checked;
+# slot, for 4-8 bytes of text), so one 64 MiB body can take up to ~1 GB while checked;
 # more checks at once would not finish sooner either, they share the GIL. The others
 # wait their turn, their bodies counted in the byte budget below.
 DEFAULT_MAX_CHECKS = 2
@@ -356,6 +357,8 @@ class KServeFront:
                     body += chunk
         except TimeoutError:
             raise Refused(f"the request body did not arrive whole within {self.body_timeout_s:g} s", 408) from None
+        except ClientDisconnect:  # nobody to answer; no traceback in the log either
+            raise Refused("the client left before its body arrived whole") from None
         if inflate is not None and not inflate.eof:
             raise Refused(f"the request body is not valid {encoding} data (it ends early)")
         return bytes(body)
