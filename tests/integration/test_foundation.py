@@ -188,9 +188,9 @@ def _executions(client, model):
     return {"inference_count": stats["inference_count"], "execution_count": stats["execution_count"]}
 
 
-def test_a_broken_model_fails_to_load_clearly_and_the_others_keep_serving(http_client, broken_model):
+def test_a_broken_model_fails_to_load_clearly_and_the_others_keep_serving(triton_server, http_client, broken_model):
     with pytest.raises(InferenceServerException, match="model.onnx"):
-        http_client.load_model(broken_model)
+        http_client.load_model(broken_model, headers=triton_server.model_control_headers)
     assert not http_client.is_model_ready(broken_model)
     codes = np.zeros((1, C.NUM_CODEBOOKS, 2), np.int64)
     assert http_client.infer("mimi_decoder", [tensor(http, "audio_codes", codes)]).as_numpy("audio_values").size

@@ -60,17 +60,18 @@ def segment_counts(server, model: str) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def long_text_budget(grpc_client):
+def long_text_budget(triton_server, grpc_client):
     config = grpc_client.get_model_config("csm_prepare", as_json=True)["config"]
     config.setdefault("parameters", {}).update({
         "segment_seconds_per_char": {"string_value": str(SECONDS_PER_CHAR)},
         "segment_min_seconds": {"string_value": str(MIN_SECONDS)},
     })
-    grpc_client.load_model("csm_prepare", config=json.dumps(config))
+    key = triton_server.grpc_model_control_headers
+    grpc_client.load_model("csm_prepare", config=json.dumps(config), headers=key)
     try:
         yield BUDGETS
     finally:
-        grpc_client.load_model("csm_prepare")  # as its repository has it
+        grpc_client.load_model("csm_prepare", headers=key)  # as its repository has it
 
 
 def long_inputs():
