@@ -21,7 +21,8 @@ Shared memory is not offered.
 Load: at most `max_checks` bodies are checked at once (the rest wait their turn), and
 request bodies held at once add up to at most `max_inflight_bytes`; past that a request
 is answered 503 with Retry-After instead of being read. A body must arrive whole within
-`body_timeout_s` (else 408), so a slow sender cannot sit on the budget.
+`body_timeout_s` (else 408), so a slow sender cannot sit on the budget. Its headers must
+arrive within --header-timeout-s (10 s), else the connection is closed (`main`).
 
 Routes: GET /v2, /v2/health/{live,ready}, /v2/models/{m}[/versions/{v}][/ready,
 /config]; POST .../infer, .../generate, .../generate_stream. Nothing else of Triton's
@@ -94,6 +95,10 @@ MAX_CHECKS_ENV = "CSM_FRONT_MAX_CHECKS"
 MAX_INFLIGHT_ENV = "CSM_FRONT_MAX_INFLIGHT_MB"
 TRITON_HEADER_ENV = "CSM_FRONT_TRITON_HEADER"
 MODELS_ENV = "CSM_FRONT_MODELS"
+HEADER_TIMEOUT_ENV = "CSM_FRONT_HEADER_TIMEOUT_S"
+# A request's head must arrive within this (uvicorn has no such deadline of its own: a
+# client sending its headers a byte at a time, or nothing, kept its connection for ever).
+DEFAULT_HEADER_TIMEOUT_S = 10.0
 # Mirror of csm_triton.constants.PUBLIC_MODELS (the clients never import the server's
 # package; tests/security/test_kserve_front_unit.py keeps the two equal).
 DEFAULT_MODELS = ("csm_tts", "csm_tts_stream", "voice_register", "voice_list", "voice_delete", "watermark_detect")
@@ -437,6 +442,10 @@ def main(argv=None) -> int:
                              f"(also ${MAX_INFLIGHT_ENV}; at least --max-body-mb)")
     parser.add_argument("--body-timeout-s", type=float, default=DEFAULT_BODY_TIMEOUT_S,
                         help="a body must arrive whole within this, else 408")
+    parser.add_argument("--header-timeout-s", type=float,
+                        default=os.environ.get(HEADER_TIMEOUT_ENV, DEFAULT_HEADER_TIMEOUT_S),
+                        help=f"a request's headers must arrive within this, else the connection is closed "
+                             f"(also ${HEADER_TIMEOUT_ENV})")
     parser.add_argument("--triton-header", action="append", default=[], metavar="NAME=VALUE",
                         help=f"a header sent to Triton with every request (also ${TRITON_HEADER_ENV}, which keeps "
                              "a key out of the process list)")
@@ -456,8 +465,19 @@ def main(argv=None) -> int:
     app = create_front(args.triton_http, max_body_bytes=int(args.max_body_mb * 2**20), max_elements=args.max_elements,
                        triton_headers=headers, models=args.models, max_checks=args.max_checks,
                        max_inflight_bytes=int(args.max_inflight_mb * 2**20), body_timeout_s=args.body_timeout_s)
-    uvicorn.run(app, host=args.host, port=args.port)
+    uvicorn.run(app, host=args.host, port=args.port, **_server_settings(float(args.header_timeout_s)))
     return 0
+
+
+def _server_settings(header_timeout_s: float) -> dict:
+    """uvicorn's settings: the gateway's h11 protocol with its header deadline, and its
+    bound on a request head's size."""
+    from csm_clients.gateway.__main__ import MAX_HEADER_BYTES, HeaderDeadlineProtocol
+
+    if not header_timeout_s > 0:
+        raise SystemExit(f"--header-timeout-s must be positive, got {header_timeout_s}")
+    protocol = type("FrontH11Protocol", (HeaderDeadlineProtocol,), {"header_timeout_s": header_timeout_s})
+    return {"http": protocol, "h11_max_incomplete_event_size": MAX_HEADER_BYTES, "server_header": False}
 
 
 if __name__ == "__main__":

@@ -36,13 +36,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import ClientDisconnect
 
 from csm_clients.audio import Reference, Speech, read_audio
 from csm_clients.client import AsyncVoiceCloner
 from csm_clients.encoding import FORMATS, StreamEncoder, encode
 from csm_clients.errors import CsmClientError, InvalidRequest, PermissionDenied, ServerUnavailable
 from csm_clients.gateway.keys import ApiKeys, MissingApiKey
-from csm_clients.gateway.speech_context import ContextTurn, FieldError, conversation, refused_field
+from csm_clients.gateway.speech_context import (ContextTurn, FieldError, check_json_values, conversation,
+                                                refused_field)
 from csm_clients.limits import MAX_REFERENCE_SECONDS, check_sampling
 
 LOG = logging.getLogger("csm_clients.gateway.openai")
@@ -117,9 +119,19 @@ class _OpenAIRoute(APIRoute):
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
         fields = _VOICE_FIELDS if "voices" in self.path else _SPEECH_FIELDS
+        json_body = self.path.endswith("/audio/speech")  # the JSON route: counted before FastAPI parses it
 
         async def route(request: Request) -> Response:
             try:
+                if json_body and request.method == "POST":
+                    # The body is read (whole, within the guard's limit) and kept: the
+                    # handler below parses the same bytes.
+                    try:
+                        check_json_values(await request.body(), "the request body")
+                    except FieldError as error:
+                        raise OpenAIError(400, str(error)) from None
+                    except ClientDisconnect:  # gone, or refused by the guard (413/408): it has answered
+                        return Response(status_code=400)
                 return await handler(request)
             except OpenAIError as error:
                 return error.response()

@@ -9,6 +9,11 @@ names one (`context[2].audio`). Decoded clips together are bounded by the gatewa
 upload limit, so a JSON body cannot make the gateway hold more than an upload could, and
 each clip is judged by its header before it is decoded (audio.read_audio). The gateway
 runs `conversation` in a thread: it decodes.
+
+A speech body (and /clone-voice's `context` field) holds at most MAX_JSON_VALUES JSON
+values, counted before it is parsed (`check_json_values`): parsing builds objects many
+times the text's size (`{}` is 3 bytes of text, 64 of dict), and pydantic builds one
+error per bad element, so `[0,0,...]` of 600 KB once cost half a gigabyte.
 """
 
 from __future__ import annotations
@@ -25,7 +30,16 @@ from csm_clients.conversation import Turn, check_context, check_text
 from csm_clients.errors import InvalidRequest
 from csm_clients.limits import MAX_CONTEXT_TURNS, MAX_TURN_SECONDS, check_speaker
 
-__all__ = ["ContextTurn", "FieldError", "context_from_json", "conversation", "refused_field"]
+__all__ = ["MAX_JSON_VALUES", "ContextTurn", "FieldError", "check_json_values", "context_from_json", "conversation",
+           "refused_field"]
+
+# The most JSON values a speech body may hold: the largest the API takes is ~100 (the
+# top-level fields, 16 context turns of 4 fields); base64 clips are one value each.
+MAX_JSON_VALUES = 1_000
+# Everything up to the next `,` `[` or `{` outside a JSON string (group 1), or to the end:
+# strings (kserve_checks' pattern, closed or not) and runs of other bytes, possessively,
+# so every match succeeds, nothing is scanned twice and memory stays constant.
+_UP_TO_SEPARATOR = re.compile(rb'(?:"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)|[^",\[{]++)*+(?:([,\[{])|\Z)', re.DOTALL)
 
 
 class FieldError(InvalidRequest):
@@ -51,10 +65,28 @@ class ContextTurn(BaseModel):
 _TURNS = TypeAdapter(list[ContextTurn])
 
 
+def check_json_values(raw: bytes | str, field: str) -> None:
+    """FieldError when the JSON text `raw` holds more than MAX_JSON_VALUES values, judged
+    without parsing it, in time linear in its length and constant memory: every `,` `[`
+    and `{` outside a string begins at most one more value, counted up to the limit."""
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+    values = 1
+    if data.count(b",") + data.count(b"[") + data.count(b"{") >= MAX_JSON_VALUES:  # else: surely within
+        for found in _UP_TO_SEPARATOR.finditer(data):
+            values += found.group(1) is not None
+            if values > MAX_JSON_VALUES:
+                break
+    if values > MAX_JSON_VALUES:
+        raise FieldError(f"{field}: holds more than {MAX_JSON_VALUES:,} JSON values; the gateway accepts at most "
+                         f"{MAX_JSON_VALUES:,} (a context turn is an object of a few fields, a clip one base64 "
+                         "string)", field)
+
+
 def context_from_json(value: str | None) -> list[ContextTurn] | None:
     """/clone-voice's `context` form field: the JSON of /v1/audio/speech's `context`."""
     if value is None or not value.strip():
         return None
+    check_json_values(value, "context")
     try:
         return _TURNS.validate_json(value)
     except ValidationError as error:
