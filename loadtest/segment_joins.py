@@ -31,6 +31,7 @@ import numpy as np
 
 from csm_triton import constants as C
 from csm_triton.core.stream_decoder import snr_db
+from csm_triton.serving.flags import model_control_headers, model_control_key
 from loadtest import common
 from loadtest.engine_bench import git_commit
 
@@ -98,17 +99,18 @@ def stream(client, inputs) -> tuple[list[np.ndarray], dict, float]:
         client.stop_stream()
 
 
-def set_budget(client, seconds_per_char: float | None, min_seconds: float | None) -> None:
+def set_budget(client, seconds_per_char: float | None, min_seconds: float | None,
+               headers: dict[str, str] | None) -> None:
     """csm_prepare loaded again with the frame-budget parameters (None, None: as in its
-    repository)."""
+    repository). headers: the model-control key's (loading is refused without it)."""
     if seconds_per_char is None and min_seconds is None:
-        client.load_model("csm_prepare")
+        client.load_model("csm_prepare", headers=headers)
         return
     config = client.get_model_config("csm_prepare", as_json=True)["config"]
     for key, value in (("segment_seconds_per_char", seconds_per_char), ("segment_min_seconds", min_seconds)):
         if value is not None:
             config.setdefault("parameters", {})[key] = {"string_value": str(value)}
-    client.load_model("csm_prepare", config=json.dumps(config))
+    client.load_model("csm_prepare", config=json.dumps(config), headers=headers)
 
 
 def measure(grpc_url: str, chars: int, seed: int) -> dict:
@@ -197,11 +199,16 @@ def main(argv=None) -> int:
     load_before = round(os.getloadavg()[0], 2)
     with common.target_from_args(args, register=False) as target:
         control = grpc.InferenceServerClient(target.grpc)
-        set_budget(control, args.seconds_per_char, args.min_seconds)
+        # A server started here has its own key; a running one takes $CSM_MODEL_CONTROL_KEY.
+        if target.server is not None:
+            headers = target.server.grpc_model_control_headers
+        else:
+            headers = model_control_headers(model_control_key(), "grpc") if os.environ.get(C.MODEL_CONTROL_KEY_ENV) else None
+        set_budget(control, args.seconds_per_char, args.min_seconds, headers)
         try:
             report = measure(target.grpc, args.chars, args.seed)
         finally:
-            set_budget(control, None, None)
+            set_budget(control, None, None, headers)
         report.update(model=target.model, device=target.device, commit=git_commit(),
                       load_before=load_before, load_after=round(os.getloadavg()[0], 2),
                       seconds_per_char=args.seconds_per_char, min_seconds=args.min_seconds,

@@ -306,6 +306,8 @@ def test_missing_model_onnx_fails_alone_and_names_the_file(install, tmp_path):
             index = {entry["name"]: entry for entry in client.get_model_repository_index(
                 headers=server.model_control_headers)}
             assert index["broken"]["state"] == "UNAVAILABLE" and str(missing) in index["broken"]["reason"]
+            with pytest.raises(InferenceServerException, match="restricted"):  # the test server is closed too
+                client.load_model("broken")
             with pytest.raises(InferenceServerException, match="model.onnx"):
                 client.load_model("broken", headers=server.model_control_headers)
             x = np.ones((1, 4), dtype=np.float32)

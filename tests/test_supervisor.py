@@ -13,6 +13,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from csm_triton import constants as C
 from csm_triton.errors import InvalidInput
 from csm_triton.serving import restart, stubs
 from csm_triton.serving import supervisor as models
@@ -549,75 +550,83 @@ def test_a_server_that_stops_in_time_is_not_killed():
     assert killed == [] and lines == [] and not runner.killed_after_stop
 
 
-def test_the_unload_watch_fires_once_when_a_ready_model_turns_unready():
-    answers = iter([False, False, True, True, False, False, True])
-    fired = []
-    thread = adapter.watch_unload("m", lambda: fired.append(time.monotonic()), interval_s=0.01,
-                                  ready=lambda: next(answers))
+def test_the_stop_watch_ends_what_is_still_open_after_the_grace(tmp_path):
+    flag, fired, busy = tmp_path / "stopping", [], threading.Event()
+    busy.set()
+    thread = adapter.watch_server_stop(lambda: fired.append(time.monotonic()), busy=busy.is_set, stop_file=str(flag),
+                                       grace_s=0.3, interval_s=0.01)
+    time.sleep(0.1)
+    assert fired == []  # serving: no stop announced
+    announced = time.monotonic()
+    flag.touch()
     thread.join(5)
-    assert not thread.is_alive() and len(fired) == 1  # the loading phase's False did not count
+    assert len(fired) == 1 and fired[0] - announced >= 0.3
 
 
-def test_the_unload_watch_takes_one_failed_question_for_a_hiccup_and_two_for_a_server_going_away():
-    def answers():
-        yield True
-        yield "error"
-        yield True
-        yield "error"
-        yield "error"
-
-    sequence, fired = answers(), []
-
-    def ready():
-        answer = next(sequence)
-        if answer == "error":
-            raise RuntimeError("Failed to obtain the health mutex.")
-        return answer
-
-    thread = adapter.watch_unload("m", lambda: fired.append(True), interval_s=0.01, ready=ready)
+def test_a_stream_that_finishes_within_the_grace_is_left_alone(tmp_path):
+    flag, fired, busy = tmp_path / "stopping", [], threading.Event()
+    busy.set()
+    flag.touch()
+    thread = adapter.watch_server_stop(lambda: fired.append(True), busy=busy.is_set, stop_file=str(flag),
+                                       grace_s=5, interval_s=0.01)
+    time.sleep(0.1)
+    busy.clear()
     thread.join(5)
-    assert fired == [True] and next(sequence, "exhausted") == "exhausted"
+    assert not thread.is_alive() and fired == []
 
 
-class FakeResponseSender:
-    def __init__(self):
-        self.sent = []
-
-    def send(self, response=None, flags=0):
-        self.sent.append((response, flags))
-
-    def is_cancelled(self):
-        return False
+def test_without_a_launcher_that_announces_stops_there_is_no_watch(monkeypatch):
+    monkeypatch.delenv(C.STOP_FILE_ENV, raising=False)
+    assert adapter.watch_server_stop(lambda: None) is None
 
 
 class FakeStreamRequest:
-    def __init__(self):
-        self.sender = FakeResponseSender()
-
     def get_response_sender(self):
-        return self.sender
+        return types.SimpleNamespace(send=lambda *args, **kwargs: None, is_cancelled=lambda: False)
 
 
-def test_an_unloading_decoupled_model_ends_its_open_streams_as_unavailable(pb, monkeypatch):
-    monkeypatch.setattr(adapter.pb_utils, "TRITONSERVER_RESPONSE_COMPLETE_FINAL", 1, raising=False)
+def test_a_decoupled_model_with_work_to_end_is_told_when_serve_stops_the_server(monkeypatch, tmp_path):
+    monkeypatch.setenv(C.STOP_FILE_ENV, str(tmp_path / "stopping"))
+    stopped, open_work = [], threading.Event()
 
-    class Streaming(adapter.DecoupledModel):
-        model_name = "csm_tts_stream"
-
+    class Generating(adapter.DecoupledModel):
         def start(self, request, sender):
-            if request is finished:
-                sender.finish()  # ends by itself: nothing left to end
+            open_work.set()
 
-    model = Streaming()
-    open_one, finished = FakeStreamRequest(), FakeStreamRequest()
-    model.execute([open_one, finished])
-    assert finished.sender.sent == [(None, 1)] and open_one.sender.sent == []
-    model.on_unload()
-    ((error, flags),) = open_one.sender.sent
-    assert flags == 1 and error.code() == "UNAVAILABLE" and "being unloaded" in error.message()
-    assert finished.sender.sent == [(None, 1)]  # one final response each, never two
-    model.on_unload()
-    assert len(open_one.sender.sent) == 1
+        def has_open_work(self):
+            return open_work.is_set()
+
+        def on_server_stop(self):
+            stopped.append(time.monotonic())
+            open_work.clear()
+
+    class Relaying(adapter.DecoupledModel):  # its callee's failure ends its streams
+        def start(self, request, sender):
+            pass
+
+    generating, relaying = Generating(), Relaying()
+    generating.execute([FakeStreamRequest()])
+    relaying.execute([FakeStreamRequest()])
+    assert generating._stop_watch is not None and relaying._stop_watch is None
+    announced = time.monotonic()
+    (tmp_path / "stopping").touch()  # what serve does as it forwards SIGTERM
+    generating._stop_watch.join(C.STREAM_STOP_GRACE_S + 5)
+    assert len(stopped) == 1 and stopped[0] - announced >= C.STREAM_STOP_GRACE_S
+
+
+def test_a_call_fails_at_once_when_the_server_is_shutting_down(pb, monkeypatch):
+    def stopping(name):
+        raise RuntimeError("Failed to check model readiness: Failed to process the request for model "
+                           "'csm_lm_0_0', message: Server not ready")
+
+    release = threading.Event()
+    monkeypatch.setattr(adapter.pb_utils, "is_model_ready", stopping)
+    pb.exec = lambda decoupled: (release.wait(30), FakeResponse())[1]
+    began = time.monotonic()
+    with pytest.raises(adapter.ModelUnavailable):
+        adapter.call_model("mimi_decoder", {"x": np.zeros(1)}, ["y"])
+    assert time.monotonic() - began < 2
+    release.set()
 
 
 def test_the_supervisor_leaves_no_idle_connection_between_rounds():

@@ -41,7 +41,13 @@ _UNKNOWN_FRAMES = 2**62
 
 
 class AudioTooLong(InvalidRequest):
-    """A clip over the duration a bounded read allows (the gateway answers 400)."""
+    """A clip over the duration a bounded read allows (the gateway answers 400).
+    `seconds`: its length, from its header when `by_header`, else at least this much
+    (decoding stopped there)."""
+
+    def __init__(self, message: str, seconds: float = 0.0, by_header: bool = False):
+        super().__init__(message)
+        self.seconds, self.by_header = seconds, by_header
 
 
 AudioSource = Union[str, Path, bytes, BinaryIO]
@@ -82,7 +88,8 @@ def read_audio(source: AudioSource, name: str = "audio", *, max_seconds: float |
 
 def _too_long(name: str, seconds: float, max_seconds: float, limit_name: str | None, how: str) -> AudioTooLong:
     limit = f" ({limit_name})" if limit_name else ""
-    return AudioTooLong(f"{name} is {how} {seconds:.2f} s long; the limit is {max_seconds:g} s{limit}")
+    return AudioTooLong(f"{name} is {how} {seconds:.2f} s long; the limit is {max_seconds:g} s{limit}", seconds,
+                        how == "(by its header)")
 
 
 def _bounded_read(sound: soundfile.SoundFile, name: str, max_seconds: float, limit_name: str | None) -> np.ndarray:
@@ -92,7 +99,8 @@ def _bounded_read(sound: soundfile.SoundFile, name: str, max_seconds: float, lim
     if not MIN_INPUT_SAMPLE_RATE <= rate <= MAX_INPUT_SAMPLE_RATE:
         raise InvalidRequest(f"{name} is sampled at {rate} Hz; the accepted rates are "
                              f"{MIN_INPUT_SAMPLE_RATE}-{MAX_INPUT_SAMPLE_RATE} Hz")
-    max_frames = int(max_seconds * rate)
+    # (a hair of slack: a budget of seconds left after other clips carries float rounding)
+    max_frames = int(max(0.0, max_seconds) * rate + 1e-6)
     if 0 < frames < _UNKNOWN_FRAMES and frames > max_frames:
         raise _too_long(name, frames / rate, max_seconds, limit_name, "(by its header)")
     # Whatever the header said, never decode more than the limit allows, plus one block

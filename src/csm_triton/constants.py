@@ -136,6 +136,11 @@ DEFAULT_EXIT_TIMEOUT_S = 10
 # After the exit timeout, how long `csm-triton-server serve` waits before it kills the
 # server's process group (stubs included); compose's and the chart's grace periods are longer.
 STOP_KILL_MARGIN_S = 5
+# `serve` creates the file named here as it forwards SIGTERM/SIGINT (the python stubs
+# inherit the variable): csm_lm's streams still open this long after end with UNAVAILABLE,
+# since an open stream keeps its model loaded through Triton's whole exit timeout.
+STOP_FILE_ENV = "CSM_TRITON_STOP_FILE"
+STREAM_STOP_GRACE_S = 1.0
 
 # --- Watermark (resemble-perth 1.0.1; measured in tests/test_watermark.py) ----------
 # Shorter clips cannot be judged: on espeak-ng speech, 0.1-0.3 s windows of clean audio

@@ -6,10 +6,18 @@
   in objects. Bodies are now refused from their number of JSON values, before parsing.
 - The KServe front ran uvicorn without a header deadline: a client that sends its
   headers a byte at a time, or nothing at all, kept its connection for ever.
+- The gateway's body timeout was per gap between bytes: a body sent a byte every 25 s
+  held a concurrency slot for ever (the keyless 4+8 bucket could be filled this way).
+  A whole body now has a deadline (CSM_GATEWAY_BODY_TIMEOUT_S, 120 s), then 408.
+- Context clips were each decoded up to their own 30 s before the 60 s total was
+  checked: 16 clips decoded 480 s. Each clip is now read within what is left of the
+  total, so decoding stops once the total is passed.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import socket
 import subprocess
@@ -19,12 +27,15 @@ import tracemalloc
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
+import soundfile
 
 from csm_clients.gateway.guard import GatewayLimits
+from csm_clients.limits import MAX_CONTEXT_AUDIO_SECONDS, MAX_CONTEXT_TURNS, MAX_TURN_SECONDS
 from csm_triton.serving.process import free_ports
 
-from .test_gateway_limits import SMALL_UPLOAD, Served, unreachable_triton
+from .test_gateway_limits import SMALL_UPLOAD, Served, head, raw_request, unreachable_triton
 
 pytestmark = pytest.mark.security
 ROOT = Path(__file__).resolve().parents[2]
@@ -135,3 +146,108 @@ def test_the_front_cuts_off_a_client_that_does_not_finish_its_headers(front_url,
             connection.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: front\r\n")
         assert closed_within(connection, 5, dribble), "the connection is still open after 5 s"
     assert httpx.get(f"{front_url}/v2/health/live", timeout=30).status_code == 503, "others are served"
+
+
+# --- the gateway: a deadline for the whole body ----------------------------------------------------
+def answered_while_dribbling(connection: socket.socket, every: float, give_up: float) -> tuple[float, bytes]:
+    """Sends one byte of body every `every` s until the gateway answers (or `give_up` s
+    pass): (seconds until the answer began, the answer; b"" when none came)."""
+    started = time.monotonic()
+    connection.settimeout(every)
+    data = b""
+    while time.monotonic() - started < give_up:
+        try:
+            connection.sendall(b" ")
+        except OSError:
+            break
+        try:
+            data = connection.recv(65536)
+        except socket.timeout:
+            continue
+        except OSError:
+            break
+        break
+    seconds = time.monotonic() - started
+    connection.settimeout(10)
+    try:
+        while data:  # to the end: a 408 closes the connection
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    return seconds, data
+
+
+def test_a_body_dribbled_a_byte_at_a_time_is_408_at_the_whole_body_deadline_and_frees_its_slot():
+    deadline = 2.0
+    # One keyless slot, no queue; the gap between bytes (0.5 s) is far inside the idle timeout.
+    limits = GatewayLimits.from_environment({"CSM_GATEWAY_BODY_TIMEOUT_S": str(deadline)}, max_concurrency_open=1,
+                                            max_queue_open=0, body_idle_timeout_s=30.0)
+    with Served(unreachable_triton(), limits=limits) as gateway:
+        lines = ["Content-Type: application/json", "Content-Length: 1000"]
+        with raw_request(gateway.url, head("POST", "/v1/audio/speech", *lines), timeout=30) as connection:
+            seconds, answer = answered_while_dribbling(connection, every=0.5, give_up=deadline + 6)
+        assert answer.startswith(b"HTTP/1.1 408"), (seconds, answer[:300])
+        assert seconds < deadline + 2, f"answered after {seconds:.1f} s"
+        assert b"did not arrive whole within 2 s" in answer, answer
+        after = httpx.post(f"{gateway.url}/v1/audio/speech", json=SPEECH, timeout=30)
+        assert after.status_code == 503, after.text  # the one slot is free again: on to (absent) Triton
+
+
+def test_the_whole_body_deadline_has_its_environment_variable_and_flag(capsys):
+    assert GatewayLimits().body_timeout_s == 120.0
+    assert GatewayLimits.ENVIRONMENT["body_timeout_s"] == "CSM_GATEWAY_BODY_TIMEOUT_S"
+    from csm_clients.gateway.__main__ import main
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--body-timeout-s" in capsys.readouterr().out
+
+
+# --- context clips: decoded within what is left of the total -------------------------------------
+CLIP_RATE = 8_000
+
+
+@pytest.fixture(scope="module")
+def long_clip() -> str:
+    """A clip of MAX_TURN_SECONDS (the most one clip may be), base64 of a FLAC: a few KB,
+    so 16 of them fit /clone-voice's 1 MB form field."""
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.zeros(int(MAX_TURN_SECONDS * CLIP_RATE), np.float32), CLIP_RATE, format="FLAC")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.fixture()
+def decoded_frames(monkeypatch):
+    """Every frame libsndfile decodes in this process (the gateway runs in a thread here)."""
+    counted = {"frames": 0}
+    read = soundfile.SoundFile.read
+
+    def counting(self, *args, **kwargs):
+        out = read(self, *args, **kwargs)
+        counted["frames"] += len(out)
+        return out
+
+    monkeypatch.setattr(soundfile.SoundFile, "read", counting)
+    return counted
+
+
+@pytest.mark.parametrize("route", ["/v1/audio/speech", "/clone-voice"])
+def test_context_clips_are_decoded_only_up_to_the_total_limit(open_gateway, long_clip, decoded_frames, route):
+    turns = [{"audio": long_clip, "text": "x", "speaker": index % 2} for index in range(MAX_CONTEXT_TURNS)]
+    if route == "/clone-voice":
+        response = httpx.post(f"{open_gateway.url}/clone-voice", timeout=60,
+                              data={"text": "Hi.", "context": json.dumps(turns)})
+        assert response.status_code == 400, response.text[:300]
+        message = response.json()["detail"]
+    else:
+        response = httpx.post(f"{open_gateway.url}/v1/audio/speech", json={**SPEECH, "context": turns}, timeout=60)
+        assert response.status_code == 400, response.text[:300]
+        error = response.json()["error"]
+        message = error["message"]
+        assert error["param"] == "context", error
+    assert f"the limit is {MAX_CONTEXT_AUDIO_SECONDS:g} s" in message and "MAX_CONTEXT_AUDIO_SECONDS" in message, message
+    assert "context[2]" in message, message  # the clip that passed the total
+    # The total's worth (two whole clips; the third is refused by its header), not 16 clips' 480 s.
+    assert 0 < decoded_frames["frames"] <= int(MAX_CONTEXT_AUDIO_SECONDS * CLIP_RATE), decoded_frames

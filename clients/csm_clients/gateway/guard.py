@@ -8,7 +8,10 @@ A pure ASGI middleware, outermost in the app, so it runs before FastAPI parses a
 2. The body. Each route has a byte limit (`GatewayLimits.body_limit`): a declared
    Content-Length over it is refused at once, and a chunked body is counted as it
    streams and refused the moment it passes the limit (413), so neither memory nor
-   the multipart spool in the temp folder holds more than the limit.
+   the multipart spool in the temp folder holds more than the limit. A body must also
+   arrive in time (408): no gap between its bytes longer than `body_idle_timeout_s`,
+   and the whole of it within `body_timeout_s` of the route's first read, so a sender
+   dribbling a byte now and then cannot hold a slot for ever.
 3. Concurrency. The routes that make Triton work (POST, DELETE) take a slot of their
    key's bucket (callers without a key share one bucket); past the bucket's slots a
    request waits in its small queue, past the queue (or after waiting too long) it is
@@ -61,6 +64,7 @@ class GatewayLimits:
     retry_after_s: int = 2  # what a 429 tells the caller
     max_concurrent_decodes: int = 2  # audio decodes in threads at once (the CPU's work)
     body_idle_timeout_s: float = 30.0  # a body that sends nothing for this long is dropped (408)
+    body_timeout_s: float = 120.0  # a body not whole this long after the route began reading it: 408
 
     ENVIRONMENT = {
         "max_upload_bytes": "CSM_GATEWAY_MAX_UPLOAD_MB",  # in MB
@@ -72,6 +76,7 @@ class GatewayLimits:
         "retry_after_s": "CSM_GATEWAY_RETRY_AFTER_S",
         "max_concurrent_decodes": "CSM_GATEWAY_MAX_CONCURRENT_DECODES",
         "body_idle_timeout_s": "CSM_GATEWAY_BODY_IDLE_TIMEOUT_S",
+        "body_timeout_s": "CSM_GATEWAY_BODY_TIMEOUT_S",
     }
 
     def __post_init__(self):
@@ -268,24 +273,38 @@ class GatewayGuard:
         """`receive` that counts body bytes; past `limit` the guard answers 413 (when it
         can: the app has not begun its answer) and the app is told the client is gone,
         so it stops reading (Starlette raises ClientDisconnect) and spools nothing
-        more. A body that stalls for body_idle_timeout_s is answered 408 the same way
-        (a slow sender must not hold a slot); once the body is whole, `receive` is only
-        the disconnect signal a streaming answer listens for, and is not timed."""
+        more. A body that stalls for body_idle_timeout_s, or is not whole body_timeout_s
+        after the first read, is answered 408 the same way (a slow sender must not hold
+        a slot; the idle timeout alone let a byte every few seconds hold one for ever);
+        once the body is whole, `receive` is only the disconnect signal a streaming
+        answer listens for, and is not timed."""
         seen, refused, whole = 0, False, False
-        timeout = self.limits.body_idle_timeout_s
+        idle, whole_within = self.limits.body_idle_timeout_s, self.limits.body_timeout_s
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None  # set at the first read
+
+        async def too_slow(message: str) -> dict:
+            nonlocal refused
+            refused = True
+            await sent.replace(*_error(policy, 408, message))
+            return {"type": "http.disconnect"}
 
         async def counted():
-            nonlocal seen, refused, whole
+            nonlocal seen, refused, whole, deadline
             if refused:  # never read on
                 return {"type": "http.disconnect"}
             if whole:
                 return await receive()
+            if deadline is None:
+                deadline = loop.time() + whole_within
+            left = deadline - loop.time()
+            late = f"the request body did not arrive whole within {whole_within:g} s"
+            if left <= 0:
+                return await too_slow(late)
             try:
-                message = await asyncio.wait_for(receive(), timeout)
+                message = await asyncio.wait_for(receive(), min(idle, left))
             except asyncio.TimeoutError:
-                refused = True
-                await sent.replace(*_error(policy, 408, f"the request body sent nothing for {timeout:g} s"))
-                return {"type": "http.disconnect"}
+                return await too_slow(late if idle >= left else f"the request body sent nothing for {idle:g} s")
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 whole = not message.get("more_body", False)

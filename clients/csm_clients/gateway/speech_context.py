@@ -7,8 +7,11 @@
 here, before a tensor is built, and a refusal names the body's field the way OpenAI
 names one (`context[2].audio`). Decoded clips together are bounded by the gateway's
 upload limit, so a JSON body cannot make the gateway hold more than an upload could, and
-each clip is judged by its header before it is decoded (audio.read_audio). The gateway
-runs `conversation` in a thread: it decodes.
+each clip is judged by its header before it is decoded (audio.read_audio), against its
+own limit (MAX_TURN_SECONDS) and what is left of the clips' total
+(MAX_CONTEXT_AUDIO_SECONDS): decoding stops as soon as the total is passed, so 16 clips
+of 30 s cost no more than 60 s of decoding. The gateway runs `conversation` in a
+thread: it decodes.
 
 A speech body (and /clone-voice's `context` field) holds at most MAX_JSON_VALUES JSON
 values, counted before it is parsed (`check_json_values`): parsing builds objects many
@@ -25,10 +28,10 @@ import re
 
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
-from csm_clients.audio import read_audio
+from csm_clients.audio import AudioTooLong, read_audio
 from csm_clients.conversation import Turn, check_context, check_text
 from csm_clients.errors import InvalidRequest
-from csm_clients.limits import MAX_CONTEXT_TURNS, MAX_TURN_SECONDS, check_speaker
+from csm_clients.limits import MAX_CONTEXT_AUDIO_SECONDS, MAX_CONTEXT_TURNS, MAX_TURN_SECONDS, check_speaker
 
 __all__ = ["MAX_JSON_VALUES", "ContextTurn", "FieldError", "check_json_values", "context_from_json", "conversation",
            "refused_field"]
@@ -121,7 +124,9 @@ class _Named(io.BytesIO):
         return self.label
 
 
-def _clip(turn: ContextTurn, index: int, budget: int) -> tuple[Turn, int]:
+def _clip(turn: ContextTurn, index: int, budget: int, seconds_before: float) -> tuple[Turn, int]:
+    """The turn's clip, decoded within its own limit and what the clips before it
+    (`seconds_before` of audio) left of the total; (the turn, its bytes)."""
     where = f"context[{index}].audio"
     encoded = re.sub(r"\s+", "", turn.audio or "")
     if len(encoded) * 3 // 4 > budget:
@@ -131,10 +136,23 @@ def _clip(turn: ContextTurn, index: int, budget: int) -> tuple[Turn, int]:
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise FieldError(f"{where}: is not base64 (give the bytes of an audio file, base64-encoded)", where) from None
+    left = MAX_CONTEXT_AUDIO_SECONDS - seconds_before
     try:
-        # Bounded by one clip's limit, from the header: an hour of silence is a few
-        # hundred KB of FLAC, well inside the byte budget.
-        samples, rate = read_audio(_Named(data, where), where, max_seconds=MAX_TURN_SECONDS)
+        # Bounded by one clip's limit and what is left of the total, from the header
+        # first: an hour of silence is a few hundred KB of FLAC, well inside the byte
+        # budget, and 16 clips of 30 s must not all be decoded to learn they pass 60 s.
+        samples, rate = read_audio(_Named(data, where), where, max_seconds=min(MAX_TURN_SECONDS, left))
+    except AudioTooLong as error:
+        if left >= MAX_TURN_SECONDS:  # the clip's own limit was the bound
+            raise FieldError(str(error), where) from None
+        if error.by_header and error.seconds > MAX_TURN_SECONDS:  # over both: name the clip's own
+            raise FieldError(f"{where} is (by its header) {error.seconds:.2f} s long; the limit is "
+                             f"{MAX_TURN_SECONDS:g} s", where) from None
+        total = seconds_before + error.seconds
+        raise FieldError(f"context: the context clips hold {'' if error.by_header else 'at least '}{total:.1f} s "
+                         f"of audio up to {where} ({seconds_before:.1f} s before it); the limit is "
+                         f"{MAX_CONTEXT_AUDIO_SECONDS:g} s for all clips together (MAX_CONTEXT_AUDIO_SECONDS)",
+                         "context") from None
     except InvalidRequest as error:
         raise FieldError(str(error), where) from None
     return Turn(turn.text, turn.speaker, samples, rate), len(data)
@@ -156,7 +174,7 @@ def conversation(input_text: str, speaker: int | None, context: list[ContextTurn
         return {"speaker": speaker}
     if len(context) > MAX_CONTEXT_TURNS:  # before decoding any clip
         raise FieldError(f"context: {len(context)} context turns; the limit is {MAX_CONTEXT_TURNS}", "context")
-    turns, budget = [], max_clip_bytes
+    turns, budget, seconds = [], max_clip_bytes, 0.0
     for index, turn in enumerate(context):
         if turn.voice is not None and (turn.audio is not None or turn.text is not None):
             raise FieldError(f"context[{index}]: give either `voice` (a stored voice, its own transcript and "
@@ -167,8 +185,9 @@ def conversation(input_text: str, speaker: int | None, context: list[ContextTurn
             raise FieldError(f"context[{index}]: has no `audio` (base64) nor `voice`; every context turn needs "
                              "the audio of what was said", f"context[{index}].audio")
         else:
-            clip, size = _clip(turn, index, budget)
+            clip, size = _clip(turn, index, budget, seconds)
             budget -= size
+            seconds += clip.seconds
             turns.append(clip)
     try:
         check_context(turns, speaker)  # the tensors are built once, when the request is sent

@@ -18,8 +18,9 @@ unload, repository index; also shared memory, logging and trace settings) to cal
 sending $CSM_MODEL_CONTROL_KEY in the `csm-model-control-key` header; without that
 variable each start makes a random key that only it knows, so only the model
 supervisor can load and unload. On SIGTERM/SIGINT `serve` stops the supervisor,
-forwards the signal, and kills tritonserver's process group (stubs included) when it
-is still running --stop-timeout seconds later.
+tells the stubs (csm_lm's open streams end after C.STREAM_STOP_GRACE_S), forwards the
+signal, and kills tritonserver's process group (stubs included) when it is still
+running --stop-timeout seconds later.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ from csm_triton import constants as C
 from csm_triton.serving.flags import (MODEL_CONTROL_MODES, client_host, listen_warning, model_control_key, redact,
                                      server_arguments)
 from csm_triton.serving.install import PrepareError, perf_analyzer_command, prepare, server_environment
-from csm_triton.serving.process import (end_process_group, kill_process_group, parent_death_signal,
-                                        remove_shm_regions, shm_region_flag, unique_shm_prefix)
+from csm_triton.serving.process import (announce_stop, end_process_group, kill_process_group, parent_death_signal,
+                                        remove_shm_regions, shm_region_flag, stop_file, unique_shm_prefix)
 from csm_triton.serving.restart import RestartPolicy, ServerRunner
 from csm_triton.serving.stubs import check_server, find_tritonserver
 from csm_triton.serving.supervisor import ModelSupervisor
@@ -92,7 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     print("$ " + " ".join(redact(command)), file=sys.stderr, flush=True)
     _warn_if_open(args)
-    environment = server_environment(install)
+    environment = {**server_environment(install), C.STOP_FILE_ENV: str(stop_file(shm_prefix))}
 
     def spawn() -> subprocess.Popen:
         return subprocess.Popen(command, env=environment, start_new_session=True, preexec_fn=parent_death_signal)
@@ -121,6 +122,7 @@ def _serve(args: argparse.Namespace) -> int:
     def stop(signum, _frame):
         if supervisor is not None:  # no reload may start while the models unload
             supervisor.request_stop()
+        announce_stop(stop_file(shm_prefix))  # csm_lm's open streams end instead of holding the unload
         runner.request_stop(signum)
 
     previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}

@@ -24,8 +24,8 @@ from csm_triton.serving.install import EmbeddedInstall, prepare, server_environm
 from csm_triton.serving.stubs import process_group
 from csm_triton.serving.supervisor import ModelSupervisor, log_to_file
 
-__all__ = ["TritonServer", "TritonStartError", "end_process_group", "free_ports", "kill_process_group",
-           "parent_death_signal",
+__all__ = ["TritonServer", "TritonStartError", "announce_stop", "end_process_group", "free_ports",
+           "kill_process_group", "parent_death_signal", "stop_file",
            "remove_shm_regions", "shm_region_flag", "unique_shm_prefix"]
 
 _ENDPOINT_FAILURE = re.compile(r"failed to start (HTTP|GRPC|Metrics) service[^\n]*")
@@ -40,6 +40,19 @@ def unique_shm_prefix() -> str:
 
 def shm_region_flag(prefix: str) -> str:
     return f"--backend-config=shm-region-prefix-name={prefix}"
+
+
+def stop_file(shm_prefix: str) -> Path:
+    """The file that tells this server's stubs it is stopping (adapter.watch_server_stop);
+    named like its shm regions, so that remove_shm_regions removes it too."""
+    return Path("/dev/shm") / f"{shm_prefix}stopping"
+
+
+def announce_stop(path: Path) -> None:
+    try:
+        path.touch()
+    except OSError:  # no /dev/shm: the stubs' streams then end with Triton's exit timeout
+        pass
 
 
 def remove_shm_regions(prefix: str) -> None:

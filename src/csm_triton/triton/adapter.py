@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from csm_triton import constants as C
 from csm_triton.core import validation
 from csm_triton.errors import InvalidInput, PermissionDenied
 from csm_triton.triton import calls
@@ -154,6 +155,7 @@ class PythonModel:
 
 
 # --- BLS: calling other models of the same server ------------------------------------
+SERVER_STOPPING_MESSAGE = "Server not ready"  # how 2.51 answers a stub's question during shutdown
 # Each call is awaited with a deadline and a readiness check (csm_triton.triton.calls):
 # a request to a python stub that dies is never answered in Triton 2.51.
 def _bls_request(model_name: str, inputs: Mapping[str, np.ndarray], output_names, parameters=None,
@@ -201,8 +203,9 @@ def _outputs(response, model_name: str, output_names) -> dict[str, np.ndarray]:
 def _model_ready(model_name: str) -> bool:
     try:
         return bool(pb_utils.is_model_ready(model_name))
-    except Exception:  # noqa: BLE001 - a failed question is no answer: keep waiting
-        return True
+    except Exception as error:  # noqa: BLE001 - a failed question is no answer: keep waiting...
+        # ...unless the server is shutting down: then the call will never be answered.
+        return SERVER_STOPPING_MESSAGE not in str(error)
 
 
 def call_model(model_name: str, inputs: Mapping[str, np.ndarray], output_names,
@@ -246,11 +249,10 @@ class StreamSender:
     """One request's response sender. Exactly one final response is sent, whatever
     happens: `finish` or `fail` (later calls are ignored)."""
 
-    def __init__(self, request, model_name: str, on_close=None):
+    def __init__(self, request, model_name: str):
         self._sender = request.get_response_sender()
         self._model_name = model_name
-        self._on_close = on_close
-        # The model's thread and an unload (DecoupledModel.on_unload) may end it at once.
+        # The model's thread and a server stop (DecoupledModel.on_server_stop) may end it at once.
         self._lock = threading.Lock()
         self.closed = False
 
@@ -265,28 +267,18 @@ class StreamSender:
                 return
             self.closed = True
             final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-            try:
-                if outputs:
-                    self._sender.send(build_response(outputs), flags=final)
-                else:
-                    self._sender.send(flags=final)
-            finally:
-                self._closed()
+            if outputs:
+                self._sender.send(build_response(outputs), flags=final)
+            else:
+                self._sender.send(flags=final)
 
     def fail(self, error: BaseException) -> None:
         with self._lock:
             if self.closed:
                 return
             self.closed = True
-            try:
-                self._sender.send(error_response(error, self._model_name),
-                                  flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            finally:
-                self._closed()
-
-    def _closed(self) -> None:
-        if self._on_close is not None:
-            self._on_close(self)
+            self._sender.send(error_response(error, self._model_name),
+                              flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def is_cancelled(self) -> bool:
         return self._sender.is_cancelled()
@@ -296,38 +288,31 @@ class DecoupledModel(PythonModel):
     """Base of decoupled python models: `start(request, sender)` begins the work and
     must end in sender.finish/fail (now or later, from any thread)."""
 
-    def __init__(self) -> None:
-        self._open_streams: set[StreamSender] = set()  # started, not ended: what on_unload ends
-        self._open_streams_lock = threading.Lock()
-
-    def initialize(self, args):
-        super().initialize(args)
-        watch_unload(self.model_name, self.on_unload)
+    _stop_watch: threading.Thread | None = None
 
     def start(self, request, sender: StreamSender) -> None:
         raise NotImplementedError
 
-    def on_unload(self) -> None:
-        """Called once (on a thread of its own) when this model stops being ready: the
-        server shuts down or someone unloads it. A decoupled request keeps its model
-        loaded until its final response went out, and `finalize` only runs after that:
-        a stream left open would hold Triton's shutdown until it gives up ("Exit timeout
-        expired") and finalizes nothing. Every open stream ends here with UNAVAILABLE
-        (the client may retry elsewhere); a subclass stops its own work first."""
-        with self._open_streams_lock:
-            streams = list(self._open_streams)
-        for sender in streams:
-            sender.fail(ModelUnavailable("the model is being unloaded (server shutdown or reload)"))
+    def has_open_work(self) -> bool:
+        """Whether requests of this model still wait for their final response."""
+        return False
 
-    def _stream_closed(self, sender: StreamSender) -> None:
-        with self._open_streams_lock:
-            self._open_streams.discard(sender)
+    def on_server_stop(self) -> None:
+        """Override to end the open work (each request's final response sent) when the
+        server is stopping and `has_open_work` still holds C.STREAM_STOP_GRACE_S later
+        (watch_server_stop; called once, on a thread of its own). A decoupled request keeps
+        its model loaded until its final response went out, and `finalize` only runs after
+        that: open work would hold Triton's shutdown until it gives up ("Exit timeout
+        expired") and finalizes nothing. Only the model that does the work ends it (csm_lm):
+        its BLS callers then fail their own requests as they would on any callee error;
+        ending those from here too crashed 2.51 while it unloaded them (lock_exception)."""
 
     def execute(self, requests):
+        if self._stop_watch is None and type(self).on_server_stop is not DecoupledModel.on_server_stop:
+            self._stop_watch = watch_server_stop(self.on_server_stop, busy=self.has_open_work,
+                                                 model_name=self.model_name)
         for request in requests:
-            sender = StreamSender(request, self.model_name, on_close=self._stream_closed)
-            with self._open_streams_lock:
-                self._open_streams.add(sender)
+            sender = StreamSender(request, self.model_name)
             try:
                 self.start(request, sender)
             except Exception as error:  # noqa: BLE001 - a bad request fails only itself
@@ -400,41 +385,39 @@ class RunningTotal:
                 self._counted = total
 
 
-# --- an unloading model must not wait for its own streams ---------------------------
-UNLOAD_POLL_S = 0.5  # one readiness question to the server per poll: cheap
+# --- a stopping server must not wait for its own streams -----------------------------
+STOP_POLL_S = 0.2  # a stat() of a tmpfs file: free
 
 
-def watch_unload(model_name: str, on_unload, *, interval_s: float = UNLOAD_POLL_S,
-                 ready=None) -> threading.Thread:
-    """Calls `on_unload()` once, from a daemon thread, when `model_name` is no longer
-    ready after it was (while it loads it is not ready yet: that does not count). Triton
-    2.51 tells a python model nothing before `finalize`, and a decoupled model's
-    `finalize` waits for its in-flight streams; its readiness turns false at once."""
+def watch_server_stop(on_stop, *, busy=lambda: True, model_name: str = "model", stop_file: str | None = None,
+                      grace_s: float = C.STREAM_STOP_GRACE_S, interval_s: float = STOP_POLL_S):
+    """Calls `on_stop()` once, from a daemon thread, when the server is stopping and
+    `busy()` still holds `grace_s` later. `csm-triton-server serve` creates
+    $CSM_TRITON_STOP_FILE as it sends SIGTERM: Triton 2.51 tells a python model nothing
+    before `finalize`, and its readiness API, polled from a stub's thread, crashed stubs
+    (SIGSEGV) and then the server. None without the variable (the container's launch and
+    the test server: there Triton's exit timeout bounds the wait)."""
+    import os
     import time
 
-    if ready is None:
-        def ready() -> bool:
-            return bool(pb_utils.is_model_ready(model_name))
+    path = stop_file or os.environ.get(C.STOP_FILE_ENV)
+    if not path:
+        return None
 
     def watch() -> None:
-        was_ready, failed_questions = False, 0
-        while True:
+        while not (busy() and os.path.exists(path)):
             time.sleep(interval_s)
-            try:
-                now_ready, failed_questions = ready(), 0
-            except Exception:  # noqa: BLE001 - a server going away answers with errors; one may be a hiccup
-                failed_questions += 1
-                now_ready = failed_questions < 2
-            if now_ready:
-                was_ready = True
-            elif was_ready:
-                break
+        deadline = time.monotonic() + grace_s
+        while busy() and time.monotonic() < deadline:  # a stream about to end may finish
+            time.sleep(interval_s)
+        if not busy():
+            return
         try:
-            on_unload()
+            on_stop()
         except Exception as error:  # noqa: BLE001 - finalize still runs; say why this did not
-            log_error(f"{model_name}: ending in-flight work on unload failed: {type(error).__name__}: {error}")
+            log_error(f"{model_name}: ending in-flight work on shutdown failed: {type(error).__name__}: {error}")
 
-    thread = threading.Thread(target=watch, name=f"csm-unload-watch-{model_name}", daemon=True)
+    thread = threading.Thread(target=watch, name=f"csm-stop-watch-{model_name}", daemon=True)
     thread.start()
     return thread
 

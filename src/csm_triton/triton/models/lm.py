@@ -33,7 +33,7 @@ TIME_TO_FIRST_FRAME_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 2.0,
 # answered already, this is for the log line to reach the server before the process goes.
 DEVICE_FAILURE_EXIT_DELAY_S = 1.0
 DEVICE_FAILURE_EXIT_CODE = 70  # EX_SOFTWARE: tells this exit from a kill in the server's log
-_ENGINE_STOP = threading.Lock()  # on_unload and finalize both stop the engine, on two threads
+_ENGINE_STOP = threading.Lock()  # on_server_stop and finalize both stop the engine, on two threads
 
 
 def engine_from_config(model_dir: Path, parameters: Parameters, device: str) -> GenerationEngine:
@@ -184,13 +184,15 @@ class LanguageModel(triton.DecoupledModel):
             is_cancelled=sender.is_cancelled,
         )
 
-    def on_unload(self):
+    def has_open_work(self):
+        return self.engine.has_work()
+
+    def on_server_stop(self):
         # Streams still generating end now with a "shutting down" error as their final
         # response; until then Triton could neither unload this model nor call finalize.
         with _ENGINE_STOP:
             self.engine.stop()
-        super().on_unload()
 
     def finalize(self):
-        with _ENGINE_STOP:  # the last final response sent by on_unload can start finalize
+        with _ENGINE_STOP:  # the last final response sent by on_server_stop can start finalize
             self.engine.stop()
