@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from csm_triton.serving.process import TritonServer
+from csm_triton.serving.process import TritonServer, free_ports
 
 
 @pytest.fixture(scope="session")
@@ -115,3 +120,32 @@ def broken_model(served_repository):
     (target / "config.pbtxt").write_text(text.replace('name: "mimi_decoder"', f'name: "{BROKEN_MODEL}"'))
     yield BROKEN_MODEL
     shutil.rmtree(target, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def kserve_front_process(triton_http: str, *options: str, log_path: Path | None = None):
+    """`python -m csm_clients.gateway.kserve_front` on a free port, as a deployment runs it;
+    yields its URL once /v2/health/live answers (whatever Triton's state), stops it after."""
+    port = free_ports(1)[0]
+    log = open(log_path, "wb") if log_path else subprocess.DEVNULL
+    process = subprocess.Popen([sys.executable, "-m", "csm_clients.gateway.kserve_front", "--triton-http",
+                                triton_http, "--port", str(port), *options],
+                               cwd=Path(__file__).resolve().parents[1], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"{url}/v2/health/live", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert process.poll() is None and time.monotonic() < deadline, "the front did not start"
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        if log_path:
+            log.close()

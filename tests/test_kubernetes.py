@@ -28,7 +28,7 @@ from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
 
 from csm_triton.serving.flags import server_arguments
 from export.model_config import PROFILES
-from tests.test_deploy import COMPOSE_FILE, TEST_KEY, container_launch, resolved, triton_environment
+from tests.test_deploy import TEST_KEY, container_launch, resolved, triton_environment
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "deploy" / "kubernetes" / "csm-triton"

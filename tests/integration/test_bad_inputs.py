@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,12 +14,13 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpc
+from conftest import kserve_front_process
+from csm_clients.gateway.kserve_front import create_front
 from fastapi.testclient import TestClient
 from tritonclient.utils import InferenceServerException
 
-from csm_clients.gateway.kserve_front import create_front
 from csm_triton import constants as C
-from csm_triton.serving.process import TritonServer, free_ports
+from csm_triton.serving.process import TritonServer
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,27 +37,8 @@ def front(triton_server):
 @pytest.fixture(scope="module")
 def front_process(triton_server, tmp_path_factory):
     """`python -m csm_clients.gateway.kserve_front` on a free port, as a deployment runs it."""
-    port = free_ports(1)[0]
-    log = open(tmp_path_factory.mktemp("front") / "front.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "csm_clients.gateway.kserve_front", "--triton-http",
-                                triton_server.http_url, "--port", str(port)], cwd=ROOT, stdout=log,
-                               stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/v2/health/live", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, "the front did not start"
-            time.sleep(0.1)
+    with kserve_front_process(triton_server.http_url, log_path=tmp_path_factory.mktemp("front") / "front.log") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-        log.close()
 
 
 def tensor(name, array):

@@ -6,18 +6,16 @@ administrative routes are out of reach, odd header bytes are a 4xx."""
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import kserve_front_process
+from csm_clients.gateway.kserve_front import ALL_MODELS, create_front
 from fastapi.testclient import TestClient
 
-from csm_clients.gateway.kserve_front import ALL_MODELS, create_front
 from csm_triton import constants as C
-from csm_triton.serving.process import free_ports
 
 from .test_kserve_front_unit import INTERNAL_MODELS, VALID, many_keys
 
@@ -29,29 +27,10 @@ INFER = "/v2/models/watermark_detect/infer"
 @pytest.fixture(scope="module")
 def front(triton_server, tmp_path_factory):
     """The front's URL, run as a deployment runs it (default models, its own HTTP server)."""
-    port = free_ports(1)[0]
-    log = open(tmp_path_factory.mktemp("front") / "front.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "csm_clients.gateway.kserve_front", "--triton-http",
-                                triton_server.http_url, "--port", str(port)], cwd=ROOT, stdout=log,
-                               stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/v2/health/live", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, "the front did not start"
-            time.sleep(0.1)
+    with kserve_front_process(triton_server.http_url, log_path=tmp_path_factory.mktemp("front") / "front.log") as url:
         # Passes the front (its config now cached); watermark_detect finds 2 samples too short.
         assert httpx.post(url + INFER, content=VALID, timeout=60).status_code == 400
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
-        log.close()
 
 
 def raw_request(url: str, head: str, body: bytes = b"") -> tuple[int, bytes]:

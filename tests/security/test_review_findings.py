@@ -20,22 +20,29 @@ import base64
 import io
 import json
 import socket
-import subprocess
-import sys
 import time
-import tracemalloc
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import soundfile
-
+from conftest import kserve_front_process
 from csm_clients.gateway.guard import GatewayLimits
-from csm_clients.limits import MAX_CONTEXT_AUDIO_SECONDS, MAX_CONTEXT_TURNS, MAX_TURN_SECONDS
-from csm_triton.serving.process import free_ports
+from csm_clients.limits import (
+    MAX_CONTEXT_AUDIO_SECONDS,
+    MAX_CONTEXT_TURNS,
+    MAX_TURN_SECONDS,
+)
 
-from .test_gateway_limits import SMALL_UPLOAD, Served, head, raw_request, unreachable_triton
+from .test_gateway_limits import (
+    SMALL_UPLOAD,
+    Served,
+    decoded_peak,
+    head,
+    raw_request,
+    unreachable_triton,
+)
 
 pytestmark = pytest.mark.security
 ROOT = Path(__file__).resolve().parents[2]
@@ -47,16 +54,6 @@ def open_gateway():
     with Served(unreachable_triton(), limits=GatewayLimits(max_upload_bytes=8 * SMALL_UPLOAD)) as gateway:
         yield gateway
 
-
-def peak_of(request) -> tuple[httpx.Response, float, int]:
-    tracemalloc.start()
-    started = time.monotonic()
-    try:
-        response = request()
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    return response, time.monotonic() - started, peak
 
 
 SPEECH = {"model": "csm-1b", "input": "Hi.", "voice": "alloy"}
@@ -72,7 +69,7 @@ MANY = 300_000
 def test_a_speech_body_of_many_json_values_is_refused_before_it_is_parsed(open_gateway, field, value, param):
     body = json.dumps({**SPEECH, field: value}, separators=(",", ":")).encode()
     assert len(body) < GatewayLimits(max_upload_bytes=8 * SMALL_UPLOAD).body_limit("POST", "/v1/audio/speech")
-    response, seconds, peak = peak_of(lambda: httpx.post(
+    response, seconds, peak = decoded_peak(lambda: httpx.post(
         f"{open_gateway.url}/v1/audio/speech", content=body, headers={"content-type": "application/json"},
         timeout=120))
     assert response.status_code == 400, response.text[:300]
@@ -85,7 +82,7 @@ def test_a_speech_body_of_many_json_values_is_refused_before_it_is_parsed(open_g
 def test_a_clone_voice_context_of_many_json_values_is_refused_before_it_is_parsed(open_gateway):
     context = "[" + ",".join(["0"] * MANY) + "]"  # 600 KB: under Starlette's 1 MB per form field
     form = {"text": (None, "Hi."), "context": (None, context)}  # multipart, as the page sends it
-    response, seconds, peak = peak_of(lambda: httpx.post(f"{open_gateway.url}/clone-voice", files=form, timeout=120))
+    response, seconds, peak = decoded_peak(lambda: httpx.post(f"{open_gateway.url}/clone-voice", files=form, timeout=120))
     assert response.status_code == 400 and "JSON values" in response.json()["detail"], response.text[:300]
     assert peak < 32 * 2**20, f"{peak / 2**20:.0f} MiB allocated"
     assert seconds < 3
@@ -102,24 +99,8 @@ def test_an_ordinary_speech_body_with_context_still_reaches_triton(open_gateway)
 @pytest.fixture(scope="module")
 def front_url():
     """The front as deployed (`python -m csm_clients.gateway.kserve_front`), a 1 s header deadline."""
-    port = free_ports(1)[0]
-    process = subprocess.Popen([sys.executable, "-m", "csm_clients.gateway.kserve_front", "--triton-http",
-                                unreachable_triton(), "--port", str(port), "--header-timeout-s", "1"],
-                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                httpx.get(f"{url}/v2/health/live", timeout=1)
-                break
-            except httpx.HTTPError:
-                assert process.poll() is None and time.monotonic() < deadline, "the front did not start"
-                time.sleep(0.1)
+    with kserve_front_process(unreachable_triton(), "--header-timeout-s", "1") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
 
 
 def closed_within(connection: socket.socket, seconds: float, dribble: bytes | None) -> bool:
