@@ -218,7 +218,8 @@ def test_a_bad_context_is_a_400_naming_the_field(sdk, stored_voice, context, spe
 def test_clone_voice_takes_the_same_context(gateway, speech_clip, stored_voice):
     form = {"text": "Hello again.", "speaker": "1", "max_audio_seconds": "0.5",
             "context": json.dumps([{"voice": stored_voice, "speaker": 1}])}
-    with httpx.Client(base_url=gateway.url, timeout=120) as http:
+    key = {"Authorization": f"Bearer {GATEWAY_API_KEY}"}  # speech needs a key once keys are configured
+    with httpx.Client(base_url=gateway.url, timeout=120, headers=key) as http:
         answer = http.post("/clone-voice", data=form)
         refused = http.post("/clone-voice", data={**form, "context": json.dumps([{"voice": stored_voice,
                                                                                    "speaker": -2}])})

@@ -102,6 +102,7 @@ def test_the_servers_error_is_shown_on_the_page(browser, gateway, speech_clip):
     page.goto(gateway.url + "/")
     page.select_option("#voice", "__upload__")
     page.set_input_files("#clip", str(speech_clip.path))  # and no transcript
+    page.fill("#api-key", GATEWAY_API_KEY)
     page.click("#speak")
     page.wait_for_selector("#status.error", timeout=30_000)
     assert "'REFERENCE_AUDIO' needs 'REFERENCE_TEXT'" in page.inner_text("#status")
