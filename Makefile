@@ -142,7 +142,9 @@ watermark-eval: setup
 
 # --- the GPU proof (docs/performance.md "GPU check: one command") ---------------------------
 # make gpu-check: every step on this machine's GPU into $(OUT) (summary.md beside the
-# results). make gpu-check SMOKE=1: every step on the tiny model on the CPU, as CI runs it.
+# results, rewritten as each step finishes), most valuable first, in at most 300 s: half a
+# 600 s device call, so a rerun fits (the plan's length is printed first).
+# make gpu-check SMOKE=1: every step on the tiny model on the CPU, as CI runs it.
 # make gpu-bundle: what the bare GPU machine lacks, packed into $(GPU_BUNDLE) (~47 MiB) to
 # travel with the device run; GPU_CHECK_BUNDLE=$(GPU_BUNDLE) makes gpu-check install it first.
 # No .venv on the GPU machine: there the script runs with its own python3 and torch.

@@ -6,12 +6,18 @@ puts each figure beside its target (docs/performance.md).
     python -m loadtest.gpu_check --smoke --out build/gpu-check                      # any machine, tiny model on CPU
     python -m loadtest.gpu_check --commit-from DIR                                  # copy a run's GPU results
 
-Each step is its own process with its own time budget (and log), so a step that fails
-or runs out of time still leaves the others' results; the summary says which failed and
-why, and the exit code is non-zero. The repository build (CPU work: a random full-size
-checkpoint, Mimi's ONNX export) runs in the background while the GPU tests and the
-engine benchmark run. `--smoke` runs every step on the tiny model on the CPU (few
-frames, concurrency 1 and 2): it proves the script, not the figures.
+The plan puts the most valuable figures first (the engine's GPU tests; the engine's
+ms/frame at batch 1 and 64 against `generate`; Triton's TTFA and aggregate at c=1, 32,
+64) and its budgets add up to at most half of one 600 s device call, so that a rerun
+fits in the session's 15 minutes of device time (`planned_seconds`; printed at the start
+and in the summary). Each step is its own process with its own time budget (and log),
+so a step that fails or runs out of time still leaves the others' results, and
+results.json and summary.md are rewritten as each step finishes: a run killed from
+outside keeps what finished. The summary says which step failed and why, and the exit
+code is non-zero. The repository build (CPU work: a random full-size checkpoint, Mimi's
+ONNX export) runs in the background while the GPU tests and the engine benchmark run.
+`--smoke` runs every step on the tiny model on the CPU (few frames, concurrency 1 and
+2): it proves the script, not the figures.
 """
 
 from __future__ import annotations
@@ -28,12 +34,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from loadtest import gpu_bundle
-from loadtest.gpu_summary import summary_markdown
+from loadtest.gpu_summary import budget_line, summary_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "loadtest" / "results"
-DEFAULT_TIME_LIMIT_S = 480  # the device machine is lent for ~15 minutes, start-up and a rerun included
-KILL_GRACE_S = 20  # after SIGTERM: the triton step stops its server in its finally block
+# The device machine: 15 minutes of device time per session (start-up, idle waits and
+# every call included), at most 600 s a command. The plan must fit twice with start-up.
+DEVICE_CALL_S = 600
+DEVICE_SESSION_S = 900
+DEVICE_START_S = 180  # a bare machine's start, counted against the session (minutes)
+DEFAULT_TIME_LIMIT_S = 300  # <= half a call: a rerun fits (2 x 300 + 180 <= 900)
+SMOKE_TIME_LIMIT_S = 600  # the CPU smoke run (tiny model, a loaded 2-core machine): no device time
+SETUP_BUDGET_S = 15  # installing the bundle into its virtualenv (reused on a rerun)
+KILL_GRACE_S = 10  # after SIGTERM: the triton step stops its server in its finally block
+# Seconds per step: (on the GPU, smoke run on the CPU).
+BUDGETS = {"environment": (20, 60), "repository": (135, 300), "gpu-tests": (50, 60),
+           "engine-bench": (50, 180), "triton": (140, 240)}
 
 
 @dataclass
@@ -65,41 +81,79 @@ def plan(args, python: str) -> list[Step]:
     module = [python, "-m"]
     smoke = args.smoke
     model, profile = ("tiny", "cpu") if smoke else ("full", args.profile)
+    budget = {name: budgets[1 if smoke else 0] for name, budgets in BUDGETS.items()}
     repository = work / f"repository-{model}-{profile}"
     repository_argv = module + ["loadtest.gpu_steps", "repository", "--model", model, "--profile", profile,
                                 "--work", str(work), "--out", str(repository)]
     if args.checkpoint:
         repository_argv += ["--checkpoint", str(args.checkpoint)]
     engine = module + ["loadtest.engine_bench", "--out", str(out / "engine-bench")]
+    # bf16 vs fp32 token agreement is the GPU tests' (agreement frames 0 here).
     engine += (["--tiny", "--batch-sizes", "1,2", "--frames", "6", "--prompt-tokens", "20"] if smoke else
-               ["--batch-sizes", "1,8,64,128", "--frames", "16", "--dtype", "bf16"])
+               ["--batch-sizes", "1,64", "--frames", "16", "--dtype", "bf16"]) + ["--agreement-frames", "0"]
     triton = module + ["loadtest.gpu_steps", "triton", "--repository", str(repository), "--work", str(work),
                        "--out", str(out / "triton")]
-    triton += (["--model-label", "tiny", "--concurrency", "1,2", "--requests-per-client", "1",
+    # One level at a time, c=1 first; each level a warm-up then the measured pass.
+    triton += (["--model-label", "tiny", "--concurrency", "1,2", "--min-requests", "2",
                 "--max-audio-seconds", "1", "--startup-timeout", "180"] if smoke else
-               ["--concurrency", "1,8,32,64", "--requests-per-client", "2", "--max-audio-seconds", "6"])
-    if args.triton_max_slots:
-        triton += ["--max-slots", str(args.triton_max_slots)]
+               ["--concurrency", "1,32,64", "--min-requests", "8", "--max-audio-seconds", "4",
+                "--startup-timeout", str(budget["triton"] - 40)])
+    # 64 slots are all that c=64 needs: fewer CUDA graphs to capture at load than the profile's 256.
+    max_slots = args.triton_max_slots or (None if smoke else 64)
+    if max_slots:
+        triton += ["--max-slots", str(max_slots)]
     tests_out = out / "gpu-tests"
     cores = os.cpu_count() or 1
     # On a big machine the export leaves half the cores to the GPU steps' host threads
     # (generate's kernel launches are CPU-bound); on 2 cores it takes what there is.
     background_threads = {"OMP_NUM_THREADS": str(cores // 2), "MKL_NUM_THREADS": str(cores // 2)} if cores >= 8 else {}
     return [
-        Step("environment", "device, driver, torch and CUDA versions", module + [
-            "loadtest.gpu_steps", "environment", "--out", str(out / "environment")], 60),
+        Step("environment", "device, driver, torch (vs the pin) and CUDA; the provider ONNX Runtime runs Mimi on",
+             module + ["loadtest.gpu_steps", "environment", "--out", str(out / "environment")], budget["environment"]),
         Step("repository", f"a random {model}-size checkpoint and its model repository (profile {profile})",
-             repository_argv, 420 if not smoke else 300, background=True, env=background_threads,
+             repository_argv, budget["repository"], background=True, env=background_threads,
              note=f"built in {repository}"),
         Step("gpu-tests", "pytest -m gpu: CUDA-graph replay = eager step, bf16 vs fp32 tokens, KV slot sizing",
              module + ["pytest", "-m", "gpu", "tests/test_engine_gpu.py", "-q", "-p", "no:cacheprovider",
-                       f"--junitxml={tests_out / f'gpu_tests_{args.device_tag}_junit.xml'}"], 180,
+                       f"--junitxml={tests_out / f'gpu_tests_{args.device_tag}_junit.xml'}"], budget["gpu-tests"],
              env={"CSM_GPU_TEST_MODEL": "tiny" if smoke else "full",
                   "CSM_GPU_TEST_REPORT": str(tests_out / f"gpu_tests_{args.device_tag}_report.json")}),
-        Step("engine-bench", "engine vs transformers generate on the same weights, in one process", engine, 240),
-        Step("triton", "csm_tts_stream through tritonserver: TTFA and aggregate x real time", triton, 330,
-             after="repository"),
+        Step("engine-bench", "engine ms/frame at batch 1 and 64 vs transformers generate, same weights, one process",
+             engine, budget["engine-bench"]),
+        Step("triton", "csm_tts_stream through tritonserver: TTFA and aggregate x real time at c="
+             + option_value(triton, "--concurrency").replace(",", ", "),
+             triton, budget["triton"], after="repository"),
     ]
+
+
+def option_value(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def planned_seconds(steps: list[Step], setup_s: float = SETUP_BUDGET_S) -> float:
+    """The plan's length if every step used its whole budget: setup, then the steps in
+    order, background steps overlapping them from the start, a step with `after` waiting
+    for its prerequisite's end."""
+    ends = {step.name: setup_s + step.budget_s for step in steps if step.background}
+    clock = setup_s
+    for step in steps:
+        if step.background:
+            continue
+        clock = max(clock, ends.get(step.after, 0.0)) + step.budget_s
+        ends[step.name] = clock
+    return max(ends.values(), default=setup_s)
+
+
+def device_budget(python: str = sys.executable) -> dict:
+    """The device plan (`make gpu-check`, not --smoke) against the device's limits."""
+    args = argparse.Namespace(out=ROOT / "build" / "gpu-check", work=ROOT / "build" / "gpu-check-work", smoke=False,
+                              profile="h100", checkpoint=None, triton_max_slots=None, device_tag="cuda")
+    planned = planned_seconds(plan(args, python))
+    two_runs = 2 * DEFAULT_TIME_LIMIT_S + DEVICE_START_S
+    return {"planned_s": planned, "time_limit_s": DEFAULT_TIME_LIMIT_S, "device_call_s": DEVICE_CALL_S,
+            "share_of_call": round(planned / DEVICE_CALL_S, 3), "two_runs_s": two_runs,
+            "device_session_s": DEVICE_SESSION_S, "start_s": DEVICE_START_S,
+            "fits_with_rerun": planned <= DEFAULT_TIME_LIMIT_S <= DEVICE_CALL_S / 2 and two_runs <= DEVICE_SESSION_S}
 
 
 def requested_device_tag() -> str:
@@ -111,10 +165,16 @@ def requested_device_tag() -> str:
 
 # --- running -----------------------------------------------------------------------------
 class Runner:
-    def __init__(self, out: Path, deadline: float):
+    def __init__(self, out: Path, deadline: float, progress=None):
         self.out, self.deadline = out, deadline
         self.running: dict[str, tuple[Step, subprocess.Popen, float, object]] = {}
         self.results: dict[str, Result] = {}
+        self.progress = progress  # called after every result: the results so far go to disk
+
+    def record(self, result: Result) -> None:
+        self.results[result.name] = result
+        if self.progress is not None:
+            self.progress()
 
     def start(self, step: Step) -> None:
         folder = self.out / step.name
@@ -128,7 +188,7 @@ class Runner:
         self.running[step.name] = (step, process, time.monotonic(), log)
 
     def wait(self, name: str) -> Result:
-        step, process, started, log = self.running.pop(name)
+        step, process, started, log = self.running[name]  # still listed while waited for (SIGTERM: main stops it)
         timeout = max(1.0, min(step.budget_s - (time.monotonic() - started), self.deadline - time.monotonic()))
         timed_out = False
         try:
@@ -136,10 +196,11 @@ class Runner:
         except subprocess.TimeoutExpired:
             timed_out = True
             _stop_group(process)
+        self.running.pop(name)
         log.close()
         seconds = time.monotonic() - started
         result = judge(step, process.returncode, timed_out, seconds, self.out / step.name)
-        self.results[name] = result
+        self.record(result)
         return result
 
     def run(self, step: Step) -> Result:
@@ -147,7 +208,7 @@ class Runner:
         return self.wait(step.name)
 
     def skip(self, step: Step, status: str, reason: str) -> None:
-        self.results[step.name] = Result(step.name, step.proves, status, reason, budget_s=step.budget_s)
+        self.record(Result(step.name, step.proves, status, reason, budget_s=step.budget_s))
 
 
 def _stop_group(process: subprocess.Popen) -> None:
@@ -258,18 +319,29 @@ def commit_results(source: Path, target: Path = RESULTS) -> list[Path]:
     return copied
 
 
-def write_results(args, results: list[Result], started: float) -> int:
+def write_results(args, results: list[Result], started: float, final: bool = True) -> int:
+    """results.json and summary.md (and its gpu_check_<tag>_summary.md copy), each file
+    replaced whole (written beside, then renamed): called after every step while the run
+    goes on (final=False: steps still to come say "pending") and once at the end."""
     failed = [r for r in results if r.status in ("failed", "timed out", "not run")]
     record = {"smoke": args.smoke, "device_tag": args.device_tag, "seconds": round(time.monotonic() - started, 1),
-              "commit": args.commit,
+              "commit": args.commit, "finished": final,
               "time_limit_s": args.time_limit, "command": "python -m loadtest.gpu_check " + " ".join(sys.argv[1:]),
+              "budget": getattr(args, "budget", None),
               "steps": [asdict(r) for r in results], "failed": [r.name for r in failed]}
-    (args.out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    _replace(args.out / "results.json", json.dumps(record, indent=2) + "\n")
     text = summary_markdown(args.out, record)
-    (args.out / "summary.md").write_text(text)
-    (args.out / f"gpu_check_{args.device_tag}_summary.md").write_text(text)
-    print(text)
+    _replace(args.out / "summary.md", text)
+    _replace(args.out / f"gpu_check_{args.device_tag}_summary.md", text)
+    if final:
+        print(text)
     return 1 if failed else 0
+
+
+def _replace(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
 
 
 def main(argv=None) -> int:
@@ -285,7 +357,8 @@ def main(argv=None) -> int:
     parser.add_argument("--triton-max-slots", type=int, help="serve csm_lm with this max_slots (default: the profile's)")
     parser.add_argument("--commit", help="the commit measured, when the checkout has no .git (the device's copy)")
     parser.add_argument("--only", help="comma-separated steps to (re)run; the others keep their last results")
-    parser.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT_S, help="seconds for all steps")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help=f"seconds for all steps (default {DEFAULT_TIME_LIMIT_S}; {SMOKE_TIME_LIMIT_S} with --smoke)")
     parser.add_argument("--commit-results", action="store_true", help="copy this run's GPU results to loadtest/results")
     parser.add_argument("--commit-from", type=Path, metavar="DIR", help="only copy the GPU results of a finished run")
     args = parser.parse_args(argv)
@@ -301,33 +374,75 @@ def main(argv=None) -> int:
         print("no GPU here (nvidia-smi finds none): --smoke runs every step on the tiny model on the CPU",
               file=sys.stderr)
         return 2
-    python, setup = set_up(args)
-    runner = Runner(args.out, deadline=started + args.time_limit)
+    if args.time_limit is None:
+        args.time_limit = SMOKE_TIME_LIMIT_S if args.smoke else DEFAULT_TIME_LIMIT_S
+    args.budget = device_budget()
+    print(budget_line(args.budget), file=sys.stderr)
+    previous = previous_results(args.out)  # read before the first write replaces them
     only = set(args.only.split(",")) if args.only else None
+    python, setup = set_up(args)
     steps = plan(args, python)
-    if setup.status == "failed":
-        for step in steps:
-            runner.skip(step, "not run", "setup failed")
-    else:
-        execute(steps, runner, only)
-    results = [setup] + [runner.results.get(s.name) or previous_result(args.out, s) for s in steps]
-    code = write_results(args, results, started)
+    print(f"this run: {planned_seconds(steps):.0f} s planned, limit {args.time_limit:.0f} s: "
+          + ", ".join(f"{s.name} {s.budget_s:.0f} s" + (" (background)" if s.background else "") for s in steps),
+          file=sys.stderr)
+
+    def results_so_far(final: bool) -> list[Result]:
+        pending = "pending" if not final else "not run"
+        return [setup] + [runner.results.get(s.name) or previous_result(previous, s, only, pending) for s in steps]
+
+    runner = Runner(args.out, deadline=started + args.time_limit,
+                    progress=lambda: write_results(args, results_so_far(False), started, final=False))
+    runner.progress()
+    # Stopped from outside (`timeout`, the device's limit): end the running steps, keep
+    # what finished, and say so.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        if setup.status == "failed":
+            for step in steps:
+                runner.skip(step, "not run", "setup failed")
+        else:
+            execute(steps, runner, only)
+    except SystemExit:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for name, (step, process, step_started, log) in list(runner.running.items()):
+            runner.running.pop(name)
+            _stop_group(process)
+            log.close()
+            runner.record(Result(name, step.proves, "timed out", "gpu_check was stopped (SIGTERM) during it",
+                                 round(time.monotonic() - step_started, 1), step.budget_s))
+        write_results(args, results_so_far(True), started)
+        raise
+    code = write_results(args, results_so_far(True), started)
     if args.commit_results:
         for path in commit_results(args.out):
             print(f"copied {path.relative_to(ROOT)}", file=sys.stderr)
     return code
 
 
-def previous_result(out: Path, step: Step) -> Result:
-    """A step left out by --only: its result from the run before, if any."""
+def previous_results(out: Path) -> dict[str, dict]:
+    """The steps of the run before (results.json), by name."""
     try:
-        for entry in json.loads((out / "results.json").read_text())["steps"]:
-            if entry["name"] == step.name:
-                entry["reason"] = ("(previous run) " + entry["reason"]).strip()
-                return Result(**entry)
+        return {entry["name"]: entry for entry in json.loads((out / "results.json").read_text())["steps"]}
     except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return Result(step.name, step.proves, "not run", "left out by --only", budget_s=step.budget_s)
+        return {}
+
+
+def previous_result(previous: dict[str, dict], step: Step, only: set[str] | None = None,
+                    pending: str = "not run") -> Result:
+    """A step without a result in this run: left out by --only (its result from the run
+    before, if any), or still to come."""
+    if only and step.name not in only:
+        entry = previous.get(step.name)
+        if entry and entry.get("status") != "pending":
+            try:
+                result = Result(**entry)
+                result.reason = ("(previous run) " + result.reason.removeprefix("(previous run) ")).strip()
+                return result
+            except TypeError:
+                pass
+        return Result(step.name, step.proves, "not run", "left out by --only", budget_s=step.budget_s)
+    reason = "not finished yet" if pending == "pending" else "never started"
+    return Result(step.name, step.proves, pending, reason, budget_s=step.budget_s)
 
 
 if __name__ == "__main__":

@@ -5,12 +5,17 @@ by gpu_check as its own process (its own time budget, its own log):
     python -m loadtest.gpu_steps repository --model full|tiny --profile h100|cpu --work DIR --out REPOSITORY
     python -m loadtest.gpu_steps triton --repository REPOSITORY --out DIR [--concurrency 1,8,32,64]
 
-`environment` records the device, driver, torch and CUDA. `repository` makes a random
-checkpoint of CSM-1B's full shape (or the tiny one) without any download and builds a
-model repository from it with `export.build_repository`. `triton` serves a copy of that
-repository with the embedded tritonserver and runs `loadtest.bench` against it twice:
-a warm-up pass (CUDA graphs captured, stored voices' prefixes cached), then the
-measured one.
+`environment` records the device, driver, torch and CUDA, the torch pinned in
+pyproject.toml, and which provider ONNX Runtime really runs a KIND_GPU session on (a
+one-convolution probe made as the Triton backend makes Mimi's). `repository` makes a
+random checkpoint of CSM-1B's full shape (or the tiny one) without any download and
+builds a model repository from it with `export.build_repository`. `triton` serves a copy
+of that repository with the embedded tritonserver and runs `loadtest.bench` against it
+one concurrency level at a time, each a warm-up pass (CUDA graphs captured, stored
+voices' prefixes cached) then the measured one, rewriting the merged results after
+every level: a level that runs out of time leaves the earlier ones on disk. It also
+records which provider Mimi's decoder ran on (a probe of the served model, and the
+server log's warnings): Triton figures with Mimi on the CPU measure the CPU.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import contextlib
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import re
@@ -86,6 +92,7 @@ def environment(out: Path) -> dict:
     except ImportError:
         providers = None
     smi = shutil.which("nvidia-smi")
+    probe = onnxruntime_probe("cuda:0" if torch.cuda.is_available() else "cpu")
     report = {
         "device_tag": device_tag(),
         "devices": devices,
@@ -100,6 +107,8 @@ def environment(out: Path) -> dict:
         "cores": os.cpu_count(),
         "packages": versions,
         "onnxruntime_providers": providers,
+        "onnxruntime_probe": probe,
+        "torch_pinned": pinned_version("torch"),
         "perth": perth_status(),
         "commit": workload.commit(),
     }
@@ -109,6 +118,103 @@ def environment(out: Path) -> dict:
     (out / f"gpu_check_{report['device_tag']}_environment.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return report
+
+
+def pinned_version(package: str) -> str | None:
+    """The version pyproject.toml pins `package` to (==), if any."""
+    try:
+        from loadtest.gpu_bundle import _canonical, project_pins
+
+        return project_pins().get(_canonical(package))
+    except (OSError, ValueError, KeyError, SystemExit):
+        return None
+
+
+# --- which provider ONNX Runtime really uses -------------------------------------------------
+def _probe_model(folder: Path) -> tuple[Path, dict]:
+    """A one-Conv ONNX model (Mimi is convolutions) and its Triton config as a mapping."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"])], "provider_probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 6])],
+        [numpy_helper.from_array(np.ones((1, 1, 3), np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8  # loadable by older onnxruntime builds too
+    path = folder / "provider_probe.onnx"
+    onnx.save(model, path)
+    config = {"name": "provider_probe", "max_batch_size": 0,
+              "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [1, 1, 8]}],
+              "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [1, 1, 6]}],
+              "instance_group": [{"count": 1, "kind": "KIND_GPU"}]}
+    return path, config
+
+
+def _config_mapping(config_path: Path) -> dict:
+    """A config.pbtxt as the mapping Triton hands a Python model (its JSON form)."""
+    from google.protobuf import json_format
+
+    from export.model_config import read_config
+
+    return json_format.MessageToDict(read_config(config_path), preserving_proto_field_name=True)
+
+
+def onnxruntime_probe(device: str, model_dir: Path | None = None) -> dict:
+    """The providers ONNX Runtime really runs a session on, made by the Triton backend's
+    own OnnxSession (same provider options) and run once: onnxruntime falls back to the
+    CPU by itself when its CUDA provider is missing or cannot load its libraries. With
+    `model_dir` (a served model: its config and version 1) that model, else a one-Conv
+    model; `device` is cuda:N or cpu (a KIND_CPU model is probed on the CPU)."""
+    import tempfile
+
+    import numpy as np
+
+    report: dict = {"device": device, "model": model_dir.name if model_dir else "provider_probe"}
+    try:
+        import onnxruntime as ort
+    except ImportError as error:
+        return {**report, "available": None, "in_use": None, "provider": "none", "error": str(error)}
+    report["onnxruntime"] = ort.__version__
+    report["available"] = ort.get_available_providers()
+    try:
+        from csm_triton.serving.onnxruntime.session import OnnxSession, model_file
+
+        with tempfile.TemporaryDirectory() as folder:
+            if model_dir is None:
+                path, config = _probe_model(Path(folder))
+            else:
+                config = _config_mapping(model_dir / "config.pbtxt")
+                path = model_file(model_dir, 1, config)
+                kinds = {group.get("kind", "KIND_GPU") for group in config.get("instance_group", [{}])}
+                device = device if "KIND_GPU" in kinds else "cpu"
+                report["device"] = device
+            session = OnnxSession(path, config, device=device)
+            if model_dir is None:
+                session.run({"x": np.ones((1, 1, 8), np.float32)})
+            report["in_use"] = session.providers
+            report["provider_options"] = {name: {key: value for key, value in options.items()
+                                                 if key in ("device_id", "cudnn_conv_algo_search",
+                                                            "arena_extend_strategy")}
+                                          for name, options in session.session.get_provider_options().items()
+                                          if name != "CPUExecutionProvider"}
+    except Exception as error:  # noqa: BLE001 - the reason is the answer
+        report.update(in_use=None, error=f"{type(error).__name__}: {error}".splitlines()[0][:300])
+    report["provider"] = (report.get("in_use") or ["unknown"])[0]
+    return report
+
+
+CPU_FALLBACK = re.compile(r"no CUDA provider|runs it on the CPU")
+
+
+def mimi_provider(probe: dict, log_lines: list[str]) -> str:
+    """The provider Mimi's decoder ran on: CPUExecutionProvider when any mimi instance
+    logged a fall back to the CPU, else the probe's."""
+    if any("mimi" in line and CPU_FALLBACK.search(line) for line in log_lines):
+        return "CPUExecutionProvider"
+    return probe.get("provider") or "unknown"
 
 
 # --- a random checkpoint and its repository ------------------------------------------------
@@ -230,16 +336,42 @@ def _link_or_copy(source: str, target: str) -> None:
 
 
 def _bench_without_plots():
-    """loadtest.bench, with its PNG plots skipped when matplotlib is missing (the GPU
-    bundle leaves it out); the JSON and markdown results do not need it."""
+    """loadtest.bench with its PNG plots switched off (each level is its own bench run;
+    the merged report is plotted once at the end, when matplotlib is installed: the GPU
+    bundle leaves it out), and the real plot function."""
     from loadtest import bench
 
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        bench.plot = lambda report, out, stem: []
-        print("matplotlib is not installed: no PNG plots", file=sys.stderr)
-    return bench
+    plot = getattr(bench, "_gpu_check_plot", bench.plot)
+    bench._gpu_check_plot = plot
+    bench.plot = lambda report, out, stem: []
+    return bench, plot
+
+
+def requests_for(concurrency: int, min_requests: int) -> int:
+    """Requests per client at a level: at least `min_requests` in all (c=1's TTFA p50
+    from one request would be one sample), never fewer than one per client."""
+    return max(1, math.ceil(min_requests / concurrency))
+
+
+def merge_levels(bench, levels_dir: Path, out: Path) -> Path | None:
+    """One bench report of every level measured so far (each level wrote its own into
+    levels_dir/c<N>/), written into `out` under bench's own name."""
+    reports = []
+    for path in levels_dir.glob("c*/bench_stream_*.json"):
+        try:
+            reports.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    if not reports:
+        return None
+    reports.sort(key=lambda report: report["levels"][0]["concurrency"])
+    merged = {**reports[0], "levels": [level for report in reports for level in report["levels"]],
+              "requests_per_client": {str(r["levels"][0]["concurrency"]): r["requests_per_client"] for r in reports}}
+    stem = f"bench_stream_{merged['model']}_{merged['device_tag']}"
+    from loadtest import common
+
+    common.write_report(out, stem, merged, bench.markdown(merged, stem))
+    return out / f"{stem}.json"
 
 
 def triton(args) -> int:
@@ -248,38 +380,82 @@ def triton(args) -> int:
 
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    run_json = out / f"triton_{device_tag()}_run.json"
+    levels_dir = args.work / f"bench-levels-{args.repository.name}"  # per-level raw reports, not results
+    shutil.rmtree(levels_dir, ignore_errors=True)
+    for stale in out.glob("bench_stream_*"):
+        stale.unlink()
     perth = perth_status() if args.watermark == "auto" else args.watermark
     served = args.work / f"served-{args.repository.name}"
     adjustments = served_copy(args.repository, served, watermark=perth in ("ok", "on"), max_slots=args.max_slots)
     token = secrets.token_hex(16)
     os.environ[workload.ADMIN_TOKEN_ENV] = token  # the bench registers its stored voices with it
     models = sorted(p.name for p in served.iterdir() if (p / "config.pbtxt").is_file())
-    record = {"repository": str(args.repository), "perth": perth, "adjustments": adjustments, "models": models}
-    bench = _bench_without_plots()
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    record = {"repository": str(args.repository), "perth": perth, "adjustments": adjustments, "models": models,
+              "concurrency": concurrency, "levels": []}
+
+    def save() -> None:
+        run_json.write_text(json.dumps(record, indent=2) + "\n")
+
+    bench, plot = _bench_without_plots()
+    # Which provider Mimi's decoder gets, probed on the served model while the server starts.
+    probe: dict = {}
+    prober = threading.Thread(target=lambda: probe.update(onnxruntime_probe("cuda:0", served / "mimi_decoder")),
+                              name="mimi-provider-probe", daemon=True)
+    prober.start()
     server = TritonServer(served, load_models=models, ready_models=models, startup_timeout=args.startup_timeout,
                           environment={workload.ADMIN_TOKEN_ENV: token}, log_path=out / "tritonserver.log")
+    code = 1
     try:
         with fail_fast_on_load_errors(server):
             server.start()
         record["startup_seconds"] = round(server.start_seconds, 1)
         print(f"tritonserver ready in {server.start_seconds:.0f} s ({len(models)} models)", file=sys.stderr)
+        prober.join(timeout=60)
+        record["mimi_probe"], record["mimi_provider"] = dict(probe), mimi_provider(probe, [])
+        print(f"mimi_decoder runs on {record['mimi_provider']}", file=sys.stderr)
+        save()
         common = ["--http", server.http_url, "--grpc", server.grpc_url, "--model", args.model_label,
-                  "--max-audio-seconds", str(args.max_audio_seconds), "--concurrency", args.concurrency]
-        # Warm-up: every level once, results discarded, so that the measured pass finds
-        # its CUDA graphs captured and both stored voices' prefixes cached.
-        started = time.monotonic()
-        record["warmup_exit_code"] = bench.main(common + ["--requests-per-client", "1", "--warmup", "2"])
-        record["warmup_seconds"] = round(time.monotonic() - started, 1)
-        started = time.monotonic()
-        record["bench_exit_code"] = bench.main(common + ["--requests-per-client", str(args.requests_per_client),
-                                                         "--warmup", "0", "--out", str(out)])
-        record["bench_seconds"] = round(time.monotonic() - started, 1)
+                  "--max-audio-seconds", str(args.max_audio_seconds)]
+        codes = []
+        for index, level in enumerate(concurrency):
+            # Warm-up at this level, results discarded, so that the measured pass finds
+            # its CUDA graphs captured and both stored voices' prefixes cached.
+            started = time.monotonic()
+            warmup = bench.main(common + ["--concurrency", str(level), "--requests-per-client", "1",
+                                          "--warmup", "2" if index == 0 else "0"])
+            warmup_seconds = time.monotonic() - started
+            started = time.monotonic()
+            per_client = requests_for(level, args.min_requests)
+            measured = bench.main(common + ["--concurrency", str(level), "--requests-per-client", str(per_client),
+                                            "--warmup", "0", "--out", str(levels_dir / f"c{level}")])
+            codes.append(measured)
+            record["levels"].append({"concurrency": level, "requests_per_client": per_client,
+                                     "warmup_exit_code": warmup, "warmup_seconds": round(warmup_seconds, 1),
+                                     "bench_exit_code": measured,
+                                     "bench_seconds": round(time.monotonic() - started, 1)})
+            merge_levels(bench, levels_dir, out)
+            save()
+        code = 0 if all(c == 0 for c in codes) else 1
+        merged = sorted(out.glob("bench_stream_*.json"))
+        if merged:
+            try:
+                import matplotlib  # noqa: F401
+
+                plot(json.loads(merged[0].read_text()), out, merged[0].stem)
+            except ImportError:
+                print("matplotlib is not installed: no PNG plots", file=sys.stderr)
     finally:
         server.stop()
-        record["engine_log"] = [line for line in _log_lines(out / "tritonserver.log")
-                                if re.search(r"KV slots|CUDA graph|captured|no CUDA provider", line)][:20]
-        (out / f"triton_{device_tag()}_run.json").write_text(json.dumps(record, indent=2) + "\n")
-    return record["bench_exit_code"]
+        log = _log_lines(out / "tritonserver.log")
+        record["engine_log"] = [line for line in log if re.search(r"KV slots|CUDA graph|captured|no CUDA provider|"
+                                                                  r"runs it on the CPU", line)][:20]
+        prober.join(timeout=1)
+        record["mimi_probe"] = dict(probe)
+        record["mimi_provider"] = mimi_provider(probe, log)
+        save()
+    return code
 
 
 @contextlib.contextmanager
@@ -341,8 +517,9 @@ def main(argv=None) -> int:
     serve.add_argument("--out", type=Path, required=True)
     serve.add_argument("--model-label", default="full-random")
     serve.add_argument("--concurrency", default="1,8,32,64")
-    serve.add_argument("--requests-per-client", type=int, default=2)
-    serve.add_argument("--max-audio-seconds", type=float, default=6.0)
+    serve.add_argument("--min-requests", type=int, default=8,
+                       help="requests per level at least (one per client at least)")
+    serve.add_argument("--max-audio-seconds", type=float, default=4.0)
     serve.add_argument("--startup-timeout", type=float, default=300.0)
     serve.add_argument("--max-slots", type=int, help="csm_lm's max_slots instead of the profile's")
     serve.add_argument("--watermark", choices=["auto", "on", "off"], default="auto",

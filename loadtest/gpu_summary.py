@@ -18,6 +18,73 @@ VERSUS_GENERATE = "≥ 20× faster at batch 1 on GPU"
 DOC_TARGETS = (SINGLE_STREAM, AGGREGATE_64, TTFA, VERSUS_GENERATE)
 
 
+CPU_PROVIDER = "CPUExecutionProvider"
+TRITON_ROWS = ("single stream through Triton", "aggregate at 64 concurrent streams through Triton", "TTFA p50",
+               "TTFA p95")
+
+
+def budget_line(budget: dict) -> str:
+    """The device plan against the device's limits (gpu_check.device_budget)."""
+    verdict = "a rerun fits" if budget["fits_with_rerun"] else "**a rerun does NOT fit**"
+    return (f"device plan: {budget['planned_s']:.0f} s of step budgets (setup included) within a "
+            f"{budget['time_limit_s']:.0f} s limit = {budget['planned_s'] / budget['device_call_s']:.0%} of one "
+            f"{budget['device_call_s']} s call; two runs at the limit + {budget['start_s']} s start-up = "
+            f"{budget['two_runs_s']} s of the {budget['device_session_s']} s device session: {verdict}")
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """2.11.0+cu130 -> (2, 11, 0): the release, without the local build tag."""
+    numbers = []
+    for part in version.split("+")[0].split("."):
+        digits = "".join(c for c in part if c.isdigit())
+        if not digits:
+            break
+        numbers.append(int(digits))
+    return tuple(numbers)
+
+
+def torch_skew(device: str | None, pinned: str | None) -> str:
+    """One line: the torch that ran against the one pyproject.toml pins."""
+    if not device:
+        return "torch: not known (no environment record)"
+    if not pinned:
+        return f"torch {device}: pyproject.toml pins none"
+    if _release(device) == _release(pinned):
+        return f"torch {device} = the pin {pinned} (pyproject.toml): no skew"
+    direction = "older" if _release(device) < _release(pinned) else "newer"
+    return (f"**torch skew**: the device ran torch {device}, {direction} than the {pinned} pinned in pyproject.toml "
+            "(the engine's figures and GPU tests are the device's torch's)")
+
+
+def mimi_provider(out: Path) -> tuple[str | None, str]:
+    """The provider Mimi's decoder ran on, and where that was read: the triton step's
+    probe of the served model and server log, else the environment step's probe."""
+    run = _load(out / "triton", "triton_*_run.json") or {}
+    if run.get("mimi_provider"):
+        return run["mimi_provider"], "probe of the served mimi_decoder + tritonserver log"
+    environment = _load(out / "environment", "gpu_check_*_environment.json") or {}
+    probe = environment.get("onnxruntime_probe") or {}
+    if probe.get("provider"):
+        return probe["provider"], f"environment probe (one Conv on {probe.get('device')})"
+    return None, "no probe"
+
+
+def _mimi_line(out: Path, smoke: bool = False) -> str:
+    provider, source = mimi_provider(out)
+    environment = _load(out / "environment", "gpu_check_*_environment.json") or {}
+    packages = environment.get("packages") or {}
+    build = ("onnxruntime-gpu " + packages["onnxruntime-gpu"] if packages.get("onnxruntime-gpu")
+             else "onnxruntime " + (packages.get("onnxruntime") or "?"))
+    probe = (_load(out / "triton", "triton_*_run.json") or {}).get("mimi_probe") or environment.get("onnxruntime_probe") or {}
+    options = (probe.get("provider_options") or {}).get("CUDAExecutionProvider") or {}
+    search = f"; cudnn_conv_algo_search {options['cudnn_conv_algo_search']}" if options.get("cudnn_conv_algo_search") else ""
+    error = f"; {probe['error']}" if probe.get("error") else ""
+    flag = "" if provider != CPU_PROVIDER else (" (as planned: smoke run on the CPU)" if smoke else
+                                               " (**on the CPU: the Triton figures are invalid**)")
+    return (f"Mimi (ONNX Runtime, {build}): {provider or 'unknown'}{flag} — {source}; available: "
+            f"{', '.join(probe.get('available') or []) or '-'}{search}{error}")
+
+
 def _load(folder: Path, pattern: str) -> dict | None:
     for path in sorted(folder.glob(pattern)):
         try:
@@ -74,6 +141,11 @@ def figures(out: Path, smoke: bool) -> list[tuple[str, str, str, str]]:
          _verdict(ttfa50, lambda v: v <= 50, smoke)),
         ("TTFA p95 at c=32", _figure(ttfa95, " ms"), TTFA, _verdict(ttfa95, lambda v: v <= 250, smoke)),
     ]
+    provider, _ = mimi_provider(out)
+    if not smoke and provider == CPU_PROVIDER:
+        rows = [(figure, measured, target, "**invalid**: Mimi ran on the CPU (ONNX Runtime without CUDA)")
+                if figure.startswith(TRITON_ROWS) else (figure, measured, target, verdict)
+                for figure, measured, target, verdict in rows]
     for row in engine_rows:
         if row["batch"] not in (1, 64):
             rows.append((f"engine in-process, batch {row['batch']}",
@@ -110,7 +182,13 @@ def summary_markdown(out: Path, record: dict) -> str:
              f"- machine: {environment.get('cpu', '?')}",
              f"- commit: `{record.get('commit') or environment.get('commit', '?')}`; command: `{record['command']}`",
              f"- {record['seconds']:.0f} s in all (limit {record['time_limit_s']:.0f} s); "
-             + (f"**failed: {', '.join(record['failed'])}**" if record["failed"] else "no step failed"), "",
+             + (f"**failed: {', '.join(record['failed'])}**" if record["failed"] else "no step failed")
+             + ("" if record.get("finished", True) else "; **still running** (written after each step)"),
+             f"- {_mimi_line(out, smoke)}",
+             f"- {torch_skew(environment.get('torch'), environment.get('torch_pinned'))}"]
+    if record.get("budget"):
+        lines.append(f"- {budget_line(record['budget'])}")
+    lines += ["",
              "## Steps", "", "| step | proves | status | why / note | seconds (budget) | results |",
              "|---|---|---|---|---|---|"]
     for step in record["steps"]:
@@ -124,12 +202,15 @@ def summary_markdown(out: Path, record: dict) -> str:
     lines += ["", "## Notes", "",
               "- Random weights of CSM-1B's shape: speed does not depend on the weights' values, but the audio is "
               "noise and never ends by itself, so every request generates its whole MAX_AUDIO_SECONDS.",
-              "- The Triton figures come after a warm-up pass over the same concurrency levels (CUDA graphs "
-              "captured, both stored voices' prefixes cached); the repository was built while the GPU tests and "
-              "the engine benchmark ran."]
+              "- The Triton figures come one concurrency level at a time, each after an unrecorded warm-up pass at "
+              "that level (CUDA graphs captured, both stored voices' prefixes cached); the repository was built "
+              "while the GPU tests and the engine benchmark ran."]
     if run.get("startup_seconds") is not None:
+        levels = "; ".join(f"c={level['concurrency']}: warm-up {level['warmup_seconds']} s, measured "
+                           f"{level['bench_seconds']} s ({level['requests_per_client']} per client)"
+                           for level in run.get("levels", []))
         lines.append(f"- tritonserver was ready in {run['startup_seconds']:.0f} s ({len(run.get('models', []))} models); "
-                     f"warm-up pass {run.get('warmup_seconds', '-')} s, measured pass {run.get('bench_seconds', '-')} s.")
+                     f"{levels or 'no level finished'}.")
     if run.get("adjustments"):
         lines.append(f"- Served with: {'; '.join(run['adjustments'])} (Perth: {run.get('perth')}).")
     if run.get("engine_log"):

@@ -14,7 +14,11 @@ What the native backend does and this one copies:
 - `parameters`: `intra_op_thread_count` / `inter_op_thread_count` (threads),
   `enable_mem_arena` / `enable_mem_pattern` ("0"/"1"), `memory.enable_memory_arena_shrinkage`
   (e.g. "cpu:0", a run option), and for the CUDA provider `arena_extend_strategy` ("0"
-  kNextPowerOfTwo, "1" kSameAsRequested) and `gpu_mem_limit`, as the native backend reads them;
+  kNextPowerOfTwo, "1" kSameAsRequested), `gpu_mem_limit` and `cudnn_conv_algo_search` ("0"
+  EXHAUSTIVE, "1" HEURISTIC, "2" DEFAULT), as the native backend reads them. Unlike the native
+  backend, `cudnn_conv_algo_search` defaults to HEURISTIC here: EXHAUSTIVE benchmarks every
+  cuDNN convolution algorithm for each new input shape, and Mimi's time axis is a new shape
+  for nearly every request (latency spikes);
 - with `max_batch_size > 0` the first dimension is the batch: the requests the
   dynamic batcher hands over together, if their other dimensions agree, run as
   ONE `session.run` on the concatenation and the results are split back.
@@ -48,6 +52,9 @@ __all__ = ["OnnxSession", "TensorSpec", "model_file", "tensor_specs"]
 
 LOG = logging.getLogger("csm_triton.onnxruntime")
 DEFAULT_MODEL_FILENAME = "model.onnx"
+# The native backend's `cudnn_conv_algo_search` values; "1" (HEURISTIC) unless the config says.
+CUDNN_CONV_ALGO_SEARCH = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+DEFAULT_CUDNN_CONV_ALGO_SEARCH = "1"
 # After runs whose inputs and outputs held this much (~10 s of audio), free heap pages
 # are handed back (malloc_trim); smaller runs, such as stream chunks, skip the cost.
 TRIM_AFTER_BYTES = 1 << 20
@@ -189,6 +196,12 @@ class OnnxSession:
             else:
                 LOG.warning(f"{self.name}: KIND_GPU instance but onnxruntime has no CUDA provider; running on the CPU")
         self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=providers)
+        # The providers in use: onnxruntime falls back to the CPU by itself when its CUDA
+        # provider is listed but cannot load (missing or mismatched CUDA/cuDNN libraries).
+        self.providers = list(self.session.get_providers())
+        if providers[0] != "CPUExecutionProvider" and "CUDAExecutionProvider" not in self.providers:
+            LOG.warning(f"{self.name}: KIND_GPU instance but onnxruntime runs it on the CPU "
+                        f"(providers in use: {', '.join(self.providers)})")
         self.threads = (options.intra_op_num_threads, options.inter_op_num_threads)
         self._check_against_model()
         self.rules = _input_rules(self.name, self.inputs, model_config.get("parameters") or {})
@@ -390,6 +403,8 @@ def _cuda_options(parameters: Parameters, device: str) -> dict[str, str]:
     limit = parameters.integer("gpu_mem_limit", None, minimum=1)
     if limit is not None:
         options["gpu_mem_limit"] = str(limit)
+    search = parameters.choice("cudnn_conv_algo_search", ("0", "1", "2"), DEFAULT_CUDNN_CONV_ALGO_SEARCH)
+    options["cudnn_conv_algo_search"] = CUDNN_CONV_ALGO_SEARCH[int(search)]
     return options
 
 
