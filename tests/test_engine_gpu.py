@@ -149,9 +149,26 @@ def precision_model(tiny_checkpoint):
     return "tiny checkpoint", model.to("cuda").eval()
 
 
+def transformers_bf16(model, tiny_checkpoint):
+    """The bf16 model as transformers itself loads it (`from_pretrained(dtype=bfloat16)`:
+    bf16 weights, fp32 rotary frequencies), not `model.to(bfloat16)`, which also rounds
+    the rotary frequencies. The random full-size model has no folder: converted the same
+    way by the engine's helper (test_engine_precision checks it against from_pretrained)."""
+    if os.environ.get("CSM_GPU_TEST_MODEL", "tiny") == "full":
+        from csm_triton.engine.lm import to_compute_dtype
+
+        return to_compute_dtype(copy.deepcopy(model), torch.device("cuda"), torch.bfloat16)
+    from transformers import CsmForConditionalGeneration
+
+    bf16 = CsmForConditionalGeneration.from_pretrained(str(tiny_checkpoint), dtype=torch.bfloat16)
+    bf16.codec_model = None
+    assert bf16.backbone_model.rotary_emb.inv_freq.dtype == torch.float32
+    return bf16.to("cuda").eval()
+
+
 def test_bf16_engine_keeps_most_greedy_tokens_of_the_fp32_engine(tiny_checkpoint, report):
     name, model = precision_model(tiny_checkpoint)
-    bf16_model = copy.deepcopy(model)  # CsmLM converts the model it is given in place
+    bf16_model = transformers_bf16(model, tiny_checkpoint)  # a separate model: CsmLM converts its own in place
     prompts = random_prompts(min(model.config.text_vocab_size, 128_000), [40, 60, 80, 100])
     fp32 = greedy_codes(CsmLM(model, device="cuda", dtype=torch.float32, max_batch=4), prompts, PRECISION_FRAMES)
     bf16 = greedy_codes(CsmLM(bf16_model, device="cuda", dtype=torch.bfloat16, max_batch=4), prompts, PRECISION_FRAMES)

@@ -18,7 +18,7 @@ import soundfile
 
 from csm_triton.core import audio
 from csm_triton import constants as C
-from csm_triton.core import voice_store
+from csm_triton.core import voice_leftovers, voice_store
 from csm_triton.triton import adapter as triton_adapter
 from csm_triton.triton.parameters import Parameters
 from csm_triton.core.write_policy import WritePolicy
@@ -300,7 +300,7 @@ def test_leftovers_are_swept_at_any_time_not_only_when_old(tmp_path, monkeypatch
     dead, alive = _temporary_name("pia.json", _dead_pid()), _temporary_name("quin.json", os.getpid())
     for name in (dead, alive, ".legacy.json.x1.tmp", "gone.0123456789ab.npy", "new.0123456789ab.npy"):
         (tmp_path / name).write_bytes(b"x")
-    a_while_ago = time.time() - voice_store._ORPHAN_GRACE_S - 5
+    a_while_ago = time.time() - voice_leftovers.ORPHAN_GRACE_S - 5
     os.utime(tmp_path / "gone.0123456789ab.npy", (a_while_ago, a_while_ago))
     referenced = json.loads((tmp_path / "pia.json").read_text())["codes_file"]
     os.utime(tmp_path / referenced, (a_while_ago, a_while_ago))
@@ -351,7 +351,7 @@ VoiceStore({str(tmp_path)!r}).register("victim", np.ones((3, 32), np.int64), "Hi
     assert not [name for name in left if name.startswith(".")], "the killed writer's temporary is gone"
     orphan = [name for name in left if name.startswith("victim.")]
     assert len(orphan) == 1, "its codes stay for the grace period (a registration may be in flight)"
-    old = time.time() - voice_store._ORPHAN_GRACE_S - 1
+    old = time.time() - voice_leftovers.ORPHAN_GRACE_S - 1
     os.utime(tmp_path / orphan[0], (old, old))
     assert store.sweep() == orphan
     assert [v["voice_id"] for v in store.list()] == ["next"]

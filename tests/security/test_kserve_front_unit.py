@@ -17,10 +17,10 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from csm_clients.gateway import kserve_front
+from csm_clients.gateway import kserve_front, kserve_limits
 from csm_clients.gateway.kserve_checks import MAX_JSON_DEPTH, Refused, json_depth, parse_json
-from csm_clients.gateway.kserve_front import (ALL_MODELS, DEFAULT_MODELS, create_front, forwarded_headers,
-                                              models_option, request_headers)
+from csm_clients.gateway.kserve_front import ALL_MODELS, DEFAULT_MODELS, create_front, models_option
+from csm_clients.gateway.kserve_limits import forwarded_headers, request_headers
 from csm_triton import constants as C
 
 pytestmark = pytest.mark.security
@@ -102,8 +102,8 @@ def test_only_the_allow_listed_headers_are_forwarded():
 
 
 def test_the_forwarded_model_headers_are_those_triton_hands_the_models():
-    assert kserve_front._MODEL_HEADER.pattern == C.HEADER_FORWARD_PATTERN
-    assert kserve_front._MODEL_HEADER.fullmatch(C.ADMIN_TOKEN_HEADER)
+    assert kserve_limits._MODEL_HEADER.pattern == C.HEADER_FORWARD_PATTERN
+    assert kserve_limits._MODEL_HEADER.fullmatch(C.ADMIN_TOKEN_HEADER)
 
 
 @pytest.mark.parametrize("pairs, expected", [
@@ -273,25 +273,25 @@ def test_bodies_past_the_in_flight_budget_are_a_503_with_retry_after_and_the_bud
     async def scenario(client: httpx.AsyncClient):
         triton.gate = asyncio.Event()
         first = asyncio.create_task(client.post(url, content=padded))
-        while front._inflight_bytes < 600:  # read, checked, waiting for Triton
+        while front.budget.inflight_bytes < 600:  # read, checked, waiting for Triton
             await asyncio.sleep(0.01)
         declared = await client.post(url, content=padded)  # Content-Length 600: refused unread
         streamed = await client.post(url, content=chunks(padded))  # chunked: refused once past the budget
         small = asyncio.create_task(client.post(url, content=VALID))  # fits beside the first
-        while front._inflight_bytes < 600 + len(VALID):
+        while front.budget.inflight_bytes < 600 + len(VALID):
             await asyncio.sleep(0.01)
         triton.gate.set()
         done = [await first, await small]
-        after = front._inflight_bytes
+        after = front.budget.inflight_bytes
         again = await client.post(url, content=padded)
         return declared, streamed, done, after, again
 
     declared, streamed, done, after, again = run_against(app, scenario)
     for busy in (declared, streamed):
-        assert busy.status_code == 503 and busy.headers["retry-after"] == str(kserve_front.RETRY_AFTER_S)
+        assert busy.status_code == 503 and busy.headers["retry-after"] == str(kserve_limits.RETRY_AFTER_S)
         assert "as many request bodies as it may at once (1000 bytes)" in busy.json()["error"]
     assert [answer.status_code for answer in done] == [200, 200] and after == 0
-    assert again.status_code == 200 and front._inflight_bytes == 0
+    assert again.status_code == 200 and front.budget.inflight_bytes == 0
     assert [request.content for request in triton.received if request.url.path.endswith("/infer")] == \
         [padded, VALID, padded]
 
@@ -348,7 +348,7 @@ def test_an_endless_body_is_a_413_after_the_limit_not_after_reading_it():
     assert plain_sent <= (1 << 20) + 65536  # read up to the limit and one piece, then refused
     assert declared.status_code == 413 and declared_sent == 0  # refused on its Content-Length, unread
     assert inflated.status_code == 413 and "inflates past" in inflated.json()["error"]
-    assert triton.received == [] and app.state.front._inflight_bytes == 0
+    assert triton.received == [] and app.state.front.budget.inflight_bytes == 0
 
 
 def test_a_body_that_stalls_is_a_408_and_gives_its_bytes_back():
@@ -361,7 +361,7 @@ def test_a_body_that_stalls_is_a_408_and_gives_its_bytes_back():
 
     async def scenario(client: httpx.AsyncClient):
         answer = await client.post("/v2/models/watermark_detect/infer", content=stalls())
-        return answer, app.state.front._inflight_bytes
+        return answer, app.state.front.budget.inflight_bytes
 
     answer, held = run_against(app, scenario)
     assert answer.status_code == 408 and "within 0.2 s" in answer.json()["error"] and held == 0
@@ -375,7 +375,7 @@ def test_the_load_bounds_are_options_and_environment(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     kserve_front.main([])
     assert (chosen["max_checks"], chosen["max_inflight_bytes"], chosen["body_timeout_s"]) == (
-        kserve_front.DEFAULT_MAX_CHECKS, kserve_front.DEFAULT_MAX_INFLIGHT_BYTES, kserve_front.DEFAULT_BODY_TIMEOUT_S)
+        kserve_limits.DEFAULT_MAX_CHECKS, kserve_limits.DEFAULT_MAX_INFLIGHT_BYTES, kserve_limits.DEFAULT_BODY_TIMEOUT_S)
     monkeypatch.setenv(kserve_front.MAX_CHECKS_ENV, "3")
     monkeypatch.setenv(kserve_front.MAX_INFLIGHT_ENV, "512")
     kserve_front.main(["--body-timeout-s", "30"])

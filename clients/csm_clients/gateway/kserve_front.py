@@ -23,6 +23,7 @@ request bodies held at once add up to at most `max_inflight_bytes`; past that a 
 is answered 503 with Retry-After instead of being read. A body must arrive whole within
 `body_timeout_s` (else 408), so a slow sender cannot sit on the budget. Its headers must
 arrive within --header-timeout-s (10 s), else the connection is closed (`main`).
+These bounds, and the reading of the headers, are kserve_limits.py's.
 
 Routes: GET /v2, /v2/health/{live,ready}, /v2/models/{m}[/versions/{v}][/ready,
 /config]; POST .../infer, .../generate, .../generate_stream. Nothing else of Triton's
@@ -46,12 +47,10 @@ only the front gets through to Triton's inference routes (docs/deploy.md).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import re
 import time
-import zlib
 from collections import OrderedDict
 from typing import Iterable, Mapping
 from urllib.parse import quote
@@ -60,45 +59,23 @@ import httpx
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import ClientDisconnect
 
 from csm_clients.gateway.kserve_checks import (DEFAULT_MAX_ELEMENTS, ModelSpec, Refused, check_generate,
                                                check_infer, parse_json)
+from csm_clients.gateway.kserve_limits import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S,
+                                               DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CHECKS, DEFAULT_MAX_INFLIGHT_BYTES,
+                                               BodyBudget, Busy, forwarded_headers, request_headers, server_settings)
 
-__all__ = ["ALL_MODELS", "DEFAULT_BODY_TIMEOUT_S", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_CHECKS",
-           "DEFAULT_MAX_INFLIGHT_BYTES", "DEFAULT_MODELS", "DEFAULT_SPEC_CACHE_SIZE", "FORWARDED_HEADERS",
-           "RETRY_AFTER_S", "Busy", "KServeFront", "create_front", "forwarded_headers", "main", "models_option",
-           "request_headers"]
+__all__ = ["ALL_MODELS", "DEFAULT_MODELS", "DEFAULT_SPEC_CACHE_SIZE", "KServeFront", "create_front", "main",
+           "models_option"]
 
-# 64 MiB, the default of the --http-max-input-size that later Triton releases added:
-# 120 s of 24 kHz FP32 audio is 11.5 MB in binary, ~60 MB as JSON text.
-DEFAULT_MAX_BODY_BYTES = 64 * 2**20
 DEFAULT_CONFIG_TTL_S = 60.0
 DEFAULT_TIMEOUT_S = 300.0  # a long utterance on a busy server
-# Bodies checked at once, each in a worker thread (the pool has ~40). Parsing turns the
-# JSON text into Python objects several times its size (a float: 24 bytes plus an 8-byte
-# slot, for 4-8 bytes of text), so one 64 MiB body can take up to ~1 GB while checked;
-# more checks at once would not finish sooner either, they share the GIL. The others
-# wait their turn, their bodies counted in the byte budget below.
-DEFAULT_MAX_CHECKS = 2
-# Request bodies held at once, all requests together, from the first byte read until
-# Triton has answered (for a stream: until its headers). Without it, memory grows with
-# every parallel 64 MiB body; past it a request is a 503 with Retry-After, never a wait
-# in memory. Four bodies of the largest size; a TTS request's body is a few hundred bytes.
-DEFAULT_MAX_INFLIGHT_BYTES = 4 * DEFAULT_MAX_BODY_BYTES
-RETRY_AFTER_S = 2  # a large body takes about that long to check and hand on
-# The whole body must arrive within this (else 408): the byte budget counts what is
-# received, and a client that sends 60 MB and then stalls would hold its share for good.
-# 64 MiB in 120 s is ~4.5 Mbit/s.
-DEFAULT_BODY_TIMEOUT_S = 120.0
 MAX_CHECKS_ENV = "CSM_FRONT_MAX_CHECKS"
 MAX_INFLIGHT_ENV = "CSM_FRONT_MAX_INFLIGHT_MB"
 TRITON_HEADER_ENV = "CSM_FRONT_TRITON_HEADER"
 MODELS_ENV = "CSM_FRONT_MODELS"
 HEADER_TIMEOUT_ENV = "CSM_FRONT_HEADER_TIMEOUT_S"
-# A request's head must arrive within this (uvicorn has no such deadline of its own: a
-# client sending its headers a byte at a time, or nothing, kept its connection for ever).
-DEFAULT_HEADER_TIMEOUT_S = 10.0
 # Mirror of csm_triton.constants.PUBLIC_MODELS (the clients never import the server's
 # package; tests/security/test_kserve_front_unit.py keeps the two equal).
 DEFAULT_MODELS = ("csm_tts", "csm_tts_stream", "voice_register", "voice_list", "voice_delete", "watermark_detect")
@@ -106,81 +83,12 @@ ALL_MODELS = "*"  # --models '*': every model Triton serves, internal stages inc
 # Configs kept (model, version); least recently used first out. Only allowed models get
 # here, but with ALL_MODELS or many versions the names are the caller's to choose.
 DEFAULT_SPEC_CACHE_SIZE = 64
-# What reaches Triton of the client's headers: the body's type and its binary split and
-# what the client accepts, plus those Triton hands the models as request parameters
-# (mirror of csm_triton.constants.HEADER_FORWARD_PATTERN: the voice models' admin token).
-# Not a restricted-API key, cookies or any other header. Content-Length is set anew for
-# the body sent, which is the body checked (inflated if it came compressed).
-FORWARDED_HEADERS = ("content-type", "accept", "inference-header-content-length")
-_MODEL_HEADER = re.compile(r"x-csm-.*")
-# Read by the front or passed on: each at most once, so the value checked is the value
-# Triton reads (with two Inference-Header-Content-Length, Triton may split at the other).
-_READ_HEADERS = frozenset({"content-length", "transfer-encoding", "content-encoding", *FORWARDED_HEADERS})
-_VISIBLE_ASCII = re.compile(rb"[\t\x20-\x7e]*")
-_BYTE_COUNT = re.compile(r"[0-9]{1,19}")  # ASCII digits: '²'.isdigit() is True, int('²') fails
 _VERSION = re.compile(r"[0-9]{1,19}")
-
-
-class Busy(Refused):
-    """The front holds as many request bodies as it may: a 503 with Retry-After."""
-
-    def __init__(self, message: str, retry_after_s: int = RETRY_AFTER_S):
-        super().__init__(message, 503)
-        self.retry_after_s = retry_after_s
 
 
 def _error(refused: Refused) -> JSONResponse:
     headers = {"retry-after": str(refused.retry_after_s)} if isinstance(refused, Busy) else None
     return JSONResponse({"error": str(refused)}, status_code=refused.status, headers=headers)
-
-
-class _Held:
-    """The bytes of the front's in-flight budget that one request holds."""
-
-    def __init__(self, front: "KServeFront"):
-        self.front, self.bytes = front, 0
-
-    def grow_to(self, size: int) -> None:
-        more = size - self.bytes
-        if more > 0:
-            self.front._reserve(more)
-            self.bytes = size
-
-    def release(self) -> None:
-        self.front._inflight_bytes -= self.bytes
-        self.bytes = 0
-
-
-def request_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
-    """The headers the front reads or passes on (lower-case names), from a request's raw
-    ASGI headers; Refused (400) for one given twice, one holding anything but visible
-    ASCII (httpx cannot send it: an unhandled 500 before), or ambiguous framing."""
-    headers: dict[str, str] = {}
-    for raw_name, raw_value in raw:
-        name = raw_name.decode("latin-1").lower()
-        if name not in _READ_HEADERS and not _MODEL_HEADER.fullmatch(name):
-            continue
-        shown = name[:60]
-        if name in headers:
-            raise Refused(f"the header '{shown}' is given more than once; the front accepts it once")
-        if not _VISIBLE_ASCII.fullmatch(raw_value):
-            raise Refused(f"the header '{shown}' holds bytes other than visible ASCII")
-        headers[name] = raw_value.decode("ascii").strip()
-    if "transfer-encoding" in headers:
-        if "content-length" in headers:
-            raise Refused("a request with both Content-Length and Transfer-Encoding is ambiguous")
-        if headers["transfer-encoding"].lower() != "chunked":
-            raise Refused(f"Transfer-Encoding '{headers['transfer-encoding'][:40]}' is not accepted (chunked only)")
-    for name in ("content-length", "inference-header-content-length"):
-        if name in headers and not _BYTE_COUNT.fullmatch(headers[name]):
-            raise Refused(f"{name.title()} must be a byte count, got '{headers[name][:40]}'")
-    return headers
-
-
-def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    """Of request_headers' answer, those sent on to Triton."""
-    return {name: value for name, value in headers.items()
-            if name in FORWARDED_HEADERS or _MODEL_HEADER.fullmatch(name)}
 
 
 def models_option(value: str | None) -> frozenset[str] | None:
@@ -205,15 +113,9 @@ class KServeFront:
                  max_checks: int = DEFAULT_MAX_CHECKS, max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
                  body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, transport: httpx.AsyncBaseTransport | None = None):
         self.base_url = triton_http_url if "://" in triton_http_url else f"http://{triton_http_url}"
-        self.max_body_bytes, self.max_elements, self.config_ttl_s = max_body_bytes, max_elements, config_ttl_s
-        if max_checks < 1:
-            raise ValueError(f"max_checks must be at least 1, got {max_checks}")
-        if max_inflight_bytes < max_body_bytes:  # else the largest body would be a 503 forever
-            raise ValueError(f"max_inflight_bytes ({max_inflight_bytes}) must be at least max_body_bytes "
-                             f"({max_body_bytes})")
-        self.max_checks, self.max_inflight_bytes, self.body_timeout_s = max_checks, max_inflight_bytes, body_timeout_s
-        self._inflight_bytes = 0  # touched in the event loop only
-        self._check_slots: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+        self.max_elements, self.config_ttl_s = max_elements, config_ttl_s
+        self.budget = BodyBudget(max_body_bytes=max_body_bytes, max_checks=max_checks,
+                                 max_inflight_bytes=max_inflight_bytes, body_timeout_s=body_timeout_s)
         self.timeout = httpx.Timeout(timeout_s, connect=5.0)
         # Sent with every request, over the client's: the key of tritonserver's
         # --http-restricted-api=inference:<name>=<key>, so only the front gets through.
@@ -312,62 +214,6 @@ class KServeFront:
             self._specs.popitem(last=False)
         return spec
 
-    def _reserve(self, size: int) -> None:
-        """Count `size` more bytes in flight, or Busy when the budget has no room."""
-        if self._inflight_bytes + size > self.max_inflight_bytes:
-            raise self._busy()
-        self._inflight_bytes += size
-
-    def _busy(self) -> Busy:
-        return Busy(f"the front holds as many request bodies as it may at once ({self.max_inflight_bytes} bytes); "
-                    f"retry in {RETRY_AFTER_S} s")
-
-    def _slots(self) -> asyncio.Semaphore:
-        """The check slots, made in the loop that serves (a TestClient starts a loop of its own)."""
-        loop = asyncio.get_running_loop()
-        if self._check_slots is None or self._check_slots[0] is not loop:
-            self._check_slots = (loop, asyncio.Semaphore(self.max_checks))
-        return self._check_slots[1]
-
-    async def _body(self, request: Request, headers: Mapping[str, str], held: _Held) -> bytes:
-        """The body, inflated, read chunk by chunk: refused (413) as soon as it passes the
-        size limit, (503) as soon as it no longer fits the in-flight budget, (408) when
-        it has not arrived within body_timeout_s."""
-        limit = self.max_body_bytes
-        declared = int(headers.get("content-length") or 0)
-        if declared > limit:
-            raise Refused(f"the request body is {declared} bytes; the front's limit is {limit}", 413)
-        if self._inflight_bytes + declared > self.max_inflight_bytes:
-            raise self._busy()  # at once, unread; bytes are counted as they arrive, not as declared
-        encoding = headers.get("content-encoding", "identity").lower()
-        wbits = {"": None, "identity": None, "gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding, 0)
-        if wbits == 0:
-            raise Refused(f"Content-Encoding '{encoding[:40]}' is not accepted (gzip, deflate or none)")
-        inflate = zlib.decompressobj(wbits) if wbits else None
-        body, received = bytearray(), 0
-        try:
-            async with asyncio.timeout(self.body_timeout_s):
-                async for chunk in request.stream():
-                    received += len(chunk)
-                    if received > limit:
-                        raise Refused(f"the request body is over the front's limit of {limit} bytes", 413)
-                    if inflate is not None:
-                        try:  # at most one byte past the limit comes out, whatever the ratio
-                            chunk = inflate.decompress(chunk, limit + 1 - len(body))
-                        except zlib.error:
-                            raise Refused(f"the request body is not valid {encoding} data") from None
-                        if len(body) + len(chunk) > limit:
-                            raise Refused(f"the request body inflates past the front's limit of {limit} bytes", 413)
-                    held.grow_to(len(body) + len(chunk))
-                    body += chunk
-        except TimeoutError:
-            raise Refused(f"the request body did not arrive whole within {self.body_timeout_s:g} s", 408) from None
-        except ClientDisconnect:  # nobody to answer; no traceback in the log either
-            raise Refused("the client left before its body arrived whole") from None
-        if inflate is not None and not inflate.eof:
-            raise Refused(f"the request body is not valid {encoding} data (it ends early)")
-        return bytes(body)
-
     def _check(self, spec: ModelSpec, path: str, body: bytes, header_length: str | None) -> None:
         if path.endswith("/infer"):
             if header_length is not None and int(header_length) > len(body):
@@ -385,14 +231,14 @@ class KServeFront:
             headers = request_headers(request.scope["headers"])
             if not path.endswith("/infer"):  # /generate has no binary part to split
                 headers.pop("inference-header-content-length", None)
-            held = _Held(self)
+            held = self.budget.hold()
             try:
-                body = await self._body(request, headers, held)
+                body = await self.budget.read_body(request, headers, held)
                 spec = await self.spec(request.path_params["model"], request.path_params.get("version"))
                 # Linear in the body, but a 64 MiB body is still seconds of parsing: off the
                 # event loop, so other requests (health checks, streams) keep moving; a few
                 # at a time (DEFAULT_MAX_CHECKS), each holding many times its body in objects.
-                async with self._slots():
+                async with self.budget.slots():
                     await run_in_threadpool(self._check, spec, path, body,
                                             headers.get("inference-header-content-length"))
                 return await self._send("POST", path, headers, body, stream=path.endswith("_stream"))
@@ -465,19 +311,9 @@ def main(argv=None) -> int:
     app = create_front(args.triton_http, max_body_bytes=int(args.max_body_mb * 2**20), max_elements=args.max_elements,
                        triton_headers=headers, models=args.models, max_checks=args.max_checks,
                        max_inflight_bytes=int(args.max_inflight_mb * 2**20), body_timeout_s=args.body_timeout_s)
-    uvicorn.run(app, host=args.host, port=args.port, **_server_settings(float(args.header_timeout_s)))
+    uvicorn.run(app, host=args.host, port=args.port, **server_settings(float(args.header_timeout_s)))
     return 0
 
-
-def _server_settings(header_timeout_s: float) -> dict:
-    """uvicorn's settings: the gateway's h11 protocol with its header deadline, and its
-    bound on a request head's size."""
-    from csm_clients.gateway.__main__ import MAX_HEADER_BYTES, HeaderDeadlineProtocol
-
-    if not header_timeout_s > 0:
-        raise SystemExit(f"--header-timeout-s must be positive, got {header_timeout_s}")
-    protocol = type("FrontH11Protocol", (HeaderDeadlineProtocol,), {"header_timeout_s": header_timeout_s})
-    return {"http": protocol, "h11_max_incomplete_event_size": MAX_HEADER_BYTES, "server_header": False}
 
 
 if __name__ == "__main__":

@@ -18,23 +18,15 @@ and re-reads only metadata files whose (inode, size, mtime) changed. Within a
 process a lock makes the store thread-safe.
 
 A writer killed mid-registration leaves a temporary or codes no metadata names.
-`sweep` removes them safely while others write (temporaries whose writer is gone or
-that are old, unnamed codes once older than `_ORPHAN_GRACE_S`); it runs at start-up,
-before every registration and, at most every `_SWEEP_INTERVAL_S`, on `list`.
+`sweep` removes them safely while others write (voice_leftovers.py); it runs at
+start-up, before every registration and, at most every `_SWEEP_INTERVAL_S`, on `list`.
 
 Errors never carry the store's path (clients see them): a full disk or quota is an
 InvalidInput "voice store is full" (the request is refused whole, the store left as
 it was), any other file-system failure a VoiceStoreError naming only the errno.
 
-Owners and a count. A voice may carry an owner (a gateway's key id, never a key),
-written in its metadata, so it is committed with the voice in the same rename. A
-deletion that names an owner removes only that owner's voices (PermissionDenied
-otherwise, saying so); one without is the admin's and removes any. A store holds at
-most `max_voices` (C.MAX_STORED_VOICES): every process caches every voice, so the count
-is the memory. Both are checked under the process's lock; between processes (several
-model instances) the count may overshoot by one per concurrent registration, and a
-deletion compares the metadata's inode just before unlinking, so a voice replaced
-meanwhile is not removed in its owner's name.
+A voice may carry an owner, and a store holds at most `max_voices`: those rules are
+voice_owners.py's.
 """
 
 from __future__ import annotations
@@ -54,11 +46,12 @@ from pathlib import Path
 import numpy as np
 
 from csm_triton import constants as C
-from csm_triton.core import validation
-from csm_triton.core.files import TEMP_PREFIX, atomic_write, fsync_directory, is_temporary, stale_temporary
-from csm_triton.errors import InvalidInput, PermissionDenied
+from csm_triton.core import validation, voice_leftovers
+from csm_triton.core.files import TEMP_PREFIX, atomic_write, fsync_directory
+from csm_triton.core.voice_owners import check_deletion, check_owner, check_room
+from csm_triton.errors import InvalidInput
 
-__all__ = ["Voice", "VoiceStore", "VoiceStoreError", "check_owner"]
+__all__ = ["Voice", "VoiceStore", "VoiceStoreError"]
 
 LOG = logging.getLogger(__name__)
 
@@ -67,9 +60,6 @@ _METADATA_SUFFIX = ".json"
 # A directory changed within this window may change again without its mtime moving
 # (file systems with coarse timestamps): re-scan until it is older than this.
 _RACY_NS = 2_000_000_000
-# Codes that no metadata names are removed once older than this: younger ones may be
-# a registration in flight (its codes land milliseconds before its metadata).
-_ORPHAN_GRACE_S = 60.0
 # `list` sweeps at most this often (registrations always do).
 _SWEEP_INTERVAL_S = 30.0
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
@@ -118,23 +108,6 @@ class Voice:
 class _Entry:
     signature: tuple[int, int, int]  # the metadata file's (inode, size, mtime_ns)
     voice: Voice
-
-
-def check_owner(owner: str | None) -> str | None:
-    """An owner id as sent (None or empty: none); InvalidInput unless it matches
-    C.VOICE_OWNER_PATTERN (it is written into the metadata and shown by voice_list)."""
-    if owner is None or owner == "":
-        return None
-    if not isinstance(owner, str) or not C.VOICE_OWNER_PATTERN.fullmatch(owner):
-        raise InvalidInput(f"'{C.VOICE_OWNER_HEADER}' must match {C.VOICE_OWNER_PATTERN.pattern}")
-    return owner
-
-
-def _inode(path: Path) -> int | None:
-    try:
-        return path.stat().st_ino
-    except FileNotFoundError:
-        return None
 
 
 def _signature(stat: os.stat_result) -> tuple[int, int, int]:
@@ -211,7 +184,7 @@ class VoiceStore:
             if not replace and self._metadata_path(voice_id).exists():
                 raise InvalidInput(f"voice '{voice_id}' already exists; delete it first to register it again")
             if voice_id not in self._entries:
-                self._check_room()
+                check_room(len(self._entries), self.max_voices)
             self.sweep()
             self._write_atomic(self.directory / codes_name, lambda handle: np.save(handle, codes, allow_pickle=False))
             try:
@@ -238,13 +211,7 @@ class VoiceStore:
         refused before it pays for encoding)."""
         with self._lock, _file_errors("read the voices"):
             self._refresh()
-            self._check_room()
-
-    def _check_room(self) -> None:
-        if len(self._entries) >= self.max_voices:
-            raise InvalidInput(f"voice store is full: it holds {len(self._entries)} voices, the most it keeps "
-                               f"(max_stored_voices = {self.max_voices}); nothing was stored. "
-                               "Delete a voice first.")
+            check_room(len(self._entries), self.max_voices)
 
     def get(self, voice_id: str) -> Voice:
         voice_id = validation.voice_id(voice_id)
@@ -273,19 +240,7 @@ class VoiceStore:
             self._refresh()
             path = self._metadata_path(voice_id)
             metadata, inode = self._read_metadata_with_inode(voice_id)
-            if owner is not None and metadata is not None:
-                stored = metadata.get("owner")
-                if stored != owner:
-                    whose = "the admin (stored without a key)" if stored is None else "another key"
-                    raise PermissionDenied(f"voice '{voice_id}' belongs to {whose}; only its owner or the admin "
-                                           "may delete it")
-                if inode is not None and _inode(path) != inode:  # replaced since it was read: judge again
-                    raise InvalidInput(f"voice '{voice_id}' changed while it was being deleted; try again")
-            elif owner is not None:  # unreadable metadata: no owner can be proven
-                if path.exists():
-                    raise PermissionDenied(f"voice '{voice_id}' cannot be read, so its owner cannot be checked; "
-                                           "only the admin may delete it")
-                raise InvalidInput(f"unknown voice '{voice_id}'")
+            check_deletion(voice_id, owner, path, metadata, inode)
             metadata = metadata or {}
             entry = self._entries.pop(voice_id, None)
             try:
@@ -313,44 +268,10 @@ class VoiceStore:
             return len(self._entries)
 
     def sweep(self) -> list[str]:
-        """Removes what killed writers left (see the module's doc); the names removed.
-
-        Safe while other processes register: a temporary goes only when its writer is
-        gone (or it is old), codes only when no metadata names them and they are older
-        than a registration takes. The metadata is read after the listing, so codes
-        whose registration committed meanwhile are seen as named."""
-        now = time.time()
+        """Removes what killed writers left (voice_leftovers.sweep, safe while other
+        processes register); the names removed."""
         self._swept_at = time.monotonic()
-        candidates, removed = [], []
-        with os.scandir(self.directory) as entries:
-            for item in entries:
-                if is_temporary(item.name):
-                    if stale_temporary(item.path, now=now):
-                        candidates.append(item.name)
-                elif item.name.endswith(".npy") and not item.name.startswith(TEMP_PREFIX):
-                    try:
-                        if now - item.stat().st_mtime > _ORPHAN_GRACE_S:
-                            candidates.append(item.name)
-                    except FileNotFoundError:
-                        continue
-        if not candidates:
-            return removed
-        referenced = self._referenced_codes()
-        for name in candidates:
-            if referenced is None and not is_temporary(name):
-                continue  # some metadata could not be read: its codes may be among these
-            if name in (referenced or ()):
-                continue
-            try:
-                (self.directory / name).unlink()
-                removed.append(name)
-            except FileNotFoundError:  # another process swept it first
-                continue
-            except OSError as error:  # a leftover that cannot go must not fail a request
-                LOG.warning("voice store: cannot remove the leftover %s: %s", name, error)
-        if removed:
-            LOG.info("voice store: removed leftovers of interrupted writes: %s", ", ".join(removed))
-        return removed
+        return voice_leftovers.sweep(self.directory, _METADATA_SUFFIX)
 
     # --- files ----------------------------------------------------------------------------
     def _metadata_path(self, voice_id: str) -> Path:
@@ -439,20 +360,3 @@ class VoiceStore:
         self._entries = found
         self._scanned_mtime_ns = stat.st_mtime_ns
         self._scanned_at_ns = now
-
-    def _referenced_codes(self) -> set[str] | None:
-        """The codes files every metadata file names; None if one could not be read."""
-        referenced = set()
-        with os.scandir(self.directory) as entries:
-            names = [item.name for item in entries
-                     if item.name.endswith(_METADATA_SUFFIX) and not item.name.startswith(TEMP_PREFIX)]
-        for name in names:
-            try:
-                codes_file = json.loads((self.directory / name).read_text()).get("codes_file")
-            except (FileNotFoundError, ValueError, AttributeError):
-                continue  # deleted meanwhile, or broken (a whole file that names nothing usable)
-            except OSError:
-                return None
-            if isinstance(codes_file, str):
-                referenced.add(codes_file)
-        return referenced

@@ -10,7 +10,8 @@ from csm_triton import constants as C
 from csm_triton.core import validation
 from csm_triton.core.audio import prepare_reference_audio
 from csm_triton.errors import InvalidInput
-from csm_triton.core.voice_store import Voice, VoiceStore, check_owner
+from csm_triton.core.voice_owners import check_owner
+from csm_triton.core.voice_store import Voice, VoiceStore
 
 __all__ = ["Encoder", "VoiceResolver"]
 

@@ -1,4 +1,5 @@
-"""How many KV slots an engine gets, and what its warm-up captured.
+"""How many KV slots an engine gets (and the EngineConfig that asks for them), and what
+its warm-up captured.
 
 Pure arithmetic and bookkeeping, kept apart from the engine's loop so that slot sizing
 is tested on any machine (tests/test_engine.py with fake GPU memory figures).
@@ -8,14 +9,34 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from csm_triton import constants as C
 from csm_triton.engine.frame_step import StepBucket
 
-__all__ = ["CPU_DEFAULT_SLOTS", "SLOT_SHARE_OF_BUDGET", "WarmUpReport", "slots_from_memory"]
+__all__ = ["CPU_DEFAULT_SLOTS", "SLOT_SHARE_OF_BUDGET", "EngineConfig", "WarmUpReport", "slots_from_memory"]
 
 CPU_DEFAULT_SLOTS = 8
 # Of the memory budget, the share for KV slots; the rest is for activations, the depth
 # cache and the CUDA graphs' pool.
 SLOT_SHARE_OF_BUDGET = 0.9
+
+
+@dataclass
+class EngineConfig:
+    # On GPU: at most this many slots, fewer if fewer fit within gpu_memory_fraction
+    # (None: as many as fit). On CPU: exactly this many (None: CPU_DEFAULT_SLOTS).
+    max_slots: int | None = None
+    max_context: int | None = None  # None: the backbone's max positions
+    gpu_memory_fraction: float = C.DEFAULT_GPU_MEMORY_FRACTION
+    prefix_cache_bytes: int = 256 << 20
+    max_prefills_per_step: int = 4
+    cuda_graphs: bool = True  # on CUDA: capture the frame step per bucket (frame_step.BucketPlan)
+    # start() captures every bucket's graph before serving, so no request pays a capture
+    # (seconds at load); without it a bucket is captured the first time a step needs it.
+    warm_up: bool = True
+    # How often the engine thread hands `on_stats` its counts while it works (and once
+    # each time it goes idle): live capacity gauges for a few calls per second,
+    # whatever the frame rate (a Triton metric update is an IPC round trip).
+    stats_interval_s: float = 0.25
 
 
 @dataclass

@@ -19,60 +19,25 @@ import logging
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
 import torch
 
 from csm_triton import constants as C
-from csm_triton.core import validation
-from csm_triton.engine.capacity import CPU_DEFAULT_SLOTS, WarmUpReport, slots_from_memory
-from csm_triton.engine.faults import DeviceFailure, is_fatal_device_error
+from csm_triton.engine.admission import Slot, check_request, prefill
+from csm_triton.engine.capacity import CPU_DEFAULT_SLOTS, EngineConfig, WarmUpReport, slots_from_memory
+from csm_triton.engine.device import device_context
+from csm_triton.engine.faults import DeviceFailure, device_failure_message, is_fatal_device_error
 from csm_triton.engine.frame_step import BucketPlan, FrameStep, StepBucket
 from csm_triton.engine.lm import CsmLM
-from csm_triton.engine.prefix_cache import PrefillPlan, PrefixCache, PrefixEntry
+from csm_triton.engine.prefix_cache import PrefixCache
 from csm_triton.engine.requests import FinishReason, FrameChunk, GenerationRequest, RequestHandle
 from csm_triton.engine.sampling import SamplerState
-from csm_triton.errors import InvalidInput
+
+__all__ = ["EngineConfig", "GenerationEngine"]  # EngineConfig lives in engine.capacity
 
 LOG = logging.getLogger(__name__)
-
-
-@dataclass
-class _Slot:
-    row: int  # its row of the KV cache (and of the hidden states); changes when others leave
-    handle: RequestHandle
-    sampler: SamplerState
-    position: int  # next backbone position to write
-    frames_done: int = 0
-    chunks_sent: int = 0
-    pending: list = field(default_factory=list)  # frames not yet delivered
-
-    def chunk_size(self) -> int:
-        request = self.handle.request
-        if self.chunks_sent == 0 and request.first_chunk_frames:
-            return request.first_chunk_frames
-        return request.stream_every
-
-
-@dataclass
-class EngineConfig:
-    # On GPU: at most this many slots, fewer if fewer fit within gpu_memory_fraction
-    # (None: as many as fit). On CPU: exactly this many (None: CPU_DEFAULT_SLOTS).
-    max_slots: int | None = None
-    max_context: int | None = None  # None: the backbone's max positions
-    gpu_memory_fraction: float = C.DEFAULT_GPU_MEMORY_FRACTION
-    prefix_cache_bytes: int = 256 << 20
-    max_prefills_per_step: int = 4
-    cuda_graphs: bool = True  # on CUDA: capture the frame step per bucket (frame_step.BucketPlan)
-    # start() captures every bucket's graph before serving, so no request pays a capture
-    # (seconds at load); without it a bucket is captured the first time a step needs it.
-    warm_up: bool = True
-    # How often the engine thread hands `on_stats` its counts while it works (and once
-    # each time it goes idle): live capacity gauges for a few calls per second,
-    # whatever the frame rate (a Triton metric update is an IPC round trip).
-    stats_interval_s: float = 0.25
 
 
 class GenerationEngine:
@@ -92,7 +57,7 @@ class GenerationEngine:
         self._frame_steps: dict[StepBucket | int, FrameStep] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes)
-        self._active: list[_Slot] = []  # _active[r] holds cache row r
+        self._active: list[Slot] = []  # _active[r] holds cache row r
         self._waiting: deque[RequestHandle] = deque()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -121,7 +86,7 @@ class GenerationEngine:
     # --- public API -------------------------------------------------------------------
     def submit(self, request: GenerationRequest,
                callback: Callable[[FrameChunk], None] | None = None) -> RequestHandle:
-        self._check(request)
+        check_request(request, self.lm, self.max_context)
         handle = RequestHandle(request, callback)
         with self._lock:
             if self.device_failure is not None:
@@ -168,10 +133,11 @@ class GenerationEngine:
         that no request pays for it: on CUDA, capture its graph. The CPU runs eagerly at
         exact batch sizes and has nothing to prepare, so its walk costs nothing."""
         timings = []
-        for bucket in self.buckets.buckets():
-            started = time.perf_counter()
-            self._prepare(bucket)
-            timings.append((bucket, time.perf_counter() - started))
+        with device_context(self.lm.device):  # on the caller's thread (the model's initialize)
+            for bucket in self.buckets.buckets():
+                started = time.perf_counter()
+                self._prepare(bucket)
+                timings.append((bucket, time.perf_counter() - started))
         report = WarmUpReport(timings, captured=self.use_graphs)
         LOG.info("warm-up: %s", report.summary())
         return report
@@ -198,6 +164,10 @@ class GenerationEngine:
 
     # --- the loop ---------------------------------------------------------------------
     def _loop(self) -> None:
+        with device_context(self.lm.device):  # CUDA's current device is per thread, 0 until set
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             self._report_stats(force=not self.has_work())  # forced on going idle: no stale gauge
             with self._lock:
@@ -215,9 +185,7 @@ class GenerationEngine:
                 self._finish_all(FinishReason.ERROR, f"generation failed: {type(error).__name__}: {error}")
 
     def _device_failure_message(self) -> str:
-        error = self.device_failure
-        return (f"the generation device failed ({type(error).__name__}: {error}); "
-                "the model is being reloaded, retry shortly")
+        return device_failure_message(self.device_failure)
 
     def _fail_device(self, error: BaseException) -> None:
         """A device error no later step survives: answer every request in flight (and
@@ -256,25 +224,6 @@ class GenerationEngine:
         self.steps += 1
         self._advance(slots, frames)
         return len(self._active)
-
-    def _check(self, request: GenerationRequest) -> None:
-        # Every integer the engine indexes with, before any work (core.validation): on CUDA
-        # an out-of-range index is a device-side assert that breaks the whole process.
-        validation.token_ids(request.input_ids, "input_ids", self.lm.text_vocab_size)
-        codes = np.asarray(request.audio_codes)
-        if codes.size:  # no codes at all may come in any dtype (np.zeros((0, 32)) is float)
-            validation.audio_codes(codes, "prompt_codes", max_frames=self.max_context)
-        tokens = len(request.input_ids)
-        if request.max_frames < 1:
-            raise InvalidInput("max_frames must be at least 1")
-        if tokens + request.max_frames > self.max_context:
-            raise InvalidInput(
-                f"prompt of {tokens} tokens plus {request.max_frames} frames exceeds the context of "
-                f"{self.max_context} positions"
-            )
-        placeholders = int(np.count_nonzero(np.asarray(request.input_ids) == self.lm.audio_token_id))
-        if placeholders != len(request.audio_codes):
-            raise InvalidInput(f"prompt has {placeholders} audio placeholders but {len(request.audio_codes)} frames")
 
     CANCEL_POLL_FRAMES = 4  # polling a client's state costs an IPC round trip in Triton
 
@@ -316,35 +265,12 @@ class GenerationEngine:
                 continue
             sampler = SamplerState.create(temperature=request.temperature, top_k=request.top_k,
                                           greedy=request.greedy, seed=request.seed, device=self.lm.device)
-            self._active.append(_Slot(row, handle, sampler, position))
+            self._active.append(Slot(row, handle, sampler, position))
 
     def _prefill(self, row: int, handle: RequestHandle) -> int | None:
-        """The prompt into `row`, chunk by chunk (prefix_cache.PrefillPlan): copied while the
-        cache holds them, then computed. None: cancelled between chunks (nothing stored)."""
-        request, device = handle.request, self.lm.device
-        ids = torch.as_tensor(np.asarray(request.input_ids), dtype=torch.long, device=device)
-        codes = torch.as_tensor(np.asarray(request.audio_codes), dtype=torch.long, device=device)
-        embeds = self.lm.embed_prompt(ids, codes.reshape(-1, self.lm.num_codebooks))
-        plan = PrefillPlan.of(request, self.lm.audio_token_id, self.lm.audio_eos_token_id)
-        reused = self.prefix_cache.lookup(plan.keys)
-        new, start = [], 0
-        for index, end in enumerate(plan.ends):
-            if index < len(reused):
-                self.cache.k[:, row, :, start:end] = reused[index].k
-                self.cache.v[:, row, :, start:end] = reused[index].v
-            elif handle.cancelled:
-                return None
-            else:  # the same chunk shapes hit or miss: a hit yields exactly a miss's numbers
-                positions = torch.arange(start, end, device=device)[None]
-                hidden = self.lm.backbone_forward(embeds[None, start:end], self.cache, row, positions)
-                if index < plan.storable:
-                    new.append((plan.keys[index], PrefixEntry.copy_of(self.cache, row, start, end)))
-            start = end
-        self.hidden[row] = hidden[0]  # the last chunk (the text to speak) is never cached
-        self.prefix_cache.commit(plan.keys, reused, new)  # stored only now: the prefill is whole
-        return plan.ends[-1]
+        return prefill(self.lm, self.cache, self.hidden, self.prefix_cache, row, handle)  # (admission)
 
-    def _frame_step(self, slots: list[_Slot]) -> np.ndarray:
+    def _frame_step(self, slots: list[Slot]) -> np.ndarray:
         step = self._frame_step_for(slots)
         count = len(slots)
         step.positions[:count, 0].copy_(torch.tensor([s.position for s in slots]), non_blocking=True)
@@ -362,7 +288,7 @@ class GenerationEngine:
         # and an all-zero frame must end its request before the next step.
         return step.codes[:count].cpu().numpy().copy()  # a copy: the buffer is reused
 
-    def _frame_step_for(self, slots: list[_Slot]) -> FrameStep:
+    def _frame_step_for(self, slots: list[Slot]) -> FrameStep:
         needed = max(s.position for s in slots) + 1
         top_k = max((s.sampler.top_k for s in slots if not s.sampler.greedy), default=1)
         bucket = self.buckets.bucket_for(len(slots), needed, min(top_k, C.CODEBOOK_SIZE))
@@ -382,8 +308,8 @@ class GenerationEngine:
                          attend_len=bucket.attend_len, top_k_bound=bucket.top_k_bound, capture=capture,
                          graph_pool=self._graph_pool)
 
-    def _advance(self, slots: list[_Slot], frames: np.ndarray) -> None:
-        finished: list[tuple[_Slot, FinishReason]] = []
+    def _advance(self, slots: list[Slot], frames: np.ndarray) -> None:
+        finished: list[tuple[Slot, FinishReason]] = []
         for slot, frame in zip(slots, frames):
             if not frame.any():  # an all-zero frame: end of speech (not emitted)
                 finished.append((slot, FinishReason.END_OF_SPEECH))
@@ -407,11 +333,11 @@ class GenerationEngine:
         for slot, reason in sorted(finished, key=lambda item: item[0].row, reverse=True):
             self._finish(slot, reason)
 
-    def _finish(self, slot: _Slot, reason: FinishReason, error: str | None = None) -> None:
+    def _finish(self, slot: Slot, reason: FinishReason, error: str | None = None) -> None:
         self._release(slot)
         slot.handle._end(reason, error, slot.pending)
 
-    def _release(self, slot: _Slot) -> None:
+    def _release(self, slot: Slot) -> None:
         """Free the slot's row; the slot in the last row moves into it (keys, values and
         hidden state: one copy of its context, once per departure instead of a gather
         per layer per frame), so the active slots stay rows 0..n-1. Called between

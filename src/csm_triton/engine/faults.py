@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["DeviceFailure", "is_fatal_device_error"]
+__all__ = ["DeviceFailure", "device_failure_message", "is_fatal_device_error"]
 
 # Words of the errors that leave the CUDA context unusable (torch raises most of them as
 # a plain RuntimeError; torch.AcceleratorError since 2.8). cuBLAS/cuDNN failures are
@@ -48,3 +48,9 @@ def is_fatal_device_error(error: BaseException) -> bool:
             return True
         error = error.__cause__ or error.__context__
     return False
+
+
+def device_failure_message(error: BaseException) -> str:
+    """What every request in flight at a device failure, and every later one, is told."""
+    return (f"the generation device failed ({type(error).__name__}: {error}); "
+            "the model is being reloaded, retry shortly")

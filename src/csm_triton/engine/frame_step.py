@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from csm_triton import constants as C
+from csm_triton.engine.device import device_context
 from csm_triton.engine.layers import KVCache
 from csm_triton.engine.lm import CsmLM
 from csm_triton.engine.sampling import sample
@@ -28,7 +29,7 @@ class FrameStep:
     def __init__(self, lm: CsmLM, cache: KVCache, depth_cache: KVCache, hidden: torch.Tensor,
                  noise: torch.Tensor, *, batch: int, attend_len: int, top_k_bound: int = C.CODEBOOK_SIZE,
                  capture: bool = False, graph_pool=None):
-        device = lm.device
+        self.device = device = lm.device
         self.lm, self.cache, self.depth_cache = lm, cache, depth_cache
         self.batch = batch
         self.attend_len = attend_len
@@ -73,18 +74,22 @@ class FrameStep:
         # before, restored after. Every tensor the graph allocates dies inside the step
         # (results go to buffers made outside the capture), so graphs can share one
         # memory pool and replay in any order.
-        device = self.lm.device
-        saved = (self.cache.k[:, :self.batch, :, 0].clone(), self.cache.v[:, :self.batch, :, 0].clone(),
-                 self.hidden.clone())
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
+        # On the engine's device, with an explicit capture stream made there:
+        # torch.cuda.graph's default capture stream is made once, on whichever device was
+        # current at the first capture of the process, and kept.
+        device = self.device
+        with device_context(device):
+            saved = (self.cache.k[:, :self.batch, :, 0].clone(), self.cache.v[:, :self.batch, :, 0].clone(),
+                     self.hidden.clone())
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._compute()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=graph_pool, stream=stream):
                 self._compute()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=graph_pool):
-            self._compute()
         self.cache.k[:, :self.batch, :, 0].copy_(saved[0])
         self.cache.v[:, :self.batch, :, 0].copy_(saved[1])
         self.hidden.copy_(saved[2])

@@ -114,18 +114,20 @@ class KernelReport:
 
 def choose_kernels(named_linears: list[tuple[str, "object"]], *, buckets: tuple[int, ...], mode: str,
                    device: torch.device, dtype: torch.dtype) -> KernelReport:
-    """Decide and apply (`Linear.use`) a kernel per bucket for every Linear, per shape."""
+    """Decide and apply (`Linear.use`) a kernel per bucket for every Linear, per shape.
+    `dtype` is the model's compute dtype; each weight is decided in its own dtype."""
     if mode not in MODES:
         raise ValueError(f"cpu_kernels must be one of {', '.join(MODES)}, got {mode!r}")
     if device.type != "cpu":
         return KernelReport([], 0.0, note=f"{device.type}: F.linear for every weight (CPU kernel choice not used)")
     started = time.perf_counter()
-    groups: dict[tuple[int, int], list[tuple[str, object]]] = {}
+    # By shape and by the weight's own dtype: the heads stay fp32 in a bf16 model (lm.py).
+    groups: dict[tuple[tuple[int, int], torch.dtype], list[tuple[str, object]]] = {}
     for name, linear in named_linears:
-        groups.setdefault(tuple(linear.weight.shape), []).append((name, linear))
-    available = available_kernels(dtype)
+        groups.setdefault((tuple(linear.weight.shape), linear.dtype), []).append((name, linear))
     shapes = []
-    for shape, members in groups.items():
+    for (shape, dtype), members in groups.items():
+        available = available_kernels(dtype)
         names = [name for name, _ in members]
         small = shape[0] * shape[1] * dtype.itemsize < C.CPU_KERNEL_MIN_TIMED_BYTES
         if mode == "measure" and len(available) > 1 and not small:

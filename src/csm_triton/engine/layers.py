@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.csm.modeling_csm import apply_rotary_pos_emb
 
 from csm_triton.engine import kernels
@@ -70,6 +71,28 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x.to(dtype)
 
 
+def rotary_tables(rotary_emb, max_positions: int, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [max_positions, head_dim] of transformers' rotary module, from fp32
+    inverse frequencies, in fp32 arithmetic (as its forward does), cast once to `dtype`.
+
+    Why not the module's buffer as it comes: `model.to(bfloat16)` rounds `inv_freq` to
+    bf16 too (transformers' own bf16 load, `from_pretrained(dtype=bfloat16)`, keeps it
+    fp32). With CSM's llama3 rope and 64-dim heads that rounding moves the tables by
+    0.09 at position 100 and up to 1.6 by position 2047; bf16 storage of the values
+    themselves is off by at most 0.004. So a rounded buffer is recomputed from the
+    module's config with the module's own init function."""
+    inv_freq, scaling = rotary_emb.inv_freq, rotary_emb.attention_scaling
+    if inv_freq.dtype != torch.float32:
+        rope_type = rotary_emb.config.rope_parameters["rope_type"]
+        init = rotary_emb.compute_default_rope_parameters if rope_type == "default" else ROPE_INIT_FUNCTIONS[rope_type]
+        inv_freq, scaling = init(rotary_emb.config)
+    inv_freq = inv_freq.to(device=device, dtype=torch.float32)
+    # The same operations as CsmRotaryEmbedding.forward, so fp32 tables equal its own.
+    freqs = torch.arange(max_positions, device=device)[:, None].float() * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return (angles.cos() * scaling).to(dtype), (angles.sin() * scaling).to(dtype)
+
+
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
@@ -121,11 +144,9 @@ class TransformerStack:
             )
         self.final_norm = hf_model.norm.weight.detach()
         self.intermediate_size = config.intermediate_size
-        # cos/sin for every position, computed once by transformers' own rotary module.
-        device = self.final_norm.device
-        positions = torch.arange(self.max_positions, device=device)[None]
-        cos, sin = hf_model.rotary_emb(self.final_norm[None, None], positions)
-        self.cos, self.sin = cos[0], sin[0]  # [max_positions, head_dim]
+        # cos/sin for every position, computed once in fp32 and cast to the compute dtype.
+        self.cos, self.sin = rotary_tables(hf_model.rotary_emb, self.max_positions, self.final_norm.device,
+                                           self.final_norm.dtype)  # [max_positions, head_dim]
 
     def named_linears(self, prefix: str) -> list[tuple[str, Linear]]:
         return [(f"{prefix} {name}", getattr(layer, name)) for layer in self.layers

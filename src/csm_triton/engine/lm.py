@@ -13,6 +13,7 @@ import torch
 
 from csm_triton import constants as C
 from csm_triton.engine import kernels
+from csm_triton.engine.device import device_context
 from csm_triton.engine.layers import KVCache, Linear, TransformerStack
 
 NEG_INF = float("-inf")
@@ -29,16 +30,50 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def check_dtype(dtype: torch.dtype, *, allow_float16: bool = False) -> None:
+    """CSM was trained in bf16: fp16's 5-bit exponent overflows where bf16 does not, and
+    its tokens were never compared with the model's. Refused unless asked for by name."""
+    if dtype == torch.float16 and not allow_float16:
+        raise ValueError("dtype float16 is not supported: CSM was trained in bfloat16, use bfloat16 (GPU) or "
+                         "float32 (exact tokens); float16 runs only with the explicit opt-in allow_float16")
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"unsupported dtype {dtype}: use bfloat16 or float32")
+
+
+def to_compute_dtype(hf_model, device: torch.device, dtype: torch.dtype):
+    """`hf_model.to(device, dtype)` as transformers' own bf16 load leaves it: the rotary
+    modules' inverse frequencies stay fp32 (`.to` alone rounds them, which shifts the
+    rotary angles of later positions; layers.rotary_tables)."""
+    rotaries = [module for module in hf_model.modules() if hasattr(module, "inv_freq")]
+    kept = [{name: buffer.float().clone() for name, buffer in module.named_buffers(recurse=False)
+             if name in ("inv_freq", "original_inv_freq") and buffer.dtype == torch.float32} for module in rotaries]
+    hf_model = hf_model.to(device=device, dtype=dtype)
+    for module, buffers in zip(rotaries, kept):
+        for name, buffer in buffers.items():
+            setattr(module, name, buffer.to(device))
+    return hf_model
+
+
 class CsmLM:
     def __init__(self, hf_model, *, device: torch.device | None = None, dtype: torch.dtype | None = None,
-                 max_batch: int | None = None, cpu_kernels: str = "measure"):
+                 max_batch: int | None = None, cpu_kernels: str = "measure", allow_float16: bool = False):
         """max_batch: the most requests a frame step will carry (the engine's slots);
         on CPU it decides the row buckets each weight is prepared for (kernels.row_buckets).
         cpu_kernels: "measure" times the kernels per weight shape at load and keeps the
-        fastest; "mkl" or "onednn" forces one (engine/kernels.py)."""
+        fastest; "mkl" or "onednn" forces one (engine/kernels.py). allow_float16: run
+        fp16 all the same (check_dtype)."""
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or default_dtype(device)
-        hf_model = hf_model.to(device=device, dtype=dtype).eval()
+        check_dtype(dtype, allow_float16=allow_float16)
+        with device_context(device):  # cuda:N: whatever takes the current device takes N
+            self._load(hf_model, device, dtype, max_batch, cpu_kernels)
+
+    def _load(self, hf_model, device: torch.device, dtype: torch.dtype, max_batch: int | None,
+              cpu_kernels: str) -> None:
+        # The heads keep the checkpoint's precision: their logits feed top-k in fp32, and
+        # they are under 2 % of a frame's weight bytes in bf16, under 3 % in fp32.
+        heads = hf_model.lm_head.weight.detach(), hf_model.depth_decoder.codebooks_head.weight.detach()
+        hf_model = to_compute_dtype(hf_model, device, dtype).eval()
         config = hf_model.config
         self.config = config
         self.device, self.dtype = device, dtype
@@ -52,17 +87,18 @@ class CsmLM:
             depth = hf_model.depth_decoder
             self.depth = TransformerStack(depth.model)
             self.text_embedding = hf_model.embed_text_tokens.weight.detach()
-            # The bound every prompt id is checked against (GenerationEngine._check): the
+            # The bound every prompt id is checked against (engine.admission.check_request): the
             # rows the embedding really has, whatever the config says.
             self.text_vocab_size = self.text_embedding.shape[0]
             self.audio_embedding = hf_model.backbone_model.embed_tokens.embed_audio_tokens.weight.detach()
             self.audio_offsets = torch.arange(self.num_codebooks, device=device) * config.codebook_size
-            self.backbone_head = Linear(hf_model.lm_head.weight)
+            self.backbone_head = Linear(heads[0].to(device=device, dtype=torch.float32))
             self.depth_embedding = depth.model.embed_tokens.weight.detach()
             self.depth_vocab_size = depth.config.vocab_size
             self.depth_projector = Linear(depth.model.inputs_embeds_projector.weight)
             # One head per depth position (codebooks 1..31): logits = h @ W[p-1].
-            self.depth_heads = [Linear(weight.T.contiguous()) for weight in depth.codebooks_head.weight.detach()]
+            self.depth_heads = [Linear(weight.T.to(device=device, dtype=torch.float32).contiguous())
+                                for weight in heads[1]]
             self.kernel_report = kernels.choose_kernels(
                 self.named_linears(), buckets=kernels.row_buckets(max_batch), mode=cpu_kernels,
                 device=device, dtype=dtype)
@@ -78,22 +114,25 @@ class CsmLM:
         """Weight bytes one frame step reads (one copy of each, at any batch): the
         backbone and its head once, the depth decoder and its projector once per
         codebook 1..31, each depth head once. The memory-bandwidth floor's numerator."""
-        def size(linears) -> int:
-            return sum(linear.out_features * linear.in_features for linear in linears)
+        def size(linears) -> int:  # each in its own dtype (the heads are fp32)
+            return sum(linear.out_features * linear.in_features * linear.dtype.itemsize for linear in linears)
 
-        element = torch.empty((), dtype=self.dtype).element_size()
         backbone = size(linear for _, linear in self.backbone.named_linears("")) + size([self.backbone_head])
         depth = size(linear for _, linear in self.depth.named_linears("")) + size([self.depth_projector])
-        return element * (backbone + (self.num_codebooks - 1) * depth + size(self.depth_heads))
+        return backbone + (self.num_codebooks - 1) * depth + size(self.depth_heads)
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path, *, device=None, dtype=None,
-                        max_batch: int | None = None, cpu_kernels: str = "measure") -> "CsmLM":
+                        max_batch: int | None = None, cpu_kernels: str = "measure",
+                        allow_float16: bool = False) -> "CsmLM":
         from transformers import CsmForConditionalGeneration
 
+        if dtype is not None:
+            check_dtype(dtype, allow_float16=allow_float16)  # before seconds of loading
         hf_model = CsmForConditionalGeneration.from_pretrained(str(checkpoint_dir), dtype=torch.float32)
         hf_model.codec_model = None  # Mimi is served by the ONNX models
-        return cls(hf_model, device=device, dtype=dtype, max_batch=max_batch, cpu_kernels=cpu_kernels)
+        return cls(hf_model, device=device, dtype=dtype, max_batch=max_batch, cpu_kernels=cpu_kernels,
+                   allow_float16=allow_float16)
 
     # --- embeddings -------------------------------------------------------------------
     def embed_frames(self, codes: torch.Tensor) -> torch.Tensor:
@@ -133,7 +172,7 @@ class CsmLM:
         return hidden[:, -1]
 
     def codebook0_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._masked(self.backbone_head(hidden))
+        return self._masked(self.backbone_head(hidden.float()))
 
     def depth_logits(self, step_input: torch.Tensor, cache: KVCache, position: int) -> torch.Tensor:
         """One depth-decoder call for the whole batch at `position` (all items in lockstep).
@@ -144,7 +183,7 @@ class CsmLM:
         batch, tokens, _ = step_input.shape
         positions = torch.arange(position - tokens + 1, position + 1, device=self.device).expand(batch, tokens)
         hidden = self.depth.forward(self.depth_projector(step_input), cache, 0, positions, position + 1)
-        return self._masked(self.depth_heads[position - 1](hidden[:, -1]))
+        return self._masked(self.depth_heads[position - 1](hidden[:, -1].float()))
 
     def depth_embed(self, codes: torch.Tensor, codebook: int) -> torch.Tensor:
         """Embedding of codebook `codebook`'s codes [B] as depth-decoder input [B, 1, hidden]."""

@@ -40,11 +40,11 @@ from csm_triton import constants as C
 from csm_triton.serving.flags import (MODEL_CONTROL_MODES, client_host, listen_warning, model_control_key, redact,
                                      server_arguments)
 from csm_triton.serving.install import PrepareError, perf_analyzer_command, prepare, server_environment
-from csm_triton.serving.process import (announce_stop, end_process_group, kill_process_group, parent_death_signal,
-                                        remove_shm_regions, shm_region_flag, stop_file, unique_shm_prefix)
 from csm_triton.serving.restart import RestartPolicy, ServerRunner
 from csm_triton.serving.stubs import check_server, find_tritonserver
 from csm_triton.serving.supervisor import ModelSupervisor
+from csm_triton.serving.teardown import (announce_stop, end_process_group, kill_process_group, parent_death_signal,
+                                         remove_shm_regions, shm_region_flag, stop_file, unique_shm_prefix)
 
 # --- CLI --------------------------------------------------------------------------------
 def _server_flags(args: argparse.Namespace, *, backend_directory: Path | None, key: str,

@@ -5,8 +5,6 @@ Closed as `csm-triton-server serve` is: loopback only, model control behind a ke
 from __future__ import annotations
 
 import atexit
-import ctypes
-import glob
 import os
 import re
 import signal
@@ -16,83 +14,27 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from csm_triton import constants as C
 from csm_triton.serving.flags import client_host, model_control_headers, new_model_control_key, redact, server_arguments
 from csm_triton.serving.install import EmbeddedInstall, prepare, server_environment
-from csm_triton.serving.stubs import process_group
 from csm_triton.serving.supervisor import ModelSupervisor, log_to_file
+# Re-exported: tests and tools import the teardown helpers from here too.
+from csm_triton.serving.teardown import (SHM_PREFIX, announce_stop, end_process_group, kill_process_group,
+                                         parent_death_signal, remove_shm_regions, shm_region_flag, stop_file,
+                                         unique_shm_prefix)
 
-__all__ = ["TritonServer", "TritonStartError", "announce_stop", "end_process_group", "free_ports",
+__all__ = ["SHM_PREFIX", "TritonServer", "TritonStartError", "announce_stop", "end_process_group", "free_ports",
            "kill_process_group", "parent_death_signal", "stop_file",
            "remove_shm_regions", "shm_region_flag", "unique_shm_prefix"]
 
 _ENDPOINT_FAILURE = re.compile(r"failed to start (HTTP|GRPC|Metrics) service[^\n]*")
-SHM_PREFIX = "triton_python_backend_shm_region_"
-
-
-def unique_shm_prefix() -> str:
-    """A /dev/shm name prefix for one server's python stubs, so that exactly its regions
-    are removed when it stops (a killed stub leaves its region behind)."""
-    return f"{SHM_PREFIX}csm{os.getpid()}x{uuid.uuid4().hex[:8]}_"
-
-
-def shm_region_flag(prefix: str) -> str:
-    return f"--backend-config=shm-region-prefix-name={prefix}"
-
-
-def stop_file(shm_prefix: str) -> Path:
-    """The file that tells this server's stubs it is stopping (adapter.watch_server_stop);
-    named like its shm regions, so that remove_shm_regions removes it too."""
-    return Path("/dev/shm") / f"{shm_prefix}stopping"
-
-
-def announce_stop(path: Path) -> None:
-    try:
-        path.touch()
-    except OSError:  # no /dev/shm: the stubs' streams then end with Triton's exit timeout
-        pass
-
-
-def remove_shm_regions(prefix: str) -> None:
-    for path in glob.glob(f"/dev/shm/{prefix}*"):
-        try:
-            os.unlink(path)
-        except OSError:  # gone already, or not ours to remove: nothing to clean
-            pass
-
-
-def kill_process_group(pgid: int) -> None:
-    """SIGKILL to a server's process group (it and its stubs: started with
-    start_new_session, the group is the server's pid); nothing if it is gone."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def end_process_group(pgid: int, grace_s: float = 2.0, log: Callable[[str], None] | None = None) -> dict[int, str]:
-    """After tritonserver exited or was killed: its process group's survivors (stubs
-    notice a gone server within about a second; a stub stuck in execute never does)
-    get `grace_s`, then SIGKILL and one log line naming them. Returns those killed."""
-    deadline = time.monotonic() + grace_s
-    while True:
-        left = process_group(pgid)
-        if not left:
-            return {}
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(0.1)
-    kill_process_group(pgid)
-    if log is not None:
-        log(f"killed {len(left)} processes of tritonserver's process group that outlived it by {grace_s:g} s: "
-            + ", ".join(f"{name} (pid {pid})" for pid, name in sorted(left.items())))
-    return left
 
 
 class TritonStartError(RuntimeError):
     """The server did not become ready; the message ends with the tail of its log."""
+
 
 # --- running a server -------------------------------------------------------------------
 def free_ports(count: int) -> list[int]:
@@ -106,19 +48,6 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
-
-
-try:  # resolved here, not in the forked child (no dlopen between fork and exec)
-    _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # pragma: no cover - not Linux
-    _PRCTL = None
-
-
-def parent_death_signal() -> None:
-    """preexec_fn: the server gets SIGTERM when the thread that started it ends
-    (a killed test run leaves no tritonserver behind)."""
-    if _PRCTL is not None:
-        _PRCTL(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
 
 
 _RUNNING: set["TritonServer"] = set()

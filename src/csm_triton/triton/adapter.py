@@ -17,12 +17,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from csm_triton import constants as C
 from csm_triton.core import validation
 from csm_triton.errors import InvalidInput, PermissionDenied
-from csm_triton.triton import calls
-from csm_triton.triton.calls import ModelCallError, ModelUnavailable
+from csm_triton.triton import calls, stub_threads
+from csm_triton.triton.calls import INTERNAL_ERROR_MARK, UNAVAILABLE_MARK, ModelCallError, ModelUnavailable
+from csm_triton.triton.counters import LabelledCounters, RunningTotal
 from csm_triton.triton.parameters import Parameters, parse_model_config
+# Without Triton, so in modules of their own (re-exported: models and tests use them from here).
+from csm_triton.triton.stub_threads import start_parent_watchdog
 
 try:  # Only present inside a Triton python stub.
     import triton_python_backend_utils as pb_utils
@@ -30,10 +32,6 @@ except ImportError:  # pragma: no cover - exercised in unit tests without Triton
     pb_utils = None
 
 LOG = logging.getLogger("csm_triton")
-# Every unexpected failure's message carries this (see error_response).
-INTERNAL_ERROR_MARK = ": internal error ("
-# ...and every "a model this one calls cannot answer now" (ModelUnavailable) this.
-UNAVAILABLE_MARK = ": unavailable ("
 
 __all__ = ["InvalidInput", "PermissionDenied", "PythonModel", "input_array", "input_texts", "request_parameters"]
 
@@ -174,21 +172,9 @@ def _bls_request(model_name: str, inputs: Mapping[str, np.ndarray], output_names
 
 def _raise_error(response, model_name: str) -> None:
     error = response.error()
-    message = error.message()
     code = error.code()
-    # A client error of the called model stays a client error of the caller. Triton
-    # 2.51 hands BLS callers every error as INTERNAL (the code is lost on the way), so
-    # our own models' failures are told apart by the marks error_response puts on them,
-    # and Triton's own "cannot take it now" errors by their words.
-    if UNAVAILABLE_MARK in message:  # already names the model that failed
-        raise ModelUnavailable(message)
-    if code == pb_utils.TritonError.UNAVAILABLE:
-        raise ModelUnavailable(f"{model_name}: {message}")
-    if INTERNAL_ERROR_MARK in message and code != pb_utils.TritonError.INVALID_ARG:
-        raise ModelCallError(f"{model_name}: {message}")
-    if code != pb_utils.TritonError.INVALID_ARG and calls.says_unavailable(message):
-        raise ModelUnavailable(f"{model_name}: {message}")
-    raise InvalidInput(message)
+    raise calls.callee_error(model_name, error.message(), unavailable=code == pb_utils.TritonError.UNAVAILABLE,
+                             invalid_arg=code == pb_utils.TritonError.INVALID_ARG)
 
 
 def _outputs(response, model_name: str, output_names) -> dict[str, np.ndarray]:
@@ -355,102 +341,7 @@ class Metrics:
         return RunningTotal(self.counter(name, description))
 
 
-class LabelledCounters:
-    """Metrics.labelled_counters' counters, by label value."""
-
-    def __init__(self, counters: dict):
-        self._counters = counters
-
-    def count(self, values) -> None:
-        """One more for each value (a value without a series is not counted)."""
-        for value in values:
-            if value in self._counters:
-                self._counters[value].increment(1)
-
-
-class RunningTotal:
-    """A counter that follows a total kept elsewhere (e.g. the engine's prefix-cache
-    hits): Triton counters only increment, so each update adds what is new. Updates
-    come from Triton's threads and the engine's, hence the lock."""
-
-    def __init__(self, counter):
-        self._counter = counter
-        self._counted = 0
-        self._lock = threading.Lock()
-
-    def update(self, total: int) -> None:
-        with self._lock:
-            if total > self._counted:
-                self._counter.increment(total - self._counted)
-                self._counted = total
-
-
-# --- a stopping server must not wait for its own streams -----------------------------
-STOP_POLL_S = 0.2  # a stat() of a tmpfs file: free
-
-
-def watch_server_stop(on_stop, *, busy=lambda: True, model_name: str = "model", stop_file: str | None = None,
-                      grace_s: float = C.STREAM_STOP_GRACE_S, interval_s: float = STOP_POLL_S):
-    """Calls `on_stop()` once, from a daemon thread, when the server is stopping and
-    `busy()` still holds `grace_s` later. `csm-triton-server serve` creates
-    $CSM_TRITON_STOP_FILE as it sends SIGTERM: Triton 2.51 tells a python model nothing
-    before `finalize`, and its readiness API, polled from a stub's thread, crashed stubs
-    (SIGSEGV) and then the server. None without the variable (the container's launch and
-    the test server: there Triton's exit timeout bounds the wait)."""
-    import os
-    import time
-
-    path = stop_file or os.environ.get(C.STOP_FILE_ENV)
-    if not path:
-        return None
-
-    def watch() -> None:
-        while not (busy() and os.path.exists(path)):
-            time.sleep(interval_s)
-        deadline = time.monotonic() + grace_s
-        while busy() and time.monotonic() < deadline:  # a stream about to end may finish
-            time.sleep(interval_s)
-        if not busy():
-            return
-        try:
-            on_stop()
-        except Exception as error:  # noqa: BLE001 - finalize still runs; say why this did not
-            log_error(f"{model_name}: ending in-flight work on shutdown failed: {type(error).__name__}: {error}")
-
-    thread = threading.Thread(target=watch, name=f"csm-stop-watch-{model_name}", daemon=True)
-    thread.start()
-    return thread
-
-
-# --- a stub must not outlive its server ----------------------------------------------
-_watchdog: threading.Thread | None = None
-
-
-def start_parent_watchdog(interval_s: float = 1.0, *, force: bool = False) -> threading.Thread | None:
-    """Ends this python stub (os._exit) once the tritonserver that started it is gone.
-
-    Triton's stub checks its parent with kill(pid, 0), which a dead but unreaped server
-    (a zombie) passes: orphans lived for minutes, ignoring SIGTERM. An orphan is
-    re-parented, so a changed os.getppid() is the sign. (Not PR_SET_PDEATHSIG: that fires
-    when the server *thread* that forked the stub ends.) One daemon thread per process,
-    started by PythonModel.initialize, only inside a stub unless `force` (tests)."""
-    import os
-    import sys
-    import time
-
-    global _watchdog
-    if _watchdog is not None or not (force or "triton_python_backend_utils" in sys.modules):
-        return _watchdog
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(interval_s)
-        try:  # not pb_utils.Logger: that is a message to the server, which is gone
-            os.write(2, f"csm_triton: tritonserver (pid {parent}) is gone; stub {os.getpid()} exits\n".encode())
-        finally:
-            os._exit(1)
-
-    _watchdog = threading.Thread(target=watch, name="csm-parent-watchdog", daemon=True)
-    _watchdog.start()
-    return _watchdog
+# --- a stopping server must not wait for its own streams (see stub_threads) ----------
+def watch_server_stop(on_stop, **options):
+    """stub_threads.watch_server_stop, its failure logged through Triton's logger."""
+    return stub_threads.watch_server_stop(on_stop, **{"log_error": log_error, **options})

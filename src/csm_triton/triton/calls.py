@@ -7,6 +7,7 @@ batcher's queue whose policy allows overrides, never during execution. So the ca
 waits itself, in slices of BLS_POLL_S: between them it asks whether the called model
 is still ready (the model supervisor unloads a model whose stub died, see
 csm_triton.serving.supervisor) and gives up after BLS_TIMEOUT_S without a response.
+A called model's error becomes the caller's exception in `callee_error`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import threading
 import time
 from typing import Callable, Iterable
 
-__all__ = ["BLS_POLL_S", "BLS_TIMEOUT_S", "ModelCallError", "ModelUnavailable", "PendingCall", "says_unavailable"]
+from csm_triton.errors import InvalidInput
+
+__all__ = ["BLS_POLL_S", "BLS_TIMEOUT_S", "INTERNAL_ERROR_MARK", "UNAVAILABLE_MARK", "ModelCallError",
+           "ModelUnavailable", "PendingCall", "callee_error", "says_unavailable"]
 
 BLS_TIMEOUT_S = 300.0  # a backstop for an unsupervised server; far above any real wait
 BLS_POLL_S = 0.5  # a question to the server per waiting call and slice
@@ -33,6 +37,12 @@ UNAVAILABLE_MESSAGES = (
 )
 
 
+# Every unexpected failure's message carries this (adapter.error_response)...
+INTERNAL_ERROR_MARK = ": internal error ("
+# ...and every "a model this one calls cannot answer now" (ModelUnavailable) this.
+UNAVAILABLE_MARK = ": unavailable ("
+
+
 class ModelCallError(RuntimeError):
     """A model called through BLS answered an error."""
 
@@ -44,6 +54,24 @@ class ModelUnavailable(RuntimeError):
 
 def says_unavailable(message: str) -> bool:
     return any(words in message for words in UNAVAILABLE_MESSAGES)
+
+
+def callee_error(model_name: str, message: str, *, unavailable: bool, invalid_arg: bool) -> Exception:
+    """The exception a BLS caller raises for its callee's error response (`unavailable`,
+    `invalid_arg`: the response's code is UNAVAILABLE, INVALID_ARG). A client error of the
+    called model stays a client error of the caller. Triton 2.51 hands BLS callers every
+    error as INTERNAL (the code is lost on the way), so our own models' failures are told
+    apart by the marks error_response puts on them, and Triton's own "cannot take it
+    now" errors by their words."""
+    if UNAVAILABLE_MARK in message:  # already names the model that failed
+        return ModelUnavailable(message)
+    if unavailable:
+        return ModelUnavailable(f"{model_name}: {message}")
+    if INTERNAL_ERROR_MARK in message and not invalid_arg:
+        return ModelCallError(f"{model_name}: {message}")
+    if not invalid_arg and says_unavailable(message):
+        return ModelUnavailable(f"{model_name}: {message}")
+    return InvalidInput(message)
 
 
 class PendingCall:

@@ -14,13 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from csm_triton.serving.onnxruntime.session import OnnxSession, model_file
-from csm_triton.triton.adapter import (
-    PythonModel,
-    build_response,
-    error_response,
-    input_array,
-    log_info,
-)
+from csm_triton.triton.adapter import PythonModel, build_response, error_response, input_array, log_info
 from csm_triton.triton.parameters import instance_device
 
 __all__ = ["OnnxRuntimeModel"]

@@ -1,3 +1,1 @@
-from csm_triton.serving.onnxruntime.backend import (
-    OnnxRuntimeModel as TritonPythonModel,  # noqa: F401
-)
+from csm_triton.serving.onnxruntime.backend import OnnxRuntimeModel as TritonPythonModel  # noqa: F401

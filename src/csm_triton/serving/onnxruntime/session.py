@@ -43,14 +43,8 @@ import numpy as np
 
 from csm_triton.core.validation import INPUT_RULES, decode_utf8
 from csm_triton.errors import InvalidInput
-from csm_triton.serving.onnxruntime.specs import (
-    ONNX_TO_TRITON,
-    TensorSpec,
-    array_type_name,
-    model_file,
-    short_type_name,
-    tensor_specs,
-)
+from csm_triton.serving.onnxruntime.specs import (ONNX_TO_TRITON, TensorSpec, array_type_name, model_file,
+                                              short_type_name, tensor_specs)
 from csm_triton.triton.parameters import Parameters
 
 __all__ = ["OnnxSession", "TensorSpec", "model_file", "tensor_specs"]

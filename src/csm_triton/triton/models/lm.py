@@ -24,9 +24,11 @@ from csm_triton.engine import CsmLM, EngineConfig, FinishReason, FrameChunk, Gen
 from csm_triton.engine.faults import DeviceFailure
 from csm_triton.engine.kernels import MODES as CPU_KERNEL_MODES
 from csm_triton.triton.calls import ModelUnavailable
-from csm_triton.triton.parameters import Parameters, instance_device
+from csm_triton.triton.parameters import ParameterError, Parameters, instance_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# CSM was trained in bf16; fp16 (a narrower exponent, tokens never checked) loads only
+# with `allow_float16: true` (docs/model_config.md).
 # From a warm GPU engine with a cached voice (tens of ms) to a long queue or a CPU.
 TIME_TO_FIRST_FRAME_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0, 30.0)
 # After a device failure the stub exits (engine.faults); the in-flight requests were
@@ -39,11 +41,16 @@ _ENGINE_STOP = threading.Lock()  # on_server_stop and finalize both stop the eng
 def engine_from_config(model_dir: Path, parameters: Parameters, device: str) -> GenerationEngine:
     dtype_name = parameters.choice("dtype", ("auto", *DTYPES), "auto")
     dtype = DTYPES.get(dtype_name)  # None: bf16 on GPU, fp32 on CPU
+    allow_float16 = parameters.boolean("allow_float16", False)
+    if dtype == torch.float16 and not allow_float16:
+        raise ParameterError(f"model '{parameters.model_name}': config parameter 'dtype' float16 is not supported: "
+                             "CSM was trained in bfloat16; use 'bfloat16' (GPU) or 'float32' (exact tokens), "
+                             "or set 'allow_float16' to \"true\" to run float16 anyway")
     checkpoint = model_dir / parameters.text("checkpoint_dir", "checkpoint")
     max_slots = parameters.integer("max_slots", None, minimum=1)
     cpu_kernels = parameters.choice("cpu_kernels", CPU_KERNEL_MODES, "measure")  # engine/kernels.py
     lm = CsmLM.from_checkpoint(checkpoint, device=torch.device(device), dtype=dtype, max_batch=max_slots,
-                               cpu_kernels=cpu_kernels)
+                               cpu_kernels=cpu_kernels, allow_float16=allow_float16)
     engine_config = EngineConfig(
         max_slots=max_slots,
         max_context=parameters.integer("max_context", None, minimum=1),

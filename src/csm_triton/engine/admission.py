@@ -1,0 +1,92 @@
+"""How a request enters the engine: checked, prefilled into a free cache row, slotted.
+
+Kept apart from the engine's loop (engine.py) because each step here concerns one
+request, not the batch: `check_request` refuses a bad request before it is queued
+(on CUDA an out-of-range index is a device-side assert that breaks the whole process,
+see engine.faults), `prefill` writes one prompt into one row of the backbone cache
+(reusing what the prefix cache holds), and `Slot` is what the loop then carries for
+it from frame to frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from csm_triton.core import validation
+from csm_triton.engine.lm import CsmLM
+from csm_triton.engine.prefix_cache import PrefillPlan, PrefixCache, PrefixEntry
+from csm_triton.engine.requests import GenerationRequest, RequestHandle
+from csm_triton.engine.sampling import SamplerState
+from csm_triton.errors import InvalidInput
+
+__all__ = ["Slot", "check_request", "prefill"]
+
+
+@dataclass
+class Slot:
+    row: int  # its row of the KV cache (and of the hidden states); changes when others leave
+    handle: RequestHandle
+    sampler: SamplerState
+    position: int  # next backbone position to write
+    frames_done: int = 0
+    chunks_sent: int = 0
+    pending: list = field(default_factory=list)  # frames not yet delivered
+
+    def chunk_size(self) -> int:
+        request = self.handle.request
+        if self.chunks_sent == 0 and request.first_chunk_frames:
+            return request.first_chunk_frames
+        return request.stream_every
+
+
+def check_request(request: GenerationRequest, lm: CsmLM, max_context: int) -> None:
+    """Every integer the engine indexes with, before any work (core.validation); raises
+    InvalidInput."""
+    validation.token_ids(request.input_ids, "input_ids", lm.text_vocab_size)
+    codes = np.asarray(request.audio_codes)
+    if codes.size:  # no codes at all may come in any dtype (np.zeros((0, 32)) is float)
+        validation.audio_codes(codes, "prompt_codes", max_frames=max_context)
+    tokens = len(request.input_ids)
+    if request.max_frames < 1:
+        raise InvalidInput("max_frames must be at least 1")
+    if tokens + request.max_frames > max_context:
+        raise InvalidInput(
+            f"prompt of {tokens} tokens plus {request.max_frames} frames exceeds the context of "
+            f"{max_context} positions"
+        )
+    placeholders = int(np.count_nonzero(np.asarray(request.input_ids) == lm.audio_token_id))
+    if placeholders != len(request.audio_codes):
+        raise InvalidInput(f"prompt has {placeholders} audio placeholders but {len(request.audio_codes)} frames")
+
+
+def prefill(lm: CsmLM, cache, hidden: torch.Tensor, prefix_cache: PrefixCache, row: int,
+            handle: RequestHandle) -> int | None:
+    """The prompt into `row` of `cache`, chunk by chunk (prefix_cache.PrefillPlan): copied
+    while the prefix cache holds them, then computed; the last hidden state into
+    hidden[row]. Returns the next position to write; None: cancelled between chunks
+    (nothing stored)."""
+    request, device = handle.request, lm.device
+    ids = torch.as_tensor(np.asarray(request.input_ids), dtype=torch.long, device=device)
+    codes = torch.as_tensor(np.asarray(request.audio_codes), dtype=torch.long, device=device)
+    embeds = lm.embed_prompt(ids, codes.reshape(-1, lm.num_codebooks))
+    plan = PrefillPlan.of(request, lm.audio_token_id, lm.audio_eos_token_id)
+    reused = prefix_cache.lookup(plan.keys)
+    new, start = [], 0
+    for index, end in enumerate(plan.ends):
+        if index < len(reused):
+            cache.k[:, row, :, start:end] = reused[index].k
+            cache.v[:, row, :, start:end] = reused[index].v
+        elif handle.cancelled:
+            return None
+        else:  # the same chunk shapes hit or miss: a hit yields exactly a miss's numbers
+            positions = torch.arange(start, end, device=device)[None]
+            last = lm.backbone_forward(embeds[None, start:end], cache, row, positions)
+            if index < plan.storable:
+                new.append((plan.keys[index], PrefixEntry.copy_of(cache, row, start, end)))
+        start = end
+    hidden[row] = last[0]  # the last chunk (the text to speak) is never cached
+    prefix_cache.commit(plan.keys, reused, new)  # stored only now: the prefill is whole
+    return plan.ends[-1]

@@ -1,0 +1,87 @@
+"""The background threads that tie a python stub's life to its server's.
+
+Kept out of adapter.py (the one module that imports triton_python_backend_utils)
+because neither needs Triton: they watch files and process ids, so they are tested
+without a server (tests/test_supervisor.py, tests/test_voices.py).
+
+- watch_server_stop: a stopping server must not wait for its own streams (a decoupled
+  request holds its model, and so Triton's shutdown, until its final response).
+- start_parent_watchdog: a stub must not outlive its server (an orphaned stub ignored
+  SIGTERM for minutes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Callable
+
+from csm_triton import constants as C
+
+__all__ = ["STOP_POLL_S", "start_parent_watchdog", "watch_server_stop"]
+
+LOG = logging.getLogger("csm_triton")
+STOP_POLL_S = 0.2  # a stat() of a tmpfs file: free
+
+
+def watch_server_stop(on_stop, *, busy=lambda: True, model_name: str = "model", stop_file: str | None = None,
+                      grace_s: float = C.STREAM_STOP_GRACE_S, interval_s: float = STOP_POLL_S,
+                      log_error: Callable[[str], None] = LOG.error):
+    """Calls `on_stop()` once, from a daemon thread, when the server is stopping and
+    `busy()` still holds `grace_s` later. `csm-triton-server serve` creates
+    $CSM_TRITON_STOP_FILE as it sends SIGTERM: Triton 2.51 tells a python model nothing
+    before `finalize`, and its readiness API, polled from a stub's thread, crashed stubs
+    (SIGSEGV) and then the server. None without the variable (the container's launch and
+    the test server: there Triton's exit timeout bounds the wait)."""
+    path = stop_file or os.environ.get(C.STOP_FILE_ENV)
+    if not path:
+        return None
+
+    def watch() -> None:
+        while not (busy() and os.path.exists(path)):
+            time.sleep(interval_s)
+        deadline = time.monotonic() + grace_s
+        while busy() and time.monotonic() < deadline:  # a stream about to end may finish
+            time.sleep(interval_s)
+        if not busy():
+            return
+        try:
+            on_stop()
+        except Exception as error:  # noqa: BLE001 - finalize still runs; say why this did not
+            log_error(f"{model_name}: ending in-flight work on shutdown failed: {type(error).__name__}: {error}")
+
+    thread = threading.Thread(target=watch, name=f"csm-stop-watch-{model_name}", daemon=True)
+    thread.start()
+    return thread
+
+
+_watchdog: threading.Thread | None = None
+
+
+def start_parent_watchdog(interval_s: float = 1.0, *, force: bool = False) -> threading.Thread | None:
+    """Ends this python stub (os._exit) once the tritonserver that started it is gone.
+
+    Triton's stub checks its parent with kill(pid, 0), which a dead but unreaped server
+    (a zombie) passes: orphans lived for minutes, ignoring SIGTERM. An orphan is
+    re-parented, so a changed os.getppid() is the sign. (Not PR_SET_PDEATHSIG: that fires
+    when the server *thread* that forked the stub ends.) One daemon thread per process,
+    started by PythonModel.initialize, only inside a stub unless `force` (tests)."""
+    global _watchdog
+    if _watchdog is not None or not (force or "triton_python_backend_utils" in sys.modules):
+        return _watchdog
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        try:  # not pb_utils.Logger: that is a message to the server, which is gone
+            os.write(2, f"csm_triton: tritonserver (pid {parent}) is gone; stub {os.getpid()} exits\n".encode())
+        finally:
+            os._exit(1)
+
+    _watchdog = threading.Thread(target=watch, name="csm-parent-watchdog", daemon=True)
+    _watchdog.start()
+    return _watchdog
