@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:
-#   make serve   set everything up, build a model repository, serve it on 8000/8001/8002
+#   make serve   set everything up, build a model repository, serve it on 127.0.0.1:8000/8001/8002
 #   make test    set everything up and run every test
 # CSM_CHECKPOINT=<folder or hub id> serves real CSM-1B weights; without it a tiny
 # random CSM is generated (its audio is noise, but every code path is the real one).
