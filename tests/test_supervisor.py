@@ -4,6 +4,7 @@ repository API, and the BLS deadline and error mapping with a fake pb_utils."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -627,6 +628,39 @@ def test_a_call_fails_at_once_when_the_server_is_shutting_down(pb, monkeypatch):
         adapter.call_model("mimi_decoder", {"x": np.zeros(1)}, ["y"])
     assert time.monotonic() - began < 2
     release.set()
+
+
+def test_a_waiting_call_ends_once_the_stop_is_announced_without_asking_triton(pb, monkeypatch, tmp_path):
+    """A call whose callee is being unloaded is never answered, and the readiness question
+    can hang a stub while the server stops: after serve's stop file (and its grace), the
+    wait ends as UNAVAILABLE and Triton is asked nothing (a shutdown once hung 15 s here)."""
+    asked = []
+    monkeypatch.setattr(adapter.pb_utils, "is_model_ready", lambda name: asked.append(name) or True)
+    stop_file = tmp_path / "stopping"
+    monkeypatch.setenv(C.STOP_FILE_ENV, str(stop_file))
+    release = threading.Event()
+    pb.exec = lambda decoupled: (release.wait(30), FakeResponse())[1]
+    stop_file.touch()
+    announced = time.time() - C.STREAM_STOP_GRACE_S - 0.1  # the grace already spent
+    os.utime(stop_file, (announced, announced))
+    began = time.monotonic()
+    with pytest.raises(adapter.ModelUnavailable, match="shutting down"):
+        adapter.call_model("mimi_decoder", {"x": np.zeros(1)}, ["y"])
+    assert time.monotonic() - began < 2 and asked == []
+    release.set()
+
+
+def test_a_stop_file_younger_than_the_grace_leaves_calls_waiting(monkeypatch, tmp_path):
+    from csm_triton.triton.calls import server_stopping
+
+    stop_file = tmp_path / "stopping"
+    monkeypatch.setenv(C.STOP_FILE_ENV, str(stop_file))
+    assert not server_stopping()  # no stop announced
+    stop_file.touch()
+    assert not server_stopping()  # a stream about to end may still finish
+    assert server_stopping(grace_s=0.0)
+    monkeypatch.delenv(C.STOP_FILE_ENV)
+    assert not server_stopping(grace_s=0.0)  # not under serve: Triton's exit timeout bounds it
 
 
 def test_the_supervisor_leaves_no_idle_connection_between_rounds():

@@ -12,15 +12,17 @@ A called model's error becomes the caller's exception in `callee_error`.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
 from typing import Callable, Iterable
 
+from csm_triton import constants as C
 from csm_triton.errors import InvalidInput
 
 __all__ = ["BLS_POLL_S", "BLS_TIMEOUT_S", "INTERNAL_ERROR_MARK", "UNAVAILABLE_MARK", "ModelCallError",
-           "ModelUnavailable", "PendingCall", "callee_error", "says_unavailable"]
+           "ModelUnavailable", "PendingCall", "callee_error", "says_unavailable", "server_stopping"]
 
 BLS_TIMEOUT_S = 300.0  # a backstop for an unsupervised server; far above any real wait
 BLS_POLL_S = 0.5  # a question to the server per waiting call and slice
@@ -74,6 +76,20 @@ def callee_error(model_name: str, message: str, *, unavailable: bool, invalid_ar
     return InvalidInput(message)
 
 
+def server_stopping(grace_s: float = C.STREAM_STOP_GRACE_S) -> bool:
+    """True once `csm-triton-server serve` announced a stop (its $CSM_TRITON_STOP_FILE)
+    at least grace_s ago. A call still waiting then will not be answered: its callee is
+    being unloaded, and asking Triton whether it is ready (the usual check) can hang or
+    crash the stub while the server shuts down, so the file is all that is looked at."""
+    path = os.environ.get(C.STOP_FILE_ENV)
+    if not path:
+        return False
+    try:
+        return time.time() - os.stat(path).st_mtime >= grace_s
+    except OSError:
+        return False
+
+
 class PendingCall:
     """The responses of one BLS call (`responses()` runs exec and iterates them), read on
     a thread of their own so that the caller can stop waiting: an unanswered exec()
@@ -84,10 +100,11 @@ class PendingCall:
 
     def __init__(self, model_name: str, responses: Callable[[], Iterable], timeout_s: float = BLS_TIMEOUT_S, *,
                  ready: Callable[[str], bool], poll_s: float | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, stopping: Callable[[], bool] = server_stopping):
         self.model_name = model_name
         self.timeout_s = timeout_s
         self._ready = ready
+        self._stopping = stopping
         self._poll_s = BLS_POLL_S if poll_s is None else poll_s
         self._clock = clock
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -112,6 +129,9 @@ class PendingCall:
             try:
                 item = self._queue.get(timeout=max(0.0, min(self._poll_s, deadline - self._clock())))
             except queue.Empty:
+                if self._stopping():  # checked first: no question to a stopping server
+                    self.close()
+                    raise ModelUnavailable(f"{self.model_name} did not answer: the server is shutting down")
                 if not self._ready(self.model_name):
                     self.close()
                     raise ModelUnavailable(f"{self.model_name} is not ready: unloaded, or reloading after a failure")
