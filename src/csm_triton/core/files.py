@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 __all__ = ["TEMP_PREFIX", "TEMP_SUFFIX", "atomic_copy", "atomic_write", "fsync_directory", "is_temporary",
-           "stale_temporary"]
+           "stale_temporary", "temporary_path"]
 
 TEMP_PREFIX = "."  # temporaries are hidden ...
 TEMP_SUFFIX = ".tmp"  # ... and never end in the target's own suffix
@@ -38,6 +38,13 @@ def _host_tag() -> str:
     """This host's name as it goes into temporaries: pids are only comparable on one
     host (and in one pid namespace, which a container's own host name stands for)."""
     return re.sub(r"[^a-z0-9-]", "-", socket.gethostname().lower())[:24] or "host"
+
+
+def temporary_path(target: str | os.PathLike) -> Path:
+    """A fresh temporary's path beside `target`, named as atomic_write names its own (so
+    `stale_temporary` tells a killed writer's leftover); for a file moved aside by rename."""
+    target = Path(target)
+    return target.parent / f"{TEMP_PREFIX}{target.name}.{_host_tag()}~{os.getpid()}~{os.urandom(6).hex()}{TEMP_SUFFIX}"
 
 
 def is_temporary(name: str) -> bool:

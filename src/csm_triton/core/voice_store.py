@@ -47,7 +47,7 @@ import numpy as np
 
 from csm_triton import constants as C
 from csm_triton.core import validation, voice_leftovers
-from csm_triton.core.files import TEMP_PREFIX, atomic_write, fsync_directory
+from csm_triton.core.files import TEMP_PREFIX, atomic_write, fsync_directory, temporary_path
 from csm_triton.core.voice_owners import check_deletion, check_owner, check_room
 from csm_triton.errors import InvalidInput
 
@@ -243,11 +243,21 @@ class VoiceStore:
             check_deletion(voice_id, owner, path, metadata, inode)
             metadata = metadata or {}
             entry = self._entries.pop(voice_id, None)
+            # Moved aside, then read: the codes removed are those of the very metadata this
+            # call removed, even if another process deleted and registered the id again
+            # since it was read above (else the new registration's codes were orphaned).
+            # A crash here leaves a temporary and unnamed codes, which the sweep removes.
+            moved = temporary_path(path)
             try:
-                path.unlink()
+                os.rename(path, moved)
             except FileNotFoundError:
                 raise InvalidInput(f"unknown voice '{voice_id}'") from None
-            self._unlink_codes(metadata.get("codes_file"))
+            try:
+                removed = json.loads(moved.read_bytes())
+            except (OSError, ValueError):
+                removed = None
+            self._unlink_codes(removed.get("codes_file") if isinstance(removed, dict) else None)
+            moved.unlink(missing_ok=True)
             fsync_directory(self.directory)
         if entry is not None:
             return entry.voice.summary()
