@@ -19,6 +19,19 @@ from csm_triton.serving.process import free_ports
 from csm_triton.serving.stubs import find_tritonserver
 
 
+def add_python_model(repository: Path, name: str, model_py: str) -> None:
+    """A python model `name` (FP32 x -> FP32 y, one CPU instance) whose model.py is `model_py`."""
+    (repository / name / "1").mkdir(parents=True)
+    (repository / name / "config.pbtxt").write_text(f"""name: "{name}"
+backend: "python"
+max_batch_size: 0
+input [ {{ name: "x", data_type: TYPE_FP32, dims: [ -1 ] }} ]
+output [ {{ name: "y", data_type: TYPE_FP32, dims: [ -1 ] }} ]
+instance_group [ {{ kind: KIND_CPU, count: 1 }} ]
+""")
+    (repository / name / "1" / "model.py").write_text(model_py)
+
+
 def clean_environment(**extra: str) -> dict[str, str]:
     """This process's environment without a model-control key or listen address of the
     developer's shell, plus `extra`."""

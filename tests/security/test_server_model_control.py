@@ -28,19 +28,12 @@ from tritonclient.utils import InferenceServerException
 from csm_triton import constants as C
 from csm_triton.serving import flags
 from csm_triton.serving.stubs import server_stubs
-from tests.security.serve_process import Serve, clean_environment
+from tests.security.serve_process import Serve, add_python_model, clean_environment
 
 pytestmark = pytest.mark.security
 
 KEY = f"test-key-{secrets.token_urlsafe(16)}"
 START_TIMEOUT_S = 120
-ECHO_CONFIG = """name: "echo"
-backend: "python"
-max_batch_size: 0
-input [ { name: "x", data_type: TYPE_FP32, dims: [ -1 ] } ]
-output [ { name: "y", data_type: TYPE_FP32, dims: [ -1 ] } ]
-instance_group [ { kind: KIND_CPU, count: 1 } ]
-"""
 ECHO_MODEL = """import triton_python_backend_utils as pb_utils
 
 
@@ -52,9 +45,7 @@ class TritonPythonModel:
 
 
 def write_echo_model(repository: Path) -> None:
-    (repository / "echo" / "1").mkdir(parents=True)
-    (repository / "echo" / "config.pbtxt").write_text(ECHO_CONFIG)
-    (repository / "echo" / "1" / "model.py").write_text(ECHO_MODEL)
+    add_python_model(repository, "echo", ECHO_MODEL)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from csm_triton.serving.stubs import process_group
-from tests.security.serve_process import Serve
+from tests.security.serve_process import Serve, add_python_model
 
 pytestmark = pytest.mark.security
 
@@ -29,13 +29,6 @@ STOPPED_WITHIN_S = 15     # the whole repository, a stream in flight; exit 0
 STREAM_ENDED_WITHIN_S = 10
 STUCK_STOPPED_WITHIN_S = 20
 
-STUCK_CONFIG = """name: "stuck"
-backend: "python"
-max_batch_size: 0
-input [ { name: "x", data_type: TYPE_FP32, dims: [ -1 ] } ]
-output [ { name: "y", data_type: TYPE_FP32, dims: [ -1 ] } ]
-instance_group [ { kind: KIND_CPU, count: 1 } ]
-"""
 # Stuck in native code that holds the GIL, as a hung C extension or device call would be:
 # the stub cannot even notice that its server is gone.
 STUCK_MODEL = """class TritonPythonModel:
@@ -128,9 +121,7 @@ def stuck_repository(model_repository, tmp_path) -> Path:
     """A copy of the repository with one more model, whose execute never returns."""
     repository = tmp_path / "model_repository"
     shutil.copytree(model_repository, repository)
-    (repository / "stuck" / "1").mkdir(parents=True)
-    (repository / "stuck" / "config.pbtxt").write_text(STUCK_CONFIG)
-    (repository / "stuck" / "1" / "model.py").write_text(STUCK_MODEL)
+    add_python_model(repository, "stuck", STUCK_MODEL)
     return repository
 
 
