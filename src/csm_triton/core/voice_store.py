@@ -188,7 +188,7 @@ class VoiceStore:
             self.sweep()
             self._write_atomic(self.directory / codes_name, lambda handle: np.save(handle, codes, allow_pickle=False))
             try:
-                previous = self._read_metadata_quietly(voice_id) if replace else None
+                previous = self._read_metadata_with_inode(voice_id)[0] if replace else None
                 signature = self._write_metadata(voice_id, metadata, exclusive=not replace)
             except BaseException:
                 (self.directory / codes_name).unlink(missing_ok=True)
@@ -311,12 +311,6 @@ class VoiceStore:
         except (OSError, ValueError):
             return None, None
         return (metadata, inode) if isinstance(metadata, dict) else (None, None)
-
-    def _read_metadata_quietly(self, voice_id: str) -> dict | None:
-        try:
-            return json.loads(self._metadata_path(voice_id).read_text())
-        except (OSError, ValueError):
-            return None
 
     def _unlink_codes(self, name: object) -> None:
         if isinstance(name, str) and name.endswith(".npy") and "/" not in name and not name.startswith("."):
