@@ -113,9 +113,9 @@ class KernelReport:
 
 
 def choose_kernels(named_linears: list[tuple[str, "object"]], *, buckets: tuple[int, ...], mode: str,
-                   device: torch.device, dtype: torch.dtype) -> KernelReport:
-    """Decide and apply (`Linear.use`) a kernel per bucket for every Linear, per shape.
-    `dtype` is the model's compute dtype; each weight is decided in its own dtype."""
+                   device: torch.device) -> KernelReport:
+    """Decide and apply (`Linear.use`) a kernel per bucket for every Linear, per shape and
+    per the weight's own dtype."""
     if mode not in MODES:
         raise ValueError(f"cpu_kernels must be one of {', '.join(MODES)}, got {mode!r}")
     if device.type != "cpu":

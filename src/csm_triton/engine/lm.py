@@ -101,7 +101,7 @@ class CsmLM:
                                 for weight in heads[1]]
             self.kernel_report = kernels.choose_kernels(
                 self.named_linears(), buckets=kernels.row_buckets(max_batch), mode=cpu_kernels,
-                device=device, dtype=dtype)
+                device=device)
         self.backbone_hidden_size = config.hidden_size
         self.max_context = self.backbone.max_positions
 
