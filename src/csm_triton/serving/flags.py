@@ -41,6 +41,8 @@ _DEPLOYMENT_FLAGS = {
     "--http-address", "--grpc-address", "--metrics-address", "--http-restricted-api", "--grpc-restricted-protocol",
 }
 _RESTRICTION_FLAGS = ("--http-restricted-api", "--grpc-restricted-protocol")
+# A restriction flag's value up to its key: what `redact` keeps of it (the key is hidden).
+_RESTRICTION_VALUE = re.compile(r"^((?:%s)=[^=]*=).*" % "|".join(map(re.escape, _RESTRICTION_FLAGS)))
 # What a user-chosen key may hold: Triton splits the flag at ':' and '=', and the
 # value travels in an HTTP header and gRPC metadata.
 _KEY_FORM = re.compile(r"[A-Za-z0-9._~+/-]{16,256}")
@@ -99,8 +101,7 @@ def model_control_headers(key: str, protocol: str = "http") -> dict[str, str]:
 
 def redact(argv: Iterable[str]) -> list[str]:
     """argv fit for a log: the values of restricted-API flags (keys) hidden."""
-    return [re.sub(r"^(--(?:http-restricted-api|grpc-restricted-protocol)=[^=]*=).*", r"\1<hidden>", arg)
-            for arg in argv]
+    return [_RESTRICTION_VALUE.sub(r"\1<hidden>", arg) for arg in argv]
 
 
 def is_loopback(address: str) -> bool:
