@@ -24,9 +24,10 @@ import soundfile
 import soxr
 
 from csm_clients.errors import InvalidRequest
-from csm_clients.limits import MAX_INPUT_SAMPLE_RATE, MIN_INPUT_SAMPLE_RATE
+from csm_clients.limits import MAX_INPUT_SAMPLE_RATE, MAX_REFERENCE_SECONDS, MIN_INPUT_SAMPLE_RATE
 
 __all__ = ["MAX_DECODE_CHANNELS", "MODEL_SAMPLE_RATE", "AudioSource", "AudioTooLong", "Reference", "Speech",
+           "read_reference_clip",
            "read_audio", "resample"]
 
 # csm_tts's SAMPLE_RATE output (Mimi's rate, docs/api.md). Only used to avoid sending
@@ -84,6 +85,13 @@ def read_audio(source: AudioSource, name: str = "audio", *, max_seconds: float |
     if rate > MODEL_SAMPLE_RATE:
         return resample(mono, rate, MODEL_SAMPLE_RATE), MODEL_SAMPLE_RATE
     return np.ascontiguousarray(mono), int(rate)
+
+
+def read_reference_clip(source: AudioSource, name: str) -> tuple[np.ndarray, int]:
+    """A voice's reference clip, refused past the server's MAX_REFERENCE_SECONDS by its
+    header before it is decoded (read_audio)."""
+    return read_audio(source, name, max_seconds=MAX_REFERENCE_SECONDS,
+                      limit_name="REFERENCE_AUDIO's, MAX_REFERENCE_SECONDS")
 
 
 def _too_long(name: str, seconds: float, max_seconds: float, limit_name: str | None, how: str) -> AudioTooLong:

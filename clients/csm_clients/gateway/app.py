@@ -34,7 +34,7 @@ from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from csm_clients.audio import Reference, read_audio
+from csm_clients.audio import Reference, read_reference_clip
 from csm_clients.client import AsyncVoiceCloner
 from csm_clients.errors import (CsmClientError, InvalidRequest, PermissionDenied, ServerError,
                                 ServerUnavailable)
@@ -42,7 +42,7 @@ from csm_clients.gateway.guard import DEFAULT_MAX_UPLOAD_MB, GatewayGuard, Gatew
 from csm_clients.gateway.keys import ApiKeys, MissingApiKey
 from csm_clients.gateway.openai_api import openai_router
 from csm_clients.gateway.speech_context import context_from_json, conversation
-from csm_clients.limits import MAX_REFERENCE_SECONDS, check_sampling
+from csm_clients.limits import check_sampling
 
 __all__ = ["DEFAULT_MAX_UPLOAD_MB", "GatewayLimits", "create_app"]
 
@@ -85,9 +85,7 @@ def _field_errors(error: RequestValidationError) -> str:
 def reference_from_upload(upload: io.BytesIO, transcript: str | None) -> Reference:
     """An uploaded reference clip, judged by its header before it is decoded (a clip over
     the server's reference limit is refused without decoding it)."""
-    samples, rate = read_audio(upload, "the reference clip", max_seconds=MAX_REFERENCE_SECONDS,
-                               limit_name="REFERENCE_AUDIO's, MAX_REFERENCE_SECONDS")
-    return Reference(samples, rate, transcript)
+    return Reference(*read_reference_clip(upload, "the reference clip"), transcript)
 
 
 def create_app(triton_url: str = "localhost:8001", *, admin_token: str | None = None,

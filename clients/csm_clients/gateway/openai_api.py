@@ -38,14 +38,14 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import ClientDisconnect
 
-from csm_clients.audio import Reference, Speech, read_audio
+from csm_clients.audio import Reference, Speech, read_reference_clip
 from csm_clients.client import AsyncVoiceCloner
 from csm_clients.encoding import FORMATS, StreamEncoder, encode
 from csm_clients.errors import CsmClientError, InvalidRequest, PermissionDenied, ServerUnavailable
 from csm_clients.gateway.keys import ApiKeys, MissingApiKey
 from csm_clients.gateway.speech_context import (ContextTurn, FieldError, check_json_values, conversation,
                                                 refused_field)
-from csm_clients.limits import MAX_REFERENCE_SECONDS, check_sampling
+from csm_clients.limits import check_sampling
 
 LOG = logging.getLogger("csm_clients.gateway.openai")
 
@@ -195,11 +195,6 @@ def _sse(event: dict) -> bytes:
     return f"data: {json.dumps(event)}\n\n".encode()
 
 
-def _read_reference(data: bytes) -> tuple:
-    return read_audio(data, "audio_sample", max_seconds=MAX_REFERENCE_SECONDS,
-                      limit_name="REFERENCE_AUDIO's, MAX_REFERENCE_SECONDS")
-
-
 async def _in_thread(work: Callable, *args):
     return await asyncio.to_thread(work, *args)
 
@@ -291,7 +286,7 @@ def openai_router(cloner: Callable[[], AsyncVoiceCloner], keys: ApiKeys, *, max_
             raise OpenAIError(413, f"audio_sample: '{audio_sample.filename}' is larger than "
                               f"{max_upload_bytes / 2**20:g} MB", param="audio_sample")
         try:
-            samples, rate = await decoded(_read_reference, data)
+            samples, rate = await decoded(read_reference_clip, data, "audio_sample")
         except InvalidRequest as error:
             raise OpenAIError(400, str(error), param="audio_sample") from None
         stored = await cloner().register_voice(name, Reference(samples, rate, transcript), transcript,
