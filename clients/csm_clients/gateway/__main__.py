@@ -85,22 +85,26 @@ def _environment_number(name: str, default: float) -> float:
     return float(text) if text else default
 
 
+def request_head_settings(header_timeout_s: float, max_header_bytes: int = MAX_HEADER_BYTES) -> dict:
+    """uvicorn.Config's keyword arguments that bound a request's head (its time and size);
+    the gateway's and the KServe front's servers both take them."""
+    protocol = type("DeadlineH11Protocol", (HeaderDeadlineProtocol,), {"header_timeout_s": float(header_timeout_s)})
+    return {"http": protocol, "h11_max_incomplete_event_size": int(max_header_bytes), "server_header": False}
+
+
 def uvicorn_settings(*, limit_concurrency: int | None = None, header_timeout_s: float | None = None,
                      max_header_bytes: int | None = None) -> dict:
     """uvicorn.Config's keyword arguments for the gateway's limits (None: the
     environment's value, else the default)."""
     timeout = header_timeout_s or _environment_number("CSM_GATEWAY_HEADER_TIMEOUT_S", HEADER_TIMEOUT_S)
-    protocol = type("GatewayH11Protocol", (HeaderDeadlineProtocol,), {"header_timeout_s": float(timeout)})
+    head_bytes = max_header_bytes or _environment_number("CSM_GATEWAY_MAX_HEADER_BYTES", MAX_HEADER_BYTES)
     return {
-        "http": protocol,
+        **request_head_settings(timeout, head_bytes),
         "limit_concurrency": int(limit_concurrency or _environment_number("CSM_GATEWAY_LIMIT_CONCURRENCY",
                                                                           LIMIT_CONCURRENCY)),
-        "h11_max_incomplete_event_size": int(max_header_bytes or _environment_number("CSM_GATEWAY_MAX_HEADER_BYTES",
-                                                                                     MAX_HEADER_BYTES)),
         "timeout_keep_alive": TIMEOUT_KEEP_ALIVE_S,
         "backlog": BACKLOG,
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
-        "server_header": False,
     }
 
 

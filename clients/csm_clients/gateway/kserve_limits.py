@@ -198,9 +198,8 @@ class BodyBudget:
 def server_settings(header_timeout_s: float) -> dict:
     """uvicorn's settings: the gateway's h11 protocol with its header deadline, and its
     bound on a request head's size."""
-    from csm_clients.gateway.__main__ import MAX_HEADER_BYTES, HeaderDeadlineProtocol
+    from csm_clients.gateway.__main__ import request_head_settings
 
     if not header_timeout_s > 0:
         raise SystemExit(f"--header-timeout-s must be positive, got {header_timeout_s}")
-    protocol = type("FrontH11Protocol", (HeaderDeadlineProtocol,), {"header_timeout_s": header_timeout_s})
-    return {"http": protocol, "h11_max_incomplete_event_size": MAX_HEADER_BYTES, "server_header": False}
+    return request_head_settings(header_timeout_s)
