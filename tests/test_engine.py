@@ -12,7 +12,6 @@ from transformers import AutoProcessor, CsmForConditionalGeneration
 
 from csm_triton import constants as C
 from csm_triton.engine import CsmLM, EngineConfig, FinishReason, GenerationEngine, GenerationRequest
-from csm_triton.engine.capacity import slots_from_memory
 from csm_triton.engine.faults import DeviceFailure, is_fatal_device_error
 from csm_triton.engine.frame_step import BucketPlan, StepBucket
 from csm_triton.engine.layers import Linear
@@ -124,18 +123,6 @@ def test_requests_leaving_out_of_order_leave_the_others_token_identical(hf_model
     assert [len(r.codes) for i, r in enumerate(results) if i != 2] == [9, 3, 5, 7, 6]
     for target, result in zip(targets + [TARGETS[1]], results):
         np.testing.assert_array_equal(result.codes, hf_generate(hf_model, processor, target, len(result.codes)))
-
-
-def test_slots_from_memory_are_capped_by_max_slots():
-    gib, slot = 2**30, 64 << 20  # CSM-1B's slot: 2048 positions x 32 KiB in bf16
-    h200 = {"free_bytes": 137 * gib, "total_bytes": 141 * gib, "memory_fraction": 0.85, "slot_bytes": slot}
-    assert slots_from_memory(**h200) > 1000  # what the memory alone would give
-    assert slots_from_memory(**h200, max_slots=256) == 256
-    # A cap is a ceiling, not a demand: a smaller GPU gets what fits.
-    small = {**h200, "free_bytes": 14 * gib, "total_bytes": 16 * gib}
-    assert slots_from_memory(**small, max_slots=256) == slots_from_memory(**small) < 256
-    with pytest.raises(RuntimeError, match="no KV slot fits"):
-        slots_from_memory(**{**h200, "free_bytes": 20 * gib}, max_slots=256)
 
 
 def test_batch_buckets_never_exceed_the_slot_count_and_cover_every_step():

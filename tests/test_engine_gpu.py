@@ -21,7 +21,7 @@ import torch
 
 from csm_triton import constants as C
 from csm_triton.engine import CsmLM, EngineConfig, GenerationEngine, GenerationRequest
-from csm_triton.engine.capacity import SLOT_SHARE_OF_BUDGET, slots_from_memory
+from csm_triton.engine.capacity import WARM_UP_SHARE_OF_SLOT, DeviceMemory, plan_slots
 from csm_triton.engine.frame_step import TOP_K_BOUNDS, FrameStep
 from csm_triton.engine.layers import KVCache
 
@@ -197,28 +197,37 @@ def test_bf16_engine_keeps_most_greedy_tokens_of_the_fp32_engine(tiny_checkpoint
 # --- KV slot sizing --------------------------------------------------------------------------
 def test_kv_slots_follow_gpu_memory_fraction(tiny_lm, report):
     max_context, wanted = 256, 48
-    per_slot = tiny_lm.backbone_bytes_per_token() * max_context
-    free, total = torch.cuda.mem_get_info()
+    per_slot = tiny_lm.slot_bytes(max_context) * (1 + WARM_UP_SHARE_OF_SLOT)
+    memory = DeviceMemory(torch.device("cuda"))
+    memory.release_cached()  # as the engine does before it reads: nothing of an earlier test counts
+    before = memory.reading()
     # A fraction whose budget, after what is in use already, holds `wanted` slots and a half.
-    fraction = ((total - free) + (wanted + 0.5) * per_slot / SLOT_SHARE_OF_BUDGET) / total
-    engine = GenerationEngine(tiny_lm, EngineConfig(max_context=max_context, gpu_memory_fraction=fraction))
+    fraction = (before.in_use + (wanted + 0.5) * per_slot) / before.total
+    config = EngineConfig(max_context=max_context, gpu_memory_fraction=fraction, prefix_cache_bytes=0)
+    engine = GenerationEngine(tiny_lm, config)
     got = engine.max_slots
     assert wanted - 1 <= got <= wanted
-    assert engine.cache.k.shape[1] >= got and engine.cache.k.shape[3] == max_context
-    capped = GenerationEngine(tiny_lm, EngineConfig(max_slots=8, max_context=max_context, gpu_memory_fraction=fraction))
+    assert engine.cache.k.shape[1] == got and engine.cache.k.shape[3] == max_context
+    engine.warm_up()  # the refit: the tiny model's graphs may take more than assumed, never over the budget
+    after = memory.reading()
+    assert after.in_use <= fraction * after.total + 64 * 2**20, engine.slot_budget.describe(engine.max_slots, after)
+    refit = engine.max_slots
+    del engine
+    capped = GenerationEngine(tiny_lm, EngineConfig(max_slots=8, max_context=max_context, gpu_memory_fraction=fraction,
+                                                    prefix_cache_bytes=0))
     assert capped.max_slots == 8  # the profile's cap wins when more would fit
-    del engine, capped
-    torch.cuda.empty_cache()
+    del capped
 
-    free, total = torch.cuda.mem_get_info()
+    memory.release_cached()
+    before = memory.reading()
     with pytest.raises(RuntimeError, match="no KV slot fits"):
-        GenerationEngine(tiny_lm, EngineConfig(max_context=max_context, gpu_memory_fraction=(total - free) / total / 2))
+        GenerationEngine(tiny_lm, EngineConfig(max_context=max_context, gpu_memory_fraction=before.in_use / before.total / 2))
 
     # What 0.85 of this GPU holds for CSM-1B in bf16 at 2048 positions, before any cap:
     # 2 (K and V) x 16 layers x 8 KV heads x 64 x 2 bytes per position.
     production_slot = 2 * 16 * 8 * 64 * 2 * 2048
     report["kv_slots"] = {
-        "tiny_wanted": wanted, "tiny_got": got,
-        "production_slots": slots_from_memory(free, total, C.DEFAULT_GPU_MEMORY_FRACTION, production_slot),
-        "production_slot_mib": production_slot / 2**20, "gpu_memory_gib": total / 2**30,
+        "tiny_wanted": wanted, "tiny_got": got, "tiny_after_warm_up": refit,
+        "production_slots": plan_slots(before, C.DEFAULT_GPU_MEMORY_FRACTION, production_slot).slots,
+        "production_slot_mib": production_slot / 2**20, "gpu_memory_gib": before.total / 2**30,
     }

@@ -1,23 +1,36 @@
 """How many KV slots an engine gets (and the EngineConfig that asks for them), and what
 its warm-up captured.
 
-Pure arithmetic and bookkeeping, kept apart from the engine's loop so that slot sizing
-is tested on any machine (tests/test_engine.py with fake GPU memory figures).
+On a GPU the slots are sized twice. Before the buffers exist (`plan_slots`): from the
+device's memory in use once the load's freed copies went back to the driver, the budget
+`gpu_memory_fraction` allows, the prefix cache counted up front, and an assumed warm-up
+cost per slot. After the warm-up captured every graph (`refit_slots`): from what the
+device really holds now, this engine's own share (its caching allocator) told apart from
+what other models loaded meanwhile; over the budget, the engine rebuilds with the slots
+that fit. Pure arithmetic, so the decisions are tested on any machine
+(tests/test_engine_memory.py with fake memory readings).
 """
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
 
 from csm_triton import constants as C
 from csm_triton.engine.frame_step import StepBucket
 
-__all__ = ["CPU_DEFAULT_SLOTS", "SLOT_SHARE_OF_BUDGET", "EngineConfig", "WarmUpReport", "slots_from_memory"]
+__all__ = ["CPU_DEFAULT_SLOTS", "WARM_UP_SHARE_OF_SLOT", "DeviceMemory", "EngineConfig", "MemoryReading", "SlotBudget",
+           "WarmUpReport", "plan_slots", "refit_slots"]
 
 CPU_DEFAULT_SLOTS = 8
-# Of the memory budget, the share for KV slots; the rest is for activations, the depth
-# cache and the CUDA graphs' pool.
-SLOT_SHARE_OF_BUDGET = 0.9
+# Before the warm-up is measured, what its graphs' pool and activations are assumed to
+# take per slot, as a share of the slot's own bytes (the old 10 % of the budget); the
+# refit after warm-up replaces the assumption with the measurement.
+WARM_UP_SHARE_OF_SLOT = 1 / 9
+GIB = 2**30
 
 
 @dataclass
@@ -64,17 +77,101 @@ class WarmUpReport:
                 f"{tuple(slowest)} in {slowest_seconds:.2f} s")
 
 
-def slots_from_memory(free_bytes: int, total_bytes: int, memory_fraction: float, slot_bytes: int,
-                      max_slots: int | None = None) -> int:
-    """KV slots for a GPU: what fits in memory_fraction of it (after what is in use
-    already, keeping 10 % of that budget for everything else), at most max_slots."""
-    budget = total_bytes * memory_fraction - (total_bytes - free_bytes)
-    fits = int(budget * SLOT_SHARE_OF_BUDGET // slot_bytes)
+class MemoryReading(NamedTuple):
+    """One look at a GPU: free and total bytes of the device (every process), and the
+    bytes this process's caching allocator holds (this engine's buffers, graph pools and
+    workspaces; not the CUDA context)."""
+    free: int
+    total: int
+    reserved: int
+
+    @property
+    def in_use(self) -> int:
+        return self.total - self.free
+
+
+class DeviceMemory:
+    """What slot sizing reads of a CUDA device (engine.capacity); tests hand the engine
+    a fake with the same two methods."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def release_cached(self) -> None:
+        """Hands the caching allocator's free blocks back to the driver: the load's copies
+        (the fp32 checkpoint cast to bf16, the heads, transposes) are freed by now but
+        stay reserved, ~1.4 GiB for CSM-1B, and would count as in use."""
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    def reading(self) -> MemoryReading:
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        return MemoryReading(free, total, torch.cuda.memory_reserved(self.device))
+
+
+@dataclass(frozen=True)
+class SlotBudget:
+    """The sizing before the buffers exist, kept to refit against after warm-up."""
+    before: MemoryReading  # after the load's freed copies were released, before any buffer
+    memory_fraction: float
+    slot_bytes: int  # one slot's buffers: its KV rows, depth cache row, noise and hidden state
+    prefix_cache_bytes: int
+    max_slots: int | None
+    slots: int
+
+    @property
+    def limit(self) -> float:
+        return self.before.total * self.memory_fraction
+
+    def describe(self, slots: int, after: MemoryReading | None = None) -> str:
+        text = (f"{slots} KV slots x {self.slot_bytes / 2**20:.1f} MiB = {slots * self.slot_bytes / GIB:.2f} GiB, "
+                f"prefix cache {self.prefix_cache_bytes / GIB:.2f} GiB, within gpu_memory_fraction="
+                f"{self.memory_fraction:g} of {self.before.total / GIB:.1f} GiB ({self.limit / GIB:.1f} GiB); "
+                f"in use before: {self.before.in_use / GIB:.2f} GiB")
+        if after is not None:
+            warm_up = after.reserved - self.before.reserved - slots * self.slot_bytes
+            text += (f"; after warm-up: {after.in_use / GIB:.2f} GiB in use (graphs and activations "
+                     f"{warm_up / GIB:.2f} GiB, other processes {_others(self.before, after) / GIB:.2f} GiB more)")
+        return text
+
+
+def _others(before: MemoryReading, after: MemoryReading) -> int:
+    """What the device took meanwhile that this process's allocator does not hold: other
+    models loading beside this one (Triton loads them in parallel), CUDA libraries."""
+    return max(0, (after.in_use - before.in_use) - (after.reserved - before.reserved))
+
+
+def plan_slots(before: MemoryReading, memory_fraction: float, slot_bytes: int, *, prefix_cache_bytes: int = 0,
+               max_slots: int | None = None) -> SlotBudget:
+    """KV slots for a GPU: what fits in memory_fraction of it after what is in use
+    already, the prefix cache and the assumed warm-up share; at most max_slots (a
+    ceiling, not a demand)."""
+    budget = before.total * memory_fraction - before.in_use - prefix_cache_bytes
+    fits = int(budget // (slot_bytes * (1 + WARM_UP_SHARE_OF_SLOT)))
     if fits < 1:
         raise RuntimeError(
-            f"no KV slot fits: {budget / 2**30:.1f} GiB left within gpu_memory_fraction={memory_fraction}, "
-            f"one slot needs {slot_bytes / 2**30:.2f} GiB"
+            f"no KV slot fits: {budget / GIB:.2f} GiB left within gpu_memory_fraction={memory_fraction} "
+            f"({before.in_use / GIB:.2f} GiB of {before.total / GIB:.1f} GiB in use, prefix cache "
+            f"{prefix_cache_bytes / GIB:.2f} GiB), one slot needs {slot_bytes / GIB:.3f} GiB"
         )
-    if max_slots is not None and fits > max_slots:
-        return max_slots
-    return fits
+    slots = min(fits, max_slots) if max_slots is not None else fits
+    return SlotBudget(before, memory_fraction, slot_bytes, prefix_cache_bytes, max_slots, slots)
+
+
+def refit_slots(plan: SlotBudget, slots: int, after: MemoryReading) -> int | None:
+    """After warm-up with `slots` slots: None when the device's use (plus the prefix
+    cache, which fills later) is within the budget; otherwise the slot count that fits,
+    at this engine's measured bytes per slot (buffers, graphs, activations), beside what
+    other processes took meanwhile."""
+    if after.in_use + plan.prefix_cache_bytes <= plan.limit:
+        return None
+    own_per_slot = max(after.reserved - plan.before.reserved, 1) / slots
+    room = plan.limit - plan.before.in_use - _others(plan.before, after) - plan.prefix_cache_bytes
+    fits = int(room // own_per_slot)
+    if fits < 1:
+        raise RuntimeError(
+            f"no KV slot fits after warm-up: {plan.describe(slots, after)}; one slot with its share of the "
+            f"graphs needs {own_per_slot / GIB:.3f} GiB"
+        )
+    return min(fits, slots - 1)  # fewer than now, even when rounding says otherwise

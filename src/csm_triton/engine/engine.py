@@ -26,7 +26,8 @@ import torch
 
 from csm_triton import constants as C
 from csm_triton.engine.admission import Slot, check_request, prefill
-from csm_triton.engine.capacity import CPU_DEFAULT_SLOTS, EngineConfig, WarmUpReport, slots_from_memory
+from csm_triton.engine.capacity import (CPU_DEFAULT_SLOTS, DeviceMemory, EngineConfig, SlotBudget, WarmUpReport,
+                                        plan_slots, refit_slots)
 from csm_triton.engine.device import device_context
 from csm_triton.engine.faults import DeviceFailure, device_failure_message, is_fatal_device_error
 from csm_triton.engine.frame_step import BucketPlan, FrameStep, StepBucket
@@ -41,21 +42,16 @@ LOG = logging.getLogger(__name__)
 
 
 class GenerationEngine:
-    def __init__(self, lm: CsmLM, config: EngineConfig | None = None):
+    def __init__(self, lm: CsmLM, config: EngineConfig | None = None, memory: DeviceMemory | None = None):
+        """memory: what sizes the slots on a GPU (DeviceMemory of lm.device, the default
+        there); None on the CPU, where config.max_slots is the count."""
         self.lm = lm
         self.config = config or EngineConfig()
         self.max_context = min(self.config.max_context or lm.max_context, lm.max_context)
-        self.max_slots = self._slot_count()
-        # Batch buckets never exceed max_slots, so a bucket's padding rows are free slots.
-        self.buckets = BucketPlan(self.max_slots, self.max_context)
-        self.cache = lm.new_backbone_cache(self.max_slots, self.max_context)
-        self.depth_cache = lm.new_depth_cache(self.max_slots)
-        self.noise = torch.ones((self.max_slots, lm.num_codebooks, lm.audio_vocab_size), device=lm.device)
-        self.hidden = torch.zeros(self.max_slots, lm.backbone_hidden_size, device=lm.device, dtype=lm.dtype)
         self.use_graphs = lm.device.type == "cuda" and self.config.cuda_graphs
-        # Graphed: one per StepBucket. Eager (CPU): one per exact batch size.
-        self._frame_steps: dict[StepBucket | int, FrameStep] = {}
-        self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self.memory = memory if memory is not None or lm.device.type != "cuda" else DeviceMemory(lm.device)
+        self.slot_budget: SlotBudget | None = None  # on a GPU: the sizing, refit after warm-up
+        self._allocate(self._slot_count())
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes)
         self._active: list[Slot] = []  # _active[r] holds cache row r
         self._waiting: deque[RequestHandle] = deque()
@@ -77,11 +73,47 @@ class GenerationEngine:
 
     # --- sizing -----------------------------------------------------------------------
     def _slot_count(self) -> int:
-        if self.lm.device.type != "cuda":
+        if self.memory is None:
             return self.config.max_slots or CPU_DEFAULT_SLOTS
-        free, total = torch.cuda.mem_get_info(self.lm.device)
-        return slots_from_memory(free, total, self.config.gpu_memory_fraction,
-                                 self.lm.backbone_bytes_per_token() * self.max_context, self.config.max_slots)
+        self.memory.release_cached()
+        self.slot_budget = plan_slots(self.memory.reading(), self.config.gpu_memory_fraction,
+                                      self.lm.slot_bytes(self.max_context),
+                                      prefix_cache_bytes=self.config.prefix_cache_bytes,
+                                      max_slots=self.config.max_slots)
+        LOG.info("KV sizing: %s", self.slot_budget.describe(self.slot_budget.slots))
+        return self.slot_budget.slots
+
+    def _allocate(self, slots: int) -> None:
+        """The slots' buffers, and no frame step yet: the graphs capture these buffers."""
+        lm = self.lm
+        self._frame_steps: dict[StepBucket | int, FrameStep] = {}  # graphed: per StepBucket; eager: per batch
+        self.cache = self.depth_cache = self.noise = self.hidden = None  # freed before the new ones exist
+        if self.memory is not None and getattr(self, "max_slots", None) is not None:
+            self.memory.release_cached()
+        self.max_slots = slots
+        # Batch buckets never exceed max_slots, so a bucket's padding rows are free slots.
+        self.buckets = BucketPlan(slots, self.max_context)
+        with device_context(lm.device):
+            self.cache = lm.new_backbone_cache(slots, self.max_context)
+            self.depth_cache = lm.new_depth_cache(slots)
+            self.noise = torch.ones((slots, lm.num_codebooks, lm.audio_vocab_size), device=lm.device)
+            self.hidden = torch.zeros(slots, lm.backbone_hidden_size, device=lm.device, dtype=lm.dtype)
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    # At most this many rebuilds with fewer slots after a warm-up over the budget.
+    MAX_REFITS = 2
+
+    def _refit_after_warm_up(self) -> bool:
+        """True when the slots were rebuilt (fewer): the warm-up then runs again."""
+        after = self.memory.reading()
+        slots = refit_slots(self.slot_budget, self.max_slots, after)
+        if slots is None:
+            LOG.info("memory after warm-up: %s", self.slot_budget.describe(self.max_slots, after))
+            return False
+        LOG.warning("over gpu_memory_fraction after warm-up, %d slots instead of %d: %s", slots, self.max_slots,
+                    self.slot_budget.describe(self.max_slots, after))
+        self._allocate(slots)
+        return True
 
     # --- public API -------------------------------------------------------------------
     def submit(self, request: GenerationRequest,
@@ -132,12 +164,15 @@ class GenerationEngine:
         """Prepare the frame step of every bucket a request can reach (BucketPlan), so
         that no request pays for it: on CUDA, capture its graph. The CPU runs eagerly at
         exact batch sizes and has nothing to prepare, so its walk costs nothing."""
-        timings = []
         with device_context(self.lm.device):  # on the caller's thread (the model's initialize)
-            for bucket in self.buckets.buckets():
-                started = time.perf_counter()
-                self._prepare(bucket)
-                timings.append((bucket, time.perf_counter() - started))
+            for _ in range(self.MAX_REFITS + 1):
+                timings = []
+                for bucket in self.buckets.buckets():
+                    started = time.perf_counter()
+                    self._prepare(bucket)
+                    timings.append((bucket, time.perf_counter() - started))
+                if self.memory is None or not self._refit_after_warm_up():
+                    break
         report = WarmUpReport(timings, captured=self.use_graphs)
         LOG.info("warm-up: %s", report.summary())
         return report

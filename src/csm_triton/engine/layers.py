@@ -152,6 +152,10 @@ class TransformerStack:
         return [(f"{prefix} {name}", getattr(layer, name)) for layer in self.layers
                 for name in ("qkv", "o_proj", "gate_up", "down")]
 
+    def cache_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """K and V of every layer for one position of one row (new_cache's layout)."""
+        return 2 * len(self.layers) * self.num_kv_heads * self.head_dim * dtype.itemsize
+
     def new_cache(self, rows: int, max_len: int, device, dtype) -> "KVCache":
         shape = (len(self.layers), rows, self.num_kv_heads, max_len, self.head_dim)
         return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))

@@ -159,8 +159,15 @@ class CsmLM:
         return self.depth.new_cache(rows, self.num_codebooks + 1, self.device, self.dtype)
 
     def backbone_bytes_per_token(self) -> int:
-        element = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * len(self.backbone.layers) * self.backbone.num_kv_heads * self.backbone.head_dim * element
+        return self.backbone.cache_bytes_per_token(self.dtype)
+
+    def slot_bytes(self, max_context: int) -> int:
+        """One engine slot's buffers: its backbone KV rows, depth-decoder KV row, sampling
+        noise (fp32) and hidden state (the engine allocates them per slot)."""
+        return (self.backbone_bytes_per_token() * max_context
+                + self.depth.cache_bytes_per_token(self.dtype) * (self.num_codebooks + 1)
+                + self.num_codebooks * self.audio_vocab_size * 4
+                + self.backbone_hidden_size * self.dtype.itemsize)
 
     # --- steps ------------------------------------------------------------------------
     def backbone_forward(self, embeds: torch.Tensor, cache: KVCache, first_row: int,
