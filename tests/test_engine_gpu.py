@@ -70,7 +70,7 @@ def random_state(lm: CsmLM, batch: int, attend_len: int, seed: int) -> StepState
     for tensor in (cache.k, cache.v):
         tensor.copy_(torch.randn(tensor.shape, device="cuda", generator=generator))
     hidden = torch.randn(batch, lm.backbone_hidden_size, device="cuda", generator=generator).to(lm.dtype)
-    noise = torch.empty(batch, lm.num_codebooks, lm.audio_vocab_size, device="cuda").exponential_(generator=generator)
+    noise = torch.empty(batch, lm.num_codebooks, C.CODEBOOK_SIZE, device="cuda").exponential_(generator=generator)
     return StepState(cache, lm.new_depth_cache(batch), hidden, noise)
 
 
@@ -81,12 +81,14 @@ def new_frame_step(lm: CsmLM, state: StepState, batch: int, attend_len: int, cap
 
 def set_rows(step: FrameStep, count: int, positions: torch.Tensor) -> None:
     """`count` active rows (half greedy, half sampled at top-k 50); the bucket's other
-    rows are free slots (greedy at position 0), as the engine leaves them."""
+    rows are free slots (temperature 1 at position 0), as the engine leaves them. Greedy
+    rows are temperature 1 and draws of 1, as SamplerState makes them."""
     step.positions[:count, 0].copy_(positions)
     step.positions[count:].zero_()
-    step.greedy[:count].copy_(torch.arange(count, device="cuda") % 2 == 0)
-    step.greedy[count:].fill_(True)
-    step.temperature.fill_(0.9)
+    greedy = torch.arange(step.batch, device="cuda") % 2 == 0
+    step.temperature.copy_(torch.where(greedy, 1.0, 0.9))
+    step.temperature[count:].fill_(1.0)
+    step.noise[greedy] = 1.0
     step.top_k.fill_(C.DEFAULT_TOP_K)
 
 

@@ -97,6 +97,7 @@ def test_a_device_error_answers_unavailable_then_the_model_is_not_ready_until_re
         assert readiness[-1][1], f"csm_lm not ready again within {RELOADED_WITHIN_S} s\n{serve.log()[-3000:]}"
         print(f"\n[device failure] csm_lm not ready for {down[-1] - down[0]:.1f} s, then reloaded", flush=True)
 
+        serve.wait_ready(models, RELOADED_WITHIN_S)  # the models reloaded with it (the ensembles over csm_lm)
         served = Stream(serve.grpc_url, seconds=2.0)
         assert served.ended.wait(120) and served.outcome[0] == "done" and served.outcome[1] > 0, served.outcome
         log = serve.log()

@@ -96,7 +96,7 @@ class GenerationEngine:
         with device_context(lm.device):
             self.cache = lm.new_backbone_cache(slots, self.max_context)
             self.depth_cache = lm.new_depth_cache(slots)
-            self.noise = torch.ones((slots, lm.num_codebooks, lm.audio_vocab_size), device=lm.device)
+            self.noise = torch.ones((slots, lm.num_codebooks, C.CODEBOOK_SIZE), device=lm.device)
             self.hidden = torch.zeros(slots, lm.backbone_hidden_size, device=lm.device, dtype=lm.dtype)
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
@@ -312,10 +312,9 @@ class GenerationEngine:
         step.temperature[:count].copy_(torch.tensor([s.sampler.temperature for s in slots]), non_blocking=True)
         step.top_k[:count].copy_(torch.tensor([min(s.sampler.top_k, step.top_k_bound) for s in slots]),
                                  non_blocking=True)
-        step.greedy[:count].copy_(torch.tensor([s.sampler.greedy for s in slots]), non_blocking=True)
-        # Padding rows (free slots): position 0, greedy; their results are never read.
+        # Padding rows (free slots): position 0, temperature 1; their results are never read.
         step.positions[count:].zero_()
-        step.greedy[count:].fill_(True)
+        step.temperature[count:].fill_(1.0)
         for row, slot in enumerate(slots):
             slot.sampler.fill_noise(step.noise[row])
         step.run()

@@ -7,9 +7,11 @@ a step over a batch of `b` rows reads the basic-slice views `k[:b, :, :attend_le
 no gather copies a slot's keys and values, whatever the batch. Every shape is fixed
 per bucket (batch, attention length, top-k bound), nothing reads back to the host,
 and the random draws come in as a buffer, so on CUDA the whole step is captured once
-as a CUDA graph and replayed: one launch instead of ~1,500 kernel launches per frame,
-which is where `generate`'s 290 ms/frame goes (the weights take ~7 ms to read on an
-H100). On the CPU the same code runs eagerly, at the exact batch size.
+as a CUDA graph and replayed: one launch instead of ~2,800 kernel launches per frame
+(`python -m loadtest.kernel_count`, at CSM-1B's layer counts; 6,209 before the fused
+norms, the joint rotary, the folded attention heads and the log-form sampler), which is
+where `generate`'s 290 ms/frame goes (the weights take ~7 ms to read on an H100). On the
+CPU the same code runs eagerly, at the exact batch size.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from csm_triton import constants as C
 from csm_triton.engine.device import device_context
 from csm_triton.engine.layers import KVCache
 from csm_triton.engine.lm import CsmLM
-from csm_triton.engine.sampling import sample
+from csm_triton.engine.sampling import log_noise, sample, top_k_index
 
 
 class FrameStep:
@@ -35,26 +37,36 @@ class FrameStep:
         self.attend_len = attend_len
         self.top_k_bound = top_k_bound  # every row's top_k is at most this (the engine clamps)
         # Rows 0..batch-1 of the engine's hidden states; rows past the active ones are
-        # free slots whose results nobody reads (greedy, position 0: arithmetic only).
+        # free slots whose results nobody reads (temperature 1, position 0: arithmetic only).
         self.hidden = hidden[:batch]
         self.positions = torch.zeros((batch, 1), dtype=torch.long, device=device)
-        self.temperature = torch.ones(batch, device=device)
+        self.temperature = torch.ones(batch, device=device)  # 1 for greedy rows (sampling.py)
         self.top_k = torch.ones(batch, dtype=torch.long, device=device)
-        self.greedy = torch.ones(batch, dtype=torch.bool, device=device)
-        # Rows of the engine's one noise buffer ([rows, 32, vocab], 256 KiB a row): every
+        # Rows of the engine's one noise buffer ([rows, 32, 2048], 256 KiB a row): every
         # bucket's graph reads the same memory, so buckets cost no extra noise buffers.
         self.noise = noise[:batch]
         self.codes = torch.zeros((batch, lm.num_codebooks), dtype=torch.long, device=device)
+        # The depth decoder's positions are the same every frame: its rotary rows, masks
+        # and cache indices are made once here instead of in every one of 31 calls.
+        self.depth_geometry = [lm.depth_geometry(batch, 1, 2)] + [
+            lm.depth_geometry(batch, codebook, 1) for codebook in range(2, lm.num_codebooks)]
         self.graph = self._capture(graph_pool) if capture else None
 
     def _compute(self) -> None:
         lm = self.lm
         hidden = self.hidden
-        codes = [self._sample(lm.codebook0_logits(hidden), 0)]
+        # Once per frame for every codebook: each row's top-k index and log-noise.
+        kth_index, log_e = top_k_index(self.top_k, self.top_k_bound), log_noise(self.noise)
+
+        def draw(logits: torch.Tensor, codebook: int) -> torch.Tensor:
+            return sample(logits, self.temperature, kth_index, log_e[:, codebook], self.top_k_bound)
+
+        codes = [draw(lm.codebook0_logits(hidden), 0)]
         # Depth decoder: position 0 is the backbone's hidden state, position 1 codebook 0.
         step_input = torch.stack([hidden, lm.depth_embed(codes[0], 0)[:, 0]], dim=1)
         for codebook in range(1, lm.num_codebooks):
-            codes.append(self._sample(lm.depth_logits(step_input, self.depth_cache, codebook), codebook))
+            logits = lm.depth_logits(step_input, self.depth_cache, codebook, self.depth_geometry[codebook - 1])
+            codes.append(draw(logits, codebook))
             step_input = lm.depth_embed(codes[-1], codebook)
         frame = torch.stack(codes, dim=1)
         self.codes.copy_(frame)
@@ -63,9 +75,6 @@ class FrameStep:
         embeds = lm.embed_frames(frame)[:, None].to(lm.dtype)
         attended = lm.backbone.forward(embeds, self.cache, 0, self.positions, self.attend_len)
         self.hidden.copy_(attended[:, -1])
-
-    def _sample(self, logits: torch.Tensor, codebook: int) -> torch.Tensor:
-        return sample(logits, self.temperature, self.top_k, self.greedy, self.noise[:, codebook], self.top_k_bound)
 
     def _capture(self, graph_pool) -> "torch.cuda.CUDAGraph":
         # Warm up on a side stream (cuBLAS/cuDNN pick their kernels), then capture. The

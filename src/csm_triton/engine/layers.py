@@ -8,12 +8,14 @@ static cache addressed by rows is what lets requests join and leave a running ba
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-from transformers.models.csm.modeling_csm import apply_rotary_pos_emb
 
 from csm_triton.engine import kernels
 
@@ -64,11 +66,46 @@ class Linear:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    # Same order of operations as CsmRMSNorm, so fp32 results match bit for bit.
-    dtype = x.dtype
-    x = x.to(torch.float32)
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(dtype)
+    """CsmRMSNorm as one fused operator: in fp32 it equals transformers' module bit for
+    bit (tests/test_layers.py); in bf16 it multiplies the weight before the one rounding
+    (transformers rounds, then multiplies), at most one bf16 ulp apart, closer to fp32."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+# On a GPU the attention must never fall back to SDPA's math kernel (an fp32 upcast of
+# the whole score matrix, keys and values repeated per query head: ~10x slower, and a
+# graph pool of gigabytes). Grouped query heads are folded into the query rows so head
+# counts match, which the fused kernels need; with the math kernel left out, a shape no
+# fused kernel takes fails at warm-up (load) instead of running 10x slower in service.
+FUSED_ATTENTION = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION)
+
+
+def attention_backends(device: torch.device) -> tuple[SDPBackend, ...] | None:
+    """The SDPA kernels allowed on `device`; None: any (the CPU's own are all fine)."""
+    return FUSED_ATTENTION if torch.device(device).type == "cuda" else None
+
+
+def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager:
+    backends = attention_backends(device)
+    return contextlib.nullcontext() if backends is None else sdpa_kernel(list(backends))
+
+
+def rotate_halves(x: torch.Tensor) -> torch.Tensor:
+    """[..., D] -> [x2, x1] (one copy kernel); with the sign folded into the sin table,
+    x*cos + rotate_halves(x)*sin is transformers' x*cos + rotate_half(x)*sin exactly
+    ((-a)*b == a*(-b) in IEEE arithmetic)."""
+    return x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
+
+
+class Geometry(NamedTuple):
+    """What every layer of one forward call shares (computed once per call, or once per
+    frame step for the depth decoder's fixed positions)."""
+    cos: torch.Tensor  # [B, T, 1, head_dim] at each token's position
+    sin: torch.Tensor  # the same, sign-folded for rotate_halves
+    mask: torch.Tensor  # [B, 1, groups*T or 1, attend_len]: True where a query row may attend
+    item: torch.Tensor  # [B, T]: each token's batch index, for the cache writes
+    positions: torch.Tensor  # [B, T]
+    attend_len: int
 
 
 def rotary_tables(rotary_emb, max_positions: int, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,9 +181,13 @@ class TransformerStack:
             )
         self.final_norm = hf_model.norm.weight.detach()
         self.intermediate_size = config.intermediate_size
-        # cos/sin for every position, computed once in fp32 and cast to the compute dtype.
+        # cos/sin for every position, computed once in fp32 and cast to the compute dtype;
+        # sin's first half negated for rotate_halves.
         self.cos, self.sin = rotary_tables(hf_model.rotary_emb, self.max_positions, self.final_norm.device,
                                            self.final_norm.dtype)  # [max_positions, head_dim]
+        half = self.head_dim // 2
+        self.sin_folded = torch.cat([-self.sin[:, :half], self.sin[:, half:]], dim=-1)
+        self.groups = self.num_heads // self.num_kv_heads
 
     def named_linears(self, prefix: str) -> list[tuple[str, Linear]]:
         return [(f"{prefix} {name}", getattr(layer, name)) for layer in self.layers
@@ -160,37 +201,49 @@ class TransformerStack:
         shape = (len(self.layers), rows, self.num_kv_heads, max_len, self.head_dim)
         return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
-    def forward(self, x: torch.Tensor, cache: "KVCache", first_row: int, positions: torch.Tensor,
-                attend_len: int) -> torch.Tensor:
-        """x [B, T, hidden] for cache rows first_row..first_row+B-1; positions [B, T];
-        attend_len: keys 0..attend_len-1 are read."""
-        batch, tokens, _ = x.shape
-        cos, sin = self.cos[positions], self.sin[positions]  # [B, T, head_dim]
-        key_positions = torch.arange(attend_len, device=x.device)
+    def geometry(self, positions: torch.Tensor, attend_len: int) -> Geometry:
+        """positions [B, T] (each row's tokens) attending keys 0..attend_len-1."""
+        batch, tokens = positions.shape
+        cos, sin = self.cos[positions][:, :, None], self.sin_folded[positions][:, :, None]
+        key_positions = torch.arange(attend_len, device=positions.device)
         mask = (key_positions[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, attend_len]
-        q_size = self.num_heads * self.head_dim
-        kv_size = self.num_kv_heads * self.head_dim
+        if tokens > 1:  # folded query rows are (group member, token): each member repeats the tokens' mask
+            mask = mask.repeat(1, 1, self.groups, 1)
+        item = torch.arange(batch, device=positions.device)[:, None].expand(batch, tokens)
+        return Geometry(cos, sin, mask, item, positions, attend_len)
+
+    def forward(self, x: torch.Tensor, cache: "KVCache", first_row: int, positions: torch.Tensor | None = None,
+                attend_len: int | None = None, *, geometry: Geometry | None = None) -> torch.Tensor:
+        """x [B, T, hidden] for cache rows first_row..first_row+B-1; positions [B, T];
+        attend_len: keys 0..attend_len-1 are read. Or a precomputed `geometry` instead."""
+        batch, tokens, _ = x.shape
+        g = geometry if geometry is not None else self.geometry(positions, attend_len)
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         rows = slice(first_row, first_row + batch)
-        item = torch.arange(batch, device=x.device)[:, None].expand(batch, tokens)
-        for index, layer in enumerate(self.layers):
-            residual = x
-            h = rms_norm(x, layer.input_norm, self.eps)
-            q, k, v = layer.qkv(h).split([q_size, kv_size, kv_size], dim=-1)
-            q = q.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2)
-            k = k.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = v.view(batch, tokens, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            keys, values = cache.k[index, rows], cache.v[index, rows]  # views [B, kv_heads, max_len, head_dim]
-            # Write this step's keys/values at each item's positions (B x T vectors), then
-            # attend over a view: nothing of the earlier context is copied.
-            keys[item, :, positions] = k.transpose(1, 2)
-            values[item, :, positions] = v.transpose(1, 2)
-            attended = F.scaled_dot_product_attention(q, keys[:, :, :attend_len], values[:, :, :attend_len],
-                                                      attn_mask=mask, enable_gqa=True)
-            x = residual + layer.o_proj(attended.transpose(1, 2).reshape(batch, tokens, q_size))
-            residual = x
-            gate, up = layer.gate_up(rms_norm(x, layer.post_norm, self.eps)).split(self.intermediate_size, dim=-1)
-            x = residual + layer.down(F.silu(gate) * up)
+        with attention_kernels(x.device):
+            for index, layer in enumerate(self.layers):
+                residual = x
+                qkv = layer.qkv(rms_norm(x, layer.input_norm, self.eps)).view(batch, tokens, heads + 2 * kv_heads,
+                                                                               head_dim)
+                # Rotary on the query and key heads together: 4 kernels for both.
+                qk = qkv[:, :, :heads + kv_heads]
+                qk = qk * g.cos + rotate_halves(qk) * g.sin
+                keys, values = cache.k[index, rows], cache.v[index, rows]  # views [B, kv_heads, max_len, head_dim]
+                # Write this step's keys/values at each item's positions (B x T vectors), then
+                # attend over a view: nothing of the earlier context is copied.
+                keys[g.item, :, g.positions] = qk[:, :, heads:]
+                values[g.item, :, g.positions] = qkv[:, :, heads + kv_heads:]
+                # Query heads j*G..j*G+G-1 share key head j: fold them into the query rows
+                # ([B, kv_heads, G*T, D]), so head counts match without repeating keys.
+                q = qk[:, :, :heads].unflatten(2, (kv_heads, self.groups)).permute(0, 2, 3, 1, 4)
+                q = q.reshape(batch, kv_heads, self.groups * tokens, head_dim)
+                attended = F.scaled_dot_product_attention(q, keys[:, :, :g.attend_len], values[:, :, :g.attend_len],
+                                                          attn_mask=g.mask)
+                attended = attended.unflatten(2, (self.groups, tokens)).permute(0, 3, 1, 2, 4)
+                x = residual + layer.o_proj(attended.reshape(batch, tokens, heads * head_dim))
+                residual = x
+                gate, up = layer.gate_up(rms_norm(x, layer.post_norm, self.eps)).split(self.intermediate_size, dim=-1)
+                x = residual + layer.down(F.silu(gate) * up)
         return rms_norm(x, self.final_norm, self.eps)
 
 

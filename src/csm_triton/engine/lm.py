@@ -14,9 +14,8 @@ import torch
 from csm_triton import constants as C
 from csm_triton.engine import kernels
 from csm_triton.engine.device import device_context
-from csm_triton.engine.layers import KVCache, Linear, TransformerStack
+from csm_triton.engine.layers import Geometry, KVCache, Linear, TransformerStack
 
-NEG_INF = float("-inf")
 
 
 def default_device() -> torch.device:
@@ -92,12 +91,14 @@ class CsmLM:
             self.text_vocab_size = self.text_embedding.shape[0]
             self.audio_embedding = hf_model.backbone_model.embed_tokens.embed_audio_tokens.weight.detach()
             self.audio_offsets = torch.arange(self.num_codebooks, device=device) * config.codebook_size
-            self.backbone_head = Linear(heads[0].to(device=device, dtype=torch.float32))
+            # The heads keep only the 2,048 codes Mimi decodes: 2049..2051 are the LM's specials, never
+            # sampled, so their logits need not exist (no masked fill per codebook).
+            self.backbone_head = Linear(heads[0][:C.CODEBOOK_SIZE].to(device=device, dtype=torch.float32))
             self.depth_embedding = depth.model.embed_tokens.weight.detach()
             self.depth_vocab_size = depth.config.vocab_size
             self.depth_projector = Linear(depth.model.inputs_embeds_projector.weight)
             # One head per depth position (codebooks 1..31): logits = h @ W[p-1].
-            self.depth_heads = [Linear(weight.T.to(device=device, dtype=torch.float32).contiguous())
+            self.depth_heads = [Linear(weight.T[:C.CODEBOOK_SIZE].to(device=device, dtype=torch.float32).contiguous())
                                 for weight in heads[1]]
             self.kernel_report = kernels.choose_kernels(
                 self.named_linears(), buckets=kernels.row_buckets(max_batch), mode=cpu_kernels,
@@ -166,7 +167,7 @@ class CsmLM:
         noise (fp32) and hidden state (the engine allocates them per slot)."""
         return (self.backbone_bytes_per_token() * max_context
                 + self.depth.cache_bytes_per_token(self.dtype) * (self.num_codebooks + 1)
-                + self.num_codebooks * self.audio_vocab_size * 4
+                + self.num_codebooks * C.CODEBOOK_SIZE * 4
                 + self.backbone_hidden_size * self.dtype.itemsize)
 
     # --- steps ------------------------------------------------------------------------
@@ -179,25 +180,28 @@ class CsmLM:
         return hidden[:, -1]
 
     def codebook0_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._masked(self.backbone_head(hidden.float()))
+        """[B, 2048] fp32: the codes Mimi decodes."""
+        return self.backbone_head(hidden.float())
 
-    def depth_logits(self, step_input: torch.Tensor, cache: KVCache, position: int) -> torch.Tensor:
+    def depth_geometry(self, batch: int, position: int, tokens: int) -> Geometry:
+        """The depth decoder's geometry for a call at `position` with `tokens` inputs: the
+        same at every frame, so a frame step computes it once."""
+        positions = torch.arange(position - tokens + 1, position + 1, device=self.device).expand(batch, tokens)
+        return self.depth.geometry(positions, position + 1)
+
+    def depth_logits(self, step_input: torch.Tensor, cache: KVCache, position: int,
+                     geometry: Geometry | None = None) -> torch.Tensor:
         """One depth-decoder call for the whole batch at `position` (all items in lockstep).
 
         step_input [B, T, backbone_hidden] holds the already-embedded inputs; returns the
-        logits of codebook `position` [B, vocab].
+        logits of codebook `position` [B, 2048].
         """
         batch, tokens, _ = step_input.shape
-        positions = torch.arange(position - tokens + 1, position + 1, device=self.device).expand(batch, tokens)
-        hidden = self.depth.forward(self.depth_projector(step_input), cache, 0, positions, position + 1)
-        return self._masked(self.depth_heads[position - 1](hidden[:, -1].float()))
+        geometry = geometry if geometry is not None else self.depth_geometry(batch, position, tokens)
+        hidden = self.depth.forward(self.depth_projector(step_input), cache, 0, geometry=geometry)
+        return self.depth_heads[position - 1](hidden[:, -1].float())
 
     def depth_embed(self, codes: torch.Tensor, codebook: int) -> torch.Tensor:
         """Embedding of codebook `codebook`'s codes [B] as depth-decoder input [B, 1, hidden]."""
         return self.depth_embedding[codes + codebook * self.depth_vocab_size][:, None]
 
-    def _masked(self, logits: torch.Tensor) -> torch.Tensor:
-        # Codes >= 2048 are the LM's specials: never sampled (Mimi cannot decode them).
-        logits = logits.float()
-        logits[..., C.CODEBOOK_SIZE:] = NEG_INF
-        return logits
