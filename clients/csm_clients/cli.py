@@ -22,12 +22,17 @@ Conversations (say, stream, read): --context-turn SPEAKER AUDIO TEXT is an earli
 (a clip and what it says), --context-voice SPEAKER VOICE_ID a stored voice as a turn;
 both repeat, stored voices come first then clips, each in the order given (the server's
 order). --speaker is the speaker id of the text to say (default 0).
+
+--speed 0.25-4.0 (say, clone, stream, read) makes the speech faster or slower without
+changing its pitch (FFmpeg's atempo; a stream is stretched continuously, chunk after
+chunk); 1.0, the default, writes the audio exactly as generated.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -43,6 +48,7 @@ from csm_clients.client import AsyncVoiceCloner, VoiceCloner, admin_token_from_e
 from csm_clients.conversation import Turn, check_text, context_inputs
 from csm_clients.errors import CsmClientError
 from csm_clients.limits import MAX_CONTEXT_TURNS, MAX_LONG_TEXT_CHARS, check_sampling, check_speaker
+from csm_clients.timestretch import TimeStretcher, check_speed, needs_stretch, stretch
 
 __all__ = ["main"]
 
@@ -56,6 +62,8 @@ def _sampling(args: argparse.Namespace) -> dict:
 
 
 def _save(speech, args: argparse.Namespace) -> None:
+    if needs_stretch(args.speed):
+        speech = dataclasses.replace(speech, audio=stretch(speech.audio, speech.sample_rate, args.speed))
     path = speech.save(args.out, args.sample_rate)
     print(f"{path}: {speech.seconds:.2f} s of audio")
 
@@ -148,17 +156,24 @@ def _stream(cloner: VoiceCloner, args) -> int:
     csm_tts's 120 s, which a stream does not have)."""
     voice = _voice(args)
     started, total = time.perf_counter(), 0.0
-    output = None
+    output = stretcher = None
     chunks = cloner.stream(args.text, voice=voice, **_sampling(args), **args.request)
     try:
         for number, chunk in enumerate(chunks, start=1):
             if output is None:  # opened on the first chunk: its rate is the stream's
                 output = soundfile.SoundFile(args.out, "w", samplerate=chunk.sample_rate, channels=1)
-            output.write(chunk.audio)
-            total += chunk.seconds
+                # One stretcher for the whole stream: continuous across the chunks.
+                stretcher = TimeStretcher(args.speed, chunk.sample_rate) if needs_stretch(args.speed) else None
+            audio = stretcher.push(chunk.audio) if stretcher else chunk.audio
+            output.write(audio)
+            total += audio.size / chunk.sample_rate
             if args.command == "stream":
                 print(f"chunk {number}: {chunk.seconds:.2f} s of audio at {time.perf_counter() - started:.2f} s",
                       file=sys.stderr)
+        if stretcher is not None:
+            tail = stretcher.flush()
+            output.write(tail)
+            total += tail.size / stretcher.sample_rate
     finally:
         if output is not None:
             output.close()
@@ -216,6 +231,8 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--top-k", type=int)
     sampling.add_argument("--seed", type=int)
     sampling.add_argument("--max-audio-seconds", type=float)
+    sampling.add_argument("--speed", type=float, default=1.0,
+                          help="0.25-4.0: faster or slower, same pitch (default 1.0: as generated)")
     conversation = argparse.ArgumentParser(add_help=False)
     conversation.add_argument("--speaker", type=int, help="speaker id of the text (0-255, default 0)")
     conversation.add_argument("--context-turn", nargs=3, action="append", metavar=("SPEAKER", "AUDIO", "TEXT"),
@@ -284,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Refused like the server would, before any conversion: --top-k 2147483648
             # must not wrap in INT32, --seed 2**63 not overflow INT64.
             check_sampling(**_sampling(args), field_names=SAMPLING_OPTIONS)
+            if hasattr(args, "speed"):
+                check_speed(args.speed, "--speed")
             args.request = _request(args)
         except (UsageError, CsmClientError) as error:
             print(f"csm-tts {args.command}: error: {error}", file=sys.stderr)

@@ -6,8 +6,9 @@ is a WSOLA-class time-stretch (overlapping windows re-placed at the new tempo wh
 waveforms line up best), so the voice keeps its pitch and formants; resampling would
 shift them by the same factor. One atempo takes 0.5-2.0, so 0.25-0.5 and 2.0-4.0 chain
 two, each taking the square root of the factor (both stages then work near the middle
-of their range). The cost is linear in the audio's length: about 2 ms of one core per
-second of speech at 2.0 on this project's CPUs.
+of their range). The cost is linear in the audio's length: 1-3 ms of one core per
+second of input on this project's CPUs, ~8 at 0.25, whose output is 4x as long
+(loadtest/results/speed_cpu.md).
 
 `TimeStretcher` is the streaming form: one filter graph per request, chunks pushed as
 they are generated, `flush()` at the end, so the output is one continuous stretch
@@ -41,6 +42,12 @@ _ATEMPO_MIN, _ATEMPO_MAX = 0.5, 2.0  # what one atempo filter takes
 # Silence pushed behind the audio at the end so atempo's held-back window comes out:
 # far more than the ~800 samples each stage keeps, at 4.0 too (two stages).
 _TAIL_PAD_SECONDS = 0.25
+# Input is pushed in frames of at most this many samples (40 ms at 24 kHz). atempo sizes
+# each output frame from its input frame and sends it only once full, which takes the
+# next input frame: pushed whole, a 960 ms chunk would come out only when the next chunk
+# arrives. In 40 ms frames a stream holds back at most ~160 ms of output (480 ms at 0.25,
+# whose output is 4x as long), for ~1 ms more CPU per second of audio.
+_FRAME_SAMPLES = 960
 
 
 def check_speed(value, field: str = "speed") -> float:
@@ -123,11 +130,13 @@ class TimeStretcher:
         return round(self._samples_in / self.speed)
 
     def _send(self, samples: np.ndarray) -> None:
-        frame = av.AudioFrame.from_ndarray(samples[None, :], format="flt", layout="mono")
-        frame.sample_rate = self.sample_rate
-        frame.time_base = Fraction(1, self.sample_rate)
-        frame.pts = self._samples_in
-        self._source.push(frame)
+        for start in range(0, samples.size, _FRAME_SAMPLES):
+            frame = av.AudioFrame.from_ndarray(samples[None, start:start + _FRAME_SAMPLES], format="flt",
+                                               layout="mono")
+            frame.sample_rate = self.sample_rate
+            frame.time_base = Fraction(1, self.sample_rate)
+            frame.pts = self._samples_in + start
+            self._source.push(frame)
 
     def _drain(self) -> np.ndarray:
         parts = []

@@ -21,6 +21,7 @@ own bug (never a plain-text page).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
 import logging
@@ -43,6 +44,7 @@ from csm_clients.gateway.keys import ApiKeys, MissingApiKey
 from csm_clients.gateway.openai_api import openai_router
 from csm_clients.gateway.speech_context import context_from_json, conversation
 from csm_clients.limits import check_sampling
+from csm_clients.timestretch import check_speed, needs_stretch, stretch
 
 __all__ = ["DEFAULT_MAX_UPLOAD_MB", "GatewayLimits", "create_app"]
 
@@ -175,12 +177,15 @@ def create_app(triton_url: str = "localhost:8001", *, admin_token: str | None = 
         speaker: Annotated[int | None, Form(description="speaker id of `text`, 0-255 (default 0)")] = None,
         context: Annotated[str | None, Form(description="earlier turns: a JSON list as /v1/audio/speech's "
                                                         "`context` (docs/api.md)")] = None,
+        speed: Annotated[float | None, Form(description="0.25-4.0, pitch kept (default 1.0: as generated)")] = None,
     ):
         """Speak `text` in a stored voice, in the voice of an uploaded clip, or in the
-        model's default voice, optionally after earlier turns of a conversation;
-        answers audio/wav."""
+        model's default voice, optionally after earlier turns of a conversation, at
+        `speed` (pitch-preserving); answers audio/wav."""
         sampling = {"seed": seed, "temperature": temperature, "top_k": top_k, "max_audio_seconds": max_audio_seconds}
         check_sampling(**sampling)  # before they become INT32/INT64/FP32 tensors
+        if speed is not None:
+            check_speed(speed)  # before Triton works: a NaN or 5 is refused at once
         sampling.update(await decoded(conversation, text, speaker, context_from_json(context), max_upload_bytes))
         voice: str | Reference | None = voice_name or None
         if reference_audio is not None and reference_audio.filename:
@@ -189,6 +194,8 @@ def create_app(triton_url: str = "localhost:8001", *, admin_token: str | None = 
             voice = await decoded(reference_from_upload, await read_upload(reference_audio), reference_text)
         started = time.perf_counter()
         speech = await state["cloner"].synthesize(text, voice=voice, **sampling)
+        if needs_stretch(speed):
+            speech = dataclasses.replace(speech, audio=await decoded(stretch, speech.audio, speech.sample_rate, speed))
         return Response(speech.to_wav_bytes(), media_type="audio/wav", headers={
             "Content-Disposition": 'attachment; filename="speech.wav"',
             "X-Audio-Seconds": f"{speech.seconds:.3f}",

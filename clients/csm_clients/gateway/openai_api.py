@@ -46,6 +46,7 @@ from csm_clients.gateway.keys import ApiKeys, MissingApiKey
 from csm_clients.gateway.speech_context import (ContextTurn, FieldError, check_json_values, conversation,
                                                 refused_field)
 from csm_clients.limits import check_sampling
+from csm_clients.timestretch import MAX_SPEED, MIN_SPEED, TimeStretcher, needs_stretch, stretch
 
 LOG = logging.getLogger("csm_clients.gateway.openai")
 
@@ -153,7 +154,9 @@ class SpeechRequest(BaseModel):
     voice: str | dict[str, str]
     instructions: str | None = None  # accepted, not used: CSM takes no style prompt
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
-    speed: float = Field(1.0, ge=0.25, le=4.0)
+    # Pitch-preserving time-stretch of the answer (timestretch.py); null is 1.0. Strict:
+    # true or "2" is refused rather than read as a number; NaN and infinities too.
+    speed: float | None = Field(1.0, strict=True, allow_inf_nan=False, ge=MIN_SPEED, le=MAX_SPEED)
     stream_format: Literal["audio", "sse"] | None = None
     # Extras (as vLLM-omni, Kokoro-FastAPI and Orpheus servers pass them, at the top level):
     seed: int | None = None
@@ -186,9 +189,6 @@ def _check(body: SpeechRequest) -> None:
                           f"{', '.join(MODELS)} (all CSM-1B)", param="model", code="model_not_found")
     if not body.input.strip():
         raise OpenAIError(400, "input: is empty", param="input")
-    if body.speed != 1.0:
-        raise OpenAIError(400, f"speed: only 1.0 is supported (CSM-1B speaks at its own pace; got {body.speed:g})",
-                          param="speed", code="unsupported_value")
 
 
 def _sse(event: dict) -> bytes:
@@ -247,9 +247,9 @@ def openai_router(cloner: Callable[[], AsyncVoiceCloner], keys: ApiKeys, *, max_
         audio_format = FORMATS[body.response_format]
         if body.stream_format is None:
             spoken = await cloner().synthesize(body.input, voice=voice, **sampling)  # long texts too (client.py)
-            data = await asyncio.to_thread(encode, spoken.audio, spoken.sample_rate, audio_format)
+            data, seconds = await asyncio.to_thread(_encoded_whole, spoken, audio_format, body.speed)
             return Response(data, media_type=audio_format.media_type,
-                            headers={"X-Audio-Seconds": f"{spoken.seconds:.3f}",
+                            headers={"X-Audio-Seconds": f"{seconds:.3f}",
                                      "X-Finish-Reasons": ",".join(spoken.finish_reasons)})
         chunks = cloner().stream(body.input, voice=voice, **sampling)
         try:  # the first chunk before answering: a refused request is a real 400, not a broken stream
@@ -259,7 +259,7 @@ def openai_router(cloner: Callable[[], AsyncVoiceCloner], keys: ApiKeys, *, max_
         except BaseException:
             await chunks.aclose()
             raise
-        audio = _encoded(chunks, first, audio_format)
+        audio = _encoded(chunks, first, audio_format, body.speed)
         if body.stream_format == "sse":
             return StreamingResponse(_events(audio), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -314,23 +314,35 @@ def _voice(stored: dict) -> dict:
             "duration_seconds": stored.get("duration_seconds")}
 
 
-async def _encoded(chunks: AsyncIterator[Speech], first: Speech | None, audio_format) -> AsyncIterator[tuple[bytes, int]]:
-    """(encoded bytes, samples so far) as each chunk is generated; the Triton stream is
-    closed whatever ends this (the end, an error, or the client gone: its KV slot freed)."""
-    encoder = None
+def _encoded_whole(spoken: Speech, audio_format, speed: float | None) -> tuple[bytes, float]:
+    """The whole answer at `speed` (1.0: the generated samples themselves) and its seconds."""
+    audio = stretch(spoken.audio, spoken.sample_rate, speed) if needs_stretch(speed) else spoken.audio
+    return encode(audio, spoken.sample_rate, audio_format), audio.size / spoken.sample_rate
+
+
+async def _encoded(chunks: AsyncIterator[Speech], first: Speech | None, audio_format,
+                   speed: float | None = 1.0) -> AsyncIterator[tuple[bytes, int]]:
+    """(encoded bytes, samples generated so far) as each chunk is generated; the Triton
+    stream is closed whatever ends this (the end, an error, or the client gone: its KV
+    slot freed). Another speed than 1.0 goes through one TimeStretcher for the whole
+    stream (continuous across chunks; a few ms of CPU per second of audio, so it runs
+    here like the encoder), flushed before the encoder finishes."""
+    encoder = stretcher = None
     samples = 0
     try:
         chunk = first
         while chunk is not None:
             if encoder is None:
                 encoder = StreamEncoder(audio_format, chunk.sample_rate)
+                stretcher = TimeStretcher(speed, chunk.sample_rate) if needs_stretch(speed) else None
             samples += chunk.audio.size
-            data = encoder.feed(chunk.audio)
+            data = encoder.feed(stretcher.push(chunk.audio) if stretcher else chunk.audio)
             if data:
                 yield data, samples
             chunk = await anext(chunks, None)
         if encoder is not None:
-            yield encoder.finish(), samples
+            tail = encoder.feed(stretcher.flush()) if stretcher else b""
+            yield tail + encoder.finish(), samples
     finally:
         await chunks.aclose()
         if encoder is not None:
