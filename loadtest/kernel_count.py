@@ -84,8 +84,8 @@ def csm_1b_structure(seed: int = 0):
 
 def count(batch: int, lm: CsmLM) -> dict:
     engine = GenerationEngine(lm, EngineConfig(max_slots=max(BATCHES), max_context=ATTEND_LEN, warm_up=False))
-    step = FrameStep(lm, engine.cache, engine.depth_cache, engine.hidden, engine.noise, batch=batch,
-                     attend_len=ATTEND_LEN, top_k_bound=64)
+    step = FrameStep(lm, engine.cache, engine.depth_cache, engine.hidden, batch=batch, attend_len=ATTEND_LEN,
+                     top_k_bound=64)
     step.positions.fill_(ATTEND_LEN - 1)
     counter = KernelCounter()
     with torch.inference_mode(), counter:

@@ -126,7 +126,14 @@ def test_requests_leaving_out_of_order_leave_the_others_token_identical(hf_model
 
 
 def test_batch_buckets_never_exceed_the_slot_count_and_cover_every_step():
-    assert BucketPlan(256, 2048).batch_sizes == (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    # Above 32 rows, 1.5x steps: 129 rows run as 192, not 256.
+    assert BucketPlan(256, 2048).batch_sizes == (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256)
+    assert BucketPlan(256, 2048).bucket_for(129, 1, 1).batch == 192
+    assert BucketPlan(512, 2048).batch_sizes[-3:] == (256, 384, 512)
+    for slots in (40, 100, 300):
+        ladder = BucketPlan(slots, 2048).batch_sizes
+        assert ladder[-1] == slots and all(b / a <= 2 for a, b in zip(ladder, ladder[1:]))
+        assert all(b / a <= 1.5 for a, b in zip(ladder, ladder[1:]) if a >= 32 and b < slots)
     assert BucketPlan(256, 2048).attention_lengths == (256, 512, 1024, 2048)
     plan = BucketPlan(6, 600)
     assert plan.batch_sizes == (1, 2, 4, 6) and plan.attention_lengths == (256, 512, 600)

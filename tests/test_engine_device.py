@@ -106,7 +106,7 @@ def test_the_engine_thread_and_warm_up_run_on_the_instance_gpu(lm, monkeypatch):
 
 def test_graphs_are_captured_on_a_stream_of_the_instance_gpu(lm, monkeypatch):
     engine = GenerationEngine(lm, EngineConfig(max_slots=2, max_context=64, warm_up=False))
-    step = FrameStep(lm, engine.cache, engine.depth_cache, engine.hidden, engine.noise, batch=2, attend_len=64)
+    step = FrameStep(lm, engine.cache, engine.depth_cache, engine.hidden, batch=2, attend_len=64)
     assert step.device == lm.device  # the engine's FrameSteps run on its model's device
     cuda = CudaRecorder(monkeypatch)
     step.device = torch.device("cuda:1")  # (the step's arithmetic still runs on the CPU here)

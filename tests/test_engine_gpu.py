@@ -24,6 +24,7 @@ from csm_triton.engine import CsmLM, EngineConfig, GenerationEngine, GenerationR
 from csm_triton.engine.capacity import WARM_UP_SHARE_OF_SLOT, DeviceMemory, plan_slots
 from csm_triton.engine.frame_step import TOP_K_BOUNDS, FrameStep
 from csm_triton.engine.layers import KVCache
+from csm_triton.engine.sampling import SamplerState
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")]
 
@@ -54,42 +55,35 @@ class StepState:
     cache: KVCache
     depth_cache: KVCache
     hidden: torch.Tensor
-    noise: torch.Tensor
 
     def clone(self) -> "StepState":
         return StepState(KVCache(self.cache.k.clone(), self.cache.v.clone()),
-                         KVCache(self.depth_cache.k.clone(), self.depth_cache.v.clone()),
-                         self.hidden.clone(), self.noise.clone())
+                         KVCache(self.depth_cache.k.clone(), self.depth_cache.v.clone()), self.hidden.clone())
 
 
 def random_state(lm: CsmLM, batch: int, attend_len: int, seed: int) -> StepState:
-    """A KV cache full of earlier context, hidden states and sampling noise, as the
-    engine holds them mid-generation for `batch` slots (rows 0..batch-1)."""
+    """A KV cache full of earlier context and hidden states, as the engine holds them
+    mid-generation for `batch` slots (rows 0..batch-1)."""
     generator = torch.Generator(device="cuda").manual_seed(seed)
     cache = lm.new_backbone_cache(batch, attend_len)
     for tensor in (cache.k, cache.v):
         tensor.copy_(torch.randn(tensor.shape, device="cuda", generator=generator))
     hidden = torch.randn(batch, lm.backbone_hidden_size, device="cuda", generator=generator).to(lm.dtype)
-    noise = torch.empty(batch, lm.num_codebooks, C.CODEBOOK_SIZE, device="cuda").exponential_(generator=generator)
-    return StepState(cache, lm.new_depth_cache(batch), hidden, noise)
+    return StepState(cache, lm.new_depth_cache(batch), hidden)
 
 
 def new_frame_step(lm: CsmLM, state: StepState, batch: int, attend_len: int, capture: bool) -> FrameStep:
-    return FrameStep(lm, state.cache, state.depth_cache, state.hidden, state.noise, batch=batch,
-                     attend_len=attend_len, top_k_bound=TOP_K_BOUNDS[0], capture=capture)
+    return FrameStep(lm, state.cache, state.depth_cache, state.hidden, batch=batch, attend_len=attend_len,
+                     top_k_bound=TOP_K_BOUNDS[0], capture=capture)
 
 
-def set_rows(step: FrameStep, count: int, positions: torch.Tensor) -> None:
-    """`count` active rows (half greedy, half sampled at top-k 50); the bucket's other
-    rows are free slots (temperature 1 at position 0), as the engine leaves them. Greedy
-    rows are temperature 1 and draws of 1, as SamplerState makes them."""
-    step.positions[:count, 0].copy_(positions)
-    step.positions[count:].zero_()
-    greedy = torch.arange(step.batch, device="cuda") % 2 == 0
-    step.temperature.copy_(torch.where(greedy, 1.0, 0.9))
-    step.temperature[count:].fill_(1.0)
-    step.noise[greedy] = 1.0
-    step.top_k.fill_(C.DEFAULT_TOP_K)
+def set_rows(step: FrameStep, count: int, positions: torch.Tensor, frame: int) -> None:
+    """`count` active rows (half greedy, half sampled at top-k 50, each its own seed), as
+    the engine loads them (FrameStep.load_rows; the free rows after them too)."""
+    samplers = [SamplerState.create(temperature=0.9, top_k=C.DEFAULT_TOP_K, greedy=row % 2 == 0, seed=1000 + row)
+                for row in range(count)]
+    step.load_rows([sampler.row(int(position), frame, step.top_k_bound) for sampler, position in
+                    zip(samplers, positions.tolist())], [sampler.temperature for sampler in samplers])
 
 
 @pytest.mark.parametrize("batch,attend_len", BUCKETS)
@@ -109,7 +103,7 @@ def test_cuda_graph_replay_equals_the_eager_frame_step(tiny_lm, report, batch, a
     hidden_difference = 0.0
     for frame in range(2):  # the second replay reads what the first one wrote
         for step in (graphed, eager):
-            set_rows(step, count, positions + frame)
+            set_rows(step, count, positions + frame, frame)
             step.run()
         torch.cuda.synchronize()
         assert torch.equal(graphed.codes[:count], eager.codes[:count]), f"frame {frame}: codes differ"

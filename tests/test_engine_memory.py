@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from csm_triton.engine import EngineConfig, GenerationEngine, GenerationRequest
-from csm_triton.engine.capacity import WARM_UP_SHARE_OF_SLOT, MemoryReading, plan_slots, refit_slots
+from csm_triton.engine.capacity import (WARM_UP_SHARE_OF_SLOT, MemoryReading, WarmUpReport, plan_slots,
+                                        refit_slots)
 
 GIB, MIB = 2**30, 2**20
 SLOT = 64 * MIB + 3 * MIB  # CSM-1B in bf16 at 2048 positions: 64 MiB of backbone KV, the rest per slot
@@ -85,6 +86,10 @@ class ScriptedMemory:
         self.calls.append("reading")
         return self.readings.pop(0) if len(self.readings) > 1 else self.readings[0]
 
+    def reserved(self) -> int:  # grows 1 MiB per look: each bucket's "graph" took 1 MiB
+        self.looks = getattr(self, "looks", 0) + 1
+        return self.looks * MIB
+
 
 def test_the_engine_releases_load_copies_then_sizes_and_rebuilds_after_an_over_budget_warm_up(lm, builder, caplog):
     context = 256
@@ -102,13 +107,19 @@ def test_the_engine_releases_load_copies_then_sizes_and_rebuilds_after_an_over_b
     assert engine.max_slots == planned and engine.cache.k.shape[1] == planned
 
     with caplog.at_level("INFO", logger="csm_triton.engine.engine"):
-        engine.warm_up()
+        report = engine.warm_up()
     assert engine.max_slots == refit_slots(engine.slot_budget, planned, MemoryReading(total - 100 * slot - over,
                                                                                       total, over)) == 200
-    assert engine.cache.k.shape[1] == engine.depth_cache.k.shape[1] == engine.noise.shape[0] == 200
+    assert engine.cache.k.shape[1] == engine.depth_cache.k.shape[1] == engine.hidden.shape[0] == 200
     assert max(engine.buckets.batch_sizes) == 200
     assert "over gpu_memory_fraction after warm-up, 200 slots instead of" in caplog.text
     assert "memory after warm-up: 200 KV slots" in caplog.text  # the budget, logged
+    # Each bucket's graph memory, measured and summed up in the warm-up line.
+    assert report.graph_bytes == [MIB] * len(report.timings) == [MIB] * len(engine.buckets.buckets())
+    captured = WarmUpReport(report.timings, captured=True, graph_bytes=[MIB] * (len(report.timings) - 1) + [9 * MIB])
+    assert f"graph memory {(len(report.timings) + 8) * MIB / GIB:.2f} GiB, largest {tuple(report.timings[-1][0])} 9 MiB" \
+        in captured.summary()
+    assert all(line.endswith("1.0 MiB") for line in report.per_bucket())
 
     # The rebuilt engine generates as one that never was: the same greedy codes.
     prompt = builder.prepare("Hello there.")

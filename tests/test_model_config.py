@@ -65,4 +65,5 @@ def test_gpu_profiles_cap_the_kv_slots_and_so_the_graphs_captured_at_load(profil
     assert 64 <= max_slots <= 256
     plan = BucketPlan(max_slots, int(parameters["max_context"].string_value))
     assert plan.batch_sizes[-1] == max_slots, "no batch bucket beyond the slot count"
-    assert len(plan.buckets()) <= 72, "graphs captured at load"
+    # 12 batch buckets (1.5x steps above 32) x 4 attention lengths x 2 top-k bounds.
+    assert len(plan.buckets()) <= 96, "graphs captured at load"

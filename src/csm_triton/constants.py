@@ -77,6 +77,16 @@ SENTENCE_SPLIT_BUDGET_SECONDS = 0.25
 # short sentences; MAX_AUDIO_SECONDS still caps every segment.
 SEGMENT_SECONDS_PER_CHAR = 0.2
 SEGMENT_MIN_SECONDS = 3.0
+# Text normalization (csm_triton.core.normalize, on unless a request's NORMALIZE is false):
+# wetext reads one sentence or segment at a time, never more than this (its cost grows
+# with the input: 20,000 characters in one call took 8 s) ...
+NORMALIZE_MAX_CHARS = SEGMENT_MAX_CHARS
+# ... one request's sentences share this budget, past which the rest is spoken as written
+# (loadtest/results/normalize_cpu.md: an ordinary 20,000-character text takes well under it) ...
+NORMALIZE_BUDGET_SECONDS = 2.0
+# ... and the normalized text may read at most this long (numbers, dates and money in
+# nearly every word read 2.2x longer, a digit soup 5x): past it, the rest is spoken as written.
+NORMALIZED_TEXT_MAX_CHARS = 3 * MAX_LONG_TEXT_CHARS
 
 # --- Streaming -------------------------------------------------------------------------
 # First chunk small for time to first audio, later chunks larger for throughput.

@@ -36,7 +36,8 @@ def codec(tiny_checkpoint):
 
 
 def tensor(module, name, array):
-    datatype = "BYTES" if array.dtype == object else {np.float32: "FP32", np.int64: "INT64", np.int32: "INT32"}[array.dtype.type]
+    datatype = "BYTES" if array.dtype == object else {np.float32: "FP32", np.int64: "INT64", np.int32: "INT32",
+                                                       np.bool_: "BOOL"}[array.dtype.type]
     item = module.InferInput(name, list(array.shape), datatype)
     item.set_data_from_numpy(array)
     return item
@@ -111,7 +112,8 @@ def test_csm_prepare_matches_the_csm_processor_layout(protocol, tiny_checkpoint,
     conversation = [
         {"role": "0", "content": [{"type": "text", "text": "She sells sea shells."},
                                   {"type": "audio", "path": reference}]},
-        {"role": "0", "content": [{"type": "text", "text": "Grüße an Zoë, 42 times!"}]},
+        # TEXT as spoken (normalized by default; the reference transcript is not)
+        {"role": "0", "content": [{"type": "text", "text": "Grüße an Zoë, forty two times!"}]},
     ]
     expected = processor.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"][0]
     assert result.as_numpy("input_ids").tolist() == expected.tolist()
@@ -125,6 +127,23 @@ def test_csm_prepare_without_a_voice_has_no_audio_codes(protocol):
     result = client.infer("csm_prepare", [tensor(module, "TEXT", text("Hello there."))])
     assert result.as_numpy("prompt_codes").shape == (0, C.NUM_CODEBOOKS)
     assert len(result.as_numpy("input_ids")) > 3
+
+
+def test_csm_prepare_reads_money_as_words_unless_normalize_is_false(protocol, tiny_checkpoint):
+    module, client = protocol
+    processor = AutoProcessor.from_pretrained(str(tiny_checkpoint))
+
+    def prompt(spoken: str) -> list[int]:
+        conversation = [{"role": "0", "content": [{"type": "text", "text": spoken}]}]
+        return processor.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"][0].tolist()
+
+    raw, spoken = "It costs $5.30 on Jan. 3rd.", "It costs five dollars and thirty cents on the third of january."
+    default = client.infer("csm_prepare", [tensor(module, "TEXT", text(raw))])
+    assert default.as_numpy("input_ids").tolist() == prompt(spoken)
+    assert default.as_numpy("normalized_text").tolist() == [spoken.encode()]
+    off = client.infer("csm_prepare", [tensor(module, "TEXT", text(raw)), tensor(module, "NORMALIZE", np.array([False]))])
+    assert off.as_numpy("input_ids").tolist() == prompt(raw), "the raw text's tokens"
+    assert off.as_numpy("normalized_text").tolist() == [raw.encode()]
 
 
 BAD_PREPARE_INPUTS = {

@@ -21,7 +21,7 @@ from .conftest import ADMIN_TOKEN, slots_in_use
 
 pytestmark = pytest.mark.integration
 PROTOCOLS = {"http": http, "grpc": grpc}
-DTYPES = {np.float32: "FP32", np.int64: "INT64", np.int32: "INT32"}
+DTYPES = {np.float32: "FP32", np.int64: "INT64", np.int32: "INT32", np.bool_: "BOOL"}
 
 
 def tensor(module, name, array):
@@ -184,6 +184,20 @@ def test_stream_over_http_generate_stream(triton_server):
                 events.append(json.loads(line[5:]))
     audio = [np.asarray(event["AUDIO"], np.float32) for event in events if "AUDIO" in event]
     assert len(audio) >= 2 and sum(map(len, audio)) == expected_samples(1.0)
+
+
+def test_csm_tts_and_the_stream_return_the_text_as_spoken(grpc_client, triton_server):
+    words = "It costs $5.30 on Jan. 3rd."
+    as_written = grpc_client.infer("csm_tts", tts_inputs(grpc, words=words, seconds=0.2, reference=False)
+                                   + [tensor(grpc, "NORMALIZE", np.array([False]))])
+    assert as_written.as_numpy("NORMALIZED_TEXT").tolist() == [words.encode()]
+    body = json.dumps({"TEXT": words, "MAX_AUDIO_SECONDS": 0.2}).encode()
+    request = urllib.request.Request(f"http://{triton_server.http_url}/v2/models/csm_tts_stream/generate_stream",
+                                     data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        events = [json.loads(line[5:]) for line in response if line.startswith(b"data:")]
+    # (generate_stream sends a one-element tensor as its value)
+    assert events[-1]["NORMALIZED_TEXT"] == "It costs five dollars and thirty cents on the third of january."
 
 
 def test_a_bad_stream_request_is_refused_as_a_client_error(grpc_client):

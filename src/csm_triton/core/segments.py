@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -134,24 +135,50 @@ def _hard_split(sentence: str, max_chars: int) -> list[str]:
     return pieces + [sentence]
 
 
-def split_text(text: str, max_chars: int = C.SEGMENT_MAX_CHARS) -> list[str]:
-    """The text as segments of whole sentences, each at most `max_chars` characters
-    (stripped; a text that fits is one segment, unchanged)."""
-    if len(text) <= max_chars:
-        return [text]
-    sentences: list[str] = []
+def _pieces(text: str, max_chars: int) -> list[str]:
+    """`text` as sentences of at most `max_chars` characters that join back into it."""
+    pieces: list[str] = []
     for sentence in _sentences(text):
-        sentences += _hard_split(sentence, max_chars)
+        pieces += _hard_split(sentence, max_chars)
+    return pieces
+
+
+def _pack(pieces: list[str], max_chars: int) -> list[str]:
+    """Consecutive pieces grouped into segments of at most `max_chars` (stripped, none blank)."""
     segments: list[str] = []
     current = ""
-    for sentence in sentences:
-        if current and len(current) + len(sentence) > max_chars:
+    for piece in pieces:
+        if current and len(current) + len(piece) > max_chars:
             segments.append(current)
             current = ""
-        current += sentence
+        current += piece
     segments.append(current)
     segments = [segment.strip() for segment in segments]
     return [segment for segment in segments if segment]
+
+
+def split_text(text: str, max_chars: int = C.SEGMENT_MAX_CHARS,
+               normalize: Callable[[list[str]], list[str]] | None = None) -> list[str]:
+    """The text as segments of whole sentences, each at most `max_chars` characters
+    (stripped; a text that fits is one segment, unchanged).
+
+    With `normalize` (core.normalize.normalize_texts) the segments hold the text as it
+    is to be spoken, and the limit applies to that. The order: the raw text is cut into
+    sentences first, because the splitter reads "3.5", "Dr." and "a.m." as the author
+    wrote them (normalized, "$5.30." and "etc." lose the marks it goes by, and the
+    normalizer must never see more than a segment at once: its cost grows with the
+    input); then each sentence is normalized; then the normalized sentences are packed
+    into segments, a sentence that grew past `max_chars` cut again."""
+    pieces = [text] if len(text) <= max_chars else _pieces(text, max_chars)
+    if normalize is not None:
+        pieces = normalize(pieces)
+        if len(pieces) == 1 and len(pieces[0]) <= max_chars:
+            return pieces
+        pieces = [part for piece in pieces for part in (_pieces(piece, max_chars) if len(piece) > max_chars
+                                                         else [piece])]
+    elif len(pieces) == 1:
+        return pieces
+    return _pack(pieces, max_chars)
 
 
 def segment_max_frames(text: str, seconds_per_char: float = C.SEGMENT_SECONDS_PER_CHAR,

@@ -122,7 +122,10 @@ class StreamPipeline:
             self.segments_ended(chain.finish_reasons())
         except Exception as error:  # noqa: BLE001
             self.log_error(f"csm_tts_stream: could not count the segments of {stream_id}: {error}")
-        return {"AUDIO": np.zeros(0, np.float32), "SAMPLE_RATE": SAMPLE_RATE, **chain.final_outputs()}
+        final = {"AUDIO": np.zeros(0, np.float32), "SAMPLE_RATE": SAMPLE_RATE, **chain.final_outputs()}
+        if "normalized_text" in prepared:  # each segment as spoken (csm_prepare's normalization)
+            final["NORMALIZED_TEXT"] = prepared["normalized_text"]
+        return final
 
     def _stream_segment(self, lm_inputs: Arrays, stream_id: str, decoder: StreamDecoder,
                         sender: ResponseSender) -> tuple[np.ndarray, str | None] | None:

@@ -165,6 +165,16 @@ def _scalar(value: np.ndarray | None, name: str):
     return flat[0]
 
 
+def flag(value: np.ndarray | None, name: str, default: bool) -> bool:
+    """An optional BOOL switch (NORMALIZE): one value; absent -> `default`."""
+    if value is None:
+        return default
+    array = np.asarray(value)
+    if array.dtype.kind != "b":
+        raise InvalidInput(f"input '{name}' must be a BOOL tensor, got {array.dtype}")
+    return bool(_scalar(array, name))
+
+
 SAMPLING_INPUTS = ("TEMPERATURE", "TOP_K", "SEED", "MAX_AUDIO_SECONDS")
 
 

@@ -56,6 +56,9 @@ class EngineConfig:
 class WarmUpReport:
     timings: list[tuple[StepBucket, float]]  # each bucket with the seconds it took, in order
     captured: bool  # CUDA graphs captured (False on the CPU: eager, nothing to capture)
+    # Bytes the caching allocator grew by for each bucket (its graph's share of the pool),
+    # in the order of `timings`; None where no device memory is measured (the CPU).
+    graph_bytes: list[int] | None = None
 
     @property
     def buckets(self) -> list[StepBucket]:
@@ -73,8 +76,19 @@ class WarmUpReport:
         if not self.captured:
             return f"{len(self.timings)} buckets ({shape}), eager on this device: no CUDA graph to capture"
         slowest, slowest_seconds = max(self.timings, key=lambda timing: timing[1])
-        return (f"{len(self.timings)} CUDA graphs captured in {self.seconds:.1f} s ({shape}); slowest "
+        text = (f"{len(self.timings)} CUDA graphs captured in {self.seconds:.1f} s ({shape}); slowest "
                 f"{tuple(slowest)} in {slowest_seconds:.2f} s")
+        if self.graph_bytes:
+            largest = max(range(len(self.graph_bytes)), key=self.graph_bytes.__getitem__)
+            text += (f"; graph memory {sum(self.graph_bytes) / GIB:.2f} GiB, largest "
+                     f"{tuple(self.timings[largest][0])} {self.graph_bytes[largest] / 2**20:.0f} MiB")
+        return text
+
+    def per_bucket(self) -> list[str]:
+        """One line per bucket: seconds and (where measured) graph memory."""
+        sizes = self.graph_bytes or [None] * len(self.timings)
+        return [f"{tuple(bucket)}: {seconds:.3f} s" + ("" if size is None else f", {size / 2**20:.1f} MiB")
+                for (bucket, seconds), size in zip(self.timings, sizes)]
 
 
 class MemoryReading(NamedTuple):
@@ -92,7 +106,7 @@ class MemoryReading(NamedTuple):
 
 class DeviceMemory:
     """What slot sizing reads of a CUDA device (engine.capacity); tests hand the engine
-    a fake with the same two methods."""
+    a fake with the same three methods."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -103,6 +117,10 @@ class DeviceMemory:
         stay reserved, ~1.4 GiB for CSM-1B, and would count as in use."""
         gc.collect()
         torch.cuda.empty_cache()
+
+    def reserved(self) -> int:
+        """Bytes this process's caching allocator holds on the device (no synchronisation)."""
+        return torch.cuda.memory_reserved(self.device)
 
     def reading(self) -> MemoryReading:
         torch.cuda.synchronize(self.device)

@@ -33,7 +33,8 @@ from csm_triton.engine.faults import DeviceFailure, device_failure_message, is_f
 from csm_triton.engine.frame_step import BucketPlan, FrameStep, StepBucket
 from csm_triton.engine.lm import CsmLM
 from csm_triton.engine.prefix_cache import PrefixCache
-from csm_triton.engine.requests import FinishReason, FrameChunk, GenerationRequest, RequestHandle
+from csm_triton.engine.requests import (CancellationPoller, FinishReason, FrameChunk, GenerationRequest,
+                                        RequestHandle)
 from csm_triton.engine.sampling import SamplerState
 
 __all__ = ["EngineConfig", "GenerationEngine"]  # EngineConfig lives in engine.capacity
@@ -61,6 +62,7 @@ class GenerationEngine:
         self.frames_generated = 0
         self.steps = 0
         self.slot_moves = 0  # slots moved to a lower row when a request before them left
+        self._cancellation = CancellationPoller()
         self.warm_up_report: WarmUpReport | None = None
         # Called with stats() from the engine thread (see EngineConfig.stats_interval_s).
         self.on_stats: Callable[[dict], None] | None = None
@@ -87,7 +89,7 @@ class GenerationEngine:
         """The slots' buffers, and no frame step yet: the graphs capture these buffers."""
         lm = self.lm
         self._frame_steps: dict[StepBucket | int, FrameStep] = {}  # graphed: per StepBucket; eager: per batch
-        self.cache = self.depth_cache = self.noise = self.hidden = None  # freed before the new ones exist
+        self.cache = self.depth_cache = self.hidden = None  # freed before the new ones exist
         if self.memory is not None and getattr(self, "max_slots", None) is not None:
             self.memory.release_cached()
         self.max_slots = slots
@@ -96,7 +98,6 @@ class GenerationEngine:
         with device_context(lm.device):
             self.cache = lm.new_backbone_cache(slots, self.max_context)
             self.depth_cache = lm.new_depth_cache(slots)
-            self.noise = torch.ones((slots, lm.num_codebooks, C.CODEBOOK_SIZE), device=lm.device)
             self.hidden = torch.zeros(slots, lm.backbone_hidden_size, device=lm.device, dtype=lm.dtype)
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
@@ -166,15 +167,17 @@ class GenerationEngine:
         exact batch sizes and has nothing to prepare, so its walk costs nothing."""
         with device_context(self.lm.device):  # on the caller's thread (the model's initialize)
             for _ in range(self.MAX_REFITS + 1):
-                timings = []
+                timings, graph_bytes = [], []
                 for bucket in self.buckets.buckets():
-                    started = time.perf_counter()
+                    started, reserved = time.perf_counter(), self.memory and self.memory.reserved()
                     self._prepare(bucket)
                     timings.append((bucket, time.perf_counter() - started))
+                    graph_bytes.append(self.memory and self.memory.reserved() - reserved)
                 if self.memory is None or not self._refit_after_warm_up():
                     break
-        report = WarmUpReport(timings, captured=self.use_graphs)
+        report = WarmUpReport(timings, captured=self.use_graphs, graph_bytes=graph_bytes if self.memory else None)
         LOG.info("warm-up: %s", report.summary())
+        LOG.debug("warm-up per bucket (batch, attention length, top-k bound):\n%s", "\n".join(report.per_bucket()))
         return report
 
     def _prepare(self, bucket: StepBucket) -> None:
@@ -260,14 +263,8 @@ class GenerationEngine:
         self._advance(slots, frames)
         return len(self._active)
 
-    CANCEL_POLL_FRAMES = 4  # polling a client's state costs an IPC round trip in Triton
-
     def _drop_cancelled(self) -> None:
-        if self.steps % self.CANCEL_POLL_FRAMES == 0:
-            for slot in self._active:
-                poll = slot.handle.request.is_cancelled
-                if poll is not None and poll():
-                    slot.handle.cancel()
+        self._cancellation.poll([slot.handle for slot in self._active])
         for slot in reversed([s for s in self._active if s.handle.cancelled]):  # highest row first
             self._finish(slot, FinishReason.CANCELLED)
         with self._lock:
@@ -299,7 +296,7 @@ class GenerationEngine:
                 handle._end(FinishReason.CANCELLED)
                 continue
             sampler = SamplerState.create(temperature=request.temperature, top_k=request.top_k,
-                                          greedy=request.greedy, seed=request.seed, device=self.lm.device)
+                                          greedy=request.greedy, seed=request.seed)
             self._active.append(Slot(row, handle, sampler, position))
 
     def _prefill(self, row: int, handle: RequestHandle) -> int | None:
@@ -308,15 +305,8 @@ class GenerationEngine:
     def _frame_step(self, slots: list[Slot]) -> np.ndarray:
         step = self._frame_step_for(slots)
         count = len(slots)
-        step.positions[:count, 0].copy_(torch.tensor([s.position for s in slots]), non_blocking=True)
-        step.temperature[:count].copy_(torch.tensor([s.sampler.temperature for s in slots]), non_blocking=True)
-        step.top_k[:count].copy_(torch.tensor([min(s.sampler.top_k, step.top_k_bound) for s in slots]),
-                                 non_blocking=True)
-        # Padding rows (free slots): position 0, temperature 1; their results are never read.
-        step.positions[count:].zero_()
-        step.temperature[count:].fill_(1.0)
-        for row, slot in enumerate(slots):
-            slot.sampler.fill_noise(step.noise[row])
+        step.load_rows([s.sampler.row(s.position, s.frames_done, step.top_k_bound) for s in slots],
+                       [s.sampler.temperature for s in slots])
         step.run()
         # The one host synchronisation per frame: the codes go to the clients anyway,
         # and an all-zero frame must end its request before the next step.
@@ -338,7 +328,7 @@ class GenerationEngine:
         return self._frame_steps[bucket]
 
     def _new_frame_step(self, bucket: StepBucket, *, capture: bool) -> FrameStep:
-        return FrameStep(self.lm, self.cache, self.depth_cache, self.hidden, self.noise, batch=bucket.batch,
+        return FrameStep(self.lm, self.cache, self.depth_cache, self.hidden, batch=bucket.batch,
                          attend_len=bucket.attend_len, top_k_bound=bucket.top_k_bound, capture=capture,
                          graph_pool=self._graph_pool)
 

@@ -24,13 +24,12 @@ from csm_triton import constants as C
 from csm_triton.engine.device import device_context
 from csm_triton.engine.layers import KVCache
 from csm_triton.engine.lm import CsmLM
-from csm_triton.engine.sampling import log_noise, sample, top_k_index
+from csm_triton.engine.sampling import ROW_FIELDS, log_exponential_draws, sample, top_k_index
 
 
 class FrameStep:
-    def __init__(self, lm: CsmLM, cache: KVCache, depth_cache: KVCache, hidden: torch.Tensor,
-                 noise: torch.Tensor, *, batch: int, attend_len: int, top_k_bound: int = C.CODEBOOK_SIZE,
-                 capture: bool = False, graph_pool=None):
+    def __init__(self, lm: CsmLM, cache: KVCache, depth_cache: KVCache, hidden: torch.Tensor, *, batch: int,
+                 attend_len: int, top_k_bound: int = C.CODEBOOK_SIZE, capture: bool = False, graph_pool=None):
         self.device = device = lm.device
         self.lm, self.cache, self.depth_cache = lm, cache, depth_cache
         self.batch = batch
@@ -39,12 +38,18 @@ class FrameStep:
         # Rows 0..batch-1 of the engine's hidden states; rows past the active ones are
         # free slots whose results nobody reads (temperature 1, position 0: arithmetic only).
         self.hidden = hidden[:batch]
-        self.positions = torch.zeros((batch, 1), dtype=torch.long, device=device)
-        self.temperature = torch.ones(batch, device=device)  # 1 for greedy rows (sampling.py)
-        self.top_k = torch.ones(batch, dtype=torch.long, device=device)
-        # Rows of the engine's one noise buffer ([rows, 32, 2048], 256 KiB a row): every
-        # bucket's graph reads the same memory, so buckets cost no extra noise buffers.
-        self.noise = noise[:batch]
+        # Every per-row integer in one buffer (sampling.ROW_FIELDS), so a frame's inputs are
+        # two host-to-device copies (from pinned memory on a GPU), and temperatures (1 for
+        # greedy rows). The graph reads these views.
+        self.rows = torch.zeros((batch, ROW_FIELDS), dtype=torch.long, device=device)
+        self.positions = self.rows[:, 0:1]  # [B, 1]
+        self.top_k = self.rows[:, 1]
+        self.temperature = torch.ones(batch, device=device)
+        pinned = device.type == "cuda"
+        self._host_rows = torch.zeros((batch, ROW_FIELDS), dtype=torch.long, pin_memory=pinned)
+        self._host_temperature = torch.ones(batch, pin_memory=pinned)
+        self.counters = torch.arange(lm.num_codebooks * C.CODEBOOK_SIZE, device=device).view(1, lm.num_codebooks,
+                                                                                               C.CODEBOOK_SIZE)
         self.codes = torch.zeros((batch, lm.num_codebooks), dtype=torch.long, device=device)
         # The depth decoder's positions are the same every frame: its rotary rows, masks
         # and cache indices are made once here instead of in every one of 31 calls.
@@ -55,8 +60,10 @@ class FrameStep:
     def _compute(self) -> None:
         lm = self.lm
         hidden = self.hidden
-        # Once per frame for every codebook: each row's top-k index and log-noise.
-        kth_index, log_e = top_k_index(self.top_k, self.top_k_bound), log_noise(self.noise)
+        # Once per frame for every codebook: each row's top-k index and its draws.
+        kth_index = top_k_index(self.top_k, self.top_k_bound)
+        rows = self.rows
+        log_e = log_exponential_draws(rows[:, 2], rows[:, 3], rows[:, 4], rows[:, 5], self.counters)
 
         def draw(logits: torch.Tensor, codebook: int) -> torch.Tensor:
             return sample(logits, self.temperature, kth_index, log_e[:, codebook], self.top_k_bound)
@@ -75,6 +82,19 @@ class FrameStep:
         embeds = lm.embed_frames(frame)[:, None].to(lm.dtype)
         attended = lm.backbone.forward(embeds, self.cache, 0, self.positions, self.attend_len)
         self.hidden.copy_(attended[:, -1])
+
+    def load_rows(self, rows: list[tuple[int, ...]], temperatures: list[float]) -> None:
+        """The active rows' ROW_FIELDS and temperatures for the next run(); the rows after
+        them (free slots) get position 0, greedy, temperature 1: arithmetic nobody reads."""
+        count = len(rows)
+        self._host_rows[:count] = torch.tensor(rows, dtype=torch.long)
+        self._host_rows[count:] = 0
+        self._host_temperature[:count] = torch.tensor(temperatures)
+        self._host_temperature[count:] = 1.0
+        # Safe to overwrite the host buffers: the previous frame's codes were read back
+        # (a synchronisation) before this call.
+        self.rows.copy_(self._host_rows, non_blocking=True)
+        self.temperature.copy_(self._host_temperature, non_blocking=True)
 
     def _capture(self, graph_pool) -> "torch.cuda.CUDAGraph":
         # Warm up on a side stream (cuBLAS/cuDNN pick their kernels), then capture. The
@@ -119,6 +139,17 @@ ATTENTION_BUCKETS = (256, 512, 1024, 2048, 4096)
 TOP_K_BOUNDS = (64, C.CODEBOOK_SIZE)
 
 
+def batch_buckets(up_to: int) -> list[int]:
+    """Batch buckets up to `up_to`: powers of two to 32, then alternately x1.5 and x4/3
+    (48, 64, 96, 128, 192, 256, 384, ...). Above 32 rows a power-of-two ladder pads up to
+    twice the work (129 rows ran as 256); these pad at most 50 %, for a few more graphs."""
+    sizes, size = [], 1
+    while size <= up_to:
+        sizes.append(size)
+        size = size * 2 if size < 32 else (size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3)
+    return sizes
+
+
 class StepBucket(NamedTuple):
     batch: int
     attend_len: int
@@ -129,14 +160,15 @@ class BucketPlan:
     """Every (batch, attention length, top-k bound) a frame step can need, for an engine
     of `max_slots` slots of `max_context` positions: the graphs captured at load.
 
-    Batch sizes are the powers of two below max_slots, then max_slots itself (never
-    more: padding rows are free slots, so a bucket cannot exceed the slot count);
-    attention lengths are ATTENTION_BUCKETS below max_context, then max_context.
+    Batch sizes (BATCH_BUCKETS) are the powers of two up to 32, then 1.5x steps (48, 64,
+    96, 128, 192, 256, ...) below max_slots, then max_slots itself (never more: padding
+    rows are free slots, so a bucket cannot exceed the slot count); attention lengths
+    are ATTENTION_BUCKETS below max_context, then max_context.
     """
 
     def __init__(self, max_slots: int, max_context: int):
         self.max_slots, self.max_context = max_slots, max_context
-        self.batch_sizes = _ladder((1 << n for n in range(max_slots.bit_length())), max_slots)
+        self.batch_sizes = _ladder(batch_buckets(max_slots), max_slots)
         self.attention_lengths = _ladder(ATTENTION_BUCKETS, max_context)
         self.top_k_bounds = TOP_K_BOUNDS
 
@@ -163,4 +195,4 @@ def _smallest_at_least(ladder: tuple[int, ...], value: int) -> int:
     raise ValueError(f"{value} is beyond the largest bucket {ladder[-1]}")
 
 
-__all__ = ["ATTENTION_BUCKETS", "BucketPlan", "FrameStep", "StepBucket", "TOP_K_BOUNDS"]
+__all__ = ["ATTENTION_BUCKETS", "BucketPlan", "FrameStep", "StepBucket", "TOP_K_BOUNDS", "batch_buckets"]

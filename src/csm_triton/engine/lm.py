@@ -163,11 +163,10 @@ class CsmLM:
         return self.backbone.cache_bytes_per_token(self.dtype)
 
     def slot_bytes(self, max_context: int) -> int:
-        """One engine slot's buffers: its backbone KV rows, depth-decoder KV row, sampling
-        noise (fp32) and hidden state (the engine allocates them per slot)."""
+        """One engine slot's buffers: its backbone KV rows, depth-decoder KV row and hidden
+        state (the engine allocates them per slot)."""
         return (self.backbone_bytes_per_token() * max_context
                 + self.depth.cache_bytes_per_token(self.dtype) * (self.num_codebooks + 1)
-                + self.num_codebooks * C.CODEBOOK_SIZE * 4
                 + self.backbone_hidden_size * self.dtype.itemsize)
 
     # --- steps ------------------------------------------------------------------------

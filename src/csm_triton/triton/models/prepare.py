@@ -4,7 +4,10 @@ REFERENCE_TEXT) + optional conversation context -> CSM prompt tensors for csm_lm
 Besides the first prompt (input_ids, prompt_codes) it returns the segments of a long
 TEXT (core.segments): every segment's text turn as token ids, its frame budget, and
 the audio token ids, so csm_generate and csm_tts_stream chain the segments without a
-tokenizer of their own.
+tokenizer of their own. TEXT is normalized (core.normalize: numbers, money, dates...
+as words) sentence by sentence unless NORMALIZE is false; the segments, their budgets
+and `normalized_text` (each segment as spoken: csm_tts's NORMALIZED_TEXT) are the
+normalized text's.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import numpy as np
 
 from csm_triton import constants as C
 from csm_triton.triton import adapter as triton
-from csm_triton.core import conversation, segments, validation
+from csm_triton.core import conversation, normalize, segments, validation
 from csm_triton.core.prompt import PromptBuilder, Segment
 from csm_triton.triton.models.voices import forward_mimi_encoder, voice_directory
 from csm_triton.core.voice_store import VoiceStore
@@ -34,6 +37,8 @@ class PrepareModel(triton.PythonModel):
             "segment_seconds_per_char", C.SEGMENT_SECONDS_PER_CHAR, minimum=0.001, maximum=1.0)
         self.min_seconds = self.parameters.number(
             "segment_min_seconds", C.SEGMENT_MIN_SECONDS, minimum=1 / C.FRAME_RATE_HZ, maximum=C.MAX_AUDIO_SECONDS_LIMIT)
+        # The normalizer's FSTs load here (~0.5 s), not on the first request.
+        normalize.load()
 
     def _stored_voice(self, voice_id: str):
         voice = self.voices.store.get(voice_id)
@@ -45,7 +50,8 @@ class PrepareModel(triton.PythonModel):
         raw_text = validation.single_string(triton.input_texts(request, "TEXT"), "TEXT")
         text = conversation.spoken_text(raw_text, "TEXT", max_chars=C.MAX_LONG_TEXT_CHARS)
         speaker = conversation.speaker_id(triton.input_array(request, "SPEAKER", required=False))
-        texts = segments.split_text(text)
+        spoken = validation.flag(triton.input_array(request, "NORMALIZE", required=False), "NORMALIZE", True)
+        texts = segments.split_text(text, normalize=normalize.normalize_texts if spoken else None)
         voice_id = triton.input_texts(request, "VOICE_ID", required=False)
         reference_text = triton.input_texts(request, "REFERENCE_TEXT", required=False)
         context = conversation.context_turns(
@@ -77,4 +83,5 @@ class PrepareModel(triton.PythonModel):
             "segment_token_counts": np.array([len(ids) for ids in prepared.segment_ids], np.int32),
             "segment_max_frames": np.array(budgets, np.int32),
             "audio_token_ids": np.array([builder.audio_id, builder.audio_eos_id], np.int64),
+            "normalized_text": np.array([t.encode() for t in texts], dtype=object),
         }

@@ -20,9 +20,9 @@ from csm_triton.core.stream_pipeline import StreamPipeline
 from csm_triton.errors import InvalidInput
 from csm_triton.triton import adapter as triton
 
-PREPARE_INPUTS = ("TEXT", "VOICE_ID", "REFERENCE_AUDIO", "REFERENCE_SAMPLE_RATE", "REFERENCE_TEXT",
+PREPARE_INPUTS = ("TEXT", "NORMALIZE", "VOICE_ID", "REFERENCE_AUDIO", "REFERENCE_SAMPLE_RATE", "REFERENCE_TEXT",
                   *CONTEXT_INPUTS)
-PREPARE_OUTPUTS = ("input_ids", "prompt_codes", *SEGMENT_OUTPUTS)
+PREPARE_OUTPUTS = ("input_ids", "prompt_codes", *SEGMENT_OUTPUTS, "normalized_text")
 
 
 def forward_prepare(prepare_inputs):
