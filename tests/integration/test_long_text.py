@@ -123,8 +123,9 @@ def offline(long_text_budget, grpc_client):
 
 def test_the_text_is_many_segments_each_with_the_budget_the_deployment_set(long_text_budget):
     assert len(TEXT) >= 4900 and len(PARTS) >= 15
-    # 1.5 s for a full 300-character segment, at least 0.5 s: far below the 30 s default cap
-    assert max(long_text_budget) == 19 and min(long_text_budget) >= int(MIN_SECONDS * C.FRAME_RATE_HZ)
+    # 1.5 s for a full 300-character segment, at least 0.5 s: far below the 30 s default cap.
+    # The budgets are the normalized segments' (what is spoken: "1990s" packs as words).
+    assert 15 <= max(long_text_budget) <= 19 and min(long_text_budget) >= int(MIN_SECONDS * C.FRAME_RATE_HZ)
 
 
 def test_every_segment_streams_in_order_within_its_budget(streamed):

@@ -32,6 +32,7 @@ class Slot:
     sampler: SamplerState
     position: int  # next backbone position to write
     frames_done: int = 0
+    adapter: int = 0  # its LoRA adapter's slot in the engine's AdapterBank (0: the base model)
     chunks_sent: int = 0
     pending: list = field(default_factory=list)  # frames not yet delivered
 
@@ -62,8 +63,18 @@ def check_request(request: GenerationRequest, lm: CsmLM, max_context: int) -> No
         raise InvalidInput(f"prompt has {placeholders} audio placeholders but {len(request.audio_codes)} frames")
 
 
+def acquire_adapter(adapters, request: GenerationRequest) -> int:
+    """The AdapterBank slot of the request's adapter (0: none asked); InvalidInput when it
+    asks for one and this engine serves none, or the store refuses it."""
+    if not request.adapter:
+        return 0
+    if adapters is None:
+        raise InvalidInput(f"adapter {request.adapter!r} asked, but this model serves no LoRA adapters (lora_slots 0)")
+    return adapters.acquire(request.adapter)
+
+
 def prefill(lm: CsmLM, cache, hidden: torch.Tensor, prefix_cache: PrefixCache, row: int,
-            handle: RequestHandle) -> int | None:
+            handle: RequestHandle, lora=None) -> int | None:
     """The prompt into `row` of `cache`, chunk by chunk (prefix_cache.PrefillPlan): copied
     while the prefix cache holds them, then computed; the last hidden state into
     hidden[row]. Returns the next position to write; None: cancelled between chunks
@@ -83,7 +94,7 @@ def prefill(lm: CsmLM, cache, hidden: torch.Tensor, prefix_cache: PrefixCache, r
             return None
         else:  # the same chunk shapes hit or miss: a hit yields exactly a miss's numbers
             positions = torch.arange(start, end, device=device)[None]
-            last = lm.backbone_forward(embeds[None, start:end], cache, row, positions)
+            last = lm.backbone_forward(embeds[None, start:end], cache, row, positions, lora)
             if index < plan.storable:
                 new.append((plan.keys[index], PrefixEntry.copy_of(cache, row, start, end)))
         start = end

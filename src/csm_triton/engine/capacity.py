@@ -14,6 +14,7 @@ that fit. Pure arithmetic, so the decisions are tested on any machine
 from __future__ import annotations
 
 import gc
+import logging
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -23,8 +24,9 @@ from csm_triton import constants as C
 from csm_triton.engine.frame_step import StepBucket
 
 __all__ = ["CPU_DEFAULT_SLOTS", "WARM_UP_SHARE_OF_SLOT", "DeviceMemory", "EngineConfig", "MemoryReading", "SlotBudget",
-           "WarmUpReport", "plan_slots", "refit_slots"]
+           "WarmUpReport", "first_sizing", "plan_slots", "refit_after_warm_up", "refit_slots"]
 
+LOG = logging.getLogger("csm_triton.engine.engine")  # the engine's log: one place to read sizing
 CPU_DEFAULT_SLOTS = 8
 # Before the warm-up is measured, what its graphs' pool and activations are assumed to
 # take per slot, as a share of the slot's own bytes (the old 10 % of the budget); the
@@ -43,6 +45,10 @@ class EngineConfig:
     prefix_cache_bytes: int = 256 << 20
     max_prefills_per_step: int = 4
     cuda_graphs: bool = True  # on CUDA: capture the frame step per bucket (frame_step.BucketPlan)
+    # LoRA adapters resident on the device at once (engine.lora; 0: no adapters served),
+    # and the largest rank they may have (the bank is laid out for it).
+    lora_slots: int = 0
+    lora_max_rank: int = 32
     # start() captures every bucket's graph before serving, so no request pays a capture
     # (seconds at load); without it a bucket is captured the first time a step needs it.
     warm_up: bool = True
@@ -193,3 +199,25 @@ def refit_slots(plan: SlotBudget, slots: int, after: MemoryReading) -> int | Non
             f"graphs needs {own_per_slot / GIB:.3f} GiB"
         )
     return min(fits, slots - 1)  # fewer than now, even when rounding says otherwise
+
+
+def first_sizing(memory, config: EngineConfig, slot_bytes: int) -> SlotBudget:
+    """The engine's sizing before its buffers exist (on a GPU), logged."""
+    memory.release_cached()
+    budget = plan_slots(memory.reading(), config.gpu_memory_fraction, slot_bytes,
+                        prefix_cache_bytes=config.prefix_cache_bytes, max_slots=config.max_slots)
+    LOG.info("KV sizing: %s", budget.describe(budget.slots))
+    return budget
+
+
+def refit_after_warm_up(memory, budget: SlotBudget, slots: int) -> int | None:
+    """After a warm-up with `slots` slots: None when within the budget, else the slot
+    count to rebuild with; logged either way."""
+    after = memory.reading()
+    fewer = refit_slots(budget, slots, after)
+    if fewer is None:
+        LOG.info("memory after warm-up: %s", budget.describe(slots, after))
+    else:
+        LOG.warning("over gpu_memory_fraction after warm-up, %d slots instead of %d: %s", fewer, slots,
+                    budget.describe(slots, after))
+    return fewer

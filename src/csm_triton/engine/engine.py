@@ -25,13 +25,14 @@ import numpy as np
 import torch
 
 from csm_triton import constants as C
-from csm_triton.engine.admission import Slot, check_request, prefill
+from csm_triton.engine.admission import Slot, acquire_adapter, check_request, prefill
 from csm_triton.engine.capacity import (CPU_DEFAULT_SLOTS, DeviceMemory, EngineConfig, SlotBudget, WarmUpReport,
-                                        plan_slots, refit_slots)
+                                        first_sizing, refit_after_warm_up)
 from csm_triton.engine.device import device_context
 from csm_triton.engine.faults import DeviceFailure, device_failure_message, is_fatal_device_error
 from csm_triton.engine.frame_step import BucketPlan, FrameStep, StepBucket
 from csm_triton.engine.lm import CsmLM
+from csm_triton.engine.lora import AdapterBank, LoraWeights
 from csm_triton.engine.prefix_cache import PrefixCache
 from csm_triton.engine.requests import (CancellationPoller, FinishReason, FrameChunk, GenerationRequest,
                                         RequestHandle)
@@ -43,9 +44,11 @@ LOG = logging.getLogger(__name__)
 
 
 class GenerationEngine:
-    def __init__(self, lm: CsmLM, config: EngineConfig | None = None, memory: DeviceMemory | None = None):
+    def __init__(self, lm: CsmLM, config: EngineConfig | None = None, memory: DeviceMemory | None = None,
+                 adapter_loader: Callable[[str], LoraWeights] | None = None):
         """memory: what sizes the slots on a GPU (DeviceMemory of lm.device, the default
-        there); None on the CPU, where config.max_slots is the count."""
+        there); None on the CPU, where config.max_slots is the count. adapter_loader: an
+        adapter id -> its weights (the voice store), for config.lora_slots adapters."""
         self.lm = lm
         self.config = config or EngineConfig()
         self.max_context = min(self.config.max_context or lm.max_context, lm.max_context)
@@ -53,6 +56,8 @@ class GenerationEngine:
         self.memory = memory if memory is not None or lm.device.type != "cuda" else DeviceMemory(lm.device)
         self.slot_budget: SlotBudget | None = None  # on a GPU: the sizing, refit after warm-up
         self._allocate(self._slot_count())
+        self.adapters = (AdapterBank(lm, self.config.lora_slots, self.config.lora_max_rank, adapter_loader)
+                         if self.config.lora_slots and adapter_loader is not None else None)
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes)
         self._active: list[Slot] = []  # _active[r] holds cache row r
         self._waiting: deque[RequestHandle] = deque()
@@ -77,12 +82,7 @@ class GenerationEngine:
     def _slot_count(self) -> int:
         if self.memory is None:
             return self.config.max_slots or CPU_DEFAULT_SLOTS
-        self.memory.release_cached()
-        self.slot_budget = plan_slots(self.memory.reading(), self.config.gpu_memory_fraction,
-                                      self.lm.slot_bytes(self.max_context),
-                                      prefix_cache_bytes=self.config.prefix_cache_bytes,
-                                      max_slots=self.config.max_slots)
-        LOG.info("KV sizing: %s", self.slot_budget.describe(self.slot_budget.slots))
+        self.slot_budget = first_sizing(self.memory, self.config, self.lm.slot_bytes(self.max_context))
         return self.slot_budget.slots
 
     def _allocate(self, slots: int) -> None:
@@ -106,20 +106,17 @@ class GenerationEngine:
 
     def _refit_after_warm_up(self) -> bool:
         """True when the slots were rebuilt (fewer): the warm-up then runs again."""
-        after = self.memory.reading()
-        slots = refit_slots(self.slot_budget, self.max_slots, after)
-        if slots is None:
-            LOG.info("memory after warm-up: %s", self.slot_budget.describe(self.max_slots, after))
-            return False
-        LOG.warning("over gpu_memory_fraction after warm-up, %d slots instead of %d: %s", slots, self.max_slots,
-                    self.slot_budget.describe(self.max_slots, after))
-        self._allocate(slots)
-        return True
+        slots = refit_after_warm_up(self.memory, self.slot_budget, self.max_slots)
+        if slots is not None:
+            self._allocate(slots)
+        return slots is not None
 
     # --- public API -------------------------------------------------------------------
     def submit(self, request: GenerationRequest,
                callback: Callable[[FrameChunk], None] | None = None) -> RequestHandle:
         check_request(request, self.lm, self.max_context)
+        if request.adapter and self.adapters is not None:
+            self.adapters.prefetch(request.adapter)  # the disk read here, not on the engine thread
         handle = RequestHandle(request, callback)
         with self._lock:
             if self.device_failure is not None:
@@ -283,8 +280,14 @@ class GenerationEngine:
             row = len(self._active)  # the first free row: the active slots are rows 0..n-1
             request = handle.request
             try:
-                position = self._prefill(row, handle)
+                adapter = acquire_adapter(self.adapters, request)
+            except Exception as error:  # noqa: BLE001 - unknown, refused or no slot free: this request only
+                handle._end(FinishReason.ERROR, str(error))
+                continue
+            try:
+                position = self._prefill(row, handle, adapter)
             except Exception as error:  # noqa: BLE001 - one bad prompt fails only itself
+                self.adapters and self.adapters.release(adapter)
                 if is_fatal_device_error(error):  # not this prompt's fault: the loop fails them all
                     with self._lock:
                         self._waiting.appendleft(handle)
@@ -293,19 +296,21 @@ class GenerationEngine:
                 handle._end(FinishReason.ERROR, f"prefill failed: {error}")
                 continue
             if position is None:
+                self.adapters and self.adapters.release(adapter)
                 handle._end(FinishReason.CANCELLED)
                 continue
             sampler = SamplerState.create(temperature=request.temperature, top_k=request.top_k,
                                           greedy=request.greedy, seed=request.seed)
-            self._active.append(Slot(row, handle, sampler, position))
+            self._active.append(Slot(row, handle, sampler, position, adapter=adapter))
 
-    def _prefill(self, row: int, handle: RequestHandle) -> int | None:
-        return prefill(self.lm, self.cache, self.hidden, self.prefix_cache, row, handle)  # (admission)
+    def _prefill(self, row: int, handle: RequestHandle, adapter: int = 0) -> int | None:
+        lora = self.adapters.rows("backbone", torch.tensor([adapter], device=self.lm.device)) if adapter else None
+        return prefill(self.lm, self.cache, self.hidden, self.prefix_cache, row, handle, lora)  # (admission)
 
     def _frame_step(self, slots: list[Slot]) -> np.ndarray:
         step = self._frame_step_for(slots)
         count = len(slots)
-        step.load_rows([s.sampler.row(s.position, s.frames_done, step.top_k_bound) for s in slots],
+        step.load_rows([(*s.sampler.row(s.position, s.frames_done, step.top_k_bound), s.adapter) for s in slots],
                        [s.sampler.temperature for s in slots])
         step.run()
         # The one host synchronisation per frame: the codes go to the clients anyway,
@@ -330,7 +335,7 @@ class GenerationEngine:
     def _new_frame_step(self, bucket: StepBucket, *, capture: bool) -> FrameStep:
         return FrameStep(self.lm, self.cache, self.depth_cache, self.hidden, batch=bucket.batch,
                          attend_len=bucket.attend_len, top_k_bound=bucket.top_k_bound, capture=capture,
-                         graph_pool=self._graph_pool)
+                         graph_pool=self._graph_pool, adapters=self.adapters)
 
     def _advance(self, slots: list[Slot], frames: np.ndarray) -> None:
         finished: list[tuple[Slot, FinishReason]] = []
@@ -359,6 +364,7 @@ class GenerationEngine:
 
     def _finish(self, slot: Slot, reason: FinishReason, error: str | None = None) -> None:
         self._release(slot)
+        self.adapters and self.adapters.release(slot.adapter)
         slot.handle._end(reason, error, slot.pending)
 
     def _release(self, slot: Slot) -> None:

@@ -24,12 +24,19 @@ from csm_triton import constants as C
 from csm_triton.engine.device import device_context
 from csm_triton.engine.layers import KVCache
 from csm_triton.engine.lm import CsmLM
-from csm_triton.engine.sampling import ROW_FIELDS, log_exponential_draws, sample, top_k_index
+from csm_triton.engine.sampling import SAMPLER_FIELDS, log_exponential_draws, sample, top_k_index
+
+# One int64 row per request: the sampler's fields (sampling.SamplerState.row), then the
+# slot of its LoRA adapter in the engine's AdapterBank (0: the base model).
+ROW_FIELDS = SAMPLER_FIELDS + 1
+ADAPTER_FIELD = SAMPLER_FIELDS
 
 
 class FrameStep:
     def __init__(self, lm: CsmLM, cache: KVCache, depth_cache: KVCache, hidden: torch.Tensor, *, batch: int,
-                 attend_len: int, top_k_bound: int = C.CODEBOOK_SIZE, capture: bool = False, graph_pool=None):
+                 attend_len: int, top_k_bound: int = C.CODEBOOK_SIZE, capture: bool = False, graph_pool=None,
+                 adapters=None):
+        """adapters: the engine's AdapterBank (engine.lora), or None (no LoRA at all)."""
         self.device = device = lm.device
         self.lm, self.cache, self.depth_cache = lm, cache, depth_cache
         self.batch = batch
@@ -38,7 +45,7 @@ class FrameStep:
         # Rows 0..batch-1 of the engine's hidden states; rows past the active ones are
         # free slots whose results nobody reads (temperature 1, position 0: arithmetic only).
         self.hidden = hidden[:batch]
-        # Every per-row integer in one buffer (sampling.ROW_FIELDS), so a frame's inputs are
+        # Every per-row integer in one buffer (ROW_FIELDS), so a frame's inputs are
         # two host-to-device copies (from pinned memory on a GPU), and temperatures (1 for
         # greedy rows). The graph reads these views.
         self.rows = torch.zeros((batch, ROW_FIELDS), dtype=torch.long, device=device)
@@ -51,6 +58,11 @@ class FrameStep:
         self.counters = torch.arange(lm.num_codebooks * C.CODEBOOK_SIZE, device=device).view(1, lm.num_codebooks,
                                                                                                C.CODEBOOK_SIZE)
         self.codes = torch.zeros((batch, lm.num_codebooks), dtype=torch.long, device=device)
+        # LoRA: a graph always applies the rows' adapters (their slots are data); eager
+        # steps skip them when no row has one (load_rows knows).
+        self.adapters, self._rows_have_adapters = adapters, capture and adapters is not None
+        adapter_slots = self.rows[:, ADAPTER_FIELD]
+        self.lora = {stack: adapters.rows(stack, adapter_slots) for stack in ("backbone", "depth")} if adapters else {}
         # The depth decoder's positions are the same every frame: its rotary rows, masks
         # and cache indices are made once here instead of in every one of 31 calls.
         self.depth_geometry = [lm.depth_geometry(batch, 1, 2)] + [
@@ -65,6 +77,8 @@ class FrameStep:
         rows = self.rows
         log_e = log_exponential_draws(rows[:, 2], rows[:, 3], rows[:, 4], rows[:, 5], self.counters)
 
+        lora = self.lora if self._rows_have_adapters else {}
+
         def draw(logits: torch.Tensor, codebook: int) -> torch.Tensor:
             return sample(logits, self.temperature, kth_index, log_e[:, codebook], self.top_k_bound)
 
@@ -72,7 +86,8 @@ class FrameStep:
         # Depth decoder: position 0 is the backbone's hidden state, position 1 codebook 0.
         step_input = torch.stack([hidden, lm.depth_embed(codes[0], 0)[:, 0]], dim=1)
         for codebook in range(1, lm.num_codebooks):
-            logits = lm.depth_logits(step_input, self.depth_cache, codebook, self.depth_geometry[codebook - 1])
+            logits = lm.depth_logits(step_input, self.depth_cache, codebook, self.depth_geometry[codebook - 1],
+                                     lora.get("depth"))
             codes.append(draw(logits, codebook))
             step_input = lm.depth_embed(codes[-1], codebook)
         frame = torch.stack(codes, dim=1)
@@ -80,13 +95,16 @@ class FrameStep:
         # The backbone consumes the new frame now, so the next step starts from its
         # hidden state; a slot that finishes with this frame just never reads it.
         embeds = lm.embed_frames(frame)[:, None].to(lm.dtype)
-        attended = lm.backbone.forward(embeds, self.cache, 0, self.positions, self.attend_len)
+        attended = lm.backbone.forward(embeds, self.cache, 0, self.positions, self.attend_len, lora=lora.get("backbone"))
         self.hidden.copy_(attended[:, -1])
 
     def load_rows(self, rows: list[tuple[int, ...]], temperatures: list[float]) -> None:
         """The active rows' ROW_FIELDS and temperatures for the next run(); the rows after
-        them (free slots) get position 0, greedy, temperature 1: arithmetic nobody reads."""
+        them (free slots) get position 0, greedy, temperature 1, no adapter: arithmetic
+        nobody reads."""
         count = len(rows)
+        if self.graph is None:
+            self._rows_have_adapters = self.adapters is not None and any(row[ADAPTER_FIELD] for row in rows)
         self._host_rows[:count] = torch.tensor(rows, dtype=torch.long)
         self._host_rows[count:] = 0
         self._host_temperature[:count] = torch.tensor(temperatures)

@@ -213,9 +213,15 @@ class TransformerStack:
         return Geometry(cos, sin, mask, item, positions, attend_len)
 
     def forward(self, x: torch.Tensor, cache: "KVCache", first_row: int, positions: torch.Tensor | None = None,
-                attend_len: int | None = None, *, geometry: Geometry | None = None) -> torch.Tensor:
+                attend_len: int | None = None, *, geometry: Geometry | None = None, lora=None) -> torch.Tensor:
         """x [B, T, hidden] for cache rows first_row..first_row+B-1; positions [B, T];
-        attend_len: keys 0..attend_len-1 are read. Or a precomputed `geometry` instead."""
+        attend_len: keys 0..attend_len-1 are read. Or a precomputed `geometry` instead.
+        lora: the rows' adapters (engine.lora.LoraRows), added to every fused linear."""
+
+        def linear(index: int, name: str, inputs: torch.Tensor) -> torch.Tensor:
+            out = getattr(self.layers[index], name)(inputs)
+            return out if lora is None else out + lora.delta(index, name, inputs)
+
         batch, tokens, _ = x.shape
         g = geometry if geometry is not None else self.geometry(positions, attend_len)
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
@@ -223,8 +229,8 @@ class TransformerStack:
         with attention_kernels(x.device):
             for index, layer in enumerate(self.layers):
                 residual = x
-                qkv = layer.qkv(rms_norm(x, layer.input_norm, self.eps)).view(batch, tokens, heads + 2 * kv_heads,
-                                                                               head_dim)
+                qkv = linear(index, "qkv", rms_norm(x, layer.input_norm, self.eps)).view(
+                    batch, tokens, heads + 2 * kv_heads, head_dim)
                 # Rotary on the query and key heads together: 4 kernels for both.
                 qk = qkv[:, :, :heads + kv_heads]
                 qk = qk * g.cos + rotate_halves(qk) * g.sin
@@ -240,10 +246,11 @@ class TransformerStack:
                 attended = F.scaled_dot_product_attention(q, keys[:, :, :g.attend_len], values[:, :, :g.attend_len],
                                                           attn_mask=g.mask)
                 attended = attended.unflatten(2, (self.groups, tokens)).permute(0, 3, 1, 2, 4)
-                x = residual + layer.o_proj(attended.reshape(batch, tokens, heads * head_dim))
+                x = residual + linear(index, "o_proj", attended.reshape(batch, tokens, heads * head_dim))
                 residual = x
-                gate, up = layer.gate_up(rms_norm(x, layer.post_norm, self.eps)).split(self.intermediate_size, dim=-1)
-                x = residual + layer.down(F.silu(gate) * up)
+                gate, up = linear(index, "gate_up", rms_norm(x, layer.post_norm, self.eps)).split(
+                    self.intermediate_size, dim=-1)
+                x = residual + linear(index, "down", F.silu(gate) * up)
         return rms_norm(x, self.final_norm, self.eps)
 
 

@@ -171,11 +171,11 @@ class CsmLM:
 
     # --- steps ------------------------------------------------------------------------
     def backbone_forward(self, embeds: torch.Tensor, cache: KVCache, first_row: int,
-                         positions: torch.Tensor) -> torch.Tensor:
+                         positions: torch.Tensor, lora=None) -> torch.Tensor:
         """embeds [B, T, hidden] for cache rows first_row.. at positions [B, T] -> last
-        hidden state per item [B, hidden]."""
+        hidden state per item [B, hidden]. lora: the rows' adapters (engine.lora)."""
         attend_len = int(positions.max()) + 1
-        hidden = self.backbone.forward(embeds, cache, first_row, positions, attend_len)
+        hidden = self.backbone.forward(embeds, cache, first_row, positions, attend_len, lora=lora)
         return hidden[:, -1]
 
     def codebook0_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -189,7 +189,7 @@ class CsmLM:
         return self.depth.geometry(positions, position + 1)
 
     def depth_logits(self, step_input: torch.Tensor, cache: KVCache, position: int,
-                     geometry: Geometry | None = None) -> torch.Tensor:
+                     geometry: Geometry | None = None, lora=None) -> torch.Tensor:
         """One depth-decoder call for the whole batch at `position` (all items in lockstep).
 
         step_input [B, T, backbone_hidden] holds the already-embedded inputs; returns the
@@ -197,7 +197,7 @@ class CsmLM:
         """
         batch, tokens, _ = step_input.shape
         geometry = geometry if geometry is not None else self.depth_geometry(batch, position, tokens)
-        hidden = self.depth.forward(self.depth_projector(step_input), cache, 0, geometry=geometry)
+        hidden = self.depth.forward(self.depth_projector(step_input), cache, 0, geometry=geometry, lora=lora)
         return self.depth_heads[position - 1](hidden[:, -1].float())
 
     def depth_embed(self, codes: torch.Tensor, codebook: int) -> torch.Tensor:

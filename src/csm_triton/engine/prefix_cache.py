@@ -63,6 +63,8 @@ class PrefillPlan:
         bounds = [int(b) + 1 for b in np.flatnonzero(ids == audio_eos_id) if b + 1 < len(ids)]
         placeholders = np.cumsum(ids == audio_id)  # placeholders in ids[:i + 1]
         digest = hashlib.sha256()
+        # The same turns under another adapter are other keys and values.
+        digest.update(f"adapter:{request.adapter or ''}\0".encode())
         keys, start, rows = [], 0, 0
         for end in bounds:
             # The stream decodes one way: a chunk's ids run to its one <|audio_eos|>, and

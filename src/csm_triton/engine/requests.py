@@ -48,6 +48,9 @@ class GenerationRequest:
     # long text's later segments pass the previous generated segment as a turn, which no
     # later request will repeat, so it would only push reusable turns out.
     prefix_cache_turns: int | None = None
+    # A LoRA adapter voice (its id in the voice store): its rows add that adapter's
+    # low-rank products (engine.lora); None: the base model.
+    adapter: str | None = None
     # Polled every few frames (e.g. Triton's response_sender.is_cancelled): True cancels.
     is_cancelled: Callable[[], bool] | None = None
 

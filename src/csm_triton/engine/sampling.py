@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ROW_FIELDS", "SamplerState", "log_exponential_draws", "sample", "top_k_index"]
+__all__ = ["SAMPLER_FIELDS", "SamplerState", "log_exponential_draws", "sample", "top_k_index"]
 
-# A frame step's per-row integers, packed in one buffer (one host-to-device copy a frame):
+# A request's per-frame integers in the frame step's row buffer (frame_step.ROW_FIELDS):
 # position, top_k, seed (low, high 32 bits), the request's frame index, sampled (0: greedy).
-ROW_FIELDS = 6
+SAMPLER_FIELDS = 6
 _MASK32 = 0xFFFF_FFFF
 # lowbias32-style mixing (xor-shift, multiply) on 32-bit values held in int64; both odd
 # multipliers are below 2**31, so a product stays below 2**63: no int64 overflow anywhere.
@@ -44,7 +44,7 @@ class SamplerState:
                    seed if seed is not None else random.getrandbits(63))
 
     def row(self, position: int, frame: int, top_k_bound: int) -> tuple[int, ...]:
-        """This request's ROW_FIELDS for the frame step that makes its frame `frame`."""
+        """This request's SAMPLER_FIELDS for the frame step that makes its frame `frame`."""
         return (position, min(self.top_k, top_k_bound), self.seed & _MASK32, self.seed >> 32, frame,
                 0 if self.greedy else 1)
 

@@ -1,0 +1,171 @@
+"""LoRA adapters chosen per request and mixed in one frame step (S-LoRA/Punica style).
+
+The base weights are shared; each request's rows add their own adapter's low-rank
+product on every targeted projection: y = W x + B_i (A_i x) for the adapter i of that
+row, 0 for rows of the base model. Nothing is merged, so one copy of the base serves
+any mix of adapters in the same step.
+
+The engine fuses projections (q|k|v into one `qkv` GEMM, gate|up into `gate_up`), so an
+adapter is laid out per fused linear: A is the targeted projections' A matrices stacked
+along the rank ([components x rank, in]) and B places each projection's B (times its
+scale alpha/r) in that projection's output rows and rank columns ([out, components x
+rank], zero elsewhere). One gather and two batched products per fused linear then apply
+q, k and v's adapters at once. The bank holds `capacity` adapters per stack on the
+device, slot 0 all zeros (the base model), so a row's adapter is just an index: a
+static buffer inside a captured CUDA graph.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["FUSED", "PROJECTIONS", "AdapterBank", "LoraRows", "LoraWeights", "StackLora"]
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The engine's fused linears and the projections each holds, in output order.
+FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
+         "down": ("down_proj",)}
+
+
+@dataclass
+class LoraWeights:
+    """One adapter: {(stack, layer, projection): (A [r, in], B [out, r])} with stack
+    "backbone" or "depth", and its scale (alpha / r)."""
+    matrices: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]]
+    scale: float
+    rank: int
+
+
+class StackLora:
+    """The bank of one TransformerStack: per layer and fused linear, A [capacity + 1, R, in]
+    and B [capacity + 1, out, R] (R = components x max rank), slot 0 zeros."""
+
+    def __init__(self, stack, name: str, capacity: int, max_rank: int, device, dtype):
+        self.name, self.max_rank = name, max_rank
+        sizes = {"qkv": [stack.num_heads * stack.head_dim] + [stack.num_kv_heads * stack.head_dim] * 2,
+                 "o_proj": [stack.layers[0].o_proj.out_features],
+                 "gate_up": [stack.intermediate_size] * 2, "down": [stack.layers[0].down.out_features]}
+        inputs = {"qkv": stack.layers[0].qkv.in_features, "o_proj": stack.layers[0].o_proj.in_features,
+                  "gate_up": stack.layers[0].gate_up.in_features, "down": stack.layers[0].down.in_features}
+        self.out_sizes = sizes
+        self.a: list[dict[str, torch.Tensor]] = []
+        self.b: list[dict[str, torch.Tensor]] = []
+        for _ in stack.layers:
+            self.a.append({fused: torch.zeros(capacity + 1, len(parts) * max_rank, inputs[fused], device=device,
+                                              dtype=dtype) for fused, parts in FUSED.items()})
+            self.b.append({fused: torch.zeros(capacity + 1, sum(sizes[fused]), len(parts) * max_rank, device=device,
+                                              dtype=dtype) for fused, parts in FUSED.items()})
+
+    def write(self, slot: int, weights: LoraWeights | None) -> None:
+        """Slot `slot` := this adapter's matrices for this stack (None: zeros)."""
+        for layer, (a_layer, b_layer) in enumerate(zip(self.a, self.b)):
+            for fused, parts in FUSED.items():
+                a, b = a_layer[fused][slot], b_layer[fused][slot]
+                a.zero_()
+                b.zero_()
+                if weights is None:
+                    continue
+                row = 0
+                for component, projection in enumerate(parts):
+                    out = self.out_sizes[fused][component]
+                    pair = weights.matrices.get((self.name, layer, projection))
+                    if pair is not None:
+                        lora_a, lora_b = pair
+                        rank = lora_a.shape[0]
+                        columns = slice(component * self.max_rank, component * self.max_rank + rank)
+                        a[columns] = lora_a.to(a.dtype)
+                        b[row:row + out, columns] = (lora_b * weights.scale).to(b.dtype)
+                    row += out
+
+
+@dataclass
+class LoraRows:
+    """The adapters of one forward call's rows: `slots` [B] int64 into `bank`."""
+    bank: StackLora
+    slots: torch.Tensor
+
+    def delta(self, layer: int, fused: str, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, in] -> each row's B (A x) [B, T, out] (zeros for base rows)."""
+        a = self.bank.a[layer][fused][self.slots]  # [B, R, in]
+        b = self.bank.b[layer][fused][self.slots]  # [B, out, R]
+        return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+
+
+class AdapterBank:
+    """Which adapters are resident (by id), in which slot, and how many running requests
+    use each: the most recently used `capacity` stay; one in use is never evicted."""
+
+    def __init__(self, lm, capacity: int, max_rank: int, load):
+        """load(adapter_id) -> LoraWeights (from the voice store); raises for a bad one."""
+        self.capacity, self.max_rank, self._load = capacity, max_rank, load
+        self.stacks = {name: StackLora(stack, name, capacity, max_rank, lm.device, lm.dtype)
+                       for name, stack in (("backbone", lm.backbone), ("depth", lm.depth))}
+        self._slot_of: dict[str, int] = {}  # resident adapter id -> slot 1..capacity
+        self._read: dict[str, LoraWeights] = {}  # read from disk by prefetch, not yet on the device
+        self._read_lock = threading.Lock()
+        self._users = [0] * (capacity + 1)
+        self._used_at = [0] * (capacity + 1)
+        self._clock = 0
+
+    def acquire(self, adapter_id: str | None) -> int:
+        """The slot of this adapter (0: none), loaded into a free or least recently used
+        idle slot if it is not resident; the caller releases it when the request ends."""
+        if not adapter_id:
+            return 0
+        self._clock += 1
+        slot = self._slot_of.get(adapter_id)
+        if slot is None:
+            with self._read_lock:
+                weights = self._read.pop(adapter_id, None)
+            weights = weights or self._load(adapter_id)
+            if weights.rank > self.max_rank:
+                raise ValueError(f"adapter {adapter_id!r} has rank {weights.rank}; this server serves up to "
+                                 f"{self.max_rank} (lora_max_rank)")
+            slot = self._free_slot(adapter_id)
+            for bank in self.stacks.values():
+                bank.write(slot, weights)
+            self._slot_of[adapter_id] = slot
+        self._users[slot] += 1
+        self._used_at[slot] = self._clock
+        return slot
+
+    def prefetch(self, adapter_id: str) -> None:
+        """Reads a non-resident adapter from disk on the caller's thread (a request's
+        submit), so admitting it on the engine thread only copies it to the device: a
+        frame's stall at most, not a file read. Errors surface at acquire."""
+        if adapter_id in self._slot_of or adapter_id in self._read:
+            return
+        try:
+            weights = self._load(adapter_id)
+        except Exception:  # noqa: BLE001 - acquire loads again and answers the request with the error
+            return
+        with self._read_lock:
+            if len(self._read) >= self.capacity:  # bounded: requests for many adapters at once
+                self._read.pop(next(iter(self._read)))
+            self._read[adapter_id] = weights
+
+    def release(self, slot: int) -> None:
+        if slot:
+            self._users[slot] -= 1
+
+    def rows(self, stack: str, slots: torch.Tensor) -> LoraRows:
+        return LoraRows(self.stacks[stack], slots)
+
+    def resident(self) -> dict[str, int]:
+        return dict(self._slot_of)
+
+    def _free_slot(self, adapter_id: str) -> int:
+        taken = set(self._slot_of.values())
+        free = [slot for slot in range(1, self.capacity + 1) if slot not in taken]
+        if free:
+            return free[0]
+        idle = [slot for slot in taken if self._users[slot] == 0]
+        if not idle:
+            raise RuntimeError(f"adapter {adapter_id!r} cannot be loaded now: all {self.capacity} adapter slots "
+                               "serve running requests (lora_slots); retry shortly")
+        evicted = min(idle, key=self._used_at.__getitem__)
+        del self._slot_of[next(name for name, slot in self._slot_of.items() if slot == evicted)]
+        return evicted

@@ -1,0 +1,143 @@
+"""LoRA adapters per request (engine/lora.py) against an independent reference: peft's
+own merge of the same adapter into transformers' model, decoded by transformers'
+`generate`. Requests of two adapters and of the base model share frame steps; each gets
+exactly its own merged model's greedy codes (fp32, CPU)."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import numpy as np
+import pytest
+import torch
+from transformers import CsmForConditionalGeneration
+
+from csm_triton.engine import EngineConfig, GenerationEngine, GenerationRequest
+from csm_triton.engine.lora import PROJECTIONS, LoraWeights
+from tests.test_engine import TARGETS, hf_generate, request
+
+peft = pytest.importorskip("peft")  # the finetune extra: installed by make test
+
+# The modules `make finetune` targets (finetune/train.py LM_PREFIX): every projection of
+# the backbone and the depth decoder.
+TARGET = r"^(backbone_model|depth_decoder\.model)\..*\.(" + "|".join(PROJECTIONS) + ")$"
+MODULE = re.compile(r"(backbone_model|depth_decoder\.model)\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)$")
+FRAMES = 6
+
+
+def lora_model(checkpoint, rank: int, seed: int):
+    """transformers' model with a peft LoRA of random (non-zero) A and B."""
+    torch.manual_seed(seed)
+    base = CsmForConditionalGeneration.from_pretrained(str(checkpoint)).eval()
+    config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGET, init_lora_weights=False)
+    model = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(0.0, 0.05)
+    return model.eval()
+
+
+def weights_of(model, rank: int) -> LoraWeights:
+    """The engine's form of a peft model's adapter, read from its modules."""
+    matrices = {}
+    for name, module in model.named_modules():
+        match = MODULE.search(name)
+        if match and hasattr(module, "lora_A"):
+            stack = "backbone" if match.group(1) == "backbone_model" else "depth"
+            matrices[(stack, int(match.group(2)), match.group(3))] = (
+                module.lora_A["default"].weight.detach().clone(), module.lora_B["default"].weight.detach().clone())
+    scale = model.peft_config["default"].lora_alpha / rank
+    return LoraWeights(matrices, scale, rank)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_checkpoint):
+    made = {}
+    for name, rank, seed in (("warm", 4, 1), ("bright", 8, 2)):
+        model = lora_model(tiny_checkpoint, rank, seed)
+        weights = weights_of(model, rank)
+        assert len(weights.matrices) == 7 * 4  # 2 backbone + 2 depth layers in the tiny model, 7 projections each
+        merged = copy.deepcopy(model).merge_and_unload().eval()
+        made[name] = (weights, merged)
+    return made
+
+
+def test_requests_of_two_adapters_and_the_base_share_steps_and_each_gets_its_merged_models_codes(
+        lm, builder, processor_and_base, adapters):
+    processor, base = processor_and_base
+    loads = []
+
+    def load(adapter_id):
+        loads.append(adapter_id)
+        return adapters[adapter_id][0]
+
+    engine = GenerationEngine(lm, EngineConfig(max_slots=4, lora_slots=2, lora_max_rank=8), adapter_loader=load)
+    asked = [(TARGETS[0], None), (TARGETS[1], "warm"), (TARGETS[2], "bright"), (TARGETS[1], "bright")]
+    handles = [engine.submit(request(builder, text, FRAMES, adapter=adapter)) for text, adapter in asked]
+    engine.run_until_idle()
+    assert engine.steps <= FRAMES + 2, "the four requests shared frame steps"
+    for handle, (text, adapter) in zip(handles, asked):
+        model = base if adapter is None else adapters[adapter][1]
+        np.testing.assert_array_equal(handle.result(timeout=5).codes, hf_generate(model, processor, text, FRAMES),
+                                      err_msg=f"adapter {adapter}")
+    assert sorted(set(loads)) == ["bright", "warm"] and len(loads) == 2  # read once each (at submit)
+    assert engine.adapters.resident() == {"warm": 1, "bright": 2}
+
+
+def test_the_same_prompt_under_two_adapters_is_two_prefix_cache_entries(lm, builder, adapters):
+    engine = GenerationEngine(lm, EngineConfig(max_slots=2, lora_slots=2, lora_max_rank=8),
+                              adapter_loader=lambda name: adapters[name][0])
+    codes = np.zeros((13, 32), np.int64) + 7
+    for adapter in ("warm", "bright", "warm"):
+        prompt = builder.prepare(TARGETS[0], "A voice said this.", codes)
+        engine.submit(GenerationRequest(prompt.input_ids, prompt.audio_codes, max_frames=2, greedy=True,
+                                        adapter=adapter))
+        engine.run_until_idle()
+    assert engine.prefix_cache.misses == 2 and engine.prefix_cache.hits == 1
+
+
+def test_adapters_are_refused_per_request_with_a_clear_error(lm, builder, adapters):
+    plain = GenerationEngine(lm, EngineConfig(max_slots=2))
+    handle = plain.submit(request(builder, TARGETS[0], 2, adapter="warm"))
+    plain.run_until_idle()
+    result = handle.result(timeout=5)
+    assert result.reason.value == "error" and "serves no LoRA adapters" in result.error
+
+    small = GenerationEngine(lm, EngineConfig(max_slots=2, lora_slots=1, lora_max_rank=4),
+                             adapter_loader=lambda name: adapters[name][0])
+    too_big = small.submit(request(builder, TARGETS[0], 2, adapter="bright"))  # rank 8 > 4
+    fine = small.submit(request(builder, TARGETS[0], 2))
+    small.run_until_idle()
+    assert "rank 8" in too_big.result(timeout=5).error and fine.result(timeout=5).reason.value != "error"
+
+    def missing(name):
+        raise KeyError(f"no adapter voice {name!r}")
+
+    unknown = GenerationEngine(lm, EngineConfig(max_slots=2, lora_slots=1), adapter_loader=missing)
+    handle = unknown.submit(request(builder, TARGETS[0], 2, adapter="nobody"))
+    unknown.run_until_idle()
+    assert "no adapter voice 'nobody'" in handle.result(timeout=5).error
+
+
+def test_a_full_bank_evicts_the_least_recently_used_idle_adapter_never_one_in_use(lm, builder, adapters):
+    engine = GenerationEngine(lm, EngineConfig(max_slots=2, lora_slots=1, lora_max_rank=8),
+                              adapter_loader=lambda name: adapters[name][0])
+    running = engine.submit(request(builder, TARGETS[0], 4, adapter="warm"))
+    engine.step()  # admitted: "warm" holds the only slot
+    blocked = engine.submit(request(builder, TARGETS[1], 2, adapter="bright"))
+    engine.run_until_idle()
+    assert running.result(timeout=5).reason.value != "error"
+    assert "all 1 adapter slots serve running requests" in blocked.result(timeout=5).error
+    later = engine.submit(request(builder, TARGETS[1], 2, adapter="bright"))  # "warm" is idle now: evicted
+    engine.run_until_idle()
+    assert later.result(timeout=5).reason.value != "error" and engine.adapters.resident() == {"bright": 1}
+
+
+@pytest.fixture(scope="module")
+def processor_and_base(tiny_checkpoint):
+    from transformers import AutoProcessor
+
+    return (AutoProcessor.from_pretrained(str(tiny_checkpoint)),
+            CsmForConditionalGeneration.from_pretrained(str(tiny_checkpoint)).eval())
