@@ -60,16 +60,18 @@ class Parameters:
         except KeyError:
             raise self._error(name, '"true" or "false"', value) from None
 
-    def integer(self, name: str, default: int | None, *, minimum: int | None = None) -> int | None:
+    def integer(self, name: str, default: int | None, *, minimum: int | None = None,
+                maximum: int | None = None) -> int | None:
         value = self.text(name)
         if value is None:
             return default
-        accepted = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+        accepted = "an integer" + (f" >= {minimum}" if minimum is not None else "") + (
+            f" <= {maximum}" if maximum is not None else "")
         try:
             number = int(value)
         except ValueError:
             raise self._error(name, accepted, value) from None
-        if minimum is not None and number < minimum:
+        if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
             raise self._error(name, accepted, value)
         return number
 
