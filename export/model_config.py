@@ -52,8 +52,9 @@ PROFILES: dict[str, Profile] = {
             "mimi_decoder": ModelOverride(instance_count=1, max_queue_delay_microseconds=5000),
             "csm_prepare": ModelOverride(instance_count=1),
             # fp32 on CPU (tokens identical to transformers); few slots: each one is a
-            # full context of KV cache, and 2 cores cannot feed many streams anyway.
-            "csm_lm": ModelOverride(parameters={"dtype": "float32", "max_slots": "4"}),
+            # full context of KV cache, and 2 cores cannot feed many streams anyway. Two
+            # resident adapters (fp32 CSM-1B at rank 32: 164 MB each).
+            "csm_lm": ModelOverride(parameters={"dtype": "float32", "max_slots": "4", "lora_slots": "2"}),
             "csm_generate": ModelOverride(instance_count=4),
         },
     ),

@@ -141,3 +141,23 @@ def processor_and_base(tiny_checkpoint):
 
     return (AutoProcessor.from_pretrained(str(tiny_checkpoint)),
             CsmForConditionalGeneration.from_pretrained(str(tiny_checkpoint)).eval())
+
+
+def test_an_adapter_slot_of_csm_1b_at_rank_32_is_82_mb_in_bf16_as_documented():
+    # CSM-1B's shapes (CsmConfig defaults), on the meta device: sizes without memory.
+    from types import SimpleNamespace
+
+    from csm_triton.engine.lora import StackLora
+
+    def stack(layers, hidden, heads, kv_heads, head_dim, intermediate):
+        linear = SimpleNamespace
+        layer = SimpleNamespace(qkv=linear(in_features=hidden), o_proj=linear(in_features=heads * head_dim,
+                                                                                 out_features=hidden),
+                                gate_up=linear(in_features=hidden), down=linear(in_features=intermediate,
+                                                                                out_features=hidden))
+        return SimpleNamespace(layers=[layer] * layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                               intermediate_size=intermediate)
+
+    backbone = StackLora(stack(16, 2048, 32, 8, 64, 8192), "backbone", 1, 32, "meta", torch.bfloat16)
+    depth = StackLora(stack(4, 1024, 8, 2, 128, 8192), "depth", 1, 32, "meta", torch.bfloat16)
+    assert backbone.nbytes + depth.nbytes == 2 * 1_280_000 * 32  # 81.9 MB: docs/model_config.md

@@ -210,3 +210,22 @@ VOICE_OWNER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
 # x FRAME_RATE_HZ x NUM_CODEBOOKS int64, 96 KiB): 256 voices are at most 24 MiB each.
 # voice_register's config parameter `max_stored_voices` may lower or raise it.
 MAX_STORED_VOICES = 256
+
+# --- LoRA adapters as voices (core/adapters.py) ---------------------------------------------
+# The ranks the engine applies. CSM-1B's largest adapter the engine takes (rank 64 on all
+# seven projections of both stacks) is 841,728 x 64 parameters: 205.5 MiB in fp32.
+MAX_ADAPTER_RANK = 64
+# adapter_model.safetensors, checked before a byte of it is parsed: that largest adapter
+# with room to spare (a bf16 one is half of it). The other two files are small JSON.
+MAX_ADAPTER_BYTES = 256 * 2**20
+MAX_ADAPTER_CONFIG_BYTES = 64 * 2**10
+MAX_ADAPTER_MANIFEST_BYTES = 1 * 2**20
+# How many of the stored voices may be adapters (voice_register's `max_stored_adapters`):
+# they cost disk (rank 32 in fp32 is 103 MiB each), not memory (the store caches only
+# their metadata). They count against MAX_STORED_VOICES too.
+MAX_STORED_ADAPTERS = 64
+
+# LoRA adapter voices served per request (engine/lora.py; csm_lm's lora_slots, lora_max_rank):
+# the most adapters resident on a device at once, and the largest rank the bank is laid out for.
+MAX_LORA_SLOTS = 64
+MAX_LORA_RANK = 64

@@ -55,9 +55,10 @@ class GenerationEngine:
         self.use_graphs = lm.device.type == "cuda" and self.config.cuda_graphs
         self.memory = memory if memory is not None or lm.device.type != "cuda" else DeviceMemory(lm.device)
         self.slot_budget: SlotBudget | None = None  # on a GPU: the sizing, refit after warm-up
-        self._allocate(self._slot_count())
+        # The adapter bank first: the slot sizing then counts it as memory in use.
         self.adapters = (AdapterBank(lm, self.config.lora_slots, self.config.lora_max_rank, adapter_loader)
                          if self.config.lora_slots and adapter_loader is not None else None)
+        self._allocate(self._slot_count())
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes)
         self._active: list[Slot] = []  # _active[r] holds cache row r
         self._waiting: deque[RequestHandle] = deque()

@@ -23,7 +23,9 @@ from csm_triton.core import validation
 from csm_triton.engine import CsmLM, EngineConfig, FinishReason, FrameChunk, GenerationEngine, GenerationRequest
 from csm_triton.engine.faults import DeviceFailure
 from csm_triton.engine.kernels import MODES as CPU_KERNEL_MODES
+from csm_triton.engine.lora import LoraWeights
 from csm_triton.triton.calls import ModelUnavailable
+from csm_triton.triton.models.voices import voice_directory
 from csm_triton.triton.parameters import ParameterError, Parameters, instance_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,7 +40,9 @@ DEVICE_FAILURE_EXIT_CODE = 70  # EX_SOFTWARE: tells this exit from a kill in the
 _ENGINE_STOP = threading.Lock()  # on_server_stop and finalize both stop the engine, on two threads
 
 
-def engine_from_config(model_dir: Path, parameters: Parameters, device: str) -> GenerationEngine:
+def engine_from_config(model_dir: Path, parameters: Parameters, device: str,
+                       voice_dir: Path | None = None) -> GenerationEngine:
+    """voice_dir: the voice store, where adapter voices are read from (lora_slots > 0)."""
     dtype_name = parameters.choice("dtype", ("auto", *DTYPES), "auto")
     dtype = DTYPES.get(dtype_name)  # None: bf16 on GPU, fp32 on CPU
     allow_float16 = parameters.boolean("allow_float16", False)
@@ -57,13 +61,32 @@ def engine_from_config(model_dir: Path, parameters: Parameters, device: str) -> 
         gpu_memory_fraction=parameters.number("gpu_memory_fraction", C.DEFAULT_GPU_MEMORY_FRACTION,
                                               minimum=0.01, maximum=1.0),
         prefix_cache_bytes=parameters.integer("prefix_cache_mib", 256, minimum=0) << 20,
+        lora_slots=parameters.integer("lora_slots", 0, minimum=0, maximum=C.MAX_LORA_SLOTS),
+        lora_max_rank=parameters.integer("lora_max_rank", 32, minimum=1, maximum=C.MAX_LORA_RANK),
     )
-    return GenerationEngine(lm, engine_config)
+    loader = adapter_loader(voice_dir, lm) if engine_config.lora_slots and voice_dir is not None else None
+    return GenerationEngine(lm, engine_config, adapter_loader=loader)
+
+
+def adapter_loader(voice_dir: Path, lm: CsmLM):
+    """An adapter voice id -> its LoraWeights, read from the voice store (core.adapters
+    checks it against this base model before a tensor is kept)."""
+    from csm_triton.core.adapters import load_lora_adapter
+    from csm_triton.core.voice_store import VoiceStore
+
+    store = VoiceStore(voice_dir)
+
+    def load(voice_id: str) -> LoraWeights:
+        adapter = load_lora_adapter(store.adapter_dir(voice_id), lm.config)
+        return LoraWeights(adapter.matrices, adapter.scale, adapter.rank)
+
+    return load
 
 
 class LanguageModel(triton.DecoupledModel):
     def initialize_model(self, args, model_config):
-        self.engine = engine_from_config(Path(triton.model_directory(args)), self.parameters, instance_device(args))
+        self.engine = engine_from_config(Path(triton.model_directory(args)), self.parameters, instance_device(args),
+                                         voice_directory(args, self.parameters))
         # The families must outlive their metrics: keep them on the model.
         self.metrics = metrics = triton.Metrics(self.model_name, device=str(self.engine.lm.device))
         self.active_streams = metrics.gauge("csm_active_streams", "Requests being generated or waiting")
@@ -177,6 +200,8 @@ class LanguageModel(triton.DecoupledModel):
         sampling = validation.sampling_from_inputs(triton.present_inputs(request, validation.SAMPLING_INPUTS))
         counts = {name: validation.count(triton.input_array(request, name, required=False), name)
                   for name in ("first_chunk_frames", "chunk_frames", "prefix_cache_turns")}
+        adapter = triton.input_texts(request, "ADAPTER_ID", required=False)
+        adapter = validation.voice_id(validation.single_text(adapter, "ADAPTER_ID"), "ADAPTER_ID") if adapter else None
         return GenerationRequest(
             input_ids=input_ids,  # its ids are checked against the vocabulary by the engine
             audio_codes=prompt_codes,
@@ -187,6 +212,7 @@ class LanguageModel(triton.DecoupledModel):
             stream_every=counts["chunk_frames"] or 0,
             first_chunk_frames=counts["first_chunk_frames"] or 0,
             prefix_cache_turns=counts["prefix_cache_turns"],
+            adapter=adapter,
             request_id=request.request_id(),
             is_cancelled=sender.is_cancelled,
         )
