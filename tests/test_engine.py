@@ -404,6 +404,7 @@ def test_a_cuda_error_in_a_prefill_is_fatal_too(lm, builder):
     engine.start()
     assert [h.result(timeout=60).reason for h in handles] == [FinishReason.DEVICE_FAILURE] * 2, \
         "the request whose prefill failed is answered too, not lost"
+    engine._thread.join(60)  # answered first (delivered), then the exit hook, then the thread ends
     assert len(exited) == 1
     engine.stop()
 

@@ -88,7 +88,8 @@ def test_the_engine_thread_and_warm_up_run_on_the_instance_gpu(lm, monkeypatch):
     cuda = CudaRecorder(monkeypatch)
     monkeypatch.setattr(lm, "device", torch.device("cuda:1"))  # an instance on GPU 1 (KIND_GPU, device id 1)
     seen_in_loop = []
-    engine.on_stats = lambda stats: seen_in_loop.append((threading.current_thread().name, cuda.now()))
+    # A probe in the loop itself (on_stats runs on the delivery thread, which touches no device).
+    engine._report_stats = lambda force=False: seen_in_loop.append((threading.current_thread().name, cuda.now()))
     engine.start()
     try:
         for _ in range(200):

@@ -22,7 +22,7 @@ from csm_triton.engine.requests import GenerationRequest, RequestHandle
 from csm_triton.engine.sampling import SamplerState
 from csm_triton.errors import InvalidInput
 
-__all__ = ["Slot", "check_request", "prefill"]
+__all__ = ["Slot", "acquire_adapter", "check_request", "compact", "prefill"]
 
 
 @dataclass
@@ -101,3 +101,21 @@ def prefill(lm: CsmLM, cache, hidden: torch.Tensor, prefix_cache: PrefixCache, r
     hidden[row] = last[0]  # the last chunk (the text to speak) is never cached
     prefix_cache.commit(plan.keys, reused, new)  # stored only now: the prefill is whole
     return plan.ends[-1]
+
+
+def compact(active: list[Slot], slot: Slot, cache, hidden: torch.Tensor) -> bool:
+    """Frees `slot`'s row of `active` (rows 0..n-1); the slot in the last row moves into it
+    (keys, values and hidden state: one copy of its context, once per departure instead
+    of a gather per layer per frame), so the active slots stay rows 0..n-1. Called
+    between frames, when each slot's positions 0..position-1 hold its context. True when
+    a slot moved."""
+    last = active.pop()
+    if last is slot:
+        return False
+    written = last.position  # positions 0..position-1 hold its context
+    cache.k[:, slot.row, :, :written] = cache.k[:, last.row, :, :written]
+    cache.v[:, slot.row, :, :written] = cache.v[:, last.row, :, :written]
+    hidden[slot.row] = hidden[last.row]
+    last.row = slot.row
+    active[slot.row] = last
+    return True

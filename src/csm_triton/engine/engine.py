@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from csm_triton import constants as C
-from csm_triton.engine.admission import Slot, acquire_adapter, check_request, prefill
+from csm_triton.engine.admission import Slot, acquire_adapter, check_request, compact, prefill
 from csm_triton.engine.capacity import (CPU_DEFAULT_SLOTS, DeviceMemory, EngineConfig, SlotBudget, WarmUpReport,
                                         first_sizing, refit_after_warm_up)
 from csm_triton.engine.device import device_context
@@ -34,7 +34,7 @@ from csm_triton.engine.frame_step import BucketPlan, FrameStep, StepBucket
 from csm_triton.engine.lm import CsmLM
 from csm_triton.engine.lora import AdapterBank, LoraWeights
 from csm_triton.engine.prefix_cache import PrefixCache
-from csm_triton.engine.requests import (CancellationPoller, FinishReason, FrameChunk, GenerationRequest,
+from csm_triton.engine.requests import (CancellationPoller, Deliveries, FinishReason, FrameChunk, GenerationRequest,
                                         RequestHandle)
 from csm_triton.engine.sampling import SamplerState
 
@@ -69,6 +69,7 @@ class GenerationEngine:
         self.steps = 0
         self.slot_moves = 0  # slots moved to a lower row when a request before them left
         self._cancellation = CancellationPoller()
+        self._deliveries = Deliveries()  # started with the engine thread (start())
         self.warm_up_report: WarmUpReport | None = None
         # Called with stats() from the engine thread (see EngineConfig.stats_interval_s).
         self.on_stats: Callable[[dict], None] | None = None
@@ -186,6 +187,7 @@ class GenerationEngine:
     def start(self) -> None:
         if self.config.warm_up and self.warm_up_report is None:
             self.warm_up_report = self.warm_up()
+        self._deliveries.start()
         self._thread = threading.Thread(target=self._loop, name="csm-engine", daemon=True)
         self._thread.start()
 
@@ -197,6 +199,8 @@ class GenerationEngine:
             self._thread.join(timeout)
             self._thread = None
         self._finish_all(FinishReason.SHUTDOWN, "the server is shutting down")
+        self._deliveries.drain(timeout)
+        self._deliveries.stop(timeout)
 
     # --- the loop ---------------------------------------------------------------------
     def _loop(self) -> None:
@@ -230,23 +234,21 @@ class GenerationEngine:
         with self._lock:
             self.device_failure = error
         self._finish_all(FinishReason.DEVICE_FAILURE, self._device_failure_message())
+        self._deliveries.drain(timeout=10.0)  # every request answered before the stub may end
         if self.on_fatal is not None:
             self.on_fatal(error)
 
     def _report_stats(self, *, force: bool = False) -> None:
-        """Hands on_stats the counts at most every stats_interval_s, unless forced. On the
-        engine thread, outside the lock: submit never waits on it. (The receiver skips
-        values it has already set.)"""
+        """Hands on_stats the counts at most every stats_interval_s, unless forced, through
+        the delivery thread: neither submit nor the next frame waits on it. (The receiver
+        skips values it has already set.)"""
         if self.on_stats is None:
             return
         now = time.monotonic()
         if not force and now - self._stats_reported_at < self.config.stats_interval_s:
             return
         self._stats_reported_at = now
-        try:
-            self.on_stats(self.stats())
-        except Exception:  # noqa: BLE001 - metrics must never stop generation
-            LOG.exception("reporting the engine's stats failed")
+        self._deliveries.send(self.on_stats, self.stats())  # a failure there is logged, never raised here
 
     @torch.inference_mode()
     def step(self) -> int:
@@ -270,7 +272,7 @@ class GenerationEngine:
             for handle in cancelled:
                 self._waiting.remove(handle)
         for handle in cancelled:
-            handle._end(FinishReason.CANCELLED)
+            self._deliveries.send(handle._end, FinishReason.CANCELLED)
 
     def _admit(self) -> None:
         for _ in range(self.config.max_prefills_per_step):
@@ -283,7 +285,7 @@ class GenerationEngine:
             try:
                 adapter = acquire_adapter(self.adapters, request)
             except Exception as error:  # noqa: BLE001 - unknown, refused or no slot free: this request only
-                handle._end(FinishReason.ERROR, str(error))
+                self._deliveries.send(handle._end, FinishReason.ERROR, str(error))
                 continue
             try:
                 position = self._prefill(row, handle, adapter)
@@ -294,11 +296,11 @@ class GenerationEngine:
                         self._waiting.appendleft(handle)
                     raise
                 LOG.exception("prefill failed")
-                handle._end(FinishReason.ERROR, f"prefill failed: {error}")
+                self._deliveries.send(handle._end, FinishReason.ERROR, f"prefill failed: {error}")
                 continue
             if position is None:
                 self.adapters and self.adapters.release(adapter)
-                handle._end(FinishReason.CANCELLED)
+                self._deliveries.send(handle._end, FinishReason.CANCELLED)
                 continue
             sampler = SamplerState.create(temperature=request.temperature, top_k=request.top_k,
                                           greedy=request.greedy, seed=request.seed)
@@ -355,7 +357,7 @@ class GenerationEngine:
                 continue
             size = slot.chunk_size()
             if size and len(slot.pending) >= size:
-                slot.handle._deliver(FrameChunk(np.stack(slot.pending)))
+                self._deliveries.send(slot.handle._deliver, FrameChunk(np.stack(slot.pending)))
                 slot.pending = []
                 slot.chunks_sent += 1
         # Only now, with every position advanced past the frame just written, may a slot
@@ -366,23 +368,10 @@ class GenerationEngine:
     def _finish(self, slot: Slot, reason: FinishReason, error: str | None = None) -> None:
         self._release(slot)
         self.adapters and self.adapters.release(slot.adapter)
-        slot.handle._end(reason, error, slot.pending)
+        self._deliveries.send(slot.handle._end, reason, error, slot.pending)
 
     def _release(self, slot: Slot) -> None:
-        """Free the slot's row; the slot in the last row moves into it (keys, values and
-        hidden state: one copy of its context, once per departure instead of a gather
-        per layer per frame), so the active slots stay rows 0..n-1. Called between
-        frames, when each slot's positions 0..position-1 hold its context."""
-        last = self._active.pop()
-        if last is slot:
-            return
-        written = last.position  # positions 0..position-1 hold its context
-        self.cache.k[:, slot.row, :, :written] = self.cache.k[:, last.row, :, :written]
-        self.cache.v[:, slot.row, :, :written] = self.cache.v[:, last.row, :, :written]
-        self.hidden[slot.row] = self.hidden[last.row]
-        last.row = slot.row
-        self._active[slot.row] = last
-        self.slot_moves += 1
+        self.slot_moves += compact(self._active, slot, self.cache, self.hidden)  # (admission)
 
     def _finish_all(self, reason: FinishReason, error: str) -> None:
         for slot in reversed(list(self._active)):  # the last row first: nothing moves
@@ -390,4 +379,4 @@ class GenerationEngine:
         with self._lock:
             waiting, self._waiting = list(self._waiting), deque()
         for handle in waiting:
-            handle._end(reason, error)
+            self._deliveries.send(handle._end, reason, error)

@@ -8,6 +8,7 @@ gets them through a callback) and may cancel at any time.
 from __future__ import annotations
 
 import enum
+import logging
 import queue
 import threading
 import time
@@ -18,7 +19,7 @@ import numpy as np
 
 from csm_triton import constants as C
 
-__all__ = ["CancellationPoller", "FinishReason", "FrameChunk", "GenerationRequest", "GenerationResult",
+__all__ = ["CancellationPoller", "Deliveries", "FinishReason", "FrameChunk", "GenerationRequest", "GenerationResult",
            "RequestHandle"]
 
 
@@ -145,3 +146,50 @@ class CancellationPoller:
             ask = handle.request.is_cancelled
             if ask is not None and ask():
                 handle.cancel()
+
+
+class Deliveries:
+    """Runs the engine's hand-offs (chunks and endings to their requests' callbacks,
+    stats to metrics: an IPC round trip each in Triton) on a thread of their own, in the
+    order they were sent, so the engine thread launches the next frame meanwhile.
+    Before start() (or after stop()) a hand-off runs at once on the caller's thread: the
+    engine stepped by hand, as in tests, delivers synchronously."""
+
+    def __init__(self):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="csm-deliveries", daemon=True)
+        self._thread.start()
+
+    def send(self, function: Callable, *args) -> None:
+        if self._thread is None:
+            _call(function, args)
+        else:
+            self._queue.put((function, args))
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Waits until everything sent so far was handed off; False on timeout."""
+        if self._thread is None:
+            return True
+        done = threading.Event()
+        self._queue.put((done.set, ()))
+        return done.wait(timeout)
+
+    def stop(self, timeout: float | None = None) -> None:
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            _call(*item)
+
+
+def _call(function: Callable, args: tuple) -> None:
+    try:
+        function(*args)
+    except Exception:  # noqa: BLE001 - one receiver's failure must not stop the others' deliveries
+        logging.getLogger(__name__).exception("a delivery failed")
