@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from csm_triton.core.adapter_base import base_model_sha256
 from csm_triton.core.files import atomic_write
 from finetune.batches import Example, Turn, build_batch
 from finetune.codes import CodeCache
@@ -397,6 +398,8 @@ def train(args: argparse.Namespace) -> RunResult:
     manifest = {
         "base_checkpoint": str(checkpoint),
         "base_checkpoint_sha256": _checkpoint_sha256(checkpoint),
+        # What the server compares when the adapter registers as a voice (core/adapter_base.py).
+        "base_model_sha256": base_model_sha256(checkpoint),
         "data": str(args.data), "data_sha256": dataset_sha256(clips), "data_report": report.as_dict(),
         "train_clips": len(train_examples), "eval_clips": len(eval_examples),
         "codec_sha256": cache.codec_sha256,

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from csm_triton import constants as C
-from loadtest.workload import cpu_model
+from loadtest.workload import cpu_model, git_commit
 from csm_triton.engine import CsmLM, EngineConfig, GenerationEngine, GenerationRequest
 from csm_triton.engine.lm import default_device, default_dtype
 
@@ -132,14 +131,6 @@ def machine_slug(device: torch.device) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     name = re.sub(r"\((r|tm)\)|cpu @.*|processor$", "", name.lower())
     return re.sub(r"[^a-z0-9]+", "_", name).strip("_") or device.type
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def memory_bandwidth_gb_s(device: torch.device, gib: float = 1.0, repeats: int = 5) -> float:

@@ -31,8 +31,7 @@ from csm_triton.engine.capacity import EngineConfig
 from csm_triton.engine.engine import GenerationEngine
 from csm_triton.engine.frame_step import FrameStep
 from csm_triton.engine.lm import CsmLM
-from loadtest.engine_bench import git_commit
-from loadtest.workload import cpu_model
+from loadtest.workload import cpu_model, git_commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCHES = (1, 64)

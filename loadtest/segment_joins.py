@@ -33,7 +33,7 @@ from csm_triton import constants as C
 from csm_triton.core.stream_decoder import snr_db
 from csm_triton.serving.flags import model_control_headers, model_control_key
 from loadtest import common
-from loadtest.engine_bench import git_commit
+from loadtest.workload import git_commit
 
 WINDOW_FRAMES = 1  # each side of a join: 80 ms
 WORDS = ("river", "town", "baker", "lantern", "morning", "harbour", "letter", "garden")

@@ -46,6 +46,7 @@ import numpy as np
 from csm_clients.audio import read_audio, resample
 from csm_clients.encoding import FORMATS, StreamEncoder, encode
 from csm_clients.timestretch import TimeStretcher, stretch
+from loadtest.workload import cpu_model, git_commit
 
 RATE = 24_000
 SPEEDS = (0.25, 0.5, 1.5, 2.0, 4.0)
@@ -156,31 +157,13 @@ def naive_speed_up(audio: np.ndarray, speed: float, rate: int = RATE) -> np.ndar
     return resample(audio, round(rate * speed), rate)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def report(rows: list[dict], formats: list[dict], naive: list[tuple[str, float, float]], command: str) -> str:
     watermark = "watermark" in rows[0]
     lines = [
         "# `speed`: duration and pitch after the time-stretch (CPU)",
         "",
-        f"- machine: {_cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}; "
-        f"commit `{_commit()}`; command: `{command}`",
+        f"- machine: {cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}; "
+        f"commit `{git_commit()}`; command: `{command}`",
         f"- input: espeak-ng speaking \"{TEXT}\" ({rows[0]['input_seconds']:.2f} s in the low voice), "
         "resampled to 24 kHz; stretched by csm_clients.timestretch (FFmpeg's atempo through PyAV; two "
         "chained below 0.5 and above 2.0)",

@@ -23,7 +23,7 @@ import onnxruntime as ort
 
 from csm_triton import constants as C
 from loadtest import common
-from loadtest.engine_bench import git_commit
+from loadtest.workload import git_commit
 from csm_triton.core.stream_decoder import StreamDecoder, snr_db
 
 CONTEXTS = (0, 5, 12, 25, 50, C.MIMI_ATTENTION_WINDOW_FRAMES)

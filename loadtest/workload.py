@@ -279,6 +279,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def git_commit() -> str:
+    """This checkout's short commit, for a result's `commit` field ("unknown" outside git)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=PROJECT_ROOT).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def machine() -> str:
     """This machine's CPU model, cores and OS, e.g. for a result's `machine` field."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -221,6 +221,25 @@ def test_training_lowers_the_held_out_loss(trained):
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_the_run_registers_as_an_adapter_voice_on_its_base(trained, tiny_checkpoint, tmp_path):
+    """Issue 26: what a run writes (OUT/adapter + OUT/manifest.json) passes the server's
+    checks against the base it was trained on, base hash included, and is stored."""
+    from csm_triton.core.adapters import ServedBase, base_model_sha256, load_lora_adapter
+    from csm_triton.core.voice_store import VoiceStore
+    from csm_triton.core.voices import VoiceResolver
+
+    run = trained[0] / "run"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["base_model_sha256"] == base_model_sha256(tiny_checkpoint)
+    adapter = load_lora_adapter(run / "adapter", tiny_checkpoint)
+    assert adapter.rank == 32 and adapter.scale == 1.0 and len(adapter.matrices) == 2 * 2 * 7
+    voice = VoiceResolver(VoiceStore(tmp_path), None).register_adapter(
+        "tuned", (run / "adapter" / "adapter_config.json").read_bytes(),
+        (run / "adapter" / "adapter_model.safetensors").read_bytes(), ServedBase(tiny_checkpoint),
+        manifest=(run / "manifest.json").read_bytes())
+    assert voice.summary()["base_hash_checked"] and voice.summary()["rank"] == 32
+
+
 def test_same_seed_same_adapter_bytes_and_resume_equals_uninterrupted(trained, speech, tiny_checkpoint):
     from finetune.train import train
 

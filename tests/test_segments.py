@@ -199,6 +199,8 @@ def test_finish_reasons_tell_the_segments_budget_from_the_clients_cap():
     final = chain.final_outputs()
     assert final["FINISH_REASONS"].tolist() == [b"max_frames", b"max_audio_seconds", b"not_started"]
     assert final["SEGMENT_FRAMES"].tolist() == [40, 4, 0]
+    # Where each segment sits in the audio: 80 ms frames back to back; the one never started is empty.
+    np.testing.assert_allclose(final["SEGMENT_TIMES"], [[0.0, 3.2], [3.2, 3.52], [3.52, 3.52]], rtol=0, atol=1e-6)
 
 
 def test_end_of_speech_is_what_csm_lm_said_or_what_the_frames_show():

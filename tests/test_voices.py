@@ -54,7 +54,7 @@ def test_store_round_trip(tmp_path):
     assert stored.flags.writeable, "the caller's array is left alone"
     listed = store.list()
     assert listed == [{"voice_id": "alice", "transcript": "Hello, I am Alice.", "duration_seconds": 2.5,
-                       "created_at": voice.created_at, "owner": None}]
+                       "created_at": voice.created_at, "owner": None, "kind": "clip"}]
     assert voice.created_at.endswith("Z")
     assert store.delete("alice")["voice_id"] == "alice"
     assert store.list() == [] and voice_files(tmp_path) == []

@@ -151,6 +151,11 @@ class Speech:
     # for stream chunks and for servers that do not send them.
     finish_reasons: tuple[str, ...] = ()
     segment_frames: tuple[int, ...] = ()
+    # A stream's final response only: each segment's text as spoken (NORMALIZED_TEXT), and
+    # for a piece of a text sent in pieces (`continue_from`) the id the next piece
+    # continues from (CONTINUATION; docs/api.md).
+    normalized_text: tuple[str, ...] = ()
+    continuation: str | None = None
 
     @property
     def seconds(self) -> float:

@@ -14,11 +14,12 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from csm_clients.adapters import AdapterFiles
 from csm_clients.audio import Reference, Speech
 from csm_clients.conversation import Turn, check_text, context_inputs
 
 __all__ = ["ADMIN_TOKEN_HEADER", "STREAM_MODEL", "VOICE_OWNER_HEADER", "Call", "WatermarkScore", "delete_voice", "detect_watermark", "list_voices",
-           "register_voice", "speech_from", "synthesize", "tts_inputs"]
+           "register_adapter", "register_voice", "speech_from", "synthesize", "tts_inputs"]
 
 ADMIN_TOKEN_HEADER = "x-csm-admin-token"  # docs/api.md: voice writes need it
 # Who a write is for (a gateway's key id): the voice is stored as theirs, and a deletion
@@ -51,11 +52,16 @@ def _reference_inputs(reference: Reference) -> dict[str, np.ndarray]:
 
 def tts_inputs(text: str, voice: str | Reference | None = None, *, temperature: float | None = None,
                top_k: int | None = None, seed: int | None = None, max_audio_seconds: float | None = None,
-               speaker: int | None = None, context: Sequence[Turn] | None = None) -> dict[str, np.ndarray]:
+               speaker: int | None = None, context: Sequence[Turn] | None = None,
+               continue_from: str | None = None) -> dict[str, np.ndarray]:
     """csm_tts / csm_tts_stream inputs. `voice`: a stored voice id, an inline Reference,
-    or None for the model's default voice; `speaker` and `context`: conversation.py."""
+    or None for the model's default voice; `speaker` and `context`: conversation.py;
+    `continue_from` (csm_tts_stream only): "" for the first piece of a text sent in
+    pieces, then the CONTINUATION of the piece before."""
     check_text(text)
     inputs = {"TEXT": _text(text)}
+    if continue_from is not None:
+        inputs["CONTINUE_FROM"] = _text(continue_from)
     if isinstance(voice, Reference):
         inputs.update(_reference_inputs(voice))
     elif voice is not None:
@@ -67,11 +73,16 @@ def tts_inputs(text: str, voice: str | Reference | None = None, *, temperature: 
     return inputs
 
 
+def _texts(values) -> tuple[str, ...]:
+    return tuple(value.decode() if isinstance(value, bytes) else str(value) for value in values)
+
+
 def speech_from(result) -> Speech:
     reasons, frames = _optional_output(result, "FINISH_REASONS"), _optional_output(result, "SEGMENT_FRAMES")
+    continuation = _texts(_optional_output(result, "CONTINUATION"))
     return Speech(np.asarray(result.as_numpy("AUDIO"), np.float32), int(result.as_numpy("SAMPLE_RATE")[0]),
-                  tuple(r.decode() if isinstance(r, bytes) else str(r) for r in reasons),
-                  tuple(int(f) for f in frames))
+                  _texts(reasons), tuple(int(f) for f in frames),
+                  _texts(_optional_output(result, "NORMALIZED_TEXT")), continuation[0] if continuation else None)
 
 
 def _optional_output(result, name: str) -> np.ndarray:
@@ -96,6 +107,25 @@ def synthesize(text: str, voice: str | Reference | None = None, **sampling) -> C
 def register_voice(voice_id: str, reference: Reference, owner: str | None = None) -> Call:
     return Call("voice_register", {"VOICE_ID": _text(voice_id), **_reference_inputs(reference)},
                 _json_output("VOICE"), admin=True, owner=owner)
+
+
+def _blob(data: bytes) -> np.ndarray:
+    return np.array([data], dtype=np.object_)
+
+
+def register_adapter(voice_id: str, files: AdapterFiles, *, default_speaker: int | None = None,
+                     reference: Reference | None = None, owner: str | None = None) -> Call:
+    """voice_register with a LoRA adapter (adapters.read_adapter_folder): its files' bytes
+    as they are, an optional default speaker id and an optional reference clip."""
+    inputs = {"VOICE_ID": _text(voice_id), "ADAPTER_CONFIG": _blob(files.config),
+              "ADAPTER_WEIGHTS": _blob(files.weights)}
+    if files.manifest is not None:
+        inputs["ADAPTER_MANIFEST"] = _blob(files.manifest)
+    if default_speaker is not None:
+        inputs["DEFAULT_SPEAKER"] = np.array([default_speaker], np.int32)
+    if reference is not None:
+        inputs.update(_reference_inputs(reference))
+    return Call("voice_register", inputs, _json_output("VOICE"), admin=True, owner=owner)
 
 
 def list_voices() -> Call:

@@ -6,7 +6,9 @@
     csm-tts say "Fine, thanks." --speaker 1 --context-turn 0 hi.wav "Hi, how are you?" -o reply.wav
     csm-tts read book.txt -o book.wav [--voice alice]
     csm-tts voices add alice me.wav "What the clip says." | voices list | voices rm alice
+    csm-tts voices add-adapter my-voice build/my-voice/adapter [--speaker 0]
     csm-tts batch lines.jsonl --out-dir out/ --concurrency 4
+    llm ... | csm-tts pipe -o answer.wav   (text on stdin spoken as it arrives, via the gateway)
     csm-tts watermark hello.wav
 
 Triton's address: --url, else $CSM_TRITON_URL, else localhost:8001 (gRPC) or :8000
@@ -42,12 +44,14 @@ from typing import Sequence
 
 import soundfile
 
+from csm_clients.adapters import read_adapter_folder
 from csm_clients.audio import Reference
 from csm_clients.batch import run_batch
 from csm_clients.client import AsyncVoiceCloner, VoiceCloner, admin_token_from_environment
 from csm_clients.conversation import Turn, check_text, context_inputs
 from csm_clients.errors import CsmClientError
 from csm_clients.limits import MAX_CONTEXT_TURNS, MAX_LONG_TEXT_CHARS, check_sampling, check_speaker
+from csm_clients.pipe import add_pipe_parser, run_pipe
 from csm_clients.timestretch import TimeStretcher, check_speed, needs_stretch, stretch
 
 __all__ = ["main"]
@@ -186,6 +190,18 @@ def _stream(cloner: VoiceCloner, args) -> int:
 def _voices(cloner: VoiceCloner, args) -> int:
     if args.action == "add":
         print(json.dumps(cloner.register_voice(args.voice_id, args.reference, args.transcript)))
+    elif args.action == "add-adapter":
+        try:  # refused before sending: exit 2, as main's own checks
+            if (args.reference is None) != (args.transcript is None):
+                raise UsageError("give --reference and --transcript together")
+            if args.default_speaker is not None:
+                check_speaker(args.default_speaker, "--speaker")
+            files = read_adapter_folder(args.folder)
+        except (UsageError, CsmClientError) as error:
+            print(f"csm-tts voices add-adapter: error: {error}", file=sys.stderr)
+            return 2
+        print(json.dumps(cloner.register_adapter(args.voice_id, files, default_speaker=args.default_speaker,
+                                                 reference_audio=args.reference, transcript=args.transcript)))
     elif args.action == "rm":
         print(json.dumps(cloner.delete_voice(args.voice_id)))
     else:
@@ -193,7 +209,9 @@ def _voices(cloner: VoiceCloner, args) -> int:
         if args.json:
             print(json.dumps(voices, indent=2))
         for voice in [] if args.json else voices:
-            print(f"{voice['voice_id']:<24} {voice['duration_seconds']:>6.2f} s  {voice['transcript']}")
+            adapter = (f"[adapter r{voice.get('rank')} {voice.get('size_bytes', 0) / 2**20:.1f} MiB] "
+                       if voice.get("kind") == "adapter" else "")
+            print(f"{voice['voice_id']:<24} {voice['duration_seconds']:>6.2f} s  {adapter}{voice['transcript']}")
     return 0
 
 
@@ -268,12 +286,19 @@ def _parser() -> argparse.ArgumentParser:
     read.add_argument("book", type=Path, help="the text file")
     read.set_defaults(run=_stream)
 
-    voices = commands.add_parser("voices", help="stored voices: add, list, rm")
+    voices = commands.add_parser("voices", help="stored voices: add, add-adapter, list, rm")
     actions = voices.add_subparsers(dest="action", required=True)
     add = actions.add_parser("add", help="store a voice (needs the admin token)")
     add.add_argument("voice_id")
     add.add_argument("reference", type=Path)
     add.add_argument("transcript")
+    adapter = actions.add_parser("add-adapter", help="store a LoRA adapter from make finetune as a voice "
+                                                    "(needs the admin token)")
+    adapter.add_argument("voice_id")
+    adapter.add_argument("folder", type=Path, help="the adapter folder (OUT/adapter) or the run folder (OUT)")
+    adapter.add_argument("--speaker", type=int, dest="default_speaker", help="the speaker id it speaks as (0-255)")
+    adapter.add_argument("--reference", type=Path, help="a reference clip of its own (with --transcript)")
+    adapter.add_argument("--transcript", help="what the reference clip says")
     listing = actions.add_parser("list", help="list stored voices")
     listing.add_argument("--json", action="store_true")
     remove = actions.add_parser("rm", help="delete a stored voice (needs the admin token)")
@@ -289,11 +314,14 @@ def _parser() -> argparse.ArgumentParser:
     batch.add_argument("--out-dir", type=Path, required=True)
     batch.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
     batch.set_defaults(run=None)
+    add_pipe_parser(commands)  # pipe.py: through the gateway's WebSocket, its own options
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "pipe":  # talks to the gateway, not Triton (pipe.py)
+        return run_pipe(args)
     # An explicit --admin-token, even empty, wins over the environment and the token file.
     admin_token = args.admin_token if args.admin_token is not None else admin_token_from_environment()
     try:

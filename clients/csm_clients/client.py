@@ -24,6 +24,7 @@ import tritonclient.http.aio as http_aio
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from csm_clients import calls
+from csm_clients.adapters import AdapterFiles, read_adapter_folder
 from csm_clients.audio import MODEL_SAMPLE_RATE, AudioSource, Reference, Speech, read_audio
 from csm_clients.conversation import Turn
 from csm_clients.errors import ServerError, from_stream_message, from_triton
@@ -99,7 +100,9 @@ def _stream_over_sse(url: str, inputs: Mapping[str, np.ndarray], timeout: float)
                 yield Speech(np.asarray(event.get("AUDIO", []), np.float32).reshape(-1),
                              int(np.ravel(event.get("SAMPLE_RATE", [MODEL_SAMPLE_RATE]))[0]),
                              tuple(str(r) for r in np.ravel(event.get("FINISH_REASONS", []))),
-                             tuple(int(f) for f in np.ravel(event.get("SEGMENT_FRAMES", []))))
+                             tuple(int(f) for f in np.ravel(event.get("SEGMENT_FRAMES", []))),
+                             tuple(str(t) for t in np.ravel(event.get("NORMALIZED_TEXT", []))),
+                             next((str(c) for c in np.ravel(event.get("CONTINUATION", []))), None))
 
 
 def _sse_events(lines) -> Iterator[dict]:
@@ -159,13 +162,16 @@ class _Calls:
 
     def stream(self, text: str, *, voice: str | Reference | None = None, temperature: float | None = None,
                top_k: int | None = None, seed: int | None = None, max_audio_seconds: float | None = None,
-               speaker: int | None = None, context: Sequence[Turn] | None = None):
+               speaker: int | None = None, context: Sequence[Turn] | None = None,
+               continue_from: str | None = None):
         """Like synthesize, yielding Speech chunks as they are generated (a long text's
         segments back to back, past csm_tts's 120 s); stopping early cancels the
-        generation on the server. Bad input raises InvalidRequest here, before any chunk."""
+        generation on the server. Bad input raises InvalidRequest here, before any chunk.
+        `continue_from`: a text sent in pieces, each spoken as the next segments of one
+        long text: "" for the first piece, then the previous stream's `continuation`."""
         return self._stream_type(self._stream(calls.tts_inputs(
             text, voice, temperature=temperature, top_k=top_k, seed=seed, max_audio_seconds=max_audio_seconds,
-            speaker=speaker, context=context)))
+            speaker=speaker, context=context, continue_from=continue_from)))
 
     def register_voice(self, voice_id: str, reference_audio: AudioSource | Reference, transcript: str | None,
                        *, owner: str | None = None):
@@ -178,8 +184,29 @@ class _Calls:
             reference = Reference.from_file(reference_audio, transcript)
         return self._run(calls.register_voice(voice_id, reference, owner))
 
+    def register_adapter(self, voice_id: str, folder: str | Path | AdapterFiles, *,
+                         default_speaker: int | None = None,
+                         reference_audio: AudioSource | Reference | None = None, transcript: str | None = None,
+                         owner: str | None = None):
+        """Store a LoRA adapter as a voice (needs the admin token) -> its description (kind
+        "adapter", rank, lora_alpha, target_modules, base_model_sha256, size_bytes ...).
+        `folder`: the adapter folder `make finetune` wrote (OUT/adapter) or its run folder
+        (its manifest.json goes along), or the AdapterFiles read from one.
+        `default_speaker`: the speaker id it speaks as; `reference_audio` + `transcript`:
+        an optional clip of its own."""
+        files = folder if isinstance(folder, AdapterFiles) else read_adapter_folder(folder)
+        reference = None
+        if isinstance(reference_audio, Reference):
+            reference = Reference(reference_audio.samples, reference_audio.sample_rate, transcript)
+        elif reference_audio is not None:
+            reference = Reference.from_file(reference_audio, transcript)
+        return self._run(calls.register_adapter(voice_id, files, default_speaker=default_speaker,
+                                                reference=reference, owner=owner))
+
     def list_voices(self):
-        """[{voice_id, transcript, duration_seconds, created_at}, ...]"""
+        """[{voice_id, kind, transcript, duration_seconds, created_at, owner, ...}, ...]; an
+        adapter voice adds rank, lora_alpha, target_modules, stacks, base_model_sha256,
+        base_hash_checked, size_bytes and default_speaker."""
         return self._run(calls.list_voices())
 
     def delete_voice(self, voice_id: str, *, owner: str | None = None):

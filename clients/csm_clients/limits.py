@@ -16,7 +16,8 @@ from typing import Mapping
 
 from csm_clients.errors import InvalidRequest
 
-__all__ = ["MAX_AUDIO_SECONDS", "MAX_CONTEXT_AUDIO_SECONDS", "MAX_INPUT_SAMPLE_RATE", "MAX_REFERENCE_SECONDS",
+__all__ = ["MAX_ADAPTER_BYTES", "MAX_ADAPTER_CONFIG_BYTES", "MAX_ADAPTER_MANIFEST_BYTES",
+           "MAX_AUDIO_SECONDS", "MAX_CONTEXT_AUDIO_SECONDS", "MAX_INPUT_SAMPLE_RATE", "MAX_REFERENCE_SECONDS",
            "MIN_INPUT_SAMPLE_RATE", "MAX_CONTEXT_TURNS", "MAX_LONG_TEXT_CHARS", "MAX_SEED",
            "MAX_SPEAKER_ID", "MAX_TEMPERATURE", "MAX_TOP_K", "MAX_TURN_SECONDS", "MAX_TURN_TEXT_CHARS",
            "MIN_TURN_SECONDS", "SEGMENT_MAX_CHARS", "check_sampling", "check_speaker"]
@@ -37,6 +38,10 @@ SEGMENT_MAX_CHARS = 300  # the server's segment size: a longer TEXT is several g
 # or oddly sampled upload from its header, before decoding it (audio.read_audio).
 MAX_REFERENCE_SECONDS = 30.0
 MIN_INPUT_SAMPLE_RATE, MAX_INPUT_SAMPLE_RATE = 8_000, 192_000
+# LoRA adapter voices (voice_register's ADAPTER_*): the files' sizes, checked before reading.
+MAX_ADAPTER_BYTES = 256 * 2**20  # adapter_model.safetensors
+MAX_ADAPTER_CONFIG_BYTES = 64 * 2**10  # adapter_config.json
+MAX_ADAPTER_MANIFEST_BYTES = 1 * 2**20  # the run's manifest.json
 
 
 def _number(value, field: str) -> float:

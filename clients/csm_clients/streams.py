@@ -24,6 +24,8 @@ class SpeechStream:
         self._chunks = chunks
         self.finish_reasons: tuple[str, ...] = ()
         self.segment_frames: tuple[int, ...] = ()
+        self.normalized_text: tuple[str, ...] = ()  # each segment as spoken
+        self.continuation: str | None = None  # with `continue_from`: what the next piece continues from
 
     def _audio(self, chunk: Speech) -> bool:
         """True for a chunk of audio; a response without (the final one) is kept."""
@@ -31,6 +33,7 @@ class SpeechStream:
             return True
         if chunk.finish_reasons:
             self.finish_reasons, self.segment_frames = chunk.finish_reasons, chunk.segment_frames
+            self.normalized_text, self.continuation = chunk.normalized_text, chunk.continuation
         return False
 
     def __iter__(self) -> "SpeechStream":

@@ -134,6 +134,13 @@ def test_every_segment_streams_in_order_within_its_budget(streamed):
     reasons = [r.decode() for r in final.as_numpy("FINISH_REASONS")]
     frames = final.as_numpy("SEGMENT_FRAMES").tolist()
     assert len(reasons) == len(frames) == len(PARTS), "one ending per segment, none left out"
+    # Timestamps: monotonic, back to back, covering the streamed audio to the sample.
+    times = final.as_numpy("SEGMENT_TIMES")
+    total_seconds = sum(len(audio) for _, audio in streamed["chunks"]) / C.SAMPLE_RATE
+    assert times.shape == (len(PARTS), 2) and np.all(times[:, 1] >= times[:, 0])
+    assert np.allclose(times[1:, 0], times[:-1, 1]) and times[0, 0] == 0.0
+    assert np.allclose(times[:, 1] - times[:, 0], np.array(frames) * C.SAMPLES_PER_FRAME / C.SAMPLE_RATE, atol=1e-4)
+    assert abs(times[-1, 1] - total_seconds) < 1e-3
     assert set(reasons) <= {segments.END_OF_SPEECH, segments.MAX_FRAMES}, reasons
     for reason, count, budget in zip(reasons, frames, BUDGETS):
         assert 0 < count <= budget and (reason == segments.END_OF_SPEECH or count == budget)

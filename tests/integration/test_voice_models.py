@@ -1,5 +1,5 @@
 """Voice profiles against a real tritonserver, over HTTP and gRPC: register real
-speech (espeak-ng), list, delete, the admin token, bad ids and bad audio refused
+speech (espeak-ng) and a LoRA adapter made by peft, list, delete, the admin token, bad ids and bad audio refused
 clearly, voices surviving a server restart, concurrent registers and deletes answered
 as the store did them, a full disk refused clearly, and python stubs that exit when
 their server is killed."""
@@ -174,6 +174,66 @@ def test_register_list_and_delete(protocol, speech_24k, voice_dir):
     assert voice_id not in voices(protocol)
     assert not list(voice_dir.glob(f"{voice_id}.*")), "its files are gone"
     assert f"unknown voice '{voice_id}'" in refused(protocol, lambda: delete(protocol, voice_id))
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tiny_checkpoint, tmp_path_factory):
+    """What `make finetune` leaves on the served (tiny) base: OUT/adapter + OUT/manifest.json."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import CsmForConditionalGeneration
+
+    from csm_triton.core.adapters import base_model_sha256
+    from finetune.train import DEFAULT_TARGET_MODULES, LM_PREFIX
+
+    run = tmp_path_factory.mktemp("finetune-run")
+    model = CsmForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=LM_PREFIX + "(" + "|".join(
+        DEFAULT_TARGET_MODULES) + ")$")).save_pretrained(run / "adapter")
+    (run / "manifest.json").write_text(json.dumps({"base_model_sha256": base_model_sha256(tiny_checkpoint)}))
+    return run
+
+
+def adapter_inputs(module, voice_id: str, run, *, config: bytes | None = None) -> list:
+    blob = lambda data: np.array([data], dtype=np.object_)  # noqa: E731
+    return [tensor(module, "VOICE_ID", text(voice_id)),
+            tensor(module, "ADAPTER_CONFIG", blob(config or (run / "adapter" / "adapter_config.json").read_bytes())),
+            tensor(module, "ADAPTER_WEIGHTS", blob((run / "adapter" / "adapter_model.safetensors").read_bytes())),
+            tensor(module, "ADAPTER_MANIFEST", blob((run / "manifest.json").read_bytes())),
+            tensor(module, "DEFAULT_SPEAKER", np.array([1], np.int32))]
+
+
+def test_an_adapter_voice_registers_lists_and_deletes_with_the_admin_token(protocol, adapter_run, voice_dir):
+    """Issue 26: the adapter folder make finetune writes registers as a voice through
+    voice_register, checked against the served base (shapes and base hash)."""
+    voice_id = f"tuned-{protocol.name}"
+    register_adapter = lambda headers, name=voice_id, **changes: json.loads(protocol.client.infer(  # noqa: E731
+        "voice_register", adapter_inputs(protocol.module, name, adapter_run, **changes),
+        headers=headers).as_numpy("VOICE")[0])
+    assert "permission denied" in refused(protocol, lambda: register_adapter(token(None)))
+    assert "wrong admin token" in refused(protocol, lambda: register_adapter(token("not-the-token")))
+    assert voice_id not in voices(protocol)
+
+    stored = register_adapter(token())
+    assert stored["kind"] == "adapter" and stored["rank"] == 4 and stored["lora_alpha"] == 8.0
+    assert stored["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert stored["base_hash_checked"] and len(stored["base_model_sha256"]) == 64 and stored["default_speaker"] == 1
+    assert stored["size_bytes"] == sum(path.stat().st_size for path in (adapter_run / "adapter").iterdir()
+                                       if path.name != "README.md")
+    assert voices(protocol)[voice_id] == stored, "voice_list shows kind, rank, targets, base hash and size"
+    (folder,) = voice_dir.glob(f"{voice_id}.*.adapter")
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert "already exists" in refused(protocol, lambda: register_adapter(token()))
+
+    config = json.loads((adapter_run / "adapter" / "adapter_config.json").read_text())
+    too_big = json.dumps({**config, "r": 65}).encode()
+    message = refused(protocol, lambda: register_adapter(token(), f"{voice_id}-r65", config=too_big))
+    assert "rank r=65 is not supported; the engine applies ranks 1 to 64" in message
+    assert f"{voice_id}-r65" not in voices(protocol) and not list(voice_dir.glob(f"{voice_id}-r65*"))
+
+    deleted = delete(protocol, voice_id)
+    assert deleted["voice_id"] == voice_id and deleted["kind"] == "adapter"
+    assert voice_id not in voices(protocol) and not list(voice_dir.glob(f"{voice_id}.*")), "its folder is gone"
 
 
 def test_stored_codes_are_mimi_encoders_codes_of_the_reference(http_client, speech_24k, voice_dir):

@@ -34,6 +34,9 @@ MAX_HEADER_BYTES = 16 << 10  # CSM_GATEWAY_MAX_HEADER_BYTES: h11's bound on an i
 TIMEOUT_KEEP_ALIVE_S = 5  # idle keep-alive connections are closed after this
 BACKLOG = 128  # connections the kernel queues before accept (uvicorn's default is 2048)
 GRACEFUL_SHUTDOWN_S = 30  # a stopping gateway waits this long for streams in flight
+# uvicorn's bound on one WebSocket message (1009 past it, before the route sees it); the
+# text stream's own, smaller limit (GatewayLimits.ws_max_message_bytes) is a clear message.
+WS_MAX_SIZE = 1 << 20
 
 
 class HeaderDeadlineProtocol(H11Protocol):
@@ -74,6 +77,11 @@ class HeaderDeadlineProtocol(H11Protocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def handle_websocket_upgrade(self, event) -> None:
+        # The connection becomes a WebSocket, whose transport this timer must not close.
+        self._disarm()
+        super().handle_websocket_upgrade(event)
+
     def _headers_too_slow(self) -> None:
         self._deadline = None
         if self._waiting_for_headers() and not self.transport.is_closing():
@@ -105,6 +113,7 @@ def uvicorn_settings(*, limit_concurrency: int | None = None, header_timeout_s: 
         "timeout_keep_alive": TIMEOUT_KEEP_ALIVE_S,
         "backlog": BACKLOG,
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
+        "ws_max_size": WS_MAX_SIZE,
     }
 
 

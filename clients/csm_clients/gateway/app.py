@@ -43,6 +43,7 @@ from csm_clients.gateway.guard import DEFAULT_MAX_UPLOAD_MB, GatewayGuard, Gatew
 from csm_clients.gateway.keys import ApiKeys, MissingApiKey
 from csm_clients.gateway.openai_api import openai_router
 from csm_clients.gateway.speech_context import context_from_json, conversation
+from csm_clients.gateway.text_stream_route import text_stream_router
 from csm_clients.limits import check_sampling
 from csm_clients.timestretch import check_speed, needs_stretch, stretch
 
@@ -223,4 +224,6 @@ def create_app(triton_url: str = "localhost:8001", *, admin_token: str | None = 
 
     app.include_router(openai_router(lambda: state["cloner"], keys, max_upload_bytes=max_upload_bytes,
                                      decoded=decoded))
+    # WebSocket /v1/audio/speech/stream-text: text in as an LLM writes it (docs/api.md)
+    app.include_router(text_stream_router(lambda: state["cloner"], keys, limits))
     return app

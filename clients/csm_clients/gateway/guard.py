@@ -16,7 +16,8 @@ A pure ASGI middleware, outermost in the app, so it runs before FastAPI parses a
    key's bucket (callers without a key share one bucket); past the bucket's slots a
    request waits in its small queue, past the queue (or after waiting too long) it is
    answered 429 with Retry-After. The slot is held until the answer is sent, a
-   stream's last byte included.
+   stream's last byte included. A WebSocket (the text stream) passes 1 and 3 before
+   it is accepted, and holds its slot for the whole session.
 
 Errors have the shape of the route: OpenAI's `{"error": {...}}` under /v1, the
 original `{"detail"}` elsewhere. Every limit has an environment variable
@@ -65,6 +66,12 @@ class GatewayLimits:
     max_concurrent_decodes: int = 2  # audio decodes in threads at once (the CPU's work)
     body_idle_timeout_s: float = 30.0  # a body that sends nothing for this long is dropped (408)
     body_timeout_s: float = 120.0  # a body not whole this long after the route began reading it: 408
+    # The WebSocket text stream (gateway/text_stream_route.py); its text is at most the
+    # server's long-text limit (limits.MAX_LONG_TEXT_CHARS).
+    ws_max_message_bytes: int = 64 << 10  # one message (uvicorn's own bound is 1 MiB)
+    ws_idle_timeout_s: float = 30.0  # no message this long, with nothing left to speak: closed
+    ws_max_session_s: float = 600.0  # a session's whole length, its slot held throughout
+    ws_max_sentences: int = 500  # sentences spoken in one session (each one generation)
 
     ENVIRONMENT = {
         "max_upload_bytes": "CSM_GATEWAY_MAX_UPLOAD_MB",  # in MB
@@ -77,6 +84,10 @@ class GatewayLimits:
         "max_concurrent_decodes": "CSM_GATEWAY_MAX_CONCURRENT_DECODES",
         "body_idle_timeout_s": "CSM_GATEWAY_BODY_IDLE_TIMEOUT_S",
         "body_timeout_s": "CSM_GATEWAY_BODY_TIMEOUT_S",
+        "ws_max_message_bytes": "CSM_GATEWAY_WS_MAX_MESSAGE_BYTES",
+        "ws_idle_timeout_s": "CSM_GATEWAY_WS_IDLE_TIMEOUT_S",
+        "ws_max_session_s": "CSM_GATEWAY_WS_MAX_SESSION_S",
+        "ws_max_sentences": "CSM_GATEWAY_WS_MAX_SENTENCES",
     }
 
     def __post_init__(self):
@@ -132,8 +143,9 @@ class RoutePolicy:
 def route_policy(method: str, path: str) -> RoutePolicy:
     """The key rule of each route. Writes (voice upload and deletion) always need a key;
     speech (/clone-voice and all of /v1) needs one when keys are configured and is open
-    otherwise; the page, /health, /docs and GET /voices need none."""
-    work = method in ("POST", "DELETE", "PUT", "PATCH")
+    otherwise; the page, /health, /docs and GET /voices need none. A WebSocket session
+    (method "WEBSOCKET") is work: it holds a slot while it lasts."""
+    work = method in ("POST", "DELETE", "PUT", "PATCH", "WEBSOCKET")
     if path == "/v1" or path.startswith("/v1/"):
         if work and (path == "/v1/audio/voices" or path.startswith("/v1/audio/voices/")):
             return RoutePolicy("always", True, True, "this route changes voices")
@@ -229,11 +241,13 @@ class GatewayGuard:
         self.limiter = KeyedLimiter(limits)
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "websocket":
+            return await self._websocket(scope, receive, send)
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         method, path = scope["method"], scope["path"]
         policy = route_policy(method, path)
-        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
+        headers = _headers(scope)
 
         async def answer(status: int, message: str, extra: dict[str, str] | None = None) -> None:
             start, body = _error(policy, status, message, extra)
@@ -267,7 +281,39 @@ class GatewayGuard:
         except Busy as error:
             await answer(429, f"too many requests: {error}", {"Retry-After": str(self.limits.retry_after_s)})
 
+    async def _websocket(self, scope, receive, send):
+        """A WebSocket's handshake: the key and a slot of its bucket, as for HTTP, before
+        it is accepted; refused with the HTTP status and JSON body an HTTP route gets
+        (uvicorn's denial-response extension), else with close code 1008. The slot is
+        held until the session ends; its message limits are the route's."""
+        policy = route_policy("WEBSOCKET", scope["path"])
+        headers = _headers(scope)
 
+        async def refuse(status: int, message: str, extra: dict[str, str] | None = None) -> None:
+            await receive()  # websocket.connect: answered by the refusal
+            start, body = _error(policy, status, message, extra)
+            if "websocket.http.response" in scope.get("extensions", {}):
+                await send({**start, "type": "websocket.http.response.start"})
+                await send({**body, "type": "websocket.http.response.body"})
+            else:
+                await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
+
+        key = None
+        if policy.key == "always" or (policy.key == "if_configured" and self.keys):
+            try:
+                key = self.keys.check(headers.get("authorization"), policy.what)
+            except MissingApiKey as error:
+                return await refuse(401, str(error))
+            except PermissionDenied as error:
+                return await refuse(403, str(error))
+        scope.setdefault("state", {})["api_key_id"] = key
+        if not policy.bounded:
+            return await self.app(scope, receive, send)
+        try:
+            async with self.limiter.slot(key or _OPEN_BUCKET):
+                await self.app(scope, receive, send)
+        except Busy as error:
+            await refuse(429, f"too many requests: {error}", {"Retry-After": str(self.limits.retry_after_s)})
 
     def _counted(self, receive, limit: int, sent: _Sent, policy: RoutePolicy):
         """`receive` that counts body bytes; past `limit` the guard answers 413 (when it
@@ -315,6 +361,10 @@ class GatewayGuard:
             return message
 
         return counted
+
+
+def _headers(scope) -> dict[str, str]:
+    return {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in scope["headers"]}
 
 
 def _too_large(size: int, limit: int, how: str) -> str:

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
-__all__ = ["TEMP_PREFIX", "TEMP_SUFFIX", "atomic_copy", "atomic_write", "fsync_directory", "is_temporary",
-           "stale_temporary", "temporary_path"]
+__all__ = ["TEMP_PREFIX", "TEMP_SUFFIX", "atomic_copy", "atomic_directory", "atomic_write", "fsync_directory",
+           "is_temporary", "stale_temporary", "temporary_path", "write_durable"]
 
 TEMP_PREFIX = "."  # temporaries are hidden ...
 TEMP_SUFFIX = ".tmp"  # ... and never end in the target's own suffix
@@ -133,3 +133,33 @@ def atomic_copy(source: str | os.PathLike, target: str | os.PathLike, *, mode: i
         out.flush()
         os.fchmod(out.fileno(), mode if mode is not None else status.st_mode & 0o7777)
         os.utime(out.fileno(), ns=(status.st_atime_ns, status.st_mtime_ns))
+
+
+def write_durable(path: str | os.PathLike, data: bytes) -> None:
+    """A new file holding `data`, fsync'ed (for the inside of an atomic_directory)."""
+    with open(path, "xb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """A folder whose files appear at `target` (a new name) all at once, on success: the
+    caller writes them into the yielded hidden temporary folder (write_durable), which is
+    fsync'ed and renamed into place. A failure anywhere removes the temporary; a writer
+    killed meanwhile leaves one that `stale_temporary` recognises."""
+    target = Path(target)
+    temporary = temporary_path(target)
+    temporary.mkdir()
+    try:
+        yield temporary
+        fsync_directory(temporary)
+        # The folder's mtime is when its last file was created, maybe long ago for a big
+        # file: a sweep's grace for unnamed leftovers counts from the rename instead.
+        os.utime(temporary)
+        os.rename(temporary, target)
+        fsync_directory(target.parent)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise

@@ -21,12 +21,13 @@ import numpy as np
 
 from csm_triton import constants as C
 from csm_triton.core import validation
+from csm_triton.core.continuation import ChainTail, context_digest
 from csm_triton.errors import InvalidInput
 
 __all__ = ["split_text", "segment_max_frames", "SegmentChain", "SEGMENT_OUTPUTS", "FINISH_REASONS"]
 
 # csm_prepare's outputs that describe the segments (beside input_ids and prompt_codes).
-SEGMENT_OUTPUTS = ("segment_ids", "segment_token_counts", "segment_max_frames", "audio_token_ids")
+SEGMENT_OUTPUTS = ("segment_ids", "segment_token_counts", "segment_max_frames", "audio_token_ids", "adapter_id")
 # How each segment of a text ended, as the final response of csm_tts / csm_tts_stream
 # says (FINISH_REASONS, docs/api.md): the model's end frame; the segment's own frame
 # budget (or, for a one-segment text without MAX_AUDIO_SECONDS, the default cap); the
@@ -222,14 +223,24 @@ class SegmentChain:
     _caps: dict[int, tuple[int, bool]] = field(default_factory=dict, repr=False)
     # segment 0's prompt as csm_prepare sent it, passed on untouched
     first_prompt: dict | None = field(default=None, repr=False)
+    # A piece of a text that arrives in pieces (core.continuation): its segments are
+    # numbered after the `first_segment` spoken before it, and budgeted as a long text's.
+    chained: bool = field(default=False, repr=False)
+    first_segment: int = field(default=0, repr=False)
+    # The LoRA adapter voice every segment is generated with (csm_prepare's adapter_id); "": none.
+    adapter_id: str = field(default="", repr=False)
 
     @classmethod
     def from_prepared(cls, prepared) -> "SegmentChain":
         first = {"input_ids": prepared["input_ids"], "prompt_codes": prepared["prompt_codes"]}
         input_ids = _as_int(prepared["input_ids"])
         codes = np.asarray(prepared["prompt_codes"], dtype=np.int64).reshape(-1, C.NUM_CODEBOOKS)
+        adapter = np.asarray(prepared.get("adapter_id", [b""]), dtype=object).reshape(-1)
+        adapter_id = adapter[0].decode(errors="replace") if isinstance(adapter[0], bytes) else str(adapter[0])
+        if adapter_id:  # csm_prepare's own output, checked all the same: it is an input of csm_generate
+            validation.voice_id(adapter_id, "adapter_id")
         if "segment_ids" not in prepared:
-            return cls(input_ids, codes, [np.zeros(0, np.int64)], [None], first_prompt=first)
+            return cls(input_ids, codes, [np.zeros(0, np.int64)], [None], first_prompt=first, adapter_id=adapter_id)
         counts = _as_int(prepared["segment_token_counts"])
         flat = _as_int(prepared["segment_ids"])
         audio_ids = _as_int(prepared["audio_token_ids"])
@@ -249,18 +260,18 @@ class SegmentChain:
         # 0: no budget from the text (a one-segment text keeps the request's own cap)
         budgets = [int(v) or None for v in frames]
         return cls(input_ids[:len(input_ids) - counts[0]], codes, segments, budgets, audio_id, audio_eos_id,
-                   first_prompt=first)
+                   first_prompt=first, adapter_id=adapter_id)
 
     def __len__(self) -> int:
         return len(self.segment_ids)
 
     def prompt(self, index: int) -> dict[str, np.ndarray]:
         """Segment `index`'s input_ids and prompt_codes (after `record(index - 1, ...)`)."""
-        if index == 0 and self.first_prompt is not None:
+        if index == 0 and self.first_prompt is not None and self._previous is None:
             return dict(self.first_prompt)
         ids = [self.context_ids]
         codes = [self.context_codes]
-        if index and self._previous is not None:
+        if self._previous is not None:  # segment index - 1, or a continued chain's last one
             previous_ids, previous_codes = self._previous
             turn = np.concatenate([previous_ids, np.full(len(previous_codes), self.audio_id, np.int64),
                                    [self.audio_eos_id]])
@@ -299,12 +310,15 @@ class SegmentChain:
         multi-segment text the segment's frame cap and its own seed (SEED + index, so the
         segments do not all replay one random draw)."""
         inputs = {**sampling, **self.prompt(index)}
+        if self.adapter_id:
+            inputs["ADAPTER_ID"] = np.array([self.adapter_id.encode()], dtype=object)
         cap = self._caps[index] = self._cap(index, request_max_frames, "MAX_AUDIO_SECONDS" in sampling)
-        if len(self) > 1:
+        if len(self) > 1 or self.chained:
             inputs["MAX_AUDIO_SECONDS"] = max_audio_seconds(cap[0])
             if "SEED" in sampling:
-                inputs["SEED"] = np.asarray(sampling["SEED"]).reshape(-1)[:1].astype(np.int64) + index
-        if index:  # the prefix cache keeps the request's own turns, not the generated segment
+                number = self.first_segment + index
+                inputs["SEED"] = np.asarray(sampling["SEED"]).reshape(-1)[:1].astype(np.int64) + number
+        if index or self.first_segment:  # the prefix cache keeps the request's own turns, not the generated segment
             turns = np.count_nonzero(self.context_ids == self.audio_eos_id)
             inputs["prefix_cache_turns"] = np.array([turns], np.int32)
         return inputs
@@ -332,10 +346,36 @@ class SegmentChain:
         """The frames generated for every segment, in order (0: never generated)."""
         return [self._frames.get(index, 0) for index in range(len(self))]
 
+    def tail(self, decoder_history: np.ndarray) -> ChainTail:
+        """Where this chain stopped, for the next piece of its text (core.continuation)."""
+        ids, codes = self._previous if self._previous is not None else (None, None)
+        return ChainTail(context_digest(self.context_ids, self.context_codes, self.adapter_id),
+                         self.first_segment + len(self),
+                         self._generated_frames, ids, None if codes is None else codes.astype(np.int16),
+                         np.asarray(decoder_history, np.int16))
+
+    def continue_from(self, tail: ChainTail) -> None:
+        """Speak this request's segments after `tail`'s, as the next segments of one text."""
+        if tail.context != context_digest(self.context_ids, self.context_codes, self.adapter_id):
+            raise InvalidInput("input 'CONTINUE_FROM' continues a text spoken with another voice or other "
+                               "context turns: send the same VOICE_ID, reference and context with every piece")
+        self.chained, self.first_segment, self._generated_frames = True, tail.segments, tail.generated_frames
+        if tail.previous_ids is not None and tail.previous_codes is not None:
+            self._previous = (tail.previous_ids, tail.previous_codes.astype(np.int64))
+
+    def segment_times(self) -> np.ndarray:
+        """[segments, 2] float32: where each segment's speech starts and ends in this
+        response's audio, in seconds (the frames before it x 80 ms; a segment never started
+        is empty, at the end). Exact to the sample: the audio is the frames decoded back to
+        back, 1920 samples each."""
+        ends = np.cumsum(self.segment_frames(), dtype=np.int64) * C.SAMPLES_PER_FRAME / C.SAMPLE_RATE
+        starts = np.concatenate([[0.0], ends[:-1]])
+        return np.stack([starts, ends], axis=1).astype(np.float32).reshape(-1, 2)
+
     def final_outputs(self) -> dict[str, np.ndarray]:
-        """FINISH_REASONS and SEGMENT_FRAMES of the final response, one value per segment."""
+        """FINISH_REASONS, SEGMENT_FRAMES and SEGMENT_TIMES of the final response, one per segment."""
         return {"FINISH_REASONS": np.array([r.encode() for r in self.finish_reasons()], dtype=object),
-                "SEGMENT_FRAMES": np.array(self.segment_frames(), np.int32)}
+                "SEGMENT_FRAMES": np.array(self.segment_frames(), np.int32), "SEGMENT_TIMES": self.segment_times()}
 
 
 def max_audio_seconds(frames: int) -> np.ndarray:

@@ -21,10 +21,20 @@ Decode = Callable[[np.ndarray], np.ndarray]  # codes [frames, 32] -> samples [fr
 
 
 class StreamDecoder:
-    def __init__(self, decode: Decode, context_frames: int = C.STREAM_LEFT_CONTEXT_FRAMES):
+    def __init__(self, decode: Decode, context_frames: int = C.STREAM_LEFT_CONTEXT_FRAMES,
+                 history: np.ndarray | None = None):
+        """`history`: codes streamed before (a text continued from an earlier request,
+        core.continuation), the left context of the first chunk."""
         self.decode = decode
         self.context_frames = context_frames
         self._history = np.zeros((0, C.NUM_CODEBOOKS), np.int64)
+        if history is not None and context_frames:
+            self._history = np.asarray(history, np.int64).reshape(-1, C.NUM_CODEBOOKS)[-context_frames:]
+
+    @property
+    def history(self) -> np.ndarray:
+        """The codes kept as the next chunk's left context (at most context_frames)."""
+        return self._history[-self.context_frames:] if self.context_frames else self._history[:0]
 
     def push(self, codes: np.ndarray) -> np.ndarray:
         """The audio of `codes` (the next frames of the stream)."""

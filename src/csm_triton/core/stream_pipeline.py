@@ -14,7 +14,10 @@ watermark). That split lets the ending rules be tested without a server:
   other and streamed back to back, still with one final response for the whole, which
   says how each segment ended (FINISH_REASONS) and how many frames it took
   (SEGMENT_FRAMES), beside an empty AUDIO so that clients reading every response's
-  AUDIO as a chunk keep working.
+  AUDIO as a chunk keep working;
+* a text that arrives in pieces (`continue_from`, core.continuation) continues the
+  chain of the piece before: its segments are the next segments of one long text, and
+  its final response names the tail it leaves for the next piece (CONTINUATION).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 
 from csm_triton import constants as C
 from csm_triton.core import validation
+from csm_triton.core.continuation import ContinuationStore
 from csm_triton.core.segments import SegmentChain
 from csm_triton.core.stream_decoder import StreamDecoder
 
@@ -77,13 +81,16 @@ class StreamPipeline:
     left_context_frames: int = C.STREAM_LEFT_CONTEXT_FRAMES
     log_error: Callable[[str], None] = LOG.error
     segments_ended: SegmentsEnded = lambda reasons: None  # noqa: E731 - metrics in the server
+    continuations: ContinuationStore | None = None  # the tails of texts that arrive in pieces
 
     def run(self, prepare_inputs: Arrays, sampling: Arrays, sender: ResponseSender,
-            stream_id: str | None = None) -> None:
-        """Streams one utterance to `sender` and ends it with exactly one final response."""
+            stream_id: str | None = None, continue_from: str | None = None) -> None:
+        """Streams one utterance to `sender` and ends it with exactly one final response.
+        `continue_from`: None for a text on its own; "" for the first piece of a text
+        that arrives in pieces, or the CONTINUATION of the piece before."""
         stream_id = stream_id or new_stream_id()
         try:
-            final = self._stream(prepare_inputs, sampling, sender, stream_id)
+            final = self._stream(prepare_inputs, sampling, sender, stream_id, continue_from)
         except Exception as error:  # noqa: BLE001 - every failure ends the stream with its message
             self._end(sender, stream_id, error)
         except BaseException as error:  # the process is going down: still one final, then let it go
@@ -93,19 +100,28 @@ class StreamPipeline:
             self._end(sender, stream_id, None, final)
 
     def _stream(self, prepare_inputs: Arrays, sampling: Arrays, sender: ResponseSender,
-                stream_id: str) -> Arrays | None:
+                stream_id: str, continue_from: str | None = None) -> Arrays | None:
         """Streams every segment; the final response's outputs, or None when the client left."""
+        if continue_from is not None and self.continuations is None:
+            raise ValueError("this stream pipeline keeps no continuations")
+        # An unknown id is refused before any work; a known one is used up here.
+        tail = self.continuations.take(continue_from) if continue_from else None
         prepared = self.prepare(prepare_inputs)
         # A long text comes back as segments (core.segments): generated one after the
         # other, each with the previous one's codes as context, and streamed back to
         # back through one decoder, so the joins between segments are chunk joins.
         chain = SegmentChain.from_prepared(prepared)
+        chain.chained = continue_from is not None
+        if tail is not None:
+            chain.continue_from(tail)
         request_max_frames = validation.sampling_from_inputs(sampling).max_frames
-        decoder = StreamDecoder(self.decode, self.left_context_frames)
+        decoder = StreamDecoder(self.decode, self.left_context_frames,
+                                history=None if tail is None else tail.decoder_history)
         for index in range(len(chain)):
             if index and sender.is_cancelled():  # left between segments: start no other
                 return None
-            if index and chain.exhausted(sampling, request_max_frames):  # MAX_AUDIO_SECONDS reached
+            # MAX_AUDIO_SECONDS reached (a continued chain's cap counts its earlier pieces)
+            if (index or chain.first_segment) and chain.exhausted(sampling, request_max_frames):
                 break
             lm_inputs = {
                 **chain.lm_inputs(index, sampling, request_max_frames),
@@ -125,6 +141,9 @@ class StreamPipeline:
         final = {"AUDIO": np.zeros(0, np.float32), "SAMPLE_RATE": SAMPLE_RATE, **chain.final_outputs()}
         if "normalized_text" in prepared:  # each segment as spoken (csm_prepare's normalization)
             final["NORMALIZED_TEXT"] = prepared["normalized_text"]
+        if continue_from is not None:
+            tail_id = self.continuations.put(chain.tail(decoder.history))
+            final["CONTINUATION"] = np.array([tail_id.encode()], dtype=object)
         return final
 
     def _stream_segment(self, lm_inputs: Arrays, stream_id: str, decoder: StreamDecoder,

@@ -9,7 +9,8 @@ deletion compares the metadata's inode just before unlinking, so a voice replace
 meanwhile is not removed in its owner's name.
 
 A count. A store holds at most `max_voices` (C.MAX_STORED_VOICES): every process
-caches every voice, so the count is the memory. Both rules are applied under the
+caches every voice, so the count is the memory. At most `max_adapters` of them
+(C.MAX_STORED_ADAPTERS) may be adapters, which cost disk instead. The rules are applied under the
 store's lock; between processes the count may overshoot by one per concurrent
 registration.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 from csm_triton import constants as C
 from csm_triton.errors import InvalidInput, PermissionDenied
 
-__all__ = ["check_deletion", "check_owner", "check_room"]
+__all__ = ["check_adapter_room", "check_deletion", "check_owner", "check_room"]
 
 
 def check_owner(owner: str | None) -> str | None:
@@ -39,6 +40,14 @@ def check_room(count: int, max_voices: int) -> None:
     if count >= max_voices:
         raise InvalidInput(f"voice store is full: it holds {count} voices, the most it keeps "
                            f"(max_stored_voices = {max_voices}); nothing was stored. Delete a voice first.")
+
+
+def check_adapter_room(count: int, max_adapters: int) -> None:
+    """InvalidInput when a store holding `count` adapter voices has no room for another."""
+    if count >= max_adapters:
+        raise InvalidInput(f"voice store is full of adapters: it holds {count} adapter voices, the most it "
+                           f"keeps (max_stored_adapters = {max_adapters}); nothing was stored. Delete an "
+                           "adapter voice first.")
 
 
 def check_deletion(voice_id: str, owner: str | None, path: Path, metadata: dict | None, inode: int | None) -> None:

@@ -1,15 +1,19 @@
-"""Persisted voice profiles: a reference's Mimi codes and transcript under an id.
+"""Persisted voice profiles under an id: a reference's Mimi codes and transcript (a
+clip voice), or a LoRA adapter with an optional clip of its own (an adapter voice;
+voice_records.py has both kinds).
 
-One voice is two files in the store's directory:
+A voice is its metadata file and the files it names, in the store's directory:
 
     <voice_id>.json               metadata; its presence is what makes the voice exist
-    <voice_id>.<random>.npy       codes [frames, 32] int64, named by the metadata
+    <voice_id>.<random>.npy       codes [frames, 32] int64 (a clip voice; an adapter voice's clip)
+    <voice_id>.<random>.adapter/  adapter_config.json + adapter_model.safetensors (an adapter voice)
 
 Every file is written to a temporary name in the same directory, flushed and
-fsync'ed, then renamed into place, so a reader never sees half a file. The codes
-go first and the metadata last (the commit); deletion removes the metadata first.
-Each registration writes its codes under a fresh name, so a reader holding an
-older metadata file never pairs it with another registration's codes.
+fsync'ed, then renamed into place, so a reader never sees half a file; an adapter's
+folder is filled as a hidden temporary folder and renamed whole (files.atomic_directory).
+The named files go first and the metadata last (the commit); deletion removes the
+metadata first. Each registration writes its files under fresh names, so a reader
+holding an older metadata file never pairs it with another registration's files.
 
 Several processes (Triton model instances) may share a directory: every `get` and
 `list` re-scans it when it may have changed (its mtime moved, or it changed within
@@ -25,8 +29,8 @@ Errors never carry the store's path (clients see them): a full disk or quota is 
 InvalidInput "voice store is full" (the request is refused whole, the store left as
 it was), any other file-system failure a VoiceStoreError naming only the errno.
 
-A voice may carry an owner, and a store holds at most `max_voices`: those rules are
-voice_owners.py's.
+A voice may carry an owner, and a store holds at most `max_voices`, at most
+`max_adapters` of them adapters: those rules are voice_owners.py's.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -48,7 +53,9 @@ import numpy as np
 from csm_triton import constants as C
 from csm_triton.core import validation, voice_leftovers
 from csm_triton.core.files import TEMP_PREFIX, atomic_write, fsync_directory, temporary_path
-from csm_triton.core.voice_owners import check_deletion, check_owner, check_room
+from csm_triton.core.voice_owners import check_adapter_room, check_deletion, check_owner, check_room
+from csm_triton.core.voice_records import (ADAPTER, ADAPTER_DIR_SUFFIX, Voice, adapter_writer, checked_clip,
+                                          codes_writer, owned_name, read_voice)
 from csm_triton.errors import InvalidInput
 
 __all__ = ["Voice", "VoiceStore", "VoiceStoreError"]
@@ -85,26 +92,6 @@ def _file_errors(action: str):
 
 
 @dataclass(frozen=True)
-class Voice:
-    voice_id: str
-    transcript: str
-    codes: np.ndarray  # [frames, NUM_CODEBOOKS] int64, read-only
-    duration_seconds: float
-    created_at: str  # ISO 8601, UTC
-    owner: str | None = None  # a key id (C.VOICE_OWNER_PATTERN); None: the admin's
-
-    def summary(self) -> dict:
-        """What clients see (JSON-ready): everything but the codes."""
-        return {
-            "voice_id": self.voice_id,
-            "transcript": self.transcript,
-            "duration_seconds": self.duration_seconds,
-            "created_at": self.created_at,
-            "owner": self.owner,
-        }
-
-
-@dataclass(frozen=True)
 class _Entry:
     signature: tuple[int, int, int]  # the metadata file's (inode, size, mtime_ns)
     voice: Voice
@@ -131,13 +118,18 @@ def _link_exclusively(voice_id: str):
     return publish
 
 
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 class VoiceStore:
     """Voices persisted in `directory`, cached in memory, shared between processes."""
 
-    def __init__(self, directory: str | Path, max_voices: int = C.MAX_STORED_VOICES):
+    def __init__(self, directory: str | Path, max_voices: int = C.MAX_STORED_VOICES,
+                 max_adapters: int = C.MAX_STORED_ADAPTERS):
         if int(max_voices) < 1:
             raise ValueError(f"max_voices must be at least 1, got {max_voices}")
-        self.max_voices = int(max_voices)
+        self.max_voices, self.max_adapters = int(max_voices), int(max_adapters)
         self.directory = Path(directory).resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
@@ -152,7 +144,7 @@ class VoiceStore:
     # --- public API ---------------------------------------------------------------------
     def register(self, voice_id: str, codes: np.ndarray, transcript: str, duration_seconds: float,
                  *, replace: bool = False, owner: str | None = None) -> Voice:
-        """Stores a voice as `owner`'s (None: the admin's); an existing id is refused
+        """Stores a clip voice as `owner`'s (None: the admin's); an existing id is refused
         unless `replace`, and a new one when the store is full (InvalidInput).
 
         The transcript is trusted: VoiceResolver.register checks it (validation.text)
@@ -160,58 +152,62 @@ class VoiceStore:
         are built from it."""
         voice_id = validation.voice_id(voice_id)
         owner = check_owner(owner)
-        codes = validation.audio_codes(np.asarray(codes), "codes")
-        if len(codes) == 0:
-            raise InvalidInput("a voice needs at least one frame of codes")
-        duration = float(duration_seconds)
-        if not np.isfinite(duration) or duration <= 0:
-            raise InvalidInput(f"duration_seconds must be a positive number, got {duration_seconds!r}")
-        codes = np.array(codes, dtype=np.int64, order="C", copy=True)  # ours, made read-only below
+        codes, duration = checked_clip(codes, duration_seconds)
         codes_name = f"{voice_id}.{uuid.uuid4().hex[:12]}.npy"
-        created_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        metadata = {
-            "format_version": _FORMAT_VERSION,
-            "voice_id": voice_id,
-            "transcript": transcript,
-            "duration_seconds": round(duration, 3),
-            "created_at": created_at,
-            "frames": int(len(codes)),
-            "codes_file": codes_name,
-            "owner": owner,
-        }
-        with self._lock, _file_errors(f"store voice '{voice_id}'"):
-            self._refresh()
-            if not replace and self._metadata_path(voice_id).exists():
-                raise InvalidInput(f"voice '{voice_id}' already exists; delete it first to register it again")
-            if voice_id not in self._entries:
-                check_room(len(self._entries), self.max_voices)
-            self.sweep()
-            self._write_atomic(self.directory / codes_name, lambda handle: np.save(handle, codes, allow_pickle=False))
-            try:
-                previous = self._read_metadata_with_inode(voice_id)[0] if replace else None
-                signature = self._write_metadata(voice_id, metadata, exclusive=not replace)
-            except BaseException:
-                (self.directory / codes_name).unlink(missing_ok=True)
-                raise
-            # Committed: from here on the answer is "registered", whatever else happens
-            # (another process may delete the voice this very moment).
-            codes.setflags(write=False)
-            voice = Voice(voice_id, transcript, codes, metadata["duration_seconds"], created_at, owner)
-            self._entries[voice_id] = _Entry(signature, voice)
-            try:
-                if previous and previous.get("codes_file") != codes_name:
-                    self._unlink_codes(previous.get("codes_file"))
-                fsync_directory(self.directory)
-            except OSError as error:  # the old codes stay: an orphan the next sweep removes
-                LOG.warning("voice store: cleaning up after registering '%s': %s", voice_id, error)
-            return voice
+        metadata = {"format_version": _FORMAT_VERSION, "voice_id": voice_id, "transcript": transcript,
+                    "duration_seconds": duration, "created_at": _now(), "frames": int(len(codes)),
+                    "codes_file": codes_name, "owner": owner}
+        return self._commit(metadata, [(codes_name, codes_writer(codes))],
+                            lambda: Voice(voice_id, transcript, codes, duration, metadata["created_at"], owner),
+                            replace=replace)
 
-    def check_room(self) -> None:
-        """Raises InvalidInput when the store holds max_voices (so a registration can be
-        refused before it pays for encoding)."""
+    def register_adapter(self, voice_id: str, adapter_config: bytes, adapter_weights: bytes, description: dict, *,
+                         default_speaker: int | None = None, codes: np.ndarray | None = None,
+                         transcript: str | None = None, duration_seconds: float | None = None,
+                         owner: str | None = None) -> Voice:
+        """Stores an adapter voice as `owner`'s: the adapter's two files byte for byte
+        (checked before: core/adapters.check_adapter, VoiceResolver.register_adapter),
+        `description` (rank, alpha, target modules, base hash ...: what voice_list shows;
+        the size is added here), and optionally a default speaker id and a clip (codes,
+        transcript, seconds). An existing id is refused, and so is a new one when the store
+        holds max_voices voices or max_adapters adapters."""
+        voice_id = validation.voice_id(voice_id)
+        owner = check_owner(owner)
+        if default_speaker is not None and not 0 <= int(default_speaker) <= C.MAX_SPEAKER_ID:
+            raise InvalidInput(f"DEFAULT_SPEAKER must be in [0, {C.MAX_SPEAKER_ID}], got {default_speaker}")
+        stamp = uuid.uuid4().hex[:12]
+        adapter_name = f"{voice_id}.{stamp}{ADAPTER_DIR_SUFFIX}"
+        writes = [(adapter_name, adapter_writer(adapter_config, adapter_weights))]
+        codes_name, duration = None, 0.0
+        if codes is not None:
+            codes, duration = checked_clip(codes, duration_seconds)
+            codes_name = f"{voice_id}.{stamp}.npy"
+            writes.append((codes_name, codes_writer(codes)))
+        adapter = {**description, "size_bytes": len(adapter_config) + len(adapter_weights)}
+        speaker = None if default_speaker is None else int(default_speaker)
+        metadata = {"format_version": _FORMAT_VERSION, "voice_id": voice_id, "kind": ADAPTER,
+                    "transcript": transcript or "", "duration_seconds": duration, "created_at": _now(),
+                    "frames": 0 if codes is None else int(len(codes)), "codes_file": codes_name, "owner": owner,
+                    "adapter_dir": adapter_name, "adapter": adapter, "default_speaker": speaker}
+        return self._commit(metadata, writes, lambda: Voice(
+            voice_id, transcript or "", codes, duration, metadata["created_at"], owner, ADAPTER, adapter, speaker,
+            adapter_name), adapter=True)
+
+    def adapter_dir(self, voice_id: str) -> Path:
+        """The folder of an adapter voice's adapter: exactly adapter_config.json and
+        adapter_model.safetensors, as registered (InvalidInput for an unknown voice or a
+        clip voice). Deleting the voice removes the folder: open its files, then read."""
+        voice = self.get(voice_id)
+        if voice.kind != ADAPTER or voice.adapter_dir is None:
+            raise InvalidInput(f"voice '{voice.voice_id}' is a {voice.kind} voice, not a LoRA adapter")
+        return self.directory / voice.adapter_dir
+
+    def check_room(self, *, adapter: bool = False) -> None:
+        """Raises InvalidInput when the store holds max_voices (or, for an adapter,
+        max_adapters adapters), so a registration can be refused before it pays for work."""
         with self._lock, _file_errors("read the voices"):
             self._refresh()
-            check_room(len(self._entries), self.max_voices)
+            self._check_room(None, adapter)
 
     def get(self, voice_id: str) -> Voice:
         voice_id = validation.voice_id(voice_id)
@@ -231,7 +227,7 @@ class VoiceStore:
             return [self._entries[key].voice.summary() for key in sorted(self._entries)]
 
     def delete(self, voice_id: str, *, owner: str | None = None) -> dict:
-        """Removes a voice (its metadata first, then its codes); returns its summary.
+        """Removes a voice (its metadata first, then its codes and adapter); returns its summary.
         With `owner`, only a voice of that owner (PermissionDenied for another's, the
         admin's included); without, any (the admin)."""
         voice_id = validation.voice_id(voice_id)
@@ -243,10 +239,10 @@ class VoiceStore:
             check_deletion(voice_id, owner, path, metadata, inode)
             metadata = metadata or {}
             entry = self._entries.pop(voice_id, None)
-            # Moved aside, then read: the codes removed are those of the very metadata this
+            # Moved aside, then read: the files removed are those of the very metadata this
             # call removed, even if another process deleted and registered the id again
-            # since it was read above (else the new registration's codes were orphaned).
-            # A crash here leaves a temporary and unnamed codes, which the sweep removes.
+            # since it was read above (else the new registration's files were orphaned).
+            # A crash here leaves a temporary and unnamed files, which the sweep removes.
             moved = temporary_path(path)
             try:
                 os.rename(path, moved)
@@ -256,14 +252,15 @@ class VoiceStore:
                 removed = json.loads(moved.read_bytes())
             except (OSError, ValueError):
                 removed = None
-            self._unlink_codes(removed.get("codes_file") if isinstance(removed, dict) else None)
+            self._remove_files(removed if isinstance(removed, dict) else {})
             moved.unlink(missing_ok=True)
             fsync_directory(self.directory)
         if entry is not None:
             return entry.voice.summary()
         # Unreadable metadata (or written by another process a moment ago): what it says.
         return {"voice_id": voice_id, **{key: metadata.get(key) for key in
-                                         ("transcript", "duration_seconds", "created_at", "owner")}}
+                                         ("transcript", "duration_seconds", "created_at", "owner")},
+                "kind": metadata.get("kind", "clip")}
 
     def __contains__(self, voice_id: str) -> bool:
         try:
@@ -287,10 +284,6 @@ class VoiceStore:
     def _metadata_path(self, voice_id: str) -> Path:
         return self.directory / f"{voice_id}{_METADATA_SUFFIX}"
 
-    def _write_atomic(self, target: Path, write) -> None:
-        with atomic_write(target) as out:
-            write(out)
-
     def _write_metadata(self, voice_id: str, metadata: dict, *, exclusive: bool) -> tuple[int, int, int]:
         """Commits the voice; returns the signature of the file written (taken from the
         open file: the name may be gone again by the time this returns)."""
@@ -312,27 +305,61 @@ class VoiceStore:
             return None, None
         return (metadata, inode) if isinstance(metadata, dict) else (None, None)
 
-    def _unlink_codes(self, name: object) -> None:
-        if isinstance(name, str) and name.endswith(".npy") and "/" not in name and not name.startswith("."):
-            (self.directory / name).unlink(missing_ok=True)
+    def _commit(self, metadata: dict, writes, voice, *, replace: bool = False, adapter: bool = False) -> Voice:
+        """Under the lock: admits the id, writes the voice's files (`writes`: (name, write)
+        pairs, each atomic), then its metadata, the commit; a failure before the commit
+        removes what was written. `voice()`: the Voice registered."""
+        voice_id = metadata["voice_id"]
+        with self._lock, _file_errors(f"store voice '{voice_id}'"):
+            self._refresh()
+            if not replace and self._metadata_path(voice_id).exists():
+                raise InvalidInput(f"voice '{voice_id}' already exists; delete it first to register it again")
+            self._check_room(voice_id, adapter)
+            self.sweep()
+            written = []
+            try:
+                for name, write in writes:
+                    write(self.directory / name)
+                    written.append(name)
+                previous = self._read_metadata_with_inode(voice_id)[0] if replace else None
+                signature = self._write_metadata(voice_id, metadata, exclusive=not replace)
+            except BaseException:
+                self._remove_files({"codes_file": next((n for n in written if n.endswith(".npy")), None),
+                                    "adapter_dir": next((n for n in written if n.endswith(ADAPTER_DIR_SUFFIX)), None)})
+                raise
+            # Committed: from here on the answer is "registered", whatever else happens
+            # (another process may delete the voice this very moment).
+            registered = voice()
+            self._entries[voice_id] = _Entry(signature, registered)
+            try:
+                if previous:
+                    self._remove_files({key: value for key, value in previous.items()
+                                        if key in ("codes_file", "adapter_dir") and value != metadata.get(key)})
+                fsync_directory(self.directory)
+            except OSError as error:  # the old files stay: orphans the next sweep removes
+                LOG.warning("voice store: cleaning up after registering '%s': %s", voice_id, error)
+            return registered
 
-    def _load(self, voice_id: str, path: Path) -> Voice | None:
-        """A voice from its metadata file, or None when it is incomplete (being
-        written or deleted by another process) or not ours."""
-        try:
-            metadata = json.loads(path.read_text())
-            codes_name = metadata["codes_file"]
-            if metadata.get("voice_id") != voice_id or not isinstance(codes_name, str) or "/" in codes_name:
-                return None
-            codes = np.load(self.directory / codes_name, allow_pickle=False)
-            codes = validation.audio_codes(codes, codes_name)
-            codes = np.ascontiguousarray(codes, dtype=np.int64)
-            codes.setflags(write=False)
-            owner = metadata.get("owner")
-            return Voice(voice_id, str(metadata["transcript"]), codes, float(metadata["duration_seconds"]),
-                         str(metadata["created_at"]), owner if isinstance(owner, str) else None)
-        except (OSError, ValueError, KeyError, TypeError, InvalidInput):
-            return None
+    def _check_room(self, voice_id: str | None, adapter: bool) -> None:
+        if voice_id not in self._entries:
+            check_room(len(self._entries), self.max_voices)
+        if adapter:
+            check_adapter_room(sum(e.voice.kind == ADAPTER for e in self._entries.values()), self.max_adapters)
+
+    def _remove_files(self, metadata: dict) -> None:
+        """Removes the codes and the adapter folder a metadata names (plain names only)."""
+        if owned_name(metadata.get("codes_file"), ".npy"):
+            (self.directory / metadata["codes_file"]).unlink(missing_ok=True)
+        if owned_name(metadata.get("adapter_dir"), ADAPTER_DIR_SUFFIX):
+            # Renamed aside first, so the name is gone at once and a crash mid-removal
+            # leaves a temporary the sweep removes (never a half-deleted adapter).
+            folder = self.directory / metadata["adapter_dir"]
+            aside = temporary_path(folder)
+            try:
+                os.rename(folder, aside)
+            except FileNotFoundError:
+                return
+            shutil.rmtree(aside, ignore_errors=True)
 
     def _refresh(self, *, force: bool = False) -> None:
         """Re-scans the directory if it may have changed since the last scan."""
@@ -358,7 +385,7 @@ class VoiceStore:
                 if cached is not None and cached.signature == signature:
                     found[voice_id] = cached
                     continue
-                voice = self._load(voice_id, Path(item.path))
+                voice = read_voice(self.directory, voice_id, Path(item.path))
                 if voice is not None:
                     found[voice_id] = _Entry(signature, voice)
         self._entries = found

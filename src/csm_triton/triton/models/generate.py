@@ -79,4 +79,5 @@ class GenerateModel(triton.PythonModel):
         self.segments_total.count(chain.finish_reasons())
         final = chain.final_outputs()
         return {"audio_codes": np.ascontiguousarray(codes.T[None]),  # [1, 32, frames]
-                "finish_reasons": final["FINISH_REASONS"], "segment_frames": final["SEGMENT_FRAMES"]}
+                "finish_reasons": final["FINISH_REASONS"], "segment_frames": final["SEGMENT_FRAMES"],
+                "segment_times": final["SEGMENT_TIMES"]}

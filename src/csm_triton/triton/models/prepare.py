@@ -41,15 +41,15 @@ class PrepareModel(triton.PythonModel):
         normalize.load()
 
     def _stored_voice(self, voice_id: str):
-        voice = self.voices.store.get(voice_id)
-        return voice.transcript, voice.codes
+        return self.voices.context_reference(voice_id)
 
     def handle(self, request):
         # The cheap checks first (TEXT, SPEAKER, the context's counts and lengths), before
         # any voice is resolved or audio encoded through BLS; PromptBuilder trusts the texts.
         raw_text = validation.single_string(triton.input_texts(request, "TEXT"), "TEXT")
         text = conversation.spoken_text(raw_text, "TEXT", max_chars=C.MAX_LONG_TEXT_CHARS)
-        speaker = conversation.speaker_id(triton.input_array(request, "SPEAKER", required=False))
+        speaker_input = triton.input_array(request, "SPEAKER", required=False)
+        speaker = conversation.speaker_id(speaker_input)
         spoken = validation.flag(triton.input_array(request, "NORMALIZE", required=False), "NORMALIZE", True)
         texts = segments.split_text(text, normalize=normalize.normalize_texts if spoken else None)
         voice_id = triton.input_texts(request, "VOICE_ID", required=False)
@@ -63,8 +63,12 @@ class PrepareModel(triton.PythonModel):
             voice_ids=triton.input_texts(request, "CONTEXT_VOICE_ID", required=False),
             lookup_voice=self._stored_voice, encode=forward_mimi_encoder,
         )
+        voice_id = validation.single_text(voice_id, "VOICE_ID", required=False)
+        adapter = self.voices.adapter_voice(voice_id)  # a LoRA voice: csm_lm generates with its adapter
+        if adapter is not None and speaker_input is None and adapter.default_speaker is not None:
+            speaker = adapter.default_speaker
         voice = self.voices.resolve(
-            voice_id=validation.single_text(voice_id, "VOICE_ID", required=False),
+            voice_id=voice_id,
             reference_audio=triton.input_array(request, "REFERENCE_AUDIO", required=False),
             reference_sample_rate=triton.input_array(request, "REFERENCE_SAMPLE_RATE", required=False),
             reference_text=validation.single_string(reference_text, "REFERENCE_TEXT", required=False),
@@ -74,8 +78,12 @@ class PrepareModel(triton.PythonModel):
             context.insert(0, Segment(reference_text, speaker, validation.audio_codes(reference_codes, "voice")))
         prepared = self.prompt_builder.conversation(texts, speaker, context)
         builder = self.prompt_builder
-        budgets = [segments.segment_max_frames(t, self.seconds_per_char, self.min_seconds) if len(texts) > 1 else 0
-                   for t in texts]
+        # A one-segment text keeps the request's cap (0), unless it is a piece of a longer
+        # text (csm_tts_stream's CONTINUE_FROM), whose segments are budgeted as a long text's.
+        piece = validation.flag(triton.input_array(request, "budget_every_segment", required=False),
+                                "budget_every_segment", False)
+        budgets = [segments.segment_max_frames(t, self.seconds_per_char, self.min_seconds)
+                   if len(texts) > 1 or piece else 0 for t in texts]
         return {
             "input_ids": prepared.prompt.input_ids,
             "prompt_codes": prepared.prompt.audio_codes,
@@ -84,4 +92,5 @@ class PrepareModel(triton.PythonModel):
             "segment_max_frames": np.array(budgets, np.int32),
             "audio_token_ids": np.array([builder.audio_id, builder.audio_eos_id], np.int64),
             "normalized_text": np.array([t.encode() for t in texts], dtype=object),
+            "adapter_id": np.array([adapter.voice_id.encode() if adapter is not None else b""], dtype=object),
         }

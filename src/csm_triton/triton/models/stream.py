@@ -3,7 +3,9 @@
 The work of one stream (csm_prepare, codes streamed from csm_lm, each chunk decoded
 through mimi_decoder with left context, watermarked and sent as soon as it is ready)
 is csm_triton.core.stream_pipeline.StreamPipeline; this module gives it its stages as
-BLS calls and runs it on a worker thread per request.
+BLS calls and runs it on a worker thread per request. It also keeps the tails of texts
+that arrive in pieces (CONTINUE_FROM / CONTINUATION, core.continuation): in this
+process, which is why the model has one instance.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 
 from csm_triton import constants as C
 from csm_triton.core import validation
+from csm_triton.core.continuation import DEFAULT_MAX_ENTRIES, DEFAULT_TTL_S, ContinuationStore
 from csm_triton.core.conversation import CONTEXT_INPUTS
 from csm_triton.core.segments import FINISH_REASONS, SEGMENT_OUTPUTS, SEGMENTS_METRIC
 from csm_triton.core.stream_pipeline import StreamPipeline
@@ -76,6 +79,9 @@ class StreamingModel(triton.DecoupledModel):
             left_context_frames=parameters.integer("left_context_frames", C.STREAM_LEFT_CONTEXT_FRAMES, minimum=0),
             log_error=triton.log_error,
             segments_ended=self.segments_total.count,
+            continuations=ContinuationStore(
+                parameters.integer("max_continuations", DEFAULT_MAX_ENTRIES, minimum=1),
+                parameters.number("continuation_ttl_s", DEFAULT_TTL_S, minimum=1.0, maximum=3600.0)),
         )
         self.workers = ThreadPoolExecutor(parameters.integer("max_concurrent_streams", 256, minimum=1),
                                           thread_name_prefix="csm-stream")
@@ -90,7 +96,11 @@ class StreamingModel(triton.DecoupledModel):
             raise InvalidInput("missing required input 'TEXT'")
         sampling = triton.present_inputs(request, validation.SAMPLING_INPUTS)
         validation.sampling_from_inputs(sampling)
-        self.workers.submit(self.pipeline.run, prepare_inputs, sampling, sender)
+        continue_from = validation.single_string(triton.input_texts(request, "CONTINUE_FROM", required=False),
+                                                 "CONTINUE_FROM", required=False)
+        if continue_from is not None:  # a piece of a longer text: every segment budgeted as a long text's
+            prepare_inputs["budget_every_segment"] = np.array([True])
+        self.workers.submit(self.pipeline.run, prepare_inputs, sampling, sender, None, continue_from)
 
     def finalize(self):
         self.workers.shutdown(wait=True, cancel_futures=True)
