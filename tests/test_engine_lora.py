@@ -55,13 +55,48 @@ def weights_of(model, rank: int) -> LoraWeights:
 @pytest.fixture(scope="module")
 def adapters(tiny_checkpoint):
     made = {}
-    for name, rank, seed in (("warm", 4, 1), ("bright", 8, 2)):
+    for name, rank, seed in (("warm", 4, 1), ("bright", 8, 2), ("r8", 8, 3), ("r16", 16, 4), ("r32", 32, 5)):
         model = lora_model(tiny_checkpoint, rank, seed)
         weights = weights_of(model, rank)
         assert len(weights.matrices) == 7 * 4  # 2 backbone + 2 depth layers in the tiny model, 7 projections each
         merged = copy.deepcopy(model).merge_and_unload().eval()
-        made[name] = (weights, merged)
+        made[name] = (weights, merged, model)
     return made
+
+
+def test_base_and_three_adapters_of_rank_8_16_32_in_one_step_equal_peft_unmerged(lm, builder, processor_and_base,
+                                                                                  adapters):
+    """Each request's tokens equal transformers' generate on the model with its adapter
+    applied by peft, unmerged (LoRA modules computing B(A x) beside W x)."""
+    processor, base = processor_and_base
+    engine = GenerationEngine(lm, EngineConfig(max_slots=4, lora_slots=3, lora_max_rank=32),
+                              adapter_loader=lambda name: adapters[name][0])
+    asked = [(TARGETS[3], None), (TARGETS[0], "r8"), (TARGETS[1], "r16"), (TARGETS[2], "r32")]
+    handles = [engine.submit(request(builder, text, FRAMES, adapter=adapter)) for text, adapter in asked]
+    engine.run_until_idle()
+    assert engine.steps <= FRAMES + 1, "all four in the same frame steps"
+    for handle, (text, adapter) in zip(handles, asked):
+        model = base if adapter is None else adapters[adapter][2].base_model.model  # peft's LoRA layers, unmerged
+        np.testing.assert_array_equal(handle.result(timeout=5).codes, hf_generate(model, processor, text, FRAMES),
+                                      err_msg=f"adapter {adapter}")
+
+
+def test_an_adapters_first_logits_are_within_1e_4_of_the_merged_checkpoints(lm, builder, adapters):
+    """Codebook 0's logits of a prompt's last position: the engine with the adapter per
+    row against peft's merged model (its own forward, its own head)."""
+    weights, merged, _ = adapters["r16"]
+    engine = GenerationEngine(lm, EngineConfig(max_slots=1, lora_slots=1, lora_max_rank=32),
+                              adapter_loader=lambda name: weights)
+    slot = engine.adapters.acquire("r16")
+    prompt = builder.prepare(TARGETS[1])
+    ids = torch.as_tensor(prompt.input_ids)
+    with torch.inference_mode():
+        embeds = lm.embed_prompt(ids, torch.as_tensor(prompt.audio_codes).reshape(-1, 32))
+        lora = engine.adapters.rows("backbone", torch.tensor([slot]))
+        hidden = lm.backbone_forward(embeds[None], engine.cache, 0, torch.arange(len(ids))[None], lora)
+        ours = lm.codebook0_logits(hidden)[0]
+        theirs = merged(input_ids=ids[None]).logits[0, -1, :2048]  # its backbone and lm_head, merged weights
+    assert torch.allclose(ours, theirs, atol=1e-4, rtol=0), float((ours - theirs).abs().max())
 
 
 def test_requests_of_two_adapters_and_the_base_share_steps_and_each_gets_its_merged_models_codes(

@@ -156,6 +156,8 @@ class Speech:
     # continues from (CONTINUATION; docs/api.md).
     normalized_text: tuple[str, ...] = ()
     continuation: str | None = None
+    # Per segment: (start, end) seconds of its speech in the audio (SEGMENT_TIMES): captions.
+    segment_times: tuple[tuple[float, float], ...] = ()
 
     @property
     def seconds(self) -> float:

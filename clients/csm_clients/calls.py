@@ -82,7 +82,14 @@ def speech_from(result) -> Speech:
     continuation = _texts(_optional_output(result, "CONTINUATION"))
     return Speech(np.asarray(result.as_numpy("AUDIO"), np.float32), int(result.as_numpy("SAMPLE_RATE")[0]),
                   _texts(reasons), tuple(int(f) for f in frames),
-                  _texts(_optional_output(result, "NORMALIZED_TEXT")), continuation[0] if continuation else None)
+                  _texts(_optional_output(result, "NORMALIZED_TEXT")), continuation[0] if continuation else None,
+                  segment_times(_optional_output(result, "SEGMENT_TIMES")))
+
+
+def segment_times(values) -> tuple[tuple[float, float], ...]:
+    """SEGMENT_TIMES [segments, 2] (flattened or not) -> ((start, end), ...) seconds."""
+    pairs = np.asarray(values, np.float64).reshape(-1, 2)
+    return tuple((float(start), float(end)) for start, end in pairs)
 
 
 def _optional_output(result, name: str) -> np.ndarray:

@@ -4,7 +4,7 @@
     csm-tts clone me.wav "What the clip says." "Hello in my voice." -o cloned.wav
     csm-tts stream "A longer text, written as it is spoken." -o streamed.wav
     csm-tts say "Fine, thanks." --speaker 1 --context-turn 0 hi.wav "Hi, how are you?" -o reply.wav
-    csm-tts read book.txt -o book.wav [--voice alice]
+    csm-tts read book.txt -o book.wav [--voice alice] [--captions book.srt]
     csm-tts voices add alice me.wav "What the clip says." | voices list | voices rm alice
     csm-tts voices add-adapter my-voice build/my-voice/adapter [--speaker 0]
     csm-tts batch lines.jsonl --out-dir out/ --concurrency 4
@@ -47,6 +47,8 @@ import soundfile
 from csm_clients.adapters import read_adapter_folder
 from csm_clients.audio import Reference
 from csm_clients.batch import run_batch
+from csm_clients.captions import FORMATS as CAPTION_FORMATS
+from csm_clients.captions import write_captions
 from csm_clients.client import AsyncVoiceCloner, VoiceCloner, admin_token_from_environment
 from csm_clients.conversation import Turn, check_text, context_inputs
 from csm_clients.errors import CsmClientError
@@ -70,6 +72,25 @@ def _save(speech, args: argparse.Namespace) -> None:
         speech = dataclasses.replace(speech, audio=stretch(speech.audio, speech.sample_rate, args.speed))
     path = speech.save(args.out, args.sample_rate)
     print(f"{path}: {speech.seconds:.2f} s of audio")
+    _captions(speech, args)
+
+
+def _captions(spoken, args: argparse.Namespace) -> None:
+    """--captions: one cue per segment (SEGMENT_TIMES, NORMALIZED_TEXT). `spoken`: a Speech or a stream."""
+    if args.captions is None:
+        return
+    if not spoken.segment_times:
+        print("no captions: the server sent no SEGMENT_TIMES", file=sys.stderr)
+        return
+    print(f"{write_captions(args.captions, spoken.segment_times, spoken.normalized_text, speed=args.speed)}: "
+          f"{len(spoken.segment_times)} segment(s)")
+
+
+def _caption_path(value: str) -> Path:
+    path = Path(value)
+    if path.suffix.lower().lstrip(".") not in CAPTION_FORMATS:
+        raise argparse.ArgumentTypeError(f"captions go to a .srt or .vtt file, not {value!r}")
+    return path
 
 
 class UsageError(Exception):
@@ -182,6 +203,7 @@ def _stream(cloner: VoiceCloner, args) -> int:
         if output is not None:
             output.close()
     _report_cut_segments(chunks)
+    _captions(chunks, args)
     read = f" ({len(args.text)} characters in {time.perf_counter() - started:.1f} s)" if args.command == "read" else ""
     print(f"{args.out}: {total:.2f} s of audio{read}")
     return 0
@@ -260,6 +282,7 @@ def _parser() -> argparse.ArgumentParser:
     output = argparse.ArgumentParser(add_help=False, parents=[sampling])
     output.add_argument("-o", "--out", type=Path, required=True, help="audio file (.wav, .flac, .ogg ...)")
     output.add_argument("--sample-rate", type=int, help="resample the result to this rate (default: as generated)")
+    output.add_argument("--captions", type=_caption_path, help="also write captions, one per segment (.srt or .vtt)")
 
     say = commands.add_parser("say", parents=[output, conversation], help="speak text (a stored voice or the default one)")
     say.add_argument("text")
@@ -274,6 +297,7 @@ def _parser() -> argparse.ArgumentParser:
 
     streamed = argparse.ArgumentParser(add_help=False, parents=[sampling, conversation])
     streamed.add_argument("-o", "--out", type=Path, required=True, help="audio file")
+    streamed.add_argument("--captions", type=_caption_path, help="also write captions, one per segment (.srt or .vtt)")
     streamed.add_argument("--voice", help="a stored voice id")
     streamed.add_argument("--reference", type=Path, help="a reference clip (with --transcript)")
     streamed.add_argument("--transcript", help="what the reference clip says")

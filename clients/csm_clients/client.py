@@ -102,7 +102,8 @@ def _stream_over_sse(url: str, inputs: Mapping[str, np.ndarray], timeout: float)
                              tuple(str(r) for r in np.ravel(event.get("FINISH_REASONS", []))),
                              tuple(int(f) for f in np.ravel(event.get("SEGMENT_FRAMES", []))),
                              tuple(str(t) for t in np.ravel(event.get("NORMALIZED_TEXT", []))),
-                             next((str(c) for c in np.ravel(event.get("CONTINUATION", []))), None))
+                             next((str(c) for c in np.ravel(event.get("CONTINUATION", []))), None),
+                             calls.segment_times(event.get("SEGMENT_TIMES", [])))
 
 
 def _sse_events(lines) -> Iterator[dict]:

@@ -26,6 +26,7 @@ class SpeechStream:
         self.segment_frames: tuple[int, ...] = ()
         self.normalized_text: tuple[str, ...] = ()  # each segment as spoken
         self.continuation: str | None = None  # with `continue_from`: what the next piece continues from
+        self.segment_times: tuple[tuple[float, float], ...] = ()  # each segment's (start, end) in the audio
 
     def _audio(self, chunk: Speech) -> bool:
         """True for a chunk of audio; a response without (the final one) is kept."""
@@ -34,6 +35,7 @@ class SpeechStream:
         if chunk.finish_reasons:
             self.finish_reasons, self.segment_frames = chunk.finish_reasons, chunk.segment_frames
             self.normalized_text, self.continuation = chunk.normalized_text, chunk.continuation
+            self.segment_times = chunk.segment_times
         return False
 
     def __iter__(self) -> "SpeechStream":
@@ -68,4 +70,5 @@ def joined(chunks: list[Speech], stream: SpeechStream) -> Speech:
     if not chunks:
         raise ServerError("the server ended the stream before any audio")
     return Speech(np.concatenate([chunk.audio for chunk in chunks]), chunks[0].sample_rate,
-                  stream.finish_reasons, stream.segment_frames)
+                  stream.finish_reasons, stream.segment_frames, stream.normalized_text,
+                  segment_times=stream.segment_times)

@@ -107,3 +107,21 @@ def test_batch_from_csv_through_the_console_script(triton_server, tmp_path):
                             env={**os.environ, "CSM_TRITON_URL": "unused:1"})
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bye.wav", "hello.wav"]
+
+
+def test_captions_follow_the_servers_segment_times(cli, capsys):
+    """--captions: one cue per segment, timed by SEGMENT_TIMES, worded as spoken."""
+    text = ("The first sentence is about the weather, which was grey and cold all morning long today. " * 2
+            + "Then the sun came out at 3 pm, and everyone went outside to enjoy it for an hour or two. " * 2)
+    assert cli(["say", text, "-o", "long.wav", "--captions", "long.srt", "--seed", "2"]) == 0
+    cues = Path("long.srt").read_text().strip().split("\n\n")
+    assert len(cues) >= 2, cues
+    spans = [cue.split("\n")[1].split(" --> ") for cue in cues]
+    as_seconds = [[sum(float(part) * 60 ** (2 - i) for i, part in enumerate(stamp.replace(",", ".").split(":")))
+                   for stamp in span] for span in spans]
+    assert as_seconds[0][0] == 0.0 and all(a[1] <= b[0] + 1e-3 for a, b in zip(as_seconds, as_seconds[1:]))
+    assert abs(as_seconds[-1][1] - seconds(Path("long.wav"))) < 0.01, "the last cue ends with the audio"
+    assert "three" in Path("long.srt").read_text(), "the cue text is the text as spoken (normalized)"
+    with pytest.raises(SystemExit) as refused:  # not .srt/.vtt: refused by the parser, before sending
+        cli(["say", "Hi.", "-o", "x.wav", "--captions", "x.txt"])
+    assert refused.value.code == 2 and "captions go to a .srt or .vtt file" in capsys.readouterr().err

@@ -6,12 +6,14 @@ bodies, and a client that goes away mid-stream freeing its KV slot."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import time
 
 import httpx
 import openai
 import pytest
+import soundfile
 
 from tests.test_encoding import TOLERANCE_S, decode
 
@@ -194,3 +196,23 @@ def test_a_client_gone_mid_stream_frees_its_kv_slot(gateway, triton_server):
     while slots_in_use(triton_server) > 0 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert slots_in_use(triton_server) == 0
+
+
+def test_captioned_speech_is_the_audio_and_a_timed_caption_per_segment(gateway):
+    text = ("The meeting starts at 9 am sharp, so please be on time and bring your notes with you. " * 2
+            + "Afterwards we will have lunch together in the big room on the second floor, as usual. " * 2)
+    headers = {"Authorization": f"Bearer {GATEWAY_API_KEY}"}
+    with httpx.Client(base_url=f"{gateway.url}/v1", timeout=180, headers=headers) as http:
+        answer = http.post("/audio/speech/captioned", json={"model": "tts-1", "input": text, "voice": "alloy",
+                                                            "response_format": "wav", "seed": 4, "speed": 2.0})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        refused = http.post("/audio/speech/captioned", json={"model": "tts-1", "input": "Hi.", "voice": "alloy",
+                                                             "stream_format": "sse"})
+    audio, rate = soundfile.read(io.BytesIO(base64.b64decode(body["audio"])))
+    segments = body["segments"]
+    assert len(segments) >= 2 and segments[0]["start"] == 0.0
+    assert all(a["end"] <= b["start"] + 1e-3 and a["start"] <= a["end"] for a, b in zip(segments, segments[1:]))
+    assert abs(segments[-1]["end"] - audio.size / rate) < 0.01 and abs(body["audio_seconds"] - audio.size / rate) < 0.01
+    assert "nine" in segments[0]["text"].lower(), "the captions are the text as spoken"
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream_format"

@@ -243,6 +243,24 @@ def openai_router(cloner: Callable[[], AsyncVoiceCloner], keys: ApiKeys, *, max_
                 raise
             raise OpenAIError(400, str(error), param=param) from None
 
+    @router.post("/audio/speech/captioned")
+    async def captioned_speech(body: SpeechRequest):
+        """The same body as /audio/speech, answered whole as JSON: the encoded audio (base64)
+        and one caption per segment of the text, as spoken, with its start and end seconds
+        (csm_tts's SEGMENT_TIMES and NORMALIZED_TEXT; divided by `speed`)."""
+        _check(body)
+        if body.stream_format is not None:
+            raise OpenAIError(400, "stream_format: captioned speech is answered whole", param="stream_format")
+        voice, sampling = body.voice_id(), body.sampling()
+        sampling.update(await decoded(conversation, body.input, body.speaker, body.context, max_upload_bytes))
+        spoken = await cloner().synthesize(body.input, voice=voice, **sampling)
+        data, seconds = await asyncio.to_thread(_encoded_whole, spoken, FORMATS[body.response_format], body.speed)
+        speed = body.speed or 1.0
+        return {"audio": base64.b64encode(data).decode(), "response_format": body.response_format,
+                "audio_seconds": round(seconds, 3), "finish_reasons": list(spoken.finish_reasons),
+                "segments": [{"text": text, "start": round(start / speed, 3), "end": round(end / speed, 3)}
+                             for (start, end), text in zip(spoken.segment_times, spoken.normalized_text)]}
+
     async def _speak(body: SpeechRequest, voice: str | None, sampling: dict) -> Response:
         audio_format = FORMATS[body.response_format]
         if body.stream_format is None:
