@@ -45,7 +45,9 @@ def test_say_clone_stream_and_watermark(cli, speech_clip, capsys):
     assert seconds(Path("stream.wav")) == pytest.approx(1.52)
     captured = capsys.readouterr()
     assert "chunk 1:" in captured.err and "stream.wav: 1.52 s of audio" in captured.out
-    assert cli(["watermark", "say.wav"]) == 0 and "watermark score 1.000" in capsys.readouterr().out
+    assert cli(["watermark", "say.wav"]) == 0
+    verdict = capsys.readouterr().out  # e.g. "say.wav: watermark score 0.985, watermarked"
+    assert verdict.strip().endswith(", watermarked") and float(verdict.split("score ")[1].split(",")[0]) >= 0.9
 
 
 def test_voices_add_list_rm(cli, speech_clip, capsys):
