@@ -12,7 +12,6 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import tritonclient.http as httpclient
