@@ -389,3 +389,9 @@ def test_a_client_dribbling_its_headers_is_cut_off(keyed):
                 closed = connection.recv(1) == b""
         assert closed and time.monotonic() - started < 4
         assert httpx.get(f"{gateway.url}/health", timeout=30).status_code == 503, "others are served"
+
+
+def test_the_captioned_route_takes_the_speech_routes_body_limit_and_others_the_small_one():
+    limits = GatewayLimits(max_upload_bytes=SMALL_UPLOAD)
+    assert limits.body_limit("POST", "/v1/audio/speech/captioned") == limits.body_limit("POST", "/v1/audio/speech")
+    assert limits.body_limit("POST", "/v1/audio/speech/other") == 64 << 10

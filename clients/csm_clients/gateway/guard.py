@@ -127,7 +127,7 @@ class GatewayLimits:
                 return upload + _base64_bytes(upload) + _FORM_SLACK_BYTES
             if path in ("/upload-voice", "/v1/audio/voices"):
                 return upload + _FORM_SLACK_BYTES
-            if path == "/v1/audio/speech":  # JSON: context clips in base64
+            if path in ("/v1/audio/speech", "/v1/audio/speech/captioned"):  # JSON: context clips in base64
                 return _base64_bytes(upload) + _FORM_SLACK_BYTES
         return _SMALL_BODY_BYTES
 
