@@ -79,6 +79,15 @@ def test_a_speech_body_of_many_json_values_is_refused_before_it_is_parsed(open_g
     assert seconds < 3
 
 
+def test_the_captioned_route_counts_json_values_before_parsing_too(open_gateway):
+    body = json.dumps({**SPEECH, "context": [0] * MANY}, separators=(",", ":")).encode()
+    response, seconds, peak = decoded_peak(lambda: httpx.post(
+        f"{open_gateway.url}/v1/audio/speech/captioned", content=body, headers={"content-type": "application/json"},
+        timeout=120))
+    assert response.status_code == 400 and "JSON values" in response.json()["error"]["message"], response.text[:300]
+    assert peak < 4 * len(body) + 16 * 2**20 and seconds < 3
+
+
 def test_a_clone_voice_context_of_many_json_values_is_refused_before_it_is_parsed(open_gateway):
     context = "[" + ",".join(["0"] * MANY) + "]"  # 600 KB: under Starlette's 1 MB per form field
     form = {"text": (None, "Hi."), "context": (None, context)}  # multipart, as the page sends it

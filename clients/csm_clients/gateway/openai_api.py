@@ -120,7 +120,8 @@ class _OpenAIRoute(APIRoute):
     def get_route_handler(self) -> Callable:
         handler = super().get_route_handler()
         fields = _VOICE_FIELDS if "voices" in self.path else _SPEECH_FIELDS
-        json_body = self.path.endswith("/audio/speech")  # the JSON route: counted before FastAPI parses it
+        # The JSON speech routes: their values counted before FastAPI parses them.
+        json_body = self.path.endswith(("/audio/speech", "/audio/speech/captioned"))
 
         async def route(request: Request) -> Response:
             try:
