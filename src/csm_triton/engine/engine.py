@@ -290,7 +290,7 @@ class GenerationEngine:
             try:
                 position = self._prefill(row, handle, adapter)
             except Exception as error:  # noqa: BLE001 - one bad prompt fails only itself
-                self.adapters and self.adapters.release(adapter)
+                self._release_adapter(adapter)
                 if is_fatal_device_error(error):  # not this prompt's fault: the loop fails them all
                     with self._lock:
                         self._waiting.appendleft(handle)
@@ -299,7 +299,7 @@ class GenerationEngine:
                 self._deliveries.send(handle._end, FinishReason.ERROR, f"prefill failed: {error}")
                 continue
             if position is None:
-                self.adapters and self.adapters.release(adapter)
+                self._release_adapter(adapter)
                 self._deliveries.send(handle._end, FinishReason.CANCELLED)
                 continue
             sampler = SamplerState.create(temperature=request.temperature, top_k=request.top_k,
@@ -367,8 +367,12 @@ class GenerationEngine:
 
     def _finish(self, slot: Slot, reason: FinishReason, error: str | None = None) -> None:
         self._release(slot)
-        self.adapters and self.adapters.release(slot.adapter)
+        self._release_adapter(slot.adapter)
         self._deliveries.send(slot.handle._end, reason, error, slot.pending)
+
+    def _release_adapter(self, adapter: int) -> None:
+        if self.adapters is not None:
+            self.adapters.release(adapter)
 
     def _release(self, slot: Slot) -> None:
         self.slot_moves += compact(self._active, slot, self.cache, self.hidden)  # (admission)
