@@ -77,7 +77,8 @@ class FrameStep:
         rows = self.rows
         log_e = log_exponential_draws(rows[:, 2], rows[:, 3], rows[:, 4], rows[:, 5], self.counters)
 
-        lora = self.lora if self._rows_have_adapters else {}
+        # The rows' adapter masks once for the frame, not once per depth-decoder call.
+        lora = {stack: rows.prepared() for stack, rows in self.lora.items()} if self._rows_have_adapters else {}
 
         def draw(logits: torch.Tensor, codebook: int) -> torch.Tensor:
             return sample(logits, self.temperature, kth_index, log_e[:, codebook], self.top_k_bound)

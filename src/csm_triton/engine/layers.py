@@ -218,7 +218,7 @@ class TransformerStack:
         attend_len: keys 0..attend_len-1 are read. Or a precomputed `geometry` instead.
         lora: the rows' adapters (engine.lora.LoraRows), added to every fused linear."""
 
-        lora = lora.prepared() if lora is not None else None
+        lora = lora.prepared() if lora is not None and lora.masks is None else lora
 
         def linear(index: int, name: str, inputs: torch.Tensor) -> torch.Tensor:
             out = getattr(self.layers[index], name)(inputs)

@@ -88,7 +88,8 @@ class StackLora:
 @dataclass
 class LoraRows:
     """The adapters of one forward call's rows: `slots` [B] int64 into `bank` (0: none).
-    prepared() makes the per-row masks once per forward; delta() uses them."""
+    prepared() makes the per-row masks (once per frame step: the depth decoder's 31 calls
+    share them; a forward given unprepared rows prepares them itself); delta() uses them."""
     bank: StackLora
     slots: torch.Tensor
     masks: dict[int, torch.Tensor] | None = None
