@@ -15,6 +15,7 @@ from csm_triton import constants as C
 from csm_triton.core.continuation import ContinuationStore
 from csm_triton.core.stream_pipeline import StreamPipeline
 from csm_triton.errors import InvalidInput
+from tests.test_segments import Sender as SegmentsSender
 
 AUDIO, AUDIO_EOS = 90, 91
 CONTEXT_IDS = (1, 2, AUDIO, AUDIO, AUDIO_EOS)
@@ -65,22 +66,8 @@ class Recorder:
         return np.repeat(per_frame, C.SAMPLES_PER_FRAME)
 
 
-class Sender:
-    def __init__(self, cancel_after=None):
-        self.sent, self.finals, self.cancel_after, self.final_outputs = [], [], cancel_after, None
-
-    def send(self, outputs):
-        self.sent.append(outputs)
-
-    def finish(self, outputs=None):
-        self.finals.append("finish")
-        self.final_outputs = outputs
-
-    def fail(self, error):
-        self.finals.append(error)
-
-    def is_cancelled(self):
-        return self.cancel_after is not None and len(self.sent) >= self.cancel_after
+class Sender(SegmentsSender):
+    """tests/test_segments.py's, with the audio of every chunk sent, back to back."""
 
     def audio(self):
         return np.concatenate([np.zeros(0, np.float32)] + [out["AUDIO"] for out in self.sent])

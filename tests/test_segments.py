@@ -135,7 +135,7 @@ def test_a_prompt_without_segment_outputs_is_one_segment_with_the_request_cap():
 
 class Sender:
     def __init__(self, cancel_after=None):
-        self.sent, self.finals, self.cancel_after = [], [], cancel_after
+        self.sent, self.finals, self.cancel_after, self.final_outputs = [], [], cancel_after, None
 
     def send(self, outputs):
         self.sent.append(outputs)

@@ -28,7 +28,7 @@ from csm_triton.core import normalize, segments
 from csm_triton.core.stream_decoder import snr_db
 from loadtest.segment_joins import join_snrs, joins, long_text
 
-from .conftest import slots_in_use
+from .conftest import segment_budget, slots_in_use
 from .test_tts import tensor, text
 
 pytestmark = pytest.mark.integration
@@ -61,17 +61,8 @@ def segment_counts(server, model: str) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def long_text_budget(triton_server, grpc_client):
-    config = grpc_client.get_model_config("csm_prepare", as_json=True)["config"]
-    config.setdefault("parameters", {}).update({
-        "segment_seconds_per_char": {"string_value": str(SECONDS_PER_CHAR)},
-        "segment_min_seconds": {"string_value": str(MIN_SECONDS)},
-    })
-    key = triton_server.grpc_model_control_headers
-    grpc_client.load_model("csm_prepare", config=json.dumps(config), headers=key)
-    try:
+    with segment_budget(triton_server, grpc_client, SECONDS_PER_CHAR, MIN_SECONDS):
         yield BUDGETS
-    finally:
-        grpc_client.load_model("csm_prepare", headers=key)  # as its repository has it
 
 
 def long_inputs():

@@ -34,7 +34,7 @@ from csm_clients.text_stream import ROUTE, stream_text
 from csm_triton.core import normalize, segments
 
 from .client_fixtures import GATEWAY_API_KEY, Gateway
-from .conftest import ADMIN_TOKEN, slots_in_use
+from .conftest import ADMIN_TOKEN, segment_budget, slots_in_use
 
 pytestmark = pytest.mark.integration
 SEED = 11
@@ -96,17 +96,8 @@ def test_a_client_that_vanishes_mid_sentence_frees_its_kv_slot_within_2_s(text_g
 
 @pytest.fixture(scope="module")
 def low_budget(triton_server, grpc_client):
-    config = grpc_client.get_model_config("csm_prepare", as_json=True)["config"]
-    config.setdefault("parameters", {}).update({
-        "segment_seconds_per_char": {"string_value": str(SECONDS_PER_CHAR)},
-        "segment_min_seconds": {"string_value": str(MIN_SECONDS)},
-    })
-    key = triton_server.grpc_model_control_headers
-    grpc_client.load_model("csm_prepare", config=json.dumps(config), headers=key)
-    try:
+    with segment_budget(triton_server, grpc_client, SECONDS_PER_CHAR, MIN_SECONDS):
         yield
-    finally:
-        grpc_client.load_model("csm_prepare", headers=key)  # as its repository has it
 
 
 @pytest.fixture(scope="module")
