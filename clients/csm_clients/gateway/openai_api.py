@@ -231,11 +231,24 @@ def openai_router(cloner: Callable[[], AsyncVoiceCloner], keys: ApiKeys, *, max_
     async def speech(body: SpeechRequest):
         """Text -> speech in `response_format`; `stream_format` "audio" streams the encoded
         audio as it is generated, "sse" sends OpenAI's speech.audio.delta/done events."""
+        return await _answer(body, _speak)
+
+    @router.post("/audio/speech/captioned")
+    async def captioned_speech(body: SpeechRequest):
+        """The same body as /audio/speech, answered whole as JSON: the encoded audio (base64)
+        and one caption per segment of the text, as spoken, with its start and end seconds
+        (csm_tts's SEGMENT_TIMES and NORMALIZED_TEXT; divided by `speed`)."""
+        if body.stream_format is not None:
+            raise OpenAIError(400, "stream_format: captioned speech is answered whole", param="stream_format")
+        return await _answer(body, _captioned)
+
+    async def _answer(body: SpeechRequest, answer: Callable) -> Any:
+        """Both speech routes: the body checked and decoded, then `answer`; a refused voice names its field."""
         _check(body)
         voice, sampling = body.voice_id(), body.sampling()
         sampling.update(await decoded(conversation, body.input, body.speaker, body.context, max_upload_bytes))
         try:
-            return await _speak(body, voice, sampling)
+            return await answer(body, voice, sampling)
         except FieldError:
             raise
         except InvalidRequest as error:  # an unknown context voice reads like an unknown `voice`
@@ -244,18 +257,13 @@ def openai_router(cloner: Callable[[], AsyncVoiceCloner], keys: ApiKeys, *, max_
                 raise
             raise OpenAIError(400, str(error), param=param) from None
 
-    @router.post("/audio/speech/captioned")
-    async def captioned_speech(body: SpeechRequest):
-        """The same body as /audio/speech, answered whole as JSON: the encoded audio (base64)
-        and one caption per segment of the text, as spoken, with its start and end seconds
-        (csm_tts's SEGMENT_TIMES and NORMALIZED_TEXT; divided by `speed`)."""
-        _check(body)
-        if body.stream_format is not None:
-            raise OpenAIError(400, "stream_format: captioned speech is answered whole", param="stream_format")
-        voice, sampling = body.voice_id(), body.sampling()
-        sampling.update(await decoded(conversation, body.input, body.speaker, body.context, max_upload_bytes))
-        spoken = await cloner().synthesize(body.input, voice=voice, **sampling)
+    async def _whole(body: SpeechRequest, voice: str | None, sampling: dict) -> tuple[Speech, bytes, float]:
+        spoken = await cloner().synthesize(body.input, voice=voice, **sampling)  # long texts too (client.py)
         data, seconds = await asyncio.to_thread(_encoded_whole, spoken, FORMATS[body.response_format], body.speed)
+        return spoken, data, seconds
+
+    async def _captioned(body: SpeechRequest, voice: str | None, sampling: dict) -> dict:
+        spoken, data, seconds = await _whole(body, voice, sampling)
         speed = body.speed or 1.0
         return {"audio": base64.b64encode(data).decode(), "response_format": body.response_format,
                 "audio_seconds": round(seconds, 3), "finish_reasons": list(spoken.finish_reasons),
@@ -265,8 +273,7 @@ def openai_router(cloner: Callable[[], AsyncVoiceCloner], keys: ApiKeys, *, max_
     async def _speak(body: SpeechRequest, voice: str | None, sampling: dict) -> Response:
         audio_format = FORMATS[body.response_format]
         if body.stream_format is None:
-            spoken = await cloner().synthesize(body.input, voice=voice, **sampling)  # long texts too (client.py)
-            data, seconds = await asyncio.to_thread(_encoded_whole, spoken, audio_format, body.speed)
+            spoken, data, seconds = await _whole(body, voice, sampling)
             return Response(data, media_type=audio_format.media_type,
                             headers={"X-Audio-Seconds": f"{seconds:.3f}",
                                      "X-Finish-Reasons": ",".join(spoken.finish_reasons)})
