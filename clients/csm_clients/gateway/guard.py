@@ -254,14 +254,9 @@ class GatewayGuard:
             await send(start)
             await send(body)
 
-        key = None
-        if policy.key == "always" or (policy.key == "if_configured" and self.keys):
-            try:
-                key = self.keys.check(headers.get("authorization"), policy.what)
-            except MissingApiKey as error:
-                return await answer(401, str(error))
-            except PermissionDenied as error:
-                return await answer(403, str(error))
+        key, refusal = self._checked_key(policy, headers)
+        if refusal is not None:
+            return await answer(*refusal)
         scope.setdefault("state", {})["api_key_id"] = key
 
         limit = self.limits.body_limit(method, path)
@@ -281,6 +276,18 @@ class GatewayGuard:
         except Busy as error:
             await answer(429, f"too many requests: {error}", {"Retry-After": str(self.limits.retry_after_s)})
 
+    def _checked_key(self, policy: "RoutePolicy", headers: dict) -> tuple[str | None, tuple[int, str] | None]:
+        """The caller's key id (None: no key needed), or the refusal its route's policy
+        wants: (401, ...) without a key, (403, ...) with a wrong one."""
+        if not (policy.key == "always" or (policy.key == "if_configured" and self.keys)):
+            return None, None
+        try:
+            return self.keys.check(headers.get("authorization"), policy.what), None
+        except MissingApiKey as error:
+            return None, (401, str(error))
+        except PermissionDenied as error:
+            return None, (403, str(error))
+
     async def _websocket(self, scope, receive, send):
         """A WebSocket's handshake: the key and a slot of its bucket, as for HTTP, before
         it is accepted; refused with the HTTP status and JSON body an HTTP route gets
@@ -298,14 +305,9 @@ class GatewayGuard:
             else:
                 await send({"type": "websocket.close", "code": 1008, "reason": message[:120]})
 
-        key = None
-        if policy.key == "always" or (policy.key == "if_configured" and self.keys):
-            try:
-                key = self.keys.check(headers.get("authorization"), policy.what)
-            except MissingApiKey as error:
-                return await refuse(401, str(error))
-            except PermissionDenied as error:
-                return await refuse(403, str(error))
+        key, refusal = self._checked_key(policy, headers)
+        if refusal is not None:
+            return await refuse(*refusal)
         scope.setdefault("state", {})["api_key_id"] = key
         if not policy.bounded:
             return await self.app(scope, receive, send)
