@@ -21,11 +21,15 @@ from typing import Callable, Iterable
 from csm_triton import constants as C
 from csm_triton.errors import InvalidInput
 
-__all__ = ["BLS_POLL_S", "BLS_TIMEOUT_S", "INTERNAL_ERROR_MARK", "UNAVAILABLE_MARK", "ModelCallError",
+__all__ = ["BLS_POLL_S", "BLS_TIMEOUT_S", "STOP_DRAIN_S", "INTERNAL_ERROR_MARK", "UNAVAILABLE_MARK", "ModelCallError",
            "ModelUnavailable", "PendingCall", "callee_error", "says_unavailable", "server_stopping"]
 
 BLS_TIMEOUT_S = 300.0  # a backstop for an unsupervised server; far above any real wait
 BLS_POLL_S = 0.5  # a question to the server per waiting call and slice
+# How long a call given up on a stop waits for its callee's last response. A caller
+# gives up STREAM_STOP_GRACE_S after the stop, as csm_lm ends its streams (plus a 0.2 s
+# poll): the answer follows within a few tenths; a callee that never answers costs this.
+STOP_DRAIN_S = 2.0
 # What Triton 2.51 answers a BLS call for a model that cannot take it (a dead or
 # stuck stub, a model unloaded or reloading, a full queue); Triton hands BLS callers
 # every error as INTERNAL, so the message is all there is to go by.
@@ -100,7 +104,8 @@ class PendingCall:
 
     def __init__(self, model_name: str, responses: Callable[[], Iterable], timeout_s: float = BLS_TIMEOUT_S, *,
                  ready: Callable[[str], bool], poll_s: float | None = None,
-                 clock: Callable[[], float] = time.monotonic, stopping: Callable[[], bool] = server_stopping):
+                 clock: Callable[[], float] = time.monotonic, stopping: Callable[[], bool] = server_stopping,
+                 stop_drain_s: float = STOP_DRAIN_S):
         self.model_name = model_name
         self.timeout_s = timeout_s
         self._ready = ready
@@ -109,6 +114,8 @@ class PendingCall:
         self._clock = clock
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = threading.Event()
+        self._drained = threading.Event()  # the callee sent its last response (or exec failed)
+        self._stop_drain_s = stop_drain_s
         threading.Thread(target=self._pump, args=(responses,), name=f"bls-{model_name}", daemon=True).start()
 
     def _pump(self, responses) -> None:
@@ -120,6 +127,8 @@ class PendingCall:
             self._queue.put(error)
         else:
             self._queue.put(self._END)
+        finally:
+            self._drained.set()
 
     def next(self):
         """The next response, StopIteration after the last; ModelUnavailable when the
@@ -131,6 +140,11 @@ class PendingCall:
             except queue.Empty:
                 if self._stopping():  # checked first: no question to a stopping server
                     self.close()
+                    # The callee ends its own work on a stop (csm_lm's on_server_stop). Its
+                    # last response must reach this stub before the caller's request ends:
+                    # once that request ends Triton unloads the caller, and a BLS response
+                    # to an unloaded caller aborts 2.51 (boost lock_exception, SIGABRT).
+                    self._drained.wait(self._stop_drain_s)
                     raise ModelUnavailable(f"{self.model_name} did not answer: the server is shutting down")
                 if not self._ready(self.model_name):
                     self.close()

@@ -22,6 +22,7 @@ from csm_triton.core.segments import FINISH_REASONS, SEGMENT_OUTPUTS, SEGMENTS_M
 from csm_triton.core.stream_pipeline import StreamPipeline
 from csm_triton.errors import InvalidInput
 from csm_triton.triton import adapter as triton
+from csm_triton.triton.calls import server_stopping
 
 PREPARE_INPUTS = ("TEXT", "NORMALIZE", "VOICE_ID", "REFERENCE_AUDIO", "REFERENCE_SAMPLE_RATE", "REFERENCE_TEXT",
                   *CONTEXT_INPUTS)
@@ -56,7 +57,11 @@ def forward_watermark(audio: np.ndarray) -> np.ndarray:
 
 def cancel_lm_request(stream_id: str) -> None:
     # csm_lm cannot see that its BLS caller stopped reading (a decoupled BLS request
-    # cannot be cancelled in Triton 2.51), so it is asked to free the slot.
+    # cannot be cancelled in Triton 2.51), so it is asked to free the slot. Not on a
+    # stop: csm_lm then ends every stream itself, and a new call would be one more BLS
+    # request in flight while Triton unloads.
+    if server_stopping():
+        return
     request = {"cancel_request_id": np.array([stream_id.encode()], dtype=object)}
     for _ in triton.stream_model("csm_lm", request, ["cancelled"]):
         pass
