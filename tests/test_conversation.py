@@ -10,7 +10,7 @@ from transformers import AutoProcessor, CsmForConditionalGeneration
 
 from csm_triton import constants as C
 from csm_triton.core import conversation
-from csm_triton.core.prompt import Segment
+from csm_triton.core.prompt import Turn
 from csm_triton.errors import InvalidInput
 
 # (text, speaker, seconds of audio); CSM's template gives every context turn audio
@@ -95,8 +95,8 @@ def test_stored_voices_come_first_then_inline_turns(builder):
         lookup_voice=lambda v: ("Alice speaking.", codes), encode=fake_encode)
     assert [(t.text, t.speaker) for t in context] == [("Alice speaking.", 4), ("Inline turn.", 1)]
     prepared = builder.conversation(["Target."], 0, context)
-    expected = builder.build([Segment("Alice speaking.", 4, codes), Segment("Inline turn.", 1, fake_encode(clip(1.0, 0))),
-                              Segment("Target.")])
+    expected = builder.build([Turn("Alice speaking.", 4, codes), Turn("Inline turn.", 1, fake_encode(clip(1.0, 0))),
+                              Turn("Target.")])
     assert prepared.prompt.input_ids.tolist() == expected.input_ids.tolist()
 
 
@@ -157,5 +157,5 @@ def test_text_without_anything_to_say_is_refused(text):
 def test_a_prompt_over_the_token_budget_is_refused(builder):
     codes = np.zeros((C.MAX_PROMPT_TOKENS, C.NUM_CODEBOOKS), np.int64)
     with pytest.raises(InvalidInput) as failure:
-        builder.conversation(["Target."], 0, [Segment("Long context.", 0, codes)])
+        builder.conversation(["Target."], 0, [Turn("Long context.", 0, codes)])
     assert f"the limit is {C.MAX_PROMPT_TOKENS}" in str(failure.value)

@@ -9,22 +9,22 @@ import pytest
 
 from csm_triton import constants as C
 from csm_triton.core import segments
-from csm_triton.core.prompt import Segment
+from csm_triton.core.prompt import Turn
 from csm_triton.engine import EngineConfig, FinishReason, GenerationEngine, GenerationRequest
 from csm_triton.engine.prefix_cache import PrefillPlan
 
 TURNS = [("Hello, who is there?", 0, 9), ("It is me, your neighbour.", 1, 12), ("Oh, come in then!", 0, 7)]
 
 
-def turn(index: int, codes: np.ndarray | None = None) -> Segment:
+def turn(index: int, codes: np.ndarray | None = None) -> Turn:
     text, speaker, frames = TURNS[index]
     if codes is None:
         codes = np.random.default_rng(index).integers(0, C.CODEBOOK_SIZE, (frames, C.NUM_CODEBOOKS))
-    return Segment(text, speaker, codes)
+    return Turn(text, speaker, codes)
 
 
 def request(builder, context, text="Sit down, please.", frames=6, **options) -> GenerationRequest:
-    prompt = builder.build([*context, Segment(text, 1)])
+    prompt = builder.build([*context, Turn(text, 1)])
     options.setdefault("greedy", "seed" not in options)
     return GenerationRequest(prompt.input_ids, prompt.audio_codes, max_frames=frames, **options)
 
@@ -58,7 +58,7 @@ def test_a_conversation_grown_by_one_turn_reuses_the_turns_before_and_answers_as
     np.testing.assert_array_equal(codes, cold(lm, first))
 
     # The next request: the same two turns, the first answer as a third, then new text.
-    grown = [turn(0), turn(1), Segment("Sit down, please.", 1, codes)]
+    grown = [turn(0), turn(1), Turn("Sit down, please.", 1, codes)]
     second = request(builder, grown, "Thank you, I will.", **sampling)
     np.testing.assert_array_equal(run(engine, second), cold(lm, second))
     stats = engine.stats()
@@ -84,7 +84,7 @@ def test_an_evicted_tail_turn_is_computed_again_with_the_same_codes(lm, builder)
     context = [turn(0), turn(1), turn(2)]
     per_token = lm.backbone_bytes_per_token()
     a, b, c = (tokens * per_token for tokens in chunk_tokens(builder, context))
-    other = [Segment("Something else entirely.", 2, np.full((5, C.NUM_CODEBOOKS), 3, np.int64))]
+    other = [Turn("Something else entirely.", 2, np.full((5, C.NUM_CODEBOOKS), 3, np.int64))]
     e = chunk_tokens(builder, other)[0] * per_token
     # Room for A, B and the other voice, not for C as well: C, the least recently used
     # (a chain is refreshed head last), is evicted, so the chain ends after B.

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from csm_triton import constants as C
-from csm_triton.core import segments
+from csm_triton.core import segments, text_split
 from csm_triton.core.stream_pipeline import StreamPipeline
 from csm_triton.errors import InvalidInput
 
@@ -44,7 +44,7 @@ def test_ordinary_prose_splits_at_the_sentences_pysbd_found():
     lines = [line.strip() for line in LOADTEST_TEXTS.read_text().splitlines()
              if line.strip() and not line.startswith("#")]
     text = " ".join(lines)
-    sentences = segments._sentences(text)
+    sentences = text_split._sentences(text)
     assert "".join(sentences) == text and len(sentences) == 49
     starts = set(np.cumsum([0] + [len(s) for s in sentences[:-1]]).tolist())
     line_starts = np.cumsum([0] + [len(line) + 1 for line in lines[:-1]]).tolist()
@@ -57,18 +57,18 @@ def test_the_windows_change_nothing_on_prose():
     # sentencex sees 2,000 characters at a time: a window's last sentence is looked at
     # again in the next, so a 20,000-character text splits as it would whole.
     text = " ".join(SENTENCES * 400)[:C.MAX_LONG_TEXT_CHARS]
-    assert segments._sentences(text) == segments._sentences(text, window_chars=len(text))
+    assert text_split._sentences(text) == text_split._sentences(text, window_chars=len(text))
 
 
 def test_paragraph_breaks_stay_in_the_text():
     text = "First paragraph ends here.\n\nSecond one starts. And ends!\n\n\nThird."
-    sentences = segments._sentences(text)
+    sentences = text_split._sentences(text)
     assert "".join(sentences) == text and len(sentences) == 4
 
 
 def test_the_fallback_scan_cuts_after_terminators_and_closing_quotes():
     text = 'He said "Stop!" Then left... (Quietly.) Done?No. End'
-    assert segments._scan_sentences(text) == ['He said "Stop!" ', "Then left... ", "(Quietly.) ", "Done?No. ", "End"]
+    assert text_split._scan_sentences(text) == ['He said "Stop!" ', "Then left... ", "(Quietly.) ", "Done?No. ", "End"]
 
 
 def test_a_sentence_longer_than_a_segment_is_cut_at_spaces():

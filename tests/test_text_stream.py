@@ -25,10 +25,10 @@ from websockets.sync.client import connect
 
 from csm_clients.audio import Speech
 from csm_clients.errors import InvalidRequest, PermissionDenied, ServerUnavailable
-from csm_clients.sentences import TITLES, WINDOW_CHARS, SentenceSplitter
+from csm_servers.gateway.sentences import TITLES, WINDOW_CHARS, SentenceSplitter
 from csm_clients.text_stream import FLUSH, ROUTE, stream_text
 from csm_triton import constants as C
-from csm_triton.core import segments
+from csm_triton.core import text_split
 from csm_triton.serving.process import free_ports
 from loadtest.segment_joins import long_text
 
@@ -40,7 +40,7 @@ PROSE = [long_text(3000), (ROOT / "loadtest" / "data" / "texts.txt").read_text()
 
 
 def test_the_mirrors_of_the_servers_splitter_are_equal():
-    assert WINDOW_CHARS == C.SENTENCE_WINDOW_CHARS and TITLES == segments._TITLES
+    assert WINDOW_CHARS == C.SENTENCE_WINDOW_CHARS and TITLES == text_split._TITLES
 
 
 @pytest.mark.parametrize("text", PROSE, ids=["numbered", "loadtest", "abbreviations", "no-boundary"])
@@ -52,7 +52,7 @@ def test_the_sentences_are_the_servers_whatever_the_pieces(text):
             size = rng.randint(1, 12)
             found += splitter.feed(text[position:position + size])
             position += size
-        assert found + splitter.flush() == segments._sentences(text)
+        assert found + splitter.flush() == text_split._sentences(text)
 
 
 # --- the route, with a fake csm_tts_stream -----------------------------------------------------
@@ -92,16 +92,16 @@ class FakeCloner:
 
 class Served:
     """An app of the gateway's guard and the text stream route under uvicorn, with the
-    settings `python -m csm_clients.gateway` uses (its header deadline included)."""
+    settings `python -m csm_servers.gateway` uses (its header deadline included)."""
 
     def __init__(self, limits, keys=()):
         import uvicorn
         from fastapi import FastAPI
 
-        from csm_clients.gateway.__main__ import uvicorn_settings
-        from csm_clients.gateway.guard import GatewayGuard
-        from csm_clients.gateway.keys import ApiKeys
-        from csm_clients.gateway.text_stream_route import text_stream_router
+        from csm_servers.gateway.__main__ import uvicorn_settings
+        from csm_servers.gateway.guard import GatewayGuard
+        from csm_servers.gateway.keys import ApiKeys
+        from csm_servers.gateway.text_stream_route import text_stream_router
 
         self.cloner, keys = FakeCloner(), ApiKeys(keys)
         app = FastAPI()
@@ -124,7 +124,7 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served():
-    from csm_clients.gateway.guard import GatewayLimits
+    from csm_servers.gateway.guard import GatewayLimits
 
     server = Served(GatewayLimits(ws_max_message_bytes=1024, ws_idle_timeout_s=1.0, ws_max_session_s=4.0,
                                   ws_max_sentences=5))
@@ -224,7 +224,7 @@ def test_a_bad_message_is_answered_with_a_clear_error_then_closed(served, cloner
 
 
 def test_text_past_the_long_text_limit_is_refused_before_it_is_spoken():
-    from csm_clients.gateway.guard import GatewayLimits
+    from csm_servers.gateway.guard import GatewayLimits
 
     served = Served(GatewayLimits())  # 64 KiB messages, 500 sentences
     try:
@@ -265,7 +265,7 @@ def test_the_python_helper_streams_deltas_and_returns_the_times(served, cloner):
 
 
 def test_keys_and_the_keys_slots_are_checked_before_the_handshake():
-    from csm_clients.gateway.guard import GatewayLimits
+    from csm_servers.gateway.guard import GatewayLimits
 
     served = Served(GatewayLimits(max_concurrency_per_key=1, max_queue_per_key=0), keys=["the-key"])
     try:

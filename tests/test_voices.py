@@ -23,7 +23,7 @@ from csm_triton.triton import adapter as triton_adapter
 from csm_triton.triton.parameters import Parameters
 from csm_triton.core.write_policy import WritePolicy
 from csm_triton.errors import InvalidInput, PermissionDenied
-from csm_triton.triton.models.voices import voice_directory
+from csm_triton.triton.parameters import voice_directory
 from csm_triton.core.voice_store import VoiceStore
 from csm_triton.core.voices import VoiceResolver
 

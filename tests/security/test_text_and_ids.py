@@ -23,7 +23,7 @@ import tritonclient.http as http
 from tritonclient.utils import InferenceServerException
 
 from csm_triton import constants as C
-from csm_triton.core import segments
+from csm_triton.core import segments, text_split
 
 pytestmark = pytest.mark.security
 PROTOCOLS = {"http": http, "grpc": grpc}
@@ -85,14 +85,14 @@ def test_a_splitter_that_turns_slow_is_cut_off_by_the_budget(monkeypatch):
     # Whatever a future sentencex does on some input, the split costs at most the budget
     # plus one window: the rest of the text goes to the linear scan.
     slow_calls = []
-    real = segments._window_starts
+    real = text_split._window_starts
 
     def slow(window):
         slow_calls.append(len(window))
         time.sleep(0.2)
         return real(window)
 
-    monkeypatch.setattr(segments, "_window_starts", slow)
+    monkeypatch.setattr(text_split, "_window_starts", slow)
     text = ("It rained. The river rose! Did the bridge hold? It did. " * 400)[:C.MAX_LONG_TEXT_CHARS]
     parts, seconds = timed_split(text)
     assert seconds < 1 and len(slow_calls) <= 2, (seconds, slow_calls)

@@ -28,7 +28,7 @@ import numpy as np
 from csm_triton import constants as C
 from csm_triton.core import validation
 from csm_triton.core.audio import prepare_reference_audio
-from csm_triton.core.prompt import Segment
+from csm_triton.core.prompt import Turn
 from csm_triton.errors import InvalidInput
 
 __all__ = ["speaker_id", "spoken_text", "context_turns", "CONTEXT_INPUTS"]
@@ -81,8 +81,8 @@ def spoken_text(value: str, name: str, max_chars: int = C.MAX_TEXT_CHARS) -> str
 
 def context_turns(*, texts: Sequence[str] | None = None, speakers=None, audio=None, audio_lengths=None,
                   sample_rate=None, voice_ids: Sequence[str] | None = None,
-                  lookup_voice: VoiceLookup, encode: Encoder) -> list[Segment]:
-    """The context turns of a request, checked, as prompt segments (oldest first).
+                  lookup_voice: VoiceLookup, encode: Encoder) -> list[Turn]:
+    """The context turns of a request, checked, as prompt turns (oldest first).
 
     Cheap rules first (counts, lengths, speakers, texts, the audio total), so that a bad
     request costs no voice lookup and no encoding."""
@@ -105,19 +105,19 @@ def context_turns(*, texts: Sequence[str] | None = None, speakers=None, audio=No
     clips = _split_audio(texts, audio, audio_lengths, sample_rate)
     voice_ids = [validation.voice_id(v, "CONTEXT_VOICE_ID") for v in voice_ids]
 
-    turns: list[Segment] = []
+    turns: list[Turn] = []
     audio_frames = 0
     for voice_id, speaker in zip(voice_ids, turn_speakers):
         transcript, codes = lookup_voice(voice_id)
         audio_frames += len(codes)
-        turns.append(Segment(transcript, speaker, validation.audio_codes(np.asarray(codes), "CONTEXT_VOICE_ID")))
+        turns.append(Turn(transcript, speaker, validation.audio_codes(np.asarray(codes), "CONTEXT_VOICE_ID")))
     _check_audio_total(audio_frames / C.FRAME_RATE_HZ + sum(c.size for c in clips) / _rate(sample_rate, clips))
     for index, (text, clip) in enumerate(zip(texts, clips)):
         speaker = turn_speakers[len(voice_ids) + index]
         samples = prepare_reference_audio(clip, sample_rate, name=f"CONTEXT_AUDIO (turn {index})",
                                           rate_name="CONTEXT_SAMPLE_RATE")
         codes = validation.audio_codes(np.asarray(encode(samples)), "encoded context audio")
-        turns.append(Segment(text, speaker, codes))
+        turns.append(Turn(text, speaker, codes))
     return turns
 
 

@@ -28,7 +28,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 @dataclass(frozen=True)
-class Segment:
+class Turn:
+    """One turn of a conversation (a voice reference, a context turn, the target); a
+    long text's pieces are core.segments'."""
     text: str
     speaker: int = C.DEFAULT_SPEAKER_ID
     audio_codes: np.ndarray | None = None  # [frames, NUM_CODEBOOKS]
@@ -78,14 +80,14 @@ class PromptBuilder:
         ids = self.tokenizer.encode(f"[{speaker}]{text}", add_special_tokens=False).ids
         return [self.bos_id, *ids, self.eos_id]
 
-    def build(self, segments: list[Segment]) -> Prompt:
+    def build(self, turns: list[Turn]) -> Prompt:
         ids: list[int] = []
         codes: list[np.ndarray] = []
-        for segment in segments:
-            ids += self.text_ids(segment.text, segment.speaker)
-            if segment.audio_codes is not None and len(segment.audio_codes):
-                ids += [self.audio_id] * len(segment.audio_codes) + [self.audio_eos_id]
-                codes.append(np.asarray(segment.audio_codes, dtype=np.int64))
+        for turn in turns:
+            ids += self.text_ids(turn.text, turn.speaker)
+            if turn.audio_codes is not None and len(turn.audio_codes):
+                ids += [self.audio_id] * len(turn.audio_codes) + [self.audio_eos_id]
+                codes.append(np.asarray(turn.audio_codes, dtype=np.int64))
         all_codes = np.concatenate(codes) if codes else np.zeros((0, C.NUM_CODEBOOKS), np.int64)
         return Prompt(np.asarray(ids, dtype=np.int64), all_codes)
 
@@ -95,22 +97,22 @@ class PromptBuilder:
 
         The texts are trusted (csm_prepare checks TEXT, VoiceResolver REFERENCE_TEXT);
         the token limit is checked here, where the tokenizer is."""
-        segments = []
+        turns = []
         if reference_codes is not None or reference_text is not None:
             if reference_text is None:
                 raise InvalidInput("reference audio was given without 'REFERENCE_TEXT'")
             if reference_codes is None or not len(reference_codes):
                 raise InvalidInput("'REFERENCE_TEXT' was given without reference audio")
             codes = validation.audio_codes(reference_codes, "reference_codes")
-            segments.append(Segment(reference_text, audio_codes=codes))
-        segments.append(Segment(text))
-        prompt = self.build(segments)
+            turns.append(Turn(reference_text, audio_codes=codes))
+        turns.append(Turn(text))
+        prompt = self.build(turns)
         text_tokens = int(np.count_nonzero(prompt.input_ids != self.audio_id))
         validation.token_count(text_tokens, "TEXT")
         return prompt
 
     def conversation(self, texts: list[str], speaker: int = C.DEFAULT_SPEAKER_ID,
-                     context: list[Segment] | None = None) -> ConversationPrompt:
+                     context: list[Turn] | None = None) -> ConversationPrompt:
         """Context turns (oldest first, the voice reference among them), then the
         target's segments spoken by `speaker`: exactly CsmProcessor.apply_chat_template's
         layout for the same turns. Each segment's text tokens are checked against
@@ -119,7 +121,7 @@ class PromptBuilder:
         segment_ids = [np.asarray(self.text_ids(text, speaker), np.int64) for text in texts]
         for ids in segment_ids:
             validation.token_count(len(ids), "TEXT")
-        prompt = self.build([*context, Segment(texts[0], speaker)])
+        prompt = self.build([*context, Turn(texts[0], speaker)])
         if len(prompt.input_ids) > C.MAX_PROMPT_TOKENS:
             raise InvalidInput(
                 f"the prompt (voice, context turns and text) is {len(prompt.input_ids)} tokens long; the limit is "

@@ -3,17 +3,15 @@
 CSM keeps a voice by conditioning on audio it has heard, so a long text is spoken as
 a chain: segment i's prompt is the request's context (voice reference, context turns),
 then segment i-1 as a turn with the codes just generated for it, then segment i's text.
-This module holds the pure parts: the split (sentencex, pinned in pyproject.toml, behind
-a time budget with a linear fallback scan), each segment's frame budget, and
-`SegmentChain`, which builds the next prompt from the previous segment's codes with
-token ids only (csm_prepare tokenized every segment once, so the generators need no
-tokenizer).
+This module holds the pure parts: each segment's frame budget, and `SegmentChain`,
+which builds the next prompt from the previous segment's codes with token ids only
+(csm_prepare tokenized every segment once, so the generators need no tokenizer) and is
+the one segment loop of both generators. The split itself is core.text_split's.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -22,6 +20,7 @@ import numpy as np
 from csm_triton import constants as C
 from csm_triton.core import validation
 from csm_triton.core.continuation import ChainTail, context_digest
+from csm_triton.core.text_split import split_text
 from csm_triton.errors import InvalidInput
 
 __all__ = ["split_text", "segment_max_frames", "SegmentChain", "SEGMENT_OUTPUTS", "FINISH_REASONS"]
@@ -41,145 +40,9 @@ SEGMENTS_METRIC = ("csm_segments_total",
                    f"Segments of texts (a text of up to {C.SEGMENT_MAX_CHARS} characters is one), by how each "
                    "ended: end_of_speech, "
                    "max_frames (its own frame budget), max_audio_seconds (the client's cap), not_started")
-
-
-# Titles that never end a sentence: sentencex sometimes cuts after them ("... with Ms. |
-# Øyelaran is confirmed."), which pysbd, the splitter before it, never did.
-_TITLES = frozenset({"mr.", "mrs.", "ms.", "dr.", "prof.", "rev.", "hon.", "capt.", "sgt.", "lt.", "gen."})
-_TERMINATORS = frozenset(".!?…")
-_CLOSERS = frozenset("\"')]}»”’")
-
-
-def _window_starts(window: str) -> list[int]:
-    """Where sentences start in `window` (the first at 0), cut from the original text so
-    that nothing (a paragraph break, say) is lost between them."""
-    import sentencex  # imported on first use: only long texts need it
-
-    starts = [0] + [b["start_index"] for b in sentencex.get_sentence_boundaries("en", window)[1:]]
-    # a library that ever answered out of order or out of range gets no say
-    if any(not a < b for a, b in zip(starts, starts[1:])) or starts[-1] >= len(window):
-        return [0]
-    return starts
-
-
-def _scan_sentences(text: str) -> list[str]:
-    """The fallback: a cut after every run of terminators (and closing quotes or brackets)
-    that whitespace follows. Each character is looked at once or twice: linear on any text."""
-    sentences, start, i, n = [], 0, 0, len(text)
-    while i < n:
-        if text[i] not in _TERMINATORS:
-            i += 1
-            continue
-        while i < n and (text[i] in _TERMINATORS or text[i] in _CLOSERS):
-            i += 1
-        if i < n and text[i].isspace():
-            while i < n and text[i].isspace():
-                i += 1
-            sentences.append(text[start:i])
-            start = i
-    if start < n:
-        sentences.append(text[start:])
-    return sentences
-
-
-def _sentences(text: str, window_chars: int = C.SENTENCE_WINDOW_CHARS,
-               budget_seconds: float = C.SENTENCE_SPLIT_BUDGET_SECONDS) -> list[str]:
-    """`text` cut into sentences that join back into exactly `text`.
-
-    sentencex runs on one window at a time; a window's last sentence may be cut short by
-    the window's end, so it is looked at again at the start of the next window. Past the
-    budget (checked between windows) the rest of the text goes to the linear scan: a
-    slow input costs at most the budget plus one window."""
-    deadline = time.perf_counter() + budget_seconds
-    sentences: list[str] = []
-    position = 0
-    while position < len(text):
-        if time.perf_counter() > deadline:
-            sentences += _scan_sentences(text[position:])
-            break
-        window = text[position:position + window_chars]
-        starts = _window_starts(window)
-        if position + len(window) == len(text):
-            ends = starts[1:] + [len(window)]
-        elif len(starts) > 1:
-            ends = starts[1:]
-        else:  # no boundary in a whole window: cut at its last space, never inside a word
-            space = max(window.rfind(" "), window.rfind("\n"))
-            ends = [space + 1 if space > 0 else len(window)]
-        sentences += [window[a:b] for a, b in zip(starts, ends)]
-        position += ends[-1]
-    return _glue(sentences)
-
-
-def _glue(sentences: list[str]) -> list[str]:
-    """A piece after a title joins it, and so does a blank one (sentencex returns a
-    paragraph break as a piece of its own)."""
-    groups: list[list[str]] = []
-    for sentence in sentences:
-        last_words = groups[-1][-1][-16:].split() if groups else []  # a tail: linear however many
-        if groups and (not sentence.strip() or (last_words and last_words[-1].lower() in _TITLES)):
-            groups[-1].append(sentence)
-        else:
-            groups.append([sentence])
-    return ["".join(group) for group in groups]
-
-
-def _hard_split(sentence: str, max_chars: int) -> list[str]:
-    """A sentence longer than a segment, cut at the last space before the limit (or at
-    the limit when there is none): rare, and better than a prompt that does not fit."""
-    pieces = []
-    while len(sentence) > max_chars:
-        cut = sentence.rfind(" ", 0, max_chars + 1)
-        cut = cut if cut > 0 else max_chars
-        pieces.append(sentence[:cut])
-        sentence = sentence[cut:]
-    return pieces + [sentence]
-
-
-def _pieces(text: str, max_chars: int) -> list[str]:
-    """`text` as sentences of at most `max_chars` characters that join back into it."""
-    pieces: list[str] = []
-    for sentence in _sentences(text):
-        pieces += _hard_split(sentence, max_chars)
-    return pieces
-
-
-def _pack(pieces: list[str], max_chars: int) -> list[str]:
-    """Consecutive pieces grouped into segments of at most `max_chars` (stripped, none blank)."""
-    segments: list[str] = []
-    current = ""
-    for piece in pieces:
-        if current and len(current) + len(piece) > max_chars:
-            segments.append(current)
-            current = ""
-        current += piece
-    segments.append(current)
-    segments = [segment.strip() for segment in segments]
-    return [segment for segment in segments if segment]
-
-
-def split_text(text: str, max_chars: int = C.SEGMENT_MAX_CHARS,
-               normalize: Callable[[list[str]], list[str]] | None = None) -> list[str]:
-    """The text as segments of whole sentences, each at most `max_chars` characters
-    (stripped; a text that fits is one segment, unchanged).
-
-    With `normalize` (core.normalize.normalize_texts) the segments hold the text as it
-    is to be spoken, and the limit applies to that. The order: the raw text is cut into
-    sentences first, because the splitter reads "3.5", "Dr." and "a.m." as the author
-    wrote them (normalized, "$5.30." and "etc." lose the marks it goes by, and the
-    normalizer must never see more than a segment at once: its cost grows with the
-    input); then each sentence is normalized; then the normalized sentences are packed
-    into segments, a sentence that grew past `max_chars` cut again."""
-    pieces = [text] if len(text) <= max_chars else _pieces(text, max_chars)
-    if normalize is not None:
-        pieces = normalize(pieces)
-        if len(pieces) == 1 and len(pieces[0]) <= max_chars:
-            return pieces
-        pieces = [part for piece in pieces for part in (_pieces(piece, max_chars) if len(piece) > max_chars
-                                                         else [piece])]
-    elif len(pieces) == 1:
-        return pieces
-    return _pack(pieces, max_chars)
+# One segment's generation for SegmentChain.speak: (index, csm_lm inputs) -> (codes,
+# csm_lm's finish reason) or None when the client left.
+GenerateSegment = Callable[[int, dict], "tuple[np.ndarray, str | None] | None"]
 
 
 def segment_max_frames(text: str, seconds_per_char: float = C.SEGMENT_SECONDS_PER_CHAR,
@@ -283,12 +146,6 @@ class SegmentChain:
         return {"input_ids": np.concatenate(ids).astype(np.int64),
                 "prompt_codes": np.ascontiguousarray(np.concatenate(codes).astype(np.int64))}
 
-    def frame_cap(self, index: int, request_max_frames: int, *, whole_utterance: bool = False) -> int:
-        """Segment `index`'s frame cap: its own budget, at most the request's cap; with
-        `whole_utterance` (the client gave MAX_AUDIO_SECONDS) the request's cap bounds
-        all segments together, so what was generated already counts."""
-        return self._cap(index, request_max_frames, whole_utterance)[0]
-
     def _cap(self, index: int, request_max_frames: int, client_cap: bool) -> tuple[int, bool]:
         """(the cap, whether it is the client's MAX_AUDIO_SECONDS rather than the segment's
         own budget that sets it)."""
@@ -322,6 +179,24 @@ class SegmentChain:
             turns = np.count_nonzero(self.context_ids == self.audio_eos_id)
             inputs["prefix_cache_turns"] = np.array([turns], np.int32)
         return inputs
+
+    def speak(self, sampling, request_max_frames: int, generate: GenerateSegment, *,
+              stop: Callable[[], bool] = lambda: False) -> bool:
+        """The one segment loop, csm_generate's and csm_tts_stream's: each segment's csm_lm
+        inputs go to `generate(index, inputs)`, which answers the segment's codes and
+        csm_lm's finish reason (None: the client left), recorded in turn. No segment
+        starts once `stop()` holds or a client's MAX_AUDIO_SECONDS is used up (a
+        continued chain's cap counts its earlier pieces). False when the client left."""
+        for index in range(len(self)):
+            if index and stop():
+                return False
+            if (index or self.first_segment) and self.exhausted(sampling, request_max_frames):
+                break
+            ended = generate(index, self.lm_inputs(index, sampling, request_max_frames))
+            if ended is None:
+                return False
+            self.record(index, *ended)
+        return True
 
     def record(self, index: int, codes: np.ndarray, lm_reason: str | None = None) -> None:
         """The codes generated for segment `index` (the next segment's context), and how

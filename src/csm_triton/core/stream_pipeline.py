@@ -117,23 +117,16 @@ class StreamPipeline:
         request_max_frames = validation.sampling_from_inputs(sampling).max_frames
         decoder = StreamDecoder(self.decode, self.left_context_frames,
                                 history=None if tail is None else tail.decoder_history)
-        for index in range(len(chain)):
-            if index and sender.is_cancelled():  # left between segments: start no other
-                return None
-            # MAX_AUDIO_SECONDS reached (a continued chain's cap counts its earlier pieces)
-            if (index or chain.first_segment) and chain.exhausted(sampling, request_max_frames):
-                break
-            lm_inputs = {
-                **chain.lm_inputs(index, sampling, request_max_frames),
-                "first_chunk_frames": np.array([self.first_chunk_frames], np.int32),
-                "chunk_frames": np.array([self.chunk_frames], np.int32),
-            }
+        def generate(index: int, lm_inputs: Arrays) -> tuple[np.ndarray, str | None] | None:
+            lm_inputs = {**lm_inputs, "first_chunk_frames": np.array([self.first_chunk_frames], np.int32),
+                         "chunk_frames": np.array([self.chunk_frames], np.int32)}
             # Segment 0 keeps the stream's id (csm_lm's request id, named by a cancel).
             segment_id = stream_id if index == 0 else f"{stream_id}-{index}"
-            ended = self._stream_segment(lm_inputs, segment_id, decoder, sender)
-            if ended is None:  # the client left: no further segment
-                return None
-            chain.record(index, *ended)
+            return self._stream_segment(lm_inputs, segment_id, decoder, sender)
+
+        # A client that left between segments starts no other.
+        if not chain.speak(sampling, request_max_frames, generate, stop=sender.is_cancelled):
+            return None
         try:  # counted in the metrics; a failure there is no reason to fail the stream
             self.segments_ended(chain.finish_reasons())
         except Exception as error:  # noqa: BLE001

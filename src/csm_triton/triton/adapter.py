@@ -13,15 +13,14 @@ import json
 import logging
 import threading
 import traceback
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
 from csm_triton.core import validation
 from csm_triton.errors import InvalidInput, PermissionDenied
-from csm_triton.triton import calls, stub_threads
+from csm_triton.triton import calls, metrics, stub_threads
 from csm_triton.triton.calls import INTERNAL_ERROR_MARK, UNAVAILABLE_MARK, ModelCallError, ModelUnavailable
-from csm_triton.triton.counters import LabelledCounters, RunningTotal
 from csm_triton.triton.parameters import Parameters, parse_model_config
 # Without Triton, so in modules of their own (re-exported: models and tests use them from here).
 from csm_triton.triton.stub_threads import start_parent_watchdog
@@ -307,38 +306,9 @@ class DecoupledModel(PythonModel):
 
 
 # --- custom metrics (served on the metrics port beside Triton's own) -----------------
-class Metrics:
-    """Counters, gauges and histograms labelled with the model's name (and e.g. its
-    device, so that the engines of several GPUs keep separate series)."""
-
-    def __init__(self, model_name: str, **labels: str):
-        self._labels = {"model": model_name, **labels}
-        self._families = []
-
-    def _metric(self, name: str, description: str, kind, **options):
-        family = pb_utils.MetricFamily(name=name, description=description, kind=kind)
-        self._families.append(family)
-        return family.Metric(labels=self._labels, **options)
-
-    def counter(self, name: str, description: str):
-        return self._metric(name, description, pb_utils.MetricFamily.COUNTER)
-
-    def gauge(self, name: str, description: str):
-        return self._metric(name, description, pb_utils.MetricFamily.GAUGE)
-
-    def histogram(self, name: str, description: str, buckets: Sequence[float]):
-        """`observe(value)`; exported as name_bucket{le=...}, name_sum and name_count."""
-        return self._metric(name, description, pb_utils.MetricFamily.HISTOGRAM, buckets=list(buckets))
-
-    def labelled_counters(self, name: str, description: str, label: str, values) -> "LabelledCounters":
-        """One family, a counter per value of `label` (e.g. reason), each exported from
-        the start (at 0), so dashboards and alerts find every series."""
-        family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
-        self._families.append(family)
-        return LabelledCounters({value: family.Metric(labels={**self._labels, label: value}) for value in values})
-
-    def running_total(self, name: str, description: str) -> "RunningTotal":
-        return RunningTotal(self.counter(name, description))
+def Metrics(model_name: str, **labels: str) -> metrics.Metrics:  # noqa: N802 - reads as the class it makes
+    """metrics.Metrics over Triton's MetricFamily."""
+    return metrics.Metrics(pb_utils.MetricFamily, model_name, **labels)
 
 
 # --- a stopping server must not wait for its own streams (see stub_threads) ----------

@@ -9,9 +9,14 @@ names the model, the parameter and what it accepts, never a bare int() traceback
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["ParameterError", "Parameters", "instance_device", "parse_model_config"]
+__all__ = ["ParameterError", "Parameters", "instance_device", "parse_model_config", "voice_directory"]
+
+# The voice store of csm_prepare, csm_lm (adapter voices) and the voice models, beside
+# the repository unless `voice_dir` says otherwise.
+DEFAULT_VOICE_DIR = "runtime/voices"
 
 _BOOLEANS = {"true": True, "false": False}
 
@@ -96,3 +101,12 @@ class Parameters:
         if value not in choices:
             raise self._error(name, "one of " + ", ".join(repr(c) for c in choices), value)
         return value
+
+
+def voice_directory(args: Mapping[str, str], parameters: Parameters) -> Path:
+    """The absolute store folder; `args['model_repository']` is the model's own folder."""
+    configured = Path(parameters.text("voice_dir", DEFAULT_VOICE_DIR)).expanduser()
+    if not configured.is_absolute():
+        repository = Path(args["model_repository"]).resolve().parent
+        configured = repository.parent / configured
+    return configured.resolve()

@@ -20,9 +20,7 @@ from csm_triton import constants as C
 from csm_triton.core import segments, validation
 from csm_triton.errors import InvalidInput
 from csm_triton.triton import adapter as triton
-
-LM_MODEL = "csm_lm"
-
+from csm_triton.triton.forward import forward_lm_whole
 
 def lm_inputs(request) -> dict[str, np.ndarray]:
     """csm_lm's inputs from this request: the prompt and whichever sampling inputs came,
@@ -32,18 +30,6 @@ def lm_inputs(request) -> dict[str, np.ndarray]:
     inputs.update(triton.present_inputs(request, validation.SAMPLING_INPUTS))
     validation.sampling_from_inputs(inputs)
     return inputs
-
-
-def generate_segment(lm_request) -> tuple[np.ndarray, str | None]:
-    """One csm_lm generation, whole: its codes and its finish reason."""
-    chunks, reason = [], None
-    for out in triton.stream_model(LM_MODEL, lm_request, ["codes", "finish_reason"]):
-        if "codes" in out:
-            chunks.append(out["codes"])
-        if "finish_reason" in out:  # on csm_lm's final response
-            reason = validation.decode_utf8(out["finish_reason"], "finish_reason")[0]
-    codes = np.concatenate(chunks) if chunks else np.zeros((0, C.NUM_CODEBOOKS), np.int64)
-    return codes, reason
 
 
 class GenerateModel(triton.PythonModel):
@@ -60,19 +46,18 @@ class GenerateModel(triton.PythonModel):
         max_frames = validation.sampling_from_inputs(sampling).max_frames
         chain = segments.SegmentChain.from_prepared(inputs)
         generated = []
-        total = 0
-        for index in range(len(chain)):
-            if index and chain.exhausted(sampling, max_frames):  # the client's MAX_AUDIO_SECONDS reached
-                break
-            codes, reason = generate_segment(chain.lm_inputs(index, sampling, max_frames))
-            chain.record(index, codes, reason)
+
+        def generate(index: int, lm_request) -> tuple[np.ndarray, str | None]:
+            codes, reason = forward_lm_whole(lm_request)
             generated.append(codes)
-            total += len(codes)
-            if total > C.MAX_CODEC_FRAMES:  # mimi_decoder's limit: one response cannot hold more
+            if sum(map(len, generated)) > C.MAX_CODEC_FRAMES:  # mimi_decoder's limit: one response holds no more
                 raise InvalidInput(
                     f"the text makes more than {C.MAX_CODEC_SECONDS:g} s of audio, the most csm_tts returns "
                     "in one response; use csm_tts_stream for longer texts"
                 )
+            return codes, reason
+
+        chain.speak(sampling, max_frames, generate)
         codes = np.concatenate(generated)
         if not len(codes):
             raise RuntimeError("the model ended the utterance before producing any audio")

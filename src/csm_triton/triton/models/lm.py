@@ -25,8 +25,7 @@ from csm_triton.engine.faults import DeviceFailure
 from csm_triton.engine.kernels import MODES as CPU_KERNEL_MODES
 from csm_triton.engine.lora import LoraWeights
 from csm_triton.triton.calls import ModelUnavailable
-from csm_triton.triton.models.voices import voice_directory
-from csm_triton.triton.parameters import ParameterError, Parameters, instance_device
+from csm_triton.triton.parameters import ParameterError, Parameters, instance_device, voice_directory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # CSM was trained in bf16; fp16 (a narrower exponent, tokens never checked) loads only

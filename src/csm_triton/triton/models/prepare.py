@@ -19,8 +19,10 @@ import numpy as np
 from csm_triton import constants as C
 from csm_triton.triton import adapter as triton
 from csm_triton.core import conversation, normalize, segments, validation
-from csm_triton.core.prompt import PromptBuilder, Segment
-from csm_triton.triton.models.voices import forward_mimi_encoder, voice_directory
+from csm_triton.core.prepare_request import INPUT_NAMES, PrepareRequest
+from csm_triton.core.prompt import PromptBuilder, Turn
+from csm_triton.triton.forward import forward_mimi_encoder
+from csm_triton.triton.parameters import voice_directory
 from csm_triton.core.voice_store import VoiceStore
 from csm_triton.core.voices import VoiceResolver
 
@@ -44,46 +46,28 @@ class PrepareModel(triton.PythonModel):
         return self.voices.context_reference(voice_id)
 
     def handle(self, request):
-        # The cheap checks first (TEXT, SPEAKER, the context's counts and lengths), before
-        # any voice is resolved or audio encoded through BLS; PromptBuilder trusts the texts.
-        raw_text = validation.single_string(triton.input_texts(request, "TEXT"), "TEXT")
-        text = conversation.spoken_text(raw_text, "TEXT", max_chars=C.MAX_LONG_TEXT_CHARS)
-        speaker_input = triton.input_array(request, "SPEAKER", required=False)
-        speaker = conversation.speaker_id(speaker_input)
-        spoken = validation.flag(triton.input_array(request, "NORMALIZE", required=False), "NORMALIZE", True)
-        texts = segments.split_text(text, normalize=normalize.normalize_texts if spoken else None)
-        voice_id = triton.input_texts(request, "VOICE_ID", required=False)
-        reference_text = triton.input_texts(request, "REFERENCE_TEXT", required=False)
-        context = conversation.context_turns(
-            texts=triton.input_texts(request, "CONTEXT_TEXT", required=False),
-            speakers=triton.input_array(request, "CONTEXT_SPEAKER", required=False),
-            audio=triton.input_array(request, "CONTEXT_AUDIO", required=False),
-            audio_lengths=triton.input_array(request, "CONTEXT_AUDIO_LENGTHS", required=False),
-            sample_rate=triton.input_array(request, "CONTEXT_SAMPLE_RATE", required=False),
-            voice_ids=triton.input_texts(request, "CONTEXT_VOICE_ID", required=False),
-            lookup_voice=self._stored_voice, encode=forward_mimi_encoder,
-        )
-        voice_id = validation.single_text(voice_id, "VOICE_ID", required=False)
-        adapter = self.voices.adapter_voice(voice_id)  # a LoRA voice: csm_lm generates with its adapter
-        if adapter is not None and speaker_input is None and adapter.default_speaker is not None:
+        # Every input read once, the cheap checks done (PrepareRequest), before any voice
+        # is resolved or audio encoded through BLS; PromptBuilder trusts the texts.
+        asked = PrepareRequest.from_inputs(triton.present_inputs(request, INPUT_NAMES))
+        texts = segments.split_text(asked.text, normalize=normalize.normalize_texts if asked.normalize else None)
+        context = conversation.context_turns(**asked.context, lookup_voice=self._stored_voice,
+                                             encode=forward_mimi_encoder)
+        adapter = self.voices.adapter_voice(asked.voice_id)  # a LoRA voice: csm_lm generates with its adapter
+        speaker = asked.speaker
+        if adapter is not None and not asked.speaker_given and adapter.default_speaker is not None:
             speaker = adapter.default_speaker
-        voice = self.voices.resolve(
-            voice_id=voice_id,
-            reference_audio=triton.input_array(request, "REFERENCE_AUDIO", required=False),
-            reference_sample_rate=triton.input_array(request, "REFERENCE_SAMPLE_RATE", required=False),
-            reference_text=validation.single_string(reference_text, "REFERENCE_TEXT", required=False),
-        )
+        voice = self.voices.resolve(voice_id=asked.voice_id, reference_audio=asked.reference_audio,
+                                    reference_sample_rate=asked.reference_sample_rate,
+                                    reference_text=asked.reference_text)
         if voice is not None:  # the voice reference is the oldest turn, spoken by SPEAKER
             reference_text, reference_codes = voice
-            context.insert(0, Segment(reference_text, speaker, validation.audio_codes(reference_codes, "voice")))
+            context.insert(0, Turn(reference_text, speaker, validation.audio_codes(reference_codes, "voice")))
         prepared = self.prompt_builder.conversation(texts, speaker, context)
         builder = self.prompt_builder
         # A one-segment text keeps the request's cap (0), unless it is a piece of a longer
         # text (csm_tts_stream's CONTINUE_FROM), whose segments are budgeted as a long text's.
-        piece = validation.flag(triton.input_array(request, "budget_every_segment", required=False),
-                                "budget_every_segment", False)
         budgets = [segments.segment_max_frames(t, self.seconds_per_char, self.min_seconds)
-                   if len(texts) > 1 or piece else 0 for t in texts]
+                   if len(texts) > 1 or asked.budget_every_segment else 0 for t in texts]
         return {
             "input_ids": prepared.prompt.input_ids,
             "prompt_codes": prepared.prompt.audio_codes,

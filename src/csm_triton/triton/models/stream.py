@@ -17,55 +17,12 @@ import numpy as np
 from csm_triton import constants as C
 from csm_triton.core import validation
 from csm_triton.core.continuation import DEFAULT_MAX_ENTRIES, DEFAULT_TTL_S, ContinuationStore
-from csm_triton.core.conversation import CONTEXT_INPUTS
-from csm_triton.core.segments import FINISH_REASONS, SEGMENT_OUTPUTS, SEGMENTS_METRIC
+from csm_triton.core.segments import FINISH_REASONS, SEGMENTS_METRIC
 from csm_triton.core.stream_pipeline import StreamPipeline
 from csm_triton.errors import InvalidInput
 from csm_triton.triton import adapter as triton
-from csm_triton.triton.calls import server_stopping
-
-PREPARE_INPUTS = ("TEXT", "NORMALIZE", "VOICE_ID", "REFERENCE_AUDIO", "REFERENCE_SAMPLE_RATE", "REFERENCE_TEXT",
-                  *CONTEXT_INPUTS)
-PREPARE_OUTPUTS = ("input_ids", "prompt_codes", *SEGMENT_OUTPUTS, "normalized_text")
-
-
-def forward_prepare(prepare_inputs):
-    return triton.call_model("csm_prepare", prepare_inputs, list(PREPARE_OUTPUTS))
-
-
-def forward_lm(lm_inputs, stream_id: str):
-    """csm_lm's code chunks; returns (StopIteration's value) its finish reason."""
-    reason = None
-    # The stream id is csm_lm's request id, so that a cancel request can name it.
-    for chunk in triton.stream_model("csm_lm", lm_inputs, ["codes", "finish_reason"], request_id=stream_id):
-        if "codes" in chunk:
-            yield chunk["codes"]
-        if "finish_reason" in chunk:  # on csm_lm's final response
-            reason = validation.decode_utf8(chunk["finish_reason"], "finish_reason")[0]
-    return reason
-
-
-def forward_mimi_decoder(codes: np.ndarray) -> np.ndarray:
-    audio = triton.call_model("mimi_decoder", {"audio_codes": np.ascontiguousarray(codes.T[None])},
-                              ["audio_values"])["audio_values"]
-    return audio[0, 0]
-
-
-def forward_watermark(audio: np.ndarray) -> np.ndarray:
-    return triton.call_model("watermark", {"audio_values": audio[None, None]}, ["AUDIO"])["AUDIO"]
-
-
-def cancel_lm_request(stream_id: str) -> None:
-    # csm_lm cannot see that its BLS caller stopped reading (a decoupled BLS request
-    # cannot be cancelled in Triton 2.51), so it is asked to free the slot. Not on a
-    # stop: csm_lm then ends every stream itself, and a new call would be one more BLS
-    # request in flight while Triton unloads.
-    if server_stopping():
-        return
-    request = {"cancel_request_id": np.array([stream_id.encode()], dtype=object)}
-    for _ in triton.stream_model("csm_lm", request, ["cancelled"]):
-        pass
-
+from csm_triton.triton.forward import (PREPARE_INPUTS, cancel_lm_request, forward_lm, forward_mimi_decoder,
+                                       forward_prepare, forward_watermark)
 
 class StreamingModel(triton.DecoupledModel):
     def initialize_model(self, args, model_config):

@@ -42,28 +42,18 @@ from csm_triton import constants as C
 from csm_triton.triton import adapter as triton
 from csm_triton.core import adapters, validation
 from csm_triton.core.write_policy import WritePolicy
-from csm_triton.triton.parameters import Parameters
+from csm_triton.triton.forward import forward_mimi_encoder
+from csm_triton.triton.parameters import Parameters, voice_directory
 from csm_triton.core.voice_store import VoiceStore
 from csm_triton.core.voices import VoiceResolver
 from csm_triton.errors import InvalidInput
 
 __all__ = [
-    "DEFAULT_VOICE_DIR", "VoiceDeleteModel", "VoiceListModel", "VoiceRegisterModel",
-    "forward_mimi_encoder", "voice_directory",
+    "VoiceDeleteModel", "VoiceListModel", "VoiceRegisterModel",
 ]
 
-DEFAULT_VOICE_DIR = "runtime/voices"
 DEFAULT_BASE_CHECKPOINT = "csm_lm/1/checkpoint"
 ADAPTER_INPUTS = ("ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "ADAPTER_MANIFEST", "DEFAULT_SPEAKER")
-
-
-def voice_directory(args: Mapping[str, str], parameters: Parameters) -> Path:
-    """The absolute store folder; `args['model_repository']` is the model's own folder."""
-    configured = Path(parameters.text("voice_dir", DEFAULT_VOICE_DIR)).expanduser()
-    if not configured.is_absolute():
-        repository = Path(args["model_repository"]).resolve().parent
-        configured = repository.parent / configured
-    return configured.resolve()
 
 
 def served_base(args: Mapping[str, str], parameters: Parameters) -> adapters.ServedBase:
@@ -88,12 +78,6 @@ def _one_blob(request, name: str, *, required: bool) -> bytes | None:
 def write_policy(parameters: Parameters) -> WritePolicy:
     return WritePolicy.from_settings(parameters.text("admin_token_env"),
                                      parameters.boolean("allow_anonymous_writes", False))
-
-
-def forward_mimi_encoder(audio: np.ndarray) -> np.ndarray:
-    """24 kHz float32 [samples] -> Mimi codes [frames, 32] int64, through `mimi_encoder` (BLS)."""
-    outputs = triton.call_model("mimi_encoder", {"input_values": audio[None, None]}, ["audio_codes"])
-    return outputs["audio_codes"][0].T  # [1, 32, frames] -> [frames, 32]
 
 
 def json_tensor(value) -> np.ndarray:

@@ -1,0 +1,154 @@
+"""A long text cut into segments of whole sentences (csm_prepare; core.segments chains them).
+
+The splitter is sentencex (pinned in pyproject.toml), run window by window behind a time
+budget with a linear fallback scan after it, so that no text costs more than the budget
+plus one window; sentences are then packed into segments of at most SEGMENT_MAX_CHARS.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from csm_triton import constants as C
+
+__all__ = ["split_text"]
+
+
+# Titles that never end a sentence: sentencex sometimes cuts after them ("... with Ms. |
+# Øyelaran is confirmed."), which pysbd, the splitter before it, never did.
+_TITLES = frozenset({"mr.", "mrs.", "ms.", "dr.", "prof.", "rev.", "hon.", "capt.", "sgt.", "lt.", "gen."})
+_TERMINATORS = frozenset(".!?…")
+_CLOSERS = frozenset("\"')]}»”’")
+
+
+def _window_starts(window: str) -> list[int]:
+    """Where sentences start in `window` (the first at 0), cut from the original text so
+    that nothing (a paragraph break, say) is lost between them."""
+    import sentencex  # imported on first use: only long texts need it
+
+    starts = [0] + [b["start_index"] for b in sentencex.get_sentence_boundaries("en", window)[1:]]
+    # a library that ever answered out of order or out of range gets no say
+    if any(not a < b for a, b in zip(starts, starts[1:])) or starts[-1] >= len(window):
+        return [0]
+    return starts
+
+
+def _scan_sentences(text: str) -> list[str]:
+    """The fallback: a cut after every run of terminators (and closing quotes or brackets)
+    that whitespace follows. Each character is looked at once or twice: linear on any text."""
+    sentences, start, i, n = [], 0, 0, len(text)
+    while i < n:
+        if text[i] not in _TERMINATORS:
+            i += 1
+            continue
+        while i < n and (text[i] in _TERMINATORS or text[i] in _CLOSERS):
+            i += 1
+        if i < n and text[i].isspace():
+            while i < n and text[i].isspace():
+                i += 1
+            sentences.append(text[start:i])
+            start = i
+    if start < n:
+        sentences.append(text[start:])
+    return sentences
+
+
+def _sentences(text: str, window_chars: int = C.SENTENCE_WINDOW_CHARS,
+               budget_seconds: float = C.SENTENCE_SPLIT_BUDGET_SECONDS) -> list[str]:
+    """`text` cut into sentences that join back into exactly `text`.
+
+    sentencex runs on one window at a time; a window's last sentence may be cut short by
+    the window's end, so it is looked at again at the start of the next window. Past the
+    budget (checked between windows) the rest of the text goes to the linear scan: a
+    slow input costs at most the budget plus one window."""
+    deadline = time.perf_counter() + budget_seconds
+    sentences: list[str] = []
+    position = 0
+    while position < len(text):
+        if time.perf_counter() > deadline:
+            sentences += _scan_sentences(text[position:])
+            break
+        window = text[position:position + window_chars]
+        starts = _window_starts(window)
+        if position + len(window) == len(text):
+            ends = starts[1:] + [len(window)]
+        elif len(starts) > 1:
+            ends = starts[1:]
+        else:  # no boundary in a whole window: cut at its last space, never inside a word
+            space = max(window.rfind(" "), window.rfind("\n"))
+            ends = [space + 1 if space > 0 else len(window)]
+        sentences += [window[a:b] for a, b in zip(starts, ends)]
+        position += ends[-1]
+    return _glue(sentences)
+
+
+def _glue(sentences: list[str]) -> list[str]:
+    """A piece after a title joins it, and so does a blank one (sentencex returns a
+    paragraph break as a piece of its own)."""
+    groups: list[list[str]] = []
+    for sentence in sentences:
+        last_words = groups[-1][-1][-16:].split() if groups else []  # a tail: linear however many
+        if groups and (not sentence.strip() or (last_words and last_words[-1].lower() in _TITLES)):
+            groups[-1].append(sentence)
+        else:
+            groups.append([sentence])
+    return ["".join(group) for group in groups]
+
+
+def _hard_split(sentence: str, max_chars: int) -> list[str]:
+    """A sentence longer than a segment, cut at the last space before the limit (or at
+    the limit when there is none): rare, and better than a prompt that does not fit."""
+    pieces = []
+    while len(sentence) > max_chars:
+        cut = sentence.rfind(" ", 0, max_chars + 1)
+        cut = cut if cut > 0 else max_chars
+        pieces.append(sentence[:cut])
+        sentence = sentence[cut:]
+    return pieces + [sentence]
+
+
+def _pieces(text: str, max_chars: int) -> list[str]:
+    """`text` as sentences of at most `max_chars` characters that join back into it."""
+    pieces: list[str] = []
+    for sentence in _sentences(text):
+        pieces += _hard_split(sentence, max_chars)
+    return pieces
+
+
+def _pack(pieces: list[str], max_chars: int) -> list[str]:
+    """Consecutive pieces grouped into segments of at most `max_chars` (stripped, none blank)."""
+    segments: list[str] = []
+    current = ""
+    for piece in pieces:
+        if current and len(current) + len(piece) > max_chars:
+            segments.append(current)
+            current = ""
+        current += piece
+    segments.append(current)
+    segments = [segment.strip() for segment in segments]
+    return [segment for segment in segments if segment]
+
+
+def split_text(text: str, max_chars: int = C.SEGMENT_MAX_CHARS,
+               normalize: Callable[[list[str]], list[str]] | None = None) -> list[str]:
+    """The text as segments of whole sentences, each at most `max_chars` characters
+    (stripped; a text that fits is one segment, unchanged).
+
+    With `normalize` (core.normalize.normalize_texts) the segments hold the text as it
+    is to be spoken, and the limit applies to that. The order: the raw text is cut into
+    sentences first, because the splitter reads "3.5", "Dr." and "a.m." as the author
+    wrote them (normalized, "$5.30." and "etc." lose the marks it goes by, and the
+    normalizer must never see more than a segment at once: its cost grows with the
+    input); then each sentence is normalized; then the normalized sentences are packed
+    into segments, a sentence that grew past `max_chars` cut again."""
+    pieces = [text] if len(text) <= max_chars else _pieces(text, max_chars)
+    if normalize is not None:
+        pieces = normalize(pieces)
+        if len(pieces) == 1 and len(pieces[0]) <= max_chars:
+            return pieces
+        pieces = [part for piece in pieces for part in (_pieces(piece, max_chars) if len(piece) > max_chars
+                                                         else [piece])]
+    elif len(pieces) == 1:
+        return pieces
+    return _pack(pieces, max_chars)
