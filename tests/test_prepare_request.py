@@ -47,6 +47,16 @@ def test_a_bad_cheap_input_is_refused_by_name(inputs, named):
         PrepareRequest.from_inputs(inputs)
 
 
-def test_the_stream_forwards_what_a_client_may_send_and_only_the_stream_budgets_pieces():
-    assert set(INPUT_NAMES) - set(CLIENT_INPUTS) == {"budget_every_segment"}
+def test_the_stream_forwards_what_a_client_may_send_and_adds_only_its_own_inputs():
+    assert set(INPUT_NAMES) - set(CLIENT_INPUTS) == {"budget_every_segment", "head_only", "pieces", "spoken_pieces"}
     assert {"TEXT", "SPEAKER", "VOICE_ID", "CONTEXT_AUDIO"} <= set(CLIENT_INPUTS)
+
+
+def test_a_rest_request_carries_its_pieces_and_a_flood_of_them_is_refused():
+    asked = PrepareRequest.from_inputs({"TEXT": texts("Rest."), "pieces": texts("Two. ", "Three."),
+                                        "spoken_pieces": texts("one, ")})
+    assert (asked.pieces, asked.spoken_pieces, asked.head_only) == (["Two. ", "Three."], ["one, "], False)
+    assert PrepareRequest.from_inputs({"TEXT": texts("Rest."), "spoken_pieces": texts("x")}).pieces == []
+    flood = texts(*["a" * 1000] * (C.NORMALIZED_TEXT_MAX_CHARS // 1000 + 1))
+    with pytest.raises(InvalidInput, match="pieces"):
+        PrepareRequest.from_inputs({"TEXT": texts("Rest."), "pieces": flood})

@@ -17,14 +17,18 @@ import numpy as np
 
 from csm_triton import constants as C
 from csm_triton.core import conversation, validation
+from csm_triton.errors import InvalidInput
 
 __all__ = ["CLIENT_INPUTS", "INPUT_NAMES", "PrepareRequest"]
 
 # What a client may send csm_tts / csm_tts_stream for csm_prepare (forwarded as is)...
 CLIENT_INPUTS = ("TEXT", "NORMALIZE", "VOICE_ID", "REFERENCE_AUDIO", "REFERENCE_SAMPLE_RATE", "REFERENCE_TEXT",
                  *conversation.CONTEXT_INPUTS)
-# ...and csm_tts_stream's own: a piece of a longer text (CONTINUE_FROM) is budgeted as one.
-INPUT_NAMES = (*CLIENT_INPUTS, "budget_every_segment")
+# ...and csm_tts_stream's own: a piece of a longer text (CONTINUE_FROM) is budgeted as one;
+# `head_only` asks for the first segment alone and the rest's sentences, which come back
+# as `pieces` / `spoken_pieces` in a second request for the rest's segments alone
+# (core.text_split.split_head: a long text's first audio waits for its first segment only).
+INPUT_NAMES = (*CLIENT_INPUTS, "budget_every_segment", "head_only", "pieces", "spoken_pieces")
 
 
 def _texts(inputs: Mapping[str, np.ndarray], name: str) -> list[str] | None:
@@ -38,6 +42,11 @@ class PrepareRequest:
     speaker_given: bool  # an adapter voice's default speaker applies only when SPEAKER is absent
     normalize: bool
     budget_every_segment: bool
+    head_only: bool = False
+    # The rest of a text split by head_only: its sentences as written, and the parts of the
+    # sentence the head ended in, normalized already. None: TEXT is split here.
+    pieces: list[str] | None = None
+    spoken_pieces: list[str] = field(default_factory=list)
     voice_id: str | None = None
     reference_text: str | None = None
     reference_audio: np.ndarray | None = field(default=None, repr=False)
@@ -48,12 +57,21 @@ class PrepareRequest:
     @classmethod
     def from_inputs(cls, inputs: Mapping[str, np.ndarray]) -> "PrepareRequest":
         text = validation.single_string(_texts(inputs, "TEXT"), "TEXT")
+        pieces, spoken_pieces = _texts(inputs, "pieces"), _texts(inputs, "spoken_pieces")
+        if pieces is not None or spoken_pieces is not None:
+            pieces, spoken_pieces = pieces or [], spoken_pieces or []
+            if sum(map(len, pieces)) + sum(map(len, spoken_pieces)) > C.NORMALIZED_TEXT_MAX_CHARS:
+                raise InvalidInput(f"inputs 'pieces' and 'spoken_pieces' hold more than {C.NORMALIZED_TEXT_MAX_CHARS} "
+                                   "characters")
         return cls(
             text=conversation.spoken_text(text, "TEXT", max_chars=C.MAX_LONG_TEXT_CHARS),
             speaker=conversation.speaker_id(inputs.get("SPEAKER")),
             speaker_given="SPEAKER" in inputs,
             normalize=validation.flag(inputs.get("NORMALIZE"), "NORMALIZE", True),
             budget_every_segment=validation.flag(inputs.get("budget_every_segment"), "budget_every_segment", False),
+            head_only=validation.flag(inputs.get("head_only"), "head_only", False),
+            pieces=pieces,
+            spoken_pieces=spoken_pieces or [],
             voice_id=validation.single_text(_texts(inputs, "VOICE_ID"), "VOICE_ID", required=False),
             reference_text=validation.single_string(_texts(inputs, "REFERENCE_TEXT"), "REFERENCE_TEXT",
                                                     required=False),

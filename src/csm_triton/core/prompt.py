@@ -111,6 +111,13 @@ class PromptBuilder:
         validation.token_count(text_tokens, "TEXT")
         return prompt
 
+    def segment_ids(self, texts: list[str], speaker: int = C.DEFAULT_SPEAKER_ID) -> list[np.ndarray]:
+        """Each segment's text turn as token ids, checked against MAX_TEXT_TOKENS."""
+        segment_ids = [np.asarray(self.text_ids(text, speaker), np.int64) for text in texts]
+        for ids in segment_ids:
+            validation.token_count(len(ids), "TEXT")
+        return segment_ids
+
     def conversation(self, texts: list[str], speaker: int = C.DEFAULT_SPEAKER_ID,
                      context: list[Turn] | None = None) -> ConversationPrompt:
         """Context turns (oldest first, the voice reference among them), then the
@@ -118,9 +125,7 @@ class PromptBuilder:
         layout for the same turns. Each segment's text tokens are checked against
         MAX_TEXT_TOKENS, and segment 0's whole prompt against MAX_PROMPT_TOKENS."""
         context = list(context or [])
-        segment_ids = [np.asarray(self.text_ids(text, speaker), np.int64) for text in texts]
-        for ids in segment_ids:
-            validation.token_count(len(ids), "TEXT")
+        segment_ids = self.segment_ids(texts, speaker)
         prompt = self.build([*context, Turn(texts[0], speaker)])
         if len(prompt.input_ids) > C.MAX_PROMPT_TOKENS:
             raise InvalidInput(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 
@@ -59,6 +59,27 @@ def _as_int(array, dtype=np.int64) -> np.ndarray:
     return np.asarray(array).reshape(-1).astype(dtype, copy=False)
 
 
+def _checked_segments(prepared) -> tuple[list[np.ndarray], list[int | None], np.ndarray]:
+    """(each segment's text turn ids, its frame budget or None, the audio token ids) from
+    csm_prepare's outputs, checked: they are inputs of csm_generate too."""
+    counts = _as_int(prepared["segment_token_counts"])
+    flat = _as_int(prepared["segment_ids"])
+    audio_ids = _as_int(prepared["audio_token_ids"])
+    frames = _as_int(prepared["segment_max_frames"])
+    # Checked whole before the first segment is generated: a bad later segment must
+    # not cost the earlier ones' work. (Each prompt's ids, segment 0's input_ids
+    # first, are checked against the vocabulary by csm_lm's engine, which alone knows it.)
+    for name, values in (("segment_ids", flat), ("audio_token_ids", audio_ids),
+                         ("segment_token_counts", counts), ("segment_max_frames", frames)):
+        validation.integers_in_range(values, name, 0, None)
+    if counts.sum() != len(flat) or len(frames) != len(counts):
+        raise InvalidInput("the segment inputs do not add up (segment_ids, segment_token_counts, "
+                           "segment_max_frames, audio_token_ids, input_ids)")
+    segments = np.split(flat, np.cumsum(counts)[:-1]) if len(counts) else []
+    # 0: no budget from the text (a one-segment text keeps the request's own cap)
+    return segments, [int(v) or None for v in frames], audio_ids
+
+
 @dataclass
 class SegmentChain:
     """The prompts of one request's segments, the previous segment's audio included.
@@ -92,9 +113,12 @@ class SegmentChain:
     first_segment: int = field(default=0, repr=False)
     # The LoRA adapter voice every segment is generated with (csm_prepare's adapter_id); "": none.
     adapter_id: str = field(default="", repr=False)
+    # The segments of the text's rest, when csm_prepare answered its head alone: called
+    # (it may wait) once the known segments are spoken, its answer given to `extend`.
+    rest: Callable[[], Mapping[str, np.ndarray]] | None = field(default=None, repr=False)
 
     @classmethod
-    def from_prepared(cls, prepared) -> "SegmentChain":
+    def from_prepared(cls, prepared) -> SegmentChain:
         first = {"input_ids": prepared["input_ids"], "prompt_codes": prepared["prompt_codes"]}
         input_ids = _as_int(prepared["input_ids"])
         codes = np.asarray(prepared["prompt_codes"], dtype=np.int64).reshape(-1, C.NUM_CODEBOOKS)
@@ -104,24 +128,12 @@ class SegmentChain:
             validation.voice_id(adapter_id, "adapter_id")
         if "segment_ids" not in prepared:
             return cls(input_ids, codes, [np.zeros(0, np.int64)], [None], first_prompt=first, adapter_id=adapter_id)
-        counts = _as_int(prepared["segment_token_counts"])
-        flat = _as_int(prepared["segment_ids"])
-        audio_ids = _as_int(prepared["audio_token_ids"])
-        frames = _as_int(prepared["segment_max_frames"])
-        # Checked whole before the first segment is generated: a bad later segment must
-        # not cost the earlier ones' work. (Each prompt's ids, segment 0's input_ids
-        # first, are checked against the vocabulary by csm_lm's engine, which alone knows it.)
-        for name, values in (("segment_ids", flat), ("audio_token_ids", audio_ids),
-                             ("segment_token_counts", counts), ("segment_max_frames", frames)):
-            validation.integers_in_range(values, name, 0, None)
-        if (counts.sum() != len(flat) or not len(counts) or counts[0] > len(input_ids) or len(audio_ids) != 2
-                or len(frames) != len(counts)):
+        segments, budgets, audio_ids = _checked_segments(prepared)
+        counts = [len(ids) for ids in segments]
+        if not counts or counts[0] > len(input_ids) or len(audio_ids) != 2:
             raise InvalidInput("the segment inputs do not add up (segment_ids, segment_token_counts, "
                                "segment_max_frames, audio_token_ids, input_ids)")
-        segments = np.split(flat, np.cumsum(counts)[:-1])
         audio_id, audio_eos_id = (int(v) for v in audio_ids)
-        # 0: no budget from the text (a one-segment text keeps the request's own cap)
-        budgets = [int(v) or None for v in frames]
         return cls(input_ids[:len(input_ids) - counts[0]], codes, segments, budgets, audio_id, audio_eos_id,
                    first_prompt=first, adapter_id=adapter_id)
 
@@ -170,7 +182,7 @@ class SegmentChain:
         if self.adapter_id:
             inputs["ADAPTER_ID"] = np.array([self.adapter_id.encode()], dtype=object)
         cap = self._caps[index] = self._cap(index, request_max_frames, "MAX_AUDIO_SECONDS" in sampling)
-        if len(self) > 1 or self.chained:
+        if self.max_frames[index] is not None or self.chained:  # a segment of a longer text: its own budget
             inputs["MAX_AUDIO_SECONDS"] = max_audio_seconds(cap[0])
             if "SEED" in sampling:
                 number = self.first_segment + index
@@ -187,7 +199,8 @@ class SegmentChain:
         csm_lm's finish reason (None: the client left), recorded in turn. No segment
         starts once `stop()` holds or a client's MAX_AUDIO_SECONDS is used up (a
         continued chain's cap counts its earlier pieces). False when the client left."""
-        for index in range(len(self)):
+        index = 0
+        while index < len(self) or self._extend_with_rest():
             if index and stop():
                 return False
             if (index or self.first_segment) and self.exhausted(sampling, request_max_frames):
@@ -196,7 +209,25 @@ class SegmentChain:
             if ended is None:
                 return False
             self.record(index, *ended)
+            index += 1
+        while self._extend_with_rest():  # a cap reached first: the rest's segments are reported not started
+            pass
         return True
+
+    def extend(self, prepared) -> None:
+        """The segments of the text's rest (csm_prepare's answer to its pieces), after these."""
+        segments, budgets, _ = _checked_segments(prepared)
+        self.segment_ids += segments
+        self.max_frames += budgets
+
+    def _extend_with_rest(self) -> bool:
+        """Whether the rest (asked for once) brought more segments."""
+        if self.rest is None:
+            return False
+        rest, self.rest = self.rest, None
+        known = len(self)
+        self.extend(rest())
+        return len(self) > known
 
     def record(self, index: int, codes: np.ndarray, lm_reason: str | None = None) -> None:
         """The codes generated for segment `index` (the next segment's context), and how

@@ -15,6 +15,10 @@ watermark). That split lets the ending rules be tested without a server:
   says how each segment ended (FINISH_REASONS) and how many frames it took
   (SEGMENT_FRAMES), beside an empty AUDIO so that clients reading every response's
   AUDIO as a chunk keep working;
+* a long text's first audio waits for its first segment only: csm_prepare is asked for
+  the head alone (`head_only`), and for the rest's segments on a thread of its own
+  while the head is spoken (core.text_split.split_head: the same segments as a whole
+  split);
 * a text that arrives in pieces (`continue_from`, core.continuation) continues the
   chain of the piece before: its segments are the next segments of one long text, and
   its final response names the tail it leaves for the next piece (CONTINUATION).
@@ -24,7 +28,8 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping, Protocol
 
 import numpy as np
@@ -82,6 +87,10 @@ class StreamPipeline:
     log_error: Callable[[str], None] = LOG.error
     segments_ended: SegmentsEnded = lambda reasons: None  # noqa: E731 - metrics in the server
     continuations: ContinuationStore | None = None  # the tails of texts that arrive in pieces
+    # Where the rests of long texts are prepared while their heads are spoken: a few at a
+    # time (csm_prepare has two instances), the others wait their turn.
+    rest_workers: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="csm-prepare-rest"))
 
     def run(self, prepare_inputs: Arrays, sampling: Arrays, sender: ResponseSender,
             stream_id: str | None = None, continue_from: str | None = None) -> None:
@@ -106,11 +115,14 @@ class StreamPipeline:
             raise ValueError("this stream pipeline keeps no continuations")
         # An unknown id is refused before any work; a known one is used up here.
         tail = self.continuations.take(continue_from) if continue_from else None
-        prepared = self.prepare(prepare_inputs)
+        prepared = self.prepare({**prepare_inputs, "head_only": np.array([True])})
         # A long text comes back as segments (core.segments): generated one after the
         # other, each with the previous one's codes as context, and streamed back to
         # back through one decoder, so the joins between segments are chunk joins.
         chain = SegmentChain.from_prepared(prepared)
+        rest = self._prepare_rest(prepare_inputs, prepared)
+        if rest is not None:
+            chain.rest = lambda: rest.result()
         chain.chained = continue_from is not None
         if tail is not None:
             chain.continue_from(tail)
@@ -133,11 +145,24 @@ class StreamPipeline:
             self.log_error(f"csm_tts_stream: could not count the segments of {stream_id}: {error}")
         final = {"AUDIO": np.zeros(0, np.float32), "SAMPLE_RATE": SAMPLE_RATE, **chain.final_outputs()}
         if "normalized_text" in prepared:  # each segment as spoken (csm_prepare's normalization)
-            final["NORMALIZED_TEXT"] = prepared["normalized_text"]
+            spoken = [prepared["normalized_text"]]
+            if rest is not None and rest.done() and rest.exception() is None:
+                spoken.append(rest.result()["normalized_text"])
+            final["NORMALIZED_TEXT"] = np.concatenate([np.asarray(t, dtype=object).reshape(-1) for t in spoken])
         if continue_from is not None:
             tail_id = self.continuations.put(chain.tail(decoder.history))
             final["CONTINUATION"] = np.array([tail_id.encode()], dtype=object)
         return final
+
+    def _prepare_rest(self, prepare_inputs: Arrays, head: Arrays):
+        """The rest of a long text's segments, asked for now (a Future), or None."""
+        pieces = head.get("rest_pieces", ())
+        spoken = head.get("rest_spoken_pieces", ())
+        if not len(pieces) and not len(spoken):
+            return None
+        rest_inputs = {**prepare_inputs, "pieces": np.asarray(pieces, dtype=object),
+                       "spoken_pieces": np.asarray(spoken, dtype=object), "budget_every_segment": np.array([True])}
+        return self.rest_workers.submit(self.prepare, rest_inputs)
 
     def _stream_segment(self, lm_inputs: Arrays, stream_id: str, decoder: StreamDecoder,
                         sender: ResponseSender) -> tuple[np.ndarray, str | None] | None:

@@ -8,11 +8,18 @@ plus one window; sentences are then packed into segments of at most SEGMENT_MAX_
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 from csm_triton import constants as C
 
-__all__ = ["split_text"]
+__all__ = ["HEAD_MAX_CHARS", "split_head", "split_pieces", "split_text"]
+
+# normalize_texts: sentences -> the same sentences as spoken
+Normalize = Callable[[list[str]], list[str]]
+# split_head normalizes sentences of at most this many characters in all looking for the
+# first segment's end (normalized text is seldom shorter than written): a bounded cost
+# before the first audio.
+HEAD_MAX_CHARS = 4 * C.SEGMENT_MAX_CHARS
 
 
 # Titles that never end a sentence: sentencex sometimes cuts after them ("... with Ms. |
@@ -130,8 +137,7 @@ def _pack(pieces: list[str], max_chars: int) -> list[str]:
     return [segment for segment in segments if segment]
 
 
-def split_text(text: str, max_chars: int = C.SEGMENT_MAX_CHARS,
-               normalize: Callable[[list[str]], list[str]] | None = None) -> list[str]:
+def split_text(text: str, max_chars: int = C.SEGMENT_MAX_CHARS, normalize: Normalize | None = None) -> list[str]:
     """The text as segments of whole sentences, each at most `max_chars` characters
     (stripped; a text that fits is one segment, unchanged).
 
@@ -147,8 +153,46 @@ def split_text(text: str, max_chars: int = C.SEGMENT_MAX_CHARS,
         pieces = normalize(pieces)
         if len(pieces) == 1 and len(pieces[0]) <= max_chars:
             return pieces
-        pieces = [part for piece in pieces for part in (_pieces(piece, max_chars) if len(piece) > max_chars
-                                                         else [piece])]
+        pieces = _recut(pieces, max_chars)
     elif len(pieces) == 1:
         return pieces
     return _pack(pieces, max_chars)
+
+
+def split_pieces(raw: list[str], max_chars: int = C.SEGMENT_MAX_CHARS, normalize: Normalize | None = None, *,
+                 spoken: Sequence[str] = ()) -> list[str]:
+    """The segments of split_head's rest, as split_text packs them: `spoken`, sentence
+    parts normalized already, then the sentences `raw`, normalized here."""
+    parts = list(raw) if normalize is None or not raw else _recut(normalize(list(raw)), max_chars)
+    return _pack([*spoken, *parts], max_chars)
+
+
+def split_head(text: str, max_chars: int = C.SEGMENT_MAX_CHARS,
+               normalize: Normalize | None = None) -> tuple[list[str], list[str], list[str]]:
+    """(split_text's first segment, the rest's parts normalized already, the rest's raw
+    sentences), normalizing only the sentences the first segment needs, so that a long
+    text's first audio does not wait for the normalization of all of it:
+    split_text(text, ...) == head + split_pieces(raw, ..., spoken=spoken). A text that
+    fits one segment has no rest; so has one whose first segment does not end within its
+    first HEAD_MAX_CHARS characters (it is split whole: a bounded cost either way)."""
+    if len(text) <= max_chars:
+        return split_text(text, max_chars, normalize), [], []
+    pieces = _pieces(text, max_chars)
+    current, read = "", 0
+    for index, raw in enumerate(pieces):
+        read += len(raw)
+        if read > HEAD_MAX_CHARS + max_chars:
+            break
+        parts = [raw] if normalize is None else _recut(normalize([raw]), max_chars)
+        for position, part in enumerate(parts):
+            if current.strip() and len(current) + len(part) > max_chars:  # _pack's rule: `current` is a segment
+                return [current.strip()], parts[position:], pieces[index + 1:]
+            if current and len(current) + len(part) > max_chars:  # a blank segment: _pack drops it
+                current = ""
+            current += part
+    return split_text(text, max_chars, normalize), [], []
+
+
+def _recut(pieces: list[str], max_chars: int) -> list[str]:
+    """Normalized sentences, each that grew past `max_chars` cut again."""
+    return [part for piece in pieces for part in (_pieces(piece, max_chars) if len(piece) > max_chars else [piece])]

@@ -23,7 +23,8 @@ __all__ = ["PREPARE_INPUTS", "cancel_lm_request", "forward_lm", "forward_lm_whol
            "forward_mimi_encoder", "forward_prepare", "forward_watermark"]
 
 PREPARE_INPUTS = CLIENT_INPUTS  # what csm_tts_stream forwards of its request to csm_prepare
-PREPARE_OUTPUTS = ("input_ids", "prompt_codes", *SEGMENT_OUTPUTS, "normalized_text")
+PREPARE_OUTPUTS = ("input_ids", "prompt_codes", *SEGMENT_OUTPUTS, "normalized_text", "rest_pieces",
+                   "rest_spoken_pieces")
 LM_OUTPUTS = ["codes", "finish_reason"]
 
 

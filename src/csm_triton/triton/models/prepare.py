@@ -18,7 +18,7 @@ import numpy as np
 
 from csm_triton import constants as C
 from csm_triton.triton import adapter as triton
-from csm_triton.core import conversation, normalize, segments, validation
+from csm_triton.core import conversation, normalize, segments, text_split, validation
 from csm_triton.core.prepare_request import INPUT_NAMES, PrepareRequest
 from csm_triton.core.prompt import PromptBuilder, Turn
 from csm_triton.triton.forward import forward_mimi_encoder
@@ -45,17 +45,30 @@ class PrepareModel(triton.PythonModel):
     def _stored_voice(self, voice_id: str):
         return self.voices.context_reference(voice_id)
 
+    def _speaker(self, asked: PrepareRequest, adapter) -> int:
+        """SPEAKER, else a LoRA voice's own default speaker, else the default."""
+        if adapter is not None and not asked.speaker_given and adapter.default_speaker is not None:
+            return adapter.default_speaker
+        return asked.speaker
+
+    def _normalizer(self, asked: PrepareRequest):
+        return normalize.normalize_texts if asked.normalize else None
+
     def handle(self, request):
         # Every input read once, the cheap checks done (PrepareRequest), before any voice
         # is resolved or audio encoded through BLS; PromptBuilder trusts the texts.
         asked = PrepareRequest.from_inputs(triton.present_inputs(request, INPUT_NAMES))
-        texts = segments.split_text(asked.text, normalize=normalize.normalize_texts if asked.normalize else None)
+        if asked.pieces is not None:
+            return self._rest(asked)
+        rest_spoken, rest_raw = [], []
+        if asked.head_only:  # csm_tts_stream: the first segment now, the rest while it is spoken
+            texts, rest_spoken, rest_raw = text_split.split_head(asked.text, normalize=self._normalizer(asked))
+        else:
+            texts = text_split.split_text(asked.text, normalize=self._normalizer(asked))
         context = conversation.context_turns(**asked.context, lookup_voice=self._stored_voice,
                                              encode=forward_mimi_encoder)
         adapter = self.voices.adapter_voice(asked.voice_id)  # a LoRA voice: csm_lm generates with its adapter
-        speaker = asked.speaker
-        if adapter is not None and not asked.speaker_given and adapter.default_speaker is not None:
-            speaker = adapter.default_speaker
+        speaker = self._speaker(asked, adapter)
         voice = self.voices.resolve(voice_id=asked.voice_id, reference_audio=asked.reference_audio,
                                     reference_sample_rate=asked.reference_sample_rate,
                                     reference_text=asked.reference_text)
@@ -63,18 +76,44 @@ class PrepareModel(triton.PythonModel):
             reference_text, reference_codes = voice
             context.insert(0, Turn(reference_text, speaker, validation.audio_codes(reference_codes, "voice")))
         prepared = self.prompt_builder.conversation(texts, speaker, context)
-        builder = self.prompt_builder
         # A one-segment text keeps the request's cap (0), unless it is a piece of a longer
-        # text (csm_tts_stream's CONTINUE_FROM), whose segments are budgeted as a long text's.
-        budgets = [segments.segment_max_frames(t, self.seconds_per_char, self.min_seconds)
-                   if len(texts) > 1 or asked.budget_every_segment else 0 for t in texts]
+        # text (csm_tts_stream's CONTINUE_FROM or a head with a rest), whose segments are
+        # budgeted as a long text's.
+        budget_all = len(texts) > 1 or asked.budget_every_segment or bool(rest_spoken or rest_raw)
         return {
             "input_ids": prepared.prompt.input_ids,
             "prompt_codes": prepared.prompt.audio_codes,
-            "segment_ids": np.concatenate(prepared.segment_ids).astype(np.int64),
-            "segment_token_counts": np.array([len(ids) for ids in prepared.segment_ids], np.int32),
+            **self._segments(texts, prepared.segment_ids, budget_all, adapter),
+            "rest_pieces": _strings(rest_raw),
+            "rest_spoken_pieces": _strings(rest_spoken),
+        }
+
+    def _rest(self, asked: PrepareRequest):
+        """The segments of a text's rest alone (its head came before, with the prompt)."""
+        texts = text_split.split_pieces(asked.pieces, normalize=self._normalizer(asked), spoken=asked.spoken_pieces)
+        adapter = self.voices.adapter_voice(asked.voice_id)
+        return {
+            "input_ids": np.zeros(0, np.int64),
+            "prompt_codes": np.zeros((0, C.NUM_CODEBOOKS), np.int64),
+            **self._segments(texts, self.prompt_builder.segment_ids(texts, self._speaker(asked, adapter)), True,
+                             adapter),
+            "rest_pieces": _strings([]),
+            "rest_spoken_pieces": _strings([]),
+        }
+
+    def _segments(self, texts: list[str], segment_ids: list[np.ndarray], budget_all: bool, adapter):
+        budgets = [segments.segment_max_frames(t, self.seconds_per_char, self.min_seconds) if budget_all else 0
+                   for t in texts]
+        builder = self.prompt_builder
+        return {
+            "segment_ids": np.concatenate([np.zeros(0, np.int64), *segment_ids]).astype(np.int64),
+            "segment_token_counts": np.array([len(ids) for ids in segment_ids], np.int32),
             "segment_max_frames": np.array(budgets, np.int32),
             "audio_token_ids": np.array([builder.audio_id, builder.audio_eos_id], np.int64),
-            "normalized_text": np.array([t.encode() for t in texts], dtype=object),
-            "adapter_id": np.array([adapter.voice_id.encode() if adapter is not None else b""], dtype=object),
+            "normalized_text": _strings(texts),
+            "adapter_id": _strings([adapter.voice_id if adapter is not None else ""]),
         }
+
+
+def _strings(values: list[str]) -> np.ndarray:
+    return np.array([value.encode() for value in values], dtype=object)

@@ -66,3 +66,4 @@ class StreamingModel(triton.DecoupledModel):
 
     def finalize(self):
         self.workers.shutdown(wait=True, cancel_futures=True)
+        self.pipeline.rest_workers.shutdown(wait=False, cancel_futures=True)
