@@ -1,6 +1,15 @@
 # Two commands on a fresh machine:
-#   make serve   set everything up, build a model repository, serve it on 127.0.0.1:8000/8001/8002
-#   make test    set everything up and run every test
+#   make serve   set up what serving needs, build a model repository, serve it on 127.0.0.1:8000/8001/8002
+#   make test    set up that and what the tests need, and run every test
+# What each installs (scripts/setup.sh says it again as it runs):
+#   make setup       (make serve's) no Debian packages; into $(VENV): the thin client
+#                    (clients/, csm-tts-client) and the server (., csm-triton) at their exact
+#                    pins, editable; the embedded tritonserver's backends assembled.
+#   make setup-test  (make test's, and the load tools') that, plus Debian packages with
+#                    apt-get (espeak-ng, sox, ffmpeg, chromium, docker-compose) and the dev
+#                    extra (pytest, Locust, Playwright, the OpenAI client, the Helm SDK,
+#                    matplotlib, the fine-tuning extra).
+#   make setup-finetune  (make finetune's) make setup's, plus the fine-tuning extra.
 # CSM_CHECKPOINT=<folder or hub id> serves real CSM-1B weights; without it a tiny
 # random CSM is generated (its audio is noise, but every code path is the real one).
 # CSM_ADMIN_TOKEN=<token> is the admin token voice writes need; without it make serve
@@ -25,10 +34,16 @@ CHECKPOINT := $(if $(CSM_CHECKPOINT),$(CSM_CHECKPOINT),$(TINY_CHECKPOINT))
 # Beside the voices: the runtime folder next to the repository (voice_dir runtime/voices).
 ADMIN_TOKEN_FILE ?= $(patsubst %/,%,$(dir $(REPOSITORY)))/runtime/admin-token
 
-.PHONY: setup serve test repository tiny-checkpoint clean admin-token
+.PHONY: setup setup-test setup-finetune serve test repository tiny-checkpoint clean admin-token
 
 setup:
-	PYTHON=$(PYTHON) VENV=$(VENV) scripts/setup.sh
+	PYTHON=$(PYTHON) VENV=$(VENV) scripts/setup.sh serve
+
+setup-test:
+	PYTHON=$(PYTHON) VENV=$(VENV) scripts/setup.sh test
+
+setup-finetune:
+	PYTHON=$(PYTHON) VENV=$(VENV) scripts/setup.sh finetune
 
 tiny-checkpoint: setup
 	@test -f $(TINY_CHECKPOINT)/config.json || $(PY) -m export.tiny_checkpoint --out $(TINY_CHECKPOINT)
@@ -62,7 +77,7 @@ admin-token:
 	  echo "admin token (development): created $(ADMIN_TOKEN_FILE) (make locust, make gateway and csm-tts read it)"; \
 	fi
 
-test: setup
+test: setup-test
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 clean:
@@ -73,7 +88,7 @@ clean:
 # (make serve) over gRPC; voice uploads carry CSM_ADMIN_TOKEN (else make serve's
 # development token) and need one of the gateway's API keys, CSM_GATEWAY_API_KEYS=k1,k2
 # (with keys set, speech needs one too). Its limits come from CSM_GATEWAY_* variables
-# (python -m csm_clients.gateway --help lists them), e.g. CSM_GATEWAY_MAX_CONCURRENCY_PER_KEY=2.
+# (python -m csm_servers.gateway --help lists them), e.g. CSM_GATEWAY_MAX_CONCURRENCY_PER_KEY=2.
 GATEWAY_PORT ?= 7860
 TRITON_GRPC_URL ?= localhost:$(GRPC_PORT)
 
@@ -81,7 +96,7 @@ TRITON_GRPC_URL ?= localhost:$(GRPC_PORT)
 
 gateway: setup
 	CSM_ADMIN_TOKEN_FILE=$${CSM_ADMIN_TOKEN_FILE:-$(ADMIN_TOKEN_FILE)} \
-	$(PY) -m csm_clients.gateway --triton-url $(TRITON_GRPC_URL) --port $(GATEWAY_PORT)
+	$(PY) -m csm_servers.gateway --triton-url $(TRITON_GRPC_URL) --port $(GATEWAY_PORT)
 
 # --- load tests and benchmarks (loadtest/README.md) ----------------------------------------
 # locust / locust-ui drive a running server (make serve): they register their stored
@@ -102,19 +117,19 @@ LOCUST_MODEL := $(if $(CSM_CHECKPOINT),full,tiny)
 
 .PHONY: locust locust-ui bench perf
 
-locust: setup
+locust: setup-test
 	@mkdir -p $(dir $(LOCUST_CSV))
 	CSM_ADMIN_TOKEN_FILE=$${CSM_ADMIN_TOKEN_FILE:-$(ADMIN_TOKEN_FILE)} \
 	CSM_LOCUST_MODEL=$${CSM_LOCUST_MODEL:-$(LOCUST_MODEL)} $(VENV)/bin/locust -f loadtest/locustfile.py \
 	  --host $(LOCUST_HOST) --headless --users $(USERS) --spawn-rate $(USERS) --run-time $(DURATION) \
 	  --stop-timeout 120 --csv $(LOCUST_CSV) --only-summary
 
-locust-ui: setup
+locust-ui: setup-test
 	CSM_ADMIN_TOKEN_FILE=$${CSM_ADMIN_TOKEN_FILE:-$(ADMIN_TOKEN_FILE)} \
 	CSM_LOCUST_MODEL=$${CSM_LOCUST_MODEL:-$(LOCUST_MODEL)} $(VENV)/bin/locust -f loadtest/locustfile.py \
 	  --host $(LOCUST_HOST) --web-host 127.0.0.1 --web-port $(LOCUST_WEB_PORT)
 
-bench: repository
+bench: setup-test repository
 	$(PY) -m loadtest.bench --serve $(REPOSITORY) --out $(RESULTS) $(BENCH_ARGS)
 	$(PY) -m loadtest.overhead --serve $(REPOSITORY) --out $(RESULTS)
 
@@ -137,7 +152,7 @@ WATERMARK_EVAL_ARGS ?=
 
 .PHONY: watermark-eval
 
-watermark-eval: setup
+watermark-eval: setup-test
 	$(PY) -m loadtest.watermark_eval --out $(RESULTS) $(WATERMARK_EVAL_ARGS)
 
 # --- the GPU proof (docs/performance.md "GPU check: one command") ---------------------------
@@ -161,7 +176,7 @@ gpu-check:
 	$(GPU_CHECK_PYTHON) -m loadtest.gpu_check --out $(OUT) $(if $(SMOKE),--smoke) \
 	  $(if $(GPU_CHECK_BUNDLE),--bundle $(GPU_CHECK_BUNDLE)) $(GPU_CHECK_ARGS)
 
-gpu-bundle: setup
+gpu-bundle: setup-test
 	$(PY) -m loadtest.gpu_bundle --out $(GPU_BUNDLE)
 
 # --- LoRA fine-tuning (docs/fine-tuning.md) ------------------------------------------------
@@ -177,7 +192,7 @@ FINETUNE_OUT := $(if $(filter command line,$(origin OUT)),$(OUT),$(BUILD)/finetu
 
 .PHONY: finetune
 
-finetune: setup $(if $(CSM_CHECKPOINT),,tiny-checkpoint)
+finetune: setup-finetune $(if $(CSM_CHECKPOINT),,tiny-checkpoint)
 	@test -n "$(DATA)" || { echo "make finetune needs DATA=<dataset> (docs/fine-tuning.md)"; exit 2; }
 	$(PY) -m finetune.train --data $(DATA) --out $(FINETUNE_OUT) --checkpoint $(CHECKPOINT) \
 	  --steps $(STEPS) --merge $(FINETUNE_ARGS)

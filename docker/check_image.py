@@ -73,7 +73,7 @@ def check_libraries() -> str:
 
 
 def check_gateway() -> str:
-    from csm_clients.gateway import create_app
+    from csm_servers.gateway import create_app
 
     routes = {route.path for route in create_app("triton:8001").routes}
     return f"REST gateway with {len(routes)} routes"

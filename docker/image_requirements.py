@@ -2,6 +2,11 @@
 the project's dependencies, Locust's pin from the `dev` extra (the loadtest service),
 and the real torchaudio. Printed one per line for `pip install -r`.
 
+The thin client (csm-tts-client) is not on PyPI: the Dockerfile installs it from
+clients/ with the project, so its requirement is replaced here by its own dependencies
+(clients/pyproject.toml, with the extras the project asks for), minus those the project
+already pins.
+
 torchaudio is not a project dependency (no release matches torch 2.13, so the
 project ships a stand-in for the three transforms Perth needs). 2.11.0 is the
 newest release; it is built on torch's stable C ABI, declares no torch pin, and each
@@ -19,10 +24,20 @@ from pathlib import Path
 
 TORCHAUDIO = "torchaudio==2.11.0"
 FROM_DEV = ("locust",)  # the dev extra also holds test tools the image does not need
+CLIENT = "csm-tts-client"  # installed from clients/, not from an index
 
 
 def requirement_name(requirement: str) -> str:
     return re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].lower()
+
+
+def _client_requirements(pyproject: Path, requirement: str) -> list[str]:
+    """The client's dependencies and those of the extras `requirement` names."""
+    client = tomllib.loads((pyproject.parent / "clients" / "pyproject.toml").read_text())["project"]
+    extras = re.search(r"\[([^]]*)\]", requirement)
+    wanted = [extra.strip() for extra in extras.group(1).split(",")] if extras else []
+    optional = client.get("optional-dependencies", {})
+    return list(client["dependencies"]) + [r for extra in wanted for r in optional[extra]]
 
 
 def image_requirements(pyproject: Path) -> list[str]:
@@ -32,7 +47,11 @@ def image_requirements(pyproject: Path) -> list[str]:
     missing = set(FROM_DEV) - {requirement_name(r) for r in chosen}
     if missing:
         raise SystemExit(f"{pyproject}: the dev extra has no pin for {sorted(missing)}")
-    return list(project["dependencies"]) + chosen + [TORCHAUDIO]
+    own = [r for r in project["dependencies"] if requirement_name(r) != CLIENT]
+    client = [r for dependency in project["dependencies"] if requirement_name(dependency) == CLIENT
+              for r in _client_requirements(pyproject, dependency)]
+    pinned = {requirement_name(r) for r in own}
+    return own + [r for r in client if requirement_name(r) not in pinned] + chosen + [TORCHAUDIO]
 
 
 if __name__ == "__main__":

@@ -309,7 +309,7 @@ def install(bundle: Path, env: Path) -> dict:
         with tarfile.open(bundle / name, "r:xz") as tar:
             tar.extractall(site, filter="tar")  # "tar" keeps the binaries' exec bits
     # Files in site-packages are read in name order; the venv's own packages stay first on sys.path.
-    (site / "_csm_checkout.pth").write_text("\n".join(str(ROOT / p) for p in ("src", "clients", ".")) + "\n")
+    (site / "_csm_checkout.pth").write_text("\n".join(str(ROOT / p) for p in ("src", "clients", "servers", ".")) + "\n")
     if sys.prefix != sys.base_prefix:
         # This python is itself a venv: --system-site-packages would reach only its base
         # interpreter, not the packages (torch) installed here. addsitedir also reads their .pth files.

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from csm_clients.audio import read_audio, resample
-from csm_clients.encoding import FORMATS, StreamEncoder, encode
+from csm_servers.gateway.encoding import FORMATS, StreamEncoder, encode
 from csm_clients.timestretch import TimeStretcher, stretch
 from loadtest.workload import cpu_model, git_commit
 
@@ -59,7 +59,7 @@ _HOP = 256
 def espeak_speech(text: str, voice: str, folder: Path) -> np.ndarray:
     """espeak-ng's speech at 24 kHz (it speaks at 22.05 kHz), float32 mono."""
     if shutil.which("espeak-ng") is None:
-        raise RuntimeError("espeak-ng is missing: apt-get install -y espeak-ng (scripts/setup.sh installs it)")
+        raise RuntimeError("espeak-ng is missing: apt-get install -y espeak-ng (make setup-test installs it)")
     path = Path(folder) / f"{voice.replace('+', '_')}.wav"
     subprocess.run(["espeak-ng", "-v", voice, "-w", str(path), text], check=True, capture_output=True)
     samples, rate = read_audio(path)

@@ -96,7 +96,7 @@ class CorpusError(RuntimeError):
 def espeak(text: str, voice: str, rate_wpm: int, pitch: int, folder: Path) -> np.ndarray:
     """espeak-ng speech at 24 kHz (it speaks at 22.05 kHz)."""
     if shutil.which("espeak-ng") is None:
-        raise CorpusError("espeak-ng is missing: apt-get install -y espeak-ng (scripts/setup.sh installs it)")
+        raise CorpusError("espeak-ng is missing: apt-get install -y espeak-ng (make setup-test installs it)")
     wav = folder / "speech.wav"
     subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate_wpm), "-p", str(pitch), "-w", str(wav), text],
                    check=True, capture_output=True, timeout=60)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from csm_triton import constants as C
-from csm_triton.core import adapters, voice_leftovers, voice_records
+from csm_triton.core import adapters, voice_leftovers, voice_records, voice_store
 from csm_triton.core.adapters import ServedBase, base_model_sha256, check_adapter, load_lora_adapter
 from csm_triton.core.voice_store import VoiceStore
 from csm_triton.core.voices import VoiceResolver
@@ -285,7 +285,7 @@ def test_a_failure_mid_registration_leaves_nothing(tmp_path, files, base, monkey
         monkeypatch.setattr(voice_records, "write_durable", lambda path, data: disk_full()
                             if path.name == adapters.WEIGHTS_FILE else write_durable(path, data))
     else:  # the adapter folder is in place, the commit fails
-        monkeypatch.setattr(VoiceStore, "_write_metadata", lambda *a, **k: disk_full())
+        monkeypatch.setattr(voice_store, "write_metadata", lambda *a, **k: disk_full())
     with pytest.raises(InvalidInput, match=r"^voice store is full \(.*nothing was stored"):
         _register(store, files, base)
     assert _files_in(tmp_path) == before and [v["voice_id"] for v in store.list()] == ["kept"]

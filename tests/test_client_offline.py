@@ -169,7 +169,7 @@ def test_batch_summary_table():
 def test_gateway_form_errors_need_no_server():
     from fastapi.testclient import TestClient
 
-    from csm_clients.gateway import create_app
+    from csm_servers.gateway import create_app
 
     with TestClient(create_app("127.0.0.1:1")) as client:
         missing = client.post("/clone-voice", data={})
@@ -207,7 +207,7 @@ RIGHT_KEY = {"Authorization": "Bearer right-key"}  # offline_gateway's key: /clo
 def offline_gateway():
     from fastapi.testclient import TestClient
 
-    from csm_clients.gateway import create_app
+    from csm_servers.gateway import create_app
 
     with TestClient(create_app("127.0.0.1:1", api_keys=["right-key"]), raise_server_exceptions=False) as client:
         yield client
@@ -282,7 +282,7 @@ def test_voice_writes_need_a_gateway_api_key(offline_gateway):
 def test_without_keys_voice_writes_are_refused_saying_how_to_enable_them():
     from fastapi.testclient import TestClient
 
-    from csm_clients.gateway import create_app
+    from csm_servers.gateway import create_app
 
     with TestClient(create_app("127.0.0.1:1", admin_token="admin")) as client:
         refused = client.delete("/voices/x", headers={"Authorization": "Bearer anything"})
@@ -291,7 +291,7 @@ def test_without_keys_voice_writes_are_refused_saying_how_to_enable_them():
 
 
 def test_api_keys_from_the_environment_and_a_file(tmp_path):
-    from csm_clients.gateway.keys import ApiKeys
+    from csm_servers.gateway.keys import ApiKeys
 
     key_file = tmp_path / "keys"
     key_file.write_text("# the ops team\nfile-key\n\n  other-key  \n")
@@ -309,7 +309,7 @@ def test_api_keys_from_the_environment_and_a_file(tmp_path):
 def test_the_gateway_listens_on_loopback_unless_told_otherwise(monkeypatch, tmp_path, capsys):
     import uvicorn
 
-    from csm_clients.gateway import __main__ as gateway_main
+    from csm_servers.gateway import __main__ as gateway_main
 
     runs = []
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **server: runs.append((app, host, port, server)))
@@ -326,8 +326,8 @@ def test_the_gateway_listens_on_loopback_unless_told_otherwise(monkeypatch, tmp_
 def test_the_gateway_serves_with_uvicorn_limits_from_flags_and_environment(monkeypatch):
     import uvicorn
 
-    from csm_clients.gateway import __main__ as gateway_main
-    from csm_clients.gateway.guard import GatewayGuard
+    from csm_servers.gateway import __main__ as gateway_main
+    from csm_servers.gateway.guard import GatewayGuard
 
     runs = []
     monkeypatch.setattr(uvicorn, "run", lambda app, host, port, **server: runs.append((app, server)))
@@ -545,7 +545,7 @@ def test_a_text_over_the_long_text_limit_is_refused_before_sending():
 def test_the_gateways_context_is_checked_before_triton(tmp_path):
     from fastapi.testclient import TestClient
 
-    from csm_clients.gateway import create_app
+    from csm_servers.gateway import create_app
 
     buffer = io.BytesIO()
     soundfile.write(buffer, tone(1.0, 16_000), 16_000, format="WAV")

@@ -1,5 +1,5 @@
 """The container deployment, checked without a Docker engine: docker-compose.yml is
-validated by Debian's docker-compose (installed by scripts/setup.sh) and read back
+validated by Debian's docker-compose (installed by make setup-test) and read back
 as compose resolves it; the container's tritonserver launch (docker/serve.sh) and
 the embedded launcher (`csm-triton-server serve`) must pass the same
 server arguments; the export job's command must be one export.build_repository
@@ -48,7 +48,7 @@ COMPOSE_VARIABLES = (
 def docker_compose() -> str:
     found = shutil.which("docker-compose")
     if found is None:
-        pytest.fail("docker-compose is not installed: run scripts/setup.sh (it installs Debian's docker-compose)")
+        pytest.fail("docker-compose is not installed: run make setup-test (it installs Debian's docker-compose)")
     return found
 
 
@@ -127,7 +127,7 @@ def test_default_profile_runs_the_export_job_triton_the_gateway_and_the_front(se
 def test_gateway_serves_7860_from_tritons_grpc_port_once_triton_is_healthy(services):
     gateway = services["gateway"]
     command = gateway["command"]
-    assert command[:3] == ["python3", "-m", "csm_clients.gateway"]
+    assert command[:3] == ["python3", "-m", "csm_servers.gateway"]
     assert command[command.index("--triton-url") + 1] == "triton:8001"
     assert command[command.index("--port") + 1] == "7860"
     assert published_ports(gateway) == {("127.0.0.1", 7860, 7860)}
@@ -139,7 +139,7 @@ def test_gateway_serves_7860_from_tritons_grpc_port_once_triton_is_healthy(servi
 def test_front_serves_8080_from_tritons_http_port_once_triton_is_healthy(services):
     front = services["front"]
     command = front["command"]
-    assert command[:3] == ["python3", "-m", "csm_clients.gateway.kserve_front"]
+    assert command[:3] == ["python3", "-m", "csm_servers.gateway.kserve_front"]
     assert command[command.index("--triton-http") + 1] == "triton:8000"
     assert command[command.index("--port") + 1] == "8080"
     assert published_ports(front) == {("127.0.0.1", 8080, 8080)}
@@ -374,8 +374,8 @@ def test_export_reads_hf_token_from_the_secret_file(tmp_path):
     assert result.stdout.splitlines()[0] == "HF_TOKEN="
 
 
-def test_setup_installs_docker_compose():
-    defaults = re.search(r"^APT_PACKAGES=\(\$\{APT_PACKAGES:-([^}]*)\}\)$",
+def test_the_test_setup_installs_docker_compose():
+    defaults = re.search(r"^TEST_APT_PACKAGES=\(\$\{TEST_APT_PACKAGES:-([^}]*)\}\)$",
                          (ROOT / "scripts" / "setup.sh").read_text(), re.M).group(1)
     assert "docker-compose" in defaults.split()
 
@@ -391,9 +391,18 @@ def test_image_installs_the_projects_pins_locust_and_real_torchaudio():
         sys.path.remove(str(ROOT / "docker"))
     requirements = image_requirements(ROOT / "pyproject.toml")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert requirements[:len(project["dependencies"])] == project["dependencies"]  # exact pins, unchanged
+    client = tomllib.loads((ROOT / "clients" / "pyproject.toml").read_text())["project"]
+    # The thin client is installed from clients/ (not on PyPI): its requirement becomes its pins.
+    own = [r for r in project["dependencies"] if requirement_name(r) != "csm-tts-client"]
+    assert len(own) == len(project["dependencies"]) - 1
+    assert requirements[:len(own)] == own  # exact pins, unchanged
     names = {requirement_name(r) for r in requirements}
-    assert {"locust", "torchaudio", "torch", "resemble-perth", "transformers"} <= names
+    assert "csm-tts-client" not in names
+    assert {requirement_name(r) for r in client["dependencies"]} <= names
+    assert {"locust", "torchaudio", "torch", "resemble-perth", "transformers", "av", "websockets"} <= names
+    assert len(names) == len(requirements)  # each package once
     assert not names & {"pytest", "onnxruntime-gpu"}
     assert "torchaudio==2.11.0" in requirements
     assert "image_requirements.py pyproject.toml > /tmp/requirements.txt" in DOCKERFILE.read_text()
+    assert "COPY clients/pyproject.toml clients/" in DOCKERFILE.read_text()
+    assert "pip install --no-deps --no-build-isolation -e ./clients -e ." in DOCKERFILE.read_text()

@@ -21,7 +21,8 @@ import pytest
 from csm_triton import constants as C
 from csm_triton.serving.flags import DEFAULT_ARGS_FILE, read_args_file, server_arguments
 from csm_triton.serving.install import default_home, perf_analyzer_command, prepare
-from csm_triton.serving.process import TritonServer, TritonStartError
+from csm_triton.serving.process import TritonServer
+from csm_triton.serving.readiness import TritonStartError
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""csm_clients.encoding: every format, whole and streamed, read back by another decoder
+"""csm_servers.gateway.encoding: every format, whole and streamed, read back by another decoder
 (libsndfile through soundfile, or Debian's ffmpeg) to the same duration and rate."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from csm_clients.encoding import FORMATS, StreamEncoder, encode
+from csm_servers.gateway.encoding import FORMATS, StreamEncoder, encode
 
 RATE = 24_000
 # Frame-based codecs add an encoder delay / pad the last frame; a streamed MP3 has no
@@ -23,7 +23,7 @@ TOLERANCE_S = {"mp3": 0.08, "aac": 0.1, "opus": 0.03, "flac": 0.001, "wav": 0.00
 
 def _ffmpeg(data: bytes, *arguments: str) -> bytes:
     if shutil.which("ffmpeg") is None:
-        pytest.fail("Debian's ffmpeg is not installed: run scripts/setup.sh")
+        pytest.fail("Debian's ffmpeg is not installed: run make setup-test")
     return subprocess.run(["ffmpeg", "-v", "error", "-i", "pipe:0", *arguments], input=data, capture_output=True,
                           check=True, timeout=60).stdout
 

@@ -444,7 +444,8 @@ def test_installing_a_bundle_makes_a_venv_that_sees_the_host_packages_and_reuses
 
 @pytest.mark.integration
 def test_a_model_that_fails_to_load_ends_the_servers_start_at_once(tmp_path):
-    from csm_triton.serving.process import TritonServer, TritonStartError
+    from csm_triton.serving.process import TritonServer
+    from csm_triton.serving.readiness import TritonStartError
     from loadtest.gpu_steps import fail_fast_on_load_errors
 
     model = tmp_path / "repository" / "broken"

@@ -12,10 +12,10 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from csm_clients.gateway.kserve_checks import (DEFAULT_MAX_ELEMENTS, ModelSpec, Refused, check_generate,
+from csm_servers.gateway.kserve_checks import (DEFAULT_MAX_ELEMENTS, ModelSpec, Refused, check_generate,
                                                check_infer, parse_json)
-from csm_clients.gateway.kserve_front import create_front
-from csm_clients.gateway.kserve_limits import DEFAULT_MAX_BODY_BYTES
+from csm_servers.gateway.kserve_front import create_front
+from csm_servers.gateway.kserve_limits import DEFAULT_MAX_BODY_BYTES
 from csm_triton import constants as C
 
 # Triton's JSON configs (GET /v2/models/{m}/config), trimmed to what the front reads.

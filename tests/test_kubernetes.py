@@ -357,7 +357,7 @@ def test_a_pre_exported_volume_needs_no_export():
 def test_gateway_is_its_own_deployment_on_tritons_grpc_service(everything):
     gateway = by_kind(everything, "Deployment")[f"{FULLNAME}-gateway"]["spec"]["template"]["spec"]
     (container,) = gateway["containers"]
-    assert container["command"] == ["python3", "-m", "csm_clients.gateway"]
+    assert container["command"] == ["python3", "-m", "csm_servers.gateway"]
     args = container["args"]
     assert args[args.index("--triton-url") + 1] == f"{FULLNAME}-triton:8001"
     env = {v["name"]: v["value"] for v in container["env"]}
@@ -371,7 +371,7 @@ def test_gateway_is_its_own_deployment_on_tritons_grpc_service(everything):
 def test_front_is_its_own_deployment_on_tritons_http_service(everything):
     front = by_kind(everything, "Deployment")[f"{FULLNAME}-front"]["spec"]["template"]["spec"]
     (container,) = front["containers"]
-    assert container["command"] == ["python3", "-m", "csm_clients.gateway.kserve_front"]
+    assert container["command"] == ["python3", "-m", "csm_servers.gateway.kserve_front"]
     args = container["args"]
     assert args[args.index("--triton-http") + 1] == f"{FULLNAME}-triton:8000"
     assert args[args.index("--port") + 1] == "8080"
@@ -475,7 +475,7 @@ def test_kserve_runtime_pod_parts_are_valid_kubernetes():
     assert [c["name"] for c in spec["containers"]] == ["kserve-container", "transformer-container"]
     triton, front = kserve_container("kserve-container"), kserve_container("transformer-container")
     assert front["ports"][0]["containerPort"] == 8080  # the port KServe routes (v2 REST)
-    assert front["command"][:3] == ["python3", "-m", "csm_clients.gateway.kserve_front"]
+    assert front["command"][:3] == ["python3", "-m", "csm_servers.gateway.kserve_front"]
     assert front["command"][front["command"].index("--triton-http") + 1] == "127.0.0.1:8085"
     assert spec["protocolVersions"] == ["v2"]
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == "1"

@@ -1,7 +1,9 @@
 """The layers stay layers: core/ and engine/ know nothing of Triton, tritonclient,
-FastAPI or the served tree; the clients never pull in torch; one module imports
-triton_python_backend_utils; every model.py is a one-line import; no module grows
-past 400 lines."""
+FastAPI or the served tree; the thin client never pulls in torch, the server packages,
+FastAPI or PyAV (its `speed` extra, imported when a stretch is made); the servers
+(gateway, KServe front) load no torch and nothing of the models' side; one module
+imports triton_python_backend_utils; every model.py is a one-line import; no module
+grows past 400 lines."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = [ROOT / "src", ROOT / "clients"]
+SOURCES = [ROOT / "src", ROOT / "clients", ROOT / "servers"]
 MAX_LINES = 400
 
 # In a fresh interpreter: import every module under each package (walk_packages, so a
@@ -50,15 +52,28 @@ def test_core_and_engine_import_nothing_of_triton_the_clients_or_the_served_tree
     report = _import_everything(
         ["csm_triton.core", "csm_triton.engine"],
         ["tritonclient", "fastapi", "triton_python_backend_utils", "csm_triton.triton", "csm_triton.serving",
-         "csm_clients"],
+         "csm_clients", "csm_servers"],
     )
     assert {"csm_triton.core.voices", "csm_triton.engine.engine"} <= set(report["imported"]), report["imported"]
     assert report["forbidden_loaded"] == []
 
 
-def test_the_clients_import_neither_torch_nor_the_server_package():
-    report = _import_everything(["csm_clients"], ["torch", "csm_triton", "transformers"])
-    assert {"csm_clients.cli", "csm_clients.batch", "csm_clients.gateway.app"} <= set(report["imported"])
+def test_the_clients_import_neither_torch_nor_the_server_packages():
+    """csm_clients is its own distribution (clients/pyproject.toml: tritonclient, numpy,
+    soundfile, soxr). Every module of it imported (the text stream's client too, which
+    needs the `pipe` extra's websockets) loads nothing of the server side."""
+    report = _import_everything(["csm_clients"], ["torch", "csm_triton", "csm_servers", "transformers", "fastapi",
+                                                  "uvicorn", "starlette", "httpx", "av", "sentencex"])
+    assert {"csm_clients.cli", "csm_clients.batch", "csm_clients.timestretch"} <= set(report["imported"])
+    assert report["forbidden_loaded"] == []
+
+
+def test_the_servers_load_no_torch_and_nothing_of_the_models_side():
+    """The gateway and the KServe front call Triton over the network (csm_clients, httpx)."""
+    report = _import_everything(["csm_servers"], ["torch", "transformers", "triton_python_backend_utils",
+                                                  "csm_triton.triton", "csm_triton.engine", "csm_triton.serving"])
+    assert {"csm_servers.gateway.app", "csm_servers.gateway.kserve_front",
+            "csm_servers.gateway.encoding"} <= set(report["imported"])
     assert report["forbidden_loaded"] == []
 
 

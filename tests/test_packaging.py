@@ -1,6 +1,9 @@
-"""What a user gets from `pip install csm-triton`: the wheel holds the two packages and
-their data files and nothing of the checkout; its CLI runs in an empty environment;
-export/ and loadtest/ are not importable there but run from the checkout."""
+"""What a user gets from `pip install csm-triton` (the server distribution): the wheel
+holds its two packages (csm_triton, the servers in csm_servers) and their data files and
+nothing of the checkout, and depends on the thin client's distribution instead of
+holding it (tests/integration/test_client_distribution.py installs that one alone); its
+CLI runs in an empty environment; export/ and loadtest/ are not importable there but run
+from the checkout."""
 
 from __future__ import annotations
 
@@ -64,13 +67,20 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
 @pytest.mark.slow
 def test_the_wheel_holds_both_packages_and_their_data_and_nothing_of_the_checkout(installed):
     wheel, _ = installed
-    names = zipfile.ZipFile(wheel).namelist()
+    archive = zipfile.ZipFile(wheel)
+    names = archive.namelist()
     assert "csm_triton/serving/tritonserver.args" in names
-    assert "csm_clients/gateway/page.html" in names
+    assert "csm_servers/gateway/page.html" in names
     assert "csm_triton/serving/onnxruntime/model.py" in names  # `prepare` copies it into the backends
     top_level = {name.split("/", 1)[0] for name in names if ".dist-info/" not in name}
-    assert top_level == {"csm_triton", "csm_clients"}, top_level  # no export/, loadtest/, tests/
+    # No csm_clients (the client's own distribution), no export/, loadtest/, tests/.
+    assert top_level == {"csm_triton", "csm_servers"}, top_level
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+    (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    requires = [line for line in archive.read(metadata).decode().splitlines() if line.startswith("Requires-Dist:")]
+    assert "Requires-Dist: csm-tts-client[pipe,speed]==0.1.0" in requires, requires
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    assert "csm-tts" not in archive.read(entry_points).decode()  # the client's script, in the client's wheel
 
 
 @pytest.mark.slow
@@ -122,3 +132,24 @@ def test_export_runs_from_the_checkout():
     result = _run([sys.executable, "-m", "export.build_repository", "--help"], cwd=ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout
+
+
+def test_the_client_distributions_pins_are_the_servers():
+    """Both distributions install into one environment (make setup): every package the
+    client pins, its extras' included, is pinned the same by the server."""
+    import tomllib
+
+    server = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    client = tomllib.loads((ROOT / "clients" / "pyproject.toml").read_text())["project"]
+
+    def pins(requirements: list[str]) -> dict[str, str]:
+        return {r.split("==")[0].split("[")[0].lower(): r.split("==")[1] for r in requirements if "==" in r}
+
+    client_requirements = client["dependencies"] + [r for extra in client["optional-dependencies"].values()
+                                                    for r in extra]
+    assert all("==" in r for r in client_requirements), client_requirements  # exact pins
+    assert pins(client_requirements).items() <= pins(server["dependencies"]).items()
+    assert f"csm-tts-client[pipe,speed]=={client['version']}" in [
+        r.replace("[speed,pipe]", "[pipe,speed]") for r in server["dependencies"]]
+    assert client["scripts"] == {"csm-tts": "csm_clients.cli:main"}
+    assert "csm-tts" not in server["scripts"]

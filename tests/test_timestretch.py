@@ -14,7 +14,7 @@ import pytest
 import soundfile
 
 from csm_clients import InvalidRequest, Speech
-from csm_clients.encoding import FORMATS, StreamEncoder, encode
+from csm_servers.gateway.encoding import FORMATS, StreamEncoder, encode
 from csm_clients.streams import SpeechStream
 from csm_clients.timestretch import TimeStretcher, check_speed, needs_stretch, stretch
 from loadtest.speed_eval import RATE, TEXT, espeak_speech, median_f0, naive_speed_up, speech_seconds
@@ -164,7 +164,7 @@ class _FakeSyncTriton(_FakeTriton):
 def gateway(speech, monkeypatch):
     from fastapi.testclient import TestClient
 
-    from csm_clients.gateway import app as gateway_app
+    from csm_servers.gateway import app as gateway_app
 
     monkeypatch.setattr(_FakeTriton, "AUDIO", speech)
     monkeypatch.setattr(gateway_app, "AsyncVoiceCloner", _FakeTriton)

@@ -18,7 +18,7 @@ import soundfile
 
 from csm_triton.core import audio
 from csm_triton import constants as C
-from csm_triton.core import voice_leftovers, voice_store
+from csm_triton.core import voice_leftovers, voice_store, voice_store_files
 from csm_triton.triton import adapter as triton_adapter
 from csm_triton.triton.parameters import Parameters
 from csm_triton.core.write_policy import WritePolicy
@@ -91,7 +91,7 @@ def test_a_full_disk_is_a_clear_refusal_that_leaves_the_store_as_it_was(tmp_path
     assert voice_files(tmp_path) == before and [v["voice_id"] for v in store.list()] == ["kept"]
     monkeypatch.undo()
 
-    monkeypatch.setattr(VoiceStore, "_write_metadata", lambda *a, **k: disk_full())
+    monkeypatch.setattr(voice_store, "write_metadata", lambda *a, **k: disk_full())
     with pytest.raises(InvalidInput, match="voice store is full"):
         store.register("carol", codes(), "Hi.", 1.0)
     assert voice_files(tmp_path) == before, "codes without metadata are removed"
@@ -108,12 +108,12 @@ def test_other_file_system_errors_name_no_path(tmp_path, monkeypatch):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "voices" / ".x.tmp"))
 
     monkeypatch.setattr(voice_store.np, "save", denied)
-    with pytest.raises(voice_store.VoiceStoreError) as failure:
+    with pytest.raises(voice_store_files.VoiceStoreError) as failure:
         store.register("dora", codes(), "Hi.", 1.0)
     assert str(failure.value) == "the voice store could not store voice 'dora': Permission denied (errno 13)"
     monkeypatch.undo()
     (tmp_path / "voices").rename(tmp_path / "moved")
-    with pytest.raises(voice_store.VoiceStoreError, match="could not read the voices: No such file") as failure:
+    with pytest.raises(voice_store_files.VoiceStoreError, match="could not read the voices: No such file") as failure:
         store.get("dora")
     assert str(tmp_path) not in str(failure.value)
 
@@ -122,14 +122,14 @@ def test_a_register_that_committed_is_reported_even_if_deleted_at_once(tmp_path,
     """Another process deletes the voice right after its metadata lands: the register
     committed, so it answers the voice (it used to stat the metadata and fail)."""
     store, other = VoiceStore(tmp_path), VoiceStore(tmp_path)
-    write_metadata = VoiceStore._write_metadata
+    write_metadata = voice_store.write_metadata
 
-    def committed_then_deleted(self, voice_id, metadata, *, exclusive):
-        signature = write_metadata(self, voice_id, metadata, exclusive=exclusive)
+    def committed_then_deleted(directory, voice_id, metadata, *, exclusive):
+        signature = write_metadata(directory, voice_id, metadata, exclusive=exclusive)
         other.delete(voice_id)
         return signature
 
-    monkeypatch.setattr(VoiceStore, "_write_metadata", committed_then_deleted)
+    monkeypatch.setattr(voice_store, "write_metadata", committed_then_deleted)
     voice = store.register("fleeting", codes(), "Gone at once.", 1.0)
     monkeypatch.undo()
     assert voice.voice_id == "fleeting" and voice.transcript == "Gone at once."
@@ -205,7 +205,7 @@ def test_an_unchanged_directory_is_not_rescanned(tmp_path, monkeypatch):
     store.list()  # one scan after the change
     scans = []
     real_scandir = os.scandir
-    monkeypatch.setattr(voice_store.os, "scandir", lambda path: scans.append(path) or real_scandir(path))
+    monkeypatch.setattr(voice_store_files.os, "scandir", lambda path: scans.append(path) or real_scandir(path))
     for _ in range(5):
         store.get("hank")
         store.list()
@@ -327,13 +327,13 @@ def test_a_killed_writers_leftovers_are_swept_by_the_next_registration(tmp_path)
     codes, before its metadata was published)."""
     script = f"""
 import sys, time
-from csm_triton.core import voice_store
+from csm_triton.core import voice_store_files
 from csm_triton.core.voice_store import VoiceStore
 import numpy as np
 def hang(temporary, target):
     print("writing", flush=True)
     time.sleep(600)
-voice_store._link_exclusively = lambda voice_id: hang
+voice_store_files.link_exclusively = lambda voice_id: hang
 VoiceStore({str(tmp_path)!r}).register("victim", np.ones((3, 32), np.int64), "Hi.", 1.0)
 """
     writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)

@@ -27,7 +27,7 @@ SENTENCE = "Generated speech carries a watermark, so that anyone can check where
 def espeak_speech(folder, text: str = SENTENCE) -> np.ndarray:
     """About 3-5 s of real speech at 24 kHz (espeak-ng speaks at 22.05 kHz)."""
     if shutil.which("espeak-ng") is None:
-        pytest.fail("espeak-ng is missing: apt-get install -y espeak-ng (scripts/setup.sh installs it)")
+        pytest.fail("espeak-ng is missing: apt-get install -y espeak-ng (make setup-test installs it)")
     wav = folder / "speech.wav"
     subprocess.run(["espeak-ng", "-w", str(wav), text], check=True, capture_output=True)
     samples, rate = read_audio_file(wav)

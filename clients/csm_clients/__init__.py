@@ -6,8 +6,10 @@ Needs only tritonclient, numpy, soundfile and soxr (never torch):
     with VoiceCloner("localhost:8001") as tts:
         tts.clone_voice_from_file("me.wav", "What the clip says.", "Hello in my voice.").save("hello.wav")
 
-`csm-tts` is the command line (csm_clients.cli), `python -m csm_clients.gateway` the
-REST gateway on :7860.
+`csm-tts` is the command line (csm_clients.cli). Optional extras: `speed` (PyAV, for
+--speed's time-stretch) and `pipe` (websockets, for `csm-tts pipe`). The REST gateway on
+:7860 that uses this client is a server (csm_servers.gateway, in the csm-triton
+distribution).
 """
 
 from csm_clients.audio import MODEL_SAMPLE_RATE, Reference, Speech, read_audio

@@ -27,7 +27,8 @@ order). --speaker is the speaker id of the text to say (default 0).
 
 --speed 0.25-4.0 (say, clone, stream, read) makes the speech faster or slower without
 changing its pitch (FFmpeg's atempo; a stream is stretched continuously, chunk after
-chunk); 1.0, the default, writes the audio exactly as generated.
+chunk); 1.0, the default, writes the audio exactly as generated. It needs PyAV, the
+`speed` extra (pip install 'csm-tts-client[speed]'); `pipe` needs websockets, the `pipe` extra.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ from csm_clients.conversation import Turn, check_text, context_inputs
 from csm_clients.errors import CsmClientError
 from csm_clients.limits import MAX_CONTEXT_TURNS, MAX_LONG_TEXT_CHARS, check_sampling, check_speaker
 from csm_clients.pipe import add_pipe_parser, run_pipe
-from csm_clients.timestretch import TimeStretcher, check_speed, needs_stretch, stretch
+from csm_clients.timestretch import TimeStretcher, check_speed, needs_stretch, require_av, stretch
 
 __all__ = ["main"]
 
@@ -272,7 +273,8 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--seed", type=int)
     sampling.add_argument("--max-audio-seconds", type=float)
     sampling.add_argument("--speed", type=float, default=1.0,
-                          help="0.25-4.0: faster or slower, same pitch (default 1.0: as generated)")
+                          help="0.25-4.0: faster or slower, same pitch (default 1.0: as generated); "
+                               "needs the `speed` extra (PyAV)")
     conversation = argparse.ArgumentParser(add_help=False)
     conversation.add_argument("--speaker", type=int, help="speaker id of the text (0-255, default 0)")
     conversation.add_argument("--context-turn", nargs=3, action="append", metavar=("SPEAKER", "AUDIO", "TEXT"),
@@ -353,8 +355,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Refused like the server would, before any conversion: --top-k 2147483648
             # must not wrap in INT32, --seed 2**63 not overflow INT64.
             check_sampling(**_sampling(args), field_names=SAMPLING_OPTIONS)
-            if hasattr(args, "speed"):
-                check_speed(args.speed, "--speed")
+            if hasattr(args, "speed") and needs_stretch(check_speed(args.speed, "--speed")):
+                require_av()  # the `speed` extra, before any synthesis is paid for
             args.request = _request(args)
         except (UsageError, CsmClientError) as error:
             print(f"csm-tts {args.command}: error: {error}", file=sys.stderr)

@@ -49,7 +49,7 @@ def admin_token_from_environment(environ: Mapping[str, str] | None = None) -> st
     file $CSM_ADMIN_TOKEN_FILE names; else make serve's development token
     (build/runtime/admin-token under the current folder) if there is one; else None.
 
-    csm-tts, `python -m csm_clients.gateway` and (through its standard-library mirror,
+    csm-tts, `python -m csm_servers.gateway` and (through its standard-library mirror,
     loadtest/workload.py) the load tests look the token up this way. A deployment
     never has the development file: only `make serve` writes it."""
     environ = os.environ if environ is None else environ

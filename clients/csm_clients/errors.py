@@ -8,9 +8,13 @@ told apart by the server's documented "permission denied: " prefix.
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 from tritonclient.utils import InferenceServerException
 
-__all__ = ["CsmClientError", "InvalidRequest", "PermissionDenied", "ServerError", "ServerUnavailable", "from_triton"]
+__all__ = ["CsmClientError", "InvalidRequest", "MissingExtra", "PermissionDenied", "ServerError", "ServerUnavailable",
+           "from_triton", "import_extra", "missing_extra"]
 
 _INVALID_ARG = {"400", "StatusCode.INVALID_ARGUMENT"}
 _UNAVAILABLE = {"503", "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED"}
@@ -34,6 +38,25 @@ class InvalidRequest(CsmClientError):
 
 class PermissionDenied(CsmClientError):
     """A voice write without the deployment's admin token, or with a wrong one."""
+
+
+class MissingExtra(CsmClientError, ImportError):
+    """A feature's optional dependency is not installed; the message names the extra
+    that installs it (`pip install 'csm-tts-client[speed]'`)."""
+
+
+def missing_extra(module: str, extra: str, feature: str) -> MissingExtra:
+    """The error for `feature` without `module`, which csm-tts-client's `extra` installs."""
+    return MissingExtra(f"{feature} needs the '{module}' package, which is not installed: "
+                        f"pip install 'csm-tts-client[{extra}]'")
+
+
+def import_extra(module: str, extra: str, feature: str) -> ModuleType:
+    """`module` imported, or MissingExtra saying which extra of csm-tts-client has it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise missing_extra(module, extra, feature) from error
 
 
 class ServerError(CsmClientError):

@@ -37,7 +37,8 @@ CHUNK_BYTES = 4_096
 
 def add_pipe_parser(commands) -> None:
     """The `pipe` subcommand of csm-tts (cli.py)."""
-    pipe = commands.add_parser("pipe", help="speak text from stdin as it arrives (through the gateway), audio out",
+    pipe = commands.add_parser("pipe", help="speak text from stdin as it arrives (through the gateway), audio out; "
+                                           "needs the `pipe` extra (websockets)",
                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     pipe.add_argument("-o", "--out", default="-", help="audio file, or - for stdout (default)")
     pipe.add_argument("--format", choices=("pcm", "wav"),
@@ -116,7 +117,11 @@ def run_pipe(args: argparse.Namespace) -> int:
     except CsmClientError as error:
         print(f"csm-tts pipe: error: {error}", file=sys.stderr)
         return 2
-    from csm_clients.text_stream import stream_text  # websockets: only this command needs it
+    try:
+        from csm_clients.text_stream import stream_text  # websockets (the `pipe` extra): only this command
+    except CsmClientError as error:  # MissingExtra: which extra to install
+        print(f"csm-tts pipe: error: {error}", file=sys.stderr)
+        return 2
 
     audio_format = args.format or ("wav" if Path(args.out).suffix.lower() == ".wav" else "pcm")
     output = None

@@ -24,10 +24,14 @@ import urllib.parse
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.sync.client import ClientConnection, connect
+from csm_clients.errors import (CsmClientError, InvalidRequest, PermissionDenied, ServerError, ServerUnavailable,
+                                missing_extra)
 
-from csm_clients.errors import CsmClientError, InvalidRequest, PermissionDenied, ServerError, ServerUnavailable
+try:  # websockets is the client distribution's `pipe` extra: MissingExtra names it when absent
+    from websockets.exceptions import ConnectionClosed, InvalidStatus
+    from websockets.sync.client import ClientConnection, connect
+except ImportError as error:
+    raise missing_extra("websockets", "pipe", "csm_clients.text_stream (csm-tts pipe)") from error
 
 __all__ = ["FLUSH", "ROUTE", "SentenceTiming", "TextStream", "stream_text"]
 

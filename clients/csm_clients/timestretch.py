@@ -1,7 +1,9 @@
 """`speed`: speech made faster or slower without changing its pitch.
 
-FFmpeg's `atempo` filter, through PyAV's filter graphs (the FFmpeg already bundled in
-PyAV's wheel, which encoding.py uses for every format: no new dependency, no CLI). It
+FFmpeg's `atempo` filter, through PyAV's filter graphs (the FFmpeg bundled in PyAV's
+wheel, which the gateway's encoders use for every format: no system FFmpeg). PyAV is the
+client distribution's `speed` extra, imported only when a stretch is made (MissingExtra
+names the extra when it is absent); check_speed and needs_stretch need nothing. It
 is a WSOLA-class time-stretch (overlapping windows re-placed at the new tempo where the
 waveforms line up best), so the voice keeps its pitch and formants; resampling would
 shift them by the same factor. One atempo takes 0.5-2.0, so 0.25-0.5 and 2.0-4.0 chain
@@ -30,12 +32,11 @@ import math
 import numbers
 from fractions import Fraction
 
-import av
 import numpy as np
 
-from csm_clients.errors import InvalidRequest
+from csm_clients.errors import InvalidRequest, import_extra
 
-__all__ = ["MAX_SPEED", "MIN_SPEED", "TimeStretcher", "check_speed", "needs_stretch", "stretch"]
+__all__ = ["MAX_SPEED", "MIN_SPEED", "TimeStretcher", "check_speed", "needs_stretch", "require_av", "stretch"]
 
 MIN_SPEED, MAX_SPEED = 0.25, 4.0  # OpenAI's range for `speed`
 _ATEMPO_MIN, _ATEMPO_MAX = 0.5, 2.0  # what one atempo filter takes
@@ -66,6 +67,12 @@ def needs_stretch(speed: float | None) -> bool:
     return speed is not None and speed != 1.0
 
 
+def require_av():
+    """PyAV, which a stretch needs; MissingExtra (naming the `speed` extra) without it.
+    The CLI calls it before sending, so a missing extra costs no synthesis."""
+    return import_extra("av", "speed", "speed (time-stretch)")
+
+
 def _stages(speed: float) -> list[float]:
     if _ATEMPO_MIN <= speed <= _ATEMPO_MAX:
         return [speed]
@@ -85,6 +92,7 @@ class TimeStretcher:
         self._samples_in = 0
         self._samples_out = 0
         self._flushed = False
+        av = self._av = require_av()
         self._graph = av.filter.Graph()
         node = self._source = self._graph.add_abuffer(format="flt", sample_rate=self.sample_rate, layout="mono",
                                                       time_base=Fraction(1, self.sample_rate))
@@ -131,7 +139,7 @@ class TimeStretcher:
 
     def _send(self, samples: np.ndarray) -> None:
         for start in range(0, samples.size, _FRAME_SAMPLES):
-            frame = av.AudioFrame.from_ndarray(samples[None, start:start + _FRAME_SAMPLES], format="flt",
+            frame = self._av.AudioFrame.from_ndarray(samples[None, start:start + _FRAME_SAMPLES], format="flt",
                                                layout="mono")
             frame.sample_rate = self.sample_rate
             frame.time_base = Fraction(1, self.sample_rate)
@@ -143,7 +151,7 @@ class TimeStretcher:
         while True:
             try:
                 frame = self._sink.pull()
-            except (av.BlockingIOError, av.EOFError):
+            except (self._av.BlockingIOError, self._av.EOFError):
                 break
             parts.append(frame.to_ndarray().reshape(-1))
         return np.concatenate(parts).astype(np.float32, copy=False) if parts else np.zeros(0, np.float32)

@@ -194,7 +194,7 @@ WATERMARK_SPEECH_MIN_FLATNESS_SPREAD = 0.04
 WATERMARK_SPEECH_MAX_RHYTHM = 0.7
 WATERMARK_NOISE_MIN_FLATNESS = 0.3
 
-# --- The KServe v2 front (csm_clients.gateway.kserve_front) --------------------------
+# --- The KServe v2 front (csm_servers.gateway.kserve_front) --------------------------
 # The models a client may call through it unless its operator lists others. The rest are
 # stages of these (csm_prepare, csm_generate, csm_lm, mimi_encoder, mimi_decoder,
 # watermark): chained by hand they give cloned speech without csm_tts's watermark.

@@ -31,7 +31,7 @@ class Clip:
 def speak(text: str, path: Path) -> Path:
     """espeak-ng speech (22050 Hz, 16-bit WAV) made on the spot."""
     if shutil.which("espeak-ng") is None:
-        pytest.fail("espeak-ng is not installed: run scripts/setup.sh")
+        pytest.fail("espeak-ng is not installed: run make setup-test")
     subprocess.run(["espeak-ng", "-v", "en-us", "-s", "170", "-w", str(path), text], check=True, capture_output=True)
     return path
 
@@ -56,7 +56,7 @@ class Gateway:
     def __init__(self, triton_grpc_url: str, **options):
         import uvicorn
 
-        from csm_clients.gateway import create_app
+        from csm_servers.gateway import create_app
 
         self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpc
 from conftest import kserve_front_process
-from csm_clients.gateway.kserve_front import create_front
+from csm_servers.gateway.kserve_front import create_front
 from fastapi.testclient import TestClient
 from tritonclient.utils import InferenceServerException
 
@@ -36,7 +36,7 @@ def front(triton_server):
 
 @pytest.fixture(scope="module")
 def front_process(triton_server, tmp_path_factory):
-    """`python -m csm_clients.gateway.kserve_front` on a free port, as a deployment runs it."""
+    """`python -m csm_servers.gateway.kserve_front` on a free port, as a deployment runs it."""
     with kserve_front_process(triton_server.http_url, log_path=tmp_path_factory.mktemp("front") / "front.log") as url:
         yield url
 

@@ -182,14 +182,14 @@ def test_triton_down_is_503(speech_clip):
 
 
 def test_make_gateway_starts_the_module_that_serves_it(triton_server, tmp_path):
-    """`make gateway` runs `python -m csm_clients.gateway`; run that command as make would
+    """`make gateway` runs `python -m csm_servers.gateway`; run that command as make would
     (with the ports swapped), check it serves, then stop it."""
     port = free_ports(1)[0]
     dry_run = subprocess.run(["make", "-n", "gateway", f"TRITON_GRPC_URL={triton_server.grpc_url}",
                               f"GATEWAY_PORT={port}"], cwd=ROOT, capture_output=True, text=True, timeout=30)
     script = dry_run.stdout.replace("\\\n", " ")  # one command, continued over lines
-    command = next(line for line in script.splitlines() if "csm_clients.gateway" in line)
-    assert command.endswith(f"-m csm_clients.gateway --triton-url {triton_server.grpc_url} --port {port}")
+    command = next(line for line in script.splitlines() if "csm_servers.gateway" in line)
+    assert command.endswith(f"-m csm_servers.gateway --triton-url {triton_server.grpc_url} --port {port}")
     # No admin token in its environment: it reads the token file make serve writes.
     token_file = tmp_path / "admin-token"
     token_file.write_text(ADMIN_TOKEN + "\n")

@@ -1,7 +1,9 @@
-"""The README's client examples (curl, Python, CLI, gateway), run as written against the
-real tritonserver: each block marked `<!-- readme-test -->`, in order, in one folder
-holding `me.wav`. Only the documented default addresses are swapped for the test
-server's ports; the CLI finds Triton through $CSM_TRITON_URL, as the README says."""
+"""The documented examples (README.md's quick start, then docs/clients.md's tour: curl,
+tritonclient, Python, CLI, gateway, OpenAI SDK), run as written against the real
+tritonserver: each block marked `<!-- readme-test -->`, file by file and in order, in one
+folder holding `me.wav`, with the venv's bin first on PATH. Only the documented default
+addresses are swapped for the test server's ports; the CLI finds Triton through
+$CSM_TRITON_URL, as the docs say."""
 
 from __future__ import annotations
 
@@ -20,9 +22,12 @@ from .client_fixtures import GATEWAY_API_KEY, gateway, speak  # noqa: F401 - fix
 from .conftest import ADMIN_TOKEN
 
 pytestmark = pytest.mark.integration
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+DOCUMENTS = (ROOT / "README.md", ROOT / "docs" / "clients.md")  # in this order: the README's voices come first
 BLOCK = re.compile(r"<!-- readme-test -->\n```(bash|python)\n(.*?)\n```", re.DOTALL)
-EXAMPLES = BLOCK.findall(README.read_text())
+# (document, language, code) for every tested block.
+EXAMPLES = [(document.stem, language, code) for document in DOCUMENTS
+            for language, code in BLOCK.findall(document.read_text())]
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg"}
 
 
@@ -46,18 +51,20 @@ def audio_files(where: Path) -> dict[Path, float]:
     return files
 
 
-def test_the_readme_has_every_kind_of_example():
-    code = "\n".join(body for _, body in EXAMPLES)
-    assert {"bash", "python"} == {language for language, _ in EXAMPLES}
-    for needle in ("curl -s localhost:8000/v2/models/csm_tts/infer", "VoiceCloner(", "AsyncVoiceCloner(",
-                   "csm-tts batch", "csm-tts stream", "csm-tts voices add", "localhost:7860/clone-voice",
-                   "localhost:7860/upload-voice"):
+def test_the_docs_have_every_kind_of_example():
+    assert {"README", "clients"} == {document for document, _, _ in EXAMPLES}  # the README keeps its quick start
+    code = "\n".join(body for _, _, body in EXAMPLES)
+    assert {"bash", "python"} == {language for _, language, _ in EXAMPLES}
+    for needle in ("curl -s localhost:8000/v2/models/csm_tts/infer", "csm_tts_stream", "VoiceCloner(",
+                   "AsyncVoiceCloner(", "csm-tts batch", "csm-tts stream", "csm-tts voices add",
+                   "localhost:7860/clone-voice", "localhost:7860/upload-voice", "OpenAI(", "csm-tts pipe"):
         assert needle in code, needle
 
 
-@pytest.mark.parametrize("index", range(len(EXAMPLES)), ids=[f"block{i}-{lang}" for i, (lang, _) in enumerate(EXAMPLES)])
-def test_readme_example(index, folder, triton_server, gateway):
-    language, code = EXAMPLES[index]
+@pytest.mark.parametrize("index", range(len(EXAMPLES)),
+                         ids=[f"{document}-block{i}-{language}" for i, (document, language, _) in enumerate(EXAMPLES)])
+def test_documented_example(index, folder, triton_server, gateway):
+    _, language, code = EXAMPLES[index]
     for default, actual in (("localhost:8000", triton_server.http_url), ("localhost:8001", triton_server.grpc_url),
                             ("localhost:7860", gateway.url.removeprefix("http://"))):
         code = code.replace(default, actual)

@@ -27,9 +27,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from csm_clients.client import VoiceCloner
-from csm_clients.encoding import StreamEncoder
+from csm_servers.gateway.encoding import StreamEncoder
 from csm_clients.errors import InvalidRequest, PermissionDenied
-from csm_clients.gateway.guard import GatewayLimits
+from csm_servers.gateway.guard import GatewayLimits
 from csm_clients.text_stream import ROUTE, stream_text
 from csm_triton.core import normalize, segments
 

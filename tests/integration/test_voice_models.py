@@ -62,7 +62,7 @@ def espeak_wav(tmp_path_factory):
     """Real speech made on the spot: espeak-ng's WAV (22050 Hz, 16-bit)."""
     missing = [tool for tool in ("espeak-ng", "sox") if shutil.which(tool) is None]
     if missing:
-        pytest.fail(f"{', '.join(missing)} not installed: run scripts/setup.sh (apt-get install -y espeak-ng sox)")
+        pytest.fail(f"{', '.join(missing)} not installed: run make setup-test (apt-get install -y espeak-ng sox)")
     path = tmp_path_factory.mktemp("speech") / "espeak.wav"
     _run(["espeak-ng", "-v", "en-us", "-s", "160", "-w", str(path), TRANSCRIPT])
     return path

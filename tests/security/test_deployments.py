@@ -237,7 +237,7 @@ def last_value(argv: list[str], flag: str) -> str:
 
 def test_kserve_routes_the_front_and_keeps_triton_on_loopback(tmp_path):
     triton, front = kserve_container("kserve-container"), kserve_container("transformer-container")
-    assert front["command"][:3] == ["python3", "-m", "csm_clients.gateway.kserve_front"]
+    assert front["command"][:3] == ["python3", "-m", "csm_servers.gateway.kserve_front"]
     assert front["ports"][0]["containerPort"] == 8080
     args = triton["args"]
     http, grpc = args[args.index("--http-port") + 1], args[args.index("--grpc-port") + 1]
@@ -275,7 +275,7 @@ def front_commands() -> dict[str, list[str]]:
 @pytest.mark.parametrize("deployment", ["compose", "chart", "kserve"])
 def test_no_deployment_widens_the_front_to_internal_models(deployment):
     command = front_commands()[deployment]
-    assert "csm_clients.gateway.kserve_front" in command
+    assert "csm_servers.gateway.kserve_front" in command
     if "--models" in command:
         assert set(command[command.index("--models") + 1].split(",")) <= PUBLIC_MODELS
     assert not any(part.startswith("--models=") and not set(part.split("=", 1)[1].split(",")) <= PUBLIC_MODELS

@@ -1,7 +1,7 @@
 """The gateway spends within limits: bodies refused before they are read, compression
 bombs refused before they are decoded, /clone-voice keyed like /v1, per-key concurrency
 answered 429 with Retry-After, and uvicorn's header deadline. Each test runs a real
-gateway (uvicorn on a port, with the settings `python -m csm_clients.gateway` uses),
+gateway (uvicorn on a port, with the settings `python -m csm_servers.gateway` uses),
 over the real tritonserver where the route gets that far."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from csm_clients.gateway.guard import GatewayLimits
+from csm_servers.gateway.guard import GatewayLimits
 from csm_triton.serving.process import free_ports
 
 pytestmark = pytest.mark.security
@@ -36,8 +36,8 @@ class Served:
     def __init__(self, triton_url: str, *, header_timeout_s: float | None = None, **options):
         import uvicorn
 
-        from csm_clients.gateway import create_app
-        from csm_clients.gateway.__main__ import uvicorn_settings
+        from csm_servers.gateway import create_app
+        from csm_servers.gateway.__main__ import uvicorn_settings
 
         self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"

@@ -1,4 +1,4 @@
-"""The KServe v2 front as deployed (`python -m csm_clients.gateway.kserve_front`, uvicorn)
+"""The KServe v2 front as deployed (`python -m csm_servers.gateway.kserve_front`, uvicorn)
 in front of the real tritonserver: large bodies of keys are judged at once, a header is
 read one way only, the internal models (the way around the watermark) and Triton's
 administrative routes are out of reach, odd header bytes are a 4xx."""
@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import kserve_front_process
-from csm_clients.gateway.kserve_front import ALL_MODELS, create_front
+from csm_servers.gateway.kserve_front import ALL_MODELS, create_front
 from fastapi.testclient import TestClient
 
 from csm_triton import constants as C

@@ -17,10 +17,10 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from csm_clients.gateway import kserve_front, kserve_limits
-from csm_clients.gateway.kserve_checks import MAX_JSON_DEPTH, Refused, json_depth, parse_json
-from csm_clients.gateway.kserve_front import ALL_MODELS, DEFAULT_MODELS, create_front, models_option
-from csm_clients.gateway.kserve_limits import forwarded_headers, request_headers
+from csm_servers.gateway import kserve_front, kserve_limits
+from csm_servers.gateway.kserve_checks import MAX_JSON_DEPTH, Refused, json_depth, parse_json
+from csm_servers.gateway.kserve_front import ALL_MODELS, DEFAULT_MODELS, create_front, models_option
+from csm_servers.gateway.kserve_limits import forwarded_headers, request_headers
 from csm_triton import constants as C
 
 pytestmark = pytest.mark.security

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import soundfile
 from conftest import kserve_front_process
-from csm_clients.gateway.guard import GatewayLimits
+from csm_servers.gateway.guard import GatewayLimits
 from csm_clients.limits import (
     MAX_CONTEXT_AUDIO_SECONDS,
     MAX_CONTEXT_TURNS,
@@ -107,7 +107,7 @@ def test_an_ordinary_speech_body_with_context_still_reaches_triton(open_gateway)
 # --- the front: a deadline for the request head --------------------------------------------------
 @pytest.fixture(scope="module")
 def front_url():
-    """The front as deployed (`python -m csm_clients.gateway.kserve_front`), a 1 s header deadline."""
+    """The front as deployed (`python -m csm_servers.gateway.kserve_front`), a 1 s header deadline."""
     with kserve_front_process(unreachable_triton(), "--header-timeout-s", "1") as url:
         yield url
 
@@ -189,7 +189,7 @@ def test_a_body_dribbled_a_byte_at_a_time_is_408_at_the_whole_body_deadline_and_
 def test_the_whole_body_deadline_has_its_environment_variable_and_flag(capsys):
     assert GatewayLimits().body_timeout_s == 120.0
     assert GatewayLimits.ENVIRONMENT["body_timeout_s"] == "CSM_GATEWAY_BODY_TIMEOUT_S"
-    from csm_clients.gateway.__main__ import main
+    from csm_servers.gateway.__main__ import main
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "--body-timeout-s" in capsys.readouterr().out

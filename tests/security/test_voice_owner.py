@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from csm_clients import VoiceCloner
-from csm_clients.gateway.keys import key_id
+from csm_servers.gateway.keys import key_id
 from csm_triton import constants as C
 from csm_triton.core.voice_store import VoiceStore
 from csm_triton.core.voices import VoiceResolver

@@ -27,7 +27,8 @@ start-up, before every registration and, at most every `_SWEEP_INTERVAL_S`, on `
 
 Errors never carry the store's path (clients see them): a full disk or quota is an
 InvalidInput "voice store is full" (the request is refused whole, the store left as
-it was), any other file-system failure a VoiceStoreError naming only the errno.
+it was), any other file-system failure a VoiceStoreError naming only the errno. How
+each file is written, read, scanned and removed is voice_store_files.py's.
 
 A voice may carry an owner, and a store holds at most `max_voices`, at most
 `max_adapters` of them adapters: those rules are voice_owners.py's.
@@ -35,16 +36,12 @@ A voice may carry an owner, and a store holds at most `max_voices`, at most
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -52,70 +49,24 @@ import numpy as np
 
 from csm_triton import constants as C
 from csm_triton.core import validation, voice_leftovers
-from csm_triton.core.files import TEMP_PREFIX, atomic_write, fsync_directory, temporary_path
+from csm_triton.core.files import fsync_directory, temporary_path
 from csm_triton.core.voice_owners import check_adapter_room, check_deletion, check_owner, check_room
 from csm_triton.core.voice_records import (ADAPTER, ADAPTER_DIR_SUFFIX, Voice, adapter_writer, checked_clip,
-                                          codes_writer, owned_name, read_voice)
+                                          codes_writer)
+from csm_triton.core.voice_store_files import (METADATA_SUFFIX, Entry, file_errors, metadata_path,
+                                               read_metadata_with_inode, remove_files, scan, write_metadata)
 from csm_triton.errors import InvalidInput
 
-__all__ = ["Voice", "VoiceStore", "VoiceStoreError"]
+__all__ = ["Voice", "VoiceStore"]
 
 LOG = logging.getLogger(__name__)
 
 _FORMAT_VERSION = 1
-_METADATA_SUFFIX = ".json"
 # A directory changed within this window may change again without its mtime moving
 # (file systems with coarse timestamps): re-scan until it is older than this.
 _RACY_NS = 2_000_000_000
 # `list` sweeps at most this often (registrations always do).
 _SWEEP_INTERVAL_S = 30.0
-_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
-
-
-class VoiceStoreError(RuntimeError):
-    """A file-system failure of the store other than a full disk: the message names the
-    operation and the errno, never a path (the server log has the whole error)."""
-
-
-@contextlib.contextmanager
-def _file_errors(action: str):
-    """OSError -> InvalidInput (disk full) or VoiceStoreError, without the path."""
-    try:
-        yield
-    except OSError as error:
-        LOG.error("voice store: %s failed: %s", action, error)
-        reason = os.strerror(error.errno) if error.errno else type(error).__name__
-        if error.errno in _DISK_FULL:
-            raise InvalidInput(f"voice store is full ({reason}): could not {action}; nothing was stored. "
-                               "Delete voices or ask the operator to free space.") from None
-        raise VoiceStoreError(f"the voice store could not {action}: {reason} (errno {error.errno})") from error
-
-
-@dataclass(frozen=True)
-class _Entry:
-    signature: tuple[int, int, int]  # the metadata file's (inode, size, mtime_ns)
-    voice: Voice
-
-
-def _signature(stat: os.stat_result) -> tuple[int, int, int]:
-    return stat.st_ino, stat.st_size, stat.st_mtime_ns
-
-
-def _link_exclusively(voice_id: str):
-    """An exclusive create that is atomic across processes: link() fails if the name
-    exists, so two registrations of one id cannot both win."""
-    def publish(temporary: str, target: Path) -> None:
-        try:
-            os.link(temporary, target)
-        except FileExistsError:
-            raise InvalidInput(f"voice '{voice_id}' already exists; delete it first to register it again") from None
-        except OSError as error:
-            if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-                raise
-            # A file system without hard links: checked before under the lock; the
-            # cross-process race that remains is accepted there.
-            os.replace(temporary, target)
-    return publish
 
 
 def _now() -> str:
@@ -133,11 +84,11 @@ class VoiceStore:
         self.directory = Path(directory).resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[str, Entry] = {}
         self._scanned_mtime_ns: int | None = None
         self._scanned_at_ns = 0
         self._swept_at = 0.0
-        with _file_errors("read the voices"):
+        with file_errors("read the voices"):
             self.sweep()
             self._refresh(force=True)
 
@@ -205,13 +156,13 @@ class VoiceStore:
     def check_room(self, *, adapter: bool = False) -> None:
         """Raises InvalidInput when the store holds max_voices (or, for an adapter,
         max_adapters adapters), so a registration can be refused before it pays for work."""
-        with self._lock, _file_errors("read the voices"):
+        with self._lock, file_errors("read the voices"):
             self._refresh()
             self._check_room(None, adapter)
 
     def get(self, voice_id: str) -> Voice:
         voice_id = validation.voice_id(voice_id)
-        with self._lock, _file_errors("read the voices"):
+        with self._lock, file_errors("read the voices"):
             self._refresh()
             entry = self._entries.get(voice_id)
         if entry is None:
@@ -220,7 +171,7 @@ class VoiceStore:
 
     def list(self) -> list[dict]:
         """Summaries of every voice, sorted by id."""
-        with self._lock, _file_errors("list the voices"):
+        with self._lock, file_errors("list the voices"):
             if time.monotonic() - self._swept_at >= _SWEEP_INTERVAL_S:
                 self.sweep()
             self._refresh()
@@ -232,10 +183,10 @@ class VoiceStore:
         admin's included); without, any (the admin)."""
         voice_id = validation.voice_id(voice_id)
         owner = check_owner(owner)
-        with self._lock, _file_errors(f"delete voice '{voice_id}'"):
+        with self._lock, file_errors(f"delete voice '{voice_id}'"):
             self._refresh()
-            path = self._metadata_path(voice_id)
-            metadata, inode = self._read_metadata_with_inode(voice_id)
+            path = metadata_path(self.directory, voice_id)
+            metadata, inode = read_metadata_with_inode(self.directory, voice_id)
             check_deletion(voice_id, owner, path, metadata, inode)
             metadata = metadata or {}
             entry = self._entries.pop(voice_id, None)
@@ -252,7 +203,7 @@ class VoiceStore:
                 removed = json.loads(moved.read_bytes())
             except (OSError, ValueError):
                 removed = None
-            self._remove_files(removed if isinstance(removed, dict) else {})
+            remove_files(self.directory, removed if isinstance(removed, dict) else {})
             moved.unlink(missing_ok=True)
             fsync_directory(self.directory)
         if entry is not None:
@@ -270,7 +221,7 @@ class VoiceStore:
         return True
 
     def __len__(self) -> int:
-        with self._lock, _file_errors("read the voices"):
+        with self._lock, file_errors("read the voices"):
             self._refresh()
             return len(self._entries)
 
@@ -278,41 +229,16 @@ class VoiceStore:
         """Removes what killed writers left (voice_leftovers.sweep, safe while other
         processes register); the names removed."""
         self._swept_at = time.monotonic()
-        return voice_leftovers.sweep(self.directory, _METADATA_SUFFIX)
-
-    # --- files ----------------------------------------------------------------------------
-    def _metadata_path(self, voice_id: str) -> Path:
-        return self.directory / f"{voice_id}{_METADATA_SUFFIX}"
-
-    def _write_metadata(self, voice_id: str, metadata: dict, *, exclusive: bool) -> tuple[int, int, int]:
-        """Commits the voice; returns the signature of the file written (taken from the
-        open file: the name may be gone again by the time this returns)."""
-        target = self._metadata_path(voice_id)
-        data = (json.dumps(metadata, ensure_ascii=False, indent=2) + "\n").encode()
-        with atomic_write(target, publish=_link_exclusively(voice_id) if exclusive else os.replace) as out:
-            out.write(data)
-            out.flush()
-            signature = _signature(os.fstat(out.fileno()))
-        return signature
-
-    def _read_metadata_with_inode(self, voice_id: str) -> tuple[dict | None, int | None]:
-        """The metadata and the inode of the very file it was read from."""
-        try:
-            with open(self._metadata_path(voice_id), "rb") as handle:
-                inode = os.fstat(handle.fileno()).st_ino
-                metadata = json.loads(handle.read())
-        except (OSError, ValueError):
-            return None, None
-        return (metadata, inode) if isinstance(metadata, dict) else (None, None)
+        return voice_leftovers.sweep(self.directory, METADATA_SUFFIX)
 
     def _commit(self, metadata: dict, writes, voice, *, replace: bool = False, adapter: bool = False) -> Voice:
         """Under the lock: admits the id, writes the voice's files (`writes`: (name, write)
         pairs, each atomic), then its metadata, the commit; a failure before the commit
         removes what was written. `voice()`: the Voice registered."""
         voice_id = metadata["voice_id"]
-        with self._lock, _file_errors(f"store voice '{voice_id}'"):
+        with self._lock, file_errors(f"store voice '{voice_id}'"):
             self._refresh()
-            if not replace and self._metadata_path(voice_id).exists():
+            if not replace and metadata_path(self.directory, voice_id).exists():
                 raise InvalidInput(f"voice '{voice_id}' already exists; delete it first to register it again")
             self._check_room(voice_id, adapter)
             self.sweep()
@@ -321,19 +247,19 @@ class VoiceStore:
                 for name, write in writes:
                     write(self.directory / name)
                     written.append(name)
-                previous = self._read_metadata_with_inode(voice_id)[0] if replace else None
-                signature = self._write_metadata(voice_id, metadata, exclusive=not replace)
+                previous = read_metadata_with_inode(self.directory, voice_id)[0] if replace else None
+                signature = write_metadata(self.directory, voice_id, metadata, exclusive=not replace)
             except BaseException:
-                self._remove_files({"codes_file": next((n for n in written if n.endswith(".npy")), None),
+                remove_files(self.directory, {"codes_file": next((n for n in written if n.endswith(".npy")), None),
                                     "adapter_dir": next((n for n in written if n.endswith(ADAPTER_DIR_SUFFIX)), None)})
                 raise
             # Committed: from here on the answer is "registered", whatever else happens
             # (another process may delete the voice this very moment).
             registered = voice()
-            self._entries[voice_id] = _Entry(signature, registered)
+            self._entries[voice_id] = Entry(signature, registered)
             try:
                 if previous:
-                    self._remove_files({key: value for key, value in previous.items()
+                    remove_files(self.directory, {key: value for key, value in previous.items()
                                         if key in ("codes_file", "adapter_dir") and value != metadata.get(key)})
                 fsync_directory(self.directory)
             except OSError as error:  # the old files stay: orphans the next sweep removes
@@ -346,21 +272,6 @@ class VoiceStore:
         if adapter:
             check_adapter_room(sum(e.voice.kind == ADAPTER for e in self._entries.values()), self.max_adapters)
 
-    def _remove_files(self, metadata: dict) -> None:
-        """Removes the codes and the adapter folder a metadata names (plain names only)."""
-        if owned_name(metadata.get("codes_file"), ".npy"):
-            (self.directory / metadata["codes_file"]).unlink(missing_ok=True)
-        if owned_name(metadata.get("adapter_dir"), ADAPTER_DIR_SUFFIX):
-            # Renamed aside first, so the name is gone at once and a crash mid-removal
-            # leaves a temporary the sweep removes (never a half-deleted adapter).
-            folder = self.directory / metadata["adapter_dir"]
-            aside = temporary_path(folder)
-            try:
-                os.rename(folder, aside)
-            except FileNotFoundError:
-                return
-            shutil.rmtree(aside, ignore_errors=True)
-
     def _refresh(self, *, force: bool = False) -> None:
         """Re-scans the directory if it may have changed since the last scan."""
         stat = self.directory.stat()
@@ -368,26 +279,6 @@ class VoiceStore:
         if (not force and stat.st_mtime_ns == self._scanned_mtime_ns
                 and self._scanned_at_ns - stat.st_mtime_ns > _RACY_NS):
             return
-        found: dict[str, _Entry] = {}
-        with os.scandir(self.directory) as entries:
-            for item in entries:
-                name = item.name
-                if not name.endswith(_METADATA_SUFFIX) or name.startswith(TEMP_PREFIX):
-                    continue
-                voice_id = name[: -len(_METADATA_SUFFIX)]
-                if not C.VOICE_ID_PATTERN.fullmatch(voice_id):
-                    continue
-                try:
-                    signature = _signature(item.stat())
-                except FileNotFoundError:
-                    continue
-                cached = self._entries.get(voice_id)
-                if cached is not None and cached.signature == signature:
-                    found[voice_id] = cached
-                    continue
-                voice = read_voice(self.directory, voice_id, Path(item.path))
-                if voice is not None:
-                    found[voice_id] = _Entry(signature, voice)
-        self._entries = found
+        self._entries = scan(self.directory, self._entries)
         self._scanned_mtime_ns = stat.st_mtime_ns
         self._scanned_at_ns = now

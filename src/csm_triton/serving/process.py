@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -19,21 +18,16 @@ from typing import Mapping, Sequence
 from csm_triton import constants as C
 from csm_triton.serving.flags import client_host, model_control_headers, new_model_control_key, redact, server_arguments
 from csm_triton.serving.install import EmbeddedInstall, prepare, server_environment
+from csm_triton.serving.readiness import TritonStartError, last_endpoint, wait_until_ready
 from csm_triton.serving.supervisor import ModelSupervisor, log_to_file
 # Re-exported: tests and tools import the teardown helpers from here too.
 from csm_triton.serving.teardown import (SHM_PREFIX, announce_stop, end_process_group, kill_process_group,
                                          parent_death_signal, remove_shm_regions, shm_region_flag, stop_file,
                                          unique_shm_prefix)
 
-__all__ = ["SHM_PREFIX", "TritonServer", "TritonStartError", "announce_stop", "end_process_group", "free_ports",
+__all__ = ["SHM_PREFIX", "TritonServer", "announce_stop", "end_process_group", "free_ports",
            "kill_process_group", "parent_death_signal", "stop_file",
            "remove_shm_regions", "shm_region_flag", "unique_shm_prefix"]
-
-_ENDPOINT_FAILURE = re.compile(r"failed to start (HTTP|GRPC|Metrics) service[^\n]*")
-
-
-class TritonStartError(RuntimeError):
-    """The server did not become ready; the message ends with the tail of its log."""
 
 
 # --- running a server -------------------------------------------------------------------
@@ -62,30 +56,13 @@ def _stop_all() -> None:
         server.stop()
 
 
-def _readiness_client(http_url: str):
-    """A tritonclient HTTP client for readiness polls (short timeouts: a port that
-    does not answer yet is "not ready", not an error)."""
-    import tritonclient.http as http  # the serving layer's client; imported when a server starts
-
-    return http.InferenceServerClient(http_url, connection_timeout=1.0, network_timeout=1.0)
-
-
-def _ready(check) -> bool:
-    from tritonclient.utils import InferenceServerException
-
-    try:
-        return bool(check())
-    except (InferenceServerException, OSError):
-        return False
-
-
 class TritonServer:
     """A tritonserver process: free ports, log to a file, wait until ready, always stopped.
 
         with TritonServer(repository, model_control="explicit", load_models=["m"]) as server:
             client = tritonclient.http.InferenceServerClient(server.http_url)
 
-    Readiness is `/v2/health/ready`, and then the readiness of each model in
+    Readiness (readiness.py) is `/v2/health/ready`, and then the readiness of each model in
     `ready_models` (with strict_readiness=False, when bad models are loaded on purpose,
     the server is "ready" as soon as it is up, so list the models that must load).
     `stop()` sends SIGTERM, then SIGKILL to the whole process group after `stop_grace`
@@ -238,7 +215,9 @@ class TritonServer:
                 ]
                 self._spawn()
                 try:
-                    self._wait_ready(started)
+                    wait_until_ready(self.process, self.http_url, self.ready_models, started=started,
+                                     timeout=self.startup_timeout, endpoint=last_endpoint(self.extra_args),
+                                     new_log=self._new_log, log_excerpt=self._log_excerpt)
                     break
                 except TritonStartError:
                     if attempt + 1 < attempts and "already in use" in self._new_log():
@@ -284,40 +263,6 @@ class TritonServer:
                 return log.read().decode(errors="replace")
         except OSError:
             return ""
-
-    @property
-    def _last_endpoint(self) -> str:
-        """The log line of the endpoint Triton starts last (gRPC, HTTP, then metrics)."""
-        metrics_off = any(flag in ("--allow-metrics=false", "--allow-metrics=0") for flag in self.extra_args)
-        return "Started HTTPService" if metrics_off else "Started Metrics Service"
-
-    def _wait_ready(self, started: float) -> None:
-        deadline = started + self.startup_timeout
-        client = _readiness_client(self.http_url)
-        pending = list(self.ready_models)
-        try:
-            while True:
-                code = self.process.poll()
-                if code is not None:
-                    raise TritonStartError(f"tritonserver exited with code {code} while starting{self._log_excerpt()}")
-                log = self._new_log()
-                # Endpoints start after the startup loads, metrics last. Until Triton says so,
-                # a 200 could come from someone else's server on a clashing port.
-                failure = _ENDPOINT_FAILURE.search(log)
-                if failure:
-                    raise TritonStartError(f"tritonserver {failure.group(0)}{self._log_excerpt()}")
-                if self._last_endpoint in log and _ready(client.is_server_ready):
-                    pending = [m for m in pending if not _ready(lambda: client.is_model_ready(m))]
-                    if not pending:
-                        return
-                if time.monotonic() > deadline:
-                    waiting = f"models {pending} not ready" if pending else "/v2/health/ready not 200"
-                    raise TritonStartError(
-                        f"tritonserver not ready after {self.startup_timeout:.0f} s ({waiting}){self._log_excerpt()}"
-                    )
-                time.sleep(0.1)
-        finally:
-            client.close()
 
     def _log_excerpt(self, lines: int = 60) -> str:
         return f"\n--- last lines of {self.log_path} ---\n{self.log_tail(lines)}"

@@ -22,10 +22,11 @@ killed to give their memory back. A stub stuck while still running (a deadlock) 
 detected: no cheap probe tells it from one busy with long work; the BLS callers'
 deadline (adapter.BLS_TIMEOUT_S) bounds what waits on it.
 
-Its repository calls carry the model-control key (csm_triton.serving.flags): the
-server refuses them to anyone else. Its HTTP connection is closed after every round:
-Triton 2.51 waits on SIGTERM for every open HTTP connection, an idle keep-alive one
-included, for the whole exit timeout, and then has no time left to unload the models.
+Its repository calls (repository_client.py) carry the model-control key
+(csm_triton.serving.flags): the server refuses them to anyone else. Its HTTP
+connection is closed after every round: Triton 2.51 waits on SIGTERM for every open
+HTTP connection, an idle keep-alive one included, for the whole exit timeout, and
+then has no time left to unload the models.
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 from csm_triton.serving.flags import model_control_headers
+from csm_triton.serving.repository_client import RepositoryClient
 from csm_triton.serving.stubs import (expected_instances, python_based_backends, read_state, server_stubs, stub_backed,
                                       stub_problem)
 
@@ -109,42 +111,6 @@ class Recovery:
         return None if self.recovered_at is None else self.recovered_at - self.detected_at
 
 
-@dataclass
-class _Client:
-    """The few repository calls the supervisor makes (tritonclient.http, made in the
-    thread that uses it: its gevent connections belong to one thread)."""
-
-    url: str
-    load_timeout_s: float
-    headers: dict[str, str] | None = None  # the model-control key's
-    _client: object = field(default=None, init=False)
-
-    def _http(self):
-        if self._client is None:
-            import tritonclient.http as http
-
-            self._client = http.InferenceServerClient(
-                self.url, connection_timeout=5.0, network_timeout=self.load_timeout_s)
-        return self._client
-
-    def states(self) -> dict[str, str]:
-        return {m["name"]: m.get("state", "") for m in self._http().get_model_repository_index(headers=self.headers)}
-
-    def config(self, model: str) -> dict:
-        return self._http().get_model_config(model)
-
-    def unload(self, model: str) -> None:
-        self._http().unload_model(model, headers=self.headers)
-
-    def load(self, model: str) -> None:
-        self._http().load_model(model, headers=self.headers)
-
-    def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
-
-
 class ModelSupervisor:
     """Finds models whose stubs died or stopped and reloads them, BLS callers included.
 
@@ -165,7 +131,7 @@ class ModelSupervisor:
         self._callers = callers
         self._log = log
         headers = model_control_headers(model_control_key) if model_control_key is not None else None
-        self._client = client or _Client(http_url, load_timeout_s, headers)
+        self._client = client or RepositoryClient(http_url, load_timeout_s, headers)
         self._proc = proc
         self._clock = clock
         self._stop = threading.Event()

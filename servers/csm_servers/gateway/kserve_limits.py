@@ -20,7 +20,7 @@ from typing import Iterable, Mapping
 
 from starlette.requests import ClientDisconnect, Request
 
-from csm_clients.gateway.kserve_checks import Refused
+from csm_servers.gateway.kserve_checks import Refused
 
 __all__ = ["DEFAULT_BODY_TIMEOUT_S", "DEFAULT_HEADER_TIMEOUT_S", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_CHECKS",
            "DEFAULT_MAX_INFLIGHT_BYTES", "FORWARDED_HEADERS", "RETRY_AFTER_S", "BodyBudget", "Busy", "Held",
@@ -198,7 +198,7 @@ class BodyBudget:
 def server_settings(header_timeout_s: float) -> dict:
     """uvicorn's settings: the gateway's h11 protocol with its header deadline, and its
     bound on a request head's size."""
-    from csm_clients.gateway.__main__ import request_head_settings
+    from csm_servers.gateway.__main__ import request_head_settings
 
     if not header_timeout_s > 0:
         raise SystemExit(f"--header-timeout-s must be positive, got {header_timeout_s}")

@@ -1,4 +1,4 @@
-"""python -m csm_clients.gateway: serve the REST gateway with uvicorn.
+"""python -m csm_servers.gateway: serve the REST gateway with uvicorn.
 
 Listens on 127.0.0.1 unless --host says otherwise (a container passes --host 0.0.0.0).
 Voice uploads and deletions need one of the gateway's API keys ($CSM_GATEWAY_API_KEYS,
@@ -23,9 +23,9 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from csm_clients.client import admin_token_from_environment
-from csm_clients.gateway.app import create_app
-from csm_clients.gateway.guard import GatewayLimits
-from csm_clients.gateway.keys import API_KEY_FILE_ENV, API_KEYS_ENV, ApiKeys
+from csm_servers.gateway.app import create_app
+from csm_servers.gateway.guard import GatewayLimits
+from csm_servers.gateway.keys import API_KEY_FILE_ENV, API_KEYS_ENV, ApiKeys
 
 # uvicorn's limits (defaults; each has an environment variable and a flag):
 LIMIT_CONCURRENCY = 64  # CSM_GATEWAY_LIMIT_CONCURRENCY: connections + tasks; past it, 503
@@ -118,7 +118,7 @@ def uvicorn_settings(*, limit_concurrency: int | None = None, header_timeout_s: 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m csm_clients.gateway", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m csm_servers.gateway", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--triton-url", default=os.environ.get("CSM_TRITON_URL", "localhost:8001"),
                         help="Triton's gRPC host:port (default $CSM_TRITON_URL or localhost:8001)")

@@ -39,17 +39,17 @@ from csm_clients.audio import Reference, read_reference_clip
 from csm_clients.client import AsyncVoiceCloner
 from csm_clients.errors import (CsmClientError, InvalidRequest, PermissionDenied, ServerError,
                                 ServerUnavailable)
-from csm_clients.gateway.guard import DEFAULT_MAX_UPLOAD_MB, GatewayGuard, GatewayLimits
-from csm_clients.gateway.keys import ApiKeys, MissingApiKey
-from csm_clients.gateway.openai_api import openai_router
-from csm_clients.gateway.speech_context import context_from_json, conversation
-from csm_clients.gateway.text_stream_route import text_stream_router
+from csm_servers.gateway.guard import DEFAULT_MAX_UPLOAD_MB, GatewayGuard, GatewayLimits
+from csm_servers.gateway.keys import ApiKeys, MissingApiKey
+from csm_servers.gateway.openai_api import openai_router
+from csm_servers.gateway.speech_context import context_from_json, conversation
+from csm_servers.gateway.text_stream_route import text_stream_router
 from csm_clients.limits import check_sampling
 from csm_clients.timestretch import check_speed, needs_stretch, stretch
 
 __all__ = ["DEFAULT_MAX_UPLOAD_MB", "GatewayLimits", "create_app"]
 
-LOG = logging.getLogger("csm_clients.gateway")
+LOG = logging.getLogger("csm_servers.gateway")
 _T = TypeVar("_T")
 
 

@@ -11,7 +11,7 @@ sentence's audio, one `done` message with every sentence's ending and times, the
 1000; or one `error` message, then close (1008 the client's fault, 1009 a message too
 large, 1003 a binary message, 1011 the server failed, 1013 Triton unavailable).
 
-Each sentence is spoken once it is complete (csm_clients.sentences finds them as the
+Each sentence is spoken once it is complete (csm_servers.gateway.sentences finds them as the
 server does) through csm_tts_stream, one request per sentence, chained by
 CONTINUE_FROM: the server speaks each as the next segment of one long text (the
 previous segment and its codes as context, SEED + its number, its frame budget, its
@@ -37,18 +37,18 @@ from fastapi import APIRouter, WebSocket
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from csm_clients.client import AsyncVoiceCloner
-from csm_clients.encoding import StreamEncoder
+from csm_servers.gateway.encoding import StreamEncoder
 from csm_clients.errors import CsmClientError, InvalidRequest, ServerUnavailable
-from csm_clients.gateway.guard import GatewayLimits
-from csm_clients.gateway.keys import ApiKeys
-from csm_clients.gateway.openai_api import MODELS, OPENAI_VOICES
-from csm_clients.gateway.speech_context import FieldError, check_json_values
+from csm_servers.gateway.guard import GatewayLimits
+from csm_servers.gateway.keys import ApiKeys
+from csm_servers.gateway.openai_api import MODELS, OPENAI_VOICES
+from csm_servers.gateway.speech_context import FieldError, check_json_values
 from csm_clients.limits import MAX_LONG_TEXT_CHARS, check_sampling, check_speaker
-from csm_clients.sentences import SentenceSplitter, speakable
+from csm_servers.gateway.sentences import SentenceSplitter, speakable
 
 __all__ = ["ROUTE", "text_stream_router"]
 
-LOG = logging.getLogger("csm_clients.gateway.text_stream")
+LOG = logging.getLogger("csm_servers.gateway.text_stream")
 ROUTE = "/v1/audio/speech/stream-text"
 MESSAGE_TYPES = ("start", "text", "flush", "close")
 

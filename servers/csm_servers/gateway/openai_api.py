@@ -40,15 +40,15 @@ from starlette.requests import ClientDisconnect
 
 from csm_clients.audio import Reference, Speech, read_reference_clip
 from csm_clients.client import AsyncVoiceCloner
-from csm_clients.encoding import FORMATS, StreamEncoder, encode
+from csm_servers.gateway.encoding import FORMATS, StreamEncoder, encode
 from csm_clients.errors import CsmClientError, InvalidRequest, PermissionDenied, ServerUnavailable
-from csm_clients.gateway.keys import ApiKeys, MissingApiKey
-from csm_clients.gateway.speech_context import (ContextTurn, FieldError, check_json_values, conversation,
+from csm_servers.gateway.keys import ApiKeys, MissingApiKey
+from csm_servers.gateway.speech_context import (ContextTurn, FieldError, check_json_values, conversation,
                                                 refused_field)
 from csm_clients.limits import check_sampling
 from csm_clients.timestretch import MAX_SPEED, MIN_SPEED, TimeStretcher, needs_stretch, stretch
 
-LOG = logging.getLogger("csm_clients.gateway.openai")
+LOG = logging.getLogger("csm_servers.gateway.openai")
 
 __all__ = ["MODELS", "OPENAI_VOICES", "OpenAIError", "SpeechRequest", "openai_router"]
 

@@ -2,7 +2,7 @@
 itself mishandles, and forwards the rest to Triton's HTTP port: the body byte for byte,
 of the headers only those on an allow-list.
 
-    python -m csm_clients.gateway.kserve_front --triton-http localhost:8000 --port 8080
+    python -m csm_servers.gateway.kserve_front --triton-http localhost:8000 --port 8080
 
 Triton 2.51 allocates a JSON input's buffer from its *declared* shape before reading
 the data: `"shape": [1099511627776]` in an ~80-byte body aborts the whole server
@@ -60,9 +60,9 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from csm_clients.gateway.kserve_checks import (DEFAULT_MAX_ELEMENTS, ModelSpec, Refused, check_generate,
+from csm_servers.gateway.kserve_checks import (DEFAULT_MAX_ELEMENTS, ModelSpec, Refused, check_generate,
                                                check_infer, parse_json)
-from csm_clients.gateway.kserve_limits import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S,
+from csm_servers.gateway.kserve_limits import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S,
                                                DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CHECKS, DEFAULT_MAX_INFLIGHT_BYTES,
                                                BodyBudget, Busy, forwarded_headers, request_headers, server_settings)
 
@@ -273,7 +273,7 @@ def create_front(triton_http_url: str = "localhost:8000", **options) -> FastAPI:
 def main(argv=None) -> int:
     import uvicorn
 
-    parser = argparse.ArgumentParser(prog="python -m csm_clients.gateway.kserve_front", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m csm_servers.gateway.kserve_front", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--triton-http", default="localhost:8000", help="Triton's HTTP host:port")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: everyone)")

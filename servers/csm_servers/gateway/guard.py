@@ -21,7 +21,7 @@ A pure ASGI middleware, outermost in the app, so it runs before FastAPI parses a
 
 Errors have the shape of the route: OpenAI's `{"error": {...}}` under /v1, the
 original `{"detail"}` elsewhere. Every limit has an environment variable
-(`GatewayLimits.from_environment`) and `python -m csm_clients.gateway` flags.
+(`GatewayLimits.from_environment`) and `python -m csm_servers.gateway` flags.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, AsyncIterator, Mapping
 
 from csm_clients.errors import PermissionDenied
-from csm_clients.gateway.keys import ApiKeys, MissingApiKey
+from csm_servers.gateway.keys import ApiKeys, MissingApiKey
 
 __all__ = ["DEFAULT_MAX_UPLOAD_MB", "GatewayGuard", "GatewayLimits", "RoutePolicy", "route_policy"]
 
