@@ -170,6 +170,55 @@ def test_a_full_bank_evicts_the_least_recently_used_idle_adapter_never_one_in_us
     assert later.result(timeout=5).reason.value != "error" and engine.adapters.resident() == {"bright": 1}
 
 
+def test_a_voice_registered_again_under_its_id_speaks_with_its_new_weights_and_new_cache(
+        lm, builder, adapters, tmp_path):
+    """The voice store gives each registration a folder of its own and removes it with the
+    voice: the bank reads an id again once its resident folder is gone (the request that
+    runs meanwhile keeps the old weights), and the prefix cache keys turns by that folder."""
+    store = {}  # voice id -> (folder, weights)
+
+    def register(voice_id, adapter, stamp):
+        folder = tmp_path / f"{voice_id}.{stamp}.adapter"
+        folder.mkdir()
+        store[voice_id] = (folder, adapters[adapter][0])
+
+    def delete(voice_id):
+        store.pop(voice_id)[0].rmdir()
+
+    def load(voice_id):
+        folder, weights = store[voice_id]
+        return LoraWeights(weights.matrices, weights.scale, weights.rank, source=folder)
+
+    engine = GenerationEngine(lm, EngineConfig(max_slots=3, lora_slots=2, lora_max_rank=8), adapter_loader=load)
+    codes = np.zeros((13, 32), np.int64) + 7
+    prompt = builder.prepare(TARGETS[0], "A voice said this.", codes)
+
+    def speak(on=None):
+        return (on or engine).submit(GenerationRequest(prompt.input_ids, prompt.audio_codes, max_frames=FRAMES,
+                                                       greedy=True, adapter="v"))
+
+    def alone(adapter):  # the engine's codes for this adapter are peft's (the tests above)
+        fresh = GenerationEngine(lm, EngineConfig(max_slots=1, lora_slots=1, lora_max_rank=8),
+                                 adapter_loader=lambda _: adapters[adapter][0])
+        handle = speak(fresh)
+        fresh.run_until_idle()
+        return handle.result(timeout=5).codes
+
+    register("v", "warm", 1)
+    running = speak()
+    engine.step()
+    engine.step()  # admitted with "warm"; its context turn cached under it
+    delete("v")
+    register("v", "bright", 2)
+    again = speak()
+    engine.run_until_idle()
+    reference = {name: alone(name) for name in ("warm", "bright")}
+    assert not np.array_equal(reference["warm"], reference["bright"])
+    np.testing.assert_array_equal(running.result(timeout=5).codes, reference["warm"])
+    np.testing.assert_array_equal(again.result(timeout=5).codes, reference["bright"])
+    assert engine.prefix_cache.hits == 0, "the turn cached under the deleted registration was not reused"
+
+
 @pytest.fixture(scope="module")
 def processor_and_base(tiny_checkpoint):
     from transformers import AutoProcessor

@@ -74,16 +74,17 @@ def acquire_adapter(adapters, request: GenerationRequest) -> int:
 
 
 def prefill(lm: CsmLM, cache, hidden: torch.Tensor, prefix_cache: PrefixCache, row: int,
-            handle: RequestHandle, lora=None) -> int | None:
+            handle: RequestHandle, lora=None, adapter_version: str = "") -> int | None:
     """The prompt into `row` of `cache`, chunk by chunk (prefix_cache.PrefillPlan): copied
     while the prefix cache holds them, then computed; the last hidden state into
     hidden[row]. Returns the next position to write; None: cancelled between chunks
-    (nothing stored)."""
+    (nothing stored). `adapter_version`: the request's adapter weights (AdapterBank.version),
+    so that turns cached under an adapter since replaced are not reused."""
     request, device = handle.request, lm.device
     ids = torch.as_tensor(np.asarray(request.input_ids), dtype=torch.long, device=device)
     codes = torch.as_tensor(np.asarray(request.audio_codes), dtype=torch.long, device=device)
     embeds = lm.embed_prompt(ids, codes.reshape(-1, lm.num_codebooks))
-    plan = PrefillPlan.of(request, lm.audio_token_id, lm.audio_eos_token_id)
+    plan = PrefillPlan.of(request, lm.audio_token_id, lm.audio_eos_token_id, adapter_version)
     reused = prefix_cache.lookup(plan.keys)
     new, start = [], 0
     for index, end in enumerate(plan.ends):

@@ -246,7 +246,9 @@ class GenerationEngine(FrameRunner):
 
     def _prefill(self, row: int, handle: RequestHandle, adapter: int = 0) -> int | None:
         lora = self.adapters.rows("backbone", torch.tensor([adapter], device=self.lm.device)) if adapter else None
-        return prefill(self.lm, self.cache, self.hidden, self.prefix_cache, row, handle, lora)  # (admission)
+        version = self.adapters.version(adapter) if adapter else ""
+        return prefill(self.lm, self.cache, self.hidden, self.prefix_cache, row, handle, lora,
+                       adapter_version=version)  # (admission)
 
     def _advance(self, slots: list[Slot], frames: np.ndarray) -> None:
         finished: list[tuple[Slot, FinishReason]] = []

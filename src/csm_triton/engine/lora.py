@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -35,10 +36,22 @@ FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",), "gate_up"
 @dataclass
 class LoraWeights:
     """One adapter: {(stack, layer, projection): (A [r, in], B [out, r])} with stack
-    "backbone" or "depth", and its scale (alpha / r)."""
+    "backbone" or "depth", and its scale (alpha / r). `source`: the folder it was read
+    from (the voice store makes a new one per registration and removes it with the voice),
+    None: not checked."""
     matrices: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]]
     scale: float
     rank: int
+    source: Path | None = None
+
+    def current(self) -> bool:
+        """False once its folder is gone: the voice was deleted, or deleted and registered
+        again with other weights (a new folder)."""
+        return _present(self.source)
+
+
+def _present(source: Path | None) -> bool:
+    return source is None or Path(source).is_dir()
 
 
 class StackLora:
@@ -94,7 +107,7 @@ class LoraRows:
     slots: torch.Tensor
     masks: dict[int, torch.Tensor] | None = None
 
-    def prepared(self) -> "LoraRows":
+    def prepared(self) -> LoraRows:
         """[B, 1, capacity x c x rank] masks for c = 1, 2, 3 components: 1 in the columns of
         the row's own slot."""
         masks = {}
@@ -112,7 +125,9 @@ class LoraRows:
 
 class AdapterBank:
     """Which adapters are resident (by id), in which slot, and how many running requests
-    use each: the most recently used `capacity` stay; one in use is never evicted."""
+    use each: the most recently used `capacity` stay; one in use is never evicted. A
+    resident adapter whose source folder is gone is read again for the next request (into
+    another slot while requests admitted before still run with the old weights)."""
 
     def __init__(self, lm, capacity: int, max_rank: int, load):
         """load(adapter_id) -> LoraWeights (from the voice store); raises for a bad one."""
@@ -120,6 +135,7 @@ class AdapterBank:
         self.stacks = {name: StackLora(stack, name, capacity, max_rank, lm.device, lm.dtype)
                        for name, stack in (("backbone", lm.backbone), ("depth", lm.depth))}
         self._slot_of: dict[str, int] = {}  # resident adapter id -> slot 1..capacity
+        self._source = [None] * (capacity + 1)  # per slot: the resident weights' source folder
         self._read: dict[str, LoraWeights] = {}  # read from disk by prefetch, not yet on the device
         self._read_lock = threading.Lock()
         self._users = [0] * (capacity + 1)
@@ -133,10 +149,14 @@ class AdapterBank:
             return 0
         self._clock += 1
         slot = self._slot_of.get(adapter_id)
+        if slot is not None and not self._is_current(slot):
+            del self._slot_of[adapter_id]  # stale: free once the requests that use it end
+            slot = None
         if slot is None:
             with self._read_lock:
                 weights = self._read.pop(adapter_id, None)
-            weights = weights or self._load(adapter_id)
+            if weights is None or not weights.current():
+                weights = self._load(adapter_id)
             if weights.rank > self.max_rank:
                 raise ValueError(f"adapter {adapter_id!r} has rank {weights.rank}; this server serves up to "
                                  f"{self.max_rank} (lora_max_rank)")
@@ -144,6 +164,7 @@ class AdapterBank:
             for bank in self.stacks.values():
                 bank.write(slot, weights)
             self._slot_of[adapter_id] = slot
+            self._source[slot] = weights.source
         self._users[slot] += 1
         self._used_at[slot] = self._clock
         return slot
@@ -152,7 +173,12 @@ class AdapterBank:
         """Reads a non-resident adapter from disk on the caller's thread (a request's
         submit), so admitting it on the engine thread only copies it to the device: a
         frame's stall at most, not a file read. Errors surface at acquire."""
-        if adapter_id in self._slot_of or adapter_id in self._read:
+        slot = self._slot_of.get(adapter_id)
+        if slot is not None and self._is_current(slot):
+            return
+        with self._read_lock:
+            read = self._read.get(adapter_id)
+        if read is not None and read.current():
             return
         try:
             weights = self._load(adapter_id)
@@ -173,9 +199,18 @@ class AdapterBank:
     def resident(self) -> dict[str, int]:
         return dict(self._slot_of)
 
+    def version(self, slot: int) -> str:
+        """What tells slot `slot`'s weights from other weights once under the same id (its
+        source folder): part of the prefix cache's keys."""
+        return str(self._source[slot] or "")
+
+    def _is_current(self, slot: int) -> bool:
+        return _present(self._source[slot])
+
     def _free_slot(self, adapter_id: str) -> int:
         taken = set(self._slot_of.values())
-        free = [slot for slot in range(1, self.capacity + 1) if slot not in taken]
+        # Not taken and unused: a stale adapter's slot stays with its running requests.
+        free = [slot for slot in range(1, self.capacity + 1) if slot not in taken and not self._users[slot]]
         if free:
             return free[0]
         idle = [slot for slot in taken if self._users[slot] == 0]

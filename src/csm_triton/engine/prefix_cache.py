@@ -54,7 +54,7 @@ class PrefillPlan:
     storable: int
 
     @classmethod
-    def of(cls, request, audio_id: int, audio_eos_id: int) -> "PrefillPlan":
+    def of(cls, request, audio_id: int, audio_eos_id: int, adapter_version: str = "") -> "PrefillPlan":
         """The plan of a GenerationRequest's prompt (`prefix_cache_turns` bounds `storable`)."""
         ids = np.ascontiguousarray(request.input_ids, dtype=np.int64).reshape(-1)
         codes = np.ascontiguousarray(request.audio_codes, dtype=np.int64).reshape(-1, C.NUM_CODEBOOKS)
@@ -63,8 +63,9 @@ class PrefillPlan:
         bounds = [int(b) + 1 for b in np.flatnonzero(ids == audio_eos_id) if b + 1 < len(ids)]
         placeholders = np.cumsum(ids == audio_id)  # placeholders in ids[:i + 1]
         digest = hashlib.sha256()
-        # The same turns under another adapter are other keys and values.
-        digest.update(f"adapter:{request.adapter or ''}\0".encode())
+        # The same turns under another adapter, or under other weights registered since under
+        # the same id, are other keys and values.
+        digest.update(f"adapter:{request.adapter or ''}\0{adapter_version}\0".encode())
         keys, start, rows = [], 0, 0
         for end in bounds:
             # The stream decodes one way: a chunk's ids run to its one <|audio_eos|>, and

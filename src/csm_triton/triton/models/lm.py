@@ -76,8 +76,11 @@ def adapter_loader(voice_dir: Path, lm: CsmLM):
     store = VoiceStore(voice_dir)
 
     def load(voice_id: str) -> LoraWeights:
-        adapter = load_lora_adapter(store.adapter_dir(voice_id), lm.config)
-        return LoraWeights(adapter.matrices, adapter.scale, adapter.rank)
+        # Each registration has a folder of its own (removed with the voice): its path tells
+        # a voice deleted and registered again under the same id from the one resident.
+        folder = store.adapter_dir(voice_id)
+        adapter = load_lora_adapter(folder, lm.config)
+        return LoraWeights(adapter.matrices, adapter.scale, adapter.rank, source=folder)
 
     return load
 
