@@ -34,7 +34,7 @@ CHECKPOINT := $(if $(CSM_CHECKPOINT),$(CSM_CHECKPOINT),$(TINY_CHECKPOINT))
 # Beside the voices: the runtime folder next to the repository (voice_dir runtime/voices).
 ADMIN_TOKEN_FILE ?= $(patsubst %/,%,$(dir $(REPOSITORY)))/runtime/admin-token
 
-.PHONY: setup setup-test setup-finetune serve test repository tiny-checkpoint clean admin-token
+.PHONY: setup setup-test setup-finetune serve test test-unit lint format repository tiny-checkpoint clean admin-token
 
 setup:
 	PYTHON=$(PYTHON) VENV=$(VENV) scripts/setup.sh serve
@@ -77,8 +77,24 @@ admin-token:
 	  echo "admin token (development): created $(ADMIN_TOKEN_FILE) (make locust, make gateway and csm-tts read it)"; \
 	fi
 
-test: setup-test
+# The tests by layer (tests/<layer>/): unit (logic, no model, no server: under a minute),
+# model (the engine and export against transformers/peft/torch references), deploy (the
+# packages, image, chart and embedded server as shipped), integration and security (a
+# real tritonserver), load (Locust and perf_analyzer smoke runs). make test runs them all.
+test: setup-test lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-unit: setup-test
+	$(VENV)/bin/pytest tests/unit -q $(PYTEST_ARGS)
+
+# ruff (ruff.toml): lint and format, checked; `make format` rewrites.
+lint: setup-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup-test
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 clean:
 	rm -rf $(BUILD) .triton

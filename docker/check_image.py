@@ -66,7 +66,7 @@ def check_watermark() -> str:
 
 
 def check_libraries() -> str:
-    import onnxruntime  # noqa: F401 - the export's parity check
+    import onnxruntime
     from transformers import CsmForConditionalGeneration  # noqa: F401
 
     return f"transformers {importlib.metadata.version('transformers')}, onnxruntime {onnxruntime.__version__}"
@@ -88,8 +88,11 @@ def check_server_arguments() -> str:
 
 def check_triton() -> str:
     server = TRITON_HOME / "bin" / "tritonserver"
-    for path in (server, TRITON_HOME / "backends" / "python" / "libtriton_python.so",
-                 TRITON_HOME / "backends" / "onnxruntime"):
+    for path in (
+        server,
+        TRITON_HOME / "backends" / "python" / "libtriton_python.so",
+        TRITON_HOME / "backends" / "onnxruntime",
+    ):
         if not path.exists():
             raise SystemExit(f"{path} is missing from the base image")
     stub = TRITON_HOME / "backends" / "python" / "triton_python_backend_stub"
@@ -115,8 +118,10 @@ def triton_version() -> tuple[int, ...]:
 def check_triton_release() -> str:
     version = triton_version()
     if version[:2] < MIN_TRITON_VERSION:
-        raise SystemExit(f"Triton {'.'.join(map(str, version)) or '(unknown)'} predates the 2026 fixes: "
-                         f"the image needs {'.'.join(map(str, MIN_TRITON_VERSION))} (NGC 26.07) or later")
+        raise SystemExit(
+            f"Triton {'.'.join(map(str, version)) or '(unknown)'} predates the 2026 fixes: "
+            f"the image needs {'.'.join(map(str, MIN_TRITON_VERSION))} (NGC 26.07) or later"
+        )
     return f"Triton {'.'.join(map(str, version))}"
 
 
@@ -134,8 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-triton", action="store_true", help="skip the checks of /opt/tritonserver")
     args = parser.parse_args(argv)
-    checks = [check_python, check_numpy, check_torch, check_torchaudio,
-              check_watermark, check_libraries, check_gateway, check_server_arguments]
+    checks = [
+        check_python,
+        check_numpy,
+        check_torch,
+        check_torchaudio,
+        check_watermark,
+        check_libraries,
+        check_gateway,
+        check_server_arguments,
+    ]
     if not args.no_triton:
         checks += [check_triton, check_triton_release, check_user]
     for check in checks:

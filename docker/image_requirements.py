@@ -48,8 +48,12 @@ def image_requirements(pyproject: Path) -> list[str]:
     if missing:
         raise SystemExit(f"{pyproject}: the dev extra has no pin for {sorted(missing)}")
     own = [r for r in project["dependencies"] if requirement_name(r) != CLIENT]
-    client = [r for dependency in project["dependencies"] if requirement_name(dependency) == CLIENT
-              for r in _client_requirements(pyproject, dependency)]
+    client = [
+        r
+        for dependency in project["dependencies"]
+        if requirement_name(dependency) == CLIENT
+        for r in _client_requirements(pyproject, dependency)
+    ]
     pinned = {requirement_name(r) for r in own}
     return own + [r for r in client if requirement_name(r) not in pinned] + chosen + [TORCHAUDIO]
 

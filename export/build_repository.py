@@ -27,15 +27,22 @@ from pathlib import Path
 from rich.console import Console
 
 from csm_triton import constants as C
+from csm_triton.core.prompt import TOKENIZER_FILES
 from export.checkpoint import CheckpointError, resolve_checkpoint
 from export.model_config import PROFILES, render_config
-from csm_triton.core.prompt import TOKENIZER_FILES
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 COMMITTED_REPOSITORY = PROJECT_ROOT / "model_repository"
 MANIFEST = "manifest.json"
 RECORDED_PACKAGES = (
-    "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "numpy", "tritonclient", "nvidia-pytriton",
+    "torch",
+    "transformers",
+    "onnx",
+    "onnxscript",
+    "onnxruntime",
+    "numpy",
+    "tritonclient",
+    "nvidia-pytriton",
 )
 
 console = Console(stderr=True)
@@ -147,8 +154,9 @@ def copy_tokenizer(checkpoint: Path, staging: Path) -> None:
         shutil.copy2(checkpoint / name, target / name)
 
 
-def write_manifest(staging: Path, *, source: str, checkpoint: Path, profile: str, models: list[str],
-                   parity: dict, fingerprint: str) -> None:
+def write_manifest(
+    staging: Path, *, source: str, checkpoint: Path, profile: str, models: list[str], parity: dict, fingerprint: str
+) -> None:
     artifacts = {
         path.relative_to(staging).as_posix(): sha256_of(path)
         for path in sorted(staging.rglob("*"))
@@ -188,8 +196,15 @@ def build_repository(source: str, profile: str, out: Path, *, force: bool = Fals
         parity = export_codec(checkpoint, staging)
         copy_tokenizer(checkpoint, staging)
         copy_lm_weights(checkpoint, staging)
-        write_manifest(staging, source=source, checkpoint=checkpoint, profile=profile, models=models,
-                       parity=parity, fingerprint=fingerprint)
+        write_manifest(
+            staging,
+            source=source,
+            checkpoint=checkpoint,
+            profile=profile,
+            models=models,
+            parity=parity,
+            fingerprint=fingerprint,
+        )
         shutil.rmtree(out, ignore_errors=True)
         staging.rename(out)
     finally:

@@ -151,8 +151,9 @@ def _cache_codebook_embeddings(codec: MimiModel) -> None:
             module.embed  # noqa: B018 (property with a side effect: fills the cache)
 
 
-def _export_graph(module: nn.Module, example: torch.Tensor, input_name: str, output_name: str,
-                  time_axis: str, path: Path) -> None:
+def _export_graph(
+    module: nn.Module, example: torch.Tensor, input_name: str, output_name: str, time_axis: str, path: Path
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     dynamic = {0: torch.export.Dim("batch"), 2: torch.export.Dim(time_axis)}
     torch.onnx.export(
@@ -180,17 +181,31 @@ def export_mimi(checkpoint_dir: str | Path, encoder_path: str | Path, decoder_pa
         frames = int(EXPORT_EXAMPLE_SECONDS * C.FRAME_RATE_HZ)
         example_audio = torch.from_numpy(pseudo_speech(EXPORT_EXAMPLE_SECONDS, EXPORT_EXAMPLE_BATCH, seed=0))
         example_codes = torch.randint(
-            0, C.CODEBOOK_SIZE, (EXPORT_EXAMPLE_BATCH, C.NUM_CODEBOOKS, frames),
+            0,
+            C.CODEBOOK_SIZE,
+            (EXPORT_EXAMPLE_BATCH, C.NUM_CODEBOOKS, frames),
             generator=torch.Generator().manual_seed(0),
         )
         with exportable_mimi():
             progress.set_postfix_str("encoder")
-            _export_graph(MimiEncoderGraph(codec).eval(), example_audio, ENCODER_INPUT, ENCODER_OUTPUT,
-                          "samples", Path(encoder_path))
+            _export_graph(
+                MimiEncoderGraph(codec).eval(),
+                example_audio,
+                ENCODER_INPUT,
+                ENCODER_OUTPUT,
+                "samples",
+                Path(encoder_path),
+            )
             progress.update()
             progress.set_postfix_str("decoder")
-            _export_graph(MimiDecoderGraph(codec).eval(), example_codes, DECODER_INPUT, DECODER_OUTPUT,
-                          "frames", Path(decoder_path))
+            _export_graph(
+                MimiDecoderGraph(codec).eval(),
+                example_codes,
+                DECODER_INPUT,
+                DECODER_OUTPUT,
+                "frames",
+                Path(decoder_path),
+            )
             progress.update()
 
 
@@ -251,8 +266,10 @@ def check_mimi_parity(
         (onnx_audio,) = decoder.run([DECODER_OUTPUT], {DECODER_INPUT: torch_codes})
         onnx_seconds = time.perf_counter() - started
         # A wrong shape (a frozen batch axis, an off-by-one frame count) needs no figures.
-        for name, path, onnx_out, torch_out in (("encoder", encoder_path, onnx_codes, torch_codes),
-                                                ("decoder", decoder_path, onnx_audio, torch_audio)):
+        for name, path, onnx_out, torch_out in (
+            ("encoder", encoder_path, onnx_codes, torch_codes),
+            ("decoder", decoder_path, onnx_audio, torch_audio),
+        ):
             if onnx_out.shape != torch_out.shape:
                 raise ParityError(
                     f"Mimi {name} ONNX {path} gave shape {list(onnx_out.shape)} for {clip_seconds:g} s batch "
@@ -260,16 +277,18 @@ def check_mimi_parity(
                     figures,
                 )
         mismatched = int(np.count_nonzero(onnx_codes != torch_codes))
-        cases.append({
-            "seconds": clip_seconds,
-            "batch": batch,
-            "frames": int(torch_codes.shape[-1]),
-            "encoder_code_agreement": 1.0 - mismatched / torch_codes.size,
-            "encoder_mismatched_codes": mismatched,
-            "decoder_max_abs_diff": float(np.max(np.abs(onnx_audio - torch_audio))),
-            "torch_seconds": round(torch_seconds, 3),
-            "onnx_seconds": round(onnx_seconds, 3),
-        })
+        cases.append(
+            {
+                "seconds": clip_seconds,
+                "batch": batch,
+                "frames": int(torch_codes.shape[-1]),
+                "encoder_code_agreement": 1.0 - mismatched / torch_codes.size,
+                "encoder_mismatched_codes": mismatched,
+                "decoder_max_abs_diff": float(np.max(np.abs(onnx_audio - torch_audio))),
+                "torch_seconds": round(torch_seconds, 3),
+                "onnx_seconds": round(onnx_seconds, 3),
+            }
+        )
 
     worst_decoder = max(cases, key=lambda case: case["decoder_max_abs_diff"])
     worst_encoder = min(cases, key=lambda case: case["encoder_code_agreement"])

@@ -108,12 +108,20 @@ CODEC_HIDDEN_SIZE = 64
 # The real model's rope scaling, rewritten by the conversion script into values that
 # hold at max_position_embeddings 2048 (backbone) and 33 (depth decoder).
 BACKBONE_ROPE = {
-    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-    "high_freq_factor": 0.5, "low_freq_factor": 0.125, "original_max_position_embeddings": 1024,
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 32.0,
+    "high_freq_factor": 0.5,
+    "low_freq_factor": 0.125,
+    "original_max_position_embeddings": 1024,
 }
 DEPTH_DECODER_ROPE = {
-    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-    "high_freq_factor": 0.0078125, "low_freq_factor": 0.001953125, "original_max_position_embeddings": 16,
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 32.0,
+    "high_freq_factor": 0.0078125,
+    "low_freq_factor": 0.001953125,
+    "original_max_position_embeddings": 16,
 }
 # Codes 2048..2050 exist only in the LM's vocabulary; sampled, Mimi's decoder would
 # index out of range. Random weights would sample them, so both heads suppress them.

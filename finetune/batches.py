@@ -46,16 +46,22 @@ def build_batch(processor, model, examples: list[Example], *, depth_decoder_labe
     config = model.config
     texts, placeholders, codes = [], [], []
     for example in examples:
-        conversation = [{"role": str(turn.speaker),
-                         "content": [{"type": "text", "text": turn.text}, {"type": "audio"}]}
-                        for turn in example.turns]
+        conversation = [
+            {"role": str(turn.speaker), "content": [{"type": "text", "text": turn.text}, {"type": "audio"}]}
+            for turn in example.turns
+        ]
         texts.append(processor.apply_chat_template(conversation, tokenize=False))
         for turn in example.turns:
             # Only the length matters: the processor counts <|AUDIO|> tokens from it.
             placeholders.append(np.zeros(turn.codes.shape[0] * C.SAMPLES_PER_FRAME, dtype=np.float32))
             codes.append(torch.from_numpy(turn.codes.astype(np.int64)))
-    encoded = processor(text=texts, audio=placeholders, output_labels=True,
-                        depth_decoder_labels_ratio=depth_decoder_labels_ratio, return_tensors="pt")
+    encoded = processor(
+        text=texts,
+        audio=placeholders,
+        output_labels=True,
+        depth_decoder_labels_ratio=depth_decoder_labels_ratio,
+        return_tensors="pt",
+    )
     input_ids, labels = encoded["input_ids"], encoded["labels"]
     device = next(model.parameters()).device
     input_ids, labels = input_ids.to(device), labels.to(device)
@@ -69,8 +75,9 @@ def build_batch(processor, model, examples: list[Example], *, depth_decoder_labe
     embeds = model.embed_text_tokens(input_ids)
     # The embedding sums over codebooks on dim 2: it wants [batch, frames, 32].
     embeds[audio_mask] = model.backbone_model.embed_tokens(frames.unsqueeze(0))[0].to(embeds.dtype)
-    embeds[eos_mask] = model.backbone_model.embed_tokens(eos_frame.unsqueeze(0))[0].to(embeds.dtype).expand(
-        int(eos_mask.sum()), -1)
+    embeds[eos_mask] = (
+        model.backbone_model.embed_tokens(eos_frame.unsqueeze(0))[0].to(embeds.dtype).expand(int(eos_mask.sum()), -1)
+    )
 
     expanded = labels.unsqueeze(-1).repeat(1, 1, config.num_codebooks)
     expanded[audio_mask] = frames

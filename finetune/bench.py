@@ -19,8 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
-SENTENCES = ("Hello there, how are you?", "The fox jumps over the dog.", "Bring an umbrella today.",
-             "We walked along the river.", "The library opens at nine.", "Where is the station?")
+SENTENCES = (
+    "Hello there, how are you?",
+    "The fox jumps over the dog.",
+    "Bring an umbrella today.",
+    "We walked along the river.",
+    "The library opens at nine.",
+    "Where is the station?",
+)
 
 
 def make_speech(folder: Path) -> Path:
@@ -47,25 +53,62 @@ def run(model: str, steps: int, work: Path, extra: list[str]) -> dict:
     checkpoint = work / f"{model}-csm"
     if not (checkpoint / "config.json").is_file():
         # In a process of its own, so the builder's copy of the weights is not in this RSS.
-        builder = ("from loadtest.gpu_steps import build_full_size_checkpoint as build" if model == "full" else
-                   "from export.tiny_checkpoint import build_tiny_checkpoint as build")
-        subprocess.run([sys.executable, "-c", f"import sys; {builder}; build(__import__('pathlib').Path(sys.argv[1]))",
-                        str(checkpoint)], check=True)
+        builder = (
+            "from loadtest.gpu_steps import build_full_size_checkpoint as build"
+            if model == "full"
+            else "from export.tiny_checkpoint import build_tiny_checkpoint as build"
+        )
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"import sys; {builder}; build(__import__('pathlib').Path(sys.argv[1]))",
+                str(checkpoint),
+            ],
+            check=True,
+        )
     data = make_speech(work / "speech")
-    args = parse_args(["--data", str(data), "--out", str(work / "out"), "--checkpoint", str(checkpoint),
-                       "--cache-dir", str(work / "cache"), "--steps", str(steps), "--grad-accum", "1",
-                       "--eval-every", str(10**9), "--save-every", str(10**9), "--eval-fraction", "0.09",
-                       "--no-progress", *extra])
+    args = parse_args(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(work / "out"),
+            "--checkpoint",
+            str(checkpoint),
+            "--cache-dir",
+            str(work / "cache"),
+            "--steps",
+            str(steps),
+            "--grad-accum",
+            "1",
+            "--eval-every",
+            str(10**9),
+            "--save-every",
+            str(10**9),
+            "--eval-fraction",
+            "0.09",
+            "--no-progress",
+            *extra,
+        ]
+    )
     started = time.perf_counter()
     train(args)
     rows = [json.loads(line) for line in (work / "out" / "metrics.jsonl").read_text().splitlines()]
     times = [r["elapsed_s"] for r in rows if r["kind"] == "train"]
     # The first step pays one-time costs (allocator, oneDNN): steady state from the second on.
     rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 1 / times[0]
-    return {"model": model, "steps": steps, "steps_per_s": rate, "s_per_step": 1 / rate,
-            "first_step_s": times[0], "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-            "wall_s": time.perf_counter() - started, "threads": torch.get_num_threads(),
-            "options": " ".join(extra)}
+    return {
+        "model": model,
+        "steps": steps,
+        "steps_per_s": rate,
+        "s_per_step": 1 / rate,
+        "first_step_s": times[0],
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "wall_s": time.perf_counter() - started,
+        "threads": torch.get_num_threads(),
+        "options": " ".join(extra),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", choices=["tiny", "full"], required=True)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", type=Path, required=True, help="markdown table to append a row to")
-    parser.add_argument("--work", type=Path, default=None,
-                        help="keep the checkpoint, speech and codes here (reused by the next run)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="keep the checkpoint, speech and codes here (reused by the next run)"
+    )
     parser.add_argument("extra", nargs="*", help="more finetune.train options (after --)")
     args = parser.parse_args(argv)
     if args.work is not None:
@@ -94,11 +138,14 @@ def main(argv: list[str] | None = None) -> int:
             "second step on; first step includes the base model's held-out loss; peak RSS of the training "
             "process (checkpoint built in another).\n\n"
             "| model | commit | options | steps | steps/s | s/step | first step (s) | peak RSS (GiB) | threads |\n"
-            "|---|---|---|---:|---:|---:|---:|---:|---:|\n")
+            "|---|---|---|---:|---:|---:|---:|---:|---:|\n"
+        )
     with open(args.out, "a") as table:
-        table.write(f"| {row['model']} | {commit} | {row['options'] or 'defaults'} | {row['steps']} | "
-                    f"{row['steps_per_s']:.3f} | {row['s_per_step']:.2f} | {row['first_step_s']:.2f} | "
-                    f"{row['peak_rss_gib']:.2f} | {row['threads']} |\n")
+        table.write(
+            f"| {row['model']} | {commit} | {row['options'] or 'defaults'} | {row['steps']} | "
+            f"{row['steps_per_s']:.3f} | {row['s_per_step']:.2f} | {row['first_step_s']:.2f} | "
+            f"{row['peak_rss_gib']:.2f} | {row['threads']} |\n"
+        )
     print(json.dumps(row))
     return 0
 

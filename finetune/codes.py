@@ -74,8 +74,10 @@ class CodeCache:
         for row, audio in enumerate(batch):
             values[row, 0, : audio.size] = torch.from_numpy(audio)
         codes = self.codec.encode(values).audio_codes  # [batch, 32, frames]
-        return [codes[row, :, : encoded_frames(audio.size)].T.contiguous().numpy().astype(np.int16)
-                for row, audio in enumerate(batch)]
+        return [
+            codes[row, :, : encoded_frames(audio.size)].T.contiguous().numpy().astype(np.int16)
+            for row, audio in enumerate(batch)
+        ]
 
     def codes_for(self, clips, *, progress=None) -> list[np.ndarray]:
         """[frames, 32] int16 codes for each clip, in order."""
@@ -90,7 +92,7 @@ class CodeCache:
                 todo.append(index)
         todo.sort(key=lambda i: clips[i].audio.size)
         for start in range(0, len(todo), ENCODE_BATCH_SIZE):
-            chunk = todo[start: start + ENCODE_BATCH_SIZE]
+            chunk = todo[start : start + ENCODE_BATCH_SIZE]
             for index, codes in zip(chunk, self._encode([clips[i].audio for i in chunk])):
                 buffer = io.BytesIO()
                 np.save(buffer, codes, allow_pickle=False)

@@ -90,8 +90,14 @@ class LoadReport:
         return lines
 
     def as_dict(self) -> dict:
-        return {"layout": self.layout, "total": self.total, "good": self.good,
-                "skipped": dict(self.skipped), "examples": self.examples, "speakers": self.speakers}
+        return {
+            "layout": self.layout,
+            "total": self.total,
+            "good": self.good,
+            "skipped": dict(self.skipped),
+            "examples": self.examples,
+            "speakers": self.speakers,
+        }
 
 
 @dataclasses.dataclass
@@ -110,6 +116,7 @@ def _decode(data: bytes) -> tuple[np.ndarray, int]:
 
 
 # --- the three layouts --------------------------------------------------------------------
+
 
 def _folder_items(folder: Path) -> list[_RawItem]:
     items = []
@@ -195,12 +202,14 @@ def detect_layout(path: Path) -> str:
 def _speaker_ids(values: list[object]) -> tuple[list[int], dict]:
     present = [v for v in values if v is not None and str(v).strip() != ""]
     if all(isinstance(v, int) or str(v).strip().isdigit() for v in present):
-        return [int(str(v).strip()) if v is not None and str(v).strip() != "" else C.DEFAULT_SPEAKER_ID
-                for v in values], {}
+        return [
+            int(str(v).strip()) if v is not None and str(v).strip() != "" else C.DEFAULT_SPEAKER_ID for v in values
+        ], {}
     names = sorted({str(v).strip() for v in present})
     mapping = {name: index for index, name in enumerate(names)}
-    return [mapping.get(str(v).strip(), C.DEFAULT_SPEAKER_ID) if v is not None else C.DEFAULT_SPEAKER_ID
-            for v in values], mapping
+    return [
+        mapping.get(str(v).strip(), C.DEFAULT_SPEAKER_ID) if v is not None else C.DEFAULT_SPEAKER_ID for v in values
+    ], mapping
 
 
 def load_dataset(path: str | Path, *, max_seconds: float = DEFAULT_MAX_SECONDS) -> tuple[list[Clip], LoadReport]:
@@ -223,7 +232,7 @@ def load_dataset(path: str | Path, *, max_seconds: float = DEFAULT_MAX_SECONDS) 
         try:
             data = item.read_bytes()
             samples, rate = _decode(data)
-        except Exception:  # any decoder or file error: the item is unreadable, the run goes on
+        except Exception:  # noqa: BLE001 - any decoder or file error: the item is unreadable, the run goes on
             report.skip(item.name, UNREADABLE)
             continue
         if samples.size == 0 or rate <= 0:

@@ -38,11 +38,16 @@ def merge_adapter(base: Path, adapter: Path, out: Path, *, manifest: dict | None
         # Same dtype and shard size as the base, so a 1B merge looks like the original.
         merged.save_pretrained(staging, max_shard_size="5GB")
         for path in sorted(base.iterdir()):
-            if path.is_file() and not path.name.startswith("model") and path.name not in MODEL_FILES \
-                    and not (staging / path.name).exists():
+            if (
+                path.is_file()
+                and not path.name.startswith("model")
+                and path.name not in MODEL_FILES
+                and not (staging / path.name).exists()
+            ):
                 shutil.copy2(path, staging / path.name)
-        (staging / FINETUNE_MANIFEST).write_text(json.dumps(
-            {"base_checkpoint": str(base), "adapter": str(adapter), **(manifest or {})}, indent=2) + "\n")
+        (staging / FINETUNE_MANIFEST).write_text(
+            json.dumps({"base_checkpoint": str(base), "adapter": str(adapter), **(manifest or {})}, indent=2) + "\n"
+        )
         shutil.rmtree(out, ignore_errors=True)
         staging.rename(out)
     finally:

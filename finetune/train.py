@@ -41,9 +41,26 @@ METRICS = "metrics.jsonl"
 MANIFEST = "manifest.json"
 RECORDED_PACKAGES = ("torch", "transformers", "peft", "datasets", "numpy")
 # What must match for --resume to continue the same run.
-RUN_DEFINING = ("data", "checkpoint", "steps", "seed", "rank", "alpha", "dropout", "target_modules", "lr",
-                "weight_decay", "warmup_ratio", "batch_size", "grad_accum", "max_grad_norm",
-                "depth_decoder_labels_ratio", "context", "eval_fraction", "max_seconds")
+RUN_DEFINING = (
+    "data",
+    "checkpoint",
+    "steps",
+    "seed",
+    "rank",
+    "alpha",
+    "dropout",
+    "target_modules",
+    "lr",
+    "weight_decay",
+    "warmup_ratio",
+    "batch_size",
+    "grad_accum",
+    "max_grad_norm",
+    "depth_decoder_labels_ratio",
+    "context",
+    "eval_fraction",
+    "max_seconds",
+)
 
 
 class FinetuneError(Exception):
@@ -68,25 +85,46 @@ def default_checkpoint() -> Path:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m finetune.train", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune.train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     data = parser.add_argument_group("data")
-    data.add_argument("--data", required=True, type=Path,
-                      help="a folder of audio + .txt, a .jsonl/.csv manifest, or a datasets folder / parquet")
+    data.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="a folder of audio + .txt, a .jsonl/.csv manifest, or a datasets folder / parquet",
+    )
     data.add_argument("--max-seconds", type=float, default=DEFAULT_MAX_SECONDS, help="longer clips are skipped")
     data.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share of the clips (at least 1)")
-    data.add_argument("--context", action="store_true",
-                      help="prepend the speaker's previous utterance as a context turn (not in the loss)")
-    data.add_argument("--cache-dir", type=Path, default=Path("~/.cache/csm-finetune/codes"),
-                      help="Mimi codes, keyed by clip and codec hash")
+    data.add_argument(
+        "--context",
+        action="store_true",
+        help="prepend the speaker's previous utterance as a context turn (not in the loss)",
+    )
+    data.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path("~/.cache/csm-finetune/codes"),
+        help="Mimi codes, keyed by clip and codec hash",
+    )
     model = parser.add_argument_group("model")
-    model.add_argument("--checkpoint", type=Path, default=None,
-                       help="a CSM checkpoint folder (Hugging Face layout); the tiny random CSM if omitted")
+    model.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="a CSM checkpoint folder (Hugging Face layout); the tiny random CSM if omitted",
+    )
     model.add_argument("--rank", type=int, default=32, help="LoRA rank r")
     model.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha (scale = alpha / r)")
     model.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout")
-    model.add_argument("--target-modules", default=",".join(DEFAULT_TARGET_MODULES),
-                       help="comma-separated projections of the backbone and depth decoder")
+    model.add_argument(
+        "--target-modules",
+        default=",".join(DEFAULT_TARGET_MODULES),
+        help="comma-separated projections of the backbone and depth decoder",
+    )
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--steps", type=int, default=500, help="optimizer steps")
     optim.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (AdamW)")
@@ -95,16 +133,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--batch-size", type=int, default=1, help="clips per micro-batch")
     optim.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
     optim.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
-    optim.add_argument("--depth-decoder-labels-ratio", type=float, default=1.0,
-                       help="share of frames the depth decoder trains on (Sesame: 1/16 to amortise compute)")
+    optim.add_argument(
+        "--depth-decoder-labels-ratio",
+        type=float,
+        default=1.0,
+        help="share of frames the depth decoder trains on (Sesame: 1/16 to amortise compute)",
+    )
     optim.add_argument("--seed", type=int, default=0, help="data order, split, dropout, frame sampling")
     run = parser.add_argument_group("run")
     run.add_argument("--out", required=True, type=Path, help="output folder")
     run.add_argument("--eval-every", type=int, default=50, help="held-out loss every N steps (and at the end)")
     run.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
     run.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in OUT")
-    run.add_argument("--stop-after", type=int, default=None,
-                     help="stop after N steps in this run (a time-boxed job; --resume continues it)")
+    run.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop after N steps in this run (a time-boxed job; --resume continues it)",
+    )
     run.add_argument("--merge", action="store_true", help="also write OUT/merged, a full checkpoint")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
     run.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -116,16 +162,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def _run_definition(args: argparse.Namespace) -> dict:
     values = vars(args)
-    return {key: (str(values[key]) if isinstance(values[key], Path) else
-                  list(values[key]) if isinstance(values[key], tuple) else values[key]) for key in RUN_DEFINING}
+    return {
+        key: (
+            str(values[key])
+            if isinstance(values[key], Path)
+            else list(values[key])
+            if isinstance(values[key], tuple)
+            else values[key]
+        )
+        for key in RUN_DEFINING
+    }
 
 
 def _lora_model(model, args):
     from peft import LoraConfig, get_peft_model
 
     pattern = LM_PREFIX + "(" + "|".join(args.target_modules) + ")$"
-    config = LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout,
-                        target_modules=pattern, bias="none")
+    config = LoraConfig(
+        r=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=pattern, bias="none"
+    )
     return get_peft_model(model, config)
 
 
@@ -142,8 +197,9 @@ def _examples(clips, codes, indices, context: bool) -> list[Example]:
         clip = clips[index]
         turn = Turn(clip.speaker, clip.text, codes[index])
         prior = before[index] if context else None
-        examples.append(Example(turn, Turn(clips[prior].speaker, clips[prior].text, codes[prior])
-                                if prior is not None else None))
+        examples.append(
+            Example(turn, Turn(clips[prior].speaker, clips[prior].text, codes[prior]) if prior is not None else None)
+        )
     return examples
 
 
@@ -184,7 +240,7 @@ def evaluate(peft_model, processor, examples, *, batch_size: int, seed: int, dev
     torch.manual_seed(seed)
     losses, weights = [], []
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start: start + batch_size]
+        chunk = examples[start : start + batch_size]
         with _autocast(device):
             batch = build_batch(processor, base, chunk, depth_decoder_labels_ratio=1.0)
             losses.append(float(peft_model(**batch).loss))
@@ -207,8 +263,13 @@ def _save_checkpoint(out: Path, step: int, peft_model, optimizer, scheduler, def
 
     path = _checkpoint_path(out, step)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"step": step, "definition": definition, "adapter": get_peft_model_state_dict(peft_model),
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+    state = {
+        "step": step,
+        "definition": definition,
+        "adapter": get_peft_model_state_dict(peft_model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+    }
     with atomic_write(path) as handle:
         torch.save(state, handle)
 
@@ -283,6 +344,7 @@ def train(args: argparse.Namespace) -> RunResult:
 
     checkpoint = (args.checkpoint or default_checkpoint()).expanduser().resolve()
     from export.checkpoint import CheckpointError, validate_checkpoint
+
     try:
         validate_checkpoint(checkpoint)
     except CheckpointError as error:
@@ -291,8 +353,13 @@ def train(args: argparse.Namespace) -> RunResult:
     definition = _run_definition(args)
     out = args.out.expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else "cpu"
+        if args.device == "auto"
+        else args.device
+    )
 
     torch.manual_seed(args.seed)
     model = CsmForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
@@ -326,13 +393,17 @@ def train(args: argparse.Namespace) -> RunResult:
         if changed:
             raise FinetuneError(f"--resume: {found.name} was made with other options ({', '.join(changed)})")
         from peft import set_peft_model_state_dict
+
         set_peft_model_state_dict(peft_model, state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_step = state["step"]
         log(f"resumed from {found.name} at step {start_step}")
-        kept = [line for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
-                if line.strip() and json.loads(line)["step"] <= start_step]
+        kept = [
+            line
+            for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
+            if line.strip() and json.loads(line)["step"] <= start_step
+        ]
         metrics_path.write_text("".join(line + "\n" for line in kept))
     else:
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
@@ -341,14 +412,16 @@ def train(args: argparse.Namespace) -> RunResult:
     batches = MicroBatches(len(train_examples), args.batch_size, args.seed)
     end_step = args.steps if args.stop_after is None else min(args.steps, start_step + args.stop_after)
     from tqdm import tqdm
+
     progress = tqdm(total=args.steps, initial=start_step, disable=args.no_progress, unit="step", dynamic_ncols=True)
     eval_losses: list[tuple[int, float]] = []
     train_loss = None
     run_started = time.perf_counter()
     with open(metrics_path, "a", encoding="utf-8") as metrics:
         if start_step == 0:  # the base model's held-out loss: what training is measured against
-            held = evaluate(peft_model, processor, eval_examples, batch_size=args.batch_size,
-                            seed=args.seed, device=device)
+            held = evaluate(
+                peft_model, processor, eval_examples, batch_size=args.batch_size, seed=args.seed, device=device
+            )
             eval_losses.append((0, held))
             metrics.write(json.dumps({"kind": "eval", "step": 0, "loss": held}) + "\n")
         peft_model.train()
@@ -359,8 +432,9 @@ def train(args: argparse.Namespace) -> RunResult:
             for micro in range(args.grad_accum):
                 chunk = [train_examples[i] for i in batches[step * args.grad_accum + micro]]
                 with _autocast(device):
-                    batch = build_batch(processor, base, chunk,
-                                        depth_decoder_labels_ratio=args.depth_decoder_labels_ratio)
+                    batch = build_batch(
+                        processor, base, chunk, depth_decoder_labels_ratio=args.depth_decoder_labels_ratio
+                    )
                     loss = peft_model(**batch).loss / args.grad_accum
                 loss.backward()
                 total += float(loss.detach())
@@ -370,13 +444,25 @@ def train(args: argparse.Namespace) -> RunResult:
             scheduler.step()
             done = step + 1
             train_loss = total
-            metrics.write(json.dumps({"kind": "train", "step": done, "loss": total, "lr": lr, "grad_norm": grad_norm,
-                                      "elapsed_s": round(time.perf_counter() - run_started, 4)}) + "\n")
+            metrics.write(
+                json.dumps(
+                    {
+                        "kind": "train",
+                        "step": done,
+                        "loss": total,
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "elapsed_s": round(time.perf_counter() - run_started, 4),
+                    }
+                )
+                + "\n"
+            )
             progress.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
             progress.update(1)
             if done % args.eval_every == 0 or done == args.steps:
-                held = evaluate(peft_model, processor, eval_examples, batch_size=args.batch_size,
-                                seed=args.seed, device=device)
+                held = evaluate(
+                    peft_model, processor, eval_examples, batch_size=args.batch_size, seed=args.seed, device=device
+                )
                 eval_losses.append((done, held))
                 metrics.write(json.dumps({"kind": "eval", "step": done, "loss": held}) + "\n")
                 progress.write(f"step {done}: held-out loss {held:.4f}")
@@ -393,15 +479,21 @@ def train(args: argparse.Namespace) -> RunResult:
 
     _save_adapter(out, peft_model)
     _plot(metrics_path, out / "loss.png")
-    all_evals = [json.loads(line) for line in metrics_path.read_text().splitlines()
-                 if line.strip() and json.loads(line)["kind"] == "eval"]
+    all_evals = [
+        json.loads(line)
+        for line in metrics_path.read_text().splitlines()
+        if line.strip() and json.loads(line)["kind"] == "eval"
+    ]
     manifest = {
         "base_checkpoint": str(checkpoint),
         "base_checkpoint_sha256": _checkpoint_sha256(checkpoint),
         # What the server compares when the adapter registers as a voice (core/adapter_base.py).
         "base_model_sha256": base_model_sha256(checkpoint),
-        "data": str(args.data), "data_sha256": dataset_sha256(clips), "data_report": report.as_dict(),
-        "train_clips": len(train_examples), "eval_clips": len(eval_examples),
+        "data": str(args.data),
+        "data_sha256": dataset_sha256(clips),
+        "data_report": report.as_dict(),
+        "train_clips": len(train_examples),
+        "eval_clips": len(eval_examples),
         "codec_sha256": cache.codec_sha256,
         "hyperparameters": definition,
         "final_train_loss": train_loss,
@@ -414,6 +506,7 @@ def train(args: argparse.Namespace) -> RunResult:
     _write_json(out / MANIFEST, manifest)
     if args.merge:
         from finetune.merge import merge_adapter
+
         merged = merge_adapter(checkpoint, out / ADAPTER, out / MERGED, manifest=manifest)
         log(f"merged checkpoint: {merged}")
     return result
@@ -441,8 +534,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if result.eval_losses:
         first, last = result.eval_losses[0], result.eval_losses[-1]
-        print(f"held-out loss {first[1]:.4f} (step {first[0]}) -> {last[1]:.4f} (step {last[0]}); "
-              f"{result.steps_per_second:.2f} steps/s; output in {result.out}", file=sys.stderr)
+        print(
+            f"held-out loss {first[1]:.4f} (step {first[0]}) -> {last[1]:.4f} (step {last[0]}); "
+            f"{result.steps_per_second:.2f} steps/s; output in {result.out}",
+            file=sys.stderr,
+        )
     return 0
 
 

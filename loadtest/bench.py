@@ -45,8 +45,10 @@ def infer_request(model: str, inputs: dict[str, np.ndarray], request_id: str) ->
         tensor = request.inputs.add(name=name, shape=list(array.shape))
         if array.dtype == object:
             tensor.datatype = "BYTES"
-            raw = b"".join(struct.pack("<I", len(item)) + item for item in (v.encode() if isinstance(v, str) else v
-                                                                            for v in array.reshape(-1)))
+            raw = b"".join(
+                struct.pack("<I", len(item)) + item
+                for item in (v.encode() if isinstance(v, str) else v for v in array.reshape(-1))
+            )
         else:
             tensor.datatype = DATATYPES[array.dtype]
             raw = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
@@ -131,14 +133,18 @@ class Requests:
         index, self.count = self.count, self.count + 1
         text = self.texts[index % len(self.texts)]
         seconds = workload.audio_seconds_for(text, self.cap)
-        inputs = {"TEXT": np.array([text], dtype=object),
-                  "MAX_AUDIO_SECONDS": np.array([seconds], np.float32),
-                  "SEED": np.array([index], np.int64)}
+        inputs = {
+            "TEXT": np.array([text], dtype=object),
+            "MAX_AUDIO_SECONDS": np.array([seconds], np.float32),
+            "SEED": np.array([index], np.int64),
+        }
         if self.inline:
             reference = self.references[index % len(self.references)]
-            inputs |= {"REFERENCE_AUDIO": np.asarray(reference.samples, np.float32),
-                       "REFERENCE_SAMPLE_RATE": np.array([reference.sample_rate], np.int32),
-                       "REFERENCE_TEXT": np.array([reference.transcript], dtype=object)}
+            inputs |= {
+                "REFERENCE_AUDIO": np.asarray(reference.samples, np.float32),
+                "REFERENCE_SAMPLE_RATE": np.array([reference.sample_rate], np.int32),
+                "REFERENCE_TEXT": np.array([reference.transcript], dtype=object),
+            }
         else:
             inputs["VOICE_ID"] = np.array([self.voice_ids[index % len(self.voice_ids)]], dtype=object)
         return infer_request(MODEL, inputs, f"bench-{index}"), seconds
@@ -200,8 +206,11 @@ async def run(args, target: common.Target) -> list[dict]:
             after = common.model_statistics(target.client)
             level = summarise(concurrency, outcomes, wall, common.statistics_difference(before, after))
             levels.append(level)
-            print(f"c={concurrency}: {level['requests']} requests, {level['failures']} failures, TTFA p50 "
-                  f"{level['ttfa_ms']['p50']} ms, {level['aggregate_x_real_time']}x real time", file=sys.stderr)
+            print(
+                f"c={concurrency}: {level['requests']} requests, {level['failures']} failures, TTFA p50 "
+                f"{level['ttfa_ms']['p50']} ms, {level['aggregate_x_real_time']}x real time",
+                file=sys.stderr,
+            )
     return levels
 
 
@@ -210,10 +219,15 @@ def markdown(report: dict, stem: str) -> str:
     def triple(values: dict, keys) -> str:
         return " / ".join("-" if values[k] is None else f"{values[k]:g}" for k in keys)
 
-    lines = common.report_head(f"Streaming benchmark: {MODEL} over gRPC", report, [
-        f"- voices: {report['voice']}; texts: {report['texts']} ({report['text_count']} texts, MAX_AUDIO_SECONDS "
-        f"from the text's length, at most {report['max_audio_seconds']} s); {report['requests_per_client']} "
-        "utterances per client per level, one gRPC stream each"])
+    lines = common.report_head(
+        f"Streaming benchmark: {MODEL} over gRPC",
+        report,
+        [
+            f"- voices: {report['voice']}; texts: {report['texts']} ({report['text_count']} texts, MAX_AUDIO_SECONDS "
+            f"from the text's length, at most {report['max_audio_seconds']} s); {report['requests_per_client']} "
+            "utterances per client per level, one gRPC stream each"
+        ],
+    )
     lines += [
         "TTFA: request sent to first AUDIO chunk received. Latency: to the final response. Real-time factor: "
         "a request's latency / its audio duration (below 1 is faster than real time). Aggregate x real time: "
@@ -229,16 +243,22 @@ def markdown(report: dict, stem: str) -> str:
             f"| {level['concurrency']} | {level['requests']} | {level['failures']} | "
             f"{triple(level['ttfa_ms'], ('p50', 'p95', 'p99'))} | {triple(level['latency_ms'], ('p50', 'p95', 'p99'))} | "
             f"{triple(level['real_time_factor'], ('p50', 'p95'))} | {level['aggregate_x_real_time']} | "
-            f"{level['audio_seconds']} |")
+            f"{level['audio_seconds']} |"
+        )
     if any(level["errors"] for level in report["levels"]):
         lines += ["", "Errors: " + "; ".join(sorted({e for level in report["levels"] for e in level["errors"]}))]
-    lines += ["", f"![latency against concurrency]({stem}_latency.png) "
-                  f"![throughput against concurrency]({stem}_throughput.png)", "",
-              "## Triton's statistics over each level", "",
-              "Differences of `/v2/models/stats` before and after the level, per request. csm_lm and "
-              f"{MODEL} are decoupled: their compute time is the time `execute` takes to hand a request "
-              "to the engine or a worker thread, not the generation; their queue time is the wait for that. "
-              "mimi_decoder's mean batch is what dynamic batching achieved.", ""]
+    lines += [
+        "",
+        f"![latency against concurrency]({stem}_latency.png) ![throughput against concurrency]({stem}_throughput.png)",
+        "",
+        "## Triton's statistics over each level",
+        "",
+        "Differences of `/v2/models/stats` before and after the level, per request. csm_lm and "
+        f"{MODEL} are decoupled: their compute time is the time `execute` takes to hand a request "
+        "to the engine or a worker thread, not the generation; their queue time is the wait for that. "
+        "mimi_decoder's mean batch is what dynamic batching achieved.",
+        "",
+    ]
     for level in report["levels"]:
         lines += [f"### concurrency {level['concurrency']}", ""] + common.statistics_markdown(level["triton"]) + [""]
     return "\n".join(lines)
@@ -260,7 +280,9 @@ def plot(report: dict, out: Path, stem: str) -> list[Path]:
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for key, style in (("p50", "o-"), ("p95", "s--"), ("p99", "^:")):
         axis.plot(x, [level["ttfa_ms"][key] for level in levels], style, label=f"TTFA {key}")
-    axis.plot(x, [level["latency_ms"]["p50"] for level in levels], "d-", color="grey", label="latency p50 (whole utterance)")
+    axis.plot(
+        x, [level["latency_ms"]["p50"] for level in levels], "d-", color="grey", label="latency p50 (whole utterance)"
+    )
     axis.set(xscale="log", xlabel="concurrent streams", ylabel="ms", title=title)
     axis.set_xticks(x, [str(v) for v in x], minor=False)
     axis.minorticks_off()
@@ -278,8 +300,13 @@ def plot(report: dict, out: Path, stem: str) -> list[Path]:
     axis.set_xticks(x, [str(v) for v in x], minor=False)
     axis.minorticks_off()
     other = axis.twinx()
-    other.plot(x, [level["real_time_factor"]["p50"] for level in levels], "s--", color="tab:red",
-               label="real-time factor p50 (per request)")
+    other.plot(
+        x,
+        [level["real_time_factor"]["p50"] for level in levels],
+        "s--",
+        color="tab:red",
+        label="real-time factor p50 (per request)",
+    )
     other.set_ylabel("real-time factor (latency / audio)")
     handles = axis.get_legend_handles_labels()[0] + other.get_legend_handles_labels()[0]
     axis.legend(handles, [h.get_label() for h in handles], fontsize=8, loc="upper left")
@@ -313,12 +340,18 @@ def main(argv=None) -> int:
     with common.target_from_args(args) as target:
         levels = asyncio.run(run(args, target))
         report = {
-            "benchmark": f"{MODEL} gRPC streaming", **common.provenance(target),
+            "benchmark": f"{MODEL} gRPC streaming",
+            **common.provenance(target),
             "device_tag": common.device_tag(target.device),
             "contention": meter.finish(target),
-            "voice": "stored voices " + ", ".join(target.voice_ids) if args.voice == "stored" else "inline reference clips",
-            "texts": str(args.texts.relative_to(workload.PROJECT_ROOT) if args.texts.is_relative_to(workload.PROJECT_ROOT)
-                         else args.texts),
+            "voice": "stored voices " + ", ".join(target.voice_ids)
+            if args.voice == "stored"
+            else "inline reference clips",
+            "texts": str(
+                args.texts.relative_to(workload.PROJECT_ROOT)
+                if args.texts.is_relative_to(workload.PROJECT_ROOT)
+                else args.texts
+            ),
             "text_count": len(workload.load_texts(args.texts)),
             "max_audio_seconds": args.max_audio_seconds,
             "requests_per_client": args.requests_per_client,

@@ -14,9 +14,9 @@ import secrets
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from loadtest import workload
 
@@ -42,12 +42,17 @@ class Target:
 
 def add_target_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server (default: start one from --serve)")
-    group.add_argument("--serve", type=Path, metavar="REPOSITORY",
-                       help="start tritonserver on this model repository (free ports) and stop it at the end")
+    group.add_argument(
+        "--serve",
+        type=Path,
+        metavar="REPOSITORY",
+        help="start tritonserver on this model repository (free ports) and stop it at the end",
+    )
     group.add_argument("--http", default="localhost:8000", help="a running server's HTTP address")
     group.add_argument("--grpc", default="localhost:8001", help="a running server's gRPC address")
-    group.add_argument("--model", default=None,
-                       help="label of the served model (tiny/full); default: read from --serve's repository")
+    group.add_argument(
+        "--model", default=None, help="label of the served model (tiny/full); default: read from --serve's repository"
+    )
 
 
 def model_label(repository: Path) -> str:
@@ -69,8 +74,11 @@ def server_device(http: workload.TritonHTTP, local: bool) -> str:
     if not local:
         return f"csm_lm {kind} (remote server)"
     if kind == "KIND_GPU" and shutil.which("nvidia-smi"):
-        names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                               text=True).stdout.strip().splitlines()
+        names = (
+            subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+            .stdout.strip()
+            .splitlines()
+        )
         return f"GPU: {names[0] if names else 'unknown'}"
     return f"CPU: {workload.machine()}" if kind == "KIND_CPU" else f"csm_lm {kind}"
 
@@ -90,8 +98,13 @@ def target_from_args(args: argparse.Namespace, *, register: bool = True) -> Iter
 
         token = token or secrets.token_hex(16)
         models = sorted(p.name for p in args.serve.iterdir() if (p / "config.pbtxt").is_file())
-        server = TritonServer(args.serve, load_models=models, ready_models=models, startup_timeout=300,
-                              environment={workload.ADMIN_TOKEN_ENV: token})
+        server = TritonServer(
+            args.serve,
+            load_models=models,
+            ready_models=models,
+            startup_timeout=300,
+            environment={workload.ADMIN_TOKEN_ENV: token},
+        )
         server.start()
     try:
         http = server.http_url if server else args.http
@@ -99,7 +112,11 @@ def target_from_args(args: argparse.Namespace, *, register: bool = True) -> Iter
         client = workload.TritonHTTP(http)
         local = server is not None or http.split(":")[0] in ("localhost", "127.0.0.1")
         target = Target(
-            http=http, grpc=grpc, admin_token=token, repository=args.serve, server=server,
+            http=http,
+            grpc=grpc,
+            admin_token=token,
+            repository=args.serve,
+            server=server,
             model=args.model or (model_label(args.serve) if args.serve else "unknown"),
             device=server_device(client, local),
         )
@@ -132,7 +149,7 @@ def statistics_difference(before: dict[str, dict], after: dict[str, dict]) -> li
     for name, now in sorted(after.items()):
         then = before.get(name, {})
 
-        def delta(*keys):
+        def delta(*keys, now=now, then=then):
             return int(_lookup(now, keys)) - int(_lookup(then, keys))
 
         successes = delta("inference_stats", "success", "count")
@@ -141,16 +158,18 @@ def statistics_difference(before: dict[str, dict], after: dict[str, dict]) -> li
         if not (successes or failures):
             continue
         per_request = {stage: delta("inference_stats", stage, "ns") / 1e6 / max(1, successes) for stage in STAGES}
-        rows.append({
-            "model": name,
-            "requests": successes,
-            "failures": failures,
-            "executions": executions,
-            "mean_batch": round(delta("inference_count") / executions, 2) if executions else None,
-            "queue_ms": round(per_request["queue"], 2),
-            "compute_ms": round(sum(per_request[s] for s in STAGES[1:]), 2),
-            "compute_infer_ms": round(per_request["compute_infer"], 2),
-        })
+        rows.append(
+            {
+                "model": name,
+                "requests": successes,
+                "failures": failures,
+                "executions": executions,
+                "mean_batch": round(delta("inference_count") / executions, 2) if executions else None,
+                "queue_ms": round(per_request["queue"], 2),
+                "compute_ms": round(sum(per_request[s] for s in STAGES[1:]), 2),
+                "compute_infer_ms": round(per_request["compute_infer"], 2),
+            }
+        )
     return rows
 
 
@@ -161,29 +180,45 @@ def _lookup(document: dict, keys: tuple[str, ...]):
 
 
 def statistics_markdown(rows: list[dict]) -> list[str]:
-    lines = ["| model | requests | failures | executions | mean batch | queue ms / request | compute ms / request |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['requests']} | {r['failures']} | {r['executions']} | {r['mean_batch']} | "
-              f"{r['queue_ms']} | {r['compute_ms']} |" for r in rows]
+    lines = [
+        "| model | requests | failures | executions | mean batch | queue ms / request | compute ms / request |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['model']} | {r['requests']} | {r['failures']} | {r['executions']} | {r['mean_batch']} | "
+        f"{r['queue_ms']} | {r['compute_ms']} |"
+        for r in rows
+    ]
     return lines
 
 
-TINY_NOTE = ("**The tiny model's audio is noise.** It is a random-weight CSM of the real shape's "
-             "layout but a few layers of width 64, generated on the spot: every code path is the real "
-             "one, but it never predicts the end of speech, so each request generates exactly its "
-             "MAX_AUDIO_SECONDS. These numbers measure the serving path (Triton, the engine's loop, "
-             "the codec, the watermark) on this machine, not CSM-1B's speed.")
+TINY_NOTE = (
+    "**The tiny model's audio is noise.** It is a random-weight CSM of the real shape's "
+    "layout but a few layers of width 64, generated on the spot: every code path is the real "
+    "one, but it never predicts the end of speech, so each request generates exactly its "
+    "MAX_AUDIO_SECONDS. These numbers measure the serving path (Triton, the engine's loop, "
+    "the codec, the watermark) on this machine, not CSM-1B's speed."
+)
 
 
 def provenance(target: Target) -> dict:
-    return {"machine": workload.machine(), "device": target.device, "model": target.model,
-            "commit": workload.commit(), "command": workload.command_line()}
+    return {
+        "machine": workload.machine(),
+        "device": target.device,
+        "model": target.model,
+        "commit": workload.commit(),
+        "command": workload.command_line(),
+    }
 
 
 def provenance_markdown(report: dict) -> list[str]:
-    lines = [f"- machine: {report['machine']}", f"- device: {report['device']}",
-             f"- model: {report['model']}", f"- commit: `{report['commit']}`",
-             f"- command: `{report['command']}`"]
+    lines = [
+        f"- machine: {report['machine']}",
+        f"- device: {report['device']}",
+        f"- model: {report['model']}",
+        f"- commit: `{report['commit']}`",
+        f"- command: `{report['command']}`",
+    ]
     if report.get("contention"):
         lines.append(f"- **measured under contention**: {report['contention']}")
     return lines
@@ -241,7 +276,7 @@ class Contention:
                 own += (int(fields[11]) + int(fields[12])) / Contention.TICK  # utime, stime
         return own
 
-    def finish(self, target: "Target") -> str | None:
+    def finish(self, target: Target) -> str | None:
         """None on a quiet machine, else a sentence for the result's `contention`."""
         group = target.server.pid if target.server is not None and target.server.pid else None
         busy = self._machine_busy()
@@ -252,8 +287,9 @@ class Contention:
             wall = max(1e-9, time.monotonic() - self.began)
             others = (busy - self.busy_before) - (self._own(group) - self.own_before)
             if others / wall > 0.1:  # more than a tenth of a core on average
-                notes.append(f"other processes used {others:.0f} CPU-s in {wall:.0f} s "
-                             f"({others / wall:.2f} cores on average)")
+                notes.append(
+                    f"other processes used {others:.0f} CPU-s in {wall:.0f} s ({others / wall:.2f} cores on average)"
+                )
         return "; ".join(notes) or None
 
 

@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from csm_triton import constants as C
-from loadtest.workload import cpu_model, git_commit
 from csm_triton.engine import CsmLM, EngineConfig, GenerationEngine, GenerationRequest
 from csm_triton.engine.lm import default_device, default_dtype
+from loadtest.workload import cpu_model, git_commit
 
 SUPPRESSED = list(range(C.CODEBOOK_SIZE, C.LM_AUDIO_VOCAB_SIZE))
 FRAME_SECONDS = 1 / C.FRAME_RATE_HZ
@@ -57,8 +57,9 @@ def random_full_size_model(seed: int):
 
 
 def tiny_model(seed: int):
-    from export.tiny_checkpoint import build_tiny_checkpoint
     from transformers import CsmForConditionalGeneration
+
+    from export.tiny_checkpoint import build_tiny_checkpoint
 
     folder = Path(tempfile.mkdtemp(prefix="csm-bench-"))
     build_tiny_checkpoint(folder, seed=seed)
@@ -82,8 +83,12 @@ def generate_frames(model, prompt: np.ndarray, frames: int, device) -> tuple[np.
     clock = FrameClock()
     clock.put(None)  # start
     output = model.generate(
-        input_ids=torch.as_tensor(prompt, device=device)[None], max_new_tokens=frames, do_sample=False,
-        depth_decoder_do_sample=False, suppress_tokens=SUPPRESSED, depth_decoder_suppress_tokens=SUPPRESSED,
+        input_ids=torch.as_tensor(prompt, device=device)[None],
+        max_new_tokens=frames,
+        do_sample=False,
+        depth_decoder_do_sample=False,
+        suppress_tokens=SUPPRESSED,
+        depth_decoder_suppress_tokens=SUPPRESSED,
         streamer=clock,
     )
     _sync(device)
@@ -156,13 +161,22 @@ def request_prompts(model, args, count: int) -> list[np.ndarray]:
     text_vocab = model.config.text_vocab_size
     rng = np.random.default_rng(args.seed)
     return [
-        np.concatenate([[model.config.bos_token_id], rng.integers(3, min(text_vocab, 128_000) - 10, args.prompt_tokens + 7 * i)])
+        np.concatenate(
+            [[model.config.bos_token_id], rng.integers(3, min(text_vocab, 128_000) - 10, args.prompt_tokens + 7 * i)]
+        )
         for i in range(count)
     ]
 
 
-def engine_rows(lm: CsmLM, args, prompts, max_context: int, bandwidth: float, generate_ms_per_frame: float,
-                generated: list[np.ndarray] | None) -> list[dict]:
+def engine_rows(
+    lm: CsmLM,
+    args,
+    prompts,
+    max_context: int,
+    bandwidth: float,
+    generate_ms_per_frame: float,
+    generated: list[np.ndarray] | None,
+) -> list[dict]:
     """One row per batch size; `generated`: generate's codes to compare (None: not comparable)."""
     rows = []
     for batch in args.batch_sizes:
@@ -183,7 +197,8 @@ def engine_rows(lm: CsmLM, args, prompts, max_context: int, bandwidth: float, ge
         if generated is not None:
             compared = min(batch, len(generated))
             row["tokens_identical_to_generate"] = all(
-                np.array_equal(result["codes"][i], generated[i]) for i in range(compared))
+                np.array_equal(result["codes"][i], generated[i]) for i in range(compared)
+            )
             row["requests_compared"] = compared
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
@@ -204,20 +219,29 @@ def agreement(codes: list[np.ndarray], reference: list[np.ndarray]) -> dict:
     # Codebooks equal in that frame before the first difference (the depth decoder
     # feeds each code to the next, so after one difference the rest of the frame drifts).
     leading = [int(np.argmin(e[f])) if f < len(e) else e.shape[1] for e, f in zip(equal, first)]
-    return {"identical_fraction": round(float(np.mean([e.mean() for e in equal])), 4),
-            "first_divergent_frame": first, "codebooks_equal_before_it": leading,
-            "requests": len(equal), "frames": len(equal[0])}
+    return {
+        "identical_fraction": round(float(np.mean([e.mean() for e in equal])), 4),
+        "first_divergent_frame": first,
+        "codebooks_equal_before_it": leading,
+        "requests": len(equal),
+        "frames": len(equal[0]),
+    }
 
 
 def run(args) -> dict:
     device = torch.device(args.device) if args.device else default_device()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype) or default_dtype(device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype) or default_dtype(
+        device
+    )
     load_at_start = round(os.getloadavg()[0], 2)
     started = time.perf_counter()
     model = tiny_model(args.seed) if args.tiny else random_full_size_model(args.seed)
     model = model.to(device=device, dtype=dtype)
-    print(f"device: {machine_description(device)} ({device}, {dtype}); model built in "
-          f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+    print(
+        f"device: {machine_description(device)} ({device}, {dtype}); model built in "
+        f"{time.perf_counter() - started:.1f} s",
+        file=sys.stderr,
+    )
     bandwidth = memory_bandwidth_gb_s(device)
     print(f"memory bandwidth (read, {torch.get_num_threads()} threads): {bandwidth:.1f} GB/s", file=sys.stderr)
     max_batch = max(args.batch_sizes)
@@ -260,28 +284,37 @@ def run(args) -> dict:
         reference = long_run_codes(lm, prompts, args.agreement_frames, max_context) if args.agreement_frames else None
         del lm  # its weight copies go before the bf16 ones are made
         gc.collect()
-        report["bf16"] = bf16_rows(model, args, prompts, max_context, bandwidth, generate_ms_per_frame, rows,
-                                   reference)
+        report["bf16"] = bf16_rows(model, args, prompts, max_context, bandwidth, generate_ms_per_frame, rows, reference)
     # Other work on the machine skews CPU figures: the 1-minute load average at the end.
     report["load_average_1min_at_end"] = round(os.getloadavg()[0], 2)
     return report
 
 
-def bf16_rows(model, args, prompts, max_context, bandwidth, generate_ms_per_frame, fp32_rows,
-              reference: list[np.ndarray] | None) -> dict:
+def bf16_rows(
+    model, args, prompts, max_context, bandwidth, generate_ms_per_frame, fp32_rows, reference: list[np.ndarray] | None
+) -> dict:
     """The same batches in bf16 on this CPU, and how many greedy tokens equal the fp32
     engine's (`reference`) over `agreement_frames` frames."""
     model = model.to(torch.bfloat16)  # in place: the fp32 weights go
     started = time.perf_counter()
-    lm = CsmLM(model, device=torch.device("cpu"), dtype=torch.bfloat16, max_batch=max(args.batch_sizes),
-               cpu_kernels=args.cpu_kernels)
+    lm = CsmLM(
+        model,
+        device=torch.device("cpu"),
+        dtype=torch.bfloat16,
+        max_batch=max(args.batch_sizes),
+        cpu_kernels=args.cpu_kernels,
+    )
     load_s = time.perf_counter() - started
     print("\n".join(lm.kernel_report.lines()), file=sys.stderr)
     rows = engine_rows(lm, args, prompts, max_context, bandwidth, generate_ms_per_frame, None)
     for row, fp32 in zip(rows, fp32_rows):
         row["speedup_vs_fp32_engine"] = round(fp32["engine_ms_per_step"] / row["engine_ms_per_step"], 2)
-    result = {"rows": rows, "weight_bytes_per_frame": lm.weight_bytes_per_frame(), "engine_load_s": round(load_s, 1),
-              "kernels": lm.kernel_report.lines()}
+    result = {
+        "rows": rows,
+        "weight_bytes_per_frame": lm.weight_bytes_per_frame(),
+        "engine_load_s": round(load_s, 1),
+        "kernels": lm.kernel_report.lines(),
+    }
     if reference is not None:
         result["agreement"] = agreement(long_run_codes(lm, prompts, args.agreement_frames, max_context), reference)
         print(json.dumps(result["agreement"]), file=sys.stderr)
@@ -356,12 +389,20 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu-kernels", default="measure", choices=["measure", "mkl", "onednn"])
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16 rows after the fp32 ones, on a CPU (default: with the full-size model)")
-    parser.add_argument("--agreement-frames", type=int, default=64,
-                        help="frames of the bf16 vs fp32 token agreement (0: skip)")
-    parser.add_argument("--full-reference", action="store_true",
-                        help="run generate for every request of the largest batch (compares all tokens)")
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 rows after the fp32 ones, on a CPU (default: with the full-size model)",
+    )
+    parser.add_argument(
+        "--agreement-frames", type=int, default=64, help="frames of the bf16 vs fp32 token agreement (0: skip)"
+    )
+    parser.add_argument(
+        "--full-reference",
+        action="store_true",
+        help="run generate for every request of the largest batch (compares all tokens)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="folder for JSON + markdown results")
     args = parser.parse_args(argv)
     report = run(args)

@@ -58,8 +58,13 @@ print(json.dumps({"ms_per_step": float(statistics.median(gaps)) * 1000,
 
 
 def measure(checkout: Path, model: str, batch: int, frames: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(checkout.resolve()), model, str(batch), str(frames)],
-                         capture_output=True, text=True, check=True, cwd=checkout)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(checkout.resolve()), model, str(batch), str(frames)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=checkout,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -68,8 +73,9 @@ def main(argv=None) -> int:
     parser.add_argument("--before", type=Path, required=True)
     parser.add_argument("--after", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--cases", default="tiny:1:40,tiny:8:40,full:1:6,full:8:6",
-                        help="model:batch:frames, comma-separated")
+    parser.add_argument(
+        "--cases", default="tiny:1:40,tiny:8:40,full:1:6,full:8:6", help="model:batch:frames, comma-separated"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "frame_step_ab_cpu.md")
     args = parser.parse_args(argv)
     sides = {"before": args.before, "after": args.after}
@@ -85,20 +91,33 @@ def main(argv=None) -> int:
                 codes[side] = result["codes"]
         before, after = (statistics.median(figures[s]) for s in sides)
         rows.append((model, int(batch), before, after, codes["before"] == codes["after"]))
-        print(f"{model} batch {batch}: before {before:.2f} ms/step, after {after:.2f} ms/step "
-              f"({after / before:.2f}x), same greedy codes: {codes['before'] == codes['after']}", flush=True)
-    commits = {side: subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=path, capture_output=True,
-                                    text=True).stdout.strip() for side, path in sides.items()}
-    lines = ["# Engine frame step before/after on the CPU (fp32)", "",
-             f"- machine: {cpu_model()}; before = `{commits['before']}`, after = `{commits['after']}`",
-             f"- command: `python -m loadtest.frame_step_ab --before <checkout of {commits['before']}> --after . "
-             f"--rounds {args.rounds} --cases {args.cases}`",
-             "- each figure: median over rounds (alternating before/after processes) of the median step time after "
-             "the prefill; greedy, 100-token prompts; weights as plain F.linear on both sides",
-             "", "| model | batch | before ms/step | after ms/step | after / before | same greedy codes |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {model} | {batch} | {before:.2f} | {after:.2f} | {after / before:.2f} | {same} |"
-              for model, batch, before, after, same in rows]
+        print(
+            f"{model} batch {batch}: before {before:.2f} ms/step, after {after:.2f} ms/step "
+            f"({after / before:.2f}x), same greedy codes: {codes['before'] == codes['after']}",
+            flush=True,
+        )
+    commits = {
+        side: subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=path, capture_output=True, text=True
+        ).stdout.strip()
+        for side, path in sides.items()
+    }
+    lines = [
+        "# Engine frame step before/after on the CPU (fp32)",
+        "",
+        f"- machine: {cpu_model()}; before = `{commits['before']}`, after = `{commits['after']}`",
+        f"- command: `python -m loadtest.frame_step_ab --before <checkout of {commits['before']}> --after . "
+        f"--rounds {args.rounds} --cases {args.cases}`",
+        "- each figure: median over rounds (alternating before/after processes) of the median step time after "
+        "the prefill; greedy, 100-token prompts; weights as plain F.linear on both sides",
+        "",
+        "| model | batch | before ms/step | after ms/step | after / before | same greedy codes |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {model} | {batch} | {before:.2f} | {after:.2f} | {after / before:.2f} | {same} |"
+        for model, batch, before, after, same in rows
+    ]
     args.out.write_text("\n".join(lines) + "\n")
     print(args.out.read_text())
     return 0

@@ -53,24 +53,54 @@ DEFAULT_CACHE = ROOT / "build" / "gpu-bundle-cache"
 # Pinned in pyproject.toml: the version comes from there.
 PINNED = (
     "numpy",  # < 2: the stub is built against numpy 1.x (docs/triton-embedded.md)
-    "transformers", "tokenizers", "safetensors", "huggingface_hub",  # CSM's model code; transformers
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "huggingface_hub",  # CSM's model code; transformers
     # checks safetensors/hub/tokenizers versions at import, so the machine's own may not do
-    "protobuf", "tritonclient",  # model configs (export), the bench's gRPC stubs, Triton's ORT shim
+    "protobuf",
+    "tritonclient",  # model configs (export), the bench's gRPC stubs, Triton's ORT shim
     "soxr",  # reference resampling in csm_prepare / voice_register
     "onnxscript",  # torch.onnx.export(dynamo=True) of Mimi
-    "rich", "PyYAML", "tqdm",  # export's console, hub's and transformers' imports
+    "rich",
+    "PyYAML",
+    "tqdm",  # export's console, hub's and transformers' imports
     "pytest",  # the engine's GPU tests
 )
 # Unpinned dependencies of the above, at this venv's versions.
 FROM_THIS_VENV = (
-    "regex", "packaging", "filelock", "fsspec", "typing_extensions",  # transformers / hub
-    "httpx2", "httpcore2", "h11", "anyio", "idna", "truststore", "certifi",  # hub's HTTP client (imported)
-    "click", "typer", "shellingham", "annotated_doc",  # hub / transformers CLIs (imported at load)
-    "markdown_it_py", "mdurl", "pygments",  # rich
-    "grpcio", "python-rapidjson", "ml_dtypes",  # tritonclient.grpc / tritonclient.utils
-    "gevent", "geventhttpclient", "greenlet", "zope.event", "zope.interface", "brotli", "urllib3",  # tritonclient.http
+    "regex",
+    "packaging",
+    "filelock",
+    "fsspec",
+    "typing_extensions",  # transformers / hub
+    "httpx2",
+    "httpcore2",
+    "h11",
+    "anyio",
+    "idna",
+    "truststore",
+    "certifi",  # hub's HTTP client (imported)
+    "click",
+    "typer",
+    "shellingham",
+    "annotated_doc",  # hub / transformers CLIs (imported at load)
+    "markdown_it_py",
+    "mdurl",
+    "pygments",  # rich
+    "grpcio",
+    "python-rapidjson",
+    "ml_dtypes",  # tritonclient.grpc / tritonclient.utils
+    "gevent",
+    "geventhttpclient",
+    "greenlet",
+    "zope.event",
+    "zope.interface",
+    "brotli",
+    "urllib3",  # tritonclient.http
     "onnx_ir",  # onnxscript
-    "pluggy", "iniconfig",  # pytest
+    "pluggy",
+    "iniconfig",  # pytest
 )
 ASSUMED_ON_MACHINE = {
     "torch": "the machine's own CUDA build (2.11 + CUDA 13 when last seen); never carried",
@@ -82,7 +112,8 @@ ASSUMED_ON_MACHINE = {
 LEFT_OUT = {
     "resemble-perth, librosa, scipy, numba, llvmlite": (
         "the Perth watermark: 37 MB of weights plus ~120 MB of libraries, past the limit; the GPU run "
-        "serves with the watermark off (`enabled: false`) unless the machine can load Perth itself"),
+        "serves with the watermark off (`enabled: false`) unless the machine can load Perth itself"
+    ),
     "matplotlib": "only the benchmark's PNG plots; the JSON and markdown results are written without it",
     "hf_xet": "huggingface_hub imports it only to download from the hub, which nothing here does",
 }
@@ -141,8 +172,11 @@ def triton_files() -> tuple[Path, list[str], str]:
     files += sorted(p.relative_to(site).as_posix() for p in (site / server / "caches").rglob("*") if p.is_file())
     # Every vendored library is in the binaries' closure (ldd) except the libpython that
     # the 3.13 stub links; the 3.12 stub loads the machine's own libpython3.12.
-    files += sorted(p.relative_to(site).as_posix() for p in (site / "nvidia_pytriton.libs").iterdir()
-                    if not p.name.startswith("libpython"))
+    files += sorted(
+        p.relative_to(site).as_posix()
+        for p in (site / "nvidia_pytriton.libs").iterdir()
+        if not p.name.startswith("libpython")
+    )
     missing = [f for f in files if not (site / f).is_file()]
     if missing:
         raise SystemExit(f"nvidia-pytriton is incomplete here, missing {missing}")
@@ -186,8 +220,18 @@ def install_packages(wanted: dict[str, str], target: Path, cache: Path) -> None:
     requirements = [f"{name}=={version}" for name, version in wanted.items()]
     cache.mkdir(parents=True, exist_ok=True)
     _pip("download", "--no-deps", *_target_flags(), "-d", str(cache), *requirements)
-    _pip("install", "--no-deps", "--no-compile", "--no-index", "--find-links", str(cache), *_target_flags(),
-         "--target", str(target), *requirements)
+    _pip(
+        "install",
+        "--no-deps",
+        "--no-compile",
+        "--no-index",
+        "--find-links",
+        str(cache),
+        *_target_flags(),
+        "--target",
+        str(target),
+        *requirements,
+    )
 
 
 def trim(site: Path) -> list[str]:
@@ -268,11 +312,16 @@ def build(out: Path, cache: Path = DEFAULT_CACHE) -> dict:
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(triton_site / name, staging / name)
         write_archive(staging, _tree(staging), out / TRITON_ARCHIVE)
-    manifest["files"] = {name: {"bytes": (out / name).stat().st_size, "sha256": sha256_of(out / name)}
-                         for name in (SITE_ARCHIVE, TRITON_ARCHIVE)}
+    manifest["files"] = {
+        name: {"bytes": (out / name).stat().st_size, "sha256": sha256_of(out / name)}
+        for name in (SITE_ARCHIVE, TRITON_ARCHIVE)
+    }
     manifest["total_bytes"] = sum(entry["bytes"] for entry in manifest["files"].values())
-    manifest["built"] = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.monotonic() - started),
-                         "command": "python -m loadtest.gpu_bundle " + " ".join(sys.argv[1:])}
+    manifest["built"] = {
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.monotonic() - started),
+        "command": "python -m loadtest.gpu_bundle " + " ".join(sys.argv[1:]),
+    }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     if manifest["total_bytes"] > LIMIT_BYTES:
         raise SystemExit(f"bundle is {manifest['total_bytes'] / 2**20:.1f} MiB, over {LIMIT_BYTES / 2**20:.0f} MiB")

@@ -48,8 +48,13 @@ SMOKE_TIME_LIMIT_S = 600  # the CPU smoke run (tiny model, a loaded 2-core machi
 SETUP_BUDGET_S = 15  # installing the bundle into its virtualenv (reused on a rerun)
 KILL_GRACE_S = 10  # after SIGTERM: the triton step stops its server in its finally block
 # Seconds per step: (on the GPU, smoke run on the CPU).
-BUDGETS = {"environment": (20, 60), "repository": (135, 300), "gpu-tests": (50, 60),
-           "engine-bench": (50, 180), "triton": (140, 240)}
+BUDGETS = {
+    "environment": (20, 60),
+    "repository": (135, 300),
+    "gpu-tests": (50, 60),
+    "engine-bench": (50, 180),
+    "triton": (140, 240),
+}
 
 
 @dataclass
@@ -83,21 +88,63 @@ def plan(args, python: str) -> list[Step]:
     model, profile = ("tiny", "cpu") if smoke else ("full", args.profile)
     budget = {name: budgets[1 if smoke else 0] for name, budgets in BUDGETS.items()}
     repository = work / f"repository-{model}-{profile}"
-    repository_argv = module + ["loadtest.gpu_steps", "repository", "--model", model, "--profile", profile,
-                                "--work", str(work), "--out", str(repository)]
+    repository_argv = module + [
+        "loadtest.gpu_steps",
+        "repository",
+        "--model",
+        model,
+        "--profile",
+        profile,
+        "--work",
+        str(work),
+        "--out",
+        str(repository),
+    ]
     if args.checkpoint:
         repository_argv += ["--checkpoint", str(args.checkpoint)]
     engine = module + ["loadtest.engine_bench", "--out", str(out / "engine-bench")]
     # bf16 vs fp32 token agreement is the GPU tests' (agreement frames 0 here).
-    engine += (["--tiny", "--batch-sizes", "1,2", "--frames", "6", "--prompt-tokens", "20"] if smoke else
-               ["--batch-sizes", "1,64", "--frames", "16", "--dtype", "bf16"]) + ["--agreement-frames", "0"]
-    triton = module + ["loadtest.gpu_steps", "triton", "--repository", str(repository), "--work", str(work),
-                       "--out", str(out / "triton")]
+    engine += (
+        ["--tiny", "--batch-sizes", "1,2", "--frames", "6", "--prompt-tokens", "20"]
+        if smoke
+        else ["--batch-sizes", "1,64", "--frames", "16", "--dtype", "bf16"]
+    ) + ["--agreement-frames", "0"]
+    triton = module + [
+        "loadtest.gpu_steps",
+        "triton",
+        "--repository",
+        str(repository),
+        "--work",
+        str(work),
+        "--out",
+        str(out / "triton"),
+    ]
     # One level at a time, c=1 first; each level a warm-up then the measured pass.
-    triton += (["--model-label", "tiny", "--concurrency", "1,2", "--min-requests", "2",
-                "--max-audio-seconds", "1", "--startup-timeout", "180"] if smoke else
-               ["--concurrency", "1,32,64", "--min-requests", "8", "--max-audio-seconds", "4",
-                "--startup-timeout", str(budget["triton"] - 40)])
+    triton += (
+        [
+            "--model-label",
+            "tiny",
+            "--concurrency",
+            "1,2",
+            "--min-requests",
+            "2",
+            "--max-audio-seconds",
+            "1",
+            "--startup-timeout",
+            "180",
+        ]
+        if smoke
+        else [
+            "--concurrency",
+            "1,32,64",
+            "--min-requests",
+            "8",
+            "--max-audio-seconds",
+            "4",
+            "--startup-timeout",
+            str(budget["triton"] - 40),
+        ]
+    )
     # 64 slots are all that c=64 needs: fewer CUDA graphs to capture at load than the profile's 256.
     max_slots = args.triton_max_slots or (None if smoke else 64)
     if max_slots:
@@ -108,21 +155,55 @@ def plan(args, python: str) -> list[Step]:
     # (generate's kernel launches are CPU-bound); on 2 cores it takes what there is.
     background_threads = {"OMP_NUM_THREADS": str(cores // 2), "MKL_NUM_THREADS": str(cores // 2)} if cores >= 8 else {}
     return [
-        Step("environment", "device, driver, torch (vs the pin) and CUDA; the provider ONNX Runtime runs Mimi on",
-             module + ["loadtest.gpu_steps", "environment", "--out", str(out / "environment")], budget["environment"]),
-        Step("repository", f"a random {model}-size checkpoint and its model repository (profile {profile})",
-             repository_argv, budget["repository"], background=True, env=background_threads,
-             note=f"built in {repository}"),
-        Step("gpu-tests", "pytest -m gpu: CUDA-graph replay = eager step, bf16 vs fp32 tokens, KV slot sizing",
-             module + ["pytest", "-m", "gpu", "tests/test_engine_gpu.py", "-q", "-p", "no:cacheprovider",
-                       f"--junitxml={tests_out / f'gpu_tests_{args.device_tag}_junit.xml'}"], budget["gpu-tests"],
-             env={"CSM_GPU_TEST_MODEL": "tiny" if smoke else "full",
-                  "CSM_GPU_TEST_REPORT": str(tests_out / f"gpu_tests_{args.device_tag}_report.json")}),
-        Step("engine-bench", "engine ms/frame at batch 1 and 64 vs transformers generate, same weights, one process",
-             engine, budget["engine-bench"]),
-        Step("triton", "csm_tts_stream through tritonserver: TTFA and aggregate x real time at c="
-             + option_value(triton, "--concurrency").replace(",", ", "),
-             triton, budget["triton"], after="repository"),
+        Step(
+            "environment",
+            "device, driver, torch (vs the pin) and CUDA; the provider ONNX Runtime runs Mimi on",
+            module + ["loadtest.gpu_steps", "environment", "--out", str(out / "environment")],
+            budget["environment"],
+        ),
+        Step(
+            "repository",
+            f"a random {model}-size checkpoint and its model repository (profile {profile})",
+            repository_argv,
+            budget["repository"],
+            background=True,
+            env=background_threads,
+            note=f"built in {repository}",
+        ),
+        Step(
+            "gpu-tests",
+            "pytest -m gpu: CUDA-graph replay = eager step, bf16 vs fp32 tokens, KV slot sizing",
+            module
+            + [
+                "pytest",
+                "-m",
+                "gpu",
+                "tests/model/test_engine_gpu.py",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                f"--junitxml={tests_out / f'gpu_tests_{args.device_tag}_junit.xml'}",
+            ],
+            budget["gpu-tests"],
+            env={
+                "CSM_GPU_TEST_MODEL": "tiny" if smoke else "full",
+                "CSM_GPU_TEST_REPORT": str(tests_out / f"gpu_tests_{args.device_tag}_report.json"),
+            },
+        ),
+        Step(
+            "engine-bench",
+            "engine ms/frame at batch 1 and 64 vs transformers generate, same weights, one process",
+            engine,
+            budget["engine-bench"],
+        ),
+        Step(
+            "triton",
+            "csm_tts_stream through tritonserver: TTFA and aggregate x real time at c="
+            + option_value(triton, "--concurrency").replace(",", ", "),
+            triton,
+            budget["triton"],
+            after="repository",
+        ),
     ]
 
 
@@ -146,14 +227,27 @@ def planned_seconds(steps: list[Step], setup_s: float = SETUP_BUDGET_S) -> float
 
 def device_budget(python: str = sys.executable) -> dict:
     """The device plan (`make gpu-check`, not --smoke) against the device's limits."""
-    args = argparse.Namespace(out=ROOT / "build" / "gpu-check", work=ROOT / "build" / "gpu-check-work", smoke=False,
-                              profile="h100", checkpoint=None, triton_max_slots=None, device_tag="cuda")
+    args = argparse.Namespace(
+        out=ROOT / "build" / "gpu-check",
+        work=ROOT / "build" / "gpu-check-work",
+        smoke=False,
+        profile="h100",
+        checkpoint=None,
+        triton_max_slots=None,
+        device_tag="cuda",
+    )
     planned = planned_seconds(plan(args, python))
     two_runs = 2 * DEFAULT_TIME_LIMIT_S + DEVICE_START_S
-    return {"planned_s": planned, "time_limit_s": DEFAULT_TIME_LIMIT_S, "device_call_s": DEVICE_CALL_S,
-            "share_of_call": round(planned / DEVICE_CALL_S, 3), "two_runs_s": two_runs,
-            "device_session_s": DEVICE_SESSION_S, "start_s": DEVICE_START_S,
-            "fits_with_rerun": planned <= DEFAULT_TIME_LIMIT_S <= DEVICE_CALL_S / 2 and two_runs <= DEVICE_SESSION_S}
+    return {
+        "planned_s": planned,
+        "time_limit_s": DEFAULT_TIME_LIMIT_S,
+        "device_call_s": DEVICE_CALL_S,
+        "share_of_call": round(planned / DEVICE_CALL_S, 3),
+        "two_runs_s": two_runs,
+        "device_session_s": DEVICE_SESSION_S,
+        "start_s": DEVICE_START_S,
+        "fits_with_rerun": planned <= DEFAULT_TIME_LIMIT_S <= DEVICE_CALL_S / 2 and two_runs <= DEVICE_SESSION_S,
+    }
 
 
 def requested_device_tag() -> str:
@@ -183,8 +277,15 @@ class Runner:
         log.write("$ " + " ".join(step.argv) + "\n")
         log.flush()
         env = {**os.environ, **step.env, "PYTHONUNBUFFERED": "1"}
-        process = subprocess.Popen(step.argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            step.argv,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.running[step.name] = (step, process, time.monotonic(), log)
 
     def wait(self, name: str) -> Result:
@@ -299,9 +400,17 @@ def set_up(args) -> tuple[str, Result]:
         return sys.executable, Result("setup", proves, "failed", str(error)[:400], round(time.monotonic() - started, 1))
     (folder / "setup.json").write_text(json.dumps(installed, indent=2) + "\n")
     reused = " (reused)" if installed["reused"] else ""
-    return (str(gpu_bundle.env_python(args.env)),
-            Result("setup", proves, "passed", f"{args.env}{reused}", round(time.monotonic() - started, 1),
-                   files=["setup/setup.json"]))
+    return (
+        str(gpu_bundle.env_python(args.env)),
+        Result(
+            "setup",
+            proves,
+            "passed",
+            f"{args.env}{reused}",
+            round(time.monotonic() - started, 1),
+            files=["setup/setup.json"],
+        ),
+    )
 
 
 # --- results -----------------------------------------------------------------------------
@@ -324,11 +433,18 @@ def write_results(args, results: list[Result], started: float, final: bool = Tru
     replaced whole (written beside, then renamed): called after every step while the run
     goes on (final=False: steps still to come say "pending") and once at the end."""
     failed = [r for r in results if r.status in ("failed", "timed out", "not run")]
-    record = {"smoke": args.smoke, "device_tag": args.device_tag, "seconds": round(time.monotonic() - started, 1),
-              "commit": args.commit, "finished": final,
-              "time_limit_s": args.time_limit, "command": "python -m loadtest.gpu_check " + " ".join(sys.argv[1:]),
-              "budget": getattr(args, "budget", None),
-              "steps": [asdict(r) for r in results], "failed": [r.name for r in failed]}
+    record = {
+        "smoke": args.smoke,
+        "device_tag": args.device_tag,
+        "seconds": round(time.monotonic() - started, 1),
+        "commit": args.commit,
+        "finished": final,
+        "time_limit_s": args.time_limit,
+        "command": "python -m loadtest.gpu_check " + " ".join(sys.argv[1:]),
+        "budget": getattr(args, "budget", None),
+        "steps": [asdict(r) for r in results],
+        "failed": [r.name for r in failed],
+    }
     _replace(args.out / "results.json", json.dumps(record, indent=2) + "\n")
     text = summary_markdown(args.out, record)
     _replace(args.out / "summary.md", text)
@@ -347,18 +463,28 @@ def _replace(path: Path, text: str) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "gpu-check", help="every result goes here")
-    parser.add_argument("--work", type=Path, default=ROOT / "build" / "gpu-check-work",
-                        help="checkpoints and repositories (large: never inside --out)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=ROOT / "build" / "gpu-check-work",
+        help="checkpoints and repositories (large: never inside --out)",
+    )
     parser.add_argument("--smoke", action="store_true", help="every step on the tiny model on the CPU")
     parser.add_argument("--bundle", type=Path, help="a folder made by `make gpu-bundle` (the GPU machine)")
     parser.add_argument("--env", type=Path, default=ROOT / "build" / "gpu-env", help="the bundle's virtualenv")
     parser.add_argument("--profile", default="h100", help="repository profile (not with --smoke)")
     parser.add_argument("--checkpoint", type=Path, help="build the repository from this checkpoint")
-    parser.add_argument("--triton-max-slots", type=int, help="serve csm_lm with this max_slots (default: the profile's)")
+    parser.add_argument(
+        "--triton-max-slots", type=int, help="serve csm_lm with this max_slots (default: the profile's)"
+    )
     parser.add_argument("--commit", help="the commit measured, when the checkout has no .git (the device's copy)")
     parser.add_argument("--only", help="comma-separated steps to (re)run; the others keep their last results")
-    parser.add_argument("--time-limit", type=float, default=None,
-                        help=f"seconds for all steps (default {DEFAULT_TIME_LIMIT_S}; {SMOKE_TIME_LIMIT_S} with --smoke)")
+    parser.add_argument(
+        "--time-limit",
+        type=float,
+        default=None,
+        help=f"seconds for all steps (default {DEFAULT_TIME_LIMIT_S}; {SMOKE_TIME_LIMIT_S} with --smoke)",
+    )
     parser.add_argument("--commit-results", action="store_true", help="copy this run's GPU results to loadtest/results")
     parser.add_argument("--commit-from", type=Path, metavar="DIR", help="only copy the GPU results of a finished run")
     args = parser.parse_args(argv)
@@ -371,8 +497,9 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     args.device_tag = "cpu" if args.smoke else requested_device_tag()
     if args.device_tag == "cpu" and not args.smoke:
-        print("no GPU here (nvidia-smi finds none): --smoke runs every step on the tiny model on the CPU",
-              file=sys.stderr)
+        print(
+            "no GPU here (nvidia-smi finds none): --smoke runs every step on the tiny model on the CPU", file=sys.stderr
+        )
         return 2
     if args.time_limit is None:
         args.time_limit = SMOKE_TIME_LIMIT_S if args.smoke else DEFAULT_TIME_LIMIT_S
@@ -382,16 +509,21 @@ def main(argv=None) -> int:
     only = set(args.only.split(",")) if args.only else None
     python, setup = set_up(args)
     steps = plan(args, python)
-    print(f"this run: {planned_seconds(steps):.0f} s planned, limit {args.time_limit:.0f} s: "
-          + ", ".join(f"{s.name} {s.budget_s:.0f} s" + (" (background)" if s.background else "") for s in steps),
-          file=sys.stderr)
+    print(
+        f"this run: {planned_seconds(steps):.0f} s planned, limit {args.time_limit:.0f} s: "
+        + ", ".join(f"{s.name} {s.budget_s:.0f} s" + (" (background)" if s.background else "") for s in steps),
+        file=sys.stderr,
+    )
 
     def results_so_far(final: bool) -> list[Result]:
         pending = "pending" if not final else "not run"
         return [setup] + [runner.results.get(s.name) or previous_result(previous, s, only, pending) for s in steps]
 
-    runner = Runner(args.out, deadline=started + args.time_limit,
-                    progress=lambda: write_results(args, results_so_far(False), started, final=False))
+    runner = Runner(
+        args.out,
+        deadline=started + args.time_limit,
+        progress=lambda: write_results(args, results_so_far(False), started, final=False),
+    )
     runner.progress()
     # Stopped from outside (`timeout`, the device's limit): end the running steps, keep
     # what finished, and say so.
@@ -408,8 +540,16 @@ def main(argv=None) -> int:
             runner.running.pop(name)
             _stop_group(process)
             log.close()
-            runner.record(Result(name, step.proves, "timed out", "gpu_check was stopped (SIGTERM) during it",
-                                 round(time.monotonic() - step_started, 1), step.budget_s))
+            runner.record(
+                Result(
+                    name,
+                    step.proves,
+                    "timed out",
+                    "gpu_check was stopped (SIGTERM) during it",
+                    round(time.monotonic() - step_started, 1),
+                    step.budget_s,
+                )
+            )
         write_results(args, results_so_far(True), started)
         raise
     code = write_results(args, results_so_far(True), started)
@@ -427,8 +567,9 @@ def previous_results(out: Path) -> dict[str, dict]:
         return {}
 
 
-def previous_result(previous: dict[str, dict], step: Step, only: set[str] | None = None,
-                    pending: str = "not run") -> Result:
+def previous_result(
+    previous: dict[str, dict], step: Step, only: set[str] | None = None, pending: str = "not run"
+) -> Result:
     """A step without a result in this run: left out by --only (its result from the run
     before, if any), or still to come."""
     if only and step.name not in only:

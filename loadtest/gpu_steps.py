@@ -38,8 +38,22 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("torch", "numpy", "transformers", "tokenizers", "safetensors", "huggingface_hub", "onnx",
-            "onnxruntime", "onnxruntime-gpu", "onnxscript", "tritonclient", "grpcio", "protobuf", "nvidia-pytriton")
+PACKAGES = (
+    "torch",
+    "numpy",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "huggingface_hub",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxscript",
+    "tritonclient",
+    "grpcio",
+    "protobuf",
+    "nvidia-pytriton",
+)
 COMPLETE = ".complete"  # written last into a generated checkpoint: a killed build is redone
 
 
@@ -58,7 +72,7 @@ def _run(command: list[str]) -> str | None:
 
 
 def perth_status() -> str:
-    """"ok" when Perth (the watermark) loads in this environment, else why not."""
+    """ "ok" when Perth (the watermark) loads in this environment, else why not."""
     try:
         from csm_triton.core.watermark import load_perth
 
@@ -83,8 +97,13 @@ def environment(out: Path) -> dict:
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             properties = torch.cuda.get_device_properties(index)
-            devices.append({"name": properties.name, "capability": f"{properties.major}.{properties.minor}",
-                            "memory_gib": round(properties.total_memory / 2**30, 1)})
+            devices.append(
+                {
+                    "name": properties.name,
+                    "capability": f"{properties.major}.{properties.minor}",
+                    "memory_gib": round(properties.total_memory / 2**30, 1),
+                }
+            )
     try:
         import onnxruntime
 
@@ -138,18 +157,23 @@ def _probe_model(folder: Path) -> tuple[Path, dict]:
     from onnx import TensorProto, helper, numpy_helper
 
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["y"])], "provider_probe",
+        [helper.make_node("Conv", ["x", "w"], ["y"])],
+        "provider_probe",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 6])],
-        [numpy_helper.from_array(np.ones((1, 1, 3), np.float32), "w")])
+        [numpy_helper.from_array(np.ones((1, 1, 3), np.float32), "w")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8  # loadable by older onnxruntime builds too
     path = folder / "provider_probe.onnx"
     onnx.save(model, path)
-    config = {"name": "provider_probe", "max_batch_size": 0,
-              "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [1, 1, 8]}],
-              "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [1, 1, 6]}],
-              "instance_group": [{"count": 1, "kind": "KIND_GPU"}]}
+    config = {
+        "name": "provider_probe",
+        "max_batch_size": 0,
+        "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [1, 1, 8]}],
+        "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [1, 1, 6]}],
+        "instance_group": [{"count": 1, "kind": "KIND_GPU"}],
+    }
     return path, config
 
 
@@ -195,11 +219,15 @@ def onnxruntime_probe(device: str, model_dir: Path | None = None) -> dict:
             if model_dir is None:
                 session.run({"x": np.ones((1, 1, 8), np.float32)})
             report["in_use"] = session.providers
-            report["provider_options"] = {name: {key: value for key, value in options.items()
-                                                 if key in ("device_id", "cudnn_conv_algo_search",
-                                                            "arena_extend_strategy")}
-                                          for name, options in session.session.get_provider_options().items()
-                                          if name != "CPUExecutionProvider"}
+            report["provider_options"] = {
+                name: {
+                    key: value
+                    for key, value in options.items()
+                    if key in ("device_id", "cudnn_conv_algo_search", "arena_extend_strategy")
+                }
+                for name, options in session.session.get_provider_options().items()
+                if name != "CPUExecutionProvider"
+            }
     except Exception as error:  # noqa: BLE001 - the reason is the answer
         report.update(in_use=None, error=f"{type(error).__name__}: {error}".splitlines()[0][:300])
     report["provider"] = (report.get("in_use") or ["unknown"])[0]
@@ -231,9 +259,12 @@ def full_size_config(tokenizer):
     return CsmConfig(
         rope_parameters=tiny.BACKBONE_ROPE,
         depth_decoder_config=CsmDepthDecoderConfig(rope_parameters=tiny.DEPTH_DECODER_ROPE),
-        bos_token_id=tokenizer.bos_token_id, pad_token_id=audio_id, audio_token_id=audio_id,
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=audio_id,
+        audio_token_id=audio_id,
         audio_eos_token_id=tokenizer.convert_tokens_to_ids(C.AUDIO_EOS_TOKEN),
-        codebook_eos_token_id=C.END_OF_SPEECH_CODE, codebook_pad_token_id=C.AUDIO_PAD_CODE,
+        codebook_eos_token_id=C.END_OF_SPEECH_CODE,
+        codebook_pad_token_id=C.AUDIO_PAD_CODE,
     )
 
 
@@ -278,7 +309,8 @@ def build_full_size_checkpoint(out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     CsmProcessor(
         feature_extractor=EncodecFeatureExtractor(feature_size=1, sampling_rate=C.SAMPLE_RATE, padding_value=0.0),
-        tokenizer=tokenizer, chat_template=tiny.CHAT_TEMPLATE,
+        tokenizer=tokenizer,
+        chat_template=tiny.CHAT_TEMPLATE,
     ).save_pretrained(out)
     return out
 
@@ -365,8 +397,11 @@ def merge_levels(bench, levels_dir: Path, out: Path) -> Path | None:
     if not reports:
         return None
     reports.sort(key=lambda report: report["levels"][0]["concurrency"])
-    merged = {**reports[0], "levels": [level for report in reports for level in report["levels"]],
-              "requests_per_client": {str(r["levels"][0]["concurrency"]): r["requests_per_client"] for r in reports}}
+    merged = {
+        **reports[0],
+        "levels": [level for report in reports for level in report["levels"]],
+        "requests_per_client": {str(r["levels"][0]["concurrency"]): r["requests_per_client"] for r in reports},
+    }
     stem = f"bench_stream_{merged['model']}_{merged['device_tag']}"
     from loadtest import common
 
@@ -392,8 +427,14 @@ def triton(args) -> int:
     os.environ[workload.ADMIN_TOKEN_ENV] = token  # the bench registers its stored voices with it
     models = sorted(p.name for p in served.iterdir() if (p / "config.pbtxt").is_file())
     concurrency = [int(c) for c in args.concurrency.split(",")]
-    record = {"repository": str(args.repository), "perth": perth, "adjustments": adjustments, "models": models,
-              "concurrency": concurrency, "levels": []}
+    record = {
+        "repository": str(args.repository),
+        "perth": perth,
+        "adjustments": adjustments,
+        "models": models,
+        "concurrency": concurrency,
+        "levels": [],
+    }
 
     def save() -> None:
         run_json.write_text(json.dumps(record, indent=2) + "\n")
@@ -401,11 +442,20 @@ def triton(args) -> int:
     bench, plot = _bench_without_plots()
     # Which provider Mimi's decoder gets, probed on the served model while the server starts.
     probe: dict = {}
-    prober = threading.Thread(target=lambda: probe.update(onnxruntime_probe("cuda:0", served / "mimi_decoder")),
-                              name="mimi-provider-probe", daemon=True)
+    prober = threading.Thread(
+        target=lambda: probe.update(onnxruntime_probe("cuda:0", served / "mimi_decoder")),
+        name="mimi-provider-probe",
+        daemon=True,
+    )
     prober.start()
-    server = TritonServer(served, load_models=models, ready_models=models, startup_timeout=args.startup_timeout,
-                          environment={workload.ADMIN_TOKEN_ENV: token}, log_path=out / "tritonserver.log")
+    server = TritonServer(
+        served,
+        load_models=models,
+        ready_models=models,
+        startup_timeout=args.startup_timeout,
+        environment={workload.ADMIN_TOKEN_ENV: token},
+        log_path=out / "tritonserver.log",
+    )
     code = 1
     try:
         with fail_fast_on_load_errors(server):
@@ -416,25 +466,52 @@ def triton(args) -> int:
         record["mimi_probe"], record["mimi_provider"] = dict(probe), mimi_provider(probe, [])
         print(f"mimi_decoder runs on {record['mimi_provider']}", file=sys.stderr)
         save()
-        common = ["--http", server.http_url, "--grpc", server.grpc_url, "--model", args.model_label,
-                  "--max-audio-seconds", str(args.max_audio_seconds)]
+        common = [
+            "--http",
+            server.http_url,
+            "--grpc",
+            server.grpc_url,
+            "--model",
+            args.model_label,
+            "--max-audio-seconds",
+            str(args.max_audio_seconds),
+        ]
         codes = []
         for index, level in enumerate(concurrency):
             # Warm-up at this level, results discarded, so that the measured pass finds
             # its CUDA graphs captured and both stored voices' prefixes cached.
             started = time.monotonic()
-            warmup = bench.main(common + ["--concurrency", str(level), "--requests-per-client", "1",
-                                          "--warmup", "2" if index == 0 else "0"])
+            warmup = bench.main(
+                common
+                + ["--concurrency", str(level), "--requests-per-client", "1", "--warmup", "2" if index == 0 else "0"]
+            )
             warmup_seconds = time.monotonic() - started
             started = time.monotonic()
             per_client = requests_for(level, args.min_requests)
-            measured = bench.main(common + ["--concurrency", str(level), "--requests-per-client", str(per_client),
-                                            "--warmup", "0", "--out", str(levels_dir / f"c{level}")])
+            measured = bench.main(
+                common
+                + [
+                    "--concurrency",
+                    str(level),
+                    "--requests-per-client",
+                    str(per_client),
+                    "--warmup",
+                    "0",
+                    "--out",
+                    str(levels_dir / f"c{level}"),
+                ]
+            )
             codes.append(measured)
-            record["levels"].append({"concurrency": level, "requests_per_client": per_client,
-                                     "warmup_exit_code": warmup, "warmup_seconds": round(warmup_seconds, 1),
-                                     "bench_exit_code": measured,
-                                     "bench_seconds": round(time.monotonic() - started, 1)})
+            record["levels"].append(
+                {
+                    "concurrency": level,
+                    "requests_per_client": per_client,
+                    "warmup_exit_code": warmup,
+                    "warmup_seconds": round(warmup_seconds, 1),
+                    "bench_exit_code": measured,
+                    "bench_seconds": round(time.monotonic() - started, 1),
+                }
+            )
             merge_levels(bench, levels_dir, out)
             save()
         code = 0 if all(c == 0 for c in codes) else 1
@@ -449,8 +526,15 @@ def triton(args) -> int:
     finally:
         server.stop()
         log = _log_lines(out / "tritonserver.log")
-        record["engine_log"] = [line for line in log if re.search(r"KV slots|CUDA graph|captured|no CUDA provider|"
-                                                                  r"runs it on the CPU", line)][:20]
+        record["engine_log"] = [
+            line
+            for line in log
+            if re.search(
+                r"KV slots|CUDA graph|captured|no CUDA provider|"
+                r"runs it on the CPU",
+                line,
+            )
+        ][:20]
         prober.join(timeout=1)
         record["mimi_probe"] = dict(probe)
         record["mimi_provider"] = mimi_provider(probe, log)
@@ -517,13 +601,15 @@ def main(argv=None) -> int:
     serve.add_argument("--out", type=Path, required=True)
     serve.add_argument("--model-label", default="full-random")
     serve.add_argument("--concurrency", default="1,8,32,64")
-    serve.add_argument("--min-requests", type=int, default=8,
-                       help="requests per level at least (one per client at least)")
+    serve.add_argument(
+        "--min-requests", type=int, default=8, help="requests per level at least (one per client at least)"
+    )
     serve.add_argument("--max-audio-seconds", type=float, default=4.0)
     serve.add_argument("--startup-timeout", type=float, default=300.0)
     serve.add_argument("--max-slots", type=int, help="csm_lm's max_slots instead of the profile's")
-    serve.add_argument("--watermark", choices=["auto", "on", "off"], default="auto",
-                       help="auto: on when Perth loads here")
+    serve.add_argument(
+        "--watermark", choices=["auto", "on", "off"], default="auto", help="auto: on when Perth loads here"
+    )
     args = parser.parse_args(argv)
     if args.command == "environment":
         environment(args.out)

@@ -1,7 +1,7 @@
 """summary.md of a `loadtest.gpu_check` run: every step with its status, and every
 figure beside its target from docs/performance.md.
 
-The targets' wording is docs/performance.md's (tests/test_gpu_check.py checks that each
+The targets' wording is docs/performance.md's (tests/deploy/test_gpu_check.py checks that each
 one still appears there verbatim); the thresholds that judge them sit beside it here.
 """
 
@@ -19,17 +19,23 @@ DOC_TARGETS = (SINGLE_STREAM, AGGREGATE_64, TTFA, VERSUS_GENERATE)
 
 
 CPU_PROVIDER = "CPUExecutionProvider"
-TRITON_ROWS = ("single stream through Triton", "aggregate at 64 concurrent streams through Triton", "TTFA p50",
-               "TTFA p95")
+TRITON_ROWS = (
+    "single stream through Triton",
+    "aggregate at 64 concurrent streams through Triton",
+    "TTFA p50",
+    "TTFA p95",
+)
 
 
 def budget_line(budget: dict) -> str:
     """The device plan against the device's limits (gpu_check.device_budget)."""
     verdict = "a rerun fits" if budget["fits_with_rerun"] else "**a rerun does NOT fit**"
-    return (f"device plan: {budget['planned_s']:.0f} s of step budgets (setup included) within a "
-            f"{budget['time_limit_s']:.0f} s limit = {budget['planned_s'] / budget['device_call_s']:.0%} of one "
-            f"{budget['device_call_s']} s call; two runs at the limit + {budget['start_s']} s start-up = "
-            f"{budget['two_runs_s']} s of the {budget['device_session_s']} s device session: {verdict}")
+    return (
+        f"device plan: {budget['planned_s']:.0f} s of step budgets (setup included) within a "
+        f"{budget['time_limit_s']:.0f} s limit = {budget['planned_s'] / budget['device_call_s']:.0%} of one "
+        f"{budget['device_call_s']} s call; two runs at the limit + {budget['start_s']} s start-up = "
+        f"{budget['two_runs_s']} s of the {budget['device_session_s']} s device session: {verdict}"
+    )
 
 
 def _release(version: str) -> tuple[int, ...]:
@@ -52,8 +58,10 @@ def torch_skew(device: str | None, pinned: str | None) -> str:
     if _release(device) == _release(pinned):
         return f"torch {device} = the pin {pinned} (pyproject.toml): no skew"
     direction = "older" if _release(device) < _release(pinned) else "newer"
-    return (f"**torch skew**: the device ran torch {device}, {direction} than the {pinned} pinned in pyproject.toml "
-            "(the engine's figures and GPU tests are the device's torch's)")
+    return (
+        f"**torch skew**: the device ran torch {device}, {direction} than the {pinned} pinned in pyproject.toml "
+        "(the engine's figures and GPU tests are the device's torch's)"
+    )
 
 
 def mimi_provider(out: Path) -> tuple[str | None, str]:
@@ -73,16 +81,30 @@ def _mimi_line(out: Path, smoke: bool = False) -> str:
     provider, source = mimi_provider(out)
     environment = _load(out / "environment", "gpu_check_*_environment.json") or {}
     packages = environment.get("packages") or {}
-    build = ("onnxruntime-gpu " + packages["onnxruntime-gpu"] if packages.get("onnxruntime-gpu")
-             else "onnxruntime " + (packages.get("onnxruntime") or "?"))
-    probe = (_load(out / "triton", "triton_*_run.json") or {}).get("mimi_probe") or environment.get("onnxruntime_probe") or {}
+    build = (
+        "onnxruntime-gpu " + packages["onnxruntime-gpu"]
+        if packages.get("onnxruntime-gpu")
+        else "onnxruntime " + (packages.get("onnxruntime") or "?")
+    )
+    probe = (
+        (_load(out / "triton", "triton_*_run.json") or {}).get("mimi_probe")
+        or environment.get("onnxruntime_probe")
+        or {}
+    )
     options = (probe.get("provider_options") or {}).get("CUDAExecutionProvider") or {}
-    search = f"; cudnn_conv_algo_search {options['cudnn_conv_algo_search']}" if options.get("cudnn_conv_algo_search") else ""
+    search = (
+        f"; cudnn_conv_algo_search {options['cudnn_conv_algo_search']}" if options.get("cudnn_conv_algo_search") else ""
+    )
     error = f"; {probe['error']}" if probe.get("error") else ""
-    flag = "" if provider != CPU_PROVIDER else (" (as planned: smoke run on the CPU)" if smoke else
-                                               " (**on the CPU: the Triton figures are invalid**)")
-    return (f"Mimi (ONNX Runtime, {build}): {provider or 'unknown'}{flag} — {source}; available: "
-            f"{', '.join(probe.get('available') or []) or '-'}{search}{error}")
+    flag = (
+        ""
+        if provider != CPU_PROVIDER
+        else (" (as planned: smoke run on the CPU)" if smoke else " (**on the CPU: the Triton figures are invalid**)")
+    )
+    return (
+        f"Mimi (ONNX Runtime, {build}): {provider or 'unknown'}{flag} — {source}; available: "
+        f"{', '.join(probe.get('available') or []) or '-'}{search}{error}"
+    )
 
 
 def _load(folder: Path, pattern: str) -> dict | None:
@@ -127,47 +149,97 @@ def figures(out: Path, smoke: bool) -> list[tuple[str, str, str, str]]:
     ttfa50 = (c1.get("ttfa_ms") or {}).get("p50")
     ttfa95 = (c32.get("ttfa_ms") or {}).get("p95")
     rows = [
-        ("single stream through Triton (c=1: real-time factor p50 x 80 ms)", _figure(triton_ms, " ms/frame"),
-         SINGLE_STREAM, _verdict(triton_ms, lambda v: v <= 10, smoke)),
-        ("single stream, engine in-process (batch 1, steady state)", _figure(engine_ms, " ms/frame", 2),
-         SINGLE_STREAM, _verdict(engine_ms, lambda v: v <= 10, smoke)),
-        ("engine vs transformers generate, batch 1, same weights", _figure(speedup, "×"), VERSUS_GENERATE,
-         _verdict(speedup, lambda v: v >= 20, smoke)),
-        ("aggregate at 64 concurrent streams through Triton", _figure(aggregate, "× real time"), AGGREGATE_64,
-         _verdict(aggregate, lambda v: v >= 300, smoke)),
-        ("aggregate at batch 64, engine in-process (an upper bound)",
-         _figure(batch64.get("engine_x_real_time_aggregate"), "× real time"), AGGREGATE_64, "context"),
-        ("TTFA p50 at c=1 (stored voice, prefix cached)", _figure(ttfa50, " ms"), TTFA,
-         _verdict(ttfa50, lambda v: v <= 50, smoke)),
+        (
+            "single stream through Triton (c=1: real-time factor p50 x 80 ms)",
+            _figure(triton_ms, " ms/frame"),
+            SINGLE_STREAM,
+            _verdict(triton_ms, lambda v: v <= 10, smoke),
+        ),
+        (
+            "single stream, engine in-process (batch 1, steady state)",
+            _figure(engine_ms, " ms/frame", 2),
+            SINGLE_STREAM,
+            _verdict(engine_ms, lambda v: v <= 10, smoke),
+        ),
+        (
+            "engine vs transformers generate, batch 1, same weights",
+            _figure(speedup, "×"),
+            VERSUS_GENERATE,
+            _verdict(speedup, lambda v: v >= 20, smoke),
+        ),
+        (
+            "aggregate at 64 concurrent streams through Triton",
+            _figure(aggregate, "× real time"),
+            AGGREGATE_64,
+            _verdict(aggregate, lambda v: v >= 300, smoke),
+        ),
+        (
+            "aggregate at batch 64, engine in-process (an upper bound)",
+            _figure(batch64.get("engine_x_real_time_aggregate"), "× real time"),
+            AGGREGATE_64,
+            "context",
+        ),
+        (
+            "TTFA p50 at c=1 (stored voice, prefix cached)",
+            _figure(ttfa50, " ms"),
+            TTFA,
+            _verdict(ttfa50, lambda v: v <= 50, smoke),
+        ),
         ("TTFA p95 at c=32", _figure(ttfa95, " ms"), TTFA, _verdict(ttfa95, lambda v: v <= 250, smoke)),
     ]
     provider, _ = mimi_provider(out)
     if not smoke and provider == CPU_PROVIDER:
-        rows = [(figure, measured, target, "**invalid**: Mimi ran on the CPU (ONNX Runtime without CUDA)")
-                if figure.startswith(TRITON_ROWS) else (figure, measured, target, verdict)
-                for figure, measured, target, verdict in rows]
+        rows = [
+            (figure, measured, target, "**invalid**: Mimi ran on the CPU (ONNX Runtime without CUDA)")
+            if figure.startswith(TRITON_ROWS)
+            else (figure, measured, target, verdict)
+            for figure, measured, target, verdict in rows
+        ]
     for row in engine_rows:
         if row["batch"] not in (1, 64):
-            rows.append((f"engine in-process, batch {row['batch']}",
-                         f"{row['engine_ms_per_step']} ms/step, {row['engine_x_real_time_aggregate']:,}× real time",
-                         "-", "context"))
+            rows.append(
+                (
+                    f"engine in-process, batch {row['batch']}",
+                    f"{row['engine_ms_per_step']} ms/step, {row['engine_x_real_time_aggregate']:,}× real time",
+                    "-",
+                    "context",
+                )
+            )
     graphs = tests.get("cuda_graph_vs_eager")
     if graphs:
         equal = all(case["codes_equal"] for case in graphs)
         buckets = ", ".join(f"({case['batch']}, {case['attend_len']})" for case in graphs)
-        rows.append((f"CUDA-graph replay = eager frame step, buckets {buckets}", "equal" if equal else "DIFFERENT",
-                     "equal codes", "**met**" if equal else "**missed**"))
+        rows.append(
+            (
+                f"CUDA-graph replay = eager frame step, buckets {buckets}",
+                "equal" if equal else "DIFFERENT",
+                "equal codes",
+                "**met**" if equal else "**missed**",
+            )
+        )
     precision = tests.get("bf16_vs_fp32")
     if precision:
-        rows.append((f"bf16 vs fp32 engine, greedy, {precision['frames']} frames x {precision['requests']} requests "
-                     f"({precision['model']})",
-                     f"{precision['identical_fraction']:.1%} identical; first divergence at frame "
-                     f"{precision['first_divergent_frame']}", "reported", "-"))
+        rows.append(
+            (
+                f"bf16 vs fp32 engine, greedy, {precision['frames']} frames x {precision['requests']} requests "
+                f"({precision['model']})",
+                f"{precision['identical_fraction']:.1%} identical; first divergence at frame "
+                f"{precision['first_divergent_frame']}",
+                "reported",
+                "-",
+            )
+        )
     slots = tests.get("kv_slots")
     if slots:
-        rows.append(("KV slots at gpu_memory_fraction 0.85, CSM-1B bf16, 2048 positions",
-                     f"{slots['production_slots']:,} slots of {slots['production_slot_mib']:.0f} MiB "
-                     f"({slots['gpu_memory_gib']:.0f} GiB GPU)", "reported", "-"))
+        rows.append(
+            (
+                "KV slots at gpu_memory_fraction 0.85, CSM-1B bf16, 2048 positions",
+                f"{slots['production_slots']:,} slots of {slots['production_slot_mib']:.0f} MiB "
+                f"({slots['gpu_memory_gib']:.0f} GiB GPU)",
+                "reported",
+                "-",
+            )
+        )
     return rows
 
 
@@ -176,41 +248,63 @@ def summary_markdown(out: Path, record: dict) -> str:
     environment = _load(out / "environment", "gpu_check_*_environment.json") or {}
     devices = ", ".join(f"{d['name']} ({d['memory_gib']} GiB)" for d in environment.get("devices", [])) or "no GPU"
     title = "GPU check" + (": smoke run on the CPU (tiny model; proves the script, not the figures)" if smoke else "")
-    lines = [f"# {title}", "",
-             f"- device: {devices}; driver {environment.get('driver') or '-'}; torch {environment.get('torch', '?')} "
-             f"(CUDA {environment.get('torch_cuda') or '-'}); Python {environment.get('python', '?')}",
-             f"- machine: {environment.get('cpu', '?')}",
-             f"- commit: `{record.get('commit') or environment.get('commit', '?')}`; command: `{record['command']}`",
-             f"- {record['seconds']:.0f} s in all (limit {record['time_limit_s']:.0f} s); "
-             + (f"**failed: {', '.join(record['failed'])}**" if record["failed"] else "no step failed")
-             + ("" if record.get("finished", True) else "; **still running** (written after each step)"),
-             f"- {_mimi_line(out, smoke)}",
-             f"- {torch_skew(environment.get('torch'), environment.get('torch_pinned'))}"]
+    lines = [
+        f"# {title}",
+        "",
+        f"- device: {devices}; driver {environment.get('driver') or '-'}; torch {environment.get('torch', '?')} "
+        f"(CUDA {environment.get('torch_cuda') or '-'}); Python {environment.get('python', '?')}",
+        f"- machine: {environment.get('cpu', '?')}",
+        f"- commit: `{record.get('commit') or environment.get('commit', '?')}`; command: `{record['command']}`",
+        f"- {record['seconds']:.0f} s in all (limit {record['time_limit_s']:.0f} s); "
+        + (f"**failed: {', '.join(record['failed'])}**" if record["failed"] else "no step failed")
+        + ("" if record.get("finished", True) else "; **still running** (written after each step)"),
+        f"- {_mimi_line(out, smoke)}",
+        f"- {torch_skew(environment.get('torch'), environment.get('torch_pinned'))}",
+    ]
     if record.get("budget"):
         lines.append(f"- {budget_line(record['budget'])}")
-    lines += ["",
-             "## Steps", "", "| step | proves | status | why / note | seconds (budget) | results |",
-             "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Steps",
+        "",
+        "| step | proves | status | why / note | seconds (budget) | results |",
+        "|---|---|---|---|---|---|",
+    ]
     for step in record["steps"]:
         files = ", ".join(f"[{Path(f).name}]({f})" for f in step["files"] if not f.endswith(".log"))
-        lines.append(f"| {step['name']} | {step['proves']} | {step['status']} | {step['reason'].replace('|', '/')} | "
-                     f"{step['seconds']:.0f} ({step['budget_s']:.0f}) | {files or '-'} |")
-    lines += ["", "## Figures against the targets (docs/performance.md)", "",
-              "| figure | measured | target | verdict |", "|---|---|---|---|"]
+        lines.append(
+            f"| {step['name']} | {step['proves']} | {step['status']} | {step['reason'].replace('|', '/')} | "
+            f"{step['seconds']:.0f} ({step['budget_s']:.0f}) | {files or '-'} |"
+        )
+    lines += [
+        "",
+        "## Figures against the targets (docs/performance.md)",
+        "",
+        "| figure | measured | target | verdict |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in figures(out, smoke)]
     run = _load(out / "triton", "triton_*_run.json") or {}
-    lines += ["", "## Notes", "",
-              "- Random weights of CSM-1B's shape: speed does not depend on the weights' values, but the audio is "
-              "noise and never ends by itself, so every request generates its whole MAX_AUDIO_SECONDS.",
-              "- The Triton figures come one concurrency level at a time, each after an unrecorded warm-up pass at "
-              "that level (CUDA graphs captured, both stored voices' prefixes cached); the repository was built "
-              "while the GPU tests and the engine benchmark ran."]
+    lines += [
+        "",
+        "## Notes",
+        "",
+        "- Random weights of CSM-1B's shape: speed does not depend on the weights' values, but the audio is "
+        "noise and never ends by itself, so every request generates its whole MAX_AUDIO_SECONDS.",
+        "- The Triton figures come one concurrency level at a time, each after an unrecorded warm-up pass at "
+        "that level (CUDA graphs captured, both stored voices' prefixes cached); the repository was built "
+        "while the GPU tests and the engine benchmark ran.",
+    ]
     if run.get("startup_seconds") is not None:
-        levels = "; ".join(f"c={level['concurrency']}: warm-up {level['warmup_seconds']} s, measured "
-                           f"{level['bench_seconds']} s ({level['requests_per_client']} per client)"
-                           for level in run.get("levels", []))
-        lines.append(f"- tritonserver was ready in {run['startup_seconds']:.0f} s ({len(run.get('models', []))} models); "
-                     f"{levels or 'no level finished'}.")
+        levels = "; ".join(
+            f"c={level['concurrency']}: warm-up {level['warmup_seconds']} s, measured "
+            f"{level['bench_seconds']} s ({level['requests_per_client']} per client)"
+            for level in run.get("levels", [])
+        )
+        lines.append(
+            f"- tritonserver was ready in {run['startup_seconds']:.0f} s ({len(run.get('models', []))} models); "
+            f"{levels or 'no level finished'}."
+        )
     if run.get("adjustments"):
         lines.append(f"- Served with: {'; '.join(run['adjustments'])} (Perth: {run.get('perth')}).")
     if run.get("engine_log"):

@@ -83,17 +83,21 @@ def csm_1b_structure(seed: int = 0):
 
 def count(batch: int, lm: CsmLM) -> dict:
     engine = GenerationEngine(lm, EngineConfig(max_slots=max(BATCHES), max_context=ATTEND_LEN, warm_up=False))
-    step = FrameStep(lm, engine.cache, engine.depth_cache, engine.hidden, batch=batch, attend_len=ATTEND_LEN,
-                     top_k_bound=64)
+    step = FrameStep(
+        lm, engine.cache, engine.depth_cache, engine.hidden, batch=batch, attend_len=ATTEND_LEN, top_k_bound=64
+    )
     step.positions.fill_(ATTEND_LEN - 1)
     counter = KernelCounter()
     with torch.inference_mode(), counter:
         step._compute()
     ops = counter.ops
-    return {"batch": batch, "kernels": sum(ops.values()),
-            "gemms": sum(n for name, n in ops.items() if name in GEMMS),
-            "attention": sum(n for name, n in ops.items() if "attention" in name),
-            "by_op": dict(ops.most_common())}
+    return {
+        "batch": batch,
+        "kernels": sum(ops.values()),
+        "gemms": sum(n for name, n in ops.items() if name in GEMMS),
+        "attention": sum(n for name, n in ops.items() if "attention" in name),
+        "by_op": dict(ops.most_common()),
+    }
 
 
 def measure() -> dict:
@@ -102,23 +106,37 @@ def measure() -> dict:
     lm = CsmLM(model, device=torch.device("cpu"), dtype=torch.bfloat16, max_batch=max(BATCHES), cpu_kernels="mkl")
     layers = len(lm.backbone.layers) + (lm.num_codebooks - 1) * len(lm.depth.layers)
     rows = [count(batch, lm) for batch in BATCHES]
-    return {"commit": git_commit(), "machine": f"{cpu_model()} ({platform.machine()})", "torch": torch.__version__,
-            "layer_calls_per_frame": layers, "codebooks": lm.num_codebooks, "attend_len": ATTEND_LEN, "rows": rows}
+    return {
+        "commit": git_commit(),
+        "machine": f"{cpu_model()} ({platform.machine()})",
+        "torch": torch.__version__,
+        "layer_calls_per_frame": layers,
+        "codebooks": lm.num_codebooks,
+        "attend_len": ATTEND_LEN,
+        "rows": rows,
+    }
 
 
 def markdown(after: dict, before: dict | None) -> str:
-    lines = ["# Kernels per frame step (CSM-1B's structure, counted on the CPU)", "",
-             f"Method: `loadtest/kernel_count.py` (its docstring): ATen operators that are not views or "
-             f"allocations, reached by one `FrameStep._compute` (what the CUDA graph captures), "
-             f"{after['layer_calls_per_frame']} transformer layer calls and {after['codebooks']} codebooks per "
-             f"frame, attention over {after['attend_len']} positions. Counted on {after['machine']}, "
-             f"torch {after['torch']}; command `python -m loadtest.kernel_count --write after --compare before`.",
-             "", "| commit | batch | kernels / frame | per layer call | GEMMs | attention |", "|---|---|---|---|---|---|"]
+    lines = [
+        "# Kernels per frame step (CSM-1B's structure, counted on the CPU)",
+        "",
+        f"Method: `loadtest/kernel_count.py` (its docstring): ATen operators that are not views or "
+        f"allocations, reached by one `FrameStep._compute` (what the CUDA graph captures), "
+        f"{after['layer_calls_per_frame']} transformer layer calls and {after['codebooks']} codebooks per "
+        f"frame, attention over {after['attend_len']} positions. Counted on {after['machine']}, "
+        f"torch {after['torch']}; command `python -m loadtest.kernel_count --write after --compare before`.",
+        "",
+        "| commit | batch | kernels / frame | per layer call | GEMMs | attention |",
+        "|---|---|---|---|---|---|",
+    ]
     for report in ([before] if before else []) + [after]:
         for row in report["rows"]:
-            lines.append(f"| {report['commit']} | {row['batch']} | {row['kernels']:,} | "
-                         f"{row['kernels'] / report['layer_calls_per_frame']:.1f} | {row['gemms']} | "
-                         f"{row['attention']} |")
+            lines.append(
+                f"| {report['commit']} | {row['batch']} | {row['kernels']:,} | "
+                f"{row['kernels'] / report['layer_calls_per_frame']:.1f} | {row['gemms']} | "
+                f"{row['attention']} |"
+            )
     lines += ["", "Operators at batch 1 (after):", "", "| operator | count |", "|---|---|"]
     lines += [f"| `{name}` | {n} |" for name, n in after["rows"][0]["by_op"].items()]
     return "\n".join(lines) + "\n"
@@ -131,8 +149,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     report = measure()
     for row in report["rows"]:
-        print(f"batch {row['batch']}: {row['kernels']:,} kernels per frame "
-              f"({row['gemms']} GEMMs, {row['attention']} attention)")
+        print(
+            f"batch {row['batch']}: {row['kernels']:,} kernels per frame "
+            f"({row['gemms']} GEMMs, {row['attention']} attention)"
+        )
     if args.write:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"kernels_per_frame_{args.write}.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -45,8 +45,8 @@ from locust import FastHttpUser, between, events, task
 from locust.runners import WorkerRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # workload.py, however locust was started
-import token_host  # noqa: E402
-import workload  # noqa: E402
+import token_host
+import workload
 
 LOG = logging.getLogger("csm-locust")
 MAX_AUDIO_SECONDS = float(os.environ.get("CSM_LOCUST_MAX_AUDIO_SECONDS", "10"))
@@ -69,8 +69,9 @@ class Run:
     load_before = 0.0  # 1-minute load average at test start: was the machine busy already?
 
 
-def request_body(text: str, audio_seconds: float, voice_id: str | None = None,
-                 reference_json: str | None = None) -> bytes:
+def request_body(
+    text: str, audio_seconds: float, voice_id: str | None = None, reference_json: str | None = None
+) -> bytes:
     inputs = [json.dumps(item) for item in workload.tts_inputs(text, audio_seconds, random.randrange(2**31), voice_id)]
     if reference_json is not None:
         inputs.append(reference_json[1:-1])  # the items of the serialised list
@@ -93,8 +94,13 @@ class CsmTtsUser(FastHttpUser):
     @task(6)
     def tts_stored_voice(self):
         if not Run.voice_ids:
-            with self.client.post("/v2/models/csm_tts/infer", name="csm_tts stored voice", catch_response=True,
-                                  data=b"{}", headers=JSON_HEADERS) as response:
+            with self.client.post(
+                "/v2/models/csm_tts/infer",
+                name="csm_tts stored voice",
+                catch_response=True,
+                data=b"{}",
+                headers=JSON_HEADERS,
+            ) as response:
                 response.failure(f"no stored voice to use: {Run.setup_error}")
             return
         self.speak("csm_tts stored voice", voice_id=random.choice(Run.voice_ids))
@@ -105,8 +111,13 @@ class CsmTtsUser(FastHttpUser):
 
     @task(1)
     def voice_list(self):
-        with self.client.post("/v2/models/voice_list/infer", data=b'{"inputs": []}', headers=JSON_HEADERS,
-                              name="voice_list", catch_response=True) as response:
+        with self.client.post(
+            "/v2/models/voice_list/infer",
+            data=b'{"inputs": []}',
+            headers=JSON_HEADERS,
+            name="voice_list",
+            catch_response=True,
+        ) as response:
             if response.status_code != 200:
                 response.failure(error_message(response))
                 return
@@ -119,15 +130,17 @@ class CsmTtsUser(FastHttpUser):
         audio_seconds = workload.audio_seconds_for(text, MAX_AUDIO_SECONDS)
         body = request_body(text, audio_seconds, voice_id, reference_json)
         started = time.perf_counter()
-        with self.client.post("/v2/models/csm_tts/infer", data=body, headers=JSON_HEADERS, name=name,
-                              catch_response=True) as response:
+        with self.client.post(
+            "/v2/models/csm_tts/infer", data=body, headers=JSON_HEADERS, name=name, catch_response=True
+        ) as response:
             elapsed = time.perf_counter() - started
             if response.status_code != 200:
                 response.failure(error_message(response))
                 return
             try:
-                samples = workload.audio_samples_in(response.content,
-                                                    response.headers.get("Inference-Header-Content-Length"))
+                samples = workload.audio_samples_in(
+                    response.content, response.headers.get("Inference-Header-Content-Length")
+                )
             except (ValueError, KeyError) as error:
                 response.failure(f"unreadable answer: {error}")
                 return
@@ -203,16 +216,25 @@ def summary(environment) -> dict:
         "wall_seconds": round(elapsed, 1),
         "audio_seconds": round(audio_seconds, 2),
         "aggregate_x_real_time": round(audio_seconds / elapsed, 3),
-        "real_time_factor": {entry.name.replace(" real-time factor x1000", ""): {
-            "median": entry.get_response_time_percentile(0.5) / 1000,
-            "p95": entry.get_response_time_percentile(0.95) / 1000,
-        } for entry in rtf if entry.num_requests},
-        "latency_ms": {entry.name: {
-            "median": entry.get_response_time_percentile(0.5),
-            "p95": entry.get_response_time_percentile(0.95),
-            "p99": entry.get_response_time_percentile(0.99),
-            "requests": entry.num_requests, "failures": entry.num_failures,
-        } for entry in stats.entries.values() if entry.method == "POST"},
+        "real_time_factor": {
+            entry.name.replace(" real-time factor x1000", ""): {
+                "median": entry.get_response_time_percentile(0.5) / 1000,
+                "p95": entry.get_response_time_percentile(0.95) / 1000,
+            }
+            for entry in rtf
+            if entry.num_requests
+        },
+        "latency_ms": {
+            entry.name: {
+                "median": entry.get_response_time_percentile(0.5),
+                "p95": entry.get_response_time_percentile(0.95),
+                "p99": entry.get_response_time_percentile(0.99),
+                "requests": entry.num_requests,
+                "failures": entry.num_failures,
+            }
+            for entry in stats.entries.values()
+            if entry.method == "POST"
+        },
     }
 
 
@@ -235,11 +257,16 @@ def summary_markdown(report: dict) -> str:
     for name, row in sorted(report["latency_ms"].items()):
         rtf = report["real_time_factor"].get(name)
         rtf_text = f"{rtf['median']:.2f} / {rtf['p95']:.2f}" if rtf else "-"
-        lines.append(f"| {name} | {row['requests']} | {row['failures']} | {row['median']} | {row['p95']} | "
-                     f"{row['p99']} | {rtf_text} |")
+        lines.append(
+            f"| {name} | {row['requests']} | {row['failures']} | {row['median']} | {row['p95']} | "
+            f"{row['p99']} | {rtf_text} |"
+        )
     if report["model"] == "tiny":
-        lines += ["", "The tiny random-weight model's audio is noise and never ends early: every request "
-                      "generates exactly its MAX_AUDIO_SECONDS. The figures measure the serving path, not speech."]
+        lines += [
+            "",
+            "The tiny random-weight model's audio is noise and never ends early: every request "
+            "generates exactly its MAX_AUDIO_SECONDS. The figures measure the serving path, not speech.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -248,8 +275,14 @@ def report(environment, **_kwargs):
     if isinstance(environment.runner, WorkerRunner):
         return
     result = summary(environment)
-    LOG.info("audio: %.1f s in %.1f s = %.3fx real time; %d requests, %d failures", result["audio_seconds"],
-             result["wall_seconds"], result["aggregate_x_real_time"], result["requests"], result["failures"])
+    LOG.info(
+        "audio: %.1f s in %.1f s = %.3fx real time; %d requests, %d failures",
+        result["audio_seconds"],
+        result["wall_seconds"],
+        result["aggregate_x_real_time"],
+        result["requests"],
+        result["failures"],
+    )
     prefix = getattr(environment.parsed_options, "csv_prefix", None) if environment.parsed_options else None
     if prefix:
         Path(f"{prefix}_summary.json").write_text(json.dumps(result, indent=2) + "\n")

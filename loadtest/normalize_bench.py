@@ -25,10 +25,14 @@ from csm_triton.core import normalize, segments, text_split
 from loadtest import workload
 
 TEXTS = Path(__file__).resolve().parent / "data" / "texts.txt"
-DENSE = ("On 2026-12-06 at 10:45 a.m., 3 of 12 items cost $5.30, 25% off 1,250 kg; call 555-123-4567 "
-         "or mail a.b@example.com by Jan. 3rd, 2027; 2 1/2 hours at 60 mph is 150 miles, 72°F. ")
-PROSE = ("The quick brown fox jumps over the lazy dog, and then, having made its point, trots off into the "
-         "woods without a backward glance. ")
+DENSE = (
+    "On 2026-12-06 at 10:45 a.m., 3 of 12 items cost $5.30, 25% off 1,250 kg; call 555-123-4567 "
+    "or mail a.b@example.com by Jan. 3rd, 2027; 2 1/2 hours at 60 mph is 150 miles, 72°F. "
+)
+PROSE = (
+    "The quick brown fox jumps over the lazy dog, and then, having made its point, trots off into the "
+    "woods without a backward glance. "
+)
 
 
 def corpus() -> str:
@@ -52,10 +56,15 @@ def median_seconds(run, repeats: int) -> float:
 def per_segment(text: str, repeats: int) -> dict:
     """ms per 300 characters over the segments of `text` (each timed alone)."""
     pieces = segments.split_text(text)
-    figures = sorted(median_seconds(lambda p=p: normalize.normalize_text(p), repeats) * 1000 * 300 / len(p)
-                     for p in pieces)
-    return {"segments": len(pieces), "median": statistics.median(figures),
-            "p95": figures[min(len(figures) - 1, int(0.95 * len(figures)))], "max": figures[-1]}
+    figures = sorted(
+        median_seconds(lambda p=p: normalize.normalize_text(p), repeats) * 1000 * 300 / len(p) for p in pieces
+    )
+    return {
+        "segments": len(pieces),
+        "median": statistics.median(figures),
+        "p95": figures[min(len(figures) - 1, int(0.95 * len(figures)))],
+        "max": figures[-1],
+    }
 
 
 class Warnings(logging.Handler):
@@ -77,26 +86,35 @@ def whole_text(text: str, repeats: int) -> dict:
     finally:
         logging.getLogger(normalize.__name__).removeHandler(warnings)
     stops = [m for m in warnings.messages if "budget" in m or "would pass" in m]
-    return {"chars": len(text), "split_ms": plain * 1000, "normalized_split_ms": normalized * 1000,
-            "normalize_ms": (normalized - plain) * 1000,
-            # what csm_tts_stream's first audio waits for: the head split and normalized alone
-            "head_ms": median_seconds(lambda: text_split.split_head(text, normalize=normalize.normalize_texts),
-                                      repeats) * 1000,
-            "segments": len(segments.split_text(text, normalize=normalize.normalize_texts)),
-            "stopped": stops[-1].removeprefix("text normalization ") if stops else "no"}
+    return {
+        "chars": len(text),
+        "split_ms": plain * 1000,
+        "normalized_split_ms": normalized * 1000,
+        "normalize_ms": (normalized - plain) * 1000,
+        # what csm_tts_stream's first audio waits for: the head split and normalized alone
+        "head_ms": median_seconds(lambda: text_split.split_head(text, normalize=normalize.normalize_texts), repeats)
+        * 1000,
+        "segments": len(segments.split_text(text, normalize=normalize.normalize_texts)),
+        "stopped": stops[-1].removeprefix("text normalization ") if stops else "no",
+    }
 
 
 def report_markdown(r: dict) -> str:
-    rows = "\n".join(f"| {name} | {s['segments']} | {s['median']:.1f} | {s['p95']:.1f} | {s['max']:.1f} |"
-                     for name, s in r["segment"].items())
-    whole = "\n".join(f"| {name} | {w['chars']:,} | {w['segments']} | {w['split_ms']:.0f} | {w['normalized_split_ms']:.0f}"
-                      f" | {w['normalize_ms']:.0f} | {w['normalize_ms'] * 300 / w['chars']:.1f} | {w['head_ms']:.1f}"
-                      f" | {w['stopped']} |" for name, w in r["whole"].items())
+    rows = "\n".join(
+        f"| {name} | {s['segments']} | {s['median']:.1f} | {s['p95']:.1f} | {s['max']:.1f} |"
+        for name, s in r["segment"].items()
+    )
+    whole = "\n".join(
+        f"| {name} | {w['chars']:,} | {w['segments']} | {w['split_ms']:.0f} | {w['normalized_split_ms']:.0f}"
+        f" | {w['normalize_ms']:.0f} | {w['normalize_ms'] * 300 / w['chars']:.1f} | {w['head_ms']:.1f}"
+        f" | {w['stopped']} |"
+        for name, w in r["whole"].items()
+    )
     return f"""# Text normalization on the CPU (csm_triton.core.normalize, wetext 0.1.8)
 
-- machine: {r['machine']}; commit `{r['commit']}`; command: `{r['command']}`
-- median of {r['repeats']} runs each; the normalizer's load (once per process, at csm_prepare's load): {r['load_ms']:.0f} ms
-- load average (1 min) before / after: {r['load_before']:.2f} / {r['load_after']:.2f} (other work shared the cores)
+- machine: {r["machine"]}; commit `{r["commit"]}`; command: `{r["command"]}`
+- median of {r["repeats"]} runs each; the normalizer's load (once per process, at csm_prepare's load): {r["load_ms"]:.0f} ms
+- load average (1 min) before / after: {r["load_before"]:.2f} / {r["load_after"]:.2f} (other work shared the cores)
 
 ## Per segment (each segment of up to {C.SEGMENT_MAX_CHARS} characters normalized alone)
 
@@ -119,7 +137,7 @@ answer with all the audio) csm_prepare normalizes every sentence before it answe
 whole-text figure. csm_tts_stream asks for the head alone (text_split.split_head: the first
 segment, its sentences split and normalized alone) and for the rest while the head is
 spoken, so the head figure is what normalization adds before a stream's first audio; the
-head and the rest make the same segments as the whole split (tests/test_text_split_head.py).
+head and the rest make the same segments as the whole split (tests/unit/test_text_split_head.py).
 A request's normalization
 stops after {C.NORMALIZE_BUDGET_SECONDS:g} s or when the normalized text would pass
 {C.NORMALIZED_TEXT_MAX_CHARS:,} characters, and the rest is spoken as written ("stopped early": which,
@@ -142,11 +160,15 @@ def main(argv=None) -> int:
     texts = {"load tests' texts": corpus(), "dense": DENSE, "plain prose": PROSE}
     long_texts = {name: repeat_to(text, C.MAX_LONG_TEXT_CHARS) for name, text in texts.items()}
     report = {
-        "machine": workload.machine(), "commit": workload.commit(),
+        "machine": workload.machine(),
+        "commit": workload.commit(),
         "command": "python -m loadtest.normalize_bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "repeats": args.repeats, "load_ms": load_ms,
-        "segment": {name: per_segment(text if name == "load tests' texts" else repeat_to(text, 3000), args.repeats)
-                    for name, text in texts.items()},
+        "repeats": args.repeats,
+        "load_ms": load_ms,
+        "segment": {
+            name: per_segment(text if name == "load tests' texts" else repeat_to(text, 3000), args.repeats)
+            for name, text in texts.items()
+        },
         "whole": {name: whole_text(text, args.repeats) for name, text in long_texts.items()},
     }
     report["load_before"], report["load_after"] = load_before, os.getloadavg()[0]

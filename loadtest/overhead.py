@@ -35,7 +35,9 @@ TARGET_OVERHEAD = 0.15  # docs/performance.md: Triton overhead <= 15 % on a 5 s 
 
 
 def prompt_for(http: workload.TritonHTTP, text: str, reference: workload.Reference) -> tuple[np.ndarray, np.ndarray]:
-    answer = http.infer("csm_prepare", [workload.tensor("TEXT", "BYTES", [text]), *workload.reference_inputs(reference)])
+    answer = http.infer(
+        "csm_prepare", [workload.tensor("TEXT", "BYTES", [text]), *workload.reference_inputs(reference)]
+    )
     outputs = {output["name"]: output for output in answer["outputs"]}
     input_ids = np.asarray(outputs["input_ids"]["data"], np.int64)
     prompt_codes = np.asarray(outputs["prompt_codes"]["data"], np.int64).reshape(outputs["prompt_codes"]["shape"])
@@ -90,22 +92,30 @@ class ThroughTriton:
     def _inputs(self, arrays: dict[str, np.ndarray]):
         items = []
         for name, array in arrays.items():
-            item = self.grpc.InferInput(name, list(array.shape), "BYTES" if array.dtype == object else
-                                        {np.float32: "FP32", np.int32: "INT32", np.int64: "INT64"}[array.dtype.type])
+            item = self.grpc.InferInput(
+                name,
+                list(array.shape),
+                "BYTES"
+                if array.dtype == object
+                else {np.float32: "FP32", np.int32: "INT32", np.int64: "INT64"}[array.dtype.type],
+            )
             item.set_data_from_numpy(array)
             items.append(item)
         return items
 
     def generate(self, sampling: dict, input_ids, prompt_codes) -> tuple[float, float, np.ndarray]:
-        inputs = self._inputs({
-            "input_ids": input_ids, "prompt_codes": prompt_codes,
-            "TEMPERATURE": np.array([sampling["temperature"]], np.float32),
-            "TOP_K": np.array([sampling["top_k"]], np.int32),
-            "SEED": np.array([sampling["seed"]], np.int64),
-            "MAX_AUDIO_SECONDS": np.array([sampling["max_frames"] / workload.FRAME_RATE_HZ], np.float32),
-            "first_chunk_frames": np.array([sampling["first_chunk_frames"]], np.int32),
-            "chunk_frames": np.array([sampling["stream_every"]], np.int32),
-        })
+        inputs = self._inputs(
+            {
+                "input_ids": input_ids,
+                "prompt_codes": prompt_codes,
+                "TEMPERATURE": np.array([sampling["temperature"]], np.float32),
+                "TOP_K": np.array([sampling["top_k"]], np.int32),
+                "SEED": np.array([sampling["seed"]], np.int64),
+                "MAX_AUDIO_SECONDS": np.array([sampling["max_frames"] / workload.FRAME_RATE_HZ], np.float32),
+                "first_chunk_frames": np.array([sampling["first_chunk_frames"]], np.int32),
+                "chunk_frames": np.array([sampling["stream_every"]], np.int32),
+            }
+        )
         arrivals: queue.Queue = queue.Queue()
         self.client.start_stream(callback=lambda result, error: arrivals.put((time.perf_counter(), result, error)))
         chunks, first = [], None
@@ -127,16 +137,18 @@ class ThroughTriton:
             self.client.stop_stream()
 
     def tts(self, text: str, reference: workload.Reference, sampling: dict) -> float:
-        inputs = self._inputs({
-            "TEXT": np.array([text.encode()], dtype=object),
-            "REFERENCE_AUDIO": np.asarray(reference.samples, np.float32),
-            "REFERENCE_SAMPLE_RATE": np.array([reference.sample_rate], np.int32),
-            "REFERENCE_TEXT": np.array([reference.transcript.encode()], dtype=object),
-            "TEMPERATURE": np.array([sampling["temperature"]], np.float32),
-            "TOP_K": np.array([sampling["top_k"]], np.int32),
-            "SEED": np.array([sampling["seed"]], np.int64),
-            "MAX_AUDIO_SECONDS": np.array([sampling["max_frames"] / workload.FRAME_RATE_HZ], np.float32),
-        })
+        inputs = self._inputs(
+            {
+                "TEXT": np.array([text.encode()], dtype=object),
+                "REFERENCE_AUDIO": np.asarray(reference.samples, np.float32),
+                "REFERENCE_SAMPLE_RATE": np.array([reference.sample_rate], np.int32),
+                "REFERENCE_TEXT": np.array([reference.transcript.encode()], dtype=object),
+                "TEMPERATURE": np.array([sampling["temperature"]], np.float32),
+                "TOP_K": np.array([sampling["top_k"]], np.int32),
+                "SEED": np.array([sampling["seed"]], np.int64),
+                "MAX_AUDIO_SECONDS": np.array([sampling["max_frames"] / workload.FRAME_RATE_HZ], np.float32),
+            }
+        )
         started = time.perf_counter()
         self.client.infer("csm_tts", inputs)
         return time.perf_counter() - started
@@ -147,9 +159,13 @@ class ThroughTriton:
 
 def summary(times: list[tuple[float, float]]) -> dict:
     total = [t for t, _ in times]
-    return {"median_s": round(statistics.median(total), 4), "min_s": round(min(total), 4),
-            "max_s": round(max(total), 4), "first_chunk_median_ms": round(statistics.median(f for _, f in times) * 1000, 1),
-            "runs_s": [round(t, 4) for t in total]}
+    return {
+        "median_s": round(statistics.median(total), 4),
+        "min_s": round(min(total), 4),
+        "max_s": round(max(total), 4),
+        "first_chunk_median_ms": round(statistics.median(f for _, f in times) * 1000, 1),
+        "runs_s": [round(t, 4) for t in total],
+    }
 
 
 def run(args, target: common.Target, repository: Path) -> dict:
@@ -158,9 +174,14 @@ def run(args, target: common.Target, repository: Path) -> dict:
     reference = workload.load_references()[0]
     input_ids, prompt_codes = prompt_for(target.client, args.text, reference)
     frames = int(np.ceil(args.seconds * C.FRAME_RATE_HZ))
-    sampling = {"max_frames": frames, "temperature": C.DEFAULT_TEMPERATURE, "top_k": C.DEFAULT_TOP_K,
-                "seed": args.seed, "stream_every": C.STREAM_CHUNK_FRAMES,
-                "first_chunk_frames": C.STREAM_FIRST_CHUNK_FRAMES}
+    sampling = {
+        "max_frames": frames,
+        "temperature": C.DEFAULT_TEMPERATURE,
+        "top_k": C.DEFAULT_TOP_K,
+        "seed": args.seed,
+        "stream_every": C.STREAM_CHUNK_FRAMES,
+        "first_chunk_frames": C.STREAM_FIRST_CHUNK_FRAMES,
+    }
     local, triton = InProcess(repository), ThroughTriton(target.grpc)
     try:
         paths = {"in_process": local, "triton": triton}
@@ -182,13 +203,21 @@ def run(args, target: common.Target, repository: Path) -> dict:
     result = {name: summary(values) for name, values in times.items()}
     ratio = result["triton"]["median_s"] / result["in_process"]["median_s"]
     return {
-        "text": args.text, "prompt_tokens": int(len(input_ids)), "reference_frames": int(len(prompt_codes)),
-        "frames": frames, "audio_seconds": frames / C.FRAME_RATE_HZ, "seed": args.seed, "repeats": args.repeats,
+        "text": args.text,
+        "prompt_tokens": int(len(input_ids)),
+        "reference_frames": int(len(prompt_codes)),
+        "frames": frames,
+        "audio_seconds": frames / C.FRAME_RATE_HZ,
+        "seed": args.seed,
+        "repeats": args.repeats,
         "codes_identical": bool(np.array_equal(codes["triton"], codes["in_process"])),
         "frames_generated": {name: int(len(value)) for name, value in codes.items()},
-        "in_process": result["in_process"], "triton": result["triton"],
-        "ratio": round(ratio, 3), "overhead_percent": round((ratio - 1) * 100, 1),
-        "target_overhead_percent": TARGET_OVERHEAD * 100, "meets_target": ratio - 1 <= TARGET_OVERHEAD,
+        "in_process": result["in_process"],
+        "triton": result["triton"],
+        "ratio": round(ratio, 3),
+        "overhead_percent": round((ratio - 1) * 100, 1),
+        "target_overhead_percent": TARGET_OVERHEAD * 100,
+        "meets_target": ratio - 1 <= TARGET_OVERHEAD,
         "csm_tts_whole_pipeline_median_s": round(statistics.median(tts), 4),
         "torch_threads_in_process": torch.get_num_threads(),
     }
@@ -196,25 +225,40 @@ def run(args, target: common.Target, repository: Path) -> dict:
 
 def markdown(report: dict) -> str:
     r = report
-    lines = common.report_head("Triton overhead: csm_lm through Triton vs the engine in-process", r, [
-        f"- one request, repeated {r['repeats']} times per path, alternating, after a warm-up: prompt of "
-        f"{r['prompt_tokens']} tokens ({r['reference_frames']} reference frames), {r['frames']} frames = "
-        f"{r['audio_seconds']:.2f} s of audio, seed {r['seed']}, streamed in chunks of 4 then 12 frames",
-        f"- same codes from both paths: **{r['codes_identical']}**; torch threads in-process: "
-        f"{r['torch_threads_in_process']}"])
-    lines += ["| path | median s | min s | max s | first chunk median ms | ms per frame (median) |",
-              "|---|---|---|---|---|---|"]
-    for key, label in (("in_process", "GenerationEngine in-process (same config, same checkpoint)"),
-                       ("triton", "csm_lm via Triton, gRPC stream")):
+    lines = common.report_head(
+        "Triton overhead: csm_lm through Triton vs the engine in-process",
+        r,
+        [
+            f"- one request, repeated {r['repeats']} times per path, alternating, after a warm-up: prompt of "
+            f"{r['prompt_tokens']} tokens ({r['reference_frames']} reference frames), {r['frames']} frames = "
+            f"{r['audio_seconds']:.2f} s of audio, seed {r['seed']}, streamed in chunks of 4 then 12 frames",
+            f"- same codes from both paths: **{r['codes_identical']}**; torch threads in-process: "
+            f"{r['torch_threads_in_process']}",
+        ],
+    )
+    lines += [
+        "| path | median s | min s | max s | first chunk median ms | ms per frame (median) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, label in (
+        ("in_process", "GenerationEngine in-process (same config, same checkpoint)"),
+        ("triton", "csm_lm via Triton, gRPC stream"),
+    ):
         row = r[key]
-        lines.append(f"| {label} | {row['median_s']} | {row['min_s']} | {row['max_s']} | "
-                     f"{row['first_chunk_median_ms']} | {row['median_s'] / r['frames'] * 1000:.1f} |")
+        lines.append(
+            f"| {label} | {row['median_s']} | {row['min_s']} | {row['max_s']} | "
+            f"{row['first_chunk_median_ms']} | {row['median_s'] / r['frames'] * 1000:.1f} |"
+        )
     verdict = "meets" if r["meets_target"] else "misses"
-    lines += ["", f"**Triton / in-process = {r['ratio']}: overhead {r['overhead_percent']} %** "
-                  f"({verdict} the target of at most {r['target_overhead_percent']:.0f} %).", "",
-              f"For context, csm_tts over gRPC on the same text, reference and seed (prepare with the reference "
-              f"clip's encoding, generation, decoder, watermark, one response): median "
-              f"{r['csm_tts_whole_pipeline_median_s']} s."]
+    lines += [
+        "",
+        f"**Triton / in-process = {r['ratio']}: overhead {r['overhead_percent']} %** "
+        f"({verdict} the target of at most {r['target_overhead_percent']:.0f} %).",
+        "",
+        f"For context, csm_tts over gRPC on the same text, reference and seed (prepare with the reference "
+        f"clip's encoding, generation, decoder, watermark, one response): median "
+        f"{r['csm_tts_whole_pipeline_median_s']} s.",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -235,8 +279,13 @@ def main(argv=None) -> int:
     meter = common.Contention()
     with common.target_from_args(args, register=False) as target:
         figures = run(args, target, repository)
-        report = {"benchmark": "Triton overhead vs in-process engine", **common.provenance(target),
-                  "device_tag": common.device_tag(target.device), "contention": meter.finish(target), **figures}
+        report = {
+            "benchmark": "Triton overhead vs in-process engine",
+            **common.provenance(target),
+            "device_tag": common.device_tag(target.device),
+            "contention": meter.finish(target),
+            **figures,
+        }
     table = markdown(report)
     print(table)
     if args.out:

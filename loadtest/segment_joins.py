@@ -7,7 +7,7 @@ join against the audio around each chunk join inside a segment.
 The same long text and seed go through csm_tts (every segment's codes decoded at once:
 no joins at all) and csm_tts_stream (segments streamed back to back, chunk by chunk).
 At each join of the stream, the SNR of the streamed audio against csm_tts's in a window
-around the join is the measure of tests/test_streaming.py and
+around the join is the measure of tests/model/test_streaming.py and
 loadtest/streaming_decode_bench.py (streamed vs whole decode), taken locally: a join
 decoded without the codes before it (a decoder restarted per segment) falls to the
 no-context figure (~7 dB), a join decoded with them matches the chunk joins. The frame
@@ -43,8 +43,9 @@ def long_text(chars: int) -> str:
     """Whole sentences (numbers, commas) up to `chars` characters."""
     sentences, total, i = [], 0, 0
     while True:
-        sentence = (f"Sentence {i} tells how the {WORDS[i % 8]} and the {WORDS[(i * 3 + 1) % 8]} met again, "
-                    f"{i + 2} days later.")
+        sentence = (
+            f"Sentence {i} tells how the {WORDS[i % 8]} and the {WORDS[(i * 3 + 1) % 8]} met again, {i + 2} days later."
+        )
         if total + len(sentence) + 1 > chars:
             return " ".join(sentences)
         sentences.append(sentence)
@@ -65,7 +66,7 @@ def join_snrs(reference: np.ndarray, streamed: np.ndarray, positions, window_fra
     values = []
     for frame in positions:
         at = frame * C.SAMPLES_PER_FRAME
-        values.append(snr_db(reference[at - window:at + window], streamed[at - window:at + window]))
+        values.append(snr_db(reference[at - window : at + window], streamed[at - window : at + window]))
     return values
 
 
@@ -99,8 +100,9 @@ def stream(client, inputs) -> tuple[list[np.ndarray], dict, float]:
         client.stop_stream()
 
 
-def set_budget(client, seconds_per_char: float | None, min_seconds: float | None,
-               headers: dict[str, str] | None) -> None:
+def set_budget(
+    client, seconds_per_char: float | None, min_seconds: float | None, headers: dict[str, str] | None
+) -> None:
     """csm_prepare loaded again with the frame-budget parameters (None, None: as in its
     repository). headers: the model-control key's (loading is refused without it)."""
     if seconds_per_char is None and min_seconds is None:
@@ -139,10 +141,13 @@ def measure(grpc_url: str, chars: int, seed: int) -> dict:
         raise RuntimeError("csm_tts and csm_tts_stream generated different segments for the same seed")
     segment_joins, chunk_joins = joins(frames, [len(c) // C.SAMPLES_PER_FRAME for c in chunks])
     return {
-        "text_chars": len(text), "segments": len(frames), "segment_frames": frames,
+        "text_chars": len(text),
+        "segments": len(frames),
+        "segment_frames": frames,
         "finish_reasons": sorted({r.decode() for r in final["FINISH_REASONS"]}),
         "audio_seconds": round(len(streamed) / C.SAMPLE_RATE, 2),
-        "csm_tts_seconds": round(offline_seconds, 2), "stream_seconds": round(stream_seconds, 2),
+        "csm_tts_seconds": round(offline_seconds, 2),
+        "stream_seconds": round(stream_seconds, 2),
         "stream_first_chunk_seconds": round(first, 3),
         "whole_snr_db": round(snr_db(whole, streamed), 2),
         "segment_joins": summary(join_snrs(whole, streamed, segment_joins)),
@@ -188,8 +193,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common.add_target_arguments(parser)
     parser.add_argument("--chars", type=int, default=5000)
-    parser.add_argument("--seconds-per-char", type=float, default=0.02,
-                        help="csm_prepare's segment_seconds_per_char for the run (csm_tts returns at most 120 s)")
+    parser.add_argument(
+        "--seconds-per-char",
+        type=float,
+        default=0.02,
+        help="csm_prepare's segment_seconds_per_char for the run (csm_tts returns at most 120 s)",
+    )
     parser.add_argument("--min-seconds", type=float, default=1.0, help="csm_prepare's segment_min_seconds")
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--out", type=Path)
@@ -203,16 +212,24 @@ def main(argv=None) -> int:
         if target.server is not None:
             headers = target.server.grpc_model_control_headers
         else:
-            headers = model_control_headers(model_control_key(), "grpc") if os.environ.get(C.MODEL_CONTROL_KEY_ENV) else None
+            headers = (
+                model_control_headers(model_control_key(), "grpc") if os.environ.get(C.MODEL_CONTROL_KEY_ENV) else None
+            )
         set_budget(control, args.seconds_per_char, args.min_seconds, headers)
         try:
             report = measure(target.grpc, args.chars, args.seed)
         finally:
             set_budget(control, None, None, headers)
-        report.update(model=target.model, device=target.device, commit=git_commit(),
-                      load_before=load_before, load_after=round(os.getloadavg()[0], 2),
-                      seconds_per_char=args.seconds_per_char, min_seconds=args.min_seconds,
-                      command="python -m loadtest.segment_joins " + " ".join(argv if argv is not None else sys.argv[1:]))
+        report.update(
+            model=target.model,
+            device=target.device,
+            commit=git_commit(),
+            load_before=load_before,
+            load_after=round(os.getloadavg()[0], 2),
+            seconds_per_char=args.seconds_per_char,
+            min_seconds=args.min_seconds,
+            command="python -m loadtest.segment_joins " + " ".join(argv if argv is not None else sys.argv[1:]),
+        )
     table = markdown(report)
     print(table)
     if args.out:

@@ -27,8 +27,13 @@ import numpy as np
 from loadtest import common, workload
 from loadtest.bench import is_final
 
-MIX = (("tts_stored_voice", 4), ("tts_inline_reference", 2), ("stream_stored_voice", 2), ("voice_list", 1),
-       ("register_delete", 1))
+MIX = (
+    ("tts_stored_voice", 4),
+    ("tts_inline_reference", 2),
+    ("stream_stored_voice", 2),
+    ("voice_list", 1),
+    ("register_delete", 1),
+)
 PAGE = 4096
 
 
@@ -84,8 +89,9 @@ class Soak:
     # --- the mix ----------------------------------------------------------------------------
     def tts_stored_voice(self, rng: random.Random) -> None:
         text = rng.choice(self.texts)
-        inputs = workload.tts_inputs(text, self.args.max_audio_seconds, rng.randrange(2**31),
-                                     rng.choice(self.target.voice_ids))
+        inputs = workload.tts_inputs(
+            text, self.args.max_audio_seconds, rng.randrange(2**31), rng.choice(self.target.voice_ids)
+        )
         self.http.infer("csm_tts", inputs)
 
     def tts_inline_reference(self, rng: random.Random) -> None:
@@ -109,10 +115,12 @@ class Soak:
             item.set_data_from_numpy(np.asarray(value))
             return item
 
-        inputs = [tensor("TEXT", np.array([rng.choice(self.texts).encode()], dtype=object), "BYTES"),
-                  tensor("VOICE_ID", np.array([rng.choice(self.target.voice_ids).encode()], dtype=object), "BYTES"),
-                  tensor("MAX_AUDIO_SECONDS", np.array([self.args.max_audio_seconds], np.float32), "FP32"),
-                  tensor("SEED", np.array([rng.randrange(2**31)], np.int64), "INT64")]
+        inputs = [
+            tensor("TEXT", np.array([rng.choice(self.texts).encode()], dtype=object), "BYTES"),
+            tensor("VOICE_ID", np.array([rng.choice(self.target.voice_ids).encode()], dtype=object), "BYTES"),
+            tensor("MAX_AUDIO_SECONDS", np.array([self.args.max_audio_seconds], np.float32), "FP32"),
+            tensor("SEED", np.array([rng.randrange(2**31)], np.int64), "INT64"),
+        ]
         client = grpc.InferenceServerClient(self.target.grpc)
         try:
             client.start_stream(callback=callback)
@@ -180,8 +188,13 @@ class Soak:
             thread.start()
         while any(thread.is_alive() for thread in threads):
             time.sleep(self.args.sample_every)
-            samples.append({"seconds": round(time.monotonic() - began, 1), "requests": self.total(),
-                            "rss_mib": {processes[pid]: round((rss_bytes(pid) or 0) / 2**20, 1) for pid in processes}})
+            samples.append(
+                {
+                    "seconds": round(time.monotonic() - began, 1),
+                    "requests": self.total(),
+                    "rss_mib": {processes[pid]: round((rss_bytes(pid) or 0) / 2**20, 1) for pid in processes},
+                }
+            )
         wall = time.monotonic() - began
         requests = self.total()
         rows = []
@@ -189,30 +202,55 @@ class Soak:
             before, after = start_rss[pid], rss_bytes(pid)
             alive = after is not None
             growth = (after - before) / 2**20 if alive and before is not None else None
-            rows.append({"process": name, "pid": pid, "alive": alive,
-                         "rss_start_mib": round(before / 2**20, 1) if before else None,
-                         "rss_end_mib": round(after / 2**20, 1) if alive else None,
-                         "growth_mib_per_1000_requests": round(growth * 1000 / max(1, requests), 2)
-                         if growth is not None else None})
-        return {"seconds": round(wall, 1), "clients": self.args.clients, "warmup_seconds": self.args.warmup,
-                "warmup_requests": warmup_requests, "requests": requests,
-                "failures": sum(self.failures.values()),
-                "per_kind": {name: {"requests": self.counts[name], "failures": self.failures[name]}
-                             for name, _ in MIX},
-                "errors": dict(self.errors.most_common(10)), "processes": rows, "samples": samples,
-                "max_audio_seconds": self.args.max_audio_seconds}
+            rows.append(
+                {
+                    "process": name,
+                    "pid": pid,
+                    "alive": alive,
+                    "rss_start_mib": round(before / 2**20, 1) if before else None,
+                    "rss_end_mib": round(after / 2**20, 1) if alive else None,
+                    "growth_mib_per_1000_requests": round(growth * 1000 / max(1, requests), 2)
+                    if growth is not None
+                    else None,
+                }
+            )
+        return {
+            "seconds": round(wall, 1),
+            "clients": self.args.clients,
+            "warmup_seconds": self.args.warmup,
+            "warmup_requests": warmup_requests,
+            "requests": requests,
+            "failures": sum(self.failures.values()),
+            "per_kind": {name: {"requests": self.counts[name], "failures": self.failures[name]} for name, _ in MIX},
+            "errors": dict(self.errors.most_common(10)),
+            "processes": rows,
+            "samples": samples,
+            "max_audio_seconds": self.args.max_audio_seconds,
+        }
 
 
 def markdown(report: dict) -> str:
-    lines = common.report_head("Soak: mixed load", report, [
-        f"- {report['clients']} clients for {report['seconds']:.0f} s after a {report['warmup_seconds']:.0f} s "
-        f"warm-up ({report['warmup_requests']} requests, not counted); MAX_AUDIO_SECONDS "
-        f"{report['max_audio_seconds']}"])
-    lines += [f"**{report['requests']} requests, {report['failures']} failures.**", "",
-              "| kind | requests | failures |", "|---|---|---|"]
+    lines = common.report_head(
+        "Soak: mixed load",
+        report,
+        [
+            f"- {report['clients']} clients for {report['seconds']:.0f} s after a {report['warmup_seconds']:.0f} s "
+            f"warm-up ({report['warmup_requests']} requests, not counted); MAX_AUDIO_SECONDS "
+            f"{report['max_audio_seconds']}"
+        ],
+    )
+    lines += [
+        f"**{report['requests']} requests, {report['failures']} failures.**",
+        "",
+        "| kind | requests | failures |",
+        "|---|---|---|",
+    ]
     lines += [f"| {name} | {row['requests']} | {row['failures']} |" for name, row in report["per_kind"].items()]
-    lines += ["", "| process | RSS after warm-up (MiB) | RSS at the end (MiB) | growth per 1,000 requests (MiB) |",
-              "|---|---|---|---|"]
+    lines += [
+        "",
+        "| process | RSS after warm-up (MiB) | RSS at the end (MiB) | growth per 1,000 requests (MiB) |",
+        "|---|---|---|---|",
+    ]
     for row in report["processes"]:
         end = row["rss_end_mib"] if row["alive"] else "exited"
         lines.append(f"| {row['process']} | {row['rss_start_mib']} | {end} | {row['growth_mib_per_1000_requests']} |")
@@ -236,8 +274,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     meter = common.Contention()
     with common.target_from_args(args) as target:
-        report = {"benchmark": "soak", **common.provenance(target), "device_tag": common.device_tag(target.device),
-                  **Soak(target, args).run()}
+        report = {
+            "benchmark": "soak",
+            **common.provenance(target),
+            "device_tag": common.device_tag(target.device),
+            **Soak(target, args).run(),
+        }
         report["contention"] = meter.finish(target)
     table = markdown(report)
     print(table)

@@ -22,9 +22,9 @@ import numpy as np
 import onnxruntime as ort
 
 from csm_triton import constants as C
+from csm_triton.core.stream_decoder import StreamDecoder, snr_db
 from loadtest import common
 from loadtest.workload import git_commit
-from csm_triton.core.stream_decoder import StreamDecoder, snr_db
 
 CONTEXTS = (0, 5, 12, 25, 50, C.MIMI_ATTENTION_WINDOW_FRAMES)
 
@@ -58,17 +58,24 @@ def run(checkpoint: Path, seconds: float, seed: int) -> dict:
         frames_decoded[0] = 0
         started = time.perf_counter()
         streamed = chunked(StreamDecoder(decode, context), codes)
-        rows.append({
-            "left_context_frames": context,
-            "snr_db": round(snr_db(whole, streamed), 2),
-            "max_abs_diff": float(np.abs(whole - streamed).max()),
-            "decode_cost_vs_whole": round(frames_decoded[0] / frames, 2),
-            "seconds": round(time.perf_counter() - started, 3),
-        })
+        rows.append(
+            {
+                "left_context_frames": context,
+                "snr_db": round(snr_db(whole, streamed), 2),
+                "max_abs_diff": float(np.abs(whole - streamed).max()),
+                "decode_cost_vs_whole": round(frames_decoded[0] / frames, 2),
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+        )
         print(json.dumps(rows[-1]), file=sys.stderr)
-    return {"checkpoint": str(checkpoint), "audio_seconds": seconds, "commit": git_commit(),
-            "command": "python -m loadtest.streaming_decode_bench " + " ".join(sys.argv[1:]),
-            "chunks": f"{C.STREAM_FIRST_CHUNK_FRAMES} then {C.STREAM_CHUNK_FRAMES} frames", "rows": rows}
+    return {
+        "checkpoint": str(checkpoint),
+        "audio_seconds": seconds,
+        "commit": git_commit(),
+        "command": "python -m loadtest.streaming_decode_bench " + " ".join(sys.argv[1:]),
+        "chunks": f"{C.STREAM_FIRST_CHUNK_FRAMES} then {C.STREAM_CHUNK_FRAMES} frames",
+        "rows": rows,
+    }
 
 
 def markdown(report: dict) -> str:
@@ -83,8 +90,10 @@ def markdown(report: dict) -> str:
         "|---|---|---|---|",
     ]
     for row in report["rows"]:
-        lines.append(f"| {row['left_context_frames']} | {row['snr_db']} | {row['max_abs_diff']:.2e} | "
-                     f"{row['decode_cost_vs_whole']} |")
+        lines.append(
+            f"| {row['left_context_frames']} | {row['snr_db']} | {row['max_abs_diff']:.2e} | "
+            f"{row['decode_cost_vs_whole']} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -53,9 +53,13 @@ def token_refusal(host: str | None, configured: str | None) -> str | None:
     if configured and origin(configured) is not None:
         if origin(host) == origin(configured):
             return None
-        return (f"the host '{host}' is not the one Locust was started with ('{configured}'), and the admin token "
-                f"goes only there; start Locust with --host {host} (or LOCUST_HOST) to use stored voices on it")
+        return (
+            f"the host '{host}' is not the one Locust was started with ('{configured}'), and the admin token "
+            f"goes only there; start Locust with --host {host} (or LOCUST_HOST) to use stored voices on it"
+        )
     if is_loopback(host):
         return None
-    return (f"Locust was started without --host, so the admin token goes only to a loopback host, not '{host}'; "
-            f"start it with --host {host} (or LOCUST_HOST) to use stored voices there")
+    return (
+        f"Locust was started without --host, so the admin token goes only to a loopback host, not '{host}'; "
+        f"start it with --host {host} (or LOCUST_HOST) to use stored voices there"
+    )

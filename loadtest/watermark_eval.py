@@ -39,44 +39,39 @@ SR = C.SAMPLE_RATE
 # Two sentences per language, long enough for 6 s at the fastest rate.
 SENTENCES = {
     "en-us": "The quick brown fox jumps over the lazy dog, then naps in the warm afternoon sun. "
-             "Please call Stella and ask her to bring these things with her from the store.",
+    "Please call Stella and ask her to bring these things with her from the store.",
     "en-gb": "She sells sea shells by the sea shore, and the shells she sells are surely sea shells. "
-             "A large rose-tree stood near the entrance of the garden.",
+    "A large rose-tree stood near the entrance of the garden.",
     "en-gb-scotland": "It was a bright cold day in April, and the clocks were striking thirteen. "
-                      "Nobody expected the weather to turn so quickly over the hills.",
+    "Nobody expected the weather to turn so quickly over the hills.",
     "de": "Der schnelle braune Fuchs springt über den faulen Hund und läuft dann in den Wald. "
-          "Morgen fahren wir mit dem Zug nach Berlin und besuchen unsere Freunde.",
+    "Morgen fahren wir mit dem Zug nach Berlin und besuchen unsere Freunde.",
     "fr-fr": "Le vif renard brun saute par-dessus le chien paresseux, puis disparaît dans la forêt. "
-             "Demain matin, nous irons au marché acheter du pain et des fruits.",
+    "Demain matin, nous irons au marché acheter du pain et des fruits.",
     "es": "El veloz murciélago hindú comía feliz cardillo y kiwi, mientras la cigüeña tocaba el saxofón. "
-          "Mañana iremos a la playa si el tiempo lo permite.",
+    "Mañana iremos a la playa si el tiempo lo permite.",
     "it": "Quel vituperabile xenofobo zelante assaggia il whisky ed esclama alleluja. "
-          "Domani andremo in montagna a camminare tra i boschi.",
+    "Domani andremo in montagna a camminare tra i boschi.",
     "pt-br": "Um pequeno jabuti xereta viu dez cegonhas felizes voando sobre o rio. "
-             "Amanhã vamos visitar a nossa avó no interior.",
+    "Amanhã vamos visitar a nossa avó no interior.",
     "nl": "De snelle bruine vos springt over de luie hond en rent dan het bos in. "
-          "Morgen gaan we met de fiets naar het strand.",
+    "Morgen gaan we met de fiets naar het strand.",
     "pl": "Pchnąć w tę łódź jeża lub ośm skrzyń fig, a potem odpocząć nad rzeką. "
-          "Jutro pojedziemy pociągiem do Krakowa.",
-    "ru": "Съешь же ещё этих мягких французских булок да выпей чаю. "
-          "Завтра мы поедем за город и будем гулять в лесу.",
+    "Jutro pojedziemy pociągiem do Krakowa.",
+    "ru": "Съешь же ещё этих мягких французских булок да выпей чаю. Завтра мы поедем за город и будем гулять в лесу.",
     "cs": "Příliš žluťoučký kůň úpěl ďábelské ódy a pak odběhl do lesa. "
-          "Zítra pojedeme vlakem do Prahy navštívit přátele.",
+    "Zítra pojedeme vlakem do Prahy navštívit přátele.",
     "sv": "Flygande bäckasiner söka hwila på mjuka tuvor, sedan flyger de vidare. "
-          "I morgon ska vi åka till skärgården med båten.",
+    "I morgon ska vi åka till skärgården med båten.",
     "fi": "Törkylempijävongahdus on suomen kielen pangrammi, jota harva osaa lausua. "
-          "Huomenna menemme mökille saunomaan ja uimaan.",
+    "Huomenna menemme mökille saunomaan ja uimaan.",
     "tr": "Pijamalı hasta yağız şoföre çabucak güvendi ve yola çıktılar. "
-          "Yarın sabah erkenden deniz kenarına gideceğiz.",
-    "hi": "मैं हिंदी बोल सकता हूँ और मुझे यह भाषा बहुत पसंद है। "
-          "कल हम बाज़ार जाएँगे और ताज़ी सब्ज़ियाँ खरीदेंगे।",
+    "Yarın sabah erkenden deniz kenarına gideceğiz.",
+    "hi": "मैं हिंदी बोल सकता हूँ और मुझे यह भाषा बहुत पसंद है। कल हम बाज़ार जाएँगे और ताज़ी सब्ज़ियाँ खरीदेंगे।",
     "cmn": "我们明天早上去公园散步，然后一起吃午饭。今天的天气非常好，阳光明媚，适合出去玩。",
-    "el": "Ξεσκεπάζω την ψυχοφθόρα βδελυγμία και μετά πηγαίνω στη θάλασσα. "
-          "Αύριο θα πάμε στο βουνό με τους φίλους μας.",
-    "hu": "Árvíztűrő tükörfúrógép, ezt minden magyar gyerek ismeri. "
-          "Holnap elmegyünk a Balatonra fürödni.",
-    "vi": "Tôi yêu tiếng Việt vì nó rất hay và giàu cảm xúc. "
-          "Ngày mai chúng ta sẽ đi chợ mua rau và trái cây.",
+    "el": "Ξεσκεπάζω την ψυχοφθόρα βδελυγμία και μετά πηγαίνω στη θάλασσα. Αύριο θα πάμε στο βουνό με τους φίλους μας.",
+    "hu": "Árvíztűrő tükörfúrógép, ezt minden magyar gyerek ismeri. Holnap elmegyünk a Balatonra fürödni.",
+    "vi": "Tôi yêu tiếng Việt vì nó rất hay và giàu cảm xúc. Ngày mai chúng ta sẽ đi chợ mua rau và trái cây.",
 }
 VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m7", "f1", "f2", "f3", "f4", "f5", "klatt", "croak")
 RATES_WPM = (120, 165, 210, 250)
@@ -98,8 +93,12 @@ def espeak(text: str, voice: str, rate_wpm: int, pitch: int, folder: Path) -> np
     if shutil.which("espeak-ng") is None:
         raise CorpusError("espeak-ng is missing: apt-get install -y espeak-ng (make setup-test installs it)")
     wav = folder / "speech.wav"
-    subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate_wpm), "-p", str(pitch), "-w", str(wav), text],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        ["espeak-ng", "-v", voice, "-s", str(rate_wpm), "-p", str(pitch), "-w", str(wav), text],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     samples, rate = read_audio_file(wav)
     return resample(samples, rate, SR)
 
@@ -158,7 +157,7 @@ def speech_clips(rng: np.random.Generator, count: int, folder: Path) -> list[Cli
         pitch = int(rng.integers(25, 75))
         audio = espeak(SENTENCES[language], f"{language}+{variant}", rate, pitch, folder)
         start = int(rng.integers(0, max(1, audio.size - 6 * SR) // 2 + 1))
-        audio = audio[start:start + int(_seconds(rng) * SR)]
+        audio = audio[start : start + int(_seconds(rng) * SR)]
         # espeak-ng speaks at full scale; a TTS service's output peaks lower, and +6 dB
         # should clip some clips, not all.
         audio = _level(audio, rng, -12.0, -2.0)
@@ -204,10 +203,10 @@ def chirp_clips(rng: np.random.Generator, count: int) -> list[Clip]:
         if rng.random() < 0.5:
             low, high = high, low  # downward
         if style == "linear":
-            phase = low * t + (high - low) * t ** 2 / (2 * seconds)
+            phase = low * t + (high - low) * t**2 / (2 * seconds)
         elif style == "log":
             k = (high / low) ** (1 / seconds)
-            phase = low * (k ** t - 1) / np.log(k)
+            phase = low * (k**t - 1) / np.log(k)
         elif style == "vibrato":  # a held note with 4-7 Hz vibrato, like a voice's
             centre, rate, depth = float(np.sqrt(low * high)), rng.uniform(4, 7), rng.uniform(0.01, 0.06)
             phase = centre * t - centre * depth / (2 * np.pi * rate) * np.cos(2 * np.pi * rate * t)
@@ -267,7 +266,7 @@ def _note(freq: float, seconds: float, rng: np.random.Generator, timbre: str) ->
     else:  # "bowed": harmonics with vibrato and a slow attack
         vibrato = 0.01 * np.sin(2 * np.pi * 5.5 * t)
         phase = np.cumsum(freq * (1 + vibrato)) / SR
-        audio = sum(np.sin(2 * np.pi * k * phase) / k ** 1.5 for k in range(1, 10))
+        audio = sum(np.sin(2 * np.pi * k * phase) / k**1.5 for k in range(1, 10))
         audio = audio * np.minimum(1, t / 0.15) * np.minimum(1, (seconds - t) / 0.1)
     return audio
 
@@ -300,19 +299,19 @@ def music_clips(rng: np.random.Generator, count: int) -> list[Clip]:
             if style in ("melody", "band"):
                 length = beat * rng.choice([0.5, 1, 1, 2])
                 note = _note(root * 2 ** (rng.choice(scale) / 12 + 1), length, rng, timbre)
-                audio[start:start + note.size] += note[: audio.size - start]
+                audio[start : start + note.size] += note[: audio.size - start]
             if style == "chords" or (style == "band" and int(position / beat) % 4 == 0):
                 length = beat * (4 if style == "band" else 2)
                 chord_root = root * 2 ** (rng.choice([0, 5, 7, 9]) / 12)
                 for step in (0, 4, 7):
                     note = 0.5 * _note(chord_root * 2 ** (step / 12), length, rng, timbre)
-                    audio[start:start + note.size] += note[: audio.size - start]
+                    audio[start : start + note.size] += note[: audio.size - start]
             if style in ("drums", "band"):
                 for offset, kind in ((0.0, "kick"), (0.5, "hat"), (1.0, "snare"), (1.5, "hat")):
                     hit = int((position + offset * beat) * SR)
                     if hit < samples:
                         drum = _drum(kind, rng)
-                        audio[hit:hit + drum.size] += drum[: audio.size - hit]
+                        audio[hit : hit + drum.size] += drum[: audio.size - hit]
             position += {"melody": 0, "chords": beat * 2, "drums": beat * 2, "band": 0}[style] or length
         clips.append(Clip("music", f"{style} {timbre} {tempo:.0f} bpm", _fade(_level(audio[:samples], rng, -20, -3))))
     return clips
@@ -328,8 +327,10 @@ def hiss_clips(rng: np.random.Generator, count: int) -> list[Clip]:
             spectrum[np.fft.rfftfreq(samples, 1 / SR) < 3000] *= 0.05
             audio = np.fft.irfft(spectrum, samples)
         rms_db = rng.uniform(-65, -35)
-        audio = audio / np.sqrt(np.mean(audio ** 2)) * 10 ** (rms_db / 20)
-        clips.append(Clip("hiss", f"{'tape' if index % 2 else 'white'} {rms_db:.0f} dBFS rms", audio.astype(np.float32)))
+        audio = audio / np.sqrt(np.mean(audio**2)) * 10 ** (rms_db / 20)
+        clips.append(
+            Clip("hiss", f"{'tape' if index % 2 else 'white'} {rms_db:.0f} dBFS rms", audio.astype(np.float32))
+        )
     return clips
 
 
@@ -346,18 +347,34 @@ def hum_clips(rng: np.random.Generator, count: int) -> list[Clip]:
 
 # Clips per kind: the full corpus (>= 200 clean clips) and --quick.
 COMPOSITION = {
-    "full": {"speech": 120, "tone": 30, "chord": 20, "chirp": 20, "noise": 24, "click": 15, "music": 28,
-             "hiss": 12, "hum": 6},
-    "quick": {"speech": 8, "tone": 3, "chord": 2, "chirp": 2, "noise": 3, "click": 2, "music": 3, "hiss": 1,
-              "hum": 1},
+    "full": {
+        "speech": 120,
+        "tone": 30,
+        "chord": 20,
+        "chirp": 20,
+        "noise": 24,
+        "click": 15,
+        "music": 28,
+        "hiss": 12,
+        "hum": 6,
+    },
+    "quick": {"speech": 8, "tone": 3, "chord": 2, "chirp": 2, "noise": 3, "click": 2, "music": 3, "hiss": 1, "hum": 1},
 }
 
 
 def build_corpus(composition: dict[str, int], seed: int) -> list[Clip]:
     """The clean corpus: every clip float32, 24 kHz, 2-6 s, deterministic given the seed."""
     rng = np.random.default_rng(seed)
-    makers = {"tone": tone_clips, "chord": chord_clips, "chirp": chirp_clips, "noise": noise_clips,
-              "click": click_clips, "music": music_clips, "hiss": hiss_clips, "hum": hum_clips}
+    makers = {
+        "tone": tone_clips,
+        "chord": chord_clips,
+        "chirp": chirp_clips,
+        "noise": noise_clips,
+        "click": click_clips,
+        "music": music_clips,
+        "hiss": hiss_clips,
+        "hum": hum_clips,
+    }
     clips = []
     with tempfile.TemporaryDirectory() as folder:
         clips += speech_clips(rng, composition.get("speech", 0), Path(folder))
@@ -383,8 +400,15 @@ def encoded(audio: np.ndarray, codec: str) -> tuple[np.ndarray, int]:
 
     buffer = io.BytesIO()
     if codec == "mp3":
-        soundfile.write(buffer, audio, SR, format="MP3", subtype="MPEG_LAYER_III",
-                        compression_level=MP3_64K_LEVEL, bitrate_mode="CONSTANT")
+        soundfile.write(
+            buffer,
+            audio,
+            SR,
+            format="MP3",
+            subtype="MPEG_LAYER_III",
+            compression_level=MP3_64K_LEVEL,
+            bitrate_mode="CONSTANT",
+        )
     else:
         soundfile.write(buffer, audio, SR, format="OGG", subtype="OPUS", compression_level=OPUS_64K_LEVEL)
     bits = len(buffer.getvalue()) * 8
@@ -414,12 +438,20 @@ def transform(audio: np.ndarray, name: str, rng: np.random.Generator) -> np.ndar
     if name == "trim to 2 s":
         length = int(TRIM_SECONDS * SR)
         start = int(rng.integers(0, max(0, audio.size - length) + 1))
-        return audio[start:start + length]
+        return audio[start : start + length]
     raise ValueError(f"unknown transform {name!r}")
 
 
-TRANSFORMS = ("none", "resample 16 kHz", "+6 dB", "-6 dB", "white noise 20 dB SNR", "mp3 64 kbit/s",
-              "opus 64 kbit/s", "trim to 2 s")
+TRANSFORMS = (
+    "none",
+    "resample 16 kHz",
+    "+6 dB",
+    "-6 dB",
+    "white noise 20 dB SNR",
+    "mp3 64 kbit/s",
+    "opus 64 kbit/s",
+    "trim to 2 s",
+)
 
 
 # --- the evaluation ------------------------------------------------------------------------
@@ -461,11 +493,24 @@ def evaluate(corpus: list[Clip], watermarker, seed: int, log=print) -> dict:
             else:
                 audio = transform(clip.audio, name, rng)
             detection = watermarker.detect(audio, SR)
-            scored.append(Scored(clip.kind, clip.name, is_marked, name, detection.score, detection.watermarked,
-                                 detection.confidence, bool(detection.profile and detection.profile.judgeable)))
+            scored.append(
+                Scored(
+                    clip.kind,
+                    clip.name,
+                    is_marked,
+                    name,
+                    detection.score,
+                    detection.watermarked,
+                    detection.confidence,
+                    bool(detection.profile and detection.profile.judgeable),
+                )
+            )
         log(f"  {name}: {len(items)} clips in {time.perf_counter() - started:.1f} s")
-    return {"scored": scored, "marked_clips": len(marked),
-            "bitrate_kbps": {k: round(float(np.mean(v)), 1) for k, v in codec_bits.items()}}
+    return {
+        "scored": scored,
+        "marked_clips": len(marked),
+        "bitrate_kbps": {k: round(float(np.mean(v)), 1) for k, v in codec_bits.items()},
+    }
 
 
 def summarise(scored: list[Scored], threshold: float) -> list[dict]:
@@ -473,17 +518,20 @@ def summarise(scored: list[Scored], threshold: float) -> list[dict]:
     for name in TRANSFORMS:
         clean = [s for s in scored if s.transform == name and not s.marked]
         marked = [s for s in scored if s.transform == name and s.marked]
-        rows.append({
-            "transform": name,
-            "fpr": _rate([s.score >= threshold for s in clean]),
-            "tpr": _rate([s.score >= threshold for s in marked]),
-            "perth_alone_fpr": _rate([s.confidence >= threshold for s in clean]),
-            "perth_alone_tpr": _rate([s.confidence >= threshold for s in marked]),
-            "clean_clips": len(clean), "marked_clips": len(marked),
-            "false_positives": [f"{s.kind}: {s.name} ({s.score:.2f})" for s in clean if s.score >= threshold],
-            "misses": [f"{s.name} ({s.score:.2f})" for s in marked if s.score < threshold],
-            "marked_not_judged": sum(not s.judgeable for s in marked),
-        })
+        rows.append(
+            {
+                "transform": name,
+                "fpr": _rate([s.score >= threshold for s in clean]),
+                "tpr": _rate([s.score >= threshold for s in marked]),
+                "perth_alone_fpr": _rate([s.confidence >= threshold for s in clean]),
+                "perth_alone_tpr": _rate([s.confidence >= threshold for s in marked]),
+                "clean_clips": len(clean),
+                "marked_clips": len(marked),
+                "false_positives": [f"{s.kind}: {s.name} ({s.score:.2f})" for s in clean if s.score >= threshold],
+                "misses": [f"{s.name} ({s.score:.2f})" for s in marked if s.score < threshold],
+                "marked_not_judged": sum(not s.judgeable for s in marked),
+            }
+        )
     return rows
 
 
@@ -494,8 +542,10 @@ def roc(scored: list[Scored]) -> dict[str, list[list[float]]]:
         subset = [s for s in scored if name in ("all", s.transform)]
         clean = np.array([s.score for s in subset if not s.marked])
         marked = np.array([s.score for s in subset if s.marked])
-        curves[name] = [[float(t), round(float(np.mean(clean >= t)), 5), round(float(np.mean(marked >= t)), 5)]
-                        for t in ROC_THRESHOLDS]
+        curves[name] = [
+            [float(t), round(float(np.mean(clean >= t)), 5), round(float(np.mean(marked >= t)), 5)]
+            for t in ROC_THRESHOLDS
+        ]
     return curves
 
 
@@ -518,8 +568,10 @@ def run(quick: bool, seed: int, log=print) -> dict:
     log(f"building the {mode} corpus (seed {seed})")
     corpus = build_corpus(COMPOSITION[mode], seed)
     watermarker = Watermarker("cpu")
-    log(f"scoring {len(corpus)} clean clips and the marked speech under {len(TRANSFORMS)} transforms "
-        f"({torch.get_num_threads()} torch threads)")
+    log(
+        f"scoring {len(corpus)} clean clips and the marked speech under {len(TRANSFORMS)} transforms "
+        f"({torch.get_num_threads()} torch threads)"
+    )
     evaluation = evaluate(corpus, watermarker, seed, log)
     scored = evaluation["scored"]
     curves = roc(scored)
@@ -535,19 +587,23 @@ def run(quick: bool, seed: int, log=print) -> dict:
         "rule": {
             "score": "Perth's confidence after the noise floor is removed if the clip is judgeable, else 0",
             "watermarked": "score >= threshold",
-            "judgeable": "speech-like (envelope std >= {} dB, flatness spread >= {}, rhythm < {}) or "
-                         "noise-like (mean flatness >= {})".format(C.WATERMARK_SPEECH_MIN_ENVELOPE_DB,
-                                                                   C.WATERMARK_SPEECH_MIN_FLATNESS_SPREAD,
-                                                                   C.WATERMARK_SPEECH_MAX_RHYTHM,
-                                                                   C.WATERMARK_NOISE_MIN_FLATNESS),
+            "judgeable": f"speech-like (envelope std >= {C.WATERMARK_SPEECH_MIN_ENVELOPE_DB} dB, flatness spread >= {C.WATERMARK_SPEECH_MIN_FLATNESS_SPREAD}, rhythm < {C.WATERMARK_SPEECH_MAX_RHYTHM}) or "
+            f"noise-like (mean flatness >= {C.WATERMARK_NOISE_MIN_FLATNESS})",
         },
         "table": rows,
         "roc": curves,
-        "corpus": {"mode": mode, "seed": seed, "clean_clips": len(corpus), "composition": composition,
-                   "marked_clips": evaluation["marked_clips"],
-                   "seconds": [round(min(durations), 2), round(max(durations), 2)],
-                   "languages": len(SENTENCES), "voices": list(VARIANTS), "rates_wpm": list(RATES_WPM),
-                   "sample_rate": SR},
+        "corpus": {
+            "mode": mode,
+            "seed": seed,
+            "clean_clips": len(corpus),
+            "composition": composition,
+            "marked_clips": evaluation["marked_clips"],
+            "seconds": [round(min(durations), 2), round(max(durations), 2)],
+            "languages": len(SENTENCES),
+            "voices": list(VARIANTS),
+            "rates_wpm": list(RATES_WPM),
+            "sample_rate": SR,
+        },
         "codec_bitrate_kbps": evaluation["bitrate_kbps"],
         "machine": machine(),
         "torch_threads": torch.get_num_threads(),
@@ -574,7 +630,7 @@ def markdown(report: dict) -> str:
         f"{corpus['languages']} languages, voices {', '.join(corpus['voices'])}, {corpus['rates_wpm']} wpm",
         f"- marked: the {corpus['marked_clips']} speech clips through `Watermarker.apply` (as the `watermark` model "
         "marks csm_tts output)",
-        f"- codecs measured at " + ", ".join(f"{k}: {v} kbit/s" for k, v in report["codec_bitrate_kbps"].items()),
+        "- codecs measured at " + ", ".join(f"{k}: {v} kbit/s" for k, v in report["codec_bitrate_kbps"].items()),
         f"- machine: {report['machine']}, {report['torch_threads']} torch thread(s); {report['seconds']} s",
         f"- commit `{report['commit']}`; command: `{report['command']}`",
         "",
@@ -582,21 +638,32 @@ def markdown(report: dict) -> str:
         "The rule's constants (src/csm_triton/constants.py) were chosen on the seed-0 corpus"
         + ("; this one is held out." if corpus["seed"] != 0 else "; this is that corpus."),
         "",
-        f"| transform | FPR | TPR | Perth alone: FPR | Perth alone: TPR | false positives | misses |",
+        "| transform | FPR | TPR | Perth alone: FPR | Perth alone: TPR | false positives | misses |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in report["table"]:
-        lines.append(f"| {row['transform']} | {_percent(row['fpr'])} | {_percent(row['tpr'])} | "
-                     f"{_percent(row['perth_alone_fpr'])} | {_percent(row['perth_alone_tpr'])} | "
-                     f"{'; '.join(row['false_positives'][:4]) or '-'}{' ...' if len(row['false_positives']) > 4 else ''} | "
-                     f"{len(row['misses'])} |")
+        lines.append(
+            f"| {row['transform']} | {_percent(row['fpr'])} | {_percent(row['tpr'])} | "
+            f"{_percent(row['perth_alone_fpr'])} | {_percent(row['perth_alone_tpr'])} | "
+            f"{'; '.join(row['false_positives'][:4]) or '-'}{' ...' if len(row['false_positives']) > 4 else ''} | "
+            f"{len(row['misses'])} |"
+        )
     calibrated = report["calibrated_threshold"]
-    lines += ["", f"This corpus alone would pick threshold {calibrated} (the lowest with FPR <= "
-              f"{_percent(report['targets']['max_fpr'])} under every transform)."
-              if calibrated is not None else "No threshold reaches the FPR target under every transform."]
+    lines += [
+        "",
+        f"This corpus alone would pick threshold {calibrated} (the lowest with FPR <= "
+        f"{_percent(report['targets']['max_fpr'])} under every transform)."
+        if calibrated is not None
+        else "No threshold reaches the FPR target under every transform.",
+    ]
     if report["calibrated"]:
-        lines += ["At it: " + "; ".join(f"{r['transform']} FPR {_percent(r['fpr'])} TPR {_percent(r['tpr'])}"
-                                       for r in report["calibrated"]) + "."]
+        lines += [
+            "At it: "
+            + "; ".join(
+                f"{r['transform']} FPR {_percent(r['fpr'])} TPR {_percent(r['tpr'])}" for r in report["calibrated"]
+            )
+            + "."
+        ]
     lines += ["", "ROC points (threshold, FPR, TPR) for every transform are in watermark_eval.json (`roc`).", ""]
     return "\n".join(lines)
 
@@ -642,8 +709,9 @@ def write(report: dict, out: Path, stem: str = "watermark_eval") -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a few clips of each kind (a test's end-to-end run)")
-    parser.add_argument("--seed", type=int, default=1,
-                        help="corpus seed (default 1; the rule's constants were chosen on seed 0)")
+    parser.add_argument(
+        "--seed", type=int, default=1, help="corpus seed (default 1; the rule's constants were chosen on seed 0)"
+    )
     parser.add_argument("--out", type=Path, default=Path("loadtest/results"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared machine)")
     args = parser.parse_args(argv)

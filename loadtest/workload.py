@@ -122,15 +122,19 @@ def tensor(name: str, datatype: str, data: list, shape: list[int] | None = None)
 def reference_inputs(reference: Reference) -> list[dict]:
     # 5 significant digits: 16-bit audio needs no more, and the JSON stays ~3x smaller.
     samples = [float(f"{value:.5g}") for value in reference.samples]
-    return [tensor("REFERENCE_AUDIO", "FP32", samples),
-            tensor("REFERENCE_SAMPLE_RATE", "INT32", [reference.sample_rate]),
-            tensor("REFERENCE_TEXT", "BYTES", [reference.transcript])]
+    return [
+        tensor("REFERENCE_AUDIO", "FP32", samples),
+        tensor("REFERENCE_SAMPLE_RATE", "INT32", [reference.sample_rate]),
+        tensor("REFERENCE_TEXT", "BYTES", [reference.transcript]),
+    ]
 
 
 def tts_inputs(text: str, audio_seconds: float, seed: int, voice_id: str | None = None) -> list[dict]:
-    inputs = [tensor("TEXT", "BYTES", [text]),
-              tensor("MAX_AUDIO_SECONDS", "FP32", [audio_seconds]),
-              tensor("SEED", "INT64", [seed])]
+    inputs = [
+        tensor("TEXT", "BYTES", [text]),
+        tensor("MAX_AUDIO_SECONDS", "FP32", [audio_seconds]),
+        tensor("SEED", "INT64", [seed]),
+    ]
     if voice_id is not None:
         inputs.append(tensor("VOICE_ID", "BYTES", [voice_id]))
     return inputs
@@ -138,8 +142,10 @@ def tts_inputs(text: str, audio_seconds: float, seed: int, voice_id: str | None 
 
 # AUDIO comes back as raw float32 after the JSON header (the binary tensor extension):
 # a float list in JSON would cost the load generator more CPU than the server spends.
-AUDIO_AS_BINARY = [{"name": "AUDIO", "parameters": {"binary_data": True}},
-                   {"name": "SAMPLE_RATE", "parameters": {"binary_data": False}}]
+AUDIO_AS_BINARY = [
+    {"name": "AUDIO", "parameters": {"binary_data": True}},
+    {"name": "SAMPLE_RATE", "parameters": {"binary_data": False}},
+]
 
 
 def audio_samples_in(body: bytes, header_length: str | None) -> int:
@@ -158,8 +164,11 @@ class _RedirectRefused(urllib.request.HTTPRedirectHandler):
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
         fp.close()
-        raise TritonError(code, f"{req.full_url} redirects to {newurl!r}; not followed (the request's "
-                                "headers, the admin token among them, go only to the host given)")
+        raise TritonError(
+            code,
+            f"{req.full_url} redirects to {newurl!r}; not followed (the request's "
+            "headers, the admin token among them, go only to the host given)",
+        )
 
 
 _OPENER = urllib.request.build_opener(_RedirectRefused)
@@ -176,8 +185,11 @@ class TritonHTTP:
 
     def infer(self, model: str, inputs: list[dict], headers: dict[str, str] | None = None) -> dict:
         body = json.dumps({"inputs": inputs}).encode()
-        request = urllib.request.Request(f"{self.base}/v2/models/{model}/infer", data=body,
-                                         headers={"Content-Type": "application/json", **(headers or {})})
+        request = urllib.request.Request(
+            f"{self.base}/v2/models/{model}/infer",
+            data=body,
+            headers={"Content-Type": "application/json", **(headers or {})},
+        )
         return self._json(request)
 
     def get(self, path: str) -> dict:
@@ -224,8 +236,10 @@ def admin_token(environ=None) -> str | None:
 
 
 def no_token_reason(environ=None) -> str:
-    return (f"{ADMIN_TOKEN_ENV} is not set and {admin_token_file(environ)} holds no token "
-            f"(make serve writes one there when {ADMIN_TOKEN_ENV} is unset)")
+    return (
+        f"{ADMIN_TOKEN_ENV} is not set and {admin_token_file(environ)} holds no token "
+        f"(make serve writes one there when {ADMIN_TOKEN_ENV} is unset)"
+    )
 
 
 def register_voices(http: TritonHTTP, references: list[Reference], token: str | None) -> tuple[list[str], list[str]]:
@@ -261,8 +275,9 @@ def list_voices(http: TritonHTTP) -> list[dict]:
 def delete_voices(http: TritonHTTP, voice_ids: list[str], token: str | None) -> None:
     for voice_id in voice_ids:
         try:
-            http.infer("voice_delete", [tensor("VOICE_ID", "BYTES", [voice_id])],
-                       headers={ADMIN_TOKEN_HEADER: token or ""})
+            http.infer(
+                "voice_delete", [tensor("VOICE_ID", "BYTES", [voice_id])], headers={ADMIN_TOKEN_HEADER: token or ""}
+            )
         except TritonError as error:
             print(f"could not delete voice {voice_id}: {error}", file=sys.stderr)
 
@@ -282,8 +297,9 @@ def cpu_model() -> str:
 def git_commit() -> str:
     """This checkout's short commit, for a result's `commit` field ("unknown" outside git)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=PROJECT_ROOT).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True, cwd=PROJECT_ROOT
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -296,14 +312,21 @@ def machine() -> str:
 
 def commit() -> str:
     """The checked-out commit; with the top-level folders of any uncommitted changes."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
-                              check=True, timeout=10).stdout
+        return subprocess.run(
+            ["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True, timeout=10
+        ).stdout
 
     try:
         head = git("rev-parse", "--short", "HEAD").strip()
-        changed = sorted({line[3:].split("/", 1)[0] + ("/" if "/" in line[3:] else "")
-                          for line in git("status", "--porcelain").splitlines() if line[3:]})
+        changed = sorted(
+            {
+                line[3:].split("/", 1)[0] + ("/" if "/" in line[3:] else "")
+                for line in git("status", "--porcelain").splitlines()
+                if line[3:]
+            }
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{head} + uncommitted changes in {', '.join(changed)}" if changed else head

@@ -128,9 +128,21 @@ def kserve_front_process(triton_http: str, *options: str, log_path: Path | None 
     yields its URL once /v2/health/live answers (whatever Triton's state), stops it after."""
     port = free_ports(1)[0]
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-    process = subprocess.Popen([sys.executable, "-m", "csm_servers.gateway.kserve_front", "--triton-http",
-                                triton_http, "--port", str(port), *options],
-                               cwd=Path(__file__).resolve().parents[1], stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "csm_servers.gateway.kserve_front",
+            "--triton-http",
+            triton_http,
+            "--port",
+            str(port),
+            *options,
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         import httpx

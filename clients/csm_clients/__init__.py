@@ -15,10 +15,22 @@ distribution).
 from csm_clients.audio import MODEL_SAMPLE_RATE, Reference, Speech, read_audio
 from csm_clients.client import AsyncVoiceCloner, VoiceCloner
 from csm_clients.conversation import Turn
+from csm_clients.errors import CsmClientError, InvalidRequest, PermissionDenied, ServerError, ServerUnavailable
 from csm_clients.streams import AsyncSpeechStream, SpeechStream
-from csm_clients.errors import (CsmClientError, InvalidRequest, PermissionDenied, ServerError,
-                                ServerUnavailable)
 
-__all__ = ["AsyncSpeechStream", "AsyncVoiceCloner", "CsmClientError", "InvalidRequest", "MODEL_SAMPLE_RATE",
-           "PermissionDenied", "Reference", "ServerError", "ServerUnavailable", "Speech", "SpeechStream", "Turn",
-           "VoiceCloner", "read_audio"]
+__all__ = [
+    "AsyncSpeechStream",
+    "AsyncVoiceCloner",
+    "CsmClientError",
+    "InvalidRequest",
+    "MODEL_SAMPLE_RATE",
+    "PermissionDenied",
+    "Reference",
+    "ServerError",
+    "ServerUnavailable",
+    "Speech",
+    "SpeechStream",
+    "Turn",
+    "VoiceCloner",
+    "read_audio",
+]

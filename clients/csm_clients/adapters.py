@@ -52,10 +52,14 @@ def read_adapter_folder(folder: str | Path) -> AdapterFiles:
         folder = folder / "adapter"  # the run's OUT folder
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (folder / name).is_file():
-            raise InvalidRequest(f"{folder} has no {name}: give the adapter folder `make finetune` wrote "
-                                 "(OUT/adapter) or its run folder (OUT)")
-    manifest = next((path for path in (folder / MANIFEST_FILE, folder.parent / MANIFEST_FILE) if path.is_file()),
-                    None)
-    return AdapterFiles(folder, _read(folder / CONFIG_FILE, MAX_ADAPTER_CONFIG_BYTES),
-                        _read(folder / WEIGHTS_FILE, MAX_ADAPTER_BYTES),
-                        _read(manifest, MAX_ADAPTER_MANIFEST_BYTES) if manifest else None)
+            raise InvalidRequest(
+                f"{folder} has no {name}: give the adapter folder `make finetune` wrote "
+                "(OUT/adapter) or its run folder (OUT)"
+            )
+    manifest = next((path for path in (folder / MANIFEST_FILE, folder.parent / MANIFEST_FILE) if path.is_file()), None)
+    return AdapterFiles(
+        folder,
+        _read(folder / CONFIG_FILE, MAX_ADAPTER_CONFIG_BYTES),
+        _read(folder / WEIGHTS_FILE, MAX_ADAPTER_BYTES),
+        _read(manifest, MAX_ADAPTER_MANIFEST_BYTES) if manifest else None,
+    )

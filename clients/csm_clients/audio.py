@@ -17,7 +17,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 import numpy as np
 import soundfile
@@ -26,9 +26,17 @@ import soxr
 from csm_clients.errors import InvalidRequest
 from csm_clients.limits import MAX_INPUT_SAMPLE_RATE, MAX_REFERENCE_SECONDS, MIN_INPUT_SAMPLE_RATE
 
-__all__ = ["MAX_DECODE_CHANNELS", "MODEL_SAMPLE_RATE", "AudioSource", "AudioTooLong", "Reference", "Speech",
-           "read_reference_clip",
-           "read_audio", "resample"]
+__all__ = [
+    "MAX_DECODE_CHANNELS",
+    "MODEL_SAMPLE_RATE",
+    "AudioSource",
+    "AudioTooLong",
+    "Reference",
+    "Speech",
+    "read_reference_clip",
+    "read_audio",
+    "resample",
+]
 
 # csm_tts's SAMPLE_RATE output (Mimi's rate, docs/api.md). Only used to avoid sending
 # more samples than the model keeps; the rate of an answer is read from the answer.
@@ -51,7 +59,7 @@ class AudioTooLong(InvalidRequest):
         self.seconds, self.by_header = seconds, by_header
 
 
-AudioSource = Union[str, Path, bytes, BinaryIO]
+AudioSource = str | Path | bytes | BinaryIO
 
 
 def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
@@ -61,8 +69,9 @@ def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     return np.ascontiguousarray(soxr.resample(samples, from_rate, to_rate, quality="HQ"), dtype=np.float32)
 
 
-def read_audio(source: AudioSource, name: str = "audio", *, max_seconds: float | None = None,
-               limit_name: str | None = None) -> tuple[np.ndarray, int]:
+def read_audio(
+    source: AudioSource, name: str = "audio", *, max_seconds: float | None = None, limit_name: str | None = None
+) -> tuple[np.ndarray, int]:
     """Any soundfile format (WAV, FLAC, OGG, MP3, ...) from a path, bytes or a file
     object -> (float32 mono samples, rate), at most MODEL_SAMPLE_RATE.
 
@@ -90,14 +99,18 @@ def read_audio(source: AudioSource, name: str = "audio", *, max_seconds: float |
 def read_reference_clip(source: AudioSource, name: str) -> tuple[np.ndarray, int]:
     """A voice's reference clip, refused past the server's MAX_REFERENCE_SECONDS by its
     header before it is decoded (read_audio)."""
-    return read_audio(source, name, max_seconds=MAX_REFERENCE_SECONDS,
-                      limit_name="REFERENCE_AUDIO's, MAX_REFERENCE_SECONDS")
+    return read_audio(
+        source, name, max_seconds=MAX_REFERENCE_SECONDS, limit_name="REFERENCE_AUDIO's, MAX_REFERENCE_SECONDS"
+    )
 
 
 def _too_long(name: str, seconds: float, max_seconds: float, limit_name: str | None, how: str) -> AudioTooLong:
     limit = f" ({limit_name})" if limit_name else ""
-    return AudioTooLong(f"{name} is {how} {seconds:.2f} s long; the limit is {max_seconds:g} s{limit}", seconds,
-                        how == "(by its header)")
+    return AudioTooLong(
+        f"{name} is {how} {seconds:.2f} s long; the limit is {max_seconds:g} s{limit}",
+        seconds,
+        how == "(by its header)",
+    )
 
 
 def _bounded_read(sound: soundfile.SoundFile, name: str, max_seconds: float, limit_name: str | None) -> np.ndarray:
@@ -105,8 +118,9 @@ def _bounded_read(sound: soundfile.SoundFile, name: str, max_seconds: float, lim
     if not 1 <= channels <= MAX_DECODE_CHANNELS:
         raise InvalidRequest(f"{name} has {channels} channels; the gateway decodes at most {MAX_DECODE_CHANNELS}")
     if not MIN_INPUT_SAMPLE_RATE <= rate <= MAX_INPUT_SAMPLE_RATE:
-        raise InvalidRequest(f"{name} is sampled at {rate} Hz; the accepted rates are "
-                             f"{MIN_INPUT_SAMPLE_RATE}-{MAX_INPUT_SAMPLE_RATE} Hz")
+        raise InvalidRequest(
+            f"{name} is sampled at {rate} Hz; the accepted rates are {MIN_INPUT_SAMPLE_RATE}-{MAX_INPUT_SAMPLE_RATE} Hz"
+        )
     # (a hair of slack: a budget of seconds left after other clips carries float rounding)
     max_frames = int(max(0.0, max_seconds) * rate + 1e-6)
     if 0 < frames < _UNKNOWN_FRAMES and frames > max_frames:
@@ -135,7 +149,7 @@ class Reference:
     transcript: str | None  # None: not sent (the server names what is missing)
 
     @classmethod
-    def from_file(cls, source: AudioSource, transcript: str | None) -> "Reference":
+    def from_file(cls, source: AudioSource, transcript: str | None) -> Reference:
         samples, rate = read_audio(source, "the reference clip")
         return cls(samples, rate, transcript)
 

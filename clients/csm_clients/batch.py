@@ -146,10 +146,15 @@ class BatchSummary:
 
     def table(self) -> str:
         rtf = self.real_time_factor
-        rows = [("items", str(self.items)), ("written", str(self.written)),
-                ("skipped (already done)", str(self.skipped)), ("failed", str(len(self.failures))),
-                ("audio seconds", f"{self.audio_seconds:.2f}"), ("wall time (s)", f"{self.wall_seconds:.2f}"),
-                ("real-time factor", "-" if rtf is None else f"{rtf:.3f}")]
+        rows = [
+            ("items", str(self.items)),
+            ("written", str(self.written)),
+            ("skipped (already done)", str(self.skipped)),
+            ("failed", str(len(self.failures))),
+            ("audio seconds", f"{self.audio_seconds:.2f}"),
+            ("wall time (s)", f"{self.wall_seconds:.2f}"),
+            ("real-time factor", "-" if rtf is None else f"{rtf:.3f}"),
+        ]
         width = max(len(name) for name, _ in rows)
         lines = [f"{name:<{width}}  {value}" for name, value in rows]
         if self.failures:
@@ -182,8 +187,9 @@ def _write_atomically(speech, target: Path) -> None:
     os.replace(partial, target)
 
 
-async def run_batch(input_path: Path, out_dir: Path, cloner: AsyncVoiceCloner, *, concurrency: int = 4,
-                    progress: TextIO | None = None) -> BatchSummary:
+async def run_batch(
+    input_path: Path, out_dir: Path, cloner: AsyncVoiceCloner, *, concurrency: int = 4, progress: TextIO | None = None
+) -> BatchSummary:
     """Synthesize every item of `input_path` into `out_dir`; progress goes to stderr."""
     items = read_items(input_path)
     out_dir.mkdir(parents=True, exist_ok=True)

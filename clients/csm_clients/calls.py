@@ -9,8 +9,9 @@ and limits apply.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -18,8 +19,21 @@ from csm_clients.adapters import AdapterFiles
 from csm_clients.audio import Reference, Speech
 from csm_clients.conversation import Turn, check_text, context_inputs
 
-__all__ = ["ADMIN_TOKEN_HEADER", "STREAM_MODEL", "VOICE_OWNER_HEADER", "Call", "WatermarkScore", "delete_voice", "detect_watermark", "list_voices",
-           "register_adapter", "register_voice", "speech_from", "synthesize", "tts_inputs"]
+__all__ = [
+    "ADMIN_TOKEN_HEADER",
+    "STREAM_MODEL",
+    "VOICE_OWNER_HEADER",
+    "Call",
+    "WatermarkScore",
+    "delete_voice",
+    "detect_watermark",
+    "list_voices",
+    "register_adapter",
+    "register_voice",
+    "speech_from",
+    "synthesize",
+    "tts_inputs",
+]
 
 ADMIN_TOKEN_HEADER = "x-csm-admin-token"  # docs/api.md: voice writes need it
 # Who a write is for (a gateway's key id): the voice is stored as theirs, and a deletion
@@ -43,17 +57,27 @@ def _text(value: str) -> np.ndarray:
 
 
 def _reference_inputs(reference: Reference) -> dict[str, np.ndarray]:
-    inputs = {"REFERENCE_AUDIO": np.ascontiguousarray(reference.samples, dtype=np.float32),
-              "REFERENCE_SAMPLE_RATE": np.array([reference.sample_rate], np.int32)}
+    inputs = {
+        "REFERENCE_AUDIO": np.ascontiguousarray(reference.samples, dtype=np.float32),
+        "REFERENCE_SAMPLE_RATE": np.array([reference.sample_rate], np.int32),
+    }
     if reference.transcript is not None:
         inputs["REFERENCE_TEXT"] = _text(reference.transcript)
     return inputs
 
 
-def tts_inputs(text: str, voice: str | Reference | None = None, *, temperature: float | None = None,
-               top_k: int | None = None, seed: int | None = None, max_audio_seconds: float | None = None,
-               speaker: int | None = None, context: Sequence[Turn] | None = None,
-               continue_from: str | None = None) -> dict[str, np.ndarray]:
+def tts_inputs(
+    text: str,
+    voice: str | Reference | None = None,
+    *,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    max_audio_seconds: float | None = None,
+    speaker: int | None = None,
+    context: Sequence[Turn] | None = None,
+    continue_from: str | None = None,
+) -> dict[str, np.ndarray]:
     """csm_tts / csm_tts_stream inputs. `voice`: a stored voice id, an inline Reference,
     or None for the model's default voice; `speaker` and `context`: conversation.py;
     `continue_from` (csm_tts_stream only): "" for the first piece of a text sent in
@@ -66,8 +90,12 @@ def tts_inputs(text: str, voice: str | Reference | None = None, *, temperature: 
         inputs.update(_reference_inputs(voice))
     elif voice is not None:
         inputs["VOICE_ID"] = _text(voice)
-    optional = {"TEMPERATURE": (temperature, np.float32), "TOP_K": (top_k, np.int32),
-                "SEED": (seed, np.int64), "MAX_AUDIO_SECONDS": (max_audio_seconds, np.float32)}
+    optional = {
+        "TEMPERATURE": (temperature, np.float32),
+        "TOP_K": (top_k, np.int32),
+        "SEED": (seed, np.int64),
+        "MAX_AUDIO_SECONDS": (max_audio_seconds, np.float32),
+    }
     inputs.update({name: np.array([value], dtype) for name, (value, dtype) in optional.items() if value is not None})
     inputs.update(context_inputs(context, speaker))
     return inputs
@@ -80,10 +108,15 @@ def _texts(values) -> tuple[str, ...]:
 def speech_from(result) -> Speech:
     reasons, frames = _optional_output(result, "FINISH_REASONS"), _optional_output(result, "SEGMENT_FRAMES")
     continuation = _texts(_optional_output(result, "CONTINUATION"))
-    return Speech(np.asarray(result.as_numpy("AUDIO"), np.float32), int(result.as_numpy("SAMPLE_RATE")[0]),
-                  _texts(reasons), tuple(int(f) for f in frames),
-                  _texts(_optional_output(result, "NORMALIZED_TEXT")), continuation[0] if continuation else None,
-                  segment_times(_optional_output(result, "SEGMENT_TIMES")))
+    return Speech(
+        np.asarray(result.as_numpy("AUDIO"), np.float32),
+        int(result.as_numpy("SAMPLE_RATE")[0]),
+        _texts(reasons),
+        tuple(int(f) for f in frames),
+        _texts(_optional_output(result, "NORMALIZED_TEXT")),
+        continuation[0] if continuation else None,
+        segment_times(_optional_output(result, "SEGMENT_TIMES")),
+    )
 
 
 def segment_times(values) -> tuple[tuple[float, float], ...]:
@@ -112,20 +145,34 @@ def synthesize(text: str, voice: str | Reference | None = None, **sampling) -> C
 
 
 def register_voice(voice_id: str, reference: Reference, owner: str | None = None) -> Call:
-    return Call("voice_register", {"VOICE_ID": _text(voice_id), **_reference_inputs(reference)},
-                _json_output("VOICE"), admin=True, owner=owner)
+    return Call(
+        "voice_register",
+        {"VOICE_ID": _text(voice_id), **_reference_inputs(reference)},
+        _json_output("VOICE"),
+        admin=True,
+        owner=owner,
+    )
 
 
 def _blob(data: bytes) -> np.ndarray:
     return np.array([data], dtype=np.object_)
 
 
-def register_adapter(voice_id: str, files: AdapterFiles, *, default_speaker: int | None = None,
-                     reference: Reference | None = None, owner: str | None = None) -> Call:
+def register_adapter(
+    voice_id: str,
+    files: AdapterFiles,
+    *,
+    default_speaker: int | None = None,
+    reference: Reference | None = None,
+    owner: str | None = None,
+) -> Call:
     """voice_register with a LoRA adapter (adapters.read_adapter_folder): its files' bytes
     as they are, an optional default speaker id and an optional reference clip."""
-    inputs = {"VOICE_ID": _text(voice_id), "ADAPTER_CONFIG": _blob(files.config),
-              "ADAPTER_WEIGHTS": _blob(files.weights)}
+    inputs = {
+        "VOICE_ID": _text(voice_id),
+        "ADAPTER_CONFIG": _blob(files.config),
+        "ADAPTER_WEIGHTS": _blob(files.weights),
+    }
     if files.manifest is not None:
         inputs["ADAPTER_MANIFEST"] = _blob(files.manifest)
     if default_speaker is not None:
@@ -149,7 +196,7 @@ class WatermarkScore(float):
 
     watermarked: bool
 
-    def __new__(cls, score: float, watermarked: bool) -> "WatermarkScore":
+    def __new__(cls, score: float, watermarked: bool) -> WatermarkScore:
         value = super().__new__(cls, score)
         value.watermarked = bool(watermarked)
         return value
@@ -161,7 +208,8 @@ class WatermarkScore(float):
 
 
 def detect_watermark(audio: np.ndarray, sample_rate: int) -> Call:
-    return Call("watermark_detect",
-                {"AUDIO": np.ascontiguousarray(audio, dtype=np.float32), "SAMPLE_RATE": np.array([sample_rate], np.int32)},
-                lambda result: WatermarkScore(float(result.as_numpy("SCORE")[0]),
-                                              bool(result.as_numpy("WATERMARKED")[0])))
+    return Call(
+        "watermark_detect",
+        {"AUDIO": np.ascontiguousarray(audio, dtype=np.float32), "SAMPLE_RATE": np.array([sample_rate], np.int32)},
+        lambda result: WatermarkScore(float(result.as_numpy("SCORE")[0]), bool(result.as_numpy("WATERMARKED")[0])),
+    )

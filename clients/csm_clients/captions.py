@@ -5,8 +5,8 @@ WebVTT (.vtt), the two formats players and browsers read."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 __all__ = ["FORMATS", "captions", "write_captions"]
 

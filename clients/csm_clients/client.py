@@ -13,8 +13,9 @@ import os
 import queue
 import urllib.error
 import urllib.request
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpc
@@ -308,7 +309,7 @@ class VoiceCloner(_Calls):
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> "VoiceCloner":
+    def __enter__(self) -> VoiceCloner:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -383,7 +384,7 @@ class AsyncVoiceCloner(_Calls):
             await self._connection.close()
             self._connection = None
 
-    async def __aenter__(self) -> "AsyncVoiceCloner":
+    async def __aenter__(self) -> AsyncVoiceCloner:
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -18,16 +18,23 @@ anything is sent; the server still checks all of it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from csm_clients.audio import MODEL_SAMPLE_RATE, AudioSource, read_audio, resample
 from csm_clients.errors import InvalidRequest
-from csm_clients.limits import (MAX_CONTEXT_AUDIO_SECONDS, MAX_CONTEXT_TURNS, MAX_LONG_TEXT_CHARS, MAX_TURN_SECONDS,
-                                MAX_TURN_TEXT_CHARS, MIN_TURN_SECONDS, check_speaker)
+from csm_clients.limits import (
+    MAX_CONTEXT_AUDIO_SECONDS,
+    MAX_CONTEXT_TURNS,
+    MAX_LONG_TEXT_CHARS,
+    MAX_TURN_SECONDS,
+    MAX_TURN_TEXT_CHARS,
+    MIN_TURN_SECONDS,
+    check_speaker,
+)
 
 __all__ = ["Turn", "check_context", "check_text", "context_inputs"]
 
@@ -45,14 +52,14 @@ class Turn:
     voice: str | None = None  # a stored voice id instead of text + audio
 
     @classmethod
-    def from_file(cls, source: AudioSource, text: str, speaker: int = 0) -> "Turn":
+    def from_file(cls, source: AudioSource, text: str, speaker: int = 0) -> Turn:
         """A clip in any soundfile format and what it says."""
         named = f"the context clip '{source}'" if isinstance(source, (str, Path)) else "a context clip"
         samples, rate = read_audio(source, named)
         return cls(text, speaker, samples, rate)
 
     @classmethod
-    def stored_voice(cls, voice_id: str, speaker: int = 0) -> "Turn":
+    def stored_voice(cls, voice_id: str, speaker: int = 0) -> Turn:
         return cls(None, speaker, voice=voice_id)
 
     @property
@@ -76,31 +83,41 @@ def _checked(turn: Turn, index: int) -> Turn:
     check_speaker(turn.speaker, f"{where}: speaker")
     if turn.voice is not None:
         if turn.audio is not None or turn.text is not None:
-            raise InvalidRequest(f"{where}: give either a stored voice or a text with its audio, not both "
-                                 "(a stored voice's turn is its own transcript and audio)")
+            raise InvalidRequest(
+                f"{where}: give either a stored voice or a text with its audio, not both "
+                "(a stored voice's turn is its own transcript and audio)"
+            )
         if not isinstance(turn.voice, str) or not turn.voice.strip():
             raise InvalidRequest(f"{where}: the stored voice id is empty")
         return turn
     if turn.audio is None:
         # CSM's chat template gives every turn before the target its audio.
-        raise InvalidRequest(f"{where}: has no audio; every context turn needs a clip of what was said "
-                             "or a stored voice")
+        raise InvalidRequest(
+            f"{where}: has no audio; every context turn needs a clip of what was said or a stored voice"
+        )
     if turn.text is None:
         raise InvalidRequest(f"{where}: has audio but no text (what the clip says)")
     if not isinstance(turn.text, str) or len(turn.text) > MAX_TURN_TEXT_CHARS:
         length = f"{len(turn.text)} characters" if isinstance(turn.text, str) else type(turn.text).__name__
-        raise InvalidRequest(f"{where}: its text has {length}; a turn's text is a string of at most "
-                             f"{MAX_TURN_TEXT_CHARS} characters")
+        raise InvalidRequest(
+            f"{where}: its text has {length}; a turn's text is a string of at most {MAX_TURN_TEXT_CHARS} characters"
+        )
     samples = np.asarray(turn.audio)
     if samples.ndim != 1:
         raise InvalidRequest(f"{where}: the audio must be mono (1-D samples), got shape {samples.shape}")
-    if not isinstance(turn.sample_rate, (int, np.integer)) or isinstance(turn.sample_rate, bool) \
-            or turn.sample_rate <= 0:
-        raise InvalidRequest(f"{where}: give the sample rate of its audio (a positive integer), "
-                             f"got {turn.sample_rate!r}")
+    if (
+        not isinstance(turn.sample_rate, (int, np.integer))
+        or isinstance(turn.sample_rate, bool)
+        or turn.sample_rate <= 0
+    ):
+        raise InvalidRequest(
+            f"{where}: give the sample rate of its audio (a positive integer), got {turn.sample_rate!r}"
+        )
     if not MIN_TURN_SECONDS <= turn.seconds <= MAX_TURN_SECONDS:
-        raise InvalidRequest(f"{where}: its clip is {turn.seconds:.2f} s long; a context clip must be "
-                             f"{MIN_TURN_SECONDS:g}-{MAX_TURN_SECONDS:g} s")
+        raise InvalidRequest(
+            f"{where}: its clip is {turn.seconds:.2f} s long; a context clip must be "
+            f"{MIN_TURN_SECONDS:g}-{MAX_TURN_SECONDS:g} s"
+        )
     return turn
 
 
@@ -120,13 +137,16 @@ def check_context(context: Sequence[Turn] | None = None, speaker: int | None = N
     clips = [turn for turn in turns if turn.voice is None]
     first_clip = next((index for index, turn in enumerate(turns) if turn.voice is None), len(turns))
     if any(turn.voice is not None for turn in turns[first_clip:]):
-        raise InvalidRequest("context: stored-voice turns must come before the turns with clips "
-                             "(the server places CONTEXT_VOICE_ID turns first; reordering would change "
-                             "the conversation)")
+        raise InvalidRequest(
+            "context: stored-voice turns must come before the turns with clips "
+            "(the server places CONTEXT_VOICE_ID turns first; reordering would change "
+            "the conversation)"
+        )
     seconds = sum(turn.seconds for turn in clips)  # stored voices' durations are the server's to add
     if seconds > MAX_CONTEXT_AUDIO_SECONDS:
-        raise InvalidRequest(f"the context turns hold {seconds:.1f} s of audio; "
-                             f"the limit is {MAX_CONTEXT_AUDIO_SECONDS:g} s")
+        raise InvalidRequest(
+            f"the context turns hold {seconds:.1f} s of audio; the limit is {MAX_CONTEXT_AUDIO_SECONDS:g} s"
+        )
     return stored, clips
 
 

@@ -13,8 +13,17 @@ from types import ModuleType
 
 from tritonclient.utils import InferenceServerException
 
-__all__ = ["CsmClientError", "InvalidRequest", "MissingExtra", "PermissionDenied", "ServerError", "ServerUnavailable",
-           "from_triton", "import_extra", "missing_extra"]
+__all__ = [
+    "CsmClientError",
+    "InvalidRequest",
+    "MissingExtra",
+    "PermissionDenied",
+    "ServerError",
+    "ServerUnavailable",
+    "from_triton",
+    "import_extra",
+    "missing_extra",
+]
 
 _INVALID_ARG = {"400", "StatusCode.INVALID_ARGUMENT"}
 _UNAVAILABLE = {"503", "StatusCode.UNAVAILABLE", "StatusCode.DEADLINE_EXCEEDED"}
@@ -47,8 +56,9 @@ class MissingExtra(CsmClientError, ImportError):
 
 def missing_extra(module: str, extra: str, feature: str) -> MissingExtra:
     """The error for `feature` without `module`, which csm-tts-client's `extra` installs."""
-    return MissingExtra(f"{feature} needs the '{module}' package, which is not installed: "
-                        f"pip install 'csm-tts-client[{extra}]'")
+    return MissingExtra(
+        f"{feature} needs the '{module}' package, which is not installed: pip install 'csm-tts-client[{extra}]'"
+    )
 
 
 def import_extra(module: str, extra: str, feature: str) -> ModuleType:

@@ -5,22 +5,39 @@ type, where it could not be represented: a seed of 2**63 does not fit INT64 (an
 OverflowError), a top_k of 2**31 wraps to a negative INT32. The server still checks
 every input; the messages say what its own say, after the name of the field given.
 Mirrors of csm_triton.constants (the clients never import the server's package);
-tests/test_client_offline.py keeps them equal.
+tests/unit/test_client_offline.py keeps them equal.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Mapping
+from collections.abc import Mapping
 
 from csm_clients.errors import InvalidRequest
 
-__all__ = ["MAX_ADAPTER_BYTES", "MAX_ADAPTER_CONFIG_BYTES", "MAX_ADAPTER_MANIFEST_BYTES",
-           "MAX_AUDIO_SECONDS", "MAX_CONTEXT_AUDIO_SECONDS", "MAX_INPUT_SAMPLE_RATE", "MAX_REFERENCE_SECONDS",
-           "MIN_INPUT_SAMPLE_RATE", "MAX_CONTEXT_TURNS", "MAX_LONG_TEXT_CHARS", "MAX_SEED",
-           "MAX_SPEAKER_ID", "MAX_TEMPERATURE", "MAX_TOP_K", "MAX_TURN_SECONDS", "MAX_TURN_TEXT_CHARS",
-           "MIN_TURN_SECONDS", "SEGMENT_MAX_CHARS", "check_sampling", "check_speaker"]
+__all__ = [
+    "MAX_ADAPTER_BYTES",
+    "MAX_ADAPTER_CONFIG_BYTES",
+    "MAX_ADAPTER_MANIFEST_BYTES",
+    "MAX_AUDIO_SECONDS",
+    "MAX_CONTEXT_AUDIO_SECONDS",
+    "MAX_INPUT_SAMPLE_RATE",
+    "MAX_REFERENCE_SECONDS",
+    "MIN_INPUT_SAMPLE_RATE",
+    "MAX_CONTEXT_TURNS",
+    "MAX_LONG_TEXT_CHARS",
+    "MAX_SEED",
+    "MAX_SPEAKER_ID",
+    "MAX_TEMPERATURE",
+    "MAX_TOP_K",
+    "MAX_TURN_SECONDS",
+    "MAX_TURN_TEXT_CHARS",
+    "MIN_TURN_SECONDS",
+    "SEGMENT_MAX_CHARS",
+    "check_sampling",
+    "check_speaker",
+]
 
 MAX_TEMPERATURE = 5.0  # TEMPERATURE in (0, 5]
 MAX_TOP_K = 2_048  # TOP_K in [1, 2048]: Mimi's codebook size
@@ -51,8 +68,9 @@ def _number(value, field: str) -> float:
         raise InvalidRequest(f"{field}: must be a number, got {value!r}") from None
 
 
-def check_sampling(*, temperature=None, top_k=None, seed=None, max_audio_seconds=None,
-                   field_names: Mapping[str, str] | None = None) -> None:
+def check_sampling(
+    *, temperature=None, top_k=None, seed=None, max_audio_seconds=None, field_names: Mapping[str, str] | None = None
+) -> None:
     """Raises InvalidRequest naming the field (`field_names[name]`, else the name) of the
     first value outside the server's range; None values are not sent, so not checked."""
     names = field_names or {}
@@ -78,8 +96,10 @@ def check_sampling(*, temperature=None, top_k=None, seed=None, max_audio_seconds
     if max_audio_seconds is not None:
         value = _number(max_audio_seconds, names.get("max_audio_seconds", "max_audio_seconds"))
         if not math.isfinite(value) or not 0 < value <= MAX_AUDIO_SECONDS:
-            refuse("max_audio_seconds",
-                   f"input 'MAX_AUDIO_SECONDS' must be in (0, {MAX_AUDIO_SECONDS:g}], got {max_audio_seconds}")
+            refuse(
+                "max_audio_seconds",
+                f"input 'MAX_AUDIO_SECONDS' must be in (0, {MAX_AUDIO_SECONDS:g}], got {max_audio_seconds}",
+            )
 
 
 def check_speaker(value, field: str = "speaker") -> None:

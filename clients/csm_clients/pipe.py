@@ -20,8 +20,9 @@ import codecs
 import os
 import struct
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import numpy as np
 import soundfile
@@ -37,17 +38,28 @@ CHUNK_BYTES = 4_096
 
 def add_pipe_parser(commands) -> None:
     """The `pipe` subcommand of csm-tts (cli.py)."""
-    pipe = commands.add_parser("pipe", help="speak text from stdin as it arrives (through the gateway), audio out; "
-                                           "needs the `pipe` extra (websockets)",
-                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pipe = commands.add_parser(
+        "pipe",
+        help="speak text from stdin as it arrives (through the gateway), audio out; "
+        "needs the `pipe` extra (websockets)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     pipe.add_argument("-o", "--out", default="-", help="audio file, or - for stdout (default)")
-    pipe.add_argument("--format", choices=("pcm", "wav"),
-                      help="raw 16-bit PCM or WAV (default: wav for a .wav file, else pcm)")
+    pipe.add_argument(
+        "--format", choices=("pcm", "wav"), help="raw 16-bit PCM or WAV (default: wav for a .wav file, else pcm)"
+    )
     pipe.add_argument("--by", choices=("chunk", "line"), default="chunk", help="how stdin is read (default chunk)")
-    pipe.add_argument("--gateway", default=os.environ.get("CSM_GATEWAY_URL", "http://localhost:7860"),
-                      help="the gateway's URL (default $CSM_GATEWAY_URL, else http://localhost:7860)")
-    pipe.add_argument("--api-key", default=os.environ.get("CSM_GATEWAY_API_KEY"),
-                      help="the gateway's API key (default $CSM_GATEWAY_API_KEY)")
+    pipe.add_argument(
+        "--gateway",
+        default=os.environ.get("CSM_GATEWAY_URL", "http://localhost:7860"),
+        help="the gateway's URL (default $CSM_GATEWAY_URL, else http://localhost:7860)",
+    )
+    pipe.add_argument(
+        "--api-key",
+        default=os.environ.get("CSM_GATEWAY_API_KEY"),
+        help="the gateway's API key (default $CSM_GATEWAY_API_KEY)",
+    )
     pipe.add_argument("--voice", help="a stored voice id (default: the model's voice)")
     pipe.add_argument("--speaker", type=int, help="speaker id of the text (0-255, default 0)")
     pipe.add_argument("--temperature", type=float)
@@ -66,8 +78,13 @@ def stdin_deltas(stream: BinaryIO, by: str = "chunk") -> Iterator[str]:
         try:
             text = decoder.decode(data, final=not data)
         except UnicodeDecodeError as error:
-            raise UnicodeDecodeError(error.encoding, error.object, error.start, error.end,
-                                     f"stdin is not UTF-8 text (byte {read + error.start})") from None
+            raise UnicodeDecodeError(
+                error.encoding,
+                error.object,
+                error.start,
+                error.end,
+                f"stdin is not UTF-8 text (byte {read + error.start})",
+            ) from None
         read += len(data)
         if text:
             yield text
@@ -87,9 +104,14 @@ class _Output:
         else:
             self._raw = sys.stdout.buffer if self.to_stdout else open(out, "wb")
             if audio_format == "wav":  # a streamed WAV: sizes "unknown" (0xFFFFFFFF), as players expect
-                self._raw.write(b"RIFF" + struct.pack("<I", 0xFFFFFFFF) + b"WAVEfmt "
-                                + struct.pack("<IHHIIHH", 16, 1, 1, SAMPLE_RATE, SAMPLE_RATE * 2, 2, 16)
-                                + b"data" + struct.pack("<I", 0xFFFFFFFF))
+                self._raw.write(
+                    b"RIFF"
+                    + struct.pack("<I", 0xFFFFFFFF)
+                    + b"WAVEfmt "
+                    + struct.pack("<IHHIIHH", 16, 1, 1, SAMPLE_RATE, SAMPLE_RATE * 2, 2, 16)
+                    + b"data"
+                    + struct.pack("<I", 0xFFFFFFFF)
+                )
 
     def write(self, data: bytes) -> None:
         self.samples += len(data) // 2
@@ -110,8 +132,12 @@ def run_pipe(args: argparse.Namespace) -> int:
     """Exit codes as csm-tts's: 0 done, 1 the gateway or the server refused or failed,
     2 refused before sending (an option out of range, stdin not UTF-8)."""
     try:
-        check_sampling(seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-                       field_names={"seed": "--seed", "temperature": "--temperature", "top_k": "--top-k"})
+        check_sampling(
+            seed=args.seed,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            field_names={"seed": "--seed", "temperature": "--temperature", "top_k": "--top-k"},
+        )
         if args.speaker is not None:
             check_speaker(args.speaker, "--speaker")
     except CsmClientError as error:
@@ -126,9 +152,16 @@ def run_pipe(args: argparse.Namespace) -> int:
     audio_format = args.format or ("wav" if Path(args.out).suffix.lower() == ".wav" else "pcm")
     output = None
     try:
-        speech = stream_text(args.gateway, stdin_deltas(sys.stdin.buffer, args.by), voice=args.voice,
-                             api_key=args.api_key, seed=args.seed, temperature=args.temperature, top_k=args.top_k,
-                             speaker=args.speaker)
+        speech = stream_text(
+            args.gateway,
+            stdin_deltas(sys.stdin.buffer, args.by),
+            voice=args.voice,
+            api_key=args.api_key,
+            seed=args.seed,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            speaker=args.speaker,
+        )
         output = _Output(args.out, audio_format)
         with speech:
             for data in speech:
@@ -142,11 +175,19 @@ def run_pipe(args: argparse.Namespace) -> int:
     finally:
         if output is not None:
             output.close()
-    cut = [f"{s.index + 1} ({', '.join(s.finish_reasons)})" for s in speech.sentences
-           if any(reason != "end_of_speech" for reason in s.finish_reasons)]
+    cut = [
+        f"{s.index + 1} ({', '.join(s.finish_reasons)})"
+        for s in speech.sentences
+        if any(reason != "end_of_speech" for reason in s.finish_reasons)
+    ]
     if cut:
-        print(f"{len(cut)} of {len(speech.sentences)} sentence(s) did not end by themselves: {', '.join(cut)}",
-              file=sys.stderr)
-    print(f"{'stdout' if output.to_stdout else args.out}: {output.samples / SAMPLE_RATE:.2f} s of audio, "
-          f"{len(speech.sentences)} sentence(s)", file=sys.stderr)
+        print(
+            f"{len(cut)} of {len(speech.sentences)} sentence(s) did not end by themselves: {', '.join(cut)}",
+            file=sys.stderr,
+        )
+    print(
+        f"{'stdout' if output.to_stdout else args.out}: {output.samples / SAMPLE_RATE:.2f} s of audio, "
+        f"{len(speech.sentences)} sentence(s)",
+        file=sys.stderr,
+    )
     return 0

@@ -4,7 +4,7 @@ final response's FINISH_REASONS and SEGMENT_FRAMES, which carries no audio)."""
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import numpy as np
 
@@ -38,7 +38,7 @@ class SpeechStream:
             self.segment_times = chunk.segment_times
         return False
 
-    def __iter__(self) -> "SpeechStream":
+    def __iter__(self) -> SpeechStream:
         return self
 
     def __next__(self) -> Speech:
@@ -53,7 +53,7 @@ class SpeechStream:
 class AsyncSpeechStream(SpeechStream):
     """`AsyncVoiceCloner.stream`'s: `async for chunk in ...`, `aclose()`; the same attributes."""
 
-    def __aiter__(self) -> "AsyncSpeechStream":
+    def __aiter__(self) -> AsyncSpeechStream:
         return self
 
     async def __anext__(self) -> Speech:
@@ -69,6 +69,11 @@ def joined(chunks: list[Speech], stream: SpeechStream) -> Speech:
     """A collected stream as one Speech, with how its segments ended."""
     if not chunks:
         raise ServerError("the server ended the stream before any audio")
-    return Speech(np.concatenate([chunk.audio for chunk in chunks]), chunks[0].sample_rate,
-                  stream.finish_reasons, stream.segment_frames, stream.normalized_text,
-                  segment_times=stream.segment_times)
+    return Speech(
+        np.concatenate([chunk.audio for chunk in chunks]),
+        chunks[0].sample_rate,
+        stream.finish_reasons,
+        stream.segment_frames,
+        stream.normalized_text,
+        segment_times=stream.segment_times,
+    )

@@ -21,11 +21,17 @@ from __future__ import annotations
 import json
 import threading
 import urllib.parse
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
-from csm_clients.errors import (CsmClientError, InvalidRequest, PermissionDenied, ServerError, ServerUnavailable,
-                                missing_extra)
+from csm_clients.errors import (
+    CsmClientError,
+    InvalidRequest,
+    PermissionDenied,
+    ServerError,
+    ServerUnavailable,
+    missing_extra,
+)
 
 try:  # websockets is the client distribution's `pipe` extra: MissingExtra names it when absent
     from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -52,10 +58,16 @@ class SentenceTiming:
     frames: int
 
     @classmethod
-    def from_message(cls, message: dict) -> "SentenceTiming":
-        return cls(int(message["index"]), message["text"], message.get("normalized_text", ""),
-                   float(message["start"]), float(message["end"]), tuple(message.get("finish_reasons", ())),
-                   int(message.get("frames", 0)))
+    def from_message(cls, message: dict) -> SentenceTiming:
+        return cls(
+            int(message["index"]),
+            message["text"],
+            message.get("normalized_text", ""),
+            float(message["start"]),
+            float(message["end"]),
+            tuple(message.get("finish_reasons", ())),
+            int(message.get("frames", 0)),
+        )
 
 
 def _error(message: str, code: str | None) -> CsmClientError:
@@ -129,7 +141,7 @@ class TextStream:
                 raise ServerError(f"no message from the gateway within {self._timeout:g} s") from None
             except ConnectionClosed as closed:
                 if self._send_error is not None:
-                    raise self._send_error
+                    raise self._send_error from closed
                 reason = closed.rcvd.reason if closed.rcvd else ""
                 raise ServerError(f"the gateway closed the session before its end ({reason or closed})") from None
             if isinstance(message, bytes):
@@ -158,30 +170,47 @@ class TextStream:
     def close(self) -> None:
         self._connection.close()
 
-    def __enter__(self) -> "TextStream":
+    def __enter__(self) -> TextStream:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
 
-def stream_text(url: str, deltas: Iterable, *, voice: str | None = None, api_key: str | None = None,
-                response_format: str = "pcm", seed: int | None = None, temperature: float | None = None,
-                top_k: int | None = None, speaker: int | None = None, open_timeout: float = 10.0,
-                timeout: float | None = 300.0) -> TextStream:
+def stream_text(
+    url: str,
+    deltas: Iterable,
+    *,
+    voice: str | None = None,
+    api_key: str | None = None,
+    response_format: str = "pcm",
+    seed: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    speaker: int | None = None,
+    open_timeout: float = 10.0,
+    timeout: float | None = 300.0,
+) -> TextStream:
     """Opens a session on the gateway at `url` (http://host:7860, or the route's ws:// URL)
     and starts sending `deltas` (strings, and FLUSH) as they come. `voice`: a stored voice
     id (OpenAI's names and None: the default voice); `timeout`: the longest wait for any
     message from the gateway."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     try:
-        connection = connect(websocket_url(url), additional_headers=headers, open_timeout=open_timeout,
-                             max_size=None, legacy=True)
+        connection = connect(
+            websocket_url(url), additional_headers=headers, open_timeout=open_timeout, max_size=None, legacy=True
+        )
     except InvalidStatus as error:
         raise _refused(error) from None
     except OSError as error:
         raise ServerUnavailable(f"cannot reach the gateway at {url}: {error}") from None
-    options = {"voice": voice, "response_format": response_format, "seed": seed, "temperature": temperature,
-               "top_k": top_k, "speaker": speaker}
+    options = {
+        "voice": voice,
+        "response_format": response_format,
+        "seed": seed,
+        "temperature": temperature,
+        "top_k": top_k,
+        "speaker": speaker,
+    }
     connection.send(json.dumps({"type": "start", **{k: v for k, v in options.items() if v is not None}}))
     return TextStream(connection, deltas, timeout)

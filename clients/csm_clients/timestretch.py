@@ -94,8 +94,9 @@ class TimeStretcher:
         self._flushed = False
         av = self._av = require_av()
         self._graph = av.filter.Graph()
-        node = self._source = self._graph.add_abuffer(format="flt", sample_rate=self.sample_rate, layout="mono",
-                                                      time_base=Fraction(1, self.sample_rate))
+        node = self._source = self._graph.add_abuffer(
+            format="flt", sample_rate=self.sample_rate, layout="mono", time_base=Fraction(1, self.sample_rate)
+        )
         for tempo in _stages(self.speed):
             stage = self._graph.add("atempo", f"tempo={tempo!r}")
             node.link_to(stage)
@@ -139,8 +140,9 @@ class TimeStretcher:
 
     def _send(self, samples: np.ndarray) -> None:
         for start in range(0, samples.size, _FRAME_SAMPLES):
-            frame = self._av.AudioFrame.from_ndarray(samples[None, start:start + _FRAME_SAMPLES], format="flt",
-                                               layout="mono")
+            frame = self._av.AudioFrame.from_ndarray(
+                samples[None, start : start + _FRAME_SAMPLES], format="flt", layout="mono"
+            )
             frame.sample_rate = self.sample_rate
             frame.time_base = Fraction(1, self.sample_rate)
             frame.pts = self._samples_in + start
@@ -159,7 +161,7 @@ class TimeStretcher:
     def _take(self, samples: np.ndarray) -> np.ndarray:
         """Samples up to the expected total (the pad's stretched silence is cut off)."""
         room = self.expected_samples - self._samples_out if self._flushed else samples.size
-        samples = samples[:max(0, room)]
+        samples = samples[: max(0, room)]
         self._samples_out += samples.size
         return samples
 

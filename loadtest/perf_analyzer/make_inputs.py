@@ -28,8 +28,9 @@ DECODER_FRAMES = (4, 37)
 REFERENCE_ENTRIES = 8
 
 
-def tts_entries(texts: list[str], cap: float, voice_ids: list[str] | None = None,
-                references: list[workload.Reference] | None = None) -> list[dict]:
+def tts_entries(
+    texts: list[str], cap: float, voice_ids: list[str] | None = None, references: list[workload.Reference] | None = None
+) -> list[dict]:
     entries = []
     for index, text in enumerate(texts):
         entry = {"TEXT": [text], "MAX_AUDIO_SECONDS": [workload.audio_seconds_for(text, cap)], "SEED": [index]}
@@ -38,9 +39,11 @@ def tts_entries(texts: list[str], cap: float, voice_ids: list[str] | None = None
         if references:
             reference = references[index % len(references)]
             audio = workload.reference_inputs(reference)[0]["data"]
-            entry |= {"REFERENCE_AUDIO": {"content": audio, "shape": [len(audio)]},
-                      "REFERENCE_SAMPLE_RATE": [reference.sample_rate],
-                      "REFERENCE_TEXT": [reference.transcript]}
+            entry |= {
+                "REFERENCE_AUDIO": {"content": audio, "shape": [len(audio)]},
+                "REFERENCE_SAMPLE_RATE": [reference.sample_rate],
+                "REFERENCE_TEXT": [reference.transcript],
+            }
         entries.append(entry)
     return entries
 
@@ -48,12 +51,20 @@ def tts_entries(texts: list[str], cap: float, voice_ids: list[str] | None = None
 def decoder_entries(frames: int, count: int, seed: int) -> list[dict]:
     """Random codes: the decoder's cost does not depend on their values."""
     rng = random.Random(seed)
-    return [{"audio_codes": {"content": [rng.randrange(CODEBOOK_SIZE) for _ in range(NUM_CODEBOOKS * frames)],
-                             "shape": [NUM_CODEBOOKS, frames]}} for _ in range(count)]
+    return [
+        {
+            "audio_codes": {
+                "content": [rng.randrange(CODEBOOK_SIZE) for _ in range(NUM_CODEBOOKS * frames)],
+                "shape": [NUM_CODEBOOKS, frames],
+            }
+        }
+        for _ in range(count)
+    ]
 
 
-def write_inputs(out: Path, voice_ids: list[str], cap: float, decoder_frames=DECODER_FRAMES,
-                 seed: int = 0) -> dict[str, Path]:
+def write_inputs(
+    out: Path, voice_ids: list[str], cap: float, decoder_frames=DECODER_FRAMES, seed: int = 0
+) -> dict[str, Path]:
     """Every input file; returns {kind: path}."""
     out.mkdir(parents=True, exist_ok=True)
     texts = workload.load_texts()
@@ -74,8 +85,11 @@ def write_inputs(out: Path, voice_ids: list[str], cap: float, decoder_frames=DEC
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--voice-ids", default=",".join(r.voice_id for r in workload.load_references()),
-                        help="stored voices to name (default: the load tests' own, see workload.register_voices)")
+    parser.add_argument(
+        "--voice-ids",
+        default=",".join(r.voice_id for r in workload.load_references()),
+        help="stored voices to name (default: the load tests' own, see workload.register_voices)",
+    )
     parser.add_argument("--max-audio-seconds", type=float, default=4.0)
     parser.add_argument("--decoder-frames", type=lambda s: [int(v) for v in s.split(",")], default=list(DECODER_FRAMES))
     args = parser.parse_args(argv)

@@ -49,8 +49,10 @@ SCENARIOS = {
     "csm_tts_grpc": Scenario("csm_tts", "grpc", "csm_tts_voice"),
     "csm_tts_reference_grpc": Scenario("csm_tts", "grpc", "csm_tts_reference"),
     "csm_tts_stream_grpc": Scenario("csm_tts_stream", "grpc", "csm_tts_voice", streaming=True),
-    **{f"mimi_decoder_{frames}f": Scenario("mimi_decoder", "grpc", f"mimi_decoder_{frames}f", decoder=True)
-       for frames in DECODER_FRAMES},
+    **{
+        f"mimi_decoder_{frames}f": Scenario("mimi_decoder", "grpc", f"mimi_decoder_{frames}f", decoder=True)
+        for frames in DECODER_FRAMES
+    },
 }
 
 
@@ -62,16 +64,47 @@ def perf_analyzer(arguments: list[str], timeout: float) -> subprocess.CompletedP
     return subprocess.run([binary, *arguments], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def measure(name: str, scenario: Scenario, concurrency: int, requests: int, target: common.Target,
-            inputs: Path, work: Path, args: argparse.Namespace, stable: bool = False) -> dict:
+def measure(
+    name: str,
+    scenario: Scenario,
+    concurrency: int,
+    requests: int,
+    target: common.Target,
+    inputs: Path,
+    work: Path,
+    args: argparse.Namespace,
+    stable: bool = False,
+) -> dict:
     url = target.http if scenario.protocol == "http" else target.grpc
     report, profile = work / f"{name}_c{concurrency}.csv", work / f"{name}_c{concurrency}_profile.json"
-    arguments = ["-m", scenario.model, "-u", url, "-i", scenario.protocol, "--input-data", str(inputs),
-                 "--concurrency-range", str(concurrency), "-f", str(report), "--verbose-csv",
-                 "--profile-export-file", str(profile)]
+    arguments = [
+        "-m",
+        scenario.model,
+        "-u",
+        url,
+        "-i",
+        scenario.protocol,
+        "--input-data",
+        str(inputs),
+        "--concurrency-range",
+        str(concurrency),
+        "-f",
+        str(report),
+        "--verbose-csv",
+        "--profile-export-file",
+        str(profile),
+    ]
     if stable:  # fast requests: perf_analyzer's own stabilised windows
-        arguments += ["--measurement-mode", "count_windows", "--measurement-request-count", str(requests),
-                      "--stability-percentage", str(args.stability), "--max-trials", "10"]
+        arguments += [
+            "--measurement-mode",
+            "count_windows",
+            "--measurement-request-count",
+            str(requests),
+            "--stability-percentage",
+            str(args.stability),
+            "--max-trials",
+            "10",
+        ]
     else:  # a fixed count, figures from the per-request timestamps
         arguments += ["--request-count", str(requests)]
     if scenario.streaming:
@@ -86,10 +119,16 @@ def measure(name: str, scenario: Scenario, concurrency: int, requests: int, targ
         failed, log = True, f"perf_analyzer ran past {args.timeout} s\n{expired.stdout or ''}"
     wall = time.perf_counter() - started
     triton = common.statistics_difference(before, common.model_statistics(target.client))
-    row = {"scenario": name, "model": scenario.model, "protocol": scenario.protocol + (" streaming" if scenario.streaming else ""),
-           "concurrency": concurrency, "wall_seconds": round(wall, 2),
-           "method": "stable windows" if stable else "timestamps",
-           "failures": sum(r["failures"] for r in triton), "triton": triton}
+    row = {
+        "scenario": name,
+        "model": scenario.model,
+        "protocol": scenario.protocol + (" streaming" if scenario.streaming else ""),
+        "concurrency": concurrency,
+        "wall_seconds": round(wall, 2),
+        "method": "stable windows" if stable else "timestamps",
+        "failures": sum(r["failures"] for r in triton),
+        "triton": triton,
+    }
     if failed:
         lines = [line for line in log.splitlines() if line.strip()]
         row["error"] = " | ".join(lines[-4:])[-600:] or "perf_analyzer failed without a message"
@@ -98,8 +137,11 @@ def measure(name: str, scenario: Scenario, concurrency: int, requests: int, targ
     pa = row["perf_analyzer"] = next(csv.DictReader(io.StringIO(report.read_text())))
     stamps = timestamp_figures(json.loads(profile.read_text()))
     if stable:
-        row |= {"requests": stamps.get("requests"), "throughput_per_s": round(float(pa["Inferences/Second"]), 2),
-                "latency_ms": {k: round(float(pa[f"{k} latency"]) / 1000, 1) for k in ("p50", "p95", "p99")}}
+        row |= {
+            "requests": stamps.get("requests"),
+            "throughput_per_s": round(float(pa["Inferences/Second"]), 2),
+            "latency_ms": {k: round(float(pa[f"{k} latency"]) / 1000, 1) for k in ("p50", "p95", "p99")},
+        }
     else:
         row |= stamps
     return row
@@ -125,8 +167,11 @@ def timestamp_figures(profile: dict) -> dict:
     def milliseconds(values):
         return {f"p{p}": round(float(np.percentile(values, p)) / 1e6, 1) for p in (50, 95, 99)}
 
-    figures = {"requests": len(sent), "throughput_per_s": round(len(sent) / (span / 1e9), 3),
-               "latency_ms": milliseconds(last)}
+    figures = {
+        "requests": len(sent),
+        "throughput_per_s": round(len(sent) / (span / 1e9), 3),
+        "latency_ms": milliseconds(last),
+    }
     if any(len(r.get("response_timestamps") or []) > 1 for e in profile["experiments"] for r in e["requests"]):
         figures["ttfa_ms"] = milliseconds(first)
     return figures
@@ -142,9 +187,16 @@ def batching_gains(rows: list[dict]) -> list[dict]:
         top = max(measured)
         one, high = (measured[c]["throughput_per_s"] for c in (1, top))
         decoder = next((t for t in measured[top]["triton"] if t["model"] == "mimi_decoder"), {})
-        gains.append({"scenario": name, "concurrency": top, "throughput_1": round(one, 1),
-                      "throughput_high": round(high, 1), "ratio": round(high / one, 2),
-                      "mean_batch_high": decoder.get("mean_batch")})
+        gains.append(
+            {
+                "scenario": name,
+                "concurrency": top,
+                "throughput_1": round(one, 1),
+                "throughput_high": round(high, 1),
+                "ratio": round(high / one, 2),
+                "mean_batch_high": decoder.get("mean_batch"),
+            }
+        )
     return gains
 
 
@@ -158,50 +210,76 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer = csv.DictWriter(handle, columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({"Scenario": row["scenario"], "Model": row["model"], "Protocol": row["protocol"],
-                             **row.get("perf_analyzer", {"Concurrency": row["concurrency"]}),
-                             "Error": row.get("error", "")})
+            writer.writerow(
+                {
+                    "Scenario": row["scenario"],
+                    "Model": row["model"],
+                    "Protocol": row["protocol"],
+                    **row.get("perf_analyzer", {"Concurrency": row["concurrency"]}),
+                    "Error": row.get("error", ""),
+                }
+            )
 
 
 def markdown(report: dict, stem: str) -> str:
-    lines = common.report_head("perf_analyzer sweep", report, [
-        f"- perf_analyzer {report['perf_analyzer_version']} (tritonclient wheel); csm_tts inputs: "
-        f"{report['text_count']} texts, MAX_AUDIO_SECONDS from the text's length, at most "
-        f"{report['max_audio_seconds']} s; every run's columns: [{stem}.csv]({stem}.csv)"])
-    lines += ["Throughput: requests completed per second. Latency: send to last response (for csm_tts_stream "
-              "the stream's end); TTFA: send to the first audio chunk. Method `timestamps`: a fixed request count, "
-              "figures computed from perf_analyzer's per-request timestamps (`--profile-export-file`; "
-              "perf_analyzer's own throughput in that mode divides by whole seconds); `stable windows`: "
-              "perf_analyzer's stabilised count windows (`--stable`). "
-              "Server queue / compute: Triton's split for the model called, per request (an ensemble's compute "
-              "includes its steps; a decoupled model's compute is only its hand-over).", "",
-              "| scenario | protocol | concurrency | requests | failures | throughput /s | latency p50 / p95 / p99 ms | "
-              "server queue ms | server compute ms | TTFA p50 / p95 ms | method |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = common.report_head(
+        "perf_analyzer sweep",
+        report,
+        [
+            f"- perf_analyzer {report['perf_analyzer_version']} (tritonclient wheel); csm_tts inputs: "
+            f"{report['text_count']} texts, MAX_AUDIO_SECONDS from the text's length, at most "
+            f"{report['max_audio_seconds']} s; every run's columns: [{stem}.csv]({stem}.csv)"
+        ],
+    )
+    lines += [
+        "Throughput: requests completed per second. Latency: send to last response (for csm_tts_stream "
+        "the stream's end); TTFA: send to the first audio chunk. Method `timestamps`: a fixed request count, "
+        "figures computed from perf_analyzer's per-request timestamps (`--profile-export-file`; "
+        "perf_analyzer's own throughput in that mode divides by whole seconds); `stable windows`: "
+        "perf_analyzer's stabilised count windows (`--stable`). "
+        "Server queue / compute: Triton's split for the model called, per request (an ensemble's compute "
+        "includes its steps; a decoupled model's compute is only its hand-over).",
+        "",
+        "| scenario | protocol | concurrency | requests | failures | throughput /s | latency p50 / p95 / p99 ms | "
+        "server queue ms | server compute ms | TTFA p50 / p95 ms | method |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in report["runs"]:
         if "error" in row:
-            lines.append(f"| {row['scenario']} | {row['protocol']} | {row['concurrency']} | - | {row['failures']} | "
-                         f"failed: {row['error'][:160]} | | | | | | |")
+            lines.append(
+                f"| {row['scenario']} | {row['protocol']} | {row['concurrency']} | - | {row['failures']} | "
+                f"failed: {row['error'][:160]} | | | | | | |"
+            )
             continue
         pa = row["perf_analyzer"]
-        compute = sum(float(pa.get(k, 0)) for k in ("Server Compute Input", "Server Compute Infer",
-                                                      "Server Compute Output")) / 1000
+        compute = (
+            sum(float(pa.get(k, 0)) for k in ("Server Compute Input", "Server Compute Infer", "Server Compute Output"))
+            / 1000
+        )
         ttfa = f"{row['ttfa_ms']['p50']} / {row['ttfa_ms']['p95']}" if row.get("ttfa_ms") else "-"
         latency = row["latency_ms"]
         lines.append(
             f"| {row['scenario']} | {row['protocol']} | {row['concurrency']} | {row['requests']} | {row['failures']} | "
             f"{row['throughput_per_s']:g} | {latency['p50']} / {latency['p95']} / {latency['p99']} | "
-            f"{float(pa['Server Queue']) / 1000:.1f} | {compute:.1f} | {ttfa} | {row['method']} |")
+            f"{float(pa['Server Queue']) / 1000:.1f} | {compute:.1f} | {ttfa} | {row['method']} |"
+        )
     if report["batching"]:
-        lines += ["", "## mimi_decoder: dynamic batching", "",
-                  "Throughput at the highest concurrency against one client at a time, same codes, same "
-                  "server. The 4-frame shape is a stream's first chunk, 37 frames a later 12-frame chunk with "
-                  "its 25 frames of left context.", "",
-                  "| codes | concurrency | throughput at 1 /s | throughput at N /s | ratio | mean batch at N |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## mimi_decoder: dynamic batching",
+            "",
+            "Throughput at the highest concurrency against one client at a time, same codes, same "
+            "server. The 4-frame shape is a stream's first chunk, 37 frames a later 12-frame chunk with "
+            "its 25 frames of left context.",
+            "",
+            "| codes | concurrency | throughput at 1 /s | throughput at N /s | ratio | mean batch at N |",
+            "|---|---|---|---|---|---|",
+        ]
         for gain in report["batching"]:
-            lines.append(f"| {gain['scenario']} | {gain['concurrency']} | {gain['throughput_1']} | "
-                         f"{gain['throughput_high']} | **{gain['ratio']}x** | {gain['mean_batch_high']} |")
+            lines.append(
+                f"| {gain['scenario']} | {gain['concurrency']} | {gain['throughput_1']} | "
+                f"{gain['throughput_high']} | **{gain['ratio']}x** | {gain['mean_batch_high']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -211,15 +289,27 @@ def main(argv=None) -> int:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"any of {', '.join(SCENARIOS)}")
     parser.add_argument("--concurrency", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2, 4, 8])
     parser.add_argument("--tts-requests-per-client", type=int, default=2, help="csm_tts*: requests per client")
-    parser.add_argument("--decoder-requests-per-client", type=int, default=100,
-                        help="mimi_decoder: requests per client (per measurement window with --stable)")
-    parser.add_argument("--stable", action=argparse.BooleanOptionalAction, default=True,
-                        help="mimi_decoder: perf_analyzer's stabilised count windows (a fixed count with "
-                             "timestamps when they do not stabilise, as on a busy machine)")
+    parser.add_argument(
+        "--decoder-requests-per-client",
+        type=int,
+        default=100,
+        help="mimi_decoder: requests per client (per measurement window with --stable)",
+    )
+    parser.add_argument(
+        "--stable",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="mimi_decoder: perf_analyzer's stabilised count windows (a fixed count with "
+        "timestamps when they do not stabilise, as on a busy machine)",
+    )
     parser.add_argument("--stability", type=int, default=25, help="with --stable: perf_analyzer's -s, in percent")
     parser.add_argument("--max-audio-seconds", type=float, default=3.0)
-    parser.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
-                        help="one unrecorded run per scenario at the highest concurrency first")
+    parser.add_argument(
+        "--warmup",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="one unrecorded run per scenario at the highest concurrency first",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per perf_analyzer run")
     parser.add_argument("--out", type=Path, help="folder for CSV, JSON and markdown")
     args = parser.parse_args(argv)
@@ -241,22 +331,45 @@ def main(argv=None) -> int:
                 measure(name, scenario, top, top, target, inputs[scenario.inputs], work / "warmup", args)
             for concurrency in args.concurrency:
                 stable = scenario.decoder and args.stable
-                row = measure(name, scenario, concurrency, per_client * concurrency, target,
-                              inputs[scenario.inputs], work, args, stable)
+                row = measure(
+                    name,
+                    scenario,
+                    concurrency,
+                    per_client * concurrency,
+                    target,
+                    inputs[scenario.inputs],
+                    work,
+                    args,
+                    stable,
+                )
                 if stable and "stable measurement" in row.get("error", ""):
-                    row = measure(name, scenario, concurrency, per_client * concurrency, target,
-                                  inputs[scenario.inputs], work, args)
+                    row = measure(
+                        name,
+                        scenario,
+                        concurrency,
+                        per_client * concurrency,
+                        target,
+                        inputs[scenario.inputs],
+                        work,
+                        args,
+                    )
                     row["method"] = "timestamps (windows did not stabilise)"
                 rows.append(row)
-                print(f"{name} c={concurrency}: {row.get('throughput_per_s', 'failed')} /s, "
-                      f"{row['failures']} failures {row.get('error', '')}", file=sys.stderr)
+                print(
+                    f"{name} c={concurrency}: {row.get('throughput_per_s', 'failed')} /s, "
+                    f"{row['failures']} failures {row.get('error', '')}",
+                    file=sys.stderr,
+                )
         report = {
-            "benchmark": "perf_analyzer sweep", **common.provenance(target),
+            "benchmark": "perf_analyzer sweep",
+            **common.provenance(target),
             "device_tag": common.device_tag(target.device),
             "contention": meter.finish(target),
             "perf_analyzer_version": perf_analyzer_version(),
-            "text_count": len(workload.load_texts()), "max_audio_seconds": args.max_audio_seconds,
-            "runs": rows, "batching": batching_gains(rows),
+            "text_count": len(workload.load_texts()),
+            "max_audio_seconds": args.max_audio_seconds,
+            "runs": rows,
+            "batching": batching_gains(rows),
         }
     stem = f"perf_analyzer_{report['model']}_{report['device_tag']}"
     table = markdown(report, stem)

@@ -152,7 +152,7 @@ STOP_KILL_MARGIN_S = 5
 STOP_FILE_ENV = "CSM_TRITON_STOP_FILE"
 STREAM_STOP_GRACE_S = 1.0
 
-# --- Watermark (resemble-perth 1.0.1; measured in tests/test_watermark.py) ----------
+# --- Watermark (resemble-perth 1.0.1; measured in tests/model/test_watermark.py) ----------
 # Shorter clips cannot be judged: on espeak-ng speech, 0.1-0.3 s windows of clean audio
 # scored up to 0.95 (0.1 s) and 0.15 (0.3 s), watermarked ones as low as 0.01 and
 # 0.89; 0.5 s windows separated cleanly (clean <= 0.01, watermarked >= 0.99).

@@ -60,12 +60,13 @@ class Gateway:
 
         self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(triton_grpc_url, **options), host="127.0.0.1", port=self.port,
-                                log_level="warning", lifespan="on")
+        config = uvicorn.Config(
+            create_app(triton_grpc_url, **options), host="127.0.0.1", port=self.port, log_level="warning", lifespan="on"
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name=f"gateway-{self.port}", daemon=True)
 
-    def __enter__(self) -> "Gateway":
+    def __enter__(self) -> Gateway:
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:

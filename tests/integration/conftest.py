@@ -8,7 +8,7 @@ import contextlib
 import json
 import urllib.request
 
-from conftest import ADMIN_TOKEN, BROKEN_MODEL  # noqa: F401 - re-exported for the tests here
+from conftest import ADMIN_TOKEN, BROKEN_MODEL
 
 
 def slots_in_use(triton_server) -> float:
@@ -24,10 +24,12 @@ def slots_in_use(triton_server) -> float:
 def segment_budget(triton_server, grpc_client, seconds_per_char: float, min_seconds: float):
     """csm_prepare reloaded with these segment budgets for the block, then as its repository has it."""
     config = grpc_client.get_model_config("csm_prepare", as_json=True)["config"]
-    config.setdefault("parameters", {}).update({
-        "segment_seconds_per_char": {"string_value": str(seconds_per_char)},
-        "segment_min_seconds": {"string_value": str(min_seconds)},
-    })
+    config.setdefault("parameters", {}).update(
+        {
+            "segment_seconds_per_char": {"string_value": str(seconds_per_char)},
+            "segment_min_seconds": {"string_value": str(min_seconds)},
+        }
+    )
     key = triton_server.grpc_model_control_headers
     grpc_client.load_model("csm_prepare", config=json.dumps(config), headers=key)
     try:

@@ -26,8 +26,8 @@ import tritonclient.grpc as grpc
 import tritonclient.http as http
 from safetensors.numpy import load_file, save_file
 
-from .client_fixtures import GATEWAY_API_KEY, gateway  # noqa: F401 - fixture
-from .test_adapter_speech import adapter_folder  # noqa: F401 - fixture: adapter A (random, non-zero)
+from .client_fixtures import GATEWAY_API_KEY, gateway
+from .test_adapter_speech import adapter_folder
 from .test_tts import expected_samples, tensor, tts_inputs
 from .test_voice_models import Protocol, adapter_inputs, delete, token
 
@@ -40,27 +40,33 @@ SECONDS = 0.8  # 10 frames: the tiny model never ends on its own
 
 
 @pytest.fixture(scope="module")
-def adapter_b(adapter_folder, tmp_path_factory):  # noqa: F811 - the imported fixture
+def adapter_b(adapter_folder, tmp_path_factory):
     """A second adapter of the same shapes: A's matrices with fresh random values."""
     run = tmp_path_factory.mktemp("tuned-run-b")
     (run / "adapter").mkdir()
     (run / "adapter" / "adapter_config.json").write_bytes(
-        (adapter_folder / "adapter" / "adapter_config.json").read_bytes())
+        (adapter_folder / "adapter" / "adapter_config.json").read_bytes()
+    )
     (run / "manifest.json").write_bytes((adapter_folder / "manifest.json").read_bytes())
     rng = np.random.default_rng(17)
-    weights = {name: rng.normal(0.0, 0.05, value.shape).astype(value.dtype)
-               for name, value in load_file(adapter_folder / "adapter" / "adapter_model.safetensors").items()}
+    weights = {
+        name: rng.normal(0.0, 0.05, value.shape).astype(value.dtype)
+        for name, value in load_file(adapter_folder / "adapter" / "adapter_model.safetensors").items()
+    }
     save_file(weights, run / "adapter" / "adapter_model.safetensors")
     return run
 
 
 @pytest.fixture(scope="module")
-def adapter_voices(grpc_client, adapter_folder, adapter_b):  # noqa: F811 - the imported fixture
+def adapter_voices(grpc_client, adapter_folder, adapter_b):
     """ADAPTER_A and ADAPTER_B registered through voice_register (admin token), deleted after."""
     runs = {ADAPTER_A: adapter_folder, ADAPTER_B: adapter_b}
     for voice_id, run in runs.items():
-        stored = json.loads(grpc_client.infer("voice_register", adapter_inputs(grpc, voice_id, run),
-                                              headers=token()).as_numpy("VOICE")[0])
+        stored = json.loads(
+            grpc_client.infer("voice_register", adapter_inputs(grpc, voice_id, run), headers=token()).as_numpy("VOICE")[
+                0
+            ]
+        )
         assert stored["kind"] == "adapter" and stored["default_speaker"] == 1
     yield runs
     for voice_id in runs:
@@ -95,8 +101,9 @@ class Stream:
             if start is not None:
                 start.wait(timeout=60)
             self.sent = time.monotonic()
-            client.async_stream_infer("csm_tts_stream", request_inputs(grpc, voice, seconds),
-                                      enable_empty_final_response=True)
+            client.async_stream_infer(
+                "csm_tts_stream", request_inputs(grpc, voice, seconds), enable_empty_final_response=True
+            )
             while True:
                 result, error = arrivals.get(timeout=120)
                 if error is not None:
@@ -213,11 +220,17 @@ def as_pcm16(samples: np.ndarray) -> np.ndarray:
     return (np.clip(samples, -1.0, 1.0) * 32767.0).round().astype("<i2")
 
 
-def test_openais_client_picks_an_adapter_by_voice(triton_server, adapter_voices, gateway):  # noqa: F811
+def test_openais_client_picks_an_adapter_by_voice(triton_server, adapter_voices, gateway):
     with openai.OpenAI(base_url=f"{gateway.url}/v1", api_key=GATEWAY_API_KEY, max_retries=0, timeout=120) as sdk:
+
         def speak(voice: str) -> np.ndarray:
-            answer = sdk.audio.speech.create(model="tts-1", voice=voice, input=WORDS, response_format="pcm",
-                                             extra_body={"seed": SEED, "max_audio_seconds": SECONDS, "speaker": 1})
+            answer = sdk.audio.speech.create(
+                model="tts-1",
+                voice=voice,
+                input=WORDS,
+                response_format="pcm",
+                extra_body={"seed": SEED, "max_audio_seconds": SECONDS, "speaker": 1},
+            )
             return np.frombuffer(answer.content, "<i2")
 
         spoken = {ADAPTER_A: speak(ADAPTER_A), ADAPTER_B: speak(ADAPTER_B), BASE: speak("alloy")}
@@ -227,8 +240,9 @@ def test_openais_client_picks_an_adapter_by_voice(triton_server, adapter_voices,
     assert_distinct(spoken)
 
 
-def test_registering_and_deleting_an_adapter_leaves_running_streams_untouched(triton_server, grpc_client,
-                                                                             adapter_voices):
+def test_registering_and_deleting_an_adapter_leaves_running_streams_untouched(
+    triton_server, grpc_client, adapter_voices
+):
     """While an adapter stream and a base stream run: a third adapter voice (B's files
     under another id) is registered, speaks (loaded into the engine's adapter bank beside
     the running one), and is deleted. The streams end normally with the audio they give
@@ -249,15 +263,17 @@ def test_registering_and_deleting_an_adapter_leaves_running_streams_untouched(tr
     changed_at = time.monotonic()
     assert deleted["voice_id"] == ADAPTER_C and deleted["kind"] == "adapter"
     together = {voice: stream.result() for voice, stream in streams.items()}
-    assert all(stream.ended > changed_at for stream in streams.values()), \
+    assert all(stream.ended > changed_at for stream in streams.values()), (
         "a stream ended before the register, speak and delete were done: make it longer"
+    )
     for voice in voices:
         assert_same_audio(together[voice], alone[voice], f"voice {voice} beside the changes")
     assert_same_audio(c_spoken, b_alone, "B's adapter under another id speaks as B")
 
 
-def test_a_voice_id_deleted_and_registered_again_speaks_with_its_new_adapter(grpc_client, triton_server,
-                                                                              adapter_voices):
+def test_a_voice_id_deleted_and_registered_again_speaks_with_its_new_adapter(
+    grpc_client, triton_server, adapter_voices
+):
     """An adapter voice retrained and registered again under its id (delete, then register)
     speaks with the new weights, not the ones the engine still holds from before."""
     url, p = triton_server.http_url, Protocol("grpc", grpc, grpc_client)

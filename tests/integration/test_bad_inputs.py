@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpc
 from conftest import kserve_front_process
-from csm_servers.gateway.kserve_front import create_front
 from fastapi.testclient import TestClient
 from tritonclient.utils import InferenceServerException
 
+from csm_servers.gateway.kserve_front import create_front
 from csm_triton import constants as C
 from csm_triton.serving.process import TritonServer
 
@@ -73,11 +73,16 @@ def test_the_huge_shape_body_is_a_400_from_the_front_and_triton_lives_on(front_p
 def test_with_a_restricted_inference_api_only_the_front_reaches_triton(served_repository, tmp_path):
     """tritonserver --http-restricted-api=inference:NAME=KEY refuses /infer without the key
     before parsing the body; the front sends the key, so going around it gets a 403."""
-    with TritonServer(served_repository, load_models=["watermark_detect"], ready_models=["watermark_detect"],
-                      log_path=tmp_path / "tritonserver.log",
-                      extra_args=["--http-restricted-api=inference:triton-front-key=k3y"]) as server:
-        direct = httpx.post(f"http://{server.http_url}/v2/models/watermark_detect/infer", content=HUGE_SHAPE,
-                            timeout=30)
+    with TritonServer(
+        served_repository,
+        load_models=["watermark_detect"],
+        ready_models=["watermark_detect"],
+        log_path=tmp_path / "tritonserver.log",
+        extra_args=["--http-restricted-api=inference:triton-front-key=k3y"],
+    ) as server:
+        direct = httpx.post(
+            f"http://{server.http_url}/v2/models/watermark_detect/infer", content=HUGE_SHAPE, timeout=30
+        )
         assert direct.status_code == 403 and server.process.poll() is None
         app = create_front(server.http_url, triton_headers={"triton-front-key": "k3y"})
         with TestClient(app) as front:
@@ -105,12 +110,18 @@ TRITON_500S = {
         {"inputs": {"a": 1}},
         {"inputs": [{"name": "VOICE_ID", "datatype": "BYTES", "shape": [1], "data": ["a"]}], "id": 5},
         {"inputs": [{"name": "VOICE_ID", "datatype": "BYTES", "shape": [1], "data": ["a"]}], "parameters": [1]},
-        {"inputs": [{"name": "VOICE_ID", "datatype": "BYTES", "shape": [1], "data": ["a"]}],
-         "parameters": {"priority": "x"}},
-        {"inputs": [{"name": "VOICE_ID", "datatype": "BYTES", "shape": [1], "data": ["a"]}],
-         "parameters": {"sequence_id": -1}},
-        {"inputs": [{"name": "VOICE_ID", "datatype": "BYTES", "shape": [1], "data": ["a"]}],
-         "outputs": [{"name": "DELETED", "parameters": {"binary_data": "x"}}]},
+        {
+            "inputs": [{"name": "VOICE_ID", "datatype": "BYTES", "shape": [1], "data": ["a"]}],
+            "parameters": {"priority": "x"},
+        },
+        {
+            "inputs": [{"name": "VOICE_ID", "datatype": "BYTES", "shape": [1], "data": ["a"]}],
+            "parameters": {"sequence_id": -1},
+        },
+        {
+            "inputs": [{"name": "VOICE_ID", "datatype": "BYTES", "shape": [1], "data": ["a"]}],
+            "outputs": [{"name": "DELETED", "parameters": {"binary_data": "x"}}],
+        },
     ],
     "watermark_detect/infer": [
         {"inputs": [{"name": "AUDIO", "datatype": "FP32", "shape": [3], "data": ["x", 1, 2]}]},
@@ -118,16 +129,22 @@ TRITON_500S = {
         {"inputs": [{"name": "SAMPLE_RATE", "datatype": "INT32", "shape": [1], "data": [1.5]}]},
         {"inputs": [{"name": "AUDIO", "datatype": "FP32", "shape": [536870912], "data": []}]},  # 2 GB for nothing
     ],
-    "voice_delete/generate": [{"VOICE_ID": 5}, {"VOICE_ID": None}, {"VOICE_ID": "a", "id": 5},
-                              {"VOICE_ID": "a", "parameters": [1]}],
+    "voice_delete/generate": [
+        {"VOICE_ID": 5},
+        {"VOICE_ID": None},
+        {"VOICE_ID": "a", "id": 5},
+        {"VOICE_ID": "a", "parameters": [1]},
+    ],
     "watermark_detect/generate": [{"AUDIO": [[1, 2], [3, 4]], "SAMPLE_RATE": 24000}],
     "csm_tts/infer": [
         {"inputs": [{"name": "SEED", "datatype": "INT64", "shape": [1], "data": [2**63]}]},
         {"inputs": [{"name": "TOP_K", "datatype": "INT32", "shape": [1], "data": [1e20]}]},
     ],
 }
-RAW_500S = [b'{"inputs":[{"name":"AUDIO","datatype":"FP32","shape":[2],"data":[1,2,3]}',  # cut short
-            b'{"inputs":[{"name":"AUDIO","datatype":"FP32","shape":[1],"data":[NaN]}]}']
+RAW_500S = [
+    b'{"inputs":[{"name":"AUDIO","datatype":"FP32","shape":[2],"data":[1,2,3]}',  # cut short
+    b'{"inputs":[{"name":"AUDIO","datatype":"FP32","shape":[1],"data":[NaN]}]}',
+]
 
 
 def test_bodies_triton_answers_with_a_500_are_a_4xx_with_a_message(front, triton_server):
@@ -140,8 +157,12 @@ def test_bodies_triton_answers_with_a_500_are_a_4xx_with_a_message(front, triton
 
 
 def test_integers_past_the_inputs_type_are_refused_by_the_front_not_wrapped(front, triton_server):
-    top_k = {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["Hi."]},
-                        {"name": "TOP_K", "datatype": "INT32", "shape": [1], "data": [2**31]}]}
+    top_k = {
+        "inputs": [
+            {"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["Hi."]},
+            {"name": "TOP_K", "datatype": "INT32", "shape": [1], "data": [2**31]},
+        ]
+    }
     answer = front.post("/v2/models/csm_tts/infer", json=top_k)
     assert answer.status_code == 400 and "input 'TOP_K'" in answer.json()["error"]
     assert "[-2147483648, 2147483647], got 2147483648" in answer.json()["error"]
@@ -151,22 +172,29 @@ def test_integers_past_the_inputs_type_are_refused_by_the_front_not_wrapped(fron
 
 
 # --- sampling extremes at the models -----------------------------------------------------------
-@pytest.mark.parametrize("name, value, expected", [
-    ("TOP_K", np.array([2**31], np.int64).astype(np.int32), "input 'TOP_K' must be in [1, 2048], got -2147483648"),
-    ("TOP_K", np.array([-5], np.int32), "input 'TOP_K' must be in [1, 2048], got -5"),
-    ("TOP_K", np.array([2049], np.int32), "input 'TOP_K' must be in [1, 2048], got 2049"),
-    ("SEED", np.array([-1], np.int64), "input 'SEED' must be >= 0, got -1"),
-    ("SEED", np.array([2**63], np.uint64).astype(np.int64), "input 'SEED' must be >= 0, got -9223372036854775808"),
-    ("TEMPERATURE", np.array([np.nan], np.float32), "input 'TEMPERATURE' must be in (0, 5]"),
-    ("TEMPERATURE", np.array([-1e-45], np.float32), "input 'TEMPERATURE' must be in (0, 5]"),
-])
+@pytest.mark.parametrize(
+    "name, value, expected",
+    [
+        ("TOP_K", np.array([2**31], np.int64).astype(np.int32), "input 'TOP_K' must be in [1, 2048], got -2147483648"),
+        ("TOP_K", np.array([-5], np.int32), "input 'TOP_K' must be in [1, 2048], got -5"),
+        ("TOP_K", np.array([2049], np.int32), "input 'TOP_K' must be in [1, 2048], got 2049"),
+        ("SEED", np.array([-1], np.int64), "input 'SEED' must be >= 0, got -1"),
+        ("SEED", np.array([2**63], np.uint64).astype(np.int64), "input 'SEED' must be >= 0, got -9223372036854775808"),
+        ("TEMPERATURE", np.array([np.nan], np.float32), "input 'TEMPERATURE' must be in (0, 5]"),
+        ("TEMPERATURE", np.array([-1e-45], np.float32), "input 'TEMPERATURE' must be in (0, 5]"),
+    ],
+)
 def test_sampling_extremes_are_invalid_arg_naming_the_input(grpc_client, name, value, expected):
-    assert expected in refusal(grpc_client, "csm_tts", [tensor("TEXT", np.array([b"Hi."], dtype=object)),
-                                                       tensor(name, value)])
+    assert expected in refusal(
+        grpc_client, "csm_tts", [tensor("TEXT", np.array([b"Hi."], dtype=object)), tensor(name, value)]
+    )
     # csm_lm's own door, streamed: the prompt as csm_prepare makes it.
     prompt = grpc_client.infer("csm_prepare", [tensor("TEXT", np.array([b"Hi."], dtype=object))])
-    inputs = [tensor("input_ids", prompt.as_numpy("input_ids")), tensor("prompt_codes", prompt.as_numpy("prompt_codes")),
-              tensor(name, value)]
+    inputs = [
+        tensor("input_ids", prompt.as_numpy("input_ids")),
+        tensor("prompt_codes", prompt.as_numpy("prompt_codes")),
+        tensor(name, value),
+    ]
     answers = []
     grpc_client.start_stream(callback=lambda result, error: answers.append(error or result))
     try:
@@ -181,9 +209,12 @@ def test_sampling_extremes_are_invalid_arg_naming_the_input(grpc_client, name, v
 
 def test_a_temperature_below_the_floor_samples_at_the_floor(grpc_client):
     def speak(temperature):
-        inputs = [tensor("TEXT", np.array([b"Cold."], dtype=object)),
-                  tensor("TEMPERATURE", np.array([temperature], np.float32)),
-                  tensor("SEED", np.array([3], np.int64)), tensor("MAX_AUDIO_SECONDS", np.array([0.4], np.float32))]
+        inputs = [
+            tensor("TEXT", np.array([b"Cold."], dtype=object)),
+            tensor("TEMPERATURE", np.array([temperature], np.float32)),
+            tensor("SEED", np.array([3], np.int64)),
+            tensor("MAX_AUDIO_SECONDS", np.array([0.4], np.float32)),
+        ]
         return grpc_client.infer("csm_tts", inputs).as_numpy("AUDIO")
 
     tiny = speak(1e-45)  # inside the documented (0, 5]; was INTERNAL (every code drawn was 0)
@@ -192,19 +223,27 @@ def test_a_temperature_below_the_floor_samples_at_the_floor(grpc_client):
 
 
 # --- the codec models, called directly ---------------------------------------------------------
-@pytest.mark.parametrize("codes, expected", [
-    (np.full((1, 32, 2), C.CODEBOOK_SIZE, np.int64), "input 'audio_codes' holds codes outside [0, 2048) (from 2048"),
-    (np.full((1, 32, 2), -1, np.int64), "input 'audio_codes' holds codes outside [0, 2048) (from -1"),
-    (np.zeros((1, 32, 0), np.int64), "input 'audio_codes' has 0 frames; at least 1 is needed"),
-    (np.zeros((1, 32, C.MAX_CODEC_FRAMES + 1), np.int64), f"the limit is {C.MAX_CODEC_FRAMES} frames (120 s)"),
-])
+@pytest.mark.parametrize(
+    "codes, expected",
+    [
+        (
+            np.full((1, 32, 2), C.CODEBOOK_SIZE, np.int64),
+            "input 'audio_codes' holds codes outside [0, 2048) (from 2048",
+        ),
+        (np.full((1, 32, 2), -1, np.int64), "input 'audio_codes' holds codes outside [0, 2048) (from -1"),
+        (np.zeros((1, 32, 0), np.int64), "input 'audio_codes' has 0 frames; at least 1 is needed"),
+        (np.zeros((1, 32, C.MAX_CODEC_FRAMES + 1), np.int64), f"the limit is {C.MAX_CODEC_FRAMES} frames (120 s)"),
+    ],
+)
 def test_mimi_decoder_refuses_codes_out_of_range_and_bad_lengths(grpc_client, codes, expected):
     assert expected in refusal(grpc_client, "mimi_decoder", [tensor("audio_codes", codes)])
 
 
 def test_mimi_encoder_refuses_empty_and_over_long_audio(grpc_client):
     empty = np.zeros((1, 1, 0), np.float32)
-    assert "input 'input_values' holds no samples" in refusal(grpc_client, "mimi_encoder", [tensor("input_values", empty)])
+    assert "input 'input_values' holds no samples" in refusal(
+        grpc_client, "mimi_encoder", [tensor("input_values", empty)]
+    )
     long = np.zeros((1, 1, C.MAX_CODEC_SAMPLES + 1), np.float32)
     message = refusal(grpc_client, "mimi_encoder", [tensor("input_values", long)])
     assert "input 'input_values' has 2880001 samples (120.0 s at 24000 Hz); the limit is 120 s" in message
@@ -215,7 +254,11 @@ def _stub_rss_mb(server, model: str) -> int:
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if "triton_python_backend_stub" in command and f"/{model}/" in command and os.getpgid(int(pid)) == server.pid:
+            if (
+                "triton_python_backend_stub" in command
+                and f"/{model}/" in command
+                and os.getpgid(int(pid)) == server.pid
+            ):
                 status = Path(f"/proc/{pid}/status").read_text()
                 return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) // 1024
         except (OSError, ProcessLookupError):

@@ -12,13 +12,20 @@ import pytest
 import soundfile
 import tritonclient.grpc as grpc
 
-from csm_clients import (MODEL_SAMPLE_RATE, AsyncVoiceCloner, InvalidRequest, PermissionDenied, Reference,
-                         ServerUnavailable, VoiceCloner)
+from csm_clients import (
+    MODEL_SAMPLE_RATE,
+    AsyncVoiceCloner,
+    InvalidRequest,
+    PermissionDenied,
+    Reference,
+    ServerUnavailable,
+    VoiceCloner,
+)
 from csm_triton import constants as C
-from csm_triton.serving.process import free_ports
 from csm_triton.core.stream_decoder import snr_db
+from csm_triton.serving.process import free_ports
 
-from .client_fixtures import long_clip, speech_clip  # noqa: F401 - fixtures
+from .client_fixtures import long_clip, speech_clip
 from .conftest import ADMIN_TOKEN
 
 pytestmark = pytest.mark.integration
@@ -48,8 +55,9 @@ def test_synthesize_gives_24khz_speech_reproducible_by_seed(cloner):
 
 
 def test_clone_voice_from_file(cloner, speech_clip):
-    speech = cloner.clone_voice_from_file(speech_clip.path, speech_clip.transcript, "Said in a cloned voice.",
-                                          temperature=0.7, top_k=20, **SHORT)
+    speech = cloner.clone_voice_from_file(
+        speech_clip.path, speech_clip.transcript, "Said in a cloned voice.", temperature=0.7, top_k=20, **SHORT
+    )
     assert speech.seconds == pytest.approx(frames_of(0.5) / C.SAMPLE_RATE) and np.abs(speech.audio).max() > 0
 
 
@@ -62,8 +70,7 @@ def test_stream_yields_chunks_that_add_up_to_the_offline_result(cloner):
 
 
 def test_stopping_a_stream_early_leaves_the_client_usable(cloner):
-    for chunk in cloner.stream("A long text that will not be heard to the end.", max_audio_seconds=20, seed=1):
-        break
+    chunk = next(iter(cloner.stream("A long text that will not be heard to the end.", max_audio_seconds=20, seed=1)))
     assert chunk.audio.size
     assert cloner.synthesize("Still here.", **SHORT).audio.size
 
@@ -126,8 +133,9 @@ def test_a_file_not_audio_is_refused_before_sending(cloner, tmp_path):
         cloner.clone_voice_from_file(junk, "x", "Hi.")
 
 
-def test_clips_above_24khz_are_resampled_by_the_client_as_the_server_would(triton_server, grpc_client, speech_clip,
-                                                                          tmp_path):
+def test_clips_above_24khz_are_resampled_by_the_client_as_the_server_would(
+    triton_server, grpc_client, speech_clip, tmp_path
+):
     samples, rate = soundfile.read(speech_clip.path, dtype="float32")
     import soxr
 
@@ -140,8 +148,11 @@ def test_clips_above_24khz_are_resampled_by_the_client_as_the_server_would(trito
         ours = cloner.synthesize("Same audio, fewer bytes.", voice=reference, **SHORT).audio
 
     def tensor(name, value):  # the raw 48 kHz clip as tritonclient sends it: the server resamples
-        item = grpc.InferInput(name, list(value.shape), {np.float32: "FP32", np.int32: "INT32", np.int64: "INT64",
-                                                         np.object_: "BYTES"}[value.dtype.type])
+        item = grpc.InferInput(
+            name,
+            list(value.shape),
+            {np.float32: "FP32", np.int32: "INT32", np.int64: "INT64", np.object_: "BYTES"}[value.dtype.type],
+        )
         item.set_data_from_numpy(value)
         return item
 
@@ -150,12 +161,17 @@ def test_clips_above_24khz_are_resampled_by_the_client_as_the_server_would(trito
     # exactly (the same soxr, the same seed), not only where 16-bit rounding happens to
     # leave Mimi's codes alone.
     sent = soundfile.read(stereo, dtype="float32")[0][:, 0].copy()
-    raw = grpc_client.infer("csm_tts", [
-        tensor("TEXT", np.array([b"Same audio, fewer bytes."], dtype=object)),
-        tensor("REFERENCE_AUDIO", sent), tensor("REFERENCE_SAMPLE_RATE", np.array([48_000], np.int32)),
-        tensor("REFERENCE_TEXT", np.array([speech_clip.transcript.encode()], dtype=object)),
-        tensor("MAX_AUDIO_SECONDS", np.array([0.5], np.float32)), tensor("SEED", np.array([3], np.int64)),
-    ]).as_numpy("AUDIO")
+    raw = grpc_client.infer(
+        "csm_tts",
+        [
+            tensor("TEXT", np.array([b"Same audio, fewer bytes."], dtype=object)),
+            tensor("REFERENCE_AUDIO", sent),
+            tensor("REFERENCE_SAMPLE_RATE", np.array([48_000], np.int32)),
+            tensor("REFERENCE_TEXT", np.array([speech_clip.transcript.encode()], dtype=object)),
+            tensor("MAX_AUDIO_SECONDS", np.array([0.5], np.float32)),
+            tensor("SEED", np.array([3], np.int64)),
+        ],
+    ).as_numpy("AUDIO")
     np.testing.assert_array_equal(ours, raw)
 
 
@@ -178,8 +194,9 @@ def test_async_client_many_requests_at_once(triton_server, protocol, speech_clip
         async with AsyncVoiceCloner(url, protocol, admin_token=ADMIN_TOKEN, timeout=60) as cloner:
             assert await cloner.is_ready()
             texts = [f"Request number {index}." for index in range(4)]
-            speeches = await asyncio.gather(*(cloner.synthesize(text, seed=i, max_audio_seconds=0.5)
-                                              for i, text in enumerate(texts)))
+            speeches = await asyncio.gather(
+                *(cloner.synthesize(text, seed=i, max_audio_seconds=0.5) for i, text in enumerate(texts))
+            )
             chunks = [chunk async for chunk in cloner.stream("Async stream.", max_audio_seconds=1.0, seed=1)]
             voice_id = f"async-{protocol}"
             await cloner.register_voice(voice_id, speech_clip.path, speech_clip.transcript)

@@ -14,7 +14,7 @@ import soundfile
 
 from csm_clients.cli import main
 
-from .client_fixtures import speech_clip  # noqa: F401 - fixture
+from .client_fixtures import speech_clip
 from .conftest import ADMIN_TOKEN
 
 pytestmark = pytest.mark.integration
@@ -37,10 +37,39 @@ def seconds(path: Path) -> float:
 
 def test_say_clone_stream_and_watermark(cli, speech_clip, capsys):
     assert cli(["say", "Hello from the command line.", "-o", "say.wav", *SHORT]) == 0
-    assert cli(["clone", str(speech_clip.path), speech_clip.transcript, "In that voice.", "-o", "clone.flac",
-                "--sample-rate", "16000", *SHORT]) == 0
-    assert cli(["stream", "Streamed to a file.", "-o", "stream.wav", "--max-audio-seconds", "1.5",
-                "--reference", str(speech_clip.path), "--transcript", speech_clip.transcript]) == 0
+    assert (
+        cli(
+            [
+                "clone",
+                str(speech_clip.path),
+                speech_clip.transcript,
+                "In that voice.",
+                "-o",
+                "clone.flac",
+                "--sample-rate",
+                "16000",
+                *SHORT,
+            ]
+        )
+        == 0
+    )
+    assert (
+        cli(
+            [
+                "stream",
+                "Streamed to a file.",
+                "-o",
+                "stream.wav",
+                "--max-audio-seconds",
+                "1.5",
+                "--reference",
+                str(speech_clip.path),
+                "--transcript",
+                speech_clip.transcript,
+            ]
+        )
+        == 0
+    )
     assert seconds(Path("say.wav")) == pytest.approx(0.56) and soundfile.info("clone.flac").samplerate == 16_000
     assert seconds(Path("stream.wav")) == pytest.approx(1.52)
     captured = capsys.readouterr()
@@ -78,8 +107,13 @@ def test_batch_of_five_with_a_bad_line_writes_four_reports_one_and_resumes(cli, 
         {"id": "first", "text": "The first line.", "seed": 1},
         {"text": "Cloned inline.", "reference_audio": "clips/fox.wav", "reference_text": speech_clip.transcript},
         {"id": "bad", "text": "Too hot.", "temperature": 0},
-        {"id": "fourth", "text": "The fourth line.", "top_k": 10, "speaker": 1,  # a conversation's reply
-         "context": [{"audio": "clips/fox.wav", "text": speech_clip.transcript, "speaker": 0}]},
+        {
+            "id": "fourth",
+            "text": "The fourth line.",
+            "top_k": 10,
+            "speaker": 1,  # a conversation's reply
+            "context": [{"audio": "clips/fox.wav", "text": speech_clip.transcript, "speaker": 0}],
+        },
         {"id": "fifth", "text": "The fifth line."},
     ]
     batch = tmp_path / "lines.jsonl"
@@ -104,23 +138,44 @@ def test_batch_from_csv_through_the_console_script(triton_server, tmp_path):
     batch = tmp_path / "lines.csv"
     batch.write_text("id,text,seed,max_audio_seconds\nhello,Hello from a CSV row.,1,0.5\nbye,Goodbye.,2,0.5\n")
     script = Path(sys.executable).with_name("csm-tts")
-    result = subprocess.run([str(script), "--url", triton_server.http_url, "--protocol", "http", "batch", str(batch),
-                             "--out-dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "CSM_TRITON_URL": "unused:1"})
+    result = subprocess.run(
+        [
+            str(script),
+            "--url",
+            triton_server.http_url,
+            "--protocol",
+            "http",
+            "batch",
+            str(batch),
+            "--out-dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CSM_TRITON_URL": "unused:1"},
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["bye.wav", "hello.wav"]
 
 
 def test_captions_follow_the_servers_segment_times(cli, capsys):
     """--captions: one cue per segment, timed by SEGMENT_TIMES, worded as spoken."""
-    text = ("The first sentence is about the weather, which was grey and cold all morning long today. " * 2
-            + "Then the sun came out at 3 pm, and everyone went outside to enjoy it for an hour or two. " * 2)
+    text = (
+        "The first sentence is about the weather, which was grey and cold all morning long today. " * 2
+        + "Then the sun came out at 3 pm, and everyone went outside to enjoy it for an hour or two. " * 2
+    )
     assert cli(["say", text, "-o", "long.wav", "--captions", "long.srt", "--seed", "2"]) == 0
     cues = Path("long.srt").read_text().strip().split("\n\n")
     assert len(cues) >= 2, cues
     spans = [cue.split("\n")[1].split(" --> ") for cue in cues]
-    as_seconds = [[sum(float(part) * 60 ** (2 - i) for i, part in enumerate(stamp.replace(",", ".").split(":")))
-                   for stamp in span] for span in spans]
+    as_seconds = [
+        [
+            sum(float(part) * 60 ** (2 - i) for i, part in enumerate(stamp.replace(",", ".").split(":")))
+            for stamp in span
+        ]
+        for span in spans
+    ]
     assert as_seconds[0][0] == 0.0 and all(a[1] <= b[0] + 1e-3 for a, b in zip(as_seconds, as_seconds[1:]))
     assert abs(as_seconds[-1][1] - seconds(Path("long.wav"))) < 0.01, "the last cue ends with the audio"
     assert "three" in Path("long.srt").read_text(), "the cue text is the text as spoken (normalized)"

@@ -29,7 +29,7 @@ from csm_clients import AsyncVoiceCloner, InvalidRequest, Turn, VoiceCloner
 from csm_clients.cli import main
 from csm_triton import constants as C
 
-from .client_fixtures import GATEWAY_API_KEY, gateway, speech_clip  # noqa: F401 - fixtures
+from .client_fixtures import GATEWAY_API_KEY, gateway, speech_clip
 from .conftest import ADMIN_TOKEN
 
 pytestmark = pytest.mark.integration
@@ -131,8 +131,27 @@ def seconds(path) -> float:
 
 def test_say_and_stream_with_context_turns(cli, speech_clip, stored_voice, capsys):
     turn = ["--context-turn", "0", str(speech_clip.path), speech_clip.transcript]
-    assert cli(["say", "Fine, thanks.", "--speaker", "1", *turn, "--context-voice", "1", stored_voice,
-                "-o", "reply.wav", "--max-audio-seconds", "0.5", "--seed", "1"]) == 0
+    assert (
+        cli(
+            [
+                "say",
+                "Fine, thanks.",
+                "--speaker",
+                "1",
+                *turn,
+                "--context-voice",
+                "1",
+                stored_voice,
+                "-o",
+                "reply.wav",
+                "--max-audio-seconds",
+                "0.5",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert cli(["stream", "And you?", *turn, *turn, "-o", "streamed.flac", "--max-audio-seconds", "1"]) == 0
     assert seconds("reply.wav") == pytest.approx(0.56) and seconds("streamed.flac") == pytest.approx(1.04)
     printed = capsys.readouterr()
@@ -145,26 +164,63 @@ def test_say_and_stream_with_context_turns(cli, speech_clip, stored_voice, capsy
 def test_read_a_book_through_the_console_script(triton_server, speech_clip, tmp_path):
     (tmp_path / "book.txt").write_text(BOOK + "\n", encoding="utf-8")
     script = Path(sys.executable).with_name("csm-tts")
-    result = subprocess.run([str(script), "--url", triton_server.http_url, "--protocol", "http", "read", "book.txt",
-                             "-o", "book.wav", "--reference", str(speech_clip.path), "--transcript",
-                             speech_clip.transcript, "--max-audio-seconds", "1", "--seed", "2"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "CSM_TRITON_URL": "unused:1"})
+    result = subprocess.run(
+        [
+            str(script),
+            "--url",
+            triton_server.http_url,
+            "--protocol",
+            "http",
+            "read",
+            "book.txt",
+            "-o",
+            "book.wav",
+            "--reference",
+            str(speech_clip.path),
+            "--transcript",
+            speech_clip.transcript,
+            "--max-audio-seconds",
+            "1",
+            "--seed",
+            "2",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CSM_TRITON_URL": "unused:1"},
+    )
     assert result.returncode == 0, result.stderr
     assert seconds(tmp_path / "book.wav") == pytest.approx(1.04)
     assert f"book.wav: 1.04 s of audio ({len(BOOK)} characters" in result.stdout
 
 
-@pytest.mark.parametrize("arguments, message", [
-    (["say", "Hi.", "--context-turn", "0", "missing.wav", "What it says."],
-     "csm-tts say: error: --context-turn: no such audio file: missing.wav"),
-    (["say", "Hi."] + ["--context-voice", "0", VOICE] * 17, "csm-tts say: error: 17 context turns; the limit is 16"),
-    (["read", "long.txt"], "csm-tts read: error: long.txt has 20001 characters; the server's limit for one text "
-                           "is 20000"),
-    (["read", "nothing.txt"], "csm-tts read: error: cannot read nothing.txt: No such file or directory"),
-    (["stream", "Hi.", "--speaker", "-1"], "csm-tts stream: error: --speaker: speaker id -1; speaker ids are 0-255"),
-    (["say", "Hi.", "--context-voice", "one", VOICE], "--context-voice: the speaker must be an integer id, got 'one'"),
-])
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (
+            ["say", "Hi.", "--context-turn", "0", "missing.wav", "What it says."],
+            "csm-tts say: error: --context-turn: no such audio file: missing.wav",
+        ),
+        (
+            ["say", "Hi."] + ["--context-voice", "0", VOICE] * 17,
+            "csm-tts say: error: 17 context turns; the limit is 16",
+        ),
+        (
+            ["read", "long.txt"],
+            "csm-tts read: error: long.txt has 20001 characters; the server's limit for one text is 20000",
+        ),
+        (["read", "nothing.txt"], "csm-tts read: error: cannot read nothing.txt: No such file or directory"),
+        (
+            ["stream", "Hi.", "--speaker", "-1"],
+            "csm-tts stream: error: --speaker: speaker id -1; speaker ids are 0-255",
+        ),
+        (
+            ["say", "Hi.", "--context-voice", "one", VOICE],
+            "--context-voice: the speaker must be an integer id, got 'one'",
+        ),
+    ],
+)
 def test_bad_command_lines_are_one_line_and_exit_2(cli, arguments, message, capsys):
     Path("long.txt").write_text("a" * 20_001, encoding="utf-8")
     assert cli([*arguments, "-o", "x.wav"]) == 2
@@ -185,27 +241,42 @@ def clip_base64(speech_clip) -> str:
 
 
 def test_openai_speech_with_context_and_speaker(sdk, speech_clip, stored_voice):
-    context = [{"voice": stored_voice, "speaker": 1},
-               {"audio": clip_base64(speech_clip), "text": speech_clip.transcript, "speaker": 0}]
-    answer = sdk.audio.speech.create(model="tts-1", voice="alloy", input="Nice to meet you.", response_format="wav",
-                                     extra_body={**SHORT, "speaker": 1, "context": context})
+    context = [
+        {"voice": stored_voice, "speaker": 1},
+        {"audio": clip_base64(speech_clip), "text": speech_clip.transcript, "speaker": 0},
+    ]
+    answer = sdk.audio.speech.create(
+        model="tts-1",
+        voice="alloy",
+        input="Nice to meet you.",
+        response_format="wav",
+        extra_body={**SHORT, "speaker": 1, "context": context},
+    )
     spoken, rate = soundfile.read(io.BytesIO(answer.content))
     assert rate == C.SAMPLE_RATE and spoken.size == SHORT_SAMPLES
-    plain = sdk.audio.speech.create(model="tts-1", voice="alloy", input="Nice to meet you.", response_format="wav",
-                                    extra_body={**SHORT, "speaker": 1})
+    plain = sdk.audio.speech.create(
+        model="tts-1",
+        voice="alloy",
+        input="Nice to meet you.",
+        response_format="wav",
+        extra_body={**SHORT, "speaker": 1},
+    )
     assert plain.content != answer.content  # the context reached the model
 
 
-@pytest.mark.parametrize("context, speaker, param", [
-    ([{"voice": "nobody-here"}], None, "context[0].voice"),  # Triton's refusal, mapped back
-    ([{"audio": "not base64!", "text": "x"}], None, "context[0].audio"),
-    ([{"audio": base64.b64encode(b"not audio").decode(), "text": "x"}], None, "context[0].audio"),
-    ([{"text": "no audio"}], None, "context[0].audio"),
-    ([{"voice": VOICE, "speaker": 256}], None, "context[0].speaker"),
-    ([{"voice": VOICE, "transcript": "misspelt"}], None, "context[0].transcript"),
-    ([{"voice": VOICE}] * 17, None, "context"),
-    (None, -1, "speaker"),
-])
+@pytest.mark.parametrize(
+    "context, speaker, param",
+    [
+        ([{"voice": "nobody-here"}], None, "context[0].voice"),  # Triton's refusal, mapped back
+        ([{"audio": "not base64!", "text": "x"}], None, "context[0].audio"),
+        ([{"audio": base64.b64encode(b"not audio").decode(), "text": "x"}], None, "context[0].audio"),
+        ([{"text": "no audio"}], None, "context[0].audio"),
+        ([{"voice": VOICE, "speaker": 256}], None, "context[0].speaker"),
+        ([{"voice": VOICE, "transcript": "misspelt"}], None, "context[0].transcript"),
+        ([{"voice": VOICE}] * 17, None, "context"),
+        (None, -1, "speaker"),
+    ],
+)
 def test_a_bad_context_is_a_400_naming_the_field(sdk, stored_voice, context, speaker, param):
     body = {"model": "tts-1", "voice": "alloy", "input": "Hi.", **SHORT, "context": context, "speaker": speaker}
     with pytest.raises(openai.BadRequestError) as failure:
@@ -216,13 +287,18 @@ def test_a_bad_context_is_a_400_naming_the_field(sdk, stored_voice, context, spe
 
 
 def test_clone_voice_takes_the_same_context(gateway, speech_clip, stored_voice):
-    form = {"text": "Hello again.", "speaker": "1", "max_audio_seconds": "0.5",
-            "context": json.dumps([{"voice": stored_voice, "speaker": 1}])}
+    form = {
+        "text": "Hello again.",
+        "speaker": "1",
+        "max_audio_seconds": "0.5",
+        "context": json.dumps([{"voice": stored_voice, "speaker": 1}]),
+    }
     key = {"Authorization": f"Bearer {GATEWAY_API_KEY}"}  # speech needs a key once keys are configured
     with httpx.Client(base_url=gateway.url, timeout=120, headers=key) as http:
         answer = http.post("/clone-voice", data=form)
-        refused = http.post("/clone-voice", data={**form, "context": json.dumps([{"voice": stored_voice,
-                                                                                   "speaker": -2}])})
+        refused = http.post(
+            "/clone-voice", data={**form, "context": json.dumps([{"voice": stored_voice, "speaker": -2}])}
+        )
     assert answer.status_code == 200, answer.text
     assert soundfile.info(io.BytesIO(answer.content)).frames == SHORT_SAMPLES
     assert refused.status_code == 400 and "speaker id -2" in refused.json()["detail"]

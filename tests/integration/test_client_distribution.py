@@ -33,13 +33,23 @@ def _clean_env() -> dict[str, str]:
 
 
 def _run(command: list[str], cwd: Path, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=cwd, env=_clean_env(), capture_output=True, text=True, timeout=timeout,
-                          **kwargs)
+    return subprocess.run(command, cwd=cwd, env=_clean_env(), capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
 def _pip(venv: Path, *arguments: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return _run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "--disable-pip-version-check",
-                 *arguments], cwd=cwd, timeout=timeout)
+    return _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(venv / "bin" / "python"),
+            "--disable-pip-version-check",
+            *arguments,
+        ],
+        cwd=cwd,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +59,23 @@ def client_venv(tmp_path_factory) -> Path:
     # A copy of clients/, so the build writes build/ and *.egg-info there, not in the checkout.
     source = tmp / "clients"
     shutil.copytree(CLIENT, source, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
-    build = _run([sys.executable, "-m", "pip", "wheel", ".", "--no-deps", "--no-build-isolation", "--no-index",
-                  "--disable-pip-version-check", "-q", "-w", str(tmp / "dist")], cwd=source)
+    build = _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            ".",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--disable-pip-version-check",
+            "-q",
+            "-w",
+            str(tmp / "dist"),
+        ],
+        cwd=source,
+    )
     assert build.returncode == 0, build.stdout + build.stderr
     (wheel,) = (tmp / "dist").glob("csm_tts_client-*.whl")
     top_level = {name.split("/", 1)[0] for name in zipfile.ZipFile(wheel).namelist() if ".dist-info/" not in name}
@@ -78,9 +103,16 @@ def test_the_client_alone_has_no_torch_and_nothing_of_the_server(client_venv, tm
     assert Path(where.stdout.strip()).is_relative_to(client_venv), where.stdout  # the wheel's, not the checkout's
     # Every module imports with the base dependencies alone (PyAV only when a stretch is
     # made), but the text stream's client, which names its extra.
-    every = _run([python, "-c", "import importlib, pkgutil, csm_clients\n"
-                  "for m in pkgutil.walk_packages(csm_clients.__path__, 'csm_clients.'):\n"
-                  "    if m.name != 'csm_clients.text_stream': importlib.import_module(m.name)"], cwd=tmp_path)
+    every = _run(
+        [
+            python,
+            "-c",
+            "import importlib, pkgutil, csm_clients\n"
+            "for m in pkgutil.walk_packages(csm_clients.__path__, 'csm_clients.'):\n"
+            "    if m.name != 'csm_clients.text_stream': importlib.import_module(m.name)",
+        ],
+        cwd=tmp_path,
+    )
     assert every.returncode == 0, every.stderr
     text_stream = _run([python, "-c", "import csm_clients.text_stream"], cwd=tmp_path)
     assert "MissingExtra" in text_stream.stderr and "csm-tts-client[pipe]" in text_stream.stderr, text_stream.stderr
@@ -97,8 +129,23 @@ def test_csm_tts_help_and_a_call_to_the_real_server(client_venv, triton_server, 
     assert help_text.returncode == 0, help_text.stderr
     assert help_text.stdout.startswith("usage: csm-tts") and "say" in help_text.stdout
 
-    said = _run([csm_tts, "--url", triton_server.grpc_url, "say", "Hello from the thin client.", "-o", "said.wav",
-                 "--max-audio-seconds", "0.5", "--seed", "1"], cwd=tmp_path, timeout=180)
+    said = _run(
+        [
+            csm_tts,
+            "--url",
+            triton_server.grpc_url,
+            "say",
+            "Hello from the thin client.",
+            "-o",
+            "said.wav",
+            "--max-audio-seconds",
+            "0.5",
+            "--seed",
+            "1",
+        ],
+        cwd=tmp_path,
+        timeout=180,
+    )
     assert said.returncode == 0, said.stdout + said.stderr
     info = soundfile.info(str(tmp_path / "said.wav"))
     assert info.samplerate == 24_000 and info.frames > 0
@@ -111,8 +158,9 @@ def test_the_optional_extras_are_named_when_missing(client_venv, triton_server, 
     """--speed needs PyAV (the `speed` extra), `pipe` websockets (the `pipe` extra): refused
     before anything is sent, exit 2, one line naming the extra."""
     csm_tts = str(client_venv / "bin" / "csm-tts")
-    fast = _run([csm_tts, "--url", triton_server.grpc_url, "say", "Faster.", "-o", "fast.wav", "--speed", "1.5"],
-                cwd=tmp_path)
+    fast = _run(
+        [csm_tts, "--url", triton_server.grpc_url, "say", "Faster.", "-o", "fast.wav", "--speed", "1.5"], cwd=tmp_path
+    )
     assert fast.returncode == 2, fast.stdout + fast.stderr
     assert "pip install 'csm-tts-client[speed]'" in fast.stderr and len(fast.stderr.splitlines()) == 1, fast.stderr
     assert not (tmp_path / "fast.wav").exists()

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpc
 import tritonclient.http as http
-from tritonclient.utils import InferenceServerException
 from transformers import AutoProcessor
+from tritonclient.utils import InferenceServerException
 
 from csm_triton import constants as C
 from csm_triton.core import normalize, segments
@@ -40,11 +40,13 @@ def texts(values) -> np.ndarray:
 
 def context_inputs(module, turns=TURNS):
     clips = [reference_clip(seconds, seed=seed) for seed, (_, _, seconds) in enumerate(turns)]
-    return [tensor(module, "CONTEXT_TEXT", texts([t for t, _, _ in turns])),
-            tensor(module, "CONTEXT_SPEAKER", np.array([s for _, s, _ in turns], np.int32)),
-            tensor(module, "CONTEXT_AUDIO", np.concatenate(clips)),
-            tensor(module, "CONTEXT_AUDIO_LENGTHS", np.array([c.size for c in clips], np.int32)),
-            tensor(module, "CONTEXT_SAMPLE_RATE", np.array([C.SAMPLE_RATE], np.int32))], clips
+    return [
+        tensor(module, "CONTEXT_TEXT", texts([t for t, _, _ in turns])),
+        tensor(module, "CONTEXT_SPEAKER", np.array([s for _, s, _ in turns], np.int32)),
+        tensor(module, "CONTEXT_AUDIO", np.concatenate(clips)),
+        tensor(module, "CONTEXT_AUDIO_LENGTHS", np.array([c.size for c in clips], np.int32)),
+        tensor(module, "CONTEXT_SAMPLE_RATE", np.array([C.SAMPLE_RATE], np.int32)),
+    ], clips
 
 
 @pytest.mark.parametrize("speaker", [1, 2])
@@ -52,11 +54,15 @@ def test_a_three_turn_prompt_equals_csm_processor(protocol, tiny_checkpoint, spe
     module, client = protocol
     inputs, clips = context_inputs(module)
     target = "Sit down, please."
-    result = client.infer("csm_prepare", [tensor(module, "TEXT", text(target)),
-                                          tensor(module, "SPEAKER", np.array([speaker], np.int32)), *inputs])
+    result = client.infer(
+        "csm_prepare",
+        [tensor(module, "TEXT", text(target)), tensor(module, "SPEAKER", np.array([speaker], np.int32)), *inputs],
+    )
     processor = AutoProcessor.from_pretrained(str(tiny_checkpoint))
-    conversation = [{"role": str(s), "content": [{"type": "text", "text": t}, {"type": "audio", "path": clip}]}
-                    for (t, s, _), clip in zip(TURNS, clips)]
+    conversation = [
+        {"role": str(s), "content": [{"type": "text", "text": t}, {"type": "audio", "path": clip}]}
+        for (t, s, _), clip in zip(TURNS, clips)
+    ]
     conversation.append({"role": str(speaker), "content": [{"type": "text", "text": target}]})
     expected = processor.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"][0]
     input_ids = result.as_numpy("input_ids")
@@ -67,8 +73,10 @@ def test_a_three_turn_prompt_equals_csm_processor(protocol, tiny_checkpoint, spe
 
 def test_a_conversation_is_spoken_by_csm_tts_and_csm_tts_stream(grpc_client):
     inputs, _ = context_inputs(grpc)
-    spoken = grpc_client.infer("csm_tts", [*tts_inputs(grpc, seconds=0.5, reference=False), *inputs,
-                                           tensor(grpc, "SPEAKER", np.array([1], np.int32))]).as_numpy("AUDIO")
+    spoken = grpc_client.infer(
+        "csm_tts",
+        [*tts_inputs(grpc, seconds=0.5, reference=False), *inputs, tensor(grpc, "SPEAKER", np.array([1], np.int32))],
+    ).as_numpy("AUDIO")
     assert spoken.size == 7 * C.SAMPLES_PER_FRAME
     chunks = stream_chunks(grpc_client, [*tts_inputs(grpc, seconds=0.5, reference=False), *inputs])
     assert sum(len(audio) for _, audio in chunks) == 7 * C.SAMPLES_PER_FRAME
@@ -83,7 +91,7 @@ def test_a_clients_max_audio_seconds_caps_a_long_text_as_a_whole(grpc_client, tr
     # A long text is split into segments; a client's MAX_AUDIO_SECONDS bounds all of them
     # together (docs/api.md), so with 0.5 s only the first segment is spoken, streamed in
     # its usual first-chunk-then-rest schedule, and the KV slots are freed afterwards.
-    # (The segment chain itself: tests/test_segments.py.)
+    # (The segment chain itself: tests/unit/test_segments.py.)
     assert len(segments.split_text(LONG_TEXT)) >= 3
     chunks = stream_chunks(grpc_client, tts_inputs(grpc, words=LONG_TEXT, seconds=0.5))
     sizes = [len(audio) // C.SAMPLES_PER_FRAME for _, audio in chunks]
@@ -100,8 +108,9 @@ def test_csm_tts_caps_a_long_text_at_max_audio_seconds(protocol):
     assert result.as_numpy("AUDIO").shape == (SEGMENT_FRAMES * C.SAMPLES_PER_FRAME,)
     # The final response says so: the client's cap ended segment 0, the others never began.
     count = len(segments.split_text(LONG_TEXT, normalize=normalize.normalize_texts))  # as csm_prepare splits
-    assert [r.decode() if isinstance(r, bytes) else r for r in result.as_numpy("FINISH_REASONS")] == \
-        [segments.MAX_AUDIO_SECONDS] + [segments.NOT_STARTED] * (count - 1)
+    assert [r.decode() if isinstance(r, bytes) else r for r in result.as_numpy("FINISH_REASONS")] == [
+        segments.MAX_AUDIO_SECONDS
+    ] + [segments.NOT_STARTED] * (count - 1)
     assert result.as_numpy("SEGMENT_FRAMES").tolist() == [SEGMENT_FRAMES] + [0] * (count - 1)
 
 
@@ -111,33 +120,46 @@ def test_a_short_text_has_one_finish_reason(grpc_client):
     assert result.as_numpy("SEGMENT_FRAMES").tolist() == [SEGMENT_FRAMES]
 
 
-LONG_TURN = " ".join(["words that take tokens"] * 90)[:C.MAX_TEXT_CHARS]
+LONG_TURN = " ".join(["words that take tokens"] * 90)[: C.MAX_TEXT_CHARS]
 BAD_CONVERSATIONS = {
     "lengths that do not add up": ({"CONTEXT_AUDIO_LENGTHS": np.array([100], np.int32)}, "adds up to 100"),
-    "more turns than allowed": ({"CONTEXT_TEXT": texts(["turn"] * (C.MAX_CONTEXT_TURNS + 1))},
-                                f"the limit is {C.MAX_CONTEXT_TURNS}"),
+    "more turns than allowed": (
+        {"CONTEXT_TEXT": texts(["turn"] * (C.MAX_CONTEXT_TURNS + 1))},
+        f"the limit is {C.MAX_CONTEXT_TURNS}",
+    ),
     "negative speaker": ({"SPEAKER": np.array([-1], np.int32)}, "speaker id -1"),
     "huge speaker": ({"SPEAKER": np.array([2**31 - 1], np.int32)}, "speaker ids are 0-"),
     "huge context speaker": ({"CONTEXT_SPEAKER": np.array([9999], np.int32)}, "speaker id 9999"),
-    "unknown context voice": ({"CONTEXT_VOICE_ID": texts(["nobody-at-all"]), "CONTEXT_SPEAKER": np.zeros(2, np.int32)},
-                              "unknown voice 'nobody-at-all'"),
+    "unknown context voice": (
+        {"CONTEXT_VOICE_ID": texts(["nobody-at-all"]), "CONTEXT_SPEAKER": np.zeros(2, np.int32)},
+        "unknown voice 'nobody-at-all'",
+    ),
     "only punctuation": ({"TEXT": text(" ?!… -- ")}, "only punctuation"),
     "only whitespace": ({"TEXT": text(" \t \n ")}, "input 'TEXT' is empty"),
-    "context over the token budget": ({"CONTEXT_TEXT": texts([LONG_TURN] * 4),
-                                       "CONTEXT_SPEAKER": np.zeros(4, np.int32),
-                                       "CONTEXT_AUDIO": np.tile(reference_clip(1.0), 4),
-                                       "CONTEXT_AUDIO_LENGTHS": np.full(4, C.SAMPLE_RATE, np.int32)},
-                                      f"the limit is {C.MAX_PROMPT_TOKENS}"),
+    "context over the token budget": (
+        {
+            "CONTEXT_TEXT": texts([LONG_TURN] * 4),
+            "CONTEXT_SPEAKER": np.zeros(4, np.int32),
+            "CONTEXT_AUDIO": np.tile(reference_clip(1.0), 4),
+            "CONTEXT_AUDIO_LENGTHS": np.full(4, C.SAMPLE_RATE, np.int32),
+        },
+        f"the limit is {C.MAX_PROMPT_TOKENS}",
+    ),
 }
 
 
 def generate_stream_error(server, inputs) -> tuple[int, str]:
     """csm_tts_stream over HTTP generate_stream (SSE), which carries the error's status
     (a gRPC stream carries only its message): (HTTP status, message)."""
-    body = {name: (value.tolist() if value.dtype != object else [v.decode() for v in value.reshape(-1)])
-            for name, value in inputs.items()}
-    request = urllib.request.Request(f"http://{server.http_url}/v2/models/csm_tts_stream/generate_stream",
-                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    body = {
+        name: (value.tolist() if value.dtype != object else [v.decode() for v in value.reshape(-1)])
+        for name, value in inputs.items()
+    }
+    request = urllib.request.Request(
+        f"http://{server.http_url}/v2/models/csm_tts_stream/generate_stream",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, response.read().decode()
@@ -149,11 +171,16 @@ def bad_conversation(case) -> tuple[dict[str, np.ndarray], str]:
     """(a good one-turn conversation's inputs with the case's changes, the message expected)."""
     overrides, message = BAD_CONVERSATIONS[case]
     clip = reference_clip(1.0, seed=0)
-    inputs = {"TEXT": text("Hello there, how are you?"), "MAX_AUDIO_SECONDS": np.array([0.5], np.float32),
-              "SEED": np.array([7], np.int64), "CONTEXT_TEXT": texts(["A turn."]),
-              "CONTEXT_SPEAKER": np.zeros(1, np.int32), "CONTEXT_AUDIO": clip,
-              "CONTEXT_AUDIO_LENGTHS": np.array([clip.size], np.int32),
-              "CONTEXT_SAMPLE_RATE": np.array([C.SAMPLE_RATE], np.int32)}
+    inputs = {
+        "TEXT": text("Hello there, how are you?"),
+        "MAX_AUDIO_SECONDS": np.array([0.5], np.float32),
+        "SEED": np.array([7], np.int64),
+        "CONTEXT_TEXT": texts(["A turn."]),
+        "CONTEXT_SPEAKER": np.zeros(1, np.int32),
+        "CONTEXT_AUDIO": clip,
+        "CONTEXT_AUDIO_LENGTHS": np.array([clip.size], np.int32),
+        "CONTEXT_SAMPLE_RATE": np.array([C.SAMPLE_RATE], np.int32),
+    }
     return {**inputs, **overrides}, message
 
 
@@ -162,16 +189,23 @@ def test_bad_conversation_is_invalid_arg_while_a_good_request_succeeds(grpc_clie
     inputs, message = bad_conversation(case)
     # A good csm_tts request and a good csm_tts_stream in flight meanwhile, on the same server.
     answers, streamed = queue.Queue(), queue.Queue()
-    grpc_client.async_infer("csm_tts", tts_inputs(grpc, seconds=0.5, reference=False),
-                            callback=lambda result, error: answers.put((result, error)))
+    grpc_client.async_infer(
+        "csm_tts",
+        tts_inputs(grpc, seconds=0.5, reference=False),
+        callback=lambda result, error: answers.put((result, error)),
+    )
     good_stream = grpc.InferenceServerClient(triton_server.grpc_url)
     good_stream.start_stream(callback=lambda result, error: streamed.put((result, error)))
     try:
-        good_stream.async_stream_infer("csm_tts_stream", tts_inputs(grpc, seconds=0.5, reference=False),
-                                       enable_empty_final_response=True)
+        good_stream.async_stream_infer(
+            "csm_tts_stream", tts_inputs(grpc, seconds=0.5, reference=False), enable_empty_final_response=True
+        )
         for model in ("csm_tts", "csm_prepare"):
-            model_inputs = [tensor(grpc, name, value) for name, value in inputs.items()
-                            if model == "csm_tts" or name not in ("MAX_AUDIO_SECONDS", "SEED")]
+            model_inputs = [
+                tensor(grpc, name, value)
+                for name, value in inputs.items()
+                if model == "csm_tts" or name not in ("MAX_AUDIO_SECONDS", "SEED")
+            ]
             with pytest.raises(InferenceServerException) as failure:
                 grpc_client.infer(model, model_inputs)
             assert failure.value.status() == "StatusCode.INVALID_ARGUMENT", failure.value

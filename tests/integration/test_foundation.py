@@ -14,8 +14,8 @@ import pytest
 import torch
 import tritonclient.grpc as grpc
 import tritonclient.http as http
-from tritonclient.utils import InferenceServerException
 from transformers import AutoProcessor
+from tritonclient.utils import InferenceServerException
 
 from csm_triton import constants as C
 from export.build_repository import sha256_of
@@ -36,8 +36,11 @@ def codec(tiny_checkpoint):
 
 
 def tensor(module, name, array):
-    datatype = "BYTES" if array.dtype == object else {np.float32: "FP32", np.int64: "INT64", np.int32: "INT32",
-                                                       np.bool_: "BOOL"}[array.dtype.type]
+    datatype = (
+        "BYTES"
+        if array.dtype == object
+        else {np.float32: "FP32", np.int64: "INT64", np.int32: "INT32", np.bool_: "BOOL"}[array.dtype.type]
+    )
     item = module.InferInput(name, list(array.shape), datatype)
     item.set_data_from_numpy(array)
     return item
@@ -103,15 +106,20 @@ def test_csm_prepare_matches_the_csm_processor_layout(protocol, tiny_checkpoint,
     reference = speech_like(1.0, seed=3)
     with torch.no_grad():
         reference_codes = codec.encode(torch.from_numpy(reference)[None, None]).audio_codes[0].T.numpy()
-    result = client.infer("csm_prepare", [
-        tensor(module, "TEXT", text("Grüße an Zoë, 42 times!")),
-        tensor(module, "REFERENCE_TEXT", text("She sells sea shells.")),
-        tensor(module, "REFERENCE_AUDIO", reference),
-        tensor(module, "REFERENCE_SAMPLE_RATE", np.array([C.SAMPLE_RATE], np.int32)),
-    ])
+    result = client.infer(
+        "csm_prepare",
+        [
+            tensor(module, "TEXT", text("Grüße an Zoë, 42 times!")),
+            tensor(module, "REFERENCE_TEXT", text("She sells sea shells.")),
+            tensor(module, "REFERENCE_AUDIO", reference),
+            tensor(module, "REFERENCE_SAMPLE_RATE", np.array([C.SAMPLE_RATE], np.int32)),
+        ],
+    )
     conversation = [
-        {"role": "0", "content": [{"type": "text", "text": "She sells sea shells."},
-                                  {"type": "audio", "path": reference}]},
+        {
+            "role": "0",
+            "content": [{"type": "text", "text": "She sells sea shells."}, {"type": "audio", "path": reference}],
+        },
         # TEXT as spoken (normalized by default; the reference transcript is not)
         {"role": "0", "content": [{"type": "text", "text": "Grüße an Zoë, forty two times!"}]},
     ]
@@ -141,7 +149,9 @@ def test_csm_prepare_reads_money_as_words_unless_normalize_is_false(protocol, ti
     default = client.infer("csm_prepare", [tensor(module, "TEXT", text(raw))])
     assert default.as_numpy("input_ids").tolist() == prompt(spoken)
     assert default.as_numpy("normalized_text").tolist() == [spoken.encode()]
-    off = client.infer("csm_prepare", [tensor(module, "TEXT", text(raw)), tensor(module, "NORMALIZE", np.array([False]))])
+    off = client.infer(
+        "csm_prepare", [tensor(module, "TEXT", text(raw)), tensor(module, "NORMALIZE", np.array([False]))]
+    )
     assert off.as_numpy("input_ids").tolist() == prompt(raw), "the raw text's tokens"
     assert off.as_numpy("normalized_text").tolist() == [raw.encode()]
 
@@ -150,10 +160,14 @@ BAD_PREPARE_INPUTS = {
     "empty text": ([("TEXT", text("   "))], "'TEXT' is empty"),
     "text over the limit": ([("TEXT", text("a" * (C.MAX_LONG_TEXT_CHARS + 1)))], f"limit is {C.MAX_LONG_TEXT_CHARS}"),
     "invalid UTF-8": ([("TEXT", text(b"caf\xe9"))], "not valid UTF-8"),
-    "transcript without audio": ([("TEXT", text("Hi.")), ("REFERENCE_TEXT", text("Hello."))],
-                                 "without 'REFERENCE_AUDIO'"),
-    "voice and reference audio": ([("TEXT", text("Hi.")), ("VOICE_ID", text("alice")),
-                                   ("REFERENCE_AUDIO", np.zeros(24_000, np.float32))], "not both"),
+    "transcript without audio": (
+        [("TEXT", text("Hi.")), ("REFERENCE_TEXT", text("Hello."))],
+        "without 'REFERENCE_AUDIO'",
+    ),
+    "voice and reference audio": (
+        [("TEXT", text("Hi.")), ("VOICE_ID", text("alice")), ("REFERENCE_AUDIO", np.zeros(24_000, np.float32))],
+        "not both",
+    ),
     "unknown voice": ([("TEXT", text("Hi.")), ("VOICE_ID", text("nobody-here"))], "unknown voice"),
 }
 
@@ -181,8 +195,9 @@ def test_mimi_decoder_batches_concurrent_requests(http_client, grpc_client):
     before = _executions(http_client, "mimi_decoder")
     codes = np.random.default_rng(2).integers(0, C.CODEBOOK_SIZE, (1, C.NUM_CODEBOOKS, 10)).astype(np.int64)
     requests = 16
-    waits = [start_infer(grpc, grpc_client, "mimi_decoder", [tensor(grpc, "audio_codes", codes)])
-             for _ in range(requests)]
+    waits = [
+        start_infer(grpc, grpc_client, "mimi_decoder", [tensor(grpc, "audio_codes", codes)]) for _ in range(requests)
+    ]
     outputs = [wait().as_numpy("audio_values") for wait in waits]
     # Triton updates the statistics just after it answers: wait until all 16 count.
     deadline = time.monotonic() + 10
@@ -196,8 +211,9 @@ def test_mimi_decoder_batches_concurrent_requests(http_client, grpc_client):
     # AVX-512 Xeon; GPU libraries pick kernels by shape). A batch split or padding error
     # lands far above this bound (-60 dBFS).
     for output in outputs:
-        np.testing.assert_allclose(output, outputs[0], rtol=0, atol=C.DECODER_MAX_ABS_DIFF,
-                                   err_msg="batched rows decode like single ones")
+        np.testing.assert_allclose(
+            output, outputs[0], rtol=0, atol=C.DECODER_MAX_ABS_DIFF, err_msg="batched rows decode like single ones"
+        )
     assert after["inference_count"] - before["inference_count"] == requests
     assert after["execution_count"] - before["execution_count"] < requests
 

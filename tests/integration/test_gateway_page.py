@@ -9,13 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from .client_fixtures import GATEWAY_API_KEY, gateway, speech_clip  # noqa: F401 - fixtures
+from .client_fixtures import GATEWAY_API_KEY, gateway, speech_clip
 from .conftest import ADMIN_TOKEN
 
 pytestmark = pytest.mark.integration
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
 

@@ -101,10 +101,17 @@ def streamed(long_text_budget, grpc_client, triton_server):
                 break
     finally:
         grpc_client.stop_stream()
-    return {"chunks": chunks, "final": final, "seconds": time.perf_counter() - started,
-            "at_first_chunk": at_first_chunk, "lm_requests": stream_model_stats(triton_server, "csm_lm") - lm_before,
-            "counted": {reason: value - counted_before.get(reason, 0.0)
-                        for reason, value in segment_counts(triton_server, "csm_tts_stream").items()}}
+    return {
+        "chunks": chunks,
+        "final": final,
+        "seconds": time.perf_counter() - started,
+        "at_first_chunk": at_first_chunk,
+        "lm_requests": stream_model_stats(triton_server, "csm_lm") - lm_before,
+        "counted": {
+            reason: value - counted_before.get(reason, 0.0)
+            for reason, value in segment_counts(triton_server, "csm_tts_stream").items()
+        },
+    }
 
 
 @pytest.fixture(scope="module")
@@ -197,10 +204,12 @@ def test_csm_lm_says_how_a_generation_ended_on_its_final_response(grpc_client):
     # What FINISH_REASONS is made of: csm_lm's own finish reason (the engine's), not a guess
     # from the frame count. 0.24 s = 3 frames, which the random weights always fill.
     prepared = grpc_client.infer("csm_prepare", [tensor(grpc, "TEXT", text("Three frames, please."))])
-    inputs = [tensor(grpc, "input_ids", prepared.as_numpy("input_ids")),
-              tensor(grpc, "prompt_codes", prepared.as_numpy("prompt_codes")),
-              tensor(grpc, "MAX_AUDIO_SECONDS", np.array([0.24], np.float32)),
-              tensor(grpc, "SEED", np.array([1], np.int64))]
+    inputs = [
+        tensor(grpc, "input_ids", prepared.as_numpy("input_ids")),
+        tensor(grpc, "prompt_codes", prepared.as_numpy("prompt_codes")),
+        tensor(grpc, "MAX_AUDIO_SECONDS", np.array([0.24], np.float32)),
+        tensor(grpc, "SEED", np.array([1], np.int64)),
+    ]
     responses = queue.Queue()
     grpc_client.start_stream(callback=lambda result, error: responses.put((result, error)))
     frames, reasons = 0, []

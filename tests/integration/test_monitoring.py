@@ -38,8 +38,12 @@ DASHBOARD = MONITORING / "grafana" / "dashboards" / "csm-triton.json"
 # Triton's GPU metric families and their label, as its metrics guide lists them
 # (docs/user_guide/metrics.md, "GPU Metrics", Triton 2.51 through 2.62 = NGC 25.10).
 GPU_METRICS = {
-    "nv_gpu_utilization", "nv_gpu_memory_total_bytes", "nv_gpu_memory_used_bytes",
-    "nv_gpu_power_usage", "nv_gpu_power_limit", "nv_energy_consumption",
+    "nv_gpu_utilization",
+    "nv_gpu_memory_total_bytes",
+    "nv_gpu_memory_used_bytes",
+    "nv_gpu_power_usage",
+    "nv_gpu_power_limit",
+    "nv_energy_consumption",
 }
 GPU_LABEL = "gpu_uuid"
 # What the brief for the dashboard asks it to show, by the metrics that carry it.
@@ -102,8 +106,9 @@ def infer_inputs(**arrays) -> list:
 def exported(triton_server, http_client):
     # Per-model metrics exist from the model's load; a request makes sure the request
     # and engine metrics have moved past their initial values.
-    inputs = infer_inputs(TEXT=np.array([b"Metrics, please."], dtype=object),
-                          MAX_AUDIO_SECONDS=np.array([0.5], np.float32))
+    inputs = infer_inputs(
+        TEXT=np.array([b"Metrics, please."], dtype=object), MAX_AUDIO_SECONDS=np.array([0.5], np.float32)
+    )
     audio = http_client.infer("csm_tts", inputs).as_numpy("AUDIO")
     assert audio.size > 0
     series = scrape(triton_server)
@@ -150,8 +155,10 @@ def test_prometheus_config_scrapes_triton_where_compose_runs_it():
     assert targets == ["triton:8002"]  # the compose service and Triton's metrics port
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     assert "triton" in compose["services"]
-    assert "./monitoring/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in \
-        compose["services"]["prometheus"]["volumes"]
+    assert (
+        "./monitoring/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro"
+        in compose["services"]["prometheus"]["volumes"]
+    )
 
 
 def test_grafana_provisioning_parses_and_matches_the_dashboard(dashboard):
@@ -181,8 +188,10 @@ def test_every_metric_the_dashboard_names_is_exported(dashboard, exported):
         for name in metric_names(expr):
             if name in GPU_METRICS and not gpu_exported:
                 continue  # documented GPU metric, not exported by a server without a GPU
-            assert name in exported, f"{name} (in {expr!r}) is not exported; the server exports " \
-                                     f"{sorted(n for n in exported if n.startswith(('nv_', 'csm_')))}"
+            assert name in exported, (
+                f"{name} (in {expr!r}) is not exported; the server exports "
+                f"{sorted(n for n in exported if n.startswith(('nv_', 'csm_')))}"
+            )
 
 
 def test_gpu_metrics_used_are_documented_triton_names(dashboard):
@@ -196,7 +205,11 @@ def test_labels_and_models_the_dashboard_filters_on_exist(dashboard, exported, s
     for expr in expressions(dashboard):
         names = metric_names(expr)
         for label in labels_used(expr):
-            if all(name in GPU_METRICS for name in names) and label == GPU_LABEL and "nv_gpu_utilization" not in exported:
+            if (
+                all(name in GPU_METRICS for name in names)
+                and label == GPU_LABEL
+                and "nv_gpu_utilization" not in exported
+            ):
                 continue
             carried = [name for name in names if any(label in sample for sample in exported.get(name, []))]
             assert carried, f"no metric of {expr!r} carries the label {label!r}"
@@ -207,30 +220,51 @@ def test_labels_and_models_the_dashboard_filters_on_exist(dashboard, exported, s
 
 def test_engine_metrics_carry_the_model_and_device_labels(exported):
     # One series per engine: with several GPUs, the device label keeps them apart.
-    for name in ("csm_active_streams", "csm_kv_slots_in_use", "csm_kv_slots_total", "csm_requests_waiting",
-                 "csm_audio_seconds_total", "csm_generation_seconds_total", "csm_last_real_time_factor",
-                 "csm_prefix_cache_hits_total", "csm_prefix_cache_misses_total",
-                 "csm_time_to_first_frame_seconds_count"):
+    for name in (
+        "csm_active_streams",
+        "csm_kv_slots_in_use",
+        "csm_kv_slots_total",
+        "csm_requests_waiting",
+        "csm_audio_seconds_total",
+        "csm_generation_seconds_total",
+        "csm_last_real_time_factor",
+        "csm_prefix_cache_hits_total",
+        "csm_prefix_cache_misses_total",
+        "csm_time_to_first_frame_seconds_count",
+    ):
         series = exported.get(name, [])
         assert {"model": "csm_lm", "device": "cpu"} in series, f"{name} has no csm_lm series per device: {series}"
 
 
-def test_a_stored_voice_misses_the_prefix_cache_once_then_hits_and_first_frames_are_timed(
-        triton_server, http_client):
+def test_a_stored_voice_misses_the_prefix_cache_once_then_hits_and_first_frames_are_timed(triton_server, http_client):
     t = np.arange(int(1.5 * C.SAMPLE_RATE)) / C.SAMPLE_RATE
     reference = (0.3 * np.sin(2 * np.pi * 180 * t * (1 + 0.2 * t))).astype(np.float32)
-    http_client.infer("voice_register", infer_inputs(
-        VOICE_ID=np.array([b"monitoring-voice"], dtype=object), REFERENCE_AUDIO=reference,
-        REFERENCE_SAMPLE_RATE=np.array([C.SAMPLE_RATE], np.int32),
-        REFERENCE_TEXT=np.array([b"A voice for the metrics."], dtype=object),
-    ), headers={C.ADMIN_TOKEN_HEADER: ADMIN_TOKEN})
-    names = ("csm_prefix_cache_hits_total", "csm_prefix_cache_misses_total",
-             "csm_time_to_first_frame_seconds_count", "csm_time_to_first_frame_seconds_sum")
+    http_client.infer(
+        "voice_register",
+        infer_inputs(
+            VOICE_ID=np.array([b"monitoring-voice"], dtype=object),
+            REFERENCE_AUDIO=reference,
+            REFERENCE_SAMPLE_RATE=np.array([C.SAMPLE_RATE], np.int32),
+            REFERENCE_TEXT=np.array([b"A voice for the metrics."], dtype=object),
+        ),
+        headers={C.ADMIN_TOKEN_HEADER: ADMIN_TOKEN},
+    )
+    names = (
+        "csm_prefix_cache_hits_total",
+        "csm_prefix_cache_misses_total",
+        "csm_time_to_first_frame_seconds_count",
+        "csm_time_to_first_frame_seconds_sum",
+    )
     before = engine_values(triton_server, names)
     for words in (b"First with this voice.", b"Second with the same voice."):
-        http_client.infer("csm_tts", infer_inputs(
-            TEXT=np.array([words], dtype=object), VOICE_ID=np.array([b"monitoring-voice"], dtype=object),
-            MAX_AUDIO_SECONDS=np.array([0.3], np.float32)))
+        http_client.infer(
+            "csm_tts",
+            infer_inputs(
+                TEXT=np.array([words], dtype=object),
+                VOICE_ID=np.array([b"monitoring-voice"], dtype=object),
+                MAX_AUDIO_SECONDS=np.array([0.3], np.float32),
+            ),
+        )
     after = engine_values(triton_server, names)
     grown = {name: after[name] - before[name] for name in names}
     assert grown["csm_prefix_cache_misses_total"] >= 1, grown  # the voice's first request
@@ -268,16 +302,22 @@ def test_capacity_gauges_are_live_while_requests_run(triton_server):
             answers: queue.Queue = queue.Queue()
             client.start_stream(callback=lambda result, error, answers=answers: answers.put(error))
             inputs = []
-            for name, value, datatype in (("TEXT", np.array([f"Stream {number}, long.".encode()], object), "BYTES"),
-                                          ("MAX_AUDIO_SECONDS", np.array([60.0], np.float32), "FP32")):
+            for name, value, datatype in (
+                ("TEXT", np.array([f"Stream {number}, long.".encode()], object), "BYTES"),
+                ("MAX_AUDIO_SECONDS", np.array([60.0], np.float32), "FP32"),
+            ):
                 tensor = grpc.InferInput(name, list(value.shape), datatype)
                 tensor.set_data_from_numpy(value)
                 inputs.append(tensor)
             client.async_stream_infer("csm_tts_stream", inputs)
             streams.append((client, answers))
+
         def full(v):  # (active = in use + waiting: the three are set together)
-            return (v["csm_kv_slots_in_use"] == slots and v["csm_requests_waiting"] > 0
-                    and v["csm_active_streams"] == slots + v["csm_requests_waiting"])
+            return (
+                v["csm_kv_slots_in_use"] == slots
+                and v["csm_requests_waiting"] > 0
+                and v["csm_active_streams"] == slots + v["csm_requests_waiting"]
+            )
 
         values, seen = poll(triton_server, full, timeout=30)
         assert values["csm_kv_slots_in_use"] == values["csm_kv_slots_total"] == slots, seen[-5:]

@@ -18,7 +18,7 @@ import soundfile
 
 from csm_clients import VoiceCloner
 
-from .client_fixtures import GATEWAY_API_KEY, gateway, speak  # noqa: F401 - fixture
+from .client_fixtures import GATEWAY_API_KEY, gateway, speak
 from .conftest import ADMIN_TOKEN
 
 pytestmark = pytest.mark.integration
@@ -26,8 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = (ROOT / "README.md", ROOT / "docs" / "clients.md")  # in this order: the README's voices come first
 BLOCK = re.compile(r"<!-- readme-test -->\n```(bash|python)\n(.*?)\n```", re.DOTALL)
 # (document, language, code) for every tested block.
-EXAMPLES = [(document.stem, language, code) for document in DOCUMENTS
-            for language, code in BLOCK.findall(document.read_text())]
+EXAMPLES = [
+    (document.stem, language, code) for document in DOCUMENTS for language, code in BLOCK.findall(document.read_text())
+]
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg"}
 
 
@@ -55,23 +56,43 @@ def test_the_docs_have_every_kind_of_example():
     assert {"README", "clients"} == {document for document, _, _ in EXAMPLES}  # the README keeps its quick start
     code = "\n".join(body for _, _, body in EXAMPLES)
     assert {"bash", "python"} == {language for _, language, _ in EXAMPLES}
-    for needle in ("curl -s localhost:8000/v2/models/csm_tts/infer", "csm_tts_stream", "VoiceCloner(",
-                   "AsyncVoiceCloner(", "csm-tts batch", "csm-tts stream", "csm-tts voices add",
-                   "localhost:7860/clone-voice", "localhost:7860/upload-voice", "OpenAI(", "csm-tts pipe"):
+    for needle in (
+        "curl -s localhost:8000/v2/models/csm_tts/infer",
+        "csm_tts_stream",
+        "VoiceCloner(",
+        "AsyncVoiceCloner(",
+        "csm-tts batch",
+        "csm-tts stream",
+        "csm-tts voices add",
+        "localhost:7860/clone-voice",
+        "localhost:7860/upload-voice",
+        "OpenAI(",
+        "csm-tts pipe",
+    ):
         assert needle in code, needle
 
 
-@pytest.mark.parametrize("index", range(len(EXAMPLES)),
-                         ids=[f"{document}-block{i}-{language}" for i, (document, language, _) in enumerate(EXAMPLES)])
+@pytest.mark.parametrize(
+    "index",
+    range(len(EXAMPLES)),
+    ids=[f"{document}-block{i}-{language}" for i, (document, language, _) in enumerate(EXAMPLES)],
+)
 def test_documented_example(index, folder, triton_server, gateway):
     _, language, code = EXAMPLES[index]
-    for default, actual in (("localhost:8000", triton_server.http_url), ("localhost:8001", triton_server.grpc_url),
-                            ("localhost:7860", gateway.url.removeprefix("http://"))):
+    for default, actual in (
+        ("localhost:8000", triton_server.http_url),
+        ("localhost:8001", triton_server.grpc_url),
+        ("localhost:7860", gateway.url.removeprefix("http://")),
+    ):
         code = code.replace(default, actual)
     before = audio_files(folder)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "CSM_TRITON_URL": triton_server.grpc_url, "CSM_ADMIN_TOKEN": ADMIN_TOKEN,
-           "CSM_GATEWAY_API_KEY": GATEWAY_API_KEY}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "CSM_TRITON_URL": triton_server.grpc_url,
+        "CSM_ADMIN_TOKEN": ADMIN_TOKEN,
+        "CSM_GATEWAY_API_KEY": GATEWAY_API_KEY,
+    }
     command = ["bash", "-euo", "pipefail", "-c", code] if language == "bash" else [sys.executable, "-c", code]
     result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "Traceback" not in result.stderr, f"{code}\n---\n{result.stdout}{result.stderr}"

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.integration
 
 MODELS = ["csm_tts", "csm_prepare", "csm_generate", "csm_lm", "mimi_decoder", "watermark", "csm_tts_stream"]
 START_TIMEOUT_S = 240
-ERROR_WITHIN_S = 15      # an in-flight request's error after its model's stub died
+ERROR_WITHIN_S = 15  # an in-flight request's error after its model's stub died
 RECOVERED_WITHIN_S = 90  # readiness back and a request answered, after a stub died
 RESTARTED_WITHIN_S = 120  # the same after tritonserver itself died
 
@@ -44,9 +44,11 @@ def tensor(module, name, array):
 
 
 def tts_inputs(module, seconds):
-    return [tensor(module, "TEXT", np.array([b"Hello there, how are you?"], dtype=object)),
-            tensor(module, "MAX_AUDIO_SECONDS", np.array([seconds], np.float32)),
-            tensor(module, "SEED", np.array([3], np.int64))]
+    return [
+        tensor(module, "TEXT", np.array([b"Hello there, how are you?"], dtype=object)),
+        tensor(module, "MAX_AUDIO_SECONDS", np.array([seconds], np.float32)),
+        tensor(module, "SEED", np.array([3], np.int64)),
+    ]
 
 
 def offline_tts(url: str, seconds: float = 1.0):
@@ -180,8 +182,11 @@ def assert_stub_outage_handled(url_http: str, url_grpc: str, server_pid: int, in
 
 # --- a supervised `csm-triton-server serve` -----------------------------------------------------
 def repository_snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 class Serve:
@@ -189,11 +194,28 @@ class Serve:
         self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         self.http_url, self.grpc_url = f"localhost:{self.http_port}", f"localhost:{self.grpc_port}"
         self.log_path = log_path
-        command = [sys.executable, "-m", "csm_triton.serving", "serve", "--model-repository", str(repository),
-                   "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-                   "--metrics-port", str(self.metrics_port), "--no-gpu", "--exit-timeout", "5",
-                   "--supervise-interval", "1", "--restart-delay", "0.5",
-                   *[f"--load-model={m}" for m in MODELS]]
+        command = [
+            sys.executable,
+            "-m",
+            "csm_triton.serving",
+            "serve",
+            "--model-repository",
+            str(repository),
+            "--http-port",
+            str(self.http_port),
+            "--grpc-port",
+            str(self.grpc_port),
+            "--metrics-port",
+            str(self.metrics_port),
+            "--no-gpu",
+            "--exit-timeout",
+            "5",
+            "--supervise-interval",
+            "1",
+            "--restart-delay",
+            "0.5",
+            *[f"--load-model={m}" for m in MODELS],
+        ]
         self._log = open(log_path, "ab")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
@@ -212,8 +234,12 @@ class Serve:
                 assert self.process.poll() is None, f"serve exited ({self.process.returncode})\n{self.log()[-4000:]}"
                 pid = self.triton_pid()
                 try:
-                    if pid and pid != not_pid and client.is_server_ready() and all(
-                            client.is_model_ready(m) for m in MODELS):
+                    if (
+                        pid
+                        and pid != not_pid
+                        and client.is_server_ready()
+                        and all(client.is_model_ready(m) for m in MODELS)
+                    ):
                         return pid
                 except (InferenceServerException, OSError, ConnectionError):
                     pass
@@ -291,9 +317,15 @@ def test_a_killed_tritonserver_is_started_again_and_serves(serve):
 def test_killed_watermark_and_codec_stubs_are_recovered_by_the_supervised_test_server(model_repository, tmp_path):
     repository = tmp_path / "model_repository"
     shutil.copytree(model_repository, repository)
-    with TritonServer(repository, load_models=MODELS, ready_models=MODELS, supervise_models=True,
-                      supervise_interval=1.0, log_path=tmp_path / "tritonserver.log",
-                      startup_timeout=START_TIMEOUT_S) as server:
+    with TritonServer(
+        repository,
+        load_models=MODELS,
+        ready_models=MODELS,
+        supervise_models=True,
+        supervise_interval=1.0,
+        log_path=tmp_path / "tritonserver.log",
+        startup_timeout=START_TIMEOUT_S,
+    ) as server:
         for instance in ("watermark_0_0", "mimi_decoder_0_0"):  # a python model, an ONNX one (as a stub here)
             assert_stub_outage_handled(server.http_url, server.grpc_url, server.pid, instance)
         watermark, decoder = server.supervisor.recoveries
@@ -304,15 +336,20 @@ def test_killed_watermark_and_codec_stubs_are_recovered_by_the_supervised_test_s
 
 # --- the container's healthcheck: a server nobody reloads ---------------------------------------
 def check(url: str, *options: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "csm_triton.serving", "check", "--url", url, *options],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "csm_triton.serving", "check", "--url", url, *options],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.timeout(180)
 def test_the_healthcheck_sees_a_dead_stub_that_triton_calls_ready_and_stops_the_server(model_repository, tmp_path):
     models = ["voice_list", "watermark"]
-    with TritonServer(model_repository, load_models=models, ready_models=models,
-                      log_path=tmp_path / "tritonserver.log") as server:
+    with TritonServer(
+        model_repository, load_models=models, ready_models=models, log_path=tmp_path / "tritonserver.log"
+    ) as server:
         assert check(server.http_url).returncode == 0
         kill_stub(server.pid, "watermark_0_0")
         time.sleep(1.0)

@@ -27,10 +27,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
 from csm_clients.client import VoiceCloner
-from csm_servers.gateway.encoding import StreamEncoder
 from csm_clients.errors import InvalidRequest, PermissionDenied
-from csm_servers.gateway.guard import GatewayLimits
 from csm_clients.text_stream import ROUTE, stream_text
+from csm_servers.gateway.encoding import StreamEncoder
+from csm_servers.gateway.guard import GatewayLimits
 from csm_triton.core import normalize, segments
 
 from .client_fixtures import GATEWAY_API_KEY, Gateway
@@ -64,7 +64,7 @@ def deltas(seed: int, pace_s: float = 0.0, sent: dict | None = None):
     rng, position = random.Random(seed), 0
     while position < len(TEXT):
         size = rng.randint(3, 10)
-        yield TEXT[position:position + size]
+        yield TEXT[position : position + size]
         position += size
         time.sleep(pace_s)
     if sent is not None:
@@ -80,8 +80,10 @@ def text_gateway(triton_server):
 
 def test_a_client_that_vanishes_mid_sentence_frees_its_kv_slot_within_2_s(text_gateway, triton_server):
     # The default budget: ~290 characters is ~58 s of audio, still generating when the client goes.
-    with connect(text_gateway.url.replace("http", "ws") + ROUTE,
-                 additional_headers={"Authorization": f"Bearer {GATEWAY_API_KEY}"}) as websocket:
+    with connect(
+        text_gateway.url.replace("http", "ws") + ROUTE,
+        additional_headers={"Authorization": f"Bearer {GATEWAY_API_KEY}"},
+    ) as websocket:
         websocket.send(json.dumps({"type": "text", "text": SENTENCES[1] + " And then"}))
         assert isinstance(websocket.recv(timeout=120), bytes)
         assert slots_in_use(triton_server) >= 1, "still generating"
@@ -104,7 +106,8 @@ def low_budget(triton_server, grpc_client):
 def long_text_path(low_budget, triton_server):
     """The whole TEXT through csm_tts_stream, as pcm16: the reference."""
     assert segments.split_text(TEXT, normalize=normalize.normalize_texts) == [
-        normalize.normalize_text(sentence).strip() for sentence in SENTENCES], "one sentence per segment"
+        normalize.normalize_text(sentence).strip() for sentence in SENTENCES
+    ], "one sentence per segment"
     with VoiceCloner(triton_server.grpc_url) as cloner:
         stream = cloner.stream(TEXT, seed=SEED)
         audio = np.concatenate([chunk.audio for chunk in stream])

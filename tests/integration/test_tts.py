@@ -42,15 +42,19 @@ def reference_clip(seconds=1.5, seed=0) -> np.ndarray:
 
 
 def tts_inputs(module, words="Hello there, how are you?", seconds=1.0, seed=7, voice_id=None, reference=True):
-    inputs = [tensor(module, "TEXT", text(words)),
-              tensor(module, "MAX_AUDIO_SECONDS", np.array([seconds], np.float32)),
-              tensor(module, "SEED", np.array([seed], np.int64))]
+    inputs = [
+        tensor(module, "TEXT", text(words)),
+        tensor(module, "MAX_AUDIO_SECONDS", np.array([seconds], np.float32)),
+        tensor(module, "SEED", np.array([seed], np.int64)),
+    ]
     if voice_id is not None:
         inputs.append(tensor(module, "VOICE_ID", text(voice_id)))
     elif reference:
-        inputs += [tensor(module, "REFERENCE_AUDIO", reference_clip()),
-                   tensor(module, "REFERENCE_SAMPLE_RATE", np.array([C.SAMPLE_RATE], np.int32)),
-                   tensor(module, "REFERENCE_TEXT", text("A short reference sentence."))]
+        inputs += [
+            tensor(module, "REFERENCE_AUDIO", reference_clip()),
+            tensor(module, "REFERENCE_SAMPLE_RATE", np.array([C.SAMPLE_RATE], np.int32)),
+            tensor(module, "REFERENCE_TEXT", text("A short reference sentence.")),
+        ]
     return inputs
 
 
@@ -65,10 +69,12 @@ def protocol(request, http_client, grpc_client):
 
 @pytest.fixture(scope="module")
 def stored_voice(http_client):
-    inputs = [tensor(http, "VOICE_ID", text("tts-test-voice")),
-              tensor(http, "REFERENCE_AUDIO", reference_clip(2.0, seed=1)),
-              tensor(http, "REFERENCE_SAMPLE_RATE", np.array([C.SAMPLE_RATE], np.int32)),
-              tensor(http, "REFERENCE_TEXT", text("My voice, stored once."))]
+    inputs = [
+        tensor(http, "VOICE_ID", text("tts-test-voice")),
+        tensor(http, "REFERENCE_AUDIO", reference_clip(2.0, seed=1)),
+        tensor(http, "REFERENCE_SAMPLE_RATE", np.array([C.SAMPLE_RATE], np.int32)),
+        tensor(http, "REFERENCE_TEXT", text("My voice, stored once.")),
+    ]
     http_client.infer("voice_register", inputs, headers={C.ADMIN_TOKEN_HEADER: ADMIN_TOKEN})
     return "tts-test-voice"
 
@@ -99,20 +105,28 @@ def test_same_seed_and_inputs_give_identical_audio_and_another_seed_does_not(grp
 def test_four_concurrent_clients_all_succeed(grpc_client):
     answers = queue.Queue()
     for index in range(4):
-        grpc_client.async_infer("csm_tts", tts_inputs(grpc, words=f"Client number {index}.", seed=index),
-                                callback=lambda result, error: answers.put((result, error)))
+        grpc_client.async_infer(
+            "csm_tts",
+            tts_inputs(grpc, words=f"Client number {index}.", seed=index),
+            callback=lambda result, error: answers.put((result, error)),
+        )
     results = [answers.get(timeout=120) for _ in range(4)]
     assert all(error is None for _, error in results), [str(e) for _, e in results if e]
     assert all(result.as_numpy("AUDIO").shape == (expected_samples(1.0),) for result, _ in results)
 
 
 def test_csm_tts_is_callable_with_plain_kserve_json(triton_server):
-    body = {"inputs": [
-        {"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["Plain JSON, as curl sends it."]},
-        {"name": "MAX_AUDIO_SECONDS", "datatype": "FP32", "shape": [1], "data": [0.5]},
-    ]}
-    request = urllib.request.Request(f"http://{triton_server.http_url}/v2/models/csm_tts/infer",
-                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    body = {
+        "inputs": [
+            {"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["Plain JSON, as curl sends it."]},
+            {"name": "MAX_AUDIO_SECONDS", "datatype": "FP32", "shape": [1], "data": [0.5]},
+        ]
+    }
+    request = urllib.request.Request(
+        f"http://{triton_server.http_url}/v2/models/csm_tts/infer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=120) as response:
         outputs = {o["name"]: o for o in json.load(response)["outputs"]}
     assert outputs["AUDIO"]["shape"] == [expected_samples(0.5)]
@@ -124,16 +138,27 @@ def test_csm_tts_output_carries_the_watermark_and_the_raw_decode_does_not(grpc_c
     audio = grpc_client.infer("csm_tts", tts_inputs(grpc, words=words, seconds=2.0, seed=seed, reference=False))
     # The same generation without the watermark step: csm_prepare -> csm_generate -> mimi_decoder.
     prompt = grpc_client.infer("csm_prepare", [tensor(grpc, "TEXT", text(words))])
-    codes = grpc_client.infer("csm_generate", [
-        tensor(grpc, "input_ids", prompt.as_numpy("input_ids")), tensor(grpc, "prompt_codes", prompt.as_numpy("prompt_codes")),
-        tensor(grpc, "MAX_AUDIO_SECONDS", np.array([2.0], np.float32)), tensor(grpc, "SEED", np.array([seed], np.int64)),
-    ]).as_numpy("audio_codes")
+    codes = grpc_client.infer(
+        "csm_generate",
+        [
+            tensor(grpc, "input_ids", prompt.as_numpy("input_ids")),
+            tensor(grpc, "prompt_codes", prompt.as_numpy("prompt_codes")),
+            tensor(grpc, "MAX_AUDIO_SECONDS", np.array([2.0], np.float32)),
+            tensor(grpc, "SEED", np.array([seed], np.int64)),
+        ],
+    ).as_numpy("audio_codes")
     raw = grpc_client.infer("mimi_decoder", [tensor(grpc, "audio_codes", codes)]).as_numpy("audio_values")[0, 0]
 
     def score(samples):
-        return float(grpc_client.infer("watermark_detect", [
-            tensor(grpc, "AUDIO", samples), tensor(grpc, "SAMPLE_RATE", np.array([C.SAMPLE_RATE], np.int32)),
-        ]).as_numpy("SCORE")[0])
+        return float(
+            grpc_client.infer(
+                "watermark_detect",
+                [
+                    tensor(grpc, "AUDIO", samples),
+                    tensor(grpc, "SAMPLE_RATE", np.array([C.SAMPLE_RATE], np.int32)),
+                ],
+            ).as_numpy("SCORE")[0]
+        )
 
     assert raw.shape == audio.as_numpy("AUDIO").shape
     assert score(audio.as_numpy("AUDIO")) >= 0.9
@@ -175,8 +200,11 @@ def test_stream_sends_audio_before_generation_ends_and_matches_the_offline_resul
 
 def test_stream_over_http_generate_stream(triton_server):
     body = json.dumps({"TEXT": "Streaming over server-sent events.", "MAX_AUDIO_SECONDS": 1.0}).encode()
-    request = urllib.request.Request(f"http://{triton_server.http_url}/v2/models/csm_tts_stream/generate_stream",
-                                     data=body, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://{triton_server.http_url}/v2/models/csm_tts_stream/generate_stream",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
     events = []
     with urllib.request.urlopen(request, timeout=120) as response:
         for line in response:
@@ -188,12 +216,17 @@ def test_stream_over_http_generate_stream(triton_server):
 
 def test_csm_tts_and_the_stream_return_the_text_as_spoken(grpc_client, triton_server):
     words = "It costs $5.30 on Jan. 3rd."
-    as_written = grpc_client.infer("csm_tts", tts_inputs(grpc, words=words, seconds=0.2, reference=False)
-                                   + [tensor(grpc, "NORMALIZE", np.array([False]))])
+    as_written = grpc_client.infer(
+        "csm_tts",
+        tts_inputs(grpc, words=words, seconds=0.2, reference=False) + [tensor(grpc, "NORMALIZE", np.array([False]))],
+    )
     assert as_written.as_numpy("NORMALIZED_TEXT").tolist() == [words.encode()]
     body = json.dumps({"TEXT": words, "MAX_AUDIO_SECONDS": 0.2}).encode()
-    request = urllib.request.Request(f"http://{triton_server.http_url}/v2/models/csm_tts_stream/generate_stream",
-                                     data=body, headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"http://{triton_server.http_url}/v2/models/csm_tts_stream/generate_stream",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=120) as response:
         events = [json.loads(line[5:]) for line in response if line.startswith(b"data:")]
     # (generate_stream sends a one-element tensor as its value)
@@ -205,8 +238,6 @@ def test_a_bad_stream_request_is_refused_as_a_client_error(grpc_client):
         stream_chunks(grpc_client, tts_inputs(grpc, voice_id="no-such-voice"))
     assert "unknown voice 'no-such-voice'" in failure.value.message()
     assert "internal error" not in failure.value.message()
-
-
 
 
 def test_closing_a_stream_midway_frees_its_slot(grpc_client, triton_server):
@@ -246,13 +277,18 @@ BAD_TTS_INPUTS = {
 def test_bad_tts_input_gets_a_clear_error_while_a_good_request_succeeds(grpc_client, case):
     overrides, message = BAD_TTS_INPUTS[case]
     answers = queue.Queue()
-    grpc_client.async_infer("csm_tts", tts_inputs(grpc, seconds=0.5, reference=False),
-                            callback=lambda result, error: answers.put((result, error)))
+    grpc_client.async_infer(
+        "csm_tts",
+        tts_inputs(grpc, seconds=0.5, reference=False),
+        callback=lambda result, error: answers.put((result, error)),
+    )
     inputs = {i.name(): i for i in tts_inputs(grpc, seconds=0.5, reference=False)}
     if {"REFERENCE", "RATE", "TRANSCRIPT", "ALSO_VOICE_ID"} & set(overrides):  # an inline reference, altered
-        reference = {"REFERENCE_AUDIO": overrides.get("REFERENCE", reference_clip()),
-                     "REFERENCE_SAMPLE_RATE": np.array([overrides.get("RATE", C.SAMPLE_RATE)], np.int32),
-                     "REFERENCE_TEXT": overrides.get("TRANSCRIPT", text("A reference."))}
+        reference = {
+            "REFERENCE_AUDIO": overrides.get("REFERENCE", reference_clip()),
+            "REFERENCE_SAMPLE_RATE": np.array([overrides.get("RATE", C.SAMPLE_RATE)], np.int32),
+            "REFERENCE_TEXT": overrides.get("TRANSCRIPT", text("A reference.")),
+        }
         inputs.update({name: tensor(grpc, name, value) for name, value in reference.items() if value is not None})
         overrides = {"VOICE_ID": overrides["ALSO_VOICE_ID"]} if "ALSO_VOICE_ID" in overrides else {}
     inputs.update({name: tensor(grpc, name, value) for name, value in overrides.items()})

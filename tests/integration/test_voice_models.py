@@ -72,8 +72,7 @@ def espeak_wav(tmp_path_factory):
 def speech_24k(espeak_wav) -> Speech:
     """The espeak-ng clip converted by sox to 24 kHz mono float32."""
     target = espeak_wav.with_name("speech-24k.wav")
-    _run(["sox", str(espeak_wav), "-r", str(C.SAMPLE_RATE), "-c", "1", "-e", "floating-point", "-b", "32",
-          str(target)])
+    _run(["sox", str(espeak_wav), "-r", str(C.SAMPLE_RATE), "-c", "1", "-e", "floating-point", "-b", "32", str(target)])
     samples, rate = read_audio_file(target)
     assert rate == C.SAMPLE_RATE and samples.dtype == np.float32
     assert C.MIN_REFERENCE_SECONDS < samples.size / rate < C.MAX_REFERENCE_SECONDS
@@ -89,8 +88,7 @@ def speech_native(espeak_wav) -> Speech:
 
 @pytest.fixture(params=sorted(PROTOCOLS))
 def protocol(request, http_client, grpc_client) -> Protocol:
-    return Protocol(request.param, PROTOCOLS[request.param],
-                    {"http": http_client, "grpc": grpc_client}[request.param])
+    return Protocol(request.param, PROTOCOLS[request.param], {"http": http_client, "grpc": grpc_client}[request.param])
 
 
 @pytest.fixture(scope="session")
@@ -119,15 +117,21 @@ def register_inputs(module, voice_id: str, speech: Speech, *, samples=None, samp
     return [
         tensor(module, "VOICE_ID", text(voice_id)),
         tensor(module, "REFERENCE_AUDIO", speech.samples if samples is None else samples),
-        tensor(module, "REFERENCE_SAMPLE_RATE",
-               np.array([speech.sample_rate if sample_rate is None else sample_rate], np.int32)),
+        tensor(
+            module,
+            "REFERENCE_SAMPLE_RATE",
+            np.array([speech.sample_rate if sample_rate is None else sample_rate], np.int32),
+        ),
         tensor(module, "REFERENCE_TEXT", text(speech.transcript if transcript is None else transcript)),
     ]
 
 
 def register(p: Protocol, voice_id: str, speech: Speech, headers=None, **changes) -> dict:
-    result = p.client.infer("voice_register", register_inputs(p.module, voice_id, speech, **changes),
-                            headers=token() if headers is None else headers)
+    result = p.client.infer(
+        "voice_register",
+        register_inputs(p.module, voice_id, speech, **changes),
+        headers=token() if headers is None else headers,
+    )
     return json.loads(result.as_numpy("VOICE")[0])
 
 
@@ -137,8 +141,9 @@ def voices(p: Protocol) -> dict[str, dict]:
 
 
 def delete(p: Protocol, voice_id: str, headers=None) -> dict:
-    result = p.client.infer("voice_delete", [tensor(p.module, "VOICE_ID", text(voice_id))],
-                            headers=token() if headers is None else headers)
+    result = p.client.infer(
+        "voice_delete", [tensor(p.module, "VOICE_ID", text(voice_id))], headers=token() if headers is None else headers
+    )
     return json.loads(result.as_numpy("DELETED")[0])
 
 
@@ -188,28 +193,33 @@ def adapter_run(tiny_checkpoint, tmp_path_factory):
 
     run = tmp_path_factory.mktemp("finetune-run")
     model = CsmForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32)
-    get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=LM_PREFIX + "(" + "|".join(
-        DEFAULT_TARGET_MODULES) + ")$")).save_pretrained(run / "adapter")
+    get_peft_model(
+        model, LoraConfig(r=4, lora_alpha=8, target_modules=LM_PREFIX + "(" + "|".join(DEFAULT_TARGET_MODULES) + ")$")
+    ).save_pretrained(run / "adapter")
     (run / "manifest.json").write_text(json.dumps({"base_model_sha256": base_model_sha256(tiny_checkpoint)}))
     return run
 
 
 def adapter_inputs(module, voice_id: str, run, *, config: bytes | None = None) -> list:
     blob = lambda data: np.array([data], dtype=np.object_)  # noqa: E731
-    return [tensor(module, "VOICE_ID", text(voice_id)),
-            tensor(module, "ADAPTER_CONFIG", blob(config or (run / "adapter" / "adapter_config.json").read_bytes())),
-            tensor(module, "ADAPTER_WEIGHTS", blob((run / "adapter" / "adapter_model.safetensors").read_bytes())),
-            tensor(module, "ADAPTER_MANIFEST", blob((run / "manifest.json").read_bytes())),
-            tensor(module, "DEFAULT_SPEAKER", np.array([1], np.int32))]
+    return [
+        tensor(module, "VOICE_ID", text(voice_id)),
+        tensor(module, "ADAPTER_CONFIG", blob(config or (run / "adapter" / "adapter_config.json").read_bytes())),
+        tensor(module, "ADAPTER_WEIGHTS", blob((run / "adapter" / "adapter_model.safetensors").read_bytes())),
+        tensor(module, "ADAPTER_MANIFEST", blob((run / "manifest.json").read_bytes())),
+        tensor(module, "DEFAULT_SPEAKER", np.array([1], np.int32)),
+    ]
 
 
 def test_an_adapter_voice_registers_lists_and_deletes_with_the_admin_token(protocol, adapter_run, voice_dir):
     """Issue 26: the adapter folder make finetune writes registers as a voice through
     voice_register, checked against the served base (shapes and base hash)."""
     voice_id = f"tuned-{protocol.name}"
-    register_adapter = lambda headers, name=voice_id, **changes: json.loads(protocol.client.infer(  # noqa: E731
-        "voice_register", adapter_inputs(protocol.module, name, adapter_run, **changes),
-        headers=headers).as_numpy("VOICE")[0])
+
+    def register_adapter(headers, name=voice_id, **changes):
+        inputs = adapter_inputs(protocol.module, name, adapter_run, **changes)
+        return json.loads(protocol.client.infer("voice_register", inputs, headers=headers).as_numpy("VOICE")[0])
+
     assert "permission denied" in refused(protocol, lambda: register_adapter(token(None)))
     assert "wrong admin token" in refused(protocol, lambda: register_adapter(token("not-the-token")))
     assert voice_id not in voices(protocol)
@@ -218,8 +228,9 @@ def test_an_adapter_voice_registers_lists_and_deletes_with_the_admin_token(proto
     assert stored["kind"] == "adapter" and stored["rank"] == 4 and stored["lora_alpha"] == 8.0
     assert stored["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert stored["base_hash_checked"] and len(stored["base_model_sha256"]) == 64 and stored["default_speaker"] == 1
-    assert stored["size_bytes"] == sum(path.stat().st_size for path in (adapter_run / "adapter").iterdir()
-                                       if path.name != "README.md")
+    assert stored["size_bytes"] == sum(
+        path.stat().st_size for path in (adapter_run / "adapter").iterdir() if path.name != "README.md"
+    )
     assert voices(protocol)[voice_id] == stored, "voice_list shows kind, rank, targets, base hash and size"
     (folder,) = voice_dir.glob(f"{voice_id}.*.adapter")
     assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
@@ -274,19 +285,26 @@ def test_an_existing_voice_is_not_overwritten(protocol, speech_24k):
 
 def test_voice_list_over_plain_kserve_json(triton_server):
     # A model without inputs still needs "inputs": [] in the KServe v2 JSON body.
-    request = urllib.request.Request(f"http://{triton_server.http_url}/v2/models/voice_list/infer",
-                                     data=b'{"inputs": []}', method="POST")
+    request = urllib.request.Request(
+        f"http://{triton_server.http_url}/v2/models/voice_list/infer", data=b'{"inputs": []}', method="POST"
+    )
     with urllib.request.urlopen(request, timeout=30) as answer:
         body = json.loads(answer.read())
     assert body["outputs"][0]["name"] == "VOICES" and isinstance(json.loads(body["outputs"][0]["data"][0]), list)
 
 
 # --- the admin token ---------------------------------------------------------------------------
-@pytest.mark.parametrize("sent, message", [
-    (None, "permission denied: this request changes voices and needs the admin token in header 'x-csm-admin-token'"),
-    ("not-the-token", "permission denied: wrong admin token in header 'x-csm-admin-token'"),
-    ("", "permission denied: "),
-])
+@pytest.mark.parametrize(
+    "sent, message",
+    [
+        (
+            None,
+            "permission denied: this request changes voices and needs the admin token in header 'x-csm-admin-token'",
+        ),
+        ("not-the-token", "permission denied: wrong admin token in header 'x-csm-admin-token'"),
+        ("", "permission denied: "),
+    ],
+)
 def test_writes_without_the_right_token_are_refused(protocol, speech_24k, sent, message):
     voice_id = f"no-token-{protocol.name}"
     got = refused(protocol, lambda: register(protocol, voice_id, speech_24k, headers=token(sent)))
@@ -330,7 +348,10 @@ def _speech(seconds: float) -> np.ndarray:
 
 
 BAD_AUDIO = {
-    "too short": ({"samples": _speech(0.2)}, "'REFERENCE_AUDIO' is 0.20 s long; a voice reference needs at least 0.5 s"),
+    "too short": (
+        {"samples": _speech(0.2)},
+        "'REFERENCE_AUDIO' is 0.20 s long; a voice reference needs at least 0.5 s",
+    ),
     "too long": ({"samples": _speech(C.MAX_REFERENCE_SECONDS + 1)}, "the limit for a voice reference is 30 s"),
     "NaN": ({"samples": np.full(C.SAMPLE_RATE, np.nan, np.float32)}, "'REFERENCE_AUDIO' contains NaN or infinite"),
     "empty": ({"samples": np.zeros(0, np.float32)}, "'REFERENCE_AUDIO' is empty"),
@@ -351,12 +372,22 @@ def test_bad_reference_audio_is_refused(protocol, speech_24k, case):
 def test_stereo_or_wrong_dtype_is_refused_by_triton_by_name(protocol, speech_24k):
     stereo = [tensor(protocol.module, "REFERENCE_AUDIO", np.stack([speech_24k.samples] * 2))]
     with pytest.raises(InferenceServerException, match="REFERENCE_AUDIO"):
-        protocol.client.infer("voice_register", register_inputs(protocol.module, "s", speech_24k)[:1] + stereo
-                              + register_inputs(protocol.module, "s", speech_24k)[2:], headers=token())
+        protocol.client.infer(
+            "voice_register",
+            register_inputs(protocol.module, "s", speech_24k)[:1]
+            + stereo
+            + register_inputs(protocol.module, "s", speech_24k)[2:],
+            headers=token(),
+        )
     doubles = [tensor(protocol.module, "REFERENCE_AUDIO", speech_24k.samples.astype(np.float64))]
     with pytest.raises(InferenceServerException, match="REFERENCE_AUDIO"):
-        protocol.client.infer("voice_register", register_inputs(protocol.module, "s", speech_24k)[:1] + doubles
-                              + register_inputs(protocol.module, "s", speech_24k)[2:], headers=token())
+        protocol.client.infer(
+            "voice_register",
+            register_inputs(protocol.module, "s", speech_24k)[:1]
+            + doubles
+            + register_inputs(protocol.module, "s", speech_24k)[2:],
+            headers=token(),
+        )
 
 
 # --- persistence -----------------------------------------------------------------------------------
@@ -385,8 +416,9 @@ def test_voices_survive_a_restart(http_client, served_repository, speech_24k, tm
 
 
 # --- under concurrency, a full disk, a killed server -----------------------------------------
-def test_concurrent_registers_and_deletes_are_answered_as_the_store_did_them(grpc_client, speech_24k, voice_dir,
-                                                                              served_repository):
+def test_concurrent_registers_and_deletes_are_answered_as_the_store_did_them(
+    grpc_client, speech_24k, voice_dir, served_repository
+):
     """voice_register and voice_delete are separate processes: racing them on the same
     ids, every answer is a success or a clear refusal (never INTERNAL, never a server
     path), and per id successful registers minus successful deletes is what is stored."""
@@ -514,8 +546,9 @@ def small_disk(tmp_path):
     root = tmp_path / "small"
     voices_dir = root / "runtime" / "voices"
     voices_dir.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(voices_dir)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(voices_dir)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here (needs root and mount rights): {mounted.stderr.strip()}")
     try:
@@ -524,8 +557,9 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(voices_dir)], capture_output=True)
 
 
-def test_a_full_disk_is_a_clear_refusal_and_leaves_the_store_intact(served_repository, small_disk, speech_24k,
-                                                                    tmp_path):
+def test_a_full_disk_is_a_clear_refusal_and_leaves_the_store_intact(
+    served_repository, small_disk, speech_24k, tmp_path
+):
     root, voices_dir = small_disk
     repository = root / "repository"
     repository.mkdir()
@@ -533,9 +567,14 @@ def test_a_full_disk_is_a_clear_refusal_and_leaves_the_store_intact(served_repos
         shutil.copytree(served_repository / model, repository / model)  # their store: root/runtime/voices
     (repository / "mimi_encoder").symlink_to(served_repository / "mimi_encoder")
     models = ["voice_register", "voice_list", "mimi_encoder"]
-    server = TritonServer(repository, load_models=models, ready_models=models, strict_readiness=False,
-                          log_path=tmp_path / "small-disk-tritonserver.log",
-                          environment={"CSM_ADMIN_TOKEN": ADMIN_TOKEN})
+    server = TritonServer(
+        repository,
+        load_models=models,
+        ready_models=models,
+        strict_readiness=False,
+        log_path=tmp_path / "small-disk-tritonserver.log",
+        environment={"CSM_ADMIN_TOKEN": ADMIN_TOKEN},
+    )
     with server:
         client = http.InferenceServerClient(server.http_url)
         try:

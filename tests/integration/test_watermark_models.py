@@ -31,8 +31,11 @@ def protocol(request, http_client, grpc_client):
 def speech(tmp_path_factory) -> np.ndarray:
     """~4 s of espeak-ng speech at 24 kHz."""
     wav = tmp_path_factory.mktemp("speech") / "speech.wav"
-    subprocess.run(["espeak-ng", "-w", str(wav), "The service marks every clip it speaks, quietly."],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["espeak-ng", "-w", str(wav), "The service marks every clip it speaks, quietly."],
+        check=True,
+        capture_output=True,
+    )
     samples, rate = read_audio_file(wav)
     return resample(samples, rate, C.SAMPLE_RATE)
 
@@ -45,9 +48,13 @@ def tensor(module, name, array):
 
 def judge(module, client, audio: np.ndarray, rate: int = C.SAMPLE_RATE) -> tuple[float, bool]:
     """(SCORE, WATERMARKED), checking both outputs' shape, type and range."""
-    result = client.infer("watermark_detect", [
-        tensor(module, "AUDIO", audio), tensor(module, "SAMPLE_RATE", np.array([rate], np.int32)),
-    ])
+    result = client.infer(
+        "watermark_detect",
+        [
+            tensor(module, "AUDIO", audio),
+            tensor(module, "SAMPLE_RATE", np.array([rate], np.int32)),
+        ],
+    )
     score, watermarked = result.as_numpy("SCORE"), result.as_numpy("WATERMARKED")
     assert score.shape == (1,) and score.dtype == np.float32 and 0.0 <= score[0] <= 1.0
     assert watermarked.shape == (1,) and watermarked.dtype == np.bool_
@@ -81,11 +88,14 @@ def test_csm_tts_output_is_recognised(protocol):
     # The tiny random CSM speaks noise; what matters is that the served path marks it and
     # watermark_detect calls it marked (the gate judges broadband clips, not only speech).
     module, client = protocol
-    result = client.infer("csm_tts", [
-        tensor(module, "TEXT", np.array(["Is this marked?".encode()], dtype=np.object_)),
-        tensor(module, "MAX_AUDIO_SECONDS", np.array([2.0], np.float32)),
-        tensor(module, "SEED", np.array([5], np.int64)),
-    ])
+    result = client.infer(
+        "csm_tts",
+        [
+            tensor(module, "TEXT", np.array([b"Is this marked?"], dtype=np.object_)),
+            tensor(module, "MAX_AUDIO_SECONDS", np.array([2.0], np.float32)),
+            tensor(module, "SEED", np.array([5], np.int64)),
+        ],
+    )
     audio = result.as_numpy("AUDIO")
     assert audio.size >= C.MIN_WATERMARK_DETECT_SAMPLES
     score, watermarked = judge(module, client, audio)

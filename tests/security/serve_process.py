@@ -8,8 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
@@ -46,10 +46,27 @@ class Serve:
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "csm_triton.serving", "serve", "--model-repository", str(repository),
-             "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-             "--metrics-port", str(self.metrics_port), "--no-gpu", *options],
-            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env or clean_environment())
+            [
+                sys.executable,
+                "-m",
+                "csm_triton.serving",
+                "serve",
+                "--model-repository",
+                str(repository),
+                "--http-port",
+                str(self.http_port),
+                "--grpc-port",
+                str(self.grpc_port),
+                "--metrics-port",
+                str(self.metrics_port),
+                "--no-gpu",
+                *options,
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env or clean_environment(),
+        )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -19,9 +19,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_deploy import COMPOSE_FILE, DOCKERFILE, ROOT, container_launch, published_ports, resolved
-from tests.test_kubernetes import (EVERYTHING, FULLNAME, PROFILE_FILES, by_kind, kserve, kserve_container, merged,
-                                   pod_specs, profile_values, render)
+from tests.deploy.test_deploy import COMPOSE_FILE, DOCKERFILE, ROOT, container_launch, published_ports, resolved
+from tests.deploy.test_kubernetes import (
+    EVERYTHING,
+    FULLNAME,
+    PROFILE_FILES,
+    by_kind,
+    kserve,
+    kserve_container,
+    merged,
+    pod_specs,
+    profile_values,
+    render,
+)
 
 pytestmark = pytest.mark.security
 
@@ -50,7 +60,11 @@ def test_no_service_publishes_tritons_ports(compose_defaults):
     for name, service in compose_defaults.items():
         for address, published, target in published_ports(service):
             assert published not in TRITON_PORTS and not (name == "triton" or target in TRITON_PORTS), (
-                name, address, published, target)
+                name,
+                address,
+                published,
+                target,
+            )
 
 
 def test_only_the_gateway_and_the_front_can_be_opened():
@@ -111,14 +125,23 @@ def test_grafana_has_no_default_password(compose_defaults, tmp_path):
     grafana_run.chmod(0o755)
     script = script.replace("/run.sh", str(grafana_run))
     for password, started in (("", False), ("s3cret", True)):
-        result = subprocess.run([shell, flag, script, name], capture_output=True, text=True, timeout=30,
-                                env={"PATH": "/usr/bin:/bin", "GF_SECURITY_ADMIN_PASSWORD": password})
+        result = subprocess.run(
+            [shell, flag, script, name],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={"PATH": "/usr/bin:/bin", "GF_SECURITY_ADMIN_PASSWORD": password},
+        )
         assert (result.returncode == 0) is started, result
         assert ("grafana started" in result.stdout) is started
         if not started:
             assert "GRAFANA_ADMIN_PASSWORD" in result.stderr
-    assert resolved("monitoring", GRAFANA_ADMIN_PASSWORD="s3cret")["services"]["grafana"]["environment"][
-        "GF_SECURITY_ADMIN_PASSWORD"] == "s3cret"
+    assert (
+        resolved("monitoring", GRAFANA_ADMIN_PASSWORD="s3cret")["services"]["grafana"]["environment"][
+            "GF_SECURITY_ADMIN_PASSWORD"
+        ]
+        == "s3cret"
+    )
 
 
 def test_the_model_control_key_reaches_triton_from_the_environment():
@@ -188,19 +211,29 @@ def test_network_policy_lets_only_gateway_and_front_pods_reach_triton(chart):
 
 
 def test_prometheus_selectors_are_configurable():
-    objects = render({"networkPolicy": {"metrics": {"namespaceSelector": {"matchLabels": {"team": "obs"}},
-                                                    "podSelector": {"matchLabels": {"app": "prom"}}}}})
+    objects = render(
+        {
+            "networkPolicy": {
+                "metrics": {
+                    "namespaceSelector": {"matchLabels": {"team": "obs"}},
+                    "podSelector": {"matchLabels": {"app": "prom"}},
+                }
+            }
+        }
+    )
     (policy,) = by_kind(objects, "NetworkPolicy").values()
     (metrics,) = [rule for rule in policy["spec"]["ingress"] if any("namespaceSelector" in p for p in rule["from"])]
-    assert metrics["from"] == [{"namespaceSelector": {"matchLabels": {"team": "obs"}},
-                                "podSelector": {"matchLabels": {"app": "prom"}}}]
+    assert metrics["from"] == [
+        {"namespaceSelector": {"matchLabels": {"team": "obs"}}, "podSelector": {"matchLabels": {"app": "prom"}}}
+    ]
     assert metrics["ports"] == [{"protocol": "TCP", "port": 8002}]
 
 
 def test_no_ingress_routes_to_triton(chart):
     for name, ingress in by_kind(chart, "Ingress").items():
-        backends = [path["backend"]["service"]["name"] for rule in ingress["spec"]["rules"]
-                    for path in rule["http"]["paths"]]
+        backends = [
+            path["backend"]["service"]["name"] for rule in ingress["spec"]["rules"] for path in rule["http"]["paths"]
+        ]
         backends += [ingress["spec"].get("defaultBackend", {}).get("service", {}).get("name")]
         assert f"{FULLNAME}-triton" not in backends, name
         assert "nginx.ingress.kubernetes.io/backend-protocol" not in ingress["metadata"].get("annotations", {}), name
@@ -265,8 +298,10 @@ def test_kserve_manifests_expose_no_triton_port():
 
 # --- the front serves the public models only --------------------------------------------------
 def front_commands() -> dict[str, list[str]]:
-    commands = {"compose": raw_compose()["services"]["front"]["command"],
-                "kserve": kserve_container("transformer-container")["command"]}
+    commands = {
+        "compose": raw_compose()["services"]["front"]["command"],
+        "kserve": kserve_container("transformer-container")["command"],
+    }
     (front,) = by_kind(render(), "Deployment")[f"{FULLNAME}-front"]["spec"]["template"]["spec"]["containers"]
     commands["chart"] = front["command"] + front["args"]
     return commands
@@ -278,8 +313,9 @@ def test_no_deployment_widens_the_front_to_internal_models(deployment):
     assert "csm_servers.gateway.kserve_front" in command
     if "--models" in command:
         assert set(command[command.index("--models") + 1].split(",")) <= PUBLIC_MODELS
-    assert not any(part.startswith("--models=") and not set(part.split("=", 1)[1].split(",")) <= PUBLIC_MODELS
-                   for part in command)
+    assert not any(
+        part.startswith("--models=") and not set(part.split("=", 1)[1].split(",")) <= PUBLIC_MODELS for part in command
+    )
     assert "CSM_FRONT_MODELS" not in COMPOSE_FILE.read_text()
     assert "CSM_FRONT_MODELS" not in (ROOT / "deploy" / "kubernetes" / "kserve" / "servingruntime.yaml").read_text()
 
@@ -307,8 +343,11 @@ def test_the_image_runs_as_a_user():
 
 
 def test_the_build_context_leaves_out_env_files():
-    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")}
+    ignored = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
     assert ".env" in ignored and "**/.env" in ignored
 
 

@@ -59,10 +59,12 @@ FAKE_PB_UTILS = types.SimpleNamespace(
     TritonError=TritonError,
     TRITONSERVER_RESPONSE_COMPLETE_FINAL=1,
     Tensor=lambda name, value: (name, value),
-    InferenceResponse=lambda output_tensors=None, error=None: types.SimpleNamespace(outputs=output_tensors,
-                                                                                    error=error),
+    InferenceResponse=lambda output_tensors=None, error=None: types.SimpleNamespace(
+        outputs=output_tensors, error=error
+    ),
     get_input_tensor_by_name=lambda request, name: (
-        types.SimpleNamespace(as_numpy=lambda: request.inputs[name]) if name in request.inputs else None),
+        types.SimpleNamespace(as_numpy=lambda: request.inputs[name]) if name in request.inputs else None
+    ),
 )
 
 
@@ -87,8 +89,12 @@ def model(lm, monkeypatch):
 
 def prompt_inputs(builder, text="Hello there.", frames=40):
     prompt = builder.prepare(text)
-    return {"input_ids": np.asarray(prompt.input_ids, np.int64), "prompt_codes": np.asarray(prompt.audio_codes),
-            "MAX_AUDIO_SECONDS": np.array([frames / C.FRAME_RATE_HZ], np.float32), "SEED": np.array([1], np.int64)}
+    return {
+        "input_ids": np.asarray(prompt.input_ids, np.int64),
+        "prompt_codes": np.asarray(prompt.audio_codes),
+        "MAX_AUDIO_SECONDS": np.array([frames / C.FRAME_RATE_HZ], np.float32),
+        "SEED": np.array([1], np.int64),
+    }
 
 
 def test_a_cuda_error_answers_the_requests_unavailable_then_ends_the_stub(model, builder):
@@ -123,8 +129,10 @@ def test_a_bad_id_is_invalid_arg_before_the_engine_sees_it(model, builder):
     bad, good = Request(inputs, "bad"), Request(prompt_inputs(builder, frames=2), "good")
     model.execute([bad, good])
     assert bad.sender.final.error.code == TritonError.INVALID_ARG
-    assert (f"input 'input_ids' must lie in [0, {model.engine.lm.text_vocab_size}), got 4000000000 at position 3"
-            in bad.sender.final.error.message)
+    assert (
+        f"input 'input_ids' must lie in [0, {model.engine.lm.text_vocab_size}), got 4000000000 at position 3"
+        in bad.sender.final.error.message
+    )
     model.engine.start()
     assert good.sender.done.wait(60) and good.sender.final.error is None, "its batch mate is served"
     assert model.exits == []

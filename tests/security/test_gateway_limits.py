@@ -42,12 +42,18 @@ class Served:
         self.port = free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
         settings = uvicorn_settings(header_timeout_s=header_timeout_s)
-        config = uvicorn.Config(create_app(triton_url, **options), host="127.0.0.1", port=self.port,
-                                log_level="warning", lifespan="on", **settings)
+        config = uvicorn.Config(
+            create_app(triton_url, **options),
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="on",
+            **settings,
+        )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def __enter__(self) -> "Served":
+    def __enter__(self) -> Served:
         self.thread.start()
         deadline = time.monotonic() + 20
         while not self.server.started:
@@ -131,13 +137,20 @@ MULTIPART = "Content-Type: multipart/form-data; boundary=xyz"
 
 
 # --- bodies: refused before they are read ----------------------------------------------------
-@pytest.mark.parametrize("path, content_type", [("/upload-voice", MULTIPART), ("/clone-voice", MULTIPART),
-                                                ("/v1/audio/voices", MULTIPART),
-                                                ("/v1/audio/speech", "Content-Type: application/json")])
+@pytest.mark.parametrize(
+    "path, content_type",
+    [
+        ("/upload-voice", MULTIPART),
+        ("/clone-voice", MULTIPART),
+        ("/v1/audio/voices", MULTIPART),
+        ("/v1/audio/speech", "Content-Type: application/json"),
+    ],
+)
 def test_a_declared_3_gb_body_is_413_before_a_byte_of_it_is_read(keyed, spool, path, content_type):
     started = time.monotonic()
-    connection = raw_request(keyed.url, head("POST", path, AUTH_A,
-                                             content_type, "Content-Length: 3000000000") + "--xyz\r\n")
+    connection = raw_request(
+        keyed.url, head("POST", path, AUTH_A, content_type, "Content-Length: 3000000000") + "--xyz\r\n"
+    )
     with connection:
         status, headers, body = read_response(connection)
         assert connection.recv(1) == b"", "the connection is closed: the rest of the body is never read"
@@ -159,10 +172,9 @@ def test_without_a_key_even_the_first_byte_of_a_write_is_not_read(keyed, spool):
 
 def test_a_chunked_body_that_never_ends_is_413_once_it_passes_the_limit(keyed, spool):
     route_limit = GatewayLimits(max_upload_bytes=SMALL_UPLOAD).body_limit("POST", "/upload-voice")
-    connection = raw_request(keyed.url, head("POST", "/upload-voice", AUTH_A,
-                                             MULTIPART, "Transfer-Encoding: chunked"))
+    connection = raw_request(keyed.url, head("POST", "/upload-voice", AUTH_A, MULTIPART, "Transfer-Encoding: chunked"))
     sent = {"bytes": 0}
-    part = b"--xyz\r\nContent-Disposition: form-data; name=\"reference_audio\"; filename=\"a.wav\"\r\n\r\n"
+    part = b'--xyz\r\nContent-Disposition: form-data; name="reference_audio"; filename="a.wav"\r\n\r\n'
     chunk = b"\0" * 65536
 
     def send_forever():
@@ -189,11 +201,13 @@ def test_a_chunked_body_that_never_ends_is_413_once_it_passes_the_limit(keyed, s
 
 
 def test_a_stalled_body_is_dropped_408_and_frees_its_slot(spool):
-    limits = GatewayLimits(max_upload_bytes=SMALL_UPLOAD, body_idle_timeout_s=1.0, max_concurrency_per_key=1,
-                           max_queue_per_key=0)
+    limits = GatewayLimits(
+        max_upload_bytes=SMALL_UPLOAD, body_idle_timeout_s=1.0, max_concurrency_per_key=1, max_queue_per_key=0
+    )
     with Served(unreachable_triton(), api_keys=[KEY_A], limits=limits) as gateway:
-        connection = raw_request(gateway.url, head("POST", "/upload-voice", AUTH_A,
-                                                   MULTIPART, "Content-Length: 5000") + "--xyz\r\n")
+        connection = raw_request(
+            gateway.url, head("POST", "/upload-voice", AUTH_A, MULTIPART, "Content-Length: 5000") + "--xyz\r\n"
+        )
         with connection:
             status, _, body = read_response(connection)
         assert status == 408, body
@@ -250,15 +264,19 @@ def decoded_peak(request) -> tuple[httpx.Response, float, int]:
 @pytest.mark.parametrize("bomb", ["flac_hour", "ogg_ten_minutes", "headerless_flac"])
 @pytest.mark.parametrize("route", ["/clone-voice", "/upload-voice", "/v1/audio/voices"])
 def test_a_compression_bomb_is_refused_without_being_decoded(keyed, request, bomb, route):
-    data = headerless(request.getfixturevalue("flac_hour")) if bomb == "headerless_flac" else \
-        request.getfixturevalue(bomb)
+    data = (
+        headerless(request.getfixturevalue("flac_hour")) if bomb == "headerless_flac" else request.getfixturevalue(bomb)
+    )
     form, name = {"text": "Hi.", "reference_text": "x"}, "reference_audio"
     if route == "/upload-voice":
         form = {"voice_name": "bomb", "reference_text": "x"}
     elif route.startswith("/v1"):
         form, name = {"name": "bomb", "transcript": "x"}, "audio_sample"
-    response, seconds, peak = decoded_peak(lambda: httpx.post(
-        keyed.url + route, data=form, files={name: ("quiet.flac", data, "audio/flac")}, headers=A, timeout=60))
+    response, seconds, peak = decoded_peak(
+        lambda: httpx.post(
+            keyed.url + route, data=form, files={name: ("quiet.flac", data, "audio/flac")}, headers=A, timeout=60
+        )
+    )
     assert response.status_code == 400, response.text
     message = response.text
     assert "the limit is 30 s" in message and "MAX_REFERENCE_SECONDS" in message
@@ -270,8 +288,9 @@ def test_a_compression_bomb_is_refused_without_being_decoded(keyed, request, bom
 def test_a_context_clip_bomb_is_refused_without_being_decoded(keyed, flac_hour):
     clip = base64.b64encode(headerless(flac_hour)).decode()
     body = {"model": "csm-1b", "input": "Hi.", "voice": "alloy", "context": [{"audio": clip, "text": "x"}]}
-    response, seconds, peak = decoded_peak(lambda: httpx.post(f"{keyed.url}/v1/audio/speech", json=body,
-                                                              headers=A, timeout=60))
+    response, seconds, peak = decoded_peak(
+        lambda: httpx.post(f"{keyed.url}/v1/audio/speech", json=body, headers=A, timeout=60)
+    )
     assert response.status_code == 400 and response.json()["error"]["param"] == "context[0].audio", response.text
     assert "the limit is 30 s" in response.json()["error"]["message"]
     assert seconds < 5 and peak < 40 * 2**20
@@ -283,13 +302,23 @@ def test_a_context_clip_bomb_is_refused_without_being_decoded(keyed, flac_hour):
 def test_too_many_channels_or_an_odd_rate_are_refused_from_the_header(keyed):
     buffer = io.BytesIO()
     soundfile.write(buffer, np.zeros((800, 16), np.float32), 8_000, format="WAV")
-    response = httpx.post(f"{keyed.url}/clone-voice", data={"text": "Hi.", "reference_text": "x"}, headers=A,
-                          files={"reference_audio": ("many.wav", buffer.getvalue(), "audio/wav")}, timeout=60)
+    response = httpx.post(
+        f"{keyed.url}/clone-voice",
+        data={"text": "Hi.", "reference_text": "x"},
+        headers=A,
+        files={"reference_audio": ("many.wav", buffer.getvalue(), "audio/wav")},
+        timeout=60,
+    )
     assert response.status_code == 400 and "16 channels" in response.json()["detail"], response.text
     buffer = io.BytesIO()
     soundfile.write(buffer, np.zeros(800, np.float32), 4_000, format="WAV")
-    response = httpx.post(f"{keyed.url}/clone-voice", data={"text": "Hi.", "reference_text": "x"}, headers=A,
-                          files={"reference_audio": ("slow.wav", buffer.getvalue(), "audio/wav")}, timeout=60)
+    response = httpx.post(
+        f"{keyed.url}/clone-voice",
+        data={"text": "Hi.", "reference_text": "x"},
+        headers=A,
+        files={"reference_audio": ("slow.wav", buffer.getvalue(), "audio/wav")},
+        timeout=60,
+    )
     assert response.status_code == 400 and "4000 Hz" in response.json()["detail"], response.text
 
 
@@ -298,8 +327,12 @@ def test_clone_voice_needs_a_key_when_keys_are_configured(keyed, spool):
     for headers, status in (({}, 401), ({"Authorization": "Bearer wrong"}, 401), (A, 503)):
         response = httpx.post(f"{keyed.url}/clone-voice", data={"text": "Hi."}, headers=headers, timeout=60)
         assert response.status_code == status, response.text
-        speech = httpx.post(f"{keyed.url}/v1/audio/speech", headers=headers, timeout=60,
-                            json={"model": "csm-1b", "input": "Hi.", "voice": "alloy"})
+        speech = httpx.post(
+            f"{keyed.url}/v1/audio/speech",
+            headers=headers,
+            timeout=60,
+            json={"model": "csm-1b", "input": "Hi.", "voice": "alloy"},
+        )
         assert speech.status_code == status, speech.text
     assert "/clone-voice needs an API key" in httpx.post(f"{keyed.url}/clone-voice", data={"text": "Hi."}).text
     assert httpx.get(f"{keyed.url}/health", timeout=30).status_code == 503, "reads of health need no key"
@@ -308,8 +341,9 @@ def test_clone_voice_needs_a_key_when_keys_are_configured(keyed, spool):
 def test_without_keys_speech_is_open_and_writes_are_refused():
     with Served(unreachable_triton(), limits=GatewayLimits(max_upload_bytes=SMALL_UPLOAD)) as gateway:
         assert httpx.post(f"{gateway.url}/clone-voice", data={"text": "Hi."}, timeout=60).status_code == 503
-        refused = httpx.post(f"{gateway.url}/upload-voice", data={"voice_name": "x", "reference_text": "x"},
-                             headers=A, timeout=60)
+        refused = httpx.post(
+            f"{gateway.url}/upload-voice", data={"voice_name": "x", "reference_text": "x"}, headers=A, timeout=60
+        )
         assert refused.status_code == 403 and "CSM_GATEWAY_API_KEYS" in refused.json()["detail"]
 
 
@@ -324,14 +358,29 @@ def hold(url: str, key: dict | None) -> socket.socket:
 
 
 def speech(url: str, key: dict | None) -> httpx.Response:
-    return httpx.post(f"{url}/v1/audio/speech", headers=key or {}, timeout=120,
-                      json={"model": "csm-1b", "input": "Hi.", "voice": "alloy", "response_format": "wav",
-                            "max_audio_seconds": 0.5, "seed": 1})
+    return httpx.post(
+        f"{url}/v1/audio/speech",
+        headers=key or {},
+        timeout=120,
+        json={
+            "model": "csm-1b",
+            "input": "Hi.",
+            "voice": "alloy",
+            "response_format": "wav",
+            "max_audio_seconds": 0.5,
+            "seed": 1,
+        },
+    )
 
 
 def test_over_limit_concurrency_of_one_key_is_429_with_retry_after(triton_server):
-    limits = GatewayLimits(max_upload_bytes=SMALL_UPLOAD, max_concurrency_per_key=2, max_queue_per_key=1,
-                           queue_timeout_s=1.0, retry_after_s=3)
+    limits = GatewayLimits(
+        max_upload_bytes=SMALL_UPLOAD,
+        max_concurrency_per_key=2,
+        max_queue_per_key=1,
+        queue_timeout_s=1.0,
+        retry_after_s=3,
+    )
     with Served(triton_server.grpc_url, api_keys=[KEY_A, KEY_B], limits=limits) as gateway:
         held = [hold(gateway.url, A) for _ in range(2)]
         try:

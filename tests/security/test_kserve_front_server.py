@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import kserve_front_process
-from csm_servers.gateway.kserve_front import ALL_MODELS, create_front
 from fastapi.testclient import TestClient
 
+from csm_servers.gateway.kserve_front import ALL_MODELS, create_front
 from csm_triton import constants as C
 
 from .test_kserve_front_unit import INTERNAL_MODELS, VALID, many_keys
@@ -59,25 +59,42 @@ def test_a_megabyte_of_keys_is_judged_in_under_a_second(front, triton_server):
 
 def test_two_inference_header_lengths_are_refused(front):
     header = VALID
-    status, body = raw_request(front, f"POST {INFER} HTTP/1.1\nHost: x\nConnection: close\n"
-                                      f"Content-Length: {len(header)}\n"
-                                      f"Inference-Header-Content-Length: {len(header)}\n"
-                                      "Inference-Header-Content-Length: 5\n", header)
+    status, body = raw_request(
+        front,
+        f"POST {INFER} HTTP/1.1\nHost: x\nConnection: close\n"
+        f"Content-Length: {len(header)}\n"
+        f"Inference-Header-Content-Length: {len(header)}\n"
+        "Inference-Header-Content-Length: 5\n",
+        header,
+    )
     assert status == 400 and b"given more than once" in body
 
 
 def test_content_length_with_transfer_encoding_is_refused(front):
     chunked = f"{len(VALID):x}\r\n".encode() + VALID + b"\r\n0\r\n\r\n"
-    status, _ = raw_request(front, f"POST {INFER} HTTP/1.1\nHost: x\nConnection: close\n"
-                                   f"Content-Length: {len(VALID)}\nTransfer-Encoding: chunked\n", chunked)
+    status, _ = raw_request(
+        front,
+        f"POST {INFER} HTTP/1.1\nHost: x\nConnection: close\n"
+        f"Content-Length: {len(VALID)}\nTransfer-Encoding: chunked\n",
+        chunked,
+    )
     assert 400 <= status < 500
 
 
-@pytest.mark.parametrize("header", ["X-CSM-Admin-Token: \xb2", "Inference-Header-Content-Length: \xb2",
-                                    "Content-Type: \xb2", "Accept: caf\xe9", "X-Anything: \xb2"])
+@pytest.mark.parametrize(
+    "header",
+    [
+        "X-CSM-Admin-Token: \xb2",
+        "Inference-Header-Content-Length: \xb2",
+        "Content-Type: \xb2",
+        "Accept: caf\xe9",
+        "X-Anything: \xb2",
+    ],
+)
 def test_a_header_with_odd_bytes_is_a_4xx_never_a_500(front, header):
-    status, body = raw_request(front, f"POST {INFER} HTTP/1.1\nHost: x\nConnection: close\n"
-                                      f"Content-Length: {len(VALID)}\n{header}\n", VALID)
+    status, body = raw_request(
+        front, f"POST {INFER} HTTP/1.1\nHost: x\nConnection: close\nContent-Length: {len(VALID)}\n{header}\n", VALID
+    )
     assert status < 500, body
     if not header.startswith("X-Anything"):  # a header the front ignores is simply not sent on
         assert status == 400 and b"visible ASCII" in body
@@ -88,10 +105,12 @@ def test_the_internal_models_are_out_of_reach_so_the_watermark_cannot_be_skipped
     for model in INTERNAL_MODELS:
         assert httpx.get(f"http://{triton_server.http_url}/v2/models/{model}/ready", timeout=10).status_code == 200
     for model in INTERNAL_MODELS:
-        for answer in (httpx.post(f"{front}/v2/models/{model}/infer", json={"inputs": []}, timeout=10),
-                       httpx.post(f"{front}/v2/models/{model}/generate", json={}, timeout=10),
-                       httpx.get(f"{front}/v2/models/{model}/config", timeout=10),
-                       httpx.get(f"{front}/v2/models/{model}/versions/1/ready", timeout=10)):
+        for answer in (
+            httpx.post(f"{front}/v2/models/{model}/infer", json={"inputs": []}, timeout=10),
+            httpx.post(f"{front}/v2/models/{model}/generate", json={}, timeout=10),
+            httpx.get(f"{front}/v2/models/{model}/config", timeout=10),
+            httpx.get(f"{front}/v2/models/{model}/versions/1/ready", timeout=10),
+        ):
             assert answer.status_code == 404, (model, answer.text)
             error = answer.json()["error"]
             assert f"model '{model}' is not served by this front" in error
@@ -100,19 +119,30 @@ def test_the_internal_models_are_out_of_reach_so_the_watermark_cannot_be_skipped
         assert httpx.get(f"{front}/v2/models/{model}/ready", timeout=10).status_code == 200
 
 
-@pytest.mark.parametrize("method, path", [
-    ("POST", "/v2/repository/models/x/load"), ("POST", "/v2/repository/models/watermark_detect/unload"),
-    ("POST", "/v2/repository/index"), ("GET", "/v2/logging"), ("POST", "/v2/logging"),
-    ("GET", "/v2/trace/setting"), ("POST", "/v2/trace/setting"), ("GET", "/v2/systemsharedmemory/status"),
-    ("POST", "/v2/systemsharedmemory/region/r/register"), ("GET", "/v2/cudasharedmemory/status"),
-    ("GET", "/v2/models/stats"), ("GET", "/v2/models/watermark_detect/stats"),
-    ("POST", "/v2/models/watermark_detect/trace/setting"),
-])
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("POST", "/v2/repository/models/x/load"),
+        ("POST", "/v2/repository/models/watermark_detect/unload"),
+        ("POST", "/v2/repository/index"),
+        ("GET", "/v2/logging"),
+        ("POST", "/v2/logging"),
+        ("GET", "/v2/trace/setting"),
+        ("POST", "/v2/trace/setting"),
+        ("GET", "/v2/systemsharedmemory/status"),
+        ("POST", "/v2/systemsharedmemory/region/r/register"),
+        ("GET", "/v2/cudasharedmemory/status"),
+        ("GET", "/v2/models/stats"),
+        ("GET", "/v2/models/watermark_detect/stats"),
+        ("POST", "/v2/models/watermark_detect/trace/setting"),
+    ],
+)
 def test_tritons_administrative_routes_are_not_served(front, triton_server, method, path):
     answer = httpx.request(method, front + path, json={}, timeout=10)
     assert answer.status_code in (404, 405), answer.text
-    assert httpx.get(f"http://{triton_server.http_url}/v2/models/watermark_detect/ready",
-                     timeout=10).status_code == 200  # still loaded
+    assert (
+        httpx.get(f"http://{triton_server.http_url}/v2/models/watermark_detect/ready", timeout=10).status_code == 200
+    )  # still loaded
 
 
 def test_the_config_cache_stays_bounded_over_many_model_names(triton_server, served_models):

@@ -26,9 +26,14 @@ from csm_triton import constants as C
 pytestmark = pytest.mark.security
 
 INTERNAL_MODELS = ("csm_prepare", "csm_generate", "csm_lm", "mimi_encoder", "mimi_decoder", "watermark")
-WATERMARK_DETECT = {"name": "watermark_detect", "max_batch_size": 0, "input": [
-    {"name": "AUDIO", "data_type": "TYPE_FP32", "dims": [-1]},
-    {"name": "SAMPLE_RATE", "data_type": "TYPE_INT32", "dims": [1]}]}
+WATERMARK_DETECT = {
+    "name": "watermark_detect",
+    "max_batch_size": 0,
+    "input": [
+        {"name": "AUDIO", "data_type": "TYPE_FP32", "dims": [-1]},
+        {"name": "SAMPLE_RATE", "data_type": "TYPE_INT32", "dims": [1]},
+    ],
+}
 VALID = json.dumps({"inputs": [{"name": "AUDIO", "datatype": "FP32", "shape": [2], "data": [0, 0]}]}).encode()
 
 
@@ -63,12 +68,15 @@ def test_repeated_keys_are_found_in_nested_objects_too():
     assert timed_refusal(b'{"inputs":[{"name":"A","name":"B"}]}')[0] == "the JSON repeats the key 'name'"
 
 
-@pytest.mark.parametrize("raw", [
-    b'"' + b'\\"' * 500_000,  # an unterminated string of escaped quotes: each quote once a restart
-    b"[" * 1_000_000,  # unbalanced
-    b'["' + b"[" * 1_000_000 + b'"]',  # brackets inside a string do not nest
-    b'{"x":' + b'[0,' * 300_000 + b"0" + b"]" * 300_000 + b"}",
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'"' + b'\\"' * 500_000,  # an unterminated string of escaped quotes: each quote once a restart
+        b"[" * 1_000_000,  # unbalanced
+        b'["' + b"[" * 1_000_000 + b'"]',  # brackets inside a string do not nest
+        b'{"x":' + b"[0," * 300_000 + b"0" + b"]" * 300_000 + b"}",
+    ],
+)
 def test_pathological_bodies_are_judged_in_linear_time(raw):
     _, seconds = timed_refusal(raw)
     assert seconds < 1.0
@@ -91,14 +99,30 @@ def raw_headers(*pairs: tuple[str, bytes | str]) -> list[tuple[bytes, bytes]]:
 
 
 def test_only_the_allow_listed_headers_are_forwarded():
-    headers = request_headers(raw_headers(
-        ("Content-Type", "application/json"), ("Accept", "application/json"),
-        ("Inference-Header-Content-Length", "12"), ("Content-Length", "20"),
-        ("X-CSM-Admin-Token", "t0ken"), ("Triton-Front-Key", "guess"), ("Authorization", "Bearer x"),
-        ("Cookie", "a=b"), ("Host", "evil.example"), ("X-Forwarded-For", "1.2.3.4"), ("Connection", "close"),
-        ("Accept-Encoding", "gzip"), ("Content-Encoding", "gzip"), ("X-Other", "1")))
-    assert forwarded_headers(headers) == {"content-type": "application/json", "accept": "application/json",
-                                          "inference-header-content-length": "12", C.ADMIN_TOKEN_HEADER: "t0ken"}
+    headers = request_headers(
+        raw_headers(
+            ("Content-Type", "application/json"),
+            ("Accept", "application/json"),
+            ("Inference-Header-Content-Length", "12"),
+            ("Content-Length", "20"),
+            ("X-CSM-Admin-Token", "t0ken"),
+            ("Triton-Front-Key", "guess"),
+            ("Authorization", "Bearer x"),
+            ("Cookie", "a=b"),
+            ("Host", "evil.example"),
+            ("X-Forwarded-For", "1.2.3.4"),
+            ("Connection", "close"),
+            ("Accept-Encoding", "gzip"),
+            ("Content-Encoding", "gzip"),
+            ("X-Other", "1"),
+        )
+    )
+    assert forwarded_headers(headers) == {
+        "content-type": "application/json",
+        "accept": "application/json",
+        "inference-header-content-length": "12",
+        C.ADMIN_TOKEN_HEADER: "t0ken",
+    }
 
 
 def test_the_forwarded_model_headers_are_those_triton_hands_the_models():
@@ -106,21 +130,26 @@ def test_the_forwarded_model_headers_are_those_triton_hands_the_models():
     assert kserve_limits._MODEL_HEADER.fullmatch(C.ADMIN_TOKEN_HEADER)
 
 
-@pytest.mark.parametrize("pairs, expected", [
-    ((("Inference-Header-Content-Length", "10"), ("Inference-Header-Content-Length", "99")),
-     "'inference-header-content-length' is given more than once"),
-    ((("Content-Type", "a"), ("content-type", "b")), "'content-type' is given more than once"),
-    ((("X-CSM-Admin-Token", "a"), ("x-csm-admin-token", "b")), "'x-csm-admin-token' is given more than once"),
-    ((("Content-Length", "5"), ("Transfer-Encoding", "chunked")), "both Content-Length and Transfer-Encoding"),
-    ((("Transfer-Encoding", "gzip, chunked"),), "chunked only"),
-    ((("Inference-Header-Content-Length", "²"),), "holds bytes other than visible ASCII"),
-    ((("Inference-Header-Content-Length", b"\xb2"),), "holds bytes other than visible ASCII"),
-    ((("X-CSM-Admin-Token", b"\xb2"),), "holds bytes other than visible ASCII"),
-    ((("Content-Type", b"a\x00b"),), "holds bytes other than visible ASCII"),
-    ((("Inference-Header-Content-Length", "1e3"),), "Inference-Header-Content-Length must be a byte count"),
-    ((("Inference-Header-Content-Length", "10, 20"),), "must be a byte count"),
-    ((("Content-Length", "-1"),), "Content-Length must be a byte count"),
-])
+@pytest.mark.parametrize(
+    "pairs, expected",
+    [
+        (
+            (("Inference-Header-Content-Length", "10"), ("Inference-Header-Content-Length", "99")),
+            "'inference-header-content-length' is given more than once",
+        ),
+        ((("Content-Type", "a"), ("content-type", "b")), "'content-type' is given more than once"),
+        ((("X-CSM-Admin-Token", "a"), ("x-csm-admin-token", "b")), "'x-csm-admin-token' is given more than once"),
+        ((("Content-Length", "5"), ("Transfer-Encoding", "chunked")), "both Content-Length and Transfer-Encoding"),
+        ((("Transfer-Encoding", "gzip, chunked"),), "chunked only"),
+        ((("Inference-Header-Content-Length", "²"),), "holds bytes other than visible ASCII"),
+        ((("Inference-Header-Content-Length", b"\xb2"),), "holds bytes other than visible ASCII"),
+        ((("X-CSM-Admin-Token", b"\xb2"),), "holds bytes other than visible ASCII"),
+        ((("Content-Type", b"a\x00b"),), "holds bytes other than visible ASCII"),
+        ((("Inference-Header-Content-Length", "1e3"),), "Inference-Header-Content-Length must be a byte count"),
+        ((("Inference-Header-Content-Length", "10, 20"),), "must be a byte count"),
+        ((("Content-Length", "-1"),), "Content-Length must be a byte count"),
+    ],
+)
 def test_a_header_the_front_reads_or_forwards_is_read_one_way_or_refused(pairs, expected):
     with pytest.raises(Refused, match=expected) as caught:
         request_headers(raw_headers(*pairs))
@@ -174,23 +203,45 @@ def triton():
 def test_client_headers_off_the_allow_list_never_reach_triton(triton):
     app = create_front("triton:8000", transport=httpx.MockTransport(triton), triton_headers={"triton-front-key": "k"})
     with TestClient(app) as front:
-        answer = front.post("/v2/models/watermark_detect/infer?x=1", content=VALID, headers={
-            "content-type": "application/json", C.ADMIN_TOKEN_HEADER: "t", "triton-front-key": "guess",
-            "authorization": "Bearer x", "cookie": "c=1", "x-other": "1", "x-forwarded-for": "1.2.3.4"})
+        answer = front.post(
+            "/v2/models/watermark_detect/infer?x=1",
+            content=VALID,
+            headers={
+                "content-type": "application/json",
+                C.ADMIN_TOKEN_HEADER: "t",
+                "triton-front-key": "guess",
+                "authorization": "Bearer x",
+                "cookie": "c=1",
+                "x-other": "1",
+                "x-forwarded-for": "1.2.3.4",
+            },
+        )
         assert answer.status_code == 200
     sent = triton.received[-1]
     assert sent.url.query == b"" and sent.content == VALID
-    assert {name for name in sent.headers} <= {"host", "accept", "accept-encoding", "connection", "user-agent",
-                                               "content-length", "content-type", C.ADMIN_TOKEN_HEADER,
-                                               "triton-front-key"}
+    assert {name for name in sent.headers} <= {
+        "host",
+        "accept",
+        "accept-encoding",
+        "connection",
+        "user-agent",
+        "content-length",
+        "content-type",
+        C.ADMIN_TOKEN_HEADER,
+        "triton-front-key",
+    }
     assert sent.headers["triton-front-key"] == "k" and sent.headers[C.ADMIN_TOKEN_HEADER] == "t"
     assert sent.headers["content-length"] == str(len(VALID))
 
 
-@pytest.mark.parametrize("headers", [
-    [("x-csm-admin-token", b"\xb2")], [("inference-header-content-length", "²".encode())],
-    [("inference-header-content-length", "10"), ("inference-header-content-length", "10")],
-])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("x-csm-admin-token", b"\xb2")],
+        [("inference-header-content-length", "²".encode())],
+        [("inference-header-content-length", "10"), ("inference-header-content-length", "10")],
+    ],
+)
 def test_odd_or_repeated_headers_are_a_400_not_a_500_and_reach_nobody(triton, headers):
     with TestClient(create_front("triton:8000", transport=httpx.MockTransport(triton))) as front:
         answer = front.post("/v2/models/watermark_detect/infer", content=VALID, headers=headers)
@@ -202,12 +253,16 @@ def test_odd_or_repeated_headers_are_a_400_not_a_500_and_reach_nobody(triton, he
 def test_internal_models_are_refused_by_default_naming_the_allow_list(triton):
     with TestClient(create_front("triton:8000", transport=httpx.MockTransport(triton))) as front:
         for model in INTERNAL_MODELS:
-            for answer in (front.post(f"/v2/models/{model}/infer", content=VALID),
-                           front.post(f"/v2/models/{model}/generate", json={}),
-                           front.get(f"/v2/models/{model}/config"), front.get(f"/v2/models/{model}/versions/1")):
+            for answer in (
+                front.post(f"/v2/models/{model}/infer", content=VALID),
+                front.post(f"/v2/models/{model}/generate", json={}),
+                front.get(f"/v2/models/{model}/config"),
+                front.get(f"/v2/models/{model}/versions/1"),
+            ):
                 assert answer.status_code == 404, model
-                assert answer.json()["error"] == (f"model '{model}' is not served by this front (it serves: "
-                                                  f"{', '.join(sorted(C.PUBLIC_MODELS))})")
+                assert answer.json()["error"] == (
+                    f"model '{model}' is not served by this front (it serves: {', '.join(sorted(C.PUBLIC_MODELS))})"
+                )
         assert front.get("/v2/models/stats").status_code == 404
         assert front.get("/v2/models/watermark_detect/stats").status_code == 404
     assert triton.received == []
@@ -223,8 +278,9 @@ def test_the_config_cache_is_bounded_and_holds_only_allowed_models(triton):
             front.post(f"/v2/models/{model}/infer", content=VALID)
         assert list(app.state.front._specs) == [f"{model}/" for model in C.PUBLIC_MODELS[-4:]]
 
-    everything = create_front("triton:8000", transport=httpx.MockTransport(triton), models=ALL_MODELS,
-                              spec_cache_size=8)
+    everything = create_front(
+        "triton:8000", transport=httpx.MockTransport(triton), models=ALL_MODELS, spec_cache_size=8
+    )
     with TestClient(everything) as front:
         for index in range(100):
             assert front.post(f"/v2/models/any_{index}/versions/{index}/infer", content=VALID).status_code == 200
@@ -235,12 +291,14 @@ def test_the_config_cache_is_bounded_and_holds_only_allowed_models(triton):
 def run_against(app, scenario):
     """`scenario(client)` against the front's app in one event loop (httpx's ASGITransport
     pulls a request's body only as the front reads it)."""
+
     async def main():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://front") as client:
             try:
                 return await scenario(client)
             finally:
                 await app.state.front.aclose()
+
     return asyncio.run(main())
 
 
@@ -259,13 +317,14 @@ class GatedTriton(FakeTriton):
 
 async def chunks(payload: bytes, size: int = 100):
     for start in range(0, len(payload), size):
-        yield payload[start:start + size]
+        yield payload[start : start + size]
 
 
 def test_bodies_past_the_in_flight_budget_are_a_503_with_retry_after_and_the_budget_comes_back():
     triton = GatedTriton()
-    app = create_front("triton:8000", max_body_bytes=1000, max_inflight_bytes=1000,
-                       transport=httpx.MockTransport(triton.handle))
+    app = create_front(
+        "triton:8000", max_body_bytes=1000, max_inflight_bytes=1000, transport=httpx.MockTransport(triton.handle)
+    )
     front = app.state.front
     padded = VALID + b" " * (600 - len(VALID))
     url = "/v2/models/watermark_detect/infer"
@@ -292,8 +351,11 @@ def test_bodies_past_the_in_flight_budget_are_a_503_with_retry_after_and_the_bud
         assert "as many request bodies as it may at once (1000 bytes)" in busy.json()["error"]
     assert [answer.status_code for answer in done] == [200, 200] and after == 0
     assert again.status_code == 200 and front.budget.inflight_bytes == 0
-    assert [request.content for request in triton.received if request.url.path.endswith("/infer")] == \
-        [padded, VALID, padded]
+    assert [request.content for request in triton.received if request.url.path.endswith("/infer")] == [
+        padded,
+        VALID,
+        padded,
+    ]
 
 
 def test_checks_run_a_few_at_a_time_and_the_others_wait_their_turn(monkeypatch):
@@ -314,8 +376,9 @@ def test_checks_run_a_few_at_a_time_and_the_others_wait_their_turn(monkeypatch):
     monkeypatch.setattr(front, "_check", slow_check)
 
     async def scenario(client: httpx.AsyncClient):
-        return await asyncio.gather(*(client.post("/v2/models/watermark_detect/infer", content=VALID)
-                                      for _ in range(8)))
+        return await asyncio.gather(
+            *(client.post("/v2/models/watermark_detect/infer", content=VALID) for _ in range(8))
+        )
 
     answers = run_against(app, scenario)
     assert [answer.status_code for answer in answers] == [200] * 8 and most[0] == 2
@@ -334,13 +397,15 @@ def test_an_endless_body_is_a_413_after_the_limit_not_after_reading_it():
     async def scenario(client: httpx.AsyncClient):
         plain = await client.post("/v2/models/watermark_detect/infer", content=endless())
         plain_sent, sent[0] = sent[0], 0
-        declared = await client.post("/v2/models/watermark_detect/infer", content=endless(),
-                                     headers={"content-length": str(1 << 30)})
+        declared = await client.post(
+            "/v2/models/watermark_detect/infer", content=endless(), headers={"content-length": str(1 << 30)}
+        )
         declared_sent, sent[0] = sent[0], 0
         # Compressed: 1 MiB of input inflates to far more; refused once past the limit.
         bomb = zlib.compress(b" " * (64 << 20), 9)
-        inflated = await client.post("/v2/models/watermark_detect/infer", content=chunks(bomb, 4096),
-                                     headers={"content-encoding": "deflate"})
+        inflated = await client.post(
+            "/v2/models/watermark_detect/infer", content=chunks(bomb, 4096), headers={"content-encoding": "deflate"}
+        )
         return plain, plain_sent, declared, declared_sent, inflated
 
     plain, plain_sent, declared, declared_sent, inflated = run_against(app, scenario)
@@ -375,7 +440,10 @@ def test_the_load_bounds_are_options_and_environment(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     kserve_front.main([])
     assert (chosen["max_checks"], chosen["max_inflight_bytes"], chosen["body_timeout_s"]) == (
-        kserve_limits.DEFAULT_MAX_CHECKS, kserve_limits.DEFAULT_MAX_INFLIGHT_BYTES, kserve_limits.DEFAULT_BODY_TIMEOUT_S)
+        kserve_limits.DEFAULT_MAX_CHECKS,
+        kserve_limits.DEFAULT_MAX_INFLIGHT_BYTES,
+        kserve_limits.DEFAULT_BODY_TIMEOUT_S,
+    )
     monkeypatch.setenv(kserve_front.MAX_CHECKS_ENV, "3")
     monkeypatch.setenv(kserve_front.MAX_INFLIGHT_ENV, "512")
     kserve_front.main(["--body-timeout-s", "30"])

@@ -20,32 +20,38 @@ from loadtest import token_host  # noqa: E402
 STARTED = "http://localhost:8000"
 
 
-@pytest.mark.parametrize("host, configured", [
-    ("http://localhost:8000", STARTED),
-    ("HTTP://LocalHost:8000/", STARTED),  # the same origin, spelt otherwise
-    ("localhost:8000", STARTED),  # no scheme: http, as workload.TritonHTTP reads it
-    ("https://triton.internal", "https://triton.internal:443"),
-    ("http://127.0.0.1:8000", None),  # started without a host: loopback only
-    ("http://[::1]:8000", None),
-    ("http://localhost:9000", None),
-])
+@pytest.mark.parametrize(
+    "host, configured",
+    [
+        ("http://localhost:8000", STARTED),
+        ("HTTP://LocalHost:8000/", STARTED),  # the same origin, spelt otherwise
+        ("localhost:8000", STARTED),  # no scheme: http, as workload.TritonHTTP reads it
+        ("https://triton.internal", "https://triton.internal:443"),
+        ("http://127.0.0.1:8000", None),  # started without a host: loopback only
+        ("http://[::1]:8000", None),
+        ("http://localhost:9000", None),
+    ],
+)
 def test_the_token_goes_to_the_started_host_or_without_one_to_loopback(host, configured):
     assert token_host.token_refusal(host, configured) is None
 
 
-@pytest.mark.parametrize("host, configured, expected", [
-    ("http://attacker.example:8000", STARTED, "not the one Locust was started with ('http://localhost:8000')"),
-    ("http://localhost:8001", STARTED, "not the one Locust was started with"),  # another port
-    ("https://localhost:8000", STARTED, "not the one Locust was started with"),  # another scheme
-    ("http://127.0.0.1:8000", STARTED, "not the one Locust was started with"),  # another name: not guessed at
-    ("http://localhost:8000@attacker.example", STARTED, "not an http(s) URL"),  # user info, not a host
-    ("http://attacker.example", None, "only to a loopback host"),
-    ("http://10.0.0.5:8000", None, "only to a loopback host"),
-    ("http://localhost.attacker.example", None, "only to a loopback host"),
-    ("ftp://localhost", None, "not an http(s) URL"),
-    ("http://user:pw@localhost:8000", None, "not an http(s) URL"),
-    ("", STARTED, "not an http(s) URL"),
-])
+@pytest.mark.parametrize(
+    "host, configured, expected",
+    [
+        ("http://attacker.example:8000", STARTED, "not the one Locust was started with ('http://localhost:8000')"),
+        ("http://localhost:8001", STARTED, "not the one Locust was started with"),  # another port
+        ("https://localhost:8000", STARTED, "not the one Locust was started with"),  # another scheme
+        ("http://127.0.0.1:8000", STARTED, "not the one Locust was started with"),  # another name: not guessed at
+        ("http://localhost:8000@attacker.example", STARTED, "not an http(s) URL"),  # user info, not a host
+        ("http://attacker.example", None, "only to a loopback host"),
+        ("http://10.0.0.5:8000", None, "only to a loopback host"),
+        ("http://localhost.attacker.example", None, "only to a loopback host"),
+        ("ftp://localhost", None, "not an http(s) URL"),
+        ("http://user:pw@localhost:8000", None, "not an http(s) URL"),
+        ("", STARTED, "not an http(s) URL"),
+    ],
+)
 def test_any_other_host_is_refused_with_the_reason(host, configured, expected):
     refusal = token_host.token_refusal(host, configured)
     assert refusal is not None and expected in refusal
@@ -65,8 +71,9 @@ def test_make_locust_ui_listens_on_this_machine_only():
 
 
 def test_locust_has_the_web_host_flag():
-    help_text = subprocess.run([str(Path(sys.executable).parent / "locust"), "--help"], capture_output=True,
-                               text=True, timeout=60).stdout
+    help_text = subprocess.run(
+        [str(Path(sys.executable).parent / "locust"), "--help"], capture_output=True, text=True, timeout=60
+    ).stdout
     assert "--web-host" in help_text
 
 
@@ -93,8 +100,14 @@ def test_the_locustfile_registers_no_voice_on_a_host_the_ui_names(tmp_path):
         locustfile.delete_voices(environment)
         print("CALLS", calls)
     """)
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=120, env={"CSM_ADMIN_TOKEN": "secret", "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"CSM_ADMIN_TOKEN": "secret", "PATH": "/usr/bin:/bin"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     refused = [line for line in lines if line.startswith("ERROR stored voices: not registering voices")]

@@ -28,12 +28,13 @@ import numpy as np
 import pytest
 import soundfile
 from conftest import kserve_front_process
-from csm_servers.gateway.guard import GatewayLimits
+
 from csm_clients.limits import (
     MAX_CONTEXT_AUDIO_SECONDS,
     MAX_CONTEXT_TURNS,
     MAX_TURN_SECONDS,
 )
+from csm_servers.gateway.guard import GatewayLimits
 
 from .test_gateway_limits import (
     SMALL_UPLOAD,
@@ -55,23 +56,30 @@ def open_gateway():
         yield gateway
 
 
-
 SPEECH = {"model": "csm-1b", "input": "Hi.", "voice": "alloy"}
 MANY = 300_000
 
 
-@pytest.mark.parametrize("field, value, param", [
-    ("context", [0] * MANY, "context"),  # one pydantic error per element
-    ("voice", {f"k{i}": 0 for i in range(MANY)}, "voice"),  # one per value of the dict
-    ("context", [{f"k{i}": 0 for i in range(MANY)}], "context"),  # one per extra key of a turn
-    ("ignored", [{}] * 3_000_000, "ignored"),  # no error at all: json.loads' objects alone
-])
+@pytest.mark.parametrize(
+    "field, value, param",
+    [
+        ("context", [0] * MANY, "context"),  # one pydantic error per element
+        ("voice", {f"k{i}": 0 for i in range(MANY)}, "voice"),  # one per value of the dict
+        ("context", [{f"k{i}": 0 for i in range(MANY)}], "context"),  # one per extra key of a turn
+        ("ignored", [{}] * 3_000_000, "ignored"),  # no error at all: json.loads' objects alone
+    ],
+)
 def test_a_speech_body_of_many_json_values_is_refused_before_it_is_parsed(open_gateway, field, value, param):
     body = json.dumps({**SPEECH, field: value}, separators=(",", ":")).encode()
     assert len(body) < GatewayLimits(max_upload_bytes=8 * SMALL_UPLOAD).body_limit("POST", "/v1/audio/speech")
-    response, seconds, peak = decoded_peak(lambda: httpx.post(
-        f"{open_gateway.url}/v1/audio/speech", content=body, headers={"content-type": "application/json"},
-        timeout=120))
+    response, seconds, peak = decoded_peak(
+        lambda: httpx.post(
+            f"{open_gateway.url}/v1/audio/speech",
+            content=body,
+            headers={"content-type": "application/json"},
+            timeout=120,
+        )
+    )
     assert response.status_code == 400, response.text[:300]
     error = response.json()["error"]
     assert "JSON values" in error["message"], error
@@ -81,9 +89,14 @@ def test_a_speech_body_of_many_json_values_is_refused_before_it_is_parsed(open_g
 
 def test_the_captioned_route_counts_json_values_before_parsing_too(open_gateway):
     body = json.dumps({**SPEECH, "context": [0] * MANY}, separators=(",", ":")).encode()
-    response, seconds, peak = decoded_peak(lambda: httpx.post(
-        f"{open_gateway.url}/v1/audio/speech/captioned", content=body, headers={"content-type": "application/json"},
-        timeout=120))
+    response, seconds, peak = decoded_peak(
+        lambda: httpx.post(
+            f"{open_gateway.url}/v1/audio/speech/captioned",
+            content=body,
+            headers={"content-type": "application/json"},
+            timeout=120,
+        )
+    )
     assert response.status_code == 400 and "JSON values" in response.json()["error"]["message"], response.text[:300]
     assert peak < 4 * len(body) + 16 * 2**20 and seconds < 3
 
@@ -91,15 +104,21 @@ def test_the_captioned_route_counts_json_values_before_parsing_too(open_gateway)
 def test_a_clone_voice_context_of_many_json_values_is_refused_before_it_is_parsed(open_gateway):
     context = "[" + ",".join(["0"] * MANY) + "]"  # 600 KB: under Starlette's 1 MB per form field
     form = {"text": (None, "Hi."), "context": (None, context)}  # multipart, as the page sends it
-    response, seconds, peak = decoded_peak(lambda: httpx.post(f"{open_gateway.url}/clone-voice", files=form, timeout=120))
+    response, seconds, peak = decoded_peak(
+        lambda: httpx.post(f"{open_gateway.url}/clone-voice", files=form, timeout=120)
+    )
     assert response.status_code == 400 and "JSON values" in response.json()["detail"], response.text[:300]
     assert peak < 32 * 2**20, f"{peak / 2**20:.0f} MiB allocated"
     assert seconds < 3
 
 
 def test_an_ordinary_speech_body_with_context_still_reaches_triton(open_gateway):
-    body = {**SPEECH, "voice": {"id": "alloy"}, "speaker": 1,
-            "context": [{"voice": f"v{i}", "speaker": i % 2} for i in range(16)]}
+    body = {
+        **SPEECH,
+        "voice": {"id": "alloy"},
+        "speaker": 1,
+        "context": [{"voice": f"v{i}", "speaker": i % 2} for i in range(16)],
+    }
     response = httpx.post(f"{open_gateway.url}/v1/audio/speech", json=body, timeout=60)
     assert response.status_code == 503, response.text  # past every check, on to the (absent) Triton
 
@@ -121,7 +140,7 @@ def closed_within(connection: socket.socket, seconds: float, dribble: bytes | No
                 connection.sendall(dribble)
             if connection.recv(1) == b"":
                 return True
-        except socket.timeout:
+        except TimeoutError:
             continue
         except OSError:
             return True
@@ -152,7 +171,7 @@ def answered_while_dribbling(connection: socket.socket, every: float, give_up: f
             break
         try:
             data = connection.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             continue
         except OSError:
             break
@@ -173,8 +192,12 @@ def answered_while_dribbling(connection: socket.socket, every: float, give_up: f
 def test_a_body_dribbled_a_byte_at_a_time_is_408_at_the_whole_body_deadline_and_frees_its_slot():
     deadline = 2.0
     # One keyless slot, no queue; the gap between bytes (0.5 s) is far inside the idle timeout.
-    limits = GatewayLimits.from_environment({"CSM_GATEWAY_BODY_TIMEOUT_S": str(deadline)}, max_concurrency_open=1,
-                                            max_queue_open=0, body_idle_timeout_s=30.0)
+    limits = GatewayLimits.from_environment(
+        {"CSM_GATEWAY_BODY_TIMEOUT_S": str(deadline)},
+        max_concurrency_open=1,
+        max_queue_open=0,
+        body_idle_timeout_s=30.0,
+    )
     with Served(unreachable_triton(), limits=limits) as gateway:
         lines = ["Content-Type: application/json", "Content-Length: 1000"]
         with raw_request(gateway.url, head("POST", "/v1/audio/speech", *lines), timeout=30) as connection:
@@ -190,6 +213,7 @@ def test_the_whole_body_deadline_has_its_environment_variable_and_flag(capsys):
     assert GatewayLimits().body_timeout_s == 120.0
     assert GatewayLimits.ENVIRONMENT["body_timeout_s"] == "CSM_GATEWAY_BODY_TIMEOUT_S"
     from csm_servers.gateway.__main__ import main
+
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "--body-timeout-s" in capsys.readouterr().out
@@ -227,8 +251,9 @@ def decoded_frames(monkeypatch):
 def test_context_clips_are_decoded_only_up_to_the_total_limit(open_gateway, long_clip, decoded_frames, route):
     turns = [{"audio": long_clip, "text": "x", "speaker": index % 2} for index in range(MAX_CONTEXT_TURNS)]
     if route == "/clone-voice":
-        response = httpx.post(f"{open_gateway.url}/clone-voice", timeout=60,
-                              data={"text": "Hi.", "context": json.dumps(turns)})
+        response = httpx.post(
+            f"{open_gateway.url}/clone-voice", timeout=60, data={"text": "Hi.", "context": json.dumps(turns)}
+        )
         assert response.status_code == 400, response.text[:300]
         message = response.json()["detail"]
     else:
@@ -237,7 +262,9 @@ def test_context_clips_are_decoded_only_up_to_the_total_limit(open_gateway, long
         error = response.json()["error"]
         message = error["message"]
         assert error["param"] == "context", error
-    assert f"the limit is {MAX_CONTEXT_AUDIO_SECONDS:g} s" in message and "MAX_CONTEXT_AUDIO_SECONDS" in message, message
+    assert f"the limit is {MAX_CONTEXT_AUDIO_SECONDS:g} s" in message and "MAX_CONTEXT_AUDIO_SECONDS" in message, (
+        message
+    )
     assert "context[2]" in message, message  # the clip that passed the total
     # The total's worth (two whole clips; the third is refused by its header), not 16 clips' 480 s.
     assert 0 < decoded_frames["frames"] <= int(MAX_CONTEXT_AUDIO_SECONDS * CLIP_RATE), decoded_frames

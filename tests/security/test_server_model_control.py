@@ -52,8 +52,12 @@ def write_echo_model(repository: Path) -> None:
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("model-control")
     write_echo_model(root / "repository")
-    server = Serve(root / "repository", root / "serve.log", ["--exit-timeout", "3", "--supervise-interval", "0.5"],
-                   env=clean_environment(**{C.MODEL_CONTROL_KEY_ENV: KEY}))
+    server = Serve(
+        root / "repository",
+        root / "serve.log",
+        ["--exit-timeout", "3", "--supervise-interval", "0.5"],
+        env=clean_environment(**{C.MODEL_CONTROL_KEY_ENV: KEY}),
+    )
     server.marker = root / "pwned"
     try:
         server.wait_ready(["echo"], START_TIMEOUT_S)
@@ -62,8 +66,9 @@ def served(tmp_path_factory):
         server.close()
 
 
-def post(port: int, path: str, body: dict | None = None, headers: dict | None = None,
-         method: str = "POST") -> tuple[int, str]:
+def post(
+    port: int, path: str, body: dict | None = None, headers: dict | None = None, method: str = "POST"
+) -> tuple[int, str]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         payload = json.dumps(body).encode() if body is not None else None
@@ -77,12 +82,17 @@ def post(port: int, path: str, body: dict | None = None, headers: dict | None = 
 def exploit_body(marker: Path) -> dict:
     """The request of the finding: a model whose model.py comes with the load request."""
     model_py = f"open({str(marker)!r}, 'w').write('code ran inside tritonserver')\n" + ECHO_MODEL
-    config = {"name": "pwn", "backend": "python", "max_batch_size": 0,
-              "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [-1]}],
-              "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [-1]}],
-              "instance_group": [{"kind": "KIND_CPU", "count": 1}]}
-    return {"parameters": {"config": json.dumps(config),
-                           "file:1/model.py": base64.b64encode(model_py.encode()).decode()}}
+    config = {
+        "name": "pwn",
+        "backend": "python",
+        "max_batch_size": 0,
+        "input": [{"name": "x", "data_type": "TYPE_FP32", "dims": [-1]}],
+        "output": [{"name": "y", "data_type": "TYPE_FP32", "dims": [-1]}],
+        "instance_group": [{"kind": "KIND_CPU", "count": 1}],
+    }
+    return {
+        "parameters": {"config": json.dumps(config), "file:1/model.py": base64.b64encode(model_py.encode()).decode()}
+    }
 
 
 def http_headers(key: str) -> dict[str, str]:
@@ -101,8 +111,9 @@ def test_loading_a_model_with_its_code_in_the_request_is_refused_without_the_key
 
 def test_with_the_key_the_same_request_loads_the_model(served):
     # The control: the request above is the real exploit, stopped only by the key.
-    status, body = post(served.http_port, "/v2/repository/models/pwn/load", exploit_body(served.marker),
-                        http_headers(KEY))
+    status, body = post(
+        served.http_port, "/v2/repository/models/pwn/load", exploit_body(served.marker), http_headers(KEY)
+    )
     try:
         assert status == 200, body
         assert served.marker.exists()
@@ -119,8 +130,14 @@ def test_unload_and_the_repository_index_are_refused_without_the_key(served):
 
 
 def test_shared_memory_logging_and_trace_settings_are_refused_without_the_key(served):
-    assert post(served.http_port, "/v2/systemsharedmemory/region/stubs/register",
-                {"key": "triton_python_backend_shm_region_x", "offset": 0, "byte_size": 64})[0] == 403
+    assert (
+        post(
+            served.http_port,
+            "/v2/systemsharedmemory/region/stubs/register",
+            {"key": "triton_python_backend_shm_region_x", "offset": 0, "byte_size": 64},
+        )[0]
+        == 403
+    )
     assert post(served.http_port, "/v2/logging", {"log_file": "/tmp/overwritten"})[0] == 403
     assert post(served.http_port, "/v2/trace/setting", {"trace_file": "/tmp/overwritten"})[0] == 403
 
@@ -170,8 +187,13 @@ def test_the_healthcheck_needs_no_key(served):
     # Retried as compose and the kubelet retry it: the reload just before may still be settling.
     deadline = time.monotonic() + 30
     while True:
-        result = subprocess.run([sys.executable, "-m", "csm_triton.serving", "check", "--url", served.http_url],
-                                capture_output=True, text=True, timeout=60, env=clean_environment())
+        result = subprocess.run(
+            [sys.executable, "-m", "csm_triton.serving", "check", "--url", served.http_url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=clean_environment(),
+        )
         if result.returncode == 0 or time.monotonic() > deadline:
             break
         time.sleep(1)
@@ -198,7 +220,7 @@ def listening(port: int) -> set[str]:
             if len(raw) == 4:
                 addresses.add(socket.inet_ntop(socket.AF_INET, raw[::-1]))
             else:  # four little-endian 32-bit words
-                words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                words = b"".join(raw[i : i + 4][::-1] for i in range(0, 16, 4))
                 address = socket.inet_ntop(socket.AF_INET6, words)
                 addresses.add(address.removeprefix("::ffff:"))  # gRPC binds 127.0.0.1 as a mapped address
     return addresses
@@ -227,8 +249,13 @@ def test_http_grpc_and_metrics_listen_on_loopback_only(served):
 
 # --- the flags, without a server ----------------------------------------------------------------
 def run_args(*options: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "csm_triton.serving", "args", "--model-repository", "/m", "--no-gpu",
-                           *options], capture_output=True, text=True, timeout=60, env=clean_environment(**env))
+    return subprocess.run(
+        [sys.executable, "-m", "csm_triton.serving", "args", "--model-repository", "/m", "--no-gpu", *options],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_environment(**env),
+    )
 
 
 def test_the_container_launch_flags_bind_loopback_and_restrict_model_control():
@@ -243,8 +270,7 @@ def test_the_container_launch_flags_bind_loopback_and_restrict_model_control():
 
 
 def test_without_a_key_each_start_makes_its_own():
-    keys = [next(f for f in run_args().stdout.splitlines() if f.startswith("--http-restricted-api"))
-            for _ in range(2)]
+    keys = [next(f for f in run_args().stdout.splitlines() if f.startswith("--http-restricted-api")) for _ in range(2)]
     assert keys[0] != keys[1] and len(keys[0].rsplit("=", 1)[1]) >= 40
 
 
@@ -256,18 +282,19 @@ def test_a_weak_key_is_refused_without_being_repeated():
 
 @pytest.mark.parametrize("how", ["flag", "environment"])
 def test_opening_the_ports_is_deliberate_and_warned_about(how):
-    result = run_args("--listen-address", "0.0.0.0") if how == "flag" else run_args(
-        **{C.LISTEN_ADDRESS_ENV: "0.0.0.0"})
+    result = run_args("--listen-address", "0.0.0.0") if how == "flag" else run_args(**{C.LISTEN_ADDRESS_ENV: "0.0.0.0"})
     assert result.returncode == 0
     assert {"--http-address=0.0.0.0", "--grpc-address=0.0.0.0", "--metrics-address=0.0.0.0"} <= set(
-        result.stdout.splitlines())
+        result.stdout.splitlines()
+    )
     (warning,) = result.stderr.splitlines()
     assert "warning" in warning and "0.0.0.0" in warning
 
 
 def test_logged_command_lines_hide_every_restricted_api_key():
-    argv = flags.server_arguments("/m", gpu=False, model_control_key=KEY,
-                                  extra=["--http-restricted-api=inference:front-key=front-secret"])
+    argv = flags.server_arguments(
+        "/m", gpu=False, model_control_key=KEY, extra=["--http-restricted-api=inference:front-key=front-secret"]
+    )
     shown = " ".join(flags.redact(argv))
     assert KEY not in shown and "front-secret" not in shown
     assert "--http-restricted-api=inference:front-key=<hidden>" in shown

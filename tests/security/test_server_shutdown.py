@@ -27,7 +27,7 @@ from tests.security.serve_process import Serve, add_python_model
 pytestmark = pytest.mark.security
 
 START_TIMEOUT_S = 240
-STOPPED_WITHIN_S = 15     # the whole repository, a stream in flight; exit 0
+STOPPED_WITHIN_S = 15  # the whole repository, a stream in flight; exit 0
 STREAM_ENDED_WITHIN_S = 10
 EXIT_TIMEOUT_S = C.DEFAULT_EXIT_TIMEOUT_S  # serve's default --exit-timeout
 STUCK_STOPPED_WITHIN_S = 20
@@ -61,9 +61,11 @@ class Stream:
         client.start_stream(callback=lambda result, error: arrivals.put((result, error)))
         try:
             inputs = []
-            for name, value, datatype in (("TEXT", np.array([b"Stopping must not hang a stream."], dtype=object), "BYTES"),
-                                          ("MAX_AUDIO_SECONDS", np.array([seconds], np.float32), "FP32"),
-                                          ("SEED", np.array([3], np.int64), "INT64")):
+            for name, value, datatype in (
+                ("TEXT", np.array([b"Stopping must not hang a stream."], dtype=object), "BYTES"),
+                ("MAX_AUDIO_SECONDS", np.array([seconds], np.float32), "FP32"),
+                ("SEED", np.array([3], np.int64), "INT64"),
+            ):
                 item = grpcclient.InferInput(name, list(value.shape), datatype)
                 item.set_data_from_numpy(value)
                 inputs.append(item)
@@ -105,7 +107,9 @@ def test_sigterm_stops_every_model_promptly_and_a_stream_in_flight_gets_an_end(m
         kind = stream.outcome[0]
         assert kind in ("done", "error"), stream.outcome
         if kind == "error":  # a clear one: the server went away, retry elsewhere
-            assert "unavailable" in stream.outcome[1].lower() or "not ready" in stream.outcome[1].lower(), stream.outcome
+            assert "unavailable" in stream.outcome[1].lower() or "not ready" in stream.outcome[1].lower(), (
+                stream.outcome
+            )
         assert stream.ended_at - signalled < STREAM_ENDED_WITHIN_S
         tail = after_the_signal(serve.log())
         if code != 0:  # the whole story after the signal, for the CI log (pytest's repr cuts it)
@@ -181,8 +185,9 @@ def test_a_stuck_stub_is_killed_with_a_log_line_and_the_stop_stays_bounded(stuck
 def test_a_server_that_outlasts_the_stop_timeout_is_killed_with_its_stubs(stuck_repository, tmp_path):
     # A long exit timeout, and the stuck request's connection holds Triton for all of it:
     # serve's own deadline ends it.
-    serve, pid, request = start_with_a_stuck_request(stuck_repository, tmp_path / "serve.log",
-                                                     ["--exit-timeout", "60", "--stop-timeout", "3"])
+    serve, pid, request = start_with_a_stuck_request(
+        stuck_repository, tmp_path / "serve.log", ["--exit-timeout", "60", "--stop-timeout", "3"]
+    )
     try:
         code, seconds = serve.terminate(STUCK_STOPPED_WITHIN_S + 10)
         assert code == 1 and seconds < 3 + 7, (code, seconds, serve.log()[-3000:])

@@ -72,9 +72,11 @@ def test_random_texts_of_the_longest_length_split_in_well_under_a_second(seed):
     assert_whole(parts, text)
 
 
-@pytest.mark.parametrize("text", ["." * 20_000, "Mr. " * 5_000, "a." * 10_000, "(" * 10_000 + ")" * 10_000,
-                                  ".!?\"" * 5_000, "x" * 20_000],
-                         ids=["dots", "titles", "initials", "brackets", "terminators", "one-word"])
+@pytest.mark.parametrize(
+    "text",
+    ["." * 20_000, "Mr. " * 5_000, "a." * 10_000, "(" * 10_000 + ")" * 10_000, '.!?"' * 5_000, "x" * 20_000],
+    ids=["dots", "titles", "initials", "brackets", "terminators", "one-word"],
+)
 def test_degenerate_texts_split_in_well_under_a_second(text):
     parts, seconds = timed_split(text)
     assert seconds < 1, f"{seconds:.2f} s"
@@ -93,7 +95,7 @@ def test_a_splitter_that_turns_slow_is_cut_off_by_the_budget(monkeypatch):
         return real(window)
 
     monkeypatch.setattr(text_split, "_window_starts", slow)
-    text = ("It rained. The river rose! Did the bridge hold? It did. " * 400)[:C.MAX_LONG_TEXT_CHARS]
+    text = ("It rained. The river rose! Did the bridge hold? It did. " * 400)[: C.MAX_LONG_TEXT_CHARS]
     parts, seconds = timed_split(text)
     assert seconds < 1 and len(slow_calls) <= 2, (seconds, slow_calls)
     assert_whole(parts, text)
@@ -103,8 +105,11 @@ def test_a_splitter_that_turns_slow_is_cut_off_by_the_budget(monkeypatch):
 # --- through the server ------------------------------------------------------------------
 def tensor(module, name, array):
     array = np.asarray(array)
-    datatype = "BYTES" if array.dtype == object else {np.int64: "INT64", np.int32: "INT32",
-                                                       np.float32: "FP32"}[array.dtype.type]
+    datatype = (
+        "BYTES"
+        if array.dtype == object
+        else {np.int64: "INT64", np.int32: "INT32", np.float32: "FP32"}[array.dtype.type]
+    )
     item = module.InferInput(name, list(array.shape), datatype)
     item.set_data_from_numpy(array)
     return item
@@ -128,9 +133,14 @@ def test_csm_prepare_answers_the_backtracking_text_promptly(http_client, grpc_cl
 
 def test_csm_tts_speaks_the_backtracking_text_promptly(http_client):
     started = time.perf_counter()
-    result = http_client.infer("csm_tts", [text_input(http, adversarial(12)),
-                                           tensor(http, "MAX_AUDIO_SECONDS", np.array([0.08], np.float32)),
-                                           tensor(http, "SEED", np.array([1], np.int64))])
+    result = http_client.infer(
+        "csm_tts",
+        [
+            text_input(http, adversarial(12)),
+            tensor(http, "MAX_AUDIO_SECONDS", np.array([0.08], np.float32)),
+            tensor(http, "SEED", np.array([1], np.int64)),
+        ],
+    )
     seconds = time.perf_counter() - started
     assert seconds < 60, f"{seconds:.1f} s"
     assert result.as_numpy("AUDIO").size > 0
@@ -150,9 +160,12 @@ def with_bad_id(prompt, bad_id: int, position: int = 3) -> dict[str, np.ndarray]
 
 
 def generate_inputs(module, prompt, frames: int = 2):
-    return [tensor(module, "input_ids", prompt["input_ids"]), tensor(module, "prompt_codes", prompt["prompt_codes"]),
-            tensor(module, "MAX_AUDIO_SECONDS", np.array([frames / C.FRAME_RATE_HZ], np.float32)),
-            tensor(module, "SEED", np.array([1], np.int64))]
+    return [
+        tensor(module, "input_ids", prompt["input_ids"]),
+        tensor(module, "prompt_codes", prompt["prompt_codes"]),
+        tensor(module, "MAX_AUDIO_SECONDS", np.array([frames / C.FRAME_RATE_HZ], np.float32)),
+        tensor(module, "SEED", np.array([1], np.int64)),
+    ]
 
 
 def refused(client, module, model, inputs) -> InferenceServerException:
@@ -166,7 +179,8 @@ def refused(client, module, model, inputs) -> InferenceServerException:
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize("bad", BAD_IDS)
 def test_a_bad_id_is_invalid_arg_naming_the_range_and_the_next_request_is_served(
-        http_client, grpc_client, prompt, protocol, bad):
+    http_client, grpc_client, prompt, protocol, bad
+):
     client, module = (http_client, http) if protocol == "http" else (grpc_client, grpc)
     error = refused(client, module, "csm_generate", generate_inputs(module, with_bad_id(prompt, BAD_IDS[bad])))
     found = RANGE.search(error.message())
@@ -183,7 +197,8 @@ def test_a_bad_id_in_a_later_segment_is_refused_before_the_first_is_generated(ht
         tensor(http, "segment_ids", np.concatenate([ids[-3:], [-5, 7]]).astype(np.int64)),
         tensor(http, "segment_token_counts", np.array([3, 2], np.int32)),
         tensor(http, "segment_max_frames", np.array([2, 2], np.int32)),
-        tensor(http, "audio_token_ids", np.array([1, 2], np.int64))]
+        tensor(http, "audio_token_ids", np.array([1, 2], np.int64)),
+    ]
     error = refused(http_client, http, "csm_generate", inputs)
     assert "input 'segment_ids' must be at least 0, got -5 at position 3" in error.message()
 
@@ -215,8 +230,12 @@ def test_csm_lm_streams_refuse_a_bad_id_and_serve_the_ones_beside_it(triton_serv
     errors, finished = {}, set()
     try:
         for name, request_prompt in plan.items():
-            client.async_stream_infer("csm_lm", generate_inputs(grpc, request_prompt, frames=6), request_id=name,
-                                      enable_empty_final_response=True)
+            client.async_stream_infer(
+                "csm_lm",
+                generate_inputs(grpc, request_prompt, frames=6),
+                request_id=name,
+                enable_empty_final_response=True,
+            )
         while len(finished | set(errors)) < len(plan):
             result, error = responses.get(timeout=120)
             if error is not None:

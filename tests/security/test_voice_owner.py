@@ -19,9 +19,8 @@ from csm_triton import constants as C
 from csm_triton.core.voice_store import VoiceStore
 from csm_triton.core.voices import VoiceResolver
 from csm_triton.errors import InvalidInput, PermissionDenied
-
 from tests.conftest import ADMIN_TOKEN
-from tests.integration.client_fixtures import Gateway, speech_clip  # noqa: F401 - fixture
+from tests.integration.client_fixtures import Gateway, speech_clip
 
 pytestmark = pytest.mark.security
 KEY_A, KEY_B = "owner-key-a", "owner-key-b"
@@ -109,9 +108,13 @@ def owned_voice(triton_server):
 
 
 def upload(url: str, key: dict, clip) -> httpx.Response:
-    return httpx.post(f"{url}/upload-voice", data={"voice_name": "owned-voice", "reference_text": clip.transcript},
-                      files={"reference_audio": ("fox.wav", clip.path.read_bytes(), "audio/wav")}, headers=key,
-                      timeout=120)
+    return httpx.post(
+        f"{url}/upload-voice",
+        data={"voice_name": "owned-voice", "reference_text": clip.transcript},
+        files={"reference_audio": ("fox.wav", clip.path.read_bytes(), "audio/wav")},
+        headers=key,
+        timeout=120,
+    )
 
 
 def test_key_a_registers_key_b_cannot_delete_key_a_can(two_key_gateway, speech_clip, owned_voice):
@@ -121,7 +124,8 @@ def test_key_a_registers_key_b_cannot_delete_key_a_can(two_key_gateway, speech_c
     assert stored.json()["voice"]["owner"] == key_id(KEY_A)
     listed = httpx.get(f"{url}/voices", timeout=60)
     assert {"voice_id": "owned-voice", "owner": key_id(KEY_A)}.items() <= next(
-        voice for voice in listed.json()["voices"] if voice["voice_id"] == "owned-voice").items()
+        voice for voice in listed.json()["voices"] if voice["voice_id"] == "owned-voice"
+    ).items()
     assert KEY_A not in listed.text, "the key itself is never stored nor shown"
 
     refused = httpx.delete(f"{url}/voices/owned-voice", headers=B, timeout=60)
@@ -137,8 +141,9 @@ def test_key_a_registers_key_b_cannot_delete_key_a_can(two_key_gateway, speech_c
     assert "owned-voice" not in {voice["voice_id"] for voice in httpx.get(f"{url}/voices").json()["voices"]}
 
 
-def test_the_admin_deletes_any_voice_and_a_key_cannot_delete_the_admins(two_key_gateway, triton_server,
-                                                                        speech_clip, owned_voice):
+def test_the_admin_deletes_any_voice_and_a_key_cannot_delete_the_admins(
+    two_key_gateway, triton_server, speech_clip, owned_voice
+):
     assert upload(two_key_gateway.url, A, speech_clip).status_code == 200
     with VoiceCloner(triton_server.grpc_url, admin_token=ADMIN_TOKEN) as admin:
         assert admin.delete_voice("owned-voice")["owner"] == key_id(KEY_A)
@@ -167,11 +172,16 @@ def capped_server(served_repository, tmp_path_factory):
     for name in models:
         shutil.copytree(served_repository / name, repository / name)
     config = repository / "voice_register" / "config.pbtxt"
-    config.write_text(config.read_text() + '\nparameters: {\n  key: "max_stored_voices"\n'
-                                           '  value: { string_value: "2" }\n}\n')
-    server = TritonServer(repository, load_models=models, ready_models=models,
-                          log_path=tmp_path_factory.mktemp("capped-logs") / "tritonserver.log",
-                          environment={"CSM_ADMIN_TOKEN": ADMIN_TOKEN})
+    config.write_text(
+        config.read_text() + '\nparameters: {\n  key: "max_stored_voices"\n  value: { string_value: "2" }\n}\n'
+    )
+    server = TritonServer(
+        repository,
+        load_models=models,
+        ready_models=models,
+        log_path=tmp_path_factory.mktemp("capped-logs") / "tritonserver.log",
+        environment={"CSM_ADMIN_TOKEN": ADMIN_TOKEN},
+    )
     with server:
         yield server
 

@@ -100,16 +100,18 @@ def request_head_settings(header_timeout_s: float, max_header_bytes: int = MAX_H
     return {"http": protocol, "h11_max_incomplete_event_size": int(max_header_bytes), "server_header": False}
 
 
-def uvicorn_settings(*, limit_concurrency: int | None = None, header_timeout_s: float | None = None,
-                     max_header_bytes: int | None = None) -> dict:
+def uvicorn_settings(
+    *, limit_concurrency: int | None = None, header_timeout_s: float | None = None, max_header_bytes: int | None = None
+) -> dict:
     """uvicorn.Config's keyword arguments for the gateway's limits (None: the
     environment's value, else the default)."""
     timeout = header_timeout_s or _environment_number("CSM_GATEWAY_HEADER_TIMEOUT_S", HEADER_TIMEOUT_S)
     head_bytes = max_header_bytes or _environment_number("CSM_GATEWAY_MAX_HEADER_BYTES", MAX_HEADER_BYTES)
     return {
         **request_head_settings(timeout, head_bytes),
-        "limit_concurrency": int(limit_concurrency or _environment_number("CSM_GATEWAY_LIMIT_CONCURRENCY",
-                                                                          LIMIT_CONCURRENCY)),
+        "limit_concurrency": int(
+            limit_concurrency or _environment_number("CSM_GATEWAY_LIMIT_CONCURRENCY", LIMIT_CONCURRENCY)
+        ),
         "timeout_keep_alive": TIMEOUT_KEEP_ALIVE_S,
         "backlog": BACKLOG,
         "timeout_graceful_shutdown": GRACEFUL_SHUTDOWN_S,
@@ -118,29 +120,50 @@ def uvicorn_settings(*, limit_concurrency: int | None = None, header_timeout_s: 
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m csm_servers.gateway", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--triton-url", default=os.environ.get("CSM_TRITON_URL", "localhost:8001"),
-                        help="Triton's gRPC host:port (default $CSM_TRITON_URL or localhost:8001)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: everyone)")
+    parser = argparse.ArgumentParser(
+        prog="python -m csm_servers.gateway", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--triton-url",
+        default=os.environ.get("CSM_TRITON_URL", "localhost:8001"),
+        help="Triton's gRPC host:port (default $CSM_TRITON_URL or localhost:8001)",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: everyone)",
+    )
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--api-key-file", default=os.environ.get(API_KEY_FILE_ENV),
-                        help=f"file of API keys, one a line (default ${API_KEY_FILE_ENV}; added to ${API_KEYS_ENV})")
+    parser.add_argument(
+        "--api-key-file",
+        default=os.environ.get(API_KEY_FILE_ENV),
+        help=f"file of API keys, one a line (default ${API_KEY_FILE_ENV}; added to ${API_KEYS_ENV})",
+    )
     limits = parser.add_argument_group("limits (default: the environment variable named, else the value shown)")
     defaults = GatewayLimits()
-    limits.add_argument("--max-upload-mb", type=float,
-                        help=f"one audio upload ($CSM_GATEWAY_MAX_UPLOAD_MB, {defaults.max_upload_bytes / 2**20:g})")
+    limits.add_argument(
+        "--max-upload-mb",
+        type=float,
+        help=f"one audio upload ($CSM_GATEWAY_MAX_UPLOAD_MB, {defaults.max_upload_bytes / 2**20:g})",
+    )
     for name, variable in GatewayLimits.ENVIRONMENT.items():
         if name != "max_upload_bytes":
-            limits.add_argument(f"--{name.replace('_', '-')}", type=float, dest=name,
-                                help=f"${variable}, {getattr(defaults, name):g}")
-    limits.add_argument("--limit-concurrency", type=int,
-                        help=f"open connections and tasks ($CSM_GATEWAY_LIMIT_CONCURRENCY, {LIMIT_CONCURRENCY})")
-    limits.add_argument("--header-timeout-s", type=float,
-                        help=f"time to send a request's headers ($CSM_GATEWAY_HEADER_TIMEOUT_S, {HEADER_TIMEOUT_S:g})")
-    limits.add_argument("--max-header-bytes", type=int,
-                        help=f"a request's head ($CSM_GATEWAY_MAX_HEADER_BYTES, {MAX_HEADER_BYTES})")
+            limits.add_argument(
+                f"--{name.replace('_', '-')}", type=float, dest=name, help=f"${variable}, {getattr(defaults, name):g}"
+            )
+    limits.add_argument(
+        "--limit-concurrency",
+        type=int,
+        help=f"open connections and tasks ($CSM_GATEWAY_LIMIT_CONCURRENCY, {LIMIT_CONCURRENCY})",
+    )
+    limits.add_argument(
+        "--header-timeout-s",
+        type=float,
+        help=f"time to send a request's headers ($CSM_GATEWAY_HEADER_TIMEOUT_S, {HEADER_TIMEOUT_S:g})",
+    )
+    limits.add_argument(
+        "--max-header-bytes", type=int, help=f"a request's head ($CSM_GATEWAY_MAX_HEADER_BYTES, {MAX_HEADER_BYTES})"
+    )
     args = parser.parse_args(argv)
     try:
         keys = ApiKeys.from_settings(os.environ.get(API_KEYS_ENV), args.api_key_file)
@@ -150,14 +173,19 @@ def main(argv=None) -> int:
         overrides = {name: getattr(args, name) for name in GatewayLimits.ENVIRONMENT if name != "max_upload_bytes"}
         upload = None if args.max_upload_mb is None else int(args.max_upload_mb * 2**20)
         gateway_limits = GatewayLimits.from_environment(max_upload_bytes=upload, **overrides)
-        server = uvicorn_settings(limit_concurrency=args.limit_concurrency, header_timeout_s=args.header_timeout_s,
-                                  max_header_bytes=args.max_header_bytes)
+        server = uvicorn_settings(
+            limit_concurrency=args.limit_concurrency,
+            header_timeout_s=args.header_timeout_s,
+            max_header_bytes=args.max_header_bytes,
+        )
     except ValueError as error:
         parser.error(str(error))
-    print(f"csm gateway on http://{args.host}:{args.port}, Triton at {args.triton_url}; {keys.describe()}",
-          file=sys.stderr, flush=True)
-    app = create_app(args.triton_url, admin_token=admin_token_from_environment(), api_keys=keys,
-                     limits=gateway_limits)
+    print(
+        f"csm gateway on http://{args.host}:{args.port}, Triton at {args.triton_url}; {keys.describe()}",
+        file=sys.stderr,
+        flush=True,
+    )
+    app = create_app(args.triton_url, admin_token=admin_token_from_environment(), api_keys=keys, limits=gateway_limits)
     uvicorn.run(app, host=args.host, port=args.port, **server)
     return 0
 

@@ -26,8 +26,9 @@ import functools
 import io
 import logging
 import time
+from collections.abc import Callable, Iterable
 from importlib import resources
-from typing import Annotated, Callable, Iterable, TypeVar
+from typing import Annotated, TypeVar
 
 import anyio
 import anyio.to_thread
@@ -37,15 +38,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from csm_clients.audio import Reference, read_reference_clip
 from csm_clients.client import AsyncVoiceCloner
-from csm_clients.errors import (CsmClientError, InvalidRequest, PermissionDenied, ServerError,
-                                ServerUnavailable)
+from csm_clients.errors import CsmClientError, InvalidRequest, PermissionDenied, ServerError, ServerUnavailable
+from csm_clients.limits import check_sampling
+from csm_clients.timestretch import check_speed, needs_stretch, stretch
 from csm_servers.gateway.guard import DEFAULT_MAX_UPLOAD_MB, GatewayGuard, GatewayLimits
 from csm_servers.gateway.keys import ApiKeys, MissingApiKey
 from csm_servers.gateway.openai_api import openai_router
 from csm_servers.gateway.speech_context import context_from_json, conversation
 from csm_servers.gateway.text_stream_route import text_stream_router
-from csm_clients.limits import check_sampling
-from csm_clients.timestretch import check_speed, needs_stretch, stretch
 
 __all__ = ["DEFAULT_MAX_UPLOAD_MB", "GatewayLimits", "create_app"]
 
@@ -57,8 +57,14 @@ class UploadTooLarge(InvalidRequest):
     """An upload over the gateway's max_upload_bytes."""
 
 
-_STATUS = [(UploadTooLarge, 413), (MissingApiKey, 401), (PermissionDenied, 403), (InvalidRequest, 400),
-           (ServerUnavailable, 503), (ServerError, 502)]
+_STATUS = [
+    (UploadTooLarge, 413),
+    (MissingApiKey, 401),
+    (PermissionDenied, 403),
+    (InvalidRequest, 400),
+    (ServerUnavailable, 503),
+    (ServerError, 502),
+]
 
 
 class _Upload(io.BytesIO):
@@ -91,9 +97,14 @@ def reference_from_upload(upload: io.BytesIO, transcript: str | None) -> Referen
     return Reference(*read_reference_clip(upload, "the reference clip"), transcript)
 
 
-def create_app(triton_url: str = "localhost:8001", *, admin_token: str | None = None,
-               api_keys: ApiKeys | Iterable[str] | None = None, max_upload_bytes: int | None = None,
-               limits: GatewayLimits | None = None) -> FastAPI:
+def create_app(
+    triton_url: str = "localhost:8001",
+    *,
+    admin_token: str | None = None,
+    api_keys: ApiKeys | Iterable[str] | None = None,
+    max_upload_bytes: int | None = None,
+    limits: GatewayLimits | None = None,
+) -> FastAPI:
     """admin_token: sent to Triton with voice writes. api_keys: what the gateway's voice
     writes (and, when there are any, its speech routes) need from their caller.
     limits: the gateway's bounds (guard.GatewayLimits; default: its defaults);
@@ -120,8 +131,11 @@ def create_app(triton_url: str = "localhost:8001", *, admin_token: str | None = 
         at once; a cancelled request waits for its thread, so the bound holds."""
         return await anyio.to_thread.run_sync(functools.partial(work, *args), limiter=state["decodes"])
 
-    app = FastAPI(title="CSM-1B voice cloning", lifespan=lifespan,
-                  description=f"The original REST API, served by Triton at {triton_url} (gRPC).")
+    app = FastAPI(
+        title="CSM-1B voice cloning",
+        lifespan=lifespan,
+        description=f"The original REST API, served by Triton at {triton_url} (gRPC).",
+    )
     app.add_middleware(GatewayGuard, keys=keys, limits=limits)
 
     @app.exception_handler(CsmClientError)
@@ -135,8 +149,7 @@ def create_app(triton_url: str = "localhost:8001", *, admin_token: str | None = 
         # The traceback goes to the gateway's log (the server re-raises it); the caller
         # gets JSON without internals.
         LOG.error("unexpected error in the gateway: %s: %s", type(error).__name__, error)
-        return JSONResponse({"detail": f"the gateway failed ({type(error).__name__}); see its log"},
-                            status_code=500)
+        return JSONResponse({"detail": f"the gateway failed ({type(error).__name__}); see its log"}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def form_error(_request: Request, error: RequestValidationError):
@@ -164,8 +177,11 @@ def create_app(triton_url: str = "localhost:8001", *, admin_token: str | None = 
         """The stored voices."""
         return {"voices": await state["cloner"].list_voices()}
 
-    @app.post("/clone-voice", response_class=Response,
-              responses={200: {"content": {"audio/wav": {}}, "description": "16-bit PCM WAV"}})
+    @app.post(
+        "/clone-voice",
+        response_class=Response,
+        responses={200: {"content": {"audio/wav": {}}, "description": "16-bit PCM WAV"}},
+    )
     async def clone_voice(
         text: Annotated[str, Form(description="what to say")],
         voice_name: Annotated[str | None, Form(description="a stored voice")] = None,
@@ -176,8 +192,9 @@ def create_app(triton_url: str = "localhost:8001", *, admin_token: str | None = 
         top_k: Annotated[int | None, Form()] = None,
         max_audio_seconds: Annotated[float | None, Form()] = None,
         speaker: Annotated[int | None, Form(description="speaker id of `text`, 0-255 (default 0)")] = None,
-        context: Annotated[str | None, Form(description="earlier turns: a JSON list as /v1/audio/speech's "
-                                                        "`context` (docs/api.md)")] = None,
+        context: Annotated[
+            str | None, Form(description="earlier turns: a JSON list as /v1/audio/speech's `context` (docs/api.md)")
+        ] = None,
         speed: Annotated[float | None, Form(description="0.25-4.0, pitch kept (default 1.0: as generated)")] = None,
     ):
         """Speak `text` in a stored voice, in the voice of an uploaded clip, or in the
@@ -197,12 +214,16 @@ def create_app(triton_url: str = "localhost:8001", *, admin_token: str | None = 
         speech = await state["cloner"].synthesize(text, voice=voice, **sampling)
         if needs_stretch(speed):
             speech = dataclasses.replace(speech, audio=await decoded(stretch, speech.audio, speech.sample_rate, speed))
-        return Response(speech.to_wav_bytes(), media_type="audio/wav", headers={
-            "Content-Disposition": 'attachment; filename="speech.wav"',
-            "X-Audio-Seconds": f"{speech.seconds:.3f}",
-            "X-Synthesis-Seconds": f"{time.perf_counter() - started:.3f}",
-            "X-Finish-Reasons": ",".join(speech.finish_reasons),  # one per segment (docs/api.md)
-        })
+        return Response(
+            speech.to_wav_bytes(),
+            media_type="audio/wav",
+            headers={
+                "Content-Disposition": 'attachment; filename="speech.wav"',
+                "X-Audio-Seconds": f"{speech.seconds:.3f}",
+                "X-Synthesis-Seconds": f"{time.perf_counter() - started:.3f}",
+                "X-Finish-Reasons": ",".join(speech.finish_reasons),  # one per segment (docs/api.md)
+            },
+        )
 
     @app.post("/upload-voice", dependencies=[voice_write])
     async def upload_voice(
@@ -213,8 +234,11 @@ def create_app(triton_url: str = "localhost:8001", *, admin_token: str | None = 
     ):
         """Store a voice for later use by name (needs a gateway API key; the voice is that key's)."""
         reference = await decoded(reference_from_upload, await read_upload(reference_audio), reference_text)
-        return {"voice": await state["cloner"].register_voice(voice_name, reference, reference_text,
-                                                               owner=request.state.api_key_id)}
+        return {
+            "voice": await state["cloner"].register_voice(
+                voice_name, reference, reference_text, owner=request.state.api_key_id
+            )
+        }
 
     @app.delete("/voices/{voice_name}", dependencies=[voice_write])
     async def delete_voice(request: Request, voice_name: str):
@@ -222,8 +246,7 @@ def create_app(triton_url: str = "localhost:8001", *, admin_token: str | None = 
         the removed voice's description."""
         return {"voice": await state["cloner"].delete_voice(voice_name, owner=request.state.api_key_id)}
 
-    app.include_router(openai_router(lambda: state["cloner"], keys, max_upload_bytes=max_upload_bytes,
-                                     decoded=decoded))
+    app.include_router(openai_router(lambda: state["cloner"], keys, max_upload_bytes=max_upload_bytes, decoded=decoded))
     # WebSocket /v1/audio/speech/stream-text: text in as an LLM writes it (docs/api.md)
     app.include_router(text_stream_router(lambda: state["cloner"], keys, limits))
     return app

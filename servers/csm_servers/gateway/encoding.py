@@ -34,19 +34,22 @@ class AudioFormat:
     muxer_options: tuple[tuple[str, str], ...] = ()
 
 
-FORMATS: dict[str, AudioFormat] = {audio.name: audio for audio in (
-    AudioFormat("mp3", "audio/mpeg", "mp3", "libmp3lame", 64_000),
-    # Opus in Ogg (what OpenAI sends for "opus"); the decoder plays it at 48 kHz, the
-    # rate Opus always decodes to, with 24 000 recorded as the input rate.
-    # Ogg pages closed every 20 ms of audio (FFmpeg's default waits a second), so each
-    # generated chunk leaves the muxer as it is encoded.
-    AudioFormat("opus", "audio/ogg", "ogg", "libopus", 32_000, (("page_duration", "20000"),)),
-    # AAC in ADTS frames: each frame carries its own header, so a stream can start anywhere.
-    AudioFormat("aac", "audio/aac", "adts", "aac", 64_000),
-    AudioFormat("flac", "audio/flac", "flac", "flac"),
-    AudioFormat("wav", "audio/wav", "wav", "pcm_s16le"),
-    AudioFormat("pcm", "audio/pcm", None, None),
-)}
+FORMATS: dict[str, AudioFormat] = {
+    audio.name: audio
+    for audio in (
+        AudioFormat("mp3", "audio/mpeg", "mp3", "libmp3lame", 64_000),
+        # Opus in Ogg (what OpenAI sends for "opus"); the decoder plays it at 48 kHz, the
+        # rate Opus always decodes to, with 24 000 recorded as the input rate.
+        # Ogg pages closed every 20 ms of audio (FFmpeg's default waits a second), so each
+        # generated chunk leaves the muxer as it is encoded.
+        AudioFormat("opus", "audio/ogg", "ogg", "libopus", 32_000, (("page_duration", "20000"),)),
+        # AAC in ADTS frames: each frame carries its own header, so a stream can start anywhere.
+        AudioFormat("aac", "audio/aac", "adts", "aac", 64_000),
+        AudioFormat("flac", "audio/flac", "flac", "flac"),
+        AudioFormat("wav", "audio/wav", "wav", "pcm_s16le"),
+        AudioFormat("pcm", "audio/pcm", None, None),
+    )
+}
 
 
 def _pcm16(samples: np.ndarray) -> bytes:
@@ -89,15 +92,20 @@ class StreamEncoder:
         self._closed = False
         if self.format.container is None:
             return
-        self._output = av.open(self._buffer if self._buffer is not None else self._drain, "w",
-                               format=self.format.container, options=dict(self.format.muxer_options))
+        self._output = av.open(
+            self._buffer if self._buffer is not None else self._drain,
+            "w",
+            format=self.format.container,
+            options=dict(self.format.muxer_options),
+        )
         self._stream = self._output.add_stream(self.format.codec, rate=sample_rate, layout="mono")
         if self.format.bit_rate:
             self._stream.bit_rate = self.format.bit_rate
         codec = self._stream.codec_context
         codec.open()  # fixes frame_size (0: any size) before the first frame
-        self._resampler = av.AudioResampler(format=codec.format.name, layout="mono", rate=sample_rate,
-                                            frame_size=codec.frame_size or None)
+        self._resampler = av.AudioResampler(
+            format=codec.format.name, layout="mono", rate=sample_rate, frame_size=codec.frame_size or None
+        )
 
     def feed(self, samples: np.ndarray) -> bytes:
         samples = np.ascontiguousarray(samples, dtype=np.float32).reshape(-1)

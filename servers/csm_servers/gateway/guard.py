@@ -30,8 +30,9 @@ import asyncio
 import contextlib
 import json
 import os
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any, AsyncIterator, Mapping
+from typing import Any
 
 from csm_clients.errors import PermissionDenied
 from csm_servers.gateway.keys import ApiKeys, MissingApiKey
@@ -98,7 +99,7 @@ class GatewayLimits:
                 raise ValueError(f"{item.name} must be at least {least}, got {value}")
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str] | None = None, **overrides) -> "GatewayLimits":
+    def from_environment(cls, environ: Mapping[str, str] | None = None, **overrides) -> GatewayLimits:
         """The defaults, then the environment, then `overrides` (flags; None: not given)."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -116,7 +117,7 @@ class GatewayLimits:
         return cls(**{name: (float(value) if kinds[name] in ("float", float) else int(value))
                       for name, value in values.items()})
 
-    def with_upload_bytes(self, max_upload_bytes: int) -> "GatewayLimits":
+    def with_upload_bytes(self, max_upload_bytes: int) -> GatewayLimits:
         return replace(self, max_upload_bytes=int(max_upload_bytes))
 
     def body_limit(self, method: str, path: str) -> int:
@@ -192,7 +193,7 @@ class KeyedLimiter:
             bucket.waiting += 1
             try:
                 await asyncio.wait_for(bucket.free.acquire(), self.limits.queue_timeout_s)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise Busy(f"waited {self.limits.queue_timeout_s:g} s for one of {slots} slots; "
                            "try again later") from None
             finally:
@@ -276,7 +277,7 @@ class GatewayGuard:
         except Busy as error:
             await answer(429, f"too many requests: {error}", {"Retry-After": str(self.limits.retry_after_s)})
 
-    def _checked_key(self, policy: "RoutePolicy", headers: dict) -> tuple[str | None, tuple[int, str] | None]:
+    def _checked_key(self, policy: RoutePolicy, headers: dict) -> tuple[str | None, tuple[int, str] | None]:
         """The caller's key id (None: no key needed), or the refusal its route's policy
         wants: (401, ...) without a key, (403, ...) with a wrong one."""
         if not (policy.key == "always" or (policy.key == "if_configured" and self.keys)):
@@ -351,7 +352,7 @@ class GatewayGuard:
                 return await too_slow(late)
             try:
                 message = await asyncio.wait_for(receive(), min(idle, left))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 return await too_slow(late if idle >= left else f"the request body sent nothing for {idle:g} s")
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))

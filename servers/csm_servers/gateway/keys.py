@@ -17,8 +17,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -51,7 +51,7 @@ class ApiKeys:
         self._ids = tuple(key_id(key) for key in self._keys)
 
     @classmethod
-    def from_settings(cls, keys: str | None = None, key_file: str | os.PathLike | None = None) -> "ApiKeys":
+    def from_settings(cls, keys: str | None = None, key_file: str | os.PathLike | None = None) -> ApiKeys:
         """`keys`: comma-separated; `key_file`: one key per line (blank lines and lines
         starting with # skipped). A key file that cannot be read is an error (OSError):
         a gateway started with one must not silently run without its keys."""
@@ -62,7 +62,7 @@ class ApiKeys:
         return cls(found)
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str] | None = None) -> "ApiKeys":
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> ApiKeys:
         environ = os.environ if environ is None else environ
         return cls.from_settings(environ.get(API_KEYS_ENV), environ.get(API_KEY_FILE_ENV) or None)
 
@@ -86,11 +86,14 @@ class ApiKeys:
             raise PermissionDenied(
                 f"{_PREFIX}{what}, and the gateway accepts no API key: start it with "
                 f"{API_KEYS_ENV}=<key>[,<key>...] (or --api-key-file FILE) and send "
-                "'Authorization: Bearer <key>'")
+                "'Authorization: Bearer <key>'"
+            )
         scheme, _, sent = (authorization or "").strip().partition(" ")
         if scheme.lower() != "bearer" or not sent.strip():
-            raise MissingApiKey(f"{_PREFIX}{what} and needs the header 'Authorization: Bearer <key>' "
-                                f"with one of the gateway's API keys ({API_KEYS_ENV})")
+            raise MissingApiKey(
+                f"{_PREFIX}{what} and needs the header 'Authorization: Bearer <key>' "
+                f"with one of the gateway's API keys ({API_KEYS_ENV})"
+            )
         sent_bytes = sent.strip().encode()
         # Every key compared, in constant time: neither timing nor order tells which matched.
         matches = [hmac.compare_digest(sent_bytes, key) for key in self._keys]
@@ -101,13 +104,14 @@ class ApiKeys:
     def dependency(self, what: str = "this route changes voices"):
         """A FastAPI dependency that checks the request's Authorization header (and shows
         the route as Bearer-protected on /docs, with its Authorize button)."""
-        async def require_api_key(request: Request,
-                                  _shown: HTTPAuthorizationCredentials | None = Depends(_BEARER)) -> None:
+
+        async def require_api_key(
+            request: Request, _shown: HTTPAuthorizationCredentials | None = Depends(_BEARER)
+        ) -> None:
             self.check(request.headers.get("authorization"), what)
 
         return require_api_key
 
 
 # Only for the OpenAPI description; ApiKeys.check reads the header itself.
-_BEARER = HTTPBearer(auto_error=False, scheme_name="gateway API key",
-                     description=f"one of the keys in {API_KEYS_ENV}")
+_BEARER = HTTPBearer(auto_error=False, scheme_name="gateway API key", description=f"one of the keys in {API_KEYS_ENV}")

@@ -10,30 +10,64 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
-__all__ = ["DEFAULT_MAX_ELEMENTS", "MAX_JSON_DEPTH", "InputSpec", "ModelSpec", "Refused", "check_generate",
-           "check_infer", "json_depth", "parse_json"]
+__all__ = [
+    "DEFAULT_MAX_ELEMENTS",
+    "MAX_JSON_DEPTH",
+    "InputSpec",
+    "ModelSpec",
+    "Refused",
+    "check_generate",
+    "check_infer",
+    "json_depth",
+    "parse_json",
+]
 
 # Per input. The largest the service accepts is a 30 s voice reference at 192 kHz
-# (5.76 M samples); tests/test_kserve_front.py keeps the two in step.
+# (5.76 M samples); tests/unit/test_kserve_front.py keeps the two in step.
 DEFAULT_MAX_ELEMENTS = 2**24
 # Arrays and objects inside one another. The deepest request the models take is 6
 # (body > inputs > input > data of a rank-3 tensor); Triton's recursive readers
 # overflow their stack on ~100k, Python's parser stops at its recursion limit, which
 # depends on the caller's stack: a bound of our own makes the answer the same everywhere.
 MAX_JSON_DEPTH = 32
-_FLOAT_MAX = {"FP16": 65504.0, "BF16": 3.3895313892515355e38, "FP32": 3.4028234663852886e38,
-              "FP64": 1.7976931348623157e308}
+_FLOAT_MAX = {
+    "FP16": 65504.0,
+    "BF16": 3.3895313892515355e38,
+    "FP32": 3.4028234663852886e38,
+    "FP64": 1.7976931348623157e308,
+}
 # datatype -> bytes per element (BYTES: its 4-byte length prefix at least)
-_SIZES = {"BOOL": 1, "UINT8": 1, "UINT16": 2, "UINT32": 4, "UINT64": 8, "INT8": 1, "INT16": 2, "INT32": 4,
-          "INT64": 8, "FP16": 2, "BF16": 2, "FP32": 4, "FP64": 8, "BYTES": 4}
+_SIZES = {
+    "BOOL": 1,
+    "UINT8": 1,
+    "UINT16": 2,
+    "UINT32": 4,
+    "UINT64": 8,
+    "INT8": 1,
+    "INT16": 2,
+    "INT32": 4,
+    "INT64": 8,
+    "FP16": 2,
+    "BF16": 2,
+    "FP32": 4,
+    "FP64": 8,
+    "BYTES": 4,
+}
 # Triton's own request parameters and the JSON type it insists on (else a 500).
-_RESERVED = {"binary_data_output": bool, "priority": "uint", "timeout": "uint", "sequence_start": bool,
-             "sequence_end": bool, "sequence_id": "uint_or_str"}
+_RESERVED = {
+    "binary_data_output": bool,
+    "priority": "uint",
+    "timeout": "uint",
+    "sequence_start": bool,
+    "sequence_end": bool,
+    "sequence_id": "uint_or_str",
+}
 
 
 class Refused(Exception):
@@ -57,13 +91,14 @@ class ModelSpec:
     inputs: Mapping[str, InputSpec]
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "ModelSpec":
+    def from_config(cls, config: Mapping[str, Any]) -> ModelSpec:
         """From Triton's JSON model config (GET /v2/models/{m}/config)."""
         inputs = {}
         for entry in config.get("input", []):
             datatype = str(entry.get("data_type", "")).removeprefix("TYPE_")
-            inputs[entry["name"]] = InputSpec("BYTES" if datatype == "STRING" else datatype,
-                                              tuple(int(d) for d in entry.get("dims", [])))
+            inputs[entry["name"]] = InputSpec(
+                "BYTES" if datatype == "STRING" else datatype, tuple(int(d) for d in entry.get("dims", []))
+            )
         return cls(str(config.get("name", "")), int(config.get("max_batch_size", 0) or 0), inputs)
 
 
@@ -155,8 +190,9 @@ def _check_dims(spec: ModelSpec, name: str, shape: list[int], max_elements: int)
     return elements
 
 
-def check_infer(spec: ModelSpec, header: Any, binary_bytes: int = 0, *,
-                max_elements: int = DEFAULT_MAX_ELEMENTS) -> None:
+def check_infer(
+    spec: ModelSpec, header: Any, binary_bytes: int = 0, *, max_elements: int = DEFAULT_MAX_ELEMENTS
+) -> None:
     """An /infer body's JSON (the header, with the binary extension) against the model;
     `binary_bytes`: how many bytes follow the header. Refused naming the problem."""
     header = _object(header, "the request")
@@ -203,12 +239,16 @@ def check_infer(spec: ModelSpec, header: Any, binary_bytes: int = 0, *,
         need = elements * _SIZES[datatype]
         if size < need if datatype == "BYTES" else size != need:
             rule = "at least" if datatype == "BYTES" else "exactly"
-            raise Refused(f"{where} declares shape {shape}: its binary data must be {rule} {need} bytes, "
-                          f"'binary_data_size' says {size}")
+            raise Refused(
+                f"{where} declares shape {shape}: its binary data must be {rule} {need} bytes, "
+                f"'binary_data_size' says {size}"
+            )
         binary_total += size
     if binary_total != binary_bytes:
-        raise Refused(f"the inputs' binary_data_size add up to {binary_total} bytes, but {binary_bytes} "
-                      "bytes follow the JSON header")
+        raise Refused(
+            f"the inputs' binary_data_size add up to {binary_total} bytes, but {binary_bytes} "
+            "bytes follow the JSON header"
+        )
     outputs = header.get("outputs", [])
     if not isinstance(outputs, list):
         raise Refused("the request's 'outputs' must be an array of output objects")
@@ -239,12 +279,15 @@ def check_generate(spec: ModelSpec, body: Any, *, max_elements: int = DEFAULT_MA
                 _check_parameters({key: value}, "request parameter", reserved=False)
             continue
         where, want = f"input '{key}' of model '{spec.name}'", spec.inputs[key]
-        count = _check_values(_leaves(value if isinstance(value, list) else [value], where, flat=True),
-                              want.datatype, where)
+        count = _check_values(
+            _leaves(value if isinstance(value, list) else [value], where, flat=True), want.datatype, where
+        )
         fixed, variable = math.prod(d for d in want.dims if d >= 0), sum(d < 0 for d in want.dims)
         if variable > 1:
-            raise Refused(f"{where} has shape {list(want.dims)}: more than one variable dimension cannot be "
-                          "sent through /generate; use /infer")
+            raise Refused(
+                f"{where} has shape {list(want.dims)}: more than one variable dimension cannot be "
+                "sent through /generate; use /infer"
+            )
         if count == 0 or (count != fixed if not variable else count % fixed):
             rule = f"exactly {fixed}" if not variable else f"a positive multiple of {fixed}"
             raise Refused(f"{where} takes dims {list(want.dims)}: {rule} values, got {count}")

@@ -52,7 +52,7 @@ import os
 import re
 import time
 from collections import OrderedDict
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from urllib.parse import quote
 
 import httpx
@@ -60,14 +60,36 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from csm_servers.gateway.kserve_checks import (DEFAULT_MAX_ELEMENTS, ModelSpec, Refused, check_generate,
-                                               check_infer, parse_json)
-from csm_servers.gateway.kserve_limits import (DEFAULT_BODY_TIMEOUT_S, DEFAULT_HEADER_TIMEOUT_S,
-                                               DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CHECKS, DEFAULT_MAX_INFLIGHT_BYTES,
-                                               BodyBudget, Busy, forwarded_headers, request_headers, server_settings)
+from csm_servers.gateway.kserve_checks import (
+    DEFAULT_MAX_ELEMENTS,
+    ModelSpec,
+    Refused,
+    check_generate,
+    check_infer,
+    parse_json,
+)
+from csm_servers.gateway.kserve_limits import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_HEADER_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CHECKS,
+    DEFAULT_MAX_INFLIGHT_BYTES,
+    BodyBudget,
+    Busy,
+    forwarded_headers,
+    request_headers,
+    server_settings,
+)
 
-__all__ = ["ALL_MODELS", "DEFAULT_MODELS", "DEFAULT_SPEC_CACHE_SIZE", "KServeFront", "create_front", "main",
-           "models_option"]
+__all__ = [
+    "ALL_MODELS",
+    "DEFAULT_MODELS",
+    "DEFAULT_SPEC_CACHE_SIZE",
+    "KServeFront",
+    "create_front",
+    "main",
+    "models_option",
+]
 
 DEFAULT_CONFIG_TTL_S = 60.0
 DEFAULT_TIMEOUT_S = 300.0  # a long utterance on a busy server
@@ -106,16 +128,30 @@ _PASSED_BACK = ("content-type", "inference-header-content-length")
 class KServeFront:
     """The routes, the cached model specs and the connection to Triton's HTTP port."""
 
-    def __init__(self, triton_http_url: str, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 max_elements: int = DEFAULT_MAX_ELEMENTS, config_ttl_s: float = DEFAULT_CONFIG_TTL_S,
-                 timeout_s: float = DEFAULT_TIMEOUT_S, triton_headers: Mapping[str, str] | None = None,
-                 models: Iterable[str] | str | None = None, spec_cache_size: int = DEFAULT_SPEC_CACHE_SIZE,
-                 max_checks: int = DEFAULT_MAX_CHECKS, max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
-                 body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S, transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(
+        self,
+        triton_http_url: str,
+        *,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_elements: int = DEFAULT_MAX_ELEMENTS,
+        config_ttl_s: float = DEFAULT_CONFIG_TTL_S,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        triton_headers: Mapping[str, str] | None = None,
+        models: Iterable[str] | str | None = None,
+        spec_cache_size: int = DEFAULT_SPEC_CACHE_SIZE,
+        max_checks: int = DEFAULT_MAX_CHECKS,
+        max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+        body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
         self.base_url = triton_http_url if "://" in triton_http_url else f"http://{triton_http_url}"
         self.max_elements, self.config_ttl_s = max_elements, config_ttl_s
-        self.budget = BodyBudget(max_body_bytes=max_body_bytes, max_checks=max_checks,
-                                 max_inflight_bytes=max_inflight_bytes, body_timeout_s=body_timeout_s)
+        self.budget = BodyBudget(
+            max_body_bytes=max_body_bytes,
+            max_checks=max_checks,
+            max_inflight_bytes=max_inflight_bytes,
+            body_timeout_s=body_timeout_s,
+        )
         self.timeout = httpx.Timeout(timeout_s, connect=5.0)
         # Sent with every request, over the client's: the key of tritonserver's
         # --http-restricted-api=inference:<name>=<key>, so only the front gets through.
@@ -140,8 +176,12 @@ class KServeFront:
     @property
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
-            self._client = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout, transport=self._transport,
-                                             headers={"accept-encoding": "identity"})
+            self._client = httpx.AsyncClient(
+                base_url=self.base_url,
+                timeout=self.timeout,
+                transport=self._transport,
+                headers={"accept-encoding": "identity"},
+            )
         return self._client
 
     async def aclose(self) -> None:
@@ -162,13 +202,15 @@ class KServeFront:
             if model == "stats":  # Triton's GET /v2/models/stats: every model's statistics
                 raise Refused("'/v2/models/stats' is not served by this front", 404)
         model = quote(model or "", safe="")
-        return template[template.index("/v2"):].format(model=model, version=version)
+        return template[template.index("/v2") :].format(model=model, version=version)
 
-    async def _send(self, method: str, path: str, headers: Mapping[str, str], body: bytes | None = None, *,
-                    stream: bool = False):
+    async def _send(
+        self, method: str, path: str, headers: Mapping[str, str], body: bytes | None = None, *, stream: bool = False
+    ):
         try:
-            sent = self.client.build_request(method, path, headers={**forwarded_headers(headers),
-                                                                    **self.triton_headers}, content=body)
+            sent = self.client.build_request(
+                method, path, headers={**forwarded_headers(headers), **self.triton_headers}, content=body
+            )
             upstream = await self.client.send(sent, stream=stream)
         except httpx.TimeoutException:
             raise Refused(f"Triton at {self.base_url} did not answer in time", 504) from None
@@ -184,6 +226,7 @@ class KServeFront:
                     yield chunk
             finally:
                 await upstream.aclose()  # a client gone closes Triton's stream too
+
         return StreamingResponse(relay(), status_code=upstream.status_code, headers=headers)
 
     async def _forward_get(self, request: Request):
@@ -217,11 +260,14 @@ class KServeFront:
     def _check(self, spec: ModelSpec, path: str, body: bytes, header_length: str | None) -> None:
         if path.endswith("/infer"):
             if header_length is not None and int(header_length) > len(body):
-                raise Refused(f"Inference-Header-Content-Length must be a byte count within the body's "
-                              f"{len(body)} bytes, got '{header_length[:40]}'")
+                raise Refused(
+                    f"Inference-Header-Content-Length must be a byte count within the body's "
+                    f"{len(body)} bytes, got '{header_length[:40]}'"
+                )
             split = len(body) if header_length is None else int(header_length)
-            check_infer(spec, parse_json(body[:split], "the JSON header"), len(body) - split,
-                        max_elements=self.max_elements)
+            check_infer(
+                spec, parse_json(body[:split], "the JSON header"), len(body) - split, max_elements=self.max_elements
+            )
         else:
             check_generate(spec, parse_json(body), max_elements=self.max_elements)
 
@@ -239,8 +285,9 @@ class KServeFront:
                 # event loop, so other requests (health checks, streams) keep moving; a few
                 # at a time (DEFAULT_MAX_CHECKS), each holding many times its body in objects.
                 async with self.budget.slots():
-                    await run_in_threadpool(self._check, spec, path, body,
-                                            headers.get("inference-header-content-length"))
+                    await run_in_threadpool(
+                        self._check, spec, path, body, headers.get("inference-header-content-length")
+                    )
                 return await self._send("POST", path, headers, body, stream=path.endswith("_stream"))
             finally:
                 held.release()
@@ -257,13 +304,13 @@ def create_front(triton_http_url: str = "localhost:8000", **options) -> FastAPI:
         yield
         await front.aclose()
 
-    app = FastAPI(title="KServe v2 front of Triton", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  openapi_url=None)
+    app = FastAPI(title="KServe v2 front of Triton", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(front.router)
     app.state.front = front
 
-    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"],
-                   include_in_schema=False)
+    @app.api_route(
+        "/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"], include_in_schema=False
+    )
     async def not_served(path: str):
         return _error(Refused(f"'/{path[:80]}' is not served by this front", 404))
 
@@ -273,32 +320,56 @@ def create_front(triton_http_url: str = "localhost:8000", **options) -> FastAPI:
 def main(argv=None) -> int:
     import uvicorn
 
-    parser = argparse.ArgumentParser(prog="python -m csm_servers.gateway.kserve_front", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m csm_servers.gateway.kserve_front",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--triton-http", default="localhost:8000", help="Triton's HTTP host:port")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: everyone)")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--max-body-mb", type=float, default=DEFAULT_MAX_BODY_BYTES / 2**20)
     parser.add_argument("--max-elements", type=int, default=DEFAULT_MAX_ELEMENTS, help="per input")
-    parser.add_argument("--max-checks", type=int, default=os.environ.get(MAX_CHECKS_ENV, DEFAULT_MAX_CHECKS),
-                        help=f"bodies checked at once, the others wait (also ${MAX_CHECKS_ENV})")
-    parser.add_argument("--max-inflight-mb", type=float,
-                        default=os.environ.get(MAX_INFLIGHT_ENV, DEFAULT_MAX_INFLIGHT_BYTES / 2**20),
-                        help=f"request bodies held at once, all requests together; past it a 503 with Retry-After "
-                             f"(also ${MAX_INFLIGHT_ENV}; at least --max-body-mb)")
-    parser.add_argument("--body-timeout-s", type=float, default=DEFAULT_BODY_TIMEOUT_S,
-                        help="a body must arrive whole within this, else 408")
-    parser.add_argument("--header-timeout-s", type=float,
-                        default=os.environ.get(HEADER_TIMEOUT_ENV, DEFAULT_HEADER_TIMEOUT_S),
-                        help=f"a request's headers must arrive within this, else the connection is closed "
-                             f"(also ${HEADER_TIMEOUT_ENV})")
-    parser.add_argument("--triton-header", action="append", default=[], metavar="NAME=VALUE",
-                        help=f"a header sent to Triton with every request (also ${TRITON_HEADER_ENV}, which keeps "
-                             "a key out of the process list)")
-    parser.add_argument("--models", default=os.environ.get(MODELS_ENV),
-                        help=f"comma-separated: the only models served (also ${MODELS_ENV}; default: the public "
-                             f"ones, {','.join(DEFAULT_MODELS)}; '{ALL_MODELS}': every model Triton serves, "
-                             "including the internal stages that skip the watermark)")
+    parser.add_argument(
+        "--max-checks",
+        type=int,
+        default=os.environ.get(MAX_CHECKS_ENV, DEFAULT_MAX_CHECKS),
+        help=f"bodies checked at once, the others wait (also ${MAX_CHECKS_ENV})",
+    )
+    parser.add_argument(
+        "--max-inflight-mb",
+        type=float,
+        default=os.environ.get(MAX_INFLIGHT_ENV, DEFAULT_MAX_INFLIGHT_BYTES / 2**20),
+        help=f"request bodies held at once, all requests together; past it a 503 with Retry-After "
+        f"(also ${MAX_INFLIGHT_ENV}; at least --max-body-mb)",
+    )
+    parser.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=DEFAULT_BODY_TIMEOUT_S,
+        help="a body must arrive whole within this, else 408",
+    )
+    parser.add_argument(
+        "--header-timeout-s",
+        type=float,
+        default=os.environ.get(HEADER_TIMEOUT_ENV, DEFAULT_HEADER_TIMEOUT_S),
+        help=f"a request's headers must arrive within this, else the connection is closed (also ${HEADER_TIMEOUT_ENV})",
+    )
+    parser.add_argument(
+        "--triton-header",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help=f"a header sent to Triton with every request (also ${TRITON_HEADER_ENV}, which keeps "
+        "a key out of the process list)",
+    )
+    parser.add_argument(
+        "--models",
+        default=os.environ.get(MODELS_ENV),
+        help=f"comma-separated: the only models served (also ${MODELS_ENV}; default: the public "
+        f"ones, {','.join(DEFAULT_MODELS)}; '{ALL_MODELS}': every model Triton serves, "
+        "including the internal stages that skip the watermark)",
+    )
     args = parser.parse_args(argv)
     headers = {}
     for item in args.triton_header + ([os.environ[TRITON_HEADER_ENV]] if os.environ.get(TRITON_HEADER_ENV) else []):
@@ -308,12 +379,18 @@ def main(argv=None) -> int:
         headers[name.strip()] = value
     if args.max_inflight_mb < args.max_body_mb or args.max_checks < 1:
         parser.error("--max-inflight-mb must be at least --max-body-mb, and --max-checks at least 1")
-    app = create_front(args.triton_http, max_body_bytes=int(args.max_body_mb * 2**20), max_elements=args.max_elements,
-                       triton_headers=headers, models=args.models, max_checks=args.max_checks,
-                       max_inflight_bytes=int(args.max_inflight_mb * 2**20), body_timeout_s=args.body_timeout_s)
+    app = create_front(
+        args.triton_http,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        max_elements=args.max_elements,
+        triton_headers=headers,
+        models=args.models,
+        max_checks=args.max_checks,
+        max_inflight_bytes=int(args.max_inflight_mb * 2**20),
+        body_timeout_s=args.body_timeout_s,
+    )
     uvicorn.run(app, host=args.host, port=args.port, **server_settings(float(args.header_timeout_s)))
     return 0
-
 
 
 if __name__ == "__main__":

@@ -16,15 +16,27 @@ from __future__ import annotations
 import asyncio
 import re
 import zlib
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from starlette.requests import ClientDisconnect, Request
 
 from csm_servers.gateway.kserve_checks import Refused
 
-__all__ = ["DEFAULT_BODY_TIMEOUT_S", "DEFAULT_HEADER_TIMEOUT_S", "DEFAULT_MAX_BODY_BYTES", "DEFAULT_MAX_CHECKS",
-           "DEFAULT_MAX_INFLIGHT_BYTES", "FORWARDED_HEADERS", "RETRY_AFTER_S", "BodyBudget", "Busy", "Held",
-           "forwarded_headers", "request_headers", "server_settings"]
+__all__ = [
+    "DEFAULT_BODY_TIMEOUT_S",
+    "DEFAULT_HEADER_TIMEOUT_S",
+    "DEFAULT_MAX_BODY_BYTES",
+    "DEFAULT_MAX_CHECKS",
+    "DEFAULT_MAX_INFLIGHT_BYTES",
+    "FORWARDED_HEADERS",
+    "RETRY_AFTER_S",
+    "BodyBudget",
+    "Busy",
+    "Held",
+    "forwarded_headers",
+    "request_headers",
+    "server_settings",
+]
 
 # 64 MiB, the default of the --http-max-input-size that later Triton releases added:
 # 120 s of 24 kHz FP32 audio is 11.5 MB in binary, ~60 MB as JSON text.
@@ -98,14 +110,15 @@ def request_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
 
 def forwarded_headers(headers: Mapping[str, str]) -> dict[str, str]:
     """Of request_headers' answer, those sent on to Triton."""
-    return {name: value for name, value in headers.items()
-            if name in FORWARDED_HEADERS or _MODEL_HEADER.fullmatch(name)}
+    return {
+        name: value for name, value in headers.items() if name in FORWARDED_HEADERS or _MODEL_HEADER.fullmatch(name)
+    }
 
 
 class Held:
     """The bytes of the budget that one request holds."""
 
-    def __init__(self, budget: "BodyBudget"):
+    def __init__(self, budget: BodyBudget):
         self.budget, self.bytes = budget, 0
 
     def grow_to(self, size: int) -> None:
@@ -123,13 +136,20 @@ class BodyBudget:
     """Request bodies read within their size limit and deadline, the bytes held at once
     by all requests together, and the slots of the bodies checked at once."""
 
-    def __init__(self, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_checks: int = DEFAULT_MAX_CHECKS,
-                 max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S):
+    def __init__(
+        self,
+        *,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        max_checks: int = DEFAULT_MAX_CHECKS,
+        max_inflight_bytes: int = DEFAULT_MAX_INFLIGHT_BYTES,
+        body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    ):
         if max_checks < 1:
             raise ValueError(f"max_checks must be at least 1, got {max_checks}")
         if max_inflight_bytes < max_body_bytes:  # else the largest body would be a 503 forever
-            raise ValueError(f"max_inflight_bytes ({max_inflight_bytes}) must be at least max_body_bytes "
-                             f"({max_body_bytes})")
+            raise ValueError(
+                f"max_inflight_bytes ({max_inflight_bytes}) must be at least max_body_bytes ({max_body_bytes})"
+            )
         self.max_body_bytes, self.max_checks = max_body_bytes, max_checks
         self.max_inflight_bytes, self.body_timeout_s = max_inflight_bytes, body_timeout_s
         self.inflight_bytes = 0  # touched in the event loop only
@@ -145,8 +165,10 @@ class BodyBudget:
         self.inflight_bytes += size
 
     def busy(self) -> Busy:
-        return Busy(f"the front holds as many request bodies as it may at once ({self.max_inflight_bytes} bytes); "
-                    f"retry in {RETRY_AFTER_S} s")
+        return Busy(
+            f"the front holds as many request bodies as it may at once ({self.max_inflight_bytes} bytes); "
+            f"retry in {RETRY_AFTER_S} s"
+        )
 
     def slots(self) -> asyncio.Semaphore:
         """The check slots, made in the loop that serves (a TestClient starts a loop of its own)."""

@@ -28,8 +28,9 @@ import base64
 import contextlib
 import json
 import logging
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
-from typing import Any, AsyncIterator, Callable, Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -40,13 +41,12 @@ from starlette.requests import ClientDisconnect
 
 from csm_clients.audio import Reference, Speech, read_reference_clip
 from csm_clients.client import AsyncVoiceCloner
-from csm_servers.gateway.encoding import FORMATS, StreamEncoder, encode
 from csm_clients.errors import CsmClientError, InvalidRequest, PermissionDenied, ServerUnavailable
-from csm_servers.gateway.keys import ApiKeys, MissingApiKey
-from csm_servers.gateway.speech_context import (ContextTurn, FieldError, check_json_values, conversation,
-                                                refused_field)
 from csm_clients.limits import check_sampling
 from csm_clients.timestretch import MAX_SPEED, MIN_SPEED, TimeStretcher, needs_stretch, stretch
+from csm_servers.gateway.encoding import FORMATS, StreamEncoder, encode
+from csm_servers.gateway.keys import ApiKeys, MissingApiKey
+from csm_servers.gateway.speech_context import ContextTurn, FieldError, check_json_values, conversation, refused_field
 
 LOG = logging.getLogger("csm_servers.gateway.openai")
 
@@ -387,7 +387,7 @@ async def _events(audio: AsyncIterator[tuple[bytes, int]]) -> AsyncIterator[byte
     samples = 0
     async with contextlib.aclosing(audio):
         try:
-            async for data, samples in audio:
+            async for data, samples in audio:  # noqa: B007 - the last count is read after the loop
                 if data:
                     yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
         except CsmClientError as error:  # after the 200: the error travels as an event

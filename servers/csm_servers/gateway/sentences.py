@@ -3,7 +3,7 @@
 The gateway's WebSocket route (gateway/text_stream_route.py) speaks each sentence of an
 LLM's output as soon as it is complete, so it must know where sentences end while the
 text is still arriving. It cuts them as the server cuts a long text
-(csm_triton.core.segments, which the clients never import; tests/test_text_stream.py
+(csm_triton.core.segments, which the clients never import; tests/unit/test_text_stream.py
 keeps the two in agreement on prose, whatever the pieces): sentencex (pinned in
 pyproject.toml) on a window of at most WINDOW_CHARS, a piece after a title ("Dr.") or a
 blank one (a paragraph break) joined to the one before, a window without any boundary
@@ -66,7 +66,7 @@ class SentenceSplitter:
     def feed(self, text: str) -> list[str]:
         self.pending += text
         done = self._complete()
-        self.pending = self.pending[sum(len(sentence) for sentence in done):]
+        self.pending = self.pending[sum(len(sentence) for sentence in done) :]
         return done
 
     def flush(self) -> list[str]:
@@ -74,12 +74,12 @@ class SentenceSplitter:
         pending, self.pending = self.pending, ""
         done: list[str] = []
         while pending:
-            pieces = _pieces(pending[:self.window_chars])
+            pieces = _pieces(pending[: self.window_chars])
             if len(pending) <= self.window_chars:
                 return done + pieces
             taken = self._cut_window(pending, pieces)
             done += taken
-            pending = pending[sum(len(piece) for piece in taken):]
+            pending = pending[sum(len(piece) for piece in taken) :]
         return done
 
     def _complete(self) -> list[str]:
@@ -87,7 +87,7 @@ class SentenceSplitter:
         over_window = len(pending) >= self.window_chars
         if not over_window and not _MAYBE_BOUNDARY.search(pending):
             return []
-        pieces = _pieces(pending[:self.window_chars])
+        pieces = _pieces(pending[: self.window_chars])
         if over_window:
             return self._cut_window(pending, pieces)
         if len(pieces) < 2:
@@ -101,6 +101,6 @@ class SentenceSplitter:
         or, without a boundary in it, its text up to its last space (segments._sentences)."""
         if len(pieces) > 1:
             return pieces[:-1]
-        window = pending[:self.window_chars]
+        window = pending[: self.window_chars]
         space = max(window.rfind(" "), window.rfind("\n"))
-        return [window[:space + 1] if space > 0 else window]
+        return [window[: space + 1] if space > 0 else window]

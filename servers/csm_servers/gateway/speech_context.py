@@ -33,8 +33,15 @@ from csm_clients.conversation import Turn, check_context, check_text
 from csm_clients.errors import InvalidRequest
 from csm_clients.limits import MAX_CONTEXT_AUDIO_SECONDS, MAX_CONTEXT_TURNS, MAX_TURN_SECONDS, check_speaker
 
-__all__ = ["MAX_JSON_VALUES", "ContextTurn", "FieldError", "check_json_values", "context_from_json", "conversation",
-           "refused_field"]
+__all__ = [
+    "MAX_JSON_VALUES",
+    "ContextTurn",
+    "FieldError",
+    "check_json_values",
+    "context_from_json",
+    "conversation",
+    "refused_field",
+]
 
 # The most JSON values a speech body may hold: the largest the API takes is ~100 (the
 # top-level fields, 16 context turns of 4 fields); base64 clips are one value each.
@@ -80,9 +87,12 @@ def check_json_values(raw: bytes | str, field: str) -> None:
             if values > MAX_JSON_VALUES:
                 break
     if values > MAX_JSON_VALUES:
-        raise FieldError(f"{field}: holds more than {MAX_JSON_VALUES:,} JSON values; the gateway accepts at most "
-                         f"{MAX_JSON_VALUES:,} (a context turn is an object of a few fields, a clip one base64 "
-                         "string)", field)
+        raise FieldError(
+            f"{field}: holds more than {MAX_JSON_VALUES:,} JSON values; the gateway accepts at most "
+            f"{MAX_JSON_VALUES:,} (a context turn is an object of a few fields, a clip one base64 "
+            "string)",
+            field,
+        )
 
 
 def context_from_json(value: str | None) -> list[ContextTurn] | None:
@@ -101,8 +111,13 @@ def context_from_json(value: str | None) -> list[ContextTurn] | None:
 # "context turn 3: speaker: ..." (conversation.py) -> context[3].speaker
 _TURN_MESSAGE = re.compile(r"^context turn (\d+): (speaker|its text|its clip|the audio|has audio but no text)?")
 _TURN_PREFIX = re.compile(r"^context turn (\d+):")
-_TURN_FIELDS = {"speaker": "speaker", "its text": "text", "has audio but no text": "text", "its clip": "audio",
-                "the audio": "audio"}
+_TURN_FIELDS = {
+    "speaker": "speaker",
+    "its text": "text",
+    "has audio but no text": "text",
+    "its clip": "audio",
+    "the audio": "audio",
+}
 
 
 def _param(message: str) -> str:
@@ -130,8 +145,9 @@ def _clip(turn: ContextTurn, index: int, budget: int, seconds_before: float) -> 
     where = f"context[{index}].audio"
     encoded = re.sub(r"\s+", "", turn.audio or "")
     if len(encoded) * 3 // 4 > budget:
-        raise FieldError(f"{where}: the context clips are larger than the gateway's {budget / 2**20:g} MB "
-                         "left for them", where)
+        raise FieldError(
+            f"{where}: the context clips are larger than the gateway's {budget / 2**20:g} MB left for them", where
+        )
     try:
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
@@ -146,20 +162,22 @@ def _clip(turn: ContextTurn, index: int, budget: int, seconds_before: float) -> 
         if left >= MAX_TURN_SECONDS:  # the clip's own limit was the bound
             raise FieldError(str(error), where) from None
         if error.by_header and error.seconds > MAX_TURN_SECONDS:  # over both: name the clip's own
-            raise FieldError(f"{where} is (by its header) {error.seconds:.2f} s long; the limit is "
-                             f"{MAX_TURN_SECONDS:g} s", where) from None
+            raise FieldError(
+                f"{where} is (by its header) {error.seconds:.2f} s long; the limit is {MAX_TURN_SECONDS:g} s", where
+            ) from None
         total = seconds_before + error.seconds
-        raise FieldError(f"context: the context clips hold {'' if error.by_header else 'at least '}{total:.1f} s "
-                         f"of audio up to {where} ({seconds_before:.1f} s before it); the limit is "
-                         f"{MAX_CONTEXT_AUDIO_SECONDS:g} s for all clips together (MAX_CONTEXT_AUDIO_SECONDS)",
-                         "context") from None
+        raise FieldError(
+            f"context: the context clips hold {'' if error.by_header else 'at least '}{total:.1f} s "
+            f"of audio up to {where} ({seconds_before:.1f} s before it); the limit is "
+            f"{MAX_CONTEXT_AUDIO_SECONDS:g} s for all clips together (MAX_CONTEXT_AUDIO_SECONDS)",
+            "context",
+        ) from None
     except InvalidRequest as error:
         raise FieldError(str(error), where) from None
     return Turn(turn.text, turn.speaker, samples, rate), len(data)
 
 
-def conversation(input_text: str, speaker: int | None, context: list[ContextTurn] | None,
-                 max_clip_bytes: int) -> dict:
+def conversation(input_text: str, speaker: int | None, context: list[ContextTurn] | None, max_clip_bytes: int) -> dict:
     """synthesize()'s `speaker` and `context` from the body, checked; FieldError names the field."""
     try:
         check_text(input_text, "TEXT")
@@ -177,13 +195,19 @@ def conversation(input_text: str, speaker: int | None, context: list[ContextTurn
     turns, budget, seconds = [], max_clip_bytes, 0.0
     for index, turn in enumerate(context):
         if turn.voice is not None and (turn.audio is not None or turn.text is not None):
-            raise FieldError(f"context[{index}]: give either `voice` (a stored voice, its own transcript and "
-                             "audio) or `audio` with `text`, not both", f"context[{index}]")
+            raise FieldError(
+                f"context[{index}]: give either `voice` (a stored voice, its own transcript and "
+                "audio) or `audio` with `text`, not both",
+                f"context[{index}]",
+            )
         if turn.voice is not None:
             turns.append(Turn.stored_voice(turn.voice, turn.speaker))
         elif turn.audio is None:
-            raise FieldError(f"context[{index}]: has no `audio` (base64) nor `voice`; every context turn needs "
-                             "the audio of what was said", f"context[{index}].audio")
+            raise FieldError(
+                f"context[{index}]: has no `audio` (base64) nor `voice`; every context turn needs "
+                "the audio of what was said",
+                f"context[{index}].audio",
+            )
         else:
             clip, size = _clip(turn, index, budget, seconds)
             budget -= size

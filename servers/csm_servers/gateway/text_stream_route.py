@@ -31,20 +31,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 from fastapi import APIRouter, WebSocket
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from csm_clients.client import AsyncVoiceCloner
-from csm_servers.gateway.encoding import StreamEncoder
 from csm_clients.errors import CsmClientError, InvalidRequest, ServerUnavailable
+from csm_clients.limits import MAX_LONG_TEXT_CHARS, check_sampling, check_speaker
+from csm_servers.gateway.encoding import StreamEncoder
 from csm_servers.gateway.guard import GatewayLimits
 from csm_servers.gateway.keys import ApiKeys
 from csm_servers.gateway.openai_api import MODELS, OPENAI_VOICES
-from csm_servers.gateway.speech_context import FieldError, check_json_values
-from csm_clients.limits import MAX_LONG_TEXT_CHARS, check_sampling, check_speaker
 from csm_servers.gateway.sentences import SentenceSplitter, speakable
+from csm_servers.gateway.speech_context import FieldError, check_json_values
 
 __all__ = ["ROUTE", "text_stream_router"]
 
@@ -111,11 +112,15 @@ class TextStreamSession:
         reader, speaker = asyncio.create_task(self._read()), asyncio.create_task(self._speak())
         error: SessionError | None = None
         try:
-            done, _ = await asyncio.wait({reader, speaker}, timeout=self.limits.ws_max_session_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {reader, speaker}, timeout=self.limits.ws_max_session_s, return_when=asyncio.FIRST_COMPLETED
+            )
             if not done:
-                raise SessionError("session_timeout", f"the session passed its limit of "
-                                   f"{self.limits.ws_max_session_s:g} s (CSM_GATEWAY_WS_MAX_SESSION_S)")
+                raise SessionError(
+                    "session_timeout",
+                    f"the session passed its limit of "
+                    f"{self.limits.ws_max_session_s:g} s (CSM_GATEWAY_WS_MAX_SESSION_S)",
+                )
             (speaker if speaker in done else reader).result()  # the reader only ends by raising
         except ClientGone:
             return
@@ -123,10 +128,11 @@ class TextStreamSession:
             error = failure
         except CsmClientError as failure:
             error = _from_client_error(failure)
-        except Exception as failure:  # noqa: BLE001 - the gateway's bug: logged, never a traceback to the client
+        except Exception as failure:
             LOG.exception("the text stream failed")
-            error = SessionError("internal_error", f"the gateway failed ({type(failure).__name__}); see its log",
-                                 1011, "server_error")
+            error = SessionError(
+                "internal_error", f"the gateway failed ({type(failure).__name__}); see its log", 1011, "server_error"
+            )
         finally:
             # First of all: a sentence being spoken has its Triton stream cancelled (its KV slot freed).
             for task in (reader, speaker):
@@ -139,14 +145,23 @@ class TextStreamSession:
     async def _end(self, error: SessionError | None) -> None:
         try:
             if error is None:
-                await self.websocket.send_json({"type": "done", "sentences": self.spoken,
-                                                "audio_seconds": round(self.samples / self.sample_rate, 6),
-                                                "sample_rate": self.sample_rate,
-                                                "response_format": self.options.response_format})
+                await self.websocket.send_json(
+                    {
+                        "type": "done",
+                        "sentences": self.spoken,
+                        "audio_seconds": round(self.samples / self.sample_rate, 6),
+                        "sample_rate": self.sample_rate,
+                        "response_format": self.options.response_format,
+                    }
+                )
                 await self.websocket.close(1000)
             else:
-                await self.websocket.send_json({"type": "error", "error": {
-                    "message": str(error), "type": error.kind, "param": None, "code": error.code}})
+                await self.websocket.send_json(
+                    {
+                        "type": "error",
+                        "error": {"message": str(error), "type": error.kind, "param": None, "code": error.code},
+                    }
+                )
                 await self.websocket.close(error.close_code, error.code)
         except Exception:  # noqa: BLE001 - the client left meanwhile: nobody to tell
             pass
@@ -169,8 +184,11 @@ class TextStreamSession:
                     if self._busy():
                         self.last_activity = loop.time()
                     elif loop.time() - self.last_activity >= idle:
-                        raise SessionError("idle_timeout", f"no message for {idle:g} s and nothing left to speak "
-                                           "(CSM_GATEWAY_WS_IDLE_TIMEOUT_S): send text, flush or close")
+                        raise SessionError(
+                            "idle_timeout",
+                            f"no message for {idle:g} s and nothing left to speak "
+                            "(CSM_GATEWAY_WS_IDLE_TIMEOUT_S): send text, flush or close",
+                        )
                     continue
                 message = pending.result()
                 if message["type"] == "websocket.disconnect":
@@ -186,12 +204,19 @@ class TextStreamSession:
             raise SessionError("message_after_close", "a message arrived after close: the text was whole")
         raw = message.get("text")
         if raw is None:
-            raise SessionError("binary_message", "binary messages are not taken: send JSON text messages "
-                               f"({', '.join(MESSAGE_TYPES)})", 1003)
+            raise SessionError(
+                "binary_message",
+                f"binary messages are not taken: send JSON text messages ({', '.join(MESSAGE_TYPES)})",
+                1003,
+            )
         size, limit = len(raw.encode("utf-8", "surrogatepass")), self.limits.ws_max_message_bytes
         if size > limit:
-            raise SessionError("message_too_large", f"a message of {size:,} bytes; the limit is {limit:,} "
-                               "(CSM_GATEWAY_WS_MAX_MESSAGE_BYTES): send the text in smaller pieces", 1009)
+            raise SessionError(
+                "message_too_large",
+                f"a message of {size:,} bytes; the limit is {limit:,} "
+                "(CSM_GATEWAY_WS_MAX_MESSAGE_BYTES): send the text in smaller pieces",
+                1009,
+            )
         try:
             check_json_values(raw, "the message")
             data = json.loads(raw)
@@ -201,8 +226,11 @@ class TextStreamSession:
             raise SessionError("invalid_json", f"the message is not JSON: {error}") from None
         kind = data.get("type") if isinstance(data, dict) else None
         if kind not in MESSAGE_TYPES:
-            raise SessionError("unknown_message_type", f"a message's \"type\" is one of {', '.join(MESSAGE_TYPES)}; "
-                               f"got {json.dumps(kind)[:60] if isinstance(data, dict) else 'no JSON object'}")
+            raise SessionError(
+                "unknown_message_type",
+                f'a message\'s "type" is one of {", ".join(MESSAGE_TYPES)}; '
+                f"got {json.dumps(kind)[:60] if isinstance(data, dict) else 'no JSON object'}",
+            )
         if kind == "start":
             self._start(data)
         elif kind == "text":
@@ -229,18 +257,25 @@ class TextStreamSession:
         except InvalidRequest as error:
             raise SessionError("invalid_start", f"start: {error}") from None
         if options.model not in MODELS:
-            raise SessionError("model_not_found", f"start: model '{options.model}' does not exist; this server "
-                               f"speaks with {', '.join(MODELS)} (all CSM-1B)")
+            raise SessionError(
+                "model_not_found",
+                f"start: model '{options.model}' does not exist; this server "
+                f"speaks with {', '.join(MODELS)} (all CSM-1B)",
+            )
         self.options = options
 
     def _text(self, text) -> None:
         if not isinstance(text, str):
-            raise SessionError("invalid_message", 'a text message carries the text as a string: '
-                               '{"type": "text", "text": "..."}')
+            raise SessionError(
+                "invalid_message", 'a text message carries the text as a string: {"type": "text", "text": "..."}'
+            )
         self.text_chars += len(text)
         if self.text_chars > MAX_LONG_TEXT_CHARS:
-            raise SessionError("text_too_long", f"the session's text passed {MAX_LONG_TEXT_CHARS:,} characters, "
-                               "the server's limit for one text (MAX_LONG_TEXT_CHARS)")
+            raise SessionError(
+                "text_too_long",
+                f"the session's text passed {MAX_LONG_TEXT_CHARS:,} characters, "
+                "the server's limit for one text (MAX_LONG_TEXT_CHARS)",
+            )
         self._queue(self.splitter.feed(text))
 
     def _queue(self, sentences: list[str]) -> None:
@@ -251,8 +286,10 @@ class TextStreamSession:
                 continue
             self.queued += 1
             if self.queued > self.limits.ws_max_sentences:
-                raise SessionError("too_many_sentences", f"more than {self.limits.ws_max_sentences} sentences in "
-                                   "one session (CSM_GATEWAY_WS_MAX_SENTENCES)")
+                raise SessionError(
+                    "too_many_sentences",
+                    f"more than {self.limits.ws_max_sentences} sentences in one session (CSM_GATEWAY_WS_MAX_SENTENCES)",
+                )
             self.sentences.put_nowait(text.strip())
 
     # --- speaking -------------------------------------------------------------------
@@ -272,8 +309,15 @@ class TextStreamSession:
         one continues from."""
         options, start = self.options, self.samples
         voice = options.voice if options.voice and options.voice.lower() not in OPENAI_VOICES else None
-        chunks = self.cloner.stream(text, voice=voice, seed=options.seed, temperature=options.temperature,
-                                    top_k=options.top_k, speaker=options.speaker, continue_from=continue_from)
+        chunks = self.cloner.stream(
+            text,
+            voice=voice,
+            seed=options.seed,
+            temperature=options.temperature,
+            top_k=options.top_k,
+            speaker=options.speaker,
+            continue_from=continue_from,
+        )
         try:
             async for chunk in chunks:
                 if self.encoder is None:
@@ -286,11 +330,22 @@ class TextStreamSession:
         finally:
             await chunks.aclose()
         if not chunks.continuation:
-            raise SessionError("server_error", "Triton's csm_tts_stream did not answer CONTINUATION: it predates "
-                               "the text stream (update the model repository)", 1011, "server_error")
-        sentence = {"index": len(self.spoken), "text": text, "normalized_text": " ".join(chunks.normalized_text),
-                    "finish_reasons": list(chunks.finish_reasons), "frames": sum(chunks.segment_frames),
-                    "start": round(start / self.sample_rate, 6), "end": round(self.samples / self.sample_rate, 6)}
+            raise SessionError(
+                "server_error",
+                "Triton's csm_tts_stream did not answer CONTINUATION: it predates "
+                "the text stream (update the model repository)",
+                1011,
+                "server_error",
+            )
+        sentence = {
+            "index": len(self.spoken),
+            "text": text,
+            "normalized_text": " ".join(chunks.normalized_text),
+            "finish_reasons": list(chunks.finish_reasons),
+            "frames": sum(chunks.segment_frames),
+            "start": round(start / self.sample_rate, 6),
+            "end": round(self.samples / self.sample_rate, 6),
+        }
         self.spoken.append(sentence)
         await self._send_json({"type": "sentence", **sentence})
         return chunks.continuation

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from csm_triton.errors import InvalidInput
 
@@ -40,10 +41,15 @@ class StackShape:
 
     def linear(self, projection: str) -> tuple[int, int]:
         """(in features, out features) of a projection of every layer."""
-        return {"q_proj": (self.hidden, self.q_out), "k_proj": (self.hidden, self.kv_out),
-                "v_proj": (self.hidden, self.kv_out), "o_proj": (self.q_out, self.hidden),
-                "gate_proj": (self.hidden, self.intermediate), "up_proj": (self.hidden, self.intermediate),
-                "down_proj": (self.intermediate, self.hidden)}[projection]
+        return {
+            "q_proj": (self.hidden, self.q_out),
+            "k_proj": (self.hidden, self.kv_out),
+            "v_proj": (self.hidden, self.kv_out),
+            "o_proj": (self.q_out, self.hidden),
+            "gate_proj": (self.hidden, self.intermediate),
+            "up_proj": (self.hidden, self.intermediate),
+            "down_proj": (self.intermediate, self.hidden),
+        }[projection]
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,13 @@ def _stack_shape(config: Mapping[str, Any], name: str) -> StackShape:
     try:
         hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
         head_dim = int(config.get("head_dim") or hidden // heads)
-        return StackShape(int(config["num_hidden_layers"]), hidden, heads * head_dim,
-                          int(config.get("num_key_value_heads") or heads) * head_dim, int(config["intermediate_size"]))
+        return StackShape(
+            int(config["num_hidden_layers"]),
+            hidden,
+            heads * head_dim,
+            int(config.get("num_key_value_heads") or heads) * head_dim,
+            int(config["intermediate_size"]),
+        )
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"the base config's {name} lacks a usable {error}") from None
 
@@ -110,8 +121,10 @@ class ServedBase:
 
     def _require(self) -> None:
         if not (self.checkpoint / "config.json").is_file():
-            raise InvalidInput("this server cannot register adapters: it has no base checkpoint to check them "
-                               "against (voice_register's `base_checkpoint`)")
+            raise InvalidInput(
+                "this server cannot register adapters: it has no base checkpoint to check them "
+                "against (voice_register's `base_checkpoint`)"
+            )
 
     @cached_property
     def shapes(self) -> BaseShapes:
@@ -124,8 +137,11 @@ class ServedBase:
         known = {}
         try:
             artifacts = json.loads(self.build_manifest.read_text())["artifacts_sha256"] if self.build_manifest else {}
-            known = {path[len(self.manifest_prefix):]: digest for path, digest in artifacts.items()
-                     if path.startswith(self.manifest_prefix) and "/" not in path[len(self.manifest_prefix):]}
+            known = {
+                path[len(self.manifest_prefix) :]: digest
+                for path, digest in artifacts.items()
+                if path.startswith(self.manifest_prefix) and "/" not in path[len(self.manifest_prefix) :]
+            }
         except (OSError, ValueError, KeyError, TypeError):
             pass
         return base_model_sha256(self.checkpoint, known)

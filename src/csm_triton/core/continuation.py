@@ -25,8 +25,8 @@ import secrets
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -70,8 +70,12 @@ class ContinuationStore:
     """Tails by id, bounded in count and age; thread-safe (csm_tts_stream runs a worker
     thread per stream)."""
 
-    def __init__(self, max_entries: int = DEFAULT_MAX_ENTRIES, ttl_s: float = DEFAULT_TTL_S,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        ttl_s: float = DEFAULT_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if max_entries < 1 or ttl_s <= 0:
             raise ValueError("a continuation store needs max_entries >= 1 and ttl_s > 0")
         self.max_entries, self.ttl_s, self._clock = max_entries, ttl_s, clock
@@ -97,14 +101,18 @@ class ContinuationStore:
     def take(self, name: str) -> ChainTail:
         """The tail kept under `name`, removed (an id continues one piece only)."""
         if not _ID.match(name):
-            raise InvalidInput("input 'CONTINUE_FROM' is not a continuation id: send the CONTINUATION of the "
-                               "previous piece's final response, or an empty string to start a chain")
+            raise InvalidInput(
+                "input 'CONTINUE_FROM' is not a continuation id: send the CONTINUATION of the "
+                "previous piece's final response, or an empty string to start a chain"
+            )
         with self._lock:
             self._expire()
             entry = self._tails.pop(name, None)
         if entry is None:
-            raise InvalidInput(f"input 'CONTINUE_FROM' names no continuation this server holds: used already, "
-                               f"older than {self.ttl_s:g} s, dropped for newer ones, or made by another server")
+            raise InvalidInput(
+                f"input 'CONTINUE_FROM' names no continuation this server holds: used already, "
+                f"older than {self.ttl_s:g} s, dropped for newer ones, or made by another server"
+            )
         return entry[1]
 
     def _expire(self) -> None:

@@ -21,7 +21,7 @@ cache can find them. Every rule failure is InvalidInput (INVALID_ARG).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -33,8 +33,15 @@ from csm_triton.errors import InvalidInput
 
 __all__ = ["speaker_id", "spoken_text", "context_turns", "CONTEXT_INPUTS"]
 
-CONTEXT_INPUTS = ("SPEAKER", "CONTEXT_TEXT", "CONTEXT_SPEAKER", "CONTEXT_AUDIO", "CONTEXT_AUDIO_LENGTHS",
-                  "CONTEXT_SAMPLE_RATE", "CONTEXT_VOICE_ID")
+CONTEXT_INPUTS = (
+    "SPEAKER",
+    "CONTEXT_TEXT",
+    "CONTEXT_SPEAKER",
+    "CONTEXT_AUDIO",
+    "CONTEXT_AUDIO_LENGTHS",
+    "CONTEXT_SAMPLE_RATE",
+    "CONTEXT_VOICE_ID",
+)
 
 # voice id -> (transcript, codes [frames, 32]); raises InvalidInput for an unknown voice
 VoiceLookup = Callable[[str], tuple[str, np.ndarray]]
@@ -79,9 +86,17 @@ def spoken_text(value: str, name: str, max_chars: int = C.MAX_TEXT_CHARS) -> str
     return value
 
 
-def context_turns(*, texts: Sequence[str] | None = None, speakers=None, audio=None, audio_lengths=None,
-                  sample_rate=None, voice_ids: Sequence[str] | None = None,
-                  lookup_voice: VoiceLookup, encode: Encoder) -> list[Turn]:
+def context_turns(
+    *,
+    texts: Sequence[str] | None = None,
+    speakers=None,
+    audio=None,
+    audio_lengths=None,
+    sample_rate=None,
+    voice_ids: Sequence[str] | None = None,
+    lookup_voice: VoiceLookup,
+    encode: Encoder,
+) -> list[Turn]:
     """The context turns of a request, checked, as prompt turns (oldest first).
 
     Cheap rules first (counts, lengths, speakers, texts, the audio total), so that a bad
@@ -114,8 +129,9 @@ def context_turns(*, texts: Sequence[str] | None = None, speakers=None, audio=No
     _check_audio_total(audio_frames / C.FRAME_RATE_HZ + sum(c.size for c in clips) / _rate(sample_rate, clips))
     for index, (text, clip) in enumerate(zip(texts, clips)):
         speaker = turn_speakers[len(voice_ids) + index]
-        samples = prepare_reference_audio(clip, sample_rate, name=f"CONTEXT_AUDIO (turn {index})",
-                                          rate_name="CONTEXT_SAMPLE_RATE")
+        samples = prepare_reference_audio(
+            clip, sample_rate, name=f"CONTEXT_AUDIO (turn {index})", rate_name="CONTEXT_SAMPLE_RATE"
+        )
         codes = validation.audio_codes(np.asarray(encode(samples)), "encoded context audio")
         turns.append(Turn(text, speaker, codes))
     return turns
@@ -140,8 +156,10 @@ def _split_audio(texts, audio, audio_lengths, sample_rate) -> list[np.ndarray | 
         if sample_rate is not None:
             raise InvalidInput("'CONTEXT_SAMPLE_RATE' was given without 'CONTEXT_AUDIO'")
         if texts:  # CSM's chat template: every turn before the target has text and audio
-            raise InvalidInput("'CONTEXT_TEXT' needs 'CONTEXT_AUDIO' and 'CONTEXT_AUDIO_LENGTHS': "
-                               "every context turn carries the audio of what was said")
+            raise InvalidInput(
+                "'CONTEXT_TEXT' needs 'CONTEXT_AUDIO' and 'CONTEXT_AUDIO_LENGTHS': "
+                "every context turn carries the audio of what was said"
+            )
         return []
     if audio is None or audio_lengths is None:
         raise InvalidInput("'CONTEXT_AUDIO' and 'CONTEXT_AUDIO_LENGTHS' come together")

@@ -19,11 +19,22 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO
 
-__all__ = ["TEMP_PREFIX", "TEMP_SUFFIX", "atomic_copy", "atomic_directory", "atomic_write", "fsync_directory",
-           "is_temporary", "stale_temporary", "temporary_path", "write_durable"]
+__all__ = [
+    "TEMP_PREFIX",
+    "TEMP_SUFFIX",
+    "atomic_copy",
+    "atomic_directory",
+    "atomic_write",
+    "fsync_directory",
+    "is_temporary",
+    "stale_temporary",
+    "temporary_path",
+    "write_durable",
+]
 
 TEMP_PREFIX = "."  # temporaries are hidden ...
 TEMP_SUFFIX = ".tmp"  # ... and never end in the target's own suffix
@@ -61,8 +72,7 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-def stale_temporary(path: str | os.PathLike, *, max_age_s: float = TEMP_MAX_AGE_S,
-                    now: float | None = None) -> bool:
+def stale_temporary(path: str | os.PathLike, *, max_age_s: float = TEMP_MAX_AGE_S, now: float | None = None) -> bool:
     """Whether `path` is a temporary of `atomic_write` that nobody will publish: its
     writer's process is gone from this host, or it is older than max_age_s. False for
     anything else (and for a file that vanished meanwhile)."""
@@ -79,6 +89,7 @@ def stale_temporary(path: str | os.PathLike, *, max_age_s: float = TEMP_MAX_AGE_
     if writer is None or writer.group(1) != _host_tag():
         return False  # an older name or another host's writer: only its age tells
     return not _process_exists(int(writer.group(2)))
+
 
 Publish = Callable[[str, Path], None]  # (temporary path, target)
 
@@ -98,8 +109,9 @@ def fsync_directory(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(target: str | os.PathLike, *, durable: bool = True,
-                 publish: Publish = os.replace) -> Iterator[BinaryIO]:
+def atomic_write(
+    target: str | os.PathLike, *, durable: bool = True, publish: Publish = os.replace
+) -> Iterator[BinaryIO]:
     """A binary file handle whose content appears at `target` all at once, on success.
 
     durable: fsync the file and its folder (data that must survive a crash; off for
@@ -107,8 +119,9 @@ def atomic_write(target: str | os.PathLike, *, durable: bool = True,
     os.replace by default, or e.g. a hard link for an exclusive create.
     """
     target = Path(target)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=TEMP_SUFFIX,
-                                         prefix=f"{TEMP_PREFIX}{target.name}.{_host_tag()}~{os.getpid()}~")
+    handle, temporary = tempfile.mkstemp(
+        dir=target.parent, suffix=TEMP_SUFFIX, prefix=f"{TEMP_PREFIX}{target.name}.{_host_tag()}~{os.getpid()}~"
+    )
     try:
         with os.fdopen(handle, "wb") as out:
             yield out

@@ -24,7 +24,7 @@ import logging
 import re
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 from csm_triton import constants as C
 
@@ -48,21 +48,28 @@ def load():
                 _state["normalizer"] = Normalizer(lang="en", operator="tn")  # "auto" takes "2026" for Chinese
             except Exception as error:  # noqa: BLE001 - a server without it still speaks, unnormalized
                 _state["error"] = error
-                LOG.error("text normalization is off: wetext could not be loaded (%s: %s)",
-                          type(error).__name__, error)
+                LOG.error("text normalization is off: wetext could not be loaded (%s: %s)", type(error).__name__, error)
         return _state.get("normalizer")
 
 
 # --- pre-pass: what wetext 0.1.8 reads wrong, and abbreviations -------------------------------
-_CURRENCIES = {"$": ("dollar", "dollars", "cent", "cents"), "€": ("euro", "euros", "cent", "cents"),
-               "£": ("pound", "pounds", "penny", "pence"), "¥": ("yen", "yen", None, None)}
+_CURRENCIES = {
+    "$": ("dollar", "dollars", "cent", "cents"),
+    "€": ("euro", "euros", "cent", "cents"),
+    "£": ("pound", "pounds", "penny", "pence"),
+    "¥": ("yen", "yen", None, None),
+}
 _SCALE = r"\s?(?:[kKmMbB]n?|thousand|million|billion|trillion)\b"
 # wetext reads "$5.30" as "five point three dollars": amounts with cents become words it reads right.
-_MONEY_CENTS = re.compile(r"(?<![\w.,])([$€£])([0-9]{1,3}(?:,[0-9]{3})+|[0-9]*)\.([0-9][0-9])"
-                          r"(?![0-9]|,[0-9]|\.[0-9]|" + _SCALE + r")")
+_MONEY_CENTS = re.compile(
+    r"(?<![\w.,])([$€£])([0-9]{1,3}(?:,[0-9]{3})+|[0-9]*)\.([0-9][0-9])"
+    r"(?![0-9]|,[0-9]|\.[0-9]|" + _SCALE + r")"
+)
 # "$5/hour" became "dollar five slash hour".
-_MONEY_RATE = re.compile(r"([$€£¥][0-9][0-9,.]*(?:" + _SCALE + r")?)\s?/\s?(hour|hr|h|day|week|wk|month|mo|year|yr"
-                         r"|night|person|head|unit|kg|lb|mile|km)\b")
+_MONEY_RATE = re.compile(
+    r"([$€£¥][0-9][0-9,.]*(?:" + _SCALE + r")?)\s?/\s?(hour|hr|h|day|week|wk|month|mo|year|yr"
+    r"|night|person|head|unit|kg|lb|mile|km)\b"
+)
 _RATE_UNITS = {"hr": "hour", "h": "hour", "wk": "week", "mo": "month", "yr": "year"}
 # wetext drops the "one" of 1,000-1,999 ("1,500" -> "thousand five hundred").
 _ONE_THOUSAND = re.compile(r"(?<![\w.,])([$€£¥]?)1,([0-9]{3})(?![,0-9])(?!" + _SCALE + r")")
@@ -79,30 +86,71 @@ _TWENTY_FOUR_SEVEN = re.compile(r"\b24/7\b")  # "twenty four sevenths"
 _PLUS = re.compile(r"(?<![\w+])\+(?=[0-9])")  # "+5" crashes wetext
 _GLUED_FRACTION = re.compile(r"(?<=[0-9])(?=[¼-¾⅐-⅞])")  # "2½" crashes it; "2 ½" is "two and a half"
 # Units wetext does not know, or reads otherwise ("100 m" was "one hundred minutes").
-_UNITS = {"m/s²": ("meter per second squared", "meters per second squared"),
-          "m/s": ("meter per second", "meters per second"), "km/s": ("kilometer per second", "kilometers per second"),
-          "m": ("meter", "meters"), "hr": ("hour", "hours"), "hrs": ("hour", "hours"), "sec": ("second", "seconds"),
-          "secs": ("second", "seconds"), "kHz": ("kilohertz", "kilohertz"), "kWh": ("kilowatt hour", "kilowatt hours")}
-_UNIT = re.compile(r"(?<![\w.,$€£¥])([0-9]+(?:\.[0-9]+)?) ?("
-                   + "|".join(re.escape(u) for u in sorted(_UNITS, key=len)[::-1])
-                   + r")(?![\w/²])")
+_UNITS = {
+    "m/s²": ("meter per second squared", "meters per second squared"),
+    "m/s": ("meter per second", "meters per second"),
+    "km/s": ("kilometer per second", "kilometers per second"),
+    "m": ("meter", "meters"),
+    "hr": ("hour", "hours"),
+    "hrs": ("hour", "hours"),
+    "sec": ("second", "seconds"),
+    "secs": ("second", "seconds"),
+    "kHz": ("kilohertz", "kilohertz"),
+    "kWh": ("kilowatt hour", "kilowatt hours"),
+}
+_UNIT = re.compile(
+    r"(?<![\w.,$€£¥])([0-9]+(?:\.[0-9]+)?) ?("
+    + "|".join(re.escape(u) for u in sorted(_UNITS, key=len)[::-1])
+    + r")(?![\w/²])"
+)
 _SCHEME = re.compile(r"\b(?:https?|ftp)://(?=\w)")  # "HTTPS colon slash slash": nobody reads it out
 # Titles (before a name; wetext knows some, reads "Ms." as "Miss" and misses the rest).
-_TITLES = {"Mr.": "Mister", "Mrs.": "Missus", "Ms.": "Miz", "Prof.": "Professor", "Capt.": "Captain",
-           "Sgt.": "Sergeant", "Lt.": "Lieutenant", "Col.": "Colonel", "Gen.": "General", "Rev.": "Reverend",
-           "Gov.": "Governor", "Sen.": "Senator", "Rep.": "Representative", "Pres.": "President", "Mt.": "Mount",
-           "e.g.": "for example", "i.e.": "that is", "vs.": "versus", "approx.": "approximately", "ca.": "circa"}
+_TITLES = {
+    "Mr.": "Mister",
+    "Mrs.": "Missus",
+    "Ms.": "Miz",
+    "Prof.": "Professor",
+    "Capt.": "Captain",
+    "Sgt.": "Sergeant",
+    "Lt.": "Lieutenant",
+    "Col.": "Colonel",
+    "Gen.": "General",
+    "Rev.": "Reverend",
+    "Gov.": "Governor",
+    "Sen.": "Senator",
+    "Rep.": "Representative",
+    "Pres.": "President",
+    "Mt.": "Mount",
+    "e.g.": "for example",
+    "i.e.": "that is",
+    "vs.": "versus",
+    "approx.": "approximately",
+    "ca.": "circa",
+}
 # Abbreviations that may end a sentence: their period stays when they do.
-_ENDINGS = {"etc.": "et cetera", "Inc.": "Incorporated", "Corp.": "Corporation", "Co.": "Company",
-            "Ltd.": "Limited", "Jr.": "Junior", "Sr.": "Senior", "Ave.": "Avenue", "Blvd.": "Boulevard",
-            "Rd.": "Road", "Dept.": "Department"}
+_ENDINGS = {
+    "etc.": "et cetera",
+    "Inc.": "Incorporated",
+    "Corp.": "Corporation",
+    "Co.": "Company",
+    "Ltd.": "Limited",
+    "Jr.": "Junior",
+    "Sr.": "Senior",
+    "Ave.": "Avenue",
+    "Blvd.": "Boulevard",
+    "Rd.": "Road",
+    "Dept.": "Department",
+}
 # "St. Louis" / "Main St.", "Dr. Who" / "Mulholland Dr.": the place after a capitalized
 # word or a number ("5th St.") unless a capital follows, else the title.
 _EITHER = {"St.": ("Saint", "Street"), "Dr.": ("Doctor", "Drive")}
 _PLACE_BEFORE = re.compile(r"(?:[A-Z][\w'-]*|[0-9]\w*) $")
 _SUFFIXES = frozenset({"Jr.", "Sr."})  # "King Jr. Day": a capital after them starts no sentence
-_ABBREVIATION = re.compile(r"(?<![\w.])(" + "|".join(re.escape(a) for a in sorted({**_TITLES, **_ENDINGS, **_EITHER},
-                                                                                key=len)[::-1]) + r")(?!\w)")
+_ABBREVIATION = re.compile(
+    r"(?<![\w.])("
+    + "|".join(re.escape(a) for a in sorted({**_TITLES, **_ENDINGS, **_EITHER}, key=len)[::-1])
+    + r")(?!\w)"
+)
 _CAPITAL_NEXT = re.compile(r"\s+[\"'“‘(]?[A-Z]")
 _NAME_NEXT = re.compile(r"\s+[\"'“‘(]?[A-Z][\w'-]*+(?!\.)")  # "St. Louis", not "St. Apt. 3"
 _SENTENCE_END = re.compile(r"[\s\"'”’)\]]*$")
@@ -175,11 +223,13 @@ _CONTEXT_WORDS = 2  # "Jan. 3rd, 2026", "10:45 a.m.", "5 km/h", "$2.5 million" r
 # Characters wetext's tagger fails on next to a digit ("[2020]", a zero-width space; "5*" and
 # the like fail too, and are read word by word or left as written):
 # they cut a window into chunks, read one by one, and stay as they were.
-_SEPARATORS = re.compile("[" + re.escape("[]{}<>\"“”«»") + "\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]+")
+_SEPARATORS = re.compile("[" + re.escape('[]{}<>"“”«»') + "\u200b-\u200f\u202a-\u202e\u2060-\u2064\ufeff]+")
 _WORD = re.compile(r"\S+")
 # wetext reads 1905 as "nineteen zero five".
-_YEAR_ZERO = re.compile(r"\b(ten|eleven|twelve|thirteen|fourteen|fifteen|sixteen|seventeen|eighteen|nineteen|twenty)"
-                        r" zero (one|two|three|four|five|six|seven|eight|nine)\b")
+_YEAR_ZERO = re.compile(
+    r"\b(ten|eleven|twelve|thirteen|fourteen|fifteen|sixteen|seventeen|eighteen|nineteen|twenty)"
+    r" zero (one|two|three|four|five|six|seven|eight|nine)\b"
+)
 _ESCAPED = re.compile(r'\\(["\\])')  # wetext's output escapes quotes and backslashes
 
 
@@ -187,7 +237,7 @@ def _windows(text: str) -> list[tuple[int, int]]:
     """(start, end) of each run of words wetext reads: the words that need it and their
     context, never across anything but a single space (wetext fails on runs of spaces)."""
     words = [match.span() for match in _WORD.finditer(text)]
-    linked = [text[a[1]:b[0]] == " " for a, b in zip(words, words[1:])]  # word i to word i + 1
+    linked = [text[a[1] : b[0]] == " " for a, b in zip(words, words[1:])]  # word i to word i + 1
     runs: list[list[int]] = []
     for index, (start, end) in enumerate(words):
         if not _NEEDS_LIBRARY.search(text, start, end):
@@ -197,7 +247,7 @@ def _windows(text: str) -> list[tuple[int, int]]:
             first -= 1
         while last < len(words) - 1 and last - index < _CONTEXT_WORDS and linked[last]:
             last += 1
-        if runs and first <= runs[-1][1] + 1 and all(linked[runs[-1][1]:first]):
+        if runs and first <= runs[-1][1] + 1 and all(linked[runs[-1][1] : first]):
             runs[-1][1] = max(runs[-1][1], last)
         else:
             runs.append([first, last])
@@ -213,14 +263,14 @@ def _chunk(normalizer, chunk: str) -> str:
     if not spoken.strip():
         raise ValueError("empty output")
     spoken = _YEAR_ZERO.sub(r"\1 oh \2", _ESCAPED.sub(r"\1", spoken))
-    return chunk[:len(chunk) - len(chunk.lstrip())] + spoken + chunk[len(chunk.rstrip()):]
+    return chunk[: len(chunk) - len(chunk.lstrip())] + spoken + chunk[len(chunk.rstrip()) :]
 
 
 def _library(normalizer, window: str) -> str:
     """wetext on one window, chunk by chunk between _SEPARATORS; raises on its failures."""
     pieces, position = [], 0
     for separator in _SEPARATORS.finditer(window):
-        pieces += [_chunk(normalizer, window[position:separator.start()]), separator[0]]
+        pieces += [_chunk(normalizer, window[position : separator.start()]), separator[0]]
         position = separator.end()
     return "".join(pieces) + _chunk(normalizer, window[position:])
 
@@ -238,8 +288,9 @@ def _read(normalizer, window: str) -> str:
                 words[index] = _library(normalizer, word)
             except Exception:  # noqa: BLE001
                 pass
-    LOG.warning("text normalization failed on %r (%s: %s); read word by word", window[:80],
-                type(failure).__name__, failure)
+    LOG.warning(
+        "text normalization failed on %r (%s: %s); read word by word", window[:80], type(failure).__name__, failure
+    )
     return " ".join(words)
 
 
@@ -248,8 +299,9 @@ def normalize_text(text: str) -> str:
     to be spoken. Text with nothing to normalize comes back unchanged, character for
     character; so does a longer text (logged), and any text when wetext cannot be loaded."""
     if len(text) > C.NORMALIZE_MAX_CHARS:
-        LOG.warning("text normalization skipped a piece of %d characters (the limit is %d)",
-                    len(text), C.NORMALIZE_MAX_CHARS)
+        LOG.warning(
+            "text normalization skipped a piece of %d characters (the limit is %d)", len(text), C.NORMALIZE_MAX_CHARS
+        )
         return text
     try:
         rewritten = prepass(text)
@@ -269,8 +321,13 @@ def normalize_text(text: str) -> str:
         return text
 
 
-def normalize_texts(pieces: Sequence[str], *, budget_seconds: float = C.NORMALIZE_BUDGET_SECONDS,
-                    max_chars: int = C.NORMALIZED_TEXT_MAX_CHARS, clock=time.perf_counter) -> list[str]:
+def normalize_texts(
+    pieces: Sequence[str],
+    *,
+    budget_seconds: float = C.NORMALIZE_BUDGET_SECONDS,
+    max_chars: int = C.NORMALIZED_TEXT_MAX_CHARS,
+    clock=time.perf_counter,
+) -> list[str]:
     """One request's sentences (each at most NORMALIZE_MAX_CHARS), each normalized, in
     order. Past `budget_seconds` (checked between sentences), and where a sentence's
     normalized form would take the whole past `max_chars` (a digit soup reads 5x
@@ -281,8 +338,12 @@ def normalize_texts(pieces: Sequence[str], *, budget_seconds: float = C.NORMALIZ
     spoken = list(pieces)
     for index, piece in enumerate(pieces):
         if clock() > deadline:
-            LOG.warning("text normalization ran out of its %g s budget: %d of %d sentences are spoken as written",
-                        budget_seconds, len(pieces) - index, len(pieces))
+            LOG.warning(
+                "text normalization ran out of its %g s budget: %d of %d sentences are spoken as written",
+                budget_seconds,
+                len(pieces) - index,
+                len(pieces),
+            )
             break
         normalized = normalize_text(piece)
         if total - len(piece) + len(normalized) > max_chars:

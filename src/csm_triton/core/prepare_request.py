@@ -10,8 +10,8 @@ core.conversation, from the fields kept here untouched.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 
@@ -22,8 +22,15 @@ from csm_triton.errors import InvalidInput
 __all__ = ["CLIENT_INPUTS", "INPUT_NAMES", "PrepareRequest"]
 
 # What a client may send csm_tts / csm_tts_stream for csm_prepare (forwarded as is)...
-CLIENT_INPUTS = ("TEXT", "NORMALIZE", "VOICE_ID", "REFERENCE_AUDIO", "REFERENCE_SAMPLE_RATE", "REFERENCE_TEXT",
-                 *conversation.CONTEXT_INPUTS)
+CLIENT_INPUTS = (
+    "TEXT",
+    "NORMALIZE",
+    "VOICE_ID",
+    "REFERENCE_AUDIO",
+    "REFERENCE_SAMPLE_RATE",
+    "REFERENCE_TEXT",
+    *conversation.CONTEXT_INPUTS,
+)
 # ...and csm_tts_stream's own: a piece of a longer text (CONTINUE_FROM) is budgeted as one;
 # `head_only` asks for the first segment alone and the rest's sentences, which come back
 # as `pieces` / `spoken_pieces` in a second request for the rest's segments alone
@@ -55,14 +62,15 @@ class PrepareRequest:
     context: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_inputs(cls, inputs: Mapping[str, np.ndarray]) -> "PrepareRequest":
+    def from_inputs(cls, inputs: Mapping[str, np.ndarray]) -> PrepareRequest:
         text = validation.single_string(_texts(inputs, "TEXT"), "TEXT")
         pieces, spoken_pieces = _texts(inputs, "pieces"), _texts(inputs, "spoken_pieces")
         if pieces is not None or spoken_pieces is not None:
             pieces, spoken_pieces = pieces or [], spoken_pieces or []
             if sum(map(len, pieces)) + sum(map(len, spoken_pieces)) > C.NORMALIZED_TEXT_MAX_CHARS:
-                raise InvalidInput(f"inputs 'pieces' and 'spoken_pieces' hold more than {C.NORMALIZED_TEXT_MAX_CHARS} "
-                                   "characters")
+                raise InvalidInput(
+                    f"inputs 'pieces' and 'spoken_pieces' hold more than {C.NORMALIZED_TEXT_MAX_CHARS} characters"
+                )
         return cls(
             text=conversation.spoken_text(text, "TEXT", max_chars=C.MAX_LONG_TEXT_CHARS),
             speaker=conversation.speaker_id(inputs.get("SPEAKER")),
@@ -73,8 +81,7 @@ class PrepareRequest:
             pieces=pieces,
             spoken_pieces=spoken_pieces or [],
             voice_id=validation.single_text(_texts(inputs, "VOICE_ID"), "VOICE_ID", required=False),
-            reference_text=validation.single_string(_texts(inputs, "REFERENCE_TEXT"), "REFERENCE_TEXT",
-                                                    required=False),
+            reference_text=validation.single_string(_texts(inputs, "REFERENCE_TEXT"), "REFERENCE_TEXT", required=False),
             reference_audio=inputs.get("REFERENCE_AUDIO"),
             reference_sample_rate=inputs.get("REFERENCE_SAMPLE_RATE"),
             context={

@@ -31,6 +31,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 class Turn:
     """One turn of a conversation (a voice reference, a context turn, the target); a
     long text's pieces are core.segments'."""
+
     text: str
     speaker: int = C.DEFAULT_SPEAKER_ID
     audio_codes: np.ndarray | None = None  # [frames, NUM_CODEBOOKS]
@@ -91,8 +92,9 @@ class PromptBuilder:
         all_codes = np.concatenate(codes) if codes else np.zeros((0, C.NUM_CODEBOOKS), np.int64)
         return Prompt(np.asarray(ids, dtype=np.int64), all_codes)
 
-    def prepare(self, text: str, reference_text: str | None = None,
-                reference_codes: np.ndarray | None = None) -> Prompt:
+    def prepare(
+        self, text: str, reference_text: str | None = None, reference_codes: np.ndarray | None = None
+    ) -> Prompt:
         """The prompt for one request: an optional voice reference, then the target.
 
         The texts are trusted (csm_prepare checks TEXT, VoiceResolver REFERENCE_TEXT);
@@ -118,8 +120,9 @@ class PromptBuilder:
             validation.token_count(len(ids), "TEXT")
         return segment_ids
 
-    def conversation(self, texts: list[str], speaker: int = C.DEFAULT_SPEAKER_ID,
-                     context: list[Turn] | None = None) -> ConversationPrompt:
+    def conversation(
+        self, texts: list[str], speaker: int = C.DEFAULT_SPEAKER_ID, context: list[Turn] | None = None
+    ) -> ConversationPrompt:
         """Context turns (oldest first, the voice reference among them), then the
         target's segments spoken by `speaker`: exactly CsmProcessor.apply_chat_template's
         layout for the same turns. Each segment's text tokens are checked against

@@ -12,8 +12,8 @@ the one segment loop of both generators. The split itself is core.text_split's.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 import numpy as np
 
@@ -33,20 +33,27 @@ SEGMENT_OUTPUTS = ("segment_ids", "segment_token_counts", "segment_max_frames", 
 # client's MAX_AUDIO_SECONDS, which bounds the whole text; or never started because
 # that was used up by the segments before.
 END_OF_SPEECH, MAX_FRAMES, MAX_AUDIO_SECONDS, NOT_STARTED = (
-    "end_of_speech", "max_frames", "max_audio_seconds", "not_started")
+    "end_of_speech",
+    "max_frames",
+    "max_audio_seconds",
+    "not_started",
+)
 FINISH_REASONS = (END_OF_SPEECH, MAX_FRAMES, MAX_AUDIO_SECONDS, NOT_STARTED)
 # The counter csm_generate and csm_tts_stream keep of those endings, one series a reason.
-SEGMENTS_METRIC = ("csm_segments_total",
-                   f"Segments of texts (a text of up to {C.SEGMENT_MAX_CHARS} characters is one), by how each "
-                   "ended: end_of_speech, "
-                   "max_frames (its own frame budget), max_audio_seconds (the client's cap), not_started")
+SEGMENTS_METRIC = (
+    "csm_segments_total",
+    f"Segments of texts (a text of up to {C.SEGMENT_MAX_CHARS} characters is one), by how each "
+    "ended: end_of_speech, "
+    "max_frames (its own frame budget), max_audio_seconds (the client's cap), not_started",
+)
 # One segment's generation for SegmentChain.speak: (index, csm_lm inputs) -> (codes,
 # csm_lm's finish reason) or None when the client left.
 GenerateSegment = Callable[[int, dict], "tuple[np.ndarray, str | None] | None"]
 
 
-def segment_max_frames(text: str, seconds_per_char: float = C.SEGMENT_SECONDS_PER_CHAR,
-                       min_seconds: float = C.SEGMENT_MIN_SECONDS) -> int:
+def segment_max_frames(
+    text: str, seconds_per_char: float = C.SEGMENT_SECONDS_PER_CHAR, min_seconds: float = C.SEGMENT_MIN_SECONDS
+) -> int:
     """The frames a segment may take: `seconds_per_char` per character, at least
     `min_seconds` (csm_prepare's config parameters, defaulting to the constants), so a
     segment that never emits its end frame stops at a sane length (random or confused
@@ -69,12 +76,18 @@ def _checked_segments(prepared) -> tuple[list[np.ndarray], list[int | None], np.
     # Checked whole before the first segment is generated: a bad later segment must
     # not cost the earlier ones' work. (Each prompt's ids, segment 0's input_ids
     # first, are checked against the vocabulary by csm_lm's engine, which alone knows it.)
-    for name, values in (("segment_ids", flat), ("audio_token_ids", audio_ids),
-                         ("segment_token_counts", counts), ("segment_max_frames", frames)):
+    for name, values in (
+        ("segment_ids", flat),
+        ("audio_token_ids", audio_ids),
+        ("segment_token_counts", counts),
+        ("segment_max_frames", frames),
+    ):
         validation.integers_in_range(values, name, 0, None)
     if counts.sum() != len(flat) or len(frames) != len(counts):
-        raise InvalidInput("the segment inputs do not add up (segment_ids, segment_token_counts, "
-                           "segment_max_frames, audio_token_ids, input_ids)")
+        raise InvalidInput(
+            "the segment inputs do not add up (segment_ids, segment_token_counts, "
+            "segment_max_frames, audio_token_ids, input_ids)"
+        )
     segments = np.split(flat, np.cumsum(counts)[:-1]) if len(counts) else []
     # 0: no budget from the text (a one-segment text keeps the request's own cap)
     return segments, [int(v) or None for v in frames], audio_ids
@@ -131,11 +144,21 @@ class SegmentChain:
         segments, budgets, audio_ids = _checked_segments(prepared)
         counts = [len(ids) for ids in segments]
         if not counts or counts[0] > len(input_ids) or len(audio_ids) != 2:
-            raise InvalidInput("the segment inputs do not add up (segment_ids, segment_token_counts, "
-                               "segment_max_frames, audio_token_ids, input_ids)")
+            raise InvalidInput(
+                "the segment inputs do not add up (segment_ids, segment_token_counts, "
+                "segment_max_frames, audio_token_ids, input_ids)"
+            )
         audio_id, audio_eos_id = (int(v) for v in audio_ids)
-        return cls(input_ids[:len(input_ids) - counts[0]], codes, segments, budgets, audio_id, audio_eos_id,
-                   first_prompt=first, adapter_id=adapter_id)
+        return cls(
+            input_ids[: len(input_ids) - counts[0]],
+            codes,
+            segments,
+            budgets,
+            audio_id,
+            audio_eos_id,
+            first_prompt=first,
+            adapter_id=adapter_id,
+        )
 
     def __len__(self) -> int:
         return len(self.segment_ids)
@@ -148,15 +171,18 @@ class SegmentChain:
         codes = [self.context_codes]
         if self._previous is not None:  # segment index - 1, or a continued chain's last one
             previous_ids, previous_codes = self._previous
-            turn = np.concatenate([previous_ids, np.full(len(previous_codes), self.audio_id, np.int64),
-                                   [self.audio_eos_id]])
+            turn = np.concatenate(
+                [previous_ids, np.full(len(previous_codes), self.audio_id, np.int64), [self.audio_eos_id]]
+            )
             fits = len(self.context_ids) + len(turn) + len(self.segment_ids[index]) <= self.max_prompt_tokens
             if fits:  # else: the context alone keeps the voice, and the prompt fits
                 ids.append(turn)
                 codes.append(previous_codes)
         ids.append(self.segment_ids[index])
-        return {"input_ids": np.concatenate(ids).astype(np.int64),
-                "prompt_codes": np.ascontiguousarray(np.concatenate(codes).astype(np.int64))}
+        return {
+            "input_ids": np.concatenate(ids).astype(np.int64),
+            "prompt_codes": np.ascontiguousarray(np.concatenate(codes).astype(np.int64)),
+        }
 
     def _cap(self, index: int, request_max_frames: int, client_cap: bool) -> tuple[int, bool]:
         """(the cap, whether it is the client's MAX_AUDIO_SECONDS rather than the segment's
@@ -192,8 +218,9 @@ class SegmentChain:
             inputs["prefix_cache_turns"] = np.array([turns], np.int32)
         return inputs
 
-    def speak(self, sampling, request_max_frames: int, generate: GenerateSegment, *,
-              stop: Callable[[], bool] = lambda: False) -> bool:
+    def speak(
+        self, sampling, request_max_frames: int, generate: GenerateSegment, *, stop: Callable[[], bool] = lambda: False
+    ) -> bool:
         """The one segment loop, csm_generate's and csm_tts_stream's: each segment's csm_lm
         inputs go to `generate(index, inputs)`, which answers the segment's codes and
         csm_lm's finish reason (None: the client left), recorded in turn. No segment
@@ -255,16 +282,22 @@ class SegmentChain:
     def tail(self, decoder_history: np.ndarray) -> ChainTail:
         """Where this chain stopped, for the next piece of its text (core.continuation)."""
         ids, codes = self._previous if self._previous is not None else (None, None)
-        return ChainTail(context_digest(self.context_ids, self.context_codes, self.adapter_id),
-                         self.first_segment + len(self),
-                         self._generated_frames, ids, None if codes is None else codes.astype(np.int16),
-                         np.asarray(decoder_history, np.int16))
+        return ChainTail(
+            context_digest(self.context_ids, self.context_codes, self.adapter_id),
+            self.first_segment + len(self),
+            self._generated_frames,
+            ids,
+            None if codes is None else codes.astype(np.int16),
+            np.asarray(decoder_history, np.int16),
+        )
 
     def continue_from(self, tail: ChainTail) -> None:
         """Speak this request's segments after `tail`'s, as the next segments of one text."""
         if tail.context != context_digest(self.context_ids, self.context_codes, self.adapter_id):
-            raise InvalidInput("input 'CONTINUE_FROM' continues a text spoken with another voice or other "
-                               "context turns: send the same VOICE_ID, reference and context with every piece")
+            raise InvalidInput(
+                "input 'CONTINUE_FROM' continues a text spoken with another voice or other "
+                "context turns: send the same VOICE_ID, reference and context with every piece"
+            )
         self.chained, self.first_segment, self._generated_frames = True, tail.segments, tail.generated_frames
         if tail.previous_ids is not None and tail.previous_codes is not None:
             self._previous = (tail.previous_ids, tail.previous_codes.astype(np.int64))
@@ -280,11 +313,13 @@ class SegmentChain:
 
     def final_outputs(self) -> dict[str, np.ndarray]:
         """FINISH_REASONS, SEGMENT_FRAMES and SEGMENT_TIMES of the final response, one per segment."""
-        return {"FINISH_REASONS": np.array([r.encode() for r in self.finish_reasons()], dtype=object),
-                "SEGMENT_FRAMES": np.array(self.segment_frames(), np.int32), "SEGMENT_TIMES": self.segment_times()}
+        return {
+            "FINISH_REASONS": np.array([r.encode() for r in self.finish_reasons()], dtype=object),
+            "SEGMENT_FRAMES": np.array(self.segment_frames(), np.int32),
+            "SEGMENT_TIMES": self.segment_times(),
+        }
 
 
 def max_audio_seconds(frames: int) -> np.ndarray:
     """MAX_AUDIO_SECONDS that csm_lm turns back into exactly `frames` frames."""
     return np.array([frames / C.FRAME_RATE_HZ], np.float32)
-

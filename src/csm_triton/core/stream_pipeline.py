@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Mapping, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -85,15 +86,22 @@ class StreamPipeline:
     chunk_frames: int = C.STREAM_CHUNK_FRAMES
     left_context_frames: int = C.STREAM_LEFT_CONTEXT_FRAMES
     log_error: Callable[[str], None] = LOG.error
-    segments_ended: SegmentsEnded = lambda reasons: None  # noqa: E731 - metrics in the server
+    segments_ended: SegmentsEnded = lambda reasons: None
     continuations: ContinuationStore | None = None  # the tails of texts that arrive in pieces
     # Where the rests of long texts are prepared while their heads are spoken: a few at a
     # time (csm_prepare has two instances), the others wait their turn.
     rest_workers: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="csm-prepare-rest"))
+        default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="csm-prepare-rest")
+    )
 
-    def run(self, prepare_inputs: Arrays, sampling: Arrays, sender: ResponseSender,
-            stream_id: str | None = None, continue_from: str | None = None) -> None:
+    def run(
+        self,
+        prepare_inputs: Arrays,
+        sampling: Arrays,
+        sender: ResponseSender,
+        stream_id: str | None = None,
+        continue_from: str | None = None,
+    ) -> None:
         """Streams one utterance to `sender` and ends it with exactly one final response.
         `continue_from`: None for a text on its own; "" for the first piece of a text
         that arrives in pieces, or the CONTINUATION of the piece before."""
@@ -108,8 +116,14 @@ class StreamPipeline:
         else:
             self._end(sender, stream_id, None, final)
 
-    def _stream(self, prepare_inputs: Arrays, sampling: Arrays, sender: ResponseSender,
-                stream_id: str, continue_from: str | None = None) -> Arrays | None:
+    def _stream(
+        self,
+        prepare_inputs: Arrays,
+        sampling: Arrays,
+        sender: ResponseSender,
+        stream_id: str,
+        continue_from: str | None = None,
+    ) -> Arrays | None:
         """Streams every segment; the final response's outputs, or None when the client left."""
         if continue_from is not None and self.continuations is None:
             raise ValueError("this stream pipeline keeps no continuations")
@@ -127,11 +141,16 @@ class StreamPipeline:
         if tail is not None:
             chain.continue_from(tail)
         request_max_frames = validation.sampling_from_inputs(sampling).max_frames
-        decoder = StreamDecoder(self.decode, self.left_context_frames,
-                                history=None if tail is None else tail.decoder_history)
+        decoder = StreamDecoder(
+            self.decode, self.left_context_frames, history=None if tail is None else tail.decoder_history
+        )
+
         def generate(index: int, lm_inputs: Arrays) -> tuple[np.ndarray, str | None] | None:
-            lm_inputs = {**lm_inputs, "first_chunk_frames": np.array([self.first_chunk_frames], np.int32),
-                         "chunk_frames": np.array([self.chunk_frames], np.int32)}
+            lm_inputs = {
+                **lm_inputs,
+                "first_chunk_frames": np.array([self.first_chunk_frames], np.int32),
+                "chunk_frames": np.array([self.chunk_frames], np.int32),
+            }
             # Segment 0 keeps the stream's id (csm_lm's request id, named by a cancel).
             segment_id = stream_id if index == 0 else f"{stream_id}-{index}"
             return self._stream_segment(lm_inputs, segment_id, decoder, sender)
@@ -160,12 +179,17 @@ class StreamPipeline:
         spoken = head.get("rest_spoken_pieces", ())
         if not len(pieces) and not len(spoken):
             return None
-        rest_inputs = {**prepare_inputs, "pieces": np.asarray(pieces, dtype=object),
-                       "spoken_pieces": np.asarray(spoken, dtype=object), "budget_every_segment": np.array([True])}
+        rest_inputs = {
+            **prepare_inputs,
+            "pieces": np.asarray(pieces, dtype=object),
+            "spoken_pieces": np.asarray(spoken, dtype=object),
+            "budget_every_segment": np.array([True]),
+        }
         return self.rest_workers.submit(self.prepare, rest_inputs)
 
-    def _stream_segment(self, lm_inputs: Arrays, stream_id: str, decoder: StreamDecoder,
-                        sender: ResponseSender) -> tuple[np.ndarray, str | None] | None:
+    def _stream_segment(
+        self, lm_inputs: Arrays, stream_id: str, decoder: StreamDecoder, sender: ResponseSender
+    ) -> tuple[np.ndarray, str | None] | None:
         """One generation streamed to `sender`: its codes and finish reason, or None when
         the client left."""
         chunks = iter(self.generate(lm_inputs, stream_id))
@@ -207,8 +231,9 @@ class StreamPipeline:
         except Exception as error:  # noqa: BLE001
             self.log_error(f"csm_tts_stream: could not cancel {stream_id}: {error}")
 
-    def _end(self, sender: ResponseSender, stream_id: str, error: BaseException | None,
-             final: Arrays | None = None) -> None:
+    def _end(
+        self, sender: ResponseSender, stream_id: str, error: BaseException | None, final: Arrays | None = None
+    ) -> None:
         # One attempt only: a final call that raised (client gone) may have reached the
         # client or not, and a second final would break the protocol if it had.
         try:

@@ -8,7 +8,7 @@ plus one window; sentences are then packed into segments of at most SEGMENT_MAX_
 from __future__ import annotations
 
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from csm_triton import constants as C
 
@@ -61,8 +61,9 @@ def _scan_sentences(text: str) -> list[str]:
     return sentences
 
 
-def _sentences(text: str, window_chars: int = C.SENTENCE_WINDOW_CHARS,
-               budget_seconds: float = C.SENTENCE_SPLIT_BUDGET_SECONDS) -> list[str]:
+def _sentences(
+    text: str, window_chars: int = C.SENTENCE_WINDOW_CHARS, budget_seconds: float = C.SENTENCE_SPLIT_BUDGET_SECONDS
+) -> list[str]:
     """`text` cut into sentences that join back into exactly `text`.
 
     sentencex runs on one window at a time; a window's last sentence may be cut short by
@@ -76,7 +77,7 @@ def _sentences(text: str, window_chars: int = C.SENTENCE_WINDOW_CHARS,
         if time.perf_counter() > deadline:
             sentences += _scan_sentences(text[position:])
             break
-        window = text[position:position + window_chars]
+        window = text[position : position + window_chars]
         starts = _window_starts(window)
         if position + len(window) == len(text):
             ends = starts[1:] + [len(window)]
@@ -159,16 +160,22 @@ def split_text(text: str, max_chars: int = C.SEGMENT_MAX_CHARS, normalize: Norma
     return _pack(pieces, max_chars)
 
 
-def split_pieces(raw: list[str], max_chars: int = C.SEGMENT_MAX_CHARS, normalize: Normalize | None = None, *,
-                 spoken: Sequence[str] = ()) -> list[str]:
+def split_pieces(
+    raw: list[str],
+    max_chars: int = C.SEGMENT_MAX_CHARS,
+    normalize: Normalize | None = None,
+    *,
+    spoken: Sequence[str] = (),
+) -> list[str]:
     """The segments of split_head's rest, as split_text packs them: `spoken`, sentence
     parts normalized already, then the sentences `raw`, normalized here."""
     parts = list(raw) if normalize is None or not raw else _recut(normalize(list(raw)), max_chars)
     return _pack([*spoken, *parts], max_chars)
 
 
-def split_head(text: str, max_chars: int = C.SEGMENT_MAX_CHARS,
-               normalize: Normalize | None = None) -> tuple[list[str], list[str], list[str]]:
+def split_head(
+    text: str, max_chars: int = C.SEGMENT_MAX_CHARS, normalize: Normalize | None = None
+) -> tuple[list[str], list[str], list[str]]:
     """(split_text's first segment, the rest's parts normalized already, the rest's raw
     sentences), normalizing only the sentences the first segment needs, so that a long
     text's first audio does not wait for the normalization of all of it:
@@ -186,7 +193,7 @@ def split_head(text: str, max_chars: int = C.SEGMENT_MAX_CHARS,
         parts = [raw] if normalize is None else _recut(normalize([raw]), max_chars)
         for position, part in enumerate(parts):
             if current.strip() and len(current) + len(part) > max_chars:  # _pack's rule: `current` is a segment
-                return [current.strip()], parts[position:], pieces[index + 1:]
+                return [current.strip()], parts[position:], pieces[index + 1 :]
             if current and len(current) + len(part) > max_chars:  # a blank segment: _pack drops it
                 current = ""
             current += part

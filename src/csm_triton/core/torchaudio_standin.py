@@ -19,7 +19,7 @@ import contextlib
 import math
 import sys
 import types
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -30,9 +30,15 @@ __all__ = ["InverseSpectrogram", "Spectrogram", "TimeStretch", "installed_if_mis
 class Spectrogram(nn.Module):
     """Complex STFT (torchaudio's `power=None`), frames centred with reflect padding."""
 
-    def __init__(self, n_fft: int = 400, win_length: int | None = None, hop_length: int | None = None,
-                 window_fn: Callable[..., torch.Tensor] = torch.hann_window, power: float | None = None,
-                 normalized: bool = False) -> None:
+    def __init__(
+        self,
+        n_fft: int = 400,
+        win_length: int | None = None,
+        hop_length: int | None = None,
+        window_fn: Callable[..., torch.Tensor] = torch.hann_window,
+        power: float | None = None,
+        normalized: bool = False,
+    ) -> None:
         super().__init__()
         if power is not None or normalized:
             raise NotImplementedError("the torchaudio stand-in only implements power=None, normalized=False")
@@ -43,16 +49,31 @@ class Spectrogram(nn.Module):
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
         shape = waveform.shape
-        spec = torch.stft(waveform.reshape(-1, shape[-1]), self.n_fft, self.hop_length, self.win_length,
-                          self.window, center=True, pad_mode="reflect", onesided=True, return_complex=True)
+        spec = torch.stft(
+            waveform.reshape(-1, shape[-1]),
+            self.n_fft,
+            self.hop_length,
+            self.win_length,
+            self.window,
+            center=True,
+            pad_mode="reflect",
+            onesided=True,
+            return_complex=True,
+        )
         return spec.reshape(shape[:-1] + spec.shape[-2:])
 
 
 class InverseSpectrogram(nn.Module):
     """Inverse of `Spectrogram` by overlap-add (torch.istft)."""
 
-    def __init__(self, n_fft: int = 400, win_length: int | None = None, hop_length: int | None = None,
-                 window_fn: Callable[..., torch.Tensor] = torch.hann_window, normalized: bool = False) -> None:
+    def __init__(
+        self,
+        n_fft: int = 400,
+        win_length: int | None = None,
+        hop_length: int | None = None,
+        window_fn: Callable[..., torch.Tensor] = torch.hann_window,
+        normalized: bool = False,
+    ) -> None:
         super().__init__()
         if normalized:
             raise NotImplementedError("the torchaudio stand-in only implements normalized=False")
@@ -65,9 +86,18 @@ class InverseSpectrogram(nn.Module):
         if not spectrogram.is_complex():
             raise ValueError("InverseSpectrogram expects a complex spectrogram")
         shape = spectrogram.shape
-        signal = torch.istft(spectrogram.reshape(-1, shape[-2], shape[-1]), self.n_fft, self.hop_length,
-                             self.win_length, self.window, center=True, normalized=False, onesided=True,
-                             length=length, return_complex=False)
+        signal = torch.istft(
+            spectrogram.reshape(-1, shape[-2], shape[-1]),
+            self.n_fft,
+            self.hop_length,
+            self.win_length,
+            self.window,
+            center=True,
+            normalized=False,
+            onesided=True,
+            length=length,
+            return_complex=False,
+        )
         return signal.reshape(shape[:-2] + signal.shape[-1:])
 
 
@@ -102,7 +132,10 @@ def installed_if_missing() -> Iterator[bool]:
     package = types.ModuleType("torchaudio")
     transforms = types.ModuleType("torchaudio.transforms")
     transforms.Spectrogram, transforms.InverseSpectrogram, transforms.TimeStretch = (
-        Spectrogram, InverseSpectrogram, TimeStretch)
+        Spectrogram,
+        InverseSpectrogram,
+        TimeStretch,
+    )
     package.transforms = transforms
     package.__csm_standin__ = True
     sys.modules["torchaudio"], sys.modules["torchaudio.transforms"] = package, transforms

@@ -52,9 +52,7 @@ def audio_codes(codes: np.ndarray, name: str, *, max_frames: int = C.MAX_CODEC_F
     if codes.dtype.kind not in "iu":
         raise InvalidInput(f"input '{name}' must be an integer tensor, got {codes.dtype}")
     if codes.ndim != 2 or codes.shape[1] != C.NUM_CODEBOOKS:
-        raise InvalidInput(
-            f"input '{name}' must have shape [frames, {C.NUM_CODEBOOKS}], got {list(codes.shape)}"
-        )
+        raise InvalidInput(f"input '{name}' must have shape [frames, {C.NUM_CODEBOOKS}], got {list(codes.shape)}")
     if codes.shape[0] > max_frames:
         raise InvalidInput(f"input '{name}' has {codes.shape[0]} frames; the limit is {max_frames}")
     _value_range(codes, name, 0, C.CODEBOOK_SIZE, "codes")
@@ -99,9 +97,7 @@ def integers_in_range(array: np.ndarray, name: str, low: int, high: int | None) 
 
 def _value_range(array: np.ndarray, name: str, low: int, high: int, what: str) -> None:
     if array.size and (array.min() < low or array.max() >= high):
-        raise InvalidInput(
-            f"input '{name}' holds {what} outside [{low}, {high}) (from {array.min()} to {array.max()})"
-        )
+        raise InvalidInput(f"input '{name}' holds {what} outside [{low}, {high}) (from {array.min()} to {array.max()})")
 
 
 # --- the codec models' inputs (applied by the embedded onnxruntime backend) ----------------
@@ -204,9 +200,7 @@ def sampling_parameters(temperature=None, top_k=None, seed=None, max_audio_secon
     value = _scalar(max_audio_seconds, "MAX_AUDIO_SECONDS")
     if value is not None:
         if not np.isfinite(value) or value <= 0 or value > C.MAX_AUDIO_SECONDS_LIMIT:
-            raise InvalidInput(
-                f"input 'MAX_AUDIO_SECONDS' must be in (0, {C.MAX_AUDIO_SECONDS_LIMIT:g}], got {value}"
-            )
+            raise InvalidInput(f"input 'MAX_AUDIO_SECONDS' must be in (0, {C.MAX_AUDIO_SECONDS_LIMIT:g}], got {value}")
         params["max_audio_seconds"] = float(value)
     return SamplingParameters(**params)
 
@@ -272,20 +266,24 @@ def reference_duration(sample_count: int, sample_rate: int, name: str) -> float:
     seconds = sample_count / sample_rate
     if seconds < C.MIN_REFERENCE_SECONDS:
         raise InvalidInput(
-            f"input '{name}' is {seconds:.2f} s long; a voice reference needs at least "
-            f"{C.MIN_REFERENCE_SECONDS:g} s"
+            f"input '{name}' is {seconds:.2f} s long; a voice reference needs at least {C.MIN_REFERENCE_SECONDS:g} s"
         )
     if seconds > C.MAX_REFERENCE_SECONDS:
         raise InvalidInput(
-            f"input '{name}' is {seconds:.2f} s long; the limit for a voice reference is "
-            f"{C.MAX_REFERENCE_SECONDS:g} s"
+            f"input '{name}' is {seconds:.2f} s long; the limit for a voice reference is {C.MAX_REFERENCE_SECONDS:g} s"
         )
     return seconds
 
 
 # --- Audio samples for the watermark models ----------------------------------------------
-def audio_samples(samples: object, name: str, *, sample_rate: int = C.SAMPLE_RATE, min_samples: int = 0,
-                  max_seconds: float = C.MAX_WATERMARK_SECONDS) -> np.ndarray:
+def audio_samples(
+    samples: object,
+    name: str,
+    *,
+    sample_rate: int = C.SAMPLE_RATE,
+    min_samples: int = 0,
+    max_seconds: float = C.MAX_WATERMARK_SECONDS,
+) -> np.ndarray:
     """FP32 mono samples shaped [samples] or with leading dims of 1 ([1, samples],
     [1, 1, samples] as mimi_decoder emits them); finite; at least `min_samples` and at
     most `max_seconds` long at `sample_rate`. Returned 1-D (a view, not a copy)."""

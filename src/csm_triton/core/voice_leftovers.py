@@ -79,8 +79,11 @@ def referenced_codes(directory: Path, metadata_suffix: str) -> set[str] | None:
     not be read."""
     referenced = set()
     with os.scandir(directory) as entries:
-        names = [item.name for item in entries
-                 if item.name.endswith(metadata_suffix) and not item.name.startswith(TEMP_PREFIX)]
+        names = [
+            item.name
+            for item in entries
+            if item.name.endswith(metadata_suffix) and not item.name.startswith(TEMP_PREFIX)
+        ]
     for name in names:
         try:
             metadata = json.loads((directory / name).read_text())

@@ -38,16 +38,20 @@ def check_owner(owner: str | None) -> str | None:
 def check_room(count: int, max_voices: int) -> None:
     """InvalidInput when a store holding `count` voices has no room for another."""
     if count >= max_voices:
-        raise InvalidInput(f"voice store is full: it holds {count} voices, the most it keeps "
-                           f"(max_stored_voices = {max_voices}); nothing was stored. Delete a voice first.")
+        raise InvalidInput(
+            f"voice store is full: it holds {count} voices, the most it keeps "
+            f"(max_stored_voices = {max_voices}); nothing was stored. Delete a voice first."
+        )
 
 
 def check_adapter_room(count: int, max_adapters: int) -> None:
     """InvalidInput when a store holding `count` adapter voices has no room for another."""
     if count >= max_adapters:
-        raise InvalidInput(f"voice store is full of adapters: it holds {count} adapter voices, the most it "
-                           f"keeps (max_stored_adapters = {max_adapters}); nothing was stored. Delete an "
-                           "adapter voice first.")
+        raise InvalidInput(
+            f"voice store is full of adapters: it holds {count} adapter voices, the most it "
+            f"keeps (max_stored_adapters = {max_adapters}); nothing was stored. Delete an "
+            "adapter voice first."
+        )
 
 
 def check_deletion(voice_id: str, owner: str | None, path: Path, metadata: dict | None, inode: int | None) -> None:
@@ -60,13 +64,13 @@ def check_deletion(voice_id: str, owner: str | None, path: Path, metadata: dict 
         stored = metadata.get("owner")
         if stored != owner:
             whose = "the admin (stored without a key)" if stored is None else "another key"
-            raise PermissionDenied(f"voice '{voice_id}' belongs to {whose}; only its owner or the admin "
-                                   "may delete it")
+            raise PermissionDenied(f"voice '{voice_id}' belongs to {whose}; only its owner or the admin may delete it")
         if inode is not None and _inode(path) != inode:  # replaced since it was read: judge again
             raise InvalidInput(f"voice '{voice_id}' changed while it was being deleted; try again")
     elif path.exists():  # unreadable metadata: no owner can be proven
-        raise PermissionDenied(f"voice '{voice_id}' cannot be read, so its owner cannot be checked; "
-                               "only the admin may delete it")
+        raise PermissionDenied(
+            f"voice '{voice_id}' cannot be read, so its owner cannot be checked; only the admin may delete it"
+        )
     else:
         raise InvalidInput(f"unknown voice '{voice_id}'")
 

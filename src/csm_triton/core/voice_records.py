@@ -27,15 +27,32 @@ from csm_triton.core.adapters import ADAPTER_FILES, CONFIG_FILE, WEIGHTS_FILE
 from csm_triton.core.files import atomic_directory, atomic_write, write_durable
 from csm_triton.errors import InvalidInput
 
-__all__ = ["ADAPTER_DIR_SUFFIX", "CLIP", "ADAPTER", "KINDS", "Voice", "adapter_writer", "checked_clip", "codes_writer",
-           "owned_name", "read_voice"]
+__all__ = [
+    "ADAPTER_DIR_SUFFIX",
+    "CLIP",
+    "ADAPTER",
+    "KINDS",
+    "Voice",
+    "adapter_writer",
+    "checked_clip",
+    "codes_writer",
+    "owned_name",
+    "read_voice",
+]
 
 CLIP, ADAPTER = "clip", "adapter"
 KINDS = (CLIP, ADAPTER)
 ADAPTER_DIR_SUFFIX = ".adapter"
 # What voice_list shows of an adapter (the metadata's "adapter" object).
-_ADAPTER_FIELDS = ("rank", "lora_alpha", "target_modules", "stacks", "base_model_sha256", "base_hash_checked",
-                   "size_bytes")
+_ADAPTER_FIELDS = (
+    "rank",
+    "lora_alpha",
+    "target_modules",
+    "stacks",
+    "base_model_sha256",
+    "base_hash_checked",
+    "size_bytes",
+)
 
 
 @dataclass(frozen=True)
@@ -74,8 +91,14 @@ class Voice:
 def owned_name(name: object, suffix: str) -> bool:
     """Whether a metadata file's `codes_file` / `adapter_dir` is a plain name in the store
     (never a path: the metadata is only as trusted as the folder's other writers)."""
-    return (isinstance(name, str) and name.endswith(suffix) and "/" not in name and "\\" not in name
-            and not name.startswith(".") and name not in (".", ".."))
+    return (
+        isinstance(name, str)
+        and name.endswith(suffix)
+        and "/" not in name
+        and "\\" not in name
+        and not name.startswith(".")
+        and name not in (".", "..")
+    )
 
 
 def _codes(directory: Path, name: str) -> np.ndarray:
@@ -99,13 +122,20 @@ def read_voice(directory: Path, voice_id: str, path: Path) -> Voice | None:
         if kind == CLIP:
             if not owned_name(codes_name, ".npy"):
                 return None
-            return Voice(voice_id, str(metadata["transcript"]), _codes(directory, codes_name),
-                         float(metadata["duration_seconds"]), str(metadata["created_at"]), owner)
+            return Voice(
+                voice_id,
+                str(metadata["transcript"]),
+                _codes(directory, codes_name),
+                float(metadata["duration_seconds"]),
+                str(metadata["created_at"]),
+                owner,
+            )
         if kind != ADAPTER:
             return None
         adapter_dir = metadata["adapter_dir"]
         if not owned_name(adapter_dir, ADAPTER_DIR_SUFFIX) or not all(
-                (directory / adapter_dir / name).is_file() for name in ADAPTER_FILES):
+            (directory / adapter_dir / name).is_file() for name in ADAPTER_FILES
+        ):
             return None
         codes = None
         if codes_name is not None:
@@ -113,9 +143,18 @@ def read_voice(directory: Path, voice_id: str, path: Path) -> Voice | None:
                 return None
             codes = _codes(directory, codes_name)
         speaker = metadata.get("default_speaker")
-        return Voice(voice_id, str(metadata.get("transcript") or ""), codes,
-                     float(metadata.get("duration_seconds") or 0.0), str(metadata["created_at"]), owner,
-                     ADAPTER, dict(metadata["adapter"]), int(speaker) if speaker is not None else None, adapter_dir)
+        return Voice(
+            voice_id,
+            str(metadata.get("transcript") or ""),
+            codes,
+            float(metadata.get("duration_seconds") or 0.0),
+            str(metadata["created_at"]),
+            owner,
+            ADAPTER,
+            dict(metadata["adapter"]),
+            int(speaker) if speaker is not None else None,
+            adapter_dir,
+        )
     except (OSError, ValueError, KeyError, TypeError, InvalidInput):
         return None
 
@@ -138,6 +177,7 @@ def codes_writer(codes: np.ndarray):
     def write(target: Path) -> None:
         with atomic_write(target) as out:
             np.save(out, codes, allow_pickle=False)
+
     return write
 
 
@@ -146,4 +186,5 @@ def adapter_writer(config: bytes, weights: bytes):
         with atomic_directory(target) as folder:
             write_durable(folder / CONFIG_FILE, config)
             write_durable(folder / WEIGHTS_FILE, weights)
+
     return write

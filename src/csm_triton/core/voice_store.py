@@ -42,7 +42,7 @@ import os
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +51,17 @@ from csm_triton import constants as C
 from csm_triton.core import validation, voice_leftovers
 from csm_triton.core.files import fsync_directory, temporary_path
 from csm_triton.core.voice_owners import check_adapter_room, check_deletion, check_owner, check_room
-from csm_triton.core.voice_records import (ADAPTER, ADAPTER_DIR_SUFFIX, Voice, adapter_writer, checked_clip,
-                                          codes_writer)
-from csm_triton.core.voice_store_files import (METADATA_SUFFIX, Entry, file_errors, metadata_path,
-                                               read_metadata_with_inode, remove_files, scan, write_metadata)
+from csm_triton.core.voice_records import ADAPTER, ADAPTER_DIR_SUFFIX, Voice, adapter_writer, checked_clip, codes_writer
+from csm_triton.core.voice_store_files import (
+    METADATA_SUFFIX,
+    Entry,
+    file_errors,
+    metadata_path,
+    read_metadata_with_inode,
+    remove_files,
+    scan,
+    write_metadata,
+)
 from csm_triton.errors import InvalidInput
 
 __all__ = ["Voice", "VoiceStore"]
@@ -70,14 +77,15 @@ _SWEEP_INTERVAL_S = 30.0
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class VoiceStore:
     """Voices persisted in `directory`, cached in memory, shared between processes."""
 
-    def __init__(self, directory: str | Path, max_voices: int = C.MAX_STORED_VOICES,
-                 max_adapters: int = C.MAX_STORED_ADAPTERS):
+    def __init__(
+        self, directory: str | Path, max_voices: int = C.MAX_STORED_VOICES, max_adapters: int = C.MAX_STORED_ADAPTERS
+    ):
         if int(max_voices) < 1:
             raise ValueError(f"max_voices must be at least 1, got {max_voices}")
         self.max_voices, self.max_adapters = int(max_voices), int(max_adapters)
@@ -93,8 +101,16 @@ class VoiceStore:
             self._refresh(force=True)
 
     # --- public API ---------------------------------------------------------------------
-    def register(self, voice_id: str, codes: np.ndarray, transcript: str, duration_seconds: float,
-                 *, replace: bool = False, owner: str | None = None) -> Voice:
+    def register(
+        self,
+        voice_id: str,
+        codes: np.ndarray,
+        transcript: str,
+        duration_seconds: float,
+        *,
+        replace: bool = False,
+        owner: str | None = None,
+    ) -> Voice:
         """Stores a clip voice as `owner`'s (None: the admin's); an existing id is refused
         unless `replace`, and a new one when the store is full (InvalidInput).
 
@@ -105,17 +121,36 @@ class VoiceStore:
         owner = check_owner(owner)
         codes, duration = checked_clip(codes, duration_seconds)
         codes_name = f"{voice_id}.{uuid.uuid4().hex[:12]}.npy"
-        metadata = {"format_version": _FORMAT_VERSION, "voice_id": voice_id, "transcript": transcript,
-                    "duration_seconds": duration, "created_at": _now(), "frames": int(len(codes)),
-                    "codes_file": codes_name, "owner": owner}
-        return self._commit(metadata, [(codes_name, codes_writer(codes))],
-                            lambda: Voice(voice_id, transcript, codes, duration, metadata["created_at"], owner),
-                            replace=replace)
+        metadata = {
+            "format_version": _FORMAT_VERSION,
+            "voice_id": voice_id,
+            "transcript": transcript,
+            "duration_seconds": duration,
+            "created_at": _now(),
+            "frames": int(len(codes)),
+            "codes_file": codes_name,
+            "owner": owner,
+        }
+        return self._commit(
+            metadata,
+            [(codes_name, codes_writer(codes))],
+            lambda: Voice(voice_id, transcript, codes, duration, metadata["created_at"], owner),
+            replace=replace,
+        )
 
-    def register_adapter(self, voice_id: str, adapter_config: bytes, adapter_weights: bytes, description: dict, *,
-                         default_speaker: int | None = None, codes: np.ndarray | None = None,
-                         transcript: str | None = None, duration_seconds: float | None = None,
-                         owner: str | None = None) -> Voice:
+    def register_adapter(
+        self,
+        voice_id: str,
+        adapter_config: bytes,
+        adapter_weights: bytes,
+        description: dict,
+        *,
+        default_speaker: int | None = None,
+        codes: np.ndarray | None = None,
+        transcript: str | None = None,
+        duration_seconds: float | None = None,
+        owner: str | None = None,
+    ) -> Voice:
         """Stores an adapter voice as `owner`'s: the adapter's two files byte for byte
         (checked before: core/adapters.check_adapter, VoiceResolver.register_adapter),
         `description` (rank, alpha, target modules, base hash ...: what voice_list shows;
@@ -136,13 +171,37 @@ class VoiceStore:
             writes.append((codes_name, codes_writer(codes)))
         adapter = {**description, "size_bytes": len(adapter_config) + len(adapter_weights)}
         speaker = None if default_speaker is None else int(default_speaker)
-        metadata = {"format_version": _FORMAT_VERSION, "voice_id": voice_id, "kind": ADAPTER,
-                    "transcript": transcript or "", "duration_seconds": duration, "created_at": _now(),
-                    "frames": 0 if codes is None else int(len(codes)), "codes_file": codes_name, "owner": owner,
-                    "adapter_dir": adapter_name, "adapter": adapter, "default_speaker": speaker}
-        return self._commit(metadata, writes, lambda: Voice(
-            voice_id, transcript or "", codes, duration, metadata["created_at"], owner, ADAPTER, adapter, speaker,
-            adapter_name), adapter=True)
+        metadata = {
+            "format_version": _FORMAT_VERSION,
+            "voice_id": voice_id,
+            "kind": ADAPTER,
+            "transcript": transcript or "",
+            "duration_seconds": duration,
+            "created_at": _now(),
+            "frames": 0 if codes is None else int(len(codes)),
+            "codes_file": codes_name,
+            "owner": owner,
+            "adapter_dir": adapter_name,
+            "adapter": adapter,
+            "default_speaker": speaker,
+        }
+        return self._commit(
+            metadata,
+            writes,
+            lambda: Voice(
+                voice_id,
+                transcript or "",
+                codes,
+                duration,
+                metadata["created_at"],
+                owner,
+                ADAPTER,
+                adapter,
+                speaker,
+                adapter_name,
+            ),
+            adapter=True,
+        )
 
     def adapter_dir(self, voice_id: str) -> Path:
         """The folder of an adapter voice's adapter: exactly adapter_config.json and
@@ -209,9 +268,11 @@ class VoiceStore:
         if entry is not None:
             return entry.voice.summary()
         # Unreadable metadata (or written by another process a moment ago): what it says.
-        return {"voice_id": voice_id, **{key: metadata.get(key) for key in
-                                         ("transcript", "duration_seconds", "created_at", "owner")},
-                "kind": metadata.get("kind", "clip")}
+        return {
+            "voice_id": voice_id,
+            **{key: metadata.get(key) for key in ("transcript", "duration_seconds", "created_at", "owner")},
+            "kind": metadata.get("kind", "clip"),
+        }
 
     def __contains__(self, voice_id: str) -> bool:
         try:
@@ -250,8 +311,13 @@ class VoiceStore:
                 previous = read_metadata_with_inode(self.directory, voice_id)[0] if replace else None
                 signature = write_metadata(self.directory, voice_id, metadata, exclusive=not replace)
             except BaseException:
-                remove_files(self.directory, {"codes_file": next((n for n in written if n.endswith(".npy")), None),
-                                    "adapter_dir": next((n for n in written if n.endswith(ADAPTER_DIR_SUFFIX)), None)})
+                remove_files(
+                    self.directory,
+                    {
+                        "codes_file": next((n for n in written if n.endswith(".npy")), None),
+                        "adapter_dir": next((n for n in written if n.endswith(ADAPTER_DIR_SUFFIX)), None),
+                    },
+                )
                 raise
             # Committed: from here on the answer is "registered", whatever else happens
             # (another process may delete the voice this very moment).
@@ -259,8 +325,14 @@ class VoiceStore:
             self._entries[voice_id] = Entry(signature, registered)
             try:
                 if previous:
-                    remove_files(self.directory, {key: value for key, value in previous.items()
-                                        if key in ("codes_file", "adapter_dir") and value != metadata.get(key)})
+                    remove_files(
+                        self.directory,
+                        {
+                            key: value
+                            for key, value in previous.items()
+                            if key in ("codes_file", "adapter_dir") and value != metadata.get(key)
+                        },
+                    )
                 fsync_directory(self.directory)
             except OSError as error:  # the old files stay: orphans the next sweep removes
                 LOG.warning("voice store: cleaning up after registering '%s': %s", voice_id, error)
@@ -276,8 +348,11 @@ class VoiceStore:
         """Re-scans the directory if it may have changed since the last scan."""
         stat = self.directory.stat()
         now = time.time_ns()
-        if (not force and stat.st_mtime_ns == self._scanned_mtime_ns
-                and self._scanned_at_ns - stat.st_mtime_ns > _RACY_NS):
+        if (
+            not force
+            and stat.st_mtime_ns == self._scanned_mtime_ns
+            and self._scanned_at_ns - stat.st_mtime_ns > _RACY_NS
+        ):
             return
         self._entries = scan(self.directory, self._entries)
         self._scanned_mtime_ns = stat.st_mtime_ns

@@ -24,8 +24,18 @@ from csm_triton.core.files import TEMP_PREFIX, atomic_write, temporary_path
 from csm_triton.core.voice_records import ADAPTER_DIR_SUFFIX, Voice, owned_name, read_voice
 from csm_triton.errors import InvalidInput
 
-__all__ = ["METADATA_SUFFIX", "Entry", "VoiceStoreError", "file_errors", "link_exclusively", "metadata_path",
-           "read_metadata_with_inode", "remove_files", "scan", "write_metadata"]
+__all__ = [
+    "METADATA_SUFFIX",
+    "Entry",
+    "VoiceStoreError",
+    "file_errors",
+    "link_exclusively",
+    "metadata_path",
+    "read_metadata_with_inode",
+    "remove_files",
+    "scan",
+    "write_metadata",
+]
 
 LOG = logging.getLogger("csm_triton.core.voice_store")  # the store's log: one place to read its failures
 
@@ -47,8 +57,10 @@ def file_errors(action: str):
         LOG.error("voice store: %s failed: %s", action, error)
         reason = os.strerror(error.errno) if error.errno else type(error).__name__
         if error.errno in _DISK_FULL:
-            raise InvalidInput(f"voice store is full ({reason}): could not {action}; nothing was stored. "
-                               "Delete voices or ask the operator to free space.") from None
+            raise InvalidInput(
+                f"voice store is full ({reason}): could not {action}; nothing was stored. "
+                "Delete voices or ask the operator to free space."
+            ) from None
         raise VoiceStoreError(f"the voice store could not {action}: {reason} (errno {error.errno})") from error
 
 
@@ -71,6 +83,7 @@ def metadata_path(directory: Path, voice_id: str) -> Path:
 def link_exclusively(voice_id: str):
     """An exclusive create that is atomic across processes: link() fails if the name
     exists, so two registrations of one id cannot both win."""
+
     def publish(temporary: str, target: Path) -> None:
         try:
             os.link(temporary, target)
@@ -82,6 +95,7 @@ def link_exclusively(voice_id: str):
             # A file system without hard links: checked before under the lock; the
             # cross-process race that remains is accepted there.
             os.replace(temporary, target)
+
     return publish
 
 

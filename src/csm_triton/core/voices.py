@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
 from csm_triton import constants as C
 from csm_triton.core import adapters, validation
 from csm_triton.core.audio import prepare_reference_audio
-from csm_triton.errors import InvalidInput
 from csm_triton.core.voice_owners import check_owner
 from csm_triton.core.voice_records import ADAPTER
 from csm_triton.core.voice_store import Voice, VoiceStore
+from csm_triton.errors import InvalidInput
 
 __all__ = ["Encoder", "VoiceResolver"]
 
@@ -45,9 +45,13 @@ class VoiceResolver:
         self.store = store
         self.encode = encode
 
-    def resolve(self, voice_id: str | None = None, reference_audio: np.ndarray | None = None,
-                reference_sample_rate=None, reference_text: str | None = None
-                ) -> tuple[str, np.ndarray] | None:
+    def resolve(
+        self,
+        voice_id: str | None = None,
+        reference_audio: np.ndarray | None = None,
+        reference_sample_rate=None,
+        reference_text: str | None = None,
+    ) -> tuple[str, np.ndarray] | None:
         if reference_text is not None:
             reference_text = validation.text(reference_text, "REFERENCE_TEXT")
         if voice_id is not None and reference_audio is not None:
@@ -86,8 +90,10 @@ class VoiceResolver:
         An adapter voice lends its clip; one without a clip is refused."""
         voice = self.store.get(voice_id)
         if not voice.has_clip:
-            raise InvalidInput(f"voice '{voice.voice_id}' is a LoRA adapter voice without a reference clip; "
-                               "it cannot be a context turn")
+            raise InvalidInput(
+                f"voice '{voice.voice_id}' is a LoRA adapter voice without a reference clip; "
+                "it cannot be a context turn"
+            )
         return voice.transcript, voice.codes
 
     def encode_reference(self, reference_audio: np.ndarray, reference_sample_rate) -> tuple[np.ndarray, float]:
@@ -99,8 +105,14 @@ class VoiceResolver:
         codes = validation.audio_codes(codes, "encoded reference")
         return codes, audio.size / C.SAMPLE_RATE
 
-    def register(self, voice_id: str, reference_audio: np.ndarray, reference_sample_rate,
-                 reference_text: str, owner: str | None = None) -> Voice:
+    def register(
+        self,
+        voice_id: str,
+        reference_audio: np.ndarray,
+        reference_sample_rate,
+        reference_text: str,
+        owner: str | None = None,
+    ) -> Voice:
         """Encodes a reference once and stores it under `voice_id` as `owner`'s (the id,
         the owner, the transcript and the store's room are checked first, so a refused
         request costs no encoding; an existing id is refused)."""
@@ -113,11 +125,20 @@ class VoiceResolver:
         codes, seconds = self.encode_reference(reference_audio, reference_sample_rate)
         return self.store.register(voice_id, codes, transcript, seconds, owner=owner)
 
-    def register_adapter(self, voice_id: str, adapter_config: bytes, adapter_weights: bytes,
-                         base: adapters.ServedBase, *, manifest: bytes | None = None,
-                         default_speaker: int | None = None, reference_audio: np.ndarray | None = None,
-                         reference_sample_rate=None, reference_text: str | None = None,
-                         owner: str | None = None) -> Voice:
+    def register_adapter(
+        self,
+        voice_id: str,
+        adapter_config: bytes,
+        adapter_weights: bytes,
+        base: adapters.ServedBase,
+        *,
+        manifest: bytes | None = None,
+        default_speaker: int | None = None,
+        reference_audio: np.ndarray | None = None,
+        reference_sample_rate=None,
+        reference_text: str | None = None,
+        owner: str | None = None,
+    ) -> Voice:
         """Checks a LoRA adapter against the served base (core/adapters.check_adapter) and
         stores it as an adapter voice, with an optional default speaker and reference clip
         (REFERENCE_AUDIO + REFERENCE_TEXT + REFERENCE_SAMPLE_RATE, encoded as register's).
@@ -130,8 +151,10 @@ class VoiceResolver:
             raise InvalidInput("'REFERENCE_TEXT' or 'REFERENCE_SAMPLE_RATE' was given without 'REFERENCE_AUDIO'")
         if reference_audio is not None:
             if reference_text is None or reference_sample_rate is None:
-                raise InvalidInput("an adapter's reference clip needs 'REFERENCE_AUDIO', 'REFERENCE_TEXT' "
-                                   "and 'REFERENCE_SAMPLE_RATE' together")
+                raise InvalidInput(
+                    "an adapter's reference clip needs 'REFERENCE_AUDIO', 'REFERENCE_TEXT' "
+                    "and 'REFERENCE_SAMPLE_RATE' together"
+                )
             reference_text = validation.text(reference_text, "REFERENCE_TEXT")
         if default_speaker is not None and not 0 <= int(default_speaker) <= C.MAX_SPEAKER_ID:
             raise InvalidInput(f"'DEFAULT_SPEAKER' must be in [0, {C.MAX_SPEAKER_ID}], got {default_speaker}")
@@ -139,11 +162,22 @@ class VoiceResolver:
             raise InvalidInput(f"voice '{voice_id}' already exists; delete it first to register it again")
         self.store.check_room(adapter=True)
         checked = adapters.check_adapter(adapter_config, adapter_weights, base, manifest=manifest)
-        description = {**checked.description(), "base_model_sha256": base.sha256,
-                       "base_hash_checked": checked.recorded_base_sha256 is not None}
+        description = {
+            **checked.description(),
+            "base_model_sha256": base.sha256,
+            "base_hash_checked": checked.recorded_base_sha256 is not None,
+        }
         codes = seconds = None
         if reference_audio is not None:
             codes, seconds = self.encode_reference(reference_audio, reference_sample_rate)
-        return self.store.register_adapter(voice_id, adapter_config, adapter_weights, description,
-                                           default_speaker=default_speaker, codes=codes, transcript=reference_text,
-                                           duration_seconds=seconds, owner=owner)
+        return self.store.register_adapter(
+            voice_id,
+            adapter_config,
+            adapter_weights,
+            description,
+            default_speaker=default_speaker,
+            codes=codes,
+            transcript=reference_text,
+            duration_seconds=seconds,
+            owner=owner,
+        )

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import hmac
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from csm_triton import constants as C
 from csm_triton.errors import PermissionDenied
@@ -40,12 +41,18 @@ class WritePolicy:
 
     def __repr__(self) -> str:  # never print the token
         configured = "configured" if self.token else "not configured"
-        return (f"WritePolicy(token from ${self.token_env}: {configured}, "
-                f"allow_anonymous_writes={self.allow_anonymous_writes})")
+        return (
+            f"WritePolicy(token from ${self.token_env}: {configured}, "
+            f"allow_anonymous_writes={self.allow_anonymous_writes})"
+        )
 
     @classmethod
-    def from_settings(cls, admin_token_env: str | None = None, allow_anonymous_writes: bool = False,
-                      environ: Mapping[str, str] | None = None) -> "WritePolicy":
+    def from_settings(
+        cls,
+        admin_token_env: str | None = None,
+        allow_anonymous_writes: bool = False,
+        environ: Mapping[str, str] | None = None,
+    ) -> WritePolicy:
         """From the model config's parameters and the environment."""
         token_env = admin_token_env or DEFAULT_ADMIN_TOKEN_ENV
         token = (os.environ if environ is None else environ).get(token_env) or None
@@ -70,7 +77,8 @@ class WritePolicy:
             )
         sent = parameters.get(C.ADMIN_TOKEN_HEADER)
         if sent is None or sent == "":
-            raise PermissionDenied(f"this request changes voices and needs the admin token in header "
-                                   f"'{C.ADMIN_TOKEN_HEADER}'")
+            raise PermissionDenied(
+                f"this request changes voices and needs the admin token in header '{C.ADMIN_TOKEN_HEADER}'"
+            )
         if not isinstance(sent, str) or not hmac.compare_digest(sent.encode(), self.token.encode()):
             raise PermissionDenied(f"wrong admin token in header '{C.ADMIN_TOKEN_HEADER}'")

@@ -5,6 +5,12 @@ from csm_triton.engine.lm import CsmLM
 from csm_triton.engine.requests import FinishReason, FrameChunk, GenerationRequest, GenerationResult, RequestHandle
 
 __all__ = [
-    "CsmLM", "EngineConfig", "FinishReason", "FrameChunk", "GenerationEngine", "GenerationRequest",
-    "GenerationResult", "RequestHandle",
+    "CsmLM",
+    "EngineConfig",
+    "FinishReason",
+    "FrameChunk",
+    "GenerationEngine",
+    "GenerationRequest",
+    "GenerationResult",
+    "RequestHandle",
 ]

@@ -55,8 +55,7 @@ def check_request(request: GenerationRequest, lm: CsmLM, max_context: int) -> No
         raise InvalidInput("max_frames must be at least 1")
     if tokens + request.max_frames > max_context:
         raise InvalidInput(
-            f"prompt of {tokens} tokens plus {request.max_frames} frames exceeds the context of "
-            f"{max_context} positions"
+            f"prompt of {tokens} tokens plus {request.max_frames} frames exceeds the context of {max_context} positions"
         )
     placeholders = int(np.count_nonzero(np.asarray(request.input_ids) == lm.audio_token_id))
     if placeholders != len(request.audio_codes):
@@ -73,8 +72,16 @@ def acquire_adapter(adapters, request: GenerationRequest) -> int:
     return adapters.acquire(request.adapter)
 
 
-def prefill(lm: CsmLM, cache, hidden: torch.Tensor, prefix_cache: PrefixCache, row: int,
-            handle: RequestHandle, lora=None, adapter_version: str = "") -> int | None:
+def prefill(
+    lm: CsmLM,
+    cache,
+    hidden: torch.Tensor,
+    prefix_cache: PrefixCache,
+    row: int,
+    handle: RequestHandle,
+    lora=None,
+    adapter_version: str = "",
+) -> int | None:
     """The prompt into `row` of `cache`, chunk by chunk (prefix_cache.PrefillPlan): copied
     while the prefix cache holds them, then computed; the last hidden state into
     hidden[row]. Returns the next position to write; None: cancelled between chunks

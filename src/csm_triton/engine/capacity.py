@@ -8,7 +8,7 @@ cost per slot. After the warm-up captured every graph (`refit_slots`): from what
 device really holds now, this engine's own share (its caching allocator) told apart from
 what other models loaded meanwhile; over the budget, the engine rebuilds with the slots
 that fit. Pure arithmetic, so the decisions are tested on any machine
-(tests/test_engine_memory.py with fake memory readings).
+(tests/model/test_engine_memory.py with fake memory readings).
 """
 
 from __future__ import annotations
@@ -23,8 +23,19 @@ import torch
 from csm_triton import constants as C
 from csm_triton.engine.frame_step import StepBucket
 
-__all__ = ["CPU_DEFAULT_SLOTS", "WARM_UP_SHARE_OF_SLOT", "DeviceMemory", "EngineConfig", "MemoryReading", "SlotBudget",
-           "WarmUpReport", "first_sizing", "plan_slots", "refit_after_warm_up", "refit_slots"]
+__all__ = [
+    "CPU_DEFAULT_SLOTS",
+    "WARM_UP_SHARE_OF_SLOT",
+    "DeviceMemory",
+    "EngineConfig",
+    "MemoryReading",
+    "SlotBudget",
+    "WarmUpReport",
+    "first_sizing",
+    "plan_slots",
+    "refit_after_warm_up",
+    "refit_slots",
+]
 
 LOG = logging.getLogger("csm_triton.engine.engine")  # the engine's log: one place to read sizing
 CPU_DEFAULT_SLOTS = 8
@@ -82,25 +93,32 @@ class WarmUpReport:
         if not self.captured:
             return f"{len(self.timings)} buckets ({shape}), eager on this device: no CUDA graph to capture"
         slowest, slowest_seconds = max(self.timings, key=lambda timing: timing[1])
-        text = (f"{len(self.timings)} CUDA graphs captured in {self.seconds:.1f} s ({shape}); slowest "
-                f"{tuple(slowest)} in {slowest_seconds:.2f} s")
+        text = (
+            f"{len(self.timings)} CUDA graphs captured in {self.seconds:.1f} s ({shape}); slowest "
+            f"{tuple(slowest)} in {slowest_seconds:.2f} s"
+        )
         if self.graph_bytes:
             largest = max(range(len(self.graph_bytes)), key=self.graph_bytes.__getitem__)
-            text += (f"; graph memory {sum(self.graph_bytes) / GIB:.2f} GiB, largest "
-                     f"{tuple(self.timings[largest][0])} {self.graph_bytes[largest] / 2**20:.0f} MiB")
+            text += (
+                f"; graph memory {sum(self.graph_bytes) / GIB:.2f} GiB, largest "
+                f"{tuple(self.timings[largest][0])} {self.graph_bytes[largest] / 2**20:.0f} MiB"
+            )
         return text
 
     def per_bucket(self) -> list[str]:
         """One line per bucket: seconds and (where measured) graph memory."""
         sizes = self.graph_bytes or [None] * len(self.timings)
-        return [f"{tuple(bucket)}: {seconds:.3f} s" + ("" if size is None else f", {size / 2**20:.1f} MiB")
-                for (bucket, seconds), size in zip(self.timings, sizes)]
+        return [
+            f"{tuple(bucket)}: {seconds:.3f} s" + ("" if size is None else f", {size / 2**20:.1f} MiB")
+            for (bucket, seconds), size in zip(self.timings, sizes)
+        ]
 
 
 class MemoryReading(NamedTuple):
     """One look at a GPU: free and total bytes of the device (every process), and the
     bytes this process's caching allocator holds (this engine's buffers, graph pools and
     workspaces; not the CUDA context)."""
+
     free: int
     total: int
     reserved: int
@@ -137,6 +155,7 @@ class DeviceMemory:
 @dataclass(frozen=True)
 class SlotBudget:
     """The sizing before the buffers exist, kept to refit against after warm-up."""
+
     before: MemoryReading  # after the load's freed copies were released, before any buffer
     memory_fraction: float
     slot_bytes: int  # one slot's buffers: its KV rows, depth cache row, noise and hidden state
@@ -149,14 +168,18 @@ class SlotBudget:
         return self.before.total * self.memory_fraction
 
     def describe(self, slots: int, after: MemoryReading | None = None) -> str:
-        text = (f"{slots} KV slots x {self.slot_bytes / 2**20:.1f} MiB = {slots * self.slot_bytes / GIB:.2f} GiB, "
-                f"prefix cache {self.prefix_cache_bytes / GIB:.2f} GiB, within gpu_memory_fraction="
-                f"{self.memory_fraction:g} of {self.before.total / GIB:.1f} GiB ({self.limit / GIB:.1f} GiB); "
-                f"in use before: {self.before.in_use / GIB:.2f} GiB")
+        text = (
+            f"{slots} KV slots x {self.slot_bytes / 2**20:.1f} MiB = {slots * self.slot_bytes / GIB:.2f} GiB, "
+            f"prefix cache {self.prefix_cache_bytes / GIB:.2f} GiB, within gpu_memory_fraction="
+            f"{self.memory_fraction:g} of {self.before.total / GIB:.1f} GiB ({self.limit / GIB:.1f} GiB); "
+            f"in use before: {self.before.in_use / GIB:.2f} GiB"
+        )
         if after is not None:
             warm_up = after.reserved - self.before.reserved - slots * self.slot_bytes
-            text += (f"; after warm-up: {after.in_use / GIB:.2f} GiB in use (graphs and activations "
-                     f"{warm_up / GIB:.2f} GiB, other processes {_others(self.before, after) / GIB:.2f} GiB more)")
+            text += (
+                f"; after warm-up: {after.in_use / GIB:.2f} GiB in use (graphs and activations "
+                f"{warm_up / GIB:.2f} GiB, other processes {_others(self.before, after) / GIB:.2f} GiB more)"
+            )
         return text
 
 
@@ -166,8 +189,14 @@ def _others(before: MemoryReading, after: MemoryReading) -> int:
     return max(0, (after.in_use - before.in_use) - (after.reserved - before.reserved))
 
 
-def plan_slots(before: MemoryReading, memory_fraction: float, slot_bytes: int, *, prefix_cache_bytes: int = 0,
-               max_slots: int | None = None) -> SlotBudget:
+def plan_slots(
+    before: MemoryReading,
+    memory_fraction: float,
+    slot_bytes: int,
+    *,
+    prefix_cache_bytes: int = 0,
+    max_slots: int | None = None,
+) -> SlotBudget:
     """KV slots for a GPU: what fits in memory_fraction of it after what is in use
     already, the prefix cache and the assumed warm-up share; at most max_slots (a
     ceiling, not a demand)."""
@@ -204,8 +233,13 @@ def refit_slots(plan: SlotBudget, slots: int, after: MemoryReading) -> int | Non
 def first_sizing(memory, config: EngineConfig, slot_bytes: int) -> SlotBudget:
     """The engine's sizing before its buffers exist (on a GPU), logged."""
     memory.release_cached()
-    budget = plan_slots(memory.reading(), config.gpu_memory_fraction, slot_bytes,
-                        prefix_cache_bytes=config.prefix_cache_bytes, max_slots=config.max_slots)
+    budget = plan_slots(
+        memory.reading(),
+        config.gpu_memory_fraction,
+        slot_bytes,
+        prefix_cache_bytes=config.prefix_cache_bytes,
+        max_slots=config.max_slots,
+    )
     LOG.info("KV sizing: %s", budget.describe(budget.slots))
     return budget
 
@@ -218,6 +252,10 @@ def refit_after_warm_up(memory, budget: SlotBudget, slots: int) -> int | None:
     if fewer is None:
         LOG.info("memory after warm-up: %s", budget.describe(slots, after))
     else:
-        LOG.warning("over gpu_memory_fraction after warm-up, %d slots instead of %d: %s", fewer, slots,
-                    budget.describe(slots, after))
+        LOG.warning(
+            "over gpu_memory_fraction after warm-up, %d slots instead of %d: %s",
+            fewer,
+            slots,
+            budget.describe(slots, after),
+        )
     return fewer

@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -36,8 +36,14 @@ from csm_triton.engine.frame_runner import FrameRunner
 from csm_triton.engine.lm import CsmLM
 from csm_triton.engine.lora import LoraWeights
 from csm_triton.engine.prefix_cache import PrefixCache
-from csm_triton.engine.requests import (CancellationPoller, Deliveries, FinishReason, FrameChunk, GenerationRequest,
-                                        RequestHandle)
+from csm_triton.engine.requests import (
+    CancellationPoller,
+    Deliveries,
+    FinishReason,
+    FrameChunk,
+    GenerationRequest,
+    RequestHandle,
+)
 from csm_triton.engine.sampling import SamplerState
 
 __all__ = ["EngineConfig", "GenerationEngine"]  # EngineConfig lives in engine.capacity
@@ -49,8 +55,13 @@ class GenerationEngine(FrameRunner):
     """Requests queued, admitted into free slots, stepped a frame at a time and delivered
     (the slots' buffers and the frame step itself: FrameRunner)."""
 
-    def __init__(self, lm: CsmLM, config: EngineConfig | None = None, memory: DeviceMemory | None = None,
-                 adapter_loader: Callable[[str], LoraWeights] | None = None):
+    def __init__(
+        self,
+        lm: CsmLM,
+        config: EngineConfig | None = None,
+        memory: DeviceMemory | None = None,
+        adapter_loader: Callable[[str], LoraWeights] | None = None,
+    ):
         """memory: what sizes the slots on a GPU (DeviceMemory of lm.device, the default
         there); None on the CPU, where config.max_slots is the count. adapter_loader: an
         adapter id -> its weights (the voice store), for config.lora_slots adapters."""
@@ -77,8 +88,7 @@ class GenerationEngine(FrameRunner):
         self.on_fatal: Callable[[BaseException], None] | None = None
 
     # --- public API -------------------------------------------------------------------
-    def submit(self, request: GenerationRequest,
-               callback: Callable[[FrameChunk], None] | None = None) -> RequestHandle:
+    def submit(self, request: GenerationRequest, callback: Callable[[FrameChunk], None] | None = None) -> RequestHandle:
         check_request(request, self.lm, self.max_context)
         if request.adapter and self.adapters is not None:
             self.adapters.prefetch(request.adapter)  # the disk read here, not on the engine thread
@@ -155,7 +165,7 @@ class GenerationEngine(FrameRunner):
                     return
             try:
                 self.step()
-            except Exception as error:  # noqa: BLE001 - keep serving the next requests
+            except Exception as error:
                 if is_fatal_device_error(error):
                     self._fail_device(error)
                     return
@@ -227,7 +237,7 @@ class GenerationEngine(FrameRunner):
                 continue
             try:
                 position = self._prefill(row, handle, adapter)
-            except Exception as error:  # noqa: BLE001 - one bad prompt fails only itself
+            except Exception as error:
                 self._release_adapter(adapter)
                 if is_fatal_device_error(error):  # not this prompt's fault: the loop fails them all
                     with self._lock:
@@ -240,15 +250,17 @@ class GenerationEngine(FrameRunner):
                 self._release_adapter(adapter)
                 self._deliveries.send(handle._end, FinishReason.CANCELLED)
                 continue
-            sampler = SamplerState.create(temperature=request.temperature, top_k=request.top_k,
-                                          greedy=request.greedy, seed=request.seed)
+            sampler = SamplerState.create(
+                temperature=request.temperature, top_k=request.top_k, greedy=request.greedy, seed=request.seed
+            )
             self._active.append(Slot(row, handle, sampler, position, adapter=adapter))
 
     def _prefill(self, row: int, handle: RequestHandle, adapter: int = 0) -> int | None:
         lora = self.adapters.rows("backbone", torch.tensor([adapter], device=self.lm.device)) if adapter else None
         version = self.adapters.version(adapter) if adapter else ""
-        return prefill(self.lm, self.cache, self.hidden, self.prefix_cache, row, handle, lora,
-                       adapter_version=version)  # (admission)
+        return prefill(
+            self.lm, self.cache, self.hidden, self.prefix_cache, row, handle, lora, adapter_version=version
+        )  # (admission)
 
     def _advance(self, slots: list[Slot], frames: np.ndarray) -> None:
         finished: list[tuple[Slot, FinishReason]] = []

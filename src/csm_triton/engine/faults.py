@@ -52,5 +52,4 @@ def is_fatal_device_error(error: BaseException) -> bool:
 
 def device_failure_message(error: BaseException) -> str:
     """What every request in flight at a device failure, and every later one, is told."""
-    return (f"the generation device failed ({type(error).__name__}: {error}); "
-            "the model is being reloaded, retry shortly")
+    return f"the generation device failed ({type(error).__name__}: {error}); the model is being reloaded, retry shortly"

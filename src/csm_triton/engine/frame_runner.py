@@ -13,15 +13,22 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from csm_triton import constants as C
 from csm_triton.engine.admission import Slot
-from csm_triton.engine.capacity import (CPU_DEFAULT_SLOTS, DeviceMemory, EngineConfig, SlotBudget, WarmUpReport,
-                                        first_sizing, refit_after_warm_up)
+from csm_triton.engine.capacity import (
+    CPU_DEFAULT_SLOTS,
+    DeviceMemory,
+    EngineConfig,
+    SlotBudget,
+    WarmUpReport,
+    first_sizing,
+    refit_after_warm_up,
+)
 from csm_triton.engine.device import device_context
 from csm_triton.engine.frame_step import BucketPlan, FrameStep, StepBucket
 from csm_triton.engine.lm import CsmLM
@@ -35,8 +42,13 @@ LOG = logging.getLogger("csm_triton.engine.engine")  # the engine's log: one pla
 class FrameRunner:
     """The slots' device buffers (rows 0..max_slots-1), sized, warmed up and stepped."""
 
-    def __init__(self, lm: CsmLM, config: EngineConfig | None, memory: DeviceMemory | None,
-                 adapter_loader: Callable[[str], LoraWeights] | None):
+    def __init__(
+        self,
+        lm: CsmLM,
+        config: EngineConfig | None,
+        memory: DeviceMemory | None,
+        adapter_loader: Callable[[str], LoraWeights] | None,
+    ):
         self.lm = lm
         self.config = config or EngineConfig()
         self.max_context = min(self.config.max_context or lm.max_context, lm.max_context)
@@ -44,8 +56,11 @@ class FrameRunner:
         self.memory = memory if memory is not None or lm.device.type != "cuda" else DeviceMemory(lm.device)
         self.slot_budget: SlotBudget | None = None  # on a GPU: the sizing, refit after warm-up
         # The adapter bank first: the slot sizing then counts it as memory in use.
-        self.adapters = (AdapterBank(lm, self.config.lora_slots, self.config.lora_max_rank, adapter_loader)
-                         if self.config.lora_slots and adapter_loader is not None else None)
+        self.adapters = (
+            AdapterBank(lm, self.config.lora_slots, self.config.lora_max_rank, adapter_loader)
+            if self.config.lora_slots and adapter_loader is not None
+            else None
+        )
         self._allocate(self._slot_count())
 
     # --- sizing -----------------------------------------------------------------------
@@ -82,7 +97,7 @@ class FrameRunner:
         return slots is not None
 
     @torch.inference_mode()  # as in step(): the buffers made here are used there
-    def warm_up(self) -> "WarmUpReport":
+    def warm_up(self) -> WarmUpReport:
         """Prepare the frame step of every bucket a request can reach (BucketPlan), so
         that no request pays for it: on CUDA, capture its graph. The CPU runs eagerly at
         exact batch sizes and has nothing to prepare, so its walk costs nothing."""
@@ -110,8 +125,10 @@ class FrameRunner:
     def _frame_step(self, slots: list[Slot]) -> np.ndarray:
         step = self._frame_step_for(slots)
         count = len(slots)
-        step.load_rows([(*s.sampler.row(s.position, s.frames_done, step.top_k_bound), s.adapter) for s in slots],
-                       [s.sampler.temperature for s in slots])
+        step.load_rows(
+            [(*s.sampler.row(s.position, s.frames_done, step.top_k_bound), s.adapter) for s in slots],
+            [s.sampler.temperature for s in slots],
+        )
         step.run()
         # The one host synchronisation per frame: the codes go to the clients anyway,
         # and an all-zero frame must end its request before the next step.
@@ -124,8 +141,9 @@ class FrameRunner:
         if not self.use_graphs:  # eager: exact sizes, one set of buffers per batch size
             step = self._frame_steps.get(len(slots))
             if step is None:
-                step = self._frame_steps[len(slots)] = self._new_frame_step(bucket._replace(batch=len(slots)),
-                                                                            capture=False)
+                step = self._frame_steps[len(slots)] = self._new_frame_step(
+                    bucket._replace(batch=len(slots)), capture=False
+                )
             step.attend_len, step.top_k_bound = needed, bucket.top_k_bound
             return step
         if bucket not in self._frame_steps:  # only without warm-up (or past it: never)
@@ -133,6 +151,15 @@ class FrameRunner:
         return self._frame_steps[bucket]
 
     def _new_frame_step(self, bucket: StepBucket, *, capture: bool) -> FrameStep:
-        return FrameStep(self.lm, self.cache, self.depth_cache, self.hidden, batch=bucket.batch,
-                         attend_len=bucket.attend_len, top_k_bound=bucket.top_k_bound, capture=capture,
-                         graph_pool=self._graph_pool, adapters=self.adapters)
+        return FrameStep(
+            self.lm,
+            self.cache,
+            self.depth_cache,
+            self.hidden,
+            batch=bucket.batch,
+            attend_len=bucket.attend_len,
+            top_k_bound=bucket.top_k_bound,
+            capture=capture,
+            graph_pool=self._graph_pool,
+            adapters=self.adapters,
+        )

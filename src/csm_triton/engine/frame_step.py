@@ -33,9 +33,20 @@ ADAPTER_FIELD = SAMPLER_FIELDS
 
 
 class FrameStep:
-    def __init__(self, lm: CsmLM, cache: KVCache, depth_cache: KVCache, hidden: torch.Tensor, *, batch: int,
-                 attend_len: int, top_k_bound: int = C.CODEBOOK_SIZE, capture: bool = False, graph_pool=None,
-                 adapters=None):
+    def __init__(
+        self,
+        lm: CsmLM,
+        cache: KVCache,
+        depth_cache: KVCache,
+        hidden: torch.Tensor,
+        *,
+        batch: int,
+        attend_len: int,
+        top_k_bound: int = C.CODEBOOK_SIZE,
+        capture: bool = False,
+        graph_pool=None,
+        adapters=None,
+    ):
         """adapters: the engine's AdapterBank (engine.lora), or None (no LoRA at all)."""
         self.device = device = lm.device
         self.lm, self.cache, self.depth_cache = lm, cache, depth_cache
@@ -55,8 +66,9 @@ class FrameStep:
         pinned = device.type == "cuda"
         self._host_rows = torch.zeros((batch, ROW_FIELDS), dtype=torch.long, pin_memory=pinned)
         self._host_temperature = torch.ones(batch, pin_memory=pinned)
-        self.counters = torch.arange(lm.num_codebooks * C.CODEBOOK_SIZE, device=device).view(1, lm.num_codebooks,
-                                                                                               C.CODEBOOK_SIZE)
+        self.counters = torch.arange(lm.num_codebooks * C.CODEBOOK_SIZE, device=device).view(
+            1, lm.num_codebooks, C.CODEBOOK_SIZE
+        )
         self.codes = torch.zeros((batch, lm.num_codebooks), dtype=torch.long, device=device)
         # LoRA: a graph always applies the rows' adapters (their slots are data); eager
         # steps skip them when no row has one (load_rows knows).
@@ -66,7 +78,8 @@ class FrameStep:
         # The depth decoder's positions are the same every frame: its rotary rows, masks
         # and cache indices are made once here instead of in every one of 31 calls.
         self.depth_geometry = [lm.depth_geometry(batch, 1, 2)] + [
-            lm.depth_geometry(batch, codebook, 1) for codebook in range(2, lm.num_codebooks)]
+            lm.depth_geometry(batch, codebook, 1) for codebook in range(2, lm.num_codebooks)
+        ]
         self.graph = self._capture(graph_pool) if capture else None
 
     def _compute(self) -> None:
@@ -87,8 +100,9 @@ class FrameStep:
         # Depth decoder: position 0 is the backbone's hidden state, position 1 codebook 0.
         step_input = torch.stack([hidden, lm.depth_embed(codes[0], 0)[:, 0]], dim=1)
         for codebook in range(1, lm.num_codebooks):
-            logits = lm.depth_logits(step_input, self.depth_cache, codebook, self.depth_geometry[codebook - 1],
-                                     lora.get("depth"))
+            logits = lm.depth_logits(
+                step_input, self.depth_cache, codebook, self.depth_geometry[codebook - 1], lora.get("depth")
+            )
             codes.append(draw(logits, codebook))
             step_input = lm.depth_embed(codes[-1], codebook)
         frame = torch.stack(codes, dim=1)
@@ -96,7 +110,9 @@ class FrameStep:
         # The backbone consumes the new frame now, so the next step starts from its
         # hidden state; a slot that finishes with this frame just never reads it.
         embeds = lm.embed_frames(frame)[:, None].to(lm.dtype)
-        attended = lm.backbone.forward(embeds, self.cache, 0, self.positions, self.attend_len, lora=lora.get("backbone"))
+        attended = lm.backbone.forward(
+            embeds, self.cache, 0, self.positions, self.attend_len, lora=lora.get("backbone")
+        )
         self.hidden.copy_(attended[:, -1])
 
     def load_rows(self, rows: list[tuple[int, ...]], temperatures: list[float]) -> None:
@@ -115,7 +131,7 @@ class FrameStep:
         self.rows.copy_(self._host_rows, non_blocking=True)
         self.temperature.copy_(self._host_temperature, non_blocking=True)
 
-    def _capture(self, graph_pool) -> "torch.cuda.CUDAGraph":
+    def _capture(self, graph_pool) -> torch.cuda.CUDAGraph:
         # Warm up on a side stream (cuBLAS/cuDNN pick their kernels), then capture. The
         # warm-up runs write position 0 of rows 0..batch-1 and their hidden states, which
         # may belong to running requests (a bucket first reached mid-generation): saved
@@ -127,8 +143,11 @@ class FrameStep:
         # current at the first capture of the process, and kept.
         device = self.device
         with device_context(device):
-            saved = (self.cache.k[:, :self.batch, :, 0].clone(), self.cache.v[:, :self.batch, :, 0].clone(),
-                     self.hidden.clone())
+            saved = (
+                self.cache.k[:, : self.batch, :, 0].clone(),
+                self.cache.v[:, : self.batch, :, 0].clone(),
+                self.hidden.clone(),
+            )
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
@@ -138,8 +157,8 @@ class FrameStep:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=graph_pool, stream=stream):
                 self._compute()
-        self.cache.k[:, :self.batch, :, 0].copy_(saved[0])
-        self.cache.v[:, :self.batch, :, 0].copy_(saved[1])
+        self.cache.k[:, : self.batch, :, 0].copy_(saved[0])
+        self.cache.v[:, : self.batch, :, 0].copy_(saved[1])
         self.hidden.copy_(saved[2])
         return graph
 
@@ -192,15 +211,21 @@ class BucketPlan:
         self.top_k_bounds = TOP_K_BOUNDS
 
     def buckets(self) -> list[StepBucket]:
-        return [StepBucket(batch, length, bound) for batch in self.batch_sizes
-                for length in self.attention_lengths for bound in self.top_k_bounds]
+        return [
+            StepBucket(batch, length, bound)
+            for batch in self.batch_sizes
+            for length in self.attention_lengths
+            for bound in self.top_k_bounds
+        ]
 
     def bucket_for(self, count: int, attend_len: int, top_k: int) -> StepBucket:
         """The smallest bucket that holds `count` rows attending `attend_len` positions
         with top-k up to `top_k` (the largest top_k among the sampled rows)."""
-        return StepBucket(_smallest_at_least(self.batch_sizes, count),
-                          _smallest_at_least(self.attention_lengths, attend_len),
-                          _smallest_at_least(self.top_k_bounds, top_k))
+        return StepBucket(
+            _smallest_at_least(self.batch_sizes, count),
+            _smallest_at_least(self.attention_lengths, attend_len),
+            _smallest_at_least(self.top_k_bounds, top_k),
+        )
 
 
 def _ladder(steps, top: int) -> tuple[int, ...]:

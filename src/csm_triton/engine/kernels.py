@@ -96,8 +96,10 @@ class ShapeChoice:
             else:
                 parts.append(f"{label} {kernel}")
         copies = sorted({_copy_label(kernel, rows) for rows, kernel in self.choice.items()})
-        return (f"{self.shape[0]}x{self.shape[1]} {str(self.dtype).replace('torch.', '')} "
-                f"[{names} x{len(self.names)}] {self.how}: {'; '.join(parts)}; keeps {' + '.join(copies)}")
+        return (
+            f"{self.shape[0]}x{self.shape[1]} {str(self.dtype).replace('torch.', '')} "
+            f"[{names} x{len(self.names)}] {self.how}: {'; '.join(parts)}; keeps {' + '.join(copies)}"
+        )
 
 
 @dataclass
@@ -112,8 +114,9 @@ class KernelReport:
         return [choice.summary() for choice in self.shapes] + [f"kernel choice took {self.seconds:.1f} s"]
 
 
-def choose_kernels(named_linears: list[tuple[str, "object"]], *, buckets: tuple[int, ...], mode: str,
-                   device: torch.device) -> KernelReport:
+def choose_kernels(
+    named_linears: list[tuple[str, object]], *, buckets: tuple[int, ...], mode: str, device: torch.device
+) -> KernelReport:
     """Decide and apply (`Linear.use`) a kernel per bucket for every Linear, per shape and
     per the weight's own dtype."""
     if mode not in MODES:
@@ -140,8 +143,13 @@ def choose_kernels(named_linears: list[tuple[str, "object"]], *, buckets: tuple[
             # traffic, and timing a whole model of them (the tiny test model) costs
             # seconds of load on a busy machine.
             kernel = mode if mode in available else "mkl"
-            decided = ShapeChoice(shape, dtype, names, {rows: kernel for rows in buckets},
-                                  how="forced" if mode != "measure" else "small, not timed" if small else "only one")
+            decided = ShapeChoice(
+                shape,
+                dtype,
+                names,
+                {rows: kernel for rows in buckets},
+                how="forced" if mode != "measure" else "small, not timed" if small else "only one",
+            )
         for _, linear in members:
             linear.use(decided.choice)
         LOG.info("CPU kernels: %s", decided.summary())

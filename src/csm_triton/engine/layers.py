@@ -67,7 +67,7 @@ class Linear:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """CsmRMSNorm as one fused operator: in fp32 it equals transformers' module bit for
-    bit (tests/test_layers.py); in bf16 it multiplies the weight before the one rounding
+    bit (tests/unit/test_layers.py); in bf16 it multiplies the weight before the one rounding
     (transformers rounds, then multiplies), at most one bf16 ulp apart, closer to fp32."""
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
@@ -100,6 +100,7 @@ def rotate_halves(x: torch.Tensor) -> torch.Tensor:
 class Geometry(NamedTuple):
     """What every layer of one forward call shares (computed once per call, or once per
     frame step for the depth decoder's fixed positions)."""
+
     cos: torch.Tensor  # [B, T, 1, head_dim] at each token's position
     sin: torch.Tensor  # the same, sign-folded for rotate_halves
     mask: torch.Tensor  # [B, 1, groups*T or 1, attend_len]: True where a query row may attend
@@ -183,21 +184,25 @@ class TransformerStack:
         self.intermediate_size = config.intermediate_size
         # cos/sin for every position, computed once in fp32 and cast to the compute dtype;
         # sin's first half negated for rotate_halves.
-        self.cos, self.sin = rotary_tables(hf_model.rotary_emb, self.max_positions, self.final_norm.device,
-                                           self.final_norm.dtype)  # [max_positions, head_dim]
+        self.cos, self.sin = rotary_tables(
+            hf_model.rotary_emb, self.max_positions, self.final_norm.device, self.final_norm.dtype
+        )  # [max_positions, head_dim]
         half = self.head_dim // 2
         self.sin_folded = torch.cat([-self.sin[:, :half], self.sin[:, half:]], dim=-1)
         self.groups = self.num_heads // self.num_kv_heads
 
     def named_linears(self, prefix: str) -> list[tuple[str, Linear]]:
-        return [(f"{prefix} {name}", getattr(layer, name)) for layer in self.layers
-                for name in ("qkv", "o_proj", "gate_up", "down")]
+        return [
+            (f"{prefix} {name}", getattr(layer, name))
+            for layer in self.layers
+            for name in ("qkv", "o_proj", "gate_up", "down")
+        ]
 
     def cache_bytes_per_token(self, dtype: torch.dtype) -> int:
         """K and V of every layer for one position of one row (new_cache's layout)."""
         return 2 * len(self.layers) * self.num_kv_heads * self.head_dim * dtype.itemsize
 
-    def new_cache(self, rows: int, max_len: int, device, dtype) -> "KVCache":
+    def new_cache(self, rows: int, max_len: int, device, dtype) -> KVCache:
         shape = (len(self.layers), rows, self.num_kv_heads, max_len, self.head_dim)
         return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
@@ -212,8 +217,17 @@ class TransformerStack:
         item = torch.arange(batch, device=positions.device)[:, None].expand(batch, tokens)
         return Geometry(cos, sin, mask, item, positions, attend_len)
 
-    def forward(self, x: torch.Tensor, cache: "KVCache", first_row: int, positions: torch.Tensor | None = None,
-                attend_len: int | None = None, *, geometry: Geometry | None = None, lora=None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache,
+        first_row: int,
+        positions: torch.Tensor | None = None,
+        attend_len: int | None = None,
+        *,
+        geometry: Geometry | None = None,
+        lora=None,
+    ) -> torch.Tensor:
         """x [B, T, hidden] for cache rows first_row..first_row+B-1; positions [B, T];
         attend_len: keys 0..attend_len-1 are read. Or a precomputed `geometry` instead.
         lora: the rows' adapters (engine.lora.LoraRows), added to every fused linear."""
@@ -232,26 +246,29 @@ class TransformerStack:
             for index, layer in enumerate(self.layers):
                 residual = x
                 qkv = linear(index, "qkv", rms_norm(x, layer.input_norm, self.eps)).view(
-                    batch, tokens, heads + 2 * kv_heads, head_dim)
+                    batch, tokens, heads + 2 * kv_heads, head_dim
+                )
                 # Rotary on the query and key heads together: 4 kernels for both.
-                qk = qkv[:, :, :heads + kv_heads]
+                qk = qkv[:, :, : heads + kv_heads]
                 qk = qk * g.cos + rotate_halves(qk) * g.sin
                 keys, values = cache.k[index, rows], cache.v[index, rows]  # views [B, kv_heads, max_len, head_dim]
                 # Write this step's keys/values at each item's positions (B x T vectors), then
                 # attend over a view: nothing of the earlier context is copied.
                 keys[g.item, :, g.positions] = qk[:, :, heads:]
-                values[g.item, :, g.positions] = qkv[:, :, heads + kv_heads:]
+                values[g.item, :, g.positions] = qkv[:, :, heads + kv_heads :]
                 # Query heads j*G..j*G+G-1 share key head j: fold them into the query rows
                 # ([B, kv_heads, G*T, D]), so head counts match without repeating keys.
                 q = qk[:, :, :heads].unflatten(2, (kv_heads, self.groups)).permute(0, 2, 3, 1, 4)
                 q = q.reshape(batch, kv_heads, self.groups * tokens, head_dim)
-                attended = F.scaled_dot_product_attention(q, keys[:, :, :g.attend_len], values[:, :, :g.attend_len],
-                                                          attn_mask=g.mask)
+                attended = F.scaled_dot_product_attention(
+                    q, keys[:, :, : g.attend_len], values[:, :, : g.attend_len], attn_mask=g.mask
+                )
                 attended = attended.unflatten(2, (self.groups, tokens)).permute(0, 3, 1, 2, 4)
                 x = residual + linear(index, "o_proj", attended.reshape(batch, tokens, heads * head_dim))
                 residual = x
                 gate, up = linear(index, "gate_up", rms_norm(x, layer.post_norm, self.eps)).split(
-                    self.intermediate_size, dim=-1)
+                    self.intermediate_size, dim=-1
+                )
                 x = residual + linear(index, "down", F.silu(gate) * up)
         return rms_norm(x, self.final_norm, self.eps)
 
@@ -266,7 +283,9 @@ def _cat_bias(*linears) -> torch.Tensor | None:
     biases = [linear.bias for linear in linears]
     if all(bias is None for bias in biases):
         return None
-    return torch.cat([
-        bias if bias is not None else torch.zeros(linear.out_features, device=linear.weight.device)
-        for bias, linear in zip(biases, linears)
-    ]).detach()
+    return torch.cat(
+        [
+            bias if bias is not None else torch.zeros(linear.out_features, device=linear.weight.device)
+            for bias, linear in zip(biases, linears)
+        ]
+    ).detach()

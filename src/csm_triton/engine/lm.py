@@ -17,7 +17,6 @@ from csm_triton.engine.device import device_context
 from csm_triton.engine.layers import Geometry, KVCache, Linear, TransformerStack
 
 
-
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -33,8 +32,10 @@ def check_dtype(dtype: torch.dtype, *, allow_float16: bool = False) -> None:
     """CSM was trained in bf16: fp16's 5-bit exponent overflows where bf16 does not, and
     its tokens were never compared with the model's. Refused unless asked for by name."""
     if dtype == torch.float16 and not allow_float16:
-        raise ValueError("dtype float16 is not supported: CSM was trained in bfloat16, use bfloat16 (GPU) or "
-                         "float32 (exact tokens); float16 runs only with the explicit opt-in allow_float16")
+        raise ValueError(
+            "dtype float16 is not supported: CSM was trained in bfloat16, use bfloat16 (GPU) or "
+            "float32 (exact tokens); float16 runs only with the explicit opt-in allow_float16"
+        )
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"unsupported dtype {dtype}: use bfloat16 or float32")
 
@@ -44,8 +45,14 @@ def to_compute_dtype(hf_model, device: torch.device, dtype: torch.dtype):
     modules' inverse frequencies stay fp32 (`.to` alone rounds them, which shifts the
     rotary angles of later positions; layers.rotary_tables)."""
     rotaries = [module for module in hf_model.modules() if hasattr(module, "inv_freq")]
-    kept = [{name: buffer.float().clone() for name, buffer in module.named_buffers(recurse=False)
-             if name in ("inv_freq", "original_inv_freq") and buffer.dtype == torch.float32} for module in rotaries]
+    kept = [
+        {
+            name: buffer.float().clone()
+            for name, buffer in module.named_buffers(recurse=False)
+            if name in ("inv_freq", "original_inv_freq") and buffer.dtype == torch.float32
+        }
+        for module in rotaries
+    ]
     hf_model = hf_model.to(device=device, dtype=dtype)
     for module, buffers in zip(rotaries, kept):
         for name, buffer in buffers.items():
@@ -54,8 +61,16 @@ def to_compute_dtype(hf_model, device: torch.device, dtype: torch.dtype):
 
 
 class CsmLM:
-    def __init__(self, hf_model, *, device: torch.device | None = None, dtype: torch.dtype | None = None,
-                 max_batch: int | None = None, cpu_kernels: str = "measure", allow_float16: bool = False):
+    def __init__(
+        self,
+        hf_model,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        max_batch: int | None = None,
+        cpu_kernels: str = "measure",
+        allow_float16: bool = False,
+    ):
         """max_batch: the most requests a frame step will carry (the engine's slots);
         on CPU it decides the row buckets each weight is prepared for (kernels.row_buckets).
         cpu_kernels: "measure" times the kernels per weight shape at load and keeps the
@@ -67,8 +82,9 @@ class CsmLM:
         with device_context(device):  # cuda:N: whatever takes the current device takes N
             self._load(hf_model, device, dtype, max_batch, cpu_kernels)
 
-    def _load(self, hf_model, device: torch.device, dtype: torch.dtype, max_batch: int | None,
-              cpu_kernels: str) -> None:
+    def _load(
+        self, hf_model, device: torch.device, dtype: torch.dtype, max_batch: int | None, cpu_kernels: str
+    ) -> None:
         # The heads keep the checkpoint's precision: their logits feed top-k in fp32, and
         # they are under 2 % of a frame's weight bytes in bf16, under 3 % in fp32.
         heads = hf_model.lm_head.weight.detach(), hf_model.depth_decoder.codebooks_head.weight.detach()
@@ -93,28 +109,35 @@ class CsmLM:
             self.audio_offsets = torch.arange(self.num_codebooks, device=device) * config.codebook_size
             # The heads keep only the 2,048 codes Mimi decodes: 2049..2051 are the LM's specials, never
             # sampled, so their logits need not exist (no masked fill per codebook).
-            self.backbone_head = Linear(heads[0][:C.CODEBOOK_SIZE].to(device=device, dtype=torch.float32))
+            self.backbone_head = Linear(heads[0][: C.CODEBOOK_SIZE].to(device=device, dtype=torch.float32))
             self.depth_embedding = depth.model.embed_tokens.weight.detach()
             self.depth_vocab_size = depth.config.vocab_size
             self.depth_projector = Linear(depth.model.inputs_embeds_projector.weight)
             # One head per depth position (codebooks 1..31): logits = h @ W[p-1].
-            self.depth_heads = [Linear(weight.T[:C.CODEBOOK_SIZE].to(device=device, dtype=torch.float32).contiguous())
-                                for weight in heads[1]]
+            self.depth_heads = [
+                Linear(weight.T[: C.CODEBOOK_SIZE].to(device=device, dtype=torch.float32).contiguous())
+                for weight in heads[1]
+            ]
             self.kernel_report = kernels.choose_kernels(
-                self.named_linears(), buckets=kernels.row_buckets(max_batch), mode=cpu_kernels,
-                device=device)
+                self.named_linears(), buckets=kernels.row_buckets(max_batch), mode=cpu_kernels, device=device
+            )
         self.backbone_hidden_size = config.hidden_size
         self.max_context = self.backbone.max_positions
 
     def named_linears(self) -> list[tuple[str, Linear]]:
-        return [*self.backbone.named_linears("backbone"), ("backbone head", self.backbone_head),
-                *self.depth.named_linears("depth"), ("depth projector", self.depth_projector),
-                *(("depth head", head) for head in self.depth_heads)]
+        return [
+            *self.backbone.named_linears("backbone"),
+            ("backbone head", self.backbone_head),
+            *self.depth.named_linears("depth"),
+            ("depth projector", self.depth_projector),
+            *(("depth head", head) for head in self.depth_heads),
+        ]
 
     def weight_bytes_per_frame(self) -> int:
         """Weight bytes one frame step reads (one copy of each, at any batch): the
         backbone and its head once, the depth decoder and its projector once per
         codebook 1..31, each depth head once. The memory-bandwidth floor's numerator."""
+
         def size(linears) -> int:  # each in its own dtype (the heads are fp32)
             return sum(linear.out_features * linear.in_features * linear.dtype.itemsize for linear in linears)
 
@@ -123,17 +146,30 @@ class CsmLM:
         return backbone + (self.num_codebooks - 1) * depth + size(self.depth_heads)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint_dir: str | Path, *, device=None, dtype=None,
-                        max_batch: int | None = None, cpu_kernels: str = "measure",
-                        allow_float16: bool = False) -> "CsmLM":
+    def from_checkpoint(
+        cls,
+        checkpoint_dir: str | Path,
+        *,
+        device=None,
+        dtype=None,
+        max_batch: int | None = None,
+        cpu_kernels: str = "measure",
+        allow_float16: bool = False,
+    ) -> CsmLM:
         from transformers import CsmForConditionalGeneration
 
         if dtype is not None:
             check_dtype(dtype, allow_float16=allow_float16)  # before seconds of loading
         hf_model = CsmForConditionalGeneration.from_pretrained(str(checkpoint_dir), dtype=torch.float32)
         hf_model.codec_model = None  # Mimi is served by the ONNX models
-        return cls(hf_model, device=device, dtype=dtype, max_batch=max_batch, cpu_kernels=cpu_kernels,
-                   allow_float16=allow_float16)
+        return cls(
+            hf_model,
+            device=device,
+            dtype=dtype,
+            max_batch=max_batch,
+            cpu_kernels=cpu_kernels,
+            allow_float16=allow_float16,
+        )
 
     # --- embeddings -------------------------------------------------------------------
     def embed_frames(self, codes: torch.Tensor) -> torch.Tensor:
@@ -165,13 +201,16 @@ class CsmLM:
     def slot_bytes(self, max_context: int) -> int:
         """One engine slot's buffers: its backbone KV rows, depth-decoder KV row and hidden
         state (the engine allocates them per slot)."""
-        return (self.backbone_bytes_per_token() * max_context
-                + self.depth.cache_bytes_per_token(self.dtype) * (self.num_codebooks + 1)
-                + self.backbone_hidden_size * self.dtype.itemsize)
+        return (
+            self.backbone_bytes_per_token() * max_context
+            + self.depth.cache_bytes_per_token(self.dtype) * (self.num_codebooks + 1)
+            + self.backbone_hidden_size * self.dtype.itemsize
+        )
 
     # --- steps ------------------------------------------------------------------------
-    def backbone_forward(self, embeds: torch.Tensor, cache: KVCache, first_row: int,
-                         positions: torch.Tensor, lora=None) -> torch.Tensor:
+    def backbone_forward(
+        self, embeds: torch.Tensor, cache: KVCache, first_row: int, positions: torch.Tensor, lora=None
+    ) -> torch.Tensor:
         """embeds [B, T, hidden] for cache rows first_row.. at positions [B, T] -> last
         hidden state per item [B, hidden]. lora: the rows' adapters (engine.lora)."""
         attend_len = int(positions.max()) + 1
@@ -188,8 +227,9 @@ class CsmLM:
         positions = torch.arange(position - tokens + 1, position + 1, device=self.device).expand(batch, tokens)
         return self.depth.geometry(positions, position + 1)
 
-    def depth_logits(self, step_input: torch.Tensor, cache: KVCache, position: int,
-                     geometry: Geometry | None = None, lora=None) -> torch.Tensor:
+    def depth_logits(
+        self, step_input: torch.Tensor, cache: KVCache, position: int, geometry: Geometry | None = None, lora=None
+    ) -> torch.Tensor:
         """One depth-decoder call for the whole batch at `position` (all items in lockstep).
 
         step_input [B, T, backbone_hidden] holds the already-embedded inputs; returns the
@@ -203,4 +243,3 @@ class CsmLM:
     def depth_embed(self, codes: torch.Tensor, codebook: int) -> torch.Tensor:
         """Embedding of codebook `codebook`'s codes [B] as depth-decoder input [B, 1, hidden]."""
         return self.depth_embedding[codes + codebook * self.depth_vocab_size][:, None]
-

@@ -29,8 +29,12 @@ __all__ = ["FUSED", "PROJECTIONS", "AdapterBank", "LoraRows", "LoraWeights", "St
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # The engine's fused linears and the projections each holds, in output order.
-FUSED = {"qkv": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
-         "down": ("down_proj",)}
+FUSED = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
 
 
 @dataclass
@@ -39,6 +43,7 @@ class LoraWeights:
     "backbone" or "depth", and its scale (alpha / r). `source`: the folder it was read
     from (the voice store makes a new one per registration and removes it with the voice),
     None: not checked."""
+
     matrices: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor]]
     scale: float
     rank: int
@@ -62,14 +67,29 @@ class StackLora:
     def __init__(self, stack, name: str, capacity: int, max_rank: int, device, dtype):
         self.name, self.capacity, self.max_rank = name, capacity, max_rank
         layer = stack.layers[0]
-        self.out_sizes = {"qkv": [stack.num_heads * stack.head_dim] + [stack.num_kv_heads * stack.head_dim] * 2,
-                          "o_proj": [layer.o_proj.out_features], "gate_up": [stack.intermediate_size] * 2,
-                          "down": [layer.down.out_features]}
+        self.out_sizes = {
+            "qkv": [stack.num_heads * stack.head_dim] + [stack.num_kv_heads * stack.head_dim] * 2,
+            "o_proj": [layer.o_proj.out_features],
+            "gate_up": [stack.intermediate_size] * 2,
+            "down": [layer.down.out_features],
+        }
         inputs = {fused: getattr(layer, fused).in_features for fused in FUSED}
-        self.a = [{fused: torch.zeros(capacity * len(parts) * max_rank, inputs[fused], device=device, dtype=dtype)
-                   for fused, parts in FUSED.items()} for _ in stack.layers]
-        self.b = [{fused: torch.zeros(sum(self.out_sizes[fused]), capacity * len(parts) * max_rank, device=device,
-                                      dtype=dtype) for fused, parts in FUSED.items()} for _ in stack.layers]
+        self.a = [
+            {
+                fused: torch.zeros(capacity * len(parts) * max_rank, inputs[fused], device=device, dtype=dtype)
+                for fused, parts in FUSED.items()
+            }
+            for _ in stack.layers
+        ]
+        self.b = [
+            {
+                fused: torch.zeros(
+                    sum(self.out_sizes[fused]), capacity * len(parts) * max_rank, device=device, dtype=dtype
+                )
+                for fused, parts in FUSED.items()
+            }
+            for _ in stack.layers
+        ]
 
     @property
     def nbytes(self) -> int:
@@ -94,7 +114,7 @@ class StackLora:
                         lora_a, lora_b = pair
                         columns = slice(component * self.max_rank, component * self.max_rank + lora_a.shape[0])
                         a[columns] = lora_a.to(a.dtype)
-                        b[row:row + out, columns] = (lora_b * weights.scale).to(b.dtype)
+                        b[row : row + out, columns] = (lora_b * weights.scale).to(b.dtype)
                     row += out
 
 
@@ -103,6 +123,7 @@ class LoraRows:
     """The adapters of one forward call's rows: `slots` [B] int64 into `bank` (0: none).
     prepared() makes the per-row masks (once per frame step: the depth decoder's 31 calls
     share them; a forward given unprepared rows prepares them itself); delta() uses them."""
+
     bank: StackLora
     slots: torch.Tensor
     masks: dict[int, torch.Tensor] | None = None
@@ -132,8 +153,10 @@ class AdapterBank:
     def __init__(self, lm, capacity: int, max_rank: int, load):
         """load(adapter_id) -> LoraWeights (from the voice store); raises for a bad one."""
         self.capacity, self.max_rank, self._load = capacity, max_rank, load
-        self.stacks = {name: StackLora(stack, name, capacity, max_rank, lm.device, lm.dtype)
-                       for name, stack in (("backbone", lm.backbone), ("depth", lm.depth))}
+        self.stacks = {
+            name: StackLora(stack, name, capacity, max_rank, lm.device, lm.dtype)
+            for name, stack in (("backbone", lm.backbone), ("depth", lm.depth))
+        }
         self._slot_of: dict[str, int] = {}  # resident adapter id -> slot 1..capacity
         self._source = [None] * (capacity + 1)  # per slot: the resident weights' source folder
         self._read: dict[str, LoraWeights] = {}  # read from disk by prefetch, not yet on the device
@@ -158,8 +181,10 @@ class AdapterBank:
             if weights is None or not weights.current():
                 weights = self._load(adapter_id)
             if weights.rank > self.max_rank:
-                raise ValueError(f"adapter {adapter_id!r} has rank {weights.rank}; this server serves up to "
-                                 f"{self.max_rank} (lora_max_rank)")
+                raise ValueError(
+                    f"adapter {adapter_id!r} has rank {weights.rank}; this server serves up to "
+                    f"{self.max_rank} (lora_max_rank)"
+                )
             slot = self._free_slot(adapter_id)
             for bank in self.stacks.values():
                 bank.write(slot, weights)
@@ -215,8 +240,10 @@ class AdapterBank:
             return free[0]
         idle = [slot for slot in taken if self._users[slot] == 0]
         if not idle:
-            raise RuntimeError(f"adapter {adapter_id!r} cannot be loaded now: all {self.capacity} adapter slots "
-                               "serve running requests (lora_slots); retry shortly")
+            raise RuntimeError(
+                f"adapter {adapter_id!r} cannot be loaded now: all {self.capacity} adapter slots "
+                "serve running requests (lora_slots); retry shortly"
+            )
         evicted = min(idle, key=self._used_at.__getitem__)
         del self._slot_of[next(name for name, slot in self._slot_of.items() if slot == evicted)]
         return evicted

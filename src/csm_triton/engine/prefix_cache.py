@@ -38,7 +38,7 @@ class PrefixEntry:
         return self.k.shape[2]
 
     @classmethod
-    def copy_of(cls, cache, row: int, start: int, end: int) -> "PrefixEntry":
+    def copy_of(cls, cache, row: int, start: int, end: int) -> PrefixEntry:
         """A copy of positions start..end-1 of a KV cache's row (layers.KVCache)."""
         return cls(cache.k[:, row, :, start:end].clone(), cache.v[:, row, :, start:end].clone())
 
@@ -54,7 +54,7 @@ class PrefillPlan:
     storable: int
 
     @classmethod
-    def of(cls, request, audio_id: int, audio_eos_id: int, adapter_version: str = "") -> "PrefillPlan":
+    def of(cls, request, audio_id: int, audio_eos_id: int, adapter_version: str = "") -> PrefillPlan:
         """The plan of a GenerationRequest's prompt (`prefix_cache_turns` bounds `storable`)."""
         ids = np.ascontiguousarray(request.input_ids, dtype=np.int64).reshape(-1)
         codes = np.ascontiguousarray(request.audio_codes, dtype=np.int64).reshape(-1, C.NUM_CODEBOOKS)
@@ -71,7 +71,7 @@ class PrefillPlan:
             # The stream decodes one way: a chunk's ids run to its one <|audio_eos|>, and
             # its placeholders say how many code rows follow, so no two prompts collide.
             digest.update(ids[start:end].tobytes())
-            digest.update(codes[rows:placeholders[end - 1]].tobytes())
+            digest.update(codes[rows : placeholders[end - 1]].tobytes())
             keys.append(digest.hexdigest())  # hexdigest() leaves the running hash as it was
             start, rows = end, placeholders[end - 1]
         storable = len(keys) if store_turns is None else max(0, min(store_turns, len(keys)))

@@ -12,15 +12,22 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 
 from csm_triton import constants as C
 
-__all__ = ["CancellationPoller", "Deliveries", "FinishReason", "FrameChunk", "GenerationRequest", "GenerationResult",
-           "RequestHandle"]
+__all__ = [
+    "CancellationPoller",
+    "Deliveries",
+    "FinishReason",
+    "FrameChunk",
+    "GenerationRequest",
+    "GenerationResult",
+    "RequestHandle",
+]
 
 
 class FinishReason(str, enum.Enum):
@@ -191,5 +198,5 @@ class Deliveries:
 def _call(function: Callable, args: tuple) -> None:
     try:
         function(*args)
-    except Exception:  # noqa: BLE001 - one receiver's failure must not stop the others' deliveries
+    except Exception:
         logging.getLogger(__name__).exception("a delivery failed")

@@ -38,15 +38,20 @@ class SamplerState:
     seed: int  # 63 bits; the given seed, or a random one
 
     @classmethod
-    def create(cls, *, temperature: float, top_k: int, greedy: bool, seed: int | None) -> "SamplerState":
+    def create(cls, *, temperature: float, top_k: int, greedy: bool, seed: int | None) -> SamplerState:
         # Greedy: temperature 1 (an exact division) and log E = 0: argmax of the logits.
-        return cls(1.0 if greedy else temperature, top_k, greedy,
-                   seed if seed is not None else random.getrandbits(63))
+        return cls(1.0 if greedy else temperature, top_k, greedy, seed if seed is not None else random.getrandbits(63))
 
     def row(self, position: int, frame: int, top_k_bound: int) -> tuple[int, ...]:
         """This request's SAMPLER_FIELDS for the frame step that makes its frame `frame`."""
-        return (position, min(self.top_k, top_k_bound), self.seed & _MASK32, self.seed >> 32, frame,
-                0 if self.greedy else 1)
+        return (
+            position,
+            min(self.top_k, top_k_bound),
+            self.seed & _MASK32,
+            self.seed >> 32,
+            frame,
+            0 if self.greedy else 1,
+        )
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -55,8 +60,9 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 15)
 
 
-def log_exponential_draws(seed_low: torch.Tensor, seed_high: torch.Tensor, frame: torch.Tensor,
-                          sampled: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+def log_exponential_draws(
+    seed_low: torch.Tensor, seed_high: torch.Tensor, frame: torch.Tensor, sampled: torch.Tensor, counters: torch.Tensor
+) -> torch.Tensor:
     """[B] int64 each (sampled 0/1), counters [1, C, V] int64 (0..C*V-1) -> log E
     [B, C, V] of Exp(1) draws that depend on (seed, frame, counter) alone; 0 for rows
     not sampled. u = (23 hash bits + 1/2) / 2**23 lies strictly inside (0, 1) in float32
@@ -69,8 +75,13 @@ def log_exponential_draws(seed_low: torch.Tensor, seed_high: torch.Tensor, frame
     return torch.log(-torch.log(uniform)) * sampled[:, None, None]
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, kth_index: torch.Tensor, log_draws: torch.Tensor,
-           top_k_bound: int | None = None) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    kth_index: torch.Tensor,
+    log_draws: torch.Tensor,
+    top_k_bound: int | None = None,
+) -> torch.Tensor:
     """logits [B, V] float32 (only codes that may be drawn); temperature [B] (1 for greedy
     rows); kth_index [B, 1] int64: top_k - 1 (top_k_index); log_draws [B, V]: log of the
     Exp(1) draws (0 for greedy rows) -> codes [B]. Six kernels.

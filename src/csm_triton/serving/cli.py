@@ -32,23 +32,44 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 from urllib.parse import urlsplit
 
 from csm_triton import constants as C
-from csm_triton.serving.flags import (MODEL_CONTROL_MODES, client_host, listen_warning, model_control_key, redact,
-                                     server_arguments)
+from csm_triton.serving.flags import (
+    MODEL_CONTROL_MODES,
+    client_host,
+    listen_warning,
+    model_control_key,
+    redact,
+    server_arguments,
+)
 from csm_triton.serving.install import PrepareError, perf_analyzer_command, prepare, server_environment
 from csm_triton.serving.restart import RestartPolicy, ServerRunner
 from csm_triton.serving.stubs import check_server, find_tritonserver
 from csm_triton.serving.supervisor import ModelSupervisor
-from csm_triton.serving.teardown import (announce_stop, end_process_group, kill_process_group, parent_death_signal,
-                                         remove_shm_regions, shm_region_flag, stop_file, unique_shm_prefix)
+from csm_triton.serving.teardown import (
+    announce_stop,
+    end_process_group,
+    kill_process_group,
+    parent_death_signal,
+    remove_shm_regions,
+    shm_region_flag,
+    stop_file,
+    unique_shm_prefix,
+)
+
 
 # --- CLI --------------------------------------------------------------------------------
-def _server_flags(args: argparse.Namespace, *, backend_directory: Path | None, key: str,
-                  cache_directory: Path | None = None, extra: Sequence[str] = ()) -> list[str]:
+def _server_flags(
+    args: argparse.Namespace,
+    *,
+    backend_directory: Path | None,
+    key: str,
+    cache_directory: Path | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:
     """server_arguments for the options `serve` and `args` share (_add_server_options)."""
     return server_arguments(
         args.model_repository,
@@ -109,15 +130,22 @@ def _serve(args: argparse.Namespace) -> int:
     def kill(process: subprocess.Popen) -> None:
         kill_process_group(process.pid)
 
-    policy = RestartPolicy(args.restart_delay, args.restart_max_delay, healthy_s=60.0,
-                           max_restarts=None if args.restart else 0)
+    policy = RestartPolicy(
+        args.restart_delay, args.restart_max_delay, healthy_s=60.0, max_restarts=None if args.restart else 0
+    )
     stop_timeout = args.stop_timeout if args.stop_timeout is not None else args.exit_timeout + C.STOP_KILL_MARGIN_S
     runner = ServerRunner(spawn, policy=policy, cleanup=cleanup, log=_log, stop_timeout_s=stop_timeout, kill=kill)
     supervisor = None
     if args.supervise_models and args.model_control == "explicit":
         supervisor = ModelSupervisor.for_embedded(
-            install, args.http_port, lambda: runner.pid, interval_s=args.supervise_interval, log=_log,
-            host=client_host(args.listen_address), model_control_key=key).start()
+            install,
+            args.http_port,
+            lambda: runner.pid,
+            interval_s=args.supervise_interval,
+            log=_log,
+            host=client_host(args.listen_address),
+            model_control_key=key,
+        ).start()
 
     def stop(signum, _frame):
         if supervisor is not None:  # no reload may start while the models unload
@@ -185,7 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="csm-triton-server", description=__doc__.split("\n\n")[0])
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--home", type=Path, default=None, help="install folder (default: $CSM_TRITON_HOME, else <checkout>/.triton, else ~/.cache/csm-triton)"
+        "--home",
+        type=Path,
+        default=None,
+        help="install folder (default: $CSM_TRITON_HOME, else <checkout>/.triton, else ~/.cache/csm-triton)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -200,62 +231,106 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.add_argument("--metrics-port", type=int, default=C.DEFAULT_METRICS_PORT)
     server.add_argument("--model-control", choices=MODEL_CONTROL_MODES, default="explicit")
     server.add_argument(
-        "--load-model", action="append", default=None, metavar="NAME",
+        "--load-model",
+        action="append",
+        default=None,
+        metavar="NAME",
         help="with --model-control explicit: load this model (repeatable; default: all)",
     )
     server.add_argument("--strict-readiness", action=argparse.BooleanOptionalAction, default=True)
     server.add_argument("--exit-on-error", action=argparse.BooleanOptionalAction, default=None)
     server.add_argument(
-        "--gpu", action=argparse.BooleanOptionalAction, default=None,
+        "--gpu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="GPU metrics and pinned memory on (default: when this machine has a GPU)",
     )
     server.add_argument("--log-verbose", type=int, default=0)
-    server.add_argument("--exit-timeout", type=int, default=C.DEFAULT_EXIT_TIMEOUT_S,
-                        help="on SIGTERM, Triton's seconds for open HTTP connections, in-flight requests and "
-                             "unloading, together")
     server.add_argument(
-        "--listen-address", default=os.environ.get(C.LISTEN_ADDRESS_ENV) or C.DEFAULT_LISTEN_ADDRESS,
+        "--exit-timeout",
+        type=int,
+        default=C.DEFAULT_EXIT_TIMEOUT_S,
+        help="on SIGTERM, Triton's seconds for open HTTP connections, in-flight requests and unloading, together",
+    )
+    server.add_argument(
+        "--listen-address",
+        default=os.environ.get(C.LISTEN_ADDRESS_ENV) or C.DEFAULT_LISTEN_ADDRESS,
         help=f"where HTTP, gRPC and metrics listen (default: ${C.LISTEN_ADDRESS_ENV}, else "
-             f"{C.DEFAULT_LISTEN_ADDRESS}; 0.0.0.0 opens them to the network)")
+        f"{C.DEFAULT_LISTEN_ADDRESS}; 0.0.0.0 opens them to the network)",
+    )
     server.add_argument("extra", nargs="*", help="further tritonserver flags, after --")
 
     s = commands.add_parser("serve", parents=[common, server], help="run tritonserver in the foreground, supervised")
-    s.add_argument("--restart", action=argparse.BooleanOptionalAction, default=True,
-                   help="start tritonserver again when it dies without being asked to stop")
-    s.add_argument("--restart-delay", type=float, default=1.0,
-                   help="seconds before the first restart, doubled after each one (reset after a healthy minute)")
+    s.add_argument(
+        "--restart",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start tritonserver again when it dies without being asked to stop",
+    )
+    s.add_argument(
+        "--restart-delay",
+        type=float,
+        default=1.0,
+        help="seconds before the first restart, doubled after each one (reset after a healthy minute)",
+    )
     s.add_argument("--restart-max-delay", type=float, default=30.0)
-    s.add_argument("--supervise-models", action=argparse.BooleanOptionalAction, default=True,
-                   help="with --model-control explicit: reload models whose python stub died or stopped")
+    s.add_argument(
+        "--supervise-models",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --model-control explicit: reload models whose python stub died or stopped",
+    )
     s.add_argument("--supervise-interval", type=float, default=2.0, help="seconds between two looks at the stubs")
-    s.add_argument("--stop-timeout", type=float, default=None,
-                   help="seconds after SIGTERM/SIGINT before tritonserver and its stubs are killed "
-                        f"(default: --exit-timeout + {C.STOP_KILL_MARGIN_S})")
+    s.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=None,
+        help="seconds after SIGTERM/SIGINT before tritonserver and its stubs are killed "
+        f"(default: --exit-timeout + {C.STOP_KILL_MARGIN_S})",
+    )
     s.set_defaults(run=_serve)
 
     c = commands.add_parser(
-        "check", help="healthcheck: exit 0 when the server is ready and every loaded model's python stubs live",
+        "check",
+        help="healthcheck: exit 0 when the server is ready and every loaded model's python stubs live",
     )
     c.add_argument("--url", default=f"localhost:{C.DEFAULT_HTTP_PORT}", help="Triton's HTTP address")
-    c.add_argument("--server-pid", type=int, default=None,
-                   help="tritonserver's pid (default: the tritonserver process of this machine serving --url)")
-    c.add_argument("--python-based-backend", action="append", default=[], metavar="NAME",
-                   help="a backend that runs as python stubs (the embedded server's onnxruntime); repeatable")
-    c.add_argument("--stop-server-on-dead-stub", action="store_true",
-                   help="send tritonserver SIGTERM when a stub is dead, for a restart policy to act on")
+    c.add_argument(
+        "--server-pid",
+        type=int,
+        default=None,
+        help="tritonserver's pid (default: the tritonserver process of this machine serving --url)",
+    )
+    c.add_argument(
+        "--python-based-backend",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a backend that runs as python stubs (the embedded server's onnxruntime); repeatable",
+    )
+    c.add_argument(
+        "--stop-server-on-dead-stub",
+        action="store_true",
+        help="send tritonserver SIGTERM when a stub is dead, for a restart policy to act on",
+    )
     c.set_defaults(run=_check)
 
     g = commands.add_parser(
-        "args", parents=[server],
+        "args",
+        parents=[server],
         help="print the flags serve would pass to tritonserver, one per line (for other launchers)",
     )
     g.add_argument(
-        "--backend-directory", type=Path, default=None,
+        "--backend-directory",
+        type=Path,
+        default=None,
         help="default: none, i.e. tritonserver's own (/opt/tritonserver/backends in NGC images)",
     )
     g.set_defaults(run=_args)
 
-    a = commands.add_parser("perf-analyzer", parents=[common], help="run the bundled perf_analyzer 2.51: perf-analyzer -- ARGS")
+    a = commands.add_parser(
+        "perf-analyzer", parents=[common], help="run the bundled perf_analyzer 2.51: perf-analyzer -- ARGS"
+    )
     a.add_argument("args", nargs=argparse.REMAINDER)
     a.set_defaults(run=_perf_analyzer)
 

@@ -20,29 +20,58 @@ import ipaddress
 import os
 import re
 import secrets
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 from csm_triton import constants as C
 
-__all__ = ["DEFAULT_ARGS_FILE", "MODEL_CONTROL_MODES", "client_host", "gpu_available", "is_loopback", "listen_warning",
-           "model_control_headers", "model_control_key", "new_model_control_key", "read_args_file", "redact",
-           "restriction_flags", "server_arguments"]
+__all__ = [
+    "DEFAULT_ARGS_FILE",
+    "MODEL_CONTROL_MODES",
+    "client_host",
+    "gpu_available",
+    "is_loopback",
+    "listen_warning",
+    "model_control_headers",
+    "model_control_key",
+    "new_model_control_key",
+    "read_args_file",
+    "redact",
+    "restriction_flags",
+    "server_arguments",
+]
 
 MODEL_CONTROL_MODES = ("none", "poll", "explicit")
 DEFAULT_ARGS_FILE = Path(__file__).resolve().parent / "tritonserver.args"
 
 # Flags that depend on the deployment: server_arguments sets them, the args file must not.
 _DEPLOYMENT_FLAGS = {
-    "--model-repository", "--model-store", "--http-port", "--grpc-port", "--metrics-port",
-    "--backend-directory", "--model-control-mode", "--load-model", "--strict-readiness",
-    "--exit-on-error", "--allow-gpu-metrics", "--pinned-memory-pool-byte-size", "--cache-directory",
-    "--log-verbose", "--log-file", "--repository-poll-secs", "--exit-timeout-secs",
-    "--http-address", "--grpc-address", "--metrics-address", "--http-restricted-api", "--grpc-restricted-protocol",
+    "--model-repository",
+    "--model-store",
+    "--http-port",
+    "--grpc-port",
+    "--metrics-port",
+    "--backend-directory",
+    "--model-control-mode",
+    "--load-model",
+    "--strict-readiness",
+    "--exit-on-error",
+    "--allow-gpu-metrics",
+    "--pinned-memory-pool-byte-size",
+    "--cache-directory",
+    "--log-verbose",
+    "--log-file",
+    "--repository-poll-secs",
+    "--exit-timeout-secs",
+    "--http-address",
+    "--grpc-address",
+    "--metrics-address",
+    "--http-restricted-api",
+    "--grpc-restricted-protocol",
 }
 _RESTRICTION_FLAGS = ("--http-restricted-api", "--grpc-restricted-protocol")
 # A restriction flag's value up to its key: what `redact` keeps of it (the key is hidden).
-_RESTRICTION_VALUE = re.compile(r"^((?:%s)=[^=]*=).*" % "|".join(map(re.escape, _RESTRICTION_FLAGS)))
+_RESTRICTION_VALUE = re.compile(r"^((?:{})=[^=]*=).*".format("|".join(map(re.escape, _RESTRICTION_FLAGS))))
 # What a user-chosen key may hold: Triton splits the flag at ':' and '=', and the
 # value travels in an HTTP header and gRPC metadata.
 _KEY_FORM = re.compile(r"[A-Za-z0-9._~+/-]{16,256}")
@@ -59,12 +88,16 @@ def read_args_file(path: Path | str = DEFAULT_ARGS_FILE) -> list[str]:
         if not line.startswith("--"):
             raise ValueError(f"{path}:{number}: expected a --flag, got {line!r}")
         if line.split("=", 1)[0] in _DEPLOYMENT_FLAGS:
-            raise ValueError(f"{path}:{number}: {line.split('=', 1)[0]} depends on the deployment; server_arguments sets it")
+            raise ValueError(
+                f"{path}:{number}: {line.split('=', 1)[0]} depends on the deployment; server_arguments sets it"
+            )
         flags.append(line)
     for flag in ("--http-header-forward-pattern", "--grpc-header-forward-pattern"):
         values = [f.split("=", 1)[1] for f in flags if f.split("=", 1)[0] == flag]
         if values != [C.HEADER_FORWARD_PATTERN]:
-            raise ValueError(f"{path}: {flag} must be given once as {C.HEADER_FORWARD_PATTERN!r} (constants), got {values}")
+            raise ValueError(
+                f"{path}: {flag} must be given once as {C.HEADER_FORWARD_PATTERN!r} (constants), got {values}"
+            )
     return flags
 
 
@@ -80,8 +113,10 @@ def model_control_key(environ: Mapping[str, str] | None = None) -> str:
     if not given:
         return new_model_control_key()
     if not _KEY_FORM.fullmatch(given):  # the message never repeats the key
-        raise ValueError(f"${C.MODEL_CONTROL_KEY_ENV} must be 16 to 256 characters of A-Z a-z 0-9 . _ ~ + / - "
-                         "(e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))')")
+        raise ValueError(
+            f"${C.MODEL_CONTROL_KEY_ENV} must be 16 to 256 characters of A-Z a-z 0-9 . _ ~ + / - "
+            "(e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
     return given
 
 
@@ -126,8 +161,10 @@ def listen_warning(address: str) -> str | None:
     """The one line to print when the server is opened beyond this machine."""
     if is_loopback(address):
         return None
-    return (f"warning: HTTP, gRPC and metrics listen on {address}: inference, health and metrics are open "
-            f"to anyone who reaches these ports (model control still needs the key)")
+    return (
+        f"warning: HTTP, gRPC and metrics listen on {address}: inference, health and metrics are open "
+        f"to anyone who reaches these ports (model control still needs the key)"
+    )
 
 
 def gpu_available() -> bool:
@@ -209,4 +246,3 @@ def server_arguments(
     flags += read_args_file(args_file)
     flags += list(extra)
     return flags
-

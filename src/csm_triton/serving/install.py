@@ -22,14 +22,19 @@ import sys
 import sysconfig
 import uuid
 import zipfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from csm_triton.core.files import atomic_copy, atomic_write
 
 __all__ = [
-    "EmbeddedInstall", "PrepareError", "default_home", "locate_pytriton", "perf_analyzer_command", "prepare",
+    "EmbeddedInstall",
+    "PrepareError",
+    "default_home",
+    "locate_pytriton",
+    "perf_analyzer_command",
+    "prepare",
     "server_environment",
 ]
 
@@ -117,7 +122,9 @@ def _python_libdir() -> Path:
             f"{sys.executable} was built without --enable-shared: the python backend stub needs libpython"
         )
     libdir = Path(sysconfig.get_config_var("LIBDIR"))
-    name = sysconfig.get_config_var("INSTSONAME") or f"libpython{sys.version_info.major}.{sys.version_info.minor}.so.1.0"
+    name = (
+        sysconfig.get_config_var("INSTSONAME") or f"libpython{sys.version_info.major}.{sys.version_info.minor}.so.1.0"
+    )
     if not (libdir / name).exists():
         raise PrepareError(f"{name} not found in {libdir} (sysconfig LIBDIR)")
     return libdir
@@ -197,8 +204,17 @@ def _prepare_perf_analyzer(home: Path, libs: Path) -> tuple[Path, Path]:
     if wheel is None:
         wheels.mkdir(parents=True, exist_ok=True)
         command = [
-            sys.executable, "-m", "pip", "download", "--no-deps", f"tritonclient=={PERF_ANALYZER_TRITONCLIENT}",
-            "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d", str(wheels),
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            f"tritonclient=={PERF_ANALYZER_TRITONCLIENT}",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-q",
+            "-d",
+            str(wheels),
         ]
         result = subprocess.run(command, capture_output=True, text=True)
         wheel = next(iter(sorted(wheels.glob(f"tritonclient-{PERF_ANALYZER_TRITONCLIENT}-*.whl"))), None)
@@ -287,7 +303,6 @@ def perf_analyzer_command(home: Path | str | None = None) -> tuple[str, dict[str
     return str(home / "bin" / "perf_analyzer"), env
 
 
-
 def _join_paths(first: Iterable[Path | str], rest: str | None) -> str:
     parts = [str(p) for p in first]
     if rest:
@@ -306,4 +321,3 @@ def server_environment(install: EmbeddedInstall, base: Mapping[str, str] | None 
     env["PATH"] = _join_paths([install.venv_bin], env.get("PATH"))
     env["LD_LIBRARY_PATH"] = _join_paths([install.pytriton_libs, install.python_libdir], env.get("LD_LIBRARY_PATH"))
     return env
-

@@ -12,22 +12,41 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from csm_triton import constants as C
 from csm_triton.serving.flags import client_host, model_control_headers, new_model_control_key, redact, server_arguments
 from csm_triton.serving.install import EmbeddedInstall, prepare, server_environment
 from csm_triton.serving.readiness import TritonStartError, last_endpoint, wait_until_ready
 from csm_triton.serving.supervisor import ModelSupervisor, log_to_file
-# Re-exported: tests and tools import the teardown helpers from here too.
-from csm_triton.serving.teardown import (SHM_PREFIX, announce_stop, end_process_group, kill_process_group,
-                                         parent_death_signal, remove_shm_regions, shm_region_flag, stop_file,
-                                         unique_shm_prefix)
 
-__all__ = ["SHM_PREFIX", "TritonServer", "announce_stop", "end_process_group", "free_ports",
-           "kill_process_group", "parent_death_signal", "stop_file",
-           "remove_shm_regions", "shm_region_flag", "unique_shm_prefix"]
+# Re-exported: tests and tools import the teardown helpers from here too.
+from csm_triton.serving.teardown import (
+    SHM_PREFIX,
+    announce_stop,
+    end_process_group,
+    kill_process_group,
+    parent_death_signal,
+    remove_shm_regions,
+    shm_region_flag,
+    stop_file,
+    unique_shm_prefix,
+)
+
+__all__ = [
+    "SHM_PREFIX",
+    "TritonServer",
+    "announce_stop",
+    "end_process_group",
+    "free_ports",
+    "kill_process_group",
+    "parent_death_signal",
+    "stop_file",
+    "remove_shm_regions",
+    "shm_region_flag",
+    "unique_shm_prefix",
+]
 
 
 # --- running a server -------------------------------------------------------------------
@@ -44,7 +63,7 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-_RUNNING: set["TritonServer"] = set()
+_RUNNING: set[TritonServer] = set()
 _RUNNING_LOCK = threading.Lock()
 
 
@@ -199,7 +218,7 @@ class TritonServer:
         )
 
     # --- lifecycle ------------------------------------------------------------------------
-    def start(self) -> "TritonServer":
+    def start(self) -> TritonServer:
         if self.process is not None:
             raise RuntimeError("server already started")
         if self._install is None:
@@ -215,9 +234,16 @@ class TritonServer:
                 ]
                 self._spawn()
                 try:
-                    wait_until_ready(self.process, self.http_url, self.ready_models, started=started,
-                                     timeout=self.startup_timeout, endpoint=last_endpoint(self.extra_args),
-                                     new_log=self._new_log, log_excerpt=self._log_excerpt)
+                    wait_until_ready(
+                        self.process,
+                        self.http_url,
+                        self.ready_models,
+                        started=started,
+                        timeout=self.startup_timeout,
+                        endpoint=last_endpoint(self.extra_args),
+                        new_log=self._new_log,
+                        log_excerpt=self._log_excerpt,
+                    )
                     break
                 except TritonStartError:
                     if attempt + 1 < attempts and "already in use" in self._new_log():
@@ -230,9 +256,14 @@ class TritonServer:
         self.start_seconds = time.monotonic() - started
         if self.supervise_models:
             self.supervisor = ModelSupervisor.for_embedded(
-                self._install, self.http_port, lambda: self.pid, interval_s=self.supervise_interval,
-                host=client_host(self.listen_address), model_control_key=self.model_control_key,
-                log=log_to_file(self.log_path)).start()
+                self._install,
+                self.http_port,
+                lambda: self.pid,
+                interval_s=self.supervise_interval,
+                host=client_host(self.listen_address),
+                model_control_key=self.model_control_key,
+                log=log_to_file(self.log_path),
+            ).start()
         return self
 
     def _spawn(self) -> None:
@@ -298,7 +329,8 @@ class TritonServer:
                 except subprocess.TimeoutExpired:
                     log_to_file(self.log_path, "csm-triton-server")(
                         f"tritonserver (pid {process.pid}) still running {self.stop_grace:g} s after SIGTERM: "
-                        "killing it and its python stubs (SIGKILL)")
+                        "killing it and its python stubs (SIGKILL)"
+                    )
                     kill_process_group(process.pid)
                     process.wait(timeout=30)
         finally:
@@ -313,7 +345,7 @@ class TritonServer:
         with _RUNNING_LOCK:
             _RUNNING.discard(self)
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
@@ -321,4 +353,3 @@ class TritonServer:
 
     def __repr__(self) -> str:
         return f"TritonServer({self.model_repository}, http={self.http_url}, pid={self.pid})"
-

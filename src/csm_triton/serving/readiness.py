@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import subprocess
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = ["TritonStartError", "last_endpoint", "wait_until_ready"]
 
@@ -47,9 +47,17 @@ def _ready(check) -> bool:
         return False
 
 
-def wait_until_ready(process: subprocess.Popen, http_url: str, models: Sequence[str], *, started: float,
-                     timeout: float, endpoint: str, new_log: Callable[[], str],
-                     log_excerpt: Callable[[], str]) -> None:
+def wait_until_ready(
+    process: subprocess.Popen,
+    http_url: str,
+    models: Sequence[str],
+    *,
+    started: float,
+    timeout: float,
+    endpoint: str,
+    new_log: Callable[[], str],
+    log_excerpt: Callable[[], str],
+) -> None:
     """Polls every 0.1 s until the server at `http_url` and `models` are ready, at most
     `timeout` seconds after `started` (time.monotonic()); raises TritonStartError.
     endpoint: last_endpoint(); new_log(): what this start wrote to the server's log so
@@ -67,7 +75,7 @@ def wait_until_ready(process: subprocess.Popen, http_url: str, models: Sequence[
             if failure:
                 raise TritonStartError(f"tritonserver {failure.group(0)}{log_excerpt()}")
             if endpoint in log and _ready(client.is_server_ready):
-                pending = [m for m in pending if not _ready(lambda: client.is_model_ready(m))]
+                pending = [m for m in pending if not _ready(lambda m=m: client.is_model_ready(m))]
                 if not pending:
                     return
             if time.monotonic() > deadline:

@@ -30,7 +30,8 @@ class RepositoryClient:
             import tritonclient.http as http
 
             self._client = http.InferenceServerClient(
-                self.url, connection_timeout=5.0, network_timeout=self.load_timeout_s)
+                self.url, connection_timeout=5.0, network_timeout=self.load_timeout_s
+            )
         return self._client
 
     def states(self) -> dict[str, str]:

@@ -14,7 +14,8 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 __all__ = ["RestartPolicy", "ServerRunner", "describe_exit"]
 
@@ -42,8 +43,9 @@ class RestartPolicy:
     to `maximum_s`; a run that lasted `healthy_s` or longer starts over at `initial_s`.
     `max_restarts` (None: no limit) ends the restarts."""
 
-    def __init__(self, initial_s: float = 1.0, maximum_s: float = 30.0, healthy_s: float = 60.0,
-                 max_restarts: int | None = None):
+    def __init__(
+        self, initial_s: float = 1.0, maximum_s: float = 30.0, healthy_s: float = 60.0, max_restarts: int | None = None
+    ):
         if initial_s <= 0 or maximum_s < initial_s:
             raise ValueError("need 0 < initial_s <= maximum_s")
         self.initial_s, self.maximum_s, self.healthy_s = initial_s, maximum_s, healthy_s
@@ -79,11 +81,18 @@ class ServerRunner:
     `stop_timeout_s`, a server still running that long after the stop was forwarded is
     ended by `kill` (default SIGKILL to it), and `killed_after_stop` says so."""
 
-    def __init__(self, spawn: Callable[[], Process], *, policy: RestartPolicy | None = None,
-                 cleanup: Callable[[Process], None] = lambda process: None,
-                 stop_timeout_s: float | None = None, kill: Callable[[Process], None] | None = None,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], bool] | None = None,
-                 log: LogFn = _stderr):
+    def __init__(
+        self,
+        spawn: Callable[[], Process],
+        *,
+        policy: RestartPolicy | None = None,
+        cleanup: Callable[[Process], None] = lambda process: None,
+        stop_timeout_s: float | None = None,
+        kill: Callable[[Process], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], bool] | None = None,
+        log: LogFn = _stderr,
+    ):
         self._spawn = spawn
         self.policy = policy or RestartPolicy()
         self._cleanup = cleanup
@@ -130,8 +139,10 @@ class ServerRunner:
         if process.poll() is not None:
             return
         self.killed_after_stop = True
-        self._log(f"tritonserver (pid {process.pid}) still running {self.stop_timeout_s:g} s after "
-                  f"{signal.Signals(signum).name}: killing it and its python stubs (SIGKILL)")
+        self._log(
+            f"tritonserver (pid {process.pid}) still running {self.stop_timeout_s:g} s after "
+            f"{signal.Signals(signum).name}: killing it and its python stubs (SIGKILL)"
+        )
         self._kill(process)
 
     def run(self) -> int:
@@ -169,11 +180,15 @@ class ServerRunner:
                 return code
             delay = self.policy.next_delay(ran_s)
             if delay is None:
-                self._log(f"tritonserver (pid {pid}) ended after {ran_s:.1f} s ({describe_exit(code)}); "
-                          f"{self.policy.restarts} restarts already, giving up")
+                self._log(
+                    f"tritonserver (pid {pid}) ended after {ran_s:.1f} s ({describe_exit(code)}); "
+                    f"{self.policy.restarts} restarts already, giving up"
+                )
                 return code
-            self._log(f"tritonserver (pid {pid}) ended unexpectedly after {ran_s:.1f} s "
-                      f"({describe_exit(code)}); restart {self.policy.restarts} in {delay:g} s")
+            self._log(
+                f"tritonserver (pid {pid}) ended unexpectedly after {ran_s:.1f} s "
+                f"({describe_exit(code)}); restart {self.policy.restarts} in {delay:g} s"
+            )
             if self._sleep(delay):
                 return code
 

@@ -11,14 +11,24 @@ Triton never reaps, whose exit status /proc still shows.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 from csm_triton.serving.restart import describe_exit
 
-__all__ = ["ProcState", "check_server", "expected_instances", "find_tritonserver", "process_group",
-           "python_based_backends", "read_state", "server_stubs", "stub_backed", "stub_problem"]
+__all__ = [
+    "ProcState",
+    "check_server",
+    "expected_instances",
+    "find_tritonserver",
+    "process_group",
+    "python_based_backends",
+    "read_state",
+    "server_stubs",
+    "stub_backed",
+    "stub_problem",
+]
 
 STUB_PROGRAM = "triton_python_backend_stub"
 _STUB_INSTANCE_ARG = 8  # argv: stub, model path, shm region, sizes x2, parent pid, lib dir, ipc handle, instance
@@ -163,8 +173,14 @@ def stub_problem(stubs: Mapping[int, str], expected: Counter, proc: Path) -> str
 
 
 # --- a health check for a server nobody reloads (the container's) ---------------------
-def check_server(http_url: str, server_pid: int | None, *, python_based: Sequence[str] = (),
-                 proc: Path = Path("/proc"), timeout_s: float = 5.0) -> tuple[bool, list[str]]:
+def check_server(
+    http_url: str,
+    server_pid: int | None,
+    *,
+    python_based: Sequence[str] = (),
+    proc: Path = Path("/proc"),
+    timeout_s: float = 5.0,
+) -> tuple[bool, list[str]]:
     """(ready, problems): /v2/health/ready, and a line per loaded model whose stubs are
     not all alive (server_pid None: the stub test is skipped)."""
     import tritonclient.http as http

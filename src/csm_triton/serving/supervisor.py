@@ -38,14 +38,20 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 from csm_triton.serving.flags import model_control_headers
 from csm_triton.serving.repository_client import RepositoryClient
-from csm_triton.serving.stubs import (expected_instances, python_based_backends, read_state, server_stubs, stub_backed,
-                                      stub_problem)
+from csm_triton.serving.stubs import (
+    expected_instances,
+    python_based_backends,
+    read_state,
+    server_stubs,
+    stub_backed,
+    stub_problem,
+)
 
 __all__ = ["BLS_CALLERS", "ModelSupervisor", "Recovery", "log_to_file"]
 
@@ -58,9 +64,11 @@ def _stderr(message: str) -> None:
 
 def log_to_file(path: Path | str, source: str = "csm-model-supervisor") -> LogFn:
     """Lines appended to a server's log (one write each: they interleave whole)."""
+
     def log(message: str) -> None:
         with open(path, "a") as file:
             file.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {source}: {message}\n")
+
     return log
 
 
@@ -68,11 +76,11 @@ def log_to_file(path: Path | str, source: str = "csm-model-supervisor") -> LogFn
 # the ensembles over it). The one table of these edges; keep it in step with the
 # triton.call_model / triton.stream_model calls in csm_triton/triton/models/.
 BLS_CALLERS: Mapping[str, tuple[str, ...]] = {
-    "csm_lm": ("csm_generate", "csm_tts_stream"),        # generate.py, stream.py
-    "mimi_encoder": ("csm_prepare", "voice_register"),   # voices.py (VoiceResolver)
-    "mimi_decoder": ("csm_tts_stream",),                 # stream.py (chunk decoding)
-    "watermark": ("csm_tts_stream",),                    # stream.py
-    "csm_prepare": ("csm_tts_stream",),                  # stream.py
+    "csm_lm": ("csm_generate", "csm_tts_stream"),  # generate.py, stream.py
+    "mimi_encoder": ("csm_prepare", "voice_register"),  # voices.py (VoiceResolver)
+    "mimi_decoder": ("csm_tts_stream",),  # stream.py (chunk decoding)
+    "watermark": ("csm_tts_stream",),  # stream.py
+    "csm_prepare": ("csm_tts_stream",),  # stream.py
 }
 
 
@@ -118,11 +126,23 @@ class ModelSupervisor:
     changes (a restarted server) everything is looked at afresh. `check()` is one round
     (the thread calls it every `interval_s`); `recoveries` lists what it did."""
 
-    def __init__(self, http_url: str, server_pid: Callable[[], int | None], *, interval_s: float = 2.0,
-                 drain_s: float = 3.0, reap_after_s: float = 30.0, load_timeout_s: float = 900.0,
-                 python_based: Sequence[str] = (), model_control_key: str | None = None,
-                 callers: Mapping[str, Sequence[str]] = BLS_CALLERS, log: LogFn = _stderr,
-                 client=None, proc: Path = Path("/proc"), clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        http_url: str,
+        server_pid: Callable[[], int | None],
+        *,
+        interval_s: float = 2.0,
+        drain_s: float = 3.0,
+        reap_after_s: float = 30.0,
+        load_timeout_s: float = 900.0,
+        python_based: Sequence[str] = (),
+        model_control_key: str | None = None,
+        callers: Mapping[str, Sequence[str]] = BLS_CALLERS,
+        log: LogFn = _stderr,
+        client=None,
+        proc: Path = Path("/proc"),
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._server_pid = server_pid
         self.interval_s = interval_s
         self.drain_s = drain_s
@@ -140,20 +160,22 @@ class ModelSupervisor:
         self._pid: int | None = None
         self._watched: dict[str, _Watch] = {}
         self._unwatched: set[str] = set()  # READY models without stubs (ensembles, native backends)
-        self._retired: set[int] = set()    # stubs of replaced versions, never watched again
+        self._retired: set[int] = set()  # stubs of replaced versions, never watched again
         self._failed: dict[str, _Retry] = {}  # after a failed recovery
         self._reap: list[tuple[float, dict[int, str]]] = []  # (when, stubs of replaced versions)
         self.recoveries: list[Recovery] = []
 
     @classmethod
-    def for_embedded(cls, install, http_port: int, server_pid: Callable[[], int | None], *,
-                     host: str = "127.0.0.1", **options) -> "ModelSupervisor":
+    def for_embedded(
+        cls, install, http_port: int, server_pid: Callable[[], int | None], *, host: str = "127.0.0.1", **options
+    ) -> ModelSupervisor:
         """For a server of this embedded install (its onnxruntime models run as stubs too)."""
-        return cls(f"{host}:{http_port}", server_pid,
-                   python_based=python_based_backends(install.backend_directory), **options)
+        return cls(
+            f"{host}:{http_port}", server_pid, python_based=python_based_backends(install.backend_directory), **options
+        )
 
     # --- the thread -------------------------------------------------------------------
-    def start(self, first_look_s: float = 30.0) -> "ModelSupervisor":
+    def start(self, first_look_s: float = 30.0) -> ModelSupervisor:
         """Starts the thread and waits (at most first_look_s) for its first round, which
         records the stubs of the models loaded now: a stub that dies later is then named."""
         self._first_round = threading.Event()
@@ -228,8 +250,11 @@ class ModelSupervisor:
         for name, retry in list(self._failed.items()):
             if now >= retry.at:
                 broken.pop(name, None)
-                done.append(self._recover(name, "its last recovery failed", pid, ready | retry.ready_before,
-                                          models=retry.models))
+                done.append(
+                    self._recover(
+                        name, "its last recovery failed", pid, ready | retry.ready_before, models=retry.models
+                    )
+                )
         for name, problem in broken.items():
             if name not in self._failed:
                 done.append(self._recover(name, problem, pid, ready))
@@ -246,24 +271,34 @@ class ModelSupervisor:
         return stub_problem(watch.stubs, expected, self._proc)
 
     def _current_stubs(self, pid: int, expected: Counter) -> dict[int, str]:
-        return {stub: instance for stub, instance in server_stubs(pid, self._proc).items()
-                if instance in expected and stub not in self._retired}
+        return {
+            stub: instance
+            for stub, instance in server_stubs(pid, self._proc).items()
+            if instance in expected and stub not in self._retired
+        }
 
-    def _recover(self, name: str, problem: str, pid: int, ready_before: set[str],
-                 models: Sequence[str] | None = None) -> Recovery:
+    def _recover(
+        self, name: str, problem: str, pid: int, ready_before: set[str], models: Sequence[str] | None = None
+    ) -> Recovery:
         if models is None:
             models = [name, *(c for c in self._callers.get(name, ()) if c in ready_before)]
         callers = [m for m in models if m != name]
         recovery = Recovery(name, problem, list(models), self._clock())
         self.recoveries.append(recovery)
-        self._log(f"model {name} is broken ({problem}): unloading it"
-                  + (f" and its callers {', '.join(callers)}" if callers else "") + ", then loading again")
+        self._log(
+            f"model {name} is broken ({problem}): unloading it"
+            + (f" and its callers {', '.join(callers)}" if callers else "")
+            + ", then loading again"
+        )
         for model in recovery.reloaded:
             watch = self._watched.pop(model, None)
             if watch is not None:
                 self._retired.update(watch.stubs)
-        replaced = {stub: instance for stub, instance in server_stubs(pid, self._proc).items()
-                    if _instance_of(instance, recovery.reloaded)}
+        replaced = {
+            stub: instance
+            for stub, instance in server_stubs(pid, self._proc).items()
+            if _instance_of(instance, recovery.reloaded)
+        }
         self._retired.update(replaced)
         self._reap.append((self._clock() + self.reap_after_s, replaced))
         self._kill_stopped_stubs(pid, recovery.reloaded)
@@ -316,8 +351,10 @@ class ModelSupervisor:
                 except OSError:
                     pass
             if stuck:
-                self._log(f"killed {len(stuck)} stubs of replaced model versions that never finished unloading: "
-                          + ", ".join(f"{name} (pid {stub})" for stub, name in sorted(stuck.items())))
+                self._log(
+                    f"killed {len(stuck)} stubs of replaced model versions that never finished unloading: "
+                    + ", ".join(f"{name} (pid {stub})" for stub, name in sorted(stuck.items()))
+                )
 
     def _kill_stopped_stubs(self, pid: int, models: Sequence[str]) -> None:
         """A stopped stub neither works nor exits when unloaded: end it."""

@@ -18,13 +18,22 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from csm_triton.serving.stubs import process_group
 
-__all__ = ["SHM_PREFIX", "announce_stop", "end_process_group", "kill_process_group", "parent_death_signal",
-           "remove_shm_regions", "shm_region_flag", "stop_file", "unique_shm_prefix"]
+__all__ = [
+    "SHM_PREFIX",
+    "announce_stop",
+    "end_process_group",
+    "kill_process_group",
+    "parent_death_signal",
+    "remove_shm_regions",
+    "shm_region_flag",
+    "stop_file",
+    "unique_shm_prefix",
+]
 
 SHM_PREFIX = "triton_python_backend_shm_region_"
 
@@ -83,8 +92,10 @@ def end_process_group(pgid: int, grace_s: float = 2.0, log: Callable[[str], None
         time.sleep(0.1)
     kill_process_group(pgid)
     if log is not None:
-        log(f"killed {len(left)} processes of tritonserver's process group that outlived it by {grace_s:g} s: "
-            + ", ".join(f"{name} (pid {pid})" for pid, name in sorted(left.items())))
+        log(
+            f"killed {len(left)} processes of tritonserver's process group that outlived it by {grace_s:g} s: "
+            + ", ".join(f"{name} (pid {pid})" for pid, name in sorted(left.items()))
+        )
     return left
 
 

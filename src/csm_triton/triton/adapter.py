@@ -13,7 +13,8 @@ import json
 import logging
 import threading
 import traceback
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from csm_triton.errors import InvalidInput, PermissionDenied
 from csm_triton.triton import calls, metrics, stub_threads
 from csm_triton.triton.calls import INTERNAL_ERROR_MARK, UNAVAILABLE_MARK, ModelCallError, ModelUnavailable
 from csm_triton.triton.parameters import Parameters, parse_model_config
+
 # Without Triton, so in modules of their own (re-exported: models and tests use them from here).
 from csm_triton.triton.stub_threads import start_parent_watchdog
 
@@ -99,13 +101,9 @@ def error_response(error: BaseException, model_name: str):
         # CANCELLED). INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT) fits best: the token
         # is part of the request; UNAVAILABLE would invite clients to retry. The
         # message starts with "permission denied: " so the cause is unmistakable.
-        return pb_utils.InferenceResponse(
-            error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)
-        )
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
     if isinstance(error, InvalidInput):
-        return pb_utils.InferenceResponse(
-            error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG)
-        )
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
     if isinstance(error, ModelUnavailable):
         # A server fault the client did not cause and may retry (HTTP 503, gRPC
         # UNAVAILABLE); the model supervisor is reloading the model meanwhile.
@@ -153,10 +151,18 @@ class PythonModel:
 
 # --- BLS: calling other models of the same server ------------------------------------
 SERVER_STOPPING_MESSAGE = "Server not ready"  # how 2.51 answers a stub's question during shutdown
+
+
 # Each call is awaited with a deadline and a readiness check (csm_triton.triton.calls):
 # a request to a python stub that dies is never answered in Triton 2.51.
-def _bls_request(model_name: str, inputs: Mapping[str, np.ndarray], output_names, parameters=None,
-                 request_id: str = "", timeout_s: float = calls.BLS_TIMEOUT_S):
+def _bls_request(
+    model_name: str,
+    inputs: Mapping[str, np.ndarray],
+    output_names,
+    parameters=None,
+    request_id: str = "",
+    timeout_s: float = calls.BLS_TIMEOUT_S,
+):
     tensors = [pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in inputs.items()]
     kwargs = {"parameters": parameters} if parameters else {}
     if request_id:
@@ -164,16 +170,23 @@ def _bls_request(model_name: str, inputs: Mapping[str, np.ndarray], output_names
     # `timeout` (microseconds) bounds only the wait in a dynamic batcher's queue whose
     # policy allows overrides; the caller's own wait is PendingCall's.
     return pb_utils.InferenceRequest(
-        model_name=model_name, inputs=tensors, requested_output_names=list(output_names),
-        timeout=int(timeout_s * 1e6), **kwargs,
+        model_name=model_name,
+        inputs=tensors,
+        requested_output_names=list(output_names),
+        timeout=int(timeout_s * 1e6),
+        **kwargs,
     )
 
 
 def _raise_error(response, model_name: str) -> None:
     error = response.error()
     code = error.code()
-    raise calls.callee_error(model_name, error.message(), unavailable=code == pb_utils.TritonError.UNAVAILABLE,
-                             invalid_arg=code == pb_utils.TritonError.INVALID_ARG)
+    raise calls.callee_error(
+        model_name,
+        error.message(),
+        unavailable=code == pb_utils.TritonError.UNAVAILABLE,
+        invalid_arg=code == pb_utils.TritonError.INVALID_ARG,
+    )
 
 
 def _outputs(response, model_name: str, output_names) -> dict[str, np.ndarray]:
@@ -193,9 +206,14 @@ def _model_ready(model_name: str) -> bool:
         return SERVER_STOPPING_MESSAGE not in str(error)
 
 
-def call_model(model_name: str, inputs: Mapping[str, np.ndarray], output_names,
-               parameters: Mapping[str, Any] | None = None, *,
-               timeout_s: float = calls.BLS_TIMEOUT_S) -> dict[str, np.ndarray]:
+def call_model(
+    model_name: str,
+    inputs: Mapping[str, np.ndarray],
+    output_names,
+    parameters: Mapping[str, Any] | None = None,
+    *,
+    timeout_s: float = calls.BLS_TIMEOUT_S,
+) -> dict[str, np.ndarray]:
     """One request to a non-decoupled model. Raises InvalidInput for its client error,
     ModelUnavailable when it cannot answer (see calls.BLS_TIMEOUT_S), else ModelCallError."""
     request = _bls_request(model_name, inputs, output_names, parameters, timeout_s=timeout_s)
@@ -207,9 +225,15 @@ def call_model(model_name: str, inputs: Mapping[str, np.ndarray], output_names,
     return _outputs(response, model_name, output_names)
 
 
-def stream_model(model_name: str, inputs: Mapping[str, np.ndarray], output_names,
-                 parameters: Mapping[str, Any] | None = None, request_id: str = "", *,
-                 timeout_s: float = calls.BLS_TIMEOUT_S):
+def stream_model(
+    model_name: str,
+    inputs: Mapping[str, np.ndarray],
+    output_names,
+    parameters: Mapping[str, Any] | None = None,
+    request_id: str = "",
+    *,
+    timeout_s: float = calls.BLS_TIMEOUT_S,
+):
     """Responses of a decoupled model, one dict per non-empty response; timeout_s
     bounds the wait for each response, not the whole stream."""
     request = _bls_request(model_name, inputs, output_names, parameters, request_id, timeout_s=timeout_s)
@@ -262,8 +286,9 @@ class StreamSender:
             if self.closed:
                 return
             self.closed = True
-            self._sender.send(error_response(error, self._model_name),
-                              flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            self._sender.send(
+                error_response(error, self._model_name), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+            )
 
     def is_cancelled(self) -> bool:
         return self._sender.is_cancelled()
@@ -294,8 +319,9 @@ class DecoupledModel(PythonModel):
 
     def execute(self, requests):
         if self._stop_watch is None and type(self).on_server_stop is not DecoupledModel.on_server_stop:
-            self._stop_watch = watch_server_stop(self.on_server_stop, busy=self.has_open_work,
-                                                 model_name=self.model_name)
+            self._stop_watch = watch_server_stop(
+                self.on_server_stop, busy=self.has_open_work, model_name=self.model_name
+            )
         for request in requests:
             sender = StreamSender(request, self.model_name)
             try:
@@ -306,7 +332,7 @@ class DecoupledModel(PythonModel):
 
 
 # --- custom metrics (served on the metrics port beside Triton's own) -----------------
-def Metrics(model_name: str, **labels: str) -> metrics.Metrics:  # noqa: N802 - reads as the class it makes
+def Metrics(model_name: str, **labels: str) -> metrics.Metrics:
     """metrics.Metrics over Triton's MetricFamily."""
     return metrics.Metrics(pb_utils.MetricFamily, model_name, **labels)
 

@@ -16,13 +16,24 @@ import os
 import queue
 import threading
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from csm_triton import constants as C
 from csm_triton.errors import InvalidInput
 
-__all__ = ["BLS_POLL_S", "BLS_TIMEOUT_S", "STOP_DRAIN_S", "INTERNAL_ERROR_MARK", "UNAVAILABLE_MARK", "ModelCallError",
-           "ModelUnavailable", "PendingCall", "callee_error", "says_unavailable", "server_stopping"]
+__all__ = [
+    "BLS_POLL_S",
+    "BLS_TIMEOUT_S",
+    "STOP_DRAIN_S",
+    "INTERNAL_ERROR_MARK",
+    "UNAVAILABLE_MARK",
+    "ModelCallError",
+    "ModelUnavailable",
+    "PendingCall",
+    "callee_error",
+    "says_unavailable",
+    "server_stopping",
+]
 
 BLS_TIMEOUT_S = 300.0  # a backstop for an unsupervised server; far above any real wait
 BLS_POLL_S = 0.5  # a question to the server per waiting call and slice
@@ -34,12 +45,12 @@ STOP_DRAIN_S = 2.0
 # stuck stub, a model unloaded or reloading, a full queue); Triton hands BLS callers
 # every error as INTERNAL, so the message is all there is to go by.
 UNAVAILABLE_MESSAGES = (
-    "is not healthy",                      # Stub process '<instance>' is not healthy.
-    "Failed to obtain the health mutex",   # a stub stopped or died holding it
-    "Request for unknown model",           # unloaded, reloading, never loaded
-    "' is not ready",                      # Model '<name>' is not ready. (exec raising)
+    "is not healthy",  # Stub process '<instance>' is not healthy.
+    "Failed to obtain the health mutex",  # a stub stopped or died holding it
+    "Request for unknown model",  # unloaded, reloading, never loaded
+    "' is not ready",  # Model '<name>' is not ready. (exec raising)
     "Exceeds maximum queue size",
-    "Request timeout expired",             # the dynamic batcher's queue timeout
+    "Request timeout expired",  # the dynamic batcher's queue timeout
 )
 
 
@@ -102,10 +113,18 @@ class PendingCall:
 
     _END = object()
 
-    def __init__(self, model_name: str, responses: Callable[[], Iterable], timeout_s: float = BLS_TIMEOUT_S, *,
-                 ready: Callable[[str], bool], poll_s: float | None = None,
-                 clock: Callable[[], float] = time.monotonic, stopping: Callable[[], bool] = server_stopping,
-                 stop_drain_s: float = STOP_DRAIN_S):
+    def __init__(
+        self,
+        model_name: str,
+        responses: Callable[[], Iterable],
+        timeout_s: float = BLS_TIMEOUT_S,
+        *,
+        ready: Callable[[str], bool],
+        poll_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        stopping: Callable[[], bool] = server_stopping,
+        stop_drain_s: float = STOP_DRAIN_S,
+    ):
         self.model_name = model_name
         self.timeout_s = timeout_s
         self._ready = ready
@@ -145,13 +164,15 @@ class PendingCall:
                     # once that request ends Triton unloads the caller, and a BLS response
                     # to an unloaded caller aborts 2.51 (boost lock_exception, SIGABRT).
                     self._drained.wait(self._stop_drain_s)
-                    raise ModelUnavailable(f"{self.model_name} did not answer: the server is shutting down")
+                    raise ModelUnavailable(f"{self.model_name} did not answer: the server is shutting down") from None
                 if not self._ready(self.model_name):
                     self.close()
-                    raise ModelUnavailable(f"{self.model_name} is not ready: unloaded, or reloading after a failure")
+                    raise ModelUnavailable(
+                        f"{self.model_name} is not ready: unloaded, or reloading after a failure"
+                    ) from None
                 if self._clock() >= deadline:
                     self.close()
-                    raise ModelUnavailable(f"{self.model_name} did not answer within {self.timeout_s:g} s")
+                    raise ModelUnavailable(f"{self.model_name} did not answer within {self.timeout_s:g} s") from None
                 continue
             if item is self._END:
                 raise StopIteration

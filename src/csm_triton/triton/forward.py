@@ -8,7 +8,7 @@ models' encoder all come from here, so a model module never imports another's.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -19,12 +19,26 @@ from csm_triton.core.segments import SEGMENT_OUTPUTS
 from csm_triton.triton import adapter as triton
 from csm_triton.triton.calls import server_stopping
 
-__all__ = ["PREPARE_INPUTS", "cancel_lm_request", "forward_lm", "forward_lm_whole", "forward_mimi_decoder",
-           "forward_mimi_encoder", "forward_prepare", "forward_watermark"]
+__all__ = [
+    "PREPARE_INPUTS",
+    "cancel_lm_request",
+    "forward_lm",
+    "forward_lm_whole",
+    "forward_mimi_decoder",
+    "forward_mimi_encoder",
+    "forward_prepare",
+    "forward_watermark",
+]
 
 PREPARE_INPUTS = CLIENT_INPUTS  # what csm_tts_stream forwards of its request to csm_prepare
-PREPARE_OUTPUTS = ("input_ids", "prompt_codes", *SEGMENT_OUTPUTS, "normalized_text", "rest_pieces",
-                   "rest_spoken_pieces")
+PREPARE_OUTPUTS = (
+    "input_ids",
+    "prompt_codes",
+    *SEGMENT_OUTPUTS,
+    "normalized_text",
+    "rest_pieces",
+    "rest_spoken_pieces",
+)
 LM_OUTPUTS = ["codes", "finish_reason"]
 
 
@@ -77,8 +91,9 @@ def cancel_lm_request(stream_id: str) -> None:
 
 def forward_mimi_decoder(codes: np.ndarray) -> np.ndarray:
     """Codes [frames, 32] -> 24 kHz float32 [samples], through `mimi_decoder`."""
-    audio = triton.call_model("mimi_decoder", {"audio_codes": np.ascontiguousarray(codes.T[None])},
-                              ["audio_values"])["audio_values"]
+    audio = triton.call_model("mimi_decoder", {"audio_codes": np.ascontiguousarray(codes.T[None])}, ["audio_values"])[
+        "audio_values"
+    ]
     return audio[0, 0]
 
 

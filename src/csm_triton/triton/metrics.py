@@ -9,7 +9,7 @@ have `increment`, so all of it is tested with stand-ins.
 from __future__ import annotations
 
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["LabelledCounters", "Metrics", "RunningTotal"]
 

@@ -9,8 +9,9 @@ names the model, the parameter and what it accepts, never a bare int() traceback
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 __all__ = ["ParameterError", "Parameters", "instance_device", "parse_model_config", "voice_directory"]
 
@@ -53,8 +54,7 @@ class Parameters:
         return default if value == "" or value.startswith("${") else value
 
     def _error(self, name: str, accepted: str, value: str) -> ParameterError:
-        return ParameterError(f"model '{self.model_name}': config parameter '{name}' must be {accepted}, "
-                              f"got {value!r}")
+        return ParameterError(f"model '{self.model_name}': config parameter '{name}' must be {accepted}, got {value!r}")
 
     def boolean(self, name: str, default: bool) -> bool:
         value = self.text(name)
@@ -65,13 +65,17 @@ class Parameters:
         except KeyError:
             raise self._error(name, '"true" or "false"', value) from None
 
-    def integer(self, name: str, default: int | None, *, minimum: int | None = None,
-                maximum: int | None = None) -> int | None:
+    def integer(
+        self, name: str, default: int | None, *, minimum: int | None = None, maximum: int | None = None
+    ) -> int | None:
         value = self.text(name)
         if value is None:
             return default
-        accepted = "an integer" + (f" >= {minimum}" if minimum is not None else "") + (
-            f" <= {maximum}" if maximum is not None else "")
+        accepted = (
+            "an integer"
+            + (f" >= {minimum}" if minimum is not None else "")
+            + (f" <= {maximum}" if maximum is not None else "")
+        )
         try:
             number = int(value)
         except ValueError:
@@ -80,8 +84,7 @@ class Parameters:
             raise self._error(name, accepted, value)
         return number
 
-    def number(self, name: str, default: float, *, minimum: float | None = None,
-               maximum: float | None = None) -> float:
+    def number(self, name: str, default: float, *, minimum: float | None = None, maximum: float | None = None) -> float:
         value = self.text(name)
         if value is None:
             return default

@@ -2,7 +2,7 @@
 
 Kept out of adapter.py (the one module that imports triton_python_backend_utils)
 because neither needs Triton: they watch files and process ids, so they are tested
-without a server (tests/test_supervisor.py, tests/test_voices.py).
+without a server (tests/unit/test_supervisor.py, tests/unit/test_voices.py).
 
 - watch_server_stop: a stopping server must not wait for its own streams (a decoupled
   request holds its model, and so Triton's shutdown, until its final response).
@@ -17,7 +17,7 @@ import os
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from csm_triton import constants as C
 
@@ -27,9 +27,16 @@ LOG = logging.getLogger("csm_triton")
 STOP_POLL_S = 0.2  # a stat() of a tmpfs file: free
 
 
-def watch_server_stop(on_stop, *, busy=lambda: True, model_name: str = "model", stop_file: str | None = None,
-                      grace_s: float = C.STREAM_STOP_GRACE_S, interval_s: float = STOP_POLL_S,
-                      log_error: Callable[[str], None] = LOG.error):
+def watch_server_stop(
+    on_stop,
+    *,
+    busy=lambda: True,
+    model_name: str = "model",
+    stop_file: str | None = None,
+    grace_s: float = C.STREAM_STOP_GRACE_S,
+    interval_s: float = STOP_POLL_S,
+    log_error: Callable[[str], None] = LOG.error,
+):
     """Calls `on_stop()` once, from a daemon thread, when the server is stopping and
     `busy()` still holds `grace_s` later. `csm-triton-server serve` creates
     $CSM_TRITON_STOP_FILE as it sends SIGTERM: Triton 2.51 tells a python model nothing

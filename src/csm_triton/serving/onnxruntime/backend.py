@@ -9,7 +9,8 @@ container uses its native backend for the same configs). The session logic is
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -34,9 +35,7 @@ class OnnxRuntimeModel(PythonModel):
         log_info(f"{self.model_name}: onnxruntime session on {path} (threads intra={intra} inter={inter})")
 
     def read_inputs(self, request) -> dict[str, np.ndarray | None]:
-        return {
-            spec.name: input_array(request, spec.name, required=not spec.optional) for spec in self.session.inputs
-        }
+        return {spec.name: input_array(request, spec.name, required=not spec.optional) for spec in self.session.inputs}
 
     # Replaces PythonModel's one-request-at-a-time execute (so there is no `handle`):
     # the session runs compatible requests as one batch, and a request that fails

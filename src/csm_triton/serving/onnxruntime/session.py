@@ -36,15 +36,22 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from csm_triton.core.validation import INPUT_RULES, decode_utf8
 from csm_triton.errors import InvalidInput
-from csm_triton.serving.onnxruntime.specs import (ONNX_TO_TRITON, TensorSpec, array_type_name, model_file,
-                                              short_type_name, tensor_specs)
+from csm_triton.serving.onnxruntime.specs import (
+    ONNX_TO_TRITON,
+    TensorSpec,
+    array_type_name,
+    model_file,
+    short_type_name,
+    tensor_specs,
+)
 from csm_triton.triton.parameters import Parameters
 
 __all__ = ["OnnxSession", "TensorSpec", "model_file", "tensor_specs"]
@@ -56,6 +63,7 @@ DEFAULT_CUDNN_CONV_ALGO_SEARCH = "1"
 # After runs whose inputs and outputs held this much (~10 s of audio), free heap pages
 # are handed back (malloc_trim); smaller runs, such as stream chunks, skip the cost.
 TRIM_AFTER_BYTES = 1 << 20
+
 
 def _instance_count(model_config: Mapping[str, Any]) -> int:
     groups = model_config.get("instance_group") or [{}]
@@ -118,8 +126,10 @@ class OnnxSession:
         # provider is listed but cannot load (missing or mismatched CUDA/cuDNN libraries).
         self.providers = list(self.session.get_providers())
         if providers[0] != "CPUExecutionProvider" and "CUDAExecutionProvider" not in self.providers:
-            LOG.warning(f"{self.name}: KIND_GPU instance but onnxruntime runs it on the CPU "
-                        f"(providers in use: {', '.join(self.providers)})")
+            LOG.warning(
+                f"{self.name}: KIND_GPU instance but onnxruntime runs it on the CPU "
+                f"(providers in use: {', '.join(self.providers)})"
+            )
         self.threads = (options.intra_op_num_threads, options.inter_op_num_threads)
         self._check_against_model()
         self.rules = _input_rules(self.name, self.inputs, model_config.get("parameters") or {})
@@ -138,7 +148,9 @@ class OnnxSession:
             for spec in specs:
                 node = nodes.get(spec.name)
                 if node is None:
-                    problems.append(f"config {kind} '{spec.name}' is not a model {kind} (model has: {', '.join(nodes)})")
+                    problems.append(
+                        f"config {kind} '{spec.name}' is not a model {kind} (model has: {', '.join(nodes)})"
+                    )
                     continue
                 onnx_type = ONNX_TO_TRITON.get(node.type, node.type)
                 if onnx_type != spec.data_type:
@@ -169,9 +181,7 @@ class OnnxSession:
             array = np.asarray(array)
             if spec.data_type == "TYPE_STRING":
                 if array.dtype.kind not in "OSU":
-                    raise InvalidInput(
-                        f"input '{spec.name}' has data type {array_type_name(array)}, expected BYTES"
-                    )
+                    raise InvalidInput(f"input '{spec.name}' has data type {array_type_name(array)}, expected BYTES")
                 array = np.array(decode_utf8(array, spec.name), dtype=object).reshape(array.shape)
             elif array.dtype != spec.dtype:
                 raise InvalidInput(
@@ -201,9 +211,7 @@ class OnnxSession:
                         f"input '{spec.name}' has batch size {shape[0]}, expected 1..{self.max_batch_size}"
                     )
                 if batch is not None and shape[0] != batch:
-                    raise InvalidInput(
-                        f"input '{spec.name}' has batch size {shape[0]}, but another input has {batch}"
-                    )
+                    raise InvalidInput(f"input '{spec.name}' has batch size {shape[0]}, but another input has {batch}")
                 batch = shape[0]
             rule = self.rules.get(spec.name)
             feed[spec.name] = rule(array, spec.name) if rule else array
@@ -227,7 +235,9 @@ class OnnxSession:
         values = self.session.run(names, dict(feed), self.run_options)
         return dict(zip(names, values))
 
-    def run_many(self, feeds: Sequence[Mapping[str, np.ndarray] | BaseException]) -> list[dict[str, np.ndarray] | BaseException]:
+    def run_many(
+        self, feeds: Sequence[Mapping[str, np.ndarray] | BaseException]
+    ) -> list[dict[str, np.ndarray] | BaseException]:
         """Results aligned with `feeds`; an exception in `feeds` passes through.
 
         Feeds whose non-batch shapes agree run together in one `session.run`. If a
@@ -284,9 +294,11 @@ def _input_rules(model: str, inputs: Sequence[TensorSpec], entries: Mapping[str,
         if key.startswith("validate."):
             name, rule = key.partition(".")[2], str(entry.get("string_value", "")).strip()
             if name not in names or rule not in INPUT_RULES:
-                raise ValueError(f"model '{model}': config parameter '{key}' must name an input of the config "
-                                 f"({', '.join(sorted(names))}) and one of {', '.join(sorted(INPUT_RULES))}, "
-                                 f"got {rule!r}")
+                raise ValueError(
+                    f"model '{model}': config parameter '{key}' must name an input of the config "
+                    f"({', '.join(sorted(names))}) and one of {', '.join(sorted(INPUT_RULES))}, "
+                    f"got {rule!r}"
+                )
             rules[name] = INPUT_RULES[rule]
     return rules
 

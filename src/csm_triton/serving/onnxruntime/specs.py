@@ -5,15 +5,25 @@ place and the session module stays about running the graph."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from tritonclient.utils import np_to_triton_dtype, triton_to_np_dtype
 
-__all__ = ["DEFAULT_MODEL_FILENAME", "ONNX_TO_TRITON", "SUPPORTED_TYPES", "TensorSpec", "array_type_name", "model_file",
-           "numpy_dtype", "short_type_name", "tensor_specs"]
+__all__ = [
+    "DEFAULT_MODEL_FILENAME",
+    "ONNX_TO_TRITON",
+    "SUPPORTED_TYPES",
+    "TensorSpec",
+    "array_type_name",
+    "model_file",
+    "numpy_dtype",
+    "short_type_name",
+    "tensor_specs",
+]
 
 DEFAULT_MODEL_FILENAME = "model.onnx"
 
@@ -75,7 +85,9 @@ def tensor_specs(model_config: Mapping[str, Any], key: str) -> list[TensorSpec]:
         name = entry["name"]
         data_type = entry.get("data_type", "")
         if data_type not in SUPPORTED_TYPES:
-            raise ValueError(f"{key[:-1]} '{name}': data type {data_type or '(none)'} is not supported by onnxruntime here")
+            raise ValueError(
+                f"{key[:-1]} '{name}': data type {data_type or '(none)'} is not supported by onnxruntime here"
+            )
         if entry.get("reshape"):
             raise ValueError(f"{key[:-1]} '{name}': 'reshape' is not supported by the embedded onnxruntime backend")
         dims = tuple(int(d) for d in entry.get("dims", []))

@@ -22,6 +22,7 @@ from csm_triton.errors import InvalidInput
 from csm_triton.triton import adapter as triton
 from csm_triton.triton.forward import forward_lm_whole
 
+
 def lm_inputs(request) -> dict[str, np.ndarray]:
     """csm_lm's inputs from this request: the prompt and whichever sampling inputs came,
     checked here first so that a bad value is the caller's error, not a failed call."""
@@ -38,7 +39,8 @@ class GenerateModel(triton.PythonModel):
         # the same series (Triton counts the references).
         self.metrics = triton.Metrics(self.model_name)
         self.segments_total = self.metrics.labelled_counters(
-            *segments.SEGMENTS_METRIC, "reason", segments.FINISH_REASONS)
+            *segments.SEGMENTS_METRIC, "reason", segments.FINISH_REASONS
+        )
 
     def handle(self, request):
         inputs = lm_inputs(request)
@@ -63,6 +65,9 @@ class GenerateModel(triton.PythonModel):
             raise RuntimeError("the model ended the utterance before producing any audio")
         self.segments_total.count(chain.finish_reasons())
         final = chain.final_outputs()
-        return {"audio_codes": np.ascontiguousarray(codes.T[None]),  # [1, 32, frames]
-                "finish_reasons": final["FINISH_REASONS"], "segment_frames": final["SEGMENT_FRAMES"],
-                "segment_times": final["SEGMENT_TIMES"]}
+        return {
+            "audio_codes": np.ascontiguousarray(codes.T[None]),  # [1, 32, frames]
+            "finish_reasons": final["FINISH_REASONS"],
+            "segment_frames": final["SEGMENT_FRAMES"],
+            "segment_times": final["SEGMENT_TIMES"],
+        }

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 
 from csm_triton import constants as C
-from csm_triton.triton import adapter as triton
 from csm_triton.core import validation
 from csm_triton.engine import CsmLM, EngineConfig, FinishReason, FrameChunk, GenerationEngine, GenerationRequest
 from csm_triton.engine.faults import DeviceFailure
 from csm_triton.engine.kernels import MODES as CPU_KERNEL_MODES
 from csm_triton.engine.lora import LoraWeights
+from csm_triton.triton import adapter as triton
 from csm_triton.triton.calls import ModelUnavailable
 from csm_triton.triton.parameters import ParameterError, Parameters, instance_device, voice_directory
 
@@ -39,26 +39,36 @@ DEVICE_FAILURE_EXIT_CODE = 70  # EX_SOFTWARE: tells this exit from a kill in the
 _ENGINE_STOP = threading.Lock()  # on_server_stop and finalize both stop the engine, on two threads
 
 
-def engine_from_config(model_dir: Path, parameters: Parameters, device: str,
-                       voice_dir: Path | None = None) -> GenerationEngine:
+def engine_from_config(
+    model_dir: Path, parameters: Parameters, device: str, voice_dir: Path | None = None
+) -> GenerationEngine:
     """voice_dir: the voice store, where adapter voices are read from (lora_slots > 0)."""
     dtype_name = parameters.choice("dtype", ("auto", *DTYPES), "auto")
     dtype = DTYPES.get(dtype_name)  # None: bf16 on GPU, fp32 on CPU
     allow_float16 = parameters.boolean("allow_float16", False)
     if dtype == torch.float16 and not allow_float16:
-        raise ParameterError(f"model '{parameters.model_name}': config parameter 'dtype' float16 is not supported: "
-                             "CSM was trained in bfloat16; use 'bfloat16' (GPU) or 'float32' (exact tokens), "
-                             "or set 'allow_float16' to \"true\" to run float16 anyway")
+        raise ParameterError(
+            f"model '{parameters.model_name}': config parameter 'dtype' float16 is not supported: "
+            "CSM was trained in bfloat16; use 'bfloat16' (GPU) or 'float32' (exact tokens), "
+            "or set 'allow_float16' to \"true\" to run float16 anyway"
+        )
     checkpoint = model_dir / parameters.text("checkpoint_dir", "checkpoint")
     max_slots = parameters.integer("max_slots", None, minimum=1)
     cpu_kernels = parameters.choice("cpu_kernels", CPU_KERNEL_MODES, "measure")  # engine/kernels.py
-    lm = CsmLM.from_checkpoint(checkpoint, device=torch.device(device), dtype=dtype, max_batch=max_slots,
-                               cpu_kernels=cpu_kernels, allow_float16=allow_float16)
+    lm = CsmLM.from_checkpoint(
+        checkpoint,
+        device=torch.device(device),
+        dtype=dtype,
+        max_batch=max_slots,
+        cpu_kernels=cpu_kernels,
+        allow_float16=allow_float16,
+    )
     engine_config = EngineConfig(
         max_slots=max_slots,
         max_context=parameters.integer("max_context", None, minimum=1),
-        gpu_memory_fraction=parameters.number("gpu_memory_fraction", C.DEFAULT_GPU_MEMORY_FRACTION,
-                                              minimum=0.01, maximum=1.0),
+        gpu_memory_fraction=parameters.number(
+            "gpu_memory_fraction", C.DEFAULT_GPU_MEMORY_FRACTION, minimum=0.01, maximum=1.0
+        ),
         prefix_cache_bytes=parameters.integer("prefix_cache_mib", 256, minimum=0) << 20,
         lora_slots=parameters.integer("lora_slots", 0, minimum=0, maximum=C.MAX_LORA_SLOTS),
         lora_max_rank=parameters.integer("lora_max_rank", 32, minimum=1, maximum=C.MAX_LORA_RANK),
@@ -87,8 +97,12 @@ def adapter_loader(voice_dir: Path, lm: CsmLM):
 
 class LanguageModel(triton.DecoupledModel):
     def initialize_model(self, args, model_config):
-        self.engine = engine_from_config(Path(triton.model_directory(args)), self.parameters, instance_device(args),
-                                         voice_directory(args, self.parameters))
+        self.engine = engine_from_config(
+            Path(triton.model_directory(args)),
+            self.parameters,
+            instance_device(args),
+            voice_directory(args, self.parameters),
+        )
         # The families must outlive their metrics: keep them on the model.
         self.metrics = metrics = triton.Metrics(self.model_name, device=str(self.engine.lm.device))
         self.active_streams = metrics.gauge("csm_active_streams", "Requests being generated or waiting")
@@ -101,14 +115,19 @@ class LanguageModel(triton.DecoupledModel):
         )
         self.last_rtf = metrics.gauge("csm_last_real_time_factor", "Generation time / audio duration, last request")
         self.prefix_hits = metrics.running_total(
-            "csm_prefix_cache_hits_total", "Prefills whose leading context turn(s) came from the prefix cache")
+            "csm_prefix_cache_hits_total", "Prefills whose leading context turn(s) came from the prefix cache"
+        )
         self.prefix_misses = metrics.running_total(
-            "csm_prefix_cache_misses_total", "Prefills with context turns, none of them in the prefix cache")
+            "csm_prefix_cache_misses_total", "Prefills with context turns, none of them in the prefix cache"
+        )
         self.prefix_reused = metrics.running_total(
-            "csm_prefix_cache_reused_tokens_total", "Prompt tokens copied from the prefix cache, not prefilled")
+            "csm_prefix_cache_reused_tokens_total", "Prompt tokens copied from the prefix cache, not prefilled"
+        )
         self.time_to_first_frame = metrics.histogram(
-            "csm_time_to_first_frame_seconds", "From a request's arrival (queueing included) to its first frame",
-            TIME_TO_FIRST_FRAME_BUCKETS)
+            "csm_time_to_first_frame_seconds",
+            "From a request's arrival (queueing included) to its first frame",
+            TIME_TO_FIRST_FRAME_BUCKETS,
+        )
         self.slots_total.set(self.engine.max_slots)
         # Live gauges: the engine thread reports its counts while it works (a few times a
         # second) and when it goes idle, not only when a request arrives or ends.
@@ -118,9 +137,11 @@ class LanguageModel(triton.DecoupledModel):
         self.engine.on_fatal = self._end_stub
         self.engine.start()  # captures the CUDA graphs of every bucket first (warm-up)
         warm_up = self.engine.warm_up_report
-        triton.log_info(f"{self.model_name}: engine on {self.engine.lm.device} ({self.engine.lm.dtype}), "
-                        f"{self.engine.max_slots} KV slots of {self.engine.max_context} positions"
-                        + (f"; warm-up: {warm_up.summary()}" if warm_up else ""))
+        triton.log_info(
+            f"{self.model_name}: engine on {self.engine.lm.device} ({self.engine.lm.dtype}), "
+            f"{self.engine.max_slots} KV slots of {self.engine.max_context} positions"
+            + (f"; warm-up: {warm_up.summary()}" if warm_up else "")
+        )
         for line in self.engine.lm.kernel_report.lines():  # which kernel each weight shape runs, and why
             triton.log_info(f"{self.model_name}: kernels: {line}")
 
@@ -128,8 +149,10 @@ class LanguageModel(triton.DecoupledModel):
         """The device is broken for this process (a CUDA error is sticky): a model that
         stayed ready would fail every request. Ending the stub lets the model supervisor
         (csm_triton.serving.supervisor) reload the model with a fresh CUDA context."""
-        triton.log_error(f"{self.model_name}: device failure, stub {os.getpid()} exits so that the model is "
-                         f"reloaded: {type(error).__name__}: {error}")
+        triton.log_error(
+            f"{self.model_name}: device failure, stub {os.getpid()} exits so that the model is "
+            f"reloaded: {type(error).__name__}: {error}"
+        )
         time.sleep(DEVICE_FAILURE_EXIT_DELAY_S)
         os._exit(DEVICE_FAILURE_EXIT_CODE)
 
@@ -200,8 +223,10 @@ class LanguageModel(triton.DecoupledModel):
         prompt_codes = triton.input_array(request, "prompt_codes")
         prompt_codes = validation.audio_codes(prompt_codes, "prompt_codes")
         sampling = validation.sampling_from_inputs(triton.present_inputs(request, validation.SAMPLING_INPUTS))
-        counts = {name: validation.count(triton.input_array(request, name, required=False), name)
-                  for name in ("first_chunk_frames", "chunk_frames", "prefix_cache_turns")}
+        counts = {
+            name: validation.count(triton.input_array(request, name, required=False), name)
+            for name in ("first_chunk_frames", "chunk_frames", "prefix_cache_turns")
+        }
         adapter = triton.input_texts(request, "ADAPTER_ID", required=False)
         adapter = validation.voice_id(validation.single_text(adapter, "ADAPTER_ID"), "ADAPTER_ID") if adapter else None
         return GenerationRequest(

@@ -17,14 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from csm_triton import constants as C
-from csm_triton.triton import adapter as triton
 from csm_triton.core import conversation, normalize, segments, text_split, validation
 from csm_triton.core.prepare_request import INPUT_NAMES, PrepareRequest
 from csm_triton.core.prompt import PromptBuilder, Turn
-from csm_triton.triton.forward import forward_mimi_encoder
-from csm_triton.triton.parameters import voice_directory
 from csm_triton.core.voice_store import VoiceStore
 from csm_triton.core.voices import VoiceResolver
+from csm_triton.triton import adapter as triton
+from csm_triton.triton.forward import forward_mimi_encoder
+from csm_triton.triton.parameters import voice_directory
 
 
 class PrepareModel(triton.PythonModel):
@@ -36,9 +36,11 @@ class PrepareModel(triton.PythonModel):
         # speech tighter or looser than the constants; the tests set it low to keep a
         # 5,000-character text cheap to decode on a CPU.
         self.seconds_per_char = self.parameters.number(
-            "segment_seconds_per_char", C.SEGMENT_SECONDS_PER_CHAR, minimum=0.001, maximum=1.0)
+            "segment_seconds_per_char", C.SEGMENT_SECONDS_PER_CHAR, minimum=0.001, maximum=1.0
+        )
         self.min_seconds = self.parameters.number(
-            "segment_min_seconds", C.SEGMENT_MIN_SECONDS, minimum=1 / C.FRAME_RATE_HZ, maximum=C.MAX_AUDIO_SECONDS_LIMIT)
+            "segment_min_seconds", C.SEGMENT_MIN_SECONDS, minimum=1 / C.FRAME_RATE_HZ, maximum=C.MAX_AUDIO_SECONDS_LIMIT
+        )
         # The normalizer's FSTs load here (~0.5 s), not on the first request.
         normalize.load()
 
@@ -65,13 +67,17 @@ class PrepareModel(triton.PythonModel):
             texts, rest_spoken, rest_raw = text_split.split_head(asked.text, normalize=self._normalizer(asked))
         else:
             texts = text_split.split_text(asked.text, normalize=self._normalizer(asked))
-        context = conversation.context_turns(**asked.context, lookup_voice=self._stored_voice,
-                                             encode=forward_mimi_encoder)
+        context = conversation.context_turns(
+            **asked.context, lookup_voice=self._stored_voice, encode=forward_mimi_encoder
+        )
         adapter = self.voices.adapter_voice(asked.voice_id)  # a LoRA voice: csm_lm generates with its adapter
         speaker = self._speaker(asked, adapter)
-        voice = self.voices.resolve(voice_id=asked.voice_id, reference_audio=asked.reference_audio,
-                                    reference_sample_rate=asked.reference_sample_rate,
-                                    reference_text=asked.reference_text)
+        voice = self.voices.resolve(
+            voice_id=asked.voice_id,
+            reference_audio=asked.reference_audio,
+            reference_sample_rate=asked.reference_sample_rate,
+            reference_text=asked.reference_text,
+        )
         if voice is not None:  # the voice reference is the oldest turn, spoken by SPEAKER
             reference_text, reference_codes = voice
             context.insert(0, Turn(reference_text, speaker, validation.audio_codes(reference_codes, "voice")))
@@ -95,15 +101,17 @@ class PrepareModel(triton.PythonModel):
         return {
             "input_ids": np.zeros(0, np.int64),
             "prompt_codes": np.zeros((0, C.NUM_CODEBOOKS), np.int64),
-            **self._segments(texts, self.prompt_builder.segment_ids(texts, self._speaker(asked, adapter)), True,
-                             adapter),
+            **self._segments(
+                texts, self.prompt_builder.segment_ids(texts, self._speaker(asked, adapter)), True, adapter
+            ),
             "rest_pieces": _strings([]),
             "rest_spoken_pieces": _strings([]),
         }
 
     def _segments(self, texts: list[str], segment_ids: list[np.ndarray], budget_all: bool, adapter):
-        budgets = [segments.segment_max_frames(t, self.seconds_per_char, self.min_seconds) if budget_all else 0
-                   for t in texts]
+        budgets = [
+            segments.segment_max_frames(t, self.seconds_per_char, self.min_seconds) if budget_all else 0 for t in texts
+        ]
         builder = self.prompt_builder
         return {
             "segment_ids": np.concatenate([np.zeros(0, np.int64), *segment_ids]).astype(np.int64),

@@ -21,8 +21,15 @@ from csm_triton.core.segments import FINISH_REASONS, SEGMENTS_METRIC
 from csm_triton.core.stream_pipeline import StreamPipeline
 from csm_triton.errors import InvalidInput
 from csm_triton.triton import adapter as triton
-from csm_triton.triton.forward import (PREPARE_INPUTS, cancel_lm_request, forward_lm, forward_mimi_decoder,
-                                       forward_prepare, forward_watermark)
+from csm_triton.triton.forward import (
+    PREPARE_INPUTS,
+    cancel_lm_request,
+    forward_lm,
+    forward_mimi_decoder,
+    forward_prepare,
+    forward_watermark,
+)
+
 
 class StreamingModel(triton.DecoupledModel):
     def initialize_model(self, args, model_config):
@@ -43,10 +50,12 @@ class StreamingModel(triton.DecoupledModel):
             segments_ended=self.segments_total.count,
             continuations=ContinuationStore(
                 parameters.integer("max_continuations", DEFAULT_MAX_ENTRIES, minimum=1),
-                parameters.number("continuation_ttl_s", DEFAULT_TTL_S, minimum=1.0, maximum=3600.0)),
+                parameters.number("continuation_ttl_s", DEFAULT_TTL_S, minimum=1.0, maximum=3600.0),
+            ),
         )
-        self.workers = ThreadPoolExecutor(parameters.integer("max_concurrent_streams", 256, minimum=1),
-                                          thread_name_prefix="csm-stream")
+        self.workers = ThreadPoolExecutor(
+            parameters.integer("max_concurrent_streams", 256, minimum=1), thread_name_prefix="csm-stream"
+        )
 
     def start(self, request, sender):
         # Refused before the stream starts: what is cheap to tell. TEXT is only checked
@@ -58,8 +67,9 @@ class StreamingModel(triton.DecoupledModel):
             raise InvalidInput("missing required input 'TEXT'")
         sampling = triton.present_inputs(request, validation.SAMPLING_INPUTS)
         validation.sampling_from_inputs(sampling)
-        continue_from = validation.single_string(triton.input_texts(request, "CONTINUE_FROM", required=False),
-                                                 "CONTINUE_FROM", required=False)
+        continue_from = validation.single_string(
+            triton.input_texts(request, "CONTINUE_FROM", required=False), "CONTINUE_FROM", required=False
+        )
         if continue_from is not None:  # a piece of a longer text: every segment budgeted as a long text's
             prepare_inputs["budget_every_segment"] = np.array([True])
         self.workers.submit(self.pipeline.run, prepare_inputs, sampling, sender, None, continue_from)

@@ -33,23 +33,25 @@ deployment's own gateway can claim an owner.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
 from csm_triton import constants as C
-from csm_triton.triton import adapter as triton
 from csm_triton.core import adapters, validation
-from csm_triton.core.write_policy import WritePolicy
-from csm_triton.triton.forward import forward_mimi_encoder
-from csm_triton.triton.parameters import Parameters, voice_directory
 from csm_triton.core.voice_store import VoiceStore
 from csm_triton.core.voices import VoiceResolver
+from csm_triton.core.write_policy import WritePolicy
 from csm_triton.errors import InvalidInput
+from csm_triton.triton import adapter as triton
+from csm_triton.triton.forward import forward_mimi_encoder
+from csm_triton.triton.parameters import Parameters, voice_directory
 
 __all__ = [
-    "VoiceDeleteModel", "VoiceListModel", "VoiceRegisterModel",
+    "VoiceDeleteModel",
+    "VoiceListModel",
+    "VoiceRegisterModel",
 ]
 
 DEFAULT_BASE_CHECKPOINT = "csm_lm/1/checkpoint"
@@ -60,8 +62,9 @@ def served_base(args: Mapping[str, str], parameters: Parameters) -> adapters.Ser
     """The base checkpoint adapters are checked against: read when the first adapter comes."""
     repository = Path(args["model_repository"]).resolve().parent
     relative = parameters.text("base_checkpoint", DEFAULT_BASE_CHECKPOINT)
-    return adapters.ServedBase(repository / relative, repository / "manifest.json",
-                               Path(relative).as_posix().strip("/") + "/")
+    return adapters.ServedBase(
+        repository / relative, repository / "manifest.json", Path(relative).as_posix().strip("/") + "/"
+    )
 
 
 def _one_blob(request, name: str, *, required: bool) -> bytes | None:
@@ -76,8 +79,9 @@ def _one_blob(request, name: str, *, required: bool) -> bytes | None:
 
 
 def write_policy(parameters: Parameters) -> WritePolicy:
-    return WritePolicy.from_settings(parameters.text("admin_token_env"),
-                                     parameters.boolean("allow_anonymous_writes", False))
+    return WritePolicy.from_settings(
+        parameters.text("admin_token_env"), parameters.boolean("allow_anonymous_writes", False)
+    )
 
 
 def json_tensor(value) -> np.ndarray:
@@ -142,8 +146,10 @@ class VoiceRegisterModel(_VoiceModel):
             owner=owner,
         )
         summary = voice.summary()
-        triton.log_info(f"{self.model_name}: registered adapter voice '{voice.voice_id}' (rank {summary['rank']}, "
-                        f"{summary['size_bytes']} bytes)")
+        triton.log_info(
+            f"{self.model_name}: registered adapter voice '{voice.voice_id}' (rank {summary['rank']}, "
+            f"{summary['size_bytes']} bytes)"
+        )
         return {"VOICE": json_tensor(summary)}
 
 

@@ -8,14 +8,14 @@ case Perth is not even loaded.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
 from csm_triton import constants as C
-from csm_triton.triton import adapter as triton
 from csm_triton.core import validation
 from csm_triton.core.watermark import Watermarker
+from csm_triton.triton import adapter as triton
 from csm_triton.triton.parameters import instance_device
 
 __all__ = ["WatermarkDetectModel", "WatermarkModel"]
@@ -56,5 +56,7 @@ class WatermarkDetectModel(triton.PythonModel):
     def handle(self, request):
         sample_rate = validation.input_sample_rate(triton.input_array(request, "SAMPLE_RATE"), "SAMPLE_RATE")
         detection = self.watermarker.detect(triton.input_array(request, "AUDIO"), sample_rate, name="AUDIO")
-        return {"SCORE": np.array([detection.score], dtype=np.float32),
-                "WATERMARKED": np.array([detection.watermarked], dtype=np.bool_)}
+        return {
+            "SCORE": np.array([detection.score], dtype=np.float32),
+            "WATERMARKED": np.array([detection.watermarked], dtype=np.bool_),
+        }

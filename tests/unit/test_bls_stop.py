@@ -1,0 +1,69 @@
+"""A BLS call given up because the server is stopping waits for its callee's last
+response before it raises: once the caller's request ends, Triton 2.51 unloads the
+caller, and a response that then reaches it aborts the whole server (SIGABRT,
+boost::interprocess::lock_exception; seen in CI's SIGTERM test). PendingCall is driven
+here with plain iterators, no Triton."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from csm_triton.triton.calls import ModelUnavailable, PendingCall
+
+
+def callee_that_ends_on_stop(ended: threading.Event, stop: threading.Event):
+    """csm_lm on a stop: silent while generating, its error response a little after."""
+
+    def responses():
+        stop.wait(10)
+        time.sleep(0.3)
+        ended.set()
+        yield "final error response"
+
+    return responses
+
+
+def test_a_call_given_up_on_a_stop_raises_only_after_its_callee_answered_last():
+    ended, stop = threading.Event(), threading.Event()
+    call = PendingCall(
+        "csm_lm",
+        callee_that_ends_on_stop(ended, stop),
+        60.0,
+        ready=lambda _: True,
+        poll_s=0.05,
+        stopping=stop.is_set,
+        stop_drain_s=5.0,
+    )
+    threading.Timer(0.1, stop.set).start()
+    with pytest.raises(ModelUnavailable, match="shutting down"):
+        call.next()
+    assert ended.is_set(), "the caller gave up while its callee could still answer it"
+
+
+def test_a_callee_that_never_answers_holds_a_stopping_caller_only_for_the_drain_bound():
+    never = threading.Event()
+
+    def silent():
+        never.wait(30)
+        yield "too late"
+
+    call = PendingCall(
+        "csm_lm", silent, 60.0, ready=lambda _: True, poll_s=0.05, stopping=lambda: True, stop_drain_s=0.3
+    )
+    began = time.monotonic()
+    with pytest.raises(ModelUnavailable, match="shutting down"):
+        call.next()
+    assert 0.3 <= time.monotonic() - began < 2
+    never.set()
+
+
+def test_without_a_stop_a_response_is_handed_over_at_once():
+    call = PendingCall(
+        "csm_lm", lambda: iter(["chunk"]), 60.0, ready=lambda _: True, poll_s=0.05, stopping=lambda: False
+    )
+    assert call.next() == "chunk"
+    with pytest.raises(StopIteration):
+        call.next()

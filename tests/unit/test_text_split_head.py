@@ -1,0 +1,80 @@
+"""A long text's first segment is split and normalized alone (text_split.split_head), the
+rest after it (split_pieces): together exactly the segments split_text makes of the
+whole, whatever the text, and the head's cost bounded by HEAD_MAX_CHARS, not by the text."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import pytest
+
+from csm_triton import constants as C
+from csm_triton.core import normalize, text_split
+
+TEXTS = Path(__file__).resolve().parents[2] / "loadtest" / "data" / "texts.txt"
+DENSE = "On 2026-12-06 at 10:45am, Dr. Smith paid $5.30 for 3/4 lb at 12 km/h; call 555-0100 or 1st Ave. "
+
+
+def unbudgeted(pieces):
+    """normalize_texts without its time budget: a loaded machine must not change the
+    comparison (past the budget, sentences are spoken as written, by design)."""
+    return normalize.normalize_texts(pieces, budget_seconds=1e9)
+
+
+def texts() -> list[str]:
+    base = TEXTS.read_text()
+    words = base.split()
+    rng = random.Random(7)
+    made = [
+        base * 2,
+        (DENSE * 30)[:3000],
+        ("Plain prose without any numbers. " * 120)[:4000],
+        base[:650],
+        ("x" * 290 + ". ") * 5,
+        ("1234567890 " * 40 + ". ") * 4,
+        "   \n\n   " * 50 + "Hello there. " * 40,
+        "A. " * 200,
+    ]
+    made += [" ".join(rng.choice(words) for _ in range(rng.randint(40, 700))) for _ in range(12)]
+    return made
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    normalize.load()
+
+
+@pytest.mark.parametrize("spoken", [False, True], ids=["as-written", "normalized"])
+def test_head_and_rest_are_the_whole_split(loaded, spoken):
+    norm = unbudgeted if spoken else None
+    for text in texts():
+        head, spoken_rest, raw_rest = text_split.split_head(text, normalize=norm)
+        rest = text_split.split_pieces(raw_rest, normalize=norm, spoken=spoken_rest) if raw_rest or spoken_rest else []
+        assert head + rest == text_split.split_text(text, normalize=norm), text[:80]
+        if len(text) > 2 * C.SEGMENT_MAX_CHARS:
+            assert len(head) == 1 and (raw_rest or spoken_rest), "a long text gets a head of one segment"
+
+
+def test_a_text_that_fits_one_segment_has_no_rest(loaded):
+    assert text_split.split_head("It costs $5.30.", normalize=unbudgeted) == (
+        ["It costs five dollars and thirty cents."],
+        [],
+        [],
+    )
+
+
+def test_the_head_normalizes_only_the_start_of_a_long_text(loaded):
+    seen = []
+
+    def counting(pieces):
+        seen.extend(pieces)
+        return unbudgeted(pieces)
+
+    text = (DENSE * 200)[: C.MAX_LONG_TEXT_CHARS]
+    started = time.perf_counter()
+    head, _, raw_rest = text_split.split_head(text, normalize=counting)
+    assert sum(map(len, seen)) <= text_split.HEAD_MAX_CHARS + C.SEGMENT_MAX_CHARS
+    assert len(head) == 1 and "".join(raw_rest) in text
+    print(f"\n[head] {len(text)} characters: first segment in {1000 * (time.perf_counter() - started):.1f} ms")
