@@ -33,7 +33,7 @@ SAMPLE_RATE = 24_000
 FRAME_RATE_HZ = 12.5
 ADMIN_TOKEN_HEADER = "x-csm-admin-token"
 ADMIN_TOKEN_ENV = "CSM_ADMIN_TOKEN"
-# Mirrors of csm_clients.client's token lookup (admin_token_from_environment).
+# Mirrors of csm_clients.admin_token's lookup (admin_token_from_environment).
 ADMIN_TOKEN_FILE_ENV = "CSM_ADMIN_TOKEN_FILE"
 DEVELOPMENT_TOKEN_FILE = Path("build/runtime/admin-token")  # make serve's, in a checkout
 
@@ -224,7 +224,7 @@ def admin_token_file(environ=None) -> Path:
 def admin_token(environ=None) -> str | None:
     """$CSM_ADMIN_TOKEN; else the first line of $CSM_ADMIN_TOKEN_FILE (make serve's
     development token, build/runtime/admin-token, by default); else None. The same
-    lookup as csm_clients.client.admin_token_from_environment, without the package."""
+    lookup as csm_clients.admin_token.admin_token_from_environment, without the package."""
     environ = os.environ if environ is None else environ
     if environ.get(ADMIN_TOKEN_ENV):
         return environ[ADMIN_TOKEN_ENV]

@@ -33,14 +33,14 @@ from typing import Any, TextIO
 
 from csm_clients.audio import Reference
 from csm_clients.client import AsyncVoiceCloner
+from csm_clients.context_json import turns_from_json
 from csm_clients.conversation import Turn
-from csm_clients.errors import CsmClientError
+from csm_clients.errors import CsmClientError, FieldError
 
 __all__ = ["BatchItem", "BatchSummary", "read_items", "run_batch"]
 
 _SAMPLING = {"temperature": float, "top_k": int, "seed": int, "max_audio_seconds": float, "speaker": int}
 _FIELDS = {"id", "text", "voice", "reference_audio", "reference_text", "context", *_SAMPLING}
-_TURN_FIELDS = {"text", "speaker", "audio", "voice"}
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # a file name on any system
 
 
@@ -72,25 +72,16 @@ class BatchItem:
 
 
 def _context(turns: Any, base: Path) -> list[Turn]:
-    """A line's `context`: a list of {"voice", "speaker"} or {"audio", "text", "speaker"}
-    (the audio relative to the input file); what the turns hold is checked by the client
-    (conversation.py) and the server."""
-    if not isinstance(turns, list):
-        raise ValueError("field 'context' must be a list of turns")
-    parsed = []
-    for index, turn in enumerate(turns):
-        if not isinstance(turn, dict) or set(turn) - _TURN_FIELDS:
-            raise ValueError(f"context turn {index}: expected an object with {', '.join(sorted(_TURN_FIELDS))}")
-        speaker = _number(f"context[{index}].speaker", turn.get("speaker", 0), int)
-        if "voice" in turn and ("audio" in turn or "text" in turn):
-            raise ValueError(f"context turn {index}: give either 'voice' or 'audio' with its 'text', not both")
-        if "voice" in turn:
-            parsed.append(Turn.stored_voice(turn["voice"], speaker))
-        elif "audio" in turn:
-            parsed.append(Turn.from_file(base / turn["audio"], turn.get("text"), speaker))
-        else:
-            raise ValueError(f"context turn {index}: needs 'voice' or 'audio' (every turn has audio)")
-    return parsed
+    """A line's `context` (context_json.py), each clip a file relative to the input file;
+    what the turns hold is checked by the client (conversation.py) and the server."""
+
+    def load_clip(index: int, audio: Any, text: str | None, speaker: int) -> Turn:
+        if not isinstance(audio, str):
+            where = f"context[{index}].audio"
+            raise FieldError(f"{where}: must be the path of an audio file (relative to the input file)", where)
+        return Turn.from_file(base / audio, text, speaker)
+
+    return turns_from_json(turns, load_clip)
 
 
 def _number(name: str, value: Any, cast: type) -> int | float:

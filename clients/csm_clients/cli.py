@@ -46,26 +46,19 @@ from pathlib import Path
 import soundfile
 
 from csm_clients.adapters import read_adapter_folder
+from csm_clients.admin_token import admin_token_from_environment
 from csm_clients.audio import Reference
 from csm_clients.batch import run_batch
 from csm_clients.captions import FORMATS as CAPTION_FORMATS
 from csm_clients.captions import write_captions
-from csm_clients.client import AsyncVoiceCloner, VoiceCloner, admin_token_from_environment
-from csm_clients.conversation import Turn, check_text, context_inputs
+from csm_clients.cli_checks import SAMPLING_OPTIONS, UsageError, checked_request, sampling
+from csm_clients.client import AsyncVoiceCloner, VoiceCloner
 from csm_clients.errors import CsmClientError
-from csm_clients.limits import MAX_CONTEXT_TURNS, MAX_LONG_TEXT_CHARS, check_sampling, check_speaker
+from csm_clients.limits import MAX_LONG_TEXT_CHARS, check_sampling, check_speaker
 from csm_clients.pipe import add_pipe_parser, run_pipe
 from csm_clients.timestretch import TimeStretcher, check_speed, needs_stretch, require_av, stretch
 
 __all__ = ["main"]
-
-
-SAMPLING_OPTIONS = {"temperature": "--temperature", "top_k": "--top-k", "seed": "--seed",
-                    "max_audio_seconds": "--max-audio-seconds"}
-
-
-def _sampling(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name, None) for name in SAMPLING_OPTIONS}
 
 
 def _save(speech, args: argparse.Namespace) -> None:
@@ -83,8 +76,10 @@ def _captions(spoken, args: argparse.Namespace) -> None:
     if not spoken.segment_times:
         print("no captions: the server sent no SEGMENT_TIMES", file=sys.stderr)
         return
-    print(f"{write_captions(args.captions, spoken.segment_times, spoken.normalized_text, speed=args.speed)}: "
-          f"{len(spoken.segment_times)} segment(s)")
+    print(
+        f"{write_captions(args.captions, spoken.segment_times, spoken.normalized_text, speed=args.speed)}: "
+        f"{len(spoken.segment_times)} segment(s)"
+    )
 
 
 def _caption_path(value: str) -> Path:
@@ -94,61 +89,6 @@ def _caption_path(value: str) -> Path:
     return path
 
 
-class UsageError(Exception):
-    """A command line refused before anything is sent: exit code 2."""
-
-
-def _speaker(value: str, option: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise UsageError(f"{option}: the speaker must be an integer id, got {value!r}") from None
-
-
-def _conversation(args) -> dict:
-    """synthesize()/stream()'s speaker and context from the command line, checked as the
-    server would check them (limits.py), before any request."""
-    voices, clips = args.context_voice or [], args.context_turn or []
-    if len(voices) + len(clips) > MAX_CONTEXT_TURNS:
-        raise UsageError(f"{len(voices) + len(clips)} context turns; the limit is {MAX_CONTEXT_TURNS}")
-    context = [Turn.stored_voice(voice_id, _speaker(speaker, "--context-voice")) for speaker, voice_id in voices]
-    for speaker, audio, text in clips:
-        if not Path(audio).is_file():
-            raise UsageError(f"--context-turn: no such audio file: {audio}")
-        context.append(Turn.from_file(Path(audio), text, _speaker(speaker, "--context-turn")))
-    if args.speaker is not None:
-        check_speaker(args.speaker, "--speaker")
-    request = {"speaker": args.speaker, "context": context or None}
-    context_inputs(request["context"], request["speaker"])  # raises InvalidRequest naming the rule
-    return request
-
-
-def _book(path: Path) -> str:
-    """A UTF-8 text file, spoken in one request (the server splits it into segments)."""
-    try:
-        text = path.read_text(encoding="utf-8-sig").strip()
-    except UnicodeDecodeError as error:
-        raise UsageError(f"{path} is not UTF-8 text (byte {error.start})") from None
-    except OSError as error:
-        raise UsageError(f"cannot read {path}: {error.strerror or error}") from None
-    if not text:
-        raise UsageError(f"{path} has nothing to read")
-    if len(text) > MAX_LONG_TEXT_CHARS:
-        raise UsageError(f"{path} has {len(text)} characters; the server's limit for one text is "
-                         f"{MAX_LONG_TEXT_CHARS} (MAX_LONG_TEXT_CHARS): split the file")
-    check_text(text)
-    return text
-
-
-def _request(args) -> dict:
-    """What the command line adds to a synthesize()/stream() call; {} for other commands."""
-    if not hasattr(args, "speaker"):
-        return {}
-    if args.command == "read":
-        args.text = _book(args.book)
-    return _conversation(args)
-
-
 def _voice(args):
     if args.reference and args.voice:
         raise SystemExit(f"csm-tts {args.command}: give either --voice or --reference, not both")
@@ -156,7 +96,7 @@ def _voice(args):
 
 
 def _say(cloner: VoiceCloner, args) -> int:
-    speech = cloner.synthesize(args.text, voice=args.voice, **_sampling(args), **args.request)
+    speech = cloner.synthesize(args.text, voice=args.voice, **sampling(args), **args.request)
     _save(speech, args)
     _report_cut_segments(speech)
     return 0
@@ -165,15 +105,20 @@ def _say(cloner: VoiceCloner, args) -> int:
 def _report_cut_segments(spoken) -> None:
     """Segments that never emitted their end frame were cut at a frame cap: worth one
     line (their audio may end mid-word), never an error. `spoken`: a Speech or a stream."""
-    cut = [f"{number} ({reason}, {frames} frames)" for number, (reason, frames)
-           in enumerate(zip(spoken.finish_reasons, spoken.segment_frames), start=1) if reason != "end_of_speech"]
+    cut = [
+        f"{number} ({reason}, {frames} frames)"
+        for number, (reason, frames) in enumerate(zip(spoken.finish_reasons, spoken.segment_frames), start=1)
+        if reason != "end_of_speech"
+    ]
     if cut:
-        print(f"{len(cut)} of {len(spoken.finish_reasons)} segment(s) did not end by themselves: {', '.join(cut)}",
-              file=sys.stderr)
+        print(
+            f"{len(cut)} of {len(spoken.finish_reasons)} segment(s) did not end by themselves: {', '.join(cut)}",
+            file=sys.stderr,
+        )
 
 
 def _clone(cloner: VoiceCloner, args) -> int:
-    _save(cloner.clone_voice_from_file(args.reference, args.transcript, args.text, **_sampling(args)), args)
+    _save(cloner.clone_voice_from_file(args.reference, args.transcript, args.text, **sampling(args)), args)
     return 0
 
 
@@ -183,7 +128,7 @@ def _stream(cloner: VoiceCloner, args) -> int:
     voice = _voice(args)
     started, total = time.perf_counter(), 0.0
     output = stretcher = None
-    chunks = cloner.stream(args.text, voice=voice, **_sampling(args), **args.request)
+    chunks = cloner.stream(args.text, voice=voice, **sampling(args), **args.request)
     try:
         for number, chunk in enumerate(chunks, start=1):
             if output is None:  # opened on the first chunk: its rate is the stream's
@@ -194,8 +139,10 @@ def _stream(cloner: VoiceCloner, args) -> int:
             output.write(audio)
             total += audio.size / chunk.sample_rate
             if args.command == "stream":
-                print(f"chunk {number}: {chunk.seconds:.2f} s of audio at {time.perf_counter() - started:.2f} s",
-                      file=sys.stderr)
+                print(
+                    f"chunk {number}: {chunk.seconds:.2f} s of audio at {time.perf_counter() - started:.2f} s",
+                    file=sys.stderr,
+                )
         if stretcher is not None:
             tail = stretcher.flush()
             output.write(tail)
@@ -223,8 +170,17 @@ def _voices(cloner: VoiceCloner, args) -> int:
         except (UsageError, CsmClientError) as error:
             print(f"csm-tts voices add-adapter: error: {error}", file=sys.stderr)
             return 2
-        print(json.dumps(cloner.register_adapter(args.voice_id, files, default_speaker=args.default_speaker,
-                                                 reference_audio=args.reference, transcript=args.transcript)))
+        print(
+            json.dumps(
+                cloner.register_adapter(
+                    args.voice_id,
+                    files,
+                    default_speaker=args.default_speaker,
+                    reference_audio=args.reference,
+                    transcript=args.transcript,
+                )
+            )
+        )
     elif args.action == "rm":
         print(json.dumps(cloner.delete_voice(args.voice_id)))
     else:
@@ -232,8 +188,11 @@ def _voices(cloner: VoiceCloner, args) -> int:
         if args.json:
             print(json.dumps(voices, indent=2))
         for voice in [] if args.json else voices:
-            adapter = (f"[adapter r{voice.get('rank')} {voice.get('size_bytes', 0) / 2**20:.1f} MiB] "
-                       if voice.get("kind") == "adapter" else "")
+            adapter = (
+                f"[adapter r{voice.get('rank')} {voice.get('size_bytes', 0) / 2**20:.1f} MiB] "
+                if voice.get("kind") == "adapter"
+                else ""
+            )
             print(f"{voice['voice_id']:<24} {voice['duration_seconds']:>6.2f} s  {adapter}{voice['transcript']}")
     return 0
 
@@ -255,15 +214,23 @@ def _batch(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="csm-tts", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    parser.add_argument("--url", default=os.environ.get("CSM_TRITON_URL"),
-                        help="Triton host:port (default $CSM_TRITON_URL, else localhost:8001 / :8000 for http)")
+    parser = argparse.ArgumentParser(
+        prog="csm-tts",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+    )
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("CSM_TRITON_URL"),
+        help="Triton host:port (default $CSM_TRITON_URL, else localhost:8001 / :8000 for http)",
+    )
     parser.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
-    parser.add_argument("--admin-token",
-                        help="for voices add/rm (default $CSM_ADMIN_TOKEN, else $CSM_ADMIN_TOKEN_FILE's content, "
-                             "else build/runtime/admin-token from make serve)")
+    parser.add_argument(
+        "--admin-token",
+        help="for voices add/rm (default $CSM_ADMIN_TOKEN, else $CSM_ADMIN_TOKEN_FILE's content, "
+        "else build/runtime/admin-token from make serve)",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -272,21 +239,36 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--top-k", type=int)
     sampling.add_argument("--seed", type=int)
     sampling.add_argument("--max-audio-seconds", type=float)
-    sampling.add_argument("--speed", type=float, default=1.0,
-                          help="0.25-4.0: faster or slower, same pitch (default 1.0: as generated); "
-                               "needs the `speed` extra (PyAV)")
+    sampling.add_argument(
+        "--speed",
+        type=float,
+        default=1.0,
+        help="0.25-4.0: faster or slower, same pitch (default 1.0: as generated); needs the `speed` extra (PyAV)",
+    )
     conversation = argparse.ArgumentParser(add_help=False)
     conversation.add_argument("--speaker", type=int, help="speaker id of the text (0-255, default 0)")
-    conversation.add_argument("--context-turn", nargs=3, action="append", metavar=("SPEAKER", "AUDIO", "TEXT"),
-                              help="an earlier turn: its speaker id, a clip of it and what the clip says (repeatable)")
-    conversation.add_argument("--context-voice", nargs=2, action="append", metavar=("SPEAKER", "VOICE_ID"),
-                              help="a stored voice as an earlier turn, before the --context-turn turns (repeatable)")
+    conversation.add_argument(
+        "--context-turn",
+        nargs=3,
+        action="append",
+        metavar=("SPEAKER", "AUDIO", "TEXT"),
+        help="an earlier turn: its speaker id, a clip of it and what the clip says (repeatable)",
+    )
+    conversation.add_argument(
+        "--context-voice",
+        nargs=2,
+        action="append",
+        metavar=("SPEAKER", "VOICE_ID"),
+        help="a stored voice as an earlier turn, before the --context-turn turns (repeatable)",
+    )
     output = argparse.ArgumentParser(add_help=False, parents=[sampling])
     output.add_argument("-o", "--out", type=Path, required=True, help="audio file (.wav, .flac, .ogg ...)")
     output.add_argument("--sample-rate", type=int, help="resample the result to this rate (default: as generated)")
     output.add_argument("--captions", type=_caption_path, help="also write captions, one per segment (.srt or .vtt)")
 
-    say = commands.add_parser("say", parents=[output, conversation], help="speak text (a stored voice or the default one)")
+    say = commands.add_parser(
+        "say", parents=[output, conversation], help="speak text (a stored voice or the default one)"
+    )
     say.add_argument("text")
     say.add_argument("--voice", help="a stored voice id")
     say.set_defaults(run=_say)
@@ -306,9 +288,12 @@ def _parser() -> argparse.ArgumentParser:
     stream = commands.add_parser("stream", parents=[streamed], help="stream speech, writing chunks as they come")
     stream.add_argument("text")
     stream.set_defaults(run=_stream)
-    read = commands.add_parser("read", parents=[streamed],
-                               help=f"speak a UTF-8 text file (up to {MAX_LONG_TEXT_CHARS} characters) in one "
-                                    "streamed request, written as it comes")
+    read = commands.add_parser(
+        "read",
+        parents=[streamed],
+        help=f"speak a UTF-8 text file (up to {MAX_LONG_TEXT_CHARS} characters) in one "
+        "streamed request, written as it comes",
+    )
     read.add_argument("book", type=Path, help="the text file")
     read.set_defaults(run=_stream)
 
@@ -318,8 +303,9 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("voice_id")
     add.add_argument("reference", type=Path)
     add.add_argument("transcript")
-    adapter = actions.add_parser("add-adapter", help="store a LoRA adapter from make finetune as a voice "
-                                                    "(needs the admin token)")
+    adapter = actions.add_parser(
+        "add-adapter", help="store a LoRA adapter from make finetune as a voice (needs the admin token)"
+    )
     adapter.add_argument("voice_id")
     adapter.add_argument("folder", type=Path, help="the adapter folder (OUT/adapter) or the run folder (OUT)")
     adapter.add_argument("--speaker", type=int, dest="default_speaker", help="the speaker id it speaks as (0-255)")
@@ -354,10 +340,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:  # every refusal before sending: one line, exit 2 (the server's own: exit 1)
             # Refused like the server would, before any conversion: --top-k 2147483648
             # must not wrap in INT32, --seed 2**63 not overflow INT64.
-            check_sampling(**_sampling(args), field_names=SAMPLING_OPTIONS)
+            check_sampling(**sampling(args), field_names=SAMPLING_OPTIONS)
             if hasattr(args, "speed") and needs_stretch(check_speed(args.speed, "--speed")):
                 require_av()  # the `speed` extra, before any synthesis is paid for
-            args.request = _request(args)
+            args.request = checked_request(args)
         except (UsageError, CsmClientError) as error:
             print(f"csm-tts {args.command}: error: {error}", file=sys.stderr)
             return 2

@@ -2,18 +2,15 @@
 
 Both share one definition of every call (`_Calls`); they differ only in how a request
 travels. gRPC is the default: binary tensors and real streams. Over HTTP, streaming
-uses Triton's `generate_stream` (server-sent events).
+uses Triton's `generate_stream` (server-sent events). The wire helpers both use are in
+transport.py; the admin token's lookup in admin_token.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import queue
-import urllib.error
-import urllib.request
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,104 +19,21 @@ import tritonclient.grpc as grpc
 import tritonclient.grpc.aio as grpc_aio
 import tritonclient.http as http
 import tritonclient.http.aio as http_aio
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException
 
 from csm_clients import calls
 from csm_clients.adapters import AdapterFiles, read_adapter_folder
-from csm_clients.audio import MODEL_SAMPLE_RATE, AudioSource, Reference, Speech, read_audio
+from csm_clients.audio import AudioSource, Reference, Speech, read_audio
 from csm_clients.conversation import Turn
-from csm_clients.errors import ServerError, from_stream_message, from_triton
+from csm_clients.errors import ServerError, from_triton
 from csm_clients.limits import SEGMENT_MAX_CHARS
 from csm_clients.streams import AsyncSpeechStream, SpeechStream, joined
+from csm_clients.transport import infer_inputs, stream_over_sse, stream_step
 
-__all__ = ["ADMIN_TOKEN_ENV", "ADMIN_TOKEN_FILE_ENV", "AsyncVoiceCloner", "DEFAULT_URLS",
-           "DEVELOPMENT_TOKEN_FILE", "VoiceCloner", "admin_token_from_environment"]
+__all__ = ["AsyncVoiceCloner", "DEFAULT_URLS", "VoiceCloner"]
 
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 DEFAULT_TIMEOUT_S = 300.0  # a long utterance on a busy server; per request
-
-ADMIN_TOKEN_ENV = "CSM_ADMIN_TOKEN"
-ADMIN_TOKEN_FILE_ENV = "CSM_ADMIN_TOKEN_FILE"
-# `make serve` without CSM_ADMIN_TOKEN writes a development token here (mode 0600, beside
-# the voices in the build's runtime folder); relative to the checkout it runs in.
-DEVELOPMENT_TOKEN_FILE = Path("build/runtime/admin-token")
-
-
-def admin_token_from_environment(environ: Mapping[str, str] | None = None) -> str | None:
-    """The admin token for voice writes: $CSM_ADMIN_TOKEN; else the first line of the
-    file $CSM_ADMIN_TOKEN_FILE names; else make serve's development token
-    (build/runtime/admin-token under the current folder) if there is one; else None.
-
-    csm-tts, `python -m csm_servers.gateway` and (through its standard-library mirror,
-    loadtest/workload.py) the load tests look the token up this way. A deployment
-    never has the development file: only `make serve` writes it."""
-    environ = os.environ if environ is None else environ
-    if environ.get(ADMIN_TOKEN_ENV):
-        return environ[ADMIN_TOKEN_ENV]
-    path = Path(environ[ADMIN_TOKEN_FILE_ENV]) if environ.get(ADMIN_TOKEN_FILE_ENV) else DEVELOPMENT_TOKEN_FILE
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return None
-    return (lines[0].strip() if lines else "") or None
-
-
-def _infer_inputs(module, inputs: Mapping[str, np.ndarray]) -> list:
-    tensors = []
-    for name, value in inputs.items():
-        tensor = module.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
-        tensor.set_data_from_numpy(value)
-        tensors.append(tensor)
-    return tensors
-
-
-def _generate_body(inputs: Mapping[str, np.ndarray]) -> bytes:
-    """Inputs as the JSON object Triton's generate extension takes: [1]-shaped tensors as
-    scalars, the reference clip as a list."""
-    body = {}
-    for name, value in inputs.items():
-        items = [item.decode("utf-8") if isinstance(item, bytes) else item.item() for item in value.ravel()]
-        body[name] = items[0] if value.shape == (1,) else items
-    return json.dumps(body).encode()
-
-
-def _stream_over_sse(url: str, inputs: Mapping[str, np.ndarray], timeout: float) -> Iterator[Speech]:
-    request = urllib.request.Request(f"http://{url}/v2/models/{calls.STREAM_MODEL}/generate_stream",
-                                     data=_generate_body(inputs), headers={"Content-Type": "application/json"})
-    try:
-        response = urllib.request.urlopen(request, timeout=timeout)
-    except urllib.error.HTTPError as error:  # the body is one event holding the message
-        event = next(_sse_events(error.read().splitlines()), {})
-        raise from_stream_message(event.get("error", str(error))) from None
-    except OSError as error:
-        raise from_triton(error, url) from None
-    with response:
-        for event in _sse_events(response):
-            if "error" in event:
-                raise from_stream_message(event["error"])
-            if "AUDIO" in event or "FINISH_REASONS" in event:  # the final one: empty AUDIO, FINISH_REASONS
-                yield Speech(np.asarray(event.get("AUDIO", []), np.float32).reshape(-1),
-                             int(np.ravel(event.get("SAMPLE_RATE", [MODEL_SAMPLE_RATE]))[0]),
-                             tuple(str(r) for r in np.ravel(event.get("FINISH_REASONS", []))),
-                             tuple(int(f) for f in np.ravel(event.get("SEGMENT_FRAMES", []))),
-                             tuple(str(t) for t in np.ravel(event.get("NORMALIZED_TEXT", []))),
-                             next((str(c) for c in np.ravel(event.get("CONTINUATION", []))), None),
-                             calls.segment_times(event.get("SEGMENT_TIMES", [])))
-
-
-def _sse_events(lines) -> Iterator[dict]:
-    return (json.loads(line[5:]) for line in lines if line.startswith(b"data:"))
-
-
-def _stream_step(result, error, url: str) -> tuple[Speech | None, bool]:
-    """One gRPC stream answer -> (its audio chunk or None, whether it was the last)."""
-    if error is not None:
-        raise from_triton(error, url)
-    response = result.get_response()
-    final = response.parameters.get("triton_final_response")
-    # The final response carries an empty AUDIO and FINISH_REASONS (SpeechStream keeps those).
-    chunk = calls.speech_from(result) if response.outputs and result.as_numpy("AUDIO") is not None else None
-    return chunk, bool(final is not None and final.bool_param)
 
 
 class _Calls:
@@ -138,9 +52,18 @@ class _Calls:
         self.protocol, self.url = protocol, url or DEFAULT_URLS[protocol]
         self.admin_token, self.timeout = admin_token, timeout
 
-    def synthesize(self, text: str, *, voice: str | Reference | None = None, temperature: float | None = None,
-                   top_k: int | None = None, seed: int | None = None, max_audio_seconds: float | None = None,
-                   speaker: int | None = None, context: Sequence[Turn] | None = None):
+    def synthesize(
+        self,
+        text: str,
+        *,
+        voice: str | Reference | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        max_audio_seconds: float | None = None,
+        speaker: int | None = None,
+        context: Sequence[Turn] | None = None,
+    ):
         """Text (up to 20,000 characters; the server splits a long one) -> Speech (24 kHz,
         watermarked). `voice`: a stored voice id, an inline Reference, or None for the
         model's default voice; None sampling values take the server's defaults.
@@ -150,33 +73,69 @@ class _Calls:
         A text the server splits into segments (over SEGMENT_MAX_CHARS) may pass
         csm_tts's 120 s in one response, so it is collected from csm_tts_stream instead:
         the same Speech, with the stream's finish reasons."""
-        options = dict(voice=voice, temperature=temperature, top_k=top_k, seed=seed,
-                       max_audio_seconds=max_audio_seconds, speaker=speaker, context=context)
+        options = dict(
+            voice=voice,
+            temperature=temperature,
+            top_k=top_k,
+            seed=seed,
+            max_audio_seconds=max_audio_seconds,
+            speaker=speaker,
+            context=context,
+        )
         if isinstance(text, str) and len(text) > SEGMENT_MAX_CHARS:
             return self._collect(self.stream(text, **options))
         return self._run(calls.synthesize(text, **options))
 
-    def clone_voice_from_file(self, reference_audio: AudioSource, reference_transcript: str | None, target_text: str,
-                              **sampling):
+    def clone_voice_from_file(
+        self, reference_audio: AudioSource, reference_transcript: str | None, target_text: str, **sampling
+    ):
         """Speak `target_text` in the voice of a clip (any soundfile format) and its transcript."""
-        return self.synthesize(target_text, voice=Reference.from_file(reference_audio, reference_transcript),
-                               **sampling)
+        return self.synthesize(
+            target_text, voice=Reference.from_file(reference_audio, reference_transcript), **sampling
+        )
 
-    def stream(self, text: str, *, voice: str | Reference | None = None, temperature: float | None = None,
-               top_k: int | None = None, seed: int | None = None, max_audio_seconds: float | None = None,
-               speaker: int | None = None, context: Sequence[Turn] | None = None,
-               continue_from: str | None = None):
+    def stream(
+        self,
+        text: str,
+        *,
+        voice: str | Reference | None = None,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        max_audio_seconds: float | None = None,
+        speaker: int | None = None,
+        context: Sequence[Turn] | None = None,
+        continue_from: str | None = None,
+    ):
         """Like synthesize, yielding Speech chunks as they are generated (a long text's
         segments back to back, past csm_tts's 120 s); stopping early cancels the
         generation on the server. Bad input raises InvalidRequest here, before any chunk.
         `continue_from`: a text sent in pieces, each spoken as the next segments of one
         long text: "" for the first piece, then the previous stream's `continuation`."""
-        return self._stream_type(self._stream(calls.tts_inputs(
-            text, voice, temperature=temperature, top_k=top_k, seed=seed, max_audio_seconds=max_audio_seconds,
-            speaker=speaker, context=context, continue_from=continue_from)))
+        return self._stream_type(
+            self._stream(
+                calls.tts_inputs(
+                    text,
+                    voice,
+                    temperature=temperature,
+                    top_k=top_k,
+                    seed=seed,
+                    max_audio_seconds=max_audio_seconds,
+                    speaker=speaker,
+                    context=context,
+                    continue_from=continue_from,
+                )
+            )
+        )
 
-    def register_voice(self, voice_id: str, reference_audio: AudioSource | Reference, transcript: str | None,
-                       *, owner: str | None = None):
+    def register_voice(
+        self,
+        voice_id: str,
+        reference_audio: AudioSource | Reference,
+        transcript: str | None,
+        *,
+        owner: str | None = None,
+    ):
         """Store a voice (needs the admin token) -> the stored voice's description.
         `reference_audio`: a file, or a Reference already read (its transcript is
         replaced by `transcript`); `owner`: whose voice it is (a gateway's key id)."""
@@ -186,10 +145,16 @@ class _Calls:
             reference = Reference.from_file(reference_audio, transcript)
         return self._run(calls.register_voice(voice_id, reference, owner))
 
-    def register_adapter(self, voice_id: str, folder: str | Path | AdapterFiles, *,
-                         default_speaker: int | None = None,
-                         reference_audio: AudioSource | Reference | None = None, transcript: str | None = None,
-                         owner: str | None = None):
+    def register_adapter(
+        self,
+        voice_id: str,
+        folder: str | Path | AdapterFiles,
+        *,
+        default_speaker: int | None = None,
+        reference_audio: AudioSource | Reference | None = None,
+        transcript: str | None = None,
+        owner: str | None = None,
+    ):
         """Store a LoRA adapter as a voice (needs the admin token) -> its description (kind
         "adapter", rank, lora_alpha, target_modules, base_model_sha256, size_bytes ...).
         `folder`: the adapter folder `make finetune` wrote (OUT/adapter) or its run folder
@@ -202,8 +167,9 @@ class _Calls:
             reference = Reference(reference_audio.samples, reference_audio.sample_rate, transcript)
         elif reference_audio is not None:
             reference = Reference.from_file(reference_audio, transcript)
-        return self._run(calls.register_adapter(voice_id, files, default_speaker=default_speaker,
-                                                reference=reference, owner=owner))
+        return self._run(
+            calls.register_adapter(voice_id, files, default_speaker=default_speaker, reference=reference, owner=owner)
+        )
 
     def list_voices(self):
         """[{voice_id, kind, transcript, duration_seconds, created_at, owner, ...}, ...]; an
@@ -234,7 +200,7 @@ class _Calls:
         if call.owner:
             headers[calls.VOICE_OWNER_HEADER] = call.owner
         timeout = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
-        return dict(model_name=call.model, inputs=_infer_inputs(self._module, call.inputs), headers=headers, **timeout)
+        return dict(model_name=call.model, inputs=infer_inputs(self._module, call.inputs), headers=headers, **timeout)
 
     def _run(self, call: calls.Call) -> Any:
         raise NotImplementedError
@@ -252,12 +218,21 @@ class VoiceCloner(_Calls):
 
     _stream_type = SpeechStream
 
-    def __init__(self, url: str | None = None, protocol: str = "grpc", *, admin_token: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT_S):
+    def __init__(
+        self,
+        url: str | None = None,
+        protocol: str = "grpc",
+        *,
+        admin_token: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ):
         self._configure(url, protocol, admin_token, timeout)
         self._module = grpc if protocol == "grpc" else http
-        self._client = (grpc.InferenceServerClient(self.url) if protocol == "grpc"
-                        else http.InferenceServerClient(self.url, connection_timeout=timeout, network_timeout=timeout))
+        self._client = (
+            grpc.InferenceServerClient(self.url)
+            if protocol == "grpc"
+            else http.InferenceServerClient(self.url, connection_timeout=timeout, network_timeout=timeout)
+        )
 
     def is_ready(self) -> bool:
         try:
@@ -274,7 +249,7 @@ class VoiceCloner(_Calls):
 
     def _stream(self, inputs: dict[str, np.ndarray]) -> Iterator[Speech]:
         if self.protocol == "http":
-            yield from _stream_over_sse(self.url, inputs, self.timeout)
+            yield from stream_over_sse(self.url, inputs, self.timeout)
             return
         # One client per stream: a tritonclient gRPC client holds one stream at a time.
         client = grpc.InferenceServerClient(self.url)
@@ -283,8 +258,9 @@ class VoiceCloner(_Calls):
         finished = False
         try:
             try:
-                client.async_stream_infer(calls.STREAM_MODEL, _infer_inputs(grpc, inputs),
-                                          enable_empty_final_response=True)
+                client.async_stream_infer(
+                    calls.STREAM_MODEL, infer_inputs(grpc, inputs), enable_empty_final_response=True
+                )
             except InferenceServerException as error:  # the stream broke: its cause went to the callback
                 try:
                     error = answers.get(timeout=5)[1] or error
@@ -296,7 +272,7 @@ class VoiceCloner(_Calls):
                     result, error = answers.get(timeout=self.timeout)
                 except queue.Empty:
                     raise ServerError(f"no stream response within {self.timeout:g} s") from None
-                chunk, finished = _stream_step(result, error, self.url)
+                chunk, finished = stream_step(result, error, self.url)
                 if chunk is not None:
                     yield chunk
         finally:
@@ -322,8 +298,14 @@ class AsyncVoiceCloner(_Calls):
 
     _stream_type = AsyncSpeechStream
 
-    def __init__(self, url: str | None = None, protocol: str = "grpc", *, admin_token: str | None = None,
-                 timeout: float = DEFAULT_TIMEOUT_S):
+    def __init__(
+        self,
+        url: str | None = None,
+        protocol: str = "grpc",
+        *,
+        admin_token: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+    ):
         self._configure(url, protocol, admin_token, timeout)
         self._module = grpc_aio if protocol == "grpc" else http_aio
         self._connection = None
@@ -332,8 +314,11 @@ class AsyncVoiceCloner(_Calls):
     def _client(self):
         # Made on first use, inside the running loop (aiohttp and grpc.aio bind to it).
         if self._connection is None:
-            self._connection = (grpc_aio.InferenceServerClient(self.url) if self.protocol == "grpc"
-                                else http_aio.InferenceServerClient(self.url, conn_timeout=self.timeout))
+            self._connection = (
+                grpc_aio.InferenceServerClient(self.url)
+                if self.protocol == "grpc"
+                else http_aio.InferenceServerClient(self.url, conn_timeout=self.timeout)
+            )
         return self._connection
 
     async def is_ready(self) -> bool:
@@ -351,7 +336,7 @@ class AsyncVoiceCloner(_Calls):
 
     async def _stream(self, inputs: dict[str, np.ndarray]) -> AsyncIterator[Speech]:
         if self.protocol == "http":  # the blocking SSE reader, one chunk at a time off the loop
-            chunks = _stream_over_sse(self.url, inputs, self.timeout)
+            chunks = stream_over_sse(self.url, inputs, self.timeout)
             try:
                 while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
                     yield chunk
@@ -360,14 +345,17 @@ class AsyncVoiceCloner(_Calls):
             return
 
         async def request():
-            yield {"model_name": calls.STREAM_MODEL, "inputs": _infer_inputs(grpc_aio, inputs),
-                   "enable_empty_final_response": True}
+            yield {
+                "model_name": calls.STREAM_MODEL,
+                "inputs": infer_inputs(grpc_aio, inputs),
+                "enable_empty_final_response": True,
+            }
 
         answers = self._client.stream_infer(request(), stream_timeout=self.timeout)
         finished = False
         try:
             async for result, error in answers:
-                chunk, finished = _stream_step(result, error, self.url)
+                chunk, finished = stream_step(result, error, self.url)
                 if chunk is not None:
                     yield chunk
                 if finished:

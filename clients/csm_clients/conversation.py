@@ -36,7 +36,7 @@ from csm_clients.limits import (
     check_speaker,
 )
 
-__all__ = ["Turn", "check_context", "check_text", "context_inputs"]
+__all__ = ["Turn", "check_context", "check_text", "check_turn_count", "context_inputs"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,13 @@ def check_text(text: str, name: str = "TEXT", limit: int = MAX_LONG_TEXT_CHARS) 
         raise InvalidRequest(f"input '{name}' must be a string, got {type(text).__name__}")
     if len(text) > limit:
         raise InvalidRequest(f"input '{name}' has {len(text)} characters; the limit is {limit}")
+
+
+def check_turn_count(count: int) -> None:
+    """The server's bound on context turns (stored voices and clips together), checked
+    once a request's turns are counted and before any clip is read or decoded."""
+    if count > MAX_CONTEXT_TURNS:
+        raise InvalidRequest(f"{count} context turns; the limit is {MAX_CONTEXT_TURNS}")
 
 
 def _checked(turn: Turn, index: int) -> Turn:
@@ -130,8 +137,7 @@ def check_context(context: Sequence[Turn] | None = None, speaker: int | None = N
         return [], []
     if isinstance(context, Turn):
         raise InvalidRequest("context: give a list of turns, not one Turn")
-    if len(context) > MAX_CONTEXT_TURNS:
-        raise InvalidRequest(f"{len(context)} context turns; the limit is {MAX_CONTEXT_TURNS}")
+    check_turn_count(len(context))
     turns = [_checked(turn, index) for index, turn in enumerate(context)]
     stored = [turn for turn in turns if turn.voice is not None]
     clips = [turn for turn in turns if turn.voice is None]

@@ -15,6 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 __all__ = [
     "CsmClientError",
+    "FieldError",
     "InvalidRequest",
     "MissingExtra",
     "PermissionDenied",
@@ -43,6 +44,15 @@ class CsmClientError(Exception):
 
 class InvalidRequest(CsmClientError):
     """The request was refused as given (HTTP 400 / INVALID_ARGUMENT): fix it, don't retry."""
+
+
+class FieldError(InvalidRequest):
+    """A refusal of one field of a request's body; `param` is its name in OpenAI's style
+    (`context[2].audio`): the gateway answers it in `param`."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
 
 
 class PermissionDenied(CsmClientError):

@@ -25,6 +25,7 @@ from tritonclient.utils import InferenceServerException
 
 from csm_triton.serving.process import TritonServer, free_ports
 from csm_triton.serving.stubs import find_tritonserver, server_stubs
+from tests.security import serve_process
 
 pytestmark = pytest.mark.integration
 
@@ -189,41 +190,13 @@ def repository_snapshot(root: Path) -> dict:
     }
 
 
-class Serve:
+class Serve(serve_process.Serve):
+    """`serve` as make serve runs it, supervising fast: a stub checked every second, a dead
+    server restarted after 0.5 s."""
+
     def __init__(self, repository: Path, log_path: Path):
-        self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
-        self.http_url, self.grpc_url = f"localhost:{self.http_port}", f"localhost:{self.grpc_port}"
-        self.log_path = log_path
-        command = [
-            sys.executable,
-            "-m",
-            "csm_triton.serving",
-            "serve",
-            "--model-repository",
-            str(repository),
-            "--http-port",
-            str(self.http_port),
-            "--grpc-port",
-            str(self.grpc_port),
-            "--metrics-port",
-            str(self.metrics_port),
-            "--no-gpu",
-            "--exit-timeout",
-            "5",
-            "--supervise-interval",
-            "1",
-            "--restart-delay",
-            "0.5",
-            *[f"--load-model={m}" for m in MODELS],
-        ]
-        self._log = open(log_path, "ab")
-        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def triton_pid(self) -> int | None:
-        return find_tritonserver(self.http_port)
+        options = ["--exit-timeout", "5", "--supervise-interval", "1", "--restart-delay", "0.5"]
+        super().__init__(repository, log_path, options=[*options, *[f"--load-model={m}" for m in MODELS]])
 
     def wait_serving(self, timeout: float, not_pid: int | None = None) -> int:
         """The pid of a ready tritonserver (another than `not_pid`) answering csm_tts."""

@@ -27,8 +27,8 @@ from csm_clients import (
     read_audio,
 )
 from csm_clients.batch import BatchItem, BatchSummary, read_items
-from csm_clients.client import _generate_body
 from csm_clients.errors import from_stream_message, from_triton
+from csm_clients.transport import generate_body
 
 
 @pytest.mark.parametrize(
@@ -123,7 +123,7 @@ def test_requests_send_only_what_was_given():
 
 def test_generate_stream_body_is_the_json_triton_expects():
     inputs = calls.tts_inputs("Hi.", Reference(np.array([0.5, -0.25], np.float32), 16_000, "Ok."), seed=4)
-    assert json.loads(_generate_body(inputs)) == {
+    assert json.loads(generate_body(inputs)) == {
         "TEXT": "Hi.",
         "REFERENCE_AUDIO": [0.5, -0.25],
         "REFERENCE_SAMPLE_RATE": 16_000,
@@ -192,15 +192,15 @@ def test_a_batch_line_carries_a_conversation(tmp_path):
     [
         ({"text": "Hi.", "speed": 2}, "unknown field(s) speed"),
         ({"text": "Hi.", "voice": "a", "reference_audio": "me.wav"}, "not both"),
-        ({"text": "Hi.", "context": "alice"}, "field 'context' must be a list of turns"),
-        ({"text": "Hi.", "context": [{"text": "No audio."}]}, "context turn 0: needs 'voice' or 'audio'"),
-        ({"text": "Hi.", "context": [{"voice": "a", "text": "t"}]}, "context turn 0: give either 'voice' or 'audio'"),
-        ({"text": "Hi.", "context": [{"voice": "a", "pitch": 2}]}, "context turn 0: expected an object with"),
+        ({"text": "Hi.", "context": "alice"}, "context: must be a list of turns"),
+        ({"text": "Hi.", "context": [{"text": "No audio."}]}, "context[0]: has no `audio` nor `voice`"),
+        ({"text": "Hi.", "context": [{"voice": "a", "text": "t"}]}, "context[0]: give either `voice`"),
+        ({"text": "Hi.", "context": [{"voice": "a", "pitch": 2}]}, "context[0]: expected an object with"),
         ({"text": "Hi.", "seed": "many"}, "field 'seed' must be a number, got 'many'"),
     ],
 )
 def test_bad_batch_fields_are_reported(tmp_path, fields, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
+    with pytest.raises((ValueError, InvalidRequest), match=re.escape(message)):
         BatchItem(1, "x", fields).request(tmp_path)
 
 
@@ -415,7 +415,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 def test_admin_token_lookup_and_its_standard_library_mirror(tmp_path, monkeypatch):
     import sys
 
-    from csm_clients.client import DEVELOPMENT_TOKEN_FILE, admin_token_from_environment
+    from csm_clients.admin_token import DEVELOPMENT_TOKEN_FILE, admin_token_from_environment
 
     sys.path.insert(0, str(ROOT))
     try:
@@ -453,7 +453,7 @@ def _make(*arguments: str, **environment: str):
 def test_make_serve_creates_a_development_token_once_and_only_without_csm_admin_token(tmp_path):
     import stat
 
-    from csm_clients.client import admin_token_from_environment
+    from csm_clients.admin_token import admin_token_from_environment
 
     repository = tmp_path / "build" / "model_repository"
     token_file = tmp_path / "build" / "runtime" / "admin-token"
@@ -565,7 +565,7 @@ def test_context_turns_become_ragged_tensors_stored_voices_first():
     assert {inputs[name].dtype for name in ("SPEAKER", "CONTEXT_SPEAKER", "CONTEXT_AUDIO_LENGTHS")} == {
         np.dtype(np.int32)
     }
-    body = json.loads(_generate_body(inputs))  # HTTP streaming: one turn is a scalar, many a list
+    body = json.loads(generate_body(inputs))  # HTTP streaming: one turn is a scalar, many a list
     assert body["CONTEXT_VOICE_ID"] == "alice" and body["CONTEXT_TEXT"] == ["Hello.", "Yes?"]
     assert set(calls.tts_inputs("Hi.", speaker=0)) == {"TEXT", "SPEAKER"}
 
@@ -661,3 +661,29 @@ def test_the_gateways_context_is_checked_before_triton(tmp_path):
         assert refused.status_code == 400 and refused.json() == {
             "detail": "context[0].voice: Input should be a valid string"
         }
+
+
+@pytest.mark.parametrize(
+    "message, voices, param",
+    [
+        ("csm_tts: input 'TEXT' is empty", False, "input"),
+        ("missing required input 'TEXT'", False, "input"),
+        ("input 'CONTEXT_TEXT' has 2 values for 3 context turns", False, "context"),
+        ("input 'CONTEXT_SPEAKER' has 3 values for 2 context turns", False, "context"),
+        ("'CONTEXT_SAMPLE_RATE' was given without 'CONTEXT_AUDIO'", False, "context"),
+        ("input 'SPEAKER' must hold exactly one value, got 2", False, "speaker"),
+        ("input 'TOP_K' must be in [1, 2048], got 0", False, "top_k"),
+        ("17 context turns; the limit is 16", False, "context"),
+        ("unknown voice 'alice'", False, "voice"),
+        ("the server is busy", False, None),
+        ("input 'VOICE_ID' must match ^[a-z0-9][a-z0-9_-]{0,63}$", True, "name"),
+        ("'REFERENCE_TEXT' was given without 'REFERENCE_AUDIO'", True, "transcript"),
+        ("input 'REFERENCE_SAMPLE_RATE' must be one integer of at least 0, got [-1]", True, "audio_sample"),
+        ("the reference clip is 31.00 s long", True, "audio_sample"),
+        ("unknown voice 'alice'", True, "voice_id"),
+    ],
+)
+def test_a_refusal_is_mapped_to_the_field_its_tensor_came_from(message, voices, param):
+    from csm_servers.gateway.openai_errors import refused_param
+
+    assert refused_param(message, voices=voices) == param

@@ -22,7 +22,7 @@ import sys
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from csm_clients.client import admin_token_from_environment
+from csm_clients.admin_token import admin_token_from_environment
 from csm_servers.gateway.app import create_app
 from csm_servers.gateway.guard import GatewayLimits
 from csm_servers.gateway.keys import API_KEY_FILE_ENV, API_KEYS_ENV, ApiKeys

@@ -15,8 +15,8 @@ A pure ASGI middleware, outermost in the app, so it runs before FastAPI parses a
 3. Concurrency. The routes that make Triton work (POST, DELETE) take a slot of their
    key's bucket (callers without a key share one bucket); past the bucket's slots a
    request waits in its small queue, past the queue (or after waiting too long) it is
-   answered 429 with Retry-After. The slot is held until the answer is sent, a
-   stream's last byte included. A WebSocket (the text stream) passes 1 and 3 before
+   answered 429 with Retry-After (the slots and queues: limiter.py). The slot is held
+   until the answer is sent, a stream's last byte included. A WebSocket (the text stream) passes 1 and 3 before
    it is accepted, and holds its slot for the whole session.
 
 Errors have the shape of the route: OpenAI's `{"error": {...}}` under /v1, the
@@ -27,15 +27,15 @@ original `{"detail"}` elsewhere. Every limit has an environment variable
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from csm_clients.errors import PermissionDenied
 from csm_servers.gateway.keys import ApiKeys, MissingApiKey
+from csm_servers.gateway.limiter import OPEN_BUCKET, Busy, KeyedLimiter
 
 __all__ = ["DEFAULT_MAX_UPLOAD_MB", "GatewayGuard", "GatewayLimits", "RoutePolicy", "route_policy"]
 
@@ -45,7 +45,6 @@ DEFAULT_MAX_UPLOAD_MB = 32.0  # the gateway's own guard on memory, not a model l
 _FORM_SLACK_BYTES = 1 << 20
 # Routes that take no upload (GET, DELETE, unknown paths) take no more than this.
 _SMALL_BODY_BYTES = 64 << 10
-_OPEN_BUCKET = "open"  # the bucket of every caller without a key
 
 
 def _base64_bytes(size: int) -> int:
@@ -114,8 +113,12 @@ class GatewayLimits:
             values[name] = int(number * 2**20) if name == "max_upload_bytes" else number
         values.update({name: value for name, value in overrides.items() if value is not None})
         kinds = {item.name: item.type for item in fields(cls)}
-        return cls(**{name: (float(value) if kinds[name] in ("float", float) else int(value))
-                      for name, value in values.items()})
+        return cls(
+            **{
+                name: (float(value) if kinds[name] in ("float", float) else int(value))
+                for name, value in values.items()
+            }
+        )
 
     def with_upload_bytes(self, max_upload_bytes: int) -> GatewayLimits:
         return replace(self, max_upload_bytes=int(max_upload_bytes))
@@ -158,69 +161,26 @@ def route_policy(method: str, path: str) -> RoutePolicy:
     return RoutePolicy("never", work, False)
 
 
-class Busy(Exception):
-    """No slot and no room in the queue (or waited too long)."""
-
-
-class _Bucket:
-    def __init__(self, slots: int):
-        self.free = asyncio.Semaphore(slots)
-        self.waiting = 0
-        self.users = 0
-
-
-class KeyedLimiter:
-    """Slots per bucket, a bounded queue in front of them; idle buckets are dropped."""
-
-    def __init__(self, limits: GatewayLimits):
-        self.limits = limits
-        self._buckets: dict[str, _Bucket] = {}
-
-    def _bounds(self, bucket: str) -> tuple[int, int]:
-        if bucket == _OPEN_BUCKET:
-            return self.limits.max_concurrency_open, self.limits.max_queue_open
-        return self.limits.max_concurrency_per_key, self.limits.max_queue_per_key
-
-    @contextlib.asynccontextmanager
-    async def slot(self, name: str) -> AsyncIterator[None]:
-        slots, queue = self._bounds(name)
-        bucket = self._buckets.setdefault(name, _Bucket(slots))
-        if bucket.free.locked() and bucket.waiting >= queue:
-            raise Busy(f"{slots} requests of this {'caller' if name == _OPEN_BUCKET else 'key'} are at work "
-                       f"and {bucket.waiting} wait; try again later")
-        bucket.users += 1
-        try:
-            bucket.waiting += 1
-            try:
-                await asyncio.wait_for(bucket.free.acquire(), self.limits.queue_timeout_s)
-            except TimeoutError:
-                raise Busy(f"waited {self.limits.queue_timeout_s:g} s for one of {slots} slots; "
-                           "try again later") from None
-            finally:
-                bucket.waiting -= 1
-            try:
-                yield
-            finally:
-                bucket.free.release()
-        finally:
-            bucket.users -= 1
-            if bucket.users == 0:
-                self._buckets.pop(name, None)
-
-
 def _json_response(status: int, body: dict, headers: dict[str, str] | None = None) -> tuple[dict, dict]:
     data = json.dumps(body).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     raw += [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
     if status in (408, 413):  # the body is left unread: the connection cannot carry another request
         raw.append((b"connection", b"close"))
-    return ({"type": "http.response.start", "status": status, "headers": raw},
-            {"type": "http.response.body", "body": data})
+    return (
+        {"type": "http.response.start", "status": status, "headers": raw},
+        {"type": "http.response.body", "body": data},
+    )
 
 
-_OPENAI_KINDS = {401: ("invalid_request_error", "invalid_api_key"), 403: ("permission_error", "permission_denied"),
-                 413: ("invalid_request_error", "request_too_large"), 429: ("rate_limit_error", "rate_limit_exceeded"),
-                 400: ("invalid_request_error", None), 408: ("invalid_request_error", "request_timeout")}
+_OPENAI_KINDS = {
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("permission_error", "permission_denied"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+    400: ("invalid_request_error", None),
+    408: ("invalid_request_error", "request_timeout"),
+}
 
 
 def _error(policy: RoutePolicy, status: int, message: str, headers: dict[str, str] | None = None):
@@ -272,7 +232,7 @@ class GatewayGuard:
         if not policy.bounded:
             return await self.app(scope, self._counted(receive, limit, sent, policy), sent)
         try:
-            async with self.limiter.slot(key or _OPEN_BUCKET):
+            async with self.limiter.slot(key or OPEN_BUCKET):
                 await self.app(scope, self._counted(receive, limit, sent, policy), sent)
         except Busy as error:
             await answer(429, f"too many requests: {error}", {"Retry-After": str(self.limits.retry_after_s)})
@@ -313,7 +273,7 @@ class GatewayGuard:
         if not policy.bounded:
             return await self.app(scope, receive, send)
         try:
-            async with self.limiter.slot(key or _OPEN_BUCKET):
+            async with self.limiter.slot(key or OPEN_BUCKET):
                 await self.app(scope, receive, send)
         except Busy as error:
             await refuse(429, f"too many requests: {error}", {"Retry-After": str(self.limits.retry_after_s)})
@@ -371,8 +331,10 @@ def _headers(scope) -> dict[str, str]:
 
 
 def _too_large(size: int, limit: int, how: str) -> str:
-    return (f"the request body {how} {size:,} bytes; this route accepts at most {limit:,} bytes "
-            f"(the gateway's upload limit is set by --max-upload-mb / CSM_GATEWAY_MAX_UPLOAD_MB)")
+    return (
+        f"the request body {how} {size:,} bytes; this route accepts at most {limit:,} bytes "
+        f"(the gateway's upload limit is set by --max-upload-mb / CSM_GATEWAY_MAX_UPLOAD_MB)"
+    )
 
 
 class _Sent:

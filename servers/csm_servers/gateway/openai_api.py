@@ -10,7 +10,8 @@ Every answer that is not audio is OpenAI's JSON; every error is OpenAI's shape
 `{"error": {"message", "type", "param", "code"}}` with its status (400 naming the field
 in `param`, 401 for a missing or wrong key, 403 for a refused voice write, 404 for an
 unknown model, 413 for an oversized upload, 502/503 when Triton failed or is down). The
-route class converts errors itself, so the original routes keep their `{"detail"}`.
+route class (openai_errors.py) converts errors itself, so the original routes keep their
+`{"detail"}`.
 
 Keys (gateway/keys.py): voice writes always need `Authorization: Bearer <key>`; with keys
 configured every /v1 route does (checked by guard.py before the body is read, and again
@@ -33,116 +34,31 @@ from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from fastapi.routing import APIRoute
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
-from starlette.requests import ClientDisconnect
 
 from csm_clients.audio import Reference, Speech, read_reference_clip
 from csm_clients.client import AsyncVoiceCloner
-from csm_clients.errors import CsmClientError, InvalidRequest, PermissionDenied, ServerUnavailable
+from csm_clients.errors import CsmClientError, FieldError, InvalidRequest
 from csm_clients.limits import check_sampling
 from csm_clients.timestretch import MAX_SPEED, MIN_SPEED, TimeStretcher, needs_stretch, stretch
 from csm_servers.gateway.encoding import FORMATS, StreamEncoder, encode
-from csm_servers.gateway.keys import ApiKeys, MissingApiKey
-from csm_servers.gateway.speech_context import ContextTurn, FieldError, check_json_values, conversation, refused_field
+from csm_servers.gateway.keys import ApiKeys
+from csm_servers.gateway.openai_errors import OpenAIError, OpenAIRoute
+from csm_servers.gateway.speech_context import ContextTurn, conversation, refused_field
 
 LOG = logging.getLogger("csm_servers.gateway.openai")
 
-__all__ = ["MODELS", "OPENAI_VOICES", "OpenAIError", "SpeechRequest", "openai_router"]
+__all__ = ["MODELS", "OPENAI_VOICES", "SpeechRequest", "openai_router"]
 
 # Accepted `model` names: OpenAI's TTS models (so existing code runs unchanged) and ours.
 # All of them are the one CSM-1B deployment.
 MODELS = ("csm-1b", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 # OpenAI's built-in voices speak in the model's default voice (no VOICE_ID sent).
-OPENAI_VOICES = frozenset({"alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage",
-                           "shimmer", "verse", "marin", "cedar"})
+OPENAI_VOICES = frozenset(
+    {"alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage", "shimmer", "verse", "marin", "cedar"}
+)
 SAMPLES_PER_FRAME = 1_920  # Mimi: 24 kHz / 12.5 Hz; SSE usage counts generated frames
-
-# A Triton refusal names the tensor; the caller wrote the body's field (first match wins:
-# CONTEXT_TEXT before TEXT, CONTEXT_SPEAKER before SPEAKER).
-_SPEECH_FIELDS = {"CONTEXT_": "context", "context turns": "context", "SPEAKER": "speaker", "TEXT": "input", "VOICE_ID": "voice", "unknown voice": "voice", "TEMPERATURE": "temperature",
-                  "TOP_K": "top_k", "SEED": "seed", "MAX_AUDIO_SECONDS": "max_audio_seconds"}
-_VOICE_FIELDS = {"VOICE_ID": "name", "REFERENCE_TEXT": "transcript", "REFERENCE_AUDIO": "audio_sample",
-                 "REFERENCE_SAMPLE_RATE": "audio_sample", "reference clip": "audio_sample", "unknown voice": "voice_id"}
-
-
-class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.param, self.code, self.kind = status, param, code, kind
-
-    def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        body = {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=headers)
-
-
-def _param_of(message: str, fields: dict[str, str]) -> str | None:
-    return next((field for marker, field in fields.items() if marker in message), None)
-
-
-def _from_client_error(error: CsmClientError, fields: dict[str, str]) -> OpenAIError:
-    message = str(error)
-    if isinstance(error, MissingApiKey):
-        return OpenAIError(401, message, code="invalid_api_key")
-    if isinstance(error, PermissionDenied):
-        return OpenAIError(403, message, code="permission_denied", kind="permission_error")
-    if isinstance(error, FieldError):
-        return OpenAIError(400, message, param=error.param)
-    if isinstance(error, InvalidRequest):
-        status = 413 if type(error).__name__ == "UploadTooLarge" else 400
-        return OpenAIError(status, message, param=_param_of(message, fields))
-    if isinstance(error, ServerUnavailable):
-        return OpenAIError(503, message, code="service_unavailable", kind="server_error")
-    return OpenAIError(502, message, code="upstream_error", kind="server_error")
-
-
-def _from_validation(error: RequestValidationError) -> OpenAIError:
-    problems = error.errors()
-    first = problems[0] if problems else {}
-    where = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
-    param = where[0] if where and not where[0].isdigit() else None
-    if param == "context" and len(where) > 1 and where[1].isdigit():  # OpenAI's style: context[1].speaker
-        field = next((part for part in where[2:] if not part.isdigit()), None)
-        param = f"context[{where[1]}]" + (f".{field}" if field else "")
-    message = "; ".join(f"{'.'.join(str(p) for p in item.get('loc', ()) if p != 'body')}: {item.get('msg')}"
-                        for item in problems) or "invalid request body"
-    return OpenAIError(400, message, param=param)
-
-
-class _OpenAIRoute(APIRoute):
-    """Answers every error of its route in OpenAI's shape (the app's handlers answer
-    `{"detail"}` for the original routes)."""
-
-    def get_route_handler(self) -> Callable:
-        handler = super().get_route_handler()
-        fields = _VOICE_FIELDS if "voices" in self.path else _SPEECH_FIELDS
-        # The JSON speech routes: their values counted before FastAPI parses them.
-        json_body = self.path.endswith(("/audio/speech", "/audio/speech/captioned"))
-
-        async def route(request: Request) -> Response:
-            try:
-                if json_body and request.method == "POST":
-                    # The body is read (whole, within the guard's limit) and kept: the
-                    # handler below parses the same bytes.
-                    try:
-                        check_json_values(await request.body(), "the request body")
-                    except FieldError as error:
-                        raise OpenAIError(400, str(error)) from None
-                    except ClientDisconnect:  # gone, or refused by the guard (413/408): it has answered
-                        return Response(status_code=400)
-                return await handler(request)
-            except OpenAIError as error:
-                return error.response()
-            except RequestValidationError as error:
-                return _from_validation(error).response()
-            except CsmClientError as error:
-                return _from_client_error(error, fields).response()
-
-        return route
 
 
 class SpeechRequest(BaseModel):
@@ -175,8 +91,12 @@ class SpeechRequest(BaseModel):
         return None if voice.lower() in OPENAI_VOICES else voice
 
     def sampling(self) -> dict[str, Any]:
-        values = {"seed": self.seed, "temperature": self.temperature, "top_k": self.top_k,
-                  "max_audio_seconds": self.max_audio_seconds}
+        values = {
+            "seed": self.seed,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "max_audio_seconds": self.max_audio_seconds,
+        }
         try:
             check_sampling(**values)
         except InvalidRequest as error:
@@ -186,8 +106,12 @@ class SpeechRequest(BaseModel):
 
 def _check(body: SpeechRequest) -> None:
     if body.model not in MODELS:
-        raise OpenAIError(404, f"The model '{body.model}' does not exist; this server speaks with "
-                          f"{', '.join(MODELS)} (all CSM-1B)", param="model", code="model_not_found")
+        raise OpenAIError(
+            404,
+            f"The model '{body.model}' does not exist; this server speaks with {', '.join(MODELS)} (all CSM-1B)",
+            param="model",
+            code="model_not_found",
+        )
     if not body.input.strip():
         raise OpenAIError(400, "input: is empty", param="input")
 
@@ -200,8 +124,9 @@ async def _in_thread(work: Callable, *args):
     return await asyncio.to_thread(work, *args)
 
 
-def openai_router(cloner: Callable[[], AsyncVoiceCloner], keys: ApiKeys, *, max_upload_bytes: int,
-                  decoded: Callable = _in_thread) -> APIRouter:
+def openai_router(
+    cloner: Callable[[], AsyncVoiceCloner], keys: ApiKeys, *, max_upload_bytes: int, decoded: Callable = _in_thread
+) -> APIRouter:
     """`cloner()`: the app's AsyncVoiceCloner (made in its lifespan); `keys`: the gateway's;
     `decoded(work, *args)`: runs an audio decode off the event loop (the app bounds how
     many at once)."""
@@ -214,20 +139,29 @@ def openai_router(cloner: Callable[[], AsyncVoiceCloner], keys: ApiKeys, *, max_
         keys.check(request.headers.get("authorization"), "this route changes voices")
 
     if not keys:  # said at start-up: an open speech API is a choice, not an accident
-        LOG.warning("the OpenAI-compatible API under /v1 needs no key (no API keys configured); "
-                    "its voice writes are refused")
-    router = APIRouter(prefix="/v1", route_class=_OpenAIRoute, tags=["OpenAI-compatible"],
-                       dependencies=[Depends(require_key_if_configured)])
+        LOG.warning(
+            "the OpenAI-compatible API under /v1 needs no key (no API keys configured); its voice writes are refused"
+        )
+    router = APIRouter(
+        prefix="/v1",
+        route_class=OpenAIRoute,
+        tags=["OpenAI-compatible"],
+        dependencies=[Depends(require_key_if_configured)],
+    )
 
     @router.get("/models")
     async def models():
         """The accepted `model` names (all of them this one CSM-1B deployment)."""
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "csm-triton"}
-                                           for name in MODELS]}
+        return {
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": 0, "owned_by": "csm-triton"} for name in MODELS],
+        }
 
-    @router.post("/audio/speech", response_class=Response,
-                 responses={200: {"content": {audio.media_type: {} for audio in FORMATS.values()}
-                                  | {"text/event-stream": {}}}})
+    @router.post(
+        "/audio/speech",
+        response_class=Response,
+        responses={200: {"content": {audio.media_type: {} for audio in FORMATS.values()} | {"text/event-stream": {}}}},
+    )
     async def speech(body: SpeechRequest):
         """Text -> speech in `response_format`; `stream_format` "audio" streams the encoded
         audio as it is generated, "sse" sends OpenAI's speech.audio.delta/done events."""
@@ -265,18 +199,26 @@ def openai_router(cloner: Callable[[], AsyncVoiceCloner], keys: ApiKeys, *, max_
     async def _captioned(body: SpeechRequest, voice: str | None, sampling: dict) -> dict:
         spoken, data, seconds = await _whole(body, voice, sampling)
         speed = body.speed or 1.0
-        return {"audio": base64.b64encode(data).decode(), "response_format": body.response_format,
-                "audio_seconds": round(seconds, 3), "finish_reasons": list(spoken.finish_reasons),
-                "segments": [{"text": text, "start": round(start / speed, 3), "end": round(end / speed, 3)}
-                             for (start, end), text in zip(spoken.segment_times, spoken.normalized_text)]}
+        return {
+            "audio": base64.b64encode(data).decode(),
+            "response_format": body.response_format,
+            "audio_seconds": round(seconds, 3),
+            "finish_reasons": list(spoken.finish_reasons),
+            "segments": [
+                {"text": text, "start": round(start / speed, 3), "end": round(end / speed, 3)}
+                for (start, end), text in zip(spoken.segment_times, spoken.normalized_text)
+            ],
+        }
 
     async def _speak(body: SpeechRequest, voice: str | None, sampling: dict) -> Response:
         audio_format = FORMATS[body.response_format]
         if body.stream_format is None:
             spoken, data, seconds = await _whole(body, voice, sampling)
-            return Response(data, media_type=audio_format.media_type,
-                            headers={"X-Audio-Seconds": f"{seconds:.3f}",
-                                     "X-Finish-Reasons": ",".join(spoken.finish_reasons)})
+            return Response(
+                data,
+                media_type=audio_format.media_type,
+                headers={"X-Audio-Seconds": f"{seconds:.3f}", "X-Finish-Reasons": ",".join(spoken.finish_reasons)},
+            )
         chunks = cloner().stream(body.input, voice=voice, **sampling)
         try:  # the first chunk before answering: a refused request is a real 400, not a broken stream
             first = await chunks.__anext__()
@@ -287,8 +229,9 @@ def openai_router(cloner: Callable[[], AsyncVoiceCloner], keys: ApiKeys, *, max_
             raise
         audio = _encoded(chunks, first, audio_format, body.speed)
         if body.stream_format == "sse":
-            return StreamingResponse(_events(audio), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                _events(audio), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            )
         return StreamingResponse(_just_bytes(audio), media_type=audio_format.media_type)
 
     @router.get("/audio/voices")
@@ -309,14 +252,18 @@ def openai_router(cloner: Callable[[], AsyncVoiceCloner], keys: ApiKeys, *, max_
         voice is that key's)."""
         data = await audio_sample.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
-            raise OpenAIError(413, f"audio_sample: '{audio_sample.filename}' is larger than "
-                              f"{max_upload_bytes / 2**20:g} MB", param="audio_sample")
+            raise OpenAIError(
+                413,
+                f"audio_sample: '{audio_sample.filename}' is larger than {max_upload_bytes / 2**20:g} MB",
+                param="audio_sample",
+            )
         try:
             samples, rate = await decoded(read_reference_clip, data, "audio_sample")
         except InvalidRequest as error:
             raise OpenAIError(400, str(error), param="audio_sample") from None
-        stored = await cloner().register_voice(name, Reference(samples, rate, transcript), transcript,
-                                               owner=request.state.api_key_id)
+        stored = await cloner().register_voice(
+            name, Reference(samples, rate, transcript), transcript, owner=request.state.api_key_id
+        )
         return _voice(stored)
 
     @router.delete("/audio/voices/{voice_id}", dependencies=[Depends(require_key_for_writes)])
@@ -335,9 +282,15 @@ def _voice(stored: dict) -> dict:
             created = int(datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp())
         except ValueError:
             created = 0
-    return {"id": stored["voice_id"], "object": "audio.voice", "name": stored["voice_id"], "type": "audio_sample",
-            "created_at": int(created or 0), "transcript": stored.get("transcript"),
-            "duration_seconds": stored.get("duration_seconds")}
+    return {
+        "id": stored["voice_id"],
+        "object": "audio.voice",
+        "name": stored["voice_id"],
+        "type": "audio_sample",
+        "created_at": int(created or 0),
+        "transcript": stored.get("transcript"),
+        "duration_seconds": stored.get("duration_seconds"),
+    }
 
 
 def _encoded_whole(spoken: Speech, audio_format, speed: float | None) -> tuple[bytes, float]:
@@ -346,8 +299,9 @@ def _encoded_whole(spoken: Speech, audio_format, speed: float | None) -> tuple[b
     return encode(audio, spoken.sample_rate, audio_format), audio.size / spoken.sample_rate
 
 
-async def _encoded(chunks: AsyncIterator[Speech], first: Speech | None, audio_format,
-                   speed: float | None = 1.0) -> AsyncIterator[tuple[bytes, int]]:
+async def _encoded(
+    chunks: AsyncIterator[Speech], first: Speech | None, audio_format, speed: float | None = 1.0
+) -> AsyncIterator[tuple[bytes, int]]:
     """(encoded bytes, samples generated so far) as each chunk is generated; the Triton
     stream is closed whatever ends this (the end, an error, or the client gone: its KV
     slot freed). Another speed than 1.0 goes through one TimeStretcher for the whole
@@ -391,10 +345,12 @@ async def _events(audio: AsyncIterator[tuple[bytes, int]]) -> AsyncIterator[byte
                 if data:
                     yield _sse({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
         except CsmClientError as error:  # after the 200: the error travels as an event
-            yield _sse({"type": "error", "error": {"message": str(error), "type": "server_error",
-                                                   "param": None, "code": None}})
+            yield _sse(
+                {"type": "error", "error": {"message": str(error), "type": "server_error", "param": None, "code": None}}
+            )
             return
     frames = -(-samples // SAMPLES_PER_FRAME)
     # Input tokens are the server's business (its tokenizer); the gateway counts Mimi frames.
-    yield _sse({"type": "speech.audio.done", "usage": {"input_tokens": 0, "output_tokens": frames,
-                                                       "total_tokens": frames}})
+    yield _sse(
+        {"type": "speech.audio.done", "usage": {"input_tokens": 0, "output_tokens": frames, "total_tokens": frames}}
+    )

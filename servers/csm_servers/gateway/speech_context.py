@@ -3,7 +3,8 @@
 `context` is a list of earlier turns, oldest first, each one of
     {"voice": "<stored voice id>", "speaker": 1}
     {"audio": "<base64 of an audio file>", "text": "what it says", "speaker": 0}
-(stored voices before clips: the server's order, conversation.py). Everything is checked
+(stored voices before clips: the server's order, conversation.py), read by the client's
+parser (csm_clients.context_json) with base64 clips decoded here. Everything is checked
 here, before a tensor is built, and a refusal names the body's field the way OpenAI
 names one (`context[2].audio`). Decoded clips together are bounded by the gateway's
 upload limit, so a JSON body cannot make the gateway hold more than an upload could, and
@@ -26,17 +27,18 @@ import binascii
 import io
 import re
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from csm_clients.audio import AudioTooLong, read_audio
+from csm_clients.context_json import turns_from_json
 from csm_clients.conversation import Turn, check_context, check_text
-from csm_clients.errors import InvalidRequest
-from csm_clients.limits import MAX_CONTEXT_AUDIO_SECONDS, MAX_CONTEXT_TURNS, MAX_TURN_SECONDS, check_speaker
+from csm_clients.errors import FieldError, InvalidRequest
+from csm_clients.limits import MAX_CONTEXT_AUDIO_SECONDS, MAX_TURN_SECONDS, check_speaker
 
 __all__ = [
     "MAX_JSON_VALUES",
     "ContextTurn",
-    "FieldError",
     "check_json_values",
     "context_from_json",
     "conversation",
@@ -50,14 +52,6 @@ MAX_JSON_VALUES = 1_000
 # strings (kserve_checks' pattern, closed or not) and runs of other bytes, possessively,
 # so every match succeeds, nothing is scanned twice and memory stays constant.
 _UP_TO_SEPARATOR = re.compile(rb'(?:"(?:[^"\\]++|\\.)*+(?:"|\\?\Z)|[^",\[{]++)*+(?:([,\[{])|\Z)', re.DOTALL)
-
-
-class FieldError(InvalidRequest):
-    """A refusal of one field of the body; `param` is its name in OpenAI's style."""
-
-    def __init__(self, message: str, param: str):
-        super().__init__(message)
-        self.param = param
 
 
 class ContextTurn(BaseModel):
@@ -139,11 +133,11 @@ class _Named(io.BytesIO):
         return self.label
 
 
-def _clip(turn: ContextTurn, index: int, budget: int, seconds_before: float) -> tuple[Turn, int]:
+def _clip(audio: str, index: int, budget: int, seconds_before: float) -> tuple[np.ndarray, int, int]:
     """The turn's clip, decoded within its own limit and what the clips before it
-    (`seconds_before` of audio) left of the total; (the turn, its bytes)."""
+    (`seconds_before` of audio) left of the total; (its samples, their rate, its bytes)."""
     where = f"context[{index}].audio"
-    encoded = re.sub(r"\s+", "", turn.audio or "")
+    encoded = re.sub(r"\s+", "", audio)
     if len(encoded) * 3 // 4 > budget:
         raise FieldError(
             f"{where}: the context clips are larger than the gateway's {budget / 2**20:g} MB left for them", where
@@ -174,7 +168,7 @@ def _clip(turn: ContextTurn, index: int, budget: int, seconds_before: float) -> 
         ) from None
     except InvalidRequest as error:
         raise FieldError(str(error), where) from None
-    return Turn(turn.text, turn.speaker, samples, rate), len(data)
+    return samples, rate, len(data)
 
 
 def conversation(input_text: str, speaker: int | None, context: list[ContextTurn] | None, max_clip_bytes: int) -> dict:
@@ -190,29 +184,18 @@ def conversation(input_text: str, speaker: int | None, context: list[ContextTurn
             raise FieldError(str(error), "speaker") from None
     if not context:
         return {"speaker": speaker}
-    if len(context) > MAX_CONTEXT_TURNS:  # before decoding any clip
-        raise FieldError(f"context: {len(context)} context turns; the limit is {MAX_CONTEXT_TURNS}", "context")
-    turns, budget, seconds = [], max_clip_bytes, 0.0
-    for index, turn in enumerate(context):
-        if turn.voice is not None and (turn.audio is not None or turn.text is not None):
-            raise FieldError(
-                f"context[{index}]: give either `voice` (a stored voice, its own transcript and "
-                "audio) or `audio` with `text`, not both",
-                f"context[{index}]",
-            )
-        if turn.voice is not None:
-            turns.append(Turn.stored_voice(turn.voice, turn.speaker))
-        elif turn.audio is None:
-            raise FieldError(
-                f"context[{index}]: has no `audio` (base64) nor `voice`; every context turn needs "
-                "the audio of what was said",
-                f"context[{index}].audio",
-            )
-        else:
-            clip, size = _clip(turn, index, budget, seconds)
-            budget -= size
-            seconds += clip.seconds
-            turns.append(clip)
+    budget, seconds = max_clip_bytes, 0.0
+
+    def load_clip(index: int, audio: str, text: str | None, turn_speaker: int) -> Turn:
+        nonlocal budget, seconds
+        samples, rate, size = _clip(audio, index, budget, seconds)
+        clip = Turn(text, turn_speaker, samples, rate)
+        budget -= size
+        seconds += clip.seconds
+        return clip
+
+    # The shared parser (csm_clients.context_json): the turns counted before any clip is decoded.
+    turns = turns_from_json([turn.model_dump(exclude_none=True) for turn in context], load_clip)
     try:
         check_context(turns, speaker)  # the tensors are built once, when the request is sent
     except InvalidRequest as error:

@@ -38,14 +38,14 @@ from fastapi import APIRouter, WebSocket
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from csm_clients.client import AsyncVoiceCloner
-from csm_clients.errors import CsmClientError, InvalidRequest, ServerUnavailable
+from csm_clients.errors import CsmClientError, FieldError, InvalidRequest, ServerUnavailable
 from csm_clients.limits import MAX_LONG_TEXT_CHARS, check_sampling, check_speaker
 from csm_servers.gateway.encoding import StreamEncoder
 from csm_servers.gateway.guard import GatewayLimits
 from csm_servers.gateway.keys import ApiKeys
 from csm_servers.gateway.openai_api import MODELS, OPENAI_VOICES
 from csm_servers.gateway.sentences import SentenceSplitter, speakable
-from csm_servers.gateway.speech_context import FieldError, check_json_values
+from csm_servers.gateway.speech_context import check_json_values
 
 __all__ = ["ROUTE", "text_stream_router"]
 
