@@ -51,12 +51,9 @@ def _checkout_copy(target: Path) -> Path:
     return target
 
 
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> tuple[Path, Path]:
-    """(the wheel, an empty venv with only that wheel installed, no dependencies); ~2 s."""
-    tmp = tmp_path_factory.mktemp("packaging")
-    source = _checkout_copy(tmp / "source")
-    # setuptools>=70.1 has its own bdist_wheel: no `wheel` package, nothing downloaded.
+def build_wheel(source: Path, dist: Path, name: str) -> Path:
+    """The wheel of the project in `source` (setuptools>=70.1 has its own bdist_wheel: no
+    `wheel` package, nothing downloaded)."""
     build = _run(
         [
             sys.executable,
@@ -70,13 +67,22 @@ def installed(tmp_path_factory) -> tuple[Path, Path]:
             "--disable-pip-version-check",
             "-q",
             "-w",
-            str(tmp / "dist"),
+            str(dist),
         ],
         cwd=source,
         timeout=120,
     )
     assert build.returncode == 0, build.stdout + build.stderr
-    (wheel,) = (tmp / "dist").glob("csm_triton-*.whl")
+    (wheel,) = dist.glob(f"{name}-*.whl")
+    return wheel
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> tuple[Path, Path]:
+    """(the wheel, an empty venv with only that wheel installed, no dependencies); ~2 s."""
+    tmp = tmp_path_factory.mktemp("packaging")
+    source = _checkout_copy(tmp / "source")
+    wheel = build_wheel(source, tmp / "dist", "csm_triton")
 
     venv = tmp / "venv"
     # `python -m venv` run by .venv's python makes a venv of the base interpreter.

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import soundfile
 
+from tests.deploy.test_packaging import build_wheel
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,25 +61,7 @@ def client_venv(tmp_path_factory) -> Path:
     # A copy of clients/, so the build writes build/ and *.egg-info there, not in the checkout.
     source = tmp / "clients"
     shutil.copytree(CLIENT, source, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
-    build = _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            ".",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-index",
-            "--disable-pip-version-check",
-            "-q",
-            "-w",
-            str(tmp / "dist"),
-        ],
-        cwd=source,
-    )
-    assert build.returncode == 0, build.stdout + build.stderr
-    (wheel,) = (tmp / "dist").glob("csm_tts_client-*.whl")
+    wheel = build_wheel(source, tmp / "dist", "csm_tts_client")
     top_level = {name.split("/", 1)[0] for name in zipfile.ZipFile(wheel).namelist() if ".dist-info/" not in name}
     assert top_level == {"csm_clients"}, top_level
 
