@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -54,6 +55,9 @@ CancelGeneration = Callable[[str], None]
 SegmentsEnded = Callable[[list[str]], None]  # every segment's finish reason, once per stream
 
 SAMPLE_RATE = np.array([C.SAMPLE_RATE], dtype=np.int32)
+# How long a stream that ends waits for its rest's csm_prepare call still in flight (its
+# normalization stops after NORMALIZE_BUDGET_SECONDS).
+REST_WAIT_S = C.NORMALIZE_BUDGET_SECONDS + 3.0
 LOG = logging.getLogger("csm_triton")
 
 
@@ -135,43 +139,50 @@ class StreamPipeline:
         # back through one decoder, so the joins between segments are chunk joins.
         chain = SegmentChain.from_prepared(prepared)
         rest = self._prepare_rest(prepare_inputs, prepared)
-        if rest is not None:
-            chain.rest = lambda: rest.result()
-        chain.chained = continue_from is not None
-        if tail is not None:
-            chain.continue_from(tail)
-        request_max_frames = validation.sampling_from_inputs(sampling).max_frames
-        decoder = StreamDecoder(
-            self.decode, self.left_context_frames, history=None if tail is None else tail.decoder_history
-        )
+        try:
+            if rest is not None:
+                chain.rest = lambda: rest.result()
+            chain.chained = continue_from is not None
+            if tail is not None:
+                chain.continue_from(tail)
+            request_max_frames = validation.sampling_from_inputs(sampling).max_frames
+            decoder = StreamDecoder(
+                self.decode, self.left_context_frames, history=None if tail is None else tail.decoder_history
+            )
 
-        def generate(index: int, lm_inputs: Arrays) -> tuple[np.ndarray, str | None] | None:
-            lm_inputs = {
-                **lm_inputs,
-                "first_chunk_frames": np.array([self.first_chunk_frames], np.int32),
-                "chunk_frames": np.array([self.chunk_frames], np.int32),
-            }
-            # Segment 0 keeps the stream's id (csm_lm's request id, named by a cancel).
-            segment_id = stream_id if index == 0 else f"{stream_id}-{index}"
-            return self._stream_segment(lm_inputs, segment_id, decoder, sender)
+            def generate(index: int, lm_inputs: Arrays) -> tuple[np.ndarray, str | None] | None:
+                lm_inputs = {
+                    **lm_inputs,
+                    "first_chunk_frames": np.array([self.first_chunk_frames], np.int32),
+                    "chunk_frames": np.array([self.chunk_frames], np.int32),
+                }
+                # Segment 0 keeps the stream's id (csm_lm's request id, named by a cancel).
+                segment_id = stream_id if index == 0 else f"{stream_id}-{index}"
+                return self._stream_segment(lm_inputs, segment_id, decoder, sender)
 
-        # A client that left between segments starts no other.
-        if not chain.speak(sampling, request_max_frames, generate, stop=sender.is_cancelled):
-            return None
-        try:  # counted in the metrics; a failure there is no reason to fail the stream
-            self.segments_ended(chain.finish_reasons())
-        except Exception as error:  # noqa: BLE001
-            self.log_error(f"csm_tts_stream: could not count the segments of {stream_id}: {error}")
-        final = {"AUDIO": np.zeros(0, np.float32), "SAMPLE_RATE": SAMPLE_RATE, **chain.final_outputs()}
-        if "normalized_text" in prepared:  # each segment as spoken (csm_prepare's normalization)
-            spoken = [prepared["normalized_text"]]
-            if rest is not None and rest.done() and rest.exception() is None:
-                spoken.append(rest.result()["normalized_text"])
-            final["NORMALIZED_TEXT"] = np.concatenate([np.asarray(t, dtype=object).reshape(-1) for t in spoken])
-        if continue_from is not None:
-            tail_id = self.continuations.put(chain.tail(decoder.history))
-            final["CONTINUATION"] = np.array([tail_id.encode()], dtype=object)
-        return final
+            # A client that left between segments starts no other.
+            if not chain.speak(sampling, request_max_frames, generate, stop=sender.is_cancelled):
+                return None
+            try:  # counted in the metrics; a failure there is no reason to fail the stream
+                self.segments_ended(chain.finish_reasons())
+            except Exception as error:  # noqa: BLE001
+                self.log_error(f"csm_tts_stream: could not count the segments of {stream_id}: {error}")
+            final = {"AUDIO": np.zeros(0, np.float32), "SAMPLE_RATE": SAMPLE_RATE, **chain.final_outputs()}
+            if "normalized_text" in prepared:  # each segment as spoken (csm_prepare's normalization)
+                spoken = [prepared["normalized_text"]]
+                if rest is not None and rest.done() and rest.exception() is None:
+                    spoken.append(rest.result()["normalized_text"])
+                final["NORMALIZED_TEXT"] = np.concatenate([np.asarray(t, dtype=object).reshape(-1) for t in spoken])
+            if continue_from is not None:
+                tail_id = self.continuations.put(chain.tail(decoder.history))
+                final["CONTINUATION"] = np.array([tail_id.encode()], dtype=object)
+            return final
+        finally:
+            # The rest's csm_prepare call must not outlive this request: once the request
+            # has ended, a server that stops unloads this model, and a BLS answer reaching
+            # an unloaded model aborts Triton 2.51 (see calls.STOP_DRAIN_S).
+            if rest is not None:
+                futures.wait([rest], timeout=REST_WAIT_S)
 
     def _prepare_rest(self, prepare_inputs: Arrays, head: Arrays):
         """The rest of a long text's segments, asked for now (a Future), or None."""
