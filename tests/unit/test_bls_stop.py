@@ -34,7 +34,7 @@ def test_a_call_given_up_on_a_stop_raises_only_after_its_callee_answered_last():
         60.0,
         ready=lambda _: True,
         poll_s=0.05,
-        stopping=stop.is_set,
+        stopping=lambda grace_s=1.0: stop.is_set(),
         stop_drain_s=5.0,
     )
     threading.Timer(0.1, stop.set).start()
@@ -51,7 +51,7 @@ def test_a_callee_that_never_answers_holds_a_stopping_caller_only_for_the_drain_
         yield "too late"
 
     call = PendingCall(
-        "csm_lm", silent, 60.0, ready=lambda _: True, poll_s=0.05, stopping=lambda: True, stop_drain_s=0.3
+        "csm_lm", silent, 60.0, ready=lambda _: True, poll_s=0.05, stopping=lambda grace_s=1.0: True, stop_drain_s=0.3
     )
     began = time.monotonic()
     with pytest.raises(ModelUnavailable, match="shutting down"):
@@ -62,8 +62,42 @@ def test_a_callee_that_never_answers_holds_a_stopping_caller_only_for_the_drain_
 
 def test_without_a_stop_a_response_is_handed_over_at_once():
     call = PendingCall(
-        "csm_lm", lambda: iter(["chunk"]), 60.0, ready=lambda _: True, poll_s=0.05, stopping=lambda: False
+        "csm_lm", lambda: iter(["chunk"]), 60.0, ready=lambda _: True, poll_s=0.05, stopping=lambda grace_s=1.0: False
     )
     assert call.next() == "chunk"
     with pytest.raises(StopIteration):
         call.next()
+
+
+def test_a_call_closed_for_another_reason_during_a_stop_still_waits_for_its_callee():
+    """A caller that gives up because another model refused it, or its client left, while
+    the server stops: close() holds its request until the callee's last response came."""
+    ended, stop = threading.Event(), threading.Event()
+    call = PendingCall(
+        "csm_lm",
+        callee_that_ends_on_stop(ended, stop),
+        60.0,
+        ready=lambda _: True,
+        poll_s=0.05,
+        stopping=lambda grace_s=1.0: stop.is_set(),
+        stop_drain_s=5.0,
+    )
+    stop.set()
+    call.close()
+    assert ended.is_set(), "closed while the callee could still answer"
+
+
+def test_a_call_closed_while_the_server_runs_does_not_wait():
+    never = threading.Event()
+
+    def silent():
+        never.wait(30)
+        yield "late"
+
+    call = PendingCall(
+        "csm_lm", silent, 60.0, ready=lambda _: True, poll_s=0.05, stopping=lambda grace_s=1.0: False, stop_drain_s=5.0
+    )
+    began = time.monotonic()
+    call.close()
+    assert time.monotonic() - began < 0.5
+    never.set()

@@ -669,6 +669,8 @@ def test_the_gateways_context_is_checked_before_triton(tmp_path):
         ("csm_tts: input 'TEXT' is empty", False, "input"),
         ("missing required input 'TEXT'", False, "input"),
         ("input 'CONTEXT_TEXT' has 2 values for 3 context turns", False, "context"),
+        ("input 'CONTEXT_AUDIO (turn 0)' is 0.20 s long; each clip needs at least 0.5 s", False, "context"),
+        ("input 'CONTEXT_TEXT[1]' is empty", False, "context"),
         ("input 'CONTEXT_SPEAKER' has 3 values for 2 context turns", False, "context"),
         ("'CONTEXT_SAMPLE_RATE' was given without 'CONTEXT_AUDIO'", False, "context"),
         ("input 'SPEAKER' must hold exactly one value, got 2", False, "speaker"),

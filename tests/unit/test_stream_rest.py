@@ -89,7 +89,10 @@ def run(prepare, sampling=None, cancel_after=None, releasing=True):
         cancel_generation=lambda _: None,
         left_context_frames=0,
     ).run(
-        {"TEXT": texts(["whole text"])}, {"SEED": np.array([10], np.int64), **(sampling or {})}, sender, stream_id="s"
+        {"TEXT": texts(["whole text"]), "VOICE_ID": texts(["alice"]), "REFERENCE_AUDIO": np.zeros(24000, np.float32)},
+        {"SEED": np.array([10], np.int64), **(sampling or {})},
+        sender,
+        stream_id="s",
     )
     return sender, calls
 
@@ -101,6 +104,9 @@ def test_the_head_is_spoken_before_the_rest_is_prepared_and_the_rest_follows_it(
     audio = np.concatenate([out["AUDIO"] for out in sender.sent])
     assert audio.tolist() == [1.0] * 4 + [2.0] * 4 + [3.0] * 4, "head, then both rest segments, in order"
     rest_request = prepare.calls[1]
+    assert set(rest_request) == {"TEXT", "VOICE_ID", "pieces", "spoken_pieces", "budget_every_segment"}, (
+        "the rest carries the text and the voice id, never the voice's or the context's audio"
+    )
     assert rest_request["pieces"].tolist() == [b"Rest two. ", b"Rest 3."] and rest_request["budget_every_segment"]
     assert [c["SEED"].tolist() for c in calls] == [[10], [11], [12]], "the rest's segments keep counting"
     budgets = [round(float(c["MAX_AUDIO_SECONDS"][0]) * C.FRAME_RATE_HZ) for c in calls]

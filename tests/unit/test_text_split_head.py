@@ -78,3 +78,11 @@ def test_the_head_normalizes_only_the_start_of_a_long_text(loaded):
     assert sum(map(len, seen)) <= text_split.HEAD_MAX_CHARS + C.SEGMENT_MAX_CHARS
     assert len(head) == 1 and "".join(raw_rest) in text
     print(f"\n[head] {len(text)} characters: first segment in {1000 * (time.perf_counter() - started):.1f} ms")
+
+
+def test_a_head_followed_by_blanks_only_has_no_rest(loaded):
+    """Else the stream would budget a one-segment text as a long text's segment (csm_tts
+    gives it the request's own cap) and ask for a rest of nothing."""
+    text = "Hello world." + " " * 400
+    for norm in (None, unbudgeted):
+        assert text_split.split_head(text, normalize=norm) == (text_split.split_text(text, normalize=norm), [], [])

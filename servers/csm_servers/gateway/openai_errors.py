@@ -26,7 +26,7 @@ __all__ = ["SPEECH_FIELDS", "VOICE_FIELDS", "OpenAIError", "OpenAIRoute", "refus
 # A Triton refusal names the tensor it is about in quotes (`input 'TEXT' is empty`,
 # `'CONTEXT_AUDIO' was given without 'CONTEXT_TEXT'`); the caller wrote the body's field.
 # Tensor names are upper case, voice ids never are (constants.VOICE_ID_PATTERN).
-_TENSOR_NAME = re.compile(r"'([A-Z][A-Z0-9_]*)'")
+_TENSOR_NAME = re.compile(r"'([A-Z][A-Z0-9_]*)(?:\[\d+\]| \(turn \d+\))?'")
 SPEECH_FIELDS = {
     "TEXT": "input",
     "SPEAKER": "speaker",

@@ -58,6 +58,9 @@ SAMPLE_RATE = np.array([C.SAMPLE_RATE], dtype=np.int32)
 # How long a stream that ends waits for its rest's csm_prepare call still in flight (its
 # normalization stops after NORMALIZE_BUDGET_SECONDS).
 REST_WAIT_S = C.NORMALIZE_BUDGET_SECONDS + 3.0
+# The inputs a rest's csm_prepare request carries of the stream's: the text and how to speak
+# it (an adapter voice's default speaker comes with VOICE_ID), never the audio.
+REST_INPUTS = ("TEXT", "NORMALIZE", "VOICE_ID", "SPEAKER")
 LOG = logging.getLogger("csm_triton")
 
 
@@ -181,7 +184,7 @@ class StreamPipeline:
             # The rest's csm_prepare call must not outlive this request: once the request
             # has ended, a server that stops unloads this model, and a BLS answer reaching
             # an unloaded model aborts Triton 2.51 (see calls.STOP_DRAIN_S).
-            if rest is not None:
+            if rest is not None and not rest.cancel():  # one not started yet is dropped
                 futures.wait([rest], timeout=REST_WAIT_S)
 
     def _prepare_rest(self, prepare_inputs: Arrays, head: Arrays):
@@ -190,8 +193,9 @@ class StreamPipeline:
         spoken = head.get("rest_spoken_pieces", ())
         if not len(pieces) and not len(spoken):
             return None
+        # What the rest's segments depend on: not the voice's or the context's audio.
         rest_inputs = {
-            **prepare_inputs,
+            **{name: value for name, value in prepare_inputs.items() if name in REST_INPUTS},
             "pieces": np.asarray(pieces, dtype=object),
             "spoken_pieces": np.asarray(spoken, dtype=object),
             "budget_every_segment": np.array([True]),

@@ -193,7 +193,10 @@ def split_head(
         parts = [raw] if normalize is None else _recut(normalize([raw]), max_chars)
         for position, part in enumerate(parts):
             if current.strip() and len(current) + len(part) > max_chars:  # _pack's rule: `current` is a segment
-                return [current.strip()], parts[position:], pieces[index + 1 :]
+                spoken, raw = parts[position:], pieces[index + 1 :]
+                if not any(piece.strip() for piece in (*spoken, *raw)):  # only blanks left: no rest
+                    return [current.strip()], [], []
+                return [current.strip()], spoken, raw
             if current and len(current) + len(part) > max_chars:  # a blank segment: _pack drops it
                 current = ""
             current += part

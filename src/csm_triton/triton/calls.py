@@ -122,7 +122,7 @@ class PendingCall:
         ready: Callable[[str], bool],
         poll_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
-        stopping: Callable[[], bool] = server_stopping,
+        stopping: Callable[..., bool] = server_stopping,  # (grace_s) -> whether a stop was announced
         stop_drain_s: float = STOP_DRAIN_S,
     ):
         self.model_name = model_name
@@ -158,12 +158,9 @@ class PendingCall:
                 item = self._queue.get(timeout=max(0.0, min(self._poll_s, deadline - self._clock())))
             except queue.Empty:
                 if self._stopping():  # checked first: no question to a stopping server
+                    # The callee ends its own work on a stop (csm_lm's on_server_stop):
+                    # close() waits for its last response.
                     self.close()
-                    # The callee ends its own work on a stop (csm_lm's on_server_stop). Its
-                    # last response must reach this stub before the caller's request ends:
-                    # once that request ends Triton unloads the caller, and a BLS response
-                    # to an unloaded caller aborts 2.51 (boost lock_exception, SIGABRT).
-                    self._drained.wait(self._stop_drain_s)
                     raise ModelUnavailable(f"{self.model_name} did not answer: the server is shutting down") from None
                 if not self._ready(self.model_name):
                     self.close()
@@ -183,4 +180,11 @@ class PendingCall:
             return item
 
     def close(self) -> None:
+        """Stops handing responses over (later ones are read and dropped). On a stop, first
+        waits (at most stop_drain_s) for the callee's last response, whatever made the
+        caller give up (another model's refusal, its own client leaving): once the caller's
+        request ends, Triton unloads the caller, and a BLS response reaching an unloaded
+        model aborts 2.51 (boost lock_exception, SIGABRT)."""
         self._closed.set()
+        if not self._drained.is_set() and self._stopping(0.0):
+            self._drained.wait(self._stop_drain_s)

@@ -82,7 +82,7 @@ def cancel_lm_request(stream_id: str) -> None:
     # cannot be cancelled in Triton 2.51), so it is asked to free the slot. Not on a
     # stop: csm_lm then ends every stream itself, and a new call would be one more BLS
     # request in flight while Triton unloads.
-    if server_stopping():
+    if server_stopping(0.0):
         return
     request = {"cancel_request_id": np.array([stream_id.encode()], dtype=object)}
     for _ in triton.stream_model("csm_lm", request, ["cancelled"]):
