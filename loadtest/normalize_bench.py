@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from csm_triton import constants as C
-from csm_triton.core import normalize, segments, text_split
+from csm_triton.core import normalize, text_split
 from loadtest import workload
 
 TEXTS = Path(__file__).resolve().parent / "data" / "texts.txt"
@@ -55,7 +55,7 @@ def median_seconds(run, repeats: int) -> float:
 
 def per_segment(text: str, repeats: int) -> dict:
     """ms per 300 characters over the segments of `text` (each timed alone)."""
-    pieces = segments.split_text(text)
+    pieces = text_split.split_text(text)
     figures = sorted(
         median_seconds(lambda p=p: normalize.normalize_text(p), repeats) * 1000 * 300 / len(p) for p in pieces
     )
@@ -81,8 +81,8 @@ def whole_text(text: str, repeats: int) -> dict:
     warnings = Warnings()
     logging.getLogger(normalize.__name__).addHandler(warnings)
     try:
-        plain = median_seconds(lambda: segments.split_text(text), repeats)
-        normalized = median_seconds(lambda: segments.split_text(text, normalize=normalize.normalize_texts), repeats)
+        plain = median_seconds(lambda: text_split.split_text(text), repeats)
+        normalized = median_seconds(lambda: text_split.split_text(text, normalize=normalize.normalize_texts), repeats)
     finally:
         logging.getLogger(normalize.__name__).removeHandler(warnings)
     stops = [m for m in warnings.messages if "budget" in m or "would pass" in m]
@@ -94,7 +94,7 @@ def whole_text(text: str, repeats: int) -> dict:
         # what csm_tts_stream's first audio waits for: the head split and normalized alone
         "head_ms": median_seconds(lambda: text_split.split_head(text, normalize=normalize.normalize_texts), repeats)
         * 1000,
-        "segments": len(segments.split_text(text, normalize=normalize.normalize_texts)),
+        "segments": len(text_split.split_text(text, normalize=normalize.normalize_texts)),
         "stopped": stops[-1].removeprefix("text normalization ") if stops else "no",
     }
 

@@ -19,7 +19,7 @@ from transformers import AutoProcessor
 from tritonclient.utils import InferenceServerException
 
 from csm_triton import constants as C
-from csm_triton.core import normalize, segments
+from csm_triton.core import normalize, segments, text_split
 
 from .conftest import slots_in_use
 from .test_tts import reference_clip, stream_chunks, tensor, text, tts_inputs
@@ -92,7 +92,7 @@ def test_a_clients_max_audio_seconds_caps_a_long_text_as_a_whole(grpc_client, tr
     # together (docs/api.md), so with 0.5 s only the first segment is spoken, streamed in
     # its usual first-chunk-then-rest schedule, and the KV slots are freed afterwards.
     # (The segment chain itself: tests/unit/test_segments.py.)
-    assert len(segments.split_text(LONG_TEXT)) >= 3
+    assert len(text_split.split_text(LONG_TEXT)) >= 3
     chunks = stream_chunks(grpc_client, tts_inputs(grpc, words=LONG_TEXT, seconds=0.5))
     sizes = [len(audio) // C.SAMPLES_PER_FRAME for _, audio in chunks]
     assert sizes == [C.STREAM_FIRST_CHUNK_FRAMES, SEGMENT_FRAMES - C.STREAM_FIRST_CHUNK_FRAMES, 0]
@@ -107,7 +107,7 @@ def test_csm_tts_caps_a_long_text_at_max_audio_seconds(protocol):
     result = client.infer("csm_tts", tts_inputs(module, words=LONG_TEXT, seconds=0.5))
     assert result.as_numpy("AUDIO").shape == (SEGMENT_FRAMES * C.SAMPLES_PER_FRAME,)
     # The final response says so: the client's cap ended segment 0, the others never began.
-    count = len(segments.split_text(LONG_TEXT, normalize=normalize.normalize_texts))  # as csm_prepare splits
+    count = len(text_split.split_text(LONG_TEXT, normalize=normalize.normalize_texts))  # as csm_prepare splits
     assert [r.decode() if isinstance(r, bytes) else r for r in result.as_numpy("FINISH_REASONS")] == [
         segments.MAX_AUDIO_SECONDS
     ] + [segments.NOT_STARTED] * (count - 1)

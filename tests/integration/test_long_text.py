@@ -24,7 +24,7 @@ import pytest
 import tritonclient.grpc as grpc
 
 from csm_triton import constants as C
-from csm_triton.core import normalize, segments
+from csm_triton.core import normalize, segments, text_split
 from csm_triton.core.stream_decoder import snr_db
 from loadtest.segment_joins import join_snrs, joins, long_text
 
@@ -34,7 +34,7 @@ from .test_tts import tensor, text
 pytestmark = pytest.mark.integration
 SECONDS_PER_CHAR, MIN_SECONDS = 0.005, 0.5
 TEXT = long_text(5000)
-PARTS = segments.split_text(TEXT, normalize=normalize.normalize_texts)  # as csm_prepare splits it
+PARTS = text_split.split_text(TEXT, normalize=normalize.normalize_texts)  # as csm_prepare splits it
 BUDGETS = [segments.segment_max_frames(p, SECONDS_PER_CHAR, MIN_SECONDS) for p in PARTS]
 SEED = 3
 

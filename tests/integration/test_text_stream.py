@@ -31,7 +31,7 @@ from csm_clients.errors import InvalidRequest, PermissionDenied
 from csm_clients.text_stream import ROUTE, stream_text
 from csm_servers.gateway.encoding import StreamEncoder
 from csm_servers.gateway.guard import GatewayLimits
-from csm_triton.core import normalize, segments
+from csm_triton.core import normalize, text_split
 
 from .client_fixtures import GATEWAY_API_KEY, Gateway
 from .conftest import ADMIN_TOKEN, segment_budget, slots_in_use
@@ -105,7 +105,7 @@ def low_budget(triton_server, grpc_client):
 @pytest.fixture(scope="module")
 def long_text_path(low_budget, triton_server):
     """The whole TEXT through csm_tts_stream, as pcm16: the reference."""
-    assert segments.split_text(TEXT, normalize=normalize.normalize_texts) == [
+    assert text_split.split_text(TEXT, normalize=normalize.normalize_texts) == [
         normalize.normalize_text(sentence).strip() for sentence in SENTENCES
     ], "one sentence per segment"
     with VoiceCloner(triton_server.grpc_url) as cloner:

@@ -23,7 +23,7 @@ import tritonclient.http as http
 from tritonclient.utils import InferenceServerException
 
 from csm_triton import constants as C
-from csm_triton.core import segments, text_split
+from csm_triton.core import text_split
 
 pytestmark = pytest.mark.security
 PROTOCOLS = {"http": http, "grpc": grpc}
@@ -46,7 +46,7 @@ def random_text(seed: int, length: int = C.MAX_LONG_TEXT_CHARS) -> str:
 
 def timed_split(text: str) -> tuple[list[str], float]:
     started = time.perf_counter()
-    parts = segments.split_text(text)
+    parts = text_split.split_text(text)
     return parts, time.perf_counter() - started
 
 

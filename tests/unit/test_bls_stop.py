@@ -26,17 +26,34 @@ def callee_that_ends_on_stop(ended: threading.Event, stop: threading.Event):
     return responses
 
 
-def test_a_call_given_up_on_a_stop_raises_only_after_its_callee_answered_last():
-    ended, stop = threading.Event(), threading.Event()
-    call = PendingCall(
+def pending(responses, stopping: bool | threading.Event, stop_drain_s: float = 5.0) -> PendingCall:
+    """A call to csm_lm over `responses`, polled every 50 ms; `stopping`: whether (or the
+    event that says whether) the server announced a stop."""
+    stopped = stopping.is_set if isinstance(stopping, threading.Event) else lambda: stopping
+    return PendingCall(
         "csm_lm",
-        callee_that_ends_on_stop(ended, stop),
+        responses,
         60.0,
         ready=lambda _: True,
         poll_s=0.05,
-        stopping=lambda grace_s=1.0: stop.is_set(),
-        stop_drain_s=5.0,
+        stopping=lambda grace_s=1.0: stopped(),
+        stop_drain_s=stop_drain_s,
     )
+
+
+def silent_callee(release: threading.Event):
+    """A callee that answers only once `release` is set (at most 30 s)."""
+
+    def responses():
+        release.wait(30)
+        yield "too late"
+
+    return responses
+
+
+def test_a_call_given_up_on_a_stop_raises_only_after_its_callee_answered_last():
+    ended, stop = threading.Event(), threading.Event()
+    call = pending(callee_that_ends_on_stop(ended, stop), stop)
     threading.Timer(0.1, stop.set).start()
     with pytest.raises(ModelUnavailable, match="shutting down"):
         call.next()
@@ -45,14 +62,7 @@ def test_a_call_given_up_on_a_stop_raises_only_after_its_callee_answered_last():
 
 def test_a_callee_that_never_answers_holds_a_stopping_caller_only_for_the_drain_bound():
     never = threading.Event()
-
-    def silent():
-        never.wait(30)
-        yield "too late"
-
-    call = PendingCall(
-        "csm_lm", silent, 60.0, ready=lambda _: True, poll_s=0.05, stopping=lambda grace_s=1.0: True, stop_drain_s=0.3
-    )
+    call = pending(silent_callee(never), True, stop_drain_s=0.3)
     began = time.monotonic()
     with pytest.raises(ModelUnavailable, match="shutting down"):
         call.next()
@@ -61,9 +71,7 @@ def test_a_callee_that_never_answers_holds_a_stopping_caller_only_for_the_drain_
 
 
 def test_without_a_stop_a_response_is_handed_over_at_once():
-    call = PendingCall(
-        "csm_lm", lambda: iter(["chunk"]), 60.0, ready=lambda _: True, poll_s=0.05, stopping=lambda grace_s=1.0: False
-    )
+    call = pending(lambda: iter(["chunk"]), False)
     assert call.next() == "chunk"
     with pytest.raises(StopIteration):
         call.next()
@@ -73,15 +81,7 @@ def test_a_call_closed_for_another_reason_during_a_stop_still_waits_for_its_call
     """A caller that gives up because another model refused it, or its client left, while
     the server stops: close() holds its request until the callee's last response came."""
     ended, stop = threading.Event(), threading.Event()
-    call = PendingCall(
-        "csm_lm",
-        callee_that_ends_on_stop(ended, stop),
-        60.0,
-        ready=lambda _: True,
-        poll_s=0.05,
-        stopping=lambda grace_s=1.0: stop.is_set(),
-        stop_drain_s=5.0,
-    )
+    call = pending(callee_that_ends_on_stop(ended, stop), stop)
     stop.set()
     call.close()
     assert ended.is_set(), "closed while the callee could still answer"
@@ -89,14 +89,7 @@ def test_a_call_closed_for_another_reason_during_a_stop_still_waits_for_its_call
 
 def test_a_call_closed_while_the_server_runs_does_not_wait():
     never = threading.Event()
-
-    def silent():
-        never.wait(30)
-        yield "late"
-
-    call = PendingCall(
-        "csm_lm", silent, 60.0, ready=lambda _: True, poll_s=0.05, stopping=lambda grace_s=1.0: False, stop_drain_s=5.0
-    )
+    call = pending(silent_callee(never), False)
     began = time.monotonic()
     call.close()
     assert time.monotonic() - began < 0.5

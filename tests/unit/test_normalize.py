@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from csm_triton import constants as C
-from csm_triton.core import normalize, segments, validation
+from csm_triton.core import normalize, text_split, validation
 from csm_triton.core.stream_pipeline import StreamPipeline
 from csm_triton.errors import InvalidInput
 
@@ -376,11 +376,11 @@ def test_a_text_that_swells_past_the_limit_keeps_the_rest_as_written():
 
 # --- where csm_prepare normalizes: per sentence, before the segments are packed ---------------------
 def test_a_short_text_is_one_normalized_segment_and_without_normalize_unchanged():
-    assert segments.split_text("It costs $5.30.", normalize=normalize.normalize_texts) == [
+    assert text_split.split_text("It costs $5.30.", normalize=normalize.normalize_texts) == [
         "It costs five dollars and thirty cents."
     ]
-    assert segments.split_text("It costs $5.30.") == ["It costs $5.30."]
-    assert segments.split_text(" Hello there. ", normalize=normalize.normalize_texts) == [" Hello there. "]
+    assert text_split.split_text("It costs $5.30.") == ["It costs $5.30."]
+    assert text_split.split_text(" Hello there. ", normalize=normalize.normalize_texts) == [" Hello there. "]
 
 
 def test_a_long_text_is_split_raw_then_normalized_sentence_by_sentence_then_packed():
@@ -392,10 +392,10 @@ def test_a_long_text_is_split_raw_then_normalized_sentence_by_sentence_then_pack
         seen.extend(pieces)
         return normalize.normalize_texts(pieces)
 
-    parts = segments.split_text(text, normalize=spy)
+    parts = text_split.split_text(text, normalize=spy)
     assert seen and all(len(p) <= C.NORMALIZE_MAX_CHARS for p in seen), "the normalizer never sees more"
     assert "".join(seen) == text and seen[0] == sentence, "raw sentences, cut where the author's periods say"
-    assert all(len(p) <= C.SEGMENT_MAX_CHARS for p in parts) and len(parts) > len(segments.split_text(text))
+    assert all(len(p) <= C.SEGMENT_MAX_CHARS for p in parts) and len(parts) > len(text_split.split_text(text))
     spoken = normalize.normalize_text(sentence).strip()
     assert " ".join(parts).split() == " ".join([spoken] * 12).split(), "every sentence, in order"
 
@@ -403,7 +403,7 @@ def test_a_long_text_is_split_raw_then_normalized_sentence_by_sentence_then_pack
 def test_a_short_text_that_grows_past_a_segment_is_split_again():
     text = "It cost $1,234,567.89 in 2026. " * 9  # 279 characters, more than 1,000 spoken
     assert len(text) <= C.SEGMENT_MAX_CHARS
-    parts = segments.split_text(text, normalize=normalize.normalize_texts)
+    parts = text_split.split_text(text, normalize=normalize.normalize_texts)
     assert len(parts) > 1 and all(len(p) <= C.SEGMENT_MAX_CHARS for p in parts)
     assert not any(ch.isdigit() for p in parts for ch in p)
 

@@ -20,12 +20,12 @@ SENTENCES = ["Mr. Smith went to Washington.", "He arrived at 3 p.m. on Monday!",
 
 
 def test_a_short_text_is_one_segment_unchanged():
-    assert segments.split_text("  Hello there. How are you? ") == ["  Hello there. How are you? "]
+    assert text_split.split_text("  Hello there. How are you? ") == ["  Hello there. How are you? "]
 
 
 def test_segments_are_whole_sentences_up_to_the_segment_size():
     text = " ".join(SENTENCES * 20)
-    parts = segments.split_text(text, max_chars=100)
+    parts = text_split.split_text(text, max_chars=100)
     assert len(parts) > 1 and all(len(p) <= 100 for p in parts)
     assert " ".join(parts).split() == text.split(), "nothing lost, nothing reordered"
     # the splitter keeps abbreviations inside their sentence: no segment ends in "Mr." or "p.m."
@@ -74,7 +74,7 @@ def test_the_fallback_scan_cuts_after_terminators_and_closing_quotes():
 
 def test_a_sentence_longer_than_a_segment_is_cut_at_spaces():
     text = "word " * 200
-    parts = segments.split_text(text, max_chars=50)
+    parts = text_split.split_text(text, max_chars=50)
     assert all(len(p) <= 50 for p in parts) and " ".join(parts).split() == text.split()
 
 

@@ -39,7 +39,7 @@ def speakable(text: str) -> bool:
 
 
 def _pieces(window: str) -> list[str]:
-    """`window` cut into sentences that join back into it (segments._window_starts + _glue)."""
+    """`window` cut into sentences that join back into it (text_split._window_starts + _glue)."""
     starts = [0] + [b["start_index"] for b in sentencex.get_sentence_boundaries("en", window)[1:]]
     if any(not a < b for a, b in zip(starts, starts[1:])) or starts[-1] >= len(window):
         starts = [0]

@@ -20,10 +20,9 @@ import numpy as np
 from csm_triton import constants as C
 from csm_triton.core import validation
 from csm_triton.core.continuation import ChainTail, context_digest
-from csm_triton.core.text_split import split_text
 from csm_triton.errors import InvalidInput
 
-__all__ = ["split_text", "segment_max_frames", "SegmentChain", "SEGMENT_OUTPUTS", "FINISH_REASONS"]
+__all__ = ["segment_max_frames", "SegmentChain", "SEGMENT_OUTPUTS", "FINISH_REASONS"]
 
 # csm_prepare's outputs that describe the segments (beside input_ids and prompt_codes).
 SEGMENT_OUTPUTS = ("segment_ids", "segment_token_counts", "segment_max_frames", "audio_token_ids", "adapter_id")
@@ -48,6 +47,10 @@ SEGMENTS_METRIC = (
 )
 # One segment's generation for SegmentChain.speak: (index, csm_lm inputs) -> (codes,
 # csm_lm's finish reason) or None when the client left.
+SEGMENTS_DO_NOT_ADD_UP = (
+    "the segment inputs do not add up (segment_ids, segment_token_counts, segment_max_frames, audio_token_ids, "
+    "input_ids)"
+)
 GenerateSegment = Callable[[int, dict], "tuple[np.ndarray, str | None] | None"]
 
 
@@ -83,11 +86,8 @@ def _checked_segments(prepared) -> tuple[list[np.ndarray], list[int | None], np.
         ("segment_max_frames", frames),
     ):
         validation.integers_in_range(values, name, 0, None)
-    if counts.sum() != len(flat) or len(frames) != len(counts):
-        raise InvalidInput(
-            "the segment inputs do not add up (segment_ids, segment_token_counts, "
-            "segment_max_frames, audio_token_ids, input_ids)"
-        )
+    if counts.sum() != len(flat) or len(frames) != len(counts) or len(audio_ids) != 2:
+        raise InvalidInput(SEGMENTS_DO_NOT_ADD_UP)
     segments = np.split(flat, np.cumsum(counts)[:-1]) if len(counts) else []
     # 0: no budget from the text (a one-segment text keeps the request's own cap)
     return segments, [int(v) or None for v in frames], audio_ids
@@ -143,11 +143,8 @@ class SegmentChain:
             return cls(input_ids, codes, [np.zeros(0, np.int64)], [None], first_prompt=first, adapter_id=adapter_id)
         segments, budgets, audio_ids = _checked_segments(prepared)
         counts = [len(ids) for ids in segments]
-        if not counts or counts[0] > len(input_ids) or len(audio_ids) != 2:
-            raise InvalidInput(
-                "the segment inputs do not add up (segment_ids, segment_token_counts, "
-                "segment_max_frames, audio_token_ids, input_ids)"
-            )
+        if not counts or counts[0] > len(input_ids):
+            raise InvalidInput(SEGMENTS_DO_NOT_ADD_UP)
         audio_id, audio_eos_id = (int(v) for v in audio_ids)
         return cls(
             input_ids[: len(input_ids) - counts[0]],
@@ -237,8 +234,7 @@ class SegmentChain:
                 return False
             self.record(index, *ended)
             index += 1
-        while self._extend_with_rest():  # a cap reached first: the rest's segments are reported not started
-            pass
+        self._extend_with_rest()  # a cap reached first: the rest's segments are reported not started
         return True
 
     def extend(self, prepared) -> None:
