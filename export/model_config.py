@@ -2,16 +2,21 @@
 hardware profile with protobuf's text_format (never string templating).
 
 The committed repository is the A100 deployment; the other profiles are
-differences from it, listed here so that docs/model_config.md can explain each.
+differences from it, listed here so that docs/model_config.md can explain each. Every
+profile publishes the clients' limits from csm_triton.constants in csm_tts's config
+(`client_limits`); the committed config holds the same text (tests/unit/test_client_limits.py).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
+
+from csm_triton import constants as C
 
 ModelConfig = model_config_pb2.ModelConfig
 KIND_CPU = model_config_pb2.ModelInstanceGroup.KIND_CPU
@@ -92,6 +97,11 @@ def _apply(config: ModelConfig, override: ModelOverride) -> None:
         config.parameters[key].string_value = value
 
 
+def client_limits_json() -> str:
+    """csm_tts's `client_limits` parameter: what clients check before sending (csm_clients/limits.py)."""
+    return json.dumps(C.CLIENT_LIMITS)
+
+
 def render_config(text: str, profile_name: str, model_name: str) -> str:
     """The committed config text rendered for a profile (comments at the top kept)."""
     try:
@@ -102,5 +112,7 @@ def render_config(text: str, profile_name: str, model_name: str) -> str:
     for key in ("*", model_name):
         if key in profile.overrides:
             _apply(config, profile.overrides[key])
+    if model_name == C.CLIENT_LIMITS_MODEL:  # from the constants the server checks with, whatever the text says
+        config.parameters[C.CLIENT_LIMITS_PARAMETER].string_value = client_limits_json()
     header = _leading_comments(text) + f"# Rendered for profile '{profile.name}' by export.build_repository.\n"
     return header + text_format.MessageToString(config)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from csm_clients.errors import InvalidRequest
-from csm_clients.limits import MAX_ADAPTER_BYTES, MAX_ADAPTER_CONFIG_BYTES, MAX_ADAPTER_MANIFEST_BYTES
+from csm_clients.limits import DEFAULT_LIMITS, Limits
 
 __all__ = ["CONFIG_FILE", "MANIFEST_FILE", "WEIGHTS_FILE", "AdapterFiles", "read_adapter_folder"]
 
@@ -44,9 +44,9 @@ def _read(path: Path, limit: int) -> bytes:
         raise InvalidRequest(f"cannot read {path}: {error.strerror or error}") from None
 
 
-def read_adapter_folder(folder: str | Path) -> AdapterFiles:
+def read_adapter_folder(folder: str | Path, limits: Limits = DEFAULT_LIMITS) -> AdapterFiles:
     """The adapter's files from `folder` (the adapter folder or the run's), sizes bounded
-    before reading; InvalidRequest naming what is missing or too large."""
+    before reading (by the server's `limits`); InvalidRequest naming what is missing or too large."""
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file() and (folder / "adapter" / CONFIG_FILE).is_file():
         folder = folder / "adapter"  # the run's OUT folder
@@ -59,7 +59,7 @@ def read_adapter_folder(folder: str | Path) -> AdapterFiles:
     manifest = next((path for path in (folder / MANIFEST_FILE, folder.parent / MANIFEST_FILE) if path.is_file()), None)
     return AdapterFiles(
         folder,
-        _read(folder / CONFIG_FILE, MAX_ADAPTER_CONFIG_BYTES),
-        _read(folder / WEIGHTS_FILE, MAX_ADAPTER_BYTES),
-        _read(manifest, MAX_ADAPTER_MANIFEST_BYTES) if manifest else None,
+        _read(folder / CONFIG_FILE, limits.MAX_ADAPTER_CONFIG_BYTES),
+        _read(folder / WEIGHTS_FILE, limits.MAX_ADAPTER_BYTES),
+        _read(manifest, limits.MAX_ADAPTER_MANIFEST_BYTES) if manifest else None,
     )

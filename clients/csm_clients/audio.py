@@ -24,7 +24,7 @@ import soundfile
 import soxr
 
 from csm_clients.errors import InvalidRequest
-from csm_clients.limits import MAX_INPUT_SAMPLE_RATE, MAX_REFERENCE_SECONDS, MIN_INPUT_SAMPLE_RATE
+from csm_clients.limits import DEFAULT_LIMITS, Limits
 
 __all__ = [
     "MAX_DECODE_CHANNELS",
@@ -70,15 +70,20 @@ def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
 
 
 def read_audio(
-    source: AudioSource, name: str = "audio", *, max_seconds: float | None = None, limit_name: str | None = None
+    source: AudioSource,
+    name: str = "audio",
+    *,
+    max_seconds: float | None = None,
+    limit_name: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> tuple[np.ndarray, int]:
     """Any soundfile format (WAV, FLAC, OGG, MP3, ...) from a path, bytes or a file
     object -> (float32 mono samples, rate), at most MODEL_SAMPLE_RATE.
 
     `max_seconds`: refuse (AudioTooLong) a clip longer than this, judged from its header
     before decoding and enforced while decoding; its channels (MAX_DECODE_CHANNELS) and
-    rate (the server's input range) are judged from the header too. `limit_name` is
-    the limit's name in the message (MAX_REFERENCE_SECONDS)."""
+    rate (the server's input range, from `limits`) are judged from the header too.
+    `limit_name` is the limit's name in the message (MAX_REFERENCE_SECONDS)."""
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
     try:
@@ -87,7 +92,7 @@ def read_audio(
             if max_seconds is None:
                 samples = sound.read(dtype="float32", always_2d=True)
             else:
-                samples = _bounded_read(sound, name, max_seconds, limit_name)
+                samples = _bounded_read(sound, name, max_seconds, limit_name, limits)
     except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
         raise InvalidRequest(f"cannot read {name} as audio: {error}") from None
     mono = samples.mean(axis=1, dtype=np.float32)
@@ -96,11 +101,15 @@ def read_audio(
     return np.ascontiguousarray(mono), int(rate)
 
 
-def read_reference_clip(source: AudioSource, name: str) -> tuple[np.ndarray, int]:
+def read_reference_clip(source: AudioSource, name: str, limits: Limits = DEFAULT_LIMITS) -> tuple[np.ndarray, int]:
     """A voice's reference clip, refused past the server's MAX_REFERENCE_SECONDS by its
     header before it is decoded (read_audio)."""
     return read_audio(
-        source, name, max_seconds=MAX_REFERENCE_SECONDS, limit_name="REFERENCE_AUDIO's, MAX_REFERENCE_SECONDS"
+        source,
+        name,
+        max_seconds=limits.MAX_REFERENCE_SECONDS,
+        limit_name="REFERENCE_AUDIO's, MAX_REFERENCE_SECONDS",
+        limits=limits,
     )
 
 
@@ -113,13 +122,16 @@ def _too_long(name: str, seconds: float, max_seconds: float, limit_name: str | N
     )
 
 
-def _bounded_read(sound: soundfile.SoundFile, name: str, max_seconds: float, limit_name: str | None) -> np.ndarray:
+def _bounded_read(
+    sound: soundfile.SoundFile, name: str, max_seconds: float, limit_name: str | None, limits: Limits
+) -> np.ndarray:
     rate, channels, frames = int(sound.samplerate), int(sound.channels), int(sound.frames)
     if not 1 <= channels <= MAX_DECODE_CHANNELS:
         raise InvalidRequest(f"{name} has {channels} channels; the gateway decodes at most {MAX_DECODE_CHANNELS}")
-    if not MIN_INPUT_SAMPLE_RATE <= rate <= MAX_INPUT_SAMPLE_RATE:
+    if not limits.MIN_INPUT_SAMPLE_RATE <= rate <= limits.MAX_INPUT_SAMPLE_RATE:
         raise InvalidRequest(
-            f"{name} is sampled at {rate} Hz; the accepted rates are {MIN_INPUT_SAMPLE_RATE}-{MAX_INPUT_SAMPLE_RATE} Hz"
+            f"{name} is sampled at {rate} Hz; the accepted rates are "
+            f"{limits.MIN_INPUT_SAMPLE_RATE}-{limits.MAX_INPUT_SAMPLE_RATE} Hz"
         )
     # (a hair of slack: a budget of seconds left after other clips carries float rounding)
     max_frames = int(max(0.0, max_seconds) * rate + 1e-6)

@@ -36,6 +36,7 @@ from csm_clients.client import AsyncVoiceCloner
 from csm_clients.context_json import turns_from_json
 from csm_clients.conversation import Turn
 from csm_clients.errors import CsmClientError, FieldError
+from csm_clients.limits import DEFAULT_LIMITS, Limits
 
 __all__ = ["BatchItem", "BatchSummary", "read_items", "run_batch"]
 
@@ -51,8 +52,9 @@ class BatchItem:
     fields: dict[str, Any] = field(default_factory=dict)
     error: str | None = None  # set when the line itself is unusable
 
-    def request(self, base: Path) -> tuple[str, dict[str, Any]]:
-        """(text, keyword arguments of synthesize); raises ValueError or CsmClientError."""
+    def request(self, base: Path, limits: Limits = DEFAULT_LIMITS) -> tuple[str, dict[str, Any]]:
+        """(text, keyword arguments of synthesize), its context checked against the server's
+        `limits`; raises ValueError or CsmClientError."""
         values = {key: value for key, value in self.fields.items() if value not in (None, "")}
         unknown = sorted(set(values) - _FIELDS)
         if unknown:
@@ -67,11 +69,11 @@ class BatchItem:
         elif "voice" in values:
             kwargs["voice"] = values["voice"]
         if "context" in values:
-            kwargs["context"] = _context(values["context"], base)
+            kwargs["context"] = _context(values["context"], base, limits)
         return values["text"], kwargs
 
 
-def _context(turns: Any, base: Path) -> list[Turn]:
+def _context(turns: Any, base: Path, limits: Limits) -> list[Turn]:
     """A line's `context` (context_json.py), each clip a file relative to the input file;
     what the turns hold is checked by the client (conversation.py) and the server."""
 
@@ -81,7 +83,7 @@ def _context(turns: Any, base: Path) -> list[Turn]:
             raise FieldError(f"{where}: must be the path of an audio file (relative to the input file)", where)
         return Turn.from_file(base / audio, text, speaker)
 
-    return turns_from_json(turns, load_clip)
+    return turns_from_json(turns, load_clip, limits)
 
 
 def _number(name: str, value: Any, cast: type) -> int | float:
@@ -187,6 +189,7 @@ async def run_batch(
     summary = BatchSummary(items=len(items))
     bar = _Progress(len(items), progress or sys.stderr)
     slots = asyncio.Semaphore(max(1, concurrency))
+    limits = await cloner.limits()
 
     async def one(item: BatchItem) -> None:
         target = out_dir / f"{item.id}.wav"
@@ -197,7 +200,7 @@ async def run_batch(
             if item.error is not None:
                 raise ValueError(item.error)
             async with slots:  # reference clips too are read only when their turn comes
-                text, kwargs = item.request(input_path.parent)
+                text, kwargs = item.request(input_path.parent, limits)
                 speech = await cloner.synthesize(text, **kwargs)
             _write_atomically(speech, target)
         except (ValueError, CsmClientError) as error:

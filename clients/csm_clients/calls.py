@@ -18,6 +18,7 @@ import numpy as np
 from csm_clients.adapters import AdapterFiles
 from csm_clients.audio import Reference, Speech
 from csm_clients.conversation import Turn, check_text, context_inputs
+from csm_clients.limits import DEFAULT_LIMITS, Limits
 
 __all__ = [
     "ADMIN_TOKEN_HEADER",
@@ -77,12 +78,13 @@ def tts_inputs(
     speaker: int | None = None,
     context: Sequence[Turn] | None = None,
     continue_from: str | None = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> dict[str, np.ndarray]:
     """csm_tts / csm_tts_stream inputs. `voice`: a stored voice id, an inline Reference,
     or None for the model's default voice; `speaker` and `context`: conversation.py;
     `continue_from` (csm_tts_stream only): "" for the first piece of a text sent in
-    pieces, then the CONTINUATION of the piece before."""
-    check_text(text)
+    pieces, then the CONTINUATION of the piece before; `limits`: the server's (limits.py)."""
+    check_text(text, limits=limits)
     inputs = {"TEXT": _text(text)}
     if continue_from is not None:
         inputs["CONTINUE_FROM"] = _text(continue_from)
@@ -97,7 +99,7 @@ def tts_inputs(
         "MAX_AUDIO_SECONDS": (max_audio_seconds, np.float32),
     }
     inputs.update({name: np.array([value], dtype) for name, (value, dtype) in optional.items() if value is not None})
-    inputs.update(context_inputs(context, speaker))
+    inputs.update(context_inputs(context, speaker, limits))
     return inputs
 
 

@@ -54,7 +54,7 @@ from csm_clients.captions import write_captions
 from csm_clients.cli_checks import SAMPLING_OPTIONS, UsageError, checked_request, sampling
 from csm_clients.client import AsyncVoiceCloner, VoiceCloner
 from csm_clients.errors import CsmClientError
-from csm_clients.limits import MAX_LONG_TEXT_CHARS, check_sampling, check_speaker
+from csm_clients.limits import DEFAULT_LIMITS, check_sampling, check_speaker
 from csm_clients.pipe import add_pipe_parser, run_pipe
 from csm_clients.timestretch import TimeStretcher, check_speed, needs_stretch, require_av, stretch
 
@@ -164,9 +164,10 @@ def _voices(cloner: VoiceCloner, args) -> int:
         try:  # refused before sending: exit 2, as main's own checks
             if (args.reference is None) != (args.transcript is None):
                 raise UsageError("give --reference and --transcript together")
+            limits = cloner.limits()
             if args.default_speaker is not None:
-                check_speaker(args.default_speaker, "--speaker")
-            files = read_adapter_folder(args.folder)
+                check_speaker(args.default_speaker, "--speaker", limits)
+            files = read_adapter_folder(args.folder, limits)
         except (UsageError, CsmClientError) as error:
             print(f"csm-tts voices add-adapter: error: {error}", file=sys.stderr)
             return 2
@@ -291,7 +292,7 @@ def _parser() -> argparse.ArgumentParser:
     read = commands.add_parser(
         "read",
         parents=[streamed],
-        help=f"speak a UTF-8 text file (up to {MAX_LONG_TEXT_CHARS} characters) in one "
+        help=f"speak a UTF-8 text file (up to {DEFAULT_LIMITS.MAX_LONG_TEXT_CHARS} characters) in one "
         "streamed request, written as it comes",
     )
     read.add_argument("book", type=Path, help="the text file")
@@ -330,6 +331,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check(args: argparse.Namespace, cloner: VoiceCloner) -> None:
+    """A speaking command's options, against the server's limits (read from it once);
+    sets args.request. Refused like the server would, before any conversion:
+    --top-k 2147483648 must not wrap in INT32, --seed 2**63 not overflow INT64."""
+    if not hasattr(args, "speed"):  # voices, watermark: nothing to check here
+        return
+    limits = cloner.limits()
+    check_sampling(**sampling(args), field_names=SAMPLING_OPTIONS, limits=limits)
+    if needs_stretch(check_speed(args.speed, "--speed")):
+        require_av()  # the `speed` extra, before any synthesis is paid for
+    args.request = checked_request(args, limits)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "pipe":  # talks to the gateway, not Triton (pipe.py)
@@ -337,19 +351,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # An explicit --admin-token, even empty, wins over the environment and the token file.
     admin_token = args.admin_token if args.admin_token is not None else admin_token_from_environment()
     try:
-        try:  # every refusal before sending: one line, exit 2 (the server's own: exit 1)
-            # Refused like the server would, before any conversion: --top-k 2147483648
-            # must not wrap in INT32, --seed 2**63 not overflow INT64.
-            check_sampling(**sampling(args), field_names=SAMPLING_OPTIONS)
-            if hasattr(args, "speed") and needs_stretch(check_speed(args.speed, "--speed")):
-                require_av()  # the `speed` extra, before any synthesis is paid for
-            args.request = checked_request(args)
-        except (UsageError, CsmClientError) as error:
-            print(f"csm-tts {args.command}: error: {error}", file=sys.stderr)
-            return 2
-        if args.command == "batch":
+        if args.command == "batch":  # each item checked as its turn comes (batch.py)
             return _batch(args)
         with VoiceCloner(args.url, args.protocol, admin_token=admin_token, timeout=args.timeout) as cloner:
+            try:  # every refusal before sending: one line, exit 2 (the server's own: exit 1)
+                _check(args, cloner)
+            except (UsageError, CsmClientError) as error:
+                print(f"csm-tts {args.command}: error: {error}", file=sys.stderr)
+                return 2
             return args.run(cloner, args)
     except CsmClientError as error:
         print(f"csm-tts: {type(error).__name__}: {error}", file=sys.stderr)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from csm_clients.conversation import Turn, check_text, check_turn_count, context_inputs
 from csm_clients.errors import InvalidRequest
-from csm_clients.limits import MAX_LONG_TEXT_CHARS, check_speaker
+from csm_clients.limits import Limits, check_speaker
 
 __all__ = ["SAMPLING_OPTIONS", "UsageError", "checked_request", "sampling"]
 
@@ -39,24 +39,24 @@ def _speaker(value: str, option: str) -> int:
         raise UsageError(f"{option}: the speaker must be an integer id, got {value!r}") from None
 
 
-def _conversation(args) -> dict:
+def _conversation(args, limits: Limits) -> dict:
     """synthesize()/stream()'s speaker and context from the command line, checked as the
-    server would check them (limits.py), before any request."""
+    server would check them (its `limits`), before any request."""
     voices, clips = args.context_voice or [], args.context_turn or []
-    check_turn_count(len(voices) + len(clips))  # before any clip is read
+    check_turn_count(len(voices) + len(clips), limits)  # before any clip is read
     context = [Turn.stored_voice(voice_id, _speaker(speaker, "--context-voice")) for speaker, voice_id in voices]
     for speaker, audio, text in clips:
         if not Path(audio).is_file():
             raise UsageError(f"--context-turn: no such audio file: {audio}")
         context.append(Turn.from_file(Path(audio), text, _speaker(speaker, "--context-turn")))
     if args.speaker is not None:
-        check_speaker(args.speaker, "--speaker")
+        check_speaker(args.speaker, "--speaker", limits)
     request = {"speaker": args.speaker, "context": context or None}
-    context_inputs(request["context"], request["speaker"])  # raises InvalidRequest naming the rule
+    context_inputs(request["context"], request["speaker"], limits)  # raises InvalidRequest naming the rule
     return request
 
 
-def _book(path: Path) -> str:
+def _book(path: Path, limits: Limits) -> str:
     """A UTF-8 text file, spoken in one request (the server splits it into segments)."""
     try:
         text = path.read_text(encoding="utf-8-sig").strip()
@@ -67,19 +67,20 @@ def _book(path: Path) -> str:
     if not text:
         raise UsageError(f"{path} has nothing to read")
     try:
-        check_text(text)  # the length rule, as for any text
+        check_text(text, limits=limits)  # the length rule, as for any text
     except InvalidRequest:  # said of the file
         raise UsageError(
             f"{path} has {len(text)} characters; the server's limit for one text is "
-            f"{MAX_LONG_TEXT_CHARS} (MAX_LONG_TEXT_CHARS): split the file"
+            f"{limits.MAX_LONG_TEXT_CHARS} (MAX_LONG_TEXT_CHARS): split the file"
         ) from None
     return text
 
 
-def checked_request(args) -> dict:
-    """What the command line adds to a synthesize()/stream() call; {} for other commands."""
+def checked_request(args, limits: Limits) -> dict:
+    """What the command line adds to a synthesize()/stream() call, checked against the
+    server's `limits`; {} for other commands."""
     if not hasattr(args, "speaker"):
         return {}
     if args.command == "read":
-        args.text = _book(args.book)
-    return _conversation(args)
+        args.text = _book(args.book, limits)
+    return _conversation(args, limits)

@@ -3,14 +3,14 @@
 Both share one definition of every call (`_Calls`); they differ only in how a request
 travels. gRPC is the default: binary tensors and real streams. Over HTTP, streaming
 uses Triton's `generate_stream` (server-sent events). The wire helpers both use are in
-transport.py; the admin token's lookup in admin_token.py.
+transport.py; the admin token's lookup in admin_token.py. Each client reads the server's
+limits (csm_tts's config) once, on first use, and checks every request against them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import queue
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,10 @@ from csm_clients import calls
 from csm_clients.adapters import AdapterFiles, read_adapter_folder
 from csm_clients.audio import AudioSource, Reference, Speech, read_audio
 from csm_clients.conversation import Turn
-from csm_clients.errors import ServerError, from_triton
-from csm_clients.limits import SEGMENT_MAX_CHARS
+from csm_clients.errors import from_triton
+from csm_clients.limits import DEFAULT_LIMITS, Limits
 from csm_clients.streams import AsyncSpeechStream, SpeechStream, joined
-from csm_clients.transport import infer_inputs, stream_over_sse, stream_step
+from csm_clients.transport import config_request, infer_inputs, stream_over_grpc, stream_over_sse, stream_step
 
 __all__ = ["AsyncVoiceCloner", "DEFAULT_URLS", "VoiceCloner"]
 
@@ -37,14 +37,15 @@ DEFAULT_TIMEOUT_S = 300.0  # a long utterance on a busy server; per request
 
 
 class _Calls:
-    """Every call a client offers. `_run` and `_stream` move a request; in the async
-    client they return a coroutine and an async iterator, so each method here returns
-    whatever the transport does, unchanged."""
+    """Every call a client offers. `_run` and `_stream` move a request, `_with_limits`
+    hands over the server's limits; in the async client they return a coroutine and an
+    async iterator, so each method here returns whatever the transport does, unchanged."""
 
     protocol: str
     admin_token: str | None
     timeout: float
     _module: Any  # tritonclient.grpc / .http (or their .aio)
+    _limits: Limits | None = None  # the server's, once read (limits())
 
     def _configure(self, url: str | None, protocol: str, admin_token: str | None, timeout: float) -> None:
         if protocol not in DEFAULT_URLS:
@@ -70,7 +71,7 @@ class _Calls:
         `speaker`: the speaker id of the text (default 0); `context`: earlier turns
         (`Turn`s, oldest first, stored voices before clips) the model conditions on.
 
-        A text the server splits into segments (over SEGMENT_MAX_CHARS) may pass
+        A text the server splits into segments (over its SEGMENT_MAX_CHARS) may pass
         csm_tts's 120 s in one response, so it is collected from csm_tts_stream instead:
         the same Speech, with the stream's finish reasons."""
         options = dict(
@@ -82,9 +83,13 @@ class _Calls:
             speaker=speaker,
             context=context,
         )
-        if isinstance(text, str) and len(text) > SEGMENT_MAX_CHARS:
-            return self._collect(self.stream(text, **options))
-        return self._run(calls.synthesize(text, **options))
+
+        def send(limits: Limits):
+            if isinstance(text, str) and len(text) > limits.SEGMENT_MAX_CHARS:
+                return self._collect(self.stream(text, **options))
+            return self._run(calls.synthesize(text, limits=limits, **options))
+
+        return self._with_limits(send)
 
     def clone_voice_from_file(
         self, reference_audio: AudioSource, reference_transcript: str | None, target_text: str, **sampling
@@ -114,7 +119,7 @@ class _Calls:
         long text: "" for the first piece, then the previous stream's `continuation`."""
         return self._stream_type(
             self._stream(
-                calls.tts_inputs(
+                lambda limits: calls.tts_inputs(
                     text,
                     voice,
                     temperature=temperature,
@@ -124,6 +129,7 @@ class _Calls:
                     speaker=speaker,
                     context=context,
                     continue_from=continue_from,
+                    limits=limits,
                 )
             )
         )
@@ -161,15 +167,18 @@ class _Calls:
         (its manifest.json goes along), or the AdapterFiles read from one.
         `default_speaker`: the speaker id it speaks as; `reference_audio` + `transcript`:
         an optional clip of its own."""
-        files = folder if isinstance(folder, AdapterFiles) else read_adapter_folder(folder)
         reference = None
         if isinstance(reference_audio, Reference):
             reference = Reference(reference_audio.samples, reference_audio.sample_rate, transcript)
         elif reference_audio is not None:
             reference = Reference.from_file(reference_audio, transcript)
-        return self._run(
-            calls.register_adapter(voice_id, files, default_speaker=default_speaker, reference=reference, owner=owner)
-        )
+
+        def send(limits: Limits):
+            files = folder if isinstance(folder, AdapterFiles) else read_adapter_folder(folder, limits)
+            options = dict(default_speaker=default_speaker, reference=reference, owner=owner)
+            return self._run(calls.register_adapter(voice_id, files, **options))
+
+        return self._with_limits(send)
 
     def list_voices(self):
         """[{voice_id, kind, transcript, duration_seconds, created_at, owner, ...}, ...]; an
@@ -202,10 +211,13 @@ class _Calls:
         timeout = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
         return dict(model_name=call.model, inputs=infer_inputs(self._module, call.inputs), headers=headers, **timeout)
 
+    def _with_limits(self, send: Callable[[Limits], Any]) -> Any:  # send(the server's limits)
+        raise NotImplementedError
+
     def _run(self, call: calls.Call) -> Any:
         raise NotImplementedError
 
-    def _stream(self, inputs: dict[str, np.ndarray]) -> Any:
+    def _stream(self, inputs: Callable[[Limits], dict[str, np.ndarray]]) -> Any:  # inputs(the server's limits)
         raise NotImplementedError
 
     def _collect(self, stream: SpeechStream) -> Any:
@@ -240,6 +252,21 @@ class VoiceCloner(_Calls):
         except (InferenceServerException, OSError):
             return False
 
+    def limits(self) -> Limits:
+        """The server's limits (csm_tts's config), read once; the documented ones
+        (DEFAULT_LIMITS) while the server cannot be asked, and asked again next time."""
+        if self._limits is None:
+            try:
+                self._limits = Limits.from_model_config(
+                    self._client.get_model_config(**config_request(self.protocol, self.timeout))
+                )
+            except (InferenceServerException, OSError):
+                return DEFAULT_LIMITS  # the request that follows fails the same way, or the server checks it
+        return self._limits
+
+    def _with_limits(self, send: Callable[[Limits], Any]) -> Any:
+        return send(self.limits())
+
     def _run(self, call: calls.Call) -> Any:
         try:
             result = self._client.infer(**self._request(call))
@@ -247,37 +274,10 @@ class VoiceCloner(_Calls):
             raise from_triton(error, self.url) from None
         return call.parse(result)
 
-    def _stream(self, inputs: dict[str, np.ndarray]) -> Iterator[Speech]:
-        if self.protocol == "http":
-            yield from stream_over_sse(self.url, inputs, self.timeout)
-            return
-        # One client per stream: a tritonclient gRPC client holds one stream at a time.
-        client = grpc.InferenceServerClient(self.url)
-        answers: queue.Queue = queue.Queue()
-        client.start_stream(callback=lambda result, error: answers.put((result, error)))
-        finished = False
-        try:
-            try:
-                client.async_stream_infer(
-                    calls.STREAM_MODEL, infer_inputs(grpc, inputs), enable_empty_final_response=True
-                )
-            except InferenceServerException as error:  # the stream broke: its cause went to the callback
-                try:
-                    error = answers.get(timeout=5)[1] or error
-                except queue.Empty:
-                    pass
-                raise from_triton(error, self.url) from None
-            while not finished:
-                try:
-                    result, error = answers.get(timeout=self.timeout)
-                except queue.Empty:
-                    raise ServerError(f"no stream response within {self.timeout:g} s") from None
-                chunk, finished = stream_step(result, error, self.url)
-                if chunk is not None:
-                    yield chunk
-        finally:
-            client.stop_stream(cancel_requests=not finished)
-            client.close()
+    def _stream(self, inputs: Callable[[Limits], dict[str, np.ndarray]]) -> Iterator[Speech]:
+        inputs = inputs(self.limits())  # checked now: bad input raises here, before any chunk
+        over = stream_over_sse if self.protocol == "http" else stream_over_grpc
+        return over(self.url, inputs, self.timeout)
 
     def _collect(self, stream: SpeechStream) -> Speech:
         return joined(list(stream), stream)
@@ -327,6 +327,20 @@ class AsyncVoiceCloner(_Calls):
         except (InferenceServerException, OSError):
             return False
 
+    async def limits(self) -> Limits:
+        """VoiceCloner.limits(), awaited."""
+        if self._limits is None:
+            try:
+                self._limits = Limits.from_model_config(
+                    await self._client.get_model_config(**config_request(self.protocol, self.timeout))
+                )
+            except (InferenceServerException, OSError):
+                return DEFAULT_LIMITS
+        return self._limits
+
+    async def _with_limits(self, send: Callable[[Limits], Any]) -> Any:
+        return await send(await self.limits())
+
     async def _run(self, call: calls.Call) -> Any:
         try:
             result = await self._client.infer(**self._request(call))
@@ -334,7 +348,8 @@ class AsyncVoiceCloner(_Calls):
             raise from_triton(error, self.url) from None
         return call.parse(result)
 
-    async def _stream(self, inputs: dict[str, np.ndarray]) -> AsyncIterator[Speech]:
+    async def _stream(self, inputs: Callable[[Limits], dict[str, np.ndarray]]) -> AsyncIterator[Speech]:
+        inputs = inputs(await self.limits())  # checked before the first chunk
         if self.protocol == "http":  # the blocking SSE reader, one chunk at a time off the loop
             chunks = stream_over_sse(self.url, inputs, self.timeout)
             try:

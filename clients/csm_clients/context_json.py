@@ -17,7 +17,7 @@ from typing import Any
 
 from csm_clients.conversation import Turn, check_turn_count
 from csm_clients.errors import FieldError, InvalidRequest
-from csm_clients.limits import check_speaker
+from csm_clients.limits import DEFAULT_LIMITS, Limits, check_speaker
 
 __all__ = ["TURN_FIELDS", "ClipLoader", "turns_from_json"]
 
@@ -26,14 +26,14 @@ TURN_FIELDS = ("audio", "speaker", "text", "voice")
 ClipLoader = Callable[[int, Any, str | None, int], Turn]
 
 
-def turns_from_json(turns: Any, load_clip: ClipLoader) -> list[Turn]:
+def turns_from_json(turns: Any, load_clip: ClipLoader, limits: Limits = DEFAULT_LIMITS) -> list[Turn]:
     """The turns of a parsed JSON `context`, oldest first; FieldError names the field
     (`context`, `context[1]`, `context[1].audio`). Clips are loaded in order, so a
     loader may bound what all of them together cost."""
     if not isinstance(turns, list):
         raise FieldError("context: must be a list of turns", "context")
     try:
-        check_turn_count(len(turns))
+        check_turn_count(len(turns), limits)
     except InvalidRequest as error:
         raise FieldError(f"context: {error}", "context") from None
     parsed = []
@@ -43,7 +43,7 @@ def turns_from_json(turns: Any, load_clip: ClipLoader) -> list[Turn]:
             raise FieldError(f"{where}: expected an object with {', '.join(TURN_FIELDS)}", where)
         speaker = turn.get("speaker", 0)
         try:
-            check_speaker(speaker, f"{where}.speaker")
+            check_speaker(speaker, f"{where}.speaker", limits)
         except InvalidRequest as error:
             raise FieldError(str(error), f"{where}.speaker") from None
         if turn.get("voice") is not None and (turn.get("audio") is not None or turn.get("text") is not None):

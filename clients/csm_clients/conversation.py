@@ -12,7 +12,8 @@ Two choices made here, both so that the model hears what the caller meant:
 - CONTEXT_SAMPLE_RATE is one rate for all clips: clips recorded at different rates are
   resampled to the model's 24 kHz here (soxr "HQ", what the server would do itself).
 
-Every check mirrors a server rule (limits.py) and fails with InvalidRequest before
+Every check is a server rule, against the server's numbers (`limits`: a connected
+client's, else the documented ones; limits.py), and fails with InvalidRequest before
 anything is sent; the server still checks all of it.
 """
 
@@ -26,15 +27,7 @@ import numpy as np
 
 from csm_clients.audio import MODEL_SAMPLE_RATE, AudioSource, read_audio, resample
 from csm_clients.errors import InvalidRequest
-from csm_clients.limits import (
-    MAX_CONTEXT_AUDIO_SECONDS,
-    MAX_CONTEXT_TURNS,
-    MAX_LONG_TEXT_CHARS,
-    MAX_TURN_SECONDS,
-    MAX_TURN_TEXT_CHARS,
-    MIN_TURN_SECONDS,
-    check_speaker,
-)
+from csm_clients.limits import DEFAULT_LIMITS, Limits, check_speaker
 
 __all__ = ["Turn", "check_context", "check_text", "check_turn_count", "context_inputs"]
 
@@ -67,27 +60,27 @@ class Turn:
         return 0.0 if self.audio is None else np.asarray(self.audio).size / float(self.sample_rate or 1)
 
 
-def check_text(text: str, name: str = "TEXT", limit: int = MAX_LONG_TEXT_CHARS) -> None:
+def check_text(text: str, name: str = "TEXT", limits: Limits = DEFAULT_LIMITS) -> None:
     """The server's length rule for a text, checked before sending (a book of 30,000
     characters should not travel to be refused); what a text must hold is the server's."""
     if not isinstance(text, str):
         raise InvalidRequest(f"input '{name}' must be a string, got {type(text).__name__}")
-    if len(text) > limit:
-        raise InvalidRequest(f"input '{name}' has {len(text)} characters; the limit is {limit}")
+    if len(text) > limits.MAX_LONG_TEXT_CHARS:
+        raise InvalidRequest(f"input '{name}' has {len(text)} characters; the limit is {limits.MAX_LONG_TEXT_CHARS}")
 
 
-def check_turn_count(count: int) -> None:
+def check_turn_count(count: int, limits: Limits = DEFAULT_LIMITS) -> None:
     """The server's bound on context turns (stored voices and clips together), checked
     once a request's turns are counted and before any clip is read or decoded."""
-    if count > MAX_CONTEXT_TURNS:
-        raise InvalidRequest(f"{count} context turns; the limit is {MAX_CONTEXT_TURNS}")
+    if count > limits.MAX_CONTEXT_TURNS:
+        raise InvalidRequest(f"{count} context turns; the limit is {limits.MAX_CONTEXT_TURNS}")
 
 
-def _checked(turn: Turn, index: int) -> Turn:
+def _checked(turn: Turn, index: int, limits: Limits) -> Turn:
     where = f"context turn {index}"
     if not isinstance(turn, Turn):
         raise InvalidRequest(f"{where}: must be a Turn, got {type(turn).__name__}")
-    check_speaker(turn.speaker, f"{where}: speaker")
+    check_speaker(turn.speaker, f"{where}: speaker", limits)
     if turn.voice is not None:
         if turn.audio is not None or turn.text is not None:
             raise InvalidRequest(
@@ -104,10 +97,11 @@ def _checked(turn: Turn, index: int) -> Turn:
         )
     if turn.text is None:
         raise InvalidRequest(f"{where}: has audio but no text (what the clip says)")
-    if not isinstance(turn.text, str) or len(turn.text) > MAX_TURN_TEXT_CHARS:
+    if not isinstance(turn.text, str) or len(turn.text) > limits.MAX_TURN_TEXT_CHARS:
         length = f"{len(turn.text)} characters" if isinstance(turn.text, str) else type(turn.text).__name__
         raise InvalidRequest(
-            f"{where}: its text has {length}; a turn's text is a string of at most {MAX_TURN_TEXT_CHARS} characters"
+            f"{where}: its text has {length}; a turn's text is a string of at most "
+            f"{limits.MAX_TURN_TEXT_CHARS} characters"
         )
     samples = np.asarray(turn.audio)
     if samples.ndim != 1:
@@ -120,25 +114,27 @@ def _checked(turn: Turn, index: int) -> Turn:
         raise InvalidRequest(
             f"{where}: give the sample rate of its audio (a positive integer), got {turn.sample_rate!r}"
         )
-    if not MIN_TURN_SECONDS <= turn.seconds <= MAX_TURN_SECONDS:
+    if not limits.MIN_TURN_SECONDS <= turn.seconds <= limits.MAX_TURN_SECONDS:
         raise InvalidRequest(
             f"{where}: its clip is {turn.seconds:.2f} s long; a context clip must be "
-            f"{MIN_TURN_SECONDS:g}-{MAX_TURN_SECONDS:g} s"
+            f"{limits.MIN_TURN_SECONDS:g}-{limits.MAX_TURN_SECONDS:g} s"
         )
     return turn
 
 
-def check_context(context: Sequence[Turn] | None = None, speaker: int | None = None) -> tuple[list[Turn], list[Turn]]:
+def check_context(
+    context: Sequence[Turn] | None = None, speaker: int | None = None, limits: Limits = DEFAULT_LIMITS
+) -> tuple[list[Turn], list[Turn]]:
     """Every client-side rule of a speaker and its context turns (InvalidRequest naming
     the first broken one), without building a tensor: (stored-voice turns, clip turns)."""
     if speaker is not None:
-        check_speaker(speaker, "speaker")
+        check_speaker(speaker, "speaker", limits)
     if not context:
         return [], []
     if isinstance(context, Turn):
         raise InvalidRequest("context: give a list of turns, not one Turn")
-    check_turn_count(len(context))
-    turns = [_checked(turn, index) for index, turn in enumerate(context)]
+    check_turn_count(len(context), limits)
+    turns = [_checked(turn, index, limits) for index, turn in enumerate(context)]
     stored = [turn for turn in turns if turn.voice is not None]
     clips = [turn for turn in turns if turn.voice is None]
     first_clip = next((index for index, turn in enumerate(turns) if turn.voice is None), len(turns))
@@ -149,16 +145,18 @@ def check_context(context: Sequence[Turn] | None = None, speaker: int | None = N
             "the conversation)"
         )
     seconds = sum(turn.seconds for turn in clips)  # stored voices' durations are the server's to add
-    if seconds > MAX_CONTEXT_AUDIO_SECONDS:
+    if seconds > limits.MAX_CONTEXT_AUDIO_SECONDS:
         raise InvalidRequest(
-            f"the context turns hold {seconds:.1f} s of audio; the limit is {MAX_CONTEXT_AUDIO_SECONDS:g} s"
+            f"the context turns hold {seconds:.1f} s of audio; the limit is {limits.MAX_CONTEXT_AUDIO_SECONDS:g} s"
         )
     return stored, clips
 
 
-def context_inputs(context: Sequence[Turn] | None = None, speaker: int | None = None) -> dict[str, np.ndarray]:
+def context_inputs(
+    context: Sequence[Turn] | None = None, speaker: int | None = None, limits: Limits = DEFAULT_LIMITS
+) -> dict[str, np.ndarray]:
     """SPEAKER and the CONTEXT_* tensors of csm_tts / csm_tts_stream; nothing for None."""
-    stored, clips = check_context(context, speaker)
+    stored, clips = check_context(context, speaker, limits)
     inputs: dict[str, np.ndarray] = {}
     if speaker is not None:
         inputs["SPEAKER"] = np.array([speaker], np.int32)

@@ -1,6 +1,7 @@
-"""How a request travels to Triton, below the clients' calls: tensors for tritonclient,
-HTTP streaming over Triton's `generate_stream` (server-sent events), and the reading of
-one gRPC stream answer.
+"""How a request travels to Triton, below the clients' calls: the request for the
+server's limits, tensors for tritonclient, HTTP streaming over Triton's
+`generate_stream` (server-sent events), the blocking client's gRPC stream, and the
+reading of one gRPC stream answer.
 
 Separate from client.py, which holds what a call is and the two clients (blocking and
 asyncio) that share these helpers.
@@ -9,18 +10,20 @@ asyncio) that share these helpers.
 from __future__ import annotations
 
 import json
+import queue
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
 
 import numpy as np
-from tritonclient.utils import np_to_triton_dtype
+import tritonclient.grpc as grpc
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from csm_clients import calls
 from csm_clients.audio import MODEL_SAMPLE_RATE, Speech
-from csm_clients.errors import from_stream_message, from_triton
+from csm_clients.errors import ServerError, from_stream_message, from_triton
 
-__all__ = ["generate_body", "infer_inputs", "stream_over_sse", "stream_step"]
+__all__ = ["config_request", "generate_body", "infer_inputs", "stream_over_grpc", "stream_over_sse", "stream_step"]
 
 
 def infer_inputs(module, inputs: Mapping[str, np.ndarray]) -> list:
@@ -30,6 +33,13 @@ def infer_inputs(module, inputs: Mapping[str, np.ndarray]) -> list:
         tensor.set_data_from_numpy(value)
         tensors.append(tensor)
     return tensors
+
+
+def config_request(protocol: str, timeout: float) -> dict:
+    """get_model_config()'s arguments for csm_tts, whose config holds the server's limits
+    (limits.py); gRPC answers a protobuf unless as_json."""
+    grpc_only = {"as_json": True, "client_timeout": timeout} if protocol == "grpc" else {}
+    return {"model_name": calls.TTS_MODEL, **grpc_only}
 
 
 def generate_body(inputs: Mapping[str, np.ndarray]) -> bytes:
@@ -73,6 +83,35 @@ def stream_over_sse(url: str, inputs: Mapping[str, np.ndarray], timeout: float) 
 
 def _sse_events(lines) -> Iterator[dict]:
     return (json.loads(line[5:]) for line in lines if line.startswith(b"data:"))
+
+
+def stream_over_grpc(url: str, inputs: Mapping[str, np.ndarray], timeout: float) -> Iterator[Speech]:
+    """The blocking client's gRPC stream; stopping early cancels the generation."""
+    # One client per stream: a tritonclient gRPC client holds one stream at a time.
+    client = grpc.InferenceServerClient(url)
+    answers: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    finished = False
+    try:
+        try:
+            client.async_stream_infer(calls.STREAM_MODEL, infer_inputs(grpc, inputs), enable_empty_final_response=True)
+        except InferenceServerException as error:  # the stream broke: its cause went to the callback
+            try:
+                error = answers.get(timeout=5)[1] or error
+            except queue.Empty:
+                pass
+            raise from_triton(error, url) from None
+        while not finished:
+            try:
+                result, error = answers.get(timeout=timeout)
+            except queue.Empty:
+                raise ServerError(f"no stream response within {timeout:g} s") from None
+            chunk, finished = stream_step(result, error, url)
+            if chunk is not None:
+                yield chunk
+    finally:
+        client.stop_stream(cancel_requests=not finished)
+        client.close()
 
 
 def stream_step(result, error, url: str) -> tuple[Speech | None, bool]:

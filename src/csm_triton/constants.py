@@ -143,10 +143,11 @@ RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
 # On SIGTERM Triton spends at most this long on open HTTP connections (idle keep-alive
 # ones included), in-flight requests and unloading the models, in that order: one budget.
 DEFAULT_EXIT_TIMEOUT_S = 10
-# After the exit timeout, how long `csm-triton-server serve` waits before it kills the
-# server's process group (stubs included); compose's and the chart's grace periods are longer.
+# After the exit timeout, how long `csm-triton-server serve` and `run` (docker/serve.sh) wait
+# before they kill the server's process group (stubs included): 30 + 5 s in the containers,
+# inside compose's 60 s and the chart's 120 s grace periods.
 STOP_KILL_MARGIN_S = 5
-# `serve` creates the file named here as it forwards SIGTERM/SIGINT (the python stubs
+# `serve` and `run` create the file named here as they forward SIGTERM/SIGINT (the python stubs
 # inherit the variable): csm_lm's streams still open this long after end with UNAVAILABLE,
 # since an open stream keeps its model loaded through Triton's whole exit timeout.
 STOP_FILE_ENV = "CSM_TRITON_STOP_FILE"
@@ -229,3 +230,30 @@ MAX_STORED_ADAPTERS = 64
 # the most adapters resident on a device at once, and the largest rank the bank is laid out for.
 MAX_LORA_SLOTS = 64
 MAX_LORA_RANK = 64
+
+# --- What clients check before sending (csm_clients/limits.py) ---------------------------------
+# Published in csm_tts's config as the parameter `client_limits` (this dict as a JSON object,
+# written by export/model_config.py), which clients read with get_model_config: they refuse a
+# value the server would refuse (and one its wire type cannot hold) without mirroring a number.
+CLIENT_LIMITS_MODEL = "csm_tts"
+CLIENT_LIMITS_PARAMETER = "client_limits"
+CLIENT_LIMITS = {
+    "MAX_TEMPERATURE": MAX_TEMPERATURE,
+    "MAX_TOP_K": CODEBOOK_SIZE,
+    "MAX_SEED": 2**63 - 1,  # SEED is an INT64 >= 0
+    "MAX_AUDIO_SECONDS": MAX_AUDIO_SECONDS_LIMIT,
+    "MAX_SPEAKER_ID": MAX_SPEAKER_ID,
+    "MAX_CONTEXT_TURNS": MAX_CONTEXT_TURNS,
+    "MAX_CONTEXT_AUDIO_SECONDS": MAX_CONTEXT_AUDIO_SECONDS,
+    "MIN_TURN_SECONDS": MIN_REFERENCE_SECONDS,  # a context clip follows the reference clip's rule
+    "MAX_TURN_SECONDS": MAX_REFERENCE_SECONDS,
+    "MAX_TURN_TEXT_CHARS": MAX_TEXT_CHARS,
+    "MAX_LONG_TEXT_CHARS": MAX_LONG_TEXT_CHARS,
+    "SEGMENT_MAX_CHARS": SEGMENT_MAX_CHARS,
+    "MAX_REFERENCE_SECONDS": MAX_REFERENCE_SECONDS,
+    "MIN_INPUT_SAMPLE_RATE": MIN_INPUT_SAMPLE_RATE,
+    "MAX_INPUT_SAMPLE_RATE": MAX_INPUT_SAMPLE_RATE,
+    "MAX_ADAPTER_BYTES": MAX_ADAPTER_BYTES,
+    "MAX_ADAPTER_CONFIG_BYTES": MAX_ADAPTER_CONFIG_BYTES,
+    "MAX_ADAPTER_MANIFEST_BYTES": MAX_ADAPTER_MANIFEST_BYTES,
+}

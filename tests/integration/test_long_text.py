@@ -230,3 +230,46 @@ def test_csm_lm_says_how_a_generation_ended_on_its_final_response(grpc_client):
     finally:
         grpc_client.stop_stream()
     assert frames == 3 and reasons == [[b"max_frames"]]
+
+
+SENTENCES = "It costs $5.30. Dr. Smith is here! Is that right? Yes."
+
+
+def sentence_inputs():
+    return [
+        tensor(grpc, "TEXT", text(SENTENCES)),
+        tensor(grpc, "SENTENCE_SEGMENTS", np.array([True])),
+        tensor(grpc, "SEED", np.array([SEED], np.int64)),
+    ]
+
+
+def test_sentence_segments_time_every_sentence_whole_and_streamed(long_text_budget, grpc_client):
+    whole = grpc_client.infer("csm_tts", sentence_inputs(), client_timeout=300)
+    spoken = [t.decode() for t in whole.as_numpy("NORMALIZED_TEXT")]
+    # one caption per sentence as written (the title "Dr." does not end one), as spoken
+    assert len(spoken) == 4 and spoken[0] == "It costs five dollars and thirty cents." and spoken[-1] == "Yes."
+    assert "Smith" in spoken[1] and spoken[2] == "Is that right?"
+    times, frames = whole.as_numpy("SEGMENT_TIMES"), whole.as_numpy("SEGMENT_FRAMES")
+    audio = whole.as_numpy("AUDIO")
+    # monotonic, back to back, covering the audio, each boundary where the engine's frame
+    # counts put it (exact to the sample: the frames before it x 80 ms)
+    assert times.shape == (4, 2) and times[0, 0] == 0.0 and np.all(times[:, 1] > times[:, 0])
+    assert np.array_equal(times[1:, 0], times[:-1, 1])
+    assert np.allclose(times[:, 1], np.cumsum(frames) * C.SAMPLES_PER_FRAME / C.SAMPLE_RATE, atol=1e-5)
+    assert abs(times[-1, 1] - audio.size / C.SAMPLE_RATE) < 1e-5
+    # The same sentences streamed: the same segments, the same audio at the same seed.
+    streamed = []
+    grpc_client.start_stream(callback=lambda result, error: streamed.append((result, error)))
+    try:
+        grpc_client.async_stream_infer("csm_tts_stream", sentence_inputs(), enable_empty_final_response=True)
+        deadline = time.monotonic() + 300
+        while not any(r is not None and r.as_numpy("SEGMENT_TIMES") is not None for r, _ in streamed):
+            assert time.monotonic() < deadline and not any(e is not None for _, e in streamed), streamed
+            time.sleep(0.05)
+    finally:
+        grpc_client.stop_stream()
+    final = next(r for r, _ in streamed if r.as_numpy("SEGMENT_TIMES") is not None)
+    assert final.as_numpy("SEGMENT_FRAMES").tolist() == frames.tolist()
+    assert np.array_equal(final.as_numpy("SEGMENT_TIMES"), times)
+    chunks = [r.as_numpy("AUDIO") for r, _ in streamed if r.as_numpy("AUDIO") is not None]
+    assert snr_db(audio, np.concatenate(chunks)) >= 30.0

@@ -29,11 +29,7 @@ import pytest
 import soundfile
 from conftest import kserve_front_process
 
-from csm_clients.limits import (
-    MAX_CONTEXT_AUDIO_SECONDS,
-    MAX_CONTEXT_TURNS,
-    MAX_TURN_SECONDS,
-)
+from csm_clients.limits import DEFAULT_LIMITS
 from csm_servers.gateway.guard import GatewayLimits
 
 from .test_gateway_limits import (
@@ -47,6 +43,9 @@ from .test_gateway_limits import (
 
 pytestmark = pytest.mark.security
 ROOT = Path(__file__).resolve().parents[2]
+# The documented limits: what the gateway checks with while its Triton cannot be asked.
+MAX_CONTEXT_AUDIO_SECONDS = DEFAULT_LIMITS.MAX_CONTEXT_AUDIO_SECONDS
+MAX_CONTEXT_TURNS, MAX_TURN_SECONDS = DEFAULT_LIMITS.MAX_CONTEXT_TURNS, DEFAULT_LIMITS.MAX_TURN_SECONDS
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,7 @@ def test_every_input_is_read_and_the_voice_and_context_pass_through_untouched():
             "TEXT": texts("Hi."),
             "SPEAKER": np.array([3], np.int32),
             "NORMALIZE": np.array([False]),
+            "SENTENCE_SEGMENTS": np.array([True]),
             "VOICE_ID": texts("alice"),
             "REFERENCE_TEXT": texts("a clip"),
             "CONTEXT_TEXT": texts("one", "two"),
@@ -44,6 +45,7 @@ def test_every_input_is_read_and_the_voice_and_context_pass_through_untouched():
         }
     )
     assert (asked.speaker, asked.speaker_given, asked.normalize, asked.budget_every_segment) == (3, True, False, True)
+    assert asked.sentence_segments
     assert (asked.voice_id, asked.reference_text) == ("alice", "a clip")
     assert asked.context["texts"] == ["one", "two"] and asked.context["voice_ids"] == ["bob"]
     assert asked.context["audio"] is audio
@@ -56,6 +58,7 @@ def test_every_input_is_read_and_the_voice_and_context_pass_through_untouched():
         ({"TEXT": texts("...")}, "TEXT"),  # nothing to speak
         ({"TEXT": texts("Hi."), "SPEAKER": np.array([C.MAX_SPEAKER_ID + 1], np.int32)}, "SPEAKER"),
         ({"TEXT": texts("Hi."), "NORMALIZE": np.array([1], np.int32)}, "NORMALIZE"),
+        ({"TEXT": texts("Hi."), "SENTENCE_SEGMENTS": np.array([True, False])}, "SENTENCE_SEGMENTS"),
         ({"TEXT": texts("Hi."), "VOICE_ID": texts(" ")}, "VOICE_ID"),
         ({"TEXT": np.array([b"\xff\xfe"], dtype=object)}, "TEXT"),  # not UTF-8
     ],

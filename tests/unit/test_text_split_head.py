@@ -46,13 +46,18 @@ def loaded():
     normalize.load()
 
 
+@pytest.mark.parametrize("per_sentence", [False, True], ids=["packed", "per-sentence"])
 @pytest.mark.parametrize("spoken", [False, True], ids=["as-written", "normalized"])
-def test_head_and_rest_are_the_whole_split(loaded, spoken):
+def test_head_and_rest_are_the_whole_split(loaded, spoken, per_sentence):
     norm = unbudgeted if spoken else None
     for text in texts():
-        head, spoken_rest, raw_rest = text_split.split_head(text, normalize=norm)
-        rest = text_split.split_pieces(raw_rest, normalize=norm, spoken=spoken_rest) if raw_rest or spoken_rest else []
-        assert head + rest == text_split.split_text(text, normalize=norm), text[:80]
+        head, spoken_rest, raw_rest = text_split.split_head(text, normalize=norm, per_sentence=per_sentence)
+        rest = (
+            text_split.split_pieces(raw_rest, normalize=norm, spoken=spoken_rest, per_sentence=per_sentence)
+            if raw_rest or spoken_rest
+            else []
+        )
+        assert head + rest == text_split.split_text(text, normalize=norm, per_sentence=per_sentence), text[:80]
         if len(text) > 2 * C.SEGMENT_MAX_CHARS:
             assert len(head) == 1 and (raw_rest or spoken_rest), "a long text gets a head of one segment"
 
@@ -86,3 +91,21 @@ def test_a_head_followed_by_blanks_only_has_no_rest(loaded):
     text = "Hello world." + " " * 400
     for norm in (None, unbudgeted):
         assert text_split.split_head(text, normalize=norm) == (text_split.split_text(text, normalize=norm), [], [])
+
+
+def test_per_sentence_each_sentence_is_a_segment_and_marks_without_words_stay_with_one(loaded):
+    text = "… Hello there. It costs $5.30! Is it? …"
+    assert text_split.split_text(text, per_sentence=True) == ["… Hello there.", "It costs $5.30!", "Is it? …"]
+    assert text_split.split_text(text, normalize=unbudgeted, per_sentence=True)[1] == (
+        "It costs five dollars and thirty cents!"
+    )
+    assert text_split.split_text(text) == [text], "packed, a short text stays one segment"
+    assert text_split.split_text("One sentence only.", per_sentence=True) == ["One sentence only."]
+
+
+def test_per_sentence_splits_only_at_sentences_and_still_cuts_one_past_a_segment(loaded):
+    text = "First one. " + "word " * 100 + "end. Last one."
+    segments = text_split.split_text(text, per_sentence=True)
+    assert segments[0] == "First one." and segments[-1] == "Last one."
+    assert all(len(segment) <= C.SEGMENT_MAX_CHARS for segment in segments)
+    assert " ".join(segments[1:-1]).split() == ("word " * 100 + "end.").split()

@@ -25,6 +25,7 @@ from websockets.sync.client import connect
 
 from csm_clients.audio import Speech
 from csm_clients.errors import InvalidRequest, PermissionDenied, ServerUnavailable
+from csm_clients.limits import DEFAULT_LIMITS
 from csm_clients.text_stream import FLUSH, ROUTE, stream_text
 from csm_servers.gateway.sentences import TITLES, WINDOW_CHARS, SentenceSplitter
 from csm_triton import constants as C
@@ -87,6 +88,9 @@ class FakeStream:
 class FakeCloner:
     def __init__(self):
         self.calls, self.cancelled, self.chunk_delay_s = [], [], 0.01
+
+    async def limits(self):
+        return DEFAULT_LIMITS
 
     def stream(self, text, **options):
         self.calls.append((text, options))

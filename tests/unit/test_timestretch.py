@@ -14,6 +14,7 @@ import pytest
 import soundfile
 
 from csm_clients import InvalidRequest, Speech
+from csm_clients.limits import DEFAULT_LIMITS
 from csm_clients.streams import SpeechStream
 from csm_clients.timestretch import TimeStretcher, check_speed, needs_stretch, stretch
 from csm_servers.gateway.encoding import FORMATS, StreamEncoder, encode
@@ -134,6 +135,9 @@ class _FakeTriton:
     def _chunks(self):
         return [Speech(part, RATE) for part in _chunked(self.AUDIO, [1920 * 4] + [1920 * 12] * 40)]
 
+    async def limits(self):
+        return DEFAULT_LIMITS
+
     async def synthesize(self, text, voice=None, **options):
         return Speech(self.AUDIO, RATE, ("end_of_speech",), (self.AUDIO.size // 1920,))
 
@@ -154,6 +158,9 @@ class _FakeSyncTriton(_FakeTriton):
 
     def __exit__(self, *exc):
         return False
+
+    def limits(self):
+        return DEFAULT_LIMITS
 
     def synthesize(self, text, voice=None, **options):
         return Speech(self.AUDIO, RATE, ("end_of_speech",), (self.AUDIO.size // 1920,))

@@ -39,7 +39,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from csm_clients.audio import Reference, read_reference_clip
 from csm_clients.client import AsyncVoiceCloner
 from csm_clients.errors import CsmClientError, InvalidRequest, PermissionDenied, ServerError, ServerUnavailable
-from csm_clients.limits import check_sampling
+from csm_clients.limits import Limits, check_sampling
 from csm_clients.timestretch import check_speed, needs_stretch, stretch
 from csm_servers.gateway.guard import DEFAULT_MAX_UPLOAD_MB, GatewayGuard, GatewayLimits
 from csm_servers.gateway.keys import ApiKeys, MissingApiKey
@@ -91,10 +91,10 @@ def _field_errors(error: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
-def reference_from_upload(upload: io.BytesIO, transcript: str | None) -> Reference:
+def reference_from_upload(upload: io.BytesIO, transcript: str | None, limits: Limits) -> Reference:
     """An uploaded reference clip, judged by its header before it is decoded (a clip over
     the server's reference limit is refused without decoding it)."""
-    return Reference(*read_reference_clip(upload, "the reference clip"), transcript)
+    return Reference(*read_reference_clip(upload, "the reference clip", limits), transcript)
 
 
 def create_app(
@@ -201,15 +201,18 @@ def create_app(
         model's default voice, optionally after earlier turns of a conversation, at
         `speed` (pitch-preserving); answers audio/wav."""
         sampling = {"seed": seed, "temperature": temperature, "top_k": top_k, "max_audio_seconds": max_audio_seconds}
-        check_sampling(**sampling)  # before they become INT32/INT64/FP32 tensors
+        limits = await state["cloner"].limits()  # the server's, read once
+        check_sampling(**sampling, limits=limits)  # before they become INT32/INT64/FP32 tensors
         if speed is not None:
             check_speed(speed)  # before Triton works: a NaN or 5 is refused at once
-        sampling.update(await decoded(conversation, text, speaker, context_from_json(context), max_upload_bytes))
+        sampling.update(
+            await decoded(conversation, text, speaker, context_from_json(context), max_upload_bytes, limits)
+        )
         voice: str | Reference | None = voice_name or None
         if reference_audio is not None and reference_audio.filename:
             if voice is not None:
                 raise InvalidRequest("give either voice_name or reference_audio, not both")
-            voice = await decoded(reference_from_upload, await read_upload(reference_audio), reference_text)
+            voice = await decoded(reference_from_upload, await read_upload(reference_audio), reference_text, limits)
         started = time.perf_counter()
         speech = await state["cloner"].synthesize(text, voice=voice, **sampling)
         if needs_stretch(speed):
@@ -233,7 +236,8 @@ def create_app(
         reference_text: Annotated[str, Form(description="what the clip says")],
     ):
         """Store a voice for later use by name (needs a gateway API key; the voice is that key's)."""
-        reference = await decoded(reference_from_upload, await read_upload(reference_audio), reference_text)
+        upload, limits = await read_upload(reference_audio), await state["cloner"].limits()
+        reference = await decoded(reference_from_upload, upload, reference_text, limits)
         return {
             "voice": await state["cloner"].register_voice(
                 voice_name, reference, reference_text, owner=request.state.api_key_id

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from csm_clients.audio import Reference, Speech, read_reference_clip
 from csm_clients.client import AsyncVoiceCloner
 from csm_clients.errors import CsmClientError, FieldError, InvalidRequest
-from csm_clients.limits import check_sampling
+from csm_clients.limits import Limits, check_sampling
 from csm_clients.timestretch import MAX_SPEED, MIN_SPEED, TimeStretcher, needs_stretch, stretch
 from csm_servers.gateway.encoding import FORMATS, StreamEncoder, encode
 from csm_servers.gateway.keys import ApiKeys
@@ -90,7 +90,7 @@ class SpeechRequest(BaseModel):
             raise OpenAIError(400, "voice: give a stored voice id or one of OpenAI's voice names", param="voice")
         return None if voice.lower() in OPENAI_VOICES else voice
 
-    def sampling(self) -> dict[str, Any]:
+    def sampling(self, limits: Limits) -> dict[str, Any]:
         values = {
             "seed": self.seed,
             "temperature": self.temperature,
@@ -98,7 +98,7 @@ class SpeechRequest(BaseModel):
             "max_audio_seconds": self.max_audio_seconds,
         }
         try:
-            check_sampling(**values)
+            check_sampling(**values, limits=limits)
         except InvalidRequest as error:
             raise OpenAIError(400, str(error), param=str(error).split(":", 1)[0]) from None
         return values
@@ -179,8 +179,9 @@ def openai_router(
     async def _answer(body: SpeechRequest, answer: Callable) -> Any:
         """Both speech routes: the body checked and decoded, then `answer`; a refused voice names its field."""
         _check(body)
-        voice, sampling = body.voice_id(), body.sampling()
-        sampling.update(await decoded(conversation, body.input, body.speaker, body.context, max_upload_bytes))
+        limits = await cloner().limits()  # the server's, read once
+        voice, sampling = body.voice_id(), body.sampling(limits)
+        sampling.update(await decoded(conversation, body.input, body.speaker, body.context, max_upload_bytes, limits))
         try:
             return await answer(body, voice, sampling)
         except FieldError:
@@ -258,7 +259,7 @@ def openai_router(
                 param="audio_sample",
             )
         try:
-            samples, rate = await decoded(read_reference_clip, data, "audio_sample")
+            samples, rate = await decoded(read_reference_clip, data, "audio_sample", await cloner().limits())
         except InvalidRequest as error:
             raise OpenAIError(400, str(error), param="audio_sample") from None
         stored = await cloner().register_voice(

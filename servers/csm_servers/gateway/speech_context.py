@@ -34,7 +34,7 @@ from csm_clients.audio import AudioTooLong, read_audio
 from csm_clients.context_json import turns_from_json
 from csm_clients.conversation import Turn, check_context, check_text
 from csm_clients.errors import FieldError, InvalidRequest
-from csm_clients.limits import MAX_CONTEXT_AUDIO_SECONDS, MAX_TURN_SECONDS, check_speaker
+from csm_clients.limits import Limits, check_speaker
 
 __all__ = [
     "MAX_JSON_VALUES",
@@ -133,7 +133,7 @@ class _Named(io.BytesIO):
         return self.label
 
 
-def _clip(audio: str, index: int, budget: int, seconds_before: float) -> tuple[np.ndarray, int, int]:
+def _clip(audio: str, index: int, budget: int, seconds_before: float, limits: Limits) -> tuple[np.ndarray, int, int]:
     """The turn's clip, decoded within its own limit and what the clips before it
     (`seconds_before` of audio) left of the total; (its samples, their rate, its bytes)."""
     where = f"context[{index}].audio"
@@ -146,24 +146,24 @@ def _clip(audio: str, index: int, budget: int, seconds_before: float) -> tuple[n
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError):
         raise FieldError(f"{where}: is not base64 (give the bytes of an audio file, base64-encoded)", where) from None
-    left = MAX_CONTEXT_AUDIO_SECONDS - seconds_before
+    most, left = limits.MAX_TURN_SECONDS, limits.MAX_CONTEXT_AUDIO_SECONDS - seconds_before
     try:
         # Bounded by one clip's limit and what is left of the total, from the header
         # first: an hour of silence is a few hundred KB of FLAC, well inside the byte
         # budget, and 16 clips of 30 s must not all be decoded to learn they pass 60 s.
-        samples, rate = read_audio(_Named(data, where), where, max_seconds=min(MAX_TURN_SECONDS, left))
+        samples, rate = read_audio(_Named(data, where), where, max_seconds=min(most, left), limits=limits)
     except AudioTooLong as error:
-        if left >= MAX_TURN_SECONDS:  # the clip's own limit was the bound
+        if left >= most:  # the clip's own limit was the bound
             raise FieldError(str(error), where) from None
-        if error.by_header and error.seconds > MAX_TURN_SECONDS:  # over both: name the clip's own
+        if error.by_header and error.seconds > most:  # over both: name the clip's own
             raise FieldError(
-                f"{where} is (by its header) {error.seconds:.2f} s long; the limit is {MAX_TURN_SECONDS:g} s", where
+                f"{where} is (by its header) {error.seconds:.2f} s long; the limit is {most:g} s", where
             ) from None
         total = seconds_before + error.seconds
         raise FieldError(
             f"context: the context clips hold {'' if error.by_header else 'at least '}{total:.1f} s "
             f"of audio up to {where} ({seconds_before:.1f} s before it); the limit is "
-            f"{MAX_CONTEXT_AUDIO_SECONDS:g} s for all clips together (MAX_CONTEXT_AUDIO_SECONDS)",
+            f"{limits.MAX_CONTEXT_AUDIO_SECONDS:g} s for all clips together (MAX_CONTEXT_AUDIO_SECONDS)",
             "context",
         ) from None
     except InvalidRequest as error:
@@ -171,15 +171,18 @@ def _clip(audio: str, index: int, budget: int, seconds_before: float) -> tuple[n
     return samples, rate, len(data)
 
 
-def conversation(input_text: str, speaker: int | None, context: list[ContextTurn] | None, max_clip_bytes: int) -> dict:
-    """synthesize()'s `speaker` and `context` from the body, checked; FieldError names the field."""
+def conversation(
+    input_text: str, speaker: int | None, context: list[ContextTurn] | None, max_clip_bytes: int, limits: Limits
+) -> dict:
+    """synthesize()'s `speaker` and `context` from the body, checked against the server's
+    `limits` (the gateway's client's); FieldError names the field."""
     try:
-        check_text(input_text, "TEXT")
+        check_text(input_text, "TEXT", limits)
     except InvalidRequest as error:
         raise FieldError(f"input: {error}", "input") from None
     if speaker is not None:
         try:
-            check_speaker(speaker, "speaker")
+            check_speaker(speaker, "speaker", limits)
         except InvalidRequest as error:
             raise FieldError(str(error), "speaker") from None
     if not context:
@@ -188,16 +191,16 @@ def conversation(input_text: str, speaker: int | None, context: list[ContextTurn
 
     def load_clip(index: int, audio: str, text: str | None, turn_speaker: int) -> Turn:
         nonlocal budget, seconds
-        samples, rate, size = _clip(audio, index, budget, seconds)
+        samples, rate, size = _clip(audio, index, budget, seconds, limits)
         clip = Turn(text, turn_speaker, samples, rate)
         budget -= size
         seconds += clip.seconds
         return clip
 
     # The shared parser (csm_clients.context_json): the turns counted before any clip is decoded.
-    turns = turns_from_json([turn.model_dump(exclude_none=True) for turn in context], load_clip)
+    turns = turns_from_json([turn.model_dump(exclude_none=True) for turn in context], load_clip, limits)
     try:
-        check_context(turns, speaker)  # the tensors are built once, when the request is sent
+        check_context(turns, speaker, limits)  # the tensors are built once, when the request is sent
     except InvalidRequest as error:
         message = _TURN_PREFIX.sub(r"context[\1]:", str(error))  # the body's name for the turn
         raise FieldError(message, _param(str(error))) from None

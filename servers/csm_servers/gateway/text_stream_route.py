@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from csm_clients.client import AsyncVoiceCloner
 from csm_clients.errors import CsmClientError, FieldError, InvalidRequest, ServerUnavailable
-from csm_clients.limits import MAX_LONG_TEXT_CHARS, check_sampling, check_speaker
+from csm_clients.limits import DEFAULT_LIMITS, check_sampling, check_speaker
 from csm_servers.gateway.encoding import StreamEncoder
 from csm_servers.gateway.guard import GatewayLimits
 from csm_servers.gateway.keys import ApiKeys
@@ -96,6 +96,7 @@ class TextStreamSession:
 
     def __init__(self, websocket: WebSocket, cloner: AsyncVoiceCloner, limits: GatewayLimits):
         self.websocket, self.cloner, self.limits = websocket, cloner, limits
+        self.server_limits = DEFAULT_LIMITS  # the server's, read as the session opens (run)
         self.options = StartMessage(type="start")
         self.splitter = SentenceSplitter()
         self.sentences: asyncio.Queue[str | None] = asyncio.Queue()
@@ -109,6 +110,7 @@ class TextStreamSession:
 
     async def run(self) -> None:
         await self.websocket.accept()
+        self.server_limits = await self.cloner.limits()
         reader, speaker = asyncio.create_task(self._read()), asyncio.create_task(self._speak())
         error: SessionError | None = None
         try:
@@ -247,9 +249,11 @@ class TextStreamSession:
             raise SessionError("late_start", "start must be the first message of the session")
         try:
             options = StartMessage.model_validate(data)
-            check_sampling(seed=options.seed, temperature=options.temperature, top_k=options.top_k)
+            check_sampling(
+                seed=options.seed, temperature=options.temperature, top_k=options.top_k, limits=self.server_limits
+            )
             if options.speaker is not None:
-                check_speaker(options.speaker)
+                check_speaker(options.speaker, limits=self.server_limits)
         except ValidationError as error:
             first = error.errors()[0]
             where = ".".join(str(part) for part in first.get("loc", ()))
@@ -270,10 +274,10 @@ class TextStreamSession:
                 "invalid_message", 'a text message carries the text as a string: {"type": "text", "text": "..."}'
             )
         self.text_chars += len(text)
-        if self.text_chars > MAX_LONG_TEXT_CHARS:
+        if self.text_chars > self.server_limits.MAX_LONG_TEXT_CHARS:
             raise SessionError(
                 "text_too_long",
-                f"the session's text passed {MAX_LONG_TEXT_CHARS:,} characters, "
+                f"the session's text passed {self.server_limits.MAX_LONG_TEXT_CHARS:,} characters, "
                 "the server's limit for one text (MAX_LONG_TEXT_CHARS)",
             )
         self._queue(self.splitter.feed(text))

@@ -2,7 +2,7 @@
 
 The model hands over the tensors the request carries (`INPUT_NAMES`, absent ones left
 out); `PrepareRequest.from_inputs` decodes and checks every input that is cheap to
-check (TEXT, SPEAKER, NORMALIZE, the voice's id and transcript), in that order, before
+check (TEXT, SPEAKER, NORMALIZE, SENTENCE_SEGMENTS, the voice's id and transcript), in that order, before
 any voice is resolved or audio encoded. What needs the voice store or the encoder (the
 voice, the context turns' audio) is checked where they are used, in core.voices and
 core.conversation, from the fields kept here untouched.
@@ -25,6 +25,7 @@ __all__ = ["CLIENT_INPUTS", "INPUT_NAMES", "PrepareRequest"]
 CLIENT_INPUTS = (
     "TEXT",
     "NORMALIZE",
+    "SENTENCE_SEGMENTS",
     "VOICE_ID",
     "REFERENCE_AUDIO",
     "REFERENCE_SAMPLE_RATE",
@@ -49,6 +50,8 @@ class PrepareRequest:
     speaker_given: bool  # an adapter voice's default speaker applies only when SPEAKER is absent
     normalize: bool
     budget_every_segment: bool
+    # SENTENCE_SEGMENTS: each sentence a segment of its own, so SEGMENT_TIMES time sentences
+    sentence_segments: bool = False
     head_only: bool = False
     # The rest of a text split by head_only: its sentences as written, and the parts of the
     # sentence the head ended in, normalized already. None: TEXT is split here.
@@ -76,6 +79,7 @@ class PrepareRequest:
             speaker=conversation.speaker_id(inputs.get("SPEAKER")),
             speaker_given="SPEAKER" in inputs,
             normalize=validation.flag(inputs.get("NORMALIZE"), "NORMALIZE", True),
+            sentence_segments=validation.flag(inputs.get("SENTENCE_SEGMENTS"), "SENTENCE_SEGMENTS", False),
             budget_every_segment=validation.flag(inputs.get("budget_every_segment"), "budget_every_segment", False),
             head_only=validation.flag(inputs.get("head_only"), "head_only", False),
             pieces=pieces,

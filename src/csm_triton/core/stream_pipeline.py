@@ -60,7 +60,7 @@ SAMPLE_RATE = np.array([C.SAMPLE_RATE], dtype=np.int32)
 REST_WAIT_S = C.NORMALIZE_BUDGET_SECONDS + 3.0
 # The inputs a rest's csm_prepare request carries of the stream's: the text and how to speak
 # it (an adapter voice's default speaker comes with VOICE_ID), never the audio.
-REST_INPUTS = ("TEXT", "NORMALIZE", "VOICE_ID", "SPEAKER")
+REST_INPUTS = ("TEXT", "NORMALIZE", "SENTENCE_SEGMENTS", "VOICE_ID", "SPEAKER")
 LOG = logging.getLogger("csm_triton")
 
 

@@ -124,12 +124,29 @@ def _pieces(text: str, max_chars: int) -> list[str]:
     return pieces
 
 
-def _pack(pieces: list[str], max_chars: int) -> list[str]:
-    """Consecutive pieces grouped into segments of at most `max_chars` (stripped, none blank)."""
+def _speakable(text: str) -> bool:
+    return any(character.isalnum() for character in text)
+
+
+def _starts_segment(current: str, part: str, max_chars: int, per_sentence: bool) -> bool:
+    """Whether `part` begins a new segment after `current`, the segment so far (_pack's
+    rule, which split_head follows too): when it would not fit, or, one sentence per
+    segment, when both are sentences with words (a "..." or a closing quote stays with the
+    sentence before it, or goes with the next one when nothing came before)."""
+    if not current:
+        return False
+    if len(current) + len(part) > max_chars:
+        return True
+    return per_sentence and _speakable(part) and _speakable(current)
+
+
+def _pack(pieces: list[str], max_chars: int, per_sentence: bool = False) -> list[str]:
+    """Consecutive pieces grouped into segments of at most `max_chars` (stripped, none
+    blank); with `per_sentence`, each sentence a segment of its own."""
     segments: list[str] = []
     current = ""
     for piece in pieces:
-        if current and len(current) + len(piece) > max_chars:
+        if _starts_segment(current, piece, max_chars, per_sentence):
             segments.append(current)
             current = ""
         current += piece
@@ -138,9 +155,12 @@ def _pack(pieces: list[str], max_chars: int) -> list[str]:
     return [segment for segment in segments if segment]
 
 
-def split_text(text: str, max_chars: int = C.SEGMENT_MAX_CHARS, normalize: Normalize | None = None) -> list[str]:
+def split_text(
+    text: str, max_chars: int = C.SEGMENT_MAX_CHARS, normalize: Normalize | None = None, per_sentence: bool = False
+) -> list[str]:
     """The text as segments of whole sentences, each at most `max_chars` characters
-    (stripped; a text that fits is one segment, unchanged).
+    (stripped; a text that fits is one segment, unchanged), or with `per_sentence` each
+    sentence a segment of its own (SENTENCE_SEGMENTS: its times are the sentence's).
 
     With `normalize` (core.normalize.normalize_texts) the segments hold the text as it
     is to be spoken, and the limit applies to that. The order: the raw text is cut into
@@ -149,7 +169,7 @@ def split_text(text: str, max_chars: int = C.SEGMENT_MAX_CHARS, normalize: Norma
     normalizer must never see more than a segment at once: its cost grows with the
     input); then each sentence is normalized; then the normalized sentences are packed
     into segments, a sentence that grew past `max_chars` cut again."""
-    pieces = [text] if len(text) <= max_chars else _pieces(text, max_chars)
+    pieces = [text] if len(text) <= max_chars and not per_sentence else _pieces(text, max_chars)
     if normalize is not None:
         pieces = normalize(pieces)
         if len(pieces) == 1 and len(pieces[0]) <= max_chars:
@@ -157,7 +177,7 @@ def split_text(text: str, max_chars: int = C.SEGMENT_MAX_CHARS, normalize: Norma
         pieces = _recut(pieces, max_chars)
     elif len(pieces) == 1:
         return pieces
-    return _pack(pieces, max_chars)
+    return _pack(pieces, max_chars, per_sentence)
 
 
 def split_pieces(
@@ -166,24 +186,26 @@ def split_pieces(
     normalize: Normalize | None = None,
     *,
     spoken: Sequence[str] = (),
+    per_sentence: bool = False,
 ) -> list[str]:
     """The segments of split_head's rest, as split_text packs them: `spoken`, sentence
     parts normalized already, then the sentences `raw`, normalized here."""
     parts = list(raw) if normalize is None or not raw else _recut(normalize(list(raw)), max_chars)
-    return _pack([*spoken, *parts], max_chars)
+    return _pack([*spoken, *parts], max_chars, per_sentence)
 
 
 def split_head(
-    text: str, max_chars: int = C.SEGMENT_MAX_CHARS, normalize: Normalize | None = None
+    text: str, max_chars: int = C.SEGMENT_MAX_CHARS, normalize: Normalize | None = None, per_sentence: bool = False
 ) -> tuple[list[str], list[str], list[str]]:
     """(split_text's first segment, the rest's parts normalized already, the rest's raw
     sentences), normalizing only the sentences the first segment needs, so that a long
     text's first audio does not wait for the normalization of all of it:
-    split_text(text, ...) == head + split_pieces(raw, ..., spoken=spoken). A text that
+    split_text(text, ...) == head + split_pieces(raw, ..., spoken=spoken) (with the same
+    `per_sentence`: then the head is the first sentence). A text that
     fits one segment has no rest; so has one whose first segment does not end within its
     first HEAD_MAX_CHARS characters (it is split whole: a bounded cost either way)."""
     if len(text) <= max_chars:
-        return split_text(text, max_chars, normalize), [], []
+        return split_text(text, max_chars, normalize, per_sentence), [], []
     pieces = _pieces(text, max_chars)
     current, read = "", 0
     for index, raw in enumerate(pieces):
@@ -192,15 +214,16 @@ def split_head(
             break
         parts = [raw] if normalize is None else _recut(normalize([raw]), max_chars)
         for position, part in enumerate(parts):
-            if current.strip() and len(current) + len(part) > max_chars:  # _pack's rule: `current` is a segment
+            new_segment = _starts_segment(current, part, max_chars, per_sentence)
+            if current.strip() and new_segment:  # `current` is the head
                 spoken, raw = parts[position:], pieces[index + 1 :]
                 if not any(piece.strip() for piece in (*spoken, *raw)):  # only blanks left: no rest
                     return [current.strip()], [], []
                 return [current.strip()], spoken, raw
-            if current and len(current) + len(part) > max_chars:  # a blank segment: _pack drops it
+            if new_segment:  # a blank segment: _pack drops it
                 current = ""
             current += part
-    return split_text(text, max_chars, normalize), [], []
+    return split_text(text, max_chars, normalize, per_sentence), [], []
 
 
 def _recut(pieces: list[str], max_chars: int) -> list[str]:

@@ -64,9 +64,13 @@ class PrepareModel(triton.PythonModel):
             return self._rest(asked)
         rest_spoken, rest_raw = [], []
         if asked.head_only:  # csm_tts_stream: the first segment now, the rest while it is spoken
-            texts, rest_spoken, rest_raw = text_split.split_head(asked.text, normalize=self._normalizer(asked))
+            texts, rest_spoken, rest_raw = text_split.split_head(
+                asked.text, normalize=self._normalizer(asked), per_sentence=asked.sentence_segments
+            )
         else:
-            texts = text_split.split_text(asked.text, normalize=self._normalizer(asked))
+            texts = text_split.split_text(
+                asked.text, normalize=self._normalizer(asked), per_sentence=asked.sentence_segments
+            )
         context = conversation.context_turns(
             **asked.context, lookup_voice=self._stored_voice, encode=forward_mimi_encoder
         )
@@ -96,7 +100,12 @@ class PrepareModel(triton.PythonModel):
 
     def _rest(self, asked: PrepareRequest):
         """The segments of a text's rest alone (its head came before, with the prompt)."""
-        texts = text_split.split_pieces(asked.pieces, normalize=self._normalizer(asked), spoken=asked.spoken_pieces)
+        texts = text_split.split_pieces(
+            asked.pieces,
+            normalize=self._normalizer(asked),
+            spoken=asked.spoken_pieces,
+            per_sentence=asked.sentence_segments,
+        )
         adapter = self.voices.adapter_voice(asked.voice_id)
         return {
             "input_ids": np.zeros(0, np.int64),
