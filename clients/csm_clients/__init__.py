@@ -12,8 +12,9 @@ Needs only tritonclient, numpy, soundfile and soxr (never torch):
 distribution).
 """
 
+from csm_clients.async_client import AsyncVoiceCloner
 from csm_clients.audio import MODEL_SAMPLE_RATE, Reference, Speech, read_audio
-from csm_clients.client import AsyncVoiceCloner, VoiceCloner
+from csm_clients.client import VoiceCloner
 from csm_clients.conversation import Turn
 from csm_clients.errors import CsmClientError, InvalidRequest, PermissionDenied, ServerError, ServerUnavailable
 from csm_clients.streams import AsyncSpeechStream, SpeechStream

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+from csm_clients.async_client import AsyncVoiceCloner
 from csm_clients.audio import Reference
-from csm_clients.client import AsyncVoiceCloner
 from csm_clients.context_json import turns_from_json
 from csm_clients.conversation import Turn
 from csm_clients.errors import CsmClientError, FieldError

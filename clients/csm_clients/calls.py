@@ -78,12 +78,17 @@ def tts_inputs(
     speaker: int | None = None,
     context: Sequence[Turn] | None = None,
     continue_from: str | None = None,
+    normalize: bool | None = None,
+    sentence_segments: bool | None = None,
     limits: Limits = DEFAULT_LIMITS,
 ) -> dict[str, np.ndarray]:
     """csm_tts / csm_tts_stream inputs. `voice`: a stored voice id, an inline Reference,
     or None for the model's default voice; `speaker` and `context`: conversation.py;
     `continue_from` (csm_tts_stream only): "" for the first piece of a text sent in
-    pieces, then the CONTINUATION of the piece before; `limits`: the server's (limits.py)."""
+    pieces, then the CONTINUATION of the piece before; `limits`: the server's (limits.py).
+    `normalize` False: the text is spoken as written (the server reads numbers, money,
+    dates... as words by default); `sentence_segments` True: each sentence its own
+    segment, so SEGMENT_TIMES time sentences."""
     check_text(text, limits=limits)
     inputs = {"TEXT": _text(text)}
     if continue_from is not None:
@@ -97,6 +102,8 @@ def tts_inputs(
         "TOP_K": (top_k, np.int32),
         "SEED": (seed, np.int64),
         "MAX_AUDIO_SECONDS": (max_audio_seconds, np.float32),
+        "NORMALIZE": (normalize, bool),
+        "SENTENCE_SEGMENTS": (sentence_segments, bool),
     }
     inputs.update({name: np.array([value], dtype) for name, (value, dtype) in optional.items() if value is not None})
     inputs.update(context_inputs(context, speaker, limits))

@@ -47,12 +47,13 @@ import soundfile
 
 from csm_clients.adapters import read_adapter_folder
 from csm_clients.admin_token import admin_token_from_environment
+from csm_clients.async_client import AsyncVoiceCloner
 from csm_clients.audio import Reference
 from csm_clients.batch import run_batch
 from csm_clients.captions import FORMATS as CAPTION_FORMATS
 from csm_clients.captions import write_captions
-from csm_clients.cli_checks import SAMPLING_OPTIONS, UsageError, checked_request, sampling
-from csm_clients.client import AsyncVoiceCloner, VoiceCloner
+from csm_clients.cli_checks import SAMPLING_OPTIONS, UsageError, checked_request, sampling, text_options
+from csm_clients.client import VoiceCloner
 from csm_clients.errors import CsmClientError
 from csm_clients.limits import DEFAULT_LIMITS, check_sampling, check_speaker
 from csm_clients.pipe import add_pipe_parser, run_pipe
@@ -69,8 +70,12 @@ def _save(speech, args: argparse.Namespace) -> None:
     _captions(speech, args)
 
 
+CAPTIONS_HELP = "also write captions, one per sentence (.srt or .vtt); each sentence is spoken as a segment"
+
+
 def _captions(spoken, args: argparse.Namespace) -> None:
-    """--captions: one cue per segment (SEGMENT_TIMES, NORMALIZED_TEXT). `spoken`: a Speech or a stream."""
+    """--captions: one cue per sentence (SEGMENT_TIMES, NORMALIZED_TEXT: the request asked
+    for a segment per sentence, cli_checks.text_options). `spoken`: a Speech or a stream."""
     if args.captions is None:
         return
     if not spoken.segment_times:
@@ -96,7 +101,7 @@ def _voice(args):
 
 
 def _say(cloner: VoiceCloner, args) -> int:
-    speech = cloner.synthesize(args.text, voice=args.voice, **sampling(args), **args.request)
+    speech = cloner.synthesize(args.text, voice=args.voice, **sampling(args), **text_options(args), **args.request)
     _save(speech, args)
     _report_cut_segments(speech)
     return 0
@@ -118,7 +123,10 @@ def _report_cut_segments(spoken) -> None:
 
 
 def _clone(cloner: VoiceCloner, args) -> int:
-    _save(cloner.clone_voice_from_file(args.reference, args.transcript, args.text, **sampling(args)), args)
+    spoken = cloner.clone_voice_from_file(
+        args.reference, args.transcript, args.text, **sampling(args), **text_options(args)
+    )
+    _save(spoken, args)
     return 0
 
 
@@ -128,7 +136,7 @@ def _stream(cloner: VoiceCloner, args) -> int:
     voice = _voice(args)
     started, total = time.perf_counter(), 0.0
     output = stretcher = None
-    chunks = cloner.stream(args.text, voice=voice, **sampling(args), **args.request)
+    chunks = cloner.stream(args.text, voice=voice, **sampling(args), **text_options(args), **args.request)
     try:
         for number, chunk in enumerate(chunks, start=1):
             if output is None:  # opened on the first chunk: its rate is the stream's
@@ -241,6 +249,9 @@ def _parser() -> argparse.ArgumentParser:
     sampling.add_argument("--seed", type=int)
     sampling.add_argument("--max-audio-seconds", type=float)
     sampling.add_argument(
+        "--no-normalize", action="store_true", help="speak the text as written (default: numbers, dates... as words)"
+    )
+    sampling.add_argument(
         "--speed",
         type=float,
         default=1.0,
@@ -265,7 +276,7 @@ def _parser() -> argparse.ArgumentParser:
     output = argparse.ArgumentParser(add_help=False, parents=[sampling])
     output.add_argument("-o", "--out", type=Path, required=True, help="audio file (.wav, .flac, .ogg ...)")
     output.add_argument("--sample-rate", type=int, help="resample the result to this rate (default: as generated)")
-    output.add_argument("--captions", type=_caption_path, help="also write captions, one per segment (.srt or .vtt)")
+    output.add_argument("--captions", type=_caption_path, help=CAPTIONS_HELP)
 
     say = commands.add_parser(
         "say", parents=[output, conversation], help="speak text (a stored voice or the default one)"
@@ -282,7 +293,7 @@ def _parser() -> argparse.ArgumentParser:
 
     streamed = argparse.ArgumentParser(add_help=False, parents=[sampling, conversation])
     streamed.add_argument("-o", "--out", type=Path, required=True, help="audio file")
-    streamed.add_argument("--captions", type=_caption_path, help="also write captions, one per segment (.srt or .vtt)")
+    streamed.add_argument("--captions", type=_caption_path, help=CAPTIONS_HELP)
     streamed.add_argument("--voice", help="a stored voice id")
     streamed.add_argument("--reference", type=Path, help="a reference clip (with --transcript)")
     streamed.add_argument("--transcript", help="what the reference clip says")

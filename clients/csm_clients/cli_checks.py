@@ -28,6 +28,15 @@ def sampling(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name, None) for name in SAMPLING_OPTIONS}
 
 
+def text_options(args: argparse.Namespace) -> dict:
+    """How the text is read: --no-normalize speaks it as written; --captions asks for one
+    segment per sentence, so that each caption is a sentence timed exactly."""
+    return {
+        "normalize": False if args.no_normalize else None,
+        "sentence_segments": True if getattr(args, "captions", None) else None,
+    }
+
+
 class UsageError(Exception):
     """A command line refused before anything is sent: exit code 2."""
 

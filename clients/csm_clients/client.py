@@ -1,6 +1,6 @@
-"""VoiceCloner (blocking) and AsyncVoiceCloner (asyncio): the same calls over gRPC or HTTP.
+"""VoiceCloner (blocking; async_client.AsyncVoiceCloner: asyncio): the same calls over gRPC or HTTP.
 
-Both share one definition of every call (`_Calls`); they differ only in how a request
+Both share one definition of every call (`_Calls`, here); they differ only in how a request
 travels. gRPC is the default: binary tensors and real streams. Over HTTP, streaming
 uses Triton's `generate_stream` (server-sent events). The wire helpers both use are in
 transport.py; the admin token's lookup in admin_token.py. Each client reads the server's
@@ -9,16 +9,13 @@ limits (csm_tts's config) once, on first use, and checks every request against t
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpc
-import tritonclient.grpc.aio as grpc_aio
 import tritonclient.http as http
-import tritonclient.http.aio as http_aio
 from tritonclient.utils import InferenceServerException
 
 from csm_clients import calls
@@ -27,10 +24,10 @@ from csm_clients.audio import AudioSource, Reference, Speech, read_audio
 from csm_clients.conversation import Turn
 from csm_clients.errors import from_triton
 from csm_clients.limits import DEFAULT_LIMITS, Limits
-from csm_clients.streams import AsyncSpeechStream, SpeechStream, joined
-from csm_clients.transport import config_request, infer_inputs, stream_over_grpc, stream_over_sse, stream_step
+from csm_clients.streams import SpeechStream, joined
+from csm_clients.transport import config_request, infer_inputs, stream_over_grpc, stream_over_sse
 
-__all__ = ["AsyncVoiceCloner", "DEFAULT_URLS", "VoiceCloner"]
+__all__ = ["DEFAULT_URLS", "VoiceCloner"]
 
 DEFAULT_URLS = {"grpc": "localhost:8001", "http": "localhost:8000"}
 DEFAULT_TIMEOUT_S = 300.0  # a long utterance on a busy server; per request
@@ -64,12 +61,16 @@ class _Calls:
         max_audio_seconds: float | None = None,
         speaker: int | None = None,
         context: Sequence[Turn] | None = None,
+        normalize: bool | None = None,
+        sentence_segments: bool | None = None,
     ):
         """Text (up to 20,000 characters; the server splits a long one) -> Speech (24 kHz,
         watermarked). `voice`: a stored voice id, an inline Reference, or None for the
         model's default voice; None sampling values take the server's defaults.
         `speaker`: the speaker id of the text (default 0); `context`: earlier turns
         (`Turn`s, oldest first, stored voices before clips) the model conditions on.
+        `normalize` False: spoken as written; `sentence_segments` True: each sentence its
+        own segment, so `segment_times` time sentences (calls.tts_inputs).
 
         A text the server splits into segments (over its SEGMENT_MAX_CHARS) may pass
         csm_tts's 120 s in one response, so it is collected from csm_tts_stream instead:
@@ -82,6 +83,8 @@ class _Calls:
             max_audio_seconds=max_audio_seconds,
             speaker=speaker,
             context=context,
+            normalize=normalize,
+            sentence_segments=sentence_segments,
         )
 
         def send(limits: Limits):
@@ -111,6 +114,8 @@ class _Calls:
         speaker: int | None = None,
         context: Sequence[Turn] | None = None,
         continue_from: str | None = None,
+        normalize: bool | None = None,
+        sentence_segments: bool | None = None,
     ):
         """Like synthesize, yielding Speech chunks as they are generated (a long text's
         segments back to back, past csm_tts's 120 s); stopping early cancels the
@@ -129,6 +134,8 @@ class _Calls:
                     speaker=speaker,
                     context=context,
                     continue_from=continue_from,
+                    normalize=normalize,
+                    sentence_segments=sentence_segments,
                     limits=limits,
                 )
             )
@@ -290,105 +297,3 @@ class VoiceCloner(_Calls):
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class AsyncVoiceCloner(_Calls):
-    """asyncio client for many requests at once: `await cloner.synthesize(...)`,
-    `async for chunk in cloner.stream(...)`. Create it inside the running loop."""
-
-    _stream_type = AsyncSpeechStream
-
-    def __init__(
-        self,
-        url: str | None = None,
-        protocol: str = "grpc",
-        *,
-        admin_token: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT_S,
-    ):
-        self._configure(url, protocol, admin_token, timeout)
-        self._module = grpc_aio if protocol == "grpc" else http_aio
-        self._connection = None
-
-    @property
-    def _client(self):
-        # Made on first use, inside the running loop (aiohttp and grpc.aio bind to it).
-        if self._connection is None:
-            self._connection = (
-                grpc_aio.InferenceServerClient(self.url)
-                if self.protocol == "grpc"
-                else http_aio.InferenceServerClient(self.url, conn_timeout=self.timeout)
-            )
-        return self._connection
-
-    async def is_ready(self) -> bool:
-        try:
-            return bool(await self._client.is_server_ready())
-        except (InferenceServerException, OSError):
-            return False
-
-    async def limits(self) -> Limits:
-        """VoiceCloner.limits(), awaited."""
-        if self._limits is None:
-            try:
-                self._limits = Limits.from_model_config(
-                    await self._client.get_model_config(**config_request(self.protocol, self.timeout))
-                )
-            except (InferenceServerException, OSError):
-                return DEFAULT_LIMITS
-        return self._limits
-
-    async def _with_limits(self, send: Callable[[Limits], Any]) -> Any:
-        return await send(await self.limits())
-
-    async def _run(self, call: calls.Call) -> Any:
-        try:
-            result = await self._client.infer(**self._request(call))
-        except (InferenceServerException, OSError) as error:
-            raise from_triton(error, self.url) from None
-        return call.parse(result)
-
-    async def _stream(self, inputs: Callable[[Limits], dict[str, np.ndarray]]) -> AsyncIterator[Speech]:
-        inputs = inputs(await self.limits())  # checked before the first chunk
-        if self.protocol == "http":  # the blocking SSE reader, one chunk at a time off the loop
-            chunks = stream_over_sse(self.url, inputs, self.timeout)
-            try:
-                while (chunk := await asyncio.to_thread(next, chunks, None)) is not None:
-                    yield chunk
-            finally:
-                chunks.close()  # stopping early closes the connection: Triton cancels the generation
-            return
-
-        async def request():
-            yield {
-                "model_name": calls.STREAM_MODEL,
-                "inputs": infer_inputs(grpc_aio, inputs),
-                "enable_empty_final_response": True,
-            }
-
-        answers = self._client.stream_infer(request(), stream_timeout=self.timeout)
-        finished = False
-        try:
-            async for result, error in answers:
-                chunk, finished = stream_step(result, error, self.url)
-                if chunk is not None:
-                    yield chunk
-                if finished:
-                    break
-        finally:
-            if not finished:
-                answers.cancel()
-
-    async def _collect(self, stream: AsyncSpeechStream) -> Speech:
-        return joined([chunk async for chunk in stream], stream)
-
-    async def close(self) -> None:
-        if self._connection is not None:
-            await self._connection.close()
-            self._connection = None
-
-    async def __aenter__(self) -> AsyncVoiceCloner:
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self.close()

@@ -160,14 +160,14 @@ def test_batch_from_csv_through_the_console_script(triton_server, tmp_path):
 
 
 def test_captions_follow_the_servers_segment_times(cli, capsys):
-    """--captions: one cue per segment, timed by SEGMENT_TIMES, worded as spoken."""
+    """--captions: one cue per sentence (each spoken as a segment), timed by SEGMENT_TIMES, worded as spoken."""
     text = (
         "The first sentence is about the weather, which was grey and cold all morning long today. " * 2
         + "Then the sun came out at 3 pm, and everyone went outside to enjoy it for an hour or two. " * 2
     )
     assert cli(["say", text, "-o", "long.wav", "--captions", "long.srt", "--seed", "2"]) == 0
     cues = Path("long.srt").read_text().strip().split("\n\n")
-    assert len(cues) >= 2, cues
+    assert len(cues) == 4 and [cue.split("\n")[2][:9] for cue in cues] == ["The first"] * 2 + ["Then the "] * 2, cues
     spans = [cue.split("\n")[1].split(" --> ") for cue in cues]
     as_seconds = [
         [

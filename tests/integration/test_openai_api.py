@@ -244,7 +244,7 @@ def test_a_client_gone_mid_stream_frees_its_kv_slot(gateway, triton_server):
     assert slots_in_use(triton_server) == 0
 
 
-def test_captioned_speech_is_the_audio_and_a_timed_caption_per_segment(gateway):
+def test_captioned_speech_is_the_audio_and_a_timed_caption_per_sentence(gateway):
     text = (
         "The meeting starts at 9 am sharp, so please be on time and bring your notes with you. " * 2
         + "Afterwards we will have lunch together in the big room on the second floor, as usual. " * 2
@@ -257,13 +257,25 @@ def test_captioned_speech_is_the_audio_and_a_timed_caption_per_segment(gateway):
         )
         assert answer.status_code == 200, answer.text
         body = answer.json()
+        as_written = http.post(
+            "/audio/speech/captioned",
+            json={"model": "tts-1", "input": "Meet at 9 am. Bye.", "voice": "alloy", "normalize": False, "seed": 4},
+        )
+        not_a_switch = http.post(
+            "/audio/speech", json={"model": "tts-1", "input": "Hi.", "voice": "alloy", "normalize": "no"}
+        )
         refused = http.post(
             "/audio/speech/captioned", json={"model": "tts-1", "input": "Hi.", "voice": "alloy", "stream_format": "sse"}
         )
     audio, rate = soundfile.read(io.BytesIO(base64.b64decode(body["audio"])))
     segments = body["segments"]
-    assert len(segments) >= 2 and segments[0]["start"] == 0.0
+    # one caption per sentence (four, where 300-character segments would have made two)
+    assert len(segments) == 4 and segments[0]["start"] == 0.0
+    assert [caption["text"][:14] for caption in segments] == ["The meeting st"] * 2 + ["Afterwards we "] * 2
     assert all(a["end"] <= b["start"] + 1e-3 and a["start"] <= a["end"] for a, b in zip(segments, segments[1:]))
     assert abs(segments[-1]["end"] - audio.size / rate) < 0.01 and abs(body["audio_seconds"] - audio.size / rate) < 0.01
     assert "nine" in segments[0]["text"].lower(), "the captions are the text as spoken"
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "stream_format"
+    assert as_written.status_code == 200, as_written.text
+    assert [caption["text"] for caption in as_written.json()["segments"]] == ["Meet at 9 am.", "Bye."]
+    assert not_a_switch.status_code == 400 and "normalize" in not_a_switch.text

@@ -36,8 +36,8 @@ from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from csm_clients.async_client import AsyncVoiceCloner
 from csm_clients.audio import Reference, read_reference_clip
-from csm_clients.client import AsyncVoiceCloner
 from csm_clients.errors import CsmClientError, InvalidRequest, PermissionDenied, ServerError, ServerUnavailable
 from csm_clients.limits import Limits, check_sampling
 from csm_clients.timestretch import check_speed, needs_stretch, stretch

@@ -37,8 +37,8 @@ from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from csm_clients.async_client import AsyncVoiceCloner
 from csm_clients.audio import Reference, Speech, read_reference_clip
-from csm_clients.client import AsyncVoiceCloner
 from csm_clients.errors import CsmClientError, FieldError, InvalidRequest
 from csm_clients.limits import Limits, check_sampling
 from csm_clients.timestretch import MAX_SPEED, MIN_SPEED, TimeStretcher, needs_stretch, stretch
@@ -82,6 +82,8 @@ class SpeechRequest(BaseModel):
     max_audio_seconds: float | None = None
     speaker: int | None = None  # 0-255, the speaker id of `input`
     context: list[ContextTurn] | None = None  # earlier turns (gateway/speech_context.py)
+    # false: `input` is spoken as written (default: numbers, money, dates... as words)
+    normalize: bool = Field(True, strict=True)
 
     def voice_id(self) -> str | None:
         """The stored voice to send as VOICE_ID; None: the model's default voice."""
@@ -90,7 +92,8 @@ class SpeechRequest(BaseModel):
             raise OpenAIError(400, "voice: give a stored voice id or one of OpenAI's voice names", param="voice")
         return None if voice.lower() in OPENAI_VOICES else voice
 
-    def sampling(self, limits: Limits) -> dict[str, Any]:
+    def options(self, limits: Limits) -> dict[str, Any]:
+        """The sampling values (checked as the server would) and how the text is read."""
         values = {
             "seed": self.seed,
             "temperature": self.temperature,
@@ -101,7 +104,7 @@ class SpeechRequest(BaseModel):
             check_sampling(**values, limits=limits)
         except InvalidRequest as error:
             raise OpenAIError(400, str(error), param=str(error).split(":", 1)[0]) from None
-        return values
+        return {**values, "normalize": None if self.normalize else False}
 
 
 def _check(body: SpeechRequest) -> None:
@@ -180,7 +183,7 @@ def openai_router(
         """Both speech routes: the body checked and decoded, then `answer`; a refused voice names its field."""
         _check(body)
         limits = await cloner().limits()  # the server's, read once
-        voice, sampling = body.voice_id(), body.sampling(limits)
+        voice, sampling = body.voice_id(), body.options(limits)
         sampling.update(await decoded(conversation, body.input, body.speaker, body.context, max_upload_bytes, limits))
         try:
             return await answer(body, voice, sampling)
@@ -198,7 +201,8 @@ def openai_router(
         return spoken, data, seconds
 
     async def _captioned(body: SpeechRequest, voice: str | None, sampling: dict) -> dict:
-        spoken, data, seconds = await _whole(body, voice, sampling)
+        # one caption per sentence, each timed exactly: every sentence is spoken as a segment
+        spoken, data, seconds = await _whole(body, voice, {**sampling, "sentence_segments": True})
         speed = body.speed or 1.0
         return {
             "audio": base64.b64encode(data).decode(),

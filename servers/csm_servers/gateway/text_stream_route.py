@@ -37,7 +37,7 @@ from typing import Literal
 from fastapi import APIRouter, WebSocket
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from csm_clients.client import AsyncVoiceCloner
+from csm_clients.async_client import AsyncVoiceCloner
 from csm_clients.errors import CsmClientError, FieldError, InvalidRequest, ServerUnavailable
 from csm_clients.limits import DEFAULT_LIMITS, check_sampling, check_speaker
 from csm_servers.gateway.encoding import StreamEncoder
