@@ -85,7 +85,7 @@ test: setup-test lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 test-unit: setup-test
-	$(VENV)/bin/pytest tests/unit -q $(PYTEST_ARGS)
+	$(VENV)/bin/pytest tests/unit -q -n 2 $(PYTEST_ARGS)
 
 # ruff (ruff.toml): lint and format, checked; `make format` rewrites.
 lint: setup-test
