@@ -16,7 +16,8 @@ from tritonclient.grpc import model_config_pb2, service_pb2
 from tritonclient.utils import InferenceServerException
 
 from csm_clients import InvalidRequest
-from csm_clients.client import AsyncVoiceCloner, VoiceCloner
+from csm_clients.async_client import AsyncVoiceCloner
+from csm_clients.client import VoiceCloner
 from csm_clients.conversation import check_text
 from csm_clients.limits import DEFAULT_LIMITS, Limits
 from csm_triton import constants as C

@@ -307,7 +307,7 @@ def test_a_non_audio_upload_is_named_by_its_file(offline_gateway):
 
 
 def test_a_gateway_bug_is_a_json_500_without_internals(offline_gateway, monkeypatch):
-    from csm_clients.client import AsyncVoiceCloner
+    from csm_clients.async_client import AsyncVoiceCloner
 
     async def broken(*args, **kwargs):
         raise OverflowError("Python int too large to convert to C long")
