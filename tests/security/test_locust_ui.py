@@ -4,13 +4,22 @@ was started with, never to one typed into the form."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+
+from csm_triton.serving.process import free_ports
+
+from .test_server_model_control import listening, non_loopback_address
 
 pytestmark = pytest.mark.security
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,15 +75,45 @@ def make_recipe(target: str) -> str:
 
 
 def test_make_locust_ui_listens_on_this_machine_only():
-    recipe = make_recipe("locust-ui")
-    assert "--web-host 127.0.0.1" in recipe and "--host $(LOCUST_HOST)" in recipe
-
-
-def test_locust_has_the_web_host_flag():
-    help_text = subprocess.run(
-        [str(Path(sys.executable).parent / "locust"), "--help"], capture_output=True, text=True, timeout=60
+    """The recipe `make locust-ui` runs (its command line as make prints it), started for
+    real: its UI answers on 127.0.0.1 and listens on no other address."""
+    assert "--web-host 127.0.0.1" in make_recipe("locust-ui")
+    (port,) = free_ports(1)
+    printed = subprocess.run(
+        ["make", "-n", "--no-print-directory", "locust-ui", f"LOCUST_WEB_PORT={port}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
-    assert "--web-host" in help_text
+    command = next(line for line in printed.replace("\\\n", " ").splitlines() if "locust -f" in line)
+    ui = subprocess.Popen(
+        ["bash", "-c", command],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group: locust, not only bash, is stopped
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not listening(port):
+            assert ui.poll() is None and time.monotonic() < deadline, ui.stderr.read().decode()[-2000:]
+            time.sleep(0.2)
+        assert listening(port) == {"127.0.0.1"}, listening(port)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as page:
+            assert page.status == 200
+        address = non_loopback_address()
+        if address is not None:
+            with pytest.raises(OSError):
+                socket.create_connection((address, port), timeout=2).close()
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        try:
+            ui.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(ui.pid, signal.SIGKILL)
+            ui.wait()
 
 
 def test_the_locustfile_registers_no_voice_on_a_host_the_ui_names(tmp_path):
