@@ -1,5 +1,6 @@
-"""`python -m csm_triton.serving serve` (what `make serve` runs) as a test starts it: free
-ports, a log file, readiness of named models, and a stop that never hangs the test."""
+"""`python -m csm_triton.serving serve` (what `make serve` runs), or docker/serve.sh (the
+container's launch), as a test starts it: free ports, a log file, readiness of named
+models, and a stop that never hangs the test."""
 
 from __future__ import annotations
 
@@ -15,8 +16,12 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from csm_triton import constants as C
+from csm_triton.serving.install import prepare, server_environment
 from csm_triton.serving.process import free_ports
 from csm_triton.serving.stubs import find_tritonserver
+
+SERVE_COMMAND = (sys.executable, "-m", "csm_triton.serving", "serve")
+SERVE_SCRIPT = Path(__file__).resolve().parents[2] / "docker" / "serve.sh"
 
 
 def add_python_model(repository: Path, name: str, model_py: str) -> None:
@@ -40,17 +45,24 @@ def clean_environment(**extra: str) -> dict[str, str]:
 
 
 class Serve:
-    def __init__(self, repository: Path, log_path: Path, options: Sequence[str] = (), env: dict | None = None):
+    """`launcher` with the repository, free ports and `options`: `serve`, or anything that
+    takes its server options (docker/serve.sh takes those of `csm-triton-server args`)."""
+
+    def __init__(
+        self,
+        repository: Path,
+        log_path: Path,
+        options: Sequence[str] = (),
+        env: dict | None = None,
+        launcher: Sequence[str] = SERVE_COMMAND,
+    ):
         self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         self.http_url, self.grpc_url = f"localhost:{self.http_port}", f"localhost:{self.grpc_port}"
         self.log_path = log_path
         self._log = open(log_path, "ab")
         self.process = subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "csm_triton.serving",
-                "serve",
+                *launcher,
                 "--model-repository",
                 str(repository),
                 "--http-port",
@@ -112,3 +124,23 @@ class Serve:
                 self.process.kill()
                 self.process.wait(10)
         self._log.close()
+
+
+def container_serve(repository: Path, log_path: Path, bin_directory: Path, options: Sequence[str] = ()) -> Serve:
+    """docker/serve.sh as the container runs it (a static repository), with the embedded
+    tritonserver 2.51 standing in for the image's: the `tritonserver` on PATH, given the
+    environment and the backends of the embedded install (the image has its own)."""
+    install = prepare()
+    bin_directory.mkdir(parents=True, exist_ok=True)
+    (bin_directory / "tritonserver").symlink_to(install.tritonserver)
+    env = server_environment(install, clean_environment())
+    env["PATH"] = os.pathsep.join([str(bin_directory), env["PATH"]])
+    embedded = [f"--backend-directory={install.backend_directory}", "--model-control", "none", *options]
+    # The install's cache libraries: a flag after `--` reaches tritonserver as it is.
+    return Serve(
+        repository,
+        log_path,
+        [*embedded, "--", f"--cache-directory={install.cache_directory}"],
+        env=env,
+        launcher=[str(SERVE_SCRIPT)],
+    )

@@ -1,16 +1,20 @@
-"""SIGTERM to `csm-triton-server serve` (what Ctrl-C, compose and Kubernetes send) stops
-everything promptly. Before: the model supervisor's idle keep-alive connection held
-Triton's shutdown for the whole exit timeout (30 s), which then had no time left to
-unload ("Exit timeout expired", 11 models live); csm_lm's in-flight streams kept it
-loaded; and a stuck stub left the server up with nothing logged until SIGKILL. Against
-real servers on free ports; the bounds are generous for a 2-core machine (measured:
-~6 s for the whole tiny repository with a stream in flight)."""
+"""SIGTERM to `csm-triton-server serve` (what Ctrl-C sends) and to docker/serve.sh (what
+compose and Kubernetes send to the container's launch) stops everything promptly.
+Before: the model supervisor's idle keep-alive connection held Triton's shutdown for the
+whole exit timeout (30 s), which then had no time left to unload ("Exit timeout
+expired", 11 models live); csm_lm's in-flight streams kept it loaded; a stuck stub left
+the server up with nothing logged until SIGKILL; and serve.sh exec'd tritonserver, so a
+container had none of serve's stop handling. Against real servers on free ports (and a
+stand-in tritonserver for serve.sh's deadline); the bounds are generous for a 2-core
+machine (measured: ~6 s for the whole tiny repository with a stream in flight)."""
 
 from __future__ import annotations
 
+import os
 import queue
 import re
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,10 +23,13 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+import yaml
 
 from csm_triton import constants as C
 from csm_triton.serving.stubs import process_group
-from tests.security.serve_process import Serve, add_python_model
+from tests.deploy.test_deploy import COMPOSE_FILE
+from tests.deploy.test_kubernetes import FULLNAME, by_kind, kserve, kserve_container, render
+from tests.security.serve_process import SERVE_SCRIPT, Serve, add_python_model, clean_environment, container_serve
 
 pytestmark = pytest.mark.security
 
@@ -91,18 +98,22 @@ class Stream:
             client.close()
 
 
-def test_sigterm_stops_every_model_promptly_and_a_stream_in_flight_gets_an_end(model_repository, tmp_path):
+@pytest.mark.parametrize("launcher", ["serve", "serve.sh"])
+def test_sigterm_stops_every_model_promptly_and_a_stream_in_flight_gets_an_end(launcher, model_repository, tmp_path):
     repository = tmp_path / "model_repository"
     shutil.copytree(model_repository, repository)
     models = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
-    serve = Serve(repository, tmp_path / "serve.log")  # the defaults: model supervisor on, as `make serve`
+    if launcher == "serve":  # the defaults: model supervisor on, as `make serve`
+        serve = Serve(repository, tmp_path / "serve.log")
+    else:  # as compose's triton service: a static repository, no supervisor, no restarts
+        serve = container_serve(repository, tmp_path / "serve.log", tmp_path / "bin")
     try:
         pid = serve.wait_ready(models, START_TIMEOUT_S)
         stream = Stream(serve.grpc_url, seconds=60.0)
         assert stream.first_chunk.wait(120), "the stream did not start"
         signalled = time.monotonic()
         code, seconds = serve.terminate(STOPPED_WITHIN_S + 10)
-        print(f"\n[shutdown] SIGTERM -> serve exited ({code}) in {seconds:.1f} s", flush=True)
+        print(f"\n[shutdown] SIGTERM -> {launcher} exited ({code}) in {seconds:.1f} s", flush=True)
         assert stream.ended.wait(STREAM_ENDED_WITHIN_S), "the stream still hangs after the server stopped"
         kind = stream.outcome[0]
         assert kind in ("done", "error"), stream.outcome
@@ -113,7 +124,7 @@ def test_sigterm_stops_every_model_promptly_and_a_stream_in_flight_gets_an_end(m
         assert stream.ended_at - signalled < STREAM_ENDED_WITHIN_S
         tail = after_the_signal(serve.log())
         if code != 0:  # the whole story after the signal, for the CI log (pytest's repr cuts it)
-            print(f"[shutdown] serve exited {code}; its log after SIGTERM:\n{tail}", flush=True)
+            print(f"[shutdown] {launcher} exited {code}; its log after SIGTERM:\n{tail}", flush=True)
         assert code == 0 and seconds < STOPPED_WITHIN_S, (code, seconds, tail[-4000:])
         assert "Exit timeout expired" not in tail, tail[-3000:]
         # A connection that was open at the signal (a health poll in flight) may be counted
@@ -197,3 +208,79 @@ def test_a_server_that_outlasts_the_stop_timeout_is_killed_with_its_stubs(stuck_
         assert request["ended"].wait(10)
     finally:
         serve.close()
+
+
+# --- the container's launch, with a stand-in tritonserver ----------------------------------------
+# Says whether the stop file existed when SIGTERM reached it (it must: the stubs watch it),
+# then exits as told; "ignore" leaves it running, as a server stuck in its shutdown would be.
+FAKE_TRITONSERVER = """#!/bin/sh
+echo "fake tritonserver $$ stop file $CSM_TRITON_STOP_FILE"
+for last; do :; done  # its last flag: serve.sh passes what follows `--` at the end
+if [ "$last" = ignore ]; then trap '' TERM; else trap 'test -e "$CSM_TRITON_STOP_FILE" && echo announced; exit 0' TERM; fi
+while :; do sleep 0.1; done
+"""
+
+
+def serve_script_with_a_fake_tritonserver(tmp_path: Path, *options: str) -> tuple[Serve, int, Path]:
+    """docker/serve.sh whose `tritonserver` is FAKE_TRITONSERVER: (the launch, the fake's
+    pid, the stop file it was given), once the fake runs."""
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "tritonserver"
+    fake.write_text(FAKE_TRITONSERVER)
+    fake.chmod(0o755)
+    env = clean_environment(
+        PATH=os.pathsep.join([str(fake.parent), str(Path(sys.executable).parent), os.environ["PATH"]])
+    )
+    serve = Serve(tmp_path, tmp_path / "serve.log", options, env=env, launcher=[str(SERVE_SCRIPT)])
+    deadline = time.monotonic() + 30
+    try:
+        while not (started := re.search(r"fake tritonserver (\d+) stop file (\S+)", serve.log())):
+            assert serve.process.poll() is None and time.monotonic() < deadline, serve.log()
+            time.sleep(0.1)
+    except BaseException:  # the caller's finally is not reached yet: stop what was started
+        serve.close()
+        raise
+    return serve, int(started.group(1)), Path(started.group(2))
+
+
+def test_serve_sh_announces_the_stop_before_forwarding_sigterm_and_exits_0(tmp_path):
+    serve, pid, announced = serve_script_with_a_fake_tritonserver(tmp_path)
+    try:
+        assert not announced.exists()  # serving: nothing announced yet
+        code, seconds = serve.terminate(15)
+        assert code == 0 and seconds < 5, (code, seconds, serve.log())
+        assert "announced" in serve.log().splitlines(), serve.log()
+        assert not announced.exists()  # removed with the stubs' regions
+        assert process_group(pid) == {}
+    finally:
+        serve.close()
+
+
+def test_serve_sh_kills_a_tritonserver_that_ignores_sigterm_with_a_log_line(tmp_path):
+    serve, pid, _ = serve_script_with_a_fake_tritonserver(tmp_path, "--stop-timeout", "2", "--", "ignore")
+    try:
+        code, seconds = serve.terminate(15)
+        assert code == 1 and 2 <= seconds < 7, (code, seconds, serve.log())
+        assert (
+            f"tritonserver (pid {pid}) still running 2 s after SIGTERM: killing it and its python stubs" in serve.log()
+        )
+        assert process_group(pid) == {}
+    finally:
+        serve.close()
+
+
+def test_serve_sh_gives_up_well_inside_every_deployments_grace_period():
+    # serve.sh's last act (a kill past --exit-timeout + the margin, then 2 s for stubs that
+    # outlive the server) must come before the orchestrator's SIGKILL, which logs nothing.
+    def deadline(args: list[str]) -> int:
+        return int(args[args.index("--exit-timeout") + 1]) + C.STOP_KILL_MARGIN_S + 2
+
+    compose = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["triton"]
+    assert compose["command"][0].endswith("/docker/serve.sh")
+    assert deadline(compose["command"]) + 10 <= int(compose["stop_grace_period"].removesuffix("s"))
+    chart = by_kind(render(), "Deployment")[f"{FULLNAME}-triton"]["spec"]["template"]["spec"]
+    (container,) = chart["containers"]
+    pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pause + deadline(container["args"]) + 10 <= chart["terminationGracePeriodSeconds"]
+    predictor = kserve("inferenceservice.yaml")["spec"]["predictor"]
+    assert deadline(kserve_container("kserve-container")["args"]) + 10 <= predictor["terminationGracePeriodSeconds"]

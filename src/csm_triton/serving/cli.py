@@ -3,24 +3,27 @@
     csm-triton-server prepare [--home DIR]
     csm-triton-server serve --model-repository DIR [--http-port 8000 ...]
     csm-triton-server args --model-repository DIR [--gpu ...]
+    csm-triton-server run --model-repository DIR [--gpu ...]
     csm-triton-server check [--url localhost:8000] [--stop-server-on-dead-stub]
     csm-triton-server perf-analyzer -- -m MODEL -u localhost:8000 ...
 
 `args` prints the flags `serve` would use, one per line, without the embedded
-install: the container's launch (docker/serve.sh) starts the NGC image's
-tritonserver with them. `serve` supervises the server it runs (see
-csm_triton.serving.supervisor): tritonserver is started again when it dies, and
-models whose python stub died are reloaded. `check` is the container's healthcheck.
+install. `run` starts the tritonserver found on PATH (the NGC image's: docker/serve.sh
+is `run`) with exactly those flags and stops it as `serve` does, without restarts or a
+model supervisor (a container's restart policy and healthcheck own those). `serve`
+supervises the server it runs (see csm_triton.serving.supervisor): tritonserver is
+started again when it dies, and models whose python stub died are reloaded. `check` is
+the container's healthcheck.
 
-Both `serve` and `args` listen on 127.0.0.1 unless --listen-address (or
+`serve`, `args` and `run` listen on 127.0.0.1 unless --listen-address (or
 $CSM_TRITON_LISTEN_ADDRESS) opens them, and restrict Triton's model control (load,
 unload, repository index; also shared memory, logging and trace settings) to callers
 sending $CSM_MODEL_CONTROL_KEY in the `csm-model-control-key` header; without that
 variable each start makes a random key that only it knows, so only the model
-supervisor can load and unload. On SIGTERM/SIGINT `serve` stops the supervisor,
-tells the stubs (csm_lm's open streams end after C.STREAM_STOP_GRACE_S), forwards the
-signal, and kills tritonserver's process group (stubs included) when it is still
-running --stop-timeout seconds later.
+supervisor can load and unload. On SIGTERM/SIGINT `serve` and `run` stop the
+supervisor, tell the stubs (csm_lm's open streams end after C.STREAM_STOP_GRACE_S),
+forward the signal, and kill tritonserver's process group (stubs included) when it is
+still running --stop-timeout seconds later (csm_triton.serving.foreground).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,20 +49,12 @@ from csm_triton.serving.flags import (
     redact,
     server_arguments,
 )
+from csm_triton.serving.foreground import run_until_stopped
 from csm_triton.serving.install import PrepareError, perf_analyzer_command, prepare, server_environment
-from csm_triton.serving.restart import RestartPolicy, ServerRunner
+from csm_triton.serving.restart import RestartPolicy
 from csm_triton.serving.stubs import check_server, find_tritonserver
 from csm_triton.serving.supervisor import ModelSupervisor
-from csm_triton.serving.teardown import (
-    announce_stop,
-    end_process_group,
-    kill_process_group,
-    parent_death_signal,
-    remove_shm_regions,
-    shm_region_flag,
-    stop_file,
-    unique_shm_prefix,
-)
+from csm_triton.serving.teardown import shm_region_flag, unique_shm_prefix
 
 
 # --- CLI --------------------------------------------------------------------------------
@@ -101,6 +97,10 @@ def _warn_if_open(args: argparse.Namespace) -> None:
         _log(warning)
 
 
+def _stop_timeout(args: argparse.Namespace) -> float:
+    return args.stop_timeout if args.stop_timeout is not None else args.exit_timeout + C.STOP_KILL_MARGIN_S
+
+
 def _serve(args: argparse.Namespace) -> int:
     key = model_control_key()
     install = prepare(args.home, perf_analyzer=False)
@@ -114,57 +114,50 @@ def _serve(args: argparse.Namespace) -> int:
     )
     print("$ " + " ".join(redact(command)), file=sys.stderr, flush=True)
     _warn_if_open(args)
-    environment = {**server_environment(install), C.STOP_FILE_ENV: str(stop_file(shm_prefix))}
 
-    def spawn() -> subprocess.Popen:
-        return subprocess.Popen(command, env=environment, start_new_session=True, preexec_fn=parent_death_signal)
-
-    def cleanup(process: subprocess.Popen) -> None:
-        # Stubs of a killed server (its process group) and their /dev/shm regions:
-        # what the next server would otherwise find in its way.
-        pid = getattr(process, "pid", None)
-        if pid:
-            end_process_group(pid, log=_log)
-        remove_shm_regions(shm_prefix)
-
-    def kill(process: subprocess.Popen) -> None:
-        kill_process_group(process.pid)
-
-    policy = RestartPolicy(
-        args.restart_delay, args.restart_max_delay, healthy_s=60.0, max_restarts=None if args.restart else 0
-    )
-    stop_timeout = args.stop_timeout if args.stop_timeout is not None else args.exit_timeout + C.STOP_KILL_MARGIN_S
-    runner = ServerRunner(spawn, policy=policy, cleanup=cleanup, log=_log, stop_timeout_s=stop_timeout, kill=kill)
-    supervisor = None
-    if args.supervise_models and args.model_control == "explicit":
-        supervisor = ModelSupervisor.for_embedded(
+    def supervise(server_pid) -> ModelSupervisor:
+        return ModelSupervisor.for_embedded(
             install,
             args.http_port,
-            lambda: runner.pid,
+            server_pid,
             interval_s=args.supervise_interval,
             log=_log,
             host=client_host(args.listen_address),
             model_control_key=key,
         ).start()
 
-    def stop(signum, _frame):
-        if supervisor is not None:  # no reload may start while the models unload
-            supervisor.request_stop()
-        announce_stop(stop_file(shm_prefix))  # csm_lm's open streams end instead of holding the unload
-        runner.request_stop(signum)
+    return run_until_stopped(
+        command,
+        server_environment(install),
+        shm_prefix=shm_prefix,
+        policy=RestartPolicy(
+            args.restart_delay, args.restart_max_delay, healthy_s=60.0, max_restarts=None if args.restart else 0
+        ),
+        stop_timeout_s=_stop_timeout(args),
+        log=_log,
+        supervise=supervise if args.supervise_models and args.model_control == "explicit" else None,
+    )
 
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
-        code = runner.run()
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        if supervisor is not None:
-            supervisor.stop()
-        remove_shm_regions(shm_prefix)
-    if runner.killed_after_stop:
-        return 1
-    return code if code >= 0 else 128 - code
+
+def _run(args: argparse.Namespace) -> int:
+    # No restarts and no model supervisor: the container's restart policy and healthcheck
+    # (or the kubelet) own those, and its repository is static. The argv is exactly
+    # `args`'s output (no shm prefix flag), what tests/deploy checks against compose and Helm.
+    tritonserver = shutil.which("tritonserver")
+    if tritonserver is None:
+        raise FileNotFoundError("no tritonserver on PATH (the NGC image has /opt/tritonserver/bin)")
+    command = [tritonserver, *_server_flags(args, backend_directory=args.backend_directory, key=model_control_key())]
+    print("$ " + " ".join(redact(command)), file=sys.stderr, flush=True)
+    _warn_if_open(args)
+    return run_until_stopped(
+        command,
+        os.environ,
+        # Names the stop file only: removed after the run like a region, no region uses it.
+        shm_prefix=unique_shm_prefix(),
+        policy=RestartPolicy(max_restarts=0),
+        stop_timeout_s=_stop_timeout(args),
+        log=_log,
+    )
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -260,7 +253,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     server.add_argument("extra", nargs="*", help="further tritonserver flags, after --")
 
-    s = commands.add_parser("serve", parents=[common, server], help="run tritonserver in the foreground, supervised")
+    stopping = argparse.ArgumentParser(add_help=False)  # the options serve and run share
+    stopping.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=None,
+        help="seconds after SIGTERM/SIGINT before tritonserver and its stubs are killed "
+        f"(default: --exit-timeout + {C.STOP_KILL_MARGIN_S})",
+    )
+    external = argparse.ArgumentParser(add_help=False)  # the options args and run share
+    external.add_argument(
+        "--backend-directory",
+        type=Path,
+        default=None,
+        help="default: none, i.e. tritonserver's own (/opt/tritonserver/backends in NGC images)",
+    )
+
+    s = commands.add_parser(
+        "serve", parents=[common, server, stopping], help="run tritonserver in the foreground, supervised"
+    )
     s.add_argument(
         "--restart",
         action=argparse.BooleanOptionalAction,
@@ -281,13 +292,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="with --model-control explicit: reload models whose python stub died or stopped",
     )
     s.add_argument("--supervise-interval", type=float, default=2.0, help="seconds between two looks at the stubs")
-    s.add_argument(
-        "--stop-timeout",
-        type=float,
-        default=None,
-        help="seconds after SIGTERM/SIGINT before tritonserver and its stubs are killed "
-        f"(default: --exit-timeout + {C.STOP_KILL_MARGIN_S})",
-    )
     s.set_defaults(run=_serve)
 
     c = commands.add_parser(
@@ -317,16 +321,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     g = commands.add_parser(
         "args",
-        parents=[server],
+        parents=[server, external],
         help="print the flags serve would pass to tritonserver, one per line (for other launchers)",
     )
-    g.add_argument(
-        "--backend-directory",
-        type=Path,
-        default=None,
-        help="default: none, i.e. tritonserver's own (/opt/tritonserver/backends in NGC images)",
-    )
     g.set_defaults(run=_args)
+
+    r = commands.add_parser(
+        "run",
+        parents=[server, external, stopping],
+        help="run the tritonserver on PATH with the flags of args, stopped as serve stops (the container's launch)",
+    )
+    r.set_defaults(run=_run)
 
     a = commands.add_parser(
         "perf-analyzer", parents=[common], help="run the bundled perf_analyzer 2.51: perf-analyzer -- ARGS"

@@ -2,8 +2,8 @@
 
 The deployment-independent flags come from `tritonserver.args` beside this module
 (package data, so an installed wheel has them too); `server_arguments` adds the
-deployment's own. The embedded launcher and the container's launch
-(docker/serve.sh, through `csm-triton-server args`) both use it.
+deployment's own. The embedded launcher (`csm-triton-server serve`), `args` and the
+container's launch (docker/serve.sh: `csm-triton-server run`) all use it.
 
 Closed by default: HTTP, gRPC and metrics listen on 127.0.0.1 unless a listen address
 is given, and Triton's administrative APIs (C.RESTRICTED_APIS: loading a model whose

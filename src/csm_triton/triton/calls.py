@@ -92,7 +92,7 @@ def callee_error(model_name: str, message: str, *, unavailable: bool, invalid_ar
 
 
 def server_stopping(grace_s: float = C.STREAM_STOP_GRACE_S) -> bool:
-    """True once `csm-triton-server serve` announced a stop (its $CSM_TRITON_STOP_FILE)
+    """True once `csm-triton-server serve` or `run` announced a stop ($CSM_TRITON_STOP_FILE)
     at least grace_s ago. A call still waiting then will not be answered: its callee is
     being unloaded, and asking Triton whether it is ready (the usual check) can hang or
     crash the stub while the server shuts down, so the file is all that is looked at."""

@@ -38,11 +38,12 @@ def watch_server_stop(
     log_error: Callable[[str], None] = LOG.error,
 ):
     """Calls `on_stop()` once, from a daemon thread, when the server is stopping and
-    `busy()` still holds `grace_s` later. `csm-triton-server serve` creates
-    $CSM_TRITON_STOP_FILE as it sends SIGTERM: Triton 2.51 tells a python model nothing
-    before `finalize`, and its readiness API, polled from a stub's thread, crashed stubs
-    (SIGSEGV) and then the server. None without the variable (the container's launch and
-    the test server: there Triton's exit timeout bounds the wait)."""
+    `busy()` still holds `grace_s` later. `csm-triton-server serve` and `run` (the
+    container's launch, docker/serve.sh) create $CSM_TRITON_STOP_FILE as they send
+    SIGTERM: Triton tells a python model nothing before `finalize`, and 2.51's readiness
+    API, polled from a stub's thread, crashed stubs (SIGSEGV) and then the server. None
+    without the variable (the test server, or tritonserver started by hand: there
+    Triton's exit timeout bounds the wait)."""
     path = stop_file or os.environ.get(C.STOP_FILE_ENV)
     if not path:
         return None
