@@ -4,8 +4,10 @@ for transformers' `generate` on the same weights, in the same process.
     python -m loadtest.engine_bench [--tiny] [--frames 8] [--batch-sizes 1,8] [--out loadtest/results]
 
 Full-size CSM-1B shape with random weights by default (speed does not depend on the
-weights' values), `--tiny` for a quick run. Greedy decoding, so the tokens of both
-implementations are compared one for one. Every row has the floor of the machine it
+weights' values), `--tiny` for a quick run. Both run the model in `--dtype` (bf16 on
+CUDA, fp32 on a CPU by default) as transformers' own bf16 load leaves it: rotary
+frequencies in fp32. Greedy decoding, so the tokens of both implementations are
+compared one for one. Every row has the floor of the machine it
 ran on: the weight bytes a frame step reads / the memory bandwidth measured in the
 same run. On a CPU in fp32, bf16 rows follow (speed, and greedy token agreement with
 fp32 over 64 frames). Writes JSON and a markdown table named after the device (and
@@ -30,10 +32,14 @@ import torch
 
 from csm_triton import constants as C
 from csm_triton.engine import CsmLM, EngineConfig, GenerationEngine, GenerationRequest
-from csm_triton.engine.lm import default_device, default_dtype
+from csm_triton.engine.lm import default_device, default_dtype, to_compute_dtype
+from loadtest.engine_bench_markdown import markdown
 from loadtest.workload import cpu_model, git_commit
 
 SUPPRESSED = list(range(C.CODEBOOK_SIZE, C.LM_AUDIO_VOCAB_SIZE))
+# No fp16: CSM was trained in bf16 and the engine refuses fp16 unless opted in (lm.check_dtype),
+# so a figure for it would describe a configuration nobody should serve.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FRAME_SECONDS = 1 / C.FRAME_RATE_HZ
 
 
@@ -54,6 +60,17 @@ def random_full_size_model(seed: int):
             else:
                 parameter.normal_(0.0, 0.02)
     return model.eval()
+
+
+def bench_model(args, device: torch.device, dtype: torch.dtype):
+    """The model both implementations run, in `dtype` as transformers' own bf16 load
+    leaves it (engine.lm.to_compute_dtype: the rotary frequencies stay fp32). `generate`
+    runs on this model, so its tokens are the reference for the engine's: `.to(bfloat16)`
+    would round the rotary frequencies, shift every later position's angle in `generate`
+    alone (the engine rebuilds its tables in fp32) and make tokens_identical compare with
+    a model transformers never loads."""
+    model = tiny_model(args.seed) if args.tiny else random_full_size_model(args.seed)
+    return to_compute_dtype(model, device, dtype)
 
 
 def tiny_model(seed: int):
@@ -230,13 +247,10 @@ def agreement(codes: list[np.ndarray], reference: list[np.ndarray]) -> dict:
 
 def run(args) -> dict:
     device = torch.device(args.device) if args.device else default_device()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype) or default_dtype(
-        device
-    )
+    dtype = DTYPES.get(args.dtype) or default_dtype(device)
     load_at_start = round(os.getloadavg()[0], 2)
     started = time.perf_counter()
-    model = tiny_model(args.seed) if args.tiny else random_full_size_model(args.seed)
-    model = model.to(device=device, dtype=dtype)
+    model = bench_model(args, device, dtype)
     print(
         f"device: {machine_description(device)} ({device}, {dtype}); model built in "
         f"{time.perf_counter() - started:.1f} s",
@@ -295,7 +309,7 @@ def bf16_rows(
 ) -> dict:
     """The same batches in bf16 on this CPU, and how many greedy tokens equal the fp32
     engine's (`reference`) over `agreement_frames` frames."""
-    model = model.to(torch.bfloat16)  # in place: the fp32 weights go
+    model = to_compute_dtype(model, torch.device("cpu"), torch.bfloat16)  # in place: the fp32 weights go
     started = time.perf_counter()
     lm = CsmLM(
         model,
@@ -321,72 +335,16 @@ def bf16_rows(
     return result
 
 
-def _table(rows: list[dict], dtype: str) -> list[str]:
-    lines = []
-    for row in rows:
-        if "tokens_identical_to_generate" in row:
-            tokens = f"{row['tokens_identical_to_generate']} ({row['requests_compared']} compared)"
-        else:
-            tokens = f"{row['speedup_vs_fp32_engine']}x the fp32 engine; tokens: agreement below"
-        lines.append(
-            f"| {dtype} | {row['batch']} | {row['engine_ms_per_step']} | {row['floor_ms_per_step']} | "
-            f"{row['percent_of_floor']} % | {row['engine_x_real_time_aggregate']} | "
-            f"{row['generate_ms_per_frame_batch1']} | {row['speedup_vs_generate']}x | {tokens} |"
-        )
-    return lines
-
-
-def markdown(report: dict) -> str:
-    gib = 2**30
-    lines = [
-        f"# Engine vs transformers `generate` ({report['model']})",
-        "",
-        f"- device: {report['device']} (`{report['torch_device']}`, {report['dtype']})",
-        f"- commit: `{report['commit']}`, torch {report['torch']}; 1-minute load average "
-        f"{report['load_average_1min_at_start']} at the start, {report['load_average_1min_at_end']} at the end "
-        f"(this run's own load is about {torch.get_num_threads()})",
-        f"- command: `{report['command']}`",
-        f"- greedy, {report['frames_per_request']} frames per request, prompts of "
-        f"{report['prompt_tokens']}+ tokens; steady-state medians (prefill excluded)",
-        f"- floor: the weight bytes one frame step reads ({report['weight_bytes_per_frame'] / gib:.2f} GiB in "
-        f"{report['dtype']}: backbone and head once, depth decoder and projector x31, each depth head once) / "
-        f"the read bandwidth measured in this run ({report['memory_bandwidth_gb_s']} GB/s: the sum of a 1 GiB "
-        f"tensor, best of 5, same threads). % of floor = floor / measured (100 % = at the limit)",
-        "",
-        "| dtype | batch | engine ms/step | floor ms/step | % of floor | engine x real time (aggregate) | "
-        "generate ms/frame (b=1, fp32) | speed-up vs generate one at a time | tokens identical |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *_table(report["rows"], report["dtype"]),
-    ]
-    bf16 = report.get("bf16")
-    if bf16:
-        lines += _table(bf16["rows"], "bfloat16")
-        agreement = bf16.get("agreement")
-        if agreement:
-            lines += [
-                "",
-                f"bf16 vs fp32 greedy tokens, {agreement['requests']} requests x {agreement['frames']} frames x 32 "
-                f"codebooks (random weights, so a rough figure: a trained model's sharper distributions "
-                f"usually agree more): **{agreement['identical_fraction']:.1%} identical**; first differing frame "
-                f"per request {agreement['first_divergent_frame']}, with "
-                f"{agreement['codebooks_equal_before_it']} of its 32 codebooks equal before the first "
-                f"different code (after it the two are different continuations, so later frames differ too).",
-            ]
-    lines += ["", "Kernels chosen at load (engine/kernels.py), per weight shape [out x in]:", ""]
-    lines += [f"- {report['dtype']}: {line}" for line in report["kernels"]]
-    if bf16:
-        lines += [f"- bfloat16: {line}" for line in bf16["kernels"]]
-    return "\n".join(lines) + "\n"
-
-
-def main(argv=None) -> int:
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny random CSM instead of the full-size shape")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=100)
     parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
     parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
+    parser.add_argument(
+        "--dtype", choices=list(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on a CPU (as the engine)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cpu-kernels", default="measure", choices=["measure", "mkl", "onednn"])
     parser.add_argument(
@@ -404,7 +362,11 @@ def main(argv=None) -> int:
         help="run generate for every request of the largest batch (compares all tokens)",
     )
     parser.add_argument("--out", type=Path, default=None, help="folder for JSON + markdown results")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = arguments().parse_args(argv)
     report = run(args)
     table = markdown(report)
     print(table)

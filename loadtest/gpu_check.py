@@ -51,7 +51,10 @@ KILL_GRACE_S = 10  # after SIGTERM: the triton step stops its server in its fina
 BUDGETS = {
     "environment": (20, 60),
     "repository": (135, 300),
-    "gpu-tests": (50, 60),
+    # 65: the engine tests plus the instance tests (cuda:1, a real device-side assert in a
+    # subprocess, seeds); still no later than the repository's 135 s in the background,
+    # so the plan's length does not change.
+    "gpu-tests": (65, 60),
     "engine-bench": (50, 180),
     "triton": (140, 240),
 }
@@ -172,13 +175,15 @@ def plan(args, python: str) -> list[Step]:
         ),
         Step(
             "gpu-tests",
-            "pytest -m gpu: CUDA-graph replay = eager step, bf16 vs fp32 tokens, KV slot sizing",
+            "pytest -m gpu: CUDA-graph replay = eager step, bf16 rotary tables and first codes vs fp32, KV slot "
+            "sizing, an instance on cuda:1, a real device-side assert judged fatal, seeds alone vs in a batch",
             module
             + [
                 "pytest",
                 "-m",
                 "gpu",
                 "tests/model/test_engine_gpu.py",
+                "tests/model/test_engine_gpu_instance.py",
                 "-q",
                 "-p",
                 "no:cacheprovider",

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,25 +30,45 @@ STEPS = ["setup", "environment", "repository", "gpu-tests", "engine-bench", "tri
 
 
 # --- the smoke run ---------------------------------------------------------------------------
+def smoke_command(out: Path, work: Path, checkpoint: Path) -> list[str]:
+    """The smoke run as the test below starts it: `make gpu-check SMOKE=1`'s module and
+    flags (test_make_gpu_check_smoke_is_the_smoke_run), plus a test's own folders."""
+    folders = ["--out", str(out), "--work", str(work), "--checkpoint", str(checkpoint)]
+    return [sys.executable, "-m", "loadtest.gpu_check", "--smoke", *folders, "--time-limit", "300"]
+
+
+def make_gpu_check(*variables: str) -> list[str]:
+    """What `make gpu-check` runs, printed by `make -n` (not run), as argv. Without the
+    caller's make variables: a parent make's MAKEFLAGS or an exported SMOKE would leak in."""
+    environment = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "SMOKE")}
+    printed = subprocess.run(
+        ["make", "-n", "--no-print-directory", "gpu-check", "GPU_CHECK_ARGS=", "GPU_CHECK_BUNDLE=", *variables],
+        cwd=ROOT,
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return shlex.split(printed.replace("\\\n", " "))
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_gpu_check_smoke_is_the_smoke_run(tmp_path):
+    smoke, device = make_gpu_check("SMOKE=1"), make_gpu_check("SMOKE=")
+    assert smoke[smoke.index("-m") + 1] == "loadtest.gpu_check"
+    assert "--smoke" in smoke and "--smoke" not in device
+    # Every flag make passes, the smoke test passes too: it runs what the target runs.
+    flags = {arg for arg in smoke if arg.startswith("--")}
+    assert flags == {"--out", "--smoke"} and flags <= set(smoke_command(tmp_path, tmp_path, tmp_path))
+
+
 @pytest.mark.slow
 @pytest.mark.integration
 def test_smoke_run_goes_through_every_step_on_the_cpu(tiny_checkpoint, tmp_path):
     out = tmp_path / "gpu-check"
     run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "loadtest.gpu_check",
-            "--smoke",
-            "--out",
-            str(out),
-            "--work",
-            str(tmp_path / "work"),
-            "--checkpoint",
-            str(tiny_checkpoint),
-            "--time-limit",
-            "300",
-        ],
+        smoke_command(out, tmp_path / "work", tiny_checkpoint),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -125,6 +148,15 @@ def test_the_plan_puts_the_valuable_figures_first_and_fits_twice_in_the_device_s
     budget = gpu_check.device_budget()
     assert budget["planned_s"] == planned and budget["fits_with_rerun"]
     assert "a rerun fits" in gpu_summary.budget_line(budget)
+
+
+def test_the_gpu_tests_step_runs_every_file_of_gpu_tests(tmp_path):
+    step = next(step for step in gpu_check.plan(device_args(tmp_path), sys.executable) if step.name == "gpu-tests")
+    marked = re.compile(r"^(pytestmark = .*|@)pytest\.mark\.gpu\b", re.MULTILINE)
+    files = [path.relative_to(ROOT).as_posix() for path in sorted((ROOT / "tests").rglob("test_*.py"))]
+    gpu_files = [name for name in files if marked.search((ROOT / name).read_text())]
+    assert "tests/model/test_engine_gpu_instance.py" in gpu_files
+    assert [arg for arg in step.argv if arg.startswith("tests/")] == gpu_files
 
 
 def test_the_planned_length_follows_the_critical_path():
@@ -302,6 +334,32 @@ def test_figures_are_judged_against_the_targets_on_a_gpu(tmp_path):
     assert rows["aggregate at 64 concurrent streams through Triton"][1] == "**met**"
     assert rows["TTFA p50 at c=1 (stored voice, prefix cached)"] == ("61.0 ms", "**missed**")
     assert rows["TTFA p95 at c=32"] == ("-", "no figure")
+
+
+def test_the_gpu_tests_report_is_judged_in_the_summary(tmp_path):
+    (tmp_path / "gpu-tests").mkdir()
+    precision = {"model": "m", "frames": 64, "requests": 16, "identical_fraction": 0.01, "first_divergent_frame": 0}
+    report = {
+        "bf16_vs_fp32": {**precision, "first_codes_equal": 3, "first_codes_equal_at_least": 4},
+        "seeded_sampling": {
+            "batch": 32,
+            "frames": 16,
+            "alone_repeats": True,
+            "in_batch_equals_alone": False,
+            "first_different_frame_in_batch": 3,
+        },
+        "device_error": {"out_of_range": {"type": "torch.AcceleratorError", "fatal": True}, "later": {"fatal": True}},
+    }
+    (tmp_path / "gpu-tests" / "gpu_tests_cuda_report.json").write_text(json.dumps(report))
+    rows = {figure: (measured, verdict) for figure, measured, _, verdict in gpu_summary.figures(tmp_path, smoke=False)}
+    measured, verdict = rows["bf16 vs fp32 engine, greedy, 64 frames x 16 requests (m)"]
+    assert measured.startswith("first codes equal for 3 of 16;") and verdict == "**missed**"
+    assert rows["seeded request alone twice, and in a batch of 32 (16 frames)"] == (
+        "repeats alone; in the batch other codes from frame 3",
+        "**met**",
+    )
+    device_error = "a real device-side assert (and the next kernel) judged fatal by engine.faults"
+    assert rows[device_error] == ("torch.AcceleratorError: fatal", "**met**")
 
 
 def write_figures(folder: Path) -> None:

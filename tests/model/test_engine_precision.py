@@ -64,14 +64,19 @@ def _csm1b_rope_config():
     )
 
 
-@pytest.fixture(scope="module")
-def csm1b_rope_model():
+def build_csm1b_rope_model():
+    """A random model of that config, fp32, without its codec (the GPU test builds it too)."""
     from transformers import CsmForConditionalGeneration
 
     torch.manual_seed(0)
     model = CsmForConditionalGeneration(_csm1b_rope_config())
     model.codec_model = None
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def csm1b_rope_model():
+    return build_csm1b_rope_model()
 
 
 def _fp32_reference(rotary_emb, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,29 +86,37 @@ def _fp32_reference(rotary_emb, positions: int) -> tuple[torch.Tensor, torch.Ten
     return cos[0], sin[0]
 
 
+def rotary_table_errors(lm, model) -> dict[str, float]:
+    """The largest difference of each of the engine's rotary tables (on any device) from
+    transformers' fp32 tables of `model`, whose rotary frequencies are still fp32."""
+    backbone = _fp32_reference(model.backbone_model.rotary_emb, lm.backbone.cos.shape[0])
+    depth = _fp32_reference(model.depth_decoder.model.rotary_emb, lm.depth.cos.shape[0])
+    tables = {
+        "backbone cos": (lm.backbone.cos, backbone[0]),
+        "backbone sin": (lm.backbone.sin, backbone[1]),
+        "depth cos": (lm.depth.cos, depth[0]),
+        "depth sin": (lm.depth.sin, depth[1]),
+    }
+    return {name: (table.float().cpu() - reference).abs().max().item() for name, (table, reference) in tables.items()}
+
+
 def test_bf16_rotary_tables_at_csm1b_head_dim_are_the_fp32_tables_rounded_once(csm1b_rope_model):
     from csm_triton.engine import CsmLM
 
     model = csm1b_rope_model
     assert model.backbone_model.rotary_emb.inv_freq.dtype == torch.float32
-    cos32, sin32 = _fp32_reference(model.backbone_model.rotary_emb, ROPE_POSITIONS)
-    depth_cos32, depth_sin32 = _fp32_reference(model.depth_decoder.model.rotary_emb, C.NUM_CODEBOOKS + 1)
     import copy
 
     lm = CsmLM(copy.deepcopy(model), device="cpu", dtype=torch.bfloat16, max_batch=1, cpu_kernels="mkl")
     assert lm.backbone.head_dim == 64 and lm.backbone.cos.shape == (ROPE_POSITIONS, 64)
+    assert lm.depth.cos.shape[0] == C.NUM_CODEBOOKS + 1
     assert lm.backbone.cos.dtype == torch.bfloat16
-    for table, reference in [
-        (lm.backbone.cos, cos32),
-        (lm.backbone.sin, sin32),
-        (lm.depth.cos, depth_cos32),
-        (lm.depth.sin, depth_sin32),
-    ]:
-        error = (table.float() - reference).abs().max().item()
-        assert error <= BF16_STORAGE_ERROR, f"rotary table off by {error:.3f} (bf16 storage: {BF16_STORAGE_ERROR})"
+    for name, error in rotary_table_errors(lm, model).items():
+        assert error <= BF16_STORAGE_ERROR, f"{name} off by {error:.3f} (bf16 storage: {BF16_STORAGE_ERROR})"
     # What the tables were before: from inv_freq rounded to bf16 by `model.to(bfloat16)`.
     rounded = copy.deepcopy(model).to(torch.bfloat16).backbone_model.rotary_emb
     assert rounded.inv_freq.dtype == torch.bfloat16
+    cos32, _ = _fp32_reference(model.backbone_model.rotary_emb, ROPE_POSITIONS)
     old_cos, _ = _fp32_reference(rounded, ROPE_POSITIONS)
     assert (old_cos - cos32).abs().max().item() > 0.5  # the bug this guards against is real at this head dim
 
@@ -217,3 +230,25 @@ def test_the_csm_lm_dtype_float16_parameter_fails_the_load_unless_opted_in(tiny_
     engine = engine_from_config(tiny_checkpoint.parent, parameters(dtype="float16", allow_float16="true"), "cpu")
     assert engine.lm.dtype == torch.float16
     assert engine_from_config(tiny_checkpoint.parent, parameters(dtype="bfloat16"), "cpu").lm.dtype == torch.bfloat16
+
+
+def test_the_engine_benchmark_compares_with_transformers_own_bf16_model(tiny_checkpoint):
+    """engine_bench's `generate` baseline (and so its tokens-identical column) runs on the
+    model as `from_pretrained(dtype=bfloat16)` loads it, not on a `.to(bfloat16)` copy
+    whose rotary frequencies are rounded; and it offers no fp16, which the engine refuses."""
+    from transformers import CsmForConditionalGeneration
+
+    from loadtest import engine_bench
+
+    args = engine_bench.arguments().parse_args(["--tiny", "--dtype", "bf16"])
+    model = engine_bench.bench_model(args, torch.device("cpu"), engine_bench.DTYPES[args.dtype])
+    loaded = CsmForConditionalGeneration.from_pretrained(str(tiny_checkpoint), dtype=torch.bfloat16)
+    for ours, theirs in [
+        (model.backbone_model.rotary_emb, loaded.backbone_model.rotary_emb),
+        (model.depth_decoder.model.rotary_emb, loaded.depth_decoder.model.rotary_emb),
+    ]:
+        assert ours.inv_freq.dtype == theirs.inv_freq.dtype == torch.float32
+        assert torch.equal(ours.inv_freq, theirs.inv_freq)
+    assert model.backbone_model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    with pytest.raises(SystemExit):
+        engine_bench.arguments().parse_args(["--dtype", "fp16"])
