@@ -77,6 +77,10 @@ SENTENCE_SPLIT_BUDGET_SECONDS = 0.25
 # short sentences; MAX_AUDIO_SECONDS still caps every segment.
 SEGMENT_SECONDS_PER_CHAR = 0.2
 SEGMENT_MIN_SECONDS = 3.0
+# SENTENCE_SEGMENTS (a segment per sentence): at most this many sentences, so that the
+# segments' minimum budgets (SEGMENT_MIN_SECONDS each) add up to no more than 25 minutes of
+# audio, the order of a packed 20,000-character text's bound (0.2 s per character).
+MAX_SENTENCE_SEGMENTS = 500
 # Text normalization (csm_triton.core.normalize, on unless a request's NORMALIZE is false):
 # wetext reads one sentence or segment at a time, never more than this (its cost grows
 # with the input: 20,000 characters in one call took 8 s) ...

@@ -82,3 +82,12 @@ def test_a_rest_request_carries_its_pieces_and_a_flood_of_them_is_refused():
     flood = texts(*["a" * 1000] * (C.NORMALIZED_TEXT_MAX_CHARS // 1000 + 1))
     with pytest.raises(InvalidInput, match="pieces"):
         PrepareRequest.from_inputs({"TEXT": texts("Rest."), "pieces": flood})
+
+
+def test_sentence_segments_are_refused_past_their_count_before_any_work():
+    many = "Go. " * (C.MAX_SENTENCE_SEGMENTS + 1)
+    with pytest.raises(InvalidInput, match=f"more than {C.MAX_SENTENCE_SEGMENTS} sentences.*SENTENCE_SEGMENTS"):
+        PrepareRequest.from_inputs({"TEXT": texts(many), "SENTENCE_SEGMENTS": np.array([True])})
+    assert not PrepareRequest.from_inputs({"TEXT": texts(many)}).sentence_segments  # packed: no such limit
+    enough = "Go. " * C.MAX_SENTENCE_SEGMENTS
+    assert PrepareRequest.from_inputs({"TEXT": texts(enough), "SENTENCE_SEGMENTS": np.array([True])}).sentence_segments

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from csm_triton import constants as C
-from csm_triton.core import conversation, validation
+from csm_triton.core import conversation, text_split, validation
 from csm_triton.errors import InvalidInput
 
 __all__ = ["CLIENT_INPUTS", "INPUT_NAMES", "PrepareRequest"]
@@ -74,12 +74,19 @@ class PrepareRequest:
                 raise InvalidInput(
                     f"inputs 'pieces' and 'spoken_pieces' hold more than {C.NORMALIZED_TEXT_MAX_CHARS} characters"
                 )
+        sentence_segments = validation.flag(inputs.get("SENTENCE_SEGMENTS"), "SENTENCE_SEGMENTS", False)
+        text = conversation.spoken_text(text, "TEXT", max_chars=C.MAX_LONG_TEXT_CHARS)
+        if sentence_segments and pieces is None and text_split.sentence_count(text) > C.MAX_SENTENCE_SEGMENTS:
+            raise InvalidInput(
+                f"input 'TEXT' has more than {C.MAX_SENTENCE_SEGMENTS} sentences, the most spoken one per segment "
+                "(SENTENCE_SEGMENTS): send it without SENTENCE_SEGMENTS, or in parts"
+            )
         return cls(
-            text=conversation.spoken_text(text, "TEXT", max_chars=C.MAX_LONG_TEXT_CHARS),
+            text=text,
             speaker=conversation.speaker_id(inputs.get("SPEAKER")),
             speaker_given="SPEAKER" in inputs,
             normalize=validation.flag(inputs.get("NORMALIZE"), "NORMALIZE", True),
-            sentence_segments=validation.flag(inputs.get("SENTENCE_SEGMENTS"), "SENTENCE_SEGMENTS", False),
+            sentence_segments=sentence_segments,
             budget_every_segment=validation.flag(inputs.get("budget_every_segment"), "budget_every_segment", False),
             head_only=validation.flag(inputs.get("head_only"), "head_only", False),
             pieces=pieces,

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 from csm_triton import constants as C
 
-__all__ = ["HEAD_MAX_CHARS", "split_head", "split_pieces", "split_text"]
+__all__ = ["HEAD_MAX_CHARS", "sentence_count", "split_head", "split_pieces", "split_text"]
 
 # normalize_texts: sentences -> the same sentences as spoken
 Normalize = Callable[[list[str]], list[str]]
@@ -153,6 +153,12 @@ def _pack(pieces: list[str], max_chars: int, per_sentence: bool = False) -> list
     segments.append(current)
     segments = [segment.strip() for segment in segments]
     return [segment for segment in segments if segment]
+
+
+def sentence_count(text: str, max_chars: int = C.SEGMENT_MAX_CHARS) -> int:
+    """How many segments `text` makes at most, one per sentence (SENTENCE_SEGMENTS): its
+    sentences as written, each past `max_chars` counted as the pieces it is cut into."""
+    return len(_pieces(text, max_chars))
 
 
 def split_text(
