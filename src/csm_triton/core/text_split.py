@@ -128,25 +128,42 @@ def _speakable(text: str) -> bool:
     return any(character.isalnum() for character in text)
 
 
-def _starts_segment(current: str, part: str, max_chars: int, per_sentence: bool) -> bool:
+# A part of a segment: (its text as spoken, the length of its sentence as written when it
+# is a sentence's first part, else 0).
+Part = tuple[str, int]
+
+
+def _starts_segment(current: str, part: str, max_chars: int, per_sentence: bool, written: int = 0) -> bool:
     """Whether `part` begins a new segment after `current`, the segment so far (_pack's
-    rule, which split_head follows too): when it would not fit, or, one sentence per
+    rule, which split_head follows too): when it would not fit as spoken, or its sentence
+    would not fit as written (`written`: so that split_head ends a head before normalizing
+    the sentence after it, which normalization seldom shortens), or, one sentence per
     segment, when both are sentences with words (a "..." or a closing quote stays with the
     sentence before it, or goes with the next one when nothing came before)."""
     if not current:
         return False
-    if len(current) + len(part) > max_chars:
+    if len(current) + max(len(part), written) > max_chars:
         return True
     return per_sentence and _speakable(part) and _speakable(current)
 
 
-def _pack(pieces: list[str], max_chars: int, per_sentence: bool = False) -> list[str]:
-    """Consecutive pieces grouped into segments of at most `max_chars` (stripped, none
+def _spoken_parts(written: Sequence[str], spoken: Sequence[str], max_chars: int) -> list[Part]:
+    """Each sentence as spoken, cut again where it grew past `max_chars`, its first part
+    carrying the sentence's length as written."""
+    parts: list[Part] = []
+    for as_written, as_spoken in zip(written, spoken):
+        cut = _recut([as_spoken], max_chars)
+        parts += [(part, len(as_written) if position == 0 else 0) for position, part in enumerate(cut)]
+    return parts
+
+
+def _pack(parts: list[Part], max_chars: int, per_sentence: bool = False) -> list[str]:
+    """Consecutive parts grouped into segments of at most `max_chars` (stripped, none
     blank); with `per_sentence`, each sentence a segment of its own."""
     segments: list[str] = []
     current = ""
-    for piece in pieces:
-        if _starts_segment(current, piece, max_chars, per_sentence):
+    for piece, written in parts:
+        if _starts_segment(current, piece, max_chars, per_sentence, written):
             segments.append(current)
             current = ""
         current += piece
@@ -174,16 +191,17 @@ def split_text(
     wrote them (normalized, "$5.30." and "etc." lose the marks it goes by, and the
     normalizer must never see more than a segment at once: its cost grows with the
     input); then each sentence is normalized; then the normalized sentences are packed
-    into segments, a sentence that grew past `max_chars` cut again."""
+    into segments, a sentence that grew past `max_chars` cut again (and one that would not
+    fit as written starting a new segment too: split_head decides that before normalizing it)."""
     pieces = [text] if len(text) <= max_chars and not per_sentence else _pieces(text, max_chars)
     if normalize is not None:
-        pieces = normalize(pieces)
-        if len(pieces) == 1 and len(pieces[0]) <= max_chars:
-            return pieces
-        pieces = _recut(pieces, max_chars)
-    elif len(pieces) == 1:
+        spoken = normalize(pieces)
+        if len(spoken) == 1 and len(spoken[0]) <= max_chars:
+            return spoken
+        return _pack(_spoken_parts(pieces, spoken, max_chars), max_chars, per_sentence)
+    if len(pieces) == 1:
         return pieces
-    return _pack(pieces, max_chars, per_sentence)
+    return _pack([(piece, 0) for piece in pieces], max_chars, per_sentence)
 
 
 def split_pieces(
@@ -196,8 +214,8 @@ def split_pieces(
 ) -> list[str]:
     """The segments of split_head's rest, as split_text packs them: `spoken`, sentence
     parts normalized already, then the sentences `raw`, normalized here."""
-    parts = list(raw) if normalize is None or not raw else _recut(normalize(list(raw)), max_chars)
-    return _pack([*spoken, *parts], max_chars, per_sentence)
+    parts = [(piece, 0) for piece in raw] if normalize is None else _spoken_parts(raw, normalize(list(raw)), max_chars)
+    return _pack([(piece, 0) for piece in spoken] + parts, max_chars, per_sentence)
 
 
 def split_head(
@@ -218,18 +236,24 @@ def split_head(
         read += len(raw)
         if read > HEAD_MAX_CHARS + max_chars:
             break
-        parts = [raw] if normalize is None else _recut(normalize([raw]), max_chars)
-        for position, part in enumerate(parts):
-            new_segment = _starts_segment(current, part, max_chars, per_sentence)
+        if current.strip() and len(current) + len(raw) > max_chars:  # _pack's rule, known before normalizing
+            return _head(current, [], pieces[index:])
+        parts = [(raw, 0)] if normalize is None else _spoken_parts([raw], normalize([raw]), max_chars)
+        for position, (part, written) in enumerate(parts):
+            new_segment = _starts_segment(current, part, max_chars, per_sentence, written)
             if current.strip() and new_segment:  # `current` is the head
-                spoken, raw = parts[position:], pieces[index + 1 :]
-                if not any(piece.strip() for piece in (*spoken, *raw)):  # only blanks left: no rest
-                    return [current.strip()], [], []
-                return [current.strip()], spoken, raw
+                return _head(current, [piece for piece, _ in parts[position:]], pieces[index + 1 :])
             if new_segment:  # a blank segment: _pack drops it
                 current = ""
             current += part
     return split_text(text, max_chars, normalize, per_sentence), [], []
+
+
+def _head(current: str, spoken: list[str], raw: list[str]) -> tuple[list[str], list[str], list[str]]:
+    """split_head's answer once the head is known: only blanks left make no rest."""
+    if not any(piece.strip() for piece in (*spoken, *raw)):
+        return [current.strip()], [], []
+    return [current.strip()], spoken, raw
 
 
 def _recut(pieces: list[str], max_chars: int) -> list[str]:
