@@ -26,9 +26,6 @@ from csm_clients.errors import InvalidRequest
 __all__ = ["CONFIG_PARAMETER", "DEFAULT_LIMITS", "Limits", "check_sampling", "check_speaker"]
 
 CONFIG_PARAMETER = "client_limits"  # csm_tts's config parameter that holds them
-# The most a wire type holds: a published limit past it is not taken (the checks exist to
-# refuse what the conversion to INT64 / INT32 would break).
-_WIRE_MAX = {"MAX_SEED": 2**63 - 1, "MAX_TOP_K": 2**31 - 1, "MAX_SPEAKER_ID": 2**31 - 1}
 
 
 @dataclass(frozen=True)
@@ -63,9 +60,13 @@ class Limits:
     def from_model_config(cls, config: Any) -> Limits:
         """The limits csm_tts's config publishes: `config` as tritonclient answers
         get_model_config (HTTP: the config; gRPC with as_json=True: {"config": ...}).
-        A value missing, of the wrong kind, not finite and positive, or past its wire
-        type keeps its default; so does everything when the parameter is missing or not
-        a JSON object (an older server): the server checks every input anyway."""
+        A server only tightens them: a published maximum above the default, or minimum
+        below it, is taken as the default, because the gateway bounds its own work with
+        them (how much audio it decodes, how much text a session sends) and must not
+        trust whatever answers on its Triton address to loosen that. A value missing, of
+        the wrong kind, not finite and positive, or a minimum past its maximum keeps its
+        default; so does everything when the parameter is missing or not a JSON object
+        (an older server): the server checks every input anyway."""
         if isinstance(config, Mapping) and isinstance(config.get("config"), Mapping):
             config = config["config"]
         try:
@@ -76,25 +77,33 @@ class Limits:
             return cls()
         taken = {}
         for field in fields(cls):
-            value = _published(published.get(field.name), type(field.default))
-            if value is not None and value <= _WIRE_MAX.get(field.name, math.inf):
-                taken[field.name] = value
+            value = _published(published.get(field.name), field.default)
+            if value is None:
+                continue
+            if field.name.startswith("MIN_"):  # raised at most to its maximum's default
+                if value > getattr(DEFAULT_LIMITS, "MAX_" + field.name[4:]):
+                    continue
+                value = max(value, field.default)
+            else:
+                value = min(value, field.default)
+            taken[field.name] = type(field.default)(value)
         return cls(**taken)
 
 
 DEFAULT_LIMITS = Limits()
 
 
-def _published(value: Any, kind: type) -> int | float | None:
-    """`value` as a limit of `kind` (int: an integer; float: any number), None when it is
-    not one: a bool, a string, not finite or not positive."""
+def _published(value: Any, default: int | float) -> int | float | None:
+    """`value` as a limit like `default` (an int's: an integer; a float's: any number),
+    None when it is not one: a bool, a string, not finite or not positive. A huge JSON
+    integer stays an int (math.isfinite would overflow on it)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    if kind is int and not isinstance(value, int):
+    if isinstance(default, int) and not isinstance(value, int):
         return None
-    if not math.isfinite(value) or value <= 0:
+    if isinstance(value, float) and not math.isfinite(value):
         return None
-    return kind(value)
+    return value if value > 0 else None
 
 
 def _number(value, field: str) -> float:

@@ -140,6 +140,28 @@ def test_each_published_value_is_taken_only_when_it_is_a_usable_limit():
     }
 
 
+def test_a_server_only_tightens_the_limits_the_gateway_bounds_its_work_with():
+    """Whatever answers on the gateway's Triton address must not loosen what the gateway
+    decodes or accepts: a larger maximum or a smaller minimum is read as the default."""
+    published = {
+        "MAX_TURN_SECONDS": 1e9,  # an hour of silence as FLAC: ~700 MB of samples per clip
+        "MAX_CONTEXT_AUDIO_SECONDS": 1e9,
+        "MAX_INPUT_SAMPLE_RATE": 2**31 - 1,
+        "MAX_LONG_TEXT_CHARS": 10**400,  # a JSON integer math.isfinite overflows on
+        "MAX_REFERENCE_SECONDS": 1e308,
+        "MIN_TURN_SECONDS": 0.01,  # looser minimum
+        "MIN_INPUT_SAMPLE_RATE": 10**9,  # a minimum past its maximum
+        "MAX_CONTEXT_TURNS": 4,  # tighter: taken
+        "MIN_TURN_SECONDS_UNUSED": 5,
+    }
+    config = {"parameters": {"client_limits": {"string_value": json.dumps(published)}}}
+    limits = Limits.from_model_config(config)
+    assert limits.MAX_CONTEXT_TURNS == 4
+    assert limits == Limits(MAX_CONTEXT_TURNS=4)
+    raised = {"parameters": {"client_limits": {"string_value": json.dumps({"MIN_TURN_SECONDS": 2})}}}
+    assert Limits.from_model_config(raised).MIN_TURN_SECONDS == 2.0  # a tighter minimum is taken
+
+
 # --- the clients read their server's limits once and check against them ----------------------------
 class ConfigOnly:
     """A tritonclient client whose server publishes `config` and must never be sent a request."""

@@ -771,3 +771,18 @@ def test_what_outlives_a_server_in_its_process_group_is_killed_with_a_log_line()
     assert lines and lines[0].startswith("killed 1 processes of tritonserver's process group that outlived it")
     assert f"(pid {survivor.pid})" in lines[0]
     assert end_process_group(survivor.pid, grace_s=0.1, log=lines.append) == {} and len(lines) == 1
+
+
+def test_a_stop_signal_while_the_runner_holds_its_lock_does_not_deadlock():
+    """request_stop runs in a signal handler on the main thread, which may be inside the
+    runner's own critical section at that moment."""
+    runner = restart.ServerRunner(lambda: None, log=lambda line: None)
+
+    def signal_arrives_mid_section():
+        with runner._lock:
+            runner.request_stop(signal.SIGTERM)
+
+    worker = threading.Thread(target=signal_arrives_mid_section, daemon=True)
+    worker.start()
+    worker.join(timeout=5)
+    assert not worker.is_alive(), "request_stop deadlocked on the runner's lock"

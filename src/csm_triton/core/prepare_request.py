@@ -19,7 +19,7 @@ from csm_triton import constants as C
 from csm_triton.core import conversation, text_split, validation
 from csm_triton.errors import InvalidInput
 
-__all__ = ["CLIENT_INPUTS", "INPUT_NAMES", "PrepareRequest"]
+__all__ = ["CLIENT_INPUTS", "INPUT_NAMES", "PrepareRequest", "check_sentence_segments"]
 
 # What a client may send csm_tts / csm_tts_stream for csm_prepare (forwarded as is)...
 CLIENT_INPUTS = (
@@ -37,6 +37,16 @@ CLIENT_INPUTS = (
 # as `pieces` / `spoken_pieces` in a second request for the rest's segments alone
 # (core.text_split.split_head: a long text's first audio waits for its first segment only).
 INPUT_NAMES = (*CLIENT_INPUTS, "budget_every_segment", "head_only", "pieces", "spoken_pieces")
+
+
+def check_sentence_segments(count: int) -> None:
+    """SENTENCE_SEGMENTS' bound, checked on the sentences counted before any work, and on
+    the segments the split made (its fallback scan, past its time budget, may cut more)."""
+    if count > C.MAX_SENTENCE_SEGMENTS:
+        raise InvalidInput(
+            f"input 'TEXT' has more than {C.MAX_SENTENCE_SEGMENTS} sentences, the most a text spoken one "
+            "sentence per segment (SENTENCE_SEGMENTS, captions) may have"
+        )
 
 
 def _texts(inputs: Mapping[str, np.ndarray], name: str) -> list[str] | None:
@@ -76,11 +86,8 @@ class PrepareRequest:
                 )
         sentence_segments = validation.flag(inputs.get("SENTENCE_SEGMENTS"), "SENTENCE_SEGMENTS", False)
         text = conversation.spoken_text(text, "TEXT", max_chars=C.MAX_LONG_TEXT_CHARS)
-        if sentence_segments and pieces is None and text_split.sentence_count(text) > C.MAX_SENTENCE_SEGMENTS:
-            raise InvalidInput(
-                f"input 'TEXT' has more than {C.MAX_SENTENCE_SEGMENTS} sentences, the most spoken one per segment "
-                "(SENTENCE_SEGMENTS): send it without SENTENCE_SEGMENTS, or in parts"
-            )
+        if sentence_segments and pieces is None:
+            check_sentence_segments(text_split.sentence_count(text))
         return cls(
             text=text,
             speaker=conversation.speaker_id(inputs.get("SPEAKER")),

@@ -100,7 +100,9 @@ class ServerRunner:
         self._stopping = threading.Event()
         self._sleep = sleep or self._stopping.wait  # True: a stop came during the wait
         self._log = log
-        self._lock = threading.Lock()
+        # Re-entrant: request_stop runs in a signal handler, on the main thread, which may
+        # hold the lock at that moment (a plain Lock would deadlock the stop there).
+        self._lock = threading.RLock()
         self._stop_signal = signal.SIGTERM
         self.process: Process | None = None
         self.stop_timeout_s = stop_timeout_s

@@ -18,7 +18,7 @@ import numpy as np
 
 from csm_triton import constants as C
 from csm_triton.core import conversation, normalize, segments, text_split, validation
-from csm_triton.core.prepare_request import INPUT_NAMES, PrepareRequest
+from csm_triton.core.prepare_request import INPUT_NAMES, PrepareRequest, check_sentence_segments
 from csm_triton.core.prompt import PromptBuilder, Turn
 from csm_triton.core.voice_store import VoiceStore
 from csm_triton.core.voices import VoiceResolver
@@ -71,6 +71,8 @@ class PrepareModel(triton.PythonModel):
             texts = text_split.split_text(
                 asked.text, normalize=self._normalizer(asked), per_sentence=asked.sentence_segments
             )
+            if asked.sentence_segments:
+                check_sentence_segments(len(texts))
         context = conversation.context_turns(
             **asked.context, lookup_voice=self._stored_voice, encode=forward_mimi_encoder
         )
@@ -106,6 +108,8 @@ class PrepareModel(triton.PythonModel):
             spoken=asked.spoken_pieces,
             per_sentence=asked.sentence_segments,
         )
+        if asked.sentence_segments:
+            check_sentence_segments(len(texts) + 1)  # the head came first
         adapter = self.voices.adapter_voice(asked.voice_id)
         return {
             "input_ids": np.zeros(0, np.int64),
