@@ -100,6 +100,18 @@ def rotary_table_errors(lm, model) -> dict[str, float]:
     return {name: (table.float().cpu() - reference).abs().max().item() for name, (table, reference) in tables.items()}
 
 
+def assert_loaded_as_transformers_bf16(model, loaded_bf16) -> None:
+    """`model` converted as `from_pretrained(dtype=bfloat16)` loads it: the rotary
+    frequencies kept in fp32 and equal, the weights in bf16."""
+    for ours, theirs in [
+        (model.backbone_model.rotary_emb, loaded_bf16.backbone_model.rotary_emb),
+        (model.depth_decoder.model.rotary_emb, loaded_bf16.depth_decoder.model.rotary_emb),
+    ]:
+        assert ours.inv_freq.dtype == theirs.inv_freq.dtype == torch.float32
+        assert torch.equal(ours.inv_freq, theirs.inv_freq)
+    assert model.backbone_model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
 def test_bf16_rotary_tables_at_csm1b_head_dim_are_the_fp32_tables_rounded_once(csm1b_rope_model):
     from csm_triton.engine import CsmLM
 
@@ -152,13 +164,7 @@ def test_the_engine_leaves_the_model_it_converts_as_transformers_bf16_load_does(
     converted = CsmForConditionalGeneration.from_pretrained(str(tiny_checkpoint), dtype=torch.float32)
     converted.codec_model = None
     lm = CsmLM(converted, device="cpu", dtype=torch.bfloat16, max_batch=1, cpu_kernels="mkl")
-    for theirs, ours in [
-        (loaded_bf16.backbone_model.rotary_emb, converted.backbone_model.rotary_emb),
-        (loaded_bf16.depth_decoder.model.rotary_emb, converted.depth_decoder.model.rotary_emb),
-    ]:
-        assert theirs.inv_freq.dtype == ours.inv_freq.dtype == torch.float32
-        assert torch.equal(theirs.inv_freq, ours.inv_freq)
-    assert converted.backbone_model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert_loaded_as_transformers_bf16(converted, loaded_bf16)
     # The engine's tables are transformers' bf16 model's own tables.
     positions = torch.arange(lm.max_context)[None]
     cos, sin = loaded_bf16.backbone_model.rotary_emb(torch.zeros(1, dtype=torch.bfloat16), positions)
@@ -243,12 +249,6 @@ def test_the_engine_benchmark_compares_with_transformers_own_bf16_model(tiny_che
     args = engine_bench.arguments().parse_args(["--tiny", "--dtype", "bf16"])
     model = engine_bench.bench_model(args, torch.device("cpu"), engine_bench.DTYPES[args.dtype])
     loaded = CsmForConditionalGeneration.from_pretrained(str(tiny_checkpoint), dtype=torch.bfloat16)
-    for ours, theirs in [
-        (model.backbone_model.rotary_emb, loaded.backbone_model.rotary_emb),
-        (model.depth_decoder.model.rotary_emb, loaded.depth_decoder.model.rotary_emb),
-    ]:
-        assert ours.inv_freq.dtype == theirs.inv_freq.dtype == torch.float32
-        assert torch.equal(ours.inv_freq, theirs.inv_freq)
-    assert model.backbone_model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert_loaded_as_transformers_bf16(model, loaded)
     with pytest.raises(SystemExit):
         engine_bench.arguments().parse_args(["--dtype", "fp16"])
