@@ -151,11 +151,19 @@ DEFAULT_EXIT_TIMEOUT_S = 10
 # before they kill the server's process group (stubs included): 30 + 5 s in the containers,
 # inside compose's 60 s and the chart's 120 s grace periods.
 STOP_KILL_MARGIN_S = 5
-# `serve` and `run` create the file named here as they forward SIGTERM/SIGINT (the python stubs
-# inherit the variable): csm_lm's streams still open this long after end with UNAVAILABLE,
-# since an open stream keeps its model loaded through Triton's whole exit timeout.
+# At SIGTERM/SIGINT `serve` and `run` create the file named here (the python stubs inherit the
+# variable) and forward the signal to tritonserver once no stub marks open streams, or
+# STOP_DRAIN_LIMIT_S later: Triton 2.51 does not wait for decoupled requests and crashed
+# unloading models whose streams still sent. No new stream is taken once the file exists;
+# csm_lm's streams still open STREAM_STOP_GRACE_S later end with UNAVAILABLE, their callers'
+# with them. The stubs notice the file within 0.2 s (a poll): serve looks for marks after
+# STOP_NOTICE_S. The limit is the grace, a BLS caller's last wait (triton.calls.STOP_DRAIN_S,
+# 2 s) and slack for a loaded machine; it comes out of the stop deadline, not on top of it.
 STOP_FILE_ENV = "CSM_TRITON_STOP_FILE"
 STREAM_STOP_GRACE_S = 1.0
+STOP_NOTICE_S = 0.6
+STOP_DRAIN_LIMIT_S = 5.0
+OPEN_WORK_MARKER_INFIX = ".open."
 
 # --- Watermark (resemble-perth 1.0.1; measured in tests/model/test_watermark.py) ----------
 # Shorter clips cannot be judged: on espeak-ng speech, 0.1-0.3 s windows of clean audio

@@ -650,16 +650,23 @@ def test_a_decoupled_model_with_work_to_end_is_told_when_serve_stops_the_server(
 
     class Relaying(adapter.DecoupledModel):  # its callee's failure ends its streams
         def start(self, request, sender):
-            pass
+            relayed.append(sender)
 
+    relayed = []
     generating, relaying = Generating(), Relaying()
     generating.execute([FakeStreamRequest()])
     relaying.execute([FakeStreamRequest()])
-    assert generating._stop_watch is not None and relaying._stop_watch is None
+    # Both watch (each marks its open streams for serve); only the one that generates ends work.
+    assert generating._stop_watch is not None and relaying._stop_watch is not None
+    assert relaying.has_open_work()
     announced = time.monotonic()
     (tmp_path / "stopping").touch()  # what serve does as it forwards SIGTERM
     generating._stop_watch.join(C.STREAM_STOP_GRACE_S + 5)
     assert len(stopped) == 1 and stopped[0] - announced >= C.STREAM_STOP_GRACE_S
+    monkeypatch.setattr(adapter, "pb_utils", types.SimpleNamespace(TRITONSERVER_RESPONSE_COMPLETE_FINAL=1))
+    relayed[0].finish()  # its callee's end ended it
+    relaying._stop_watch.join(5)
+    assert not relaying.has_open_work() and not relaying._stop_watch.is_alive()
 
 
 def test_a_call_fails_at_once_when_the_server_is_shutting_down(pb, monkeypatch):

@@ -5,10 +5,11 @@ docker/serve.sh) share, so that compose, the Helm chart and KServe stop as `make
 
 On SIGTERM, SIGINT or SIGHUP: the model supervisor (when there is one) stops first, so
 that no reload starts while the models unload; the stop file appears, so that the python
-stubs end their open streams with a final response instead of holding the unload for
-Triton's whole exit timeout (triton.stub_threads.watch_server_stop); the signal is
-forwarded; a server still running `stop_timeout_s` later is killed with its process
-group, stubs included, and a log line says so. The server gets a process group of its
+stubs take no new stream and end their open ones with a final response
+(triton.stub_threads.watch_server_stop); the signal is forwarded once they have (at most
+C.STOP_DRAIN_LIMIT_S later): Triton 2.51 does not wait for streams, it unloads models
+whose streams still send and crashed doing so. A server still running `stop_timeout_s`
+after the signal is killed with its process group, stubs included, and a log line says so. The server gets a process group of its
 own so that what outlives it (a stub stuck in execute) is found and killed afterwards.
 """
 
@@ -28,6 +29,7 @@ from csm_triton.serving.teardown import (
     parent_death_signal,
     remove_shm_regions,
     stop_file,
+    wait_for_open_work,
 )
 
 __all__ = ["STOP_SIGNALS", "run_until_stopped"]
@@ -79,8 +81,9 @@ def run_until_stopped(
     def stop(signum, _frame):
         if supervisor is not None:  # no reload may start while the models unload
             supervisor.request_stop()
-        announce_stop(announcement)  # csm_lm's open streams end instead of holding the unload
-        runner.request_stop(signum)
+        announce_stop(announcement)  # the stubs take no new stream and end their open ones...
+        # ...before tritonserver hears of it: 2.51 unloads models whose streams still send.
+        runner.request_stop(signum, drain=lambda: wait_for_open_work(announcement, log=log))
 
     previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:

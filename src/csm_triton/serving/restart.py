@@ -119,15 +119,31 @@ class ServerRunner:
         process = self.process
         return process.pid if process is not None else None
 
-    def request_stop(self, signum: int = signal.SIGTERM) -> None:
-        """Stop for good: the signal goes to the running server, no restart follows."""
+    def request_stop(self, signum: int = signal.SIGTERM, *, drain: Callable[[], object] | None = None) -> None:
+        """Stop for good: the signal goes to the running server, no restart follows.
+        With `drain`, the signal is forwarded from a thread once `drain()` returned (the
+        stubs' open streams ended); the stop deadline counts from now all the same, and
+        a second stop request forwards at once."""
         with self._lock:
             self._stop_signal = signum
+            first = not self._stopping.is_set()
             self._stopping.set()
             process = self.process
-        if process is not None and process.poll() is None:
+        if process is None or process.poll() is not None:
+            return
+        self._arm_stop_deadline(process, signum)
+        if drain is None or not first:
             process.send_signal(signum)
-            self._arm_stop_deadline(process, signum)
+            return
+
+        def drain_then_forward() -> None:
+            try:
+                drain()
+            finally:
+                if process.poll() is None:
+                    process.send_signal(signum)
+
+        threading.Thread(target=drain_then_forward, name="csm-stop-drain", daemon=True).start()
 
     def _arm_stop_deadline(self, process: Process, signum: int) -> None:
         with self._lock:

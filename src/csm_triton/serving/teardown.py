@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from csm_triton import constants as C
 from csm_triton.serving.stubs import process_group
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "shm_region_flag",
     "stop_file",
     "unique_shm_prefix",
+    "wait_for_open_work",
 ]
 
 SHM_PREFIX = "triton_python_backend_shm_region_"
@@ -59,6 +61,30 @@ def announce_stop(path: Path) -> None:
         path.touch()
     except OSError:  # no /dev/shm: the stubs' streams then end with Triton's exit timeout
         pass
+
+
+def wait_for_open_work(
+    announcement: Path,
+    *,
+    notice_s: float = C.STOP_NOTICE_S,
+    limit_s: float = C.STOP_DRAIN_LIMIT_S,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    log: Callable[[str], None] = lambda line: None,
+) -> float:
+    """After announce_stop: waits until no stub marks open streams
+    (triton.stub_threads.watch_server_stop), at most `limit_s`; the stubs need up to
+    `notice_s` to see the file and mark. Returns the seconds waited."""
+    began = clock()
+    sleep(notice_s)
+    pattern = f"{announcement}{C.OPEN_WORK_MARKER_INFIX}*"
+    while glob.glob(pattern):
+        if clock() - began >= limit_s:
+            models = sorted(Path(path).name.split(C.OPEN_WORK_MARKER_INFIX, 1)[1] for path in glob.glob(pattern))
+            log(f"streams still open {limit_s:g} s after the stop ({', '.join(models)}): stopping tritonserver anyway")
+            break
+        sleep(0.05)
+    return clock() - began
 
 
 def remove_shm_regions(prefix: str) -> None:

@@ -258,9 +258,10 @@ class StreamSender:
     """One request's response sender. Exactly one final response is sent, whatever
     happens: `finish` or `fail` (later calls are ignored)."""
 
-    def __init__(self, request, model_name: str):
+    def __init__(self, request, model_name: str, on_close=lambda: None):
         self._sender = request.get_response_sender()
         self._model_name = model_name
+        self._on_close = on_close  # called once, after the final response went out
         # The model's thread and a server stop (DecoupledModel.on_server_stop) may end it at once.
         self._lock = threading.Lock()
         self.closed = False
@@ -275,20 +276,26 @@ class StreamSender:
             if self.closed:
                 return
             self.closed = True
-            final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-            if outputs:
-                self._sender.send(build_response(outputs), flags=final)
-            else:
-                self._sender.send(flags=final)
+            try:
+                final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+                if outputs:
+                    self._sender.send(build_response(outputs), flags=final)
+                else:
+                    self._sender.send(flags=final)
+            finally:
+                self._on_close()
 
     def fail(self, error: BaseException) -> None:
         with self._lock:
             if self.closed:
                 return
             self.closed = True
-            self._sender.send(
-                error_response(error, self._model_name), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-            )
+            try:
+                self._sender.send(
+                    error_response(error, self._model_name), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+                )
+            finally:
+                self._on_close()
 
     def is_cancelled(self) -> bool:
         return self._sender.is_cancelled()
@@ -299,32 +306,42 @@ class DecoupledModel(PythonModel):
     must end in sender.finish/fail (now or later, from any thread)."""
 
     _stop_watch: threading.Thread | None = None
+    _open_streams = 0  # requests whose final response has not gone out
+    _streams_lock = threading.Lock()
 
     def start(self, request, sender: StreamSender) -> None:
         raise NotImplementedError
 
     def has_open_work(self) -> bool:
         """Whether requests of this model still wait for their final response."""
-        return False
+        return self._open_streams > 0
 
     def on_server_stop(self) -> None:
         """Override to end the open work (each request's final response sent) when the
         server is stopping and `has_open_work` still holds C.STREAM_STOP_GRACE_S later
-        (watch_server_stop; called once, on a thread of its own). A decoupled request keeps
-        its model loaded until its final response went out, and `finalize` only runs after
-        that: open work would hold Triton's shutdown until it gives up ("Exit timeout
-        expired") and finalizes nothing. Only the model that does the work ends it (csm_lm):
-        its BLS callers then fail their own requests as they would on any callee error;
-        ending those from here too crashed 2.51 while it unloaded them (lock_exception)."""
+        (watch_server_stop; called once, on a thread of its own). serve forwards the stop
+        signal to Triton only when no model has open work (or STOP_DRAIN_LIMIT_S later):
+        2.51 unloads a decoupled model without waiting for its streams. Only the model
+        that does the work ends it (csm_lm): its BLS callers then fail their own
+        requests as they would on any callee error."""
+
+    def _stream_closed(self) -> None:
+        with self._streams_lock:
+            self._open_streams -= 1
 
     def execute(self, requests):
-        if self._stop_watch is None and type(self).on_server_stop is not DecoupledModel.on_server_stop:
+        if self._stop_watch is None:
+            overridden = type(self).on_server_stop is not DecoupledModel.on_server_stop
             self._stop_watch = watch_server_stop(
-                self.on_server_stop, busy=self.has_open_work, model_name=self.model_name
+                self.on_server_stop if overridden else None, busy=self.has_open_work, model_name=self.model_name
             )
         for request in requests:
-            sender = StreamSender(request, self.model_name)
+            with self._streams_lock:
+                self._open_streams += 1
+            sender = StreamSender(request, self.model_name, on_close=self._stream_closed)
             try:
+                if calls.server_stopping(0.0):  # a stream begun now would still run as Triton unloads
+                    raise ModelUnavailable("the server is shutting down")
                 self.start(request, sender)
             except Exception as error:  # noqa: BLE001 - a bad request fails only itself
                 sender.fail(error)

@@ -185,6 +185,8 @@ class PendingCall:
         caller give up (another model's refusal, its own client leaving): once the caller's
         request ends, Triton unloads the caller, and a BLS response reaching an unloaded
         model aborts 2.51 (boost lock_exception, SIGABRT)."""
+        if self._closed.is_set():  # waited already (the caller's give-up, then its finally)
+            return
         self._closed.set()
         if not self._drained.is_set() and self._stopping(0.0):
             self._drained.wait(self._stop_drain_s)

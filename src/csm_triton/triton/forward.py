@@ -17,7 +17,7 @@ from csm_triton.core import validation
 from csm_triton.core.prepare_request import CLIENT_INPUTS
 from csm_triton.core.segments import SEGMENT_OUTPUTS
 from csm_triton.triton import adapter as triton
-from csm_triton.triton.calls import server_stopping
+from csm_triton.triton.calls import ModelCallError, ModelUnavailable, server_stopping
 
 __all__ = [
     "PREPARE_INPUTS",
@@ -39,7 +39,9 @@ PREPARE_OUTPUTS = (
     "rest_pieces",
     "rest_spoken_pieces",
 )
-LM_OUTPUTS = ["codes", "finish_reason"]
+LM_OUTPUTS = ["codes", "finish_reason", "error"]
+# csm_lm's failures, told on its final response: the server's (retry elsewhere) and its own.
+LM_UNAVAILABLE_REASONS = ("shutdown", "device_failure")
 
 
 def forward_prepare(prepare_inputs):
@@ -54,6 +56,11 @@ def _lm_chunks(lm_inputs, request_id: str = "") -> Iterator[np.ndarray]:
             yield chunk["codes"]
         if "finish_reason" in chunk:  # on csm_lm's final response
             reason = validation.decode_utf8(chunk["finish_reason"], "finish_reason")[0]
+            if "error" in chunk:
+                message = validation.decode_utf8(chunk["error"], "error")[0]
+                if reason in LM_UNAVAILABLE_REASONS:
+                    raise ModelUnavailable(f"csm_lm: {message}")
+                raise ModelCallError(f"csm_lm: {message}")
     return reason
 
 

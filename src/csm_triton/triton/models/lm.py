@@ -191,13 +191,14 @@ class LanguageModel(triton.DecoupledModel):
                 if not chunk.finished:
                     sender.send(outputs)
                     return
-                if chunk.reason in (FinishReason.DEVICE_FAILURE, FinishReason.SHUTDOWN):  # UNAVAILABLE: may retry
-                    sender.fail(ModelUnavailable(chunk.error or chunk.reason.value))
-                elif chunk.reason == FinishReason.ERROR:
-                    sender.fail(RuntimeError(chunk.error or chunk.reason.value))
-                else:  # how it ended rides on the final response (a BLS caller asks for it by name)
-                    reason = np.array([chunk.reason.value.encode()], dtype=object)
-                    sender.finish({**(outputs or {}), "finish_reason": reason})
+                # How it ended rides on the final response, a failure too (with its message):
+                # Triton 2.51 never delivers an error response that a decoupled model sends
+                # after execute returned to a BLS caller (it waited for it until the stop
+                # deadline). The caller raises on a failure's reason (forward._lm_chunks).
+                final = {"finish_reason": np.array([chunk.reason.value.encode()], dtype=object)}
+                if chunk.reason in (FinishReason.DEVICE_FAILURE, FinishReason.SHUTDOWN, FinishReason.ERROR):
+                    final["error"] = np.array([(chunk.error or chunk.reason.value).encode()], dtype=object)
+                sender.finish({**(outputs or {}), **final})
                 self._record(frames[0], time.perf_counter() - started)
             except Exception as error:  # noqa: BLE001 - the final flag must still go out
                 sender.fail(error)
@@ -245,7 +246,8 @@ class LanguageModel(triton.DecoupledModel):
         )
 
     def has_open_work(self):
-        return self.engine.has_work()
+        # The engine's work, and final responses still queued for delivery.
+        return self.engine.has_work() or super().has_open_work()
 
     def on_server_stop(self):
         # Streams still generating end now with a "shutting down" error as their final
