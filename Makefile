@@ -84,8 +84,11 @@ admin-token:
 test: setup-test lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+# Two workers that steal queued tests from each other (the slow ones do not pile up on one),
+# each with one OpenMP thread (two workers of two torch threads each fought over 2 CPUs),
+# without cloudcoil's plugin (the deploy tests' Kubernetes fixtures: seconds of imports).
 test-unit: setup-test
-	$(VENV)/bin/pytest tests/unit -q -n 2 $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(VENV)/bin/pytest tests/unit -q -n 2 --dist worksteal -p no:cloudcoil $(PYTEST_ARGS)
 
 # ruff (ruff.toml): lint and format, checked; `make format` rewrites.
 lint: setup-test

@@ -8,9 +8,19 @@ from __future__ import annotations
 import threading
 import time
 
-from csm_triton.engine import EngineConfig, GenerationEngine
+from csm_triton.engine import EngineConfig, GenerationEngine, GenerationRequest
 from csm_triton.engine.requests import Deliveries
-from tests.model.test_engine import TARGETS, request
+
+# tests/model/test_engine.py's first two targets and its request() without a voice: that
+# module is not imported, because importing it loads transformers' processors and models
+# into every xdist worker at collection (seconds each), for two strings and three lines.
+TARGETS = ["Hello there.", "How are you doing today, my friend?"]
+
+
+def request(builder, target, frames, **options):
+    prompt = builder.prepare(target)
+    options.setdefault("greedy", "seed" not in options)
+    return GenerationRequest(prompt.input_ids, prompt.audio_codes, max_frames=frames, **options)
 
 
 def test_hand_offs_keep_their_order_and_one_failing_receiver_stops_none_of_the_others(caplog):

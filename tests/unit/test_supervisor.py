@@ -600,7 +600,11 @@ def test_the_stop_watch_ends_what_is_still_open_after_the_grace(tmp_path):
     flag, fired, busy = tmp_path / "stopping", [], threading.Event()
     busy.set()
     thread = adapter.watch_server_stop(
-        lambda: fired.append(time.monotonic()), busy=busy.is_set, stop_file=str(flag), grace_s=0.3, interval_s=0.01
+        lambda: (fired.append(time.monotonic()), busy.clear()),  # as csm_lm: its streams end
+        busy=busy.is_set,
+        stop_file=str(flag),
+        grace_s=0.3,
+        interval_s=0.01,
     )
     time.sleep(0.1)
     assert fired == []  # serving: no stop announced

@@ -252,8 +252,16 @@ def test_text_past_the_long_text_limit_is_refused_before_it_is_spoken():
     assert "more" not in "".join(spoken for spoken, _ in served.cloner.calls), "nothing of the message past the limit"
 
 
-def test_a_session_past_its_length_is_closed(served, cloner):
-    _, events, code = session(served, [text("and on ")] * 16, pause_s=0.3)  # never idle, 4.8 s in all
+def test_a_session_past_its_length_is_closed():
+    from csm_servers.gateway.guard import GatewayLimits
+
+    # Its own server with a 1 s session (the module's is 4 s, for the tests that speak
+    # longer); the same 1 s idle timeout: a message every 0.1 s is never idle, 2 s in all.
+    served = Served(GatewayLimits(ws_idle_timeout_s=1.0, ws_max_session_s=1.0))
+    try:
+        _, events, code = session(served, [text("and on ")] * 20, pause_s=0.1)
+    finally:
+        served.stop()
     assert code == 1008 and events[-1]["error"]["code"] == "session_timeout"
 
 

@@ -22,28 +22,19 @@ from loadtest.speed_eval import RATE, TEXT, espeak_speech, median_f0, naive_spee
 from tests.unit.test_encoding import TOLERANCE_S, decode
 
 SPEEDS = (0.25, 0.5, 1.5, 2.0, 4.0)
+VOICES = ["en", "en+f3"]
 
 
-@pytest.fixture(scope="module", params=["en", "en+f3"])
-def speech(request, tmp_path_factory) -> np.ndarray:
+@pytest.fixture(scope="module")
+def speeches(tmp_path_factory) -> dict[str, np.ndarray]:
     """About 8 s of espeak-ng speech at 24 kHz, a low (~100 Hz) and a high (~200 Hz) voice."""
-    return espeak_speech(TEXT, request.param, tmp_path_factory.mktemp("espeak"))
+    folder = tmp_path_factory.mktemp("espeak")
+    return {voice: espeak_speech(TEXT, voice, folder) for voice in VOICES}
 
 
-@pytest.mark.parametrize("speed", [0.5, 1.5, 2.0])
-def test_the_duration_is_one_over_speed_and_the_pitch_stays(speech, speed):
-    stretched = stretch(speech, RATE, speed)
-    assert stretched.dtype == np.float32 and stretched.size == round(speech.size / speed)
-    # The speech itself (first to last window above -40 dB), not the sample count the
-    # stretcher cuts to: a lost tail or padding would show here.
-    assert speech_seconds(stretched) / speech_seconds(speech) == pytest.approx(1 / speed, rel=0.03)
-    assert median_f0(stretched) == pytest.approx(median_f0(speech), rel=0.05)
-
-
-def test_the_pitch_measure_catches_a_stretch_that_shifts_the_pitch(speech):
-    # A speed-up by resampling (no pitch correction) raises F0 by the factor itself:
-    # far outside the 5 % the stretch is held to.
-    assert median_f0(naive_speed_up(speech, 1.5)) / median_f0(speech) > 1.4
+@pytest.fixture(scope="module", params=VOICES)
+def speech(request, speeches) -> np.ndarray:
+    return speeches[request.param]
 
 
 def _chunked(samples: np.ndarray, sizes) -> list[np.ndarray]:
@@ -169,16 +160,19 @@ class _FakeSyncTriton(_FakeTriton):
         return SpeechStream(iter(self._chunks()))
 
 
-@pytest.fixture()
-def gateway(speech, monkeypatch):
+@pytest.fixture(scope="module")
+def gateway(speech):
+    """One gateway per voice for the module's tests (an app and its TestClient took most
+    of each short test's time); the fake client keeps no state between requests."""
     from fastapi.testclient import TestClient
 
     from csm_servers.gateway import app as gateway_app
 
-    monkeypatch.setattr(_FakeTriton, "AUDIO", speech)
-    monkeypatch.setattr(gateway_app, "AsyncVoiceCloner", _FakeTriton)
-    with TestClient(gateway_app.create_app("127.0.0.1:1")) as client:
-        yield client
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_FakeTriton, "AUDIO", speech)
+        patch.setattr(gateway_app, "AsyncVoiceCloner", _FakeTriton)
+        with TestClient(gateway_app.create_app("127.0.0.1:1")) as client:
+            yield client
 
 
 def _speech_body(**change) -> dict:
@@ -252,3 +246,27 @@ def test_the_cli_writes_the_stretched_audio(cli, speech, tmp_path, command):
 def test_the_cli_refuses_a_bad_speed_before_sending(cli, tmp_path, capsys, value):
     assert cli(["say", "Hello.", "-o", str(tmp_path / "x.wav"), "--speed", value]) == 2
     assert "--speed: must be in [0.25, 4]" in capsys.readouterr().err
+
+
+# --- the duration and the pitch, measured (librosa) ------------------------------------
+# These take the voice as a parameter of their own, not through `speech`: pytest runs them
+# together after the module's other tests (which it groups by `speech`'s voice), so one
+# xdist worker pays librosa's import (~3 s: scipy, numba) for both voices, not each worker.
+@pytest.mark.parametrize("speed", [0.5, 1.5, 2.0])
+@pytest.mark.parametrize("voice", VOICES)
+def test_the_duration_is_one_over_speed_and_the_pitch_stays(speeches, voice, speed):
+    speech = speeches[voice]
+    stretched = stretch(speech, RATE, speed)
+    assert stretched.dtype == np.float32 and stretched.size == round(speech.size / speed)
+    # The speech itself (first to last window above -40 dB), not the sample count the
+    # stretcher cuts to: a lost tail or padding would show here.
+    assert speech_seconds(stretched) / speech_seconds(speech) == pytest.approx(1 / speed, rel=0.03)
+    assert median_f0(stretched) == pytest.approx(median_f0(speech), rel=0.05)
+
+
+@pytest.mark.parametrize("voice", VOICES)
+def test_the_pitch_measure_catches_a_stretch_that_shifts_the_pitch(speeches, voice):
+    speech = speeches[voice]
+    # A speed-up by resampling (no pitch correction) raises F0 by the factor itself:
+    # far outside the 5 % the stretch is held to.
+    assert median_f0(naive_speed_up(speech, 1.5)) / median_f0(speech) > 1.4
