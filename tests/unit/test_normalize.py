@@ -103,6 +103,9 @@ CASES = {
         ("on the 3rd of January", "on the third of January"),
         ("Monday, January 3, 2026", "Monday, the third of january, twenty twenty six"),
         ("March 2026", "march twenty twenty six"),
+        # A lowercase month stays context (plain words do not: normalize._PLAIN_WORD).
+        ("on 3 january 2026 we met", "on the third of january twenty twenty six we met"),
+        ("the 3rd of march, 2020", "the third of march twenty twenty"),
     ],
     "time": [
         ("10:45", "ten forty five"),
@@ -460,3 +463,10 @@ def test_the_streams_final_response_carries_each_segments_text_as_spoken():
     sender = Sender()
     pipeline.run({"TEXT": "It costs $5."}, {}, sender, stream_id="s")
     assert sender.final_outputs["NORMALIZED_TEXT"].tolist() == [b"It costs five dollars."]
+
+
+def test_plain_words_beside_a_number_are_not_sent_to_the_library():
+    """wetext's cost is per character: "items" and "cost" read the same with or without
+    the number, so a window takes only the words that can change its reading."""
+    text = normalize.prepass("the cost was 12 items on 3 january, 2026 at 5 pm today")
+    assert [text[start:end] for start, end in normalize._windows(text)] == ["was 12", "on 3 january, 2026 at 5 pm"]

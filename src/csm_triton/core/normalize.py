@@ -220,6 +220,15 @@ def prepass(text: str) -> str:
 # Digits and fractions, "R&D", e-mail addresses, "www.", domains and file names ("file.txt").
 _NEEDS_LIBRARY = re.compile(r"[0-9¼-¾⅐-⅞]|&|\w@\w|(?<!\S)www\.|\w\.[a-z]{2,}")
 _CONTEXT_WORDS = 2  # "Jan. 3rd, 2026", "10:45 a.m.", "5 km/h", "$2.5 million" read as one
+# Only words that can change a number's reading are context: not a plain lowercase word of
+# four letters or more ("items", "hours": read the same either way, and wetext's cost is per
+# character: a third less on number-dense text), except scales, months and days. Names and
+# abbreviations ("Jan.", "Monday"), short words and symbols ("of", "a.m.", "kg", "°F") stay.
+_READING_WORDS = (
+    "hundred|thousand|million|billion|trillion|january|february|march|april|june|july|august|september"
+    "|october|november|december|monday|tuesday|wednesday|thursday|friday|saturday|sunday"
+)
+_PLAIN_WORD = re.compile(r"[\"'“‘(]*(?!(?:" + _READING_WORDS + r")s?\b)[a-z]{4,}[.,;:!?\"'”’)]*")
 # Characters wetext's tagger fails on next to a digit ("[2020]", a zero-width space; "5*" and
 # the like fail too, and are read word by word or left as written):
 # they cut a window into chunks, read one by one, and stay as they were.
@@ -237,15 +246,19 @@ def _windows(text: str) -> list[tuple[int, int]]:
     """(start, end) of each run of words wetext reads: the words that need it and their
     context, never across anything but a single space (wetext fails on runs of spaces)."""
     words = [match.span() for match in _WORD.finditer(text)]
+
+    def _context(index: int) -> bool:
+        return _PLAIN_WORD.fullmatch(text, *words[index]) is None
+
     linked = [text[a[1] : b[0]] == " " for a, b in zip(words, words[1:])]  # word i to word i + 1
     runs: list[list[int]] = []
     for index, (start, end) in enumerate(words):
         if not _NEEDS_LIBRARY.search(text, start, end):
             continue
         first = last = index
-        while first > 0 and index - first < _CONTEXT_WORDS and linked[first - 1]:
+        while first > 0 and index - first < _CONTEXT_WORDS and linked[first - 1] and _context(first - 1):
             first -= 1
-        while last < len(words) - 1 and last - index < _CONTEXT_WORDS and linked[last]:
+        while last < len(words) - 1 and last - index < _CONTEXT_WORDS and linked[last] and _context(last + 1):
             last += 1
         if runs and first <= runs[-1][1] + 1 and all(linked[runs[-1][1] : first]):
             runs[-1][1] = max(runs[-1][1], last)
