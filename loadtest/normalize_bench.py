@@ -29,6 +29,8 @@ DENSE = (
     "On 2026-12-06 at 10:45 a.m., 3 of 12 items cost $5.30, 25% off 1,250 kg; call 555-123-4567 "
     "or mail a.b@example.com by Jan. 3rd, 2027; 2 1/2 hours at 60 mph is 150 miles, 72°F. "
 )
+# Not speech but a text a client may send: numbers and nothing else, the worst case per character.
+NUMBER_SOUP = " ".join(str((n * 7919) % 100_000) for n in range(1, 400)) + ". "
 PROSE = (
     "The quick brown fox jumps over the lazy dog, and then, having made its point, trots off into the "
     "woods without a backward glance. "
@@ -131,8 +133,11 @@ def report_markdown(r: dict) -> str:
 "load tests' texts" is loadtest/data/texts.txt (49 sentences: commands, prose, money, dates,
 times, phone numbers, names) repeated; "dense" has a number, amount, date, unit or address in
 nearly every word ({len(DENSE)} characters, repeated); "plain prose" has nothing to normalize
-(a regex scan, the text unchanged). Only the words that need it, with two words of context,
-go to wetext, so the cost follows the numbers in a text, not its length. For csm_tts (one
+(a regex scan, the text unchanged); "number soup" is five-digit numbers and nothing else, one
+"sentence" per {C.SEGMENT_MAX_CHARS} characters: no speech, the worst case per character (wetext
+reads digits at ~0.3 ms a character here, words at ~0.1). Only the words that need it, with up
+to two words of context that can change their reading (not plain lowercase words), go to
+wetext, so the cost follows the numbers in a text, not its length. For csm_tts (one
 answer with all the audio) csm_prepare normalizes every sentence before it answers: the
 whole-text figure. csm_tts_stream asks for the head alone (text_split.split_head: the first
 segment, its sentences split and normalized alone) and for the rest while the head is
@@ -157,7 +162,7 @@ def main(argv=None) -> int:
         print("wetext could not be loaded", file=sys.stderr)
         return 1
     load_ms = (time.perf_counter() - started) * 1000
-    texts = {"load tests' texts": corpus(), "dense": DENSE, "plain prose": PROSE}
+    texts = {"load tests' texts": corpus(), "dense": DENSE, "plain prose": PROSE, "number soup": NUMBER_SOUP}
     long_texts = {name: repeat_to(text, C.MAX_LONG_TEXT_CHARS) for name, text in texts.items()}
     report = {
         "machine": workload.machine(),
