@@ -8,11 +8,12 @@
 #
 # Not `exec tritonserver`: on SIGTERM (docker stop, compose, a Kubernetes rollout) `run`
 # stops the server as `csm-triton-server serve` does (csm_triton.serving.foreground): it
-# creates the stop file the python stubs watch, so open streams end with a final response
-# instead of holding the unload for Triton's whole exit timeout; forwards SIGTERM; kills
-# tritonserver and its stubs, with a log line, if still running --exit-timeout + 5 s later
-# (35 s with the image's 30: inside compose's 60 s and the chart's 120 s grace); exits 0
-# after a clean stop. It restarts nothing: the container's restart policy does.
+# creates the stop file the python stubs watch (no new stream; open streams end with a
+# final response); forwards SIGTERM once no stub has open work (at most 5 s: Triton 2.51
+# unloads models whose streams still send, and crashed); kills tritonserver and its stubs,
+# with a log line, if still running --exit-timeout + 5 + 5 s after the signal (40 s with
+# the image's 30: inside compose's 60 s and the chart's 120 s grace); exits 0 after a
+# clean stop. It restarts nothing: the container's restart policy does.
 #
 # Listening: 127.0.0.1, the container's own loopback, unless CSM_TRITON_LISTEN_ADDRESS
 # opens it (compose and the chart set 0.0.0.0 for the gateway and the kubelet's probes

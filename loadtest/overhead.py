@@ -130,6 +130,8 @@ class ThroughTriton:
                 if result.as_numpy("codes") is not None:  # (the final may carry only finish_reason)
                     first = first or arrived
                     chunks.append(result.as_numpy("codes"))
+                if result.as_numpy("error") is not None:  # a failure rides on the final response
+                    raise RuntimeError(f"csm_lm: {result.as_numpy('error')[0].decode()}")
                 final = response.parameters.get("triton_final_response")
                 if final is not None and final.bool_param:
                     return arrived - started, first - started, np.concatenate(chunks)

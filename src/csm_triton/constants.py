@@ -148,20 +148,19 @@ RESTRICTED_APIS = ("model-repository", "shared-memory", "logging", "trace")
 # ones included), in-flight requests and unloading the models, in that order: one budget.
 DEFAULT_EXIT_TIMEOUT_S = 10
 # After the exit timeout, how long `csm-triton-server serve` and `run` (docker/serve.sh) wait
-# before they kill the server's process group (stubs included): 30 + 5 s in the containers,
-# inside compose's 60 s and the chart's 120 s grace periods.
+# before they kill the server's process group (stubs included); their default stop timeout
+# is the exit timeout + this + STOP_DRAIN_LIMIT_S: 30 + 5 + 5 s in the containers, inside
+# compose's 60 s and the chart's 120 s grace periods.
 STOP_KILL_MARGIN_S = 5
 # At SIGTERM/SIGINT `serve` and `run` create the file named here (the python stubs inherit the
-# variable) and forward the signal to tritonserver once no stub marks open streams, or
+# variable) and forward the signal to tritonserver once no stub marks open work, or
 # STOP_DRAIN_LIMIT_S later: Triton 2.51 does not wait for decoupled requests and crashed
 # unloading models whose streams still sent. No new stream is taken once the file exists;
 # csm_lm's streams still open STREAM_STOP_GRACE_S later end with UNAVAILABLE, their callers'
-# with them. The stubs notice the file within 0.2 s (a poll): serve looks for marks after
-# STOP_NOTICE_S. The limit is the grace, a BLS caller's last wait (triton.calls.STOP_DRAIN_S,
-# 2 s) and slack for a loaded machine; it comes out of the stop deadline, not on top of it.
+# with them. The limit is the grace, a BLS caller's last wait (triton.calls.STOP_DRAIN_S,
+# 2 s) and slack for a loaded machine.
 STOP_FILE_ENV = "CSM_TRITON_STOP_FILE"
 STREAM_STOP_GRACE_S = 1.0
-STOP_NOTICE_S = 0.6
 STOP_DRAIN_LIMIT_S = 5.0
 OPEN_WORK_MARKER_INFIX = ".open."
 

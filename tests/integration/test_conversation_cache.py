@@ -75,6 +75,8 @@ def lm_codes(client, input_ids, prompt_codes, **extra) -> np.ndarray:
             codes = result.as_numpy("codes")  # the final response may hold other outputs only
             if codes is not None:
                 chunks.append(codes)
+            if result.as_numpy("error") is not None:  # a failure rides on the final response
+                raise AssertionError(f"csm_lm failed: {result.as_numpy('error')[0].decode()}")
             final = result.get_response().parameters.get("triton_final_response")
             if final is not None and final.bool_param:
                 return np.concatenate(chunks)

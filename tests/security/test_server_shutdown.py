@@ -280,10 +280,11 @@ def test_serve_sh_kills_a_tritonserver_that_ignores_sigterm_with_a_log_line(tmp_
 
 
 def test_serve_sh_gives_up_well_inside_every_deployments_grace_period():
-    # serve.sh's last act (a kill past --exit-timeout + the margin, then 2 s for stubs that
-    # outlive the server) must come before the orchestrator's SIGKILL, which logs nothing.
-    def deadline(args: list[str]) -> int:
-        return int(args[args.index("--exit-timeout") + 1]) + C.STOP_KILL_MARGIN_S + 2
+    # serve.sh's last act (a kill past --exit-timeout + the margin + the streams' drain, then
+    # 2 s for stubs that outlive the server) must come before the orchestrator's SIGKILL,
+    # which logs nothing.
+    def deadline(args: list[str]) -> float:
+        return int(args[args.index("--exit-timeout") + 1]) + C.STOP_KILL_MARGIN_S + C.STOP_DRAIN_LIMIT_S + 2
 
     compose = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["triton"]
     assert compose["command"][0].endswith("/docker/serve.sh")

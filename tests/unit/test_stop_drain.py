@@ -20,55 +20,69 @@ import pytest
 
 from csm_triton import constants as C
 from csm_triton.serving import restart
-from csm_triton.serving.teardown import wait_for_open_work
+from csm_triton.serving.teardown import announce_stop, wait_for_open_work
 from csm_triton.triton import adapter, forward
-from csm_triton.triton.calls import ModelCallError, ModelUnavailable
-from csm_triton.triton.stub_threads import open_work_marker, watch_server_stop
+from csm_triton.triton.calls import ModelCallError, ModelUnavailable, PendingCall
+from csm_triton.triton.stub_threads import OpenWork
 
 
-def marker_of(stop_file, model_name="csm_lm"):
-    return open_work_marker(str(stop_file), model_name, os.getpid())
+def marks(folder) -> list[str]:
+    return sorted(path.name for path in folder.iterdir() if C.OPEN_WORK_MARKER_INFIX in path.name)
 
 
-def test_a_stub_marks_its_open_streams_from_the_stop_until_they_end(tmp_path):
-    stop_file, busy = tmp_path / "stopping", threading.Event()
-    busy.set()
-    thread = watch_server_stop(
-        None, busy=busy.is_set, model_name="csm_lm", stop_file=str(stop_file), grace_s=0.05, interval_s=0.01
-    )
-    time.sleep(0.1)
-    assert not os.path.exists(marker_of(stop_file)), "marked before any stop"
-    stop_file.touch()
-    deadline = time.monotonic() + 2
-    while not os.path.exists(marker_of(stop_file)) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert os.path.exists(marker_of(stop_file)), "open streams at the stop, but no mark"
-    time.sleep(0.2)
-    assert os.path.exists(marker_of(stop_file)), "unmarked while the stream is still open"
-    busy.clear()
-    thread.join(2)
-    assert not thread.is_alive() and not os.path.exists(marker_of(stop_file))
+def test_a_stub_marks_its_open_work_from_the_first_open_to_the_last_close(tmp_path):
+    """Synchronous, no polling: serve sees what is open the moment it looks."""
+    work = OpenWork(str(tmp_path / "stopping"), label="csm_tts_stream")
+    assert marks(tmp_path) == []
+    work.opened()
+    assert marks(tmp_path) == [f"stopping{C.OPEN_WORK_MARKER_INFIX}csm_tts_stream.{os.getpid()}"]
+    work.opened()  # a BLS call of that stream
+    work.closed()
+    assert len(marks(tmp_path)) == 1, "unmarked while a stream is still open"
+    work.closed()
+    assert marks(tmp_path) == [] and work.count == 0
 
 
-def test_a_stream_that_never_ends_is_unmarked_at_the_drain_limit(tmp_path):
-    stop_file = tmp_path / "stopping"
-    stop_file.touch()
-    began = time.monotonic()
-    thread = watch_server_stop(
-        None, busy=lambda: True, model_name="csm_lm", stop_file=str(stop_file), grace_s=0.05, drain_s=0.3,
-        interval_s=0.01,
-    )  # fmt: skip
-    thread.join(5)
-    assert not thread.is_alive() and not os.path.exists(marker_of(stop_file))
-    assert 0.3 <= time.monotonic() - began < 2
+def test_the_mark_follows_the_count_when_threads_open_and_close_at_once(tmp_path):
+    work = OpenWork(str(tmp_path / "stopping"))
+
+    def churn():
+        for _ in range(300):
+            work.opened()
+            work.closed()
+
+    threads = [threading.Thread(target=churn) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert work.count == 0 and marks(tmp_path) == []
 
 
-def test_an_idle_model_marks_nothing(tmp_path):
-    stop_file = tmp_path / "stopping"
-    stop_file.touch()
-    watch_server_stop(None, busy=lambda: False, model_name="csm_lm", stop_file=str(stop_file), interval_s=0.01)
-    time.sleep(0.1)
-    assert list(tmp_path.iterdir()) == [stop_file]
+def test_without_a_launcher_that_announces_stops_nothing_is_marked(tmp_path, monkeypatch):
+    monkeypatch.delenv(C.STOP_FILE_ENV, raising=False)
+    work = OpenWork()
+    work.opened()
+    assert work.count == 1 and list(tmp_path.iterdir()) == []
+    work.closed()
+
+
+def test_a_bls_call_is_open_work_until_its_callee_sent_its_last_response(tmp_path):
+    """A response still travelling to a caller that Triton unloads aborted 2.51: the call
+    counts until its pump has read the callee's last response, not until the caller gave up."""
+    work, release = OpenWork(str(tmp_path / "stopping")), threading.Event()
+
+    def responses():
+        release.wait(10)
+        yield "last"
+
+    call = PendingCall("csm_lm", responses, 60.0, ready=lambda _: True, poll_s=0.01, open_work=work)
+    assert work.count == 1 and len(marks(tmp_path)) == 1
+    release.set()
+    assert call.next() == "last"
+    with pytest.raises(StopIteration):
+        call.next()
+    assert work.count == 0 and marks(tmp_path) == []
 
 
 def test_serve_waits_for_the_marks_to_go(tmp_path):
@@ -76,20 +90,29 @@ def test_serve_waits_for_the_marks_to_go(tmp_path):
     mark = tmp_path / f"stopping{C.OPEN_WORK_MARKER_INFIX}csm_tts_stream.12"
     mark.touch()
     threading.Timer(0.4, mark.unlink).start()
-    waited = wait_for_open_work(stop_file, notice_s=0.05, limit_s=5)
+    waited = wait_for_open_work(stop_file, limit_s=5)
     assert 0.35 <= waited < 2
 
 
-def test_serve_does_not_wait_without_marks_beyond_the_stubs_notice(tmp_path):
-    assert wait_for_open_work(tmp_path / "stopping", notice_s=0.05, limit_s=5) < 0.5
+def test_serve_does_not_wait_when_nothing_is_open(tmp_path):
+    assert wait_for_open_work(tmp_path / "stopping", limit_s=5) < 0.1
 
 
-def test_serve_gives_up_at_the_limit_and_says_which_streams_were_open(tmp_path):
+def test_serve_gives_up_at_the_limit_and_says_what_was_open(tmp_path):
     stop_file, lines = tmp_path / "stopping", []
     (tmp_path / f"stopping{C.OPEN_WORK_MARKER_INFIX}csm_lm.77").touch()
-    waited = wait_for_open_work(stop_file, notice_s=0.01, limit_s=0.2, log=lines.append)
+    waited = wait_for_open_work(stop_file, limit_s=0.2, log=lines.append)
     assert 0.2 <= waited < 1
     assert len(lines) == 1 and "csm_lm.77" in lines[0] and "anyway" in lines[0]
+
+
+def test_a_second_signal_does_not_make_the_stop_look_younger(tmp_path):
+    """calls.server_stopping measures the grace from the stop file's time."""
+    stop_file = tmp_path / "stopping"
+    announce_stop(stop_file)
+    os.utime(stop_file, (1000.0, 1000.0))
+    announce_stop(stop_file)
+    assert stop_file.stat().st_mtime == 1000.0
 
 
 class RunningProcess:
@@ -197,9 +220,10 @@ def test_a_decoupled_model_takes_no_new_stream_once_the_stop_is_announced(pb, mo
         def start(self, request, sender):
             started.append(sender)
 
+    monkeypatch.setattr(adapter, "OPEN_WORK", OpenWork(str(stop_file), label="csm_tts_stream"))
     model, serving, refused = Streaming(), StreamRequest(), StreamRequest()
     model.execute([serving])
-    assert len(started) == 1 and model.has_open_work()
+    assert len(started) == 1 and model.has_open_work() and len(marks(tmp_path)) == 1
     stop_file.touch()
     model.execute([refused])
     (error, flags), = refused.sender.sent  # fmt: skip
@@ -207,7 +231,25 @@ def test_a_decoupled_model_takes_no_new_stream_once_the_stop_is_announced(pb, mo
     assert len(started) == 1, "a stream began after the stop was announced"
     assert model.has_open_work(), "the refused request is done; the open one is not"
     started[0].finish()
-    assert not model.has_open_work()
+    assert not model.has_open_work() and marks(tmp_path) == []
+
+
+def test_a_request_whose_answer_cannot_be_sent_fails_alone(pb, monkeypatch, tmp_path):
+    monkeypatch.setattr(adapter, "OPEN_WORK", OpenWork(str(tmp_path / "stopping")))
+
+    class Broken(StreamRequest):
+        def get_response_sender(self):
+            raise RuntimeError("no sender")
+
+    class Failing(adapter.DecoupledModel):
+        def start(self, request, sender):
+            raise ValueError("bad request")
+
+    model, gone, next_one = Failing(), Broken(), StreamRequest()
+    model.execute([gone, next_one])
+    ((error, flags),) = next_one.sender.sent
+    assert flags == 1 and "bad request" in error.message
+    assert not model.has_open_work() and marks(tmp_path) == []
 
 
 def lm_finals(monkeypatch, final):

@@ -220,6 +220,11 @@ class StreamPipeline:
                 except StopIteration as stop:  # the generator's return value: csm_lm's reason
                     exhausted, reason = True, stop.value
                     break
+                except Exception as error:
+                    # A failure csm_lm told on its final response ended the generation: a
+                    # cancel would only be one more call (to a stub that may be exiting).
+                    exhausted = getattr(error, "generation_ended", False)
+                    raise
                 if sender.is_cancelled():
                     break
                 generated.append(np.asarray(codes))

@@ -21,9 +21,10 @@ unload, repository index; also shared memory, logging and trace settings) to cal
 sending $CSM_MODEL_CONTROL_KEY in the `csm-model-control-key` header; without that
 variable each start makes a random key that only it knows, so only the model
 supervisor can load and unload. On SIGTERM/SIGINT `serve` and `run` stop the
-supervisor, tell the stubs (csm_lm's open streams end after C.STREAM_STOP_GRACE_S),
-forward the signal, and kill tritonserver's process group (stubs included) when it is
-still running --stop-timeout seconds later (csm_triton.serving.foreground).
+supervisor, tell the stubs (no new stream; csm_lm's open streams end after
+C.STREAM_STOP_GRACE_S), forward the signal once the stubs' open work has ended (at most
+C.STOP_DRAIN_LIMIT_S later), and kill tritonserver's process group (stubs included) when
+it is still running --stop-timeout seconds after the signal (csm_triton.serving.foreground).
 """
 
 from __future__ import annotations
@@ -98,7 +99,9 @@ def _warn_if_open(args: argparse.Namespace) -> None:
 
 
 def _stop_timeout(args: argparse.Namespace) -> float:
-    return args.stop_timeout if args.stop_timeout is not None else args.exit_timeout + C.STOP_KILL_MARGIN_S
+    if args.stop_timeout is not None:
+        return args.stop_timeout
+    return args.exit_timeout + C.STOP_KILL_MARGIN_S + C.STOP_DRAIN_LIMIT_S
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -259,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=float,
         default=None,
         help="seconds after SIGTERM/SIGINT before tritonserver and its stubs are killed "
-        f"(default: --exit-timeout + {C.STOP_KILL_MARGIN_S})",
+        f"(default: --exit-timeout + {C.STOP_KILL_MARGIN_S} + {C.STOP_DRAIN_LIMIT_S:g}, the streams' drain)",
     )
     external = argparse.ArgumentParser(add_help=False)  # the options args and run share
     external.add_argument(

@@ -5,9 +5,10 @@ docker/serve.sh) share, so that compose, the Helm chart and KServe stop as `make
 
 On SIGTERM, SIGINT or SIGHUP: the model supervisor (when there is one) stops first, so
 that no reload starts while the models unload; the stop file appears, so that the python
-stubs take no new stream and end their open ones with a final response
-(triton.stub_threads.watch_server_stop); the signal is forwarded once they have (at most
-C.STOP_DRAIN_LIMIT_S later): Triton 2.51 does not wait for streams, it unloads models
+stubs take no new stream and csm_lm ends its open ones with a final response
+(triton.stub_threads.watch_server_stop); the signal is forwarded once no stub marks open
+work (streams, BLS calls awaiting their last response: triton.stub_threads.OpenWork), at
+most C.STOP_DRAIN_LIMIT_S later: Triton 2.51 does not wait for streams, it unloads models
 whose streams still send and crashed doing so. A server still running `stop_timeout_s`
 after the signal is killed with its process group, stubs included, and a log line says so. The server gets a process group of its
 own so that what outlives it (a stub stuck in execute) is found and killed afterwards.
@@ -59,6 +60,8 @@ def run_until_stopped(
     with the stubs' regions. `supervise(pid)` starts a model supervisor for the running
     server (pid: its current pid, None between two runs)."""
     announcement = stop_file(shm_prefix)
+    # The drain comes out of the stop deadline; Triton keeps STOP_KILL_MARGIN_S of it at least.
+    drain_limit_s = min(C.STOP_DRAIN_LIMIT_S, max(0.0, stop_timeout_s - C.STOP_KILL_MARGIN_S))
     env = {**environment, C.STOP_FILE_ENV: str(announcement)}
 
     def spawn() -> subprocess.Popen:
@@ -83,7 +86,7 @@ def run_until_stopped(
             supervisor.request_stop()
         announce_stop(announcement)  # the stubs take no new stream and end their open ones...
         # ...before tritonserver hears of it: 2.51 unloads models whose streams still send.
-        runner.request_stop(signum, drain=lambda: wait_for_open_work(announcement, log=log))
+        runner.request_stop(signum, drain=lambda: wait_for_open_work(announcement, limit_s=drain_limit_s, log=log))
 
     previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:

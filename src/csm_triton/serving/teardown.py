@@ -57,8 +57,12 @@ def stop_file(shm_prefix: str) -> Path:
 
 
 def announce_stop(path: Path) -> None:
+    # Created once: a second signal must not make the stop look younger than it is
+    # (triton.calls.server_stopping measures the grace from the file's time).
     try:
-        path.touch()
+        path.touch(exist_ok=False)
+    except FileExistsError:
+        pass
     except OSError:  # no /dev/shm: the stubs' streams then end with Triton's exit timeout
         pass
 
@@ -66,22 +70,19 @@ def announce_stop(path: Path) -> None:
 def wait_for_open_work(
     announcement: Path,
     *,
-    notice_s: float = C.STOP_NOTICE_S,
     limit_s: float = C.STOP_DRAIN_LIMIT_S,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     log: Callable[[str], None] = lambda line: None,
 ) -> float:
-    """After announce_stop: waits until no stub marks open streams
-    (triton.stub_threads.watch_server_stop), at most `limit_s`; the stubs need up to
-    `notice_s` to see the file and mark. Returns the seconds waited."""
+    """After announce_stop: waits until no stub marks open work (its streams and BLS
+    calls: triton.stub_threads.OpenWork), at most `limit_s`. Returns the seconds waited."""
     began = clock()
-    sleep(notice_s)
     pattern = f"{announcement}{C.OPEN_WORK_MARKER_INFIX}*"
-    while glob.glob(pattern):
+    while marks := glob.glob(pattern):
         if clock() - began >= limit_s:
-            models = sorted(Path(path).name.split(C.OPEN_WORK_MARKER_INFIX, 1)[1] for path in glob.glob(pattern))
-            log(f"streams still open {limit_s:g} s after the stop ({', '.join(models)}): stopping tritonserver anyway")
+            open_work = sorted(Path(path).name.split(C.OPEN_WORK_MARKER_INFIX, 1)[1] for path in marks)
+            log(f"work still open {limit_s:g} s after the stop ({', '.join(open_work)}): stopping tritonserver anyway")
             break
         sleep(0.05)
     return clock() - began

@@ -25,7 +25,7 @@ from csm_triton.triton.calls import INTERNAL_ERROR_MARK, UNAVAILABLE_MARK, Model
 from csm_triton.triton.parameters import Parameters, parse_model_config
 
 # Without Triton, so in modules of their own (re-exported: models and tests use them from here).
-from csm_triton.triton.stub_threads import start_parent_watchdog
+from csm_triton.triton.stub_threads import OPEN_WORK, start_parent_watchdog
 
 try:  # Only present inside a Triton python stub.
     import triton_python_backend_utils as pb_utils
@@ -127,6 +127,7 @@ class PythonModel:
         start_parent_watchdog()
         self.model_config = parse_model_config(args)
         self.model_name = args.get("model_name", self.model_name)
+        OPEN_WORK.label = self.model_name
         self.parameters = Parameters(self.model_config, self.model_name)
         self.initialize_model(args, self.model_config)
 
@@ -261,7 +262,7 @@ class StreamSender:
     def __init__(self, request, model_name: str, on_close=lambda: None):
         self._sender = request.get_response_sender()
         self._model_name = model_name
-        self._on_close = on_close  # called once, after the final response went out
+        self._on_close = on_close  # called once, after the final response was sent (or failed to be)
         # The model's thread and a server stop (DecoupledModel.on_server_stop) may end it at once.
         self._lock = threading.Lock()
         self.closed = False
@@ -307,7 +308,7 @@ class DecoupledModel(PythonModel):
 
     _stop_watch: threading.Thread | None = None
     _open_streams = 0  # requests whose final response has not gone out
-    _streams_lock = threading.Lock()
+    _streams_lock = threading.Lock()  # one model instance per stub process
 
     def start(self, request, sender: StreamSender) -> None:
         raise NotImplementedError
@@ -320,31 +321,41 @@ class DecoupledModel(PythonModel):
         """Override to end the open work (each request's final response sent) when the
         server is stopping and `has_open_work` still holds C.STREAM_STOP_GRACE_S later
         (watch_server_stop; called once, on a thread of its own). serve forwards the stop
-        signal to Triton only when no model has open work (or STOP_DRAIN_LIMIT_S later):
-        2.51 unloads a decoupled model without waiting for its streams. Only the model
-        that does the work ends it (csm_lm): its BLS callers then fail their own
-        requests as they would on any callee error."""
+        signal to Triton once no stub has open work (stub_threads.OpenWork), at most
+        C.STOP_DRAIN_LIMIT_S later. Only the model that does the work ends it (csm_lm):
+        its BLS callers then fail their own requests as they would on any callee error."""
+
+    def _stream_opened(self) -> None:
+        with self._streams_lock:
+            self._open_streams += 1
+        OPEN_WORK.opened()
 
     def _stream_closed(self) -> None:
         with self._streams_lock:
             self._open_streams -= 1
+        OPEN_WORK.closed()
 
     def execute(self, requests):
-        if self._stop_watch is None:
-            overridden = type(self).on_server_stop is not DecoupledModel.on_server_stop
+        if self._stop_watch is None and type(self).on_server_stop is not DecoupledModel.on_server_stop:
             self._stop_watch = watch_server_stop(
-                self.on_server_stop if overridden else None, busy=self.has_open_work, model_name=self.model_name
+                self.on_server_stop, busy=self.has_open_work, model_name=self.model_name
             )
         for request in requests:
-            with self._streams_lock:
-                self._open_streams += 1
-            sender = StreamSender(request, self.model_name, on_close=self._stream_closed)
+            try:
+                sender = StreamSender(request, self.model_name, on_close=self._stream_closed)
+            except Exception as error:  # noqa: BLE001 - no sender: nothing can answer it; the rest still run
+                log_error(f"{self.model_name}: a request without a response sender: {type(error).__name__}: {error}")
+                continue
+            self._stream_opened()
             try:
                 if calls.server_stopping(0.0):  # a stream begun now would still run as Triton unloads
                     raise ModelUnavailable("the server is shutting down")
                 self.start(request, sender)
             except Exception as error:  # noqa: BLE001 - a bad request fails only itself
-                sender.fail(error)
+                try:
+                    sender.fail(error)
+                except Exception as send_error:  # noqa: BLE001 - its client is gone; the batch goes on
+                    log_error(f"{self.model_name}: could not answer a request: {send_error}")
         return None
 
 
@@ -354,7 +365,7 @@ def Metrics(model_name: str, **labels: str) -> metrics.Metrics:
     return metrics.Metrics(pb_utils.MetricFamily, model_name, **labels)
 
 
-# --- a stopping server must not wait for its own streams (see stub_threads) ----------
+# --- a stopping server: csm_lm ends its streams (see stub_threads) ------------------
 def watch_server_stop(on_stop, **options):
     """stub_threads.watch_server_stop, its failure logged through Triton's logger."""
     return stub_threads.watch_server_stop(on_stop, **{"log_error": log_error, **options})

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 
 from csm_triton import constants as C
 from csm_triton.errors import InvalidInput
+from csm_triton.triton.stub_threads import OPEN_WORK, OpenWork
 
 __all__ = [
     "BLS_POLL_S",
@@ -124,6 +125,7 @@ class PendingCall:
         clock: Callable[[], float] = time.monotonic,
         stopping: Callable[..., bool] = server_stopping,  # (grace_s) -> whether a stop was announced
         stop_drain_s: float = STOP_DRAIN_S,
+        open_work: OpenWork = OPEN_WORK,
     ):
         self.model_name = model_name
         self.timeout_s = timeout_s
@@ -135,6 +137,9 @@ class PendingCall:
         self._closed = threading.Event()
         self._drained = threading.Event()  # the callee sent its last response (or exec failed)
         self._stop_drain_s = stop_drain_s
+        # Open work of this stub until the callee's last response came: a stop waits for it.
+        self._open_work = open_work
+        open_work.opened()
         threading.Thread(target=self._pump, args=(responses,), name=f"bls-{model_name}", daemon=True).start()
 
     def _pump(self, responses) -> None:
@@ -148,6 +153,7 @@ class PendingCall:
             self._queue.put(self._END)
         finally:
             self._drained.set()
+            self._open_work.closed()
 
     def next(self):
         """The next response, StopIteration after the last; ModelUnavailable when the

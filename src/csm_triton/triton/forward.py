@@ -58,9 +58,10 @@ def _lm_chunks(lm_inputs, request_id: str = "") -> Iterator[np.ndarray]:
             reason = validation.decode_utf8(chunk["finish_reason"], "finish_reason")[0]
             if "error" in chunk:
                 message = validation.decode_utf8(chunk["error"], "error")[0]
-                if reason in LM_UNAVAILABLE_REASONS:
-                    raise ModelUnavailable(f"csm_lm: {message}")
-                raise ModelCallError(f"csm_lm: {message}")
+                error_type = ModelUnavailable if reason in LM_UNAVAILABLE_REASONS else ModelCallError
+                failure = error_type(f"csm_lm: {message}")
+                failure.generation_ended = True  # nothing left to cancel (stream_pipeline)
+                raise failure
     return reason
 
 

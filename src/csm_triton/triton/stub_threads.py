@@ -4,8 +4,10 @@ Kept out of adapter.py (the one module that imports triton_python_backend_utils)
 because neither needs Triton: they watch files and process ids, so they are tested
 without a server (tests/unit/test_supervisor.py, tests/unit/test_voices.py).
 
-- watch_server_stop: a stopping server ends its open streams before Triton unloads
-  anything (2.51 unloads models whose streams still send, and crashes).
+- OpenWork: a stub's open streams and BLS calls, marked in /dev/shm, so that a stopping
+  server is signalled only once they have ended (2.51 unloads models whose streams still
+  send, and crashed).
+- watch_server_stop: csm_lm ends its streams when the server is stopping.
 - start_parent_watchdog: a stub must not outlive its server (an orphaned stub ignored
   SIGTERM for minutes).
 """
@@ -21,76 +23,102 @@ from collections.abc import Callable
 
 from csm_triton import constants as C
 
-__all__ = ["STOP_POLL_S", "open_work_marker", "start_parent_watchdog", "watch_server_stop"]
+__all__ = ["OPEN_WORK", "STOP_POLL_S", "OpenWork", "open_work_marker", "start_parent_watchdog", "watch_server_stop"]
 
 LOG = logging.getLogger("csm_triton")
 STOP_POLL_S = 0.2  # a stat() of a tmpfs file: free
 
 
-def open_work_marker(stop_file: str, model_name: str, pid: int) -> str:
-    """The file a stub keeps in /dev/shm while its model still has open streams after a
-    stop was announced; `serve` and `run` forward the signal once none is left
-    (serving.teardown.wait_for_open_work). Named after the stop file, so that removing
-    the server's regions removes what a killed stub left."""
-    return f"{stop_file}{C.OPEN_WORK_MARKER_INFIX}{model_name}.{pid}"
+def open_work_marker(stop_file: str, label: str, pid: int) -> str:
+    """The file a stub keeps in /dev/shm while it has open work (OpenWork); named after
+    the stop file, so that removing the server's regions removes what a killed stub left."""
+    return f"{stop_file}{C.OPEN_WORK_MARKER_INFIX}{label}.{pid}"
+
+
+class OpenWork:
+    """This stub's open work: streams whose final response has not gone out (DecoupledModel)
+    and BLS calls whose callee has not sent its last response (calls.PendingCall). While
+    there is any, a marker file exists, created and removed as the count leaves and
+    returns to 0 (under the lock, so the file always says what the count says).
+
+    `csm-triton-server serve` and `run` forward a stop signal to tritonserver only once no
+    stub has a marker (serving.teardown.wait_for_open_work): Triton 2.51 counts a
+    decoupled request as done when `execute` returns, so at SIGTERM it unloaded models
+    whose streams still sent, and a response reaching a model being unloaded crashed it
+    (SIGSEGV in TRITONBACKEND_ResponseSend, or lock_exception). No marker without
+    $CSM_TRITON_STOP_FILE (the test server, tritonserver started by hand)."""
+
+    def __init__(self, stop_file: str | None = None, label: str = "stub"):
+        self._stop_file = stop_file
+        self.label = label  # the model's name, set by PythonModel.initialize: the log names it
+        self._lock = threading.Lock()
+        self._count = 0
+        self._marker: str | None = None
+
+    @property
+    def count(self) -> int:
+        return self._count
+
+    def opened(self) -> None:
+        with self._lock:
+            self._count += 1
+            if self._count == 1:
+                path = self._stop_file or os.environ.get(C.STOP_FILE_ENV)
+                if path:
+                    self._marker = open_work_marker(path, self.label, os.getpid())
+                    try:
+                        open(self._marker, "a").close()
+                    except OSError:  # no /dev/shm: serve then waits for nothing
+                        self._marker = None
+
+    def closed(self) -> None:
+        with self._lock:
+            self._count -= 1
+            if self._count == 0 and self._marker is not None:
+                try:
+                    os.unlink(self._marker)
+                except OSError:
+                    pass
+                self._marker = None
+
+
+OPEN_WORK = OpenWork()  # this process's (one python stub serves one model instance)
 
 
 def watch_server_stop(
-    on_stop=None,
+    on_stop,
     *,
     busy=lambda: True,
     model_name: str = "model",
     stop_file: str | None = None,
     grace_s: float = C.STREAM_STOP_GRACE_S,
-    drain_s: float = C.STOP_DRAIN_LIMIT_S,
     interval_s: float = STOP_POLL_S,
     log_error: Callable[[str], None] = LOG.error,
 ):
-    """Watches, from a daemon thread, for the server's stop while `busy()` (the model
-    has open streams). `csm-triton-server serve` and `run` (the container's launch,
-    docker/serve.sh) create $CSM_TRITON_STOP_FILE at a stop signal and forward the
-    signal to tritonserver only once the stubs' open streams have ended: Triton 2.51
-    counts a decoupled request as done when `execute` returns, so it unloads models
-    while their streams still send, and a response reaching a caller being unloaded
-    crashed it (SIGSEGV in TRITONBACKEND_ResponseSend). So, once stopping and busy: the
-    open-work marker is created; `on_stop()` (when given) is called if `busy()` still
-    holds `grace_s` later; the marker is removed when `busy()` ends, or `drain_s` after
-    the stop at the latest. Triton tells a python model nothing before `finalize`, and
-    2.51's readiness API, polled from a stub's thread, crashed stubs, hence the file.
-    None without the variable (the test server, or tritonserver started by hand)."""
+    """Calls `on_stop()` once, from a daemon thread, when the server is stopping and
+    `busy()` still holds `grace_s` later. `csm-triton-server serve` and `run` (the
+    container's launch, docker/serve.sh) create $CSM_TRITON_STOP_FILE at a stop signal
+    and forward the signal once the stubs' open work has ended (OpenWork): Triton tells a
+    python model nothing before `finalize`, and 2.51's readiness API, polled from a
+    stub's thread, crashed stubs (SIGSEGV) and then the server. None without the
+    variable (the test server, or tritonserver started by hand: there Triton's exit
+    timeout bounds the wait)."""
     path = stop_file or os.environ.get(C.STOP_FILE_ENV)
     if not path:
         return None
-    marker = open_work_marker(path, model_name, os.getpid())
-
-    def wait_while_busy(seconds: float) -> None:
-        deadline = time.monotonic() + seconds
-        while busy() and time.monotonic() < deadline:
-            time.sleep(interval_s)
 
     def watch() -> None:
         while not (busy() and os.path.exists(path)):
             time.sleep(interval_s)
-        noticed = time.monotonic()
+        deadline = time.monotonic() + grace_s
+        while busy() and time.monotonic() < deadline:  # a stream about to end may finish
+            time.sleep(interval_s)
+        if not busy():
+            return
         try:
-            open(marker, "a").close()
-        except OSError:  # no /dev/shm: serve then forwards the signal after its notice time
-            pass
-        try:
-            wait_while_busy(grace_s)  # a stream about to end may finish
-            if busy() and on_stop is not None:
-                try:
-                    on_stop()
-                except Exception as error:  # noqa: BLE001 - finalize still runs; say why this did not
-                    log_error(
-                        f"{model_name}: ending in-flight work on shutdown failed: {type(error).__name__}: {error}"
-                    )
-            wait_while_busy(drain_s - (time.monotonic() - noticed))
-        finally:
-            try:
-                os.unlink(marker)
-            except OSError:
-                pass
+            on_stop()
+        except Exception as error:  # noqa: BLE001 - finalize still runs; say why this did not
+            log_error(f"{model_name}: ending in-flight work on shutdown failed: {type(error).__name__}: {error}")
 
     thread = threading.Thread(target=watch, name=f"csm-stop-watch-{model_name}", daemon=True)
     thread.start()

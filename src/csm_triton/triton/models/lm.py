@@ -250,8 +250,8 @@ class LanguageModel(triton.DecoupledModel):
         return self.engine.has_work() or super().has_open_work()
 
     def on_server_stop(self):
-        # Streams still generating end now with a "shutting down" error as their final
-        # response; until then Triton could neither unload this model nor call finalize.
+        # Streams still generating end now, their final response saying "shutdown"; serve
+        # forwards the stop to Triton once they have (2.51 would unload this model meanwhile).
         with _ENGINE_STOP:
             self.engine.stop()
 
