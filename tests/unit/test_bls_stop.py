@@ -94,3 +94,15 @@ def test_a_call_closed_while_the_server_runs_does_not_wait():
     call.close()
     assert time.monotonic() - began < 0.5
     never.set()
+
+
+def test_a_call_closed_twice_on_a_stop_waits_once():
+    """The caller gives up (close) and its generator's `finally` closes again: a silent
+    callee once cost the drain bound twice, 2 + 2 s of a stopping server's time."""
+    release = threading.Event()
+    call = pending(silent_callee(release), stopping=True, stop_drain_s=0.5)
+    began = time.monotonic()
+    call.close()
+    call.close()
+    assert 0.5 <= time.monotonic() - began < 0.9  # twice would be 1.0
+    release.set()
