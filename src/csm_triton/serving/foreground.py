@@ -10,8 +10,9 @@ stubs take no new stream and csm_lm ends its open ones with a final response
 work (streams, BLS calls awaiting their last response: triton.stub_threads.OpenWork), at
 most C.STOP_DRAIN_LIMIT_S later: Triton 2.51 does not wait for streams, it unloads models
 whose streams still send and crashed doing so. A server still running `stop_timeout_s`
-after the signal is killed with its process group, stubs included, and a log line says so. The server gets a process group of its
-own so that what outlives it (a stub stuck in execute) is found and killed afterwards.
+after the signal is killed with its process group, stubs included, and a log line says
+so. The server gets a process group of its own so that what outlives it (a stub stuck in
+execute) is found and killed afterwards.
 """
 
 from __future__ import annotations

@@ -58,12 +58,11 @@ def stop_file(shm_prefix: str) -> Path:
 
 def announce_stop(path: Path) -> None:
     # Created once: a second signal must not make the stop look younger than it is
-    # (triton.calls.server_stopping measures the grace from the file's time).
+    # (triton.calls.server_stopping measures the grace from the file's time). Without
+    # /dev/shm the stubs' streams end with Triton's exit timeout instead.
     try:
         path.touch(exist_ok=False)
-    except FileExistsError:
-        pass
-    except OSError:  # no /dev/shm: the stubs' streams then end with Triton's exit timeout
+    except OSError:  # FileExistsError included
         pass
 
 

@@ -23,16 +23,10 @@ from collections.abc import Callable
 
 from csm_triton import constants as C
 
-__all__ = ["OPEN_WORK", "STOP_POLL_S", "OpenWork", "open_work_marker", "start_parent_watchdog", "watch_server_stop"]
+__all__ = ["OPEN_WORK", "STOP_POLL_S", "OpenWork", "start_parent_watchdog", "watch_server_stop"]
 
 LOG = logging.getLogger("csm_triton")
 STOP_POLL_S = 0.2  # a stat() of a tmpfs file: free
-
-
-def open_work_marker(stop_file: str, label: str, pid: int) -> str:
-    """The file a stub keeps in /dev/shm while it has open work (OpenWork); named after
-    the stop file, so that removing the server's regions removes what a killed stub left."""
-    return f"{stop_file}{C.OPEN_WORK_MARKER_INFIX}{label}.{pid}"
 
 
 class OpenWork:
@@ -64,8 +58,8 @@ class OpenWork:
             self._count += 1
             if self._count == 1:
                 path = self._stop_file or os.environ.get(C.STOP_FILE_ENV)
-                if path:
-                    self._marker = open_work_marker(path, self.label, os.getpid())
+                if path:  # named after the stop file: removing the server's regions removes a killed stub's
+                    self._marker = f"{path}{C.OPEN_WORK_MARKER_INFIX}{self.label}.{os.getpid()}"
                     try:
                         open(self._marker, "a").close()
                     except OSError:  # no /dev/shm: serve then waits for nothing
