@@ -11,6 +11,13 @@ layers, 4 depth-decoder layers, 32 codebooks, 32:8 and 8:2 attention heads) with
 widths: the count does not depend on widths, and the narrow model builds in a second.
 Weights are plain F.linear (cpu_kernels="mkl") in bf16, as on the GPU.
 
+The step runs the GPU's code path: the fused operators (engine/fused.py) call their Triton
+kernels (engine/triton_kernels.py), registered as `torch.ops.csm.*` (Triton imported in its
+CPU interpreter mode, TRITON_INTERPRET=1, set below). Each `csm::` operator is one Triton
+kernel launch and counts as one; its result here comes from its eager form (fused.EAGER_FORMS:
+the interpreter would take many minutes at these sizes; tests/model/test_triton_kernels.py
+holds the kernels equal to those forms). The ATen operators around them count as above.
+
     python -m loadtest.kernel_count                       # prints the table
     python -m loadtest.kernel_count --write before        # loadtest/results/kernels_per_frame_before.json
     python -m loadtest.kernel_count --write after --compare before   # + the markdown table
@@ -18,20 +25,25 @@ Weights are plain F.linear (cpu_kernels="mkl") in bf16, as on the GPU.
 
 from __future__ import annotations
 
-import argparse
-import collections
-import json
-import platform
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # the GPU path's Triton kernels, run by the CPU interpreter
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
 from pathlib import Path
 
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from csm_triton.engine.capacity import EngineConfig
-from csm_triton.engine.engine import GenerationEngine
-from csm_triton.engine.frame_step import FrameStep
-from csm_triton.engine.lm import CsmLM
-from loadtest.workload import cpu_model, git_commit
+from csm_triton.engine import fused  # noqa: E402
+from csm_triton.engine.capacity import EngineConfig  # noqa: E402
+from csm_triton.engine.engine import GenerationEngine  # noqa: E402
+from csm_triton.engine.frame_step import FrameStep  # noqa: E402
+from csm_triton.engine.lm import CsmLM  # noqa: E402
+from loadtest.workload import cpu_model, git_commit  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCHES = (1, 64)
@@ -47,6 +59,9 @@ class KernelCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
+        if func.namespace == "csm":  # ours: one Triton kernel each
+            self.ops[f"csm::{name}"] += 1
+            return fused.EAGER_FORMS[name](*args, **(kwargs or {}))
         result = func(*args, **(kwargs or {}))
         if func.is_view:  # may alias: a kernel only when it copied (`.to(other dtype)`, reshape of a strided view)
             if _copied(args[0], result):
@@ -88,7 +103,7 @@ def count(batch: int, lm: CsmLM) -> dict:
     )
     step.positions.fill_(ATTEND_LEN - 1)
     counter = KernelCounter()
-    with torch.inference_mode(), counter:
+    with torch.inference_mode(), fused.kernels_on_cpu(), counter:
         step._compute()
     ops = counter.ops
     return {
@@ -96,6 +111,7 @@ def count(batch: int, lm: CsmLM) -> dict:
         "kernels": sum(ops.values()),
         "gemms": sum(n for name, n in ops.items() if name in GEMMS),
         "attention": sum(n for name, n in ops.items() if "attention" in name),
+        "fused": sum(n for name, n in ops.items() if "::" in name),
         "by_op": dict(ops.most_common()),
     }
 

@@ -24,7 +24,8 @@ from csm_triton import constants as C
 from csm_triton.engine.device import device_context
 from csm_triton.engine.layers import KVCache
 from csm_triton.engine.lm import CsmLM
-from csm_triton.engine.sampling import SAMPLER_FIELDS, log_exponential_draws, sample, top_k_index
+from csm_triton.engine.fused import sample_codes
+from csm_triton.engine.sampling import SAMPLER_FIELDS, log_exponential_draws, top_k_index
 
 # One int64 row per request: the sampler's fields (sampling.SamplerState.row), then the
 # slot of its LoRA adapter in the engine's AdapterBank (0: the base model).
@@ -94,7 +95,7 @@ class FrameStep:
         lora = {stack: rows.prepared() for stack, rows in self.lora.items()} if self._rows_have_adapters else {}
 
         def draw(logits: torch.Tensor, codebook: int) -> torch.Tensor:
-            return sample(logits, self.temperature, kth_index, log_e[:, codebook], self.top_k_bound)
+            return sample_codes(logits, self.temperature, kth_index, log_e[:, codebook], self.top_k_bound)
 
         codes = [draw(lm.codebook0_logits(hidden), 0)]
         # Depth decoder: position 0 is the backbone's hidden state, position 1 codebook 0.

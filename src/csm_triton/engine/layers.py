@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from csm_triton.engine import kernels
+from csm_triton.engine import fused, kernels
 
 
 class Linear:
@@ -65,13 +65,6 @@ class Linear:
         return kernels.apply(kernel, flat, weight, self.bias).reshape(*x.shape[:-1], self.out_features)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """CsmRMSNorm as one fused operator: in fp32 it equals transformers' module bit for
-    bit (tests/unit/test_layers.py); in bf16 it multiplies the weight before the one rounding
-    (transformers rounds, then multiplies), at most one bf16 ulp apart, closer to fp32."""
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
-
-
 # On a GPU the attention must never fall back to SDPA's math kernel (an fp32 upcast of
 # the whole score matrix, keys and values repeated per query head: ~10x slower, and a
 # graph pool of gigabytes). Grouped query heads are folded into the query rows so head
@@ -88,13 +81,6 @@ def attention_backends(device: torch.device) -> tuple[SDPBackend, ...] | None:
 def attention_kernels(device: torch.device) -> contextlib.AbstractContextManager:
     backends = attention_backends(device)
     return contextlib.nullcontext() if backends is None else sdpa_kernel(list(backends))
-
-
-def rotate_halves(x: torch.Tensor) -> torch.Tensor:
-    """[..., D] -> [x2, x1] (one copy kernel); with the sign folded into the sin table,
-    x*cos + rotate_halves(x)*sin is transformers' x*cos + rotate_half(x)*sin exactly
-    ((-a)*b == a*(-b) in IEEE arithmetic)."""
-    return x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
 
 
 class Geometry(NamedTuple):
@@ -243,34 +229,33 @@ class TransformerStack:
         heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
         rows = slice(first_row, first_row + batch)
         with attention_kernels(x.device):
+            # Each layer's residual add is fused into the norm after it (the next layer's
+            # input norm, or the final one): `delta` waits to be added to `residual`.
+            residual, delta = x, None
             for index, layer in enumerate(self.layers):
-                residual = x
-                qkv = linear(index, "qkv", rms_norm(x, layer.input_norm, self.eps)).view(
-                    batch, tokens, heads + 2 * kv_heads, head_dim
-                )
-                # Rotary on the query and key heads together: 4 kernels for both.
-                qk = qkv[:, :, : heads + kv_heads]
-                qk = qk * g.cos + rotate_halves(qk) * g.sin
+                if delta is None:
+                    normed = fused.rms_norm(residual, layer.input_norm, self.eps)
+                else:
+                    normed, residual = fused.add_rms_norm(delta, residual, layer.input_norm, self.eps)
+                qkv = linear(index, "qkv", normed).view(batch, tokens, heads + 2 * kv_heads, head_dim)
                 keys, values = cache.k[index, rows], cache.v[index, rows]  # views [B, kv_heads, max_len, head_dim]
-                # Write this step's keys/values at each item's positions (B x T vectors), then
-                # attend over a view: nothing of the earlier context is copied.
-                keys[g.item, :, g.positions] = qk[:, :, heads:]
-                values[g.item, :, g.positions] = qkv[:, :, heads + kv_heads :]
+                # Rotary on the query and key heads, this step's keys and values written to
+                # the cache; attention then reads a view of it.
+                q = fused.rotary_write_kv(qkv, g, keys, values, heads, kv_heads)
                 # Query heads j*G..j*G+G-1 share key head j: fold them into the query rows
                 # ([B, kv_heads, G*T, D]), so head counts match without repeating keys.
-                q = qk[:, :, :heads].unflatten(2, (kv_heads, self.groups)).permute(0, 2, 3, 1, 4)
+                q = q.unflatten(2, (kv_heads, self.groups)).permute(0, 2, 3, 1, 4)
                 q = q.reshape(batch, kv_heads, self.groups * tokens, head_dim)
                 attended = F.scaled_dot_product_attention(
                     q, keys[:, :, : g.attend_len], values[:, :, : g.attend_len], attn_mask=g.mask
                 )
                 attended = attended.unflatten(2, (self.groups, tokens)).permute(0, 3, 1, 2, 4)
-                x = residual + linear(index, "o_proj", attended.reshape(batch, tokens, heads * head_dim))
-                residual = x
-                gate, up = linear(index, "gate_up", rms_norm(x, layer.post_norm, self.eps)).split(
-                    self.intermediate_size, dim=-1
-                )
-                x = residual + linear(index, "down", F.silu(gate) * up)
-        return rms_norm(x, self.final_norm, self.eps)
+                delta = linear(index, "o_proj", attended.reshape(batch, tokens, heads * head_dim))
+                normed, residual = fused.add_rms_norm(delta, residual, layer.post_norm, self.eps)
+                delta = linear(index, "down", fused.silu_mul(linear(index, "gate_up", normed)))
+        if delta is None:  # a stack without layers
+            return fused.rms_norm(residual, self.final_norm, self.eps)
+        return fused.add_rms_norm(delta, residual, self.final_norm, self.eps)[0]
 
 
 @dataclass

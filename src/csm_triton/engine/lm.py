@@ -242,4 +242,6 @@ class CsmLM:
 
     def depth_embed(self, codes: torch.Tensor, codebook: int) -> torch.Tensor:
         """Embedding of codebook `codebook`'s codes [B] as depth-decoder input [B, 1, hidden]."""
-        return self.depth_embedding[codes + codebook * self.depth_vocab_size][:, None]
+        # The codebook's rows as a view, then one lookup (no offset added per call).
+        table = self.depth_embedding[codebook * self.depth_vocab_size : (codebook + 1) * self.depth_vocab_size]
+        return table[codes][:, None]

@@ -1,0 +1,233 @@
+"""The frame step's fused kernels in Triton, registered as torch operators (`torch.ops.csm.*`).
+
+Each operator is one kernel launch where eager PyTorch launches several (engine/fused.py
+has the eager form of each, which the CPU runs and the tests compare against):
+
+- `add_rms_norm`: the residual add and the RMSNorm after it (2 kernels -> 1);
+- `rotary_write_kv`: rotary on the query and key heads, the new key and value written to
+  the cache at each token's position, the rotated queries returned (6 kernels -> 1);
+- `silu_mul`: SiLU(gate) * up of the fused gate/up projection (2 kernels -> 1);
+- `sample`: temperature, top-k filter and the exponential race of one codebook (7 -> 1).
+
+They run on CUDA, where the frame step is one CUDA graph and every launch is a graph node
+(~2-3 µs each). On the CPU they run only under Triton's interpreter (TRITON_INTERPRET=1,
+set before this module is imported): that is how the tests check their numerics and how
+loadtest/kernel_count.py counts what the GPU launches. Arithmetic is fp32 inside a
+kernel with one rounding to the tensor's dtype at each store.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["interpreted"]
+
+
+def interpreted() -> bool:
+    """True when these kernels run under Triton's CPU interpreter."""
+    return not isinstance(_add_rms_norm_kernel, triton.runtime.JITFunction)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, normed_ptr, summed_ptr, n, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    offsets = tl.arange(0, BLOCK)
+    inside = offsets < n
+    x = tl.load(x_ptr + row * n + offsets, mask=inside, other=0.0).to(tl.float32)
+    residual = tl.load(residual_ptr + row * n + offsets, mask=inside, other=0.0).to(tl.float32)
+    # The sum is rounded to the stream's dtype before it is normalised, as the eager add is.
+    summed = (x + residual).to(summed_ptr.dtype.element_ty)
+    tl.store(summed_ptr + row * n + offsets, summed, mask=inside)
+    value = summed.to(tl.float32)
+    scale = 1.0 / tl.sqrt(tl.sum(value * value, axis=0) / n + eps)
+    weight = tl.load(weight_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    tl.store(normed_ptr + row * n + offsets, (value * scale * weight).to(normed_ptr.dtype.element_ty), mask=inside)
+
+
+@torch.library.custom_op("csm::add_rms_norm", mutates_args=(), device_types=("cuda", "cpu"))
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x, residual = x.contiguous(), residual.contiguous()
+    n = x.shape[-1]
+    summed, normed = torch.empty_like(x), torch.empty_like(x)
+    _add_rms_norm_kernel[(x.numel() // n,)](
+        x, residual, weight, normed, summed, n, eps, BLOCK=triton.next_power_of_2(n)
+    )
+    return normed, summed
+
+
+@triton.jit
+def _rotary_write_kv_kernel(
+    qkv_ptr,
+    cos_ptr,
+    sin_ptr,
+    positions_ptr,
+    query_ptr,
+    keys_ptr,
+    values_ptr,
+    tokens,
+    cache_row_stride,
+    cache_head_stride,
+    cache_position_stride,
+    HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    # One program per (token, head) of qkv [B, T, HEADS + 2 * KV_HEADS, HEAD_DIM].
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    item = token // tokens
+    half = tl.arange(0, HEAD_DIM // 2)
+    source = qkv_ptr + (token * (HEADS + 2 * KV_HEADS) + head) * HEAD_DIM
+    first = tl.load(source + half).to(tl.float32)
+    second = tl.load(source + HEAD_DIM // 2 + half).to(tl.float32)
+    if head < HEADS + KV_HEADS:
+        # x*cos + rotate_halves(x)*sin, the sin table's first half already negated.
+        cos = cos_ptr + token * HEAD_DIM
+        sin = sin_ptr + token * HEAD_DIM
+        rotated_first = first * tl.load(cos + half).to(tl.float32) + second * tl.load(sin + half).to(tl.float32)
+        rotated_second = second * tl.load(cos + HEAD_DIM // 2 + half).to(tl.float32) + first * tl.load(
+            sin + HEAD_DIM // 2 + half
+        ).to(tl.float32)
+        first, second = rotated_first, rotated_second
+    position = tl.load(positions_ptr + token)
+    offset = item * cache_row_stride + ((head - HEADS) % KV_HEADS) * cache_head_stride
+    offset += position * cache_position_stride
+    if head < HEADS:
+        target = query_ptr + (token * HEADS + head) * HEAD_DIM
+    elif head < HEADS + KV_HEADS:
+        target = keys_ptr + offset
+    else:
+        target = values_ptr + offset
+    tl.store(target + half, first.to(query_ptr.dtype.element_ty))
+    tl.store(target + HEAD_DIM // 2 + half, second.to(query_ptr.dtype.element_ty))
+
+
+@torch.library.custom_op("csm::rotary_write_kv", mutates_args=("keys", "values"), device_types=("cuda", "cpu"))
+def rotary_write_kv(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+) -> torch.Tensor:
+    """qkv [B, T, heads + 2*kv_heads, D]; cos, sin [B, T, 1, D] at each token's position;
+    positions [B, T]; keys, values: the call's cache rows [B, kv_heads, max_len, D] (strided
+    views of the cache, written in place) -> the rotated queries [B, T, heads, D]."""
+    batch, tokens, _, head_dim = qkv.shape
+    if keys.stride() != values.stride() or keys.stride(-1) != 1:
+        raise ValueError("rotary_write_kv: keys and values must share a layout with contiguous head_dim")
+    query = torch.empty((batch, tokens, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    _rotary_write_kv_kernel[(batch * tokens, heads + 2 * kv_heads)](
+        qkv.contiguous(),
+        cos.contiguous(),
+        sin.contiguous(),
+        positions.contiguous(),
+        query,
+        keys,
+        values,
+        tokens,
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        HEADS=heads,
+        KV_HEADS=kv_heads,
+        HEAD_DIM=head_dim,
+    )
+    return query
+
+
+@triton.jit
+def _silu_mul_kernel(gate_up_ptr, out_ptr, width, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    columns = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = columns < width
+    gate = tl.load(gate_up_ptr + row * 2 * width + columns, mask=inside, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + row * 2 * width + width + columns, mask=inside, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * width + columns, (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+SILU_BLOCK = 1024
+
+
+@torch.library.custom_op("csm::silu_mul", mutates_args=(), device_types=("cuda", "cpu"))
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[..., 2*I] (gate, then up) -> SiLU(gate) * up [..., I]."""
+    gate_up = gate_up.contiguous()
+    width = gate_up.shape[-1] // 2
+    out = gate_up.new_empty((*gate_up.shape[:-1], width))
+    _silu_mul_kernel[(gate_up.numel() // (2 * width), triton.cdiv(width, SILU_BLOCK))](
+        gate_up, out, width, BLOCK=SILU_BLOCK
+    )
+    return out
+
+
+@triton.jit
+def _sample_kernel(
+    logits_ptr, temperature_ptr, kth_ptr, draws_ptr, draws_row_stride, codes_ptr, VOCAB: tl.constexpr
+):
+    row = tl.program_id(0).to(tl.int64)
+    codes = tl.arange(0, VOCAB)
+    # + 0.0 turns -0.0 into +0.0, so that the integer keys below order like the floats.
+    scores = tl.load(logits_ptr + row * VOCAB + codes) / tl.load(temperature_ptr + row) + 0.0
+    kth = tl.load(kth_ptr + row)
+    # The k-th largest score without a sort: order-preserving integer keys, whose k-th
+    # largest is built bit by bit from the top (32 counting passes over the row).
+    bits = scores.to(tl.int32, bitcast=True)
+    keys = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.int64) + 2147483648
+    threshold = kth * 0  # an int64 scalar
+    for bit in tl.static_range(31, -1, -1):
+        candidate = threshold | (1 << bit)
+        at_least = tl.sum((keys >= candidate).to(tl.int32), axis=0)
+        threshold = tl.where(at_least > kth, candidate, threshold)
+    draws = tl.load(draws_ptr + row * draws_row_stride + codes)
+    race = tl.where(keys < threshold, float("-inf"), scores) - draws
+    tl.store(codes_ptr + row, tl.argmax(race, axis=0).to(tl.int64))
+
+
+@torch.library.custom_op("csm::sample", mutates_args=(), device_types=("cuda", "cpu"))
+def sample(
+    logits: torch.Tensor, temperature: torch.Tensor, kth_index: torch.Tensor, log_draws: torch.Tensor
+) -> torch.Tensor:
+    """sampling.sample in one kernel: logits [B, V] fp32 (V a power of two), temperature [B],
+    kth_index [B, 1], log_draws [B, V] (rows may be strided) -> codes [B] int64."""
+    batch, vocab = logits.shape
+    if vocab & (vocab - 1) or log_draws.stride(-1) != 1:
+        raise ValueError("sample: the vocabulary must be a power of two and draws contiguous per row")
+    codes = torch.empty(batch, dtype=torch.long, device=logits.device)
+    _sample_kernel[(batch,)](
+        logits.contiguous(),
+        temperature.contiguous(),
+        kth_index.contiguous(),
+        log_draws,
+        log_draws.stride(0),
+        codes,
+        VOCAB=vocab,
+    )
+    return codes
+
+
+@add_rms_norm.register_fake
+def _(x, residual, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@rotary_write_kv.register_fake
+def _(qkv, cos, sin, positions, keys, values, heads, kv_heads):
+    return qkv.new_empty((*qkv.shape[:2], heads, qkv.shape[-1]))
+
+
+@silu_mul.register_fake
+def _(gate_up):
+    return gate_up.new_empty((*gate_up.shape[:-1], gate_up.shape[-1] // 2))
+
+
+@sample.register_fake
+def _(logits, temperature, kth_index, log_draws):
+    return logits.new_empty(logits.shape[0], dtype=torch.long)

@@ -1,0 +1,158 @@
+"""The frame step's Triton kernels (engine/triton_kernels.py) against their eager form
+(engine/fused.py, what the CPU runs and what was tested against transformers), run on
+the CPU under Triton's interpreter: each kernel alone on odd shapes, then a whole frame
+step of a small CSM fused and unfused, token for token in fp32.
+
+bf16: the interpreter rounds fp32 to bf16 by truncation where a GPU rounds to nearest, so
+bf16 results are held to 2 bf16 ulps of the fp32 arithmetic rather than to equality."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported (by the first kernels_on_cpu)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from csm_triton.engine import fused  # noqa: E402
+from csm_triton.engine.sampling import top_k_index  # noqa: E402
+
+BF16_ULP = 2.0**-7  # relative spacing of bf16 values
+
+
+def _both(function, *args):
+    """(eager, fused) results of `function(*args)`, each on its own clone of the arguments."""
+    eager_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    fused_args = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+    eager = function(*eager_args)
+    with fused.kernels_on_cpu():
+        result = function(*fused_args)
+    return (eager, eager_args), (result, fused_args)
+
+
+def test_the_kernels_run_under_the_interpreter():
+    with fused.kernels_on_cpu():
+        from csm_triton.engine import triton_kernels
+
+        assert triton_kernels.interpreted()
+
+
+@pytest.mark.parametrize("shape", [(3, 1, 40), (2, 5, 64), (1, 1, 2048)])
+def test_add_rms_norm_fp32_equals_eager(shape):
+    torch.manual_seed(0)
+    x, residual, weight = torch.randn(shape), torch.randn(shape) * 3, torch.randn(shape[-1])
+    ((normed, summed), _), ((fused_normed, fused_summed), _) = _both(fused.add_rms_norm, x, residual, weight, 1e-5)
+    assert torch.equal(fused_summed, summed)
+    torch.testing.assert_close(fused_normed, normed, rtol=1e-6, atol=1e-6)
+
+
+def test_add_rms_norm_bf16_is_the_fp32_arithmetic_rounded():
+    torch.manual_seed(1)
+    x, residual, weight = (torch.randn(4, 1, 1024) for _ in range(3))
+    x, residual, weight = x.bfloat16(), residual.bfloat16(), weight[0, 0].bfloat16()
+    with fused.kernels_on_cpu():
+        normed, summed = fused.add_rms_norm(x, residual, weight, 1e-5)
+    exact_sum = x.float() + residual.float()
+    torch.testing.assert_close(summed.float(), exact_sum, rtol=2 * BF16_ULP, atol=1e-6)
+    reference = fused.rms_norm(summed.float(), weight.float(), 1e-5)
+    torch.testing.assert_close(normed.float(), reference, rtol=2 * BF16_ULP, atol=1e-3)
+
+
+class _Geometry:
+    """What rotary_write_kv reads of layers.Geometry."""
+
+    def __init__(self, positions: torch.Tensor, head_dim: int):
+        batch, tokens = positions.shape
+        angles = positions[..., None].float() * torch.linspace(0.1, 1.0, head_dim)
+        half = head_dim // 2
+        self.cos = angles.cos()[:, :, None]
+        sin = angles.sin()
+        self.sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)[:, :, None]
+        self.positions = positions
+        self.item = torch.arange(batch)[:, None].expand(batch, tokens)
+
+
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_rotary_write_kv_fp32_equals_eager(tokens):
+    torch.manual_seed(2)
+    batch, heads, kv_heads, head_dim, max_len, first_row = 3, 4, 2, 8, 12, 1
+    qkv = torch.randn(batch, tokens, heads + 2 * kv_heads, head_dim)
+    positions = torch.tensor([[2, 3, 4][:tokens], [7, 8, 9][:tokens], [0, 1, 2][:tokens]])
+    geometry = _Geometry(positions, head_dim)
+    cache = torch.randn(2, 2, 5, kv_heads, max_len, head_dim)  # [k/v, layers, rows, ...]
+
+    def run(qkv, cache):
+        rows = slice(first_row, first_row + batch)
+        query = fused.rotary_write_kv(qkv, geometry, cache[0, 1, rows], cache[1, 1, rows], heads, kv_heads)
+        return query
+
+    (query, (_, cache_eager)), (fused_query, (_, cache_fused)) = _both(run, qkv, cache)
+    torch.testing.assert_close(fused_query, query, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cache_fused, cache_eager, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(cache_eager, cache)  # the writes happened
+
+
+@pytest.mark.parametrize("width", [40, 1500])
+def test_silu_mul_fp32_equals_eager(width):
+    torch.manual_seed(3)
+    gate_up = torch.randn(3, 1, 2 * width) * 4
+    (out, _), (fused_out, _) = _both(fused.silu_mul, gate_up)
+    torch.testing.assert_close(fused_out, out, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("bound", [64, 2048])
+def test_sample_draws_the_eager_codes(bound):
+    torch.manual_seed(4)
+    rows = 6
+    logits = torch.randn(rows, 2048) * 3
+    logits[1] = torch.round(logits[1])  # ties at the k-th score: all tied codes stay in
+    top_k = torch.tensor([1, 5, 50, 64, bound, 17]).clamp(max=bound)
+    temperature = torch.tensor([1.0, 0.7, 0.9, 1.3, 0.5, 1.0])
+    log_draws = torch.log(torch.empty(rows, 3, 2048).exponential_())[:, 1]  # strided rows, like log_e[:, c]
+    log_draws[0] = 0.0  # a greedy row
+    kth = top_k_index(top_k, bound)
+    for _ in range(3):
+        (codes, _), (fused_codes, _) = _both(fused.sample_codes, logits, temperature, kth, log_draws, bound)
+        assert torch.equal(fused_codes, codes)
+        logits = logits.roll(1, dims=-1)
+    assert fused_codes[0] == logits.roll(-1, dims=-1)[0].argmax()  # greedy: the argmax
+
+
+def test_a_frame_step_fused_equals_eager_token_for_token():
+    """The tiny CSM: two frames of a batch of 3 rows (sampled with top-k 50 and 4, and
+    greedy), fused (the kernels, under the interpreter) and eager, from the same state."""
+    from transformers import CsmForConditionalGeneration
+
+    from csm_triton.engine.capacity import EngineConfig
+    from csm_triton.engine.engine import GenerationEngine
+    from csm_triton.engine.frame_step import FrameStep
+    from csm_triton.engine.lm import CsmLM
+    from export.tiny_checkpoint import build_tokenizer, tiny_config
+
+    config = tiny_config(build_tokenizer())
+    torch.manual_seed(5)
+    model = CsmForConditionalGeneration(config).eval()
+    model.codec_model = None
+    lm = CsmLM(model, device=torch.device("cpu"), dtype=torch.float32, max_batch=4, cpu_kernels="mkl")
+    results = []
+    for use_kernels in (False, True):
+        engine = GenerationEngine(lm, EngineConfig(max_slots=4, max_context=64, warm_up=False))
+        torch.manual_seed(6)
+        engine.hidden.copy_(torch.randn_like(engine.hidden))
+        step = FrameStep(lm, engine.cache, engine.depth_cache, engine.hidden, batch=3, attend_len=64, top_k_bound=64)
+        frames = []
+        with torch.inference_mode(), fused.kernels_on_cpu() if use_kernels else torch.inference_mode():
+            for f in range(2):
+                step.load_rows(
+                    [(5 + f, 50, 11, 0, f, 1, 0), (9 + f, 4, 12, 0, f, 1, 0), (2 + f, 1, 0, 0, f, 0, 0)],
+                    [0.9, 1.2, 1.0],
+                )
+                step.run()
+                frames.append(step.codes.clone())
+        results.append((torch.stack(frames), engine.hidden[:3].clone(), engine.cache.k[:, :3].clone()))
+    (codes, hidden, keys), (fused_codes, fused_hidden, fused_keys) = results
+    assert torch.equal(fused_codes, codes)
+    assert len(codes.unique()) > 10  # real draws, not a constant
+    torch.testing.assert_close(fused_hidden, hidden, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused_keys, keys, rtol=1e-4, atol=1e-5)
