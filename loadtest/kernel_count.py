@@ -29,21 +29,21 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # the GPU path's Triton kernels, run by the CPU interpreter
 
-import argparse  # noqa: E402
-import collections  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
+import argparse
+import collections
+import json
+import platform
 from pathlib import Path
 
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from csm_triton.engine import fused  # noqa: E402
-from csm_triton.engine.capacity import EngineConfig  # noqa: E402
-from csm_triton.engine.engine import GenerationEngine  # noqa: E402
-from csm_triton.engine.frame_step import FrameStep  # noqa: E402
-from csm_triton.engine.lm import CsmLM  # noqa: E402
-from loadtest.workload import cpu_model, git_commit  # noqa: E402
+from csm_triton.engine import fused
+from csm_triton.engine.capacity import EngineConfig
+from csm_triton.engine.engine import GenerationEngine
+from csm_triton.engine.frame_step import FrameStep
+from csm_triton.engine.lm import CsmLM
+from loadtest.workload import cpu_model, git_commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCHES = (1, 64)

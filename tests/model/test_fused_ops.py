@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 from transformers.models.csm.modeling_csm import CsmRMSNorm, apply_rotary_pos_emb
 
-from csm_triton.engine.layers import attention_backends, rms_norm, rotate_halves
+from csm_triton.engine.fused import rms_norm, rotate_halves
+from csm_triton.engine.layers import attention_backends
 
 SHAPES = [(1, 1, 2048), (64, 1, 2048), (8, 1, 1024), (2, 37, 2048)]
 

@@ -12,11 +12,11 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported (by the first kernels_on_cpu)
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from csm_triton.engine import fused  # noqa: E402
-from csm_triton.engine.sampling import top_k_index  # noqa: E402
+from csm_triton.engine import fused
+from csm_triton.engine.sampling import top_k_index
 
 BF16_ULP = 2.0**-7  # relative spacing of bf16 values
 

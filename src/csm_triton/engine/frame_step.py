@@ -22,9 +22,9 @@ import torch
 
 from csm_triton import constants as C
 from csm_triton.engine.device import device_context
+from csm_triton.engine.fused import sample_codes
 from csm_triton.engine.layers import KVCache
 from csm_triton.engine.lm import CsmLM
-from csm_triton.engine.fused import sample_codes
 from csm_triton.engine.sampling import SAMPLER_FIELDS, log_exponential_draws, top_k_index
 
 # One int64 row per request: the sampler's fields (sampling.SamplerState.row), then the

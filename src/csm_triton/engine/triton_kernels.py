@@ -169,9 +169,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _sample_kernel(
-    logits_ptr, temperature_ptr, kth_ptr, draws_ptr, draws_row_stride, codes_ptr, VOCAB: tl.constexpr
-):
+def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, draws_ptr, draws_row_stride, codes_ptr, VOCAB: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     codes = tl.arange(0, VOCAB)
     # + 0.0 turns -0.0 into +0.0, so that the integer keys below order like the floats.
