@@ -2,7 +2,7 @@
 
 Each check is something that would otherwise surface only on a GPU host, minutes
 into a start: the python backend's stub embedding another Python than the one the
-packages went into, a CPU-only torch, Perth silently running without torchaudio, a
+packages went into, a CPU-only torch, no Triton for the fused kernels, Perth silently running without torchaudio, a
 numpy 2 ABI, an args file the launcher cannot read; and a base image older than
 Triton's 2026 fixes or without the unprivileged user the image runs as.
 
@@ -56,6 +56,14 @@ def check_torchaudio() -> str:
     if not _real_torchaudio_imports():
         raise SystemExit("the real torchaudio does not import: Perth would run on the stand-in")
     return f"torchaudio {importlib.metadata.version('torchaudio')}"
+
+
+def check_fused_kernels() -> str:
+    # The frame step's fused kernels need Triton (torch's CUDA wheels depend on it); without
+    # it the engine would fall back to unfused kernels, ~2x the launches per frame.
+    from csm_triton.engine import triton_kernels  # noqa: F401
+
+    return f"triton {importlib.metadata.version('triton')} (the frame step's fused kernels)"
 
 
 def check_watermark() -> str:
@@ -143,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         check_python,
         check_numpy,
         check_torch,
+        check_fused_kernels,
         check_torchaudio,
         check_watermark,
         check_libraries,

@@ -20,7 +20,7 @@ holds the kernels equal to those forms). The ATen operators around them count as
 
     python -m loadtest.kernel_count                       # prints the table
     python -m loadtest.kernel_count --write before        # loadtest/results/kernels_per_frame_before.json
-    python -m loadtest.kernel_count --write after --compare before   # + the markdown table
+    python -m loadtest.kernel_count --write fused --compare before unfused   # + the markdown table
 """
 
 from __future__ import annotations
@@ -133,27 +133,28 @@ def measure() -> dict:
     }
 
 
-def markdown(after: dict, before: dict | None) -> str:
+def markdown(after: dict, earlier: list[dict]) -> str:
     lines = [
         "# Kernels per frame step (CSM-1B's structure, counted on the CPU)",
         "",
         f"Method: `loadtest/kernel_count.py` (its docstring): ATen operators that are not views or "
-        f"allocations, reached by one `FrameStep._compute` (what the CUDA graph captures), "
+        f"allocations, and one per fused Triton kernel (`csm::`, from the commit that has them), reached by "
+        f"one `FrameStep._compute` on the GPU's code path (what the CUDA graph captures), "
         f"{after['layer_calls_per_frame']} transformer layer calls and {after['codebooks']} codebooks per "
         f"frame, attention over {after['attend_len']} positions. Counted on {after['machine']}, "
-        f"torch {after['torch']}; command `python -m loadtest.kernel_count --write after --compare before`.",
+        f"torch {after['torch']}; command `python -m loadtest.kernel_count --write fused --compare before unfused`.",
         "",
-        "| commit | batch | kernels / frame | per layer call | GEMMs | attention |",
-        "|---|---|---|---|---|---|",
+        "| commit | batch | kernels / frame | per layer call | GEMMs | attention | fused Triton kernels |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for report in ([before] if before else []) + [after]:
+    for report in [*earlier, after]:
         for row in report["rows"]:
             lines.append(
                 f"| {report['commit']} | {row['batch']} | {row['kernels']:,} | "
                 f"{row['kernels'] / report['layer_calls_per_frame']:.1f} | {row['gemms']} | "
-                f"{row['attention']} |"
+                f"{row['attention']} | {row.get('fused', 0)} |"
             )
-    lines += ["", "Operators at batch 1 (after):", "", "| operator | count |", "|---|---|"]
+    lines += ["", f"Operators at batch 1 ({after['commit']}):", "", "| operator | count |", "|---|---|"]
     lines += [f"| `{name}` | {n} |" for name, n in after["rows"][0]["by_op"].items()]
     return "\n".join(lines) + "\n"
 
@@ -161,7 +162,7 @@ def markdown(after: dict, before: dict | None) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write", metavar="LABEL", help="save as results/kernels_per_frame_<LABEL>.json")
-    parser.add_argument("--compare", metavar="LABEL", help="a saved count to put beside this one (markdown)")
+    parser.add_argument("--compare", metavar="LABEL", nargs="+", help="saved counts to put before this one (markdown)")
     args = parser.parse_args(argv)
     report = measure()
     for row in report["rows"]:
@@ -173,8 +174,8 @@ def main(argv=None) -> int:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / f"kernels_per_frame_{args.write}.json").write_text(json.dumps(report, indent=2) + "\n")
     if args.compare:
-        before = json.loads((RESULTS / f"kernels_per_frame_{args.compare}.json").read_text())
-        (RESULTS / "kernels_per_frame.md").write_text(markdown(report, before))
+        earlier = [json.loads((RESULTS / f"kernels_per_frame_{label}.json").read_text()) for label in args.compare]
+        (RESULTS / "kernels_per_frame.md").write_text(markdown(report, earlier))
         print((RESULTS / "kernels_per_frame.md").read_text())
     return 0
 

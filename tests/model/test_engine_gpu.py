@@ -136,6 +136,36 @@ def test_cuda_graph_replay_equals_the_eager_frame_step(tiny_lm, gpu_report, batc
     )
 
 
+# --- the fused Triton kernels vs their eager forms ----------------------------------------
+def test_fused_kernels_on_cuda_draw_the_eager_forms_codes_in_fp32(tiny_checkpoint, gpu_report):
+    """On CUDA the frame step runs the Triton kernels (engine/fused.py); the eager forms are
+    what the CPU runs and what was held to transformers. In fp32, two frames of 8 rows
+    (half sampled) from the same state: the same codes, hidden states within fp32 noise."""
+    from csm_triton.engine import fused
+
+    lm = CsmLM.from_checkpoint(tiny_checkpoint, device="cuda", dtype=torch.float32)
+    fused_state = random_state(lm, 8, 256, seed=7)
+    eager_state = fused_state.clone()
+    steps = {
+        "fused": new_frame_step(lm, fused_state, 8, 256, capture=False),
+        "eager": new_frame_step(lm, eager_state, 8, 256, capture=False),
+    }
+    positions = 200 - 7 * torch.arange(8, device="cuda")
+    for frame in range(2):
+        for name, step in steps.items():
+            set_rows(step, 8, positions + frame, frame)
+            if name == "eager":
+                with fused.eager_forms_only():
+                    step.run()
+            else:
+                step.run()
+        torch.cuda.synchronize()
+        assert torch.equal(steps["fused"].codes, steps["eager"].codes), f"frame {frame}: codes differ"
+    difference = float((fused_state.hidden - eager_state.hidden).abs().max())
+    assert difference < 1e-3
+    gpu_report["fused_vs_eager_fp32"] = {"codes_equal": True, "hidden_max_abs_difference": difference}
+
+
 # --- bf16 vs fp32 --------------------------------------------------------------------------
 def random_prompts(vocab: int, lengths: list[int], seed: int = 0) -> list[np.ndarray]:
     # Ids from 4 up: the tiny tokenizer's specials (bos, eos, audio, audio_eos) are 0..3.

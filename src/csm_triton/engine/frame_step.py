@@ -7,10 +7,11 @@ a step over a batch of `b` rows reads the basic-slice views `k[:b, :, :attend_le
 no gather copies a slot's keys and values, whatever the batch. Every shape is fixed
 per bucket (batch, attention length, top-k bound), nothing reads back to the host,
 and the random draws come in as a buffer, so on CUDA the whole step is captured once
-as a CUDA graph and replayed: one launch instead of ~2,800 kernel launches per frame
-(`python -m loadtest.kernel_count`, at CSM-1B's layer counts; 6,209 before the fused
-norms, the joint rotary, the folded attention heads and the log-form sampler), which is
-where `generate`'s 290 ms/frame goes (the weights take ~7 ms to read on an H100). On the
+as a CUDA graph and replayed: one launch instead of ~1,530 kernel launches per frame
+(`python -m loadtest.kernel_count`, at CSM-1B's layer counts: 6,209 before the fused
+norms, the joint rotary, the folded attention heads and the log-form sampler; 2,878
+before the Triton kernels of engine/fused.py), which is where `generate`'s 290 ms/frame
+goes (the weights take ~7 ms to read on an H100). On the
 CPU the same code runs eagerly, at the exact batch size.
 """
 

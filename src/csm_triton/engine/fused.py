@@ -55,8 +55,22 @@ def kernels_on_cpu():
         _on_cpu = previous
 
 
+_eager_only = False
+
+
+@contextlib.contextmanager
+def eager_forms_only():
+    """The eager forms even for CUDA tensors (the GPU tests compare the two)."""
+    global _eager_only
+    _eager_only, previous = True, _eager_only
+    try:
+        yield
+    finally:
+        _eager_only = previous
+
+
 def _fused(tensor: torch.Tensor) -> bool:
-    return (tensor.is_cuda or _on_cpu) and _kernels() is not None
+    return (tensor.is_cuda or _on_cpu) and not _eager_only and _kernels() is not None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
