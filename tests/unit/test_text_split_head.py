@@ -15,6 +15,8 @@ from csm_triton import constants as C
 from csm_triton.core import normalize, text_split
 
 TEXTS = Path(__file__).resolve().parents[2] / "loadtest" / "data" / "texts.txt"
+# Five-digit numbers and nothing else: wetext's worst case per character.
+NUMBER_SOUP = " ".join(str((n * 7919) % 100_000) for n in range(1, 120)) + ". "
 DENSE = "On 2026-12-06 at 10:45am, Dr. Smith paid $5.30 for 3/4 lb at 12 km/h; call 555-0100 or 1st Ave. "
 
 
@@ -37,6 +39,10 @@ def texts() -> list[str]:
         ("1234567890 " * 40 + ". ") * 4,
         "   \n\n   " * 50 + "Hello there. " * 40,
         "A. " * 200,
+        NUMBER_SOUP,
+        NUMBER_SOUP[:280] + ".",  # fits one segment, yet too many digits for a first one
+        "Hi there. " + NUMBER_SOUP,
+        "12345 " * 3 + "9" * 60 + " and 7 more. " + "Then words. " * 30,  # a word of digits past the budget
     ]
     made += [" ".join(rng.choice(words) for _ in range(rng.randint(40, 700))) for _ in range(12)]
     return made
@@ -124,3 +130,41 @@ def test_per_sentence_splits_only_at_sentences_and_still_cuts_one_past_a_segment
     assert segments[0] == "First one." and segments[-1] == "Last one."
     assert all(len(segment) <= C.SEGMENT_MAX_CHARS for segment in segments)
     assert " ".join(segments[1:-1]).split() == ("word " * 100 + "end.").split()
+
+
+def _digits(texts) -> int:
+    return sum(character.isdigit() for text in texts for character in text)
+
+
+@pytest.mark.parametrize(
+    "text", [NUMBER_SOUP, NUMBER_SOUP[:280] + ".", (DENSE * 30)[:3000]], ids=["soup", "short soup", "dense"]
+)
+def test_a_normalized_first_segment_reads_at_most_head_max_digits(loaded, text):
+    """What a stream's first audio waits for is bounded by the digits it normalizes (wetext's
+    cost follows them), whatever the text: the head ends at a word before the digit that
+    would pass HEAD_MAX_DIGITS, and the rest follows as split_text has it."""
+    seen = []
+
+    def counting(pieces):
+        seen.extend(pieces)
+        return unbudgeted(pieces)
+
+    head, spoken_rest, raw_rest = text_split.split_head(text, normalize=counting)
+    assert len(head) == 1 and (raw_rest or spoken_rest)
+    assert 0 < _digits(seen) <= text_split.HEAD_MAX_DIGITS
+    written_head = text[: len(text) - len("".join(raw_rest))] if not spoken_rest else None
+    if written_head is not None:  # cut at a space, never inside a number
+        assert written_head.endswith(" ") or written_head.endswith(". ")
+    assert head[0] == text_split.split_text(text, normalize=unbudgeted)[0]
+
+
+def test_the_digit_budget_applies_to_the_first_segment_only_and_not_per_sentence(loaded):
+    segments = text_split.split_text(NUMBER_SOUP * 3, normalize=unbudgeted)
+    assert segments[0].count("thousand") <= text_split.HEAD_MAX_DIGITS // 5  # five-digit numbers
+    assert max(map(len, segments[1:])) > 250  # later segments are packed as before
+    as_written = text_split.split_text(NUMBER_SOUP, normalize=None)
+    assert as_written[0].startswith(NUMBER_SOUP[:250])  # no normalization, no cost: no cut
+    per_sentence = text_split.split_text(
+        "Count " + "10 " * 26 + "then stop. Next.", normalize=unbudgeted, per_sentence=True
+    )
+    assert len(per_sentence) == 2  # a sentence stays whole

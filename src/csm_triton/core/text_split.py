@@ -20,6 +20,15 @@ Normalize = Callable[[list[str]], list[str]]
 # first segment's end (normalized text is seldom shorter than written): a bounded cost
 # before the first audio.
 HEAD_MAX_CHARS = 4 * C.SEGMENT_MAX_CHARS
+# What a stream's first audio waits for is its first segment's normalization, and wetext's
+# cost follows the digits it reads (~0.3 ms each on a 2-vCPU AMD EPYC; words ~0.1 ms a
+# character: loadtest/results/normalize_cpu.md). So a normalized first segment holds at
+# most this many digits of the text as written: it ends before the sentence that would
+# pass them, and a first sentence that alone would is cut at the space before the word
+# that does. The "short first chunk" of streaming TTS, decided by a count, not a clock: the
+# same text always makes the same segments. Not with one sentence per segment
+# (SENTENCE_SEGMENTS), whose segments are whole sentences.
+HEAD_MAX_DIGITS = 48
 
 
 # Titles that never end a sentence: sentencex sometimes cuts after them ("... with Ms. |
@@ -124,25 +133,50 @@ def _pieces(text: str, max_chars: int) -> list[str]:
     return pieces
 
 
+def _digits(text: str) -> int:
+    return sum(character.isdigit() for character in text)
+
+
+def _cut_costly_first(pieces: list[str]) -> list[str]:
+    """The first sentence cut in two before its digit number HEAD_MAX_DIGITS + 1, at the
+    space before that digit's word (a word of digits with no space before it stays whole)."""
+    if not pieces or _digits(pieces[0]) <= HEAD_MAX_DIGITS:
+        return pieces
+    first, seen = pieces[0], 0
+    for position, character in enumerate(first):
+        if character.isdigit():
+            seen += 1
+            if seen > HEAD_MAX_DIGITS:
+                cut = first.rfind(" ", 0, position) + 1
+                return [first[:cut], first[cut:], *pieces[1:]] if first[:cut].strip() else pieces
+    return pieces
+
+
 def _speakable(text: str) -> bool:
     return any(character.isalnum() for character in text)
 
 
-# A part of a segment: (its text as spoken, the length of its sentence as written when it
-# is a sentence's first part, else 0).
-Part = tuple[str, int]
+# A part of a segment: (its text as spoken, and when it is a sentence's first part the
+# length of its sentence as written and the digits in it, else 0 and 0).
+Part = tuple[str, int, int]
 
 
-def _starts_segment(current: str, part: str, max_chars: int, per_sentence: bool, written: int = 0) -> bool:
+def _starts_segment(
+    current: str, part: str, max_chars: int, per_sentence: bool, written: int = 0, head_digits: int = 0
+) -> bool:
     """Whether `part` begins a new segment after `current`, the segment so far (_pack's
     rule, which split_head follows too): when it would not fit as spoken, or its sentence
     would not fit as written (`written`: so that split_head ends a head before normalizing
-    the sentence after it, which normalization seldom shortens), or, one sentence per
-    segment, when both are sentences with words (a "..." or a closing quote stays with the
-    sentence before it, or goes with the next one when nothing came before)."""
+    the sentence after it, which normalization seldom shortens), or, in the first segment of
+    a normalized text, when its digits with those before would pass HEAD_MAX_DIGITS
+    (`head_digits`: their sum), or, one sentence per segment, when both are sentences with
+    words (a "..." or a closing quote stays with the sentence before it, or goes with the
+    next one when nothing came before)."""
     if not current:
         return False
     if len(current) + max(len(part), written) > max_chars:
+        return True
+    if not per_sentence and head_digits > HEAD_MAX_DIGITS:
         return True
     return per_sentence and _speakable(part) and _speakable(current)
 
@@ -153,19 +187,24 @@ def _spoken_parts(written: Sequence[str], spoken: Sequence[str], max_chars: int)
     parts: list[Part] = []
     for as_written, as_spoken in zip(written, spoken):
         cut = _recut([as_spoken], max_chars)
-        parts += [(part, len(as_written) if position == 0 else 0) for position, part in enumerate(cut)]
+        first = (len(as_written), _digits(as_written))
+        parts += [(part, *(first if position == 0 else (0, 0))) for position, part in enumerate(cut)]
     return parts
 
 
-def _pack(parts: list[Part], max_chars: int, per_sentence: bool = False) -> list[str]:
+def _pack(parts: list[Part], max_chars: int, per_sentence: bool = False, head: bool = True) -> list[str]:
     """Consecutive parts grouped into segments of at most `max_chars` (stripped, none
     blank); with `per_sentence`, each sentence a segment of its own."""
     segments: list[str] = []
+    # The digits of the first segment with words (`head`: the parts begin a text), until it ends.
+    head_digits: int | None = 0 if head else None
     current = ""
-    for piece, written in parts:
-        if _starts_segment(current, piece, max_chars, per_sentence, written):
+    for piece, written, digits in parts:
+        head_digits = head_digits + digits if head_digits is not None else None
+        if _starts_segment(current, piece, max_chars, per_sentence, written, head_digits or 0):
             segments.append(current)
             current = ""
+            head_digits = None if segments[-1].strip() else digits
         current += piece
     segments.append(current)
     segments = [segment.strip() for segment in segments]
@@ -193,7 +232,10 @@ def split_text(
     input); then each sentence is normalized; then the normalized sentences are packed
     into segments, a sentence that grew past `max_chars` cut again (and one that would not
     fit as written starting a new segment too: split_head decides that before normalizing it)."""
-    pieces = [text] if len(text) <= max_chars and not per_sentence else _pieces(text, max_chars)
+    costly = normalize is not None and _digits(text[:max_chars]) > HEAD_MAX_DIGITS and not per_sentence
+    pieces = [text] if len(text) <= max_chars and not per_sentence and not costly else _pieces(text, max_chars)
+    if costly:
+        pieces = _cut_costly_first(pieces)
     if normalize is not None:
         spoken = normalize(pieces)
         if len(spoken) == 1 and len(spoken[0]) <= max_chars:
@@ -201,7 +243,7 @@ def split_text(
         return _pack(_spoken_parts(pieces, spoken, max_chars), max_chars, per_sentence)
     if len(pieces) == 1:
         return pieces
-    return _pack([(piece, 0) for piece in pieces], max_chars, per_sentence)
+    return _pack([(piece, 0, 0) for piece in pieces], max_chars, per_sentence)
 
 
 def split_pieces(
@@ -214,8 +256,11 @@ def split_pieces(
 ) -> list[str]:
     """The segments of split_head's rest, as split_text packs them: `spoken`, sentence
     parts normalized already, then the sentences `raw`, normalized here."""
-    parts = [(piece, 0) for piece in raw] if normalize is None else _spoken_parts(raw, normalize(list(raw)), max_chars)
-    return _pack([(piece, 0) for piece in spoken] + parts, max_chars, per_sentence)
+    parts = (
+        [(piece, 0, 0) for piece in raw] if normalize is None else _spoken_parts(raw, normalize(list(raw)), max_chars)
+    )
+    # Never a first segment (the head came before): no digit budget.
+    return _pack([(piece, 0, 0) for piece in spoken] + parts, max_chars, per_sentence, head=False)
 
 
 def split_head(
@@ -228,23 +273,30 @@ def split_head(
     `per_sentence`: then the head is the first sentence). A text that
     fits one segment has no rest; so has one whose first segment does not end within its
     first HEAD_MAX_CHARS characters (it is split whole: a bounded cost either way)."""
-    if len(text) <= max_chars:
+    costly = normalize is not None and _digits(text[:max_chars]) > HEAD_MAX_DIGITS and not per_sentence
+    if len(text) <= max_chars and not costly:
         return split_text(text, max_chars, normalize, per_sentence), [], []
     pieces = _pieces(text, max_chars)
-    current, read = "", 0
+    if costly:
+        pieces = _cut_costly_first(pieces)
+    current, read, digits = "", 0, 0
     for index, raw in enumerate(pieces):
         read += len(raw)
         if read > HEAD_MAX_CHARS + max_chars:
             break
-        if current.strip() and len(current) + len(raw) > max_chars:  # _pack's rule, known before normalizing
+        # _pack's rules, known before normalizing: the sentence would not fit as written, or
+        # its digits would pass the head's.
+        over = normalize is not None and not per_sentence and digits + _digits(raw) > HEAD_MAX_DIGITS
+        if current.strip() and (len(current) + len(raw) > max_chars or over):
             return _head(current, [], pieces[index:])
-        parts = [(raw, 0)] if normalize is None else _spoken_parts([raw], normalize([raw]), max_chars)
-        for position, (part, written) in enumerate(parts):
-            new_segment = _starts_segment(current, part, max_chars, per_sentence, written)
+        parts = [(raw, 0, 0)] if normalize is None else _spoken_parts([raw], normalize([raw]), max_chars)
+        for position, (part, written, part_digits) in enumerate(parts):
+            digits += part_digits
+            new_segment = _starts_segment(current, part, max_chars, per_sentence, written, digits)
             if current.strip() and new_segment:  # `current` is the head
-                return _head(current, [piece for piece, _ in parts[position:]], pieces[index + 1 :])
+                return _head(current, [piece for piece, _, _ in parts[position:]], pieces[index + 1 :])
             if new_segment:  # a blank segment: _pack drops it
-                current = ""
+                current, digits = "", part_digits
             current += part
     return split_text(text, max_chars, normalize, per_sentence), [], []
 
