@@ -143,6 +143,8 @@ whole-text figure. csm_tts_stream asks for the head alone (text_split.split_head
 segment, its sentences split and normalized alone) and for the rest while the head is
 spoken, so the head figure is what normalization adds before a stream's first audio; the
 head and the rest make the same segments as the whole split (tests/unit/test_text_split_head.py).
+A normalized first segment holds at most {text_split.HEAD_MAX_DIGITS} digits as written
+(text_split.HEAD_MAX_DIGITS), which bounds the head of a text of numbers too.
 A request's normalization
 stops after {C.NORMALIZE_BUDGET_SECONDS:g} s or when the normalized text would pass
 {C.NORMALIZED_TEXT_MAX_CHARS:,} characters, and the rest is spoken as written ("stopped early": which,
