@@ -119,22 +119,27 @@ def test_sample_draws_the_eager_codes(bound):
     assert fused_codes[0] == logits.roll(-1, dims=-1)[0].argmax()  # greedy: the argmax
 
 
-def test_a_frame_step_fused_equals_eager_token_for_token():
-    """The tiny CSM: two frames of a batch of 3 rows (sampled with top-k 50 and 4, and
-    greedy), fused (the kernels, under the interpreter) and eager, from the same state."""
+@pytest.fixture(scope="module")
+def tiny_lm():
     from transformers import CsmForConditionalGeneration
 
-    from csm_triton.engine.capacity import EngineConfig
-    from csm_triton.engine.engine import GenerationEngine
-    from csm_triton.engine.frame_step import FrameStep
     from csm_triton.engine.lm import CsmLM
     from export.tiny_checkpoint import build_tokenizer, tiny_config
 
-    config = tiny_config(build_tokenizer())
     torch.manual_seed(5)
-    model = CsmForConditionalGeneration(config).eval()
+    model = CsmForConditionalGeneration(tiny_config(build_tokenizer())).eval()
     model.codec_model = None
-    lm = CsmLM(model, device=torch.device("cpu"), dtype=torch.float32, max_batch=4, cpu_kernels="mkl")
+    return CsmLM(model, device=torch.device("cpu"), dtype=torch.float32, max_batch=4, cpu_kernels="mkl")
+
+
+def test_a_frame_step_fused_equals_eager_token_for_token(tiny_lm):
+    """The tiny CSM: two frames of a batch of 3 rows (sampled with top-k 50 and 4, and
+    greedy), fused (the kernels, under the interpreter) and eager, from the same state."""
+    from csm_triton.engine.capacity import EngineConfig
+    from csm_triton.engine.engine import GenerationEngine
+    from csm_triton.engine.frame_step import FrameStep
+
+    lm = tiny_lm
     results = []
     for use_kernels in (False, True):
         engine = GenerationEngine(lm, EngineConfig(max_slots=4, max_context=64, warm_up=False))
@@ -156,3 +161,25 @@ def test_a_frame_step_fused_equals_eager_token_for_token():
     assert len(codes.unique()) > 10  # real draws, not a constant
     torch.testing.assert_close(fused_hidden, hidden, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fused_keys, keys, rtol=1e-4, atol=1e-5)
+
+
+def test_check_kernels_turns_them_off_for_the_process_when_one_disagrees(tiny_lm, monkeypatch, caplog):
+    """At load on a GPU (CsmLM), each kernel is run once at the model's shapes against its
+    eager form: a kernel that does not compile or disagrees there costs speed, not answers."""
+    from csm_triton.engine import triton_kernels
+
+    cpu = torch.device("cpu")
+    assert tiny_lm.fused_report == "fused kernels: not used on this device"  # the CPU runs the eager forms
+    stacks = [tiny_lm.backbone, tiny_lm.depth]
+    monkeypatch.setattr(fused, "_failed", None)  # whatever this test does, restored after it
+    with fused.kernels_on_cpu():
+        assert (
+            fused.check_kernels(stacks, 2048, cpu, torch.float32)
+            == "fused kernels: on, checked against their eager forms"
+        )
+        monkeypatch.setattr(triton_kernels, "silu_mul", lambda gate_up: gate_up[..., : gate_up.shape[-1] // 2] * 0)
+        report = fused.check_kernels(stacks, 2048, cpu, torch.float32)
+        assert report.startswith("fused kernels: off (AssertionError: silu_mul")
+        assert "fused kernels off" in caplog.text
+        gate_up = torch.randn(2, 1, 16)
+        assert torch.equal(fused.silu_mul(gate_up), fused._silu_mul_eager(gate_up))  # the eager form runs now

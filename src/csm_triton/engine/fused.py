@@ -7,9 +7,9 @@ several; the eager form below is what the CPU runs, exactly the arithmetic it al
 (fp32 tokens equal transformers'), and the reference the kernels are tested against.
 
 Which runs: the kernels for CUDA tensors when Triton imports (torch's CUDA wheels bring
-it; without it the eager form runs and a warning says so once); the eager form for CPU
-tensors, unless `kernels_on_cpu()` asks for the kernels under Triton's interpreter (the
-numerics tests and the kernel count).
+it; without it the eager form runs and a warning says so once) and they passed
+`check_kernels` at load; the eager form for CPU tensors, unless `kernels_on_cpu()` asks
+for the kernels under Triton's interpreter (the numerics tests and the kernel count).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from csm_triton.engine.sampling import sample
 
 LOG = logging.getLogger(__name__)
 _on_cpu = False
+_failed: str | None = None  # why check_kernels turned the kernels off in this process
 
 
 @functools.cache
@@ -70,7 +71,7 @@ def eager_forms_only():
 
 
 def _fused(tensor: torch.Tensor) -> bool:
-    return (tensor.is_cuda or _on_cpu) and not _eager_only and _kernels() is not None
+    return (tensor.is_cuda or _on_cpu) and not _eager_only and _failed is None and _kernels() is not None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -85,7 +86,7 @@ def add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(residual + x), residual + x): a layer's residual add and the norm after it."""
     if _fused(x):
-        return torch.ops.csm.add_rms_norm(x, residual, weight, eps)
+        return _kernels().add_rms_norm(x, residual, weight, eps)
     return _add_rms_norm_eager(x, residual, weight, eps)
 
 
@@ -110,7 +111,7 @@ def rotary_write_kv(
     rotated queries [B, T, heads, D]."""
     g = geometry
     if _fused(qkv):
-        return torch.ops.csm.rotary_write_kv(qkv, g.cos, g.sin, g.positions, keys, values, heads, kv_heads)
+        return _kernels().rotary_write_kv(qkv, g.cos, g.sin, g.positions, keys, values, heads, kv_heads)
     return _rotary_write_kv_eager(qkv, g.cos, g.sin, g.positions, keys, values, heads, kv_heads, item=g.item)
 
 
@@ -131,7 +132,7 @@ def _rotary_write_kv_eager(qkv, cos, sin, positions, keys, values, heads, kv_hea
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[..., 2*I] (gate, then up) -> SiLU(gate) * up [..., I]."""
     if _fused(gate_up):
-        return torch.ops.csm.silu_mul(gate_up)
+        return _kernels().silu_mul(gate_up)
     return _silu_mul_eager(gate_up)
 
 
@@ -145,7 +146,7 @@ def sample_codes(
 ):
     """sampling.sample (its arguments), as one kernel where the kernels run."""
     if _fused(logits) and logits.shape[-1] & (logits.shape[-1] - 1) == 0:
-        return torch.ops.csm.sample(logits, temperature, kth_index, log_draws)
+        return _kernels().sample(logits, temperature, kth_index, log_draws)
     return sample(logits, temperature, kth_index, log_draws, top_k_bound)
 
 
@@ -157,3 +158,63 @@ EAGER_FORMS = {
     "silu_mul": _silu_mul_eager,
     "sample": lambda logits, temperature, kth_index, log_draws: sample(logits, temperature, kth_index, log_draws),
 }
+
+
+def check_kernels(stacks, vocab: int, device: torch.device, dtype: torch.dtype) -> str:
+    """Each kernel once at the model's shapes (its layer stacks, `vocab` codes) against its
+    eager form, before any CUDA graph is captured. A kernel that does not compile, fails to
+    launch or disagrees on this GPU turns the kernels off for the process: the eager forms
+    run (correct, ~2x the launches per frame) and the reason is logged as an error.
+    Returns the line for the load log."""
+    global _failed
+    if not (torch.device(device).type == "cuda" or _on_cpu) or _kernels() is None or _failed is not None:
+        return "fused kernels: not used on this device" if _failed is None else f"fused kernels: off ({_failed})"
+    try:
+        _check_all(stacks, vocab, torch.device(device), dtype)
+    except Exception as error:  # noqa: BLE001 - a compile error, a failed launch, a disagreement: all "not here"
+        _failed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        LOG.error("fused kernels off, the frame step runs the eager forms: %s", _failed)
+        return f"fused kernels: off ({_failed})"
+    LOG.info("fused kernels: checked against their eager forms at this model's shapes")
+    return "fused kernels: on, checked against their eager forms"
+
+
+def _check_all(stacks, vocab: int, device: torch.device, dtype: torch.dtype) -> None:
+    # bf16: the kernels round once where eager rounds each step, a few ulps apart.
+    tolerance = {"rtol": 1e-4, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def random(*shape, kind=dtype):
+        return torch.randn(shape, generator=generator, device=device).to(kind)
+
+    def agree(ours, theirs, what):
+        for one, other in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(one.float(), other.float(), **tolerance, msg=lambda m: f"{what}: {m}")
+
+    for stack in stacks:
+        x, residual = random(2, 1, stack.final_norm.shape[0]), random(2, 1, stack.final_norm.shape[0])
+        agree(
+            add_rms_norm(x, residual, stack.final_norm, stack.eps),
+            _add_rms_norm_eager(x, residual, stack.final_norm, stack.eps),
+            "add_rms_norm",
+        )
+        gate_up = random(2, 1, 2 * stack.intermediate_size)
+        agree([silu_mul(gate_up)], [_silu_mul_eager(gate_up)], "silu_mul")
+        heads, kv_heads = stack.num_heads, stack.num_kv_heads
+        qkv = random(2, 1, heads + 2 * kv_heads, stack.head_dim)
+        g = stack.geometry(torch.tensor([[1], [3]], device=device), 4)
+        fused_cache, eager_cache = (
+            torch.zeros(2, 2, kv_heads, 4, stack.head_dim, device=device, dtype=dtype) for _ in "ab"
+        )
+        query = rotary_write_kv(qkv, g, fused_cache[0], fused_cache[1], heads, kv_heads)
+        expected = _rotary_write_kv_eager(
+            qkv, g.cos, g.sin, g.positions, eager_cache[0], eager_cache[1], heads, kv_heads
+        )
+        agree([query, fused_cache], [expected, eager_cache], "rotary_write_kv")
+    logits = random(4, vocab, kind=torch.float32) * 3
+    temperature = torch.tensor([1.0, 0.7, 0.9, 1.3], device=device)
+    kth = torch.tensor([[0], [4], [49], [63]], device=device)
+    draws = torch.log(torch.empty(4, vocab, device=device).exponential_(generator=generator))
+    codes = sample_codes(logits, temperature, kth, draws, 64)
+    if not torch.equal(codes, sample(logits, temperature, kth, draws, 64)):
+        raise AssertionError(f"sample: codes {codes.tolist()} differ from the eager draws")

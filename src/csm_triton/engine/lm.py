@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from csm_triton import constants as C
-from csm_triton.engine import kernels
+from csm_triton.engine import fused, kernels
 from csm_triton.engine.device import device_context
 from csm_triton.engine.layers import Geometry, KVCache, Linear, TransformerStack
 
@@ -121,6 +121,9 @@ class CsmLM:
             self.kernel_report = kernels.choose_kernels(
                 self.named_linears(), buckets=kernels.row_buckets(max_batch), mode=cpu_kernels, device=device
             )
+            # On a GPU, before any CUDA graph is captured: the fused kernels run only where they
+            # compile and agree with their eager forms at this model's shapes.
+            self.fused_report = fused.check_kernels([self.backbone, self.depth], C.CODEBOOK_SIZE, device, dtype)
         self.backbone_hidden_size = config.hidden_size
         self.max_context = self.backbone.max_positions
 

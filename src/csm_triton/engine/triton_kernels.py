@@ -173,7 +173,8 @@ def _sample_kernel(logits_ptr, temperature_ptr, kth_ptr, draws_ptr, draws_row_st
     row = tl.program_id(0).to(tl.int64)
     codes = tl.arange(0, VOCAB)
     # + 0.0 turns -0.0 into +0.0, so that the integer keys below order like the floats.
-    scores = tl.load(logits_ptr + row * VOCAB + codes) / tl.load(temperature_ptr + row) + 0.0
+    # div_rn: IEEE division as torch's (Triton's `/` on fp32 may be the 2-ulp approximation).
+    scores = tl.math.div_rn(tl.load(logits_ptr + row * VOCAB + codes), tl.load(temperature_ptr + row)) + 0.0
     kth = tl.load(kth_ptr + row)
     # The k-th largest score without a sort: order-preserving integer keys, whose k-th
     # largest is built bit by bit from the top (32 counting passes over the row).
