@@ -291,6 +291,7 @@ def run(args) -> dict:
         "weight_bytes_per_frame": lm.weight_bytes_per_frame(),
         "engine_load_s": round(load_s, 1),
         "kernels": lm.kernel_report.lines(),
+        "fused_kernels": lm.fused_report,
         "rows": rows,
     }
     if (args.bf16 if args.bf16 is not None else not args.tiny) and device.type == "cpu" and dtype == torch.float32:
@@ -328,6 +329,7 @@ def bf16_rows(
         "weight_bytes_per_frame": lm.weight_bytes_per_frame(),
         "engine_load_s": round(load_s, 1),
         "kernels": lm.kernel_report.lines(),
+        "fused_kernels": lm.fused_report,
     }
     if reference is not None:
         result["agreement"] = agreement(long_run_codes(lm, prompts, args.agreement_frames, max_context), reference)

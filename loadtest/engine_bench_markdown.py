@@ -61,4 +61,6 @@ def markdown(report: dict) -> str:
     lines += [f"- {report['dtype']}: {line}" for line in report["kernels"]]
     if bf16:
         lines += [f"- bfloat16: {line}" for line in bf16["kernels"]]
+    if report.get("fused_kernels"):  # the frame step's Triton kernels (engine/fused.py), on a GPU
+        lines += ["", f"Frame step: {report['fused_kernels']}."]
     return "\n".join(lines) + "\n"
