@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported (by the first kernels_on_cpu)
-
 import pytest
 import torch
 
 from csm_triton.engine import fused
 from csm_triton.engine.sampling import top_k_index
+
+if torch.cuda.is_available():  # the interpreter would be set for the whole process, the GPU tests too
+    pytest.skip(
+        "CPU interpreter tests; on a GPU, test_engine_gpu.py runs the compiled kernels", allow_module_level=True
+    )
+os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported (by the first kernels_on_cpu)
 
 BF16_ULP = 2.0**-7  # relative spacing of bf16 values
 
@@ -78,7 +82,9 @@ def test_rotary_write_kv_fp32_equals_eager(tokens):
     torch.manual_seed(2)
     batch, heads, kv_heads, head_dim, max_len, first_row = 3, 4, 2, 8, 12, 1
     qkv = torch.randn(batch, tokens, heads + 2 * kv_heads, head_dim)
-    positions = torch.tensor([[2, 3, 4][:tokens], [7, 8, 9][:tokens], [0, 1, 2][:tokens]])
+    # A strided view, as the frame step's positions are (a column of its row buffer).
+    positions = torch.tensor([[2, 3, 4, 0], [7, 8, 9, 0], [0, 1, 2, 0]])[:, :tokens]
+    assert not positions.is_contiguous()
     geometry = _Geometry(positions, head_dim)
     cache = torch.randn(2, 2, 5, kv_heads, max_len, head_dim)  # [k/v, layers, rows, ...]
 

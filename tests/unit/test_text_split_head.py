@@ -43,6 +43,9 @@ def texts() -> list[str]:
         NUMBER_SOUP[:280] + ".",  # fits one segment, yet too many digits for a first one
         "Hi there. " + NUMBER_SOUP,
         "12345 " * 3 + "9" * 60 + " and 7 more. " + "Then words. " * 30,  # a word of digits past the budget
+        " " * 320 + NUMBER_SOUP,  # leading blanks: the first sentence with words is the one cut
+        "— " + "9" * 60 + " then 12345 67890 " * 6 + ". Done.",  # no cut leaves a head without words
+        "Lines\n" + "\n".join(["12345 67890"] * 12) + ". Then prose follows here. " * 4,  # newlines are cut points
     ]
     made += [" ".join(rng.choice(words) for _ in range(rng.randint(40, 700))) for _ in range(12)]
     return made
@@ -81,6 +84,7 @@ def test_head_and_rest_are_the_whole_split(loaded, spoken, per_sentence):
         assert head + rest == text_split.split_text(text, normalize=norm, per_sentence=per_sentence), text[:80]
         if len(text) > 2 * C.SEGMENT_MAX_CHARS:
             assert len(head) == 1 and (raw_rest or spoken_rest), "a long text gets a head of one segment"
+        assert any(character.isalnum() for character in head[0]), f"a head without words: {head[0]!r}"
 
 
 def test_a_text_that_fits_one_segment_has_no_rest(loaded):
@@ -137,7 +141,15 @@ def _digits(texts) -> int:
 
 
 @pytest.mark.parametrize(
-    "text", [NUMBER_SOUP, NUMBER_SOUP[:280] + ".", (DENSE * 30)[:3000]], ids=["soup", "short soup", "dense"]
+    "text",
+    [
+        NUMBER_SOUP,
+        NUMBER_SOUP[:280] + ".",
+        (DENSE * 30)[:3000],
+        " " * 320 + NUMBER_SOUP,
+        "Lines\n" + "\n".join(["12345 67890"] * 12) + ". Then prose.",
+    ],
+    ids=["soup", "short soup", "dense", "leading blanks", "newlines"],
 )
 def test_a_normalized_first_segment_reads_at_most_head_max_digits(loaded, text):
     """What a stream's first audio waits for is bounded by the digits it normalizes (wetext's
@@ -153,8 +165,8 @@ def test_a_normalized_first_segment_reads_at_most_head_max_digits(loaded, text):
     assert len(head) == 1 and (raw_rest or spoken_rest)
     assert 0 < _digits(seen) <= text_split.HEAD_MAX_DIGITS
     written_head = text[: len(text) - len("".join(raw_rest))] if not spoken_rest else None
-    if written_head is not None:  # cut at a space, never inside a number
-        assert written_head.endswith(" ") or written_head.endswith(". ")
+    if written_head is not None:  # cut at whitespace, never inside a number
+        assert written_head[-1].isspace()
     assert head[0] == text_split.split_text(text, normalize=unbudgeted)[0]
 
 

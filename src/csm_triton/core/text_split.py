@@ -137,18 +137,26 @@ def _digits(text: str) -> int:
     return sum(character.isdigit() for character in text)
 
 
+def _head_budget(normalize, per_sentence: bool) -> bool:
+    """Whether the first segment's digit budget (HEAD_MAX_DIGITS) applies to `text`."""
+    return normalize is not None and not per_sentence
+
+
 def _cut_costly_first(pieces: list[str]) -> list[str]:
-    """The first sentence cut in two before its digit number HEAD_MAX_DIGITS + 1, at the
-    space before that digit's word (a word of digits with no space before it stays whole)."""
-    if not pieces or _digits(pieces[0]) <= HEAD_MAX_DIGITS:
+    """The first sentence with words cut in two before its digit number HEAD_MAX_DIGITS + 1,
+    after the last whitespace before that digit's word (a sentence whose words before it
+    hold no whitespace stays whole)."""
+    first_index = next((index for index, piece in enumerate(pieces) if _speakable(piece)), None)
+    if first_index is None or _digits(pieces[first_index]) <= HEAD_MAX_DIGITS:
         return pieces
-    first, seen = pieces[0], 0
+    first, seen = pieces[first_index], 0
     for position, character in enumerate(first):
-        if character.isdigit():
-            seen += 1
-            if seen > HEAD_MAX_DIGITS:
-                cut = first.rfind(" ", 0, position) + 1
-                return [first[:cut], first[cut:], *pieces[1:]] if first[:cut].strip() else pieces
+        seen += character.isdigit()
+        if seen > HEAD_MAX_DIGITS:
+            cut = next((at + 1 for at in range(position - 1, -1, -1) if first[at].isspace()), 0)
+            if not _speakable(first[:cut]):
+                return pieces
+            return [*pieces[:first_index], first[:cut], first[cut:], *pieces[first_index + 1 :]]
     return pieces
 
 
@@ -176,7 +184,7 @@ def _starts_segment(
         return False
     if len(current) + max(len(part), written) > max_chars:
         return True
-    if not per_sentence and head_digits > HEAD_MAX_DIGITS:
+    if not per_sentence and head_digits > HEAD_MAX_DIGITS and _speakable(current):
         return True
     return per_sentence and _speakable(part) and _speakable(current)
 
@@ -232,9 +240,10 @@ def split_text(
     input); then each sentence is normalized; then the normalized sentences are packed
     into segments, a sentence that grew past `max_chars` cut again (and one that would not
     fit as written starting a new segment too: split_head decides that before normalizing it)."""
-    costly = normalize is not None and _digits(text[:max_chars]) > HEAD_MAX_DIGITS and not per_sentence
-    pieces = [text] if len(text) <= max_chars and not per_sentence and not costly else _pieces(text, max_chars)
-    if costly:
+    budget = _head_budget(normalize, per_sentence)
+    whole = len(text) <= max_chars and not per_sentence and not (budget and _digits(text) > HEAD_MAX_DIGITS)
+    pieces = [text] if whole else _pieces(text, max_chars)
+    if budget and not whole:
         pieces = _cut_costly_first(pieces)
     if normalize is not None:
         spoken = normalize(pieces)
@@ -273,11 +282,11 @@ def split_head(
     `per_sentence`: then the head is the first sentence). A text that
     fits one segment has no rest; so has one whose first segment does not end within its
     first HEAD_MAX_CHARS characters (it is split whole: a bounded cost either way)."""
-    costly = normalize is not None and _digits(text[:max_chars]) > HEAD_MAX_DIGITS and not per_sentence
-    if len(text) <= max_chars and not costly:
+    budget = _head_budget(normalize, per_sentence)
+    if len(text) <= max_chars and not (budget and _digits(text) > HEAD_MAX_DIGITS):
         return split_text(text, max_chars, normalize, per_sentence), [], []
     pieces = _pieces(text, max_chars)
-    if costly:
+    if budget:
         pieces = _cut_costly_first(pieces)
     current, read, digits = "", 0, 0
     for index, raw in enumerate(pieces):
@@ -286,7 +295,7 @@ def split_head(
             break
         # _pack's rules, known before normalizing: the sentence would not fit as written, or
         # its digits would pass the head's.
-        over = normalize is not None and not per_sentence and digits + _digits(raw) > HEAD_MAX_DIGITS
+        over = budget and digits + _digits(raw) > HEAD_MAX_DIGITS and _speakable(current)
         if current.strip() and (len(current) + len(raw) > max_chars or over):
             return _head(current, [], pieces[index:])
         parts = [(raw, 0, 0)] if normalize is None else _spoken_parts([raw], normalize([raw]), max_chars)

@@ -164,8 +164,9 @@ def check_kernels(stacks, vocab: int, device: torch.device, dtype: torch.dtype) 
     """Each kernel once at the model's shapes (its layer stacks, `vocab` codes) against its
     eager form, before any CUDA graph is captured. A kernel that does not compile, fails to
     launch or disagrees on this GPU turns the kernels off for the process: the eager forms
-    run (correct, ~2x the launches per frame) and the reason is logged as an error.
-    Returns the line for the load log."""
+    run (correct, ~2x the launches per frame) and the reason is logged as an error. (A
+    kernel that faults on the device leaves CUDA's sticky error behind: then the load fails,
+    as any device fault does, engine/faults.py.) Returns the line for the load log."""
     global _failed
     if not (torch.device(device).type == "cuda" or _on_cpu) or _kernels() is None or _failed is not None:
         return "fused kernels: not used on this device" if _failed is None else f"fused kernels: off ({_failed})"
@@ -202,7 +203,8 @@ def _check_all(stacks, vocab: int, device: torch.device, dtype: torch.dtype) -> 
         agree([silu_mul(gate_up)], [_silu_mul_eager(gate_up)], "silu_mul")
         heads, kv_heads = stack.num_heads, stack.num_kv_heads
         qkv = random(2, 1, heads + 2 * kv_heads, stack.head_dim)
-        g = stack.geometry(torch.tensor([[1], [3]], device=device), 4)
+        # Positions as the frame step has them: a strided view (a column of its row buffer).
+        g = stack.geometry(torch.tensor([[1, 0], [3, 0]], device=device)[:, :1], 4)
         fused_cache, eager_cache = (
             torch.zeros(2, 2, kv_heads, 4, stack.head_dim, device=device, dtype=dtype) for _ in "ab"
         )

@@ -25,6 +25,14 @@ import triton.language as tl
 __all__ = ["interpreted"]
 
 
+def _require_contiguous(**tensors: torch.Tensor) -> None:
+    """Inputs the kernels read as dense rows. Refused rather than copied: a copy would be a
+    kernel of its own in every layer call (and uncounted by loadtest/kernel_count.py)."""
+    for name, tensor in tensors.items():
+        if not tensor.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (shape {tuple(tensor.shape)}, strides {tensor.stride()})")
+
+
 def interpreted() -> bool:
     """True when these kernels run under Triton's CPU interpreter."""
     return not isinstance(_add_rms_norm_kernel, triton.runtime.JITFunction)
@@ -50,7 +58,7 @@ def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, normed_ptr, summed_ptr
 def add_rms_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    x, residual = x.contiguous(), residual.contiguous()
+    _require_contiguous(x=x, residual=residual, weight=weight)
     n = x.shape[-1]
     summed, normed = torch.empty_like(x), torch.empty_like(x)
     _add_rms_norm_kernel[(x.numel() // n,)](
@@ -69,6 +77,8 @@ def _rotary_write_kv_kernel(
     keys_ptr,
     values_ptr,
     tokens,
+    positions_item_stride,
+    positions_token_stride,
     cache_row_stride,
     cache_head_stride,
     cache_position_stride,
@@ -93,7 +103,7 @@ def _rotary_write_kv_kernel(
             sin + HEAD_DIM // 2 + half
         ).to(tl.float32)
         first, second = rotated_first, rotated_second
-    position = tl.load(positions_ptr + token)
+    position = tl.load(positions_ptr + item * positions_item_stride + (token % tokens) * positions_token_stride)
     offset = item * cache_row_stride + ((head - HEADS) % KV_HEADS) * cache_head_stride
     offset += position * cache_position_stride
     if head < HEADS:
@@ -118,21 +128,24 @@ def rotary_write_kv(
     kv_heads: int,
 ) -> torch.Tensor:
     """qkv [B, T, heads + 2*kv_heads, D]; cos, sin [B, T, 1, D] at each token's position;
-    positions [B, T]; keys, values: the call's cache rows [B, kv_heads, max_len, D] (strided
+    positions [B, T] (any strides: the frame step's are views); keys, values: the call's cache rows [B, kv_heads, max_len, D] (strided
     views of the cache, written in place) -> the rotated queries [B, T, heads, D]."""
     batch, tokens, _, head_dim = qkv.shape
     if keys.stride() != values.stride() or keys.stride(-1) != 1:
         raise ValueError("rotary_write_kv: keys and values must share a layout with contiguous head_dim")
     query = torch.empty((batch, tokens, heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    _require_contiguous(qkv=qkv, cos=cos, sin=sin)
     _rotary_write_kv_kernel[(batch * tokens, heads + 2 * kv_heads)](
-        qkv.contiguous(),
-        cos.contiguous(),
-        sin.contiguous(),
-        positions.contiguous(),
+        qkv,
+        cos,
+        sin,
+        positions,
         query,
         keys,
         values,
         tokens,
+        positions.stride(0),
+        positions.stride(1),
         keys.stride(0),
         keys.stride(1),
         keys.stride(2),
@@ -159,7 +172,7 @@ SILU_BLOCK = 1024
 @torch.library.custom_op("csm::silu_mul", mutates_args=(), device_types=("cuda", "cpu"))
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[..., 2*I] (gate, then up) -> SiLU(gate) * up [..., I]."""
-    gate_up = gate_up.contiguous()
+    _require_contiguous(gate_up=gate_up)
     width = gate_up.shape[-1] // 2
     out = gate_up.new_empty((*gate_up.shape[:-1], width))
     _silu_mul_kernel[(gate_up.numel() // (2 * width), triton.cdiv(width, SILU_BLOCK))](
@@ -199,11 +212,12 @@ def sample(
     batch, vocab = logits.shape
     if vocab & (vocab - 1) or log_draws.stride(-1) != 1:
         raise ValueError("sample: the vocabulary must be a power of two and draws contiguous per row")
+    _require_contiguous(logits=logits, temperature=temperature, kth_index=kth_index)
     codes = torch.empty(batch, dtype=torch.long, device=logits.device)
     _sample_kernel[(batch,)](
-        logits.contiguous(),
-        temperature.contiguous(),
-        kth_index.contiguous(),
+        logits,
+        temperature,
+        kth_index,
         log_draws,
         log_draws.stride(0),
         codes,
