@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton (the frame step's fused kernels, tests/model/test_triton_kernels.py)
+# can only run in its interpreter, and that is chosen once, when Triton is first imported:
+# set it before any test module imports something that imports Triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from csm_triton.serving.process import TritonServer, free_ports
 

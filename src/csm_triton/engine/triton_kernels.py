@@ -34,8 +34,12 @@ def _require_contiguous(**tensors: torch.Tensor) -> None:
 
 
 def interpreted() -> bool:
-    """True when these kernels run under Triton's CPU interpreter."""
-    return not isinstance(_add_rms_norm_kernel, triton.runtime.JITFunction)
+    """True when these kernels, and Triton's own library functions they call (tl.sum...),
+    run under Triton's CPU interpreter: both are chosen when they are defined, so Triton
+    must have been imported with TRITON_INTERPRET=1 already set."""
+    return not isinstance(_add_rms_norm_kernel, triton.runtime.JITFunction) and not isinstance(
+        tl.sum, triton.runtime.JITFunction
+    )
 
 
 @triton.jit
