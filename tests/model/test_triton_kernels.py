@@ -189,3 +189,21 @@ def test_check_kernels_turns_them_off_for_the_process_when_one_disagrees(tiny_lm
         assert "fused kernels off" in caplog.text
         gate_up = torch.randn(2, 1, 16)
         assert torch.equal(fused.silu_mul(gate_up), fused._silu_mul_eager(gate_up))  # the eager form runs now
+
+
+def test_a_prefill_fused_equals_eager(tiny_lm):
+    """Prompts run through the same layers with several tokens per row (the GPU runs them
+    eagerly, with the kernels): two rows of 7 tokens at different positions."""
+    cache = tiny_lm.new_backbone_cache(3, 64)
+    torch.manual_seed(8)
+    embeds = torch.randn(2, 7, tiny_lm.backbone_hidden_size)
+    positions = torch.stack([torch.arange(0, 7), torch.arange(10, 17)])
+    results = []
+    for use_kernels in (False, True):
+        fresh = type(cache)(cache.k.clone(), cache.v.clone())
+        with torch.inference_mode(), fused.kernels_on_cpu() if use_kernels else torch.inference_mode():
+            hidden = tiny_lm.backbone_forward(embeds, fresh, 1, positions)
+        results.append((hidden, fresh.k, fresh.v))
+    for eager, fused_result in zip(*results, strict=True):
+        torch.testing.assert_close(fused_result, eager, rtol=1e-4, atol=1e-5)
+    assert results[0][1][:, 1:3].abs().sum() > 0  # the rows' keys were written
