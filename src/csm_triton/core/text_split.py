@@ -24,8 +24,8 @@ HEAD_MAX_CHARS = 4 * C.SEGMENT_MAX_CHARS
 # cost follows the digits it reads (~0.3 ms each on a 2-vCPU AMD EPYC; words ~0.1 ms a
 # character: loadtest/results/normalize_cpu.md). So a normalized first segment holds at
 # most this many digits of the text as written: it ends before the sentence that would
-# pass them, and a first sentence that alone would is cut at the space before the word
-# that does. The "short first chunk" of streaming TTS, decided by a count, not a clock: the
+# pass them, and the first sentence with words, when it alone would, is cut at the
+# whitespace before the word that does. The "short first chunk" of streaming TTS, decided by a count, not a clock: the
 # same text always makes the same segments. Not with one sentence per segment
 # (SENTENCE_SEGMENTS), whose segments are whole sentences.
 HEAD_MAX_DIGITS = 48
