@@ -417,8 +417,9 @@ def test_a_cuda_error_in_a_frame_step_answers_everyone_then_calls_the_exit_hook(
 
 
 def test_a_cuda_error_in_a_prefill_is_fatal_too(lm, builder):
-    engine = GenerationEngine(lm, EngineConfig(max_slots=2, warm_up=False))
-    engine._prefill = failing_after(engine._prefill, 2, CUDA_ERRORS["device-side assert"])
+    # One prompt per step, so the second request's prefill is a call of its own.
+    engine = GenerationEngine(lm, EngineConfig(max_slots=2, warm_up=False, max_prefills_per_step=1))
+    engine._prefill_together = failing_after(engine._prefill_together, 2, CUDA_ERRORS["device-side assert"])
     exited = []
     engine.on_fatal = exited.append
     handles = [engine.submit(request(builder, TARGETS[i], 40)) for i in range(2)]

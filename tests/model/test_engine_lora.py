@@ -97,7 +97,7 @@ def test_an_adapters_first_logits_are_within_1e_4_of_the_merged_checkpoints(lm, 
     prompt = builder.prepare(TARGETS[1])
     ids = torch.as_tensor(prompt.input_ids)
     with torch.inference_mode():
-        embeds = lm.embed_prompt(ids, torch.as_tensor(prompt.audio_codes).reshape(-1, 32))
+        embeds = lm.embed_prompt(np.asarray(prompt.input_ids), np.asarray(prompt.audio_codes).reshape(-1, 32))
         lora = engine.adapters.rows("backbone", torch.tensor([slot]))
         hidden = lm.backbone_forward(embeds[None], engine.cache, 0, torch.arange(len(ids))[None], lora)
         ours = lm.codebook0_logits(hidden)[0]

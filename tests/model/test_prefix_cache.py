@@ -144,11 +144,11 @@ def test_a_failed_prefill_stores_nothing(lm, builder, monkeypatch):
     engine = GenerationEngine(lm, EngineConfig(max_slots=1))
     real, calls = lm.backbone_forward, []
 
-    def fails_on_the_third_chunk(*args):
+    def fails_on_the_third_chunk(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("out of memory")
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(lm, "backbone_forward", fails_on_the_third_chunk)
     generation = request(builder, [turn(0), turn(1), turn(2)])
@@ -166,9 +166,9 @@ def test_a_request_cancelled_during_its_prefill_stores_nothing(lm, builder, monk
     handle = engine.submit(request(builder, [turn(0), turn(1), turn(2)]))
     real = lm.backbone_forward
 
-    def cancels_after_one_chunk(*args):
+    def cancels_after_one_chunk(*args, **kwargs):
         handle.cancel()  # as engine.cancel() would, from another thread
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(lm, "backbone_forward", cancels_after_one_chunk)
     engine.run_until_idle()

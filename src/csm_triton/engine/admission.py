@@ -3,9 +3,9 @@
 Kept apart from the engine's loop (engine.py) because each step here concerns one
 request, not the batch: `check_request` refuses a bad request before it is queued
 (on CUDA an out-of-range index is a device-side assert that breaks the whole process,
-see engine.faults), `prefill` writes one prompt into one row of the backbone cache
-(reusing what the prefix cache holds), and `Slot` is what the loop then carries for
-it from frame to frame.
+see engine.faults), prefill.py writes the admitted prompts into their rows of the
+backbone cache, and `Slot` is what the loop then carries for each from frame to frame;
+`compact` keeps the active slots in rows 0..n-1 as they leave.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ import torch
 
 from csm_triton.core import validation
 from csm_triton.engine.lm import CsmLM
-from csm_triton.engine.prefix_cache import PrefillPlan, PrefixCache, PrefixEntry
 from csm_triton.engine.requests import GenerationRequest, RequestHandle
 from csm_triton.engine.sampling import SamplerState
 from csm_triton.errors import InvalidInput
 
-__all__ = ["Slot", "acquire_adapter", "check_request", "compact", "prefill"]
+__all__ = ["Slot", "acquire_adapter", "check_request", "compact", "move_row"]
 
 
 @dataclass
@@ -72,45 +71,6 @@ def acquire_adapter(adapters, request: GenerationRequest) -> int:
     return adapters.acquire(request.adapter)
 
 
-def prefill(
-    lm: CsmLM,
-    cache,
-    hidden: torch.Tensor,
-    prefix_cache: PrefixCache,
-    row: int,
-    handle: RequestHandle,
-    lora=None,
-    adapter_version: str = "",
-) -> int | None:
-    """The prompt into `row` of `cache`, chunk by chunk (prefix_cache.PrefillPlan): copied
-    while the prefix cache holds them, then computed; the last hidden state into
-    hidden[row]. Returns the next position to write; None: cancelled between chunks
-    (nothing stored). `adapter_version`: the request's adapter weights (AdapterBank.version),
-    so that turns cached under an adapter since replaced are not reused."""
-    request, device = handle.request, lm.device
-    ids = torch.as_tensor(np.asarray(request.input_ids), dtype=torch.long, device=device)
-    codes = torch.as_tensor(np.asarray(request.audio_codes), dtype=torch.long, device=device)
-    embeds = lm.embed_prompt(ids, codes.reshape(-1, lm.num_codebooks))
-    plan = PrefillPlan.of(request, lm.audio_token_id, lm.audio_eos_token_id, adapter_version)
-    reused = prefix_cache.lookup(plan.keys)
-    new, start = [], 0
-    for index, end in enumerate(plan.ends):
-        if index < len(reused):
-            cache.k[:, row, :, start:end] = reused[index].k
-            cache.v[:, row, :, start:end] = reused[index].v
-        elif handle.cancelled:
-            return None
-        else:  # the same chunk shapes hit or miss: a hit yields exactly a miss's numbers
-            positions = torch.arange(start, end, device=device)[None]
-            last = lm.backbone_forward(embeds[None, start:end], cache, row, positions, lora)
-            if index < plan.storable:
-                new.append((plan.keys[index], PrefixEntry.copy_of(cache, row, start, end)))
-        start = end
-    hidden[row] = last[0]  # the last chunk (the text to speak) is never cached
-    prefix_cache.commit(plan.keys, reused, new)  # stored only now: the prefill is whole
-    return plan.ends[-1]
-
-
 def compact(active: list[Slot], slot: Slot, cache, hidden: torch.Tensor) -> bool:
     """Frees `slot`'s row of `active` (rows 0..n-1); the slot in the last row moves into it
     (keys, values and hidden state: one copy of its context, once per departure instead
@@ -120,10 +80,14 @@ def compact(active: list[Slot], slot: Slot, cache, hidden: torch.Tensor) -> bool
     last = active.pop()
     if last is slot:
         return False
-    written = last.position  # positions 0..position-1 hold its context
-    cache.k[:, slot.row, :, :written] = cache.k[:, last.row, :, :written]
-    cache.v[:, slot.row, :, :written] = cache.v[:, last.row, :, :written]
-    hidden[slot.row] = hidden[last.row]
+    move_row(cache, hidden, last.row, slot.row, last.position)  # positions 0..position-1 hold its context
     last.row = slot.row
     active[slot.row] = last
     return True
+
+
+def move_row(cache, hidden: torch.Tensor, source: int, target: int, written: int) -> None:
+    """A slot's context (positions 0..written-1) and hidden state from row `source` to `target`."""
+    cache.k[:, target, :, :written] = cache.k[:, source, :, :written]
+    cache.v[:, target, :, :written] = cache.v[:, source, :, :written]
+    hidden[target] = hidden[source]

@@ -54,7 +54,12 @@ class EngineConfig:
     max_context: int | None = None  # None: the backbone's max positions
     gpu_memory_fraction: float = C.DEFAULT_GPU_MEMORY_FRACTION
     prefix_cache_bytes: int = 256 << 20
-    max_prefills_per_step: int = 4
+    # One engine step admits at most this many waiting requests and computes their
+    # prompts together (engine/prefill.py), bounded by this many prompt tokens to compute
+    # (cached turns are copied, not counted; the first prompt comes in whatever its
+    # length): the running streams wait for one bounded prefill per frame.
+    max_prefills_per_step: int = 16
+    prefill_tokens_per_step: int = 2048
     cuda_graphs: bool = True  # on CUDA: capture the frame step per bucket (frame_step.BucketPlan)
     # LoRA adapters resident on the device at once (engine.lora; 0: no adapters served),
     # and the largest rank they may have (the bank is laid out for it).

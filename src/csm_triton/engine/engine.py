@@ -28,13 +28,14 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from csm_triton.engine.admission import Slot, acquire_adapter, check_request, compact, prefill
+from csm_triton.engine.admission import Slot, acquire_adapter, check_request, compact, move_row
 from csm_triton.engine.capacity import DeviceMemory, EngineConfig, WarmUpReport
 from csm_triton.engine.device import device_context
 from csm_triton.engine.faults import DeviceFailure, device_failure_message, is_fatal_device_error
 from csm_triton.engine.frame_runner import FrameRunner
 from csm_triton.engine.lm import CsmLM
 from csm_triton.engine.lora import LoraWeights
+from csm_triton.engine.prefill import PrefillJob, prefill_together
 from csm_triton.engine.prefix_cache import PrefixCache
 from csm_triton.engine.requests import (
     CancellationPoller,
@@ -223,44 +224,79 @@ class GenerationEngine(FrameRunner):
             self._deliveries.send(handle._end, FinishReason.CANCELLED)
 
     def _admit(self) -> None:
-        for _ in range(self.config.max_prefills_per_step):
+        """Waiting requests into free rows, their prompts computed together (prefill.py):
+        at most max_prefills_per_step of them and prefill_tokens_per_step tokens to
+        compute (the first always comes in, however long)."""
+        jobs: list[PrefillJob] = []
+        tokens = 0
+        while len(jobs) < self.config.max_prefills_per_step:
             with self._lock:
-                if len(self._active) >= self.max_slots or not self._waiting:
-                    return
+                if len(self._active) + len(jobs) >= self.max_slots or not self._waiting:
+                    break
                 handle = self._waiting.popleft()
-            row = len(self._active)  # the first free row: the active slots are rows 0..n-1
-            request = handle.request
             try:
-                adapter = acquire_adapter(self.adapters, request)
+                adapter = acquire_adapter(self.adapters, handle.request)
             except Exception as error:  # noqa: BLE001 - unknown, refused or no slot free: this request only
                 self._deliveries.send(handle._end, FinishReason.ERROR, str(error))
                 continue
-            try:
-                position = self._prefill(row, handle, adapter)
-            except Exception as error:
+            version = self.adapters.version(adapter) if adapter else ""
+            job = PrefillJob.of(self.lm, self.prefix_cache, handle, adapter, version)  # host work: hashes, lookup
+            if jobs and tokens + job.tokens_to_compute > self.config.prefill_tokens_per_step:
                 self._release_adapter(adapter)
-                if is_fatal_device_error(error):  # not this prompt's fault: the loop fails them all
-                    with self._lock:
-                        self._waiting.appendleft(handle)
+                with self._lock:
+                    self._waiting.appendleft(handle)  # first in the next step
+                break
+            jobs.append(job)
+            tokens += job.tokens_to_compute
+        if len(jobs) > 1:
+            try:
+                self._slot_in(self._prefill_together(jobs))
+                return
+            except Exception as error:
+                if is_fatal_device_error(error):  # not these prompts' fault: the loop fails them all
+                    self._requeue(jobs)
+                    raise
+                # Which prompt broke the shared forward is unknown: each again alone, so
+                # only one that fails alone is answered with the error.
+                LOG.warning("a prefill of %d prompts failed (%s); each is prefilled alone", len(jobs), error)
+        for index, job in enumerate(jobs):
+            try:
+                self._slot_in(self._prefill_together([job]))
+            except Exception as error:
+                if is_fatal_device_error(error):
+                    self._requeue(jobs[index:])
                     raise
                 LOG.exception("prefill failed")
-                self._deliveries.send(handle._end, FinishReason.ERROR, f"prefill failed: {error}")
-                continue
+                self._release_adapter(job.adapter)
+                self._deliveries.send(job.handle._end, FinishReason.ERROR, f"prefill failed: {error}")
+
+    def _slot_in(self, done: list[tuple[PrefillJob, int | None]]) -> None:
+        """Prefilled prompts become active slots, in rows 0..n-1 (a cancelled one's row
+        is closed by moving the next into it); cancelled ones are answered."""
+        for job, position in done:
             if position is None:
-                self._release_adapter(adapter)
-                self._deliveries.send(handle._end, FinishReason.CANCELLED)
+                self._release_adapter(job.adapter)
+                self._deliveries.send(job.handle._end, FinishReason.CANCELLED)
                 continue
+            row = len(self._active)
+            if job.row != row:
+                move_row(self.cache, self.hidden, job.row, row, position)
+            request = job.handle.request
             sampler = SamplerState.create(
                 temperature=request.temperature, top_k=request.top_k, greedy=request.greedy, seed=request.seed
             )
-            self._active.append(Slot(row, handle, sampler, position, adapter=adapter))
+            self._active.append(Slot(row, job.handle, sampler, position, adapter=job.adapter))
 
-    def _prefill(self, row: int, handle: RequestHandle, adapter: int = 0) -> int | None:
-        lora = self.adapters.rows("backbone", torch.tensor([adapter], device=self.lm.device)) if adapter else None
-        version = self.adapters.version(adapter) if adapter else ""
-        return prefill(
-            self.lm, self.cache, self.hidden, self.prefix_cache, row, handle, lora, adapter_version=version
-        )  # (admission)
+    def _prefill_together(self, jobs: list[PrefillJob]):
+        first_row = len(self._active)  # the first free row: the active slots are rows 0..n-1
+        return prefill_together(self.lm, self.cache, self.hidden, self.prefix_cache, jobs, first_row, self.adapters)
+
+    def _requeue(self, jobs: list[PrefillJob]) -> None:
+        """Admitted but not prefilled: back to the head of the queue, in order."""
+        for job in jobs:
+            self._release_adapter(job.adapter)
+        with self._lock:
+            self._waiting.extendleft(reversed([job.handle for job in jobs]))
 
     def _advance(self, slots: list[Slot], frames: np.ndarray) -> None:
         finished: list[tuple[Slot, FinishReason]] = []

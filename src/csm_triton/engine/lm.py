@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from csm_triton import constants as C
@@ -179,16 +180,20 @@ class CsmLM:
         """codes [..., 32] -> the sum of the codebooks' embeddings [..., hidden]."""
         return self.audio_embedding[codes + self.audio_offsets].sum(dim=-2)
 
-    def embed_prompt(self, input_ids: torch.Tensor, audio_codes: torch.Tensor) -> torch.Tensor:
-        """input_ids [T] with AUDIO placeholders, audio_codes [placeholders, 32] -> [T, hidden]."""
-        embeds = self.text_embedding[input_ids]
-        audio_positions = input_ids == self.audio_token_id
-        if audio_positions.any():
-            embeds[audio_positions] = self.embed_frames(audio_codes).to(embeds.dtype)
-        eos_positions = input_ids == self.audio_eos_token_id
-        if eos_positions.any():
-            eos_frame = torch.full((self.num_codebooks,), self.codebook_eos_token_id, device=self.device)
-            embeds[eos_positions] = self.embed_frames(eos_frame).to(embeds.dtype)
+    def embed_prompt(self, input_ids: np.ndarray, audio_codes: np.ndarray) -> torch.Tensor:
+        """input_ids [T] with AUDIO placeholders, audio_codes [placeholders, 32] (host
+        arrays) -> [T, hidden]. The placeholders are found on the host, so nothing waits
+        for the device (a boolean mask on the device would read its count back)."""
+        device = self.device
+        embeds = self.text_embedding[torch.as_tensor(input_ids, device=device)]
+        audio_positions = np.flatnonzero(input_ids == self.audio_token_id)
+        if audio_positions.size:
+            frames = self.embed_frames(torch.as_tensor(audio_codes, device=device))
+            embeds[torch.as_tensor(audio_positions, device=device)] = frames.to(embeds.dtype)
+        eos_positions = np.flatnonzero(input_ids == self.audio_eos_token_id)
+        if eos_positions.size:
+            eos_frame = torch.full((self.num_codebooks,), self.codebook_eos_token_id, device=device)
+            embeds[torch.as_tensor(eos_positions, device=device)] = self.embed_frames(eos_frame).to(embeds.dtype)
         return embeds
 
     # --- caches -----------------------------------------------------------------------
@@ -212,13 +217,26 @@ class CsmLM:
 
     # --- steps ------------------------------------------------------------------------
     def backbone_forward(
-        self, embeds: torch.Tensor, cache: KVCache, first_row: int, positions: torch.Tensor, lora=None
+        self,
+        embeds: torch.Tensor,
+        cache: KVCache,
+        first_row: int,
+        positions: torch.Tensor,
+        lora=None,
+        *,
+        last: torch.Tensor | None = None,
+        attend_len: int | None = None,
     ) -> torch.Tensor:
-        """embeds [B, T, hidden] for cache rows first_row.. at positions [B, T] -> last
-        hidden state per item [B, hidden]. lora: the rows' adapters (engine.lora)."""
-        attend_len = int(positions.max()) + 1
+        """embeds [B, T, hidden] for cache rows first_row.. at positions [B, T] -> each
+        item's hidden state at token `last` [B] (default: the last token) [B, hidden].
+        attend_len: keys 0..attend_len-1 are read (default: from positions, which reads
+        them back to the host). lora: the rows' adapters (engine.lora)."""
+        if attend_len is None:
+            attend_len = int(positions.max()) + 1
         hidden = self.backbone.forward(embeds, cache, first_row, positions, attend_len, lora=lora)
-        return hidden[:, -1]
+        if last is None:
+            return hidden[:, -1]
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
     def codebook0_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[B, 2048] fp32: the codes Mimi decodes."""

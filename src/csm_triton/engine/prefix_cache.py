@@ -6,7 +6,9 @@ prefilling them again (the main lever for time to first audio).
 A prompt is split after every <|audio_eos|> (each context turn ends with one): chunk i
 is the tokens (b_{i-1}, b_i], and the text to speak is the last chunk. The engine
 prefills chunk by chunk whether a chunk came from the cache or not, so a hit yields
-exactly the numbers a miss computes (same shapes, same order). Chunk i's key hashes
+exactly the numbers a miss computes (same shapes, same order) for a prompt prefilled
+alone; prompts prefilled together (engine/prefill.py) share each round's forward, padded
+to the longest chunk, which changes the numbers by float rounding only. Chunk i's key hashes
 everything before b_i (ids and the codes of its placeholders), so an entry is only ever
 reused behind the very same turns; an entry holds only its own chunk's keys and values.
 """

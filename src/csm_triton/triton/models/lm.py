@@ -72,6 +72,12 @@ def engine_from_config(
         prefix_cache_bytes=parameters.integer("prefix_cache_mib", 256, minimum=0) << 20,
         lora_slots=parameters.integer("lora_slots", 0, minimum=0, maximum=C.MAX_LORA_SLOTS),
         lora_max_rank=parameters.integer("lora_max_rank", 32, minimum=1, maximum=C.MAX_LORA_RANK),
+        max_prefills_per_step=parameters.integer(
+            "max_prefills_per_step", EngineConfig.max_prefills_per_step, minimum=1, maximum=1024
+        ),
+        prefill_tokens_per_step=parameters.integer(
+            "prefill_tokens_per_step", EngineConfig.prefill_tokens_per_step, minimum=1, maximum=1 << 20
+        ),
     )
     loader = adapter_loader(voice_dir, lm) if engine_config.lora_slots and voice_dir is not None else None
     return GenerationEngine(lm, engine_config, adapter_loader=loader)
