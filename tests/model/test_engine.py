@@ -103,8 +103,9 @@ def test_greedy_single_request_equals_generate(hf_model, processor, lm, builder,
     np.testing.assert_array_equal(result.codes, expected)
 
 
-def test_four_requests_joining_at_different_frames_each_equal_generate(hf_model, processor, lm, builder):
-    engine = GenerationEngine(lm, EngineConfig(max_slots=3))  # the 4th waits for a free slot
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped"])
+def test_four_requests_joining_at_different_frames_each_equal_generate(hf_model, processor, lm, builder, overlap):
+    engine = GenerationEngine(lm, EngineConfig(max_slots=3, overlap_steps=overlap))  # the 4th waits for a free slot
     handles = []
     for index, target in enumerate(TARGETS):
         handles.append(engine.submit(request(builder, target, 6 + index, stream_every=4)))
@@ -117,11 +118,12 @@ def test_four_requests_joining_at_different_frames_each_equal_generate(hf_model,
         np.testing.assert_array_equal(codes, hf_generate(hf_model, processor, target, len(codes)))
 
 
-def test_requests_leaving_out_of_order_leave_the_others_token_identical(hf_model, processor, lm, builder):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped"])
+def test_requests_leaving_out_of_order_leave_the_others_token_identical(hf_model, processor, lm, builder, overlap):
     # Five requests of different lengths: they end (and one is cancelled) in the middle of
     # the others, so the slot in the last row keeps moving into the freed rows; a sixth
     # joins a freed row later. Every one must still equal generate frame for frame.
-    engine = GenerationEngine(lm, EngineConfig(max_slots=5, max_prefills_per_step=5))
+    engine = GenerationEngine(lm, EngineConfig(max_slots=5, max_prefills_per_step=5, overlap_steps=overlap))
     targets = TARGETS + [REFERENCE_TEXT]
     frames = [9, 3, 12, 5, 7]
     handles = [engine.submit(request(builder, target, count)) for target, count in zip(targets, frames)]
@@ -186,9 +188,10 @@ def test_warm_up_visits_exactly_the_configured_buckets(lm, builder):
         served.stop()
 
 
-def test_seeded_sampling_is_reproducible_and_ignores_batch_mates(lm, builder):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped"])
+def test_seeded_sampling_is_reproducible_and_ignores_batch_mates(lm, builder, overlap):
     def run(batch_mates, seed=1234):
-        engine = GenerationEngine(lm, EngineConfig(max_slots=4))
+        engine = GenerationEngine(lm, EngineConfig(max_slots=4, overlap_steps=overlap))
         handle = engine.submit(request(builder, TARGETS[1], 6, seed=seed))
         for index in range(batch_mates):
             engine.submit(request(builder, TARGETS[index], 6, seed=index))
@@ -236,8 +239,9 @@ def test_prefix_cache_hit_yields_the_same_codes_as_a_miss(lm, builder, reference
     np.testing.assert_array_equal(first.result().codes, second.result().codes)
 
 
-def test_streaming_chunks_concatenate_to_the_whole_result(lm, builder):
-    engine = GenerationEngine(lm, EngineConfig(max_slots=1))
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped"])
+def test_streaming_chunks_concatenate_to_the_whole_result(lm, builder, overlap):
+    engine = GenerationEngine(lm, EngineConfig(max_slots=1, overlap_steps=overlap))
     chunks = []
     engine.submit(request(builder, TARGETS[0], 7, stream_every=3), callback=chunks.append)
     engine.run_until_idle()
@@ -286,12 +290,13 @@ def test_a_polled_client_disconnect_cancels_the_request(lm, builder):
     assert engine.stats()["slots_in_use"] == 0
 
 
-def test_all_zero_frame_ends_the_utterance(tiny_checkpoint, builder):
+@pytest.mark.parametrize("overlap", [False, True], ids=["sequential", "overlapped"])
+def test_all_zero_frame_ends_the_utterance(tiny_checkpoint, builder, overlap):
     model = CsmForConditionalGeneration.from_pretrained(str(tiny_checkpoint)).eval()
     with torch.no_grad():  # zero heads: every logit ties, greedy picks code 0 = end of speech
         model.lm_head.weight.zero_()
         model.depth_decoder.codebooks_head.weight.zero_()
-    engine = GenerationEngine(CsmLM(model, device="cpu"), EngineConfig(max_slots=1))
+    engine = GenerationEngine(CsmLM(model, device="cpu"), EngineConfig(max_slots=1, overlap_steps=overlap))
     handle = engine.submit(request(builder, TARGETS[0], 20))
     engine.run_until_idle()
     result = handle.result()
@@ -399,7 +404,7 @@ def failing_after(method, calls: int, make_error):
 @pytest.mark.parametrize("error", CUDA_ERRORS, ids=list(CUDA_ERRORS))
 def test_a_cuda_error_in_a_frame_step_answers_everyone_then_calls_the_exit_hook(lm, builder, error):
     engine = GenerationEngine(lm, EngineConfig(max_slots=2, warm_up=False))
-    engine._frame_step = failing_after(engine._frame_step, 3, CUDA_ERRORS[error])
+    engine._launch_frame_step = failing_after(engine._launch_frame_step, 3, CUDA_ERRORS[error])
     finals, exited = {}, []
     engine.on_fatal = lambda failure: exited.append(dict(finals))
     for i in range(3):  # 2 running, 1 waiting
@@ -434,7 +439,7 @@ def test_a_cuda_error_in_a_prefill_is_fatal_too(lm, builder):
 
 def test_an_ordinary_error_fails_only_its_batch_and_the_engine_serves_on(lm, builder):
     engine = GenerationEngine(lm, EngineConfig(max_slots=2, warm_up=False))
-    step = engine._frame_step
+    step = engine._launch_frame_step
     calls = [0]
 
     def once_broken(slots):
@@ -443,7 +448,7 @@ def test_an_ordinary_error_fails_only_its_batch_and_the_engine_serves_on(lm, bui
             raise IndexError("index 7 is out of bounds for dimension 0 with size 2")
         return step(slots)
 
-    engine._frame_step = once_broken
+    engine._launch_frame_step = once_broken
     exited = []
     engine.on_fatal = exited.append
     engine.start()

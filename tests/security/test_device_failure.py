@@ -98,7 +98,7 @@ def prompt_inputs(builder, text="Hello there.", frames=40):
 
 
 def test_a_cuda_error_answers_the_requests_unavailable_then_ends_the_stub(model, builder):
-    step = model.engine._frame_step
+    step = model.engine._launch_frame_step
     calls = [0]
 
     def breaks_on_the_third(slots):
@@ -107,7 +107,7 @@ def test_a_cuda_error_answers_the_requests_unavailable_then_ends_the_stub(model,
             raise RuntimeError("CUDA error: device-side assert triggered")
         return step(slots)
 
-    model.engine._frame_step = breaks_on_the_third
+    model.engine._launch_frame_step = breaks_on_the_third
     requests = [Request(prompt_inputs(builder), f"r{i}") for i in range(3)]  # 2 in the batch, 1 waiting
     model.execute(requests)
     model.engine.start()

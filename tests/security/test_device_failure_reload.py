@@ -36,7 +36,7 @@ class TritonPythonModel(LanguageModel):
 
     def initialize_model(self, args, model_config):
         super().initialize_model(args, model_config)
-        frame_step = self.engine._frame_step
+        frame_step = self.engine._launch_frame_step
 
         def failing(slots):
             if not MARKER.exists():
@@ -44,7 +44,7 @@ class TritonPythonModel(LanguageModel):
                 raise RuntimeError("CUDA error: device-side assert triggered")
             return frame_step(slots)
 
-        self.engine._frame_step = failing
+        self.engine._launch_frame_step = failing
 '''
 
 

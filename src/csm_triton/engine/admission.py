@@ -29,8 +29,10 @@ class Slot:
     row: int  # its row of the KV cache (and of the hidden states); changes when others leave
     handle: RequestHandle
     sampler: SamplerState
-    position: int  # next backbone position to write
+    position: int  # next backbone position to write, as of the frames read so far
     frames_done: int = 0
+    in_flight: int = 0  # frames launched for it whose codes are not read yet (0 or 1)
+    done: bool = False  # finished: frames still in flight for it are dropped
     adapter: int = 0  # its LoRA adapter's slot in the engine's AdapterBank (0: the base model)
     chunks_sent: int = 0
     pending: list = field(default_factory=list)  # frames not yet delivered
@@ -75,12 +77,13 @@ def compact(active: list[Slot], slot: Slot, cache, hidden: torch.Tensor) -> bool
     """Frees `slot`'s row of `active` (rows 0..n-1); the slot in the last row moves into it
     (keys, values and hidden state: one copy of its context, once per departure instead
     of a gather per layer per frame), so the active slots stay rows 0..n-1. Called
-    between frames, when each slot's positions 0..position-1 hold its context. True when
-    a slot moved."""
+    between frames; a step still running on the device finishes before the copies (the
+    same stream), so the moved slot's frame in flight moves too. True when a slot moved."""
     last = active.pop()
     if last is slot:
         return False
-    move_row(cache, hidden, last.row, slot.row, last.position)  # positions 0..position-1 hold its context
+    # Its context: positions 0..position-1, and the frame a launched step writes next.
+    move_row(cache, hidden, last.row, slot.row, last.position + last.in_flight)
     last.row = slot.row
     active[slot.row] = last
     return True

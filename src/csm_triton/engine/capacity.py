@@ -61,6 +61,11 @@ class EngineConfig:
     max_prefills_per_step: int = 16
     prefill_tokens_per_step: int = 2048
     cuda_graphs: bool = True  # on CUDA: capture the frame step per bucket (frame_step.BucketPlan)
+    # Launch frame N+1 before reading frame N's codes, so the device never waits for the
+    # host's reading, delivery and scheduling between frames. None: with CUDA graphs. On
+    # the CPU a launch computes the whole step before it returns, so overlapping would
+    # only hold every frame back one step (True there is for tests of its logic).
+    overlap_steps: bool | None = None
     # LoRA adapters resident on the device at once (engine.lora; 0: no adapters served),
     # and the largest rank they may have (the bank is laid out for it).
     lora_slots: int = 0

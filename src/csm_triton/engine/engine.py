@@ -32,7 +32,7 @@ from csm_triton.engine.admission import Slot, acquire_adapter, check_request, co
 from csm_triton.engine.capacity import DeviceMemory, EngineConfig, WarmUpReport
 from csm_triton.engine.device import device_context
 from csm_triton.engine.faults import DeviceFailure, device_failure_message, is_fatal_device_error
-from csm_triton.engine.frame_runner import FrameRunner
+from csm_triton.engine.frame_runner import FrameRunner, LaunchedStep
 from csm_triton.engine.lm import CsmLM
 from csm_triton.engine.lora import LoraWeights
 from csm_triton.engine.prefill import PrefillJob, prefill_together
@@ -69,6 +69,9 @@ class GenerationEngine(FrameRunner):
         super().__init__(lm, config, memory, adapter_loader)  # the slots' buffers (frame_runner)
         self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes)
         self._active: list[Slot] = []  # _active[r] holds cache row r
+        # Overlapping steps: the step launched last, its codes not yet read.
+        self.overlap_steps = self.config.overlap_steps if self.config.overlap_steps is not None else self.use_graphs
+        self._in_flight: LaunchedStep | None = None
         self._waiting: deque[RequestHandle] = deque()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -127,7 +130,7 @@ class GenerationEngine(FrameRunner):
         }
 
     def has_work(self) -> bool:
-        return bool(self._active or self._waiting)
+        return bool(self._active or self._waiting or self._in_flight)
 
     def run_until_idle(self) -> None:
         while self.has_work():
@@ -201,15 +204,21 @@ class GenerationEngine(FrameRunner):
 
     @torch.inference_mode()
     def step(self) -> int:
-        """Admit waiting requests, then generate one frame for every active slot."""
+        """Admit waiting requests, launch one frame for every active slot, and hand out
+        the frames of this step, or, overlapping, of the step launched before it: the
+        host then reads, delivers and schedules while the device computes the next frame
+        (EngineConfig.overlap_steps)."""
         self._drop_cancelled()
         self._admit()
-        if not self._active:
-            return 0
-        slots = list(self._active)  # in row order: rows 0..n-1
-        frames = self._frame_step(slots)
-        self.steps += 1
-        self._advance(slots, frames)
+        # Rows 0..n-1; none when every slot's last frame is already in flight (overlapping).
+        wanted = any(s.frames_done + s.in_flight < s.handle.request.max_frames for s in self._active)
+        launched = self._launch_frame_step(list(self._active)) if wanted else None
+        if launched is not None:
+            self.steps += 1
+        if self.overlap_steps:
+            launched, self._in_flight = self._in_flight, launched
+        if launched is not None:
+            self._advance(launched.slots, self._frame_codes(launched))
         return len(self._active)
 
     def _drop_cancelled(self) -> None:
@@ -299,8 +308,12 @@ class GenerationEngine(FrameRunner):
             self._waiting.extendleft(reversed([job.handle for job in jobs]))
 
     def _advance(self, slots: list[Slot], frames: np.ndarray) -> None:
+        """A launched step's frames, slot by slot (`slots`: each row's slot at launch)."""
         finished: list[tuple[Slot, FinishReason]] = []
         for slot, frame in zip(slots, frames):
+            if slot.done:  # ended while this frame was in flight (end of speech, cap, cancel)
+                continue
+            slot.in_flight -= 1
             if not frame.any():  # an all-zero frame: end of speech (not emitted)
                 finished.append((slot, FinishReason.END_OF_SPEECH))
                 continue
@@ -324,6 +337,7 @@ class GenerationEngine(FrameRunner):
             self._finish(slot, reason)
 
     def _finish(self, slot: Slot, reason: FinishReason, error: str | None = None) -> None:
+        slot.done = True
         self._release(slot)
         self._release_adapter(slot.adapter)
         self._deliveries.send(slot.handle._end, reason, error, slot.pending)
@@ -336,6 +350,7 @@ class GenerationEngine(FrameRunner):
         self.slot_moves += compact(self._active, slot, self.cache, self.hidden)  # (admission)
 
     def _finish_all(self, reason: FinishReason, error: str) -> None:
+        self._in_flight = None  # its slots are all answered here
         for slot in reversed(list(self._active)):  # the last row first: nothing moves
             self._finish(slot, reason, error)
         with self._lock:

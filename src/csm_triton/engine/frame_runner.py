@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,9 +35,16 @@ from csm_triton.engine.frame_step import BucketPlan, FrameStep, StepBucket
 from csm_triton.engine.lm import CsmLM
 from csm_triton.engine.lora import AdapterBank, LoraWeights
 
-__all__ = ["FrameRunner"]
+__all__ = ["FrameRunner", "LaunchedStep"]
 
 LOG = logging.getLogger("csm_triton.engine.engine")  # the engine's log: one place to read sizing and warm-up
+
+
+@dataclass
+class LaunchedStep:
+    slots: list[Slot]  # the slot of each row when it was launched
+    codes: torch.Tensor  # [rows, 32] on the host, once `ready`
+    ready: torch.cuda.Event | None  # recorded after the copy to the host; None: there already (CPU)
 
 
 class FrameRunner:
@@ -84,6 +92,9 @@ class FrameRunner:
             self.cache = lm.new_backbone_cache(slots, self.max_context)
             self.depth_cache = lm.new_depth_cache(slots)
             self.hidden = torch.zeros(slots, lm.backbone_hidden_size, device=lm.device, dtype=lm.dtype)
+        pinned = lm.device.type == "cuda"
+        self._host_codes = [torch.zeros((slots, lm.num_codebooks), dtype=torch.long, pin_memory=pinned) for _ in "ab"]
+        self._codes_turn = 0
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     # At most this many rebuilds with fewer slots after a warm-up over the budget.
@@ -122,20 +133,43 @@ class FrameRunner:
             torch.cuda.synchronize(self.lm.device)  # so that the timing is the capture's
 
     # --- one frame ---------------------------------------------------------------------
-    def _frame_step(self, slots: list[Slot]) -> np.ndarray:
+    def _launch_frame_step(self, slots: list[Slot]) -> LaunchedStep:
+        """One frame for `slots` (rows 0..n-1), started: on a GPU it runs while the host
+        goes on; _frame_codes waits for its codes. A slot's frames launched but not yet
+        read (`in_flight`) are counted into the position and frame index it asks for."""
         step = self._frame_step_for(slots)
         count = len(slots)
         step.load_rows(
-            [(*s.sampler.row(s.position, s.frames_done, step.top_k_bound), s.adapter) for s in slots],
+            [
+                (*s.sampler.row(s.position + s.in_flight, s.frames_done + s.in_flight, step.top_k_bound), s.adapter)
+                for s in slots
+            ],
             [s.sampler.temperature for s in slots],
         )
         step.run()
-        # The one host synchronisation per frame: the codes go to the clients anyway,
-        # and an all-zero frame must end its request before the next step.
-        return step.codes[:count].cpu().numpy().copy()  # a copy: the buffer is reused
+        for slot in slots:
+            slot.in_flight += 1
+        # Into one of two host buffers in turn: the step launched before this one may
+        # not have been read yet, and the step's own buffer is reused by the next.
+        self._codes_turn ^= 1
+        codes = self._host_codes[self._codes_turn][:count]
+        codes.copy_(step.codes[:count], non_blocking=True)
+        ready = None
+        if self.lm.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record()
+        return LaunchedStep(list(slots), codes, ready)
+
+    def _frame_codes(self, launched: LaunchedStep) -> np.ndarray:
+        """A launched step's codes [rows, 32], waiting for them: the one host
+        synchronisation per frame (the codes go to the clients anyway, and an all-zero
+        frame must end its request)."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        return launched.codes.numpy().copy()  # a copy: the buffer is reused two steps on
 
     def _frame_step_for(self, slots: list[Slot]) -> FrameStep:
-        needed = max(s.position for s in slots) + 1
+        needed = max(s.position + s.in_flight for s in slots) + 1  # the position this step writes, + 1
         top_k = max((s.sampler.top_k for s in slots if not s.sampler.greedy), default=1)
         bucket = self.buckets.bucket_for(len(slots), needed, min(top_k, C.CODEBOOK_SIZE))
         if not self.use_graphs:  # eager: exact sizes, one set of buffers per batch size

@@ -68,6 +68,9 @@ class FrameStep:
         pinned = device.type == "cuda"
         self._host_rows = torch.zeros((batch, ROW_FIELDS), dtype=torch.long, pin_memory=pinned)
         self._host_temperature = torch.ones(batch, pin_memory=pinned)
+        # Recorded after the copies from those host buffers: they are rewritten only once
+        # the device has read them (the engine may launch a step before reading the last).
+        self._inputs_copied = torch.cuda.Event() if pinned else None
         self.counters = torch.arange(lm.num_codebooks * C.CODEBOOK_SIZE, device=device).view(
             1, lm.num_codebooks, C.CODEBOOK_SIZE
         )
@@ -124,14 +127,16 @@ class FrameStep:
         count = len(rows)
         if self.graph is None:
             self._rows_have_adapters = self.adapters is not None and any(row[ADAPTER_FIELD] for row in rows)
+        if self._inputs_copied is not None:
+            self._inputs_copied.synchronize()  # the last copies from these buffers are done
         self._host_rows[:count] = torch.tensor(rows, dtype=torch.long)
         self._host_rows[count:] = 0
         self._host_temperature[:count] = torch.tensor(temperatures)
         self._host_temperature[count:] = 1.0
-        # Safe to overwrite the host buffers: the previous frame's codes were read back
-        # (a synchronisation) before this call.
         self.rows.copy_(self._host_rows, non_blocking=True)
         self.temperature.copy_(self._host_temperature, non_blocking=True)
+        if self._inputs_copied is not None:
+            self._inputs_copied.record()
 
     def _capture(self, graph_pool) -> torch.cuda.CUDAGraph:
         # Warm up on a side stream (cuBLAS/cuDNN pick their kernels), then capture. The
