@@ -151,6 +151,7 @@ def test_batch_buckets_never_exceed_the_slot_count_and_cover_every_step():
         assert ladder[-1] == slots and all(b / a <= 2 for a, b in zip(ladder, ladder[1:]))
         assert all(b / a <= 1.5 for a, b in zip(ladder, ladder[1:]) if a >= 32 and b < slots)
     assert BucketPlan(256, 2048).attention_lengths == (256, 512, 1024, 2048)
+    assert BucketPlan(256, 2048, per_row_attention=True).attention_lengths == (2048,)  # the decode kernel's
     plan = BucketPlan(6, 600)
     assert plan.batch_sizes == (1, 2, 4, 6) and plan.attention_lengths == (256, 512, 600)
     assert len(plan.buckets()) == 4 * 3 * len(plan.top_k_bounds)

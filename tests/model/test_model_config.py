@@ -65,5 +65,8 @@ def test_gpu_profiles_cap_the_kv_slots_and_so_the_graphs_captured_at_load(profil
     assert 64 <= max_slots <= 256
     plan = BucketPlan(max_slots, int(parameters["max_context"].string_value))
     assert plan.batch_sizes[-1] == max_slots, "no batch bucket beyond the slot count"
-    # 12 batch buckets (1.5x steps above 32) x 4 attention lengths x 2 top-k bounds.
+    # 12 batch buckets (1.5x steps above 32) x 4 attention lengths x 2 top-k bounds; with
+    # the decode-attention kernel (the GPU's path) one attention length: 24.
     assert len(plan.buckets()) <= 96, "graphs captured at load"
+    per_row = BucketPlan(max_slots, int(parameters["max_context"].string_value), per_row_attention=True)
+    assert len(per_row.buckets()) == len(plan.buckets()) // len(plan.attention_lengths) <= 24

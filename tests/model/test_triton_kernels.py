@@ -138,6 +138,39 @@ def tiny_lm():
     return CsmLM(model, device=torch.device("cpu"), dtype=torch.float32, max_batch=4, cpu_kernels="mkl")
 
 
+@pytest.mark.parametrize("groups, head_dim", [(4, 8), (3, 64), (1, 16)])
+def test_decode_attention_fp32_equals_masked_sdpa(groups, head_dim):
+    """Each row over its own keys 0..position (0, inside the first block of 32, past two
+    blocks), read through the strided views the frame step passes."""
+    torch.manual_seed(3)
+    cache = torch.randn(2, 4, 2, 80, head_dim)  # (k, v), rows, kv heads, positions, dim; rows 1..3 used
+    keys, values = cache[0, 1:], cache[1, 1:]
+    query = torch.randn(3, 2, groups, head_dim)
+    positions = torch.tensor([[0, 9], [17, 9], [75, 9]])[:, :1]  # a column of a wider buffer
+    expected = fused._decode_attention_eager(query, keys, values, positions)
+    with fused.kernels_on_cpu():
+        from csm_triton.engine import triton_kernels
+
+        ours = triton_kernels.decode_attention(query, keys, values, positions)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    # Row 0 at position 0 attends its one key: the output is that key's value.
+    torch.testing.assert_close(ours[0], values[0, :, :1].expand(2, groups, head_dim), rtol=1e-6, atol=1e-6)
+
+
+def test_decode_attention_bf16_is_the_fp32_arithmetic_rounded():
+    torch.manual_seed(4)
+    cache = torch.randn(2, 2, 2, 50, 64).bfloat16()
+    query = torch.randn(2, 2, 4, 64).bfloat16()
+    positions = torch.tensor([[40], [5]])
+    with fused.kernels_on_cpu():
+        from csm_triton.engine import triton_kernels
+
+        ours = triton_kernels.decode_attention(query, cache[0], cache[1], positions)
+    exact = fused._decode_attention_eager(query.float(), cache[0].float(), cache[1].float(), positions)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), exact, rtol=2 * BF16_ULP, atol=2 * BF16_ULP)
+
+
 def test_a_frame_step_fused_equals_eager_token_for_token(tiny_lm):
     """The tiny CSM: two frames of a batch of 3 rows (sampled with top-k 50 and 4, and
     greedy), fused (the kernels, under the interpreter) and eager, from the same state."""

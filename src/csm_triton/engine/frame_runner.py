@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from csm_triton import constants as C
+from csm_triton.engine import fused
 from csm_triton.engine.admission import Slot
 from csm_triton.engine.capacity import (
     CPU_DEFAULT_SLOTS,
@@ -87,7 +88,8 @@ class FrameRunner:
             self.memory.release_cached()
         self.max_slots = slots
         # Batch buckets never exceed max_slots, so a bucket's padding rows are free slots.
-        self.buckets = BucketPlan(slots, self.max_context)
+        # With the decode kernel a graph's attention length bounds nothing that is read.
+        self.buckets = BucketPlan(slots, self.max_context, per_row_attention=fused.kernels_run_on(lm.device))
         with device_context(lm.device):
             self.cache = lm.new_backbone_cache(slots, self.max_context)
             self.depth_cache = lm.new_depth_cache(slots)

@@ -208,13 +208,16 @@ class BucketPlan:
     Batch sizes (BATCH_BUCKETS) are the powers of two up to 32, then 1.5x steps (48, 64,
     96, 128, 192, 256, ...) below max_slots, then max_slots itself (never more: padding
     rows are free slots, so a bucket cannot exceed the slot count); attention lengths
-    are ATTENTION_BUCKETS below max_context, then max_context.
+    are ATTENTION_BUCKETS below max_context, then max_context; with the decode-attention
+    kernel, max_context alone (every row reads only its own keys whatever the bucket).
     """
 
-    def __init__(self, max_slots: int, max_context: int):
+    def __init__(self, max_slots: int, max_context: int, *, per_row_attention: bool = False):
+        """per_row_attention: the frame step's attention reads each row's own keys
+        (fused.attention's decode kernel), so one attention length serves every context."""
         self.max_slots, self.max_context = max_slots, max_context
         self.batch_sizes = _ladder(batch_buckets(max_slots), max_slots)
-        self.attention_lengths = _ladder(ATTENTION_BUCKETS, max_context)
+        self.attention_lengths = (max_context,) if per_row_attention else _ladder(ATTENTION_BUCKETS, max_context)
         self.top_k_bounds = TOP_K_BOUNDS
 
     def buckets(self) -> list[StepBucket]:

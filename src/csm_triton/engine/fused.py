@@ -70,8 +70,14 @@ def eager_forms_only():
         _eager_only = previous
 
 
+def kernels_run_on(device: torch.device) -> bool:
+    """Whether tensors on `device` go through the Triton kernels (now, in this process)."""
+    on_device = torch.device(device).type == "cuda" or _on_cpu
+    return on_device and not _eager_only and _failed is None and _kernels() is not None
+
+
 def _fused(tensor: torch.Tensor) -> bool:
-    return (tensor.is_cuda or _on_cpu) and not _eager_only and _failed is None and _kernels() is not None
+    return kernels_run_on(tensor.device)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -141,6 +147,23 @@ def _silu_mul_eager(gate_up):
     return F.silu(gate) * up
 
 
+def attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, geometry) -> torch.Tensor:
+    """query [B, kv_heads, G*T, D] (query heads folded per key head), keys, values: the call's
+    cache rows [B, kv_heads, max_len, D]; geometry: the call's layers.Geometry -> [B,
+    kv_heads, G*T, D]. One token per row (the frame step) runs the decode kernel where the
+    kernels run: each row over its own keys 0..position, read on the device."""
+    if geometry.positions.shape[1] == 1 and _fused(query):
+        return _kernels().decode_attention(query, keys, values, geometry.positions)
+    length = geometry.attend_len
+    return F.scaled_dot_product_attention(query, keys[:, :, :length], values[:, :, :length], attn_mask=geometry.mask)
+
+
+def _decode_attention_eager(query, keys, values, positions):
+    length = int(positions.max()) + 1  # the eager form may read back: the count substitutes it for the interpreter
+    mask = (torch.arange(length, device=positions.device)[None, :] <= positions)[:, None, None, :]
+    return F.scaled_dot_product_attention(query, keys[:, :, :length], values[:, :, :length], attn_mask=mask)
+
+
 def sample_codes(
     logits: torch.Tensor, temperature: torch.Tensor, kth_index: torch.Tensor, log_draws: torch.Tensor, top_k_bound: int
 ):
@@ -157,6 +180,7 @@ EAGER_FORMS = {
     "rotary_write_kv": _rotary_write_kv_eager,
     "silu_mul": _silu_mul_eager,
     "sample": lambda logits, temperature, kth_index, log_draws: sample(logits, temperature, kth_index, log_draws),
+    "decode_attention": _decode_attention_eager,
 }
 
 
@@ -213,6 +237,16 @@ def _check_all(stacks, vocab: int, device: torch.device, dtype: torch.dtype) -> 
             qkv, g.cos, g.sin, g.positions, eager_cache[0], eager_cache[1], heads, kv_heads
         )
         agree([query, fused_cache], [expected, eager_cache], "rotary_write_kv")
+        # Decode attention on two rows at different lengths (one past a block of 32 keys).
+        length = min(40, stack.max_positions)
+        cache = random(2, 2, kv_heads, length, stack.head_dim)
+        folded = random(2, kv_heads, stack.groups, stack.head_dim)
+        positions = torch.tensor([[length - 1, 0], [3, 0]], device=device)[:, :1]
+        agree(
+            [attention(folded, cache[0], cache[1], stack.geometry(positions, length))],
+            [_decode_attention_eager(folded, cache[0], cache[1], positions)],
+            "decode_attention",
+        )
     logits = random(4, vocab, kind=torch.float32) * 3
     temperature = torch.tensor([1.0, 0.7, 0.9, 1.3], device=device)
     kth = torch.tensor([[0], [4], [49], [63]], device=device)

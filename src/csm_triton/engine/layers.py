@@ -246,9 +246,7 @@ class TransformerStack:
                 # ([B, kv_heads, G*T, D]), so head counts match without repeating keys.
                 q = q.unflatten(2, (kv_heads, self.groups)).permute(0, 2, 3, 1, 4)
                 q = q.reshape(batch, kv_heads, self.groups * tokens, head_dim)
-                attended = F.scaled_dot_product_attention(
-                    q, keys[:, :, : g.attend_len], values[:, :, : g.attend_len], attn_mask=g.mask
-                )
+                attended = fused.attention(q, keys, values, g)
                 attended = attended.unflatten(2, (self.groups, tokens)).permute(0, 3, 1, 2, 4)
                 delta = linear(index, "o_proj", attended.reshape(batch, tokens, heads * head_dim))
                 normed, residual = fused.add_rms_norm(delta, residual, layer.post_norm, self.eps)

@@ -7,7 +7,11 @@ has the eager form of each, which the CPU runs and the tests compare against):
 - `rotary_write_kv`: rotary on the query and key heads, the new key and value written to
   the cache at each token's position, the rotated queries returned (6 kernels -> 1);
 - `silu_mul`: SiLU(gate) * up of the fused gate/up projection (2 kernels -> 1);
-- `sample`: temperature, top-k filter and the exponential race of one codebook (7 -> 1).
+- `sample`: temperature, top-k filter and the exponential race of one codebook (7 -> 1);
+- `decode_attention`: one new token per row attending that row's own keys 0..position,
+  read from the position on the device, so one CUDA graph serves every context length
+  and a short or padding row reads only its own keys (SDPA reads every row up to the
+  bucket's attention length, a mask hiding the rest).
 
 They run on CUDA, where the frame step is one CUDA graph and every launch is a graph node
 (~2-3 µs each). On the CPU they run only under Triton's interpreter (TRITON_INTERPRET=1,
@@ -228,6 +232,96 @@ def sample(
         VOCAB=vocab,
     )
     return codes
+
+
+@triton.jit
+def _decode_attention_kernel(
+    query_ptr,
+    keys_ptr,
+    values_ptr,
+    positions_ptr,
+    out_ptr,
+    positions_stride,
+    cache_row_stride,
+    cache_head_stride,
+    cache_position_stride,
+    scale,
+    GROUPS: tl.constexpr,
+    GROUPS_PADDED: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # One program per (row, key head): the GROUPS query heads that share the key head,
+    # over the row's own keys 0..position (a padding row at position 0 reads one).
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    length = tl.load(positions_ptr + row * positions_stride) + 1
+    groups = tl.arange(0, GROUPS_PADDED)
+    dims = tl.arange(0, HEAD_DIM)
+    in_group = groups < GROUPS
+    heads = tl.num_programs(1)
+    query_rows = query_ptr + ((row * heads + head) * GROUPS + groups[:, None]) * HEAD_DIM + dims[None, :]
+    query = tl.load(query_rows, mask=in_group[:, None], other=0.0).to(tl.float32) * scale
+    base = row * cache_row_stride + head * cache_head_stride
+    best = tl.full((GROUPS_PADDED,), float("-inf"), tl.float32)
+    total = tl.zeros((GROUPS_PADDED,), tl.float32)
+    acc = tl.zeros((GROUPS_PADDED, HEAD_DIM), tl.float32)
+    for start in range(0, length, BLOCK):
+        keys_at = start + tl.arange(0, BLOCK)
+        inside = keys_at < length
+        offsets = base + keys_at[:, None] * cache_position_stride + dims[None, :]
+        keys = tl.load(keys_ptr + offsets, mask=inside[:, None], other=0.0).to(tl.float32)
+        values = tl.load(values_ptr + offsets, mask=inside[:, None], other=0.0).to(tl.float32)
+        scores = tl.sum(query[:, None, :] * keys[None, :, :], axis=2)  # [groups, BLOCK], fp32 throughout
+        scores = tl.where(inside[None, :], scores, float("-inf"))
+        new_best = tl.maximum(best, tl.max(scores, axis=1))
+        weights = tl.exp(scores - new_best[:, None])
+        rescale = tl.exp(best - new_best)
+        total = total * rescale + tl.sum(weights, axis=1)
+        acc = acc * rescale[:, None] + tl.sum(weights[:, :, None] * values[None, :, :], axis=1)
+        best = new_best
+    out_rows = out_ptr + ((row * heads + head) * GROUPS + groups[:, None]) * HEAD_DIM + dims[None, :]
+    tl.store(out_rows, (acc / total[:, None]).to(out_ptr.dtype.element_ty), mask=in_group[:, None])
+
+
+DECODE_BLOCK = 32
+
+
+@torch.library.custom_op("csm::decode_attention", mutates_args=(), device_types=("cuda", "cpu"))
+def decode_attention(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """One new token per row: query [B, kv_heads, G, D] (G query heads folded per key head),
+    keys, values: the rows' cache [B, kv_heads, max_len, D] (strided views), positions [B, 1]
+    (any strides) -> softmax(q k^T / sqrt(D)) v over each row's keys 0..position [B, kv_heads, G, D].
+    Each row reads only its own keys: no attention-length bucket, no padding reads."""
+    batch, kv_heads, groups, head_dim = query.shape
+    if keys.stride() != values.stride() or keys.stride(-1) != 1 or head_dim & (head_dim - 1):
+        raise ValueError("decode_attention: keys and values must share a layout, head_dim contiguous, a power of two")
+    _require_contiguous(query=query)
+    out = torch.empty_like(query)
+    _decode_attention_kernel[(batch, kv_heads)](
+        query,
+        keys,
+        values,
+        positions,
+        out,
+        positions.stride(0),
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        head_dim**-0.5,
+        GROUPS=groups,
+        GROUPS_PADDED=triton.next_power_of_2(groups),
+        HEAD_DIM=head_dim,
+        BLOCK=DECODE_BLOCK,
+    )
+    return out
+
+
+@decode_attention.register_fake
+def _(query, keys, values, positions):
+    return torch.empty_like(query)
 
 
 @add_rms_norm.register_fake
