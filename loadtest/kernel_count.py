@@ -133,7 +133,7 @@ def measure() -> dict:
     }
 
 
-def markdown(after: dict, earlier: list[dict]) -> str:
+def markdown(after: dict, earlier: list[dict], command: str) -> str:
     lines = [
         "# Kernels per frame step (CSM-1B's structure, counted on the CPU)",
         "",
@@ -142,7 +142,7 @@ def markdown(after: dict, earlier: list[dict]) -> str:
         f"one `FrameStep._compute` on the GPU's code path (what the CUDA graph captures), "
         f"{after['layer_calls_per_frame']} transformer layer calls and {after['codebooks']} codebooks per "
         f"frame, attention over {after['attend_len']} positions. Counted on {after['machine']}, "
-        f"torch {after['torch']}; command `python -m loadtest.kernel_count --write fused --compare before unfused`.",
+        f"torch {after['torch']}; command `{command}`.",
         "",
         "| commit | batch | kernels / frame | per layer call | GEMMs | attention | fused Triton kernels |",
         "|---|---|---|---|---|---|---|",
@@ -175,7 +175,8 @@ def main(argv=None) -> int:
         (RESULTS / f"kernels_per_frame_{args.write}.json").write_text(json.dumps(report, indent=2) + "\n")
     if args.compare:
         earlier = [json.loads((RESULTS / f"kernels_per_frame_{label}.json").read_text()) for label in args.compare]
-        (RESULTS / "kernels_per_frame.md").write_text(markdown(report, earlier))
+        command = f"python -m loadtest.kernel_count --write {args.write} --compare {' '.join(args.compare)}"
+        (RESULTS / "kernels_per_frame.md").write_text(markdown(report, earlier, command))
         print((RESULTS / "kernels_per_frame.md").read_text())
     return 0
 
