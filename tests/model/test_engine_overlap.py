@@ -58,3 +58,21 @@ def test_a_frame_in_flight_for_a_request_that_ended_is_dropped(lm, builder):
     # Cancelled after 3 steps: sequential has read 3 frames; overlapped 2 (the third was in flight).
     assert len(sequential[2].codes) == 3 and len(overlapped[2].codes) == 2
     np.testing.assert_array_equal(overlapped[2].codes, sequential[2].codes[:2])
+
+
+def test_a_request_that_fills_the_context_leaves_no_frame_past_it_while_others_run_on(lm, builder):
+    """Its last frame is at the context's last position; the frame launched after it for
+    it (while a batch-mate still wants frames) must stay inside the cache."""
+    tokens = len(request(builder, TARGETS[0], 1).input_ids)
+    results = {}
+    for overlap in (False, True):
+        engine = GenerationEngine(lm, EngineConfig(max_slots=2, max_context=tokens + 8, overlap_steps=overlap))
+        full = engine.submit(request(builder, TARGETS[0], 8))  # prompt + frames == the context
+        for _ in range(4):
+            engine.step()
+        later = engine.submit(request(builder, TARGETS[0], 8))
+        engine.run_until_idle()
+        results[overlap] = [full.result(timeout=1), later.result(timeout=1)]
+    for ours, theirs in zip(results[True], results[False]):
+        assert ours.reason == theirs.reason == FinishReason.MAX_FRAMES, (ours.error, theirs.error)
+        np.testing.assert_array_equal(ours.codes, theirs.codes)

@@ -114,16 +114,23 @@ def test_a_shared_prefill_leaves_each_row_as_its_prefill_alone_does(lm, builder)
         torch.testing.assert_close(together[1][row], hidden[0], atol=1e-5, rtol=0)
 
 
-def test_the_token_budget_spreads_waiting_prompts_over_steps_and_a_long_one_still_comes_in(lm, builder):
+def test_the_token_budget_counts_padding_spreads_prompts_over_steps_and_a_long_one_still_comes_in(lm, builder):
     generations = [request(builder, target, FRAMES) for target in TARGETS]
     lengths = [len(g.input_ids) for g in generations]
-    budget = lengths[0] + lengths[1]  # the first two fit together, the third not beside them
+    assert lengths[0] < lengths[1] < lengths[3] and lengths[2] < lengths[3]
+    # Two prompts in one forward cost twice the longer: their real tokens alone do not fit.
+    unpadded = GenerationEngine(lm, EngineConfig(max_slots=4, prefill_tokens_per_step=lengths[0] + lengths[1]))
+    for generation in generations[:2]:
+        unpadded.submit(generation)
+    unpadded.step()
+    assert unpadded.stats()["slots_in_use"] == 1
+    budget = 2 * lengths[1]  # the first two fit together, a third beside them not
     engine = GenerationEngine(lm, EngineConfig(max_slots=4, prefill_tokens_per_step=budget))
     handles = [engine.submit(generation) for generation in generations]
     engine.step()
     assert engine.stats()["slots_in_use"] == 2 and engine.stats()["waiting"] == 2
-    engine.step()
-    assert engine.stats()["slots_in_use"] == 3 and lengths[2] + lengths[3] > budget
+    engine.step()  # the third, then the fourth would cost 2 x its length > budget
+    assert engine.stats()["slots_in_use"] == 3
     tight = GenerationEngine(lm, EngineConfig(max_slots=1, prefill_tokens_per_step=1))
     long = tight.submit(generations[3])
     tight.run_until_idle()

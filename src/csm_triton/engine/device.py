@@ -24,4 +24,15 @@ def device_context(device: torch.device | str) -> contextlib.AbstractContextMana
     return torch.cuda.device(device.index if device.index is not None else torch.cuda.current_device())
 
 
-__all__ = ["device_context"]
+def host_to_device(array, device: torch.device) -> torch.Tensor:
+    """A host array on `device` without waiting for the device: from pageable memory a copy
+    to a GPU synchronises the stream, so it is staged in pinned memory and copied
+    asynchronously (torch keeps the pinned block until the copy is done). Elsewhere the
+    array as a tensor."""
+    tensor = torch.as_tensor(array)
+    if torch.device(device).type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+__all__ = ["device_context", "host_to_device"]

@@ -35,7 +35,7 @@ from csm_triton.engine.faults import DeviceFailure, device_failure_message, is_f
 from csm_triton.engine.frame_runner import FrameRunner, LaunchedStep
 from csm_triton.engine.lm import CsmLM
 from csm_triton.engine.lora import LoraWeights
-from csm_triton.engine.prefill import PrefillJob, prefill_together
+from csm_triton.engine.prefill import PrefillJob, prefill_together, prefill_tokens
 from csm_triton.engine.prefix_cache import PrefixCache
 from csm_triton.engine.requests import (
     CancellationPoller,
@@ -235,9 +235,8 @@ class GenerationEngine(FrameRunner):
     def _admit(self) -> None:
         """Waiting requests into free rows, their prompts computed together (prefill.py):
         at most max_prefills_per_step of them and prefill_tokens_per_step tokens to
-        compute (the first always comes in, however long)."""
+        compute, padding included (the first always comes in, however long)."""
         jobs: list[PrefillJob] = []
-        tokens = 0
         while len(jobs) < self.config.max_prefills_per_step:
             with self._lock:
                 if len(self._active) + len(jobs) >= self.max_slots or not self._waiting:
@@ -250,17 +249,15 @@ class GenerationEngine(FrameRunner):
                 continue
             version = self.adapters.version(adapter) if adapter else ""
             job = PrefillJob.of(self.lm, self.prefix_cache, handle, adapter, version)  # host work: hashes, lookup
-            if jobs and tokens + job.tokens_to_compute > self.config.prefill_tokens_per_step:
+            if jobs and prefill_tokens([*jobs, job]) > self.config.prefill_tokens_per_step:
                 self._release_adapter(adapter)
                 with self._lock:
                     self._waiting.appendleft(handle)  # first in the next step
                 break
             jobs.append(job)
-            tokens += job.tokens_to_compute
         if len(jobs) > 1:
             try:
-                self._slot_in(self._prefill_together(jobs))
-                return
+                done = self._prefill_together(jobs)
             except Exception as error:
                 if is_fatal_device_error(error):  # not these prompts' fault: the loop fails them all
                     self._requeue(jobs)
@@ -268,9 +265,12 @@ class GenerationEngine(FrameRunner):
                 # Which prompt broke the shared forward is unknown: each again alone, so
                 # only one that fails alone is answered with the error.
                 LOG.warning("a prefill of %d prompts failed (%s); each is prefilled alone", len(jobs), error)
+            else:
+                self._slot_in(done)
+                return
         for index, job in enumerate(jobs):
             try:
-                self._slot_in(self._prefill_together([job]))
+                done = self._prefill_together([job])
             except Exception as error:
                 if is_fatal_device_error(error):
                     self._requeue(jobs[index:])
@@ -278,18 +278,30 @@ class GenerationEngine(FrameRunner):
                 LOG.exception("prefill failed")
                 self._release_adapter(job.adapter)
                 self._deliveries.send(job.handle._end, FinishReason.ERROR, f"prefill failed: {error}")
+                continue
+            try:
+                self._slot_in(done)
+            except BaseException:
+                self._requeue(jobs[index + 1 :])
+                raise
 
     def _slot_in(self, done: list[tuple[PrefillJob, int | None]]) -> None:
         """Prefilled prompts become active slots, in rows 0..n-1 (a cancelled one's row
-        is closed by moving the next into it); cancelled ones are answered."""
-        for job, position in done:
+        is closed by moving the next into it); cancelled ones are answered. If a move
+        fails (a device error), the prompts not slotted in yet go back to the queue, where
+        the failure answers them."""
+        for index, (job, position) in enumerate(done):
             if position is None:
                 self._release_adapter(job.adapter)
                 self._deliveries.send(job.handle._end, FinishReason.CANCELLED)
                 continue
             row = len(self._active)
-            if job.row != row:
-                move_row(self.cache, self.hidden, job.row, row, position)
+            try:
+                if job.row != row:
+                    move_row(self.cache, self.hidden, job.row, row, position)
+            except BaseException:
+                self._requeue([job for job, position in done[index:] if position is not None])
+                raise
             request = job.handle.request
             sampler = SamplerState.create(
                 temperature=request.temperature, top_k=request.top_k, greedy=request.greedy, seed=request.seed

@@ -143,7 +143,7 @@ class FrameRunner:
         count = len(slots)
         step.load_rows(
             [
-                (*s.sampler.row(s.position + s.in_flight, s.frames_done + s.in_flight, step.top_k_bound), s.adapter)
+                (*s.sampler.row(self._launch_position(s), s.frames_done + s.in_flight, step.top_k_bound), s.adapter)
                 for s in slots
             ],
             [s.sampler.temperature for s in slots],
@@ -162,6 +162,13 @@ class FrameRunner:
             ready.record()
         return LaunchedStep(list(slots), codes, ready)
 
+    def _launch_position(self, slot: Slot) -> int:
+        """The position a slot's next launched frame writes: its frame in flight counted.
+        A slot whose last frame is already in flight (this one will be dropped) may stand
+        at the context's end: its wasted frame then rewrites its own last position, which
+        nothing reads again, instead of one past the cache."""
+        return min(slot.position + slot.in_flight, self.max_context - 1)
+
     def _frame_codes(self, launched: LaunchedStep) -> np.ndarray:
         """A launched step's codes [rows, 32], waiting for them: the one host
         synchronisation per frame (the codes go to the clients anyway, and an all-zero
@@ -171,7 +178,7 @@ class FrameRunner:
         return launched.codes.numpy().copy()  # a copy: the buffer is reused two steps on
 
     def _frame_step_for(self, slots: list[Slot]) -> FrameStep:
-        needed = max(s.position + s.in_flight for s in slots) + 1  # the position this step writes, + 1
+        needed = max(self._launch_position(s) for s in slots) + 1
         top_k = max((s.sampler.top_k for s in slots if not s.sampler.greedy), default=1)
         bucket = self.buckets.bucket_for(len(slots), needed, min(top_k, C.CODEBOOK_SIZE))
         if not self.use_graphs:  # eager: exact sizes, one set of buffers per batch size

@@ -14,7 +14,7 @@ import torch
 
 from csm_triton import constants as C
 from csm_triton.engine import fused, kernels
-from csm_triton.engine.device import device_context
+from csm_triton.engine.device import device_context, host_to_device
 from csm_triton.engine.layers import Geometry, KVCache, Linear, TransformerStack
 
 
@@ -185,15 +185,15 @@ class CsmLM:
         arrays) -> [T, hidden]. The placeholders are found on the host, so nothing waits
         for the device (a boolean mask on the device would read its count back)."""
         device = self.device
-        embeds = self.text_embedding[torch.as_tensor(input_ids, device=device)]
+        embeds = self.text_embedding[host_to_device(input_ids, device)]
         audio_positions = np.flatnonzero(input_ids == self.audio_token_id)
         if audio_positions.size:
-            frames = self.embed_frames(torch.as_tensor(audio_codes, device=device))
-            embeds[torch.as_tensor(audio_positions, device=device)] = frames.to(embeds.dtype)
+            frames = self.embed_frames(host_to_device(audio_codes, device))
+            embeds[host_to_device(audio_positions, device)] = frames.to(embeds.dtype)
         eos_positions = np.flatnonzero(input_ids == self.audio_eos_token_id)
         if eos_positions.size:
             eos_frame = torch.full((self.num_codebooks,), self.codebook_eos_token_id, device=device)
-            embeds[torch.as_tensor(eos_positions, device=device)] = self.embed_frames(eos_frame).to(embeds.dtype)
+            embeds[host_to_device(eos_positions, device)] = self.embed_frames(eos_frame).to(embeds.dtype)
         return embeds
 
     # --- caches -----------------------------------------------------------------------

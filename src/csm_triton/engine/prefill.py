@@ -26,11 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from csm_triton.engine.device import host_to_device
 from csm_triton.engine.lm import CsmLM
 from csm_triton.engine.prefix_cache import PrefillPlan, PrefixCache, PrefixEntry
 from csm_triton.engine.requests import RequestHandle
 
-__all__ = ["PrefillJob", "prefill_together"]
+__all__ = ["PrefillJob", "prefill_together", "prefill_tokens"]
 
 
 @dataclass
@@ -57,10 +58,16 @@ class PrefillJob:
         starts = (0, *self.plan.ends[:-1])
         return [(i, starts[i], self.plan.ends[i]) for i in range(len(self.reused), len(self.plan.ends))]
 
-    @property
-    def tokens_to_compute(self) -> int:
-        _, start, _ = self.chunks_to_compute[0]
-        return self.plan.ends[-1] - start
+
+def prefill_tokens(jobs: list[PrefillJob]) -> int:
+    """The tokens prefill_together computes for `jobs`, padding included: each round's
+    rows times its longest chunk (what a step's token budget bounds)."""
+    todo = sorted((job.chunks_to_compute for job in jobs), key=len, reverse=True)
+    total = 0
+    for round_index in range(len(todo[0]) if todo else 0):
+        chunks = [chunks[round_index] for chunks in todo if len(chunks) > round_index]
+        total += len(chunks) * max(end - start for _, start, end in chunks)
+    return total
 
 
 def prefill_together(
@@ -103,7 +110,7 @@ def prefill_together(
         chunks = [chunks[round_index] for chunks in todo[:count]]
         lora = None
         if adapters is not None and any(adapter_slots[:count]):
-            lora = adapters.rows("backbone", torch.tensor(adapter_slots[:count], device=device))
+            lora = adapters.rows("backbone", host_to_device(np.array(adapter_slots[:count]), device))
         last = _forward_round(lm, cache, embeds[:count], chunks, first_row, lora)
         for i, (index, start, end) in enumerate(chunks):
             job = jobs[i]
@@ -142,8 +149,8 @@ def _forward_round(lm: CsmLM, cache, embeds, chunks, first_row: int, lora) -> to
         x,
         cache,
         first_row,
-        torch.as_tensor(positions, device=lm.device),
+        host_to_device(positions, lm.device),
         lora,
-        last=torch.as_tensor(lengths - 1, device=lm.device),
+        last=host_to_device(lengths - 1, lm.device),
         attend_len=max(end for _, _, end in chunks),
     )
