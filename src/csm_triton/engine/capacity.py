@@ -55,9 +55,9 @@ class EngineConfig:
     gpu_memory_fraction: float = C.DEFAULT_GPU_MEMORY_FRACTION
     prefix_cache_bytes: int = 256 << 20
     # One engine step admits at most this many waiting requests and computes their
-    # prompts together (engine/prefill.py), bounded by this many prompt tokens to compute
-    # (cached turns are copied, not counted; the first prompt comes in whatever its
-    # length): the running streams wait for one bounded prefill per frame.
+    # prompts together (engine/prefill.py), bounded by this many prompt tokens to compute,
+    # padding included (cached turns are copied, not counted; the first prompt comes in
+    # whatever its length): the running streams wait for one bounded prefill per frame.
     max_prefills_per_step: int = 16
     prefill_tokens_per_step: int = 2048
     cuda_graphs: bool = True  # on CUDA: capture the frame step per bucket (frame_step.BucketPlan)
