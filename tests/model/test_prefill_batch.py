@@ -204,7 +204,7 @@ def test_a_device_error_in_a_shared_prefill_answers_every_prompt_of_it(lm, build
     engine.stop()
 
 
-def test_the_csm_lm_config_sets_the_prefill_budget_and_refuses_a_zero(tiny_checkpoint):
+def test_the_csm_lm_config_sets_the_prefill_budget_and_the_overlap_switch_and_refuses_bad_values(tiny_checkpoint):
     from csm_triton.triton.models.lm import engine_from_config
     from csm_triton.triton.parameters import ParameterError, Parameters
 
@@ -218,5 +218,10 @@ def test_the_csm_lm_config_sets_the_prefill_budget_and_refuses_a_zero(tiny_check
         tiny_checkpoint.parent, parameters(max_prefills_per_step="3", prefill_tokens_per_step="512"), "cpu"
     ).config
     assert (tuned.max_prefills_per_step, tuned.prefill_tokens_per_step) == (3, 512)
+    assert default.overlap_steps is None  # auto: with CUDA graphs
+    switched = engine_from_config(tiny_checkpoint.parent, parameters(overlap_steps="false"), "cpu")
+    assert switched.config.overlap_steps is False and switched.overlap_steps is False
+    with pytest.raises(ParameterError, match="overlap_steps"):
+        engine_from_config(tiny_checkpoint.parent, parameters(overlap_steps="yes"), "cpu")
     with pytest.raises(ParameterError, match="prefill_tokens_per_step"):
         engine_from_config(tiny_checkpoint.parent, parameters(prefill_tokens_per_step="0"), "cpu")

@@ -78,6 +78,10 @@ def engine_from_config(
         prefill_tokens_per_step=parameters.integer(
             "prefill_tokens_per_step", EngineConfig.prefill_tokens_per_step, minimum=1, maximum=1 << 20
         ),
+        # auto: overlapped with CUDA graphs; "false" is the switch back to one step at a time.
+        overlap_steps={"auto": None, "true": True, "false": False}[
+            parameters.choice("overlap_steps", ("auto", "true", "false"), "auto")
+        ],
     )
     loader = adapter_loader(voice_dir, lm) if engine_config.lora_slots and voice_dir is not None else None
     return GenerationEngine(lm, engine_config, adapter_loader=loader)
