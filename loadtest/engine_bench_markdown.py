@@ -62,5 +62,7 @@ def markdown(report: dict) -> str:
     if bf16:
         lines += [f"- bfloat16: {line}" for line in bf16["kernels"]]
     if report.get("fused_kernels"):  # the frame step's Triton kernels (engine/fused.py), on a GPU
-        lines += ["", f"Frame step: {report['fused_kernels']}."]
+        overlapped = {row.get("overlap_steps") for row in report["rows"]}
+        overlap = "" if None in overlapped else "; steps overlapped" if True in overlapped else "; one step at a time"
+        lines += ["", f"Frame step: {report['fused_kernels']}{overlap}."]
     return "\n".join(lines) + "\n"
