@@ -138,7 +138,8 @@ def _digits(text: str) -> int:
 
 
 def _head_budget(normalize, per_sentence: bool) -> bool:
-    """Whether the first segment's digit budget (HEAD_MAX_DIGITS) applies to `text`."""
+    """Whether the first segment's digit budget (HEAD_MAX_DIGITS) applies: to a normalized
+    text not split one sentence per segment."""
     return normalize is not None and not per_sentence
 
 

@@ -59,15 +59,25 @@ class PrefillJob:
         return [(i, starts[i], self.plan.ends[i]) for i in range(len(self.reused), len(self.plan.ends))]
 
 
+Chunk = tuple[int, int, int]  # (chunk index, start, end)
+
+
+def _in_rows(jobs: list[PrefillJob]) -> list[PrefillJob]:
+    """The jobs in row order: most chunks to compute first, so that round r's prompts are
+    rows first_row..first_row+k-1."""
+    return sorted(jobs, key=lambda job: len(job.chunks_to_compute), reverse=True)
+
+
+def _rounds(jobs: list[PrefillJob]) -> list[list[Chunk]]:
+    """Per round, the chunk each job (in row order) computes in it: a prefix of the jobs."""
+    todo = [job.chunks_to_compute for job in jobs]
+    return [[chunks[r] for chunks in todo if len(chunks) > r] for r in range(len(todo[0]) if todo else 0)]
+
+
 def prefill_tokens(jobs: list[PrefillJob]) -> int:
     """The tokens prefill_together computes for `jobs`, padding included: each round's
     rows times its longest chunk (what a step's token budget bounds)."""
-    todo = sorted((job.chunks_to_compute for job in jobs), key=len, reverse=True)
-    total = 0
-    for round_index in range(len(todo[0]) if todo else 0):
-        chunks = [chunks[round_index] for chunks in todo if len(chunks) > round_index]
-        total += len(chunks) * max(end - start for _, start, end in chunks)
-    return total
+    return sum(len(chunks) * max(end - start for _, start, end in chunks) for chunks in _rounds(_in_rows(jobs)))
 
 
 def prefill_together(
@@ -84,9 +94,8 @@ def prefill_together(
     row order; None: cancelled between rounds (nothing stored for it). A prefill that
     raises stores nothing for any job. `adapters`: the engine's AdapterBank, or None."""
     device = lm.device
-    # Most chunks first: round r's prompts are then rows first_row..first_row+k-1.
-    jobs = sorted(jobs, key=lambda job: len(job.chunks_to_compute), reverse=True)
-    todo = [job.chunks_to_compute for job in jobs]
+    jobs = _in_rows(jobs)
+    rounds = _rounds(jobs)
     embeds = []
     for row, job in enumerate(jobs, start=first_row):
         job.row = row
@@ -101,13 +110,12 @@ def prefill_together(
     adapter_slots = [job.adapter for job in jobs]
     cancelled = [False] * len(jobs)
     new: list[list[tuple[str, PrefixEntry]]] = [[] for _ in jobs]
-    for round_index in range(len(todo[0])):
-        count = sum(1 for chunks in todo if len(chunks) > round_index)
+    for chunks in rounds:
+        count = len(chunks)
         for i in range(count):
             cancelled[i] = cancelled[i] or jobs[i].handle.cancelled
         if all(cancelled[:count]):  # nobody left to compute this round for
             break
-        chunks = [chunks[round_index] for chunks in todo[:count]]
         lora = None
         if adapters is not None and any(adapter_slots[:count]):
             lora = adapters.rows("backbone", host_to_device(np.array(adapter_slots[:count]), device))
@@ -116,7 +124,7 @@ def prefill_together(
             job = jobs[i]
             if index < job.plan.storable:
                 new[i].append((job.plan.keys[index], PrefixEntry.copy_of(cache, job.row, start, end)))
-            if round_index == len(todo[i]) - 1:  # its text's last token: the state frames start from
+            if index == len(job.plan.ends) - 1:  # its text's last token: the state frames start from
                 hidden[job.row] = last[i]
     results = []
     for i, job in enumerate(jobs):
