@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from csm_triton.engine.prefill import PrefillJob, prefill_together
 from csm_triton.engine.prefix_cache import PrefixCache
 from csm_triton.engine.requests import RequestHandle
 from loadtest.engine_bench import random_full_size_model, tiny_model
-from loadtest.workload import cpu_model
+from loadtest.workload import cpu_model, git_commit
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -89,7 +88,7 @@ def measure(kind: str, count: int, tokens: int, repeats: int) -> dict:
 
 
 def markdown(rows: list[dict], command: str) -> str:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     lines = [
         "# Prefill of waiting prompts: together vs one at a time (CPU, fp32)",
         "",
