@@ -24,6 +24,7 @@ from tests.model.test_engine import (  # hf_model, processor, reference_*: its m
     reference_codes,
     request,
 )
+from tests.model.test_prefix_cache import cold  # the request alone, on an engine that caches nothing
 
 FRAMES = 5
 
@@ -36,14 +37,6 @@ def conversation_request(builder, turns: int, text: str, frames: int = FRAMES) -
     ]
     prompt = builder.build([*context, Turn(text, 1)])
     return GenerationRequest(prompt.input_ids, prompt.audio_codes, max_frames=frames, greedy=True)
-
-
-def alone(lm, generation: GenerationRequest) -> np.ndarray:
-    """The request on an engine that prefills one prompt per step and caches nothing."""
-    engine = GenerationEngine(lm, EngineConfig(max_slots=1, max_prefills_per_step=1, prefix_cache_bytes=0))
-    handle = engine.submit(generation)
-    engine.run_until_idle()
-    return handle.result(timeout=1).codes
 
 
 def counting_forwards(lm, monkeypatch) -> list[tuple[int, int]]:
@@ -78,7 +71,7 @@ def test_prompts_admitted_together_take_one_forward_per_round_and_each_equals_ge
         )
 
 
-def test_conversations_of_different_lengths_prefilled_together_equal_each_alone(lm, builder):
+def test_conversations_of_different_lengths_prefilled_together_equal_each_cold(lm, builder):
     generations = [conversation_request(builder, turns, TARGETS[turns]) for turns in (0, 3, 1, 2)]
     engine = GenerationEngine(lm, EngineConfig(max_slots=4, prefix_cache_bytes=0))
     handles = [engine.submit(generation) for generation in generations]
@@ -86,7 +79,7 @@ def test_conversations_of_different_lengths_prefilled_together_equal_each_alone(
     for generation, handle in zip(generations, handles):
         result = handle.result(timeout=1)
         assert result.reason == FinishReason.MAX_FRAMES
-        np.testing.assert_array_equal(result.codes, alone(lm, generation))
+        np.testing.assert_array_equal(result.codes, cold(lm, generation))
 
 
 @torch.inference_mode()
@@ -135,7 +128,7 @@ def test_the_token_budget_counts_padding_spreads_prompts_over_steps_and_a_long_o
     long = tight.submit(generations[3])
     tight.run_until_idle()
     engine.run_until_idle()
-    np.testing.assert_array_equal(long.result(timeout=1).codes, alone(lm, generations[3]))
+    np.testing.assert_array_equal(long.result(timeout=1).codes, cold(lm, generations[3]))
     assert [h.result(timeout=1).reason for h in handles] == [FinishReason.MAX_FRAMES] * 4
 
 
@@ -184,7 +177,7 @@ def test_a_prompt_cancelled_during_a_shared_prefill_leaves_no_gap_in_the_rows(lm
     assert handles[0].result(timeout=1).reason == FinishReason.CANCELLED
     assert len(engine.prefix_cache) == 1, "the one-turn prompt's turn only: the cancelled prompt stores nothing"
     for generation, handle in zip(generations[1:], handles[1:]):
-        np.testing.assert_array_equal(handle.result(timeout=1).codes, alone(lm, generation))
+        np.testing.assert_array_equal(handle.result(timeout=1).codes, cold(lm, generation))
 
 
 @pytest.mark.timeout(120)
